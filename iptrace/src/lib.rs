@@ -1,1 +1,4 @@
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/iptrace"));
+//! iptrace: trace packets through the Linux kernel's netfilter tables.
+
+pub mod bpf;
+pub mod filter;
