@@ -1,4 +1,9 @@
 //! iptrace: trace packets through the Linux kernel's netfilter tables.
+//!
+//! The stages, in the order data flows through them: [`instrument`] (TRACE rules in, out on exit)
+//! → [`capture`] (the nfnetlink_log socket and its eBPF filter) → [`decode`] (bytes to events)
+//! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`render`].
 
 pub mod bpf;
+pub mod decode;
 pub mod filter;

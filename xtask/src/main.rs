@@ -1,1 +1,114 @@
-fn main(){}
+//! Developer tasks for iptrace. `cargo xtask --help` lists them.
+//!
+//! Every task that builds or runs iptrace first makes sure the machine has what it needs
+//! (Debian packages, nightly's rust-src, bpf-linker) and installs what is missing: a fresh machine
+//! needs nothing but this repository, rustup's stable and nightly toolchains, and root.
+
+mod codegen;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "iptrace developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing iptrace needs (idempotent; fast when all is there).
+    Setup,
+    /// Build the eBPF object (nightly, -Z build-std=core, bpfel-unknown-none, bpf-linker).
+    BuildEbpf,
+    /// Regenerate the netfilter uapi bindings committed in iptrace-common/src/uapi.rs.
+    Codegen,
+    /// Set up, build the eBPF object, then run every test (root tests need root; CI runs as root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build iptrace and run its demo: a throwaway client/router/server lab, traced.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::ensure_prerequisites(),
+        Task::BuildEbpf => {
+            setup::ensure_prerequisites()?;
+            build_ebpf()
+        }
+        Task::Codegen => codegen::generate(&workspace_root()),
+        Task::Test { args } => {
+            setup::ensure_prerequisites()?;
+            build_ebpf()?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--exclude", "iptrace-ebpf", "--no-fail-fast"]);
+            cmd.args(&args);
+            run(&mut cmd)
+        }
+        Task::Demo => {
+            setup::ensure_prerequisites()?;
+            run(cargo().args(["build", "--release", "--package", "iptrace"]))?;
+            run(Command::new(workspace_root().join("target/release/iptrace")).arg("--demo"))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn build_ebpf() -> Result<()> {
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(workspace_root()).args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        "--package",
+        "iptrace-ebpf",
+        "--bins",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ]);
+    // The outer cargo's variables would point the nested build at the stable toolchain.
+    for var in ["CARGO", "RUSTC", "RUSTUP_TOOLCHAIN", "RUSTC_WRAPPER"] {
+        cmd.env_remove(var);
+    }
+    run(&mut cmd)?;
+    let object = workspace_root().join("target/bpfel-unknown-none/release/iptrace");
+    println!("xtask: eBPF object at {}", object.display());
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! The IP and transport headers of a traced packet, as carried in `NFULA_PAYLOAD`
+//! (raw IP from the network header on, kernel-interfaces §4.2).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::DecodeError;
+
+/// The header fields iptrace shows and compares between trace steps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PacketHeader {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// Length of the whole IP packet, as the LOG target prints it.
+    pub length: u16,
+    /// IPv4 TOS or IPv6 traffic class.
+    pub tos: u8,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
+    /// IPv4 identification (0 for IPv6).
+    pub id: u16,
+    /// IPv6 flow label (0 for IPv4).
+    pub flow_label: u32,
+    /// IPv4 DF bit.
+    pub dont_fragment: bool,
+    /// A non-first fragment: no transport header to read.
+    pub fragment: bool,
+    pub protocol: u8,
+    pub transport: Transport,
+    /// Fingerprint of the fields that neither NAT nor forwarding changes: see [`PacketHeader::identity`].
+    identity: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp { sport: u16, dport: u16, seq: u32, ack: u32, window: u16, flags: u8 },
+    Udp { sport: u16, dport: u16, length: u16 },
+    Icmp { kind: u8, code: u8, id: u16, seq: u16 },
+    Icmpv6 { kind: u8, code: u8, id: u16, seq: u16 },
+    Other,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+pub const TCP_URG: u8 = 0x20;
+
+impl Transport {
+    /// Source and destination ports, where the protocol has them.
+    pub fn ports(&self) -> Option<(u16, u16)> {
+        match *self {
+            Transport::Tcp { sport, dport, .. } | Transport::Udp { sport, dport, .. } => Some((sport, dport)),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes of L4 payload folded into the identity: enough to tell apart packets of one flow that
+/// share every header field (UDP datagrams of equal size, ICMP echoes).
+const IDENTITY_PAYLOAD_BYTES: usize = 32;
+
+impl PacketHeader {
+    pub fn parse(packet: &[u8]) -> Result<Self, DecodeError> {
+        match packet.first().map(|b| b >> 4) {
+            Some(4) => Self::parse_v4(packet),
+            Some(6) => Self::parse_v6(packet),
+            Some(v) => Err(DecodeError::UnknownIpVersion(v)),
+            None => Err(DecodeError::Truncated { what: "IP header", need: 1, have: 0 }),
+        }
+    }
+
+    /// A fingerprint of one packet that stays the same at every hook it crosses: the IP version,
+    /// protocol, length, IPv4 ID or IPv6 flow label, TCP sequence/acknowledgement/flags, ICMP type,
+    /// code and sequence, and the first bytes of L4 payload. It leaves out what NAT and forwarding
+    /// rewrite: addresses, ports, ICMP echo ID, checksums, TTL and TOS (kernel-interfaces §10a).
+    pub fn identity(&self) -> u64 {
+        self.identity
+    }
+
+    fn parse_v4(p: &[u8]) -> Result<Self, DecodeError> {
+        let h = p.get(..20).ok_or(DecodeError::Truncated { what: "IPv4 header", need: 20, have: p.len() })?;
+        let ihl = usize::from(h[0] & 0x0f) * 4;
+        let frag = u16::from_be_bytes([h[6], h[7]]);
+        let fragment = frag & 0x1fff != 0;
+        let protocol = h[9];
+        let l4 = if fragment { &[][..] } else { p.get(ihl..).unwrap_or_default() };
+        let (transport, l4_payload) = parse_transport(protocol, l4, false);
+        let mut id = Identity::new(4, protocol);
+        id.bytes(&h[2..6]); // total length, IP ID
+        id.transport(&transport, l4_payload);
+        Ok(Self {
+            src: Ipv4Addr::new(h[12], h[13], h[14], h[15]).into(),
+            dst: Ipv4Addr::new(h[16], h[17], h[18], h[19]).into(),
+            length: u16::from_be_bytes([h[2], h[3]]),
+            tos: h[1],
+            ttl: h[8],
+            id: u16::from_be_bytes([h[4], h[5]]),
+            flow_label: 0,
+            dont_fragment: frag & 0x4000 != 0,
+            fragment,
+            protocol,
+            transport,
+            identity: id.finish(),
+        })
+    }
+
+    fn parse_v6(p: &[u8]) -> Result<Self, DecodeError> {
+        let h = p.get(..40).ok_or(DecodeError::Truncated { what: "IPv6 header", need: 40, have: p.len() })?;
+        let word = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        let payload_len = u16::from_be_bytes([h[4], h[5]]);
+        let addr = |o: usize| {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&h[o..o + 16]);
+            IpAddr::V6(Ipv6Addr::from(a))
+        };
+        // Skip the extension headers that precede the transport header.
+        let (mut next, mut off, mut fragment) = (h[6], 40usize, false);
+        while let (0 | 43 | 44 | 60, Some(ext)) = (next, p.get(off..off + 8)) {
+            if next == 44 {
+                fragment = u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0;
+                (next, off) = (ext[0], off + 8);
+            } else {
+                (next, off) = (ext[0], off + (usize::from(ext[1]) + 1) * 8);
+            }
+        }
+        let l4 = if fragment { &[][..] } else { p.get(off..).unwrap_or_default() };
+        let (transport, l4_payload) = parse_transport(next, l4, true);
+        let mut id = Identity::new(6, next);
+        id.bytes(&h[1..6]); // flow label, payload length
+        id.transport(&transport, l4_payload);
+        Ok(Self {
+            src: addr(8),
+            dst: addr(24),
+            length: payload_len.saturating_add(40),
+            tos: ((word >> 20) & 0xff) as u8,
+            ttl: h[7],
+            id: 0,
+            flow_label: word & 0xf_ffff,
+            dont_fragment: false,
+            fragment,
+            protocol: next,
+            transport,
+            identity: id.finish(),
+        })
+    }
+}
+
+/// The transport header and the payload after it (empty where the header is cut short).
+fn parse_transport(protocol: u8, l4: &[u8], v6: bool) -> (Transport, &[u8]) {
+    let be16 = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
+    let be32 = |o: usize| u32::from_be_bytes([l4[o], l4[o + 1], l4[o + 2], l4[o + 3]]);
+    match protocol {
+        6 if l4.len() >= 20 => {
+            let data_off = (usize::from(l4[12] >> 4) * 4).max(20);
+            let t = Transport::Tcp {
+                sport: be16(0),
+                dport: be16(2),
+                seq: be32(4),
+                ack: be32(8),
+                window: be16(14),
+                flags: l4[13],
+            };
+            (t, l4.get(data_off..).unwrap_or_default())
+        }
+        17 if l4.len() >= 8 => (
+            Transport::Udp { sport: be16(0), dport: be16(2), length: be16(4) },
+            &l4[8..],
+        ),
+        1 if !v6 && l4.len() >= 8 => (
+            Transport::Icmp { kind: l4[0], code: l4[1], id: be16(4), seq: be16(6) },
+            &l4[8..],
+        ),
+        58 if v6 && l4.len() >= 8 => (
+            Transport::Icmpv6 { kind: l4[0], code: l4[1], id: be16(4), seq: be16(6) },
+            &l4[8..],
+        ),
+        _ => (Transport::Other, &[][..]),
+    }
+}
+
+/// FNV-1a over the NAT-invariant fields.
+struct Identity(u64);
+
+impl Identity {
+    fn new(version: u8, protocol: u8) -> Self {
+        let mut id = Self(0xcbf2_9ce4_8422_2325);
+        id.bytes(&[version, protocol]);
+        id
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn transport(&mut self, t: &Transport, payload: &[u8]) {
+        match *t {
+            Transport::Tcp { seq, ack, flags, window, .. } => {
+                self.bytes(&seq.to_be_bytes());
+                self.bytes(&ack.to_be_bytes());
+                self.bytes(&[flags]);
+                self.bytes(&window.to_be_bytes());
+            }
+            Transport::Udp { length, .. } => self.bytes(&length.to_be_bytes()),
+            Transport::Icmp { kind, code, seq, .. } | Transport::Icmpv6 { kind, code, seq, .. } => {
+                self.bytes(&[kind, code]);
+                self.bytes(&seq.to_be_bytes());
+            }
+            Transport::Other => {}
+        }
+        self.bytes(&payload[..payload.len().min(IDENTITY_PAYLOAD_BYTES)]);
+    }
+
+    fn finish(self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// IPv4 UDP 10.5.1.7:40000 -> 172.16.2.2:53 with a 4-byte payload.
+    pub(crate) fn udp_v4(src: [u8; 4], sport: u16, ttl: u8) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 32, 0x12, 0x34, 0x40, 0, ttl, 17, 0xaa, 0xbb];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&[172, 16, 2, 2]);
+        p.extend_from_slice(&sport.to_be_bytes());
+        p.extend_from_slice(&[0, 53, 0, 12, 0xcc, 0xdd, b'p', b'i', b'n', b'g']);
+        p
+    }
+
+    #[test]
+    fn parses_ipv4_udp() {
+        let h = PacketHeader::parse(&udp_v4([10, 5, 1, 7], 40000, 64)).unwrap();
+        assert_eq!(h.src, IpAddr::from([10, 5, 1, 7]));
+        assert_eq!(h.dst, IpAddr::from([172, 16, 2, 2]));
+        assert_eq!((h.length, h.id, h.ttl, h.dont_fragment), (32, 0x1234, 64, true));
+        assert_eq!(h.transport, Transport::Udp { sport: 40000, dport: 53, length: 12 });
+    }
+
+    #[test]
+    fn identity_survives_nat_and_forwarding_but_not_payload_changes() {
+        let a = PacketHeader::parse(&udp_v4([10, 5, 1, 7], 40000, 64)).unwrap();
+        let natted = PacketHeader::parse(&udp_v4([172, 16, 2, 200], 61000, 63)).unwrap();
+        assert_eq!(a.identity(), natted.identity());
+        let mut other = udp_v4([10, 5, 1, 7], 40000, 64);
+        *other.last_mut().unwrap() = b'h';
+        assert_ne!(a.identity(), PacketHeader::parse(&other).unwrap().identity());
+    }
+
+    #[test]
+    fn parses_ipv6_tcp_behind_an_extension_header() {
+        let mut p = vec![0x61, 0x21, 0x23, 0x45, 0, 28, 0, 64];
+        p.extend_from_slice(&[0xfd; 16]);
+        p.extend_from_slice(&[0xfe; 16]);
+        p.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 0]); // hop-by-hop, next = TCP
+        p.extend_from_slice(&[0x9c, 0x40, 0, 22, 0, 0, 0, 7, 0, 0, 0, 0, 0x50, TCP_SYN, 0xff, 0xff, 0, 0, 0, 0]);
+        let h = PacketHeader::parse(&p).unwrap();
+        assert_eq!((h.protocol, h.flow_label, h.tos, h.length), (6, 0x12345, 0x12, 68));
+        assert!(matches!(h.transport, Transport::Tcp { sport: 40000, dport: 22, seq: 7, flags: TCP_SYN, .. }));
+    }
+
+    #[test]
+    fn short_or_foreign_packets_are_errors() {
+        assert!(PacketHeader::parse(&[0x45, 0]).is_err());
+        assert!(matches!(PacketHeader::parse(&[0x20; 40]), Err(DecodeError::UnknownIpVersion(2))));
+    }
+}
