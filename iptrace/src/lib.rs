@@ -5,5 +5,9 @@
 //! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`render`].
 
 pub mod bpf;
+pub mod capture;
 pub mod decode;
 pub mod filter;
+pub mod instrument;
+pub mod resolve;
+pub mod xtables;

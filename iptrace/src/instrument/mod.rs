@@ -1,0 +1,249 @@
+//! Instrument: what iptrace puts into the kernel to make packets traceable, and takes out again.
+//!
+//! For the legacy backend that is a TRACE rule at the top of raw PREROUTING and raw OUTPUT per
+//! family (see [`legacy`]) and nfnetlink_log as the netns's logger for those families. Everything
+//! is tagged with its owner ([`Owner`]) and written down ([`state`]) before it is changed, so that
+//! [`Instrumentation::teardown`] undoes it on every exit, and [`cleanup_stale`] undoes it after a
+//! SIGKILL.
+
+pub mod legacy;
+pub mod nf_log;
+pub mod owner;
+pub mod state;
+
+use std::{fmt, fs, io, path::PathBuf};
+
+pub use self::owner::Owner;
+use self::state::RunState;
+use crate::{decode::Family, xtables::XtablesError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstrumentError {
+    #[error("another iptrace ({owner}) is already tracing in this network namespace")]
+    AlreadyRunning { owner: Owner },
+    #[error("cannot insert the {family:?} TRACE rule in raw {chain}: {source}")]
+    InsertRule { family: Family, chain: &'static str, #[source] source: XtablesError },
+    #[error("cannot delete the {family:?} TRACE rule in raw {chain}: {source}")]
+    DeleteRule { family: Family, chain: &'static str, #[source] source: XtablesError },
+    #[error("cannot list the {family:?} raw table: {source}")]
+    ListRules { family: Family, #[source] source: XtablesError },
+    #[error("cannot read or set the {family:?} logger binding (/proc/sys/net/netfilter/nf_log): {source}")]
+    NfLog { family: Family, #[source] source: io::Error },
+    #[error("cannot write iptrace's state file {}: {source}", path.display())]
+    State { path: PathBuf, #[source] source: io::Error },
+    #[error("cannot remove the pinned prefilter {}: {source}", path.display())]
+    Unpin { path: PathBuf, #[source] source: io::Error },
+}
+
+/// `--limit`: at most `count` traced packets per `per`, with bursts of `burst`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub count: u32,
+    /// hashlimit's unit: `sec`, `min`, `hour` or `day`.
+    pub per: &'static str,
+    pub burst: u32,
+}
+
+impl Limit {
+    /// Parses `N`, `N/s`, `N/second`, `N/minute`, ... (iptables' limit syntax).
+    pub fn parse(text: &str, burst: u32) -> Result<Self, String> {
+        let (count, unit) = text.split_once('/').unwrap_or((text, "second"));
+        let count: u32 = count
+            .trim()
+            .parse()
+            .ok()
+            .filter(|c| *c > 0)
+            .ok_or_else(|| format!("'{text}': the rate must be a positive number, as in 10/second"))?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => "sec",
+            "m" | "min" | "minute" => "min",
+            "h" | "hour" => "hour",
+            "d" | "day" => "day",
+            other => return Err(format!("'{text}': unknown unit '{other}' (second, minute, hour or day)")),
+        };
+        if burst == 0 {
+            return Err("the burst must be at least 1".into());
+        }
+        Ok(Self { count, per, burst })
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.count, self.per)
+    }
+}
+
+/// How the TRACE rules select packets before the kernel marks them for tracing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prefilter {
+    /// Trace everything.
+    None,
+    /// xt_bpf inline bytecode (≤ 64 instructions).
+    Bytecode(String),
+    /// xt_bpf `--object-pinned`: iptrace's eBPF interpreter running the user's program.
+    Pinned(PathBuf),
+}
+
+/// What to install.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TracePlan {
+    pub families: Vec<Family>,
+    pub prefilter: Prefilter,
+    pub in_interface: Option<String>,
+    pub out_interface: Option<String>,
+    pub limit: Option<Limit>,
+}
+
+/// What one run changed in its network namespace; undone by [`Instrumentation::teardown`].
+#[derive(Debug)]
+pub struct Instrumentation {
+    owner: Owner,
+    netns: u64,
+    state: RunState,
+    families: Vec<Family>,
+    torn_down: bool,
+}
+
+impl Instrumentation {
+    /// Refuses to start next to a live iptrace, then writes down the current logger bindings
+    /// before anything is changed.
+    pub fn prepare(families: &[Family]) -> Result<Self, InstrumentError> {
+        let owner = Owner::current();
+        let netns = state::netns_id()?;
+        if let Some(other) = live_owners(netns)?.into_iter().find(|o| *o != owner) {
+            return Err(InstrumentError::AlreadyRunning { owner: other });
+        }
+        let saved_loggers = families
+            .iter()
+            .map(|&f| nf_log::bound_logger(f).map(|l| (f, l)))
+            .collect::<Result<_, _>>()?;
+        let state = RunState { saved_loggers, pin: None };
+        state.write(netns, owner)?;
+        Ok(Self { owner, netns, state, families: families.to_vec(), torn_down: false })
+    }
+
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    /// Where this run pins its prefilter; recorded before the pin exists.
+    pub fn record_pin(&mut self, path: PathBuf) -> Result<(), InstrumentError> {
+        self.state.pin = Some(path);
+        self.state.write(self.netns, self.owner)
+    }
+
+    /// Inserts the TRACE rules. On failure, what was inserted is removed again by teardown.
+    pub fn install(&mut self, plan: &TracePlan) -> Result<(), InstrumentError> {
+        for &family in &plan.families {
+            legacy::insert(self.owner, plan, family)?;
+        }
+        Ok(())
+    }
+
+    /// Undoes everything, in the order the kernel needs: rules first (a pinned program must stay
+    /// resolvable while a rule names it, kernel-interfaces §7), then the pin, then the loggers.
+    /// Safe to call twice; returns what could not be undone.
+    pub fn teardown(&mut self) -> Vec<InstrumentError> {
+        if std::mem::replace(&mut self.torn_down, true) {
+            return Vec::new();
+        }
+        let owner = self.owner;
+        let mut errors = Vec::new();
+        for &family in &self.families {
+            if let Err(e) = legacy::delete_rules(family, |o| o == owner) {
+                errors.push(e);
+            }
+        }
+        errors.extend(undo_state(&self.state));
+        RunState::remove(self.netns, self.owner);
+        errors
+    }
+}
+
+/// Unpins and restores the loggers a run recorded. A logger is restored only while nfnetlink_log
+/// is still bound: if someone bound another since, theirs stays.
+fn undo_state(state: &RunState) -> Vec<InstrumentError> {
+    let mut errors = Vec::new();
+    if let Some(pin) = &state.pin {
+        match fs::remove_file(pin) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => errors.push(InstrumentError::Unpin { path: pin.clone(), source: e }),
+            _ => {}
+        }
+    }
+    for (family, logger) in &state.saved_loggers {
+        let restore = nf_log::bound_logger(*family).map(|now| now == nf_log::NFNETLINK_LOG);
+        match restore {
+            Ok(true) => errors.extend(nf_log::bind_logger(*family, logger).err()),
+            Ok(false) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    errors
+}
+
+/// Owners with rules or state in this netns that still run.
+fn live_owners(netns: u64) -> Result<Vec<Owner>, InstrumentError> {
+    let mut owners: Vec<Owner> = RunState::list(netns).into_iter().map(|(o, _)| o).collect();
+    for family in [Family::Ipv4, Family::Ipv6] {
+        owners.extend(legacy::tagged_rules(family)?.into_iter().map(|(o, _, _)| o));
+    }
+    owners.retain(|o| o.is_alive());
+    owners.dedup();
+    Ok(owners)
+}
+
+/// Removes what dead iptrace runs left in this network namespace: their rules, pins, logger
+/// bindings and state files. Returns one line per thing removed.
+pub fn cleanup_stale() -> Result<Vec<String>, InstrumentError> {
+    let netns = state::netns_id()?;
+    let mut removed = Vec::new();
+    for family in [Family::Ipv4, Family::Ipv6] {
+        let dead: Vec<Owner> = legacy::tagged_rules(family)?
+            .into_iter()
+            .map(|(o, _, _)| o)
+            .filter(|o| !o.is_alive())
+            .collect();
+        let n = legacy::delete_rules(family, |o| dead.contains(&o))?;
+        if n > 0 {
+            let tables = match family {
+                Family::Ipv4 => "iptables-legacy",
+                Family::Ipv6 => "ip6tables-legacy",
+            };
+            removed.push(format!("{n} TRACE rule(s) in the {tables} raw table left by a dead iptrace"));
+        }
+    }
+    for (owner, state) in RunState::list(netns) {
+        if owner.is_alive() {
+            continue;
+        }
+        if let Some(e) = undo_state(&state).into_iter().next() {
+            return Err(e);
+        }
+        if let Some(pin) = &state.pin {
+            removed.push(format!("pinned prefilter {} of {owner}", pin.display()));
+        }
+        for (family, logger) in &state.saved_loggers {
+            removed.push(format!("{family:?} logger binding of {owner} (restored to {logger})"));
+        }
+        RunState::remove(netns, owner);
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_parse_like_iptables() {
+        assert_eq!(Limit::parse("1/second", 5).unwrap().to_string(), "1/sec");
+        assert_eq!(Limit::parse("10/s", 5).unwrap().to_string(), "10/sec");
+        assert_eq!(Limit::parse("5/minute", 1).unwrap().to_string(), "5/min");
+        assert_eq!(Limit::parse("7", 1).unwrap().to_string(), "7/sec");
+        for bad in ["0/s", "x/s", "5/fortnight", "-1"] {
+            assert!(Limit::parse(bad, 5).is_err(), "{bad}");
+        }
+        assert!(Limit::parse("1/s", 0).is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! Resolve: the kernel's (table, chain, rule number) of each trace event to the rule's text, as
+//! the rule set was when the event was received.
+//!
+//! Each table is read with `iptables-legacy-save` into a snapshot. A cheap fingerprint of the
+//! kernel's table blob ([`fingerprint`]) tells when a table changed; then a new snapshot is taken
+//! under a new epoch. Events are stamped with the epoch current at their receipt, and resolved
+//! against the snapshot of that epoch, so a rule inserted mid-trace does not shift the text shown
+//! for packets traced before it.
+
+mod fingerprint;
+pub mod rule;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    io,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+pub use self::rule::{Rule, Verdict};
+use self::fingerprint::TableProbe;
+use crate::{
+    decode::{Family, TraceEvent, TraceKind},
+    instrument::legacy::owner_of,
+    xtables::{self, Xtables, XtablesError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("cannot open a raw socket to read the {family:?} tables: {source}")]
+    Probe { family: Family, #[source] source: io::Error },
+    #[error("cannot read the {family:?} {table} table: {source}")]
+    Save { family: Family, table: String, #[source] source: XtablesError },
+}
+
+/// How often, at most, the kernel tables are checked for changes.
+const CHECK_INTERVAL: Duration = Duration::from_millis(5);
+/// Snapshots kept per table: enough for events still queued when the rules change in bursts.
+const SNAPSHOTS_KEPT: usize = 8;
+
+/// Where in a chain an event landed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Position {
+    /// A rule, numbered as `iptables -L --line-numbers` shows it without iptrace's own rules.
+    Rule { number: u32, rule: Arc<Rule> },
+    /// A built-in chain's policy.
+    Policy(Verdict),
+    /// The end of a user chain (the implicit RETURN).
+    ChainEnd,
+    /// The rule number is not in the snapshot (the table changed faster than it was read).
+    Unknown { kernel_number: u32 },
+}
+
+/// A resolved trace event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub event: TraceEvent,
+    pub position: Position,
+}
+
+impl Step {
+    pub fn verdict(&self) -> Verdict {
+        match &self.position {
+            Position::Rule { rule, .. } => rule.verdict.clone(),
+            Position::Policy(v) => v.clone(),
+            Position::ChainEnd => Verdict::Return,
+            Position::Unknown { .. } => Verdict::Continue,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ChainSnapshot {
+    /// `Some` for built-in chains.
+    policy: Option<Verdict>,
+    rules: Vec<Arc<Rule>>,
+    /// Which rules are iptrace's own TRACE rules (hidden, and not counted in numbers).
+    own: Vec<bool>,
+}
+
+#[derive(Debug, Default)]
+struct TableSnapshot {
+    chains: HashMap<String, ChainSnapshot>,
+}
+
+impl TableSnapshot {
+    fn parse(saved: &str) -> Self {
+        let mut chains = HashMap::new();
+        for table in xtables::parse_save(saved) {
+            let names: Vec<String> = table.chains.iter().map(|c| c.name.clone()).collect();
+            for chain in table.chains {
+                let own = chain.rules.iter().map(|r| owner_of(r).is_some()).collect();
+                let rules = chain
+                    .rules
+                    .iter()
+                    .map(|r| Arc::new(Rule::from_tokens(r, |t| names.iter().any(|n| n == t))))
+                    .collect();
+                let policy = chain.policy.as_deref().map(Verdict::from_policy);
+                chains.insert(chain.name, ChainSnapshot { policy, rules, own });
+            }
+        }
+        Self { chains }
+    }
+
+    /// Maps the kernel's number to a position (kernel-interfaces §1.4): up to the rule count it
+    /// is that rule, whatever the label says (an unconditional ACCEPT is labelled `policy`);
+    /// one past it is the policy or the implicit return. `None` for iptrace's own rules.
+    fn position(&self, chain: &str, kind: TraceKind, number: u32) -> Option<Position> {
+        let unknown = Some(Position::Unknown { kernel_number: number });
+        let Some(c) = self.chains.get(chain) else { return unknown };
+        let index = number.checked_sub(1).map(|i| i as usize);
+        match index {
+            Some(i) if i < c.rules.len() => {
+                if c.own[i] {
+                    return None;
+                }
+                let shown = c.own[..i].iter().filter(|own| !**own).count() + 1;
+                Some(Position::Rule { number: u32::try_from(shown).unwrap_or(u32::MAX), rule: c.rules[i].clone() })
+            }
+            Some(i) if i == c.rules.len() && kind != TraceKind::Rule => match &c.policy {
+                Some(policy) => Some(Position::Policy(policy.clone())),
+                None => Some(Position::ChainEnd),
+            },
+            _ => unknown,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TableHistory {
+    fingerprint: u64,
+    /// (first epoch it is valid for, snapshot), oldest first.
+    snapshots: VecDeque<(u64, Arc<TableSnapshot>)>,
+}
+
+/// The rule text of every legacy table, by epoch.
+pub struct Resolver {
+    probes: HashMap<Family, TableProbe>,
+    tables: HashMap<(Family, String), TableHistory>,
+    epoch: u64,
+    last_check: Instant,
+}
+
+impl Resolver {
+    /// Reads every existing table of `families`.
+    pub fn new(families: &[Family]) -> Result<Self, ResolveError> {
+        let mut probes = HashMap::new();
+        for &family in families {
+            let probe = TableProbe::open(family).map_err(|source| ResolveError::Probe { family, source })?;
+            probes.insert(family, probe);
+        }
+        let mut this = Self { probes, tables: HashMap::new(), epoch: 0, last_check: Instant::now() };
+        this.check_all()?;
+        Ok(this)
+    }
+
+    /// The current epoch, after checking the kernel tables for changes if the last check is
+    /// older than a few milliseconds. Stamp events with it as they are received.
+    pub fn epoch(&mut self) -> Result<u64, ResolveError> {
+        if self.last_check.elapsed() >= CHECK_INTERVAL {
+            self.check_all()?;
+        }
+        Ok(self.epoch)
+    }
+
+    fn check_all(&mut self) -> Result<(), ResolveError> {
+        self.last_check = Instant::now();
+        let families: Vec<Family> = self.probes.keys().copied().collect();
+        let mut changed = false;
+        for family in families {
+            for table in Xtables::new(family).existing_tables() {
+                changed |= self.check(family, &table)?;
+            }
+        }
+        if changed {
+            // `check` stored the new snapshots under the next epoch.
+            self.epoch += 1;
+        }
+        Ok(())
+    }
+
+    /// Re-reads `table` if its fingerprint changed. Returns whether it did.
+    fn check(&mut self, family: Family, table: &str) -> Result<bool, ResolveError> {
+        let Some(probe) = self.probes.get(&family) else { return Ok(false) };
+        let key = (family, table.to_owned());
+        let current = probe.fingerprint(table).ok();
+        let known = self.tables.get(&key).map(|h| h.fingerprint);
+        if current.is_some() && current == known {
+            return Ok(false);
+        }
+        // Read the text, then make sure the table did not change while it was read; under
+        // constant churn, settle for the last read after a few tries.
+        let mut before = current;
+        let mut attempts = 0;
+        let (text, fingerprint) = loop {
+            let text = Xtables::new(family)
+                .save(table)
+                .map_err(|source| ResolveError::Save { family, table: table.to_owned(), source })?;
+            let after = probe.fingerprint(table).ok();
+            attempts += 1;
+            if after == before || attempts == 3 {
+                break (text, after.unwrap_or_default());
+            }
+            before = after;
+        };
+        let epoch = if known.is_some() { self.epoch + 1 } else { self.epoch };
+        let history = self.tables.entry(key).or_insert_with(|| TableHistory { fingerprint, snapshots: VecDeque::new() });
+        history.fingerprint = fingerprint;
+        history.snapshots.push_back((epoch, Arc::new(TableSnapshot::parse(&text))));
+        if history.snapshots.len() > SNAPSHOTS_KEPT {
+            history.snapshots.pop_front();
+        }
+        Ok(known.is_some())
+    }
+
+    /// Resolves an event against the snapshot of its epoch; `None` for iptrace's own rules.
+    pub fn resolve(&mut self, event: TraceEvent) -> Option<Step> {
+        let key = (event.family, event.table.name().to_owned());
+        if !self.tables.contains_key(&key) {
+            // A table created after the trace started.
+            let _ = self.check(event.family, &key.1);
+        }
+        let snapshot = self.tables.get(&key).and_then(|h| {
+            h.snapshots.iter().rev().find(|(from, _)| *from <= event.epoch).or(h.snapshots.front()).map(|(_, s)| s.clone())
+        });
+        let position = match snapshot {
+            Some(s) => s.position(&event.chain, event.kind, event.number)?,
+            None => Position::Unknown { kernel_number: event.number },
+        };
+        Some(Step { event, position })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The verified example of kernel-interfaces §1.4, with iptrace's TRACE rule in raw.
+    const SAVED: &str = r#"*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A PREROUTING -m comment --comment "iptrace:1:2" -j TRACE
+-A PREROUTING -s 10.0.0.0/8 -j CT --notrack
+COMMIT
+*filter
+:INPUT DROP [0:0]
+:MYCHAIN - [0:0]
+-A INPUT -p tcp -j ACCEPT
+-A INPUT -p icmp -j MYCHAIN
+-A INPUT -p icmp -m comment --comment "just count"
+-A MYCHAIN -s 10.99.0.2/32 -m comment --comment x
+-A MYCHAIN -p udp -j DROP
+COMMIT
+"#;
+
+    #[test]
+    fn maps_numbers_with_the_policy_and_return_quirk() {
+        let s = TableSnapshot::parse(SAVED);
+        // raw:PREROUTING:policy:3 — one user rule + ours: the real policy.
+        assert_eq!(s.position("PREROUTING", TraceKind::Policy, 3), Some(Position::Policy(Verdict::Accept)));
+        // Our own rule is hidden; the user's first rule is #1 although the kernel says 2.
+        assert_eq!(s.position("PREROUTING", TraceKind::Rule, 1), None);
+        let Some(Position::Rule { number, rule }) = s.position("PREROUTING", TraceKind::Rule, 2) else { panic!() };
+        assert_eq!((number, rule.target.as_str()), (1, "CT"));
+        // filter:MYCHAIN:return:3 is the implicit return; INPUT:policy:4 the DROP policy.
+        assert_eq!(s.position("MYCHAIN", TraceKind::Return, 3), Some(Position::ChainEnd));
+        assert_eq!(s.position("INPUT", TraceKind::Policy, 4), Some(Position::Policy(Verdict::Drop)));
+        // INPUT:policy:1 is the unconditional-looking rule 1, not the policy.
+        let Some(Position::Rule { number: 1, rule }) = s.position("INPUT", TraceKind::Policy, 1) else { panic!() };
+        assert_eq!(rule.verdict, Verdict::Accept);
+        // A jump resolves to the user chain.
+        let Some(Position::Rule { rule, .. }) = s.position("INPUT", TraceKind::Rule, 2) else { panic!() };
+        assert_eq!(rule.verdict, Verdict::Jump("MYCHAIN".into()));
+        // Out of range: the snapshot does not know it.
+        assert_eq!(s.position("INPUT", TraceKind::Rule, 9), Some(Position::Unknown { kernel_number: 9 }));
+        assert_eq!(s.position("INPUT", TraceKind::Rule, 4), Some(Position::Unknown { kernel_number: 4 }));
+    }
+}
