@@ -6,8 +6,10 @@
 
 pub mod bpf;
 pub mod capture;
+pub mod correlate;
 pub mod decode;
 pub mod filter;
 pub mod instrument;
+pub mod render;
 pub mod resolve;
 pub mod xtables;

@@ -1,0 +1,336 @@
+//! Render: one text block per packet, in the layout of the original iptables-trace: the packet in
+//! LOG-target style, then each table and chain it passed with the rule that matched, its number,
+//! text and action, lines where the packet changed between steps, and its fate.
+
+use std::{
+    collections::HashMap,
+    ffi::CStr,
+    fmt::Write as _,
+    io::{self, Write},
+    net::IpAddr,
+};
+
+use crate::{
+    decode::{PacketHeader, Table, TraceEvent, packet::Transport},
+    resolve::{Position, Step, Verdict},
+};
+
+const STEP: &str = "        ";
+const DETAIL: &str = "                ";
+
+/// Interface names by index, in the traced netns; looked up once each.
+pub trait InterfaceNames {
+    fn name(&mut self, index: u32) -> String;
+}
+
+/// `if_indextoname()` in the calling thread's netns, cached.
+#[derive(Debug, Default)]
+pub struct KernelInterfaceNames(HashMap<u32, String>);
+
+impl InterfaceNames for KernelInterfaceNames {
+    fn name(&mut self, index: u32) -> String {
+        self.0
+            .entry(index)
+            .or_insert_with(|| {
+                let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+                // SAFETY: buf holds IF_NAMESIZE bytes as if_indextoname requires.
+                let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+                if p.is_null() {
+                    format!("if{index}")
+                } else {
+                    // SAFETY: on success buf holds a NUL-terminated name.
+                    unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+                }
+            })
+            .clone()
+    }
+}
+
+/// Writes one packet's block. `steps` are in kernel order; iptrace's own rules are already gone.
+pub fn render_packet(steps: &[Step], names: &mut impl InterfaceNames, out: &mut impl Write) -> io::Result<()> {
+    let Some(first) = steps.first() else { return Ok(()) };
+    let mut text = String::with_capacity(256 + steps.len() * 96);
+    text.push_str(&packet_line(&first.event, names));
+    text.push('\n');
+    let mut previous: Option<&TraceEvent> = None;
+    for step in steps {
+        if let Some(prev) = previous {
+            let changes = changes(prev, &step.event);
+            if !changes.is_empty() {
+                let _ = writeln!(text, "{STEP}~ {}", changes.join(", "));
+            }
+        }
+        previous = Some(&step.event);
+        step_lines(step, &mut text);
+    }
+    let _ = writeln!(text, "{STEP}{}", fate(steps));
+    text.push('\n');
+    out.write_all(text.as_bytes())
+}
+
+fn step_lines(step: &Step, text: &mut String) {
+    let e = &step.event;
+    match &step.position {
+        Position::Rule { number, rule } => {
+            let _ = write!(text, "{STEP}{} {} (#{number})", e.table, e.chain);
+            if let Some(comment) = &rule.comment {
+                let _ = write!(text, " /* {comment} */");
+            }
+            text.push('\n');
+            if !rule.matches.is_empty() {
+                let _ = writeln!(text, "{DETAIL}{}", rule.matches);
+            }
+            let action = match &rule.verdict {
+                Verdict::Jump(chain) => format!("jump {chain}"),
+                Verdict::Goto(chain) => format!("goto {chain}"),
+                _ if rule.target.is_empty() => "(no target: continue)".to_owned(),
+                _ if rule.target_options.is_empty() => rule.target.clone(),
+                _ => format!("{} {}", rule.target, rule.target_options),
+            };
+            let _ = writeln!(text, "{DETAIL}=> {action}");
+        }
+        Position::Policy(v) => {
+            let _ = writeln!(text, "{STEP}{} {}\n{DETAIL}{}", e.table, e.chain, verdict_name(v));
+        }
+        Position::ChainEnd => {
+            let _ = writeln!(text, "{STEP}{} {}\n{DETAIL}RETURN", e.table, e.chain);
+        }
+        Position::Unknown { kernel_number } => {
+            let _ = writeln!(
+                text,
+                "{STEP}{} {} (kernel rule {kernel_number})\n{DETAIL}? the rule set changed before iptrace could read this rule",
+                e.table, e.chain
+            );
+        }
+    }
+}
+
+fn verdict_name(v: &Verdict) -> &'static str {
+    match v {
+        Verdict::Accept | Verdict::Nat => "ACCEPT",
+        Verdict::Drop => "DROP",
+        Verdict::Reject => "REJECT",
+        Verdict::Return => "RETURN",
+        Verdict::Queue => "QUEUE",
+        Verdict::Jump(_) | Verdict::Goto(_) | Verdict::Continue => "CONTINUE",
+    }
+}
+
+/// The packet's fate: the first drop, else the last table-ending verdict of the filter table,
+/// else the last table-ending verdict of any table.
+fn fate(steps: &[Step]) -> String {
+    let describe = |step: &Step, v: &Verdict| {
+        let e = &step.event;
+        let name = match (&step.position, v) {
+            (Position::Rule { rule, .. }, Verdict::Reject | Verdict::Queue | Verdict::Nat) => rule.target.clone(),
+            _ => verdict_name(v).to_owned(),
+        };
+        match &step.position {
+            Position::Rule { number, .. } => format!("verdict: {name} at {} {} #{number}", e.table, e.chain),
+            _ => format!("verdict: {name} by {} {} policy", e.table, e.chain),
+        }
+    };
+    let ending: Vec<(&Step, Verdict)> = steps
+        .iter()
+        .map(|s| (s, s.verdict()))
+        .filter(|(_, v)| v.ends_table())
+        .collect();
+    if let Some((s, v)) = ending.iter().find(|(_, v)| v.drops()) {
+        return describe(s, v);
+    }
+    let chosen = ending
+        .iter()
+        .rev()
+        .find(|(s, _)| s.event.table == Table::Filter)
+        .or(ending.last());
+    match chosen {
+        Some((s, v)) => describe(s, v),
+        None => "verdict: none seen (no table ended its traversal in a traced step)".to_owned(),
+    }
+}
+
+/// What changed in the packet between two consecutive steps: addresses, ports, mark.
+fn changes(before: &TraceEvent, after: &TraceEvent) -> Vec<String> {
+    let (a, b) = (&before.packet, &after.packet);
+    let mut out = Vec::new();
+    if a.src != b.src {
+        out.push(format!("SRC {} -> {}", a.src, b.src));
+    }
+    if a.dst != b.dst {
+        out.push(format!("DST {} -> {}", a.dst, b.dst));
+    }
+    if let (Some((asp, adp)), Some((bsp, bdp))) = (a.transport.ports(), b.transport.ports()) {
+        if asp != bsp {
+            out.push(format!("SPT {asp} -> {bsp}"));
+        }
+        if adp != bdp {
+            out.push(format!("DPT {adp} -> {bdp}"));
+        }
+    }
+    if before.mark != after.mark {
+        out.push(format!("MARK {:#x} -> {:#x}", before.mark, after.mark));
+    }
+    out
+}
+
+/// The packet in the LOG target's format (`nf_log_syslog.c`).
+pub fn packet_line(e: &TraceEvent, names: &mut impl InterfaceNames) -> String {
+    let mut s = String::with_capacity(160);
+    let name = |i: Option<u32>, names: &mut dyn FnMut(u32) -> String| i.map(names).unwrap_or_default();
+    let mut lookup = |i| names.name(i);
+    let _ = write!(s, "IN={} OUT={} ", name(e.in_ifindex, &mut lookup), name(e.out_ifindex, &mut lookup));
+    header_fields(&e.packet, &mut s);
+    if e.mark != 0 {
+        let _ = write!(s, " MARK={:#x}", e.mark);
+    }
+    s
+}
+
+fn header_fields(p: &PacketHeader, s: &mut String) {
+    match p.src {
+        IpAddr::V4(_) => {
+            let _ = write!(
+                s,
+                "SRC={} DST={} LEN={} TOS=0x{:02X} PREC=0x{:02X} TTL={} ID={}",
+                p.src,
+                p.dst,
+                p.length,
+                p.tos & 0x1e,
+                p.tos & 0xe0,
+                p.ttl,
+                p.id
+            );
+            if p.dont_fragment {
+                s.push_str(" DF");
+            }
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(
+                s,
+                "SRC={} DST={} LEN={} TC={} HOPLIMIT={} FLOWLBL={}",
+                p.src, p.dst, p.length, p.tos, p.ttl, p.flow_label
+            );
+        }
+    }
+    if p.fragment {
+        s.push_str(" FRAG");
+    }
+    match p.transport {
+        Transport::Tcp { sport, dport, seq, ack, window, flags } => {
+            let _ = write!(s, " PROTO=TCP SPT={sport} DPT={dport} SEQ={seq} ACK={ack} WINDOW={window}");
+            for (bit, name) in [(0x20, "URG"), (0x10, "ACK"), (0x08, "PSH"), (0x04, "RST"), (0x02, "SYN"), (0x01, "FIN")] {
+                if flags & bit != 0 {
+                    let _ = write!(s, " {name}");
+                }
+            }
+        }
+        Transport::Udp { sport, dport, length } => {
+            let _ = write!(s, " PROTO=UDP SPT={sport} DPT={dport} LEN={length}");
+        }
+        Transport::Icmp { kind, code, id, seq } | Transport::Icmpv6 { kind, code, id, seq } => {
+            let proto = if matches!(p.transport, Transport::Icmp { .. }) { "ICMP" } else { "ICMPv6" };
+            let _ = write!(s, " PROTO={proto} TYPE={kind} CODE={code}");
+            // Echo request/reply carry an id and sequence (ICMP 8/0, ICMPv6 128/129).
+            if matches!(kind, 0 | 8 | 128 | 129) {
+                let _ = write!(s, " ID={id} SEQ={seq}");
+            }
+        }
+        Transport::Other => {
+            let _ = write!(s, " PROTO={}", p.protocol);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        decode::{Family, Hook, TraceKind, packet::tests::udp_v4},
+        resolve::Rule,
+        xtables::tokenize,
+    };
+
+    struct Names;
+    impl InterfaceNames for Names {
+        fn name(&mut self, index: u32) -> String {
+            format!("veth{index}")
+        }
+    }
+
+    fn step(hook: Hook, table: Table, chain: &str, packet: &[u8], mark: u32, position: Position) -> Step {
+        Step {
+            event: TraceEvent {
+                family: Family::Ipv4,
+                hook,
+                table,
+                chain: chain.into(),
+                kind: TraceKind::Rule,
+                number: 0,
+                in_ifindex: Some(2),
+                out_ifindex: (hook == Hook::Forward).then_some(3),
+                mark,
+                timestamp: None,
+                packet: PacketHeader::parse(packet).unwrap(),
+                epoch: 0,
+            },
+            position,
+        }
+    }
+
+    fn rule(number: u32, line: &str) -> Position {
+        Position::Rule { number, rule: Arc::new(Rule::from_tokens(&tokenize(line), |c| c.contains(':'))) }
+    }
+
+    #[test]
+    fn renders_the_seed_layout_with_changes_and_fate() {
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let natted = udp_v4([172, 16, 2, 200], 40000, 63);
+        let steps = [
+            step(Hook::PreRouting, Table::Raw, "PREROUTING", &a, 0, Position::Policy(Verdict::Accept)),
+            step(Hook::PreRouting, Table::Mangle, "PREROUTING", &a, 0, rule(4, "-s 10.0.0.0/8 -j MARK --set-xmark 0x100/0x100")),
+            step(Hook::PreRouting, Table::Mangle, "client-normal:mangle", &a, 0x100, rule(1, "-j RETURN")),
+            step(Hook::Forward, Table::Filter, "FORWARD", &a, 0x100, rule(12, "-m set --match-set profile:client-normal src -j client-normal:filter")),
+            step(Hook::Forward, Table::Filter, "client-normal:filter", &a, 0x100, rule(10, r#"-p udp -m comment --comment "allow dns" -j ACCEPT"#)),
+            step(Hook::PostRouting, Table::Nat, "POSTROUTING", &natted, 0x100, rule(6, "-s 10.5.1.0/24 -j SNAT --to-source 172.16.2.200")),
+        ];
+        let mut out = Vec::new();
+        render_packet(&steps, &mut Names, &mut out).unwrap();
+        let expected = "\
+IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=4660 DF PROTO=UDP SPT=40000 DPT=53 LEN=12
+        raw PREROUTING
+                ACCEPT
+        mangle PREROUTING (#4)
+                -s 10.0.0.0/8
+                => MARK --set-xmark 0x100/0x100
+        ~ MARK 0x0 -> 0x100
+        mangle client-normal:mangle (#1)
+                => RETURN
+        filter FORWARD (#12)
+                -m set --match-set profile:client-normal src
+                => jump client-normal:filter
+        filter client-normal:filter (#10) /* allow dns */
+                -p udp
+                => ACCEPT
+        ~ SRC 10.5.1.7 -> 172.16.2.200
+        nat POSTROUTING (#6)
+                -s 10.5.1.0/24
+                => SNAT --to-source 172.16.2.200
+        verdict: ACCEPT at filter client-normal:filter #10
+
+";
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+    }
+
+    #[test]
+    fn the_first_drop_decides_the_fate() {
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let steps = [
+            step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, rule(3, "-p udp -j REJECT --reject-with icmp-port-unreachable")),
+        ];
+        assert_eq!(fate(&steps), "verdict: REJECT at filter FORWARD #3");
+        let steps = [step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, Position::Policy(Verdict::Drop))];
+        assert_eq!(fate(&steps), "verdict: DROP by filter FORWARD policy");
+    }
+}
