@@ -2,10 +2,13 @@
 //!
 //! nflog carries no packet id (kernel-interfaces §10a), so a packet is recognised by
 //! [`PacketHeader::identity`], a fingerprint of the header fields that NAT and forwarding leave
-//! alone, plus two facts about how the kernel emits events: one packet's events come from one
-//! CPU in hook order, so they never go back to an earlier (hook stage, table priority); and its
-//! PREROUTING, INPUT and FORWARD events carry the same `skb->tstamp`. Events of many packets and
+//! alone, plus how the kernel emits events: one packet's events come from one CPU in hook order,
+//! so they never go back to an earlier (hook stage, table priority). Events of many packets and
 //! both CPUs interleave freely; each joins the open packet it fits.
+//!
+//! `NFULA_TIMESTAMP` does not help: when `skb->tstamp` is unset (no socket asked for receive
+//! timestamps) nfnetlink_log stamps each event with the current time, so one packet's events
+//! carry different times.
 //!
 //! A packet is complete when no event joined it for `linger`: a packet's events are generated
 //! within microseconds of each other and queued in that order, so a short quiet time is enough.
@@ -34,7 +37,6 @@ struct OpenPacket {
     events: Vec<TraceEvent>,
     /// Highest (stage, priority) seen so far.
     rank: (u8, i32),
-    timestamp: Option<(u64, u64)>,
     last_seen: Instant,
     /// Order of creation, to close the oldest first.
     serial: u64,
@@ -62,19 +64,14 @@ impl Correlator {
         let key = (event.family, event.packet.identity());
         let r = rank(&event);
         let candidates = self.open.entry(key).or_default();
-        let fits = |p: &OpenPacket| {
-            r >= p.rank && !matches!((p.timestamp, event.timestamp), (Some(a), Some(b)) if a != b)
-        };
-        if let Some(p) = candidates.iter_mut().filter(|p| fits(p)).max_by_key(|p| p.last_seen) {
+        if let Some(p) = candidates.iter_mut().filter(|p| r >= p.rank).max_by_key(|p| p.last_seen) {
             p.rank = r;
-            p.timestamp = p.timestamp.or(event.timestamp);
             p.last_seen = now;
             p.events.push(event);
             return None;
         }
         candidates.push(OpenPacket {
             rank: r,
-            timestamp: event.timestamp,
             last_seen: now,
             serial: self.next_serial,
             events: vec![event],
@@ -128,7 +125,7 @@ mod tests {
     use super::*;
     use crate::decode::{Hook, PacketHeader, Table, TraceKind};
 
-    fn event(packet: &[u8], hook: Hook, table: Table, ts: Option<(u64, u64)>) -> TraceEvent {
+    fn event(packet: &[u8], hook: Hook, table: Table) -> TraceEvent {
         TraceEvent {
             family: Family::Ipv4,
             hook,
@@ -139,7 +136,6 @@ mod tests {
             in_ifindex: None,
             out_ifindex: None,
             mark: 0,
-            timestamp: ts,
             packet: PacketHeader::parse(packet).unwrap(),
             epoch: 0,
         }
@@ -155,14 +151,13 @@ mod tests {
         let a_natted = udp_v4([172, 16, 2, 200], 61000, 63);
         let mut b = udp_v4([10, 5, 1, 8], 40001, 64);
         b[5] = 0x99; // another IP ID: another packet
-        let ts = Some((1, 2));
         let sequence = [
-            event(&a, Hook::PreRouting, Table::Raw, ts),
-            event(&b, Hook::PreRouting, Table::Raw, Some((1, 3))),
-            event(&a, Hook::PreRouting, Table::Mangle, ts),
-            event(&b, Hook::PreRouting, Table::Mangle, Some((1, 3))),
-            event(&a, Hook::Forward, Table::Filter, ts),
-            event(&a_natted, Hook::PostRouting, Table::Nat, None),
+            event(&a, Hook::PreRouting, Table::Raw),
+            event(&b, Hook::PreRouting, Table::Raw),
+            event(&a, Hook::PreRouting, Table::Mangle),
+            event(&b, Hook::PreRouting, Table::Mangle),
+            event(&a, Hook::Forward, Table::Filter),
+            event(&a_natted, Hook::PostRouting, Table::Nat),
         ];
         for e in sequence {
             assert!(c.push(e, now).is_none());
@@ -181,13 +176,12 @@ mod tests {
         let now = Instant::now();
         let mut c = Correlator::new(Duration::from_millis(10));
         let a = udp_v4([10, 5, 1, 7], 40000, 64);
-        c.push(event(&a, Hook::PreRouting, Table::Raw, Some((1, 1))), now);
-        c.push(event(&a, Hook::PreRouting, Table::Filter, Some((1, 1))), now);
-        // Back to raw: a new packet, even with the same timestamp resolution.
-        c.push(event(&a, Hook::PreRouting, Table::Raw, Some((1, 1))), now);
-        // Same rank but another timestamp: another packet.
-        c.push(event(&a, Hook::PreRouting, Table::Raw, Some((1, 9))), now);
+        c.push(event(&a, Hook::PreRouting, Table::Raw), now);
+        c.push(event(&a, Hook::PreRouting, Table::Filter), now);
+        // Back to raw: a new packet with the same bytes (a retransmission, say).
+        c.push(event(&a, Hook::PreRouting, Table::Raw), now);
+        c.push(event(&a, Hook::Forward, Table::Filter), now);
         let done = c.flush_all();
-        assert_eq!(done.iter().map(|p| p.events.len()).collect::<Vec<_>>(), [2, 1, 1]);
+        assert_eq!(done.iter().map(|p| p.events.len()).collect::<Vec<_>>(), [2, 2]);
     }
 }

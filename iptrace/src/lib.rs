@@ -6,10 +6,15 @@
 
 pub mod bpf;
 pub mod capture;
+pub mod cli;
 pub mod correlate;
 pub mod decode;
+pub mod demo;
 pub mod filter;
 pub mod instrument;
+pub mod lab;
+pub mod netns;
 pub mod render;
 pub mod resolve;
+pub mod run;
 pub mod xtables;

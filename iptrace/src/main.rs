@@ -1,1 +1,91 @@
-fn main(){}
+//! The `iptrace` binary: parses the command line, runs the trace, and turns errors into one
+//! line on stderr and an exit code (2: bad input or unsuitable host, nothing changed; 1: a
+//! failure while tracing).
+
+use std::{io, process::ExitCode};
+
+use iptrace::{cli::Cli, demo, instrument, netns, run};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_normalized();
+    init_logging(cli.verbose);
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        // Leave nothing behind, whichever thread panicked.
+        for e in run::teardown_active() {
+            eprintln!("iptrace: cleanup: {e}");
+        }
+        std::process::exit(101);
+    }));
+
+    let outcome = if cli.demo {
+        demo::run().map_err(|e| (anyhow::Error::new(e), 1))
+    } else if cli.cleanup {
+        cleanup(cli.netns.as_deref())
+    } else {
+        trace(&cli)
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((e, code)) => {
+            eprintln!("iptrace: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn trace(cli: &Cli) -> Result<(), (anyhow::Error, u8)> {
+    let options = cli.options().map_err(|e| (anyhow::anyhow!(e), 2))?;
+    match run::trace(&options, Box::new(io::stdout())) {
+        Ok(stats) => {
+            if options.stats {
+                eprintln!("{}", stats.report());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let code = u8::try_from(e.exit_code()).unwrap_or(1);
+            Err((e.into(), code))
+        }
+    }
+}
+
+fn cleanup(netns_name: Option<&str>) -> Result<(), (anyhow::Error, u8)> {
+    if let Some(name) = netns_name {
+        netns::enter(name).map_err(|e| (e.into(), 2))?;
+    }
+    let removed = instrument::cleanup_stale().map_err(|e| (e.into(), 1))?;
+    if removed.is_empty() {
+        println!("iptrace: nothing to clean up");
+    }
+    for line in removed {
+        println!("iptrace: removed {line}");
+    }
+    Ok(())
+}
+
+/// A minimal stderr logger for `log` records (aya's loader among them): -v info, -vv debug.
+fn init_logging(verbose: u8) {
+    struct Stderr;
+    impl log::Log for Stderr {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if self.enabled(record.metadata()) {
+                eprintln!("iptrace: {}: {}", record.level().as_str().to_lowercase(), record.args());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static LOGGER: Stderr = Stderr;
+    let level = match verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}

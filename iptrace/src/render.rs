@@ -271,7 +271,6 @@ mod tests {
                 in_ifindex: Some(2),
                 out_ifindex: (hook == Hook::Forward).then_some(3),
                 mark,
-                timestamp: None,
                 packet: PacketHeader::parse(packet).unwrap(),
                 epoch: 0,
             },

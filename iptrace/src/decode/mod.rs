@@ -152,9 +152,6 @@ pub struct TraceEvent {
     pub in_ifindex: Option<u32>,
     pub out_ifindex: Option<u32>,
     pub mark: u32,
-    /// `skb->tstamp` (seconds, microseconds): equal on one packet's PREROUTING, INPUT and
-    /// FORWARD events, absent after.
-    pub timestamp: Option<(u64, u64)>,
     pub packet: PacketHeader,
     /// The rule-set epoch this event was received in; set by the pipeline, used by resolve.
     pub epoch: u64,
@@ -231,7 +228,6 @@ impl Decoder {
             in_ifindex: msg.in_ifindex,
             out_ifindex: msg.out_ifindex,
             mark: msg.mark,
-            timestamp: msg.timestamp,
             packet: PacketHeader::parse(msg.payload)?,
             epoch: 0,
         }))

@@ -1,0 +1,239 @@
+//! The command line, as `iptrace --help` shows it.
+
+use std::{ffi::OsString, time::Duration};
+
+use clap::{ArgAction, Parser};
+
+use crate::{decode::Family, filter::Selection, instrument::Limit, run::Options};
+
+const EXAMPLES: &str = "\
+Examples:
+  iptrace 'host 10.0.0.5 and tcp port 22'   trace SSH to and from 10.0.0.5
+  iptrace -p icmp -s 10.5.1.0/24 -c 5         five pings from a subnet, then stop
+  iptrace --limit 10/s 'udp port 53'          at most 10 DNS packets a second (busy hosts)
+  iptrace --netns router -i vif0 tcp          TCP arriving on vif0 in netns 'router'
+  iptrace --cleanup                           remove what a killed iptrace left behind
+  iptrace --demo                              run a self-contained demo in throwaway namespaces
+
+Each traced packet prints one block: the packet, every table and chain it passed with the
+rule that matched (number, text, comment), the action taken, changes to its addresses, ports
+and mark (NAT, MARK), and its fate. Rule numbers are those `iptables -L --line-numbers` shows
+without iptrace running.
+
+iptrace inserts one TRACE rule at the top of raw PREROUTING and raw OUTPUT (iptables-legacy and
+ip6tables-legacy), carrying the filter as xt_bpf bytecode so the kernel traces only matching
+packets, and binds nfnetlink_log as the logger. It removes both on exit, Ctrl-C, SIGTERM, SIGHUP
+or a crash; after a SIGKILL, the next run or `iptrace --cleanup` does. It needs root.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "iptrace",
+    version,
+    about = "Trace packets through the kernel's netfilter tables: every table, chain and rule they hit, and their fate",
+    after_long_help = EXAMPLES,
+    after_help = "Examples and details: iptrace --help"
+)]
+pub struct Cli {
+    /// A pcap-filter expression (tcpdump syntax) selecting the packets to trace, as in
+    /// 'host 10.0.0.5 and tcp port 22'. `host`, `net` and `port` match both directions. Compiled
+    /// by libpcap for raw IP, so one expression serves IPv4 and IPv6. Several words are joined.
+    #[arg(value_name = "EXPRESSION")]
+    pub expression: Vec<String>,
+
+    /// The same as EXPRESSION (the original iptables-trace's spelling).
+    #[arg(long, value_name = "EXPRESSION", conflicts_with = "expression")]
+    pub bpf: Option<String>,
+
+    /// Only packets from this address or network (10.0.0.0/8, 2001:db8::/32).
+    #[arg(short = 's', long, value_name = "ADDRESS[/LEN]")]
+    pub source: Option<String>,
+
+    /// Only packets to this address or network.
+    #[arg(short = 'd', long, value_name = "ADDRESS[/LEN]")]
+    pub destination: Option<String>,
+
+    /// Only this protocol: tcp, udp, sctp, icmp, icmpv6, or a number.
+    #[arg(short = 'p', long, value_name = "PROTOCOL")]
+    pub protocol: Option<String>,
+
+    /// Only this source port or range (1024:2048).
+    #[arg(long, value_name = "PORT[:PORT]")]
+    pub sport: Option<String>,
+
+    /// Only this destination port or range.
+    #[arg(long, value_name = "PORT[:PORT]")]
+    pub dport: Option<String>,
+
+    /// Only packets that arrive on this interface (locally generated packets are then left out).
+    #[arg(short = 'i', long = "in-interface", value_name = "NAME")]
+    pub in_interface: Option<String>,
+
+    /// Only packets that leave through this interface. Forwarded packets are traced from the
+    /// start and kept if they leave there (the interface is known only after routing).
+    #[arg(short = 'o', long = "out-interface", value_name = "NAME")]
+    pub out_interface: Option<String>,
+
+    /// Trace IPv4 only (default: IPv4 and IPv6).
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// Trace IPv6 only.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+
+    /// Rate-limit traced packets in the kernel: RATE is N/second, N/minute, N/hour or N/day
+    /// (10/s, 5/min); the bare flag means 1/second. Use it on busy hosts.
+    #[arg(long, value_name = "RATE", num_args = 0..=1, default_missing_value = "1/second")]
+    pub limit: Option<String>,
+
+    /// Packets allowed through at once before --limit applies (like iptables' --limit-burst).
+    #[arg(long, value_name = "N", default_value_t = 5, requires = "limit")]
+    pub limit_burst: u32,
+
+    /// Stop after N traced packets.
+    #[arg(short = 'c', long, value_name = "N")]
+    pub count: Option<u64>,
+
+    /// Stop after this many seconds (fractions allowed).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub duration: Option<Duration>,
+
+    /// Trace inside this network namespace: a name from `ip netns list`, or a path such as
+    /// /proc/PID/ns/net.
+    #[arg(long, value_name = "NAME")]
+    pub netns: Option<String>,
+
+    /// Remove what iptrace runs that died left behind (TRACE rules, pinned programs, logger
+    /// bindings), print what was removed, and exit.
+    #[arg(long, conflicts_with_all = ["demo", "expression", "bpf"])]
+    pub cleanup: bool,
+
+    /// Build throwaway client, router and server namespaces with a sample rule set, send a few
+    /// packets through them, trace them, and remove everything.
+    #[arg(long)]
+    pub demo: bool,
+
+    /// Print counters at exit: messages, events, packets shown, receive-buffer overruns.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// How long a packet's block waits for more events before it is printed, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 50, hide_short_help = true)]
+    pub group_timeout: u64,
+
+    /// More diagnostics on stderr (-v, -vv).
+    #[arg(short, long, action = ArgAction::Count)]
+    pub verbose: u8,
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("'{text}' is not a positive number of seconds"))
+}
+
+/// `--limit` takes an optional value; a following word that is not a rate is the expression,
+/// not the rate (`iptrace --limit 'host x'`).
+pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let args: Vec<OsString> = args.into_iter().collect();
+    let mut out = Vec::with_capacity(args.len() + 1);
+    let mut i = 0;
+    while i < args.len() {
+        out.push(args[i].clone());
+        if args[i] == "--limit" {
+            let next_is_rate = args.get(i + 1).and_then(|a| a.to_str()).is_some_and(looks_like_rate);
+            if !next_is_rate {
+                out.pop();
+                out.push("--limit=1/second".into());
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+fn looks_like_rate(word: &str) -> bool {
+    let count = word.split('/').next().unwrap_or_default();
+    !count.is_empty() && count.bytes().all(|b| b.is_ascii_digit())
+}
+
+impl Cli {
+    pub fn parse_normalized() -> Self {
+        Self::parse_from(normalize_args(std::env::args_os()))
+    }
+
+    /// The run options, or a one-line reason they are unusable.
+    pub fn options(&self) -> Result<Options, String> {
+        let expression = match (&self.bpf, self.expression.is_empty()) {
+            (Some(e), _) => Some(e.clone()),
+            (None, false) => Some(self.expression.join(" ")),
+            (None, true) => None,
+        };
+        let families = match (self.ipv4, self.ipv6) {
+            (true, _) => vec![Family::Ipv4],
+            (_, true) => vec![Family::Ipv6],
+            _ => vec![Family::Ipv4, Family::Ipv6],
+        };
+        let limit = self.limit.as_deref().map(|l| Limit::parse(l, self.limit_burst)).transpose().map_err(|e| format!("invalid --limit {e}"))?;
+        Ok(Options {
+            selection: Selection {
+                expression,
+                source: self.source.clone(),
+                destination: self.destination.clone(),
+                protocol: self.protocol.clone(),
+                sport: self.sport.clone(),
+                dport: self.dport.clone(),
+            },
+            families,
+            in_interface: self.in_interface.clone(),
+            out_interface: self.out_interface.clone(),
+            limit,
+            count: self.count,
+            duration: self.duration,
+            netns: self.netns.clone(),
+            stats: self.stats,
+            linger: Duration::from_millis(self.group_timeout),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(normalize_args(args.iter().map(OsString::from))).unwrap()
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn limit_takes_an_optional_rate() {
+        let c = parse(&["iptrace", "--limit", "host 10.0.0.5"]);
+        assert_eq!(c.limit.as_deref(), Some("1/second"));
+        assert_eq!(c.expression, ["host 10.0.0.5"]);
+        let c = parse(&["iptrace", "--limit", "10/s", "tcp"]);
+        assert_eq!(c.limit.as_deref(), Some("10/s"));
+        let c = parse(&["iptrace", "tcp", "--limit"]);
+        assert_eq!(c.options().unwrap().limit.unwrap().to_string(), "1/sec");
+    }
+
+    #[test]
+    fn expression_words_and_bpf_are_one_expression() {
+        let o = parse(&["iptrace", "host", "10.0.0.5", "and", "tcp"]).options().unwrap();
+        assert_eq!(o.selection.expression.as_deref(), Some("host 10.0.0.5 and tcp"));
+        let o = parse(&["iptrace", "--bpf", "udp"]).options().unwrap();
+        assert_eq!(o.selection.expression.as_deref(), Some("udp"));
+        assert_eq!(o.families, [Family::Ipv4, Family::Ipv6]);
+        assert_eq!(parse(&["iptrace", "-6"]).options().unwrap().families, [Family::Ipv6]);
+        assert!(Cli::try_parse_from(["iptrace", "--duration", "-1"]).is_err());
+        assert!(Cli::try_parse_from(["iptrace", "-4", "-6"]).is_err());
+    }
+}

@@ -1,0 +1,170 @@
+//! `iptrace --demo`: a router lab with a sample legacy rule set modelled on the original
+//! iptables-trace's router examples (MARK and user chains with return, ipset profiles, comments,
+//! conntrack state, SNAT), a few packets through it, traced by a real `iptrace --netns` run.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::lab::{Lab, LabError, Role, addr};
+
+/// The router's rule set: ipsets, then tables in iptables-legacy-restore syntax.
+pub const SAMPLE_IPSETS: &str = "\
+create profile:client-normal hash:ip
+add profile:client-normal 10.5.1.7
+create profile:client-restricted hash:ip
+add profile:client-restricted 10.5.1.8
+create profile:server-terminal hash:ip
+add profile:server-terminal 172.16.2.2
+";
+
+pub const SAMPLE_RULES: &str = r#"*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:client-normal:mangle - [0:0]
+:client-restricted:mangle - [0:0]
+-A PREROUTING -s 10.0.0.0/8 -j MARK --set-xmark 0x100/0x100
+-A PREROUTING -m mark --mark 0x100/0x100 -m set --match-set profile:client-normal src -j client-normal:mangle
+-A PREROUTING -m mark --mark 0x100/0x100 -m set --match-set profile:client-restricted src -j client-restricted:mangle
+-A client-normal:mangle -j RETURN
+-A client-restricted:mangle -p tcp -m mark --mark 0x100/0x100 -m tcp --dport 80 -m comment --comment "proxy mark" -j MARK --set-xmark 0x1/0x1
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A POSTROUTING -s 10.5.1.0/24 -o vif2 -j SNAT --to-source 172.16.2.200-172.16.2.201 --random --persistent
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:client-normal:filter - [0:0]
+:server-terminal:filter - [0:0]
+-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -m set --match-set profile:server-terminal dst -j server-terminal:filter
+-A FORWARD -m set --match-set profile:client-normal src -j client-normal:filter
+-A server-terminal:filter -p tcp -m tcp --dport 22 -m comment --comment "ssh to terminal servers" -j ACCEPT
+-A server-terminal:filter -p tcp -m mark --mark 0x1/0x1 -m tcp --dport 80 -j ACCEPT
+-A client-normal:filter -p icmp -m mark --mark 0x100/0x100 -m comment --comment "allow icmp" -j ACCEPT
+-A client-normal:filter -p udp -m udp --dport 53 -j ACCEPT
+COMMIT
+"#;
+
+/// The router's IPv6 rules: forwarding of ICMPv6 and SSH only.
+pub const SAMPLE_RULES6: &str = r#"*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -p ipv6-icmp -m comment --comment "icmpv6 is needed" -j ACCEPT
+-A FORWARD -p tcp -m tcp --dport 22 -j ACCEPT
+COMMIT
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Lab(#[from] LabError),
+    #[error("cannot start iptrace for the demo: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("iptrace did not become ready: {0}")]
+    NotReady(String),
+}
+
+/// Loads the sample rule sets into the lab's router.
+pub fn load_sample_rules(lab: &Lab) -> Result<(), LabError> {
+    lab.exec(Role::Router, &["ipset", "restore"], SAMPLE_IPSETS)?;
+    lab.exec(Role::Router, &["iptables-legacy-restore"], SAMPLE_RULES)?;
+    lab.exec(Role::Router, &["ip6tables-legacy-restore"], SAMPLE_RULES6)?;
+    Ok(())
+}
+
+/// Starts `iptrace ARGS` (this same binary) and waits for its ready line on stderr; the rest of
+/// its stderr is passed through.
+pub fn spawn_tracer(args: &[&str]) -> Result<Child, DemoError> {
+    let exe = std::env::current_exe().map_err(DemoError::Spawn)?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(DemoError::Spawn)?;
+    let stderr = child.stderr.take().ok_or_else(|| DemoError::NotReady("no stderr".into()))?;
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                eprintln!("{line}");
+                if line.starts_with("iptrace: tracing") {
+                    break;
+                }
+            }
+            _ => {
+                let _ = child.wait();
+                return Err(DemoError::NotReady("it exited".into()));
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(DemoError::NotReady("timed out".into()));
+        }
+    }
+    thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("{l}")));
+    Ok(child)
+}
+
+/// Runs the demo end to end.
+pub fn run() -> Result<(), DemoError> {
+    // Ctrl-C during the demo: let it finish its few seconds and remove its namespaces, rather
+    // than leave them behind. The tracer child sets its own handlers.
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installing SIG_IGN is async-signal-safe and has no Rust-side state.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    eprintln!("iptrace demo: building namespaces iptdemo-client, iptdemo-router, iptdemo-server");
+    let lab = Lab::router_lab("iptdemo")?;
+    load_sample_rules(&lab)?;
+    let _servers = lab.tcp_echo_servers(Role::Server, &[22, 80])?;
+    let router = lab.ns(Role::Router);
+    let mut tracer = spawn_tracer(&["--netns", &router, "host 172.16.2.2 or host fd00:16:2::2"])?;
+
+    let server = |port| SocketAddr::new(addr::SERVER, port);
+    eprintln!("iptrace demo: ping from the normal client (marked, SNATed)");
+    lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 1)?;
+    pause();
+    eprintln!("iptrace demo: SSH from the restricted client (new connection, then established)");
+    lab.tcp(Role::Client, addr::CLIENT_RESTRICTED, server(22), b"SSH-2.0-demo\r\n")?;
+    pause();
+    eprintln!("iptrace demo: HTTP from the restricted client (proxy mark)");
+    lab.tcp(Role::Client, addr::CLIENT_RESTRICTED, server(80), b"GET / HTTP/1.0\r\n\r\n")?;
+    pause();
+    eprintln!("iptrace demo: DNS from the normal client, and UDP from the restricted one (dropped)");
+    lab.udp(Role::Client, SocketAddr::new(addr::CLIENT, 0), server(53), b"demo query")?;
+    lab.udp(Role::Client, SocketAddr::new(addr::CLIENT_RESTRICTED, 0), server(9999), b"not allowed")?;
+    pause();
+    eprintln!("iptrace demo: ICMPv6 echo through ip6tables");
+    lab.ping(Role::Client, addr::CLIENT6, addr::SERVER6, 1)?;
+    thread::sleep(Duration::from_millis(400));
+
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(i32::try_from(tracer.id()).unwrap_or(0), libc::SIGTERM) };
+    let _ = tracer.wait();
+    drop(lab);
+    eprintln!("iptrace demo: done; namespaces removed");
+    Ok(())
+}
+
+fn pause() {
+    thread::sleep(Duration::from_millis(150));
+}
+
