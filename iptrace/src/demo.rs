@@ -22,7 +22,12 @@ create profile:server-terminal hash:ip
 add profile:server-terminal 172.16.2.2
 ";
 
-pub const SAMPLE_RULES: &str = r#"*mangle
+pub const SAMPLE_RULES: &str = r#"*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A PREROUTING -p udp -m udp --dport 123 -m comment --comment "ntp needs no conntrack" -j CT --notrack
+COMMIT
+*mangle
 :PREROUTING ACCEPT [0:0]
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]
@@ -60,7 +65,11 @@ COMMIT
 "#;
 
 /// The router's IPv6 rules: forwarding of ICMPv6 and SSH only.
-pub const SAMPLE_RULES6: &str = r#"*filter
+pub const SAMPLE_RULES6: &str = r#"*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+COMMIT
+*filter
 :INPUT ACCEPT [0:0]
 :FORWARD DROP [0:0]
 :OUTPUT ACCEPT [0:0]

@@ -65,7 +65,12 @@ impl Selection {
         if let Some(port) = &self.dport {
             parts.push(format!("dst {}", port_primitive("--dport", port)?));
         }
-        Ok((!parts.is_empty()).then(|| parts.join(" and ")))
+        Ok(match parts.len() {
+            0 => None,
+            // Alone, the user's expression is shown as typed.
+            1 if self.expression.is_some() => self.expression.as_deref().map(|e| e.trim().to_owned()),
+            _ => Some(parts.join(" and ")),
+        })
     }
 }
 
@@ -249,6 +254,8 @@ mod tests {
             "(host 10.0.0.5) and src net 10.0.0.0/8 and tcp and src portrange 1024-2048 and dst port 22"
         );
         assert_eq!(Selection::default().to_expression().unwrap(), None);
+        let alone = sel(|s| s.expression = Some(" udp port 53 ".into()));
+        assert_eq!(alone.to_expression().unwrap().as_deref(), Some("udp port 53"));
     }
 
     #[test]

@@ -49,6 +49,11 @@ pub mod addr {
     pub const SERVER6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x16, 2, 0, 0, 0, 0, 2));
 }
 
+const MAC_VIF0: &str = "02:00:0a:05:01:01";
+const MAC_CLIENT: &str = "02:00:0a:05:01:07";
+const MAC_VIF2: &str = "02:00:ac:10:02:01";
+const MAC_SERVER: &str = "02:00:ac:10:02:02";
+
 /// The three roles of the standard lab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -76,29 +81,49 @@ impl Lab {
         for role in [Role::Client, Role::Router, Role::Server] {
             let ns = lab.ns(role);
             run(&["ip", "netns", "add", &ns])?;
-            lab.created.push(ns);
+            lab.created.push(ns.clone());
+            // No duplicate address detection: link-local addresses would stay tentative for a
+            // second, and neighbour discovery with them, so the first IPv6 packets would wait.
+            lab.in_ns(role, || {
+                std::fs::write("/proc/sys/net/ipv6/conf/default/accept_dad", "0")?;
+                std::fs::write("/proc/sys/net/ipv6/conf/all/accept_dad", "0")
+            })?
+            .map_err(|source| LabError::Io { ns, source })?;
         }
         let (c, r, s) = (lab.ns(Role::Client), lab.ns(Role::Router), lab.ns(Role::Server));
-        run(&["ip", "link", "add", "vif0", "netns", &r, "type", "veth", "peer", "name", "eth0", "netns", &c])?;
-        run(&["ip", "link", "add", "vif2", "netns", &r, "type", "veth", "peer", "name", "eth0", "netns", &s])?;
+        run(&["ip", "link", "add", "vif0", "address", MAC_VIF0, "netns", &r, "type", "veth", "peer", "name", "eth0", "address", MAC_CLIENT, "netns", &c])?;
+        run(&["ip", "link", "add", "vif2", "address", MAC_VIF2, "netns", &r, "type", "veth", "peer", "name", "eth0", "address", MAC_SERVER, "netns", &s])?;
         let steps: &[(&str, &[&str])] = &[
             (&c, &["addr", "add", "10.5.1.7/24", "dev", "eth0"]),
             (&c, &["addr", "add", "10.5.1.8/24", "dev", "eth0"]),
-            (&c, &["addr", "add", "fd00:5:1::7/64", "dev", "eth0", "nodad"]),
+            (&c, &["addr", "add", "fd00:5:1::7/64", "dev", "eth0"]),
             (&r, &["addr", "add", "10.5.1.1/24", "dev", "vif0"]),
-            (&r, &["addr", "add", "fd00:5:1::1/64", "dev", "vif0", "nodad"]),
+            (&r, &["addr", "add", "fd00:5:1::1/64", "dev", "vif0"]),
             (&r, &["addr", "add", "172.16.2.1/24", "dev", "vif2"]),
             (&r, &["addr", "add", "172.16.2.200/24", "dev", "vif2"]),
             (&r, &["addr", "add", "172.16.2.201/24", "dev", "vif2"]),
-            (&r, &["addr", "add", "fd00:16:2::1/64", "dev", "vif2", "nodad"]),
+            (&r, &["addr", "add", "fd00:16:2::1/64", "dev", "vif2"]),
             (&s, &["addr", "add", "172.16.2.2/24", "dev", "eth0"]),
-            (&s, &["addr", "add", "fd00:16:2::2/64", "dev", "eth0", "nodad"]),
+            (&s, &["addr", "add", "fd00:16:2::2/64", "dev", "eth0"]),
         ];
         for (ns, args) in steps {
             lab.ip(ns, args)?;
         }
         for (ns, dev) in [(&c, "eth0"), (&r, "vif0"), (&r, "vif2"), (&s, "eth0"), (&c, "lo"), (&r, "lo"), (&s, "lo")] {
             lab.ip(ns, &["link", "set", dev, "up"])?;
+        }
+        // Permanent neighbours: no ARP or neighbour discovery, whose first probes a veth may drop
+        // while it is still coming up, and no such packets in the traces.
+        let neighbours: &[(&str, &str, &[&str], &str)] = &[
+            (&c, "eth0", &["10.5.1.1", "fd00:5:1::1"], MAC_VIF0),
+            (&r, "vif0", &["10.5.1.7", "10.5.1.8", "fd00:5:1::7"], MAC_CLIENT),
+            (&r, "vif2", &["172.16.2.2", "fd00:16:2::2"], MAC_SERVER),
+            (&s, "eth0", &["172.16.2.1", "172.16.2.200", "172.16.2.201", "fd00:16:2::1"], MAC_VIF2),
+        ];
+        for (ns, dev, ips, mac) in neighbours {
+            for ip in *ips {
+                lab.ip(ns, &["neigh", "replace", ip, "lladdr", mac, "dev", dev, "nud", "permanent"])?;
+            }
         }
         lab.ip(&c, &["route", "add", "default", "via", "10.5.1.1"])?;
         lab.ip(&c, &["-6", "route", "add", "default", "via", "fd00:5:1::1"])?;
@@ -144,7 +169,8 @@ impl Lab {
             .map_err(LabError::from)
     }
 
-    /// Sends one ICMP (v4) or ICMPv6 echo request from a role's namespace.
+    /// Sends one ICMP (v4) or ICMPv6 echo request from a role's namespace; its id is derived from
+    /// `seq`, so every echo starts a new conntrack entry.
     pub fn ping(&self, role: Role, src: IpAddr, dst: IpAddr, seq: u16) -> Result<(), LabError> {
         let ns = self.ns(role);
         self.in_ns(role, move || send_echo(src, dst, seq))?.map_err(|source| LabError::Io { ns, source })
@@ -338,7 +364,9 @@ fn send_echo(src: IpAddr, dst: IpAddr, seq: u16) -> io::Result<()> {
     if unsafe { libc::bind(owned.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut msg = vec![kind, 0, 0, 0, 0x12, 0x34];
+    // An id per sequence number: each echo is a connection of its own to conntrack.
+    let mut msg = vec![kind, 0, 0, 0];
+    msg.extend_from_slice(&0x1200u16.wrapping_add(seq).to_be_bytes());
     msg.extend_from_slice(&seq.to_be_bytes());
     msg.extend_from_slice(b"iptrace lab echo");
     if dst.is_ipv4() {

@@ -119,6 +119,13 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
     if let Some(name) = &options.netns {
         netns::enter(name)?;
     }
+    // Signals are caught from before the first change to the host: a SIGTERM that arrives while
+    // iptrace sets up must still lead to teardown, not to the default action.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(RunError::Signals)?;
+    let signals = {
+        let _entered = runtime.enter();
+        Signals::new().map_err(RunError::Signals)?
+    };
     for &family in &options.families {
         Xtables::new(family).check_installed()?;
     }
@@ -135,7 +142,7 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
     }
     let instrumentation = Instrumentation::prepare(&options.families)?;
     *ACTIVE.lock().unwrap_or_else(|p| p.into_inner()) = Some(instrumentation);
-    let result = trace_instrumented(options, filter.as_ref(), out_ifindex, out);
+    let result = trace_instrumented(options, filter.as_ref(), out_ifindex, out, &runtime, signals);
     let errors = teardown_active();
     for e in &errors {
         eprintln!("iptrace: cleanup: {e}");
@@ -148,6 +155,8 @@ fn trace_instrumented(
     filter: Option<&CompiledFilter>,
     out_ifindex: Option<u32>,
     out: Box<dyn Write + Send>,
+    runtime: &tokio::runtime::Runtime,
+    signals: Signals,
 ) -> Result<Arc<Stats>, RunError> {
     let socket = NflogSocket::open(&options.families, Duration::from_millis(100))?;
     let prefilter = match filter {
@@ -194,7 +203,7 @@ fn trace_instrumented(
     };
 
     eprintln!("iptrace: {}", ready_line(options, filter));
-    let result = wait_for_end(options.duration, done_rx);
+    let result = runtime.block_on(signals.wait_for_end(options.duration, done_rx));
     stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
     let _ = processor.join();
@@ -215,18 +224,31 @@ fn ready_line(options: &Options, filter: Option<&CompiledFilter>) -> String {
     format!("tracing {what} ({}){netns}; Ctrl-C to stop", families.join(", "))
 }
 
-/// Blocks until the processing thread ends (count reached, or an error), the duration passes,
-/// or SIGINT, SIGTERM or SIGHUP arrives.
-fn wait_for_end(
-    duration: Option<Duration>,
-    done: tokio::sync::oneshot::Receiver<Result<(), RunError>>,
-) -> Result<(), RunError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(RunError::Signals)?;
-    runtime.block_on(async {
-        let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
-        let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
-        let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
+/// SIGINT, SIGTERM and SIGHUP, caught.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; needs a runtime context.
+    fn new() -> io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits until the processing thread ends (count reached, or an error), the duration
+    /// passes, or a signal arrives (also one that arrived during set-up).
+    async fn wait_for_end(
+        mut self,
+        duration: Option<Duration>,
+        done: tokio::sync::oneshot::Receiver<Result<(), RunError>>,
+    ) -> Result<(), RunError> {
         let sleep = async {
             match duration {
                 Some(d) => tokio::time::sleep(d).await,
@@ -235,12 +257,12 @@ fn wait_for_end(
         };
         tokio::select! {
             result = done => result.unwrap_or(Ok(())),
-            _ = int.recv() => Ok(()),
-            _ = term.recv() => Ok(()),
-            _ = hup.recv() => Ok(()),
+            _ = self.interrupt.recv() => Ok(()),
+            _ = self.terminate.recv() => Ok(()),
+            _ = self.hangup.recv() => Ok(()),
             () = sleep => Ok(()),
         }
-    })
+    }
 }
 
 /// The reader: drains the socket as fast as it can into shared buffers and hands them on, so

@@ -1,1 +1,188 @@
+//! Support for iptrace's root integration tests: the iptrace binary run as a user would run it,
+//! its output split into per-packet blocks, and snapshots of a namespace's firewall state to
+//! prove nothing was left behind. Every test builds its own [`Lab`] namespaces, removed on drop.
 
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+pub use iptrace::{
+    demo::load_sample_rules,
+    lab::{Lab, Role, addr},
+};
+
+/// Whether the test can run; prints a clear skip line when it cannot. CI runs as root.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("SKIPPED {test}: needs root (network namespaces, iptables, nfnetlink_log)");
+    }
+    root
+}
+
+/// The iptrace binary: `IPTRACE_BIN`, else the workspace's debug build (`cargo xtask test`
+/// builds it before the tests).
+pub fn iptrace_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("IPTRACE_BIN") {
+        return path.into();
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/iptrace");
+    assert!(path.is_file(), "{} is missing: run `cargo build -p iptrace` (cargo xtask test does)", path.display());
+    path
+}
+
+/// A lab with a name unique to this test and process.
+pub fn lab(test: &str) -> Lab {
+    let prefix = format!("it{}-{test}", std::process::id() % 100_000);
+    Lab::router_lab(&prefix).expect("building the lab")
+}
+
+/// Runs iptrace to completion with `args` and returns (status, stdout, stderr).
+pub fn run_iptrace(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(iptrace_bin()).args(args).output().expect("running iptrace");
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A running `iptrace` whose ready line has been seen.
+pub struct Tracer {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+/// What a tracer printed by the time it exited.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Tracer {
+    /// Starts iptrace and waits for `iptrace: tracing` on stderr.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(iptrace_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting iptrace");
+        let stdout = drain(child.stdout.take().expect("stdout"));
+        let (stderr_tx, stderr) = mpsc::channel();
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let mut seen = String::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let line = lines.next().and_then(Result::ok).unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!("iptrace exited before it was ready; stderr:\n{seen}")
+            });
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.starts_with("iptrace: tracing") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "iptrace not ready in time; stderr:\n{seen}");
+        }
+        let _ = stderr_tx.send(seen);
+        thread::spawn(move || {
+            let rest: Vec<String> = lines.map_while(Result::ok).collect();
+            let _ = stderr_tx.send(rest.join("\n"));
+        });
+        Self { child, stdout, stderr }
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid")
+    }
+
+    /// Sends `signal` and collects everything printed.
+    pub fn stop(mut self, signal: i32) -> Finished {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid(), signal) };
+        self.wait()
+    }
+
+    /// Waits for a tracer that ends by itself (`--count`, `--duration`).
+    pub fn wait(&mut self) -> Finished {
+        let status = self.child.wait().expect("waiting for iptrace");
+        let stdout = self.stdout.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        // The ready part, then the rest once the pipe closes.
+        let stderr: Vec<String> = (0..2).map_while(|_| self.stderr.recv_timeout(Duration::from_secs(10)).ok()).collect();
+        Finished { status, stdout, stderr: stderr.join("") }
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        let _ = tx.send(text);
+    });
+    rx
+}
+
+/// One packet's block: the packet line, then the step lines (without the trailing blank).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub packet: String,
+    pub steps: Vec<String>,
+}
+
+impl Block {
+    pub fn body(&self) -> String {
+        self.steps.join("\n")
+    }
+
+    pub fn verdict(&self) -> &str {
+        self.steps.last().map_or("", |s| s.trim())
+    }
+}
+
+pub fn blocks(stdout: &str) -> Vec<Block> {
+    stdout
+        .split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|b| {
+            let mut lines = b.lines().map(str::to_owned);
+            let packet = lines.next().unwrap_or_default();
+            Block { packet, steps: lines.collect() }
+        })
+        .collect()
+}
+
+/// The blocks whose packet line contains every one of `needles`.
+pub fn blocks_with<'a>(all: &'a [Block], needles: &[&str]) -> Vec<&'a Block> {
+    all.iter().filter(|b| needles.iter().all(|n| b.packet.contains(n))).collect()
+}
+
+/// What iptrace may touch in a namespace, normalised: both families' legacy rule sets (counters
+/// and the dated comment lines dropped), the nf_log bindings, iptrace state files.
+pub fn firewall_state(lab: &Lab, role: Role) -> String {
+    let mut state = String::new();
+    for save in ["iptables-legacy-save", "ip6tables-legacy-save"] {
+        let out = lab.exec(role, &[save], "").expect("saving rules");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let line = match line.rfind(" [") {
+                Some(i) if line.starts_with(':') => &line[..i],
+                _ => line,
+            };
+            state.push_str(line);
+            state.push('\n');
+        }
+    }
+    let out = lab.exec(role, &["cat", "/proc/sys/net/netfilter/nf_log/2", "/proc/sys/net/netfilter/nf_log/10"], "").expect("nf_log");
+    state.push_str(&String::from_utf8_lossy(&out.stdout));
+    state
+}
