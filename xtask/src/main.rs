@@ -51,6 +51,8 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             setup::ensure_prerequisites()?;
             build_ebpf()?;
+            // The root integration tests run the iptrace binary as a user would.
+            run(cargo().args(["build", "--package", "iptrace", "--bins"]))?;
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--exclude", "iptrace-ebpf", "--no-fail-fast"]);
             cmd.args(&args);
