@@ -188,8 +188,9 @@ fn live_owners(netns: u64) -> Result<Vec<Owner>, InstrumentError> {
     for family in [Family::Ipv4, Family::Ipv6] {
         owners.extend(legacy::tagged_rules(family)?.into_iter().map(|(o, _, _)| o));
     }
-    owners.retain(|o| o.is_alive());
+    owners.sort_unstable();
     owners.dedup();
+    owners.retain(|o| o.is_alive());
     Ok(owners)
 }
 

@@ -6,7 +6,7 @@ use std::{fmt, fs};
 
 const TAG_PREFIX: &str = "iptrace:";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Owner {
     pub pid: u32,
     /// Clock ticks since boot at which the process started (field 22 of `/proc/<pid>/stat`).
