@@ -22,7 +22,7 @@ use self::fingerprint::TableProbe;
 use crate::{
     decode::{Family, TraceEvent, TraceKind},
     instrument::legacy::owner_of,
-    xtables::{self, Xtables, XtablesError},
+    xtables::{self, SavedTable, Xtables, XtablesError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -84,20 +84,23 @@ struct TableSnapshot {
 }
 
 impl TableSnapshot {
+    /// The first table of `saved` (`iptables-save -t <table>` output).
     fn parse(saved: &str) -> Self {
+        xtables::parse_save(saved).into_iter().next().map(Self::from_table).unwrap_or_default()
+    }
+
+    fn from_table(table: SavedTable) -> Self {
+        let names: Vec<String> = table.chains.iter().map(|c| c.name.clone()).collect();
         let mut chains = HashMap::new();
-        for table in xtables::parse_save(saved) {
-            let names: Vec<String> = table.chains.iter().map(|c| c.name.clone()).collect();
-            for chain in table.chains {
-                let own = chain.rules.iter().map(|r| owner_of(r).is_some()).collect();
-                let rules = chain
-                    .rules
-                    .iter()
-                    .map(|r| Arc::new(Rule::from_tokens(r, |t| names.iter().any(|n| n == t))))
-                    .collect();
-                let policy = chain.policy.as_deref().map(Verdict::from_policy);
-                chains.insert(chain.name, ChainSnapshot { policy, rules, own });
-            }
+        for chain in table.chains {
+            let own = chain.rules.iter().map(|r| owner_of(r).is_some()).collect();
+            let rules = chain
+                .rules
+                .iter()
+                .map(|r| Arc::new(Rule::from_tokens(r, |t| names.iter().any(|n| n == t))))
+                .collect();
+            let policy = chain.policy.as_deref().map(Verdict::from_policy);
+            chains.insert(chain.name, ChainSnapshot { policy, rules, own });
         }
         Self { chains }
     }
@@ -152,6 +155,21 @@ impl Resolver {
         let mut this = Self { probes, tables: HashMap::new(), epoch: 0, last_check: Instant::now() };
         this.check_all()?;
         Ok(this)
+    }
+
+    /// A resolver over saved rule sets (`iptables-save` output per family) instead of the live
+    /// kernel: for recorded traces. Its epoch never changes.
+    pub fn from_saved(saved: &[(Family, &str)]) -> Self {
+        let mut tables = HashMap::new();
+        for (family, text) in saved {
+            for table in xtables::parse_save(text) {
+                let name = table.name.clone();
+                let snapshot = Arc::new(TableSnapshot::from_table(table));
+                let history = TableHistory { fingerprint: 0, snapshots: VecDeque::from([(0, snapshot)]) };
+                tables.insert((*family, name), history);
+            }
+        }
+        Self { probes: HashMap::new(), tables, epoch: 0, last_check: Instant::now() }
     }
 
     /// The current epoch, after checking the kernel tables for changes if the last check is
@@ -236,13 +254,14 @@ mod tests {
     use super::*;
 
     /// The verified example of kernel-interfaces §1.4, with iptrace's TRACE rule in raw.
-    const SAVED: &str = r#"*raw
+    const RAW: &str = r#"*raw
 :PREROUTING ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
 -A PREROUTING -m comment --comment "iptrace:1:2" -j TRACE
 -A PREROUTING -s 10.0.0.0/8 -j CT --notrack
 COMMIT
-*filter
+"#;
+    const FILTER: &str = r#"*filter
 :INPUT DROP [0:0]
 :MYCHAIN - [0:0]
 -A INPUT -p tcp -j ACCEPT
@@ -255,13 +274,14 @@ COMMIT
 
     #[test]
     fn maps_numbers_with_the_policy_and_return_quirk() {
-        let s = TableSnapshot::parse(SAVED);
+        let s = TableSnapshot::parse(RAW);
         // raw:PREROUTING:policy:3 — one user rule + ours: the real policy.
         assert_eq!(s.position("PREROUTING", TraceKind::Policy, 3), Some(Position::Policy(Verdict::Accept)));
         // Our own rule is hidden; the user's first rule is #1 although the kernel says 2.
         assert_eq!(s.position("PREROUTING", TraceKind::Rule, 1), None);
         let Some(Position::Rule { number, rule }) = s.position("PREROUTING", TraceKind::Rule, 2) else { panic!() };
         assert_eq!((number, rule.target.as_str()), (1, "CT"));
+        let s = TableSnapshot::parse(FILTER);
         // filter:MYCHAIN:return:3 is the implicit return; INPUT:policy:4 the DROP policy.
         assert_eq!(s.position("MYCHAIN", TraceKind::Return, 3), Some(Position::ChainEnd));
         assert_eq!(s.position("INPUT", TraceKind::Policy, 4), Some(Position::Policy(Verdict::Drop)));
