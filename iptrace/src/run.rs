@@ -106,10 +106,14 @@ pub struct Stats {
 /// The instrumentation of the running trace, reachable from the panic hook.
 static ACTIVE: Mutex<Option<Instrumentation>> = Mutex::new(None);
 
-/// Undoes the running trace's instrumentation; for every exit path, including panics.
+/// Undoes the running trace's instrumentation; for every exit path, including panics. The lock
+/// is held throughout, so that a panic on another thread waits for a teardown in progress
+/// instead of exiting in its middle.
 pub fn teardown_active() -> Vec<InstrumentError> {
-    let taken = ACTIVE.lock().map(|mut a| a.take()).unwrap_or_else(|poisoned| poisoned.into_inner().take());
-    taken.map(|mut i| i.teardown()).unwrap_or_default()
+    let mut active = ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let errors = active.as_mut().map(Instrumentation::teardown).unwrap_or_default();
+    *active = None;
+    errors
 }
 
 /// Traces until the count, the duration or a signal ends it, writing blocks to `out`.
@@ -141,7 +145,7 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
         eprintln!("iptrace: removed {line}");
     }
     let instrumentation = Instrumentation::prepare(&options.families)?;
-    *ACTIVE.lock().unwrap_or_else(|p| p.into_inner()) = Some(instrumentation);
+    *ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(instrumentation);
     let result = trace_instrumented(options, filter.as_ref(), out_ifindex, out, &runtime, signals);
     let errors = teardown_active();
     for e in &errors {
@@ -171,11 +175,11 @@ fn trace_instrumented(
         out_interface: options.out_interface.clone(),
         limit: options.limit.clone(),
     };
-    ACTIVE
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_mut()
-        .map_or(Ok(()), |i| i.install(&plan))?;
+    // Installed outside the lock: a panic in there must find the lock free to tear down.
+    let owner = ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(Instrumentation::owner);
+    if let Some(owner) = owner {
+        instrument::install(owner, &plan)?;
+    }
     let resolver = Resolver::new(&options.families)?;
 
     let stats = Arc::new(Stats::default());

@@ -133,13 +133,6 @@ impl Instrumentation {
         self.state.write(self.netns, self.owner)
     }
 
-    /// Inserts the TRACE rules. On failure, what was inserted is removed again by teardown.
-    pub fn install(&mut self, plan: &TracePlan) -> Result<(), InstrumentError> {
-        for &family in &plan.families {
-            legacy::insert(self.owner, plan, family)?;
-        }
-        Ok(())
-    }
 
     /// Undoes everything, in the order the kernel needs: rules first (a pinned program must stay
     /// resolvable while a rule names it, kernel-interfaces §7), then the pin, then the loggers.
@@ -159,6 +152,15 @@ impl Instrumentation {
         RunState::remove(self.netns, self.owner);
         errors
     }
+}
+
+/// Inserts the TRACE rules of `plan` for `owner`, whose [`Instrumentation`] must exist already:
+/// its teardown removes whatever was inserted, also after a failure half-way.
+pub fn install(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
+    for &family in &plan.families {
+        legacy::insert(owner, plan, family)?;
+    }
+    Ok(())
 }
 
 /// Unpins and restores the loggers a run recorded. A logger is restored only while nfnetlink_log
