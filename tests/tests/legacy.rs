@@ -446,3 +446,26 @@ fn bad_input_is_one_line_exit_2_and_changes_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("iptables-legacy is not installed"), "{:?}", out);
     assert_eq!(firewall_state(&lab, Role::Router), before);
 }
+
+/// `-i` selects in the kernel (the PREROUTING rule's `-i`); `-o` after routing (forwarded packets
+/// are kept when one of their steps leaves there); `--duration` ends the run by itself.
+#[test]
+fn interfaces_select_and_duration_stops() {
+    if !require_root("interfaces_select_and_duration_stops") {
+        return;
+    }
+    let (lab, _servers) = router("ifaces");
+    let router = lab.ns(Role::Router);
+    for (option, iface, first_hop) in [("-i", "vif0", "IN=vif0 "), ("-o", "vif0", "IN=vif2 "), ("-i", "vif2", "IN=vif2 ")] {
+        let started = Instant::now();
+        let mut tracer = Tracer::start(&["--netns", &router, option, iface, "--duration", "1.5", SERVER_HOST]);
+        lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 1).unwrap();
+        let out = tracer.wait();
+        let elapsed = started.elapsed();
+        assert!(out.status.success(), "{out:?}");
+        assert!(elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(6), "{elapsed:?}");
+        let all = blocks(&out.stdout);
+        assert_eq!(all.len(), 1, "{option} {iface}:\n{}", out.stdout);
+        assert!(all[0].packet.starts_with(first_hop), "{option} {iface}: {}", all[0].packet);
+    }
+}
