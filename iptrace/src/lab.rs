@@ -282,11 +282,12 @@ fn run_with_input(args: &[&str], stdin: &str) -> Result<Output, LabError> {
     Ok(out)
 }
 
-fn tcp_exchange(src: IpAddr, dst: SocketAddr, payload: &[u8]) -> io::Result<bool> {
+/// A socket of `kind` and `protocol` bound to `src`: std has no bind-before-connect or raw
+/// sockets, and the lab's clients must choose their source address.
+fn bound_socket(src: IpAddr, kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
     let domain = if src.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-    // std has no bind-before-connect; do it by hand so that the source address is the caller's.
     // SAFETY: plain socket(2), owned right away.
-    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -297,6 +298,11 @@ fn tcp_exchange(src: IpAddr, dst: SocketAddr, payload: &[u8]) -> io::Result<bool
     if unsafe { libc::bind(owned.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(owned)
+}
+
+fn tcp_exchange(src: IpAddr, dst: SocketAddr, payload: &[u8]) -> io::Result<bool> {
+    let owned = bound_socket(src, libc::SOCK_STREAM, 0)?;
     let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
     // SAFETY: SO_SNDTIMEO bounds connect(2) on a blocking socket.
     unsafe {
@@ -348,22 +354,11 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 
 /// An echo request through a raw socket; for ICMPv6 the kernel fills in the checksum.
 fn send_echo(src: IpAddr, dst: IpAddr, seq: u16) -> io::Result<()> {
-    let (domain, proto, kind) = match dst {
-        IpAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP, 8u8),
-        IpAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6, 128u8),
+    let (proto, kind) = match dst {
+        IpAddr::V4(_) => (libc::IPPROTO_ICMP, 8u8),
+        IpAddr::V6(_) => (libc::IPPROTO_ICMPV6, 128u8),
     };
-    // SAFETY: plain socket(2), owned right away.
-    let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptor.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let (storage, len) = sockaddr(SocketAddr::new(src, 0));
-    // SAFETY: valid sockaddr.
-    if unsafe { libc::bind(owned.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let owned = bound_socket(src, libc::SOCK_RAW, proto)?;
     // An id per sequence number: each echo is a connection of its own to conntrack.
     let mut msg = vec![kind, 0, 0, 0];
     msg.extend_from_slice(&0x1200u16.wrapping_add(seq).to_be_bytes());

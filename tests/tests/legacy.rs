@@ -31,40 +31,8 @@ fn server(port: u16) -> SocketAddr {
     SocketAddr::new(addr::SERVER, port)
 }
 
-const ICMP_FROM_NORMAL_CLIENT: &str = "        raw PREROUTING
-                ACCEPT
-        mangle PREROUTING (#1)
-                -s 10.0.0.0/8
-                => MARK --set-xmark 0x100/0x100
-        ~ MARK 0x0 -> 0x100
-        mangle PREROUTING (#2)
-                -m mark --mark 0x100/0x100 -m set --match-set profile:client-normal src
-                => jump client-normal:mangle
-        mangle client-normal:mangle (#1)
-                => RETURN
-        mangle PREROUTING
-                ACCEPT
-        nat PREROUTING
-                ACCEPT
-        mangle FORWARD
-                ACCEPT
-        filter FORWARD (#2)
-                -m set --match-set profile:server-terminal dst
-                => jump server-terminal:filter
-        filter server-terminal:filter
-                RETURN
-        filter FORWARD (#3)
-                -m set --match-set profile:client-normal src
-                => jump client-normal:filter
-        filter client-normal:filter (#1) /* allow icmp */
-                -p icmp -m mark --mark 0x100/0x100
-                => ACCEPT
-        mangle POSTROUTING
-                ACCEPT
-        nat POSTROUTING (#1)
-                -s 10.5.1.0/24 -o vif2
-                => SNAT --to-source 172.16.2.200-172.16.2.201 --random --persistent
-        verdict: ACCEPT at filter client-normal:filter #1";
+/// The steps of a ping from the normal client, also asserted on recorded bytes in the golden test.
+const ICMP_FROM_NORMAL_CLIENT: &str = include_str!("../../iptrace/tests/golden/icmp-from-normal-client.txt");
 
 const SSH_SYN_FROM_RESTRICTED_CLIENT: &str = "        raw PREROUTING
                 ACCEPT
@@ -142,7 +110,7 @@ fn original_router_examples() {
 
     let ping = blocks_with(&all, &["IN=vif0 OUT= SRC=10.5.1.7 DST=172.16.2.2", "PROTO=ICMP TYPE=8 CODE=0", "SEQ=7"]);
     assert_eq!(ping.len(), 1, "{}", out.stdout);
-    assert_eq!(ping[0].body(), ICMP_FROM_NORMAL_CLIENT);
+    assert_eq!(ping[0].body(), ICMP_FROM_NORMAL_CLIENT.trim_end());
 
     let syn = blocks_with(&all, &["SRC=10.5.1.8", "DPT=22", " SYN"]);
     assert_eq!(syn.len(), 1, "{}", out.stdout);
