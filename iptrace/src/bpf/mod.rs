@@ -14,6 +14,9 @@
 //! `SO_ATTACH_BPF` 3.19, bpffs 4.4, LRU hash maps 4.10, global data in `.rodata` and
 //! `BPF_MAP_FREEZE` 5.2, the aya-log ring buffer 5.8.
 
+#[cfg(test)]
+mod tests;
+
 use std::{
     ffi::CStr,
     fs, io, iter,
