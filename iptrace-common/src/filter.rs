@@ -129,16 +129,17 @@ impl PacketBytes for [u8] {
     }
 
     fn be16_at(&self, offset: u32) -> Option<u16> {
-        let start = usize::try_from(offset).ok()?;
-        let bytes = self.get(start..start.checked_add(2)?)?;
-        Some(u16::from_be_bytes([bytes[0], bytes[1]]))
+        array_at(self, offset).map(u16::from_be_bytes)
     }
 
     fn be32_at(&self, offset: u32) -> Option<u32> {
-        let start = usize::try_from(offset).ok()?;
-        let bytes = self.get(start..start.checked_add(4)?)?;
-        Some(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+        array_at(self, offset).map(u32::from_be_bytes)
     }
+}
+
+fn array_at<const N: usize>(bytes: &[u8], offset: u32) -> Option<[u8; N]> {
+    let start = usize::try_from(offset).ok()?;
+    bytes.get(start..start.checked_add(N)?)?.try_into().ok()
 }
 
 const IPPROTO_ICMP: u8 = 1;
