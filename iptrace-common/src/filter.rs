@@ -1,4 +1,5 @@
-//! The classic-BPF program that iptrace hands to its eBPF programs at load time.
+//! The classic-BPF program that iptrace hands to its eBPF programs at load time, the names under
+//! which the eBPF object exposes its globals, maps and programs, and the NAT-invariant packet key.
 
 /// One classic BPF instruction, laid out exactly as the kernel's `struct sock_filter`
 /// (`include/uapi/linux/filter.h`) and libpcap's `struct bpf_insn`.
@@ -20,3 +21,228 @@ pub const XT_BPF_MAX_NUM_INSTR: usize = 64;
 #[cfg(feature = "user")]
 // SAFETY: plain old data, `repr(C)`, no padding (2 + 1 + 1 + 4 bytes).
 unsafe impl aya::Pod for CbpfInsn {}
+
+/// Classic BPF opcode fields (`include/uapi/linux/bpf_common.h`, `filter.h`), as libpcap emits them.
+pub mod op {
+    /// `code & CLASS_MASK` selects the instruction class.
+    pub const CLASS_MASK: u16 = 0x07;
+    pub const LD: u16 = 0x00;
+    pub const LDX: u16 = 0x01;
+    pub const ST: u16 = 0x02;
+    pub const STX: u16 = 0x03;
+    pub const ALU: u16 = 0x04;
+    pub const JMP: u16 = 0x05;
+    pub const RET: u16 = 0x06;
+    pub const MISC: u16 = 0x07;
+
+    /// Load size (LD, LDX).
+    pub const SIZE_MASK: u16 = 0x18;
+    pub const W: u16 = 0x00;
+    pub const H: u16 = 0x08;
+    pub const B: u16 = 0x10;
+
+    /// Load mode (LD, LDX).
+    pub const MODE_MASK: u16 = 0xe0;
+    pub const IMM: u16 = 0x00;
+    pub const ABS: u16 = 0x20;
+    pub const IND: u16 = 0x40;
+    pub const MEM: u16 = 0x60;
+    pub const LEN: u16 = 0x80;
+    pub const MSH: u16 = 0xa0;
+
+    /// ALU operation or jump condition.
+    pub const OP_MASK: u16 = 0xf0;
+    pub const ADD: u16 = 0x00;
+    pub const SUB: u16 = 0x10;
+    pub const MUL: u16 = 0x20;
+    pub const DIV: u16 = 0x30;
+    pub const OR: u16 = 0x40;
+    pub const AND: u16 = 0x50;
+    pub const LSH: u16 = 0x60;
+    pub const RSH: u16 = 0x70;
+    pub const NEG: u16 = 0x80;
+    pub const MOD: u16 = 0x90;
+    pub const XOR: u16 = 0xa0;
+    pub const JA: u16 = 0x00;
+    pub const JEQ: u16 = 0x10;
+    pub const JGT: u16 = 0x20;
+    pub const JGE: u16 = 0x30;
+    pub const JSET: u16 = 0x40;
+
+    /// Operand source (ALU, JMP): the constant `k` or the X register.
+    pub const SRC_MASK: u16 = 0x08;
+    pub const K: u16 = 0x00;
+    pub const X: u16 = 0x08;
+
+    /// Return value source (RET).
+    pub const RVAL_MASK: u16 = 0x18;
+    pub const A: u16 = 0x10;
+
+    /// Register transfer (MISC).
+    pub const MISCOP_MASK: u16 = 0xf8;
+    pub const TAX: u16 = 0x00;
+    pub const TXA: u16 = 0x80;
+
+    /// Scratch memory words `M[0..MEMWORDS]` (`BPF_MEMWORDS`).
+    pub const MEMWORDS: usize = 16;
+}
+
+/// Symbol of the `u32` global holding the program length; 0 means "match everything".
+pub const FILTER_LEN_GLOBAL: &str = "FILTER_LEN";
+/// Symbol of the `[CbpfInsn; MAX_CBPF_INSNS]` global holding the program, padded with zeroes.
+pub const FILTER_GLOBAL: &str = "FILTER";
+
+/// Program attached to the nfnetlink_log socket (`SO_ATTACH_BPF`).
+pub const NFLOG_FILTER_PROGRAM: &str = "nflog_filter";
+/// Program pinned for iptables' `-m bpf --object-pinned` (xt_bpf).
+pub const XT_PREFILTER_PROGRAM: &str = "xt_prefilter";
+
+/// `PerCpuArray<u64>` of datagram counters, indexed by the `COUNTER_*` constants.
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Datagrams `nflog_filter` ran on.
+pub const COUNTER_SEEN: u32 = 0;
+/// Datagrams it kept (returned `skb->len`).
+pub const COUNTER_PASSED: u32 = 1;
+/// Datagrams it discarded (returned 0). `seen == passed + dropped`.
+pub const COUNTER_DROPPED: u32 = 2;
+/// Number of entries in [`COUNTERS_MAP`].
+pub const COUNTER_COUNT: u32 = 3;
+
+/// LRU hash map from a [`packet_key`] to the verdict at that packet's first event
+/// (`u8`: 1 wanted, 0 not wanted).
+pub const PACKET_VERDICTS_MAP: &str = "PACKET_VERDICTS";
+/// Capacity of [`PACKET_VERDICTS_MAP`]: a packet's events arrive within microseconds, so this
+/// only has to outlive the packets in flight, not connections.
+pub const PACKET_VERDICTS_MAX_ENTRIES: u32 = 65536;
+
+/// Big-endian reads from a raw IP packet, with the packet's own bounds: the eBPF programs read
+/// through `bpf_skb_load_bytes`, userspace from a slice. `None` when the bytes are out of range.
+pub trait PacketBytes {
+    fn u8_at(&self, offset: u32) -> Option<u8>;
+    fn be16_at(&self, offset: u32) -> Option<u16>;
+    fn be32_at(&self, offset: u32) -> Option<u32>;
+}
+
+impl PacketBytes for [u8] {
+    fn u8_at(&self, offset: u32) -> Option<u8> {
+        self.get(usize::try_from(offset).ok()?).copied()
+    }
+
+    fn be16_at(&self, offset: u32) -> Option<u16> {
+        array_at(self, offset).map(u16::from_be_bytes)
+    }
+
+    fn be32_at(&self, offset: u32) -> Option<u32> {
+        array_at(self, offset).map(u32::from_be_bytes)
+    }
+}
+
+fn array_at<const N: usize>(bytes: &[u8], offset: u32) -> Option<[u8; N]> {
+    let start = usize::try_from(offset).ok()?;
+    bytes.get(start..start.checked_add(N)?)?.try_into().ok()
+}
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+const ICMP_ECHOREPLY: u8 = 0;
+const ICMP_ECHO: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// A 64-bit key naming one packet across all of its TRACE events, or `None` for a payload that
+/// is not IPv4 or IPv6.
+///
+/// NAT rewrites addresses, ports, the ICMP echo identifier and the checksums between events,
+/// and nfnetlink_log reports each event's payload as it was *before* that rule's target ran, so
+/// the key is built only from fields NAT never changes:
+///
+/// - IP version and L4 protocol (IPv6: the first next-header; extension headers are not walked,
+///   so packets with them are keyed on the IP fields alone);
+/// - IPv4: total length and IP ID (a non-first fragment contributes no L4 fields);
+///   IPv6: payload length and flow label;
+/// - TCP: sequence number, acknowledgement number and flags;
+/// - UDP: the UDP length and the first 4 payload bytes if present;
+/// - ICMP and ICMPv6: type and code, plus the sequence number of echo requests and replies.
+///
+/// Fields past the end of a truncated payload count as 0. The fields are folded with a
+/// multiplicative hash; the key is stable for one build of iptrace, nothing more. Two packets
+/// with equal invariant fields (an IP ID of 0 with identical TCP sequence numbers, say) collide
+/// and share a verdict; within the seconds a packet spends in the stack that is rare.
+pub fn packet_key<P: PacketBytes + ?Sized>(packet: &P) -> Option<u64> {
+    let first = packet.u8_at(0)?;
+    let version = first >> 4;
+    let mut key = KeyHasher::new(u32::from(version));
+    let (protocol, l4) = match version {
+        4 => {
+            let protocol = packet.u8_at(9).unwrap_or(0);
+            let total_len = packet.be16_at(2).unwrap_or(0);
+            let id = packet.be16_at(4).unwrap_or(0);
+            let fragment_offset = packet.be16_at(6).unwrap_or(0) & 0x1fff;
+            key.mix(u32::from(total_len) << 16 | u32::from(id));
+            let header_len = u32::from(first & 0x0f) * 4;
+            (protocol, (fragment_offset == 0).then_some(header_len))
+        }
+        6 => {
+            let protocol = packet.u8_at(6).unwrap_or(0);
+            let payload_len = packet.be16_at(4).unwrap_or(0);
+            let flow_label = packet.be32_at(0).unwrap_or(0) & 0x000f_ffff;
+            key.mix(u32::from(payload_len));
+            key.mix(flow_label);
+            (protocol, Some(40))
+        }
+        _ => return None,
+    };
+    key.mix(u32::from(protocol));
+    if let Some(l4) = l4 {
+        match protocol {
+            IPPROTO_TCP => {
+                key.mix(packet.be32_at(l4 + 4).unwrap_or(0));
+                key.mix(packet.be32_at(l4 + 8).unwrap_or(0));
+                key.mix(u32::from(packet.u8_at(l4 + 13).unwrap_or(0)));
+            }
+            IPPROTO_UDP => {
+                key.mix(u32::from(packet.be16_at(l4 + 4).unwrap_or(0)));
+                key.mix(packet.be32_at(l4 + 8).unwrap_or(0));
+            }
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+                let icmp_type = packet.u8_at(l4).unwrap_or(0);
+                let code = packet.u8_at(l4 + 1).unwrap_or(0);
+                key.mix(u32::from(icmp_type) << 8 | u32::from(code));
+                let is_echo = if protocol == IPPROTO_ICMP {
+                    matches!(icmp_type, ICMP_ECHO | ICMP_ECHOREPLY)
+                } else {
+                    matches!(icmp_type, ICMPV6_ECHO_REQUEST | ICMPV6_ECHO_REPLY)
+                };
+                if is_echo {
+                    key.mix(u32::from(packet.be16_at(l4 + 6).unwrap_or(0)));
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(key.finish())
+}
+
+/// FxHash-style folding: one rotate, xor and multiply per word, cheap in eBPF.
+struct KeyHasher(u64);
+
+impl KeyHasher {
+    const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+    fn new(first: u32) -> Self {
+        let mut hasher = Self(0);
+        hasher.mix(first);
+        hasher
+    }
+
+    fn mix(&mut self, word: u32) {
+        self.0 = (self.0.rotate_left(5) ^ u64::from(word)).wrapping_mul(Self::SEED);
+    }
+
+    fn finish(self) -> u64 {
+        // Fold the well-mixed high bits down so that hash-table buckets use them too.
+        self.0 ^ (self.0 >> 32)
+    }
+}

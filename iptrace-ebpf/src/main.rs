@@ -1,22 +1,59 @@
+//! iptrace's eBPF programs, both socket filters (`BPF_PROG_TYPE_SOCKET_FILTER`) running the
+//! user's classic-BPF selection through one interpreter (`cbpf`):
+//!
+//! - `nflog_filter`, attached to the nfnetlink_log socket, drops datagrams whose TRACE events
+//!   are all for unselected packets, before they take receive-buffer space;
+//! - `xt_prefilter`, pinned for iptables' `-m bpf --object-pinned` when the selection is longer
+//!   than xt_bpf's 64 inline instructions.
 #![no_std]
 #![no_main]
+
+mod cbpf;
+mod nflog;
+mod packet;
 
 use aya_ebpf::{
     macros::{map, socket_filter},
     maps::PerCpuArray,
     programs::SkBuffContext,
 };
+use iptrace_common::filter::{COUNTER_COUNT, COUNTER_DROPPED, COUNTER_PASSED, COUNTER_SEEN};
 
+use crate::packet::SkbPacket;
+
+/// Datagram counters by `COUNTER_*` index (`COUNTERS_MAP`).
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
+fn count(index: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot; socket filters do not nest on one CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Keeps the datagram (returns `skb->len`; never less, which would trim it) when any of its
+/// messages is wanted, else drops it (0).
 #[socket_filter]
 pub fn nflog_filter(ctx: SkBuffContext) -> i64 {
-    if let Some(seen) = COUNTERS.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *seen += 1 };
+    count(COUNTER_SEEN);
+    let keep = cbpf::filter_len() == 0 || nflog::datagram_wanted(&ctx);
+    count(if keep {
+        COUNTER_PASSED
+    } else {
+        COUNTER_DROPPED
+    });
+    if keep { i64::from(ctx.len()) } else { 0 }
+}
+
+/// Under xt_bpf the skb starts at the IP header and `skb->len` is the IP total length; a
+/// non-zero result matches.
+#[socket_filter]
+pub fn xt_prefilter(ctx: SkBuffContext) -> i64 {
+    if cbpf::filter_len() == 0 {
+        return 1;
     }
-    i64::from(ctx.len())
+    i64::from(cbpf::run(&SkbPacket::new(ctx.skb.skb, 0, ctx.len())))
 }
 
 #[cfg(not(test))]
