@@ -117,6 +117,11 @@ pub struct Cli {
     #[arg(long)]
     pub stats: bool,
 
+    /// Do not attach the eBPF filter to the trace socket; select trace messages in userspace
+    /// (same results, more work: every message is copied to iptrace first).
+    #[arg(long)]
+    pub no_socket_filter: bool,
+
     /// How long a packet's block waits for more events before it is printed, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 50, hide_short_help = true)]
     pub group_timeout: u64,
@@ -195,6 +200,8 @@ impl Cli {
             netns: self.netns.clone(),
             stats: self.stats,
             linger: Duration::from_millis(self.group_timeout),
+            socket_filter: !self.no_socket_filter,
+            ebpf_log: self.verbose > 0,
         })
     }
 }

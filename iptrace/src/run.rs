@@ -18,7 +18,8 @@ use std::{
 use bytes::{Bytes, BytesMut};
 
 use crate::{
-    capture::{CaptureError, NflogSocket, Received},
+    bpf::{self, BpfError, PinnedPrefilter, TraceSocketFilter},
+    capture::{CaptureError, NflogSocket, Received, UserspaceFilter},
     correlate::{Correlator, PacketTrace},
     decode::{Decoder, Family},
     filter::{CompiledFilter, FilterError, Selection},
@@ -49,8 +50,8 @@ pub enum RunError {
     Capture(#[from] CaptureError),
     #[error(transparent)]
     Resolve(#[from] ResolveError),
-    #[error("the pcap expression compiles to {0} BPF instructions; xt_bpf takes at most 64 inline")]
-    PrefilterTooLong(usize),
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
     #[error("cannot start the {0} thread: {1}")]
     Thread(&'static str, #[source] io::Error),
     #[error("cannot set up signal handling: {0}")]
@@ -70,8 +71,7 @@ impl RunError {
             | RunError::Xtables(XtablesError::NotInstalled { .. })
             | RunError::KernelFeature { .. }
             | RunError::Instrument(InstrumentError::AlreadyRunning { .. })
-            | RunError::Capture(CaptureError::GroupInUse { .. })
-            | RunError::PrefilterTooLong(_) => 2,
+            | RunError::Capture(CaptureError::GroupInUse { .. }) => 2,
             _ => 1,
         }
     }
@@ -90,6 +90,10 @@ pub struct Options {
     pub stats: bool,
     /// Quiet time after which a packet's block is complete.
     pub linger: Duration,
+    /// Select trace messages with the eBPF filter on the socket (else in userspace).
+    pub socket_filter: bool,
+    /// Forward the eBPF programs' log records (`-v`).
+    pub ebpf_log: bool,
 }
 
 /// Counters of one run, printed by `--stats`.
@@ -101,6 +105,12 @@ pub struct Stats {
     pub events: AtomicU64,
     pub malformed: AtomicU64,
     pub packets_shown: AtomicU64,
+    /// Where trace messages were selected: "eBPF", "userspace" or "none".
+    pub selected_by: std::sync::OnceLock<&'static str>,
+    /// Datagrams the selection ran on, kept and discarded.
+    pub selection_seen: AtomicU64,
+    pub selection_passed: AtomicU64,
+    pub selection_dropped: AtomicU64,
 }
 
 /// The instrumentation of the running trace, reachable from the panic hook.
@@ -146,7 +156,7 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
     }
     let instrumentation = Instrumentation::prepare(&options.families)?;
     *ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(instrumentation);
-    let result = trace_instrumented(options, filter.as_ref(), out_ifindex, out, &runtime, signals);
+    let result = trace_instrumented(options, filter, out_ifindex, out, &runtime, signals);
     let errors = teardown_active();
     for e in &errors {
         eprintln!("iptrace: cleanup: {e}");
@@ -156,17 +166,31 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
 
 fn trace_instrumented(
     options: &Options,
-    filter: Option<&CompiledFilter>,
+    filter: Option<CompiledFilter>,
     out_ifindex: Option<u32>,
     out: Box<dyn Write + Send>,
     runtime: &tokio::runtime::Runtime,
     signals: Signals,
 ) -> Result<Arc<Stats>, RunError> {
     let socket = NflogSocket::open(&options.families, Duration::from_millis(100))?;
-    let prefilter = match filter {
+    let stats = Arc::new(Stats::default());
+    let mut socket_filter = options.socket_filter.then(|| attach_socket_filter(&socket, filter.as_ref(), options.ebpf_log)).flatten();
+    let prefilter = match &filter {
         None => Prefilter::None,
         Some(f) if f.fits_xt_bpf() => Prefilter::Bytecode(f.xt_bpf_bytecode()),
-        Some(f) => return Err(RunError::PrefilterTooLong(f.instructions().len())),
+        Some(f) => pin_prefilter(f)?,
+    };
+    let ready = ready_line(options, filter.as_ref());
+    let userspace_filter = match (&socket_filter, filter) {
+        (Some(_), _) => {
+            let _ = stats.selected_by.set("eBPF");
+            None
+        }
+        (None, Some(f)) => {
+            let _ = stats.selected_by.set("userspace");
+            Some(UserspaceFilter::new(f))
+        }
+        (None, None) => None,
     };
     let plan = TracePlan {
         families: options.families.clone(),
@@ -182,7 +206,6 @@ fn trace_instrumented(
     }
     let resolver = Resolver::new(&options.families)?;
 
-    let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let (datagrams_tx, datagrams_rx) = mpsc::sync_channel::<Vec<Bytes>>(1024);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<(), RunError>>();
@@ -191,7 +214,7 @@ fn trace_instrumented(
         let (stop, stats) = (stop.clone(), stats.clone());
         thread::Builder::new()
             .name("iptrace-reader".into())
-            .spawn(move || read_datagrams(&socket, &stop, &stats, &datagrams_tx))
+            .spawn(move || read_datagrams(&socket, userspace_filter, &stop, &stats, &datagrams_tx))
             .map_err(|e| RunError::Thread("reader", e))?
     };
     let processor = {
@@ -206,12 +229,51 @@ fn trace_instrumented(
             .map_err(|e| RunError::Thread("processing", e))?
     };
 
-    eprintln!("iptrace: {}", ready_line(options, filter));
-    let result = runtime.block_on(signals.wait_for_end(options.duration, done_rx));
+    eprintln!("iptrace: {ready}");
+    let flush_log = || {
+        if let Some(f) = socket_filter.as_mut() {
+            f.flush_log();
+        }
+    };
+    let result = runtime.block_on(signals.wait_for_end(options.duration, done_rx, flush_log));
     stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
     let _ = processor.join();
+    if let Some(counters) = socket_filter.as_ref().and_then(|f| f.counters().ok()) {
+        stats.selection_seen.store(counters.seen, Ordering::Relaxed);
+        stats.selection_passed.store(counters.passed, Ordering::Relaxed);
+        stats.selection_dropped.store(counters.dropped, Ordering::Relaxed);
+    }
     result.map(|()| stats)
+}
+
+/// Loads and attaches `nflog_filter`, so that the kernel drops unselected trace messages before
+/// they are queued. Without the eBPF filter, iptrace says so once and selects in userspace.
+fn attach_socket_filter(socket: &NflogSocket, filter: Option<&CompiledFilter>, log: bool) -> Option<TraceSocketFilter> {
+    let attached = TraceSocketFilter::load(filter.map(CompiledFilter::instructions), log)
+        .and_then(|mut f| f.attach(socket.fd()).map(|()| f));
+    match attached {
+        Ok(f) => Some(f),
+        Err(e) => {
+            eprintln!("iptrace: no eBPF socket filter ({e}); selecting trace messages in userspace");
+            None
+        }
+    }
+}
+
+/// Selections longer than xt_bpf's 64 inline instructions: iptrace's eBPF interpreter, pinned
+/// for `-m bpf --object-pinned`. The pin is recorded before it exists, and outlives the rule
+/// that names it (kernel-interfaces §7: iptables re-resolves the path on every table change).
+fn pin_prefilter(filter: &CompiledFilter) -> Result<Prefilter, RunError> {
+    bpf::ensure_bpffs()?;
+    let mut active = ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(instrumentation) = active.as_mut() else { return Ok(Prefilter::None) };
+    let owner = instrumentation.owner();
+    let path = std::path::Path::new(bpf::PIN_DIR).join(format!("prefilter-{}-{}", owner.pid, owner.start));
+    instrumentation.record_pin(path.clone())?;
+    drop(active);
+    PinnedPrefilter::load_and_pin(filter.instructions(), &path)?;
+    Ok(Prefilter::Pinned(path))
 }
 
 fn ready_line(options: &Options, filter: Option<&CompiledFilter>) -> String {
@@ -248,10 +310,12 @@ impl Signals {
 
     /// Waits until the processing thread ends (count reached, or an error), the duration
     /// passes, or a signal arrives (also one that arrived during set-up).
+    /// `tick` runs every 100 ms meanwhile.
     async fn wait_for_end(
         mut self,
         duration: Option<Duration>,
-        done: tokio::sync::oneshot::Receiver<Result<(), RunError>>,
+        mut done: tokio::sync::oneshot::Receiver<Result<(), RunError>>,
+        mut tick: impl FnMut(),
     ) -> Result<(), RunError> {
         let sleep = async {
             match duration {
@@ -259,19 +323,30 @@ impl Signals {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            result = done => result.unwrap_or(Ok(())),
-            _ = self.interrupt.recv() => Ok(()),
-            _ = self.terminate.recv() => Ok(()),
-            _ = self.hangup.recv() => Ok(()),
-            () = sleep => Ok(()),
+        tokio::pin!(sleep);
+        let mut ticks = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                result = &mut done => return result.unwrap_or(Ok(())),
+                _ = self.interrupt.recv() => return Ok(()),
+                _ = self.terminate.recv() => return Ok(()),
+                _ = self.hangup.recv() => return Ok(()),
+                () = &mut sleep => return Ok(()),
+                _ = ticks.tick() => tick(),
+            }
         }
     }
 }
 
 /// The reader: drains the socket as fast as it can into shared buffers and hands them on, so
 /// that formatting never holds up the receive path (the kernel drops what does not fit).
-fn read_datagrams(socket: &NflogSocket, stop: &AtomicBool, stats: &Stats, tx: &mpsc::SyncSender<Vec<Bytes>>) {
+fn read_datagrams(
+    socket: &NflogSocket,
+    mut userspace_filter: Option<UserspaceFilter>,
+    stop: &AtomicBool,
+    stats: &Stats,
+    tx: &mpsc::SyncSender<Vec<Bytes>>,
+) {
     const CHUNK: usize = 1 << 20;
     const MAX_DATAGRAM: usize = 1 << 17;
     let mut buf = BytesMut::with_capacity(CHUNK);
@@ -284,6 +359,15 @@ fn read_datagrams(socket: &NflogSocket, stop: &AtomicBool, stats: &Stats, tx: &m
             Ok(Received::Datagram(n)) => {
                 stats.datagrams.fetch_add(1, Ordering::Relaxed);
                 buf.truncate(n);
+                if let Some(filter) = userspace_filter.as_mut() {
+                    stats.selection_seen.fetch_add(1, Ordering::Relaxed);
+                    if !filter.keep(&buf) {
+                        stats.selection_dropped.fetch_add(1, Ordering::Relaxed);
+                        buf.clear();
+                        continue;
+                    }
+                    stats.selection_passed.fetch_add(1, Ordering::Relaxed);
+                }
                 if tx.send(vec![buf.split().freeze()]).is_err() {
                     return;
                 }
@@ -384,7 +468,7 @@ fn process(
 impl Stats {
     pub fn report(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        format!(
+        let mut report = format!(
             "iptrace: stats: {} datagrams, {} messages, {} trace events decoded, {} malformed, {} packets shown, {} receive-buffer overruns",
             g(&self.datagrams),
             g(&self.messages),
@@ -392,7 +476,16 @@ impl Stats {
             g(&self.malformed),
             g(&self.packets_shown),
             g(&self.overruns)
-        )
+        );
+        if let Some(by) = self.selected_by.get() {
+            report.push_str(&format!(
+                "\niptrace: stats: selection ({by}): {} datagrams seen, {} passed, {} dropped",
+                g(&self.selection_seen),
+                g(&self.selection_passed),
+                g(&self.selection_dropped)
+            ));
+        }
+        report
     }
 }
 

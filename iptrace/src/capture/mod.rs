@@ -6,6 +6,7 @@
 //! The previous logger bindings are the instrument stage's to save and restore.
 
 mod owner;
+mod userspace_filter;
 
 use std::{
     io,
@@ -23,7 +24,7 @@ use neli::{
     utils::Groups,
 };
 
-pub use self::owner::GroupOwner;
+pub use self::{owner::GroupOwner, userspace_filter::UserspaceFilter};
 use crate::decode::{Family, netlink::NetlinkMessages};
 
 /// The nflog group TRACE logs to.

@@ -3,6 +3,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use iptrace_common::filter::packet_key;
+
 use super::DecodeError;
 
 /// The header fields iptrace shows and compares between trace steps.
@@ -56,10 +58,6 @@ impl Transport {
     }
 }
 
-/// Bytes of L4 payload folded into the identity: enough to tell apart packets of one flow that
-/// share every header field (UDP datagrams of equal size, ICMP echoes).
-const IDENTITY_PAYLOAD_BYTES: usize = 32;
-
 impl PacketHeader {
     pub fn parse(packet: &[u8]) -> Result<Self, DecodeError> {
         match packet.first().map(|b| b >> 4) {
@@ -70,10 +68,9 @@ impl PacketHeader {
         }
     }
 
-    /// A fingerprint of one packet that stays the same at every hook it crosses: the IP version,
-    /// protocol, length, IPv4 ID or IPv6 flow label, TCP sequence/acknowledgement/flags, ICMP type,
-    /// code and sequence, and the first bytes of L4 payload. It leaves out what NAT and forwarding
-    /// rewrite: addresses, ports, ICMP echo ID, checksums, TTL and TOS (kernel-interfaces §10a).
+    /// A fingerprint of one packet that stays the same at every hook it crosses, NAT included:
+    /// [`packet_key`], the same key the eBPF trace-socket filter keeps its per-packet verdicts
+    /// under, so both agree on what one packet is.
     pub fn identity(&self) -> u64 {
         self.identity
     }
@@ -85,10 +82,7 @@ impl PacketHeader {
         let fragment = frag & 0x1fff != 0;
         let protocol = h[9];
         let l4 = if fragment { &[][..] } else { p.get(ihl..).unwrap_or_default() };
-        let (transport, l4_payload) = parse_transport(protocol, l4, false);
-        let mut id = Identity::new(4, protocol);
-        id.bytes(&h[2..6]); // total length, IP ID
-        id.transport(&transport, l4_payload);
+        let transport = parse_transport(protocol, l4, false);
         Ok(Self {
             src: Ipv4Addr::new(h[12], h[13], h[14], h[15]).into(),
             dst: Ipv4Addr::new(h[16], h[17], h[18], h[19]).into(),
@@ -101,7 +95,7 @@ impl PacketHeader {
             fragment,
             protocol,
             transport,
-            identity: id.finish(),
+            identity: packet_key(p).unwrap_or_default(),
         })
     }
 
@@ -125,10 +119,7 @@ impl PacketHeader {
             }
         }
         let l4 = if fragment { &[][..] } else { p.get(off..).unwrap_or_default() };
-        let (transport, l4_payload) = parse_transport(next, l4, true);
-        let mut id = Identity::new(6, next);
-        id.bytes(&h[1..6]); // flow label, payload length
-        id.transport(&transport, l4_payload);
+        let transport = parse_transport(next, l4, true);
         Ok(Self {
             src: addr(8),
             dst: addr(24),
@@ -141,80 +132,28 @@ impl PacketHeader {
             fragment,
             protocol: next,
             transport,
-            identity: id.finish(),
+            identity: packet_key(p).unwrap_or_default(),
         })
     }
 }
 
-/// The transport header and the payload after it (empty where the header is cut short).
-fn parse_transport(protocol: u8, l4: &[u8], v6: bool) -> (Transport, &[u8]) {
+/// The transport header (`Other` where it is cut short or unknown).
+fn parse_transport(protocol: u8, l4: &[u8], v6: bool) -> Transport {
     let be16 = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
     let be32 = |o: usize| u32::from_be_bytes([l4[o], l4[o + 1], l4[o + 2], l4[o + 3]]);
     match protocol {
-        6 if l4.len() >= 20 => {
-            let data_off = (usize::from(l4[12] >> 4) * 4).max(20);
-            let t = Transport::Tcp {
-                sport: be16(0),
-                dport: be16(2),
-                seq: be32(4),
-                ack: be32(8),
-                window: be16(14),
-                flags: l4[13],
-            };
-            (t, l4.get(data_off..).unwrap_or_default())
-        }
-        17 if l4.len() >= 8 => (
-            Transport::Udp { sport: be16(0), dport: be16(2), length: be16(4) },
-            &l4[8..],
-        ),
-        1 if !v6 && l4.len() >= 8 => (
-            Transport::Icmp { kind: l4[0], code: l4[1], id: be16(4), seq: be16(6) },
-            &l4[8..],
-        ),
-        58 if v6 && l4.len() >= 8 => (
-            Transport::Icmpv6 { kind: l4[0], code: l4[1], id: be16(4), seq: be16(6) },
-            &l4[8..],
-        ),
-        _ => (Transport::Other, &[][..]),
-    }
-}
-
-/// FNV-1a over the NAT-invariant fields.
-struct Identity(u64);
-
-impl Identity {
-    fn new(version: u8, protocol: u8) -> Self {
-        let mut id = Self(0xcbf2_9ce4_8422_2325);
-        id.bytes(&[version, protocol]);
-        id
-    }
-
-    fn bytes(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn transport(&mut self, t: &Transport, payload: &[u8]) {
-        match *t {
-            Transport::Tcp { seq, ack, flags, window, .. } => {
-                self.bytes(&seq.to_be_bytes());
-                self.bytes(&ack.to_be_bytes());
-                self.bytes(&[flags]);
-                self.bytes(&window.to_be_bytes());
-            }
-            Transport::Udp { length, .. } => self.bytes(&length.to_be_bytes()),
-            Transport::Icmp { kind, code, seq, .. } | Transport::Icmpv6 { kind, code, seq, .. } => {
-                self.bytes(&[kind, code]);
-                self.bytes(&seq.to_be_bytes());
-            }
-            Transport::Other => {}
-        }
-        self.bytes(&payload[..payload.len().min(IDENTITY_PAYLOAD_BYTES)]);
-    }
-
-    fn finish(self) -> u64 {
-        self.0
+        6 if l4.len() >= 20 => Transport::Tcp {
+            sport: be16(0),
+            dport: be16(2),
+            seq: be32(4),
+            ack: be32(8),
+            window: be16(14),
+            flags: l4[13],
+        },
+        17 if l4.len() >= 8 => Transport::Udp { sport: be16(0), dport: be16(2), length: be16(4) },
+        1 if !v6 && l4.len() >= 8 => Transport::Icmp { kind: l4[0], code: l4[1], id: be16(4), seq: be16(6) },
+        58 if v6 && l4.len() >= 8 => Transport::Icmpv6 { kind: l4[0], code: l4[1], id: be16(4), seq: be16(6) },
+        _ => Transport::Other,
     }
 }
 
@@ -243,11 +182,12 @@ pub(crate) mod tests {
 
     #[test]
     fn identity_survives_nat_and_forwarding_but_not_payload_changes() {
+        // The first 4 bytes of UDP payload count; the rest, like addresses and ports, does not.
         let a = PacketHeader::parse(&udp_v4([10, 5, 1, 7], 40000, 64)).unwrap();
         let natted = PacketHeader::parse(&udp_v4([172, 16, 2, 200], 61000, 63)).unwrap();
         assert_eq!(a.identity(), natted.identity());
         let mut other = udp_v4([10, 5, 1, 7], 40000, 64);
-        *other.last_mut().unwrap() = b'h';
+        other[28] = b'P';
         assert_ne!(a.identity(), PacketHeader::parse(&other).unwrap().identity());
     }
 
