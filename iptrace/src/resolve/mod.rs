@@ -231,6 +231,23 @@ impl Resolver {
     }
 }
 
+// ---- Offline use: a recorded rule set instead of the live kernel (benchmarks on a corpus). ----
+
+impl Resolver {
+    /// A resolver over recorded `iptables-legacy-save` output of `family` (any number of
+    /// tables), for benchmarking resolve on a recorded corpus. It never reads the kernel: every
+    /// event resolves against this text, whatever its epoch.
+    pub fn from_saved(family: Family, saved: &str) -> Self {
+        let mut tables = HashMap::new();
+        for block in saved.split_inclusive("COMMIT\n") {
+            let Some(name) = block.lines().find_map(|l| l.strip_prefix('*')) else { continue };
+            let snapshots = VecDeque::from([(0, Arc::new(TableSnapshot::parse(block)))]);
+            tables.insert((family, name.trim().to_owned()), TableHistory { fingerprint: 0, snapshots });
+        }
+        Self { probes: HashMap::new(), tables, epoch: 0, last_check: Instant::now() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
