@@ -106,7 +106,6 @@ fn main() -> Result<()> {
 
 fn run_all(bench: &Bench, cli: &Cli, root: &Path, setup: Setup) -> Result<()> {
     let mut scenarios = BTreeMap::new();
-    let mut baseline_pps = None;
     for scenario in Scenario::ALL {
         if INTERRUPTED.load(Ordering::Relaxed) {
             bail!("interrupted; the lab is removed");
@@ -114,9 +113,14 @@ fn run_all(bench: &Bench, cli: &Cli, root: &Path, setup: Setup) -> Result<()> {
         eprintln!("iptrace-bench: {}", scenario.key());
         let mut result = bench.run(scenario).with_context(|| format!("scenario {}", scenario.key()))?;
         if scenario == Scenario::Baseline {
-            baseline_pps = result.forward_pps;
+            result.forward_ratio = Some(1.0);
+        } else if result.forward_pps.is_some() {
+            // The machine's speed drifts over minutes (and other work may share it): hold each
+            // scenario against a baseline measured right after it.
+            let adjacent = bench.run(Scenario::Baseline).context("adjacent baseline")?.forward_pps;
+            result.adjacent_baseline_pps = adjacent;
+            result.forward_ratio = result.forward_pps.zip(adjacent).map(|(pps, base)| pps / base);
         }
-        result.forward_ratio = result.forward_pps.zip(baseline_pps).map(|(pps, base)| pps / base);
         eprintln!("iptrace-bench: {}: {}", scenario.key(), serde_json::to_string(&result)?);
         scenarios.insert(scenario.key(), result);
     }

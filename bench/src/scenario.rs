@@ -99,6 +99,8 @@ pub struct ScenarioResult {
     pub msgs_to_userspace_per_match: Option<f64>,
     pub ready_ms: Option<f64>,
     pub exit_ms: Option<f64>,
+    /// The baseline measured right after this scenario, which `forward_ratio` is relative to.
+    pub adjacent_baseline_pps: Option<f64>,
     /// Packets the generator handed to the kernel per second.
     pub offered_pps: Option<f64>,
     pub notes: Vec<String>,
