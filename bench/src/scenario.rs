@@ -282,7 +282,7 @@ fn fill_tracer_figures(result: &mut ScenarioResult, traced: u64, complete: u64, 
     result.peak_rss_mb = finished.peak_rss_mb;
     result.ready_ms = Some(finished.ready.as_secs_f64() * 1000.0);
     // A tool that gave up before the stop signal has no clean-exit time.
-    result.exit_ms = finished.ran_to_stop.then(|| finished.exit.as_secs_f64() * 1000.0);
+    result.exit_ms = finished.ran_to_stop.then_some(finished.exit.as_secs_f64() * 1000.0);
 }
 
 /// iptrace's `--stats` line.

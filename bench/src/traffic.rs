@@ -69,7 +69,7 @@ pub fn send(plan: &TrafficPlan) -> io::Result<TrafficReport> {
             continue;
         }
         for _ in 0..due {
-            if plan.syn_one_in > 0 && sequence % plan.syn_one_in == 0 {
+            if plan.syn_one_in > 0 && sequence.is_multiple_of(plan.syn_one_in) {
                 syn_batch.push(syn_packet(client, server, sequence), syn_target);
             } else {
                 let flow = report.udp_sent + udp_batch.packets.len() as u64;

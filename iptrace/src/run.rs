@@ -292,10 +292,11 @@ fn read_datagrams(socket: &NflogSocket, stop: &AtomicBool, stats: &Stats, tx: &m
                 break;
             }
         };
-        if !batch.is_empty() && (queue_empty || batch.len() == MAX_BATCH) {
-            if tx.send(std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH))).is_err() {
-                return;
-            }
+        if !batch.is_empty()
+            && (queue_empty || batch.len() == MAX_BATCH)
+            && tx.send(std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH))).is_err()
+        {
+            return;
         }
         if queue_empty && drain_deadline.is_some() {
             break;
