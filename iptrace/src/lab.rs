@@ -374,7 +374,8 @@ fn send_echo(src: IpAddr, dst: IpAddr, seq: u16) -> io::Result<()> {
     if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
-fn internet_checksum(data: &[u8]) -> u16 {
+/// The RFC 1071 checksum (ICMP, and TCP over a pseudo-header), for packets built by hand.
+pub fn internet_checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);

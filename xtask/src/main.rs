@@ -38,6 +38,12 @@ enum Task {
     },
     /// Set up, build iptrace and run its demo: a throwaway client/router/server lab, traced.
     Demo,
+    /// Set up, build iptrace and run the benchmark harness (docs/benchmarks.md); needs root.
+    Bench {
+        /// The CI smoke check: short scenarios, bench/results/quick.json only (under a minute).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -62,6 +68,16 @@ fn main() -> Result<()> {
             setup::ensure_prerequisites()?;
             run(cargo().args(["build", "--release", "--package", "iptrace"]))?;
             run(Command::new(workspace_root().join("target/release/iptrace")).arg("--demo"))
+        }
+        Task::Bench { quick } => {
+            setup::ensure_prerequisites()?;
+            run(cargo().args(["build", "--release", "--package", "iptrace"]))?;
+            let mut cmd = cargo();
+            cmd.args(["run", "--release", "--package", "iptrace-bench", "--"]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
         }
     }
 }

@@ -154,7 +154,17 @@ impl NflogSocket {
     /// Receives one datagram into `buf` (64 KiB holds any: nfnetlink_log's batches are at most
     /// `nlbufsiz`, 128 KiB at most, and a TRACE line flushes alone).
     pub fn receive(&self, buf: &mut [u8]) -> Result<Received, CaptureError> {
-        match self.socket.recv(&mut *buf, Msg::empty()) {
+        self.receive_with(buf, Msg::empty())
+    }
+
+    /// Like [`receive`](Self::receive), but returns [`Received::Idle`] at once when nothing is
+    /// queued (MSG_DONTWAIT): for draining what is queued without waiting.
+    pub fn receive_queued(&self, buf: &mut [u8]) -> Result<Received, CaptureError> {
+        self.receive_with(buf, Msg::DONTWAIT)
+    }
+
+    fn receive_with(&self, buf: &mut [u8], flags: Msg) -> Result<Received, CaptureError> {
+        match self.socket.recv(&mut *buf, flags) {
             Ok((n, _)) => Ok(Received::Datagram(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) => Ok(Received::Idle),
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(Received::Idle),

@@ -1,0 +1,117 @@
+//! Recording the microbenchmarks' corpus: nfnetlink_log datagrams exactly as iptrace receives them
+//! from the lab router (instrumented the way iptrace instruments it, through its own library),
+//! and the router's `iptables-legacy-save` output taken while instrumented, for resolve.
+//!
+//! Datagram file format: each datagram as a little-endian u32 length, then its bytes.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
+    time::Duration,
+};
+
+use iptrace::{
+    capture::{NflogSocket, Received},
+    decode::Family,
+    instrument::{Instrumentation, Prefilter, TracePlan},
+    lab::Role,
+};
+
+use crate::{
+    scenario::Bench,
+    traffic::{self, TrafficPlan},
+};
+
+pub const DATAGRAMS_FILE: &str = "nflog-datagrams.bin";
+pub const RULES_FILE: &str = "router-rules.v4";
+/// The corpus is committed: datagrams and rules together stay under 1 MB.
+const MAX_BYTES: usize = 800 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CorpusError {
+    #[error("recording in the router failed: {0}")]
+    Record(String),
+    #[error(transparent)]
+    Lab(#[from] iptrace::lab::LabError),
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, #[source] source: io::Error },
+}
+
+/// Traces every packet of a short run of lab traffic and writes the corpus into `dir`.
+/// Returns (datagrams, bytes).
+pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, usize), CorpusError> {
+    let lab = bench.lab();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let recorder = {
+        let (stop, netns) = (stop.clone(), lab.ns(Role::Router));
+        thread::spawn(move || -> Result<Vec<Vec<u8>>, String> {
+            iptrace::netns::enter(&netns).map_err(|e| e.to_string())?;
+            let mut instrumentation = Instrumentation::prepare(&[Family::Ipv4]).map_err(|e| e.to_string())?;
+            let recorded = (|| {
+                let socket = NflogSocket::open(&[Family::Ipv4], Duration::from_millis(50)).map_err(|e| e.to_string())?;
+                let plan = TracePlan {
+                    families: vec![Family::Ipv4],
+                    prefilter: Prefilter::None,
+                    in_interface: None,
+                    out_interface: None,
+                    limit: None,
+                };
+                iptrace::instrument::install(instrumentation.owner(), &plan).map_err(|e| e.to_string())?;
+                let _ = ready_tx.send(());
+                receive_until(&socket, &stop)
+            })();
+            let _ = ready_tx.send(());
+            let errors = instrumentation.teardown();
+            match errors.first() {
+                Some(e) => Err(e.to_string()),
+                None => recorded,
+            }
+        })
+    };
+    let _ = ready_rx.recv();
+    let sent = lab.in_ns(Role::Client, move || traffic::send(&plan))?;
+    let saved = lab.exec(Role::Router, &["iptables-legacy-save"], "");
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let datagrams = recorder.join().map_err(|_| CorpusError::Record("recorder panicked".into()))?.map_err(CorpusError::Record)?;
+    sent.map_err(|e| CorpusError::Record(e.to_string()))?;
+    let saved = saved?;
+
+    let mut bytes = Vec::new();
+    let mut kept = 0;
+    for d in &datagrams {
+        if bytes.len() + 4 + d.len() > MAX_BYTES {
+            break;
+        }
+        bytes.extend_from_slice(&u32::try_from(d.len()).unwrap_or(u32::MAX).to_le_bytes());
+        bytes.extend_from_slice(d);
+        kept += 1;
+    }
+    let write = |name: &str, data: &[u8]| {
+        let path = dir.join(name);
+        fs::create_dir_all(dir).and_then(|()| fs::write(&path, data)).map_err(|source| CorpusError::Write { path, source })
+    };
+    write(DATAGRAMS_FILE, &bytes)?;
+    write(RULES_FILE, &saved.stdout)?;
+    Ok((kept, bytes.len()))
+}
+
+fn receive_until(socket: &NflogSocket, stop: &AtomicBool) -> Result<Vec<Vec<u8>>, String> {
+    let mut datagrams = Vec::new();
+    let mut buf = vec![0u8; 1 << 17];
+    while !stop.load(Ordering::Relaxed) {
+        match socket.receive(&mut buf).map_err(|e| e.to_string())? {
+            Received::Datagram(n) => datagrams.push(buf[..n].to_vec()),
+            Received::Overrun => return Err("the receive buffer overran; record at a lower rate".into()),
+            Received::Idle => {}
+        }
+    }
+    Ok(datagrams)
+}

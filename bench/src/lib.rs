@@ -1,0 +1,12 @@
+//! iptrace's benchmark harness: a client/router/server lab (`iptrace::lab`) whose router carries a
+//! kube-proxy/Docker-sized rule set, a paced traffic generator, the tracers under test as child
+//! processes, kernel-side counts to hold their reports against, and the report.
+
+pub mod completeness;
+pub mod corpus;
+pub mod kernel;
+pub mod report;
+pub mod ruleset;
+pub mod scenario;
+pub mod tracer;
+pub mod traffic;
