@@ -183,6 +183,16 @@ impl Lab {
             .map_err(|source| LabError::Io { ns, source })
     }
 
+    /// Sends `count` UDP datagrams from one socket bound to `src`, as fast as it can.
+    pub fn udp_burst(&self, role: Role, src: SocketAddr, dst: SocketAddr, payload: &'static [u8], count: usize) -> Result<(), LabError> {
+        let ns = self.ns(role);
+        self.in_ns(role, move || {
+            let socket = UdpSocket::bind(src)?;
+            (0..count).try_for_each(|_| socket.send_to(payload, dst).map(drop))
+        })?
+        .map_err(|source| LabError::Io { ns, source })
+    }
+
     /// Opens a TCP connection from `src` to `dst`, sends `payload`, reads the echo and closes.
     /// A refused or dropped connection is not an error: the packets were sent, which is what a
     /// trace needs.

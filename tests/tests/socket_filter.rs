@@ -1,0 +1,151 @@
+//! The kernel-side selection at the trace socket, end to end: with a foreign TRACE rule that
+//! traces every packet, only the selected packets' messages reach iptrace (the eBPF filter drops
+//! the rest before they are queued), NAT does not cut a selected packet's trace short, the
+//! userspace fallback gives the same result, and selections too long for xt_bpf are prefiltered
+//! by iptrace's pinned eBPF program.
+
+use std::{
+    net::SocketAddr,
+    thread,
+    time::Duration,
+};
+
+use iptrace_tests::{Block, Lab, Role, Tracer, addr, blocks, firewall_state, lab, load_sample_rules, require_root, run_iptrace};
+
+/// The lab with a foreign `-j TRACE` on every packet and a DNAT of UDP port 9999 to 9998.
+fn foreign_trace_lab(test: &str) -> Lab {
+    let lab = lab(test);
+    load_sample_rules(&lab).unwrap();
+    for args in [
+        &["iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-m", "comment", "--comment", "someone else's trace", "-j", "TRACE"][..],
+        &["iptables-legacy", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", "9999", "-j", "DNAT", "--to-destination", "172.16.2.2:9998"],
+    ] {
+        lab.exec(Role::Router, args, "").unwrap();
+    }
+    lab
+}
+
+/// The selected number of a stats line such as `selection (eBPF): 9 datagrams seen, 3 passed`.
+fn stat(stderr: &str, line_marker: &str, after: &str) -> u64 {
+    let line = stderr.lines().find(|l| l.contains(line_marker)).unwrap_or_else(|| panic!("no '{line_marker}' in {stderr}"));
+    let (head, _) = line.split_once(after).unwrap_or_else(|| panic!("no '{after}' in {line}"));
+    head.rsplit(' ').next().unwrap().trim_start_matches(':').trim().parse().unwrap()
+}
+
+/// Sends 10,000 unselected and 10 selected datagrams, and returns the tracer's output.
+fn run_flood(lab: &Lab, extra: &[&str]) -> (Vec<Block>, String) {
+    let ns = lab.ns(Role::Router);
+    let mut args = vec!["--netns", &ns, "--stats"];
+    args.extend_from_slice(extra);
+    args.push("udp port 9999");
+    let tracer = Tracer::start(&args);
+    let client = SocketAddr::new(addr::CLIENT, 0);
+    lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected", 10_000).unwrap();
+    for _ in 0..10 {
+        lab.udp(Role::Client, client, SocketAddr::new(addr::SERVER, 9999), b"selected").unwrap();
+    }
+    thread::sleep(Duration::from_millis(500));
+    let out = tracer.stop(libc::SIGTERM);
+    assert!(out.status.success(), "{out:?}");
+    (blocks(&out.stdout), out.stderr)
+}
+
+fn assert_only_the_selected_packets(all: &[Block], expected: usize) {
+    assert_eq!(all.len(), expected, "{all:#?}");
+    for b in all {
+        assert!(b.packet.contains("PROTO=UDP") && b.packet.contains("DPT=9999"), "{}", b.packet);
+        // Events after the DNAT no longer match 'udp port 9999'; the packet's first event decided.
+        assert!(b.body().contains("~ DPT 9999 -> 9998"), "{}", b.body());
+        assert!(b.body().contains("mangle FORWARD"), "{}", b.body());
+        assert_eq!(b.verdict(), "verdict: DROP by filter FORWARD policy");
+    }
+}
+
+#[test]
+fn only_selected_messages_reach_userspace() {
+    if !require_root("only_selected_messages_reach_userspace") {
+        return;
+    }
+    let lab = foreign_trace_lab("sockflt");
+    let (all, stderr) = run_flood(&lab, &[]);
+    assert_only_the_selected_packets(&all, 10);
+    let seen = stat(&stderr, "selection (eBPF)", " datagrams seen");
+    let passed = stat(&stderr, "selection (eBPF)", " passed");
+    let dropped = stat(&stderr, "selection (eBPF)", " dropped");
+    assert_eq!(seen, passed + dropped, "{stderr}");
+    assert!(dropped >= 10_000, "every unselected packet's messages were dropped in the kernel: {stderr}");
+    // Userspace received exactly what the filter passed, and every message was a selected event.
+    assert_eq!(stat(&stderr, "stats: ", " datagrams,"), passed, "{stderr}");
+    let events = stat(&stderr, "stats: ", " trace events decoded");
+    let steps: usize = all.iter().map(|b| b.steps.iter().filter(|s| !s.starts_with("                ") && !s.trim_start().starts_with('~') && !s.trim_start().starts_with("verdict")).count()).sum();
+    assert_eq!(events as usize, steps, "{stderr}");
+}
+
+#[test]
+fn only_selected_messages_reach_userspace_with_a_limit() {
+    if !require_root("only_selected_messages_reach_userspace_with_a_limit") {
+        return;
+    }
+    let lab = foreign_trace_lab("sockfltlim");
+    let (all, stderr) = run_flood(&lab, &["--limit", "2/s", "--limit-burst", "2"]);
+    // The foreign rule traces every packet whatever iptrace's limit; the socket filter still
+    // lets only the selected ones through.
+    assert_only_the_selected_packets(&all, 10);
+    assert!(stat(&stderr, "selection (eBPF)", " dropped") >= 10_000, "{stderr}");
+}
+
+#[test]
+fn the_userspace_fallback_selects_the_same() {
+    if !require_root("the_userspace_fallback_selects_the_same") {
+        return;
+    }
+    let lab = foreign_trace_lab("sockfltuser");
+    let (all, stderr) = run_flood(&lab, &["--no-socket-filter"]);
+    assert_only_the_selected_packets(&all, 10);
+    let received = stat(&stderr, "stats: ", " datagrams,");
+    assert!(received >= 10_000, "without the eBPF filter every message reaches userspace: {stderr}");
+    assert!(stat(&stderr, "selection (userspace)", " dropped") >= 10_000, "{stderr}");
+}
+
+/// 40 ports compile to more than xt_bpf's 64 inline instructions: the TRACE rule then runs
+/// iptrace's eBPF interpreter from a pin, which is removed with the rule, also after a SIGKILL.
+#[test]
+fn long_selections_are_prefiltered_by_a_pinned_program() {
+    if !require_root("long_selections_are_prefiltered_by_a_pinned_program") {
+        return;
+    }
+    let lab = lab("pinned");
+    load_sample_rules(&lab).unwrap();
+    let ns = lab.ns(Role::Router);
+    let before = firewall_state(&lab, Role::Router);
+    let ports: Vec<String> = (7000..7040).map(|p| format!("port {p}")).collect();
+    let expression = format!("udp and ({})", ports.join(" or "));
+    let tracer = Tracer::start(&["--netns", &ns, "--stats", "--no-socket-filter", &expression]);
+    let during = firewall_state(&lab, Role::Router);
+    assert!(during.contains("--object-pinned /sys/fs/bpf/iptrace/prefilter-"), "{during}");
+    let pin = during.split("--object-pinned ").nth(1).unwrap().split(' ').next().unwrap().to_owned();
+    assert!(std::path::Path::new(&pin).exists());
+    let client = SocketAddr::new(addr::CLIENT, 0);
+    lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 6999), b"not selected", 50).unwrap();
+    lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 7039), b"selected", 3).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let out = tracer.stop(libc::SIGTERM);
+    let all = blocks(&out.stdout);
+    assert_eq!(all.len(), 3, "{}", out.stdout);
+    assert!(all.iter().all(|b| b.packet.contains("DPT=7039")));
+    // Nothing was even traced for the 50 others: the rule's prefilter kept them unmarked.
+    assert_eq!(stat(&out.stderr, "selection (userspace)", " dropped"), 0, "{}", out.stderr);
+    assert_eq!(firewall_state(&lab, Role::Router), before);
+    assert!(!std::path::Path::new(&pin).exists(), "the pin is removed after the rule");
+
+    let tracer = Tracer::start(&["--netns", &ns, &expression]);
+    let during = firewall_state(&lab, Role::Router);
+    let pin = during.split("--object-pinned ").nth(1).unwrap().split(' ').next().unwrap().to_owned();
+    tracer.stop(libc::SIGKILL);
+    assert!(std::path::Path::new(&pin).exists());
+    let (status, stdout, stderr) = run_iptrace(&["--cleanup", "--netns", &ns]);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains(&format!("removed pinned prefilter {pin}")), "{stdout}");
+    assert!(!std::path::Path::new(&pin).exists());
+    assert_eq!(firewall_state(&lab, Role::Router), before);
+}
