@@ -8,7 +8,6 @@
 use std::{
     fs,
     path::PathBuf,
-    process::Command,
     thread,
     time::Duration,
 };
@@ -40,8 +39,6 @@ pub enum ScenarioError {
     Traffic(#[source] std::io::Error),
     #[error("cannot use the work directory {path}: {source}")]
     WorkDir { path: PathBuf, #[source] source: std::io::Error },
-    #[error("cannot run {binary}: {source}")]
-    Probe { binary: String, #[source] source: std::io::Error },
     #[error("the router's logger binding: {0}")]
     Logger(#[from] iptrace::instrument::InstrumentError),
 }
@@ -130,7 +127,6 @@ const DRAIN: Duration = Duration::from_millis(700);
 pub struct Bench {
     lab: Lab,
     config: BenchConfig,
-    iptrace_help: String,
 }
 
 impl Bench {
@@ -146,12 +142,7 @@ impl Bench {
             &["nft", "-f", "-"],
             "table ip sink {\n chain arrivals {\n  type filter hook prerouting priority -500; policy drop\n }\n}\n",
         )?;
-        let help = Command::new(&config.iptrace)
-            .arg("--help")
-            .output()
-            .map_err(|source| ScenarioError::Probe { binary: config.iptrace.display().to_string(), source })?;
-        let iptrace_help = String::from_utf8_lossy(&help.stdout).into_owned();
-        Ok(Self { lab, config, iptrace_help })
+        Ok(Self { lab, config })
     }
 
     pub fn lab(&self) -> &Lab {
@@ -162,13 +153,7 @@ impl Bench {
         match scenario {
             Scenario::Baseline => self.measure_forwarding(),
             Scenario::IptraceOneFlow | Scenario::IptraceAll => self.run_iptrace(scenario, &[]),
-            Scenario::IptraceAllNoSocketFilter if self.iptrace_help.contains("--no-socket-filter") => {
-                self.run_iptrace(scenario, &["--no-socket-filter"])
-            }
-            Scenario::IptraceAllNoSocketFilter => Ok(ScenarioResult {
-                notes: vec!["not measured: this iptrace has no --no-socket-filter".into()],
-                ..ScenarioResult::default()
-            }),
+            Scenario::IptraceAllNoSocketFilter => self.run_iptrace(scenario, &["--no-socket-filter"]),
             Scenario::NftMonitorOneFlow | Scenario::NftMonitorAll | Scenario::XtablesMonitorAll => self.run_nft(scenario),
         }
     }

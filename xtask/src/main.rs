@@ -62,7 +62,11 @@ fn main() -> Result<()> {
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--exclude", "iptrace-ebpf", "--no-fail-fast"]);
             cmd.args(&args);
-            run(&mut cmd)
+            run(&mut cmd)?;
+            if args.is_empty() {
+                bench_smoke_check()?;
+            }
+            Ok(())
         }
         Task::Demo => {
             setup::ensure_prerequisites()?;
@@ -71,15 +75,34 @@ fn main() -> Result<()> {
         }
         Task::Bench { quick } => {
             setup::ensure_prerequisites()?;
-            run(cargo().args(["build", "--release", "--package", "iptrace"]))?;
-            let mut cmd = cargo();
-            cmd.args(["run", "--release", "--package", "iptrace-bench", "--"]);
-            if quick {
-                cmd.arg("--quick");
-            }
-            run(&mut cmd)
+            bench(quick)
         }
     }
+}
+
+fn bench(quick: bool) -> Result<()> {
+    run(cargo().args(["build", "--release", "--package", "iptrace"]))?;
+    let mut cmd = cargo();
+    cmd.args(["run", "--release", "--package", "iptrace-bench", "--"]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
+}
+
+/// The benchmark harness still starts, runs every scenario briefly and writes its JSON.
+fn bench_smoke_check() -> Result<()> {
+    let json = workspace_root().join("bench/results/quick.json");
+    let _ = std::fs::remove_file(&json);
+    bench(true)?;
+    let text = std::fs::read_to_string(&json).with_context(|| format!("the benchmark smoke check wrote no {}", json.display()))?;
+    for scenario in ["baseline", "iptrace_one_flow", "iptrace_all", "nft_monitor_one_flow", "nft_monitor_all", "xtables_monitor_all", "iptrace_all_no_socket_filter"] {
+        if !text.contains(&format!("\"{scenario}\"")) {
+            bail!("{} lacks scenario {scenario}", json.display());
+        }
+    }
+    println!("xtask: benchmark smoke check passed ({})", json.display());
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {
