@@ -4,7 +4,7 @@ use std::{ffi::OsString, time::Duration};
 
 use clap::{ArgAction, Parser};
 
-use crate::{decode::Family, filter::Selection, instrument::Limit, run::Options};
+use crate::{backend::BackendChoice, decode::Family, filter::Selection, instrument::Limit, run::Options};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -72,6 +72,13 @@ pub struct Cli {
     /// start and kept if they leave there (the interface is known only after routing).
     #[arg(short = 'o', long = "out-interface", value_name = "NAME")]
     pub out_interface: Option<String>,
+
+    /// Which tables to trace and how: `legacy` inserts TRACE rules (iptables-legacy tables);
+    /// `nft` adds its own nf_tables table that marks packets (nftables and iptables-nft tables,
+    /// and legacy tables too if there are any); `auto` picks nft when the host has nf_tables
+    /// tables or no legacy ones.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
 
     /// Trace IPv4 only (default: IPv4 and IPv6).
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
@@ -187,6 +194,7 @@ impl Cli {
                 dport: self.dport.clone(),
             },
             families,
+            backend: self.backend,
             in_interface: self.in_interface.clone(),
             out_interface: self.out_interface.clone(),
             limit,

@@ -18,11 +18,12 @@ use std::{
 use bytes::{Bytes, BytesMut};
 
 use crate::{
-    capture::{CaptureError, NflogSocket, Received},
+    backend::{self, BackendChoice, BackendError, Backends},
+    capture::{CaptureError, Received, TraceSocket},
     correlate::{Correlator, PacketTrace},
     decode::{Decoder, Family},
     filter::{CompiledFilter, FilterError, Selection},
-    instrument::{self, InstrumentError, Instrumentation, Limit, Prefilter, TracePlan},
+    instrument::{self, InstrumentError, Instrumentation, Limit, Marker, Prefilter, TracePlan},
     netns::{self, NetnsError},
     render::{self, KernelInterfaceNames},
     resolve::{ResolveError, Resolver},
@@ -39,6 +40,8 @@ pub enum RunError {
     UnknownInterface(String),
     #[error("iptrace needs root (CAP_NET_ADMIN) to insert TRACE rules and read nfnetlink_log")]
     NotPermitted,
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     #[error(transparent)]
     Xtables(#[from] XtablesError),
     #[error("this kernel lacks {what} ({config})")]
@@ -67,9 +70,10 @@ impl RunError {
             | RunError::Netns(_)
             | RunError::UnknownInterface(_)
             | RunError::NotPermitted
+            | RunError::Backend(_)
             | RunError::Xtables(XtablesError::NotInstalled { .. })
             | RunError::KernelFeature { .. }
-            | RunError::Instrument(InstrumentError::AlreadyRunning { .. })
+            | RunError::Instrument(InstrumentError::AlreadyRunning { .. } | InstrumentError::TableExists { .. })
             | RunError::Capture(CaptureError::GroupInUse { .. })
             | RunError::PrefilterTooLong(_) => 2,
             _ => 1,
@@ -81,6 +85,7 @@ impl RunError {
 pub struct Options {
     pub selection: Selection,
     pub families: Vec<Family>,
+    pub backend: BackendChoice,
     pub in_interface: Option<String>,
     pub out_interface: Option<String>,
     pub limit: Option<Limit>,
@@ -126,10 +131,14 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
         let _entered = runtime.enter();
         Signals::new().map_err(RunError::Signals)?
     };
-    for &family in &options.families {
+    let backends = backend::detect(options.backend, &options.families)?;
+    // Legacy tables are read with iptables-legacy-save whichever way packets are marked.
+    for &family in &backends.legacy {
         Xtables::new(family).check_installed()?;
     }
-    check_kernel_features(&options.families)?;
+    if backends.marker == Marker::TraceRules {
+        check_kernel_features(&options.families)?;
+    }
     let out_ifindex = options.out_interface.as_deref().map(interface_index).transpose()?;
     if let Some(name) = &options.in_interface {
         interface_index(name)?;
@@ -140,9 +149,9 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
     for line in &stale {
         eprintln!("iptrace: removed {line}");
     }
-    let instrumentation = Instrumentation::prepare(&options.families)?;
+    let instrumentation = Instrumentation::prepare(&backends.legacy)?;
     *ACTIVE.lock().unwrap_or_else(|p| p.into_inner()) = Some(instrumentation);
-    let result = trace_instrumented(options, filter.as_ref(), out_ifindex, out, &runtime, signals);
+    let result = trace_instrumented(options, &backends, filter.as_ref(), out_ifindex, out, &runtime, signals);
     let errors = teardown_active();
     for e in &errors {
         eprintln!("iptrace: cleanup: {e}");
@@ -152,20 +161,34 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
 
 fn trace_instrumented(
     options: &Options,
+    backends: &Backends,
     filter: Option<&CompiledFilter>,
     out_ifindex: Option<u32>,
     out: Box<dyn Write + Send>,
     runtime: &tokio::runtime::Runtime,
     signals: Signals,
 ) -> Result<Arc<Stats>, RunError> {
-    let socket = NflogSocket::open(&options.families, Duration::from_millis(100))?;
-    let prefilter = match filter {
-        None => Prefilter::None,
-        Some(f) if f.fits_xt_bpf() => Prefilter::Bytecode(f.xt_bpf_bytecode()),
-        Some(f) => return Err(RunError::PrefilterTooLong(f.instructions().len())),
+    let socket = TraceSocket::open(&backends.legacy, Duration::from_millis(100))?;
+    if backends.nft() {
+        socket.join_nftrace()?;
+    }
+    // What the kernel cannot select is selected in userspace, on each packet's first event.
+    let mut userspace_selection = None;
+    let prefilter = match (backends.marker, filter) {
+        (Marker::TraceRules, None) => Prefilter::None,
+        (Marker::TraceRules, Some(f)) if f.fits_xt_bpf() => Prefilter::Bytecode(f.xt_bpf_bytecode()),
+        (Marker::TraceRules, Some(f)) => return Err(RunError::PrefilterTooLong(f.instructions().len())),
+        (Marker::NftTable, _) => match options.selection.to_nft_match()? {
+            Some(matches) => Prefilter::NftMatch(matches),
+            None => {
+                userspace_selection = filter.map(|f| f.expression().to_owned());
+                Prefilter::NftMatch(String::new())
+            }
+        },
     };
     let plan = TracePlan {
         families: options.families.clone(),
+        marker: backends.marker,
         prefilter,
         in_interface: options.in_interface.clone(),
         out_interface: options.out_interface.clone(),
@@ -176,7 +199,7 @@ fn trace_instrumented(
         .unwrap_or_else(|p| p.into_inner())
         .as_mut()
         .map_or(Ok(()), |i| i.install(&plan))?;
-    let resolver = Resolver::new(&options.families)?;
+    let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft())?;
 
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -196,13 +219,21 @@ fn trace_instrumented(
         thread::Builder::new()
             .name("iptrace-process".into())
             .spawn(move || {
-                let result = process(datagrams_rx, resolver, out, &stats, count, linger, out_ifindex);
+                // libpcap's program stays on the thread that uses it.
+                let decoder = match userspace_selection.as_deref().map(CompiledFilter::compile).transpose() {
+                    Ok(selection) => selection.map_or_else(Decoder::new, Decoder::with_selection),
+                    Err(e) => {
+                        let _ = done_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let result = process(datagrams_rx, decoder, resolver, out, &stats, count, linger, out_ifindex);
                 let _ = done_tx.send(result);
             })
             .map_err(|e| RunError::Thread("processing", e))?
     };
 
-    eprintln!("iptrace: {}", ready_line(options, filter));
+    eprintln!("iptrace: {}", ready_line(options, backends, filter));
     let result = runtime.block_on(signals.wait_for_end(options.duration, done_rx));
     stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
@@ -210,7 +241,7 @@ fn trace_instrumented(
     result.map(|()| stats)
 }
 
-fn ready_line(options: &Options, filter: Option<&CompiledFilter>) -> String {
+fn ready_line(options: &Options, backends: &Backends, filter: Option<&CompiledFilter>) -> String {
     let families: Vec<&str> = options
         .families
         .iter()
@@ -221,7 +252,7 @@ fn ready_line(options: &Options, filter: Option<&CompiledFilter>) -> String {
         .collect();
     let what = filter.map_or_else(|| "every packet".to_owned(), |f| format!("'{}'", f.expression()));
     let netns = options.netns.as_deref().map(|n| format!(" in netns {n}")).unwrap_or_default();
-    format!("tracing {what} ({}){netns}; Ctrl-C to stop", families.join(", "))
+    format!("tracing {what} ({}; {}){netns}; Ctrl-C to stop", families.join(", "), backends.describe())
 }
 
 /// SIGINT, SIGTERM and SIGHUP, caught.
@@ -267,7 +298,7 @@ impl Signals {
 
 /// The reader: drains the socket as fast as it can into shared buffers and hands them on, so
 /// that formatting never holds up the receive path (the kernel drops what does not fit).
-fn read_datagrams(socket: &NflogSocket, stop: &AtomicBool, stats: &Stats, tx: &mpsc::SyncSender<Vec<Bytes>>) {
+fn read_datagrams(socket: &TraceSocket, stop: &AtomicBool, stats: &Stats, tx: &mpsc::SyncSender<Vec<Bytes>>) {
     const CHUNK: usize = 1 << 20;
     const MAX_DATAGRAM: usize = 1 << 17;
     let mut buf = BytesMut::with_capacity(CHUNK);
@@ -298,8 +329,10 @@ fn read_datagrams(socket: &NflogSocket, stop: &AtomicBool, stats: &Stats, tx: &m
 }
 
 /// Decode → correlate → resolve → render, until the reader stops or `count` packets are shown.
+#[expect(clippy::too_many_arguments, reason = "the processing thread's whole set-up, moved in once")]
 fn process(
     rx: mpsc::Receiver<Vec<Bytes>>,
+    mut decoder: Decoder,
     mut resolver: Resolver,
     out: Box<dyn Write + Send>,
     stats: &Stats,
@@ -308,7 +341,6 @@ fn process(
     out_ifindex: Option<u32>,
 ) -> Result<(), RunError> {
     let mut out = io::BufWriter::with_capacity(1 << 16, out);
-    let mut decoder = Decoder::new();
     let mut correlator = Correlator::new(linger);
     let mut names = KernelInterfaceNames::default();
     let mut events = Vec::new();
@@ -316,6 +348,9 @@ fn process(
     let mut emit = |trace: PacketTrace, resolver: &mut Resolver, out: &mut io::BufWriter<Box<dyn Write + Send>>| -> Result<bool, RunError> {
         if count.is_some_and(|c| shown >= c) {
             return Ok(true);
+        }
+        if !trace.events.first().is_some_and(|e| e.selected) {
+            return Ok(false);
         }
         if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
             return Ok(false);

@@ -56,9 +56,11 @@ impl Transport {
     }
 }
 
-/// Bytes of L4 payload folded into the identity: enough to tell apart packets of one flow that
-/// share every header field (UDP datagrams of equal size, ICMP echoes).
-const IDENTITY_PAYLOAD_BYTES: usize = 32;
+/// Bytes from the start of the transport header that the identity may look at: what an nf_tables
+/// trace event carries (`NFT_TRACETYPE_TRANSPORT_HSIZE`), so that a packet's nflog and nf_tables
+/// events have the same identity. The L4 payload within them (12 bytes of a UDP datagram or an
+/// ICMP echo) tells apart packets of one flow that share every header field.
+const IDENTITY_TRANSPORT_BYTES: usize = 20;
 
 impl PacketHeader {
     pub fn parse(packet: &[u8]) -> Result<Self, DecodeError> {
@@ -72,7 +74,7 @@ impl PacketHeader {
 
     /// A fingerprint of one packet that stays the same at every hook it crosses: the IP version,
     /// protocol, length, IPv4 ID or IPv6 flow label, TCP sequence/acknowledgement/flags, ICMP type,
-    /// code and sequence, and the first bytes of L4 payload. It leaves out what NAT and forwarding
+    /// code and sequence, and the L4 payload within the first 20 bytes of the transport header. It leaves out what NAT and forwarding
     /// rewrite: addresses, ports, ICMP echo ID, checksums, TTL and TOS (kernel-interfaces §10a).
     pub fn identity(&self) -> u64 {
         self.identity
@@ -85,7 +87,7 @@ impl PacketHeader {
         let fragment = frag & 0x1fff != 0;
         let protocol = h[9];
         let l4 = if fragment { &[][..] } else { p.get(ihl..).unwrap_or_default() };
-        let (transport, l4_payload) = parse_transport(protocol, l4, false);
+        let (transport, l4_payload) = parse_transport(protocol, traced(l4), false);
         let mut id = Identity::new(4, protocol);
         id.bytes(&h[2..6]); // total length, IP ID
         id.transport(&transport, l4_payload);
@@ -125,7 +127,7 @@ impl PacketHeader {
             }
         }
         let l4 = if fragment { &[][..] } else { p.get(off..).unwrap_or_default() };
-        let (transport, l4_payload) = parse_transport(next, l4, true);
+        let (transport, l4_payload) = parse_transport(next, traced(l4), true);
         let mut id = Identity::new(6, next);
         id.bytes(&h[1..6]); // flow label, payload length
         id.transport(&transport, l4_payload);
@@ -144,6 +146,11 @@ impl PacketHeader {
             identity: id.finish(),
         })
     }
+}
+
+/// The part of the transport header and payload that both nflog and nf_tables traces carry.
+fn traced(l4: &[u8]) -> &[u8] {
+    &l4[..l4.len().min(IDENTITY_TRANSPORT_BYTES)]
 }
 
 /// The transport header and the payload after it (empty where the header is cut short).
@@ -210,7 +217,7 @@ impl Identity {
             }
             Transport::Other => {}
         }
-        self.bytes(&payload[..payload.len().min(IDENTITY_PAYLOAD_BYTES)]);
+        self.bytes(payload);
     }
 
     fn finish(self) -> u64 {
