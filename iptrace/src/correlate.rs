@@ -11,8 +11,9 @@
 //! carry different times.
 //!
 //! nf_tables events carry a trace id, stable for one skb across hooks (kernel-interfaces §5.4):
-//! they join the open packet with their id. Ids repeat (skb reuse, hash collisions), so an id is
-//! only looked up among open packets, which close after `linger`.
+//! they join the open packet with their id. Ids repeat: a flow's next packet often gets the same
+//! skb and so the same id. But every packet iptrace's nf_tables table marks starts with the event
+//! of its marking rule (at -350, before any other table), so that event always opens a new packet.
 //!
 //! On a host with both engines one packet has both kinds of events, and they arrive in the order
 //! the kernel ran them (one socket, kernel-interfaces §10a). The identity joins them: an event
@@ -29,7 +30,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::decode::{Family, Origin, TraceEvent, TraceId};
+use crate::{
+    decode::{Family, NftTraceType, Origin, TraceEvent, TraceId},
+    instrument::Owner,
+};
 
 /// The events of one packet, in the order the kernel generated them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +67,12 @@ pub struct Correlator {
     next_serial: u64,
 }
 
+/// Whether `event` is iptrace's own marking rule, the first event of every packet its nf_tables
+/// table marks.
+fn starts_packet(event: &TraceEvent) -> bool {
+    matches!(&event.origin, Origin::Nft { table, handle: Some(_), trace_type: NftTraceType::Rule, .. } if Owner::from_table_name(table).is_some())
+}
+
 /// The lowest rank: a packet that has no legacy event yet accepts any.
 const NO_RANK: (u8, i32) = (0, i32::MIN);
 
@@ -77,12 +87,15 @@ impl Correlator {
             Origin::Xtables { hook, table, .. } => (Some((hook.stage(), table.priority(*hook))), None),
             Origin::Nft { trace_id, .. } => (None, Some(*trace_id)),
         };
-        let key = match trace_id.and_then(|id| self.trace_ids.get(&id)) {
+        let starts_packet = starts_packet(&event);
+        let known = trace_id.filter(|_| !starts_packet).and_then(|id| self.trace_ids.get(&id));
+        let key = match known {
             Some(&key) => key,
             None => (event.family, event.packet.identity()),
         };
         let candidates = self.open.entry(key).or_default();
         let index = match (trace_id, rank) {
+            (Some(_), _) if starts_packet => None,
             (Some(id), _) => candidates.iter().position(|p| p.trace_id == Some(id)).or_else(|| {
                 let untagged = candidates.iter().enumerate().filter(|(_, p)| p.trace_id.is_none());
                 untagged.max_by_key(|(_, p)| p.last_seen).map(|(i, _)| i)
@@ -193,6 +206,29 @@ mod tests {
             },
             ..event(packet, Hook::PreRouting, Table::Raw)
         }
+    }
+
+    #[test]
+    fn the_marking_rule_starts_a_new_packet_under_a_reused_id() {
+        let now = Instant::now();
+        let mut c = Correlator::new(Duration::from_secs(1));
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let mut b = udp_v4([10, 5, 1, 7], 40000, 64);
+        b[5] = 0x99;
+        let marking = |packet: &[u8]| {
+            let mut e = nft_event(packet, 1);
+            if let Origin::Nft { table, verdict, .. } = &mut e.origin {
+                *table = "iptrace_1_2".into();
+                *verdict = NftVerdict::Continue;
+            }
+            e
+        };
+        for e in [marking(&a), nft_event(&a, 1), marking(&b), nft_event(&b, 1)] {
+            c.push(e, now);
+        }
+        let done = c.flush_all();
+        assert_eq!(done.iter().map(|p| p.events.len()).collect::<Vec<_>>(), [2, 2]);
+        assert_ne!(done[0].events[1].packet.identity(), done[1].events[1].packet.identity());
     }
 
     #[test]

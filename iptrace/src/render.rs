@@ -190,7 +190,13 @@ fn fate(steps: &[Step]) -> String {
     if let Some((s, v)) = ending.iter().find(|(_, v)| v.drops()) {
         return describe(s, v);
     }
-    let chosen = ending.iter().rev().find(|(s, v)| decides_filtering(s, v)).or(ending.last());
+    // With several filtering tables (both engines, or several nf_tables tables), a rule's verdict
+    // tells more than a later policy's; one legacy filter table has only one anyway.
+    let filtering = || ending.iter().rev().filter(|(s, v)| decides_filtering(s, v));
+    let chosen = filtering()
+        .find(|(s, _)| !matches!(s.position, Position::Policy(_)))
+        .or_else(|| filtering().next())
+        .or(ending.last());
     match chosen {
         Some((s, v)) => describe(s, v),
         None => "verdict: none seen (no table ended its traversal in a traced step)".to_owned(),
