@@ -186,6 +186,7 @@ mod tests {
             in_ifindex: None,
             out_ifindex: None,
             mark: 0,
+            mark_after: None,
             packet: PacketHeader::parse(packet).unwrap(),
             selected: true,
             epoch: 0,

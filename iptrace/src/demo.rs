@@ -132,6 +132,7 @@ pub const SAMPLE_DOCKER_RULES: &str = r#"*filter
 -A FORWARD -j DOCKER-USER
 -A FORWARD -o vif2 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
 -A FORWARD -o vif2 -j DOCKER
+-A FORWARD -i vif2 ! -o vif2 -j ACCEPT
 -A DOCKER -d 172.16.2.2/32 -p tcp -m tcp --dport 80 -j ACCEPT
 -A DOCKER-USER -j RETURN
 COMMIT

@@ -66,15 +66,24 @@ pub fn render_packet(steps: &[Step], names: &mut impl InterfaceNames, out: &mut 
     }
     text.push('\n');
     let mut previous: Option<&TraceEvent> = None;
+    // The mark as last known: legacy events show it before their rule, nf_tables events after.
+    let mut mark = first.event.mark;
     for step in steps {
-        if let Some(prev) = previous {
-            let changes = changes(prev, &step.event);
-            if !changes.is_empty() {
-                let _ = writeln!(text, "{STEP}~ {}", changes.join(", "));
-            }
+        let e = &step.event;
+        let mut before = previous.map(|prev| changes(&prev.packet, &e.packet)).unwrap_or_default();
+        if e.mark_after.is_none() && e.mark != mark {
+            before.push(mark_change(mark, e.mark));
+            mark = e.mark;
         }
-        previous = Some(&step.event);
+        if !before.is_empty() {
+            let _ = writeln!(text, "{STEP}~ {}", before.join(", "));
+        }
+        previous = Some(e);
         step_lines(step, &mut text);
+        if let Some(after) = e.mark_after.filter(|m| *m != mark) {
+            let _ = writeln!(text, "{STEP}~ {}", mark_change(mark, after));
+            mark = after;
+        }
     }
     let _ = writeln!(text, "{STEP}{}", fate(steps));
     text.push('\n');
@@ -213,9 +222,8 @@ fn decides_filtering(step: &Step, verdict: &Verdict) -> bool {
     }
 }
 
-/// What changed in the packet between two consecutive steps: addresses, ports, mark.
-fn changes(before: &TraceEvent, after: &TraceEvent) -> Vec<String> {
-    let (a, b) = (&before.packet, &after.packet);
+/// What changed in the packet between two consecutive steps: addresses, ports.
+fn changes(a: &PacketHeader, b: &PacketHeader) -> Vec<String> {
     let mut out = Vec::new();
     if a.src != b.src {
         out.push(format!("SRC {} -> {}", a.src, b.src));
@@ -231,10 +239,11 @@ fn changes(before: &TraceEvent, after: &TraceEvent) -> Vec<String> {
             out.push(format!("DPT {adp} -> {bdp}"));
         }
     }
-    if before.mark != after.mark {
-        out.push(format!("MARK {:#x} -> {:#x}", before.mark, after.mark));
-    }
     out
+}
+
+fn mark_change(before: u32, after: u32) -> String {
+    format!("MARK {before:#x} -> {after:#x}")
 }
 
 /// The packet in the LOG target's format (`nf_log_syslog.c`).
@@ -332,6 +341,7 @@ mod tests {
                 out_ifindex: (hook == Hook::Forward).then_some(3),
                 mark,
                 packet: PacketHeader::parse(packet).unwrap(),
+                mark_after: None,
                 selected: true,
                 epoch: 0,
             },

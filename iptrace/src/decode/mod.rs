@@ -164,6 +164,8 @@ pub struct TraceEvent {
     pub in_ifindex: Option<u32>,
     pub out_ifindex: Option<u32>,
     pub mark: u32,
+    /// The mark after the rule ran, which nf_tables events report (legacy ones do not).
+    pub mark_after: Option<u32>,
     pub packet: PacketHeader,
     /// Whether the packet, as this event shows it, is one the user selected. Only the first
     /// event of a packet decides (later ones may show it after NAT); always true when the kernel
@@ -280,6 +282,7 @@ impl Decoder {
             in_ifindex: msg.in_ifindex,
             out_ifindex: msg.out_ifindex,
             mark: msg.mark,
+            mark_after: None,
             packet: PacketHeader::parse(msg.payload)?,
             selected: self.selects(msg.payload),
             epoch: 0,
@@ -356,6 +359,7 @@ impl Decoder {
             in_ifindex: headers.in_ifindex,
             out_ifindex: headers.out_ifindex,
             mark: mark_before,
+            mark_after: Some(mark_after),
             packet: headers.packet,
             selected: headers.selected,
             epoch: 0,
