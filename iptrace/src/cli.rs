@@ -20,10 +20,13 @@ rule that matched (number, text, comment), the action taken, changes to its addr
 and mark (NAT, MARK), and its fate. Rule numbers are those `iptables -L --line-numbers` shows
 without iptrace running.
 
-iptrace inserts one TRACE rule at the top of raw PREROUTING and raw OUTPUT (iptables-legacy and
-ip6tables-legacy), carrying the filter as xt_bpf bytecode so the kernel traces only matching
-packets, and binds nfnetlink_log as the logger. It removes both on exit, Ctrl-C, SIGTERM, SIGHUP
-or a crash; after a SIGKILL, the next run or `iptrace --cleanup` does. It needs root.";
+With nf_tables tables on the host (nftables or iptables-nft), iptrace adds its own table, inet
+iptrace_<pid>_<start>, whose chains at priority -350 set `meta nftrace` for the selected packets;
+legacy tables beside them are traced too. With legacy tables only, it inserts one TRACE rule at
+the top of raw PREROUTING and raw OUTPUT (iptables-legacy and ip6tables-legacy), carrying the
+filter as xt_bpf bytecode. Legacy tables report through nfnetlink_log, bound as the logger. All
+of it is removed on exit, Ctrl-C, SIGTERM, SIGHUP or a crash; after a SIGKILL, the next run or
+`iptrace --cleanup` does. It needs root.";
 
 #[derive(Debug, Parser)]
 #[command(
