@@ -17,9 +17,9 @@ use std::{
 };
 
 use iptrace::{
-    capture::{NflogSocket, Received},
+    capture::{TraceSocket, Received},
     decode::Family,
-    instrument::{Instrumentation, Prefilter, TracePlan},
+    instrument::{Instrumentation, Marker, Prefilter, TracePlan},
     lab::Role,
 };
 
@@ -55,8 +55,9 @@ pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, us
             iptrace::netns::enter(&netns).map_err(|e| e.to_string())?;
             let mut instrumentation = Instrumentation::prepare(&[Family::Ipv4]).map_err(|e| e.to_string())?;
             let recorded = (|| {
-                let socket = NflogSocket::open(&[Family::Ipv4], Duration::from_millis(50)).map_err(|e| e.to_string())?;
+                let socket = TraceSocket::open(&[Family::Ipv4], Duration::from_millis(50)).map_err(|e| e.to_string())?;
                 let plan = TracePlan {
+                    marker: Marker::TraceRules,
                     families: vec![Family::Ipv4],
                     prefilter: Prefilter::None,
                     in_interface: None,
@@ -103,7 +104,7 @@ pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, us
     Ok((kept, bytes.len()))
 }
 
-fn receive_until(socket: &NflogSocket, stop: &AtomicBool) -> Result<Vec<Vec<u8>>, String> {
+fn receive_until(socket: &TraceSocket, stop: &AtomicBool) -> Result<Vec<Vec<u8>>, String> {
     let mut datagrams = Vec::new();
     let mut buf = vec![0u8; 1 << 17];
     while !stop.load(Ordering::Relaxed) {

@@ -160,6 +160,18 @@ pub struct nlattr {
     pub nla_len: __u16,
     pub nla_type: __u16,
 }
+pub const NFNLGRP_NONE: nfnetlink_groups = 0;
+pub const NFNLGRP_CONNTRACK_NEW: nfnetlink_groups = 1;
+pub const NFNLGRP_CONNTRACK_UPDATE: nfnetlink_groups = 2;
+pub const NFNLGRP_CONNTRACK_DESTROY: nfnetlink_groups = 3;
+pub const NFNLGRP_CONNTRACK_EXP_NEW: nfnetlink_groups = 4;
+pub const NFNLGRP_CONNTRACK_EXP_UPDATE: nfnetlink_groups = 5;
+pub const NFNLGRP_CONNTRACK_EXP_DESTROY: nfnetlink_groups = 6;
+pub const NFNLGRP_NFTABLES: nfnetlink_groups = 7;
+pub const NFNLGRP_ACCT_QUOTA: nfnetlink_groups = 8;
+pub const NFNLGRP_NFTRACE: nfnetlink_groups = 9;
+pub const __NFNLGRP_MAX: nfnetlink_groups = 10;
+pub type nfnetlink_groups = core::ffi::c_uint;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct nfgenmsg {
@@ -257,6 +269,43 @@ pub const NFT_JUMP: nft_verdicts = -3;
 pub const NFT_GOTO: nft_verdicts = -4;
 pub const NFT_RETURN: nft_verdicts = -5;
 pub type nft_verdicts = core::ffi::c_int;
+pub const NFT_MSG_NEWTABLE: nf_tables_msg_types = 0;
+pub const NFT_MSG_GETTABLE: nf_tables_msg_types = 1;
+pub const NFT_MSG_DELTABLE: nf_tables_msg_types = 2;
+pub const NFT_MSG_NEWCHAIN: nf_tables_msg_types = 3;
+pub const NFT_MSG_GETCHAIN: nf_tables_msg_types = 4;
+pub const NFT_MSG_DELCHAIN: nf_tables_msg_types = 5;
+pub const NFT_MSG_NEWRULE: nf_tables_msg_types = 6;
+pub const NFT_MSG_GETRULE: nf_tables_msg_types = 7;
+pub const NFT_MSG_DELRULE: nf_tables_msg_types = 8;
+pub const NFT_MSG_NEWSET: nf_tables_msg_types = 9;
+pub const NFT_MSG_GETSET: nf_tables_msg_types = 10;
+pub const NFT_MSG_DELSET: nf_tables_msg_types = 11;
+pub const NFT_MSG_NEWSETELEM: nf_tables_msg_types = 12;
+pub const NFT_MSG_GETSETELEM: nf_tables_msg_types = 13;
+pub const NFT_MSG_DELSETELEM: nf_tables_msg_types = 14;
+pub const NFT_MSG_NEWGEN: nf_tables_msg_types = 15;
+pub const NFT_MSG_GETGEN: nf_tables_msg_types = 16;
+pub const NFT_MSG_TRACE: nf_tables_msg_types = 17;
+pub const NFT_MSG_NEWOBJ: nf_tables_msg_types = 18;
+pub const NFT_MSG_GETOBJ: nf_tables_msg_types = 19;
+pub const NFT_MSG_DELOBJ: nf_tables_msg_types = 20;
+pub const NFT_MSG_GETOBJ_RESET: nf_tables_msg_types = 21;
+pub const NFT_MSG_NEWFLOWTABLE: nf_tables_msg_types = 22;
+pub const NFT_MSG_GETFLOWTABLE: nf_tables_msg_types = 23;
+pub const NFT_MSG_DELFLOWTABLE: nf_tables_msg_types = 24;
+pub const NFT_MSG_MAX: nf_tables_msg_types = 25;
+pub type nf_tables_msg_types = core::ffi::c_uint;
+pub const NFTA_TABLE_UNSPEC: nft_table_attributes = 0;
+pub const NFTA_TABLE_NAME: nft_table_attributes = 1;
+pub const NFTA_TABLE_FLAGS: nft_table_attributes = 2;
+pub const NFTA_TABLE_USE: nft_table_attributes = 3;
+pub const NFTA_TABLE_HANDLE: nft_table_attributes = 4;
+pub const NFTA_TABLE_PAD: nft_table_attributes = 5;
+pub const NFTA_TABLE_USERDATA: nft_table_attributes = 6;
+pub const NFTA_TABLE_OWNER: nft_table_attributes = 7;
+pub const __NFTA_TABLE_MAX: nft_table_attributes = 8;
+pub type nft_table_attributes = core::ffi::c_uint;
 pub const NFTA_RULE_UNSPEC: nft_rule_attributes = 0;
 pub const NFTA_RULE_TABLE: nft_rule_attributes = 1;
 pub const NFTA_RULE_CHAIN: nft_rule_attributes = 2;
@@ -277,6 +326,12 @@ pub const NFTA_VERDICT_CHAIN: nft_verdict_attributes = 2;
 pub const NFTA_VERDICT_CHAIN_ID: nft_verdict_attributes = 3;
 pub const __NFTA_VERDICT_MAX: nft_verdict_attributes = 4;
 pub type nft_verdict_attributes = core::ffi::c_uint;
+pub const NFTA_GEN_UNSPEC: nft_gen_attributes = 0;
+pub const NFTA_GEN_ID: nft_gen_attributes = 1;
+pub const NFTA_GEN_PROC_PID: nft_gen_attributes = 2;
+pub const NFTA_GEN_PROC_NAME: nft_gen_attributes = 3;
+pub const __NFTA_GEN_MAX: nft_gen_attributes = 4;
+pub type nft_gen_attributes = core::ffi::c_uint;
 pub const NFTA_TRACE_UNSPEC: nft_trace_attributes = 0;
 pub const NFTA_TRACE_TABLE: nft_trace_attributes = 1;
 pub const NFTA_TRACE_CHAIN: nft_trace_attributes = 2;

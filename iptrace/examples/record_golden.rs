@@ -13,7 +13,7 @@ use std::{
 };
 
 use iptrace::{
-    capture::{NflogSocket, Received},
+    capture::{TraceSocket, Received},
     decode::Family,
     demo::load_sample_rules,
     lab::{Lab, Role, addr},
@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     let router = lab.ns(Role::Router);
     let recorder = thread::spawn(move || -> anyhow::Result<Vec<Vec<u8>>> {
         netns::enter(&router)?;
-        let socket = NflogSocket::open(&[Family::Ipv4, Family::Ipv6], Duration::from_millis(50))?;
+        let socket = TraceSocket::open(&[Family::Ipv4, Family::Ipv6], Duration::from_millis(50))?;
         let mut datagrams = Vec::new();
         let mut buf = vec![0u8; 1 << 17];
         let end = Instant::now() + Duration::from_secs(2);

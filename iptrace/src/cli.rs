@@ -4,7 +4,7 @@ use std::{ffi::OsString, time::Duration};
 
 use clap::{ArgAction, Parser};
 
-use crate::{decode::Family, filter::Selection, instrument::Limit, run::Options};
+use crate::{backend::BackendChoice, decode::Family, filter::Selection, instrument::Limit, run::Options};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -20,10 +20,13 @@ rule that matched (number, text, comment), the action taken, changes to its addr
 and mark (NAT, MARK), and its fate. Rule numbers are those `iptables -L --line-numbers` shows
 without iptrace running.
 
-iptrace inserts one TRACE rule at the top of raw PREROUTING and raw OUTPUT (iptables-legacy and
-ip6tables-legacy), carrying the filter as xt_bpf bytecode so the kernel traces only matching
-packets, and binds nfnetlink_log as the logger. It removes both on exit, Ctrl-C, SIGTERM, SIGHUP
-or a crash; after a SIGKILL, the next run or `iptrace --cleanup` does. It needs root.";
+With nf_tables tables on the host (nftables or iptables-nft), iptrace adds its own table, inet
+iptrace_<pid>_<start>, whose chains at priority -350 set `meta nftrace` for the selected packets;
+legacy tables beside them are traced too. With legacy tables only, it inserts one TRACE rule at
+the top of raw PREROUTING and raw OUTPUT (iptables-legacy and ip6tables-legacy), carrying the
+filter as xt_bpf bytecode. Legacy tables report through nfnetlink_log, bound as the logger. All
+of it is removed on exit, Ctrl-C, SIGTERM, SIGHUP or a crash; after a SIGKILL, the next run or
+`iptrace --cleanup` does. It needs root.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,6 +75,13 @@ pub struct Cli {
     /// start and kept if they leave there (the interface is known only after routing).
     #[arg(short = 'o', long = "out-interface", value_name = "NAME")]
     pub out_interface: Option<String>,
+
+    /// Which tables to trace and how: `legacy` inserts TRACE rules (iptables-legacy tables);
+    /// `nft` adds its own nf_tables table that marks packets (nftables and iptables-nft tables,
+    /// and legacy tables too if there are any); `auto` picks nft when the host has nf_tables
+    /// tables or no legacy ones.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
 
     /// Trace IPv4 only (default: IPv4 and IPv6).
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
@@ -192,6 +202,7 @@ impl Cli {
                 dport: self.dport.clone(),
             },
             families,
+            backend: self.backend,
             in_interface: self.in_interface.clone(),
             out_interface: self.out_interface.clone(),
             limit,

@@ -10,6 +10,16 @@
 //! timestamps) nfnetlink_log stamps each event with the current time, so one packet's events
 //! carry different times.
 //!
+//! nf_tables events carry a trace id, stable for one skb across hooks (kernel-interfaces §5.4):
+//! they join the open packet with their id. Ids repeat: a flow's next packet often gets the same
+//! skb and so the same id. But every packet iptrace's nf_tables table marks starts with the event
+//! of its marking rule (at -350, before any other table), so that event always opens a new packet.
+//!
+//! On a host with both engines one packet has both kinds of events, and they arrive in the order
+//! the kernel ran them (one socket, kernel-interfaces §10a). The identity joins them: an event
+//! with a new trace id attaches to the open packet of its identity that has no trace id yet, and
+//! a legacy event to the open packet of its identity, whatever nf_tables events it already has.
+//!
 //! A packet is complete when no event joined it for `linger`: a packet's events are generated
 //! within microseconds of each other and queued in that order, so a short quiet time is enough.
 //!
@@ -20,7 +30,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::decode::{Family, TraceEvent};
+use crate::{
+    decode::{Family, NftTraceType, Origin, TraceEvent, TraceId},
+    instrument::Owner,
+};
 
 /// The events of one packet, in the order the kernel generated them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,8 +48,10 @@ const MAX_OPEN: usize = 16_384;
 #[derive(Debug)]
 struct OpenPacket {
     events: Vec<TraceEvent>,
-    /// Highest (stage, priority) seen so far.
+    /// Highest (stage, priority) of its legacy events so far.
     rank: (u8, i32),
+    /// The nf_tables trace id of its events, once one came.
+    trace_id: Option<TraceId>,
     last_seen: Instant,
     /// Order of creation, to close the oldest first.
     serial: u64,
@@ -46,36 +61,70 @@ struct OpenPacket {
 pub struct Correlator {
     linger: Duration,
     open: HashMap<(Family, u64), Vec<OpenPacket>>,
+    /// The identity key of the open packet with each trace id.
+    trace_ids: HashMap<TraceId, (Family, u64)>,
     open_count: usize,
     next_serial: u64,
 }
 
-fn rank(e: &TraceEvent) -> (u8, i32) {
-    (e.hook.stage(), e.table.priority(e.hook))
+/// Whether `event` is iptrace's own marking rule, the first event of every packet its nf_tables
+/// table marks.
+fn starts_packet(event: &TraceEvent) -> bool {
+    matches!(&event.origin, Origin::Nft { table, handle: Some(_), trace_type: NftTraceType::Rule, .. } if Owner::from_table_name(table).is_some())
 }
+
+/// The lowest rank: a packet that has no legacy event yet accepts any.
+const NO_RANK: (u8, i32) = (0, i32::MIN);
 
 impl Correlator {
     pub fn new(linger: Duration) -> Self {
-        Self { linger, open: HashMap::new(), open_count: 0, next_serial: 0 }
+        Self { linger, open: HashMap::new(), trace_ids: HashMap::new(), open_count: 0, next_serial: 0 }
     }
 
     /// Adds an event received at `now`. Returns a packet closed early to bound memory, if any.
     pub fn push(&mut self, event: TraceEvent, now: Instant) -> Option<PacketTrace> {
-        let key = (event.family, event.packet.identity());
-        let r = rank(&event);
+        let (rank, trace_id) = match &event.origin {
+            Origin::Xtables { hook, table, .. } => (Some((hook.stage(), table.priority(*hook))), None),
+            Origin::Nft { trace_id, .. } => (None, Some(*trace_id)),
+        };
+        let starts_packet = starts_packet(&event);
+        let known = trace_id.filter(|_| !starts_packet).and_then(|id| self.trace_ids.get(&id));
+        let key = match known {
+            Some(&key) => key,
+            None => (event.family, event.packet.identity()),
+        };
         let candidates = self.open.entry(key).or_default();
-        if let Some(p) = candidates.iter_mut().filter(|p| r >= p.rank).max_by_key(|p| p.last_seen) {
-            p.rank = r;
+        let index = match (trace_id, rank) {
+            (Some(_), _) if starts_packet => None,
+            (Some(id), _) => candidates.iter().position(|p| p.trace_id == Some(id)).or_else(|| {
+                let untagged = candidates.iter().enumerate().filter(|(_, p)| p.trace_id.is_none());
+                untagged.max_by_key(|(_, p)| p.last_seen).map(|(i, _)| i)
+            }),
+            (None, Some(r)) => candidates.iter().enumerate().filter(|(_, p)| r >= p.rank).max_by_key(|(_, p)| p.last_seen).map(|(i, _)| i),
+            (None, None) => None,
+        };
+        let joined = index.map(|i| &mut candidates[i]);
+        if let Some(p) = joined {
+            if let Some(r) = rank {
+                p.rank = r;
+            }
+            if p.trace_id.is_none() && trace_id.is_some() {
+                p.trace_id = trace_id;
+                self.trace_ids.extend(trace_id.map(|id| (id, key)));
+            }
             p.last_seen = now;
             p.events.push(event);
             return None;
         }
         candidates.push(OpenPacket {
-            rank: r,
+            rank: rank.unwrap_or(NO_RANK),
+            trace_id,
             last_seen: now,
             serial: self.next_serial,
             events: vec![event],
         });
+        // A repeated id belongs to the newest packet that has it.
+        self.trace_ids.extend(trace_id.map(|id| (id, key)));
         self.next_serial += 1;
         self.open_count += 1;
         (self.open_count > MAX_OPEN).then(|| self.close_oldest()).flatten()
@@ -110,6 +159,11 @@ impl Correlator {
             !packets.is_empty()
         });
         self.open_count -= closed.len();
+        for id in closed.iter().filter_map(|p| p.trace_id) {
+            if self.trace_ids.get(&id).is_some_and(|key| !self.open.get(key).is_some_and(|ps| ps.iter().any(|p| p.trace_id == Some(id)))) {
+                self.trace_ids.remove(&id);
+            }
+        }
         closed.sort_by_key(|p| p.serial);
         closed.into_iter().map(|p| PacketTrace { events: p.events }).collect()
     }
@@ -123,22 +177,95 @@ impl Correlator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{Hook, PacketHeader, Table, TraceKind};
+    use crate::decode::{Hook, NftFamily, NftTraceType, NftVerdict, PacketHeader, Table, TraceKind};
 
     fn event(packet: &[u8], hook: Hook, table: Table) -> TraceEvent {
         TraceEvent {
             family: Family::Ipv4,
-            hook,
-            table,
-            chain: "C".into(),
-            kind: TraceKind::Policy,
-            number: 1,
+            origin: Origin::Xtables { hook, table, chain: "C".into(), kind: TraceKind::Policy, number: 1 },
             in_ifindex: None,
             out_ifindex: None,
             mark: 0,
+            mark_after: None,
             packet: PacketHeader::parse(packet).unwrap(),
+            selected: true,
             epoch: 0,
         }
+    }
+
+    fn nft_event(packet: &[u8], id: u8) -> TraceEvent {
+        TraceEvent {
+            origin: Origin::Nft {
+                family: NftFamily::Inet,
+                table: "fw".into(),
+                chain: "forward".into(),
+                handle: Some(7),
+                trace_type: NftTraceType::Rule,
+                verdict: NftVerdict::Accept,
+                trace_id: TraceId([id, 0, 0, 1]),
+                ct: None,
+            },
+            ..event(packet, Hook::PreRouting, Table::Raw)
+        }
+    }
+
+    #[test]
+    fn the_marking_rule_starts_a_new_packet_under_a_reused_id() {
+        let now = Instant::now();
+        let mut c = Correlator::new(Duration::from_secs(1));
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let mut b = udp_v4([10, 5, 1, 7], 40000, 64);
+        b[5] = 0x99;
+        let marking = |packet: &[u8]| {
+            let mut e = nft_event(packet, 1);
+            if let Origin::Nft { table, verdict, .. } = &mut e.origin {
+                *table = "iptrace_1_2".into();
+                *verdict = NftVerdict::Continue;
+            }
+            e
+        };
+        for e in [marking(&a), nft_event(&a, 1), marking(&b), nft_event(&b, 1)] {
+            c.push(e, now);
+        }
+        let done = c.flush_all();
+        assert_eq!(done.iter().map(|p| p.events.len()).collect::<Vec<_>>(), [2, 2]);
+        assert_ne!(done[0].events[1].packet.identity(), done[1].events[1].packet.identity());
+    }
+
+    #[test]
+    fn nft_events_join_by_trace_id_and_legacy_events_by_identity() {
+        let now = Instant::now();
+        let mut c = Correlator::new(Duration::from_secs(1));
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let a_natted = udp_v4([172, 16, 2, 200], 61000, 63);
+        let sequence = [
+            nft_event(&a, 1),
+            event(&a, Hook::PreRouting, Table::Raw),
+            // The same bytes again under another id: a retransmission, another packet.
+            nft_event(&a, 2),
+            event(&a, Hook::PreRouting, Table::Raw),
+            nft_event(&a, 1),
+            event(&a, Hook::Forward, Table::Filter),
+            nft_event(&a_natted, 2),
+        ];
+        for (i, e) in sequence.into_iter().enumerate() {
+            assert!(c.push(e, now + Duration::from_millis(i as u64)).is_none());
+        }
+        let done = c.flush_all();
+        let ids = |p: &PacketTrace| {
+            p.events
+                .iter()
+                .map(|e| match &e.origin {
+                    Origin::Nft { trace_id, .. } => trace_id.0[0],
+                    Origin::Xtables { .. } => 0,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(done.len(), 2);
+        // The FORWARD event goes to the packet seen last: the one its CPU was working on.
+        assert_eq!(ids(&done[0]), [1, 0, 1, 0]);
+        assert_eq!(ids(&done[1]), [2, 0, 2]);
+        assert!(c.trace_ids.is_empty());
     }
 
     use crate::decode::packet::tests::udp_v4;

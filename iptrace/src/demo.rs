@@ -1,6 +1,8 @@
-//! `iptrace --demo`: a router lab with a sample legacy rule set modelled on the original
-//! iptables-trace's router examples (MARK and user chains with return, ipset profiles, comments,
-//! conntrack state, SNAT), a few packets through it, traced by a real `iptrace --netns` run.
+//! `iptrace --demo`: router labs with sample rule sets, a few packets through each, traced by a
+//! real `iptrace --netns` run: a legacy rule set modelled on the original iptables-trace's router
+//! examples (MARK and user chains with return, ipset profiles, comments, conntrack state, SNAT);
+//! a native nftables router (named sets, jump, goto, return, DNAT, masquerade, a drop policy);
+//! and a mixed host with Docker-style iptables-nft rules beside a native nftables table.
 
 use std::{
     io::{BufRead, BufReader},
@@ -10,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::lab::{Lab, LabError, Role, addr};
+use crate::lab::{EchoServers, Lab, LabError, Role, addr};
 
 /// The router's rule set: ipsets, then tables in iptables-legacy-restore syntax.
 pub const SAMPLE_IPSETS: &str = "\
@@ -79,6 +81,83 @@ COMMIT
 COMMIT
 "#;
 
+/// A native nftables router: named sets, jump and goto chains, an explicit return, a port
+/// forward (DNAT), masquerade and a drop policy.
+pub const SAMPLE_NFT_RULES: &str = r#"table inet router {
+	set trusted {
+		type ipv4_addr
+		elements = { 10.5.1.7 }
+	}
+	set web_ports {
+		type inet_service
+		elements = { 80, 443 }
+	}
+	chain mark_in {
+		type filter hook prerouting priority mangle; policy accept;
+		ip saddr 10.5.1.0/24 meta mark set 0x100
+	}
+	chain port_forward {
+		type nat hook prerouting priority dstnat; policy accept;
+		iifname "vif0" ip daddr 10.5.1.1 tcp dport 8080 dnat ip to 172.16.2.2:80
+	}
+	chain forward {
+		type filter hook forward priority filter; policy drop;
+		ct state established,related accept
+		ip saddr @trusted jump trusted_client
+		ip saddr 10.5.1.8 goto restricted_client
+	}
+	chain trusted_client {
+		icmp type echo-request accept
+		udp dport 53 accept
+		tcp dport @web_ports return
+	}
+	chain restricted_client {
+		tcp dport 22 accept comment "ssh only"
+	}
+	chain masquerade_out {
+		type nat hook postrouting priority srcnat; policy accept;
+		oifname "vif2" ip saddr 10.5.1.0/24 masquerade
+	}
+}
+"#;
+
+/// Docker-style rules loaded with iptables-nft: DOCKER-USER, DOCKER, a published port (DNAT) and
+/// masquerade.
+pub const SAMPLE_DOCKER_RULES: &str = r#"*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:DOCKER - [0:0]
+:DOCKER-USER - [0:0]
+-A FORWARD -j DOCKER-USER
+-A FORWARD -o vif2 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -o vif2 -j DOCKER
+-A FORWARD -i vif2 ! -o vif2 -j ACCEPT
+-A DOCKER -d 172.16.2.2/32 -p tcp -m tcp --dport 80 -j ACCEPT
+-A DOCKER-USER -j RETURN
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A POSTROUTING -s 10.5.1.0/24 ! -o vif0 -j MASQUERADE
+-A DOCKER -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.16.2.2:80
+COMMIT
+"#;
+
+/// A native table beside the Docker rules (or beside legacy tables): it sees the same packets.
+pub const SAMPLE_GUARD_RULES: &str = r#"table inet guard {
+	chain forward {
+		type filter hook forward priority filter + 10; policy accept;
+		tcp dport 80 counter comment "web seen"
+		udp dport 9999 drop
+	}
+}
+"#;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error(transparent)]
@@ -95,6 +174,17 @@ pub fn load_sample_rules(lab: &Lab) -> Result<(), LabError> {
     lab.exec(Role::Router, &["iptables-legacy-restore"], SAMPLE_RULES)?;
     lab.exec(Role::Router, &["ip6tables-legacy-restore"], SAMPLE_RULES6)?;
     Ok(())
+}
+
+/// Loads the native nftables router.
+pub fn load_sample_nft_rules(lab: &Lab) -> Result<(), LabError> {
+    lab.exec(Role::Router, &["nft", "-f", "-"], SAMPLE_NFT_RULES).map(drop)
+}
+
+/// Loads the Docker-style iptables-nft rules and the native guard table beside them.
+pub fn load_sample_mixed_rules(lab: &Lab) -> Result<(), LabError> {
+    lab.exec(Role::Router, &["iptables-nft-restore"], SAMPLE_DOCKER_RULES)?;
+    lab.exec(Role::Router, &["nft", "-f", "-"], SAMPLE_GUARD_RULES).map(drop)
 }
 
 /// Starts `iptrace ARGS` (this same binary) and waits for its ready line on stderr; the rest of
@@ -140,12 +230,34 @@ pub fn run() -> Result<(), DemoError> {
         // SAFETY: installing SIG_IGN is async-signal-safe and has no Rust-side state.
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
-    eprintln!("iptrace demo: building namespaces iptdemo-client, iptdemo-router, iptdemo-server");
+    legacy_router()?;
+    nft_router()?;
+    mixed_host()?;
+    Ok(())
+}
+
+/// Builds the lab, with `load` applied to the router, and starts tracing in it.
+fn traced_lab(what: &str, load: fn(&Lab) -> Result<(), LabError>, expression: &str) -> Result<(Lab, EchoServers, Child), DemoError> {
+    eprintln!("iptrace demo: {what}: building namespaces iptdemo-client, iptdemo-router, iptdemo-server");
     let lab = Lab::router_lab("iptdemo")?;
-    load_sample_rules(&lab)?;
-    let _servers = lab.tcp_echo_servers(Role::Server, &[22, 80])?;
-    let router = lab.ns(Role::Router);
-    let mut tracer = spawn_tracer(&["--netns", &router, "host 172.16.2.2 or host fd00:16:2::2"])?;
+    load(&lab)?;
+    let servers = lab.tcp_echo_servers(Role::Server, &[22, 80])?;
+    let tracer = spawn_tracer(&["--netns", &lab.ns(Role::Router), expression])?;
+    Ok((lab, servers, tracer))
+}
+
+/// Ends the tracer and removes the lab.
+fn finish(lab: Lab, mut tracer: Child) {
+    thread::sleep(Duration::from_millis(400));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(i32::try_from(tracer.id()).unwrap_or(0), libc::SIGTERM) };
+    let _ = tracer.wait();
+    drop(lab);
+    eprintln!("iptrace demo: done; namespaces removed");
+}
+
+fn legacy_router() -> Result<(), DemoError> {
+    let (lab, _servers, tracer) = traced_lab("iptables-legacy router", load_sample_rules, "host 172.16.2.2 or host fd00:16:2::2")?;
 
     let server = |port| SocketAddr::new(addr::SERVER, port);
     eprintln!("iptrace demo: ping from the normal client (marked, SNATed)");
@@ -163,13 +275,33 @@ pub fn run() -> Result<(), DemoError> {
     pause();
     eprintln!("iptrace demo: ICMPv6 echo through ip6tables");
     lab.ping(Role::Client, addr::CLIENT6, addr::SERVER6, 1)?;
-    thread::sleep(Duration::from_millis(400));
+    finish(lab, tracer);
+    Ok(())
+}
 
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(i32::try_from(tracer.id()).unwrap_or(0), libc::SIGTERM) };
-    let _ = tracer.wait();
-    drop(lab);
-    eprintln!("iptrace demo: done; namespaces removed");
+fn nft_router() -> Result<(), DemoError> {
+    let (lab, _servers, tracer) = traced_lab("nftables router", load_sample_nft_rules, "host 172.16.2.2 or host 10.5.1.1")?;
+    eprintln!("iptrace demo: ping from the trusted client (set lookup, jump, masquerade)");
+    lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 1)?;
+    pause();
+    eprintln!("iptrace demo: the port forward 10.5.1.1:8080 (DNAT, then a return and the drop policy)");
+    lab.tcp(Role::Client, addr::CLIENT, SocketAddr::new(addr::ROUTER_CLIENT_SIDE, 8080), b"GET / HTTP/1.0\r\n\r\n")?;
+    pause();
+    eprintln!("iptrace demo: SSH and UDP from the restricted client (goto; accepted, then dropped)");
+    lab.tcp(Role::Client, addr::CLIENT_RESTRICTED, SocketAddr::new(addr::SERVER, 22), b"SSH-2.0-demo\r\n")?;
+    lab.udp(Role::Client, SocketAddr::new(addr::CLIENT_RESTRICTED, 0), SocketAddr::new(addr::SERVER, 9999), b"not allowed")?;
+    finish(lab, tracer);
+    Ok(())
+}
+
+fn mixed_host() -> Result<(), DemoError> {
+    let (lab, _servers, tracer) = traced_lab("Docker-style iptables-nft rules beside a native table", load_sample_mixed_rules, "tcp port 8080 or udp port 9999")?;
+    eprintln!("iptrace demo: a published port (DNAT by iptables-nft, seen by both tables)");
+    lab.tcp(Role::Client, addr::CLIENT, SocketAddr::new(addr::ROUTER_CLIENT_SIDE, 8080), b"GET / HTTP/1.0\r\n\r\n")?;
+    pause();
+    eprintln!("iptrace demo: UDP dropped by the native table");
+    lab.udp(Role::Client, SocketAddr::new(addr::CLIENT, 0), SocketAddr::new(addr::SERVER, 9999), b"dropped")?;
+    finish(lab, tracer);
     Ok(())
 }
 

@@ -72,6 +72,51 @@ impl Selection {
             _ => Some(parts.join(" and ")),
         })
     }
+
+    /// The selection as native nf_tables matches for iptrace's own table, or `None` when it has a
+    /// pcap expression, which nft cannot express in general (nor add an xt_bpf match itself):
+    /// then everything is traced and the expression applied to each packet's first trace event.
+    pub fn to_nft_match(&self) -> Result<Option<String>, FilterError> {
+        if self.expression.as_deref().is_some_and(|e| !e.trim().is_empty()) {
+            return Ok(None);
+        }
+        let mut parts = Vec::new();
+        for (option, value, field) in [("--source", &self.source, "saddr"), ("--destination", &self.destination, "daddr")] {
+            if let Some(value) = value {
+                let net = net_primitive(option, value)?;
+                let family = if net.contains(':') { "ip6" } else { "ip" };
+                parts.push(format!("{family} {field} {net}"));
+            }
+        }
+        let protocol = self.protocol.as_deref().map(nft_protocol).transpose()?.flatten();
+        let has_ports = self.sport.is_some() || self.dport.is_some();
+        match protocol {
+            Some(p) => parts.push(format!("meta l4proto {p}")),
+            // pcap's `port` means TCP, UDP or SCTP; `th` needs the protocol pinned down.
+            None if has_ports => parts.push("meta l4proto { tcp, udp, sctp }".to_owned()),
+            None => {}
+        }
+        for (option, value, field) in [("--sport", &self.sport, "sport"), ("--dport", &self.dport, "dport")] {
+            if let Some(value) = value {
+                let ports = port_primitive(option, value)?;
+                let ports = ports.strip_prefix("portrange ").or_else(|| ports.strip_prefix("port ")).unwrap_or(&ports);
+                parts.push(format!("th {field} {ports}"));
+            }
+        }
+        Ok(Some(parts.join(" ")))
+    }
+}
+
+/// `-p` as `meta l4proto` takes it; `None` for `all`.
+fn nft_protocol(value: &str) -> Result<Option<String>, FilterError> {
+    // Validated (and normalised) the same way as for pcap.
+    let pcap = protocol_primitive(value)?;
+    Ok(match pcap.as_str() {
+        "(ip or ip6)" => None,
+        "icmp6" => Some("ipv6-icmp".into()),
+        "tcp" | "udp" | "sctp" | "icmp" => Some(pcap),
+        _ => value.parse::<u8>().ok().map(|n| n.to_string()),
+    })
 }
 
 fn net_primitive(option: &'static str, value: &str) -> Result<String, FilterError> {
@@ -256,6 +301,31 @@ mod tests {
         assert_eq!(Selection::default().to_expression().unwrap(), None);
         let alone = sel(|s| s.expression = Some(" udp port 53 ".into()));
         assert_eq!(alone.to_expression().unwrap().as_deref(), Some("udp port 53"));
+    }
+
+    #[test]
+    fn simple_options_become_native_nft_matches() {
+        let s = sel(|s| {
+            s.source = Some("10.1.2.3/8".into());
+            s.destination = Some("fd00::1".into());
+            s.dport = Some("1024:2048".into());
+        });
+        assert_eq!(
+            s.to_nft_match().unwrap().unwrap(),
+            "ip saddr 10.0.0.0/8 ip6 daddr fd00::1 meta l4proto { tcp, udp, sctp } th dport 1024-2048"
+        );
+        let s = sel(|s| {
+            s.protocol = Some("icmpv6".into());
+        });
+        assert_eq!(s.to_nft_match().unwrap().unwrap(), "meta l4proto ipv6-icmp");
+        let s = sel(|s| {
+            s.protocol = Some("tcp".into());
+            s.sport = Some("22".into());
+        });
+        assert_eq!(s.to_nft_match().unwrap().unwrap(), "meta l4proto tcp th sport 22");
+        assert_eq!(Selection::default().to_nft_match().unwrap().unwrap(), "");
+        assert_eq!(sel(|s| s.expression = Some("tcp".into())).to_nft_match().unwrap(), None);
+        assert!(sel(|s| s.protocol = Some("tcpx".into())).to_nft_match().is_err());
     }
 
     #[test]

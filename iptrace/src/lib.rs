@@ -4,6 +4,7 @@
 //! → [`capture`] (the nfnetlink_log socket and its eBPF filter) → [`decode`] (bytes to events)
 //! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`render`].
 
+pub mod backend;
 pub mod bpf;
 pub mod capture;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod filter;
 pub mod instrument;
 pub mod lab;
 pub mod netns;
+pub mod nftables;
 pub mod render;
 pub mod resolve;
 pub mod run;

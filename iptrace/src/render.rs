@@ -1,6 +1,10 @@
 //! Render: one text block per packet, in the layout of the original iptables-trace: the packet in
 //! LOG-target style, then each table and chain it passed with the rule that matched, its number,
 //! text and action, lines where the packet changed between steps, and its fate.
+//!
+//! Legacy steps read `table CHAIN`; nf_tables steps name their engine: `nft inet fw forward
+//! (handle 7)` with the rule in nft syntax and the kernel's verdict, or `iptables-nft filter
+//! FORWARD (#2)` with the rule in iptables syntax.
 
 use std::{
     collections::HashMap,
@@ -11,8 +15,8 @@ use std::{
 };
 
 use crate::{
-    decode::{PacketHeader, Table, TraceEvent, packet::Transport},
-    resolve::{Position, Step, Verdict},
+    decode::{NftFamily, Origin, PacketHeader, Table, TraceEvent, packet::Transport},
+    resolve::{Engine, Position, Step, Verdict},
 };
 
 const STEP: &str = "        ";
@@ -51,17 +55,35 @@ pub fn render_packet(steps: &[Step], names: &mut impl InterfaceNames, out: &mut 
     let Some(first) = steps.first() else { return Ok(()) };
     let mut text = String::with_capacity(256 + steps.len() * 96);
     text.push_str(&packet_line(&first.event, names));
+    if let Some(ct) = steps.iter().find_map(|s| match &s.event.origin {
+        Origin::Nft { ct, .. } => *ct,
+        Origin::Xtables { .. } => None,
+    }) {
+        let _ = write!(text, " CT={}", ct.state_name());
+        if ct.direction == Some(1) {
+            text.push_str(",reply");
+        }
+    }
     text.push('\n');
     let mut previous: Option<&TraceEvent> = None;
+    // The mark as last known: legacy events show it before their rule, nf_tables events after.
+    let mut mark = first.event.mark;
     for step in steps {
-        if let Some(prev) = previous {
-            let changes = changes(prev, &step.event);
-            if !changes.is_empty() {
-                let _ = writeln!(text, "{STEP}~ {}", changes.join(", "));
-            }
+        let e = &step.event;
+        let mut before = previous.map(|prev| changes(&prev.packet, &e.packet)).unwrap_or_default();
+        if e.mark_after.is_none() && e.mark != mark {
+            before.push(mark_change(mark, e.mark));
+            mark = e.mark;
         }
-        previous = Some(&step.event);
+        if !before.is_empty() {
+            let _ = writeln!(text, "{STEP}~ {}", before.join(", "));
+        }
+        previous = Some(e);
         step_lines(step, &mut text);
+        if let Some(after) = e.mark_after.filter(|m| *m != mark) {
+            let _ = writeln!(text, "{STEP}~ {}", mark_change(mark, after));
+            mark = after;
+        }
     }
     let _ = writeln!(text, "{STEP}{}", fate(steps));
     text.push('\n');
@@ -69,10 +91,10 @@ pub fn render_packet(steps: &[Step], names: &mut impl InterfaceNames, out: &mut 
 }
 
 fn step_lines(step: &Step, text: &mut String) {
-    let e = &step.event;
+    let place = place(step);
     match &step.position {
-        Position::Rule { number, rule } => {
-            let _ = write!(text, "{STEP}{} {} (#{number})", e.table, e.chain);
+        Position::Rule { number, rule } | Position::XtablesNftRule { number, rule, .. } => {
+            let _ = write!(text, "{STEP}{place} (#{number})");
             if let Some(comment) = &rule.comment {
                 let _ = write!(text, " /* {comment} */");
             }
@@ -89,19 +111,52 @@ fn step_lines(step: &Step, text: &mut String) {
             };
             let _ = writeln!(text, "{DETAIL}=> {action}");
         }
+        Position::Policy(_) if step.engine == Engine::Nft => {
+            let _ = writeln!(text, "{STEP}{place}\n{DETAIL}policy {}", kernel_verdict(&step.event));
+        }
         Position::Policy(v) => {
-            let _ = writeln!(text, "{STEP}{} {}\n{DETAIL}{}", e.table, e.chain, verdict_name(v));
+            let _ = writeln!(text, "{STEP}{place}\n{DETAIL}{}", verdict_name(v));
+        }
+        Position::ChainEnd if step.engine == Engine::Nft => {
+            let _ = writeln!(text, "{STEP}{place}\n{DETAIL}return (end of chain)");
         }
         Position::ChainEnd => {
-            let _ = writeln!(text, "{STEP}{} {}\n{DETAIL}RETURN", e.table, e.chain);
+            let _ = writeln!(text, "{STEP}{place}\n{DETAIL}RETURN");
         }
         Position::Unknown { kernel_number } => {
             let _ = writeln!(
                 text,
-                "{STEP}{} {} (kernel rule {kernel_number})\n{DETAIL}? the rule set changed before iptrace could read this rule",
-                e.table, e.chain
+                "{STEP}{place} (kernel rule {kernel_number})\n{DETAIL}? the rule set changed before iptrace could read this rule"
             );
         }
+        Position::NftRule { handle, text: rule, .. } => {
+            let _ = writeln!(text, "{STEP}{place} (handle {handle})\n{DETAIL}{rule}\n{DETAIL}=> {}", kernel_verdict(&step.event));
+        }
+        Position::NftRuleGone { handle, .. } => {
+            let _ = writeln!(
+                text,
+                "{STEP}{place} (handle {handle})\n{DETAIL}? this rule was deleted before iptrace could read it\n{DETAIL}=> {}",
+                kernel_verdict(&step.event)
+            );
+        }
+    }
+}
+
+/// Where a step happened: `filter FORWARD`, `nft inet fw forward`, `iptables-nft filter FORWARD`.
+fn place(step: &Step) -> String {
+    match (&step.event.origin, step.engine) {
+        (Origin::Xtables { table, chain, .. }, _) => format!("{table} {chain}"),
+        (Origin::Nft { family: NftFamily::Ip6, table, chain, .. }, Engine::XtablesNft) => format!("ip6tables-nft {table} {chain}"),
+        (Origin::Nft { table, chain, .. }, Engine::XtablesNft) => format!("iptables-nft {table} {chain}"),
+        (Origin::Nft { family, table, chain, .. }, _) => format!("nft {family} {table} {chain}"),
+    }
+}
+
+/// The verdict an nf_tables event reported, as nft prints it.
+fn kernel_verdict(event: &TraceEvent) -> String {
+    match &event.origin {
+        Origin::Nft { verdict, .. } => verdict.to_string(),
+        Origin::Xtables { .. } => String::new(),
     }
 }
 
@@ -112,6 +167,7 @@ fn verdict_name(v: &Verdict) -> &'static str {
         Verdict::Reject => "REJECT",
         Verdict::Return => "RETURN",
         Verdict::Queue => "QUEUE",
+        Verdict::Stolen => "STOLEN",
         Verdict::Jump(_) | Verdict::Goto(_) | Verdict::Continue => "CONTINUE",
     }
 }
@@ -120,14 +176,19 @@ fn verdict_name(v: &Verdict) -> &'static str {
 /// else the last table-ending verdict of any table.
 fn fate(steps: &[Step]) -> String {
     let describe = |step: &Step, v: &Verdict| {
-        let e = &step.event;
         let name = match (&step.position, v) {
-            (Position::Rule { rule, .. }, Verdict::Reject | Verdict::Queue | Verdict::Nat) => rule.target.clone(),
+            (Position::Rule { rule, .. } | Position::XtablesNftRule { rule, .. }, Verdict::Reject | Verdict::Queue | Verdict::Nat) => {
+                rule.target.clone()
+            }
             _ => verdict_name(v).to_owned(),
         };
+        let place = place(step);
         match &step.position {
-            Position::Rule { number, .. } => format!("verdict: {name} at {} {} #{number}", e.table, e.chain),
-            _ => format!("verdict: {name} by {} {} policy", e.table, e.chain),
+            Position::Rule { number, .. } | Position::XtablesNftRule { number, .. } => format!("verdict: {name} at {place} #{number}"),
+            Position::NftRule { handle, .. } | Position::NftRuleGone { handle, .. } => {
+                format!("verdict: {name} at {place} (handle {handle})")
+            }
+            _ => format!("verdict: {name} by {place} policy"),
         }
     };
     let ending: Vec<(&Step, Verdict)> = steps
@@ -138,10 +199,12 @@ fn fate(steps: &[Step]) -> String {
     if let Some((s, v)) = ending.iter().find(|(_, v)| v.drops()) {
         return describe(s, v);
     }
-    let chosen = ending
-        .iter()
-        .rev()
-        .find(|(s, _)| s.event.table == Table::Filter)
+    // With several filtering tables (both engines, or several nf_tables tables), a rule's verdict
+    // tells more than a later policy's; one legacy filter table has only one anyway.
+    let filtering = || ending.iter().rev().filter(|(s, v)| decides_filtering(s, v));
+    let chosen = filtering()
+        .find(|(s, _)| !matches!(s.position, Position::Policy(_)))
+        .or_else(|| filtering().next())
         .or(ending.last());
     match chosen {
         Some((s, v)) => describe(s, v),
@@ -149,9 +212,18 @@ fn fate(steps: &[Step]) -> String {
     }
 }
 
-/// What changed in the packet between two consecutive steps: addresses, ports, mark.
-fn changes(before: &TraceEvent, after: &TraceEvent) -> Vec<String> {
-    let (a, b) = (&before.packet, &after.packet);
+/// Whether a step is the filter table's (or for native nf_tables, a non-NAT chain's) decision,
+/// which is the packet's fate when nothing dropped it.
+fn decides_filtering(step: &Step, verdict: &Verdict) -> bool {
+    match (&step.event.origin, step.engine) {
+        (Origin::Xtables { table, .. }, _) => *table == Table::Filter,
+        (Origin::Nft { table, .. }, Engine::XtablesNft) => &**table == "filter",
+        (Origin::Nft { .. }, _) => *verdict != Verdict::Nat,
+    }
+}
+
+/// What changed in the packet between two consecutive steps: addresses, ports.
+fn changes(a: &PacketHeader, b: &PacketHeader) -> Vec<String> {
     let mut out = Vec::new();
     if a.src != b.src {
         out.push(format!("SRC {} -> {}", a.src, b.src));
@@ -167,10 +239,11 @@ fn changes(before: &TraceEvent, after: &TraceEvent) -> Vec<String> {
             out.push(format!("DPT {adp} -> {bdp}"));
         }
     }
-    if before.mark != after.mark {
-        out.push(format!("MARK {:#x} -> {:#x}", before.mark, after.mark));
-    }
     out
+}
+
+fn mark_change(before: u32, after: u32) -> String {
+    format!("MARK {before:#x} -> {after:#x}")
 }
 
 /// The packet in the LOG target's format (`nf_log_syslog.c`).
@@ -263,18 +336,17 @@ mod tests {
         Step {
             event: TraceEvent {
                 family: Family::Ipv4,
-                hook,
-                table,
-                chain: chain.into(),
-                kind: TraceKind::Rule,
-                number: 0,
+                origin: Origin::Xtables { hook, table, chain: chain.into(), kind: TraceKind::Rule, number: 0 },
                 in_ifindex: Some(2),
                 out_ifindex: (hook == Hook::Forward).then_some(3),
                 mark,
                 packet: PacketHeader::parse(packet).unwrap(),
+                mark_after: None,
+                selected: true,
                 epoch: 0,
             },
             position,
+            engine: Engine::Legacy,
         }
     }
 

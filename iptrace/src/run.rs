@@ -18,12 +18,13 @@ use std::{
 use bytes::{Bytes, BytesMut};
 
 use crate::{
+    backend::{self, BackendChoice, BackendError, Backends},
     bpf::{self, BpfError, PinnedPrefilter, TraceSocketFilter},
-    capture::{CaptureError, NflogSocket, Received, UserspaceFilter},
+    capture::{CaptureError, Received, TraceSocket, UserspaceFilter},
     correlate::{Correlator, PacketTrace},
     decode::{Decoder, Family},
     filter::{CompiledFilter, FilterError, Selection},
-    instrument::{self, InstrumentError, Instrumentation, Limit, Prefilter, TracePlan},
+    instrument::{self, InstrumentError, Instrumentation, Limit, Marker, Prefilter, TracePlan},
     netns::{self, NetnsError},
     render::{self, KernelInterfaceNames},
     resolve::{ResolveError, Resolver},
@@ -40,6 +41,8 @@ pub enum RunError {
     UnknownInterface(String),
     #[error("iptrace needs root (CAP_NET_ADMIN) to insert TRACE rules and read nfnetlink_log")]
     NotPermitted,
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     #[error(transparent)]
     Xtables(#[from] XtablesError),
     #[error("this kernel lacks {what} ({config})")]
@@ -68,9 +71,10 @@ impl RunError {
             | RunError::Netns(_)
             | RunError::UnknownInterface(_)
             | RunError::NotPermitted
+            | RunError::Backend(_)
             | RunError::Xtables(XtablesError::NotInstalled { .. })
             | RunError::KernelFeature { .. }
-            | RunError::Instrument(InstrumentError::AlreadyRunning { .. })
+            | RunError::Instrument(InstrumentError::AlreadyRunning { .. } | InstrumentError::TableExists { .. })
             | RunError::Capture(CaptureError::GroupInUse { .. }) => 2,
             _ => 1,
         }
@@ -81,6 +85,7 @@ impl RunError {
 pub struct Options {
     pub selection: Selection,
     pub families: Vec<Family>,
+    pub backend: BackendChoice,
     pub in_interface: Option<String>,
     pub out_interface: Option<String>,
     pub limit: Option<Limit>,
@@ -140,10 +145,14 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
         let _entered = runtime.enter();
         Signals::new().map_err(RunError::Signals)?
     };
-    for &family in &options.families {
+    let backends = backend::detect(options.backend, &options.families)?;
+    // Legacy tables are read with iptables-legacy-save whichever way packets are marked.
+    for &family in &backends.legacy {
         Xtables::new(family).check_installed()?;
     }
-    check_kernel_features(&options.families)?;
+    if backends.marker == Marker::TraceRules {
+        check_kernel_features(&options.families)?;
+    }
     let out_ifindex = options.out_interface.as_deref().map(interface_index).transpose()?;
     if let Some(name) = &options.in_interface {
         interface_index(name)?;
@@ -154,9 +163,9 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
     for line in &stale {
         eprintln!("iptrace: removed {line}");
     }
-    let instrumentation = Instrumentation::prepare(&options.families)?;
+    let instrumentation = Instrumentation::prepare(&backends.legacy)?;
     *ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(instrumentation);
-    let result = trace_instrumented(options, filter, out_ifindex, out, &runtime, signals);
+    let result = trace_instrumented(options, &backends, filter, out_ifindex, out, &runtime, signals);
     let errors = teardown_active();
     for e in &errors {
         eprintln!("iptrace: cleanup: {e}");
@@ -166,21 +175,35 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
 
 fn trace_instrumented(
     options: &Options,
+    backends: &Backends,
     filter: Option<CompiledFilter>,
     out_ifindex: Option<u32>,
     out: Box<dyn Write + Send>,
     runtime: &tokio::runtime::Runtime,
     signals: Signals,
 ) -> Result<Arc<Stats>, RunError> {
-    let socket = NflogSocket::open(&options.families, Duration::from_millis(100))?;
+    let socket = TraceSocket::open(&backends.legacy, Duration::from_millis(100))?;
+    if backends.nft() {
+        socket.join_nftrace()?;
+    }
     let stats = Arc::new(Stats::default());
     let mut socket_filter = options.socket_filter.then(|| attach_socket_filter(&socket, filter.as_ref(), options.ebpf_log)).flatten();
-    let prefilter = match &filter {
-        None => Prefilter::None,
-        Some(f) if f.fits_xt_bpf() => Prefilter::Bytecode(f.xt_bpf_bytecode()),
-        Some(f) => pin_prefilter(f)?,
+    // What the kernel cannot select in nft rules is selected in userspace, on each packet's
+    // first event.
+    let mut userspace_selection = None;
+    let prefilter = match (backends.marker, &filter) {
+        (Marker::TraceRules, None) => Prefilter::None,
+        (Marker::TraceRules, Some(f)) if f.fits_xt_bpf() => Prefilter::Bytecode(f.xt_bpf_bytecode()),
+        (Marker::TraceRules, Some(f)) => pin_prefilter(f)?,
+        (Marker::NftTable, _) => match options.selection.to_nft_match()? {
+            Some(matches) => Prefilter::NftMatch(matches),
+            None => {
+                userspace_selection = filter.as_ref().map(|f| f.expression().to_owned());
+                Prefilter::NftMatch(String::new())
+            }
+        },
     };
-    let ready = ready_line(options, filter.as_ref());
+    let ready = ready_line(options, backends, filter.as_ref());
     let userspace_filter = match (&socket_filter, filter) {
         (Some(_), _) => {
             let _ = stats.selected_by.set("eBPF");
@@ -194,6 +217,7 @@ fn trace_instrumented(
     };
     let plan = TracePlan {
         families: options.families.clone(),
+        marker: backends.marker,
         prefilter,
         in_interface: options.in_interface.clone(),
         out_interface: options.out_interface.clone(),
@@ -204,7 +228,7 @@ fn trace_instrumented(
     if let Some(owner) = owner {
         instrument::install(owner, &plan)?;
     }
-    let resolver = Resolver::new(&options.families)?;
+    let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft())?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (datagrams_tx, datagrams_rx) = mpsc::sync_channel::<Vec<Bytes>>(1024);
@@ -223,7 +247,15 @@ fn trace_instrumented(
         thread::Builder::new()
             .name("iptrace-process".into())
             .spawn(move || {
-                let result = process(datagrams_rx, resolver, out, &stats, count, linger, out_ifindex);
+                // libpcap's program stays on the thread that uses it.
+                let decoder = match userspace_selection.as_deref().map(CompiledFilter::compile).transpose() {
+                    Ok(selection) => selection.map_or_else(Decoder::new, Decoder::with_selection),
+                    Err(e) => {
+                        let _ = done_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let result = process(datagrams_rx, decoder, resolver, out, &stats, count, linger, out_ifindex);
                 let _ = done_tx.send(result);
             })
             .map_err(|e| RunError::Thread("processing", e))?
@@ -249,7 +281,7 @@ fn trace_instrumented(
 
 /// Loads and attaches `nflog_filter`, so that the kernel drops unselected trace messages before
 /// they are queued. Without the eBPF filter, iptrace says so once and selects in userspace.
-fn attach_socket_filter(socket: &NflogSocket, filter: Option<&CompiledFilter>, log: bool) -> Option<TraceSocketFilter> {
+fn attach_socket_filter(socket: &TraceSocket, filter: Option<&CompiledFilter>, log: bool) -> Option<TraceSocketFilter> {
     let attached = TraceSocketFilter::load(filter.map(CompiledFilter::instructions), log)
         .and_then(|mut f| f.attach(socket.fd()).map(|()| f));
     match attached {
@@ -276,7 +308,7 @@ fn pin_prefilter(filter: &CompiledFilter) -> Result<Prefilter, RunError> {
     Ok(Prefilter::Pinned(path))
 }
 
-fn ready_line(options: &Options, filter: Option<&CompiledFilter>) -> String {
+fn ready_line(options: &Options, backends: &Backends, filter: Option<&CompiledFilter>) -> String {
     let families: Vec<&str> = options
         .families
         .iter()
@@ -287,7 +319,7 @@ fn ready_line(options: &Options, filter: Option<&CompiledFilter>) -> String {
         .collect();
     let what = filter.map_or_else(|| "every packet".to_owned(), |f| format!("'{}'", f.expression()));
     let netns = options.netns.as_deref().map(|n| format!(" in netns {n}")).unwrap_or_default();
-    format!("tracing {what} ({}){netns}; Ctrl-C to stop", families.join(", "))
+    format!("tracing {what} ({}; {}){netns}; Ctrl-C to stop", families.join(", "), backends.describe())
 }
 
 /// SIGINT, SIGTERM and SIGHUP, caught.
@@ -352,7 +384,7 @@ impl Signals {
 /// With `userspace_filter`, unselected datagrams are dropped here, as the eBPF filter would
 /// have dropped them in the kernel.
 fn read_datagrams(
-    socket: &NflogSocket,
+    socket: &TraceSocket,
     mut userspace_filter: Option<UserspaceFilter>,
     stop: &AtomicBool,
     stats: &Stats,
@@ -424,8 +456,10 @@ fn keep_datagram(filter: Option<&mut UserspaceFilter>, datagram: &[u8], stats: &
 }
 
 /// Decode → correlate → resolve → render, until the reader stops or `count` packets are shown.
+#[expect(clippy::too_many_arguments, reason = "the processing thread's whole set-up, moved in once")]
 fn process(
     rx: mpsc::Receiver<Vec<Bytes>>,
+    mut decoder: Decoder,
     mut resolver: Resolver,
     out: Box<dyn Write + Send>,
     stats: &Stats,
@@ -434,7 +468,6 @@ fn process(
     out_ifindex: Option<u32>,
 ) -> Result<(), RunError> {
     let mut out = io::BufWriter::with_capacity(1 << 16, out);
-    let mut decoder = Decoder::new();
     let mut correlator = Correlator::new(linger);
     let mut names = KernelInterfaceNames::default();
     let mut events = Vec::new();
@@ -442,6 +475,9 @@ fn process(
     let mut emit = |trace: PacketTrace, resolver: &mut Resolver, out: &mut io::BufWriter<Box<dyn Write + Send>>| -> Result<bool, RunError> {
         if count.is_some_and(|c| shown >= c) {
             return Ok(true);
+        }
+        if !trace.events.first().is_some_and(|e| e.selected) {
+            return Ok(false);
         }
         if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
             return Ok(false);

@@ -1,6 +1,7 @@
 //! iptables-legacy and ip6tables-legacy as iptrace drives them: running rule commands under the
 //! xtables lock, listing existing tables, and parsing `iptables-save` output into chains and
-//! rule tokens. Shared by instrument (its own rules) and resolve (everyone's rules).
+//! rule tokens. Shared by instrument (its own rules) and resolve (everyone's rules). Resolve also
+//! reads the iptables-nft tables' rules with `iptables-nft-save`.
 
 use std::{fs, io, process::Command};
 
@@ -16,28 +17,38 @@ pub enum XtablesError {
     Failed { command: String, stderr: String },
 }
 
-/// The legacy xtables front end of one family.
+/// The xtables front end of one family: legacy, or iptables-nft (for reading only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Xtables {
     pub family: Family,
+    nft: bool,
 }
 
 impl Xtables {
     pub fn new(family: Family) -> Self {
-        Self { family }
+        Self { family, nft: false }
+    }
+
+    /// iptables-nft / ip6tables-nft.
+    pub fn nft(family: Family) -> Self {
+        Self { family, nft: true }
     }
 
     pub fn binary(self) -> &'static str {
-        match self.family {
-            Family::Ipv4 => "iptables-legacy",
-            Family::Ipv6 => "ip6tables-legacy",
+        match (self.family, self.nft) {
+            (Family::Ipv4, false) => "iptables-legacy",
+            (Family::Ipv6, false) => "ip6tables-legacy",
+            (Family::Ipv4, true) => "iptables-nft",
+            (Family::Ipv6, true) => "ip6tables-nft",
         }
     }
 
     fn save_binary(self) -> &'static str {
-        match self.family {
-            Family::Ipv4 => "iptables-legacy-save",
-            Family::Ipv6 => "ip6tables-legacy-save",
+        match (self.family, self.nft) {
+            (Family::Ipv4, false) => "iptables-legacy-save",
+            (Family::Ipv6, false) => "ip6tables-legacy-save",
+            (Family::Ipv4, true) => "iptables-nft-save",
+            (Family::Ipv6, true) => "ip6tables-nft-save",
         }
     }
 
@@ -54,6 +65,12 @@ impl Xtables {
         let mut cmd = Command::new(self.save_binary());
         cmd.args(["-t", table]);
         output(self.save_binary(), &mut cmd)
+    }
+
+    /// Every table the front end knows. iptables-nft-save lists only existing tables and creates
+    /// none, unlike a save of a named table with iptables-legacy.
+    pub fn save_all(self) -> Result<String, XtablesError> {
+        output(self.save_binary(), &mut Command::new(self.save_binary()))
     }
 
     /// The tables that exist in this netns, from `/proc/net/ip{,6}_tables_names`. Legacy tables

@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Instant};
 
 use iptrace::{
     correlate::Correlator,
-    decode::{Decoder, Family, Hook, Table, TraceEvent, TraceKind},
+    decode::{Decoder, Family, Hook, Origin, Table, TraceEvent, TraceKind},
     render::{InterfaceNames, render_packet},
     resolve::Resolver,
 };
@@ -64,8 +64,9 @@ fn decodes_every_recorded_message() {
     assert_eq!(c.events, c.messages, "every message of these datagrams is a TRACE line");
     assert_eq!(events.len() as u64, c.events);
     let first = events.iter().find(|e| e.family == Family::Ipv4).unwrap();
-    assert_eq!((first.family, first.hook, &first.table), (Family::Ipv4, Hook::PreRouting, &Table::Raw));
-    assert_eq!((&*first.chain, first.kind, first.number), ("PREROUTING", TraceKind::Policy, 3));
+    let Origin::Xtables { hook, table, chain, kind, number } = &first.origin else { panic!("{first:?}") };
+    assert_eq!((*hook, table, &**chain), (Hook::PreRouting, &Table::Raw, "PREROUTING"));
+    assert_eq!((*kind, *number), (TraceKind::Policy, 3));
     assert_eq!(first.in_ifindex, Some(2));
     assert_eq!(first.packet.src.to_string(), "10.5.1.7");
     assert!(events.iter().any(|e| e.family == Family::Ipv6));

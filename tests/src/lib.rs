@@ -12,7 +12,7 @@ use std::{
 };
 
 pub use iptrace::{
-    demo::load_sample_rules,
+    demo::{SAMPLE_GUARD_RULES, load_sample_mixed_rules, load_sample_nft_rules, load_sample_rules},
     lab::{Lab, Role, addr},
 };
 
@@ -52,6 +52,7 @@ pub fn run_iptrace(args: &[&str]) -> (ExitStatus, String, String) {
 /// A running `iptrace` whose ready line has been seen.
 pub struct Tracer {
     child: Child,
+    ready: String,
     stdout: mpsc::Receiver<String>,
     stderr: mpsc::Receiver<String>,
 }
@@ -91,12 +92,17 @@ impl Tracer {
             }
             assert!(Instant::now() < deadline, "iptrace not ready in time; stderr:\n{seen}");
         }
-        let _ = stderr_tx.send(seen);
+        let _ = stderr_tx.send(seen.clone());
         thread::spawn(move || {
             let rest: Vec<String> = lines.map_while(Result::ok).collect();
             let _ = stderr_tx.send(rest.join("\n"));
         });
-        Self { child, stdout, stderr }
+        Self { child, ready: seen, stdout, stderr }
+    }
+
+    /// What it printed on stderr up to and including its ready line.
+    pub fn ready(&self) -> &str {
+        &self.ready
     }
 
     pub fn pid(&self) -> i32 {
@@ -165,7 +171,8 @@ pub fn blocks_with<'a>(all: &'a [Block], needles: &[&str]) -> Vec<&'a Block> {
 }
 
 /// What iptrace may touch in a namespace, normalised: both families' legacy rule sets (counters
-/// and the dated comment lines dropped), the nf_log bindings, iptrace state files.
+/// and the dated comment lines dropped), the nf_log bindings, and the nf_tables rule set without
+/// counters.
 pub fn firewall_state(lab: &Lab, role: Role) -> String {
     let mut state = String::new();
     for save in ["iptables-legacy-save", "ip6tables-legacy-save"] {
@@ -184,5 +191,14 @@ pub fn firewall_state(lab: &Lab, role: Role) -> String {
     }
     let out = lab.exec(role, &["cat", "/proc/sys/net/netfilter/nf_log/2", "/proc/sys/net/netfilter/nf_log/10"], "").expect("nf_log");
     state.push_str(&String::from_utf8_lossy(&out.stdout));
+    // Stateless: counters change with traffic; iptrace's table does not show as a difference.
+    let out = lab.exec(role, &["nft", "-s", "list", "ruleset"], "").expect("nft list ruleset");
+    state.push_str(&String::from_utf8_lossy(&out.stdout));
     state
+}
+
+/// `nft list ruleset` in a namespace, counters and all.
+pub fn nft_ruleset(lab: &Lab, role: Role) -> String {
+    let out = lab.exec(role, &["nft", "list", "ruleset"], "").expect("nft list ruleset");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -37,8 +37,8 @@ pub fn generate(root: &Path) -> Result<()> {
         .layout_tests(false)
         .derive_default(true)
         .allowlist_var("NLMSG_.*|NLM_F_.*|NLA_.*|NETLINK_.*|NF_.*|NFNL.*")
-        .allowlist_type("nlmsghdr|nlattr|nfgenmsg|nfulnl_.*|nfnl_.*|nft_trace_.*|nft_verdicts|nft_rule_attributes|nft_verdict_attributes|nf_inet_hooks|nfqnl_.*")
-        .allowlist_var("NFULA_.*|NFULNL_.*|NFTA_TRACE_.*|NFTA_RULE_.*|NFTA_VERDICT_.*|NFT_MSG_.*|NFT_TRACETYPE_.*|NFT_.*|NFPROTO_.*")
+        .allowlist_type("nlmsghdr|nlattr|nfgenmsg|nfulnl_.*|nfnl_.*|nft_trace_.*|nft_verdicts|nft_rule_attributes|nft_verdict_attributes|nf_tables_msg_types|nft_table_attributes|nft_gen_attributes|nfnetlink_groups|nf_inet_hooks|nfqnl_.*")
+        .allowlist_var("NFULA_.*|NFULNL_.*|NFTA_TRACE_.*|NFTA_RULE_.*|NFTA_VERDICT_.*|NFTA_TABLE_.*|NFTA_GEN_.*|NFT_MSG_.*|NFNLGRP_.*|NFT_TRACETYPE_.*|NFT_.*|NFPROTO_.*")
         .generate()
         .context("bindgen failed (is libclang1-22 installed?)")?;
     let out = root.join("iptrace-common/src/uapi.rs");

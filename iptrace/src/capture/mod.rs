@@ -1,9 +1,14 @@
-//! Capture: the nfnetlink_log socket that receives TRACE lines, bound to group 0.
+//! Capture: the one netlink socket that receives every trace event: legacy TRACE lines through
+//! nfnetlink_log group 0, and nf_tables trace events through the `NFNLGRP_NFTRACE` multicast group.
 //!
 //! TRACE logs through the logger bound for the packet's family in the packet's netns with
 //! `default_loginfo` (group 0, qthreshold 1, kernel-interfaces §2), so iptrace owns the group-0
 //! instance of the netns it traces and binds nfnetlink_log as that netns's IPv4/IPv6 logger.
 //! The previous logger bindings are the instrument stage's to save and restore.
+//!
+//! Both kinds of events share the socket on purpose: the kernel queues them in the order it
+//! generated them on each CPU (kernel-interfaces §10a), which is the order one packet met the
+//! tables of both engines. Two sockets would lose that order.
 
 mod owner;
 mod userspace_filter;
@@ -15,7 +20,7 @@ use std::{
 };
 
 use iptrace_common::uapi::{
-    NFNL_SUBSYS_ULOG, NFULA_CFG_CMD, NFULA_CFG_MODE, NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_PF_BIND,
+    NFNL_SUBSYS_ULOG, NFNLGRP_NFTRACE, NFULA_CFG_CMD, NFULA_CFG_MODE, NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_PF_BIND,
     NFULNL_COPY_PACKET, NFULNL_MSG_CONFIG, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR,
 };
 use neli::{
@@ -25,7 +30,10 @@ use neli::{
 };
 
 pub use self::{owner::GroupOwner, userspace_filter::UserspaceFilter};
-use crate::decode::{Family, netlink::NetlinkMessages};
+use crate::decode::{
+    Family,
+    netlink::{NetlinkMessages, attribute, error_code, nfnetlink_request},
+};
 
 /// The nflog group TRACE logs to.
 pub const TRACE_GROUP: u16 = 0;
@@ -44,7 +52,9 @@ pub enum CaptureError {
     GroupInUse { group: u16, owner: GroupOwner },
     #[error("nfnetlink_log refused {request}: {source}")]
     Config { request: &'static str, source: io::Error },
-    #[error("receiving from the nflog socket failed: {0}")]
+    #[error("cannot join the nf_tables trace group: {0}")]
+    JoinNftrace(#[source] io::Error),
+    #[error("receiving from the trace socket failed: {0}")]
     Receive(#[source] io::Error),
 }
 
@@ -59,31 +69,28 @@ pub enum Received {
     Overrun,
 }
 
-/// An nfnetlink_log socket bound to the TRACE group.
-pub struct NflogSocket {
+/// A NETLINK_NETFILTER socket receiving trace events: nflog group 0, `NFNLGRP_NFTRACE`, or both.
+pub struct TraceSocket {
     socket: NlSocket,
     sequence: u32,
 }
 
-impl NflogSocket {
-    /// Opens the socket in the calling thread's network namespace and binds `families` to
-    /// nfnetlink_log and the socket to group 0, copying whole packets.
+impl TraceSocket {
+    /// Opens the socket in the calling thread's network namespace (bound, so that it can join
+    /// multicast groups), and for legacy tracing binds `nflog_families` to nfnetlink_log and the
+    /// socket to group 0, copying whole packets. With no families, nflog is left alone.
     ///
     /// Needs CAP_NET_ADMIN in that namespace (`nfnetlink_rcv()` checks `netlink_net_capable()`).
-    pub fn open(families: &[Family], receive_timeout: Duration) -> Result<Self, CaptureError> {
+    pub fn open(nflog_families: &[Family], receive_timeout: Duration) -> Result<Self, CaptureError> {
         let socket = NlSocket::connect(NlFamily::Netfilter, Some(0), Groups::empty()).map_err(CaptureError::Socket)?;
         let mut this = Self { socket, sequence: 0 };
         this.set_receive_buffer()?;
-        set_option(
-            this.socket.as_raw_fd(),
-            libc::SO_RCVTIMEO,
-            &libc::timeval {
-                tv_sec: receive_timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX),
-                tv_usec: receive_timeout.subsec_micros().into(),
-            },
-        )
-        .map_err(|source| CaptureError::SocketOption { option: "SO_RCVTIMEO", source })?;
-        for &family in families {
+        set_receive_timeout(&this.socket, receive_timeout)
+            .map_err(|source| CaptureError::SocketOption { option: "SO_RCVTIMEO", source })?;
+        if nflog_families.is_empty() {
+            return Ok(this);
+        }
+        for &family in nflog_families {
             this.configure(family, &cfg_cmd(NFULNL_CFG_CMD_PF_BIND), 0, "binding nfnetlink_log as the logger")?;
         }
         match this.configure(Family::Ipv4, &cfg_cmd(NFULNL_CFG_CMD_BIND), TRACE_GROUP, "binding group 0") {
@@ -95,8 +102,14 @@ impl NflogSocket {
         // NFULA_CFG_MODE: packed {__be32 copy_range; u8 copy_mode; u8 pad}; range 0 = the maximum.
         let mut mode = [0u8; 6];
         mode[4] = NFULNL_COPY_PACKET as u8;
-        this.configure(Family::Ipv4, &attr(NFULA_CFG_MODE as u16, &mode), TRACE_GROUP, "COPY_PACKET mode")?;
+        this.configure(Family::Ipv4, &attribute(NFULA_CFG_MODE as u16, &mode), TRACE_GROUP, "COPY_PACKET mode")?;
         Ok(this)
+    }
+
+    /// Joins `NFNLGRP_NFTRACE`: nf_tables trace events of this netns arrive on this socket too,
+    /// in the kernel's order with the nflog messages (kernel-interfaces §5.1, §10a).
+    pub fn join_nftrace(&self) -> Result<(), CaptureError> {
+        self.socket.add_mcast_membership(Groups::new_groups(&[NFNLGRP_NFTRACE])).map_err(CaptureError::JoinNftrace)
     }
 
     fn set_receive_buffer(&self) -> Result<(), CaptureError> {
@@ -111,21 +124,19 @@ impl NflogSocket {
     /// Sends one `NFULNL_MSG_CONFIG` request and waits for its acknowledgement.
     fn configure(&mut self, family: Family, attrs: &[u8], group: u16, request: &'static str) -> Result<(), CaptureError> {
         self.sequence += 1;
-        let len = 16 + 4 + attrs.len();
-        let mut msg = Vec::with_capacity(len);
-        msg.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
-        msg.extend_from_slice(&(((NFNL_SUBSYS_ULOG as u16) << 8) | NFULNL_MSG_CONFIG as u16).to_ne_bytes());
-        msg.extend_from_slice(&((NLM_F_REQUEST | NLM_F_ACK) as u16).to_ne_bytes());
-        msg.extend_from_slice(&self.sequence.to_ne_bytes());
-        msg.extend_from_slice(&0u32.to_ne_bytes());
-        // nfgenmsg: family, version 0, res_id = group (big-endian).
-        msg.push(match family {
+        let pf = match family {
             Family::Ipv4 => libc::AF_INET as u8,
             Family::Ipv6 => libc::AF_INET6 as u8,
-        });
-        msg.push(0);
-        msg.extend_from_slice(&group.to_be_bytes());
-        msg.extend_from_slice(attrs);
+        };
+        // res_id = the group.
+        let msg = nfnetlink_request(
+            ((NFNL_SUBSYS_ULOG as u16) << 8) | NFULNL_MSG_CONFIG as u16,
+            (NLM_F_REQUEST | NLM_F_ACK) as u16,
+            self.sequence,
+            pf,
+            group,
+            attrs,
+        );
         self.socket.send(&msg, Msg::empty()).map_err(|source| CaptureError::Config { request, source })?;
 
         let mut buf = vec![0u8; 8192];
@@ -140,19 +151,18 @@ impl NflogSocket {
             // Trace lines of other packets may arrive before the ack: skip them.
             for m in NetlinkMessages::new(&buf[..n]).flatten() {
                 if u32::from(m.message_type) == NLMSG_ERROR && m.sequence == self.sequence {
-                    let code = m.payload.get(..4).map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap_or_default()));
-                    return if code == 0 {
-                        Ok(())
-                    } else {
-                        Err(CaptureError::Config { request, source: io::Error::from_raw_os_error(-code) })
+                    return match error_code(&m) {
+                        0 => Ok(()),
+                        errno => Err(CaptureError::Config { request, source: io::Error::from_raw_os_error(errno) }),
                     };
                 }
             }
         }
     }
 
-    /// Receives one datagram into `buf` (64 KiB holds any: nfnetlink_log's batches are at most
-    /// `nlbufsiz`, 128 KiB at most, and a TRACE line flushes alone).
+    /// Receives one datagram into `buf` (128 KiB holds any: nfnetlink_log's batches are at most
+    /// `nlbufsiz`, 128 KiB at most, a TRACE line flushes alone, and an nf_tables trace event is
+    /// one small message a datagram).
     pub fn receive(&self, buf: &mut [u8]) -> Result<Received, CaptureError> {
         self.receive_with(buf, Msg::empty())
     }
@@ -181,18 +191,19 @@ impl NflogSocket {
 }
 
 fn cfg_cmd(cmd: u32) -> Vec<u8> {
-    attr(NFULA_CFG_CMD as u16, &[cmd as u8])
+    attribute(NFULA_CFG_CMD as u16, &[cmd as u8])
 }
 
-/// One netlink attribute, padded to 4 bytes.
-fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
-    let len = 4 + value.len();
-    let mut a = Vec::with_capacity((len + 3) & !3);
-    a.extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_ne_bytes());
-    a.extend_from_slice(&kind.to_ne_bytes());
-    a.extend_from_slice(value);
-    a.resize((len + 3) & !3, 0);
-    a
+/// Makes `recv` on `socket` give up after `timeout` (`EAGAIN`).
+pub(crate) fn set_receive_timeout(socket: &NlSocket, timeout: Duration) -> io::Result<()> {
+    set_option(
+        socket.as_raw_fd(),
+        libc::SO_RCVTIMEO,
+        &libc::timeval {
+            tv_sec: timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX),
+            tv_usec: timeout.subsec_micros().into(),
+        },
+    )
 }
 
 fn set_option<T>(fd: i32, option: libc::c_int, value: &T) -> io::Result<()> {

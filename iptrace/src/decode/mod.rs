@@ -1,23 +1,33 @@
 //! Decode: trace datagrams (bytes from the capture stage) into typed [`TraceEvent`]s.
 //!
-//! The walk borrows from the receive buffer (`netlink`, `nflog`); only the fields a trace step
-//! needs are copied out, and table and chain names are interned so that an event allocates nothing.
+//! The walk borrows from the receive buffer (`netlink`, `nflog`, `nftrace`); only the fields a
+//! trace step needs are copied out, and table and chain names are interned so that an event
+//! allocates nothing. Legacy TRACE lines and nf_tables trace events become the same
+//! [`TraceEvent`]; where it happened is its [`Origin`].
 
 pub mod netlink;
 pub mod nflog;
+pub mod nftrace;
+pub mod origin;
 pub mod packet;
 pub mod prefix;
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
-use iptrace_common::uapi::NLMSG_DONE;
+use iptrace_common::uapi::{NFT_TRACETYPE_POLICY, NFT_TRACETYPE_RETURN, NFT_TRACETYPE_RULE, NLMSG_DONE};
 
-pub use self::{packet::PacketHeader, prefix::TraceKind};
+pub use self::{
+    origin::{Conntrack, NftFamily, NftTraceType, NftVerdict, Origin, TraceId},
+    packet::PacketHeader,
+    prefix::TraceKind,
+};
 use self::{
     netlink::NetlinkMessages,
     nflog::{NFULNL_PACKET_TYPE, NflogPacket},
+    nftrace::{NFT_TRACE_TYPE, NftTrace},
     prefix::TracePrefix,
 };
+use crate::filter::CompiledFilter;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -31,6 +41,10 @@ pub enum DecodeError {
     UnknownIpVersion(u8),
     #[error("nflog message without payload (copy mode is not COPY_PACKET?)")]
     NoPayload,
+    #[error("nf_tables trace event without its id, table or chain")]
+    IncompleteTrace,
+    #[error("nf_tables trace event of unknown type {0}")]
+    UnknownTraceType(u32),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -138,21 +152,25 @@ impl fmt::Display for Table {
     }
 }
 
-/// One TRACE line: a rule, policy or return the packet hit, with the packet as it was then
-/// (before that rule's target ran, kernel-interfaces §1.2).
+/// One trace event: a rule, policy or chain end the packet hit, with the packet as it was then.
+///
+/// Legacy TRACE lines carry the packet before the rule's target ran (kernel-interfaces §1.2) and
+/// the mark before it; nf_tables events carry the packet as it entered the hook (headers come
+/// only with a hook's first event) and the mark after the rule ran (§5.2, §5.3).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceEvent {
     pub family: Family,
-    pub hook: Hook,
-    pub table: Table,
-    pub chain: Arc<str>,
-    pub kind: TraceKind,
-    /// The kernel's 1-based rule number (iptrace's own rules counted).
-    pub number: u32,
+    pub origin: Origin,
     pub in_ifindex: Option<u32>,
     pub out_ifindex: Option<u32>,
     pub mark: u32,
+    /// The mark after the rule ran, which nf_tables events report (legacy ones do not).
+    pub mark_after: Option<u32>,
     pub packet: PacketHeader,
+    /// Whether the packet, as this event shows it, is one the user selected. Only the first
+    /// event of a packet decides (later ones may show it after NAT); always true when the kernel
+    /// did the selecting.
+    pub selected: bool,
     /// The rule-set epoch this event was received in; set by the pipeline, used by resolve.
     pub epoch: u64,
 }
@@ -162,22 +180,55 @@ pub struct TraceEvent {
 pub struct DecodeCounts {
     pub messages: u64,
     pub events: u64,
-    /// nflog messages of other log users (NFLOG targets) sharing the group.
+    /// nflog messages of other log users (NFLOG targets) sharing the group, and nf_tables trace
+    /// events of packets that are not IP.
     pub foreign: u64,
+    /// nf_tables trace events without headers whose trace id had none before (the packet
+    /// entered the hook before iptrace listened).
+    pub orphans: u64,
     pub malformed: u64,
 }
 
-/// Turns datagrams into events, interning chain names across calls.
+/// What the first event of an nf_tables hook invocation told about the packet, for the events
+/// after it, which carry only the trace id (kernel-interfaces §5.2).
+#[derive(Clone, Debug)]
+struct HookHeaders {
+    packet: PacketHeader,
+    in_ifindex: Option<u32>,
+    out_ifindex: Option<u32>,
+    ct: Option<Conntrack>,
+    selected: bool,
+    /// The mark after the id's last event.
+    mark: u32,
+    /// When it was stored, to forget the oldest first.
+    serial: u64,
+}
+
+/// Trace ids whose headers are kept. Far more than packets in flight at once; the oldest half is
+/// forgotten when it fills.
+const MAX_HOOK_HEADERS: usize = 1 << 16;
+
+/// Turns datagrams into events, interning names across calls, and remembering each nf_tables
+/// trace id's headers.
 #[derive(Debug, Default)]
 pub struct Decoder {
-    chains: HashMap<Box<str>, Arc<str>>,
+    names: HashMap<Box<str>, Arc<str>>,
     tables: HashMap<Box<str>, Table>,
+    hook_headers: HashMap<TraceId, HookHeaders>,
+    next_serial: u64,
+    /// The user's selection, applied here when the kernel traces more than it (see [`TraceEvent::selected`]).
+    selection: Option<CompiledFilter>,
     pub counts: DecodeCounts,
 }
 
 impl Decoder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder that marks each event with `selection`'s verdict on the packet it shows.
+    pub fn with_selection(selection: CompiledFilter) -> Self {
+        Self { selection: Some(selection), ..Self::default() }
     }
 
     /// Decodes every message of one datagram, appending its events to `out`. Malformed messages
@@ -188,6 +239,7 @@ impl Decoder {
             self.counts.messages += 1;
             let result = message.and_then(|m| match m.message_type {
                 NFULNL_PACKET_TYPE => self.decode_nflog(&NflogPacket::parse(&m)?),
+                NFT_TRACE_TYPE => self.decode_nftrace(&NftTrace::parse(&m)?),
                 t if u32::from(t) == NLMSG_DONE => Ok(None),
                 _ => Ok(None),
             });
@@ -220,17 +272,110 @@ impl Decoder {
         }
         Ok(Some(TraceEvent {
             family,
-            hook,
-            table: self.table(prefix.table),
-            chain: self.chain(prefix.chain),
-            kind: prefix.kind,
-            number: prefix.number,
+            origin: Origin::Xtables {
+                hook,
+                table: self.table(prefix.table),
+                chain: self.intern(prefix.chain),
+                kind: prefix.kind,
+                number: prefix.number,
+            },
             in_ifindex: msg.in_ifindex,
             out_ifindex: msg.out_ifindex,
             mark: msg.mark,
+            mark_after: None,
             packet: PacketHeader::parse(msg.payload)?,
+            selected: self.selects(msg.payload),
             epoch: 0,
         }))
+    }
+
+    fn decode_nftrace(&mut self, msg: &NftTrace<'_>) -> Result<Option<TraceEvent>, DecodeError> {
+        let Some(family) = msg.nfproto.and_then(|p| u8::try_from(p).ok()).and_then(Family::from_nfproto) else {
+            self.counts.foreign += 1;
+            return Ok(None);
+        };
+        let trace_type = match msg.trace_type {
+            NFT_TRACETYPE_RULE => NftTraceType::Rule,
+            NFT_TRACETYPE_RETURN => NftTraceType::Return,
+            NFT_TRACETYPE_POLICY => NftTraceType::Policy,
+            other => return Err(DecodeError::UnknownTraceType(other)),
+        };
+        let trace_id = TraceId(msg.id);
+        let mark_after = msg.mark.unwrap_or(0);
+        if let Some(network) = msg.network_header {
+            // The network header (the whole IP header) and the first bytes of the transport
+            // header: together the start of the packet, as xt_bpf and nflog would show it.
+            let mut start = Vec::with_capacity(network.len() + msg.transport_header.map_or(0, <[u8]>::len));
+            start.extend_from_slice(network);
+            start.extend_from_slice(msg.transport_header.unwrap_or_default());
+            let packet = PacketHeader::parse(&start)?;
+            // A later hook of the same packet keeps its mark; a reused id starts afresh, assuming
+            // the first rule that saw the packet (iptrace's own) left the mark alone.
+            let mark = self
+                .hook_headers
+                .get(&trace_id)
+                .filter(|h| h.packet.identity() == packet.identity())
+                .map_or(mark_after, |h| h.mark);
+            let headers = HookHeaders {
+                packet,
+                in_ifindex: msg.iif,
+                out_ifindex: msg.oif,
+                ct: msg.ct_state.map(|state| Conntrack {
+                    state,
+                    direction: msg.ct_direction,
+                    id: msg.ct_id,
+                    status: msg.ct_status,
+                }),
+                selected: self.selects(&start),
+                mark,
+                serial: self.next_serial,
+            };
+            self.next_serial += 1;
+            self.remember(trace_id, headers);
+        }
+        let Some(stored) = self.hook_headers.get_mut(&trace_id) else {
+            self.counts.orphans += 1;
+            return Ok(None);
+        };
+        let mark_before = std::mem::replace(&mut stored.mark, mark_after);
+        let headers = stored.clone();
+        let verdict = match (trace_type, msg.policy, msg.verdict) {
+            (NftTraceType::Policy, Some(policy), _) => NftVerdict::from_code(policy.cast_signed(), None),
+            (_, _, Some(v)) => NftVerdict::from_code(v.code, v.chain.map(|c| self.intern(&String::from_utf8_lossy(c)))),
+            _ => NftVerdict::Continue,
+        };
+        Ok(Some(TraceEvent {
+            family,
+            origin: Origin::Nft {
+                family: NftFamily::from_nfproto(msg.table_family),
+                table: self.intern(&String::from_utf8_lossy(msg.table)),
+                chain: self.intern(&String::from_utf8_lossy(msg.chain)),
+                handle: msg.rule_handle,
+                trace_type,
+                verdict,
+                trace_id,
+                ct: headers.ct,
+            },
+            in_ifindex: headers.in_ifindex,
+            out_ifindex: headers.out_ifindex,
+            mark: mark_before,
+            mark_after: Some(mark_after),
+            packet: headers.packet,
+            selected: headers.selected,
+            epoch: 0,
+        }))
+    }
+
+    fn remember(&mut self, id: TraceId, headers: HookHeaders) {
+        if self.hook_headers.len() >= MAX_HOOK_HEADERS && !self.hook_headers.contains_key(&id) {
+            let keep_from = self.next_serial.saturating_sub(MAX_HOOK_HEADERS as u64 / 2);
+            self.hook_headers.retain(|_, h| h.serial >= keep_from);
+        }
+        self.hook_headers.insert(id, headers);
+    }
+
+    fn selects(&self, packet: &[u8]) -> bool {
+        self.selection.as_ref().is_none_or(|s| s.matches(packet))
     }
 
     fn table(&mut self, name: &str) -> Table {
@@ -242,12 +387,71 @@ impl Decoder {
         t
     }
 
-    fn chain(&mut self, name: &str) -> Arc<str> {
-        if let Some(c) = self.chains.get(name) {
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(c) = self.names.get(name) {
             return c.clone();
         }
         let c: Arc<str> = name.into();
-        self.chains.insert(name.into(), c.clone());
+        self.names.insert(name.into(), c.clone());
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_captured(decoder: &mut Decoder) -> Vec<TraceEvent> {
+        let mut events = Vec::new();
+        for datagram in nftrace::tests::captured() {
+            decoder.decode_datagram(&datagram, &mut events).unwrap();
+        }
+        events
+    }
+
+    #[test]
+    fn nft_events_after_the_first_of_a_hook_get_its_headers() {
+        let mut decoder = Decoder::new();
+        let events = decode_captured(&mut decoder);
+        // The return and goto events' ids have no header event in the file: orphans.
+        assert_eq!((decoder.counts.events, decoder.counts.orphans), (14, 2));
+        let echo: Vec<&TraceEvent> = events
+            .iter()
+            .filter(|e| matches!(&e.origin, Origin::Nft { trace_id, .. } if trace_id.to_string() == "2ef88d4f"))
+            .collect();
+        assert_eq!(echo.len(), 13);
+        for e in &echo {
+            assert_eq!((e.family, e.packet.dst.to_string().as_str(), e.in_ifindex), (Family::Ipv4, "172.16.2.2", Some(2)));
+            assert!(e.selected);
+        }
+        // Events of the forward hook carry its output interface and conntrack entry.
+        let Origin::Nft { chain, verdict, ct, handle, .. } = &echo[8].origin else { panic!() };
+        assert_eq!((&**chain, verdict, *handle), ("forward", &NftVerdict::Jump("client".into()), Some(11)));
+        assert_eq!(ct.map(|c| c.state_name()), Some("new"));
+        assert_eq!((echo[8].out_ifindex, echo[8].mark, echo[8].packet.ttl), (Some(3), 0x100, 63));
+        // The mark is the one each rule saw: the mark_in rule set it, the event after shows it.
+        assert_eq!((echo[3].mark, echo[4].mark), (0, 0x100));
+        // The client chain's implicit end: no handle, continue, the forward hook's headers.
+        let Origin::Nft { chain, handle: None, verdict: NftVerdict::Continue, .. } = &echo[10].origin else { panic!() };
+        assert_eq!((&**chain, echo[10].out_ifindex), ("client", Some(3)));
+        let Origin::Nft { trace_type: NftTraceType::Policy, verdict: NftVerdict::Drop, .. } = &echo[12].origin else { panic!() };
+        // The identity does not depend on the hook (TTL and checksums change on the way).
+        assert!(echo.iter().all(|e| e.packet.identity() == echo[0].packet.identity()));
+    }
+
+    #[test]
+    fn headerless_events_of_unknown_ids_are_orphans_and_selection_marks_events() {
+        let mut decoder = Decoder::new();
+        let mut events = Vec::new();
+        // The echo's second event without its first: nothing to attach it to.
+        decoder.decode_datagram(&nftrace::tests::captured()[1], &mut events).unwrap();
+        assert!(events.is_empty());
+        assert_eq!(decoder.counts.orphans, 1);
+
+        let mut decoder = Decoder::with_selection(CompiledFilter::compile("udp").unwrap());
+        let events = decode_captured(&mut decoder);
+        let selected: Vec<bool> = events.iter().map(|e| e.selected).collect();
+        assert_eq!(selected.iter().filter(|s| !**s).count(), 13, "the ICMP echo's events are not selected");
+        assert!(events.iter().filter(|e| e.selected).all(|e| e.packet.protocol == 17));
     }
 }

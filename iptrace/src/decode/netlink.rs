@@ -1,4 +1,5 @@
-//! Zero-copy views of netlink datagrams: the message headers and the attributes inside them.
+//! Zero-copy views of netlink datagrams: the message headers and the attributes inside them; and
+//! the few requests iptrace sends, built the same way.
 
 use super::DecodeError;
 
@@ -20,6 +21,38 @@ pub struct NetlinkMessage<'a> {
     pub port_id: u32,
     /// Everything after the 16-byte header, up to `nlmsg_len`.
     pub payload: &'a [u8],
+}
+
+/// One nfnetlink request: the netlink header, `nfgenmsg` {family, version 0, `res_id` big-endian},
+/// then `attributes` (already encoded with [`attribute`]).
+pub fn nfnetlink_request(message_type: u16, flags: u16, sequence: u32, family: u8, res_id: u16, attributes: &[u8]) -> Vec<u8> {
+    let len = NLMSG_HDRLEN + 4 + attributes.len();
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
+    msg.extend_from_slice(&message_type.to_ne_bytes());
+    msg.extend_from_slice(&flags.to_ne_bytes());
+    msg.extend_from_slice(&sequence.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&[family, 0]);
+    msg.extend_from_slice(&res_id.to_be_bytes());
+    msg.extend_from_slice(attributes);
+    msg
+}
+
+/// One netlink attribute, padded to 4 bytes.
+pub fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
+    let len = NLA_HDRLEN + value.len();
+    let mut a = Vec::with_capacity(align4(len));
+    a.extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_ne_bytes());
+    a.extend_from_slice(&kind.to_ne_bytes());
+    a.extend_from_slice(value);
+    a.resize(align4(len), 0);
+    a
+}
+
+/// The error code of an `NLMSG_ERROR` message (0 for an acknowledgement), as a positive errno.
+pub fn error_code(message: &NetlinkMessage<'_>) -> i32 {
+    message.payload.get(..4).map_or(0, |b| -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// Walks every message of a datagram. The kernel batches nflog messages without `NLM_F_MULTI`
@@ -161,6 +194,16 @@ mod tests {
             NetlinkMessages::new(&buf[..7]).next(),
             Some(Err(DecodeError::Truncated { .. }))
         ));
+    }
+
+    #[test]
+    fn requests_walk_back_as_they_were_built() {
+        let attrs = attribute(1, b"abc\0");
+        let msg = nfnetlink_request(0x0a10, 1, 7, 2, 0, &attrs);
+        let m = NetlinkMessages::new(&msg).next().unwrap().unwrap();
+        assert_eq!((m.message_type, m.flags, m.sequence, m.payload[0]), (0x0a10, 1, 7, 2));
+        let a = Attributes::new(&m.payload[4..]).next().unwrap().unwrap();
+        assert_eq!((a.kind, a.c_str()), (1, &b"abc"[..]));
     }
 
     #[test]

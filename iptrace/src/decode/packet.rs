@@ -70,7 +70,9 @@ impl PacketHeader {
 
     /// A fingerprint of one packet that stays the same at every hook it crosses, NAT included:
     /// [`packet_key`], the same key the eBPF trace-socket filter keeps its per-packet verdicts
-    /// under, so both agree on what one packet is.
+    /// under, so both agree on what one packet is. It reads the IP header and at most 12 bytes of
+    /// the transport header, which nf_tables trace events carry too (up to 20): a packet's nflog
+    /// and nf_tables events get the same identity.
     pub fn identity(&self) -> u64 {
         self.identity
     }

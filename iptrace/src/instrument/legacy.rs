@@ -34,6 +34,8 @@ pub(super) fn rule_spec(owner: Owner, plan: &TracePlan, chain: &str) -> Option<V
         Prefilter::None => {}
         Prefilter::Bytecode(code) => push(&["-m", "bpf", "--bytecode", code]),
         Prefilter::Pinned(path) => push(&["-m", "bpf", "--object-pinned", &path.to_string_lossy()]),
+        // Only the nf_tables marker takes nft matches.
+        Prefilter::NftMatch(_) => {}
     }
     if let Some(limit) = &plan.limit {
         // One hashlimit bucket (no --hashlimit-mode) shared by the family's rules, by name.
@@ -110,6 +112,7 @@ mod tests {
         let owner = Owner { pid: 42, start: 7 };
         let plan = TracePlan {
             families: vec![Family::Ipv4],
+            marker: crate::instrument::Marker::TraceRules,
             prefilter: Prefilter::Bytecode("1,6 0 0 65535".into()),
             in_interface: None,
             out_interface: Some("eth1".into()),

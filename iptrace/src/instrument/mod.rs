@@ -1,13 +1,16 @@
 //! Instrument: what iptrace puts into the kernel to make packets traceable, and takes out again.
 //!
-//! For the legacy backend that is a TRACE rule at the top of raw PREROUTING and raw OUTPUT per
-//! family (see [`legacy`]) and nfnetlink_log as the netns's logger for those families. Everything
-//! is tagged with its owner ([`Owner`]) and written down ([`state`]) before it is changed, so that
-//! [`Instrumentation::teardown`] undoes it on every exit, and [`cleanup_stale`] undoes it after a
-//! SIGKILL.
+//! Packets are marked for tracing either by a TRACE rule at the top of raw PREROUTING and raw
+//! OUTPUT per family (see [`legacy`]; hosts with legacy tables only, or no nf_tables), or by
+//! iptrace's own nf_tables table (see [`nft`]), whose mark legacy tables honour too. Legacy
+//! tables report through nfnetlink_log, bound as the netns's logger for the families traced.
+//! Everything is tagged with its owner ([`Owner`]) and written down ([`state`]) before it is
+//! changed, so that [`Instrumentation::teardown`] undoes it on every exit, and [`cleanup_stale`]
+//! undoes it after a SIGKILL.
 
 pub mod legacy;
 pub mod nf_log;
+pub mod nft;
 pub mod owner;
 pub mod state;
 
@@ -15,7 +18,7 @@ use std::{fmt, fs, io, path::PathBuf};
 
 pub use self::owner::Owner;
 use self::state::RunState;
-use crate::{decode::Family, xtables::XtablesError};
+use crate::{decode::Family, nftables::NftError, xtables::XtablesError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstrumentError {
@@ -33,6 +36,10 @@ pub enum InstrumentError {
     State { path: PathBuf, #[source] source: io::Error },
     #[error("cannot remove the pinned prefilter {}: {source}", path.display())]
     Unpin { path: PathBuf, #[source] source: io::Error },
+    #[error("an nf_tables table named inet {table} already exists; iptrace will not touch it")]
+    TableExists { table: String },
+    #[error("cannot {what} iptrace's nf_tables table {table}: {source}")]
+    Nft { what: &'static str, table: String, #[source] source: NftError },
 }
 
 /// `--limit`: at most `count` traced packets per `per`, with bursts of `burst`.
@@ -74,7 +81,16 @@ impl fmt::Display for Limit {
     }
 }
 
-/// How the TRACE rules select packets before the kernel marks them for tracing.
+/// Where packets get their trace bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Marker {
+    /// TRACE rules in the legacy raw tables.
+    TraceRules,
+    /// iptrace's own nf_tables table.
+    NftTable,
+}
+
+/// How the marking rules select packets before the kernel marks them for tracing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Prefilter {
     /// Trace everything.
@@ -83,12 +99,15 @@ pub enum Prefilter {
     Bytecode(String),
     /// xt_bpf `--object-pinned`: iptrace's eBPF interpreter running the user's program.
     Pinned(PathBuf),
+    /// Native nf_tables matches (empty: everything).
+    NftMatch(String),
 }
 
 /// What to install.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TracePlan {
     pub families: Vec<Family>,
+    pub marker: Marker,
     pub prefilter: Prefilter,
     pub in_interface: Option<String>,
     pub out_interface: Option<String>,
@@ -101,26 +120,25 @@ pub struct Instrumentation {
     owner: Owner,
     netns: u64,
     state: RunState,
-    families: Vec<Family>,
     torn_down: bool,
 }
 
 impl Instrumentation {
-    /// Refuses to start next to a live iptrace, then writes down the current logger bindings
-    /// before anything is changed.
-    pub fn prepare(families: &[Family]) -> Result<Self, InstrumentError> {
+    /// Refuses to start next to a live iptrace, then writes down the current logger bindings of
+    /// `nflog_families` (those whose legacy tables are traced) before anything is changed.
+    pub fn prepare(nflog_families: &[Family]) -> Result<Self, InstrumentError> {
         let owner = Owner::current();
         let netns = state::netns_id()?;
         if let Some(other) = live_owners(netns)?.into_iter().find(|o| *o != owner) {
             return Err(InstrumentError::AlreadyRunning { owner: other });
         }
-        let saved_loggers = families
+        let saved_loggers = nflog_families
             .iter()
             .map(|&f| nf_log::bound_logger(f).map(|l| (f, l)))
             .collect::<Result<_, _>>()?;
         let state = RunState { saved_loggers, pin: None };
         state.write(netns, owner)?;
-        Ok(Self { owner, netns, state, families: families.to_vec(), torn_down: false })
+        Ok(Self { owner, netns, state, torn_down: false })
     }
 
     pub fn owner(&self) -> Owner {
@@ -133,20 +151,26 @@ impl Instrumentation {
         self.state.write(self.netns, self.owner)
     }
 
-
     /// Undoes everything, in the order the kernel needs: rules first (a pinned program must stay
     /// resolvable while a rule names it, kernel-interfaces §7), then the pin, then the loggers.
-    /// Safe to call twice; returns what could not be undone.
+    /// What to remove is found by the owner's tag, so it does not matter how far [`install`]
+    /// got. Safe to call twice; returns what could not be undone.
     pub fn teardown(&mut self) -> Vec<InstrumentError> {
         if std::mem::replace(&mut self.torn_down, true) {
             return Vec::new();
         }
         let owner = self.owner;
         let mut errors = Vec::new();
-        for &family in &self.families {
+        for family in [Family::Ipv4, Family::Ipv6] {
             if let Err(e) = legacy::delete_rules(family, |o| o == owner) {
                 errors.push(e);
             }
+        }
+        // The table's name carries the owner's pid and start time: one by that name is ours.
+        match nft::tagged_tables() {
+            Ok(tables) if tables.contains(&owner) => errors.extend(nft::delete(owner).err()),
+            Ok(_) => {}
+            Err(e) => errors.push(e),
         }
         errors.extend(undo_state(&self.state));
         RunState::remove(self.netns, self.owner);
@@ -154,13 +178,15 @@ impl Instrumentation {
     }
 }
 
-/// Inserts the TRACE rules of `plan` for `owner`, whose [`Instrumentation`] must exist already:
-/// its teardown removes whatever was inserted, also after a failure half-way.
+/// Inserts the TRACE rules or creates the nf_tables table of `plan` for `owner`, whose
+/// [`Instrumentation`] must exist already: its teardown removes whatever was put in place, also
+/// after a failure half-way. Runs without holding the instrumentation, so that a panic in here
+/// can still tear down.
 pub fn install(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
-    for &family in &plan.families {
-        legacy::insert(owner, plan, family)?;
+    match plan.marker {
+        Marker::TraceRules => plan.families.iter().try_for_each(|&family| legacy::insert(owner, plan, family)),
+        Marker::NftTable => nft::create(owner, plan),
     }
-    Ok(())
 }
 
 /// Unpins and restores the loggers a run recorded. A logger is restored only while nfnetlink_log
@@ -190,6 +216,7 @@ fn live_owners(netns: u64) -> Result<Vec<Owner>, InstrumentError> {
     for family in [Family::Ipv4, Family::Ipv6] {
         owners.extend(legacy::tagged_rules(family)?.into_iter().map(|(o, _, _)| o));
     }
+    owners.extend(nft::tagged_tables()?);
     owners.sort_unstable();
     owners.dedup();
     owners.retain(|o| o.is_alive());
@@ -215,6 +242,10 @@ pub fn cleanup_stale() -> Result<Vec<String>, InstrumentError> {
             };
             removed.push(format!("{n} TRACE rule(s) in the {tables} raw table left by a dead iptrace"));
         }
+    }
+    for owner in nft::tagged_tables()?.into_iter().filter(|o| !o.is_alive()) {
+        nft::delete(owner)?;
+        removed.push(format!("nf_tables table inet {} left by a dead iptrace", owner.table_name()));
     }
     for (owner, state) in RunState::list(netns) {
         if owner.is_alive() {

@@ -1,10 +1,12 @@
 //! The tag that names the iptrace process owning a rule or a state file: `iptrace:<pid>:<start>`,
 //! where `<start>` is the process start time from `/proc/<pid>/stat`, so that a recycled pid is
-//! not mistaken for the owner.
+//! not mistaken for the owner. An nf_tables table carries it in its name, `iptrace_<pid>_<start>`
+//! (nft names take no colons).
 
 use std::{fmt, fs};
 
 const TAG_PREFIX: &str = "iptrace:";
+const TABLE_PREFIX: &str = "iptrace_";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Owner {
@@ -27,6 +29,17 @@ impl Owner {
     /// Parses a tag written by [`Owner::tag`].
     pub fn from_tag(tag: &str) -> Option<Self> {
         let (pid, start) = tag.strip_prefix(TAG_PREFIX)?.split_once(':')?;
+        Some(Self { pid: pid.parse().ok()?, start: start.parse().ok()? })
+    }
+
+    /// The name of the nf_tables table this owner traces with.
+    pub fn table_name(self) -> String {
+        format!("{TABLE_PREFIX}{}_{}", self.pid, self.start)
+    }
+
+    /// Parses a name written by [`Owner::table_name`].
+    pub fn from_table_name(name: &str) -> Option<Self> {
+        let (pid, start) = name.strip_prefix(TABLE_PREFIX)?.split_once('_')?;
         Some(Self { pid: pid.parse().ok()?, start: start.parse().ok()? })
     }
 
@@ -62,5 +75,9 @@ mod tests {
         assert!(!Owner { start: me.start + 1, ..me }.is_alive());
         assert_eq!(Owner::from_tag("iptrace:x:1"), None);
         assert_eq!(Owner::from_tag("other:1:2"), None);
+        assert_eq!(Owner::from_table_name(&me.table_name()), Some(me));
+        assert_eq!(Owner { pid: 7, start: 9 }.table_name(), "iptrace_7_9");
+        assert_eq!(Owner::from_table_name("iptrace_x_1"), None);
+        assert_eq!(Owner::from_table_name("filter"), None);
     }
 }

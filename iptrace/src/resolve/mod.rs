@@ -1,13 +1,15 @@
-//! Resolve: the kernel's (table, chain, rule number) of each trace event to the rule's text, as
-//! the rule set was when the event was received.
+//! Resolve: the kernel's (table, chain, rule number or handle) of each trace event to the rule's
+//! text, as the rule set was when the event was received.
 //!
-//! Each table is read with `iptables-legacy-save` into a snapshot. A cheap fingerprint of the
+//! nf_tables rules are resolved by handle from generation-keyed snapshots (see [`nft`]). Each
+//! legacy table is read with `iptables-legacy-save` into a snapshot. A cheap fingerprint of the
 //! kernel's table blob ([`fingerprint`]) tells when a table changed; then a new snapshot is taken
 //! under a new epoch. Events are stamped with the epoch current at their receipt, and resolved
 //! against the snapshot of that epoch, so a rule inserted mid-trace does not shift the text shown
 //! for packets traced before it.
 
 mod fingerprint;
+mod nft;
 pub mod rule;
 
 use std::{
@@ -19,9 +21,11 @@ use std::{
 
 pub use self::rule::{Rule, Verdict};
 use self::fingerprint::TableProbe;
+use self::nft::{Found, Generation, Ruleset};
 use crate::{
-    decode::{Family, TraceEvent, TraceKind},
-    instrument::legacy::owner_of,
+    decode::{Family, NftFamily, NftTraceType, NftVerdict, Origin, TraceEvent, TraceKind},
+    instrument::{Owner, legacy::owner_of},
+    nftables::NftError,
     xtables::{self, SavedTable, Xtables, XtablesError},
 };
 
@@ -31,6 +35,8 @@ pub enum ResolveError {
     Probe { family: Family, #[source] source: io::Error },
     #[error("cannot read the {family:?} {table} table: {source}")]
     Save { family: Family, table: String, #[source] source: XtablesError },
+    #[error("cannot read the nf_tables rule set: {0}")]
+    Nft(#[source] NftError),
 }
 
 /// How often, at most, the kernel tables are checked for changes.
@@ -49,6 +55,23 @@ pub enum Position {
     ChainEnd,
     /// The rule number is not in the snapshot (the table changed faster than it was read).
     Unknown { kernel_number: u32 },
+    /// A rule of a native nf_tables table, in nft syntax; the verdict is the kernel's.
+    NftRule { handle: u64, text: Arc<str>, verdict: Verdict },
+    /// A rule of a table iptables-nft manages, in iptables syntax, numbered as `iptables -L
+    /// --line-numbers` shows it.
+    XtablesNftRule { handle: u64, number: u32, rule: Arc<Rule>, verdict: Verdict },
+    /// An nf_tables rule deleted before iptrace could read it.
+    NftRuleGone { handle: u64, verdict: Verdict },
+}
+
+/// The kind of table a step is in, which decides how it is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Legacy,
+    /// A native nf_tables table.
+    Nft,
+    /// An nf_tables table that iptables-nft manages.
+    XtablesNft,
 }
 
 /// A resolved trace event.
@@ -56,6 +79,7 @@ pub enum Position {
 pub struct Step {
     pub event: TraceEvent,
     pub position: Position,
+    pub engine: Engine,
 }
 
 impl Step {
@@ -65,6 +89,9 @@ impl Step {
             Position::Policy(v) => v.clone(),
             Position::ChainEnd => Verdict::Return,
             Position::Unknown { .. } => Verdict::Continue,
+            Position::NftRule { verdict, .. } | Position::XtablesNftRule { verdict, .. } | Position::NftRuleGone { verdict, .. } => {
+                verdict.clone()
+            }
         }
     }
 }
@@ -136,23 +163,71 @@ struct TableHistory {
     snapshots: VecDeque<(u64, Arc<TableSnapshot>)>,
 }
 
-/// The rule text of every legacy table, by epoch.
+/// The nf_tables rule set by epoch.
+struct NftHistory {
+    generation: Generation,
+    families: Vec<Family>,
+    /// (first epoch it is valid for, snapshot), oldest first.
+    snapshots: VecDeque<(u64, Arc<Ruleset>)>,
+}
+
+impl NftHistory {
+    /// Reads a new snapshot if the generation changed, valid from `epoch`. Returns whether it did.
+    fn check(&mut self, epoch: u64) -> Result<bool, ResolveError> {
+        let mut before = self.generation.current()?;
+        if Some(before) == self.generation.last {
+            return Ok(false);
+        }
+        // As for legacy tables: make sure no transaction committed while the text was read.
+        let mut attempts = 0;
+        let ruleset = loop {
+            let ruleset = nft::read(&self.families)?;
+            let after = self.generation.current()?;
+            attempts += 1;
+            if after == before || attempts == 3 {
+                break ruleset;
+            }
+            before = after;
+        };
+        let known = self.generation.last.replace(before).is_some();
+        self.snapshots.push_back((epoch, Arc::new(ruleset)));
+        if self.snapshots.len() > SNAPSHOTS_KEPT {
+            self.snapshots.pop_front();
+        }
+        Ok(known)
+    }
+
+    fn at(&self, epoch: u64) -> Option<Arc<Ruleset>> {
+        self.snapshots.iter().rev().find(|(from, _)| *from <= epoch).or(self.snapshots.front()).map(|(_, s)| s.clone())
+    }
+
+    fn latest(&self) -> Option<Arc<Ruleset>> {
+        self.snapshots.back().map(|(_, s)| s.clone())
+    }
+}
+
+/// The rule text of every legacy table and of the nf_tables rule set, by epoch.
 pub struct Resolver {
     probes: HashMap<Family, TableProbe>,
     tables: HashMap<(Family, String), TableHistory>,
+    nft: Option<NftHistory>,
     epoch: u64,
     last_check: Instant,
 }
 
 impl Resolver {
-    /// Reads every existing table of `families`.
-    pub fn new(families: &[Family]) -> Result<Self, ResolveError> {
+    /// Reads every existing legacy table of `legacy_families`, and with `nft`, the nf_tables rule
+    /// set (iptables-nft tables of `families` in iptables syntax).
+    pub fn new(families: &[Family], legacy_families: &[Family], nft: bool) -> Result<Self, ResolveError> {
         let mut probes = HashMap::new();
-        for &family in families {
+        for &family in legacy_families {
             let probe = TableProbe::open(family).map_err(|source| ResolveError::Probe { family, source })?;
             probes.insert(family, probe);
         }
-        let mut this = Self { probes, tables: HashMap::new(), epoch: 0, last_check: Instant::now() };
+        let nft = nft
+            .then(|| Generation::open().map(|generation| NftHistory { generation, families: families.to_vec(), snapshots: VecDeque::new() }))
+            .transpose()?;
+        let mut this = Self { probes, tables: HashMap::new(), nft, epoch: 0, last_check: Instant::now() };
         this.check_all()?;
         Ok(this)
     }
@@ -169,7 +244,7 @@ impl Resolver {
                 tables.insert((*family, name), history);
             }
         }
-        Self { probes: HashMap::new(), tables, epoch: 0, last_check: Instant::now() }
+        Self { probes: HashMap::new(), tables, nft: None, epoch: 0, last_check: Instant::now() }
     }
 
     /// The current epoch, after checking the kernel tables for changes if the last check is
@@ -189,6 +264,10 @@ impl Resolver {
             for table in Xtables::new(family).existing_tables() {
                 changed |= self.check(family, &table)?;
             }
+        }
+        let next = self.epoch + 1;
+        if let Some(nft) = &mut self.nft {
+            changed |= nft.check(next)?;
         }
         if changed {
             // `check` stored the new snapshots under the next epoch.
@@ -231,21 +310,65 @@ impl Resolver {
         Ok(known.is_some())
     }
 
-    /// Resolves an event against the snapshot of its epoch; `None` for iptrace's own rules.
+    /// Resolves an event against the snapshot of its epoch; `None` for iptrace's own rules and
+    /// table, and for the end of an nf_tables base chain (its policy event follows).
     pub fn resolve(&mut self, event: TraceEvent) -> Option<Step> {
-        let key = (event.family, event.table.name().to_owned());
-        if !self.tables.contains_key(&key) {
-            // A table created after the trace started.
-            let _ = self.check(event.family, &key.1);
+        match &event.origin {
+            Origin::Xtables { table, chain, kind, number, .. } => {
+                let key = (event.family, table.name().to_owned());
+                if !self.tables.contains_key(&key) {
+                    // A table created after the trace started.
+                    let _ = self.check(event.family, &key.1);
+                }
+                let snapshot = self.tables.get(&key).and_then(|h| {
+                    h.snapshots.iter().rev().find(|(from, _)| *from <= event.epoch).or(h.snapshots.front()).map(|(_, s)| s.clone())
+                });
+                let position = match snapshot {
+                    Some(s) => s.position(chain, *kind, *number)?,
+                    None => Position::Unknown { kernel_number: *number },
+                };
+                Some(Step { event, position, engine: Engine::Legacy })
+            }
+            Origin::Nft { family, table, chain, handle, trace_type, verdict, .. } => {
+                if Owner::from_table_name(table).is_some() {
+                    return None;
+                }
+                let (family, handle, trace_type, kernel) = (*family, *handle, *trace_type, verdict.clone());
+                let (table, chain) = (table.clone(), chain.clone());
+                let snapshot = self.nft.as_ref()?.at(event.epoch)?;
+                let engine = if snapshot.is_xtables(family, &table) { Engine::XtablesNft } else { Engine::Nft };
+                let position = match (trace_type, handle) {
+                    (NftTraceType::Policy, _) => Position::Policy(nft::step_verdict(&kernel, &Found::Missing)),
+                    (_, None) if snapshot.is_base_chain(family, &table, &chain) => return None,
+                    (_, None) => Position::ChainEnd,
+                    (_, Some(handle)) => self.nft_rule(&snapshot, family, &table, &chain, handle, &kernel),
+                };
+                Some(Step { event, position, engine })
+            }
         }
-        let snapshot = self.tables.get(&key).and_then(|h| {
-            h.snapshots.iter().rev().find(|(from, _)| *from <= event.epoch).or(h.snapshots.front()).map(|(_, s)| s.clone())
-        });
-        let position = match snapshot {
-            Some(s) => s.position(&event.chain, event.kind, event.number)?,
-            None => Position::Unknown { kernel_number: event.number },
-        };
-        Some(Step { event, position })
+    }
+
+    /// A rule by handle: from the snapshot of the event's epoch, else from a fresh one (the rule
+    /// was added just before the event), else it is gone.
+    fn nft_rule(&mut self, snapshot: &Ruleset, family: NftFamily, table: &str, chain: &str, handle: u64, kernel: &NftVerdict) -> Position {
+        let mut found = snapshot.find(family, table, chain, handle);
+        if found == Found::Missing {
+            let next = self.epoch + 1;
+            if let Some(history) = &mut self.nft {
+                if history.check(next).unwrap_or(false) {
+                    self.epoch = next;
+                }
+                if let Some(latest) = history.latest() {
+                    found = latest.find(family, table, chain, handle);
+                }
+            }
+        }
+        let verdict = nft::step_verdict(kernel, &found);
+        match found {
+            Found::Native { text } => Position::NftRule { handle, text, verdict },
+            Found::Xtables { number, rule } => Position::XtablesNftRule { handle, number, rule, verdict },
+            Found::Missing => Position::NftRuleGone { handle, verdict },
+        }
     }
 }
 

@@ -17,6 +17,8 @@ pub enum Verdict {
     Nat,
     /// Queued to userspace (QUEUE, NFQUEUE).
     Queue,
+    /// Taken over by the rule (nf_tables `NF_STOLEN`): the packet goes no further here.
+    Stolen,
     /// Non-terminating targets (MARK, LOG, CONNMARK, ...) and rules without a target.
     Continue,
 }
@@ -24,7 +26,7 @@ pub enum Verdict {
 impl Verdict {
     /// Whether the packet leaves the current table at this rule.
     pub fn ends_table(&self) -> bool {
-        matches!(self, Verdict::Accept | Verdict::Drop | Verdict::Reject | Verdict::Nat | Verdict::Queue)
+        matches!(self, Verdict::Accept | Verdict::Drop | Verdict::Reject | Verdict::Nat | Verdict::Queue | Verdict::Stolen)
     }
 
     pub fn drops(&self) -> bool {
