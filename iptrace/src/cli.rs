@@ -136,7 +136,7 @@ pub struct Cli {
     #[arg(long, value_name = "MS", default_value_t = 50, hide_short_help = true)]
     pub group_timeout: u64,
 
-    /// More diagnostics on stderr (-v, -vv).
+    /// More diagnostics on stderr: -v what iptrace sets up, -vv also the eBPF programs' log.
     #[arg(short, long, action = ArgAction::Count)]
     pub verbose: u8,
 }
@@ -212,7 +212,7 @@ impl Cli {
             stats: self.stats,
             linger: Duration::from_millis(self.group_timeout),
             socket_filter: !self.no_socket_filter,
-            ebpf_log: self.verbose > 0,
+            ebpf_log: self.verbose > 1,
         })
     }
 }

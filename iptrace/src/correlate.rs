@@ -26,7 +26,7 @@
 //! [`PacketHeader::identity`]: crate::decode::PacketHeader::identity
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     time::{Duration, Instant},
 };
 
@@ -41,9 +41,11 @@ pub struct PacketTrace {
     pub events: Vec<TraceEvent>,
 }
 
-/// Open packets kept at most; past that the oldest is closed early (a busy router with a broad
-/// filter must not grow memory without bound).
-const MAX_OPEN: usize = 16_384;
+/// Open packets kept at most; past that the oldest is closed before its linger ends, so that a
+/// busy router with a broad selection cannot grow memory without bound. It is complete by then:
+/// a packet's events are generated back to back on one CPU, so by the time 2048 newer packets
+/// have started, no event of the oldest is still to come.
+const MAX_OPEN: usize = 2048;
 
 #[derive(Debug)]
 struct OpenPacket {
@@ -63,6 +65,9 @@ pub struct Correlator {
     open: HashMap<(Family, u64), Vec<OpenPacket>>,
     /// The identity key of the open packet with each trace id.
     trace_ids: HashMap<TraceId, (Family, u64)>,
+    /// (serial, key) of the open packets in creation order, to close the oldest without a
+    /// search; entries of packets closed since are skipped, and compacted away now and then.
+    creation: VecDeque<(u64, (Family, u64))>,
     open_count: usize,
     next_serial: u64,
 }
@@ -78,7 +83,7 @@ const NO_RANK: (u8, i32) = (0, i32::MIN);
 
 impl Correlator {
     pub fn new(linger: Duration) -> Self {
-        Self { linger, open: HashMap::new(), trace_ids: HashMap::new(), open_count: 0, next_serial: 0 }
+        Self { linger, open: HashMap::new(), trace_ids: HashMap::new(), creation: VecDeque::new(), open_count: 0, next_serial: 0 }
     }
 
     /// Adds an event received at `now`. Returns a packet closed early to bound memory, if any.
@@ -125,6 +130,7 @@ impl Correlator {
         });
         // A repeated id belongs to the newest packet that has it.
         self.trace_ids.extend(trace_id.map(|id| (id, key)));
+        self.creation.push_back((self.next_serial, key));
         self.next_serial += 1;
         self.open_count += 1;
         (self.open_count > MAX_OPEN).then(|| self.close_oldest()).flatten()
@@ -159,18 +165,42 @@ impl Correlator {
             !packets.is_empty()
         });
         self.open_count -= closed.len();
-        for id in closed.iter().filter_map(|p| p.trace_id) {
-            if self.trace_ids.get(&id).is_some_and(|key| !self.open.get(key).is_some_and(|ps| ps.iter().any(|p| p.trace_id == Some(id)))) {
-                self.trace_ids.remove(&id);
-            }
+        for packet in &closed {
+            self.forget_trace_id(packet);
+        }
+        if self.creation.len() > 2 * self.open_count + 64 {
+            let open = &self.open;
+            self.creation.retain(|(serial, key)| open.get(key).is_some_and(|ps| ps.iter().any(|p| p.serial == *serial)));
         }
         closed.sort_by_key(|p| p.serial);
         closed.into_iter().map(|p| PacketTrace { events: p.events }).collect()
     }
 
     fn close_oldest(&mut self) -> Option<PacketTrace> {
-        let oldest = self.open.values().flatten().map(|p| p.serial).min()?;
-        self.close_where(|p| p.serial == oldest).pop()
+        while let Some((serial, key)) = self.creation.pop_front() {
+            let Some(packets) = self.open.get_mut(&key) else { continue };
+            let Some(index) = packets.iter().position(|p| p.serial == serial) else { continue };
+            let packet = packets.swap_remove(index);
+            if packets.is_empty() {
+                self.open.remove(&key);
+            }
+            self.open_count -= 1;
+            self.forget_trace_id(&packet);
+            return Some(PacketTrace { events: packet.events });
+        }
+        None
+    }
+
+    /// Drops a closed packet's trace id, unless another open packet has it too.
+    fn forget_trace_id(&mut self, closed: &OpenPacket) {
+        let Some(id) = closed.trace_id else { return };
+        let still_open = self
+            .trace_ids
+            .get(&id)
+            .is_some_and(|key| self.open.get(key).is_some_and(|ps| ps.iter().any(|p| p.trace_id == Some(id))));
+        if !still_open {
+            self.trace_ids.remove(&id);
+        }
     }
 }
 
@@ -296,6 +326,28 @@ mod tests {
         assert_eq!(done[0].events[3].packet.src.to_string(), "172.16.2.200");
         assert_eq!(done[1].events.len(), 2);
         assert_eq!(c.open_packets(), 0);
+    }
+
+    #[test]
+    fn the_oldest_packet_is_closed_when_too_many_are_open() {
+        let now = Instant::now();
+        let mut c = Correlator::new(Duration::from_secs(60));
+        let packet = |n: usize| {
+            let mut p = udp_v4([10, 5, 1, 7], 40000, 64);
+            p[4..6].copy_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
+            p
+        };
+        for n in 0..MAX_OPEN {
+            assert!(c.push(event(&packet(n), Hook::PreRouting, Table::Raw), now).is_none());
+        }
+        // Packet 1 gets a second event: still open, still second oldest.
+        assert!(c.push(event(&packet(1), Hook::PreRouting, Table::Mangle), now).is_none());
+        let closed = c.push(event(&packet(MAX_OPEN), Hook::PreRouting, Table::Raw), now).unwrap();
+        assert_eq!(closed.events[0].packet.id, 0);
+        let closed = c.push(event(&packet(MAX_OPEN + 1), Hook::PreRouting, Table::Raw), now).unwrap();
+        assert_eq!((closed.events[0].packet.id, closed.events.len()), (1, 2));
+        assert_eq!(c.open_packets(), MAX_OPEN);
+        assert_eq!(c.flush_all().len(), MAX_OPEN);
     }
 
     #[test]

@@ -110,12 +110,13 @@ pub struct Stats {
     pub events: AtomicU64,
     pub malformed: AtomicU64,
     pub packets_shown: AtomicU64,
-    /// Where trace messages were selected: "eBPF", "userspace" or "none".
-    pub selected_by: std::sync::OnceLock<&'static str>,
-    /// Datagrams the selection ran on, kept and discarded.
-    pub selection_seen: AtomicU64,
-    pub selection_passed: AtomicU64,
-    pub selection_dropped: AtomicU64,
+    /// Datagrams the userspace selection ran on, kept and discarded (before the eBPF filter
+    /// was attached, or without it).
+    pub userspace_seen: AtomicU64,
+    pub userspace_passed: AtomicU64,
+    pub userspace_dropped: AtomicU64,
+    /// The eBPF socket filter's own counters, read at exit, when it was attached.
+    pub ebpf: std::sync::OnceLock<crate::bpf::FilterCounters>,
 }
 
 /// The instrumentation of the running trace, reachable from the panic hook.
@@ -187,7 +188,14 @@ fn trace_instrumented(
         socket.join_nftrace()?;
     }
     let stats = Arc::new(Stats::default());
-    let mut socket_filter = options.socket_filter.then(|| attach_socket_filter(&socket, filter.as_ref(), options.ebpf_log)).flatten();
+    // The eBPF filter takes a few hundred milliseconds to verify: it is attached from a thread
+    // while tracing starts, and until then the reader makes the same decisions in userspace.
+    let kernel_selects = Arc::new(AtomicBool::new(false));
+    let socket_filter_loader = if options.socket_filter {
+        Some(spawn_socket_filter_loader(&socket, filter.as_ref(), options.ebpf_log, kernel_selects.clone())?)
+    } else {
+        None
+    };
     // What the kernel cannot select in nft rules is selected in userspace, on each packet's
     // first event.
     let mut userspace_selection = None;
@@ -204,17 +212,7 @@ fn trace_instrumented(
         },
     };
     let ready = ready_line(options, backends, filter.as_ref());
-    let userspace_filter = match (&socket_filter, filter) {
-        (Some(_), _) => {
-            let _ = stats.selected_by.set("eBPF");
-            None
-        }
-        (None, Some(f)) => {
-            let _ = stats.selected_by.set("userspace");
-            Some(UserspaceFilter::new(f))
-        }
-        (None, None) => None,
-    };
+    let userspace_filter = filter.map(UserspaceFilter::new);
     let plan = TracePlan {
         families: options.families.clone(),
         marker: backends.marker,
@@ -231,14 +229,16 @@ fn trace_instrumented(
     let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft())?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (datagrams_tx, datagrams_rx) = mpsc::sync_channel::<Vec<Bytes>>(1024);
+    // A short queue: a backlog waits in the kernel's receive buffer (64 MiB, counted as overruns
+    // when it overflows), not in iptrace's memory.
+    let (datagrams_tx, datagrams_rx) = mpsc::sync_channel::<Vec<Bytes>>(DATAGRAM_BATCHES_QUEUED);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<(), RunError>>();
 
     let reader = {
         let (stop, stats) = (stop.clone(), stats.clone());
         thread::Builder::new()
             .name("iptrace-reader".into())
-            .spawn(move || read_datagrams(&socket, userspace_filter, &stop, &stats, &datagrams_tx))
+            .spawn(move || read_datagrams(&socket, userspace_filter, &kernel_selects, &stop, &stats, &datagrams_tx))
             .map_err(|e| RunError::Thread("reader", e))?
     };
     let processor = {
@@ -262,33 +262,85 @@ fn trace_instrumented(
     };
 
     eprintln!("iptrace: {ready}");
-    let flush_log = || {
-        if let Some(f) = socket_filter.as_mut() {
-            f.flush_log();
-        }
-    };
-    let result = runtime.block_on(signals.wait_for_end(options.duration, done_rx, flush_log));
+    let mut socket_filter = SocketFilterSlot::Loading(socket_filter_loader);
+    let result = runtime.block_on(signals.wait_for_end(options.duration, done_rx, || socket_filter.poll()));
     stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
     let _ = processor.join();
-    if let Some(counters) = socket_filter.as_ref().and_then(|f| f.counters().ok()) {
-        stats.selection_seen.store(counters.seen, Ordering::Relaxed);
-        stats.selection_passed.store(counters.passed, Ordering::Relaxed);
-        stats.selection_dropped.store(counters.dropped, Ordering::Relaxed);
+    if let Some(counters) = socket_filter.finish().and_then(|f| f.counters().ok()) {
+        let _ = stats.ebpf.set(counters);
     }
     result.map(|()| stats)
 }
 
-/// Loads and attaches `nflog_filter`, so that the kernel drops unselected trace messages before
-/// they are queued. Without the eBPF filter, iptrace says so once and selects in userspace.
-fn attach_socket_filter(socket: &TraceSocket, filter: Option<&CompiledFilter>, log: bool) -> Option<TraceSocketFilter> {
-    let attached = TraceSocketFilter::load(filter.map(CompiledFilter::instructions), log)
-        .and_then(|mut f| f.attach(socket.fd()).map(|()| f));
-    match attached {
-        Ok(f) => Some(f),
-        Err(e) => {
-            eprintln!("iptrace: no eBPF socket filter ({e}); selecting trace messages in userspace");
-            None
+/// Loads `nflog_filter` and attaches it to the trace socket from a thread, then tells the reader
+/// that the kernel selects from now on. Without the eBPF filter, iptrace says so once and goes on
+/// selecting in userspace.
+fn spawn_socket_filter_loader(
+    socket: &TraceSocket,
+    filter: Option<&CompiledFilter>,
+    log: bool,
+    kernel_selects: Arc<AtomicBool>,
+) -> Result<thread::JoinHandle<Option<TraceSocketFilter>>, RunError> {
+    // SO_ATTACH_BPF on a duplicate descriptor attaches to the same socket.
+    let fd = socket.fd().try_clone_to_owned().map_err(|e| RunError::Thread("socket filter", e))?;
+    let program = filter.map(|f| f.instructions().to_vec());
+    thread::Builder::new()
+        .name("iptrace-bpf".into())
+        .spawn(move || {
+            let attached = TraceSocketFilter::load(program.as_deref(), log).and_then(|mut f| {
+                use std::os::fd::AsFd as _;
+                f.attach(fd.as_fd()).map(|()| f)
+            });
+            match attached {
+                Ok(f) => {
+                    kernel_selects.store(true, Ordering::Release);
+                    log::info!("eBPF socket filter attached: the kernel selects trace messages now");
+                    Some(f)
+                }
+                Err(e) => {
+                    eprintln!("iptrace: no eBPF socket filter ({e}); selecting trace messages in userspace");
+                    None
+                }
+            }
+        })
+        .map_err(|e| RunError::Thread("socket filter", e))
+}
+
+/// The socket filter, while its loader runs and after.
+enum SocketFilterSlot {
+    Loading(Option<thread::JoinHandle<Option<TraceSocketFilter>>>),
+    Done(Option<TraceSocketFilter>),
+}
+
+impl SocketFilterSlot {
+    /// Takes the filter once loaded, and forwards its log records.
+    fn poll(&mut self) {
+        if let SocketFilterSlot::Loading(Some(loader)) = self
+            && loader.is_finished()
+        {
+            *self = SocketFilterSlot::Done(self.take_loader().and_then(|l| l.join().ok().flatten()));
+        }
+        if let SocketFilterSlot::Done(Some(filter)) = self {
+            filter.flush_log();
+        }
+    }
+
+    fn take_loader(&mut self) -> Option<thread::JoinHandle<Option<TraceSocketFilter>>> {
+        match self {
+            SocketFilterSlot::Loading(loader) => loader.take(),
+            SocketFilterSlot::Done(_) => None,
+        }
+    }
+
+    /// The filter, waiting for a loader still at work.
+    fn finish(mut self) -> Option<TraceSocketFilter> {
+        match self.take_loader() {
+            Some(loader) => loader.join().ok().flatten(),
+            None => match self {
+                SocketFilterSlot::Done(filter) => filter,
+                SocketFilterSlot::Loading(_) => None,
+            },
         }
     }
 }
@@ -321,6 +373,9 @@ fn ready_line(options: &Options, backends: &Backends, filter: Option<&CompiledFi
     let netns = options.netns.as_deref().map(|n| format!(" in netns {n}")).unwrap_or_default();
     format!("tracing {what} ({}; {}){netns}; Ctrl-C to stop", families.join(", "), backends.describe())
 }
+
+/// Batches of datagrams queued between the reader and the processing thread.
+const DATAGRAM_BATCHES_QUEUED: usize = 16;
 
 /// SIGINT, SIGTERM and SIGHUP, caught.
 struct Signals {
@@ -381,16 +436,18 @@ impl Signals {
 /// Each datagram lands in one scratch buffer, zeroed once, and is copied into the shared chunk:
 /// a copy of its few hundred bytes, where zeroing a fresh 128 KiB per receive cost more than
 /// all else.
-/// With `userspace_filter`, unselected datagrams are dropped here, as the eBPF filter would
-/// have dropped them in the kernel.
+/// With `userspace_filter`, unselected datagrams are dropped here, as the eBPF filter drops them
+/// in the kernel once `kernel_selects`.
 fn read_datagrams(
     socket: &TraceSocket,
     mut userspace_filter: Option<UserspaceFilter>,
+    kernel_selects: &AtomicBool,
     stop: &AtomicBool,
     stats: &Stats,
     tx: &mpsc::SyncSender<Vec<Bytes>>,
 ) {
-    const CHUNK: usize = 1 << 20;
+    // Small enough that the few chunks batches in flight keep alive stay a few MiB.
+    const CHUNK: usize = 1 << 18;
     const MAX_DATAGRAM: usize = 1 << 17;
     const MAX_BATCH: usize = 256;
     const DRAIN_LIMIT: Duration = Duration::from_secs(1);
@@ -411,7 +468,8 @@ fn read_datagrams(
             Ok(Received::Datagram(n)) => {
                 stats.datagrams.fetch_add(1, Ordering::Relaxed);
                 let datagram = &scratch[..n];
-                if keep_datagram(userspace_filter.as_mut(), datagram, stats) {
+                let selecting = userspace_filter.as_mut().filter(|_| !kernel_selects.load(Ordering::Acquire));
+                if keep_datagram(selecting, datagram, stats) {
                     if chunk.capacity() < n {
                         chunk = BytesMut::with_capacity(CHUNK.max(n));
                     }
@@ -448,9 +506,9 @@ fn read_datagrams(
 /// Runs the userspace selection, when there is one, and counts its decision.
 fn keep_datagram(filter: Option<&mut UserspaceFilter>, datagram: &[u8], stats: &Stats) -> bool {
     let Some(filter) = filter else { return true };
-    stats.selection_seen.fetch_add(1, Ordering::Relaxed);
+    stats.userspace_seen.fetch_add(1, Ordering::Relaxed);
     let keep = filter.keep(datagram);
-    let counter = if keep { &stats.selection_passed } else { &stats.selection_dropped };
+    let counter = if keep { &stats.userspace_passed } else { &stats.userspace_dropped };
     counter.fetch_add(1, Ordering::Relaxed);
     keep
 }
@@ -551,12 +609,18 @@ impl Stats {
             g(&self.packets_shown),
             g(&self.overruns)
         );
-        if let Some(by) = self.selected_by.get() {
+        if let Some(c) = self.ebpf.get() {
             report.push_str(&format!(
-                "\niptrace: stats: selection ({by}): {} datagrams seen, {} passed, {} dropped",
-                g(&self.selection_seen),
-                g(&self.selection_passed),
-                g(&self.selection_dropped)
+                "\niptrace: stats: selection (eBPF): {} datagrams seen, {} passed, {} dropped",
+                c.seen, c.passed, c.dropped
+            ));
+        }
+        if g(&self.userspace_seen) > 0 {
+            report.push_str(&format!(
+                "\niptrace: stats: selection (userspace): {} datagrams seen, {} passed, {} dropped",
+                g(&self.userspace_seen),
+                g(&self.userspace_passed),
+                g(&self.userspace_dropped)
             ));
         }
         report

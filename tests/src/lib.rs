@@ -54,7 +54,10 @@ pub struct Tracer {
     child: Child,
     ready: String,
     stdout: mpsc::Receiver<String>,
+    /// The ready part first, then each later line as it comes.
     stderr: mpsc::Receiver<String>,
+    /// Lines already taken by [`Tracer::wait_for_stderr`].
+    seen_stderr: String,
 }
 
 /// What a tracer printed by the time it exited.
@@ -94,10 +97,27 @@ impl Tracer {
         }
         let _ = stderr_tx.send(seen.clone());
         thread::spawn(move || {
-            let rest: Vec<String> = lines.map_while(Result::ok).collect();
-            let _ = stderr_tx.send(rest.join("\n"));
+            for line in lines.map_while(Result::ok) {
+                let _ = stderr_tx.send(line + "\n");
+            }
         });
-        Self { child, ready: seen, stdout, stderr }
+        Self { child, ready: seen, stdout, stderr, seen_stderr: String::new() }
+    }
+
+    /// Waits until iptrace prints a stderr line containing `needle`, and returns what it printed
+    /// meanwhile (also kept for [`Finished::stderr`]).
+    pub fn wait_for_stderr(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = String::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Ok(line) = self.stderr.recv_timeout(left) else { break };
+            seen.push_str(&line);
+            if line.contains(needle) {
+                self.seen_stderr.push_str(&seen);
+                return seen;
+            }
+        }
+        panic!("iptrace printed no '{needle}'; stderr:\n{seen}");
     }
 
     /// What it printed on stderr up to and including its ready line.
@@ -120,9 +140,12 @@ impl Tracer {
     pub fn wait(&mut self) -> Finished {
         let status = self.child.wait().expect("waiting for iptrace");
         let stdout = self.stdout.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
-        // The ready part, then the rest once the pipe closes.
-        let stderr: Vec<String> = (0..2).map_while(|_| self.stderr.recv_timeout(Duration::from_secs(10)).ok()).collect();
-        Finished { status, stdout, stderr: stderr.join("") }
+        // Every line up to the pipe's end: the sender goes away with it.
+        let mut stderr = std::mem::take(&mut self.seen_stderr);
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(10)) {
+            stderr.push_str(&line);
+        }
+        Finished { status, stdout, stderr }
     }
 }
 

@@ -35,10 +35,14 @@ fn stat(stderr: &str, line_marker: &str, after: &str) -> u64 {
 /// Sends 10,000 unselected and 10 selected datagrams, and returns the tracer's output.
 fn run_flood(lab: &Lab, extra: &[&str]) -> (Vec<Block>, String) {
     let ns = lab.ns(Role::Router);
-    let mut args = vec!["--netns", &ns, "--stats"];
+    let mut args = vec!["--netns", &ns, "--stats", "-v"];
     args.extend_from_slice(extra);
     args.push("udp port 9999");
-    let tracer = Tracer::start(&args);
+    let mut tracer = Tracer::start(&args);
+    if !extra.contains(&"--no-socket-filter") {
+        // Until the verifier is done, iptrace selects in userspace; this test is about the kernel.
+        tracer.wait_for_stderr("eBPF socket filter attached");
+    }
     let client = SocketAddr::new(addr::CLIENT, 0);
     lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected", 10_000).unwrap();
     for _ in 0..10 {
