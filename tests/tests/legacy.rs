@@ -437,3 +437,37 @@ fn interfaces_select_and_duration_stops() {
         assert!(all[0].packet.starts_with(first_hop), "{option} {iface}: {}", all[0].packet);
     }
 }
+
+/// Another program owns nflog group 0 (ulogd, `tcpdump -i nflog:0`; here this test): iptrace
+/// names it and stops, changing nothing.
+#[test]
+fn an_owned_nflog_group_is_named_and_nothing_changes() {
+    if !require_root("an_owned_nflog_group_is_named_and_nothing_changes") {
+        return;
+    }
+    let (lab, _servers) = router("group0");
+    let router = lab.ns(Role::Router);
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let router = router.clone();
+        thread::spawn(move || {
+            iptrace::netns::enter(&router).unwrap();
+            let socket = iptrace::capture::TraceSocket::open(&[iptrace::decode::Family::Ipv4], Duration::from_millis(50)).unwrap();
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+            drop(socket);
+        })
+    };
+    held_rx.recv().unwrap();
+    let before = firewall_state(&lab, Role::Router);
+    let (status, stdout, stderr) = run_iptrace(&["--netns", &router, "--backend", "legacy", "icmp"]);
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stdout, "");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let me = std::process::id();
+    assert!(stderr.contains(&format!("nflog group 0 is already in use by process {me} (")), "{stderr}");
+    assert_eq!(firewall_state(&lab, Role::Router), before);
+}
