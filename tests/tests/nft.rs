@@ -423,7 +423,7 @@ fn only_selected_packets_are_marked(lab: &Lab, expression: &str) -> i32 {
         lab.udp(Role::Client, SocketAddr::new(addr::CLIENT_RESTRICTED, 0), server(9999), b"this").unwrap();
     }
     settle();
-    assert_eq!(marked_packets(&lab, pid), 5);
+    assert_eq!(marked_packets(lab, pid), 5);
     let out = tracer.stop(libc::SIGTERM);
     assert!(out.status.success(), "{out:?}");
     let all = blocks(&out.stdout);
