@@ -4,7 +4,8 @@
 //! own on `NFNLGRP_NFTRACE`; multicast, so it does not take anything from the tracer).
 //!
 //! nflog's group 0 has a single owner per netns, so for iptrace the messages come from its own
-//! `--stats` and the traced packets from its TRACE rule's counters.
+//! `--stats`, and the traced packets from the counters of whichever marker it chose: its legacy
+//! TRACE rules, or the marking rules of its nf_tables table.
 
 use std::{
     io,
@@ -17,7 +18,10 @@ use std::{
     thread::{self, JoinHandle},
 };
 
-use iptrace::lab::{Lab, LabError, Role};
+use iptrace::{
+    instrument::Owner,
+    lab::{Lab, LabError, Role},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -53,15 +57,34 @@ pub fn trace_rule_packets(lab: &Lab, binary: &str) -> Result<u64, KernelError> {
         .sum())
 }
 
-/// The packets counted by the `counter` of an nft chain's rules (`counter packets N bytes M`).
+/// The packets counted by the `counter` of an nft chain's rules.
 pub fn nft_chain_counter(lab: &Lab, family: &str, table: &str, chain: &str) -> Result<u64, KernelError> {
     let out = lab.exec(Role::Router, &["nft", "list", "chain", family, table, chain], "")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text
+    Ok(counted_packets(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The packets iptrace's nf_tables tables marked: their marking rules' counters, summed. Read
+/// while iptrace runs, since it deletes its table on exit.
+pub fn iptrace_table_packets(lab: &Lab) -> Result<u64, KernelError> {
+    let out = lab.exec(Role::Router, &["nft", "list", "tables", "inet"], "")?;
+    let tables = String::from_utf8_lossy(&out.stdout);
+    let mut packets = 0;
+    for table in tables.lines().filter_map(|l| l.trim().strip_prefix("table inet ")) {
+        if Owner::from_table_name(table).is_some() {
+            let out = lab.exec(Role::Router, &["nft", "list", "table", "inet", table], "")?;
+            packets += counted_packets(&String::from_utf8_lossy(&out.stdout));
+        }
+    }
+    Ok(packets)
+}
+
+/// The sum of the `counter packets N bytes M` statements in an nft listing.
+fn counted_packets(listing: &str) -> u64 {
+    listing
         .split("counter packets ")
         .skip(1)
         .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-        .sum())
+        .sum()
 }
 
 /// What the nftables trace listener received.

@@ -198,7 +198,8 @@ impl Bench {
         let tracer = TracerProcess::start(&argv, &output, &Readiness::StderrLine("iptrace: tracing"))?;
         let mut result = self.measure_forwarding()?;
         thread::sleep(DRAIN);
-        let traced = kernel::trace_rule_packets(&self.lab, "iptables-legacy")?;
+        // One of the two marks packets, depending on the backend iptrace chose.
+        let traced = kernel::trace_rule_packets(&self.lab, "iptables-legacy")? + kernel::iptrace_table_packets(&self.lab)?;
         let finished = tracer.stop()?;
         let stats = finished.stderr.iter().find_map(|l| IptraceStats::parse(l));
         if stats.is_none() {

@@ -123,6 +123,7 @@ pub const NFT_OBJECT_SECMARK: u32 = 8;
 pub const NFT_OBJECT_CT_EXPECT: u32 = 9;
 pub const NFT_OBJECT_SYNPROXY: u32 = 10;
 pub const NFT_OBJECT_MAX: u32 = 10;
+pub const NFT_COMPAT_NAME_MAX: u32 = 32;
 pub const NF_DROP: u32 = 0;
 pub const NF_ACCEPT: u32 = 1;
 pub const NF_STOLEN: u32 = 2;
@@ -135,8 +136,10 @@ pub const NF_VERDICT_FLAG_QUEUE_BYPASS: u32 = 32768;
 pub const NF_VERDICT_QMASK: u32 = 4294901760;
 pub const NF_VERDICT_QBITS: u32 = 16;
 pub const NF_VERDICT_BITS: u32 = 16;
+pub const XT_BPF_MAX_NUM_INSTR: u32 = 64;
 pub type __u8 = core::ffi::c_uchar;
 pub type __u16 = core::ffi::c_ushort;
+pub type __s32 = core::ffi::c_int;
 pub type __u32 = core::ffi::c_uint;
 pub type __u64 = core::ffi::c_ulonglong;
 pub type __be16 = __u16;
@@ -263,6 +266,29 @@ pub const NFULA_CFG_QTHRESH: nfulnl_attr_config = 5;
 pub const NFULA_CFG_FLAGS: nfulnl_attr_config = 6;
 pub const __NFULA_CFG_MAX: nfulnl_attr_config = 7;
 pub type nfulnl_attr_config = core::ffi::c_uint;
+pub const NFT_REG_VERDICT: nft_registers = 0;
+pub const NFT_REG_1: nft_registers = 1;
+pub const NFT_REG_2: nft_registers = 2;
+pub const NFT_REG_3: nft_registers = 3;
+pub const NFT_REG_4: nft_registers = 4;
+pub const __NFT_REG_MAX: nft_registers = 5;
+pub const NFT_REG32_00: nft_registers = 8;
+pub const NFT_REG32_01: nft_registers = 9;
+pub const NFT_REG32_02: nft_registers = 10;
+pub const NFT_REG32_03: nft_registers = 11;
+pub const NFT_REG32_04: nft_registers = 12;
+pub const NFT_REG32_05: nft_registers = 13;
+pub const NFT_REG32_06: nft_registers = 14;
+pub const NFT_REG32_07: nft_registers = 15;
+pub const NFT_REG32_08: nft_registers = 16;
+pub const NFT_REG32_09: nft_registers = 17;
+pub const NFT_REG32_10: nft_registers = 18;
+pub const NFT_REG32_11: nft_registers = 19;
+pub const NFT_REG32_12: nft_registers = 20;
+pub const NFT_REG32_13: nft_registers = 21;
+pub const NFT_REG32_14: nft_registers = 22;
+pub const NFT_REG32_15: nft_registers = 23;
+pub type nft_registers = core::ffi::c_uint;
 pub const NFT_CONTINUE: nft_verdicts = -1;
 pub const NFT_BREAK: nft_verdicts = -2;
 pub const NFT_JUMP: nft_verdicts = -3;
@@ -296,6 +322,10 @@ pub const NFT_MSG_GETFLOWTABLE: nf_tables_msg_types = 23;
 pub const NFT_MSG_DELFLOWTABLE: nf_tables_msg_types = 24;
 pub const NFT_MSG_MAX: nf_tables_msg_types = 25;
 pub type nf_tables_msg_types = core::ffi::c_uint;
+pub const NFTA_LIST_UNSPEC: nft_list_attributes = 0;
+pub const NFTA_LIST_ELEM: nft_list_attributes = 1;
+pub const __NFTA_LIST_MAX: nft_list_attributes = 2;
+pub type nft_list_attributes = core::ffi::c_uint;
 pub const NFTA_TABLE_UNSPEC: nft_table_attributes = 0;
 pub const NFTA_TABLE_NAME: nft_table_attributes = 1;
 pub const NFTA_TABLE_FLAGS: nft_table_attributes = 2;
@@ -320,12 +350,27 @@ pub const NFTA_RULE_POSITION_ID: nft_rule_attributes = 10;
 pub const NFTA_RULE_CHAIN_ID: nft_rule_attributes = 11;
 pub const __NFTA_RULE_MAX: nft_rule_attributes = 12;
 pub type nft_rule_attributes = core::ffi::c_uint;
+pub const NFTA_DATA_UNSPEC: nft_data_attributes = 0;
+pub const NFTA_DATA_VALUE: nft_data_attributes = 1;
+pub const NFTA_DATA_VERDICT: nft_data_attributes = 2;
+pub const __NFTA_DATA_MAX: nft_data_attributes = 3;
+pub type nft_data_attributes = core::ffi::c_uint;
 pub const NFTA_VERDICT_UNSPEC: nft_verdict_attributes = 0;
 pub const NFTA_VERDICT_CODE: nft_verdict_attributes = 1;
 pub const NFTA_VERDICT_CHAIN: nft_verdict_attributes = 2;
 pub const NFTA_VERDICT_CHAIN_ID: nft_verdict_attributes = 3;
 pub const __NFTA_VERDICT_MAX: nft_verdict_attributes = 4;
 pub type nft_verdict_attributes = core::ffi::c_uint;
+pub const NFTA_EXPR_UNSPEC: nft_expr_attributes = 0;
+pub const NFTA_EXPR_NAME: nft_expr_attributes = 1;
+pub const NFTA_EXPR_DATA: nft_expr_attributes = 2;
+pub const __NFTA_EXPR_MAX: nft_expr_attributes = 3;
+pub type nft_expr_attributes = core::ffi::c_uint;
+pub const NFTA_IMMEDIATE_UNSPEC: nft_immediate_attributes = 0;
+pub const NFTA_IMMEDIATE_DREG: nft_immediate_attributes = 1;
+pub const NFTA_IMMEDIATE_DATA: nft_immediate_attributes = 2;
+pub const __NFTA_IMMEDIATE_MAX: nft_immediate_attributes = 3;
+pub type nft_immediate_attributes = core::ffi::c_uint;
 pub const NFTA_GEN_UNSPEC: nft_gen_attributes = 0;
 pub const NFTA_GEN_ID: nft_gen_attributes = 1;
 pub const NFTA_GEN_PROC_PID: nft_gen_attributes = 2;
@@ -358,6 +403,15 @@ pub const NFT_TRACETYPE_RETURN: nft_trace_types = 2;
 pub const NFT_TRACETYPE_RULE: nft_trace_types = 3;
 pub const __NFT_TRACETYPE_MAX: nft_trace_types = 4;
 pub type nft_trace_types = core::ffi::c_uint;
+pub const NFTA_MATCH_UNSPEC: nft_match_attributes = 0;
+pub const NFTA_MATCH_NAME: nft_match_attributes = 1;
+pub const NFTA_MATCH_REV: nft_match_attributes = 2;
+pub const NFTA_MATCH_INFO: nft_match_attributes = 3;
+pub const __NFTA_MATCH_MAX: nft_match_attributes = 4;
+pub type nft_match_attributes = core::ffi::c_uint;
+pub const NFNL_MSG_COMPAT_GET: _bindgen_ty_2 = 0;
+pub const NFNL_MSG_COMPAT_MAX: _bindgen_ty_2 = 1;
+pub type _bindgen_ty_2 = core::ffi::c_uint;
 pub const NF_INET_PRE_ROUTING: nf_inet_hooks = 0;
 pub const NF_INET_LOCAL_IN: nf_inet_hooks = 1;
 pub const NF_INET_FORWARD: nf_inet_hooks = 2;
@@ -366,16 +420,66 @@ pub const NF_INET_POST_ROUTING: nf_inet_hooks = 4;
 pub const NF_INET_NUMHOOKS: nf_inet_hooks = 5;
 pub const NF_INET_INGRESS: nf_inet_hooks = 5;
 pub type nf_inet_hooks = core::ffi::c_uint;
-pub const NFPROTO_UNSPEC: _bindgen_ty_3 = 0;
-pub const NFPROTO_INET: _bindgen_ty_3 = 1;
-pub const NFPROTO_IPV4: _bindgen_ty_3 = 2;
-pub const NFPROTO_ARP: _bindgen_ty_3 = 3;
-pub const NFPROTO_NETDEV: _bindgen_ty_3 = 5;
-pub const NFPROTO_BRIDGE: _bindgen_ty_3 = 7;
-pub const NFPROTO_IPV6: _bindgen_ty_3 = 10;
-pub const NFPROTO_DECNET: _bindgen_ty_3 = 12;
-pub const NFPROTO_NUMPROTO: _bindgen_ty_3 = 13;
-pub type _bindgen_ty_3 = core::ffi::c_uint;
+pub const NFPROTO_UNSPEC: _bindgen_ty_5 = 0;
+pub const NFPROTO_INET: _bindgen_ty_5 = 1;
+pub const NFPROTO_IPV4: _bindgen_ty_5 = 2;
+pub const NFPROTO_ARP: _bindgen_ty_5 = 3;
+pub const NFPROTO_NETDEV: _bindgen_ty_5 = 5;
+pub const NFPROTO_BRIDGE: _bindgen_ty_5 = 7;
+pub const NFPROTO_IPV6: _bindgen_ty_5 = 10;
+pub const NFPROTO_DECNET: _bindgen_ty_5 = 12;
+pub const NFPROTO_NUMPROTO: _bindgen_ty_5 = 13;
+pub type _bindgen_ty_5 = core::ffi::c_uint;
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct sock_filter {
+    pub code: __u16,
+    pub jt: __u8,
+    pub jf: __u8,
+    pub k: __u32,
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct bpf_prog {
+    _unused: [u8; 0],
+}
+pub const XT_BPF_MODE_BYTECODE: xt_bpf_modes = 0;
+pub const XT_BPF_MODE_FD_PINNED: xt_bpf_modes = 1;
+pub const XT_BPF_MODE_FD_ELF: xt_bpf_modes = 2;
+pub type xt_bpf_modes = core::ffi::c_uint;
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct xt_bpf_info_v1 {
+    pub mode: __u16,
+    pub bpf_program_num_elem: __u16,
+    pub fd: __s32,
+    pub __bindgen_anon_1: xt_bpf_info_v1__bindgen_ty_1,
+    pub filter: *mut bpf_prog,
+}
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub union xt_bpf_info_v1__bindgen_ty_1 {
+    pub bpf_program: [sock_filter; 64usize],
+    pub path: [core::ffi::c_char; 512usize],
+}
+impl Default for xt_bpf_info_v1__bindgen_ty_1 {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+impl Default for xt_bpf_info_v1 {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 
 // Not in the installed headers yet.
 pub const NFTA_TRACE_CT_ID: u32 = 18;

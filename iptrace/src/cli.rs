@@ -21,8 +21,8 @@ and mark (NAT, MARK), and its fate. Rule numbers are those `iptables -L --line-n
 without iptrace running.
 
 With nf_tables tables on the host (nftables or iptables-nft), iptrace adds its own table, inet
-iptrace_<pid>_<start>, whose chains at priority -350 set `meta nftrace` for the selected packets;
-legacy tables beside them are traced too. With legacy tables only, it inserts one TRACE rule at
+iptrace_<pid>_<start>, whose chains at priority -350 set `meta nftrace` for the selected packets
+(a pcap expression selects through an xt_bpf match); legacy tables beside them are traced too. With legacy tables only, it inserts one TRACE rule at
 the top of raw PREROUTING and raw OUTPUT (iptables-legacy and ip6tables-legacy), carrying the
 filter as xt_bpf bytecode. Legacy tables report through nfnetlink_log, bound as the logger. All
 of it is removed on exit, Ctrl-C, SIGTERM, SIGHUP or a crash; after a SIGKILL, the next run or

@@ -218,7 +218,6 @@ mod tests {
             mark: 0,
             mark_after: None,
             packet: PacketHeader::parse(packet).unwrap(),
-            selected: true,
             epoch: 0,
         }
     }

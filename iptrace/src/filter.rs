@@ -1,9 +1,10 @@
 //! The packet selection: the user's pcap-filter expression plus the simple options, compiled once
 //! with libpcap into classic BPF for raw IP (`DLT_RAW`), so that one program serves IPv4 and IPv6.
 //!
-//! The compiled program is used three ways: inline in the TRACE rule's xt_bpf match (up to 64
-//! instructions), interpreted by iptrace's eBPF prefilter pinned for xt_bpf (longer programs) and at
-//! the trace socket, and through libpcap's own `pcap_offline_filter` when eBPF is unavailable.
+//! The compiled program is used three ways: inline in the xt_bpf match of the TRACE rules or of
+//! iptrace's nf_tables table (up to 64 instructions), interpreted by iptrace's eBPF prefilter
+//! pinned for xt_bpf (longer programs) and at the trace socket, and through libpcap's own
+//! `pcap_offline_filter` when eBPF is unavailable.
 
 use std::{fmt, net::IpAddr};
 
@@ -74,8 +75,8 @@ impl Selection {
     }
 
     /// The selection as native nf_tables matches for iptrace's own table, or `None` when it has a
-    /// pcap expression, which nft cannot express in general (nor add an xt_bpf match itself):
-    /// then everything is traced and the expression applied to each packet's first trace event.
+    /// pcap expression, which nft cannot express in general: then the table selects with the
+    /// compiled program in an xt_bpf match (through nft_compat), as the TRACE rules do.
     pub fn to_nft_match(&self) -> Result<Option<String>, FilterError> {
         if self.expression.as_deref().is_some_and(|e| !e.trim().is_empty()) {
             return Ok(None);
@@ -258,16 +259,6 @@ impl CompiledFilter {
         self.insns.len() <= XT_BPF_MAX_NUM_INSTR
     }
 
-    /// The program in iptables' `--bytecode` syntax: `N,code jt jf k,code jt jf k,...`.
-    pub fn xt_bpf_bytecode(&self) -> String {
-        use fmt::Write as _;
-        let mut out = self.insns.len().to_string();
-        for i in &self.insns {
-            let _ = write!(out, ",{} {} {} {}", i.code, i.jt, i.jf, i.k);
-        }
-        out
-    }
-
     /// libpcap's verdict for a raw IP packet (`pcap_offline_filter`): the reference every other
     /// evaluation of the program must agree with.
     pub fn matches(&self, packet: &[u8]) -> bool {
@@ -345,7 +336,6 @@ mod tests {
     fn compiles_for_raw_ip_both_families() {
         let f = CompiledFilter::compile("tcp port 22").unwrap();
         assert!(f.fits_xt_bpf());
-        assert!(f.xt_bpf_bytecode().starts_with(&format!("{},", f.instructions().len())));
         // IPv4 TCP 10.0.0.1:1000 -> 10.0.0.2:22 (header checksum irrelevant to BPF).
         let mut v4 = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
         v4.extend_from_slice(&[0x03, 0xe8, 0, 22, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);

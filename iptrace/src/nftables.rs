@@ -1,7 +1,8 @@
 //! nftables as iptrace drives it: the `nft` command for what needs its language (iptrace's own
-//! table in and out, rule text by handle), and nfnetlink for what must be cheap or must work
-//! without `nft`: the rule-set generation and the list of tables. Shared by instrument, resolve
-//! and the backend detection.
+//! table in and out, rule text by handle), and nfnetlink for what must be cheap, must work
+//! without `nft`, or cannot be written in its language: the rule-set generation, the list of
+//! tables, and a rule with an xtables match (nft_compat), which only iptables-nft adds. Shared by
+//! instrument, resolve and the backend detection.
 
 use std::{
     io::{self, Write},
@@ -10,8 +11,12 @@ use std::{
 };
 
 use iptrace_common::uapi::{
-    NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN, NFT_MSG_GETTABLE, NFT_MSG_NEWGEN, NFT_MSG_NEWTABLE, NFTA_GEN_ID,
-    NFTA_TABLE_NAME, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFT_JUMP, NFT_MSG_GETGEN, NFT_MSG_GETTABLE,
+    NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFT_REG_VERDICT, NFTA_DATA_VERDICT, NFTA_EXPR_DATA,
+    NFTA_EXPR_NAME, NFTA_GEN_ID, NFTA_IMMEDIATE_DATA, NFTA_IMMEDIATE_DREG, NFTA_LIST_ELEM, NFTA_MATCH_INFO,
+    NFTA_MATCH_NAME, NFTA_MATCH_REV, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_TABLE_NAME,
+    NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST,
+    NLMSG_DONE, NLMSG_ERROR,
 };
 use neli::{
     consts::socket::{Msg, NlFamily},
@@ -23,7 +28,7 @@ use crate::{
     capture::set_receive_timeout,
     decode::{
         DecodeError, NftFamily,
-        netlink::{Attributes, NetlinkMessages, error_code, nfnetlink_request},
+        netlink::{Attributes, NetlinkMessage, NetlinkMessages, attribute, error_code, nested_attribute, nfnetlink_request},
     },
 };
 
@@ -137,6 +142,27 @@ impl NfTablesSocket {
         Ok(tables)
     }
 
+    /// Appends a rule made of `expressions` to `chain` of `family`'s `table`, in a transaction of
+    /// its own (a batch, as nf_tables takes rule changes).
+    pub fn append_rule(&mut self, family: NftFamily, table: &str, chain: &str, expressions: &[RuleExpression<'_>]) -> Result<(), NftError> {
+        const REQUEST: &str = "NEWRULE";
+        let first = self.sequence.wrapping_add(1);
+        self.sequence = first.wrapping_add(2);
+        let batch = append_rule_batch(first, family, table, chain, expressions);
+        self.socket.send(&batch, Msg::empty()).map_err(|source| NftError::Netlink { request: REQUEST, source })?;
+        // A failed commit is reported against the batch's first message, before the rule's own
+        // acknowledgement (`nfnetlink_rcv_batch()`), so every error of the batch counts.
+        let rule = first.wrapping_add(1);
+        self.receive(REQUEST, |m| match u32::from(m.message_type) {
+            NLMSG_ERROR if (first..=first.wrapping_add(2)).contains(&m.sequence) => match error_code(m) {
+                0 if m.sequence == rule => Ok(Reply::Done),
+                0 => Ok(Reply::More),
+                errno => Err(NftError::Netlink { request: REQUEST, source: io::Error::from_raw_os_error(errno) }),
+            },
+            _ => Ok(Reply::More),
+        })
+    }
+
     /// Sends one request for all families and hands each reply message's type, family and attributes to
     /// `each`, until the acknowledgement, the dump's end, or a single reply.
     fn query(
@@ -147,38 +173,178 @@ impl NfTablesSocket {
         mut each: impl FnMut(u32, u8, &[u8]) -> Result<(), DecodeError>,
     ) -> Result<(), NftError> {
         self.sequence = self.sequence.wrapping_add(1);
-        let kind = ((NFNL_SUBSYS_NFTABLES as u16) << 8) | message as u16;
-        let msg = nfnetlink_request(kind, flags as u16, self.sequence, 0, 0, &[]);
+        let sequence = self.sequence;
+        let msg = nfnetlink_request(nftables_message(message), flags as u16, sequence, 0, 0, &[]);
         self.socket.send(&msg, Msg::empty()).map_err(|source| NftError::Netlink { request, source })?;
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        self.receive(request, |m| {
+            if m.sequence != sequence {
+                return Ok(Reply::More);
+            }
+            match u32::from(m.message_type) {
+                NLMSG_ERROR => match error_code(m) {
+                    0 => Ok(Reply::Done),
+                    errno => Err(NftError::Netlink { request, source: io::Error::from_raw_os_error(errno) }),
+                },
+                NLMSG_DONE => Ok(Reply::Done),
+                t if t >> 8 == NFNL_SUBSYS_NFTABLES => {
+                    // nfgenmsg's family is the object's (a table's family is not an attribute).
+                    let family = m.payload.first().copied().unwrap_or(0);
+                    let attrs = m.payload.get(4..).unwrap_or_default();
+                    each(t & 0xff, family, attrs).map_err(|source| NftError::Reply { request, source })?;
+                    Ok(if dump { Reply::More } else { Reply::Done })
+                }
+                _ => Ok(Reply::More),
+            }
+        })
+    }
+
+    /// Hands every received message to `each` until it says the reply is complete.
+    fn receive(
+        &mut self,
+        request: &'static str,
+        mut each: impl FnMut(&NetlinkMessage<'_>) -> Result<Reply, NftError>,
+    ) -> Result<(), NftError> {
         let mut buf = vec![0u8; 1 << 16];
         loop {
             let (n, _) = self.socket.recv(&mut buf[..], Msg::empty()).map_err(|source| NftError::Netlink { request, source })?;
             for m in NetlinkMessages::new(&buf[..n]) {
                 let m = m.map_err(|source| NftError::Reply { request, source })?;
-                if m.sequence != self.sequence {
-                    continue;
-                }
-                match u32::from(m.message_type) {
-                    NLMSG_ERROR => {
-                        return match error_code(&m) {
-                            0 => Ok(()),
-                            errno => Err(NftError::Netlink { request, source: io::Error::from_raw_os_error(errno) }),
-                        };
-                    }
-                    NLMSG_DONE => return Ok(()),
-                    t if t >> 8 == NFNL_SUBSYS_NFTABLES => {
-                        // nfgenmsg's family is the object's (a table's family is not an attribute).
-                        let family = m.payload.first().copied().unwrap_or(0);
-                        let attrs = m.payload.get(4..).unwrap_or_default();
-                        each(t & 0xff, family, attrs).map_err(|source| NftError::Reply { request, source })?;
-                        if !dump {
-                            return Ok(());
-                        }
-                    }
-                    _ => {}
+                if each(&m)? == Reply::Done {
+                    return Ok(());
                 }
             }
         }
+    }
+}
+
+/// Whether a request's reply is complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reply {
+    More,
+    Done,
+}
+
+/// One expression of a rule built over netlink ([`NfTablesSocket::append_rule`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleExpression<'a> {
+    /// An xtables match run by nft_compat (`[ match name NAME rev REV ]`), as iptables-nft adds
+    /// it; `info` is the match's own struct, exactly as long as the kernel's `matchsize`.
+    XtMatch { name: &'a str, revision: u32, info: &'a [u8] },
+    /// `jump CHAIN` (`[ immediate reg 0 jump -> CHAIN ]`).
+    Jump { chain: &'a str },
+}
+
+impl RuleExpression<'_> {
+    /// `NFTA_LIST_ELEM { NFTA_EXPR_NAME, NFTA_EXPR_DATA { ... } }`.
+    fn encode(&self) -> Vec<u8> {
+        let (name, data) = match self {
+            Self::XtMatch { name, revision, info } => (
+                "match",
+                [
+                    attribute(NFTA_MATCH_NAME as u16, &c_string(name)),
+                    attribute(NFTA_MATCH_REV as u16, &revision.to_be_bytes()),
+                    attribute(NFTA_MATCH_INFO as u16, info),
+                ]
+                .concat(),
+            ),
+            Self::Jump { chain } => {
+                let verdict = [
+                    attribute(NFTA_VERDICT_CODE as u16, &NFT_JUMP.to_be_bytes()),
+                    attribute(NFTA_VERDICT_CHAIN as u16, &c_string(chain)),
+                ]
+                .concat();
+                (
+                    "immediate",
+                    [
+                        attribute(NFTA_IMMEDIATE_DREG as u16, &NFT_REG_VERDICT.to_be_bytes()),
+                        nested_attribute(NFTA_IMMEDIATE_DATA as u16, &nested_attribute(NFTA_DATA_VERDICT as u16, &verdict)),
+                    ]
+                    .concat(),
+                )
+            }
+        };
+        let expression = [attribute(NFTA_EXPR_NAME as u16, &c_string(name)), nested_attribute(NFTA_EXPR_DATA as u16, &data)].concat();
+        nested_attribute(NFTA_LIST_ELEM as u16, &expression)
+    }
+}
+
+/// The transaction that appends one rule, numbered from `first`: `NFNL_MSG_BATCH_BEGIN`,
+/// `NFT_MSG_NEWRULE` (acknowledged), `NFNL_MSG_BATCH_END`.
+fn append_rule_batch(first: u32, family: NftFamily, table: &str, chain: &str, expressions: &[RuleExpression<'_>]) -> Vec<u8> {
+    // The batch messages name the subsystem they are for in nfgenmsg's res_id.
+    let subsystem = NFNL_SUBSYS_NFTABLES as u16;
+    let expressions: Vec<u8> = expressions.iter().flat_map(RuleExpression::encode).collect();
+    let rule = [
+        attribute(NFTA_RULE_TABLE as u16, &c_string(table)),
+        attribute(NFTA_RULE_CHAIN as u16, &c_string(chain)),
+        nested_attribute(NFTA_RULE_EXPRESSIONS as u16, &expressions),
+    ]
+    .concat();
+    let flags = (NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND | NLM_F_ACK) as u16;
+    [
+        nfnetlink_request(NFNL_MSG_BATCH_BEGIN as u16, NLM_F_REQUEST as u16, first, 0, subsystem, &[]),
+        nfnetlink_request(nftables_message(NFT_MSG_NEWRULE), flags, first.wrapping_add(1), family.to_nfproto(), 0, &rule),
+        nfnetlink_request(NFNL_MSG_BATCH_END as u16, NLM_F_REQUEST as u16, first.wrapping_add(2), 0, subsystem, &[]),
+    ]
+    .concat()
+}
+
+/// The netlink message type of nf_tables message `message`.
+fn nftables_message(message: u32) -> u16 {
+    ((NFNL_SUBSYS_NFTABLES as u16) << 8) | message as u16
+}
+
+/// `text` with the NUL that netlink string attributes carry.
+fn c_string(text: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(text.len() + 1);
+    bytes.extend_from_slice(text.as_bytes());
+    bytes.push(0);
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::netlink::Attribute;
+
+    fn attributes(body: &[u8]) -> Vec<Attribute<'_>> {
+        Attributes::new(body).collect::<Result<_, _>>().unwrap()
+    }
+
+    #[test]
+    fn a_rule_with_an_xt_match_is_one_batch_as_iptables_nft_sends_it() {
+        let info = [7u8; 528];
+        let expressions = [RuleExpression::XtMatch { name: "bpf", revision: 1, info: &info }, RuleExpression::Jump { chain: "mark_output" }];
+        let batch = append_rule_batch(40, NftFamily::Inet, "iptrace_1_2", "output", &expressions);
+        let messages: Vec<_> = NetlinkMessages::new(&batch).collect::<Result<_, _>>().unwrap();
+        let heads: Vec<_> = messages.iter().map(|m| (m.message_type, m.flags, m.sequence, m.payload[0])).collect();
+        assert_eq!(heads, [(0x10, 0x1, 40, 0), (0x0a06, 0xc05, 41, 1), (0x11, 0x1, 42, 0)]);
+        // The batch messages name nf_tables in res_id (big-endian).
+        assert_eq!(&messages[0].payload[2..4], &[0, 10]);
+        assert_eq!(&messages[2].payload[2..4], &[0, 10]);
+
+        let rule = attributes(&messages[1].payload[4..]);
+        assert_eq!(rule.iter().map(|a| a.kind).collect::<Vec<_>>(), [1, 2, 4]);
+        assert_eq!((rule[0].c_str(), rule[1].c_str()), (&b"iptrace_1_2"[..], &b"output"[..]));
+        let list = attributes(rule[2].value);
+        assert!(list.iter().all(|e| e.kind == 1), "NFTA_LIST_ELEM");
+
+        let xt = attributes(list[0].value);
+        assert_eq!((xt[0].kind, xt[0].c_str(), xt[1].kind), (1, &b"match"[..], 2));
+        let xt = attributes(xt[1].value);
+        assert_eq!((xt[0].kind, xt[0].c_str()), (1, &b"bpf"[..]));
+        assert_eq!((xt[1].kind, xt[1].be_u32().unwrap()), (2, 1));
+        assert_eq!((xt[2].kind, xt[2].value), (3, &info[..]));
+
+        let jump = attributes(list[1].value);
+        assert_eq!((jump[0].c_str(), jump[1].kind), (&b"immediate"[..], 2));
+        let immediate = attributes(jump[1].value);
+        assert_eq!((immediate[0].kind, immediate[0].be_u32().unwrap()), (1, 0), "NFT_REG_VERDICT");
+        let data = attributes(immediate[1].value);
+        assert_eq!(data[0].kind, 2, "NFTA_DATA_VERDICT");
+        let verdict = attributes(data[0].value);
+        assert_eq!((verdict[0].kind, verdict[0].be_u32().unwrap()), (1, (-3i32).cast_unsigned()), "NFT_JUMP");
+        assert_eq!((verdict[1].kind, verdict[1].c_str()), (2, &b"mark_output"[..]));
     }
 }

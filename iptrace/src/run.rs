@@ -24,7 +24,7 @@ use crate::{
     correlate::{Correlator, PacketTrace},
     decode::{Decoder, Family},
     filter::{CompiledFilter, FilterError, Selection},
-    instrument::{self, InstrumentError, Instrumentation, Limit, Marker, Prefilter, TracePlan},
+    instrument::{self, InstrumentError, Instrumentation, Limit, Marker, Prefilter, TracePlan, XtBpfProgram},
     netns::{self, NetnsError},
     render::{self, KernelInterfaceNames},
     resolve::{ResolveError, Resolver},
@@ -196,20 +196,18 @@ fn trace_instrumented(
     } else {
         None
     };
-    // What the kernel cannot select in nft rules is selected in userspace, on each packet's
-    // first event.
-    let mut userspace_selection = None;
-    let prefilter = match (backends.marker, &filter) {
-        (Marker::TraceRules, None) => Prefilter::None,
-        (Marker::TraceRules, Some(f)) if f.fits_xt_bpf() => Prefilter::Bytecode(f.xt_bpf_bytecode()),
-        (Marker::TraceRules, Some(f)) => pin_prefilter(f)?,
-        (Marker::NftTable, _) => match options.selection.to_nft_match()? {
-            Some(matches) => Prefilter::NftMatch(matches),
-            None => {
-                userspace_selection = filter.as_ref().map(|f| f.expression().to_owned());
-                Prefilter::NftMatch(String::new())
-            }
-        },
+    // Both markers select in the kernel: the nf_tables table with native matches where nft can
+    // express the selection, and otherwise, like the TRACE rules, with the compiled program in
+    // an xt_bpf match.
+    let native = match backends.marker {
+        Marker::NftTable => options.selection.to_nft_match()?,
+        Marker::TraceRules => None,
+    };
+    let prefilter = match (&filter, native) {
+        (None, _) => Prefilter::None,
+        (Some(_), Some(matches)) => Prefilter::NftMatch(matches),
+        (Some(f), None) if f.fits_xt_bpf() => Prefilter::XtBpf(XtBpfProgram::Bytecode(f.instructions().to_vec())),
+        (Some(f), None) => pin_prefilter(f)?,
     };
     let ready = ready_line(options, backends, filter.as_ref());
     let userspace_filter = filter.map(UserspaceFilter::new);
@@ -247,15 +245,7 @@ fn trace_instrumented(
         thread::Builder::new()
             .name("iptrace-process".into())
             .spawn(move || {
-                // libpcap's program stays on the thread that uses it.
-                let decoder = match userspace_selection.as_deref().map(CompiledFilter::compile).transpose() {
-                    Ok(selection) => selection.map_or_else(Decoder::new, Decoder::with_selection),
-                    Err(e) => {
-                        let _ = done_tx.send(Err(e.into()));
-                        return;
-                    }
-                };
-                let result = process(datagrams_rx, decoder, resolver, out, &stats, count, linger, out_ifindex);
+                let result = process(datagrams_rx, Decoder::new(), resolver, out, &stats, count, linger, out_ifindex);
                 let _ = done_tx.send(result);
             })
             .map_err(|e| RunError::Thread("processing", e))?
@@ -357,7 +347,7 @@ fn pin_prefilter(filter: &CompiledFilter) -> Result<Prefilter, RunError> {
     instrumentation.record_pin(path.clone())?;
     drop(active);
     PinnedPrefilter::load_and_pin(filter.instructions(), &path)?;
-    Ok(Prefilter::Pinned(path))
+    Ok(Prefilter::XtBpf(XtBpfProgram::Pinned(path)))
 }
 
 fn ready_line(options: &Options, backends: &Backends, filter: Option<&CompiledFilter>) -> String {
@@ -533,9 +523,6 @@ fn process(
     let mut emit = |trace: PacketTrace, resolver: &mut Resolver, out: &mut io::BufWriter<Box<dyn Write + Send>>| -> Result<bool, RunError> {
         if count.is_some_and(|c| shown >= c) {
             return Ok(true);
-        }
-        if !trace.events.first().is_some_and(|e| e.selected) {
-            return Ok(false);
         }
         if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
             return Ok(false);

@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, thread, time::Duration};
 
 use iptrace_tests::{
-    Block, Role, SAMPLE_GUARD_RULES, Tracer, addr, blocks, blocks_with, firewall_state, lab, load_sample_mixed_rules,
+    Block, Lab, Role, SAMPLE_GUARD_RULES, Tracer, addr, blocks, blocks_with, firewall_state, lab, load_sample_mixed_rules,
     load_sample_nft_rules, load_sample_rules, nft_ruleset, require_root, run_iptrace,
 };
 
@@ -385,6 +385,105 @@ fn nft_table_is_removed_on_sigterm_and_after_sigkill() {
     Tracer::start(&["--netns", &lab.ns(Role::Router), "icmp"]).stop(libc::SIGKILL);
     let out = Tracer::start(&["--netns", &lab.ns(Role::Router), "icmp"]).stop(libc::SIGTERM);
     assert!(out.stderr.contains("removed nf_tables table inet iptrace_"), "{}", out.stderr);
+    assert_eq!(firewall_state(&lab, Role::Router), before);
+}
+
+/// The packets counted by iptrace's marking rules: its table's counters, summed.
+fn marked_packets(lab: &Lab, pid: i32) -> u64 {
+    let tables = lab.exec(Role::Router, &["nft", "list", "tables"], "").unwrap();
+    let tables = String::from_utf8_lossy(&tables.stdout).into_owned();
+    let name = tables
+        .lines()
+        .find_map(|l| l.strip_prefix("table inet ").filter(|t| t.starts_with(&format!("iptrace_{pid}_"))))
+        .unwrap_or_else(|| panic!("no iptrace table of {pid} in:\n{tables}"));
+    let table = lab.exec(Role::Router, &["nft", "list", "table", "inet", name], "").unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(table.contains("xt match bpf jump mark_prerouting"), "{table}");
+    table.split("counter packets ").skip(1).map(|rest| rest.split_whitespace().next().unwrap().parse::<u64>().unwrap()).sum()
+}
+
+/// The pinned prefilters of iptrace process `pid`.
+fn pins_of(pid: i32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(iptrace::bpf::PIN_DIR) else { return Vec::new() };
+    dir.filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&format!("prefilter-{pid}-")))
+        .collect()
+}
+
+/// 200 packets the expression does not select and 5 it does: the table marks only the 5 (its
+/// xt_bpf match selects in the kernel), and they are exactly the blocks shown.
+/// Returns the tracer's pid.
+fn only_selected_packets_are_marked(lab: &Lab, expression: &str) -> i32 {
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "--stats", expression]);
+    let pid = tracer.pid();
+    lab.udp_burst(Role::Client, SocketAddr::new(addr::CLIENT, 0), server(9998), b"not this", 100).unwrap();
+    lab.udp_burst(Role::Client, SocketAddr::new(addr::CLIENT_RESTRICTED, 0), server(5000), b"nor this", 100).unwrap();
+    for _ in 0..5 {
+        lab.udp(Role::Client, SocketAddr::new(addr::CLIENT_RESTRICTED, 0), server(9999), b"this").unwrap();
+    }
+    settle();
+    assert_eq!(marked_packets(lab, pid), 5);
+    let out = tracer.stop(libc::SIGTERM);
+    assert!(out.status.success(), "{out:?}");
+    let all = blocks(&out.stdout);
+    assert_eq!(all.len(), 5, "{}", out.stdout);
+    for b in &all {
+        assert!(b.packet.contains("SRC=10.5.1.8 DST=172.16.2.2") && b.packet.contains("DPT=9999"), "{b:?}");
+        assert_eq!(b.body(), NFT_RESTRICTED_UDP_FALLS_OFF_THE_GOTO_CHAIN);
+    }
+    // Nothing unselected reached the trace socket for its filter to drop.
+    assert!(out.stderr.contains(" 0 dropped"), "{}", out.stderr);
+    pid
+}
+
+/// A pcap expression on an nf_tables host: inline xt_bpf bytecode through nft_compat.
+#[test]
+fn nft_marker_selects_with_xt_bpf_bytecode() {
+    if !require_root("nft_marker_selects_with_xt_bpf_bytecode") {
+        return;
+    }
+    let lab = lab("nftbpf");
+    load_sample_nft_rules(&lab).unwrap();
+    let ruleset = nft_ruleset(&lab, Role::Router);
+    only_selected_packets_are_marked(&lab, "udp dst port 9999");
+    assert_eq!(nft_ruleset(&lab, Role::Router), ruleset);
+}
+
+/// A pcap expression too long for xt_bpf's 64 inline instructions: the pinned interpreter
+/// through nft_compat, unpinned after the table is gone on SIGTERM, and by --cleanup after a
+/// SIGKILL.
+#[test]
+fn nft_marker_selects_with_a_pinned_prefilter() {
+    if !require_root("nft_marker_selects_with_a_pinned_prefilter") {
+        return;
+    }
+    let ports: Vec<String> = (1000..1060).map(|p| format!("src port {p}")).collect();
+    let expression = format!("udp dst port 9999 and not ({})", ports.join(" or "));
+    let compiled = iptrace::filter::CompiledFilter::compile(&expression).unwrap();
+    assert!(!compiled.fits_xt_bpf(), "{} instructions", compiled.instructions().len());
+
+    let lab = lab("nftpin");
+    load_sample_nft_rules(&lab).unwrap();
+    let before = firewall_state(&lab, Role::Router);
+    let ruleset = nft_ruleset(&lab, Role::Router);
+
+    let pid = only_selected_packets_are_marked(&lab, &expression);
+    assert!(pins_of(pid).is_empty(), "{:?}", pins_of(pid));
+    assert_eq!(nft_ruleset(&lab, Role::Router), ruleset);
+    assert_eq!(firewall_state(&lab, Role::Router), before);
+
+    let killed = Tracer::start(&["--netns", &lab.ns(Role::Router), &expression]);
+    let pid = killed.pid();
+    assert_eq!(pins_of(pid).len(), 1);
+    killed.stop(libc::SIGKILL);
+    assert_ne!(nft_ruleset(&lab, Role::Router), ruleset, "a killed iptrace cannot clean up");
+    let (status, stdout, stderr) = run_iptrace(&["--cleanup", "--netns", &lab.ns(Role::Router)]);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains(&format!("removed nf_tables table inet iptrace_{pid}_")), "{stdout}");
+    assert!(stdout.contains("pinned prefilter"), "{stdout}");
+    assert!(pins_of(pid).is_empty(), "{:?}", pins_of(pid));
+    assert_eq!(nft_ruleset(&lab, Role::Router), ruleset);
     assert_eq!(firewall_state(&lab, Role::Router), before);
 }
 

@@ -27,7 +27,6 @@ use self::{
     nftrace::{NFT_TRACE_TYPE, NftTrace},
     prefix::TracePrefix,
 };
-use crate::filter::CompiledFilter;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -167,10 +166,6 @@ pub struct TraceEvent {
     /// The mark after the rule ran, which nf_tables events report (legacy ones do not).
     pub mark_after: Option<u32>,
     pub packet: PacketHeader,
-    /// Whether the packet, as this event shows it, is one the user selected. Only the first
-    /// event of a packet decides (later ones may show it after NAT); always true when the kernel
-    /// did the selecting.
-    pub selected: bool,
     /// The rule-set epoch this event was received in; set by the pipeline, used by resolve.
     pub epoch: u64,
 }
@@ -197,7 +192,6 @@ struct HookHeaders {
     in_ifindex: Option<u32>,
     out_ifindex: Option<u32>,
     ct: Option<Conntrack>,
-    selected: bool,
     /// The mark after the id's last event.
     mark: u32,
     /// When it was stored, to forget the oldest first.
@@ -216,19 +210,12 @@ pub struct Decoder {
     tables: HashMap<Box<str>, Table>,
     hook_headers: HashMap<TraceId, HookHeaders>,
     next_serial: u64,
-    /// The user's selection, applied here when the kernel traces more than it (see [`TraceEvent::selected`]).
-    selection: Option<CompiledFilter>,
     pub counts: DecodeCounts,
 }
 
 impl Decoder {
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// A decoder that marks each event with `selection`'s verdict on the packet it shows.
-    pub fn with_selection(selection: CompiledFilter) -> Self {
-        Self { selection: Some(selection), ..Self::default() }
     }
 
     /// Decodes every message of one datagram, appending its events to `out`. Malformed messages
@@ -284,7 +271,6 @@ impl Decoder {
             mark: msg.mark,
             mark_after: None,
             packet: PacketHeader::parse(msg.payload)?,
-            selected: self.selects(msg.payload),
             epoch: 0,
         }))
     }
@@ -326,7 +312,6 @@ impl Decoder {
                     id: msg.ct_id,
                     status: msg.ct_status,
                 }),
-                selected: self.selects(&start),
                 mark,
                 serial: self.next_serial,
             };
@@ -361,7 +346,6 @@ impl Decoder {
             mark: mark_before,
             mark_after: Some(mark_after),
             packet: headers.packet,
-            selected: headers.selected,
             epoch: 0,
         }))
     }
@@ -372,10 +356,6 @@ impl Decoder {
             self.hook_headers.retain(|_, h| h.serial >= keep_from);
         }
         self.hook_headers.insert(id, headers);
-    }
-
-    fn selects(&self, packet: &[u8]) -> bool {
-        self.selection.as_ref().is_none_or(|s| s.matches(packet))
     }
 
     fn table(&mut self, name: &str) -> Table {
@@ -422,7 +402,6 @@ mod tests {
         assert_eq!(echo.len(), 13);
         for e in &echo {
             assert_eq!((e.family, e.packet.dst.to_string().as_str(), e.in_ifindex), (Family::Ipv4, "172.16.2.2", Some(2)));
-            assert!(e.selected);
         }
         // Events of the forward hook carry its output interface and conntrack entry.
         let Origin::Nft { chain, verdict, ct, handle, .. } = &echo[8].origin else { panic!() };
@@ -440,18 +419,12 @@ mod tests {
     }
 
     #[test]
-    fn headerless_events_of_unknown_ids_are_orphans_and_selection_marks_events() {
+    fn headerless_events_of_unknown_ids_are_orphans() {
         let mut decoder = Decoder::new();
         let mut events = Vec::new();
         // The echo's second event without its first: nothing to attach it to.
         decoder.decode_datagram(&nftrace::tests::captured()[1], &mut events).unwrap();
         assert!(events.is_empty());
         assert_eq!(decoder.counts.orphans, 1);
-
-        let mut decoder = Decoder::with_selection(CompiledFilter::compile("udp").unwrap());
-        let events = decode_captured(&mut decoder);
-        let selected: Vec<bool> = events.iter().map(|e| e.selected).collect();
-        assert_eq!(selected.iter().filter(|s| !**s).count(), 13, "the ICMP echo's events are not selected");
-        assert!(events.iter().filter(|e| e.selected).all(|e| e.packet.protocol == 17));
     }
 }

@@ -7,6 +7,8 @@ const NLMSG_HDRLEN: usize = 16;
 const NLA_HDRLEN: usize = 4;
 /// `NLA_TYPE_MASK`: the nested and byte-order flags live in the top two bits of `nla_type`.
 const NLA_TYPE_MASK: u16 = 0x3fff;
+/// `NLA_F_NESTED`: the attribute's value is a list of attributes.
+const NLA_F_NESTED: u16 = 0x8000;
 
 const fn align4(len: usize) -> usize {
     (len + 3) & !3
@@ -48,6 +50,12 @@ pub fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
     a.extend_from_slice(value);
     a.resize(align4(len), 0);
     a
+}
+
+/// One attribute holding `attributes` (already encoded with [`attribute`]), flagged as nested
+/// the way libnftnl sends them.
+pub fn nested_attribute(kind: u16, attributes: &[u8]) -> Vec<u8> {
+    attribute(kind | NLA_F_NESTED, attributes)
 }
 
 /// The error code of an `NLMSG_ERROR` message (0 for an acknowledgement), as a positive errno.
@@ -204,6 +212,11 @@ mod tests {
         assert_eq!((m.message_type, m.flags, m.sequence, m.payload[0]), (0x0a10, 1, 7, 2));
         let a = Attributes::new(&m.payload[4..]).next().unwrap().unwrap();
         assert_eq!((a.kind, a.c_str()), (1, &b"abc"[..]));
+        let nested = nested_attribute(4, &attrs);
+        assert_eq!(&nested[..4], &[12, 0, 4, 0x80]);
+        let outer = Attributes::new(&nested).next().unwrap().unwrap();
+        assert_eq!(outer.kind, 4, "the nested flag is masked off");
+        assert_eq!(outer.value, &attrs[..]);
     }
 
     #[test]

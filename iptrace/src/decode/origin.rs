@@ -51,6 +51,19 @@ impl NftFamily {
         }
     }
 
+    /// The `NFPROTO_*` value that names the family in `nfgenmsg`.
+    pub fn to_nfproto(self) -> u8 {
+        match self {
+            Self::Inet => 1,
+            Self::Ip => 2,
+            Self::Ip6 => 10,
+            Self::Arp => 3,
+            Self::Bridge => 7,
+            Self::Netdev => 5,
+            Self::Other(n) => n,
+        }
+    }
+
     /// As `nft` spells it (`inet`, `ip`, ...).
     pub fn from_name(name: &str) -> Option<Self> {
         Some(match name {

@@ -5,8 +5,12 @@
 //! packet's fields, mark or fate. Inserted first, they see every packet before any other raw rule
 //! can end its raw traversal.
 
-use super::{InstrumentError, Prefilter, TracePlan, owner::Owner};
-use crate::{decode::Family, xtables::{self, Xtables}};
+use super::{InstrumentError, Prefilter, TracePlan, XtBpfProgram, owner::Owner};
+use crate::{
+    decode::Family,
+    filter::CbpfInsn,
+    xtables::{self, Xtables},
+};
 
 pub const TRACE_CHAINS: [&str; 2] = ["PREROUTING", "OUTPUT"];
 
@@ -32,8 +36,8 @@ pub(super) fn rule_spec(owner: Owner, plan: &TracePlan, chain: &str) -> Option<V
     }
     match &plan.prefilter {
         Prefilter::None => {}
-        Prefilter::Bytecode(code) => push(&["-m", "bpf", "--bytecode", code]),
-        Prefilter::Pinned(path) => push(&["-m", "bpf", "--object-pinned", &path.to_string_lossy()]),
+        Prefilter::XtBpf(XtBpfProgram::Bytecode(insns)) => push(&["-m", "bpf", "--bytecode", &bytecode_argument(insns)]),
+        Prefilter::XtBpf(XtBpfProgram::Pinned(path)) => push(&["-m", "bpf", "--object-pinned", &path.to_string_lossy()]),
         // Only the nf_tables marker takes nft matches.
         Prefilter::NftMatch(_) => {}
     }
@@ -46,6 +50,16 @@ pub(super) fn rule_spec(owner: Owner, plan: &TracePlan, chain: &str) -> Option<V
     }
     push(&["-m", "comment", "--comment", &owner.tag(), "-j", "TRACE"]);
     Some(spec)
+}
+
+/// A program in iptables' `--bytecode` syntax: `N,code jt jf k,code jt jf k,...`.
+fn bytecode_argument(insns: &[CbpfInsn]) -> String {
+    use std::fmt::Write as _;
+    let mut out = insns.len().to_string();
+    for i in insns {
+        let _ = write!(out, ",{} {} {} {}", i.code, i.jt, i.jf, i.k);
+    }
+    out
 }
 
 /// Inserts the TRACE rules of `plan` for `family`.
@@ -113,7 +127,7 @@ mod tests {
         let plan = TracePlan {
             families: vec![Family::Ipv4],
             marker: crate::instrument::Marker::TraceRules,
-            prefilter: Prefilter::Bytecode("1,6 0 0 65535".into()),
+            prefilter: Prefilter::XtBpf(XtBpfProgram::Bytecode(vec![CbpfInsn { code: 6, jt: 0, jf: 0, k: 65535 }])),
             in_interface: None,
             out_interface: Some("eth1".into()),
             limit: Some(Limit { count: 1, per: "sec", burst: 5 }),
@@ -129,5 +143,14 @@ mod tests {
         assert_eq!(owner_of(&out), Some(owner));
         let plan = TracePlan { in_interface: Some("eth0".into()), ..plan };
         assert_eq!(rule_spec(owner, &plan, "OUTPUT"), None);
+    }
+
+    #[test]
+    fn bytecode_is_written_the_way_iptables_reads_it() {
+        let f = crate::filter::CompiledFilter::compile("tcp port 22").unwrap();
+        let text = bytecode_argument(f.instructions());
+        assert!(text.starts_with(&format!("{},", f.instructions().len())), "{text}");
+        assert_eq!(text.split(',').count(), f.instructions().len() + 1);
+        assert_eq!(bytecode_argument(&[CbpfInsn { code: 0x28, jt: 1, jf: 2, k: 12 }]), "1,40 1 2 12");
     }
 }

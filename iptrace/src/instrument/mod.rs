@@ -18,7 +18,7 @@ use std::{fmt, fs, io, path::PathBuf};
 
 pub use self::owner::Owner;
 use self::state::RunState;
-use crate::{decode::Family, nftables::NftError, xtables::XtablesError};
+use crate::{decode::Family, filter::CbpfInsn, nftables::NftError, xtables::XtablesError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstrumentError {
@@ -40,6 +40,8 @@ pub enum InstrumentError {
     TableExists { table: String },
     #[error("cannot {what} iptrace's nf_tables table {table}: {source}")]
     Nft { what: &'static str, table: String, #[source] source: NftError },
+    #[error("xt_bpf cannot carry {0}")]
+    XtBpfInfo(String),
 }
 
 /// `--limit`: at most `count` traced packets per `per`, with bursts of `burst`.
@@ -95,12 +97,21 @@ pub enum Marker {
 pub enum Prefilter {
     /// Trace everything.
     None,
-    /// xt_bpf inline bytecode (≤ 64 instructions).
-    Bytecode(String),
-    /// xt_bpf `--object-pinned`: iptrace's eBPF interpreter running the user's program.
-    Pinned(PathBuf),
-    /// Native nf_tables matches (empty: everything).
+    /// An xt_bpf match running the compiled selection: in the TRACE rules, or through nft_compat
+    /// in front of the nf_tables marking rule.
+    XtBpf(XtBpfProgram),
+    /// Native nf_tables matches, for a selection nft can express (the nf_tables marker only).
     NftMatch(String),
+}
+
+/// The compiled selection as xt_bpf takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XtBpfProgram {
+    /// Inline classic BPF (`--bytecode`, `XT_BPF_MODE_BYTECODE`), at most 64 instructions.
+    Bytecode(Vec<CbpfInsn>),
+    /// iptrace's eBPF interpreter running the selection, pinned at this path
+    /// (`--object-pinned`, `XT_BPF_MODE_PATH_PINNED`).
+    Pinned(PathBuf),
 }
 
 /// What to install.

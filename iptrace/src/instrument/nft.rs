@@ -6,11 +6,27 @@
 //! table is the single place packets are marked on a host with both engines. Its `meta nftrace
 //! set` expression also turns on the kernel's trace static key, without which nf_tables chains
 //! emit nothing. `meta nftrace set` changes no packet's fields, mark or fate.
+//!
+//! A selection nft can express (`-s`, `-d`, `-p`, ports) is written in nft's language. A pcap
+//! expression runs in the kernel as the TRACE rules run it, in an xt_bpf match, here through
+//! nft_compat: each base chain then holds one rule built over netlink, `[ match name bpf rev 1 ]`
+//! followed by a jump to `mark_<chain>`, a regular chain holding the marking rule (with the
+//! interface, family and limit matches), so that everything but the xt_bpf match stays in the
+//! `nft -f` script. nft_compat takes xt matches in inet tables (verified on 6.18: the kernel's
+//! compat validation allows ip, ip6, inet, bridge and arp tables, and xt_bpf is registered for
+//! NFPROTO_UNSPEC, which every family's lookup falls back to), so one inet table still serves
+//! both families. The xt_bpf match holds its own reference to a pinned program: the pin can go
+//! once the table is gone, which is the order teardown and cleanup follow.
 
-use super::{InstrumentError, Prefilter, TracePlan, owner::Owner};
+use std::mem::size_of;
+
+use iptrace_common::uapi::{XT_BPF_MAX_NUM_INSTR, XT_BPF_MODE_BYTECODE, XT_BPF_MODE_FD_PINNED};
+
+use super::{InstrumentError, Prefilter, TracePlan, XtBpfProgram, owner::Owner};
 use crate::{
     decode::{Family, NftFamily},
-    nftables::{self, NfTablesSocket},
+    filter::CbpfInsn,
+    nftables::{self, NfTablesSocket, RuleExpression},
 };
 
 /// The table's family: one table covers IPv4 and IPv6.
@@ -20,8 +36,20 @@ const PRIORITY: i32 = -350;
 /// The named limit both chains share, so that `--limit` counts packets, not hooks.
 const LIMIT_NAME: &str = "trace_rate";
 
+/// xt_bpf's match revision with modes (`bpf_mt_v1()`), the one iptables-nft adds.
+const XT_BPF_REVISION: u32 = 1;
+/// `sizeof(struct xt_bpf_info_v1)`: u16 mode, u16 bpf_program_num_elem, s32 fd, a union of
+/// `struct sock_filter bpf_program[64]` and `char path[512]`, then the kernel's own
+/// `struct bpf_prog *filter`, aligned to 8 bytes (528 on 32- and 64-bit kernels). nft_compat
+/// refuses any other length (`xt_check_match()` compares it with the match's `matchsize`).
+const XT_BPF_INFO_V1_LEN: usize = 528;
+/// Where the program or the path starts, and how long that union is (`XT_BPF_PATH_MAX`).
+const XT_BPF_INFO_V1_UNION: usize = 8;
+const XT_BPF_PATH_MAX: usize = XT_BPF_MAX_NUM_INSTR as usize * size_of::<CbpfInsn>();
+
 /// The `nft -f` script that creates the table for `plan`. `create table` fails if a table of that
-/// name exists, so the script changes nothing then.
+/// name exists, so the script changes nothing then. With an xt_bpf prefilter, the base chains
+/// stay empty here: [`create`] adds their rule over netlink.
 pub(super) fn script(owner: Owner, plan: &TracePlan) -> String {
     let table = owner.table_name();
     let mut script = format!("create table {FAMILY} {table} {{ comment \"{}\"; }}\n", owner.tag());
@@ -46,33 +74,101 @@ pub(super) fn script(owner: Owner, plan: &TracePlan) -> String {
     {
         selectors.push(matches.clone());
     }
-    for (chain, hook) in [("prerouting", "prerouting"), ("output", "output")] {
+    for chain in BASE_CHAINS {
         script.push_str(&format!(
-            "add chain {FAMILY} {table} {chain} {{ type filter hook {hook} priority {PRIORITY}; policy accept; }}\n"
+            "add chain {FAMILY} {table} {chain} {{ type filter hook {chain} priority {PRIORITY}; policy accept; }}\n"
         ));
-        let mut words = selectors.clone();
-        match hook {
-            "prerouting" => words.extend(plan.in_interface.as_ref().map(|i| format!("iifname \"{i}\""))),
-            // Locally generated packets have no input interface: with -i, none is traced.
-            _ if plan.in_interface.is_some() => continue,
-            _ => words.extend(plan.out_interface.as_ref().map(|o| format!("oifname \"{o}\""))),
+        if !marks_packets(plan, chain) {
+            continue;
         }
+        let mut words = selectors.clone();
+        words.extend(match chain {
+            "prerouting" => plan.in_interface.as_ref().map(|i| format!("iifname \"{i}\"")),
+            _ => plan.out_interface.as_ref().map(|o| format!("oifname \"{o}\"")),
+        });
         if plan.limit.is_some() {
             words.push(format!("limit name \"{LIMIT_NAME}\""));
         }
-        words.push("meta nftrace set 1".to_owned());
-        script.push_str(&format!("add rule {FAMILY} {table} {chain} {}\n", words.join(" ")));
+        // The counter tells how many packets were marked (the benchmark and the tests read it).
+        words.push("counter meta nftrace set 1".to_owned());
+        let rule_chain = match plan.prefilter {
+            Prefilter::XtBpf(_) => {
+                let marking = marking_chain(chain);
+                script.push_str(&format!("add chain {FAMILY} {table} {marking}\n"));
+                marking
+            }
+            _ => chain.to_owned(),
+        };
+        script.push_str(&format!("add rule {FAMILY} {table} {rule_chain} {}\n", words.join(" ")));
     }
     script
 }
 
-/// Creates the table of `plan`.
+/// The base chains, each named after its hook.
+const BASE_CHAINS: [&str; 2] = ["prerouting", "output"];
+
+/// Whether base chain `chain` marks packets: locally generated packets have no input interface,
+/// so with `-i` the output chain marks none.
+fn marks_packets(plan: &TracePlan, chain: &str) -> bool {
+    chain == "prerouting" || plan.in_interface.is_none()
+}
+
+/// The regular chain that holds `chain`'s marking rule when an xt_bpf match selects packets.
+fn marking_chain(chain: &str) -> String {
+    format!("mark_{chain}")
+}
+
+/// Creates the table of `plan`: the script, then, with an xt_bpf prefilter, the base chains'
+/// rules that select packets with it and jump to their marking chain.
 pub(super) fn create(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
     let table = owner.table_name();
     if tables()?.contains(&table) {
         return Err(InstrumentError::TableExists { table });
     }
-    nftables::apply(&script(owner, plan)).map_err(|source| InstrumentError::Nft { what: "create", table, source })
+    nftables::apply(&script(owner, plan)).map_err(|source| InstrumentError::Nft { what: "create", table: table.clone(), source })?;
+    let Prefilter::XtBpf(program) = &plan.prefilter else { return Ok(()) };
+    let info = xt_bpf_info(program)?;
+    let error = |source| InstrumentError::Nft { what: "add the xt_bpf prefilter (nft_compat) to", table: table.clone(), source };
+    let mut socket = NfTablesSocket::open().map_err(error)?;
+    for chain in BASE_CHAINS.into_iter().filter(|c| marks_packets(plan, c)) {
+        let marking = marking_chain(chain);
+        let expressions =
+            [RuleExpression::XtMatch { name: "bpf", revision: XT_BPF_REVISION, info: &info }, RuleExpression::Jump { chain: &marking }];
+        socket.append_rule(NftFamily::Inet, &table, chain, &expressions).map_err(error)?;
+    }
+    Ok(())
+}
+
+/// `struct xt_bpf_info_v1` for `program`; the kernel fills in `fd` and `filter` itself.
+fn xt_bpf_info(program: &XtBpfProgram) -> Result<Vec<u8>, InstrumentError> {
+    let mut info = vec![0u8; XT_BPF_INFO_V1_LEN];
+    let union = &mut info[XT_BPF_INFO_V1_UNION..XT_BPF_INFO_V1_UNION + XT_BPF_PATH_MAX];
+    let (mode, count) = match program {
+        XtBpfProgram::Bytecode(insns) => {
+            if insns.len() > XT_BPF_MAX_NUM_INSTR as usize {
+                return Err(InstrumentError::XtBpfInfo(format!("{} instructions inline (at most {XT_BPF_MAX_NUM_INSTR})", insns.len())));
+            }
+            for (slot, insn) in union.chunks_exact_mut(size_of::<CbpfInsn>()).zip(insns) {
+                slot[0..2].copy_from_slice(&insn.code.to_ne_bytes());
+                slot[2] = insn.jt;
+                slot[3] = insn.jf;
+                slot[4..8].copy_from_slice(&insn.k.to_ne_bytes());
+            }
+            (XT_BPF_MODE_BYTECODE, insns.len())
+        }
+        XtBpfProgram::Pinned(path) => {
+            let bytes = path.as_os_str().as_encoded_bytes();
+            // The kernel wants the path NUL-terminated within the field.
+            if bytes.len() >= XT_BPF_PATH_MAX || bytes.contains(&0) {
+                return Err(InstrumentError::XtBpfInfo(format!("the pin path {} (at most {} bytes)", path.display(), XT_BPF_PATH_MAX - 1)));
+            }
+            union[..bytes.len()].copy_from_slice(bytes);
+            (XT_BPF_MODE_FD_PINNED, 0)
+        }
+    };
+    info[0..2].copy_from_slice(&(mode as u16).to_ne_bytes());
+    info[2..4].copy_from_slice(&(count as u16).to_ne_bytes());
+    Ok(info)
 }
 
 /// Deletes `owner`'s table (with its chains, rules and limit).
@@ -95,6 +191,10 @@ fn tables() -> Result<Vec<String>, InstrumentError> {
 
 #[cfg(test)]
 mod tests {
+    use std::{mem::offset_of, path::PathBuf};
+
+    use iptrace_common::uapi::xt_bpf_info_v1;
+
     use super::*;
     use crate::instrument::{Limit, Marker};
 
@@ -114,20 +214,84 @@ mod tests {
             "create table inet iptrace_42_7 { comment \"iptrace:42:7\"; }
 add limit inet iptrace_42_7 trace_rate { rate 5/minute burst 2 packets; }
 add chain inet iptrace_42_7 prerouting { type filter hook prerouting priority -350; policy accept; }
-add rule inet iptrace_42_7 prerouting meta nfproto ipv4 meta l4proto tcp limit name \"trace_rate\" meta nftrace set 1
+add rule inet iptrace_42_7 prerouting meta nfproto ipv4 meta l4proto tcp limit name \"trace_rate\" counter meta nftrace set 1
 add chain inet iptrace_42_7 output { type filter hook output priority -350; policy accept; }
-add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"eth1\" limit name \"trace_rate\" meta nftrace set 1
+add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"eth1\" limit name \"trace_rate\" counter meta nftrace set 1
 "
         );
         let plan = TracePlan {
             families: vec![Family::Ipv4, Family::Ipv6],
-            prefilter: Prefilter::NftMatch(String::new()),
+            prefilter: Prefilter::None,
             in_interface: Some("eth0".into()),
             limit: None,
             ..plan
         };
         let text = script(owner, &plan);
-        assert!(text.contains("add rule inet iptrace_42_7 prerouting iifname \"eth0\" meta nftrace set 1\n"), "{text}");
+        assert!(text.contains("add rule inet iptrace_42_7 prerouting iifname \"eth0\" counter meta nftrace set 1\n"), "{text}");
         assert!(!text.contains("add rule inet iptrace_42_7 output"), "{text}");
+    }
+
+    #[test]
+    fn with_xt_bpf_the_marking_rules_move_to_regular_chains() {
+        let owner = Owner { pid: 42, start: 7 };
+        let plan = TracePlan {
+            families: vec![Family::Ipv6],
+            marker: Marker::NftTable,
+            prefilter: Prefilter::XtBpf(XtBpfProgram::Bytecode(vec![CbpfInsn { code: 6, jt: 0, jf: 0, k: 65535 }])),
+            in_interface: None,
+            out_interface: None,
+            limit: None,
+        };
+        assert_eq!(
+            script(owner, &plan),
+            "create table inet iptrace_42_7 { comment \"iptrace:42:7\"; }
+add chain inet iptrace_42_7 prerouting { type filter hook prerouting priority -350; policy accept; }
+add chain inet iptrace_42_7 mark_prerouting
+add rule inet iptrace_42_7 mark_prerouting meta nfproto ipv6 counter meta nftrace set 1
+add chain inet iptrace_42_7 output { type filter hook output priority -350; policy accept; }
+add chain inet iptrace_42_7 mark_output
+add rule inet iptrace_42_7 mark_output meta nfproto ipv6 counter meta nftrace set 1
+"
+        );
+    }
+
+    #[test]
+    fn xt_bpf_info_v1_is_laid_out_as_the_c_header_says() {
+        // The bindgen struct is generated from linux/netfilter/xt_bpf.h; a C program built against
+        // the header printed the same: size 528, mode 0, num 2, fd 4, program/path 8, filter 520.
+        assert_eq!(size_of::<xt_bpf_info_v1>(), XT_BPF_INFO_V1_LEN);
+        assert_eq!(offset_of!(xt_bpf_info_v1, mode), 0);
+        assert_eq!(offset_of!(xt_bpf_info_v1, bpf_program_num_elem), 2);
+        assert_eq!(offset_of!(xt_bpf_info_v1, fd), 4);
+        assert_eq!(offset_of!(xt_bpf_info_v1, __bindgen_anon_1), XT_BPF_INFO_V1_UNION);
+        assert_eq!(XT_BPF_INFO_V1_UNION + XT_BPF_PATH_MAX, offset_of!(xt_bpf_info_v1, filter));
+        assert_eq!(XT_BPF_PATH_MAX, 512);
+    }
+
+    #[test]
+    fn xt_bpf_info_carries_bytecode_or_a_path() {
+        let insns = [CbpfInsn { code: 0x28, jt: 1, jf: 2, k: 0x0102_0304 }, CbpfInsn { code: 6, jt: 0, jf: 0, k: 65535 }];
+        let info = xt_bpf_info(&XtBpfProgram::Bytecode(insns.to_vec())).unwrap();
+        assert_eq!(info.len(), 528);
+        assert_eq!(u16::from_ne_bytes([info[0], info[1]]), 0, "XT_BPF_MODE_BYTECODE");
+        assert_eq!(u16::from_ne_bytes([info[2], info[3]]), 2);
+        assert_eq!(&info[4..8], &[0; 4], "fd");
+        assert_eq!(&info[8..10], &0x28u16.to_ne_bytes());
+        assert_eq!((info[10], info[11]), (1, 2));
+        assert_eq!(&info[12..16], &0x0102_0304u32.to_ne_bytes());
+        assert_eq!(&info[16..18], &6u16.to_ne_bytes());
+        assert!(info[24..].iter().all(|&b| b == 0));
+
+        let info = xt_bpf_info(&XtBpfProgram::Pinned(PathBuf::from("/sys/fs/bpf/iptrace/prefilter-1-2"))).unwrap();
+        assert_eq!(info.len(), 528);
+        assert_eq!(u16::from_ne_bytes([info[0], info[1]]), 1, "XT_BPF_MODE_PATH_PINNED");
+        assert_eq!(u16::from_ne_bytes([info[2], info[3]]), 0);
+        assert_eq!(&info[8..8 + 33], b"/sys/fs/bpf/iptrace/prefilter-1-2");
+        assert!(info[8 + 33..].iter().all(|&b| b == 0), "NUL-terminated, nothing after");
+
+        let long = XtBpfProgram::Bytecode(vec![CbpfInsn::default(); 65]);
+        assert!(matches!(xt_bpf_info(&long), Err(InstrumentError::XtBpfInfo(_))));
+        let long = XtBpfProgram::Pinned(PathBuf::from("/".repeat(512)));
+        assert!(matches!(xt_bpf_info(&long), Err(InstrumentError::XtBpfInfo(_))));
     }
 }
