@@ -247,7 +247,7 @@ fn trace_instrumented(
     result.map(|()| stats)
 }
 
-/// Loads and attaches `nflog_filter`, so that the kernel drops unselected trace messages before
+/// Loads and attaches `trace_filter`, so that the kernel drops unselected trace messages before
 /// they are queued. Without the eBPF filter, iptrace says so once and selects in userspace.
 fn attach_socket_filter(socket: &NflogSocket, filter: Option<&CompiledFilter>, log: bool) -> Option<TraceSocketFilter> {
     let attached = TraceSocketFilter::load(filter.map(CompiledFilter::instructions), log)

@@ -14,7 +14,7 @@ use aya::{
     programs::{SocketFilter, TestRun as _, TestRunOptions},
 };
 use iptrace_common::filter::{
-    MAX_CBPF_INSNS, NFLOG_FILTER_PROGRAM, XT_PREFILTER_PROGRAM, op, packet_key,
+    MAX_CBPF_INSNS, TRACE_FILTER_PROGRAM, XT_PREFILTER_PROGRAM, op, packet_key,
 };
 
 use super::*;
@@ -467,9 +467,9 @@ fn test_run(program: &SocketFilter, data: &[u8]) -> u32 {
 }
 
 impl TraceSocketFilter {
-    /// Runs `nflog_filter` on `datagram`, asserting that it keeps all of it or nothing.
+    /// Runs `trace_filter` on `datagram`, asserting that it keeps all of it or nothing.
     fn keeps(&mut self, datagram: &[u8]) -> bool {
-        let program = socket_filter(&mut self.ebpf, NFLOG_FILTER_PROGRAM).unwrap();
+        let program = socket_filter(&mut self.ebpf, TRACE_FILTER_PROGRAM).unwrap();
         match test_run(program, datagram) {
             0 => false,
             len if len as usize == datagram.len() => true,
@@ -601,7 +601,7 @@ fn nflog_filter_and_prefilter_agree_with_libpcap() {
             let nflog = filter.keeps(&nflog_message(packet));
             let xt = test_run(prefilter, packet) != 0;
             if nflog != expected || xt != expected {
-                mismatches.push(format!("'{expression}' on {name}: libpcap {expected}, nflog_filter {nflog}, xt_prefilter {xt}"));
+                mismatches.push(format!("'{expression}' on {name}: libpcap {expected}, trace_filter {nflog}, xt_prefilter {xt}"));
             }
         }
         let wanted = packets.iter().filter(|(_, p)| compiled.matches(p)).count() as u64;
@@ -1173,13 +1173,13 @@ fn verification_cost_does_not_depend_on_the_program() {
         let mut filter = TraceSocketFilter::load(Some(compiled.instructions()), false).unwrap();
         let mut prefilter = load_prefilter(compiled.instructions());
         costs.push((
-            verified(NFLOG_FILTER_PROGRAM, &mut filter.ebpf),
+            verified(TRACE_FILTER_PROGRAM, &mut filter.ebpf),
             verified(XT_PREFILTER_PROGRAM, &mut prefilter),
         ));
     }
     assert_eq!(
         costs[0], costs[1],
-        "(nflog_filter, xt_prefilter) verified instructions"
+        "(trace_filter, xt_prefilter) verified instructions"
     );
     // The verifier gives up at 1M; keep well clear of it.
     assert!(costs[0].0 < 400_000 && costs[0].1 < 200_000, "{costs:?}");
