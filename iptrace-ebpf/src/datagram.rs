@@ -73,8 +73,15 @@ pub struct Malformed;
 /// The attribute at `at` in the message ending at `end`: `Ok(None)` when no attribute header
 /// fits before `end` (the attributes are over).
 #[inline(always)]
-pub fn attribute_at(skb: *mut __sk_buff, at: u32, end: u32) -> Result<Option<Attribute>, Malformed> {
-    if at.checked_add(NLA_HDRLEN).is_none_or(|header_end| header_end > end) {
+pub fn attribute_at(
+    skb: *mut __sk_buff,
+    at: u32,
+    end: u32,
+) -> Result<Option<Attribute>, Malformed> {
+    if at
+        .checked_add(NLA_HDRLEN)
+        .is_none_or(|header_end| header_end > end)
+    {
         return Ok(None);
     }
     let [l0, l1, t0, t1] = SkBuff::new(skb)

@@ -18,7 +18,8 @@ pub const TRACE_HEADERS_LEN: usize = 2 * (TRACE_HEADERS_INDEX_MASK as usize + 1)
 /// An nftables trace event's network and transport headers laid end to end: the packet's first
 /// bytes. Per CPU because socket filters do not nest on one CPU; rebuilt for every event.
 #[map]
-pub static TRACE_HEADERS: PerCpuArray<[u8; TRACE_HEADERS_LEN]> = PerCpuArray::with_max_entries(1, 0);
+pub static TRACE_HEADERS: PerCpuArray<[u8; TRACE_HEADERS_LEN]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Where the interpreter's packet is, as the scalar the global interpreter function takes.
 #[repr(u32)]

@@ -17,6 +17,8 @@ use iptrace_common::filter::{
     MAX_CBPF_INSNS, TRACE_FILTER_PROGRAM, XT_PREFILTER_PROGRAM, op, packet_key,
 };
 
+mod nftrace;
+
 use super::*;
 use crate::filter::CompiledFilter;
 
@@ -504,24 +506,10 @@ fn port_list(ports: std::ops::Range<u16>) -> String {
 // ---------------------------------------------------------------------------------------------
 // Tests
 
-#[test]
-fn sample_packets_have_distinct_keys() {
-    let packets = sample_packets();
-    let keys: HashSet<u64> = packets
-        .iter()
-        .map(|(_, p)| packet_key(p.as_slice()).unwrap())
-        .collect();
-    assert_eq!(keys.len(), packets.len());
-}
-
-#[test]
-fn nflog_filter_and_prefilter_agree_with_libpcap() {
-    if !is_root() {
-        return;
-    }
-    let long_port_list = port_list(1000..1040);
-    let huge_port_list = port_list(1..400);
-    let expressions = [
+/// Expressions for the differential tests: every primitive and operator libpcap compiles to a
+/// distinct instruction pattern, and two long port lists (one past 1,000 instructions).
+fn differential_expressions() -> Vec<String> {
+    let mut expressions: Vec<String> = [
         "host 10.0.0.1",
         "src host 10.0.0.1",
         "dst host 10.0.0.2",
@@ -556,6 +544,8 @@ fn nflog_filter_and_prefilter_agree_with_libpcap() {
         "ip[6:2] & 0x1fff != 0",
         "tcp[13] == 2",
         "udp[8:2] == 0x1234",
+        // Payload: past the headers an nftables trace event carries.
+        "tcp[20:4] == 0x47455420",
         "len > 60",
         "len <= 48",
         "not tcp",
@@ -575,14 +565,36 @@ fn nflog_filter_and_prefilter_agree_with_libpcap() {
         "(1 << (ip[9] & 7)) & 0x42 != 0",
         "(-ip[8]) & 0xff == 192",
         "ip[2:2] - (ip[0] & 0xf) * 4 == tcp[12] / 16 * 4",
-        &long_port_list,
-        &huge_port_list,
-    ];
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    expressions.push(port_list(1000..1040));
+    expressions.push(port_list(1..400));
+    expressions
+}
+
+#[test]
+fn sample_packets_have_distinct_keys() {
+    let packets = sample_packets();
+    let keys: HashSet<u64> = packets
+        .iter()
+        .map(|(_, p)| packet_key(p.as_slice()).unwrap())
+        .collect();
+    assert_eq!(keys.len(), packets.len());
+}
+
+#[test]
+fn nflog_filter_and_prefilter_agree_with_libpcap() {
+    if !is_root() {
+        return;
+    }
+    let expressions = differential_expressions();
     let packets = sample_packets();
     let mut mismatches = Vec::new();
     let (mut accepted, mut rejected) = (0, 0);
     let mut longest = 0;
-    for expression in expressions {
+    for expression in &expressions {
         let (compiled, mut filter) = load_filter(expression);
         longest = longest.max(compiled.instructions().len());
         let prefilter = load_prefilter(compiled.instructions());
