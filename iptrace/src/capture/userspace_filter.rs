@@ -205,26 +205,93 @@ mod tests {
     use super::*;
     use crate::decode::packet::tests::udp_v4;
 
-    /// One nflog packet message carrying `payload`, as the kernel lays it out.
-    fn nflog_datagram(payload: &[u8]) -> Vec<u8> {
+    /// One message of `message_type` with an nfgenmsg for IPv4 and `attributes`.
+    fn datagram(message_type: u16, attributes: &[(u32, &[u8])]) -> Vec<u8> {
         let mut attrs = Vec::new();
-        let mut attr = |kind: u16, value: &[u8]| {
+        for (kind, value) in attributes {
             let len = 4 + value.len();
             attrs.extend_from_slice(&u16::try_from(len).unwrap().to_ne_bytes());
-            attrs.extend_from_slice(&kind.to_ne_bytes());
+            attrs.extend_from_slice(&u16::try_from(*kind).unwrap().to_ne_bytes());
             attrs.extend_from_slice(value);
             attrs.resize((attrs.len() + 3) & !3, 0);
-        };
-        attr(1, &[0x08, 0x00, 0, 0]);
-        attr(10, b"TRACE: raw:PREROUTING:policy:2 \0");
-        attr(9, payload);
+        }
         let len = 16 + 4 + attrs.len();
         let mut d = u32::try_from(len).unwrap().to_ne_bytes().to_vec();
-        d.extend_from_slice(&NFULNL_PACKET_TYPE.to_ne_bytes());
+        d.extend_from_slice(&message_type.to_ne_bytes());
         d.extend_from_slice(&[0; 10]);
         d.extend_from_slice(&[2, 0, 0, 0]);
         d.extend_from_slice(&attrs);
         d
+    }
+
+    /// One nflog packet message carrying `payload`, as the kernel lays it out.
+    fn nflog_datagram(payload: &[u8]) -> Vec<u8> {
+        datagram(
+            NFULNL_PACKET_TYPE,
+            &[(1, &[0x08, 0x00, 0, 0]), (10, b"TRACE: raw:PREROUTING:policy:2 \0"), (9, payload)],
+        )
+    }
+
+    /// An nftables trace event of trace id `id`; with `packet`, a hook's first event, carrying
+    /// its 20-byte IPv4 header and the next up to 20 bytes.
+    fn nft_trace_datagram(id: [u8; 4], packet: Option<&[u8]>) -> Vec<u8> {
+        let mut attributes: Vec<(u32, &[u8])> = vec![
+            (iptrace_common::uapi::NFTA_TRACE_NFPROTO, &[0, 0, 0, 2]),
+            (iptrace_common::uapi::NFTA_TRACE_TYPE, &[0, 0, 0, 3]),
+            (NFTA_TRACE_ID, &id),
+            (iptrace_common::uapi::NFTA_TRACE_CHAIN, b"c\0"),
+            (iptrace_common::uapi::NFTA_TRACE_TABLE, b"t\0"),
+        ];
+        if let Some(packet) = packet {
+            attributes.push((NFTA_TRACE_NETWORK_HEADER, &packet[..20]));
+            attributes.push((NFTA_TRACE_TRANSPORT_HEADER, &packet[20..packet.len().min(40)]));
+        }
+        datagram(NFT_TRACE_TYPE, &attributes)
+    }
+
+    #[test]
+    fn nft_trace_events_follow_the_verdict_of_their_trace_id() {
+        let mut f = UserspaceFilter::new(CompiledFilter::compile("src host 10.5.1.7 and udp").unwrap());
+        let selected = udp_v4([10, 5, 1, 7], 40000, 64);
+        let other = udp_v4([10, 5, 1, 8], 40000, 64);
+        assert!(f.keep(&nft_trace_datagram([1; 4], Some(&selected))));
+        assert!(!f.keep(&nft_trace_datagram([2; 4], Some(&other))));
+        assert!(f.keep(&nft_trace_datagram([1; 4], None)), "accepted id");
+        assert!(!f.keep(&nft_trace_datagram([2; 4], None)), "rejected id");
+        assert!(f.keep(&nft_trace_datagram([3; 4], None)), "unknown id");
+        // At a later hook (headers again, rewritten by SNAT), the id still decides.
+        assert!(f.keep(&nft_trace_datagram([1; 4], Some(&other))));
+    }
+
+    #[test]
+    fn nft_trace_events_are_kept_when_the_selection_reads_past_their_headers() {
+        let packet = udp_v4([10, 5, 1, 7], 40000, 64);
+        for (expression, kept) in [("len > 1000", true), ("udp[100] == 1", true), ("ip[100] == 1 or tcp", true), ("tcp and ip[100] == 1", false)] {
+            let mut f = UserspaceFilter::new(CompiledFilter::compile(expression).unwrap());
+            assert_eq!(f.keep(&nft_trace_datagram([1; 4], Some(&packet))), kept, "{expression}");
+        }
+    }
+
+    #[test]
+    fn packet_prefix_joins_the_headers_only_where_they_are_contiguous() {
+        let event = |network: &'static [u8], transport: &'static [u8]| TraceEventHeaders {
+            id: None,
+            network: Some(network),
+            transport: Some(transport),
+        };
+        let transport = &[7; 20];
+        let v4 = [&[0x45][..], &[0; 19]].concat().leak();
+        assert_eq!(event(v4, transport).packet_prefix().unwrap().len(), 40);
+        // IHL 11: the copied network header stops at 40 bytes, the transport header at 44.
+        let v4_options = [&[0x4b][..], &[0; 39]].concat().leak();
+        assert_eq!(event(v4_options, transport).packet_prefix().unwrap().len(), 40);
+        let mut v6 = [0_u8; 40];
+        v6[0] = 0x60;
+        v6[6] = 6;
+        assert_eq!(event(v6.to_vec().leak(), transport).packet_prefix().unwrap().len(), 60);
+        v6[6] = 0; // hop-by-hop: nft's transport header starts past it
+        assert_eq!(event(v6.to_vec().leak(), transport).packet_prefix().unwrap().len(), 40);
+        assert_eq!(TraceEventHeaders::default().packet_prefix(), None);
     }
 
     #[test]
