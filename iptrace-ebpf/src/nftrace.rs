@@ -25,6 +25,7 @@ use iptrace_common::{
         MAX_TRACE_ATTRIBUTES, TRACE_ID_VERDICTS_MAX_ENTRIES, TRACE_NETWORK_HEADER_MAX,
         TRACE_TRANSPORT_HEADER_MAX, transport_follows_network,
     },
+    uapi,
 };
 
 use crate::{
@@ -41,9 +42,9 @@ use crate::{
 static TRACE_ID_VERDICTS: LruHashMap<[u8; 4], u8> =
     LruHashMap::with_max_entries(TRACE_ID_VERDICTS_MAX_ENTRIES, 0);
 
-const NFTA_TRACE_ID: u16 = 6;
-const NFTA_TRACE_NETWORK_HEADER: u16 = 8;
-const NFTA_TRACE_TRANSPORT_HEADER: u16 = 9;
+const NFTA_TRACE_ID: u16 = uapi::NFTA_TRACE_ID as u16;
+const NFTA_TRACE_NETWORK_HEADER: u16 = uapi::NFTA_TRACE_NETWORK_HEADER as u16;
+const NFTA_TRACE_TRANSPORT_HEADER: u16 = uapi::NFTA_TRACE_TRANSPORT_HEADER as u16;
 
 /// Verdict for the trace message of `message_len` bytes at `offset`: its id's recorded verdict
 /// if there is one; else, if it carries headers, the selection's on them (recorded for its id);
@@ -66,11 +67,9 @@ pub extern "C" fn iptrace_trace_message_wanted(
     let Some(event) = TraceEvent::find(skb, offset, message_len) else {
         return 1;
     };
-    if event.has_id != 0 {
-        if let Some(verdict) = TRACE_ID_VERDICTS.get_ptr(&event.id) {
-            // SAFETY: a map value pointer from a successful lookup, read once.
-            return u32::from(unsafe { *verdict } != 0);
-        }
+    if let Some(verdict) = event.id().and_then(|id| TRACE_ID_VERDICTS.get_ptr(id)) {
+        // SAFETY: a map value pointer from a successful lookup, read once.
+        return u32::from(unsafe { *verdict } != 0);
     }
     if event.network_len == NOT_FOUND {
         return 1;
@@ -82,9 +81,9 @@ pub extern "C" fn iptrace_trace_message_wanted(
         Outcome::BeyondCapture => true,
         outcome => outcome.accepts(),
     };
-    if event.has_id != 0 {
+    if let Some(id) = event.id() {
         // Failure (out of memory) only costs continuity for this packet.
-        let _ = TRACE_ID_VERDICTS.insert(&event.id, &u8::from(wanted), 0);
+        let _ = TRACE_ID_VERDICTS.insert(id, u8::from(wanted), 0);
     }
     u32::from(wanted)
 }
@@ -113,6 +112,11 @@ struct TraceEvent {
 }
 
 impl TraceEvent {
+    #[inline(always)]
+    fn id(&self) -> Option<[u8; 4]> {
+        (self.has_id != 0).then_some(self.id)
+    }
+
     /// Walks the first [`MAX_TRACE_ATTRIBUTES`] attributes; `None` if one is malformed.
     #[inline(always)]
     fn find(skb: *mut __sk_buff, offset: u32, message_len: u32) -> Option<Self> {

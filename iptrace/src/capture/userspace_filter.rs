@@ -190,10 +190,9 @@ impl<K: Copy + Eq + Hash> RecentVerdicts<K> {
     }
 
     fn insert(&mut self, key: K, verdict: bool) {
-        if self.order.len() >= self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.verdicts.remove(&oldest);
-            }
+        let full = self.order.len() >= self.capacity;
+        if let Some(oldest) = full.then(|| self.order.pop_front()).flatten() {
+            self.verdicts.remove(&oldest);
         }
         self.verdicts.insert(key, verdict);
         self.order.push_back(key);
