@@ -92,14 +92,14 @@ pub const FILTER_LEN_GLOBAL: &str = "FILTER_LEN";
 /// Symbol of the `[CbpfInsn; MAX_CBPF_INSNS]` global holding the program, padded with zeroes.
 pub const FILTER_GLOBAL: &str = "FILTER";
 
-/// Program attached to the nfnetlink_log socket (`SO_ATTACH_BPF`).
-pub const NFLOG_FILTER_PROGRAM: &str = "nflog_filter";
+/// Program attached to the trace socket (`SO_ATTACH_BPF`): nfnetlink_log or nftables trace.
+pub const TRACE_FILTER_PROGRAM: &str = "trace_filter";
 /// Program pinned for iptables' `-m bpf --object-pinned` (xt_bpf).
 pub const XT_PREFILTER_PROGRAM: &str = "xt_prefilter";
 
 /// `PerCpuArray<u64>` of datagram counters, indexed by the `COUNTER_*` constants.
 pub const COUNTERS_MAP: &str = "COUNTERS";
-/// Datagrams `nflog_filter` ran on.
+/// Datagrams `trace_filter` ran on.
 pub const COUNTER_SEEN: u32 = 0;
 /// Datagrams it kept (returned `skb->len`).
 pub const COUNTER_PASSED: u32 = 1;
@@ -115,15 +115,87 @@ pub const PACKET_VERDICTS_MAP: &str = "PACKET_VERDICTS";
 /// only has to outlive the packets in flight, not connections.
 pub const PACKET_VERDICTS_MAX_ENTRIES: u32 = 65536;
 
+/// LRU hash map from an nftables trace id (`NFTA_TRACE_ID`, 4 opaque bytes) to the verdict at
+/// the first event of that id that carried packet headers (`u8`: 1 wanted, 0 not wanted).
+pub const TRACE_ID_VERDICTS_MAP: &str = "TRACE_ID_VERDICTS";
+/// Capacity of [`TRACE_ID_VERDICTS_MAP`]; as for [`PACKET_VERDICTS_MAX_ENTRIES`], only the
+/// packets in flight matter.
+pub const TRACE_ID_VERDICTS_MAX_ENTRIES: u32 = 65536;
+
+/// Attributes of one `NFT_MSG_TRACE` message looked at, at most: the kernel emits about 20
+/// (`nft_trace_notify()`), and the eBPF walk needs a bound.
+pub const MAX_TRACE_ATTRIBUTES: u32 = 32;
+/// Most bytes of `NFTA_TRACE_NETWORK_HEADER` (`NFT_TRACETYPE_NETWORK_HSIZE`).
+pub const TRACE_NETWORK_HEADER_MAX: u32 = 40;
+/// Most bytes of `NFTA_TRACE_TRANSPORT_HEADER` (`NFT_TRACETYPE_TRANSPORT_HSIZE`).
+pub const TRACE_TRANSPORT_HEADER_MAX: u32 = 20;
+
+/// Whether the transport header of an nftables trace event starts right where its network
+/// header (`network`, as copied: at most 40 bytes) ends in the packet, so that the two laid end
+/// to end are the packet's first bytes, which is what the selection reads.
+///
+/// `nf_trace_fill_pkt_info()` copies `min(thoff, 40)` bytes of network header and up to 20 from
+/// `thoff`, nft's transport offset: IHL * 4 for IPv4 (`nft_set_pktinfo_ipv4`), past the extension
+/// headers for IPv6 (`ipv6_find_hdr()`, which stops at AH). So they are contiguous for IPv4 with
+/// IHL * 4 ≤ 40 and for IPv6 whose first next header is not hop-by-hop, routing, fragment or
+/// destination options. Otherwise only the network header is usable.
+pub fn transport_follows_network<P: PacketBytes + ?Sized>(network: &P, network_len: u32) -> bool {
+    const IPV6_HEADER_LEN: u32 = 40;
+    const EXTENSION_HEADERS: [u8; 4] = [0, 43, 44, 60];
+    let Some(first) = network.u8_at(0) else {
+        return false;
+    };
+    match first >> 4 {
+        4 => u32::from(first & 0x0f) * 4 == network_len,
+        6 => {
+            network_len == IPV6_HEADER_LEN
+                && network
+                    .u8_at(6)
+                    .is_some_and(|next| !EXTENSION_HEADERS.contains(&next))
+        }
+        _ => false,
+    }
+}
+
 /// Big-endian reads from a raw IP packet, with the packet's own bounds: the eBPF programs read
-/// through `bpf_skb_load_bytes`, userspace from a slice. `None` when the bytes are out of range.
+/// through `bpf_skb_load_bytes` or from a scratch buffer, userspace from a slice. `None` when
+/// the bytes are out of range.
 pub trait PacketBytes {
     fn u8_at(&self, offset: u32) -> Option<u8>;
     fn be16_at(&self, offset: u32) -> Option<u16>;
     fn be32_at(&self, offset: u32) -> Option<u32>;
+    /// The packet's length (cBPF `len`), `None` when only its first bytes are held.
+    fn packet_len(&self) -> Option<u32>;
+}
+
+/// The first bytes of a packet of unknown length, such as the headers of an nftables trace
+/// event laid end to end: loads past them and `len` cannot be answered.
+#[derive(Clone, Copy, Debug)]
+pub struct PacketPrefix<'a>(pub &'a [u8]);
+
+impl PacketBytes for PacketPrefix<'_> {
+    fn u8_at(&self, offset: u32) -> Option<u8> {
+        self.0.u8_at(offset)
+    }
+
+    fn be16_at(&self, offset: u32) -> Option<u16> {
+        self.0.be16_at(offset)
+    }
+
+    fn be32_at(&self, offset: u32) -> Option<u32> {
+        self.0.be32_at(offset)
+    }
+
+    fn packet_len(&self) -> Option<u32> {
+        None
+    }
 }
 
 impl PacketBytes for [u8] {
+    fn packet_len(&self) -> Option<u32> {
+        u32::try_from(self.len()).ok()
+    }
+
     fn u8_at(&self, offset: u32) -> Option<u8> {
         self.get(usize::try_from(offset).ok()?).copied()
     }

@@ -3,5 +3,6 @@
 //! `no_std`, `#[repr(C)]` only: every type here crosses the kernel boundary as bytes.
 #![no_std]
 
+pub mod cbpf;
 pub mod filter;
 pub mod uapi;

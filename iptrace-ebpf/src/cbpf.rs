@@ -1,15 +1,19 @@
 //! A classic-BPF interpreter: runs the user's libpcap program (compiled for `DLT_RAW`) on a raw
 //! IP packet, one instruction per `bpf_loop` iteration (kernel ≥ 5.17), so that the verifier
 //! checks a loop body rather than the program, and programs of up to `MAX_CBPF_INSNS`
-//! instructions all load. Semantics follow libpcap's `pcapint_filter()`: an out-of-range packet or scratch
-//! access, a zero divisor or an invalid opcode rejects the packet (returns 0).
+//! instructions all load. The instruction semantics are `iptrace_common::cbpf`'s, shared with
+//! userspace; the packet is either in the skb or rebuilt from nftables trace headers
+//! ([`Packet`]).
 
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{bindings::__sk_buff, helpers::generated::bpf_loop, macros::map, maps::Array};
-use iptrace_common::filter::{CbpfInsn, MAX_CBPF_INSNS, PacketBytes, op};
+use iptrace_common::{
+    cbpf::{MAX_STEPS, Outcome, Registers, Step},
+    filter::{CbpfInsn, MAX_CBPF_INSNS},
+};
 
-use crate::packet::SkbPacket;
+use crate::packet::{Packet, PacketSource, SkbPacket, TraceHeaderPacket};
 
 /// Number of instructions in [`FILTER`]; 0 means "no program, match everything".
 /// Set by userspace with `EbpfLoader::override_global` (`FILTER_LEN_GLOBAL`).
@@ -25,10 +29,6 @@ static FILTER: [CbpfInsn; MAX_CBPF_INSNS] = [CbpfInsn {
     k: 0,
 }; MAX_CBPF_INSNS];
 
-/// Steps one packet may take. A forward-only program (all the kernel accepts) returns within
-/// `FILTER_LEN` steps; libpcap's `protochain` jumps backwards, and this bounds its loops.
-const MAX_STEPS: u32 = 1 << 16;
-
 /// The program length userspace configured, through a volatile read so that the compiler does
 /// not fold the zero placeholder.
 #[inline(always)]
@@ -37,27 +37,40 @@ pub fn filter_len() -> u32 {
     unsafe { ptr::read_volatile(&raw const FILTER_LEN) }
 }
 
-/// Runs the program on `packet`: 0 rejects, anything else accepts.
+/// What [`iptrace_cbpf_run`] returns for [`Outcome::BeyondCapture`]; any other outcome is the
+/// program's result, 0 for [`Outcome::Rejected`].
+const BEYOND_CAPTURE: i64 = -1;
+
+/// Runs the program on `packet`. `skb` is the program's context, which the global function
+/// takes whatever the packet source (the verifier wants a real context pointer there).
 /// Call only when [`filter_len`] is non-zero.
-pub fn run(packet: &SkbPacket) -> u32 {
-    let (skb, base, len) = packet.parts();
-    iptrace_cbpf_run(skb, base, len)
+pub fn run(skb: *mut __sk_buff, packet: &Packet) -> Outcome {
+    let (source, base, len) = packet.parts();
+    match iptrace_cbpf_run(skb, source as u32, base, len) {
+        BEYOND_CAPTURE => Outcome::BeyondCapture,
+        result => Outcome::Returned(result as u32),
+    }
 }
 
 /// [`run`] as a global function (BTF linkage global, kernel ≥ 5.6), which the verifier checks
 /// once, on its own and with unknown arguments, rather than once for every distinct state of
-/// its callers. An interpreter that cannot start accepts: an unmatched packet would vanish
-/// from the trace.
+/// its callers. `source` is a [`PacketSource`]; `skb` is read only for [`PacketSource::Skb`].
+/// An interpreter that cannot start accepts: an unmatched packet would vanish from the trace.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn iptrace_cbpf_run(skb: *mut __sk_buff, base: u32, len: u32) -> u32 {
+pub extern "C" fn iptrace_cbpf_run(skb: *mut __sk_buff, source: u32, base: u32, len: u32) -> i64 {
     let Some(&registers) = INITIAL_REGISTERS.get(0) else {
         return 1;
     };
+    let packet = if source == PacketSource::TraceHeaders as u32 {
+        Packet::TraceHeaders(TraceHeaderPacket::new(len))
+    } else {
+        Packet::Skb(SkbPacket::new(skb, base, len))
+    };
     let mut machine = Machine {
-        packet: SkbPacket::new(skb, base, len),
+        packet,
         registers,
-        result: 0,
+        result: encode(Outcome::Rejected),
     };
     // SAFETY: `step` has the callback signature bpf_loop expects, and `machine` outlives the call.
     unsafe {
@@ -71,14 +84,16 @@ pub extern "C" fn iptrace_cbpf_run(skb: *mut __sk_buff, base: u32, len: u32) -> 
     machine.result
 }
 
-/// The cBPF registers: program counter, accumulator A, index X and scratch memory M[].
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Registers {
-    pc: u32,
-    a: u32,
-    x: u32,
-    mem: [u32; op::MEMWORDS],
+/// An outcome as one scalar: the program's result, 0 for [`Outcome::Rejected`], or
+/// [`BEYOND_CAPTURE`]. (Stored as a Rust enum, the payload of the variants without one would be
+/// an uninitialised register, which the verifier refuses.)
+#[inline(always)]
+fn encode(outcome: Outcome) -> i64 {
+    match outcome {
+        Outcome::Returned(result) => i64::from(result),
+        Outcome::Rejected => 0,
+        Outcome::BeyondCapture => BEYOND_CAPTURE,
+    }
 }
 
 /// The registers' initial values, all zero: nothing ever writes this map.
@@ -96,154 +111,24 @@ static INITIAL_REGISTERS: Array<Registers> = Array::with_max_entries(1, 0);
 /// The machine; lives on the caller's stack and travels to `step` as bpf_loop's context.
 #[repr(C)]
 struct Machine {
-    packet: SkbPacket,
+    packet: Packet,
     registers: Registers,
-    result: u32,
-}
-
-/// What the loop does after an instruction.
-enum Flow {
-    Continue,
-    Return(u32),
+    /// How the run ended ([`encode`]d); [`Outcome::Rejected`] until a step says otherwise,
+    /// which also covers running out of steps.
+    result: i64,
 }
 
 /// bpf_loop callback: 0 continues, 1 stops.
 unsafe extern "C" fn step(_index: u32, machine: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop passes back the `Machine` pointer `run` gave it.
+    // SAFETY: bpf_loop passes back the `Machine` pointer `iptrace_cbpf_run` gave it.
     let machine = unsafe { &mut *machine.cast::<Machine>() };
-    let flow = machine.registers.execute(&machine.packet);
-    match flow {
-        Some(Flow::Continue) => 0,
-        Some(Flow::Return(result)) => {
-            machine.result = result;
+    let insn = instruction(machine.registers.pc);
+    match machine.registers.execute(insn, &machine.packet) {
+        Step::Continue => 0,
+        Step::Stop(outcome) => {
+            machine.result = encode(outcome);
             1
         }
-        None => {
-            machine.result = 0;
-            1
-        }
-    }
-}
-
-impl Registers {
-    /// Executes the instruction at `pc`; `None` rejects the packet.
-    #[inline(always)]
-    fn execute(&mut self, packet: &SkbPacket) -> Option<Flow> {
-        let insn = instruction(self.pc)?;
-        self.pc += 1;
-        let code = insn.code;
-        let k = insn.k;
-        match code & op::CLASS_MASK {
-            op::LD => self.a = self.load(packet, code, k)?,
-            op::LDX => self.x = self.load_x(packet, code, k)?,
-            op::ST => *self.mem.get_mut(k as usize)? = self.a,
-            op::STX => *self.mem.get_mut(k as usize)? = self.x,
-            op::ALU => self.a = self.alu(code, k)?,
-            op::JMP => self.jump(code, insn),
-            op::RET => {
-                return match code & op::RVAL_MASK {
-                    op::K => Some(Flow::Return(k)),
-                    op::A => Some(Flow::Return(self.a)),
-                    _ => None,
-                };
-            }
-            _ => match code & op::MISCOP_MASK {
-                op::TAX => self.x = self.a,
-                op::TXA => self.a = self.x,
-                _ => return None,
-            },
-        }
-        Some(Flow::Continue)
-    }
-
-    #[inline(always)]
-    fn load(&self, packet: &SkbPacket, code: u16, k: u32) -> Option<u32> {
-        match code & op::MODE_MASK {
-            op::ABS => load_packet(packet, code, k),
-            op::IND => load_packet(packet, code, self.x.checked_add(k)?),
-            op::LEN => Some(packet.len()),
-            op::IMM => Some(k),
-            op::MEM => self.mem.get(k as usize).copied(),
-            _ => None,
-        }
-    }
-
-    #[inline(always)]
-    fn load_x(&self, packet: &SkbPacket, code: u16, k: u32) -> Option<u32> {
-        match code & op::MODE_MASK {
-            op::IMM => Some(k),
-            op::MEM => self.mem.get(k as usize).copied(),
-            op::LEN => Some(packet.len()),
-            // `ldxb 4*([k]&0xf)`: the IPv4 header length.
-            op::MSH => packet.u8_at(k).map(|b| u32::from(b & 0x0f) << 2),
-            _ => None,
-        }
-    }
-
-    #[inline(always)]
-    fn alu(&self, code: u16, k: u32) -> Option<u32> {
-        let a = self.a;
-        let operand = if code & op::SRC_MASK == op::X {
-            self.x
-        } else {
-            k
-        };
-        Some(match code & op::OP_MASK {
-            op::ADD => a.wrapping_add(operand),
-            op::SUB => a.wrapping_sub(operand),
-            op::MUL => a.wrapping_mul(operand),
-            op::DIV => a.checked_div(operand)?,
-            op::MOD => a.checked_rem(operand)?,
-            op::OR => a | operand,
-            op::AND => a & operand,
-            op::XOR => a ^ operand,
-            // libpcap defines shifts by 32 or more as 0.
-            op::LSH => a.checked_shl(operand).unwrap_or(0),
-            op::RSH => a.checked_shr(operand).unwrap_or(0),
-            op::NEG => a.wrapping_neg(),
-            _ => return None,
-        })
-    }
-
-    /// Moves `pc` (already past the jump). An offset that leaves the program makes the next
-    /// fetch fail, which rejects.
-    #[inline(always)]
-    fn jump(&mut self, code: u16, insn: CbpfInsn) {
-        let operand = if code & op::SRC_MASK == op::X {
-            self.x
-        } else {
-            insn.k
-        };
-        let a = self.a;
-        let taken = match code & op::OP_MASK {
-            // `ja` has a 32-bit offset; libpcap's protochain uses negative ones.
-            op::JA => {
-                self.pc = self.pc.wrapping_add(insn.k);
-                return;
-            }
-            op::JEQ => a == operand,
-            op::JGT => a > operand,
-            op::JGE => a >= operand,
-            op::JSET => a & operand != 0,
-            // Not a jump libpcap knows: leave the program.
-            _ => {
-                self.pc = u32::MAX;
-                return;
-            }
-        };
-        let offset = if taken { insn.jt } else { insn.jf };
-        self.pc += u32::from(offset);
-    }
-}
-
-/// A big-endian word, half-word or byte of the packet.
-#[inline(always)]
-fn load_packet(packet: &SkbPacket, code: u16, offset: u32) -> Option<u32> {
-    match code & op::SIZE_MASK {
-        op::W => packet.be32_at(offset),
-        op::H => packet.be16_at(offset).map(u32::from),
-        op::B => packet.u8_at(offset).map(u32::from),
-        _ => None,
     }
 }
 

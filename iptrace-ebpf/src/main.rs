@@ -1,15 +1,18 @@
 //! iptrace's eBPF programs, both socket filters (`BPF_PROG_TYPE_SOCKET_FILTER`) running the
 //! user's classic-BPF selection through one interpreter (`cbpf`):
 //!
-//! - `nflog_filter`, attached to the nfnetlink_log socket, drops datagrams whose TRACE events
-//!   are all for unselected packets, before they take receive-buffer space;
+//! - `trace_filter`, attached to the trace socket (nfnetlink_log or nftables trace), drops
+//!   datagrams whose trace events are all for unselected packets, before they take
+//!   receive-buffer space;
 //! - `xt_prefilter`, pinned for iptables' `-m bpf --object-pinned` when the selection is longer
 //!   than xt_bpf's 64 inline instructions.
 #![no_std]
 #![no_main]
 
 mod cbpf;
+mod datagram;
 mod nflog;
+mod nftrace;
 mod packet;
 
 use aya_ebpf::{
@@ -19,7 +22,7 @@ use aya_ebpf::{
 };
 use iptrace_common::filter::{COUNTER_COUNT, COUNTER_DROPPED, COUNTER_PASSED, COUNTER_SEEN};
 
-use crate::packet::SkbPacket;
+use crate::packet::{Packet, SkbPacket};
 
 /// Datagram counters by `COUNTER_*` index (`COUNTERS_MAP`).
 #[map]
@@ -35,9 +38,9 @@ fn count(index: u32) {
 /// Keeps the datagram (returns `skb->len`; never less, which would trim it) when any of its
 /// messages is wanted, else drops it (0).
 #[socket_filter]
-pub fn nflog_filter(ctx: SkBuffContext) -> i64 {
+pub fn trace_filter(ctx: SkBuffContext) -> i64 {
     count(COUNTER_SEEN);
-    let keep = cbpf::filter_len() == 0 || nflog::datagram_wanted(&ctx);
+    let keep = cbpf::filter_len() == 0 || datagram::datagram_wanted(&ctx);
     count(if keep {
         COUNTER_PASSED
     } else {
@@ -53,7 +56,8 @@ pub fn xt_prefilter(ctx: SkBuffContext) -> i64 {
     if cbpf::filter_len() == 0 {
         return 1;
     }
-    i64::from(cbpf::run(&SkbPacket::new(ctx.skb.skb, 0, ctx.len())))
+    let packet = Packet::Skb(SkbPacket::new(ctx.skb.skb, 0, ctx.len()));
+    i64::from(cbpf::run(ctx.skb.skb, &packet).cbpf_result())
 }
 
 #[cfg(not(test))]

@@ -1,8 +1,33 @@
-//! A raw IP packet inside an skb, read through `bpf_skb_load_bytes` (socket filters on netlink
-//! sockets have no direct packet access, see kernel-interfaces §6.2).
+//! The packet the classic-BPF interpreter reads: a raw IP packet inside the skb, read through
+//! `bpf_skb_load_bytes` (socket filters on netlink sockets have no direct packet access, see
+//! kernel-interfaces §6.2), or the first bytes of one rebuilt from an nftables trace event's
+//! headers in a per-CPU scratch buffer.
 
-use aya_ebpf::{bindings::__sk_buff, programs::sk_buff::SkBuff};
-use iptrace_common::filter::PacketBytes;
+use aya_ebpf::{bindings::__sk_buff, macros::map, maps::PerCpuArray, programs::sk_buff::SkBuff};
+use iptrace_common::filter::{PacketBytes, TRACE_NETWORK_HEADER_MAX, TRACE_TRANSPORT_HEADER_MAX};
+
+/// Offsets and lengths into [`TRACE_HEADERS`] are masked with this, which proves them in bounds
+/// to the verifier: room for both headers, a power of two less one.
+pub const TRACE_HEADERS_INDEX_MASK: u32 = 63;
+const _: () =
+    assert!(TRACE_NETWORK_HEADER_MAX + TRACE_TRANSPORT_HEADER_MAX <= TRACE_HEADERS_INDEX_MASK + 1);
+/// Size of [`TRACE_HEADERS`]: what the verifier can see written, a masked offset plus a masked
+/// length (the bytes actually used are the first 60 at most).
+pub const TRACE_HEADERS_LEN: usize = 2 * (TRACE_HEADERS_INDEX_MASK as usize + 1);
+
+/// An nftables trace event's network and transport headers laid end to end: the packet's first
+/// bytes. Per CPU because socket filters do not nest on one CPU; rebuilt for every event.
+#[map]
+pub static TRACE_HEADERS: PerCpuArray<[u8; TRACE_HEADERS_LEN]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// Where the interpreter's packet is, as the scalar the global interpreter function takes.
+#[repr(u32)]
+#[derive(Clone, Copy)]
+pub enum PacketSource {
+    Skb = 0,
+    TraceHeaders = 1,
+}
 
 /// `len` bytes of IP packet starting at `base` in the skb: the `NFULA_PAYLOAD` data of an nflog
 /// message, or the whole skb under xt_bpf.
@@ -18,15 +43,6 @@ impl SkbPacket {
         Self { skb, base, len }
     }
 
-    /// The skb, where the packet starts in it and its length.
-    pub fn parts(&self) -> (*mut __sk_buff, u32, u32) {
-        (self.skb, self.base, self.len)
-    }
-
-    pub fn len(&self) -> u32 {
-        self.len
-    }
-
     /// `N` bytes at `offset` into the packet; `None` past its end, as cBPF's out-of-range loads.
     #[inline(always)]
     fn bytes<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
@@ -39,7 +55,62 @@ impl SkbPacket {
     }
 }
 
-impl PacketBytes for SkbPacket {
+/// The first `len` bytes of [`TRACE_HEADERS`]; the packet's own length is unknown.
+#[derive(Clone, Copy)]
+pub struct TraceHeaderPacket {
+    len: u32,
+}
+
+impl TraceHeaderPacket {
+    pub fn new(len: u32) -> Self {
+        Self { len }
+    }
+
+    /// `N` bytes at `offset`; `None` past `len`. The map is looked up on every read rather than
+    /// its pointer kept: the kernel inlines array lookups, and no pointer has to survive the
+    /// trip through bpf_loop's context.
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
+        let end = offset.checked_add(N as u32)?;
+        if end > self.len {
+            return None;
+        }
+        let headers = TRACE_HEADERS.get(0)?;
+        let mut bytes = [0; N];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = headers[(offset as usize + i) & TRACE_HEADERS_INDEX_MASK as usize];
+        }
+        Some(bytes)
+    }
+}
+
+/// The packet the interpreter runs on.
+#[derive(Clone, Copy)]
+pub enum Packet {
+    Skb(SkbPacket),
+    TraceHeaders(TraceHeaderPacket),
+}
+
+impl Packet {
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
+        match self {
+            Self::Skb(packet) => packet.bytes(offset),
+            Self::TraceHeaders(packet) => packet.bytes(offset),
+        }
+    }
+
+    /// The packet as the global interpreter function's scalar arguments: source, skb offset of
+    /// the packet (skb packets only) and length.
+    pub fn parts(&self) -> (PacketSource, u32, u32) {
+        match self {
+            Self::Skb(packet) => (PacketSource::Skb, packet.base, packet.len),
+            Self::TraceHeaders(packet) => (PacketSource::TraceHeaders, 0, packet.len),
+        }
+    }
+}
+
+impl PacketBytes for Packet {
     #[inline(always)]
     fn u8_at(&self, offset: u32) -> Option<u8> {
         self.bytes::<1>(offset).map(|[b]| b)
@@ -53,5 +124,13 @@ impl PacketBytes for SkbPacket {
     #[inline(always)]
     fn be32_at(&self, offset: u32) -> Option<u32> {
         self.bytes(offset).map(u32::from_be_bytes)
+    }
+
+    #[inline(always)]
+    fn packet_len(&self) -> Option<u32> {
+        match self {
+            Self::Skb(packet) => Some(packet.len),
+            Self::TraceHeaders(_) => None,
+        }
     }
 }

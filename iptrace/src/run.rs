@@ -263,7 +263,7 @@ fn trace_instrumented(
     result.map(|()| stats)
 }
 
-/// Loads `nflog_filter` and attaches it to the trace socket from a thread, then tells the reader
+/// Loads `trace_filter` and attaches it to the trace socket from a thread, then tells the reader
 /// that the kernel selects from now on. Without the eBPF filter, iptrace says so once and goes on
 /// selecting in userspace.
 fn spawn_socket_filter_loader(

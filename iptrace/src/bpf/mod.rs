@@ -4,9 +4,10 @@
 //! classic-BPF selection, handed over as read-only globals (`.rodata`, frozen at load, so a new
 //! selection means a new load):
 //!
-//! - [`TraceSocketFilter`] runs `nflog_filter` on the nfnetlink_log socket. The kernel calls it
-//!   from `sk_filter_trim_cap()` in `netlink_unicast()` before the datagram is queued, so an
-//!   unselected TRACE event costs no receive-buffer space.
+//! - [`TraceSocketFilter`] runs `trace_filter` on the trace socket: nfnetlink_log, where the
+//!   kernel calls it from `sk_filter_trim_cap()` in `netlink_unicast()` before the datagram is
+//!   queued, or the nftables trace group, where `do_one_broadcast()` calls it for each listener.
+//!   An unselected trace event costs no receive-buffer space.
 //! - [`PinnedPrefilter`] pins `xt_prefilter` for iptables' `-m bpf --object-pinned`
 //!   (`xt_bpf` mode 1, `bpf_mt_v1()`), for selections longer than xt_bpf's 64 inline instructions.
 //!
@@ -34,7 +35,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use iptrace_common::filter::{
     COUNTER_DROPPED, COUNTER_PASSED, COUNTER_SEEN, COUNTERS_MAP, CbpfInsn, FILTER_GLOBAL,
-    FILTER_LEN_GLOBAL, MAX_CBPF_INSNS, NFLOG_FILTER_PROGRAM, XT_PREFILTER_PROGRAM,
+    FILTER_LEN_GLOBAL, MAX_CBPF_INSNS, TRACE_FILTER_PROGRAM, XT_PREFILTER_PROGRAM,
 };
 
 /// The eBPF object built by `build.rs` (aya-build, bpfel-unknown-none).
@@ -110,12 +111,21 @@ pub struct FilterCounters {
     pub dropped: u64,
 }
 
-/// `nflog_filter`, loaded and ready to attach to an nfnetlink_log socket.
+/// `trace_filter`, loaded and ready to attach to a trace socket (nfnetlink_log or nftables
+/// trace, `NFNLGRP_NFTRACE`).
 ///
-/// It keeps a datagram when any message in it is wanted: an nflog packet message whose payload
-/// the selection accepts, or whose packet (by `iptrace_common::filter::packet_key`) was accepted
-/// at its first event, and every message that is not an nflog packet message (acks, errors,
-/// `NLMSG_DONE`). Dropping this value does not detach the filter; closing the socket does.
+/// It keeps a datagram when any message in it is wanted:
+/// - an nflog packet message whose payload the selection accepts, or whose packet (by
+///   `iptrace_common::filter::packet_key`) was accepted at its first event;
+/// - an nftables trace message (`NFT_MSG_TRACE`) whose trace id was accepted at its first event
+///   with headers, or, for an id not seen yet, whose network and transport headers (laid end to
+///   end: the packet's first 40 to 60 bytes) the selection accepts or cannot decide on because
+///   it reads past them (payload bytes, `len`): such events are kept rather than risk hiding a
+///   selected packet. An id never seen and without headers (its first event came before the
+///   filter was attached) is kept too;
+/// - every other message (acks, errors, `NLMSG_DONE` alone).
+///
+/// Dropping this value does not detach the filter; closing the socket does.
 pub struct TraceSocketFilter {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
@@ -123,7 +133,7 @@ pub struct TraceSocketFilter {
 }
 
 impl TraceSocketFilter {
-    /// Loads `nflog_filter` with `program` as the selection; `None` passes every message (still
+    /// Loads `trace_filter` with `program` as the selection; `None` passes every message (still
     /// counted). With `log`, the program's aya-log records (debug level, one per datagram) go to
     /// the `log` crate when [`Self::flush_log`] is called.
     pub fn load(program: Option<&[CbpfInsn]>, log: bool) -> Result<Self, BpfError> {
@@ -142,7 +152,7 @@ impl TraceSocketFilter {
             0
         };
         let mut ebpf = load_object(program, level)?;
-        load_socket_filter(&mut ebpf, NFLOG_FILTER_PROGRAM)?;
+        load_socket_filter(&mut ebpf, TRACE_FILTER_PROGRAM)?;
         let counters = ebpf
             .take_map(COUNTERS_MAP)
             .ok_or(BpfError::MissingMap { name: COUNTERS_MAP })?
@@ -165,7 +175,7 @@ impl TraceSocketFilter {
     /// Attaches the filter to `socket` with `SO_ATTACH_BPF` (`sk_attach_bpf()`), replacing any
     /// filter already there.
     pub fn attach(&mut self, socket: BorrowedFd<'_>) -> Result<(), BpfError> {
-        socket_filter(&mut self.ebpf, NFLOG_FILTER_PROGRAM)?
+        socket_filter(&mut self.ebpf, TRACE_FILTER_PROGRAM)?
             .attach(socket)
             .map_err(BpfError::Attach)
     }

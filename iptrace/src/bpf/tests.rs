@@ -14,8 +14,10 @@ use aya::{
     programs::{SocketFilter, TestRun as _, TestRunOptions},
 };
 use iptrace_common::filter::{
-    MAX_CBPF_INSNS, NFLOG_FILTER_PROGRAM, XT_PREFILTER_PROGRAM, op, packet_key,
+    MAX_CBPF_INSNS, TRACE_FILTER_PROGRAM, XT_PREFILTER_PROGRAM, op, packet_key,
 };
+
+mod nftrace;
 
 use super::*;
 use crate::filter::CompiledFilter;
@@ -467,9 +469,9 @@ fn test_run(program: &SocketFilter, data: &[u8]) -> u32 {
 }
 
 impl TraceSocketFilter {
-    /// Runs `nflog_filter` on `datagram`, asserting that it keeps all of it or nothing.
+    /// Runs `trace_filter` on `datagram`, asserting that it keeps all of it or nothing.
     fn keeps(&mut self, datagram: &[u8]) -> bool {
-        let program = socket_filter(&mut self.ebpf, NFLOG_FILTER_PROGRAM).unwrap();
+        let program = socket_filter(&mut self.ebpf, TRACE_FILTER_PROGRAM).unwrap();
         match test_run(program, datagram) {
             0 => false,
             len if len as usize == datagram.len() => true,
@@ -504,24 +506,10 @@ fn port_list(ports: std::ops::Range<u16>) -> String {
 // ---------------------------------------------------------------------------------------------
 // Tests
 
-#[test]
-fn sample_packets_have_distinct_keys() {
-    let packets = sample_packets();
-    let keys: HashSet<u64> = packets
-        .iter()
-        .map(|(_, p)| packet_key(p.as_slice()).unwrap())
-        .collect();
-    assert_eq!(keys.len(), packets.len());
-}
-
-#[test]
-fn nflog_filter_and_prefilter_agree_with_libpcap() {
-    if !is_root() {
-        return;
-    }
-    let long_port_list = port_list(1000..1040);
-    let huge_port_list = port_list(1..400);
-    let expressions = [
+/// Expressions for the differential tests: every primitive and operator libpcap compiles to a
+/// distinct instruction pattern, and two long port lists (one past 1,000 instructions).
+fn differential_expressions() -> Vec<String> {
+    let mut expressions: Vec<String> = [
         "host 10.0.0.1",
         "src host 10.0.0.1",
         "dst host 10.0.0.2",
@@ -556,6 +544,8 @@ fn nflog_filter_and_prefilter_agree_with_libpcap() {
         "ip[6:2] & 0x1fff != 0",
         "tcp[13] == 2",
         "udp[8:2] == 0x1234",
+        // Payload: past the headers an nftables trace event carries.
+        "tcp[20:4] == 0x47455420",
         "len > 60",
         "len <= 48",
         "not tcp",
@@ -575,14 +565,36 @@ fn nflog_filter_and_prefilter_agree_with_libpcap() {
         "(1 << (ip[9] & 7)) & 0x42 != 0",
         "(-ip[8]) & 0xff == 192",
         "ip[2:2] - (ip[0] & 0xf) * 4 == tcp[12] / 16 * 4",
-        &long_port_list,
-        &huge_port_list,
-    ];
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    expressions.push(port_list(1000..1040));
+    expressions.push(port_list(1..400));
+    expressions
+}
+
+#[test]
+fn sample_packets_have_distinct_keys() {
+    let packets = sample_packets();
+    let keys: HashSet<u64> = packets
+        .iter()
+        .map(|(_, p)| packet_key(p.as_slice()).unwrap())
+        .collect();
+    assert_eq!(keys.len(), packets.len());
+}
+
+#[test]
+fn nflog_filter_and_prefilter_agree_with_libpcap() {
+    if !is_root() {
+        return;
+    }
+    let expressions = differential_expressions();
     let packets = sample_packets();
     let mut mismatches = Vec::new();
     let (mut accepted, mut rejected) = (0, 0);
     let mut longest = 0;
-    for expression in expressions {
+    for expression in &expressions {
         let (compiled, mut filter) = load_filter(expression);
         longest = longest.max(compiled.instructions().len());
         let prefilter = load_prefilter(compiled.instructions());
@@ -601,7 +613,7 @@ fn nflog_filter_and_prefilter_agree_with_libpcap() {
             let nflog = filter.keeps(&nflog_message(packet));
             let xt = test_run(prefilter, packet) != 0;
             if nflog != expected || xt != expected {
-                mismatches.push(format!("'{expression}' on {name}: libpcap {expected}, nflog_filter {nflog}, xt_prefilter {xt}"));
+                mismatches.push(format!("'{expression}' on {name}: libpcap {expected}, trace_filter {nflog}, xt_prefilter {xt}"));
             }
         }
         let wanted = packets.iter().filter(|(_, p)| compiled.matches(p)).count() as u64;
@@ -1173,13 +1185,13 @@ fn verification_cost_does_not_depend_on_the_program() {
         let mut filter = TraceSocketFilter::load(Some(compiled.instructions()), false).unwrap();
         let mut prefilter = load_prefilter(compiled.instructions());
         costs.push((
-            verified(NFLOG_FILTER_PROGRAM, &mut filter.ebpf),
+            verified(TRACE_FILTER_PROGRAM, &mut filter.ebpf),
             verified(XT_PREFILTER_PROGRAM, &mut prefilter),
         ));
     }
     assert_eq!(
         costs[0], costs[1],
-        "(nflog_filter, xt_prefilter) verified instructions"
+        "(trace_filter, xt_prefilter) verified instructions"
     );
     // The verifier gives up at 1M; keep well clear of it.
     assert!(costs[0].0 < 400_000 && costs[0].1 < 200_000, "{costs:?}");

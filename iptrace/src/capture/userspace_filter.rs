@@ -1,70 +1,201 @@
 //! The trace-socket filter's job done in userspace, for when eBPF cannot be loaded (no CAP_BPF,
 //! a kernel before 5.17, a verifier refusal) or is turned off (`--no-socket-filter`): the same
-//! datagram-level decision as `nflog_filter` in `iptrace-ebpf`, with libpcap's own verdict
+//! datagram-level decision as `trace_filter` in `iptrace-ebpf`, with libpcap's own verdict
 //! (`pcap_offline_filter`) on each packet, so the results are identical; only the cost differs
 //! (every message is copied to userspace first).
+//!
+//! For an nftables trace event, whose headers are only the packet's first 40 to 60 bytes, the
+//! classic-BPF semantics shared with the eBPF interpreter (`iptrace_common::cbpf`) tell first
+//! whether the selection can be decided on them at all: one that reads past them (payload
+//! bytes, `len`) keeps the event, as in the kernel, so that a selected packet is never hidden.
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::Hash,
+};
 
-use iptrace_common::filter::{PACKET_VERDICTS_MAX_ENTRIES, packet_key};
+use iptrace_common::{
+    cbpf::{self, Outcome},
+    filter::{
+        MAX_TRACE_ATTRIBUTES, PACKET_VERDICTS_MAX_ENTRIES, PacketPrefix,
+        TRACE_ID_VERDICTS_MAX_ENTRIES, TRACE_NETWORK_HEADER_MAX, TRACE_TRANSPORT_HEADER_MAX,
+        packet_key, transport_follows_network,
+    },
+    uapi::{
+        NFNL_SUBSYS_NFTABLES, NFTA_TRACE_ID, NFTA_TRACE_NETWORK_HEADER,
+        NFTA_TRACE_TRANSPORT_HEADER, NLMSG_DONE,
+    },
+};
 
 use crate::{
     decode::{
-        netlink::NetlinkMessages,
+        DecodeError,
+        netlink::{Attributes, NetlinkMessage, NetlinkMessages},
         nflog::{NFULNL_PACKET_TYPE, NflogPacket},
     },
     filter::CompiledFilter,
 };
 
-/// Keeps a datagram when any nflog packet message in it is wanted; a packet's first event
-/// decides for all its events (NAT may rewrite it into or out of the selection later).
+/// `NFT_MSG_TRACE` in `enum nf_tables_msg_types` (not in the installed uapi header's bindings).
+const NFT_MSG_TRACE: u16 = 17;
+/// `nlmsg_type` of an nftables trace event: `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_TRACE` = 0x0a11.
+pub const NFT_TRACE_TYPE: u16 = ((NFNL_SUBSYS_NFTABLES as u16) << 8) | NFT_MSG_TRACE;
+/// `sizeof(struct nfgenmsg)`, before a trace message's attributes.
+const NFGENMSG_LEN: usize = 4;
+
+/// Keeps a datagram when any message in it is wanted, as `trace_filter` does: an nflog packet
+/// message's first event decides for all its events (NAT may rewrite it into or out of the
+/// selection later), an nftables trace id's first event with headers decides for all its
+/// events, and messages of other types (acks, errors) are wanted. `NLMSG_DONE` is framing.
 pub struct UserspaceFilter {
     filter: CompiledFilter,
-    verdicts: HashMap<u64, bool>,
-    /// Insertion order, to forget the oldest verdict first (as the eBPF side's LRU map does).
-    order: VecDeque<u64>,
+    /// By [`packet_key`], for nflog packet messages.
+    packet_verdicts: RecentVerdicts<u64>,
+    /// By `NFTA_TRACE_ID`, for nftables trace messages.
+    trace_id_verdicts: RecentVerdicts<[u8; 4]>,
 }
 
 impl UserspaceFilter {
     pub fn new(filter: CompiledFilter) -> Self {
-        Self { filter, verdicts: HashMap::new(), order: VecDeque::new() }
+        Self {
+            filter,
+            packet_verdicts: RecentVerdicts::new(PACKET_VERDICTS_MAX_ENTRIES),
+            trace_id_verdicts: RecentVerdicts::new(TRACE_ID_VERDICTS_MAX_ENTRIES),
+        }
     }
 
-    /// Whether to keep the datagram. Datagrams without nflog packet messages (acks, errors)
-    /// are kept, and so are malformed ones: better shown than silently lost.
+    /// Whether to keep the datagram. Every message is judged, as in the kernel, so that each
+    /// records its verdict. Datagrams without judged messages are kept, and so are malformed
+    /// ones: better shown than silently lost.
     pub fn keep(&mut self, datagram: &[u8]) -> bool {
-        let mut saw_packet = false;
+        let mut judged = false;
+        let mut wanted = false;
         for message in NetlinkMessages::new(datagram) {
             let Ok(message) = message else { return true };
-            if message.message_type != NFULNL_PACKET_TYPE {
-                continue;
-            }
-            let Ok(packet) = NflogPacket::parse(&message) else { return true };
-            if packet.payload.is_empty() {
-                return true;
-            }
-            saw_packet = true;
-            if self.wants(packet.payload) {
-                return true;
+            match message.message_type {
+                NFULNL_PACKET_TYPE => {
+                    judged = true;
+                    wanted |= self.nflog_message_wanted(&message);
+                }
+                NFT_TRACE_TYPE => {
+                    judged = true;
+                    wanted |= self.trace_message_wanted(&message);
+                }
+                t if u32::from(t) == NLMSG_DONE => {}
+                _ => wanted = true,
             }
         }
-        !saw_packet
+        wanted || !judged
     }
 
-    fn wants(&mut self, payload: &[u8]) -> bool {
+    /// A message without a payload (or one that does not parse) cannot be judged and is wanted.
+    fn nflog_message_wanted(&mut self, message: &NetlinkMessage<'_>) -> bool {
+        let payload = match NflogPacket::parse(message) {
+            Ok(packet) if !packet.payload.is_empty() => packet.payload,
+            _ => return true,
+        };
         let Some(key) = packet_key(payload) else { return self.filter.matches(payload) };
-        if let Some(&verdict) = self.verdicts.get(&key) {
+        if let Some(verdict) = self.packet_verdicts.get(&key) {
             return verdict;
         }
         let verdict = self.filter.matches(payload);
-        if self.order.len() >= PACKET_VERDICTS_MAX_ENTRIES as usize {
-            if let Some(oldest) = self.order.pop_front() {
-                self.verdicts.remove(&oldest);
+        self.packet_verdicts.insert(key, verdict);
+        verdict
+    }
+
+    /// The trace id's recorded verdict; else, with headers, the selection's on them (recorded),
+    /// kept when it needs more than the headers; else (an id never seen, a malformed message)
+    /// wanted.
+    fn trace_message_wanted(&mut self, message: &NetlinkMessage<'_>) -> bool {
+        let Ok(event) = TraceEventHeaders::parse(message) else { return true };
+        if let Some(verdict) = event.id.and_then(|id| self.trace_id_verdicts.get(&id)) {
+            return verdict;
+        }
+        let Some(headers) = event.packet_prefix() else { return true };
+        let wanted = match cbpf::run(self.filter.instructions(), &PacketPrefix(&headers)) {
+            Outcome::BeyondCapture => true,
+            Outcome::Returned(_) | Outcome::Rejected => self.filter.matches(&headers),
+        };
+        if let Some(id) = event.id {
+            self.trace_id_verdicts.insert(id, wanted);
+        }
+        wanted
+    }
+}
+
+/// What the filter reads of an nftables trace message: its id and the packet headers of a
+/// hook's first event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceEventHeaders<'a> {
+    /// `NFTA_TRACE_ID`: 4 opaque bytes.
+    pub id: Option<[u8; 4]>,
+    pub network: Option<&'a [u8]>,
+    pub transport: Option<&'a [u8]>,
+}
+
+impl<'a> TraceEventHeaders<'a> {
+    /// Reads the first [`MAX_TRACE_ATTRIBUTES`] attributes of a message of type
+    /// [`NFT_TRACE_TYPE`], as far as the kernel-side walk does.
+    pub fn parse(message: &NetlinkMessage<'a>) -> Result<Self, DecodeError> {
+        let body = message.payload.get(NFGENMSG_LEN..).unwrap_or_default();
+        let mut event = Self::default();
+        for attribute in Attributes::new(body).take(MAX_TRACE_ATTRIBUTES as usize) {
+            let attribute = attribute?;
+            match u32::from(attribute.kind) {
+                NFTA_TRACE_ID => {
+                    if let Some(id) = attribute.value.first_chunk::<4>() {
+                        event.id = Some(*id);
+                    }
+                }
+                NFTA_TRACE_NETWORK_HEADER => event.network = Some(attribute.value),
+                NFTA_TRACE_TRANSPORT_HEADER => event.transport = Some(attribute.value),
+                _ => {}
             }
+        }
+        Ok(event)
+    }
+
+    /// The packet's first bytes: the network header, followed by the transport header when it
+    /// comes right after it in the packet (`transport_follows_network`); `None` without headers.
+    pub fn packet_prefix(&self) -> Option<Vec<u8>> {
+        let network = self.network?;
+        let network = &network[..network.len().min(TRACE_NETWORK_HEADER_MAX as usize)];
+        let mut headers = network.to_vec();
+        let network_len = u32::try_from(network.len()).unwrap_or(u32::MAX);
+        match self.transport {
+            Some(transport) if transport_follows_network(network, network_len) => {
+                headers.extend(&transport[..transport.len().min(TRACE_TRANSPORT_HEADER_MAX as usize)]);
+            }
+            _ => {}
+        }
+        Some(headers)
+    }
+}
+
+/// Verdicts by key, forgetting the oldest first past a capacity (as the eBPF side's LRU maps do).
+struct RecentVerdicts<K> {
+    verdicts: HashMap<K, bool>,
+    /// Insertion order.
+    order: VecDeque<K>,
+    capacity: usize,
+}
+
+impl<K: Copy + Eq + Hash> RecentVerdicts<K> {
+    fn new(capacity: u32) -> Self {
+        Self { verdicts: HashMap::new(), order: VecDeque::new(), capacity: capacity as usize }
+    }
+
+    fn get(&self, key: &K) -> Option<bool> {
+        self.verdicts.get(key).copied()
+    }
+
+    fn insert(&mut self, key: K, verdict: bool) {
+        let full = self.order.len() >= self.capacity;
+        if let Some(oldest) = full.then(|| self.order.pop_front()).flatten() {
+            self.verdicts.remove(&oldest);
         }
         self.verdicts.insert(key, verdict);
         self.order.push_back(key);
-        verdict
     }
 }
 
@@ -73,26 +204,93 @@ mod tests {
     use super::*;
     use crate::decode::packet::tests::udp_v4;
 
-    /// One nflog packet message carrying `payload`, as the kernel lays it out.
-    fn nflog_datagram(payload: &[u8]) -> Vec<u8> {
+    /// One message of `message_type` with an nfgenmsg for IPv4 and `attributes`.
+    fn datagram(message_type: u16, attributes: &[(u32, &[u8])]) -> Vec<u8> {
         let mut attrs = Vec::new();
-        let mut attr = |kind: u16, value: &[u8]| {
+        for (kind, value) in attributes {
             let len = 4 + value.len();
             attrs.extend_from_slice(&u16::try_from(len).unwrap().to_ne_bytes());
-            attrs.extend_from_slice(&kind.to_ne_bytes());
+            attrs.extend_from_slice(&u16::try_from(*kind).unwrap().to_ne_bytes());
             attrs.extend_from_slice(value);
             attrs.resize((attrs.len() + 3) & !3, 0);
-        };
-        attr(1, &[0x08, 0x00, 0, 0]);
-        attr(10, b"TRACE: raw:PREROUTING:policy:2 \0");
-        attr(9, payload);
+        }
         let len = 16 + 4 + attrs.len();
         let mut d = u32::try_from(len).unwrap().to_ne_bytes().to_vec();
-        d.extend_from_slice(&NFULNL_PACKET_TYPE.to_ne_bytes());
+        d.extend_from_slice(&message_type.to_ne_bytes());
         d.extend_from_slice(&[0; 10]);
         d.extend_from_slice(&[2, 0, 0, 0]);
         d.extend_from_slice(&attrs);
         d
+    }
+
+    /// One nflog packet message carrying `payload`, as the kernel lays it out.
+    fn nflog_datagram(payload: &[u8]) -> Vec<u8> {
+        datagram(
+            NFULNL_PACKET_TYPE,
+            &[(1, &[0x08, 0x00, 0, 0]), (10, b"TRACE: raw:PREROUTING:policy:2 \0"), (9, payload)],
+        )
+    }
+
+    /// An nftables trace event of trace id `id`; with `packet`, a hook's first event, carrying
+    /// its 20-byte IPv4 header and the next up to 20 bytes.
+    fn nft_trace_datagram(id: [u8; 4], packet: Option<&[u8]>) -> Vec<u8> {
+        let mut attributes: Vec<(u32, &[u8])> = vec![
+            (iptrace_common::uapi::NFTA_TRACE_NFPROTO, &[0, 0, 0, 2]),
+            (iptrace_common::uapi::NFTA_TRACE_TYPE, &[0, 0, 0, 3]),
+            (NFTA_TRACE_ID, &id),
+            (iptrace_common::uapi::NFTA_TRACE_CHAIN, b"c\0"),
+            (iptrace_common::uapi::NFTA_TRACE_TABLE, b"t\0"),
+        ];
+        if let Some(packet) = packet {
+            attributes.push((NFTA_TRACE_NETWORK_HEADER, &packet[..20]));
+            attributes.push((NFTA_TRACE_TRANSPORT_HEADER, &packet[20..packet.len().min(40)]));
+        }
+        datagram(NFT_TRACE_TYPE, &attributes)
+    }
+
+    #[test]
+    fn nft_trace_events_follow_the_verdict_of_their_trace_id() {
+        let mut f = UserspaceFilter::new(CompiledFilter::compile("src host 10.5.1.7 and udp").unwrap());
+        let selected = udp_v4([10, 5, 1, 7], 40000, 64);
+        let other = udp_v4([10, 5, 1, 8], 40000, 64);
+        assert!(f.keep(&nft_trace_datagram([1; 4], Some(&selected))));
+        assert!(!f.keep(&nft_trace_datagram([2; 4], Some(&other))));
+        assert!(f.keep(&nft_trace_datagram([1; 4], None)), "accepted id");
+        assert!(!f.keep(&nft_trace_datagram([2; 4], None)), "rejected id");
+        assert!(f.keep(&nft_trace_datagram([3; 4], None)), "unknown id");
+        // At a later hook (headers again, rewritten by SNAT), the id still decides.
+        assert!(f.keep(&nft_trace_datagram([1; 4], Some(&other))));
+    }
+
+    #[test]
+    fn nft_trace_events_are_kept_when_the_selection_reads_past_their_headers() {
+        let packet = udp_v4([10, 5, 1, 7], 40000, 64);
+        for (expression, kept) in [("len > 1000", true), ("udp[100] == 1", true), ("ip[100] == 1 or tcp", true), ("tcp and ip[100] == 1", false)] {
+            let mut f = UserspaceFilter::new(CompiledFilter::compile(expression).unwrap());
+            assert_eq!(f.keep(&nft_trace_datagram([1; 4], Some(&packet))), kept, "{expression}");
+        }
+    }
+
+    #[test]
+    fn packet_prefix_joins_the_headers_only_where_they_are_contiguous() {
+        let event = |network: &'static [u8], transport: &'static [u8]| TraceEventHeaders {
+            id: None,
+            network: Some(network),
+            transport: Some(transport),
+        };
+        let transport = &[7; 20];
+        let v4 = [&[0x45][..], &[0; 19]].concat().leak();
+        assert_eq!(event(v4, transport).packet_prefix().unwrap().len(), 40);
+        // IHL 11: the copied network header stops at 40 bytes, the transport header at 44.
+        let v4_options = [&[0x4b][..], &[0; 39]].concat().leak();
+        assert_eq!(event(v4_options, transport).packet_prefix().unwrap().len(), 40);
+        let mut v6 = [0_u8; 40];
+        v6[0] = 0x60;
+        v6[6] = 6;
+        assert_eq!(event(v6.to_vec().leak(), transport).packet_prefix().unwrap().len(), 60);
+        v6[6] = 0; // hop-by-hop: nft's transport header starts past it
+        assert_eq!(event(v6.to_vec().leak(), transport).packet_prefix().unwrap().len(), 40);
+        assert_eq!(TraceEventHeaders::default().packet_prefix(), None);
     }
 
     #[test]
