@@ -32,6 +32,12 @@ fn stat(stderr: &str, line_marker: &str, after: &str) -> u64 {
     head.rsplit(' ').next().unwrap().trim_start_matches(':').trim().parse().unwrap()
 }
 
+/// Datagrams the userspace selection saw: those that arrived before the eBPF filter was attached
+/// (the line is missing when there were none).
+fn userspace_seen(stderr: &str) -> u64 {
+    if stderr.contains("selection (userspace)") { stat(stderr, "selection (userspace)", " datagrams seen") } else { 0 }
+}
+
 /// Sends 10,000 unselected and 10 selected datagrams, and returns the tracer's output.
 fn run_flood(lab: &Lab, extra: &[&str]) -> (Vec<Block>, String) {
     let ns = lab.ns(Role::Router);
@@ -78,8 +84,9 @@ fn only_selected_messages_reach_userspace() {
     let dropped = stat(&stderr, "selection (eBPF)", " dropped");
     assert_eq!(seen, passed + dropped, "{stderr}");
     assert!(dropped >= 10_000, "every unselected packet's messages were dropped in the kernel: {stderr}");
-    // Userspace received exactly what the filter passed, and every message was a selected event.
-    assert_eq!(stat(&stderr, "stats: ", " datagrams,"), passed, "{stderr}");
+    // Userspace received exactly what the filter passed (and what came before it was attached),
+    // and every message was a selected event.
+    assert_eq!(stat(&stderr, "stats: ", " datagrams,"), passed + userspace_seen(&stderr), "{stderr}");
     let events = stat(&stderr, "stats: ", " trace events decoded");
     let steps: usize = all.iter().map(|b| b.steps.iter().filter(|s| !s.starts_with("                ") && !s.trim_start().starts_with('~') && !s.trim_start().starts_with("verdict")).count()).sum();
     assert_eq!(events as usize, steps, "{stderr}");
@@ -152,4 +159,48 @@ fn long_selections_are_prefiltered_by_a_pinned_program() {
     assert!(stdout.contains(&format!("removed pinned prefilter {pin}")), "{stdout}");
     assert!(!std::path::Path::new(&pin).exists());
     assert_eq!(firewall_state(&lab, Role::Router), before);
+}
+
+/// The same on an nftables host: someone's `meta nftrace set 1` traces every packet, iptrace
+/// receives nftables trace events on the same socket, and the eBPF filter keeps only the selected
+/// packets' events (the later, header-less ones and those after the DNAT included, by trace id).
+#[test]
+fn only_selected_nftables_trace_events_reach_userspace() {
+    if !require_root("only_selected_nftables_trace_events_reach_userspace") {
+        return;
+    }
+    let lab = lab("sockfltnft");
+    lab.exec(
+        Role::Router,
+        &["nft", "-f", "-"],
+        "table inet someone {
+            chain trace_all { type filter hook prerouting priority -400; meta nftrace set 1; }
+            chain port_forward { type nat hook prerouting priority dstnat; udp dport 9999 dnat ip to 172.16.2.2:9998; }
+            chain forward_filter { type filter hook forward priority filter; policy drop; }
+        }\n",
+    )
+    .unwrap();
+    let ns = lab.ns(Role::Router);
+    let mut tracer = Tracer::start(&["--netns", &ns, "--stats", "-v", "-4", "udp port 9999"]);
+    assert!(tracer.ready().contains("nftables"), "{}", tracer.ready());
+    tracer.wait_for_stderr("eBPF socket filter attached");
+    let client = SocketAddr::new(addr::CLIENT, 0);
+    lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected", 10_000).unwrap();
+    for _ in 0..10 {
+        lab.udp(Role::Client, client, SocketAddr::new(addr::SERVER, 9999), b"selected").unwrap();
+    }
+    thread::sleep(Duration::from_millis(500));
+    let out = tracer.stop(libc::SIGTERM);
+    assert!(out.status.success(), "{out:?}");
+    let all = blocks(&out.stdout);
+    assert_eq!(all.len(), 10, "{}", out.stdout);
+    for b in &all {
+        assert!(b.packet.contains("DPT=9999"), "{}", b.packet);
+        assert!(b.body().contains("nft inet someone port_forward"), "{}", b.body());
+        assert!(b.body().contains("~ DPT 9999 -> 9998"), "{}", b.body());
+        assert!(b.body().contains("nft inet someone forward_filter\n                policy drop"), "{}", b.body());
+    }
+    let passed = stat(&out.stderr, "selection (eBPF)", " passed");
+    assert!(stat(&out.stderr, "selection (eBPF)", " dropped") >= 10_000, "{}", out.stderr);
+    assert_eq!(stat(&out.stderr, "stats: ", " datagrams,"), passed + userspace_seen(&out.stderr), "{}", out.stderr);
 }
