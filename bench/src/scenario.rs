@@ -52,10 +52,12 @@ pub enum Scenario {
     NftMonitorAll,
     XtablesMonitorAll,
     IptraceAllNoSocketFilter,
+    IptraceBothEnginesOneFlow,
+    IptraceBothEnginesAll,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Baseline,
         Scenario::IptraceOneFlow,
         Scenario::IptraceAll,
@@ -63,6 +65,8 @@ impl Scenario {
         Scenario::NftMonitorAll,
         Scenario::XtablesMonitorAll,
         Scenario::IptraceAllNoSocketFilter,
+        Scenario::IptraceBothEnginesOneFlow,
+        Scenario::IptraceBothEnginesAll,
     ];
 
     pub fn key(self) -> &'static str {
@@ -74,11 +78,13 @@ impl Scenario {
             Scenario::NftMonitorAll => "nft_monitor_all",
             Scenario::XtablesMonitorAll => "xtables_monitor_all",
             Scenario::IptraceAllNoSocketFilter => "iptrace_all_no_socket_filter",
+            Scenario::IptraceBothEnginesOneFlow => "iptrace_both_engines_one_flow",
+            Scenario::IptraceBothEnginesAll => "iptrace_both_engines_all",
         }
     }
 
     fn one_flow(self) -> bool {
-        matches!(self, Scenario::IptraceOneFlow | Scenario::NftMonitorOneFlow)
+        matches!(self, Scenario::IptraceOneFlow | Scenario::NftMonitorOneFlow | Scenario::IptraceBothEnginesOneFlow)
     }
 }
 
@@ -152,8 +158,12 @@ impl Bench {
     pub fn run(&self, scenario: Scenario) -> Result<ScenarioResult, ScenarioError> {
         match scenario {
             Scenario::Baseline => self.measure_forwarding(),
-            Scenario::IptraceOneFlow | Scenario::IptraceAll => self.run_iptrace(scenario, &[]),
-            Scenario::IptraceAllNoSocketFilter => self.run_iptrace(scenario, &["--no-socket-filter"]),
+            // The required iptrace scenarios trace the legacy copy of the rule set, as nft monitor
+            // and xtables-monitor trace the nf_tables copy; the both-engines ones show what
+            // iptrace's default does on this mixed host: it traces every packet through both.
+            Scenario::IptraceOneFlow | Scenario::IptraceAll => self.run_iptrace(scenario, &["--backend", "legacy"]),
+            Scenario::IptraceAllNoSocketFilter => self.run_iptrace(scenario, &["--backend", "legacy", "--no-socket-filter"]),
+            Scenario::IptraceBothEnginesOneFlow | Scenario::IptraceBothEnginesAll => self.run_iptrace(scenario, &["--backend", "nft"]),
             Scenario::NftMonitorOneFlow | Scenario::NftMonitorAll | Scenario::XtablesMonitorAll => self.run_nft(scenario),
         }
     }
