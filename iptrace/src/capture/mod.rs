@@ -39,8 +39,10 @@ use crate::decode::{
 pub const TRACE_GROUP: u16 = 0;
 
 /// Receive buffer asked for with `SO_RCVBUFFORCE`: the kernel drops (ENOBUFS) what does not fit
-/// while userspace is busy, and bursts of a busy router are large (kernel-interfaces §4.4).
-const RECEIVE_BUFFER: usize = 64 << 20;
+/// while userspace is busy, and bursts of a busy router are large (kernel-interfaces §4.4). Each
+/// queued message costs about 1 KiB of kernel memory (its skb), so this holds a few hundred
+/// thousand messages: seconds of a full-rate trace. It is used only while iptrace is behind.
+const RECEIVE_BUFFER: usize = 128 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
