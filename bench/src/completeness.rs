@@ -76,7 +76,9 @@ fn count_by_trace_id<'a>(events: impl Iterator<Item = (&'a str, &'a str, &'a str
 pub fn admitted_losses(format: OutputFormat, output: &str, stderr: &[String]) -> u64 {
     match format {
         OutputFormat::NftMonitor => output.lines().filter(|l| l.starts_with(NFT_LOST_LINE)).count() as u64,
-        OutputFormat::XtablesMonitor => stderr.iter().filter(|l| l.contains("No buffer space available")).count() as u64,
+        OutputFormat::XtablesMonitor => {
+            stderr.iter().filter(|l| l.contains("No buffer space available")).count() as u64
+        }
         OutputFormat::Iptrace => 0,
     }
 }

@@ -17,7 +17,7 @@ use std::{
 };
 
 use iptrace::{
-    capture::{TraceSocket, Received},
+    capture::{Received, TraceSocket},
     decode::Family,
     instrument::{Instrumentation, Marker, Prefilter, TracePlan},
     lab::Role,
@@ -40,7 +40,11 @@ pub enum CorpusError {
     #[error(transparent)]
     Lab(#[from] iptrace::lab::LabError),
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, #[source] source: io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Traces every packet of a short run of lab traffic and writes the corpus into `dir`.
@@ -55,7 +59,8 @@ pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, us
             iptrace::netns::enter(&netns).map_err(|e| e.to_string())?;
             let mut instrumentation = Instrumentation::prepare(&[Family::Ipv4]).map_err(|e| e.to_string())?;
             let recorded = (|| {
-                let socket = TraceSocket::open(&[Family::Ipv4], Duration::from_millis(50)).map_err(|e| e.to_string())?;
+                let socket =
+                    TraceSocket::open(&[Family::Ipv4], Duration::from_millis(50)).map_err(|e| e.to_string())?;
                 let plan = TracePlan {
                     marker: Marker::TraceRules,
                     families: vec![Family::Ipv4],
@@ -81,7 +86,8 @@ pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, us
     let saved = lab.exec(Role::Router, &["iptables-legacy-save"], "");
     thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
-    let datagrams = recorder.join().map_err(|_| CorpusError::Record("recorder panicked".into()))?.map_err(CorpusError::Record)?;
+    let datagrams =
+        recorder.join().map_err(|_| CorpusError::Record("recorder panicked".into()))?.map_err(CorpusError::Record)?;
     sent.map_err(|e| CorpusError::Record(e.to_string()))?;
     let saved = saved?;
 
@@ -97,7 +103,9 @@ pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, us
     }
     let write = |name: &str, data: &[u8]| {
         let path = dir.join(name);
-        fs::create_dir_all(dir).and_then(|()| fs::write(&path, data)).map_err(|source| CorpusError::Write { path, source })
+        fs::create_dir_all(dir)
+            .and_then(|()| fs::write(&path, data))
+            .map_err(|source| CorpusError::Write { path, source })
     };
     write(DATAGRAMS_FILE, &bytes)?;
     write(RULES_FILE, &saved.stdout)?;

@@ -138,7 +138,9 @@ impl NftraceListener {
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .take()
-            .map_or(Ok(TraceMessages::default()), |t| t.join().unwrap_or_else(|_| Err(io::Error::other("listener panicked"))))
+            .map_or(Ok(TraceMessages::default()), |t| {
+                t.join().unwrap_or_else(|_| Err(io::Error::other("listener panicked")))
+            })
             .map_err(KernelError::Listener)
     }
 }
@@ -162,21 +164,27 @@ fn open_listener() -> io::Result<OwnedFd> {
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
     let set = |level, option, value: &[u8]| {
         // SAFETY: value is a live buffer of the length passed.
-        let rc = unsafe { libc::setsockopt(socket.as_raw_fd(), level, option, value.as_ptr().cast(), value.len() as libc::socklen_t) };
+        let rc = unsafe {
+            libc::setsockopt(socket.as_raw_fd(), level, option, value.as_ptr().cast(), value.len() as libc::socklen_t)
+        };
         if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
     };
     // Large enough that this listener keeps up where the tools under test do not.
     set(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &(64i32 << 20).to_ne_bytes())?;
     let timeout = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
     // SAFETY: timeval is plain data; viewed as its bytes for setsockopt.
-    let timeout_bytes = unsafe { std::slice::from_raw_parts((&raw const timeout).cast::<u8>(), size_of::<libc::timeval>()) };
+    let timeout_bytes =
+        unsafe { std::slice::from_raw_parts((&raw const timeout).cast::<u8>(), size_of::<libc::timeval>()) };
     set(libc::SOL_SOCKET, libc::SO_RCVTIMEO, timeout_bytes)?;
     // SAFETY: all-zero is a valid sockaddr_nl; the kernel assigns the port id.
     let mut local: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     local.nl_family = libc::AF_NETLINK as libc::sa_family_t;
     // Bind before joining: an unbound socket receives nothing (kernel-interfaces §5.1).
     // SAFETY: local is a valid sockaddr_nl.
-    if unsafe { libc::bind(socket.as_raw_fd(), (&raw const local).cast(), size_of::<libc::sockaddr_nl>() as libc::socklen_t) } != 0 {
+    if unsafe {
+        libc::bind(socket.as_raw_fd(), (&raw const local).cast(), size_of::<libc::sockaddr_nl>() as libc::socklen_t)
+    } != 0
+    {
         return Err(io::Error::last_os_error());
     }
     set(libc::SOL_NETLINK, libc::NETLINK_ADD_MEMBERSHIP, &NFNLGRP_NFTRACE.to_ne_bytes())?;

@@ -19,7 +19,10 @@ use iptrace_bench::{
 };
 
 #[derive(Parser)]
-#[command(name = "iptrace-bench", about = "Benchmark iptrace against nft monitor trace and xtables-monitor in a throwaway lab")]
+#[command(
+    name = "iptrace-bench",
+    about = "Benchmark iptrace against nft monitor trace and xtables-monitor in a throwaway lab"
+)]
 struct Cli {
     /// The CI smoke check: short scenarios, figures to bench/results/quick.json only (under a minute).
     #[arg(long)]
@@ -61,7 +64,8 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("the bench crate lives in the workspace")?.to_path_buf();
+    let root =
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("the bench crate lives in the workspace")?.to_path_buf();
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
@@ -72,7 +76,12 @@ fn main() -> Result<()> {
     }
     let rules = ruleset::kube_node(SERVICES);
     let seconds = cli.seconds.unwrap_or(if cli.quick { 2.0 } else { 10.0 });
-    let traffic = TrafficPlan { rate_pps: cli.rate, duration: Duration::from_secs_f64(seconds), udp_flows: UDP_FLOWS, syn_one_in: SYN_ONE_IN };
+    let traffic = TrafficPlan {
+        rate_pps: cli.rate,
+        duration: Duration::from_secs_f64(seconds),
+        udp_flows: UDP_FLOWS,
+        syn_one_in: SYN_ONE_IN,
+    };
     let work_dir = std::env::temp_dir().join(format!("iptrace-bench-{}", std::process::id()));
     let config = BenchConfig { traffic, iptrace, work_dir: work_dir.clone(), keep_outputs: cli.keep_outputs };
 
@@ -86,14 +95,19 @@ fn main() -> Result<()> {
             eprintln!("iptrace-bench: recorded {datagrams} datagrams ({bytes} bytes) into {}", dir.display());
             Ok(())
         }
-        None => run_all(&bench, &cli, &root, Setup {
-            legacy_rules: rules.rules,
-            nft_rules: rules.rules,
-            rate_limit_pps: cli.rate,
-            seconds_per_scenario: seconds,
-            udp_flows: UDP_FLOWS,
-            syn_one_in: SYN_ONE_IN,
-        }),
+        None => run_all(
+            &bench,
+            &cli,
+            &root,
+            Setup {
+                legacy_rules: rules.rules,
+                nft_rules: rules.rules,
+                rate_limit_pps: cli.rate,
+                seconds_per_scenario: seconds,
+                udp_flows: UDP_FLOWS,
+                syn_one_in: SYN_ONE_IN,
+            },
+        ),
     };
     drop(bench);
     if cli.keep_outputs {

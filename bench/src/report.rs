@@ -80,8 +80,17 @@ impl Report {
             t,
             "Measured {} on Linux {}, {} × {}, {} GiB. Router: {} iptables-legacy rules and the same {} as iptables-nft; \
              traffic: {} UDP flows plus a TCP SYN in every {} packets, at most {} packets/s, {} s per scenario.\n",
-            self.date, m.kernel, m.cpus, m.cpu_model, m.memory_gib, s.legacy_rules, s.nft_rules, s.udp_flows, s.syn_one_in,
-            s.rate_limit_pps, s.seconds_per_scenario
+            self.date,
+            m.kernel,
+            m.cpus,
+            m.cpu_model,
+            m.memory_gib,
+            s.legacy_rules,
+            s.nft_rules,
+            s.udp_flows,
+            s.syn_one_in,
+            s.rate_limit_pps,
+            s.seconds_per_scenario
         );
         t.push_str(
             "| scenario | forwarded pps | vs baseline | traced (kernel) | reported complete | complete | lost (admitted) | CPU s / 1k traced | peak RSS MB | msgs / match | ready ms | exit ms |\n\
@@ -129,10 +138,21 @@ impl Report {
         let one_flow_cost = self.get(Scenario::IptraceOneFlow).and_then(|r| r.forward_ratio).map(|r| 1.0 - r);
         let complete = self.get(Scenario::IptraceAll).and_then(|r| r.complete_ratio);
         let iptrace = [Scenario::IptraceOneFlow, Scenario::IptraceAll].map(|s| self.get(s));
-        let worst = |f: fn(&ScenarioResult) -> Option<f64>| iptrace.iter().flatten().filter_map(|r| f(r)).reduce(f64::max);
+        let worst =
+            |f: fn(&ScenarioResult) -> Option<f64>| iptrace.iter().flatten().filter_map(|r| f(r)).reduce(f64::max);
         vec![
-            Target::at_most("tracing one flow among many costs ≤ 3 % of forwarding", one_flow_cost.map(|c| c * 100.0), 3.0, "%"),
-            Target::at_least("tracing every packet, ≥ 99 % reported complete (to a file)", complete.map(|c| c * 100.0), 99.0, "%"),
+            Target::at_most(
+                "tracing one flow among many costs ≤ 3 % of forwarding",
+                one_flow_cost.map(|c| c * 100.0),
+                3.0,
+                "%",
+            ),
+            Target::at_least(
+                "tracing every packet, ≥ 99 % reported complete (to a file)",
+                complete.map(|c| c * 100.0),
+                99.0,
+                "%",
+            ),
             Target::at_most("peak RSS ≤ 30 MB", worst(|r| r.peak_rss_mb), 30.0, "MB"),
             Target::at_most("ready ≤ 300 ms", worst(|r| r.ready_ms), 300.0, "ms"),
         ]
@@ -147,11 +167,15 @@ struct Target {
 
 impl Target {
     fn at_most(what: &'static str, value: Option<f64>, limit: f64, unit: &str) -> Self {
-        Self { what, measured: value.map_or("—".into(), |v| format!("{v:.1} {unit}")), pass: value.map(|v| v <= limit) }
+        Self {
+            what, measured: value.map_or("—".into(), |v| format!("{v:.1} {unit}")), pass: value.map(|v| v <= limit)
+        }
     }
 
     fn at_least(what: &'static str, value: Option<f64>, limit: f64, unit: &str) -> Self {
-        Self { what, measured: value.map_or("—".into(), |v| format!("{v:.1} {unit}")), pass: value.map(|v| v >= limit) }
+        Self {
+            what, measured: value.map_or("—".into(), |v| format!("{v:.1} {unit}")), pass: value.map(|v| v >= limit)
+        }
     }
 
     fn verdict(&self) -> &'static str {

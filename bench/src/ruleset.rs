@@ -150,6 +150,11 @@ mod tests {
         let r = kube_node(64);
         assert!(r.rules >= 500, "{} rules", r.rules);
         // kube-proxy chain names are at most 28 characters (iptables' limit).
-        assert!(r.restore_text.lines().filter_map(|l| l.strip_prefix(':')).all(|d| d.split(' ').next().unwrap().len() <= 28));
+        assert!(
+            r.restore_text
+                .lines()
+                .filter_map(|l| l.strip_prefix(':'))
+                .all(|d| d.split(' ').next().unwrap().len() <= 28)
+        );
     }
 }

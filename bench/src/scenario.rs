@@ -5,12 +5,7 @@
 //! traces) and in iptables-nft (what `nft monitor trace` and `xtables-monitor --trace` trace), so
 //! every scenario forwards through the same rules and one baseline serves all.
 
-use std::{
-    fs,
-    path::PathBuf,
-    thread,
-    time::Duration,
-};
+use std::{fs, path::PathBuf, thread, time::Duration};
 
 use iptrace::{
     decode::Family,
@@ -38,7 +33,11 @@ pub enum ScenarioError {
     #[error("the traffic generator failed: {0}")]
     Traffic(#[source] std::io::Error),
     #[error("cannot use the work directory {path}: {source}")]
-    WorkDir { path: PathBuf, #[source] source: std::io::Error },
+    WorkDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the router's logger binding: {0}")]
     Logger(#[from] iptrace::instrument::InstrumentError),
 }
@@ -137,7 +136,8 @@ pub struct Bench {
 
 impl Bench {
     pub fn build(config: BenchConfig, rules: &RuleSet) -> Result<Self, ScenarioError> {
-        fs::create_dir_all(&config.work_dir).map_err(|source| ScenarioError::WorkDir { path: config.work_dir.clone(), source })?;
+        fs::create_dir_all(&config.work_dir)
+            .map_err(|source| ScenarioError::WorkDir { path: config.work_dir.clone(), source })?;
         let lab = Lab::router_lab("iptbench")?;
         lab.exec(Role::Router, &["iptables-legacy-restore"], &rules.restore_text)?;
         lab.exec(Role::Router, &["iptables-nft-restore"], &rules.restore_text)?;
@@ -162,9 +162,15 @@ impl Bench {
             // and xtables-monitor trace the nf_tables copy; the both-engines ones show what
             // iptrace's default does on this mixed host: it traces every packet through both.
             Scenario::IptraceOneFlow | Scenario::IptraceAll => self.run_iptrace(scenario, &["--backend", "legacy"]),
-            Scenario::IptraceAllNoSocketFilter => self.run_iptrace(scenario, &["--backend", "legacy", "--no-socket-filter"]),
-            Scenario::IptraceBothEnginesOneFlow | Scenario::IptraceBothEnginesAll => self.run_iptrace(scenario, &["--backend", "nft"]),
-            Scenario::NftMonitorOneFlow | Scenario::NftMonitorAll | Scenario::XtablesMonitorAll => self.run_nft(scenario),
+            Scenario::IptraceAllNoSocketFilter => {
+                self.run_iptrace(scenario, &["--backend", "legacy", "--no-socket-filter"])
+            }
+            Scenario::IptraceBothEnginesOneFlow | Scenario::IptraceBothEnginesAll => {
+                self.run_iptrace(scenario, &["--backend", "nft"])
+            }
+            Scenario::NftMonitorOneFlow | Scenario::NftMonitorAll | Scenario::XtablesMonitorAll => {
+                self.run_nft(scenario)
+            }
         }
     }
 
@@ -196,11 +202,12 @@ impl Bench {
 
     fn run_iptrace(&self, scenario: Scenario, extra: &[&str]) -> Result<ScenarioResult, ScenarioError> {
         let router = self.lab.ns(Role::Router);
-        let mut argv: Vec<String> = [self.config.iptrace.to_string_lossy().as_ref(), "--netns", &router, "--stats", "-4"]
-            .iter()
-            .chain(extra)
-            .map(|s| (*s).to_owned())
-            .collect();
+        let mut argv: Vec<String> =
+            [self.config.iptrace.to_string_lossy().as_ref(), "--netns", &router, "--stats", "-4"]
+                .iter()
+                .chain(extra)
+                .map(|s| (*s).to_owned())
+                .collect();
         if scenario.one_flow() {
             argv.push(format!("udp dst port {UDP_FIRST_PORT}"));
         }
@@ -209,7 +216,8 @@ impl Bench {
         let mut result = self.measure_forwarding()?;
         thread::sleep(DRAIN);
         // One of the two marks packets, depending on the backend iptrace chose.
-        let traced = kernel::trace_rule_packets(&self.lab, "iptables-legacy")? + kernel::iptrace_table_packets(&self.lab)?;
+        let traced =
+            kernel::trace_rule_packets(&self.lab, "iptables-legacy")? + kernel::iptrace_table_packets(&self.lab)?;
         let finished = tracer.stop()?;
         let stats = finished.stderr.iter().find_map(|l| IptraceStats::parse(l));
         if stats.is_none() {
@@ -219,7 +227,8 @@ impl Bench {
         let complete = completeness::complete_packets(OutputFormat::Iptrace, &text);
         fill_tracer_figures(&mut result, traced, complete, &finished);
         result.lost_events = stats.map(|s| s.overruns);
-        result.msgs_to_userspace_per_match = stats.map(|s| s.messages).zip(nonzero(traced)).map(|(m, t)| m as f64 / t as f64);
+        result.msgs_to_userspace_per_match =
+            stats.map(|s| s.messages).zip(nonzero(traced)).map(|(m, t)| m as f64 / t as f64);
         Ok(result)
     }
 
@@ -257,7 +266,10 @@ impl Bench {
         result.lost_events = Some(completeness::admitted_losses(format, &text, &finished.stderr));
         result.msgs_to_userspace_per_match = nonzero(traced).map(|t| messages.messages as f64 / t as f64);
         if messages.overruns > 0 {
-            result.notes.push(format!("the harness's own trace listener overran {} times (message count is a lower bound)", messages.overruns));
+            result.notes.push(format!(
+                "the harness's own trace listener overran {} times (message count is a lower bound)",
+                messages.overruns
+            ));
         }
         if !finished.ran_to_stop {
             result.notes.push(format!("the tool exited by itself before the end: {}", finished.stderr.join(" | ")));
@@ -292,9 +304,7 @@ impl IptraceStats {
     /// `iptrace: stats: N datagrams, N messages, ..., N receive-buffer overruns`
     fn parse(line: &str) -> Option<Self> {
         let counters = line.strip_prefix("iptrace: stats: ")?;
-        let find = |name: &str| {
-            counters.split(", ").find_map(|c| c.strip_suffix(name)?.trim().parse::<u64>().ok())
-        };
+        let find = |name: &str| counters.split(", ").find_map(|c| c.strip_suffix(name)?.trim().parse::<u64>().ok());
         Some(Self { messages: find(" messages")?, overruns: find(" receive-buffer overruns")? })
     }
 }

@@ -16,11 +16,19 @@ use std::{
 #[derive(Debug, thiserror::Error)]
 pub enum TracerError {
     #[error("cannot start `{command}`: {source}")]
-    Spawn { command: String, #[source] source: io::Error },
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("`{command}` was not ready after {waited:?}; its stderr: {stderr}")]
     NotReady { command: String, waited: Duration, stderr: String },
     #[error("waiting for `{command}` failed: {source}")]
-    Wait { command: String, #[source] source: io::Error },
+    Wait {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// How to tell that a tracer is instrumented and listening.
@@ -75,10 +83,13 @@ impl TracerProcess {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
         let pipe = child.stderr.take().map(BufReader::new);
-        let (lines, wanted) = (stderr.clone(), match readiness {
-            Readiness::StderrLine(prefix) => Some(*prefix),
-            Readiness::NetlinkGroup { .. } => None,
-        });
+        let (lines, wanted) = (
+            stderr.clone(),
+            match readiness {
+                Readiness::StderrLine(prefix) => Some(*prefix),
+                Readiness::NetlinkGroup { .. } => None,
+            },
+        );
         thread::spawn(move || {
             for line in pipe.into_iter().flat_map(BufRead::lines).map_while(Result::ok) {
                 if wanted.is_some_and(|w| line.starts_with(w)) {
@@ -120,7 +131,8 @@ impl TracerProcess {
         let peak_rss_kib = peak_rss_kib(self.child.id());
         let signalled = Instant::now();
         let ran_to_stop = self.signal(libc::SIGTERM);
-        let usage = self.reap(EXIT_TIMEOUT).map_err(|source| TracerError::Wait { command: self.command.clone(), source })?;
+        let usage =
+            self.reap(EXIT_TIMEOUT).map_err(|source| TracerError::Wait { command: self.command.clone(), source })?;
         let exit = signalled.elapsed();
         // The stderr thread ends at EOF, right after the exit.
         thread::sleep(Duration::from_millis(20));
@@ -146,7 +158,9 @@ impl TracerProcess {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap_or(0);
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: waitid with WNOWAIT only looks; the child stays reapable.
-        let rc = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+        let rc = unsafe {
+            libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
+        };
         // SAFETY: si_pid is valid to read after a successful waitid.
         rc == 0 && unsafe { info.si_pid() } != 0
     }
@@ -202,7 +216,10 @@ fn wait_for_group(pid: u32, netns: &str, group: u32) -> bool {
         }
         let deadline = Instant::now() + READY_TIMEOUT;
         while Instant::now() < deadline {
-            if process_socket_inodes(pid).iter().any(|inode| netlink_groups(*inode).is_some_and(|g| g & (1 << (group - 1)) != 0)) {
+            if process_socket_inodes(pid)
+                .iter()
+                .any(|inode| netlink_groups(*inode).is_some_and(|g| g & (1 << (group - 1)) != 0))
+            {
                 return true;
             }
             if !Path::new(&format!("/proc/{pid}")).exists() {

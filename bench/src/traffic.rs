@@ -162,7 +162,11 @@ impl Sender {
         let sa = sockaddr_in(at);
         // SAFETY: sa is a valid sockaddr_in of the length passed.
         let rc = unsafe {
-            libc::bind(self.socket.as_raw_fd(), (&raw const sa).cast(), size_of::<libc::sockaddr_in>() as libc::socklen_t)
+            libc::bind(
+                self.socket.as_raw_fd(),
+                (&raw const sa).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
         };
         if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
     }
@@ -192,7 +196,8 @@ impl Sender {
         while sent < headers.len() {
             let rest = &mut headers[sent..];
             // SAFETY: every header points at live buffers and addresses of `batch`.
-            let n = unsafe { libc::sendmmsg(self.socket.as_raw_fd(), rest.as_mut_ptr(), rest.len() as libc::c_uint, 0) };
+            let n =
+                unsafe { libc::sendmmsg(self.socket.as_raw_fd(), rest.as_mut_ptr(), rest.len() as libc::c_uint, 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 match e.raw_os_error() {

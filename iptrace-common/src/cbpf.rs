@@ -75,11 +75,7 @@ impl Registers {
     }
 
     #[inline(always)]
-    fn try_execute<P: PacketBytes + ?Sized>(
-        &mut self,
-        insn: Option<CbpfInsn>,
-        packet: &P,
-    ) -> Result<Step, Outcome> {
+    fn try_execute<P: PacketBytes + ?Sized>(&mut self, insn: Option<CbpfInsn>, packet: &P) -> Result<Step, Outcome> {
         let insn = insn.ok_or(Outcome::Rejected)?;
         self.pc = self.pc.wrapping_add(1);
         let code = insn.code;
@@ -111,11 +107,7 @@ impl Registers {
     fn load<P: PacketBytes + ?Sized>(&self, packet: &P, code: u16, k: u32) -> Result<u32, Outcome> {
         match code & op::MODE_MASK {
             op::ABS => load_packet(packet, code, k),
-            op::IND => load_packet(
-                packet,
-                code,
-                self.x.checked_add(k).ok_or(Outcome::Rejected)?,
-            ),
+            op::IND => load_packet(packet, code, self.x.checked_add(k).ok_or(Outcome::Rejected)?),
             op::LEN => packet.packet_len().ok_or(Outcome::BeyondCapture),
             op::IMM => Ok(k),
             op::MEM => self.mem.get(k as usize).copied().ok_or(Outcome::Rejected),
@@ -124,21 +116,13 @@ impl Registers {
     }
 
     #[inline(always)]
-    fn load_x<P: PacketBytes + ?Sized>(
-        &self,
-        packet: &P,
-        code: u16,
-        k: u32,
-    ) -> Result<u32, Outcome> {
+    fn load_x<P: PacketBytes + ?Sized>(&self, packet: &P, code: u16, k: u32) -> Result<u32, Outcome> {
         match code & op::MODE_MASK {
             op::IMM => Ok(k),
             op::MEM => self.mem.get(k as usize).copied().ok_or(Outcome::Rejected),
             op::LEN => packet.packet_len().ok_or(Outcome::BeyondCapture),
             // `ldxb 4*([k]&0xf)`: the IPv4 header length.
-            op::MSH => packet
-                .u8_at(k)
-                .map(|b| u32::from(b & 0x0f) << 2)
-                .ok_or(Outcome::BeyondCapture),
+            op::MSH => packet.u8_at(k).map(|b| u32::from(b & 0x0f) << 2).ok_or(Outcome::BeyondCapture),
             _ => Err(Outcome::Rejected),
         }
     }
@@ -146,11 +130,7 @@ impl Registers {
     #[inline(always)]
     fn alu(&self, code: u16, k: u32) -> Option<u32> {
         let a = self.a;
-        let operand = if code & op::SRC_MASK == op::X {
-            self.x
-        } else {
-            k
-        };
+        let operand = if code & op::SRC_MASK == op::X { self.x } else { k };
         Some(match code & op::OP_MASK {
             op::ADD => a.wrapping_add(operand),
             op::SUB => a.wrapping_sub(operand),
@@ -172,11 +152,7 @@ impl Registers {
     /// fetch fail, which rejects.
     #[inline(always)]
     fn jump(&mut self, code: u16, insn: CbpfInsn) {
-        let operand = if code & op::SRC_MASK == op::X {
-            self.x
-        } else {
-            insn.k
-        };
+        let operand = if code & op::SRC_MASK == op::X { self.x } else { insn.k };
         let a = self.a;
         let taken = match code & op::OP_MASK {
             // `ja` has a 32-bit offset; libpcap's protochain uses negative ones.
@@ -201,11 +177,7 @@ impl Registers {
 
 /// A big-endian word, half-word or byte of the packet.
 #[inline(always)]
-fn load_packet<P: PacketBytes + ?Sized>(
-    packet: &P,
-    code: u16,
-    offset: u32,
-) -> Result<u32, Outcome> {
+fn load_packet<P: PacketBytes + ?Sized>(packet: &P, code: u16, offset: u32) -> Result<u32, Outcome> {
     let value = match code & op::SIZE_MASK {
         op::W => packet.be32_at(offset),
         op::H => packet.be16_at(offset).map(u32::from),

@@ -147,12 +147,7 @@ pub fn transport_follows_network<P: PacketBytes + ?Sized>(network: &P, network_l
     };
     match first >> 4 {
         4 => u32::from(first & 0x0f) * 4 == network_len,
-        6 => {
-            network_len == IPV6_HEADER_LEN
-                && network
-                    .u8_at(6)
-                    .is_some_and(|next| !EXTENSION_HEADERS.contains(&next))
-        }
+        6 => network_len == IPV6_HEADER_LEN && network.u8_at(6).is_some_and(|next| !EXTENSION_HEADERS.contains(&next)),
         _ => false,
     }
 }

@@ -5,4 +5,5 @@
 
 pub mod cbpf;
 pub mod filter;
+#[rustfmt::skip]
 pub mod uapi;

@@ -22,12 +22,7 @@ static FILTER_LEN: u32 = 0;
 
 /// The program, padded with zeroes. Read-only `.rodata`, frozen at load time (`FILTER_GLOBAL`).
 #[unsafe(no_mangle)]
-static FILTER: [CbpfInsn; MAX_CBPF_INSNS] = [CbpfInsn {
-    code: 0,
-    jt: 0,
-    jf: 0,
-    k: 0,
-}; MAX_CBPF_INSNS];
+static FILTER: [CbpfInsn; MAX_CBPF_INSNS] = [CbpfInsn { code: 0, jt: 0, jf: 0, k: 0 }; MAX_CBPF_INSNS];
 
 /// The program length userspace configured, through a volatile read so that the compiler does
 /// not fold the zero placeholder.
@@ -67,19 +62,10 @@ pub extern "C" fn iptrace_cbpf_run(skb: *mut __sk_buff, source: u32, base: u32, 
     } else {
         Packet::Skb(SkbPacket::new(skb, base, len))
     };
-    let mut machine = Machine {
-        packet,
-        registers,
-        result: encode(Outcome::Rejected),
-    };
+    let mut machine = Machine { packet, registers, result: encode(Outcome::Rejected) };
     // SAFETY: `step` has the callback signature bpf_loop expects, and `machine` outlives the call.
     unsafe {
-        bpf_loop(
-            MAX_STEPS,
-            step as *mut c_void,
-            ptr::from_mut(&mut machine).cast(),
-            0,
-        );
+        bpf_loop(MAX_STEPS, step as *mut c_void, ptr::from_mut(&mut machine).cast(), 0);
     }
     machine.result
 }

@@ -73,29 +73,16 @@ pub struct Malformed;
 /// The attribute at `at` in the message ending at `end`: `Ok(None)` when no attribute header
 /// fits before `end` (the attributes are over).
 #[inline(always)]
-pub fn attribute_at(
-    skb: *mut __sk_buff,
-    at: u32,
-    end: u32,
-) -> Result<Option<Attribute>, Malformed> {
-    if at
-        .checked_add(NLA_HDRLEN)
-        .is_none_or(|header_end| header_end > end)
-    {
+pub fn attribute_at(skb: *mut __sk_buff, at: u32, end: u32) -> Result<Option<Attribute>, Malformed> {
+    if at.checked_add(NLA_HDRLEN).is_none_or(|header_end| header_end > end) {
         return Ok(None);
     }
-    let [l0, l1, t0, t1] = SkBuff::new(skb)
-        .load::<[u8; 4]>(at as usize)
-        .map_err(|_| Malformed)?;
+    let [l0, l1, t0, t1] = SkBuff::new(skb).load::<[u8; 4]>(at as usize).map_err(|_| Malformed)?;
     let len = u32::from(u16::from_ne_bytes([l0, l1]));
     if len < NLA_HDRLEN || len > end - at {
         return Err(Malformed);
     }
-    Ok(Some(Attribute {
-        kind: u16::from_ne_bytes([t0, t1]) & NLA_TYPE_MASK,
-        offset: at,
-        len,
-    }))
+    Ok(Some(Attribute { kind: u16::from_ne_bytes([t0, t1]) & NLA_TYPE_MASK, offset: at, len }))
 }
 
 /// Whether any message of the datagram in `ctx` is wanted.
@@ -115,26 +102,12 @@ pub fn datagram_wanted(ctx: &SkBuffContext) -> bool {
     // SAFETY: `visit_message` has the callback signature bpf_loop expects, and `walk` outlives
     // the call.
     unsafe {
-        bpf_loop(
-            max_messages,
-            visit_message as *mut c_void,
-            ptr::from_mut(&mut walk).cast(),
-            0,
-        );
+        bpf_loop(max_messages, visit_message as *mut c_void, ptr::from_mut(&mut walk).cast(), 0);
     }
     if walk.malformed {
-        warn!(
-            ctx,
-            "malformed netlink message at offset {} of {}; datagram kept", walk.offset, len
-        );
+        warn!(ctx, "malformed netlink message at offset {} of {}; datagram kept", walk.offset, len);
     }
-    debug!(
-        ctx,
-        "datagram of {} bytes, {} messages, kept: {}",
-        len,
-        walk.messages,
-        u8::from(walk.wanted)
-    );
+    debug!(ctx, "datagram of {} bytes, {} messages, kept: {}", len, walk.messages, u8::from(walk.wanted));
     walk.wanted || walk.judged_messages == 0
 }
 
@@ -157,11 +130,7 @@ struct DatagramWalk {
 unsafe extern "C" fn visit_message(_index: u32, walk: *mut c_void) -> i64 {
     // SAFETY: bpf_loop passes back the `DatagramWalk` pointer `datagram_wanted` gave it.
     let walk = unsafe { &mut *walk.cast::<DatagramWalk>() };
-    if walk.visit().is_some() && walk.offset < walk.len {
-        0
-    } else {
-        1
-    }
+    if walk.visit().is_some() && walk.offset < walk.len { 0 } else { 1 }
 }
 
 impl DatagramWalk {

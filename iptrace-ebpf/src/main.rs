@@ -41,11 +41,7 @@ fn count(index: u32) {
 pub fn trace_filter(ctx: SkBuffContext) -> i64 {
     count(COUNTER_SEEN);
     let keep = cbpf::filter_len() == 0 || datagram::datagram_wanted(&ctx);
-    count(if keep {
-        COUNTER_PASSED
-    } else {
-        COUNTER_DROPPED
-    });
+    count(if keep { COUNTER_PASSED } else { COUNTER_DROPPED });
     if keep { i64::from(ctx.len()) } else { 0 }
 }
 

@@ -13,8 +13,7 @@ use crate::{
 /// Verdict at a packet's first event, by [`packet_key`], so that its later events keep that
 /// verdict even after NAT rewrote what the filter looks at (`PACKET_VERDICTS_MAP`).
 #[map]
-static PACKET_VERDICTS: LruHashMap<u64, u8> =
-    LruHashMap::with_max_entries(PACKET_VERDICTS_MAX_ENTRIES, 0);
+static PACKET_VERDICTS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(PACKET_VERDICTS_MAX_ENTRIES, 0);
 
 /// `NFULA_PAYLOAD`: the packet from its network header on.
 const NFULA_PAYLOAD: u16 = 9;
@@ -52,11 +51,7 @@ fn find_payload(skb: *mut __sk_buff, offset: u32, message_len: u32) -> Option<Pa
     for _ in 0..MAX_ATTRIBUTES {
         let attribute = attribute_at(skb, at, end).ok().flatten()?;
         if attribute.kind == NFULA_PAYLOAD {
-            return Some(Packet::Skb(SkbPacket::new(
-                skb,
-                attribute.value_offset(),
-                attribute.value_len(),
-            )));
+            return Some(Packet::Skb(SkbPacket::new(skb, attribute.value_offset(), attribute.value_len())));
         }
         at = attribute.next()?;
     }

@@ -22,8 +22,8 @@ use aya_ebpf::{
 use iptrace_common::{
     cbpf::Outcome,
     filter::{
-        MAX_TRACE_ATTRIBUTES, TRACE_ID_VERDICTS_MAX_ENTRIES, TRACE_NETWORK_HEADER_MAX,
-        TRACE_TRANSPORT_HEADER_MAX, transport_follows_network,
+        MAX_TRACE_ATTRIBUTES, TRACE_ID_VERDICTS_MAX_ENTRIES, TRACE_NETWORK_HEADER_MAX, TRACE_TRANSPORT_HEADER_MAX,
+        transport_follows_network,
     },
     uapi,
 };
@@ -31,16 +31,13 @@ use iptrace_common::{
 use crate::{
     cbpf,
     datagram::{Malformed, NFGENMSG_LEN, NLMSG_HDRLEN, attribute_at},
-    packet::{
-        Packet, TRACE_HEADERS, TRACE_HEADERS_INDEX_MASK, TRACE_HEADERS_LEN, TraceHeaderPacket,
-    },
+    packet::{Packet, TRACE_HEADERS, TRACE_HEADERS_INDEX_MASK, TRACE_HEADERS_LEN, TraceHeaderPacket},
 };
 
 /// Verdict by trace id (`NFTA_TRACE_ID`, 4 opaque bytes), from the first event of that id
 /// that carried headers (`TRACE_ID_VERDICTS_MAP`).
 #[map]
-static TRACE_ID_VERDICTS: LruHashMap<[u8; 4], u8> =
-    LruHashMap::with_max_entries(TRACE_ID_VERDICTS_MAX_ENTRIES, 0);
+static TRACE_ID_VERDICTS: LruHashMap<[u8; 4], u8> = LruHashMap::with_max_entries(TRACE_ID_VERDICTS_MAX_ENTRIES, 0);
 
 const NFTA_TRACE_ID: u16 = uapi::NFTA_TRACE_ID as u16;
 const NFTA_TRACE_NETWORK_HEADER: u16 = uapi::NFTA_TRACE_NETWORK_HEADER as u16;
@@ -59,11 +56,7 @@ pub fn trace_message_wanted(skb: *mut __sk_buff, offset: u32, message_len: u32) 
 /// rather than inline in the datagram walk, where its branches would multiply the walk's states.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn iptrace_trace_message_wanted(
-    skb: *mut __sk_buff,
-    offset: u32,
-    message_len: u32,
-) -> u32 {
+pub extern "C" fn iptrace_trace_message_wanted(skb: *mut __sk_buff, offset: u32, message_len: u32) -> u32 {
     let Some(event) = TraceEvent::find(skb, offset, message_len) else {
         return 1;
     };
@@ -135,12 +128,7 @@ impl TraceEvent {
         // SAFETY: `visit_attribute` has the callback signature bpf_loop expects, and `event`
         // outlives the call.
         unsafe {
-            bpf_loop(
-                MAX_TRACE_ATTRIBUTES,
-                visit_attribute as *mut c_void,
-                ptr::from_mut(&mut event).cast(),
-                0,
-            );
+            bpf_loop(MAX_TRACE_ATTRIBUTES, visit_attribute as *mut c_void, ptr::from_mut(&mut event).cast(), 0);
         }
         (event.malformed == 0).then_some(event)
     }
@@ -197,18 +185,14 @@ fn rebuild_headers(skb: *mut __sk_buff, event: &TraceEvent) -> Option<Packet> {
     let network_len = event.network_len.min(TRACE_NETWORK_HEADER_MAX);
     copy_to_headers(skb, event.network_offset, network_len, headers, 0)?;
     let network_packet = Packet::TraceHeaders(TraceHeaderPacket::new(network_len));
-    let transport_len = if event.transport_len != NOT_FOUND
-        && transport_follows_network(&network_packet, network_len)
-    {
+    let transport_len = if event.transport_len != NOT_FOUND && transport_follows_network(&network_packet, network_len) {
         let len = event.transport_len.min(TRACE_TRANSPORT_HEADER_MAX);
         copy_to_headers(skb, event.transport_offset, len, headers, network_len)?;
         len
     } else {
         0
     };
-    Some(Packet::TraceHeaders(TraceHeaderPacket::new(
-        network_len + transport_len,
-    )))
+    Some(Packet::TraceHeaders(TraceHeaderPacket::new(network_len + transport_len)))
 }
 
 /// Copies `len` bytes at `from` in the skb to `headers[at..]`.
@@ -233,13 +217,6 @@ fn copy_to_headers(
     let len = ((len - 1) & TRACE_HEADERS_INDEX_MASK) + 1;
     let at = at & TRACE_HEADERS_INDEX_MASK;
     // SAFETY: `at + len` ≤ 127 < TRACE_HEADERS_LEN, so the helper writes within `headers`.
-    let result = unsafe {
-        bpf_skb_load_bytes(
-            skb.cast(),
-            from,
-            headers.as_mut_ptr().add(at as usize).cast(),
-            len,
-        )
-    };
+    let result = unsafe { bpf_skb_load_bytes(skb.cast(), from, headers.as_mut_ptr().add(at as usize).cast(), len) };
     (result == 0).then_some(())
 }

@@ -9,8 +9,7 @@ use iptrace_common::filter::{PacketBytes, TRACE_NETWORK_HEADER_MAX, TRACE_TRANSP
 /// Offsets and lengths into [`TRACE_HEADERS`] are masked with this, which proves them in bounds
 /// to the verifier: room for both headers, a power of two less one.
 pub const TRACE_HEADERS_INDEX_MASK: u32 = 63;
-const _: () =
-    assert!(TRACE_NETWORK_HEADER_MAX + TRACE_TRANSPORT_HEADER_MAX <= TRACE_HEADERS_INDEX_MASK + 1);
+const _: () = assert!(TRACE_NETWORK_HEADER_MAX + TRACE_TRANSPORT_HEADER_MAX <= TRACE_HEADERS_INDEX_MASK + 1);
 /// Size of [`TRACE_HEADERS`]: what the verifier can see written, a masked offset plus a masked
 /// length (the bytes actually used are the first 60 at most).
 pub const TRACE_HEADERS_LEN: usize = 2 * (TRACE_HEADERS_INDEX_MASK as usize + 1);
@@ -18,8 +17,7 @@ pub const TRACE_HEADERS_LEN: usize = 2 * (TRACE_HEADERS_INDEX_MASK as usize + 1)
 /// An nftables trace event's network and transport headers laid end to end: the packet's first
 /// bytes. Per CPU because socket filters do not nest on one CPU; rebuilt for every event.
 #[map]
-pub static TRACE_HEADERS: PerCpuArray<[u8; TRACE_HEADERS_LEN]> =
-    PerCpuArray::with_max_entries(1, 0);
+pub static TRACE_HEADERS: PerCpuArray<[u8; TRACE_HEADERS_LEN]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Where the interpreter's packet is, as the scalar the global interpreter function takes.
 #[repr(u32)]

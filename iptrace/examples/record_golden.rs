@@ -13,7 +13,7 @@ use std::{
 };
 
 use iptrace::{
-    capture::{TraceSocket, Received},
+    capture::{Received, TraceSocket},
     decode::Family,
     demo::load_sample_rules,
     lab::{Lab, Role, addr},

@@ -55,7 +55,8 @@ impl Backends {
 
 /// Decides for `families` in the calling thread's netns.
 pub fn detect(choice: BackendChoice, families: &[Family]) -> Result<Backends, BackendError> {
-    let with_legacy_tables: Vec<Family> = families.iter().copied().filter(|&f| !Xtables::new(f).existing_tables().is_empty()).collect();
+    let with_legacy_tables: Vec<Family> =
+        families.iter().copied().filter(|&f| !Xtables::new(f).existing_tables().is_empty()).collect();
     let legacy_only = || Backends { marker: Marker::TraceRules, legacy: families.to_vec() };
     let nft = |legacy| Backends { marker: Marker::NftTable, legacy };
     match choice {

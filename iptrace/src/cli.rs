@@ -191,7 +191,12 @@ impl Cli {
             (_, true) => vec![Family::Ipv6],
             _ => vec![Family::Ipv4, Family::Ipv6],
         };
-        let limit = self.limit.as_deref().map(|l| Limit::parse(l, self.limit_burst)).transpose().map_err(|e| format!("invalid --limit {e}"))?;
+        let limit = self
+            .limit
+            .as_deref()
+            .map(|l| Limit::parse(l, self.limit_burst))
+            .transpose()
+            .map_err(|e| format!("invalid --limit {e}"))?;
         Ok(Options {
             selection: Selection {
                 expression,

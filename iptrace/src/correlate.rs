@@ -83,7 +83,14 @@ const NO_RANK: (u8, i32) = (0, i32::MIN);
 
 impl Correlator {
     pub fn new(linger: Duration) -> Self {
-        Self { linger, open: HashMap::new(), trace_ids: HashMap::new(), creation: VecDeque::new(), open_count: 0, next_serial: 0 }
+        Self {
+            linger,
+            open: HashMap::new(),
+            trace_ids: HashMap::new(),
+            creation: VecDeque::new(),
+            open_count: 0,
+            next_serial: 0,
+        }
     }
 
     /// Adds an event received at `now`. Returns a packet closed early to bound memory, if any.
@@ -105,7 +112,12 @@ impl Correlator {
                 let untagged = candidates.iter().enumerate().filter(|(_, p)| p.trace_id.is_none());
                 untagged.max_by_key(|(_, p)| p.last_seen).map(|(i, _)| i)
             }),
-            (None, Some(r)) => candidates.iter().enumerate().filter(|(_, p)| r >= p.rank).max_by_key(|(_, p)| p.last_seen).map(|(i, _)| i),
+            (None, Some(r)) => candidates
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| r >= p.rank)
+                .max_by_key(|(_, p)| p.last_seen)
+                .map(|(i, _)| i),
             (None, None) => None,
         };
         let joined = index.map(|i| &mut candidates[i]);
@@ -170,7 +182,8 @@ impl Correlator {
         }
         if self.creation.len() > 2 * self.open_count + 64 {
             let open = &self.open;
-            self.creation.retain(|(serial, key)| open.get(key).is_some_and(|ps| ps.iter().any(|p| p.serial == *serial)));
+            self.creation
+                .retain(|(serial, key)| open.get(key).is_some_and(|ps| ps.iter().any(|p| p.serial == *serial)));
         }
         closed.sort_by_key(|p| p.serial);
         closed.into_iter().map(|p| PacketTrace { events: p.events }).collect()

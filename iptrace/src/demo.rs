@@ -191,12 +191,8 @@ pub fn load_sample_mixed_rules(lab: &Lab) -> Result<(), LabError> {
 /// its stderr is passed through.
 pub fn spawn_tracer(args: &[&str]) -> Result<Child, DemoError> {
     let exe = std::env::current_exe().map_err(DemoError::Spawn)?;
-    let mut child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(DemoError::Spawn)?;
+    let mut child =
+        Command::new(exe).args(args).stdin(Stdio::null()).stderr(Stdio::piped()).spawn().map_err(DemoError::Spawn)?;
     let stderr = child.stderr.take().ok_or_else(|| DemoError::NotReady("no stderr".into()))?;
     let mut lines = BufReader::new(stderr).lines();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -237,7 +233,11 @@ pub fn run() -> Result<(), DemoError> {
 }
 
 /// Builds the lab, with `load` applied to the router, and starts tracing in it.
-fn traced_lab(what: &str, load: fn(&Lab) -> Result<(), LabError>, expression: &str) -> Result<(Lab, EchoServers, Child), DemoError> {
+fn traced_lab(
+    what: &str,
+    load: fn(&Lab) -> Result<(), LabError>,
+    expression: &str,
+) -> Result<(Lab, EchoServers, Child), DemoError> {
     eprintln!("iptrace demo: {what}: building namespaces iptdemo-client, iptdemo-router, iptdemo-server");
     let lab = Lab::router_lab("iptdemo")?;
     load(&lab)?;
@@ -257,7 +257,8 @@ fn finish(lab: Lab, mut tracer: Child) {
 }
 
 fn legacy_router() -> Result<(), DemoError> {
-    let (lab, _servers, tracer) = traced_lab("iptables-legacy router", load_sample_rules, "host 172.16.2.2 or host fd00:16:2::2")?;
+    let (lab, _servers, tracer) =
+        traced_lab("iptables-legacy router", load_sample_rules, "host 172.16.2.2 or host fd00:16:2::2")?;
 
     let server = |port| SocketAddr::new(addr::SERVER, port);
     eprintln!("iptrace demo: ping from the normal client (marked, SNATed)");
@@ -280,7 +281,8 @@ fn legacy_router() -> Result<(), DemoError> {
 }
 
 fn nft_router() -> Result<(), DemoError> {
-    let (lab, _servers, tracer) = traced_lab("nftables router", load_sample_nft_rules, "host 172.16.2.2 or host 10.5.1.1")?;
+    let (lab, _servers, tracer) =
+        traced_lab("nftables router", load_sample_nft_rules, "host 172.16.2.2 or host 10.5.1.1")?;
     eprintln!("iptrace demo: ping from the trusted client (set lookup, jump, masquerade)");
     lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 1)?;
     pause();
@@ -289,13 +291,22 @@ fn nft_router() -> Result<(), DemoError> {
     pause();
     eprintln!("iptrace demo: SSH and UDP from the restricted client (goto; accepted, then dropped)");
     lab.tcp(Role::Client, addr::CLIENT_RESTRICTED, SocketAddr::new(addr::SERVER, 22), b"SSH-2.0-demo\r\n")?;
-    lab.udp(Role::Client, SocketAddr::new(addr::CLIENT_RESTRICTED, 0), SocketAddr::new(addr::SERVER, 9999), b"not allowed")?;
+    lab.udp(
+        Role::Client,
+        SocketAddr::new(addr::CLIENT_RESTRICTED, 0),
+        SocketAddr::new(addr::SERVER, 9999),
+        b"not allowed",
+    )?;
     finish(lab, tracer);
     Ok(())
 }
 
 fn mixed_host() -> Result<(), DemoError> {
-    let (lab, _servers, tracer) = traced_lab("Docker-style iptables-nft rules beside a native table", load_sample_mixed_rules, "tcp port 8080 or udp port 9999")?;
+    let (lab, _servers, tracer) = traced_lab(
+        "Docker-style iptables-nft rules beside a native table",
+        load_sample_mixed_rules,
+        "tcp port 8080 or udp port 9999",
+    )?;
     eprintln!("iptrace demo: a published port (DNAT by iptables-nft, seen by both tables)");
     lab.tcp(Role::Client, addr::CLIENT, SocketAddr::new(addr::ROUTER_CLIENT_SIDE, 8080), b"GET / HTTP/1.0\r\n\r\n")?;
     pause();
@@ -308,4 +319,3 @@ fn mixed_host() -> Result<(), DemoError> {
 fn pause() {
     thread::sleep(Duration::from_millis(150));
 }
-

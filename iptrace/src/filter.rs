@@ -21,7 +21,9 @@ const DLT_RAW: Linktype = Linktype(12);
 pub enum FilterError {
     #[error("invalid filter expression '{expression}': {message}")]
     Syntax { expression: String, message: String },
-    #[error("filter expression '{expression}' compiles to {len} BPF instructions; at most {MAX_CBPF_INSNS} are supported")]
+    #[error(
+        "filter expression '{expression}' compiles to {len} BPF instructions; at most {MAX_CBPF_INSNS} are supported"
+    )]
     TooLong { expression: String, len: usize },
     #[error("libpcap could not open a raw-IP handle: {0}")]
     Pcap(#[source] pcap::Error),
@@ -82,7 +84,9 @@ impl Selection {
             return Ok(None);
         }
         let mut parts = Vec::new();
-        for (option, value, field) in [("--source", &self.source, "saddr"), ("--destination", &self.destination, "daddr")] {
+        for (option, value, field) in
+            [("--source", &self.source, "saddr"), ("--destination", &self.destination, "daddr")]
+        {
             if let Some(value) = value {
                 let net = net_primitive(option, value)?;
                 let family = if net.contains(':') { "ip6" } else { "ip" };
@@ -121,11 +125,7 @@ fn nft_protocol(value: &str) -> Result<Option<String>, FilterError> {
 }
 
 fn net_primitive(option: &'static str, value: &str) -> Result<String, FilterError> {
-    let bad = |reason: &str| FilterError::Option {
-        option,
-        value: value.to_owned(),
-        reason: reason.to_owned(),
-    };
+    let bad = |reason: &str| FilterError::Option { option, value: value.to_owned(), reason: reason.to_owned() };
     let (addr, len) = match value.split_once('/') {
         Some((addr, len)) => (addr, Some(len)),
         None => (value, None),
@@ -234,16 +234,9 @@ impl CompiledFilter {
             })
             .collect();
         if insns.len() > MAX_CBPF_INSNS {
-            return Err(FilterError::TooLong {
-                expression: expression.to_owned(),
-                len: insns.len(),
-            });
+            return Err(FilterError::TooLong { expression: expression.to_owned(), len: insns.len() });
         }
-        Ok(Self {
-            expression: expression.to_owned(),
-            insns,
-            program,
-        })
+        Ok(Self { expression: expression.to_owned(), insns, program })
     }
 
     pub fn expression(&self) -> &str {

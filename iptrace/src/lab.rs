@@ -23,9 +23,17 @@ pub enum LabError {
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
     #[error("cannot run `{command}`: {source}")]
-    Spawn { command: String, #[source] source: io::Error },
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("in namespace {ns}: {source}")]
-    Io { ns: String, #[source] source: io::Error },
+    Io {
+        ns: String,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Netns(#[from] netns::NetnsError),
 }
@@ -41,10 +49,8 @@ pub mod addr {
     pub const ROUTER_CLIENT_SIDE: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 5, 1, 1));
     pub const ROUTER_SERVER_SIDE: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 16, 2, 1));
     pub const SERVER: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 16, 2, 2));
-    pub const SNAT_POOL: [IpAddr; 2] = [
-        IpAddr::V4(Ipv4Addr::new(172, 16, 2, 200)),
-        IpAddr::V4(Ipv4Addr::new(172, 16, 2, 201)),
-    ];
+    pub const SNAT_POOL: [IpAddr; 2] =
+        [IpAddr::V4(Ipv4Addr::new(172, 16, 2, 200)), IpAddr::V4(Ipv4Addr::new(172, 16, 2, 201))];
     pub const CLIENT6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 5, 1, 0, 0, 0, 0, 7));
     pub const SERVER6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x16, 2, 0, 0, 0, 0, 2));
 }
@@ -91,8 +97,14 @@ impl Lab {
             .map_err(|source| LabError::Io { ns, source })?;
         }
         let (c, r, s) = (lab.ns(Role::Client), lab.ns(Role::Router), lab.ns(Role::Server));
-        run(&["ip", "link", "add", "vif0", "address", MAC_VIF0, "netns", &r, "type", "veth", "peer", "name", "eth0", "address", MAC_CLIENT, "netns", &c])?;
-        run(&["ip", "link", "add", "vif2", "address", MAC_VIF2, "netns", &r, "type", "veth", "peer", "name", "eth0", "address", MAC_SERVER, "netns", &s])?;
+        run(&[
+            "ip", "link", "add", "vif0", "address", MAC_VIF0, "netns", &r, "type", "veth", "peer", "name", "eth0",
+            "address", MAC_CLIENT, "netns", &c,
+        ])?;
+        run(&[
+            "ip", "link", "add", "vif2", "address", MAC_VIF2, "netns", &r, "type", "veth", "peer", "name", "eth0",
+            "address", MAC_SERVER, "netns", &s,
+        ])?;
         let steps: &[(&str, &[&str])] = &[
             (&c, &["addr", "add", "10.5.1.7/24", "dev", "eth0"]),
             (&c, &["addr", "add", "10.5.1.8/24", "dev", "eth0"]),
@@ -184,7 +196,14 @@ impl Lab {
     }
 
     /// Sends `count` UDP datagrams from one socket bound to `src`, as fast as it can.
-    pub fn udp_burst(&self, role: Role, src: SocketAddr, dst: SocketAddr, payload: &'static [u8], count: usize) -> Result<(), LabError> {
+    pub fn udp_burst(
+        &self,
+        role: Role,
+        src: SocketAddr,
+        dst: SocketAddr,
+        payload: &'static [u8],
+        count: usize,
+    ) -> Result<(), LabError> {
         let ns = self.ns(role);
         self.in_ns(role, move || {
             let socket = UdpSocket::bind(src)?;
@@ -316,7 +335,13 @@ fn tcp_exchange(src: IpAddr, dst: SocketAddr, payload: &[u8]) -> io::Result<bool
     let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
     // SAFETY: SO_SNDTIMEO bounds connect(2) on a blocking socket.
     unsafe {
-        libc::setsockopt(owned.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDTIMEO, (&raw const timeout).cast(), size_of::<libc::timeval>() as u32);
+        libc::setsockopt(
+            owned.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as u32,
+        );
     }
     let (storage, len) = sockaddr(dst);
     // SAFETY: as above.
@@ -380,7 +405,8 @@ fn send_echo(src: IpAddr, dst: IpAddr, seq: u16) -> io::Result<()> {
     }
     let (storage, len) = sockaddr(SocketAddr::new(dst, 0));
     // SAFETY: msg and storage are valid for the lengths passed.
-    let sent = unsafe { libc::sendto(owned.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, (&raw const storage).cast(), len) };
+    let sent =
+        unsafe { libc::sendto(owned.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, (&raw const storage).cast(), len) };
     if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
@@ -392,4 +418,3 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
-

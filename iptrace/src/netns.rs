@@ -8,9 +8,17 @@ pub enum NetnsError {
     #[error("unknown network namespace '{name}' (not in /run/netns; see `ip netns list`)")]
     Unknown { name: String },
     #[error("cannot open network namespace {}: {source}", path.display())]
-    Open { path: PathBuf, #[source] source: io::Error },
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot enter network namespace '{name}': {source}")]
-    Enter { name: String, #[source] source: io::Error },
+    Enter {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Moves the calling thread into network namespace `name`: a name from `ip netns list`, or a

@@ -28,7 +28,9 @@ use crate::{
     capture::set_receive_timeout,
     decode::{
         DecodeError, NftFamily,
-        netlink::{Attributes, NetlinkMessage, NetlinkMessages, attribute, error_code, nested_attribute, nfnetlink_request},
+        netlink::{
+            Attributes, NetlinkMessage, NetlinkMessages, attribute, error_code, nested_attribute, nfnetlink_request,
+        },
     },
 };
 
@@ -103,7 +105,8 @@ impl NfTablesSocket {
     pub fn open() -> Result<Self, NftError> {
         let socket = NlSocket::connect(NlFamily::Netfilter, Some(0), Groups::empty())
             .map_err(|source| NftError::Netlink { request: "socket", source })?;
-        set_receive_timeout(&socket, REPLY_TIMEOUT).map_err(|source| NftError::Netlink { request: "socket", source })?;
+        set_receive_timeout(&socket, REPLY_TIMEOUT)
+            .map_err(|source| NftError::Netlink { request: "socket", source })?;
         Ok(Self { socket, sequence: 0 })
     }
 
@@ -144,7 +147,13 @@ impl NfTablesSocket {
 
     /// Appends a rule made of `expressions` to `chain` of `family`'s `table`, in a transaction of
     /// its own (a batch, as nf_tables takes rule changes).
-    pub fn append_rule(&mut self, family: NftFamily, table: &str, chain: &str, expressions: &[RuleExpression<'_>]) -> Result<(), NftError> {
+    pub fn append_rule(
+        &mut self,
+        family: NftFamily,
+        table: &str,
+        chain: &str,
+        expressions: &[RuleExpression<'_>],
+    ) -> Result<(), NftError> {
         const REQUEST: &str = "NEWRULE";
         let first = self.sequence.wrapping_add(1);
         self.sequence = first.wrapping_add(2);
@@ -207,7 +216,8 @@ impl NfTablesSocket {
     ) -> Result<(), NftError> {
         let mut buf = vec![0u8; 1 << 16];
         loop {
-            let (n, _) = self.socket.recv(&mut buf[..], Msg::empty()).map_err(|source| NftError::Netlink { request, source })?;
+            let (n, _) =
+                self.socket.recv(&mut buf[..], Msg::empty()).map_err(|source| NftError::Netlink { request, source })?;
             for m in NetlinkMessages::new(&buf[..n]) {
                 let m = m.map_err(|source| NftError::Reply { request, source })?;
                 if each(&m)? == Reply::Done {
@@ -258,20 +268,31 @@ impl RuleExpression<'_> {
                     "immediate",
                     [
                         attribute(NFTA_IMMEDIATE_DREG as u16, &NFT_REG_VERDICT.to_be_bytes()),
-                        nested_attribute(NFTA_IMMEDIATE_DATA as u16, &nested_attribute(NFTA_DATA_VERDICT as u16, &verdict)),
+                        nested_attribute(
+                            NFTA_IMMEDIATE_DATA as u16,
+                            &nested_attribute(NFTA_DATA_VERDICT as u16, &verdict),
+                        ),
                     ]
                     .concat(),
                 )
             }
         };
-        let expression = [attribute(NFTA_EXPR_NAME as u16, &c_string(name)), nested_attribute(NFTA_EXPR_DATA as u16, &data)].concat();
+        let expression =
+            [attribute(NFTA_EXPR_NAME as u16, &c_string(name)), nested_attribute(NFTA_EXPR_DATA as u16, &data)]
+                .concat();
         nested_attribute(NFTA_LIST_ELEM as u16, &expression)
     }
 }
 
 /// The transaction that appends one rule, numbered from `first`: `NFNL_MSG_BATCH_BEGIN`,
 /// `NFT_MSG_NEWRULE` (acknowledged), `NFNL_MSG_BATCH_END`.
-fn append_rule_batch(first: u32, family: NftFamily, table: &str, chain: &str, expressions: &[RuleExpression<'_>]) -> Vec<u8> {
+fn append_rule_batch(
+    first: u32,
+    family: NftFamily,
+    table: &str,
+    chain: &str,
+    expressions: &[RuleExpression<'_>],
+) -> Vec<u8> {
     // The batch messages name the subsystem they are for in nfgenmsg's res_id.
     let subsystem = NFNL_SUBSYS_NFTABLES as u16;
     let expressions: Vec<u8> = expressions.iter().flat_map(RuleExpression::encode).collect();
@@ -284,7 +305,14 @@ fn append_rule_batch(first: u32, family: NftFamily, table: &str, chain: &str, ex
     let flags = (NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND | NLM_F_ACK) as u16;
     [
         nfnetlink_request(NFNL_MSG_BATCH_BEGIN as u16, NLM_F_REQUEST as u16, first, 0, subsystem, &[]),
-        nfnetlink_request(nftables_message(NFT_MSG_NEWRULE), flags, first.wrapping_add(1), family.to_nfproto(), 0, &rule),
+        nfnetlink_request(
+            nftables_message(NFT_MSG_NEWRULE),
+            flags,
+            first.wrapping_add(1),
+            family.to_nfproto(),
+            0,
+            &rule,
+        ),
         nfnetlink_request(NFNL_MSG_BATCH_END as u16, NLM_F_REQUEST as u16, first.wrapping_add(2), 0, subsystem, &[]),
     ]
     .concat()
@@ -315,7 +343,10 @@ mod tests {
     #[test]
     fn a_rule_with_an_xt_match_is_one_batch_as_iptables_nft_sends_it() {
         let info = [7u8; 528];
-        let expressions = [RuleExpression::XtMatch { name: "bpf", revision: 1, info: &info }, RuleExpression::Jump { chain: "mark_output" }];
+        let expressions = [
+            RuleExpression::XtMatch { name: "bpf", revision: 1, info: &info },
+            RuleExpression::Jump { chain: "mark_output" },
+        ];
         let batch = append_rule_batch(40, NftFamily::Inet, "iptrace_1_2", "output", &expressions);
         let messages: Vec<_> = NetlinkMessages::new(&batch).collect::<Result<_, _>>().unwrap();
         let heads: Vec<_> = messages.iter().map(|m| (m.message_type, m.flags, m.sequence, m.payload[0])).collect();

@@ -130,7 +130,11 @@ fn step_lines(step: &Step, text: &mut String) {
             );
         }
         Position::NftRule { handle, text: rule, .. } => {
-            let _ = writeln!(text, "{STEP}{place} (handle {handle})\n{DETAIL}{rule}\n{DETAIL}=> {}", kernel_verdict(&step.event));
+            let _ = writeln!(
+                text,
+                "{STEP}{place} (handle {handle})\n{DETAIL}{rule}\n{DETAIL}=> {}",
+                kernel_verdict(&step.event)
+            );
         }
         Position::NftRuleGone { handle, .. } => {
             let _ = writeln!(
@@ -146,7 +150,9 @@ fn step_lines(step: &Step, text: &mut String) {
 fn place(step: &Step) -> String {
     match (&step.event.origin, step.engine) {
         (Origin::Xtables { table, chain, .. }, _) => format!("{table} {chain}"),
-        (Origin::Nft { family: NftFamily::Ip6, table, chain, .. }, Engine::XtablesNft) => format!("ip6tables-nft {table} {chain}"),
+        (Origin::Nft { family: NftFamily::Ip6, table, chain, .. }, Engine::XtablesNft) => {
+            format!("ip6tables-nft {table} {chain}")
+        }
         (Origin::Nft { table, chain, .. }, Engine::XtablesNft) => format!("iptables-nft {table} {chain}"),
         (Origin::Nft { family, table, chain, .. }, _) => format!("nft {family} {table} {chain}"),
     }
@@ -177,25 +183,25 @@ fn verdict_name(v: &Verdict) -> &'static str {
 fn fate(steps: &[Step]) -> String {
     let describe = |step: &Step, v: &Verdict| {
         let name = match (&step.position, v) {
-            (Position::Rule { rule, .. } | Position::XtablesNftRule { rule, .. }, Verdict::Reject | Verdict::Queue | Verdict::Nat) => {
-                rule.target.clone()
-            }
+            (
+                Position::Rule { rule, .. } | Position::XtablesNftRule { rule, .. },
+                Verdict::Reject | Verdict::Queue | Verdict::Nat,
+            ) => rule.target.clone(),
             _ => verdict_name(v).to_owned(),
         };
         let place = place(step);
         match &step.position {
-            Position::Rule { number, .. } | Position::XtablesNftRule { number, .. } => format!("verdict: {name} at {place} #{number}"),
+            Position::Rule { number, .. } | Position::XtablesNftRule { number, .. } => {
+                format!("verdict: {name} at {place} #{number}")
+            }
             Position::NftRule { handle, .. } | Position::NftRuleGone { handle, .. } => {
                 format!("verdict: {name} at {place} (handle {handle})")
             }
             _ => format!("verdict: {name} by {place} policy"),
         }
     };
-    let ending: Vec<(&Step, Verdict)> = steps
-        .iter()
-        .map(|s| (s, s.verdict()))
-        .filter(|(_, v)| v.ends_table())
-        .collect();
+    let ending: Vec<(&Step, Verdict)> =
+        steps.iter().map(|s| (s, s.verdict())).filter(|(_, v)| v.ends_table()).collect();
     if let Some((s, v)) = ending.iter().find(|(_, v)| v.drops()) {
         return describe(s, v);
     }
@@ -291,7 +297,9 @@ fn header_fields(p: &PacketHeader, s: &mut String) {
     match p.transport {
         Transport::Tcp { sport, dport, seq, ack, window, flags } => {
             let _ = write!(s, " PROTO=TCP SPT={sport} DPT={dport} SEQ={seq} ACK={ack} WINDOW={window}");
-            for (bit, name) in [(0x20, "URG"), (0x10, "ACK"), (0x08, "PSH"), (0x04, "RST"), (0x02, "SYN"), (0x01, "FIN")] {
+            for (bit, name) in
+                [(0x20, "URG"), (0x10, "ACK"), (0x08, "PSH"), (0x04, "RST"), (0x02, "SYN"), (0x01, "FIN")]
+            {
                 if flags & bit != 0 {
                     let _ = write!(s, " {name}");
                 }
@@ -342,7 +350,7 @@ mod tests {
                 mark,
                 packet: PacketHeader::parse(packet).unwrap(),
                 mark_after: None,
-                    epoch: 0,
+                epoch: 0,
             },
             position,
             engine: Engine::Legacy,
@@ -359,11 +367,39 @@ mod tests {
         let natted = udp_v4([172, 16, 2, 200], 40000, 63);
         let steps = [
             step(Hook::PreRouting, Table::Raw, "PREROUTING", &a, 0, Position::Policy(Verdict::Accept)),
-            step(Hook::PreRouting, Table::Mangle, "PREROUTING", &a, 0, rule(4, "-s 10.0.0.0/8 -j MARK --set-xmark 0x100/0x100")),
+            step(
+                Hook::PreRouting,
+                Table::Mangle,
+                "PREROUTING",
+                &a,
+                0,
+                rule(4, "-s 10.0.0.0/8 -j MARK --set-xmark 0x100/0x100"),
+            ),
             step(Hook::PreRouting, Table::Mangle, "client-normal:mangle", &a, 0x100, rule(1, "-j RETURN")),
-            step(Hook::Forward, Table::Filter, "FORWARD", &a, 0x100, rule(12, "-m set --match-set profile:client-normal src -j client-normal:filter")),
-            step(Hook::Forward, Table::Filter, "client-normal:filter", &a, 0x100, rule(10, r#"-p udp -m comment --comment "allow dns" -j ACCEPT"#)),
-            step(Hook::PostRouting, Table::Nat, "POSTROUTING", &natted, 0x100, rule(6, "-s 10.5.1.0/24 -j SNAT --to-source 172.16.2.200")),
+            step(
+                Hook::Forward,
+                Table::Filter,
+                "FORWARD",
+                &a,
+                0x100,
+                rule(12, "-m set --match-set profile:client-normal src -j client-normal:filter"),
+            ),
+            step(
+                Hook::Forward,
+                Table::Filter,
+                "client-normal:filter",
+                &a,
+                0x100,
+                rule(10, r#"-p udp -m comment --comment "allow dns" -j ACCEPT"#),
+            ),
+            step(
+                Hook::PostRouting,
+                Table::Nat,
+                "POSTROUTING",
+                &natted,
+                0x100,
+                rule(6, "-s 10.5.1.0/24 -j SNAT --to-source 172.16.2.200"),
+            ),
         ];
         let mut out = Vec::new();
         render_packet(&steps, &mut Names, &mut out).unwrap();
@@ -396,9 +432,14 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
     #[test]
     fn the_first_drop_decides_the_fate() {
         let a = udp_v4([10, 5, 1, 7], 40000, 64);
-        let steps = [
-            step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, rule(3, "-p udp -j REJECT --reject-with icmp-port-unreachable")),
-        ];
+        let steps = [step(
+            Hook::Forward,
+            Table::Filter,
+            "FORWARD",
+            &a,
+            0,
+            rule(3, "-p udp -j REJECT --reject-with icmp-port-unreachable"),
+        )];
         assert_eq!(fate(&steps), "verdict: REJECT at filter FORWARD #3");
         let steps = [step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, Position::Policy(Verdict::Drop))];
         assert_eq!(fate(&steps), "verdict: DROP by filter FORWARD policy");

@@ -300,7 +300,7 @@ fn spawn_socket_filter_loader(
 /// The socket filter, while its loader runs and after.
 enum SocketFilterSlot {
     Loading(Option<thread::JoinHandle<Option<TraceSocketFilter>>>),
-    Done(Option<TraceSocketFilter>),
+    Done(Option<Box<TraceSocketFilter>>),
 }
 
 impl SocketFilterSlot {
@@ -309,7 +309,7 @@ impl SocketFilterSlot {
         if let SocketFilterSlot::Loading(Some(loader)) = self
             && loader.is_finished()
         {
-            *self = SocketFilterSlot::Done(self.take_loader().and_then(|l| l.join().ok().flatten()));
+            *self = SocketFilterSlot::Done(self.take_loader().and_then(|l| l.join().ok().flatten()).map(Box::new));
         }
         if let SocketFilterSlot::Done(Some(filter)) = self {
             filter.flush_log();
@@ -328,7 +328,7 @@ impl SocketFilterSlot {
         match self.take_loader() {
             Some(loader) => loader.join().ok().flatten(),
             None => match self {
-                SocketFilterSlot::Done(filter) => filter,
+                SocketFilterSlot::Done(filter) => filter.map(|f| *f),
                 SocketFilterSlot::Loading(_) => None,
             },
         }
@@ -520,7 +520,10 @@ fn process(
     let mut names = KernelInterfaceNames::default();
     let mut events = Vec::new();
     let mut shown = 0u64;
-    let mut emit = |trace: PacketTrace, resolver: &mut Resolver, out: &mut io::BufWriter<Box<dyn Write + Send>>| -> Result<bool, RunError> {
+    let mut emit = |trace: PacketTrace,
+                    resolver: &mut Resolver,
+                    out: &mut io::BufWriter<Box<dyn Write + Send>>|
+     -> Result<bool, RunError> {
         if count.is_some_and(|c| shown >= c) {
             return Ok(true);
         }
@@ -552,10 +555,10 @@ fn process(
                 }
                 for mut e in events.drain(..) {
                     e.epoch = epoch;
-                    if let Some(early) = correlator.push(e, now) {
-                        if emit(early, &mut resolver, &mut out)? {
-                            return finish(&mut out);
-                        }
+                    if let Some(early) = correlator.push(e, now)
+                        && emit(early, &mut resolver, &mut out)?
+                    {
+                        return finish(&mut out);
                     }
                 }
             }

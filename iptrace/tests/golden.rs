@@ -39,11 +39,7 @@ impl InterfaceNames for RecordedNames {
 
 fn names() -> RecordedNames {
     RecordedNames(
-        LINKS
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .map(|(i, n)| (i.parse().unwrap(), n.to_owned()))
-            .collect(),
+        LINKS.lines().filter_map(|l| l.split_once(' ')).map(|(i, n)| (i.parse().unwrap(), n.to_owned())).collect(),
     )
 }
 
@@ -96,7 +92,10 @@ fn renders_the_recorded_packets() {
     let ping = blocks.iter().find(|b| b.contains("PROTO=ICMP TYPE=8")).unwrap();
     let ping_steps: Vec<&str> = ping.lines().skip(1).collect();
     assert_eq!(ping_steps.join("\n"), EXPECTED_PING.trim_end());
-    assert!(ping.starts_with("IN=vif0 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=44 TOS=0x00 PREC=0x00 TTL=64 ID="), "{ping}");
+    assert!(
+        ping.starts_with("IN=vif0 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=44 TOS=0x00 PREC=0x00 TTL=64 ID="),
+        "{ping}"
+    );
     let reply = blocks.iter().find(|b| b.contains("PROTO=ICMP TYPE=0")).unwrap();
     assert!(reply.contains("        ~ DST 172.16.2.20"), "{reply}");
     let v6 = blocks.iter().find(|b| b.contains("PROTO=ICMPv6 TYPE=128")).unwrap();

@@ -212,7 +212,9 @@ pub fn firewall_state(lab: &Lab, role: Role) -> String {
             state.push('\n');
         }
     }
-    let out = lab.exec(role, &["cat", "/proc/sys/net/netfilter/nf_log/2", "/proc/sys/net/netfilter/nf_log/10"], "").expect("nf_log");
+    let out = lab
+        .exec(role, &["cat", "/proc/sys/net/netfilter/nf_log/2", "/proc/sys/net/netfilter/nf_log/10"], "")
+        .expect("nf_log");
     state.push_str(&String::from_utf8_lossy(&out.stdout));
     // Stateless: counters change with traffic; iptrace's table does not show as a difference.
     let out = lab.exec(role, &["nft", "-s", "list", "ruleset"], "").expect("nft list ruleset");

@@ -132,7 +132,13 @@ fn original_router_examples() {
 
     let dropped = blocks_with(&all, &["SRC=10.5.1.8", "PROTO=UDP", "DPT=9999"]);
     assert_eq!(dropped.len(), 1);
-    assert!(dropped[0].body().ends_with("        filter FORWARD\n                DROP\n        verdict: DROP by filter FORWARD policy"), "{}", dropped[0].body());
+    assert!(
+        dropped[0]
+            .body()
+            .ends_with("        filter FORWARD\n                DROP\n        verdict: DROP by filter FORWARD policy"),
+        "{}",
+        dropped[0].body()
+    );
 }
 
 #[test]
@@ -188,7 +194,8 @@ fn limit_traces_only_a_few_of_a_burst() {
         return;
     }
     let (lab, _servers) = router("limit");
-    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "--limit", "1/s", "--limit-burst", "1", "udp port 5353"]);
+    let tracer =
+        Tracer::start(&["--netns", &lab.ns(Role::Router), "--limit", "1/s", "--limit-burst", "1", "udp port 5353"]);
     for _ in 0..50 {
         lab.udp(Role::Client, SocketAddr::new(addr::CLIENT, 0), server(5353), b"burst").unwrap();
     }
@@ -297,11 +304,55 @@ fn rules_changed_mid_trace_resolve_against_their_own_rule_set() {
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "icmp"]);
     lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 1).unwrap();
     settle();
-    lab.exec(Role::Router, &["iptables-legacy", "-t", "mangle", "-I", "PREROUTING", "1", "-p", "icmp", "-m", "comment", "--comment", "inserted mid-trace", "-j", "MARK", "--set-xmark", "0x200/0x200"], "")
-        .unwrap();
+    lab.exec(
+        Role::Router,
+        &[
+            "iptables-legacy",
+            "-t",
+            "mangle",
+            "-I",
+            "PREROUTING",
+            "1",
+            "-p",
+            "icmp",
+            "-m",
+            "comment",
+            "--comment",
+            "inserted mid-trace",
+            "-j",
+            "MARK",
+            "--set-xmark",
+            "0x200/0x200",
+        ],
+        "",
+    )
+    .unwrap();
     // The same rule text, replaced by one of the same size: only the blob fingerprint sees it.
-    lab.exec(Role::Router, &["iptables-legacy", "-t", "filter", "-R", "client-normal:filter", "1", "-p", "icmp", "-m", "mark", "--mark", "0x200/0x200", "-m", "comment", "--comment", "allow icmq", "-j", "ACCEPT"], "")
-        .unwrap();
+    lab.exec(
+        Role::Router,
+        &[
+            "iptables-legacy",
+            "-t",
+            "filter",
+            "-R",
+            "client-normal:filter",
+            "1",
+            "-p",
+            "icmp",
+            "-m",
+            "mark",
+            "--mark",
+            "0x200/0x200",
+            "-m",
+            "comment",
+            "--comment",
+            "allow icmq",
+            "-j",
+            "ACCEPT",
+        ],
+        "",
+    )
+    .unwrap();
     lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 2).unwrap();
     settle();
     let out = tracer.stop(libc::SIGTERM);
@@ -309,13 +360,24 @@ fn rules_changed_mid_trace_resolve_against_their_own_rule_set() {
     let first = blocks_with(&all, &["TYPE=8", "SEQ=1"]);
     let second = blocks_with(&all, &["TYPE=8", "SEQ=2"]);
     assert_eq!((first.len(), second.len()), (1, 1), "{}", out.stdout);
-    assert!(first[0].body().contains("mangle PREROUTING (#1)\n                -s 10.0.0.0/8\n                => MARK --set-xmark 0x100/0x100"), "{}", first[0].body());
+    assert!(
+        first[0].body().contains(
+            "mangle PREROUTING (#1)\n                -s 10.0.0.0/8\n                => MARK --set-xmark 0x100/0x100"
+        ),
+        "{}",
+        first[0].body()
+    );
     assert_eq!(first[0].verdict(), "verdict: ACCEPT at filter client-normal:filter #1");
     assert!(first[0].body().contains("/* allow icmp */"));
     let body = second[0].body();
     assert!(body.contains("mangle PREROUTING (#1) /* inserted mid-trace */\n                -p icmp\n                => MARK --set-xmark 0x200/0x200"), "{body}");
     assert!(body.contains("mangle PREROUTING (#2)\n                -s 10.0.0.0/8"), "{body}");
-    assert!(body.contains("filter client-normal:filter (#1) /* allow icmq */\n                -p icmp -m mark --mark 0x200/0x200"), "{body}");
+    assert!(
+        body.contains(
+            "filter client-normal:filter (#1) /* allow icmq */\n                -p icmp -m mark --mark 0x200/0x200"
+        ),
+        "{body}"
+    );
 }
 
 /// Many flows at once, from both CPUs: every packet gets one complete block.
@@ -374,7 +436,10 @@ fn bad_input_is_one_line_exit_2_and_changes_nothing() {
     let ns = lab.ns(Role::Router);
     let before = firewall_state(&lab, Role::Router);
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--netns", &ns, "tcp prot 22"], "invalid filter expression 'tcp prot 22': can't parse filter expression: syntax error"),
+        (
+            vec!["--netns", &ns, "tcp prot 22"],
+            "invalid filter expression 'tcp prot 22': can't parse filter expression: syntax error",
+        ),
         (vec!["--netns", &ns, "-i", "nosuch0", "tcp"], "unknown interface 'nosuch0'"),
         (vec!["--netns", &ns, "-o", "nosuch1"], "unknown interface 'nosuch1'"),
         (vec!["--netns", "no-such-namespace", "tcp"], "unknown network namespace 'no-such-namespace'"),
@@ -424,7 +489,9 @@ fn interfaces_select_and_duration_stops() {
     }
     let (lab, _servers) = router("ifaces");
     let router = lab.ns(Role::Router);
-    for (option, iface, first_hop) in [("-i", "vif0", "IN=vif0 "), ("-o", "vif0", "IN=vif2 "), ("-i", "vif2", "IN=vif2 ")] {
+    for (option, iface, first_hop) in
+        [("-i", "vif0", "IN=vif0 "), ("-o", "vif0", "IN=vif2 "), ("-i", "vif2", "IN=vif2 ")]
+    {
         let started = Instant::now();
         let mut tracer = Tracer::start(&["--netns", &router, option, iface, "--duration", "1.5", SERVER_HOST]);
         lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 1).unwrap();
@@ -453,7 +520,9 @@ fn an_owned_nflog_group_is_named_and_nothing_changes() {
         let router = router.clone();
         thread::spawn(move || {
             iptrace::netns::enter(&router).unwrap();
-            let socket = iptrace::capture::TraceSocket::open(&[iptrace::decode::Family::Ipv4], Duration::from_millis(50)).unwrap();
+            let socket =
+                iptrace::capture::TraceSocket::open(&[iptrace::decode::Family::Ipv4], Duration::from_millis(50))
+                    .unwrap();
             held_tx.send(()).unwrap();
             let _ = release_rx.recv();
             drop(socket);

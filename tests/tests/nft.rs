@@ -6,8 +6,8 @@
 use std::{net::SocketAddr, thread, time::Duration};
 
 use iptrace_tests::{
-    Block, Lab, Role, SAMPLE_GUARD_RULES, Tracer, addr, blocks, blocks_with, firewall_state, lab, load_sample_mixed_rules,
-    load_sample_nft_rules, load_sample_rules, nft_ruleset, require_root, run_iptrace,
+    Block, Lab, Role, SAMPLE_GUARD_RULES, Tracer, addr, blocks, blocks_with, firewall_state, lab,
+    load_sample_mixed_rules, load_sample_nft_rules, load_sample_rules, nft_ruleset, require_root, run_iptrace,
 };
 
 /// Lets the last packets' blocks complete before the tracer is stopped.
@@ -316,7 +316,13 @@ fn docker_style_iptables_nft_beside_a_native_table() {
     );
     // The reply comes back through the rule Docker adds for traffic from its bridge.
     let reply = only(&all, &["IN=vif2", "SPT=80", "ACK SYN"], &out.stdout);
-    assert!(reply.body().contains("iptables-nft filter FORWARD (#4)\n                -i vif2 ! -o vif2\n                => ACCEPT"), "{}", reply.body());
+    assert!(
+        reply
+            .body()
+            .contains("iptables-nft filter FORWARD (#4)\n                -i vif2 ! -o vif2\n                => ACCEPT"),
+        "{}",
+        reply.body()
+    );
 }
 
 /// A rule added and one deleted while tracing: each packet shows the rules as they were when it
@@ -331,8 +337,12 @@ fn rules_added_and_deleted_mid_trace() {
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "icmp"]);
     lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 1).unwrap();
     settle();
-    lab.exec(Role::Router, &["nft", "insert rule inet router trusted_client icmp type echo-request counter comment \"added mid-trace\""], "")
-        .unwrap();
+    lab.exec(
+        Role::Router,
+        &["nft", "insert rule inet router trusted_client icmp type echo-request counter comment \"added mid-trace\""],
+        "",
+    )
+    .unwrap();
     lab.exec(Role::Router, &["nft", "delete rule inet router masquerade_out handle 18"], "").unwrap();
     lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 2).unwrap();
     settle();
@@ -347,7 +357,10 @@ fn rules_added_and_deleted_mid_trace() {
         "{body}"
     );
     // The deleted masquerade rule is not shown for the packet after the deletion.
-    assert!(!body.contains("(handle 18)") && body.contains("nft inet router masquerade_out\n                policy accept"), "{body}");
+    assert!(
+        !body.contains("(handle 18)") && body.contains("nft inet router masquerade_out\n                policy accept"),
+        "{body}"
+    );
     assert!(!body.contains("unknown"), "{body}");
 }
 
@@ -399,7 +412,11 @@ fn marked_packets(lab: &Lab, pid: i32) -> u64 {
     let table = lab.exec(Role::Router, &["nft", "list", "table", "inet", name], "").unwrap();
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(table.contains("xt match bpf jump mark_prerouting"), "{table}");
-    table.split("counter packets ").skip(1).map(|rest| rest.split_whitespace().next().unwrap().parse::<u64>().unwrap()).sum()
+    table
+        .split("counter packets ")
+        .skip(1)
+        .map(|rest| rest.split_whitespace().next().unwrap().parse::<u64>().unwrap())
+        .sum()
 }
 
 /// The pinned prefilters of iptrace process `pid`.
@@ -520,7 +537,12 @@ fn concurrent_flows_are_grouped_by_trace_id() {
         assert_eq!(b.verdict(), "verdict: DROP by nft inet router forward policy", "{b:?}");
         if b.packet.contains("SRC=10.5.1.7") {
             assert!(dport < 20200);
-            assert!(b.body().contains("jump trusted_client\n        nft inet router trusted_client\n                return (end of chain)"), "{b:?}");
+            assert!(
+                b.body().contains(
+                    "jump trusted_client\n        nft inet router trusted_client\n                return (end of chain)"
+                ),
+                "{b:?}"
+            );
         } else {
             assert!(dport >= 20200);
             assert!(b.body().contains("goto restricted_client\n        nft inet router restricted_client\n                return (end of chain)"), "{b:?}");

@@ -4,8 +4,7 @@
 
 use std::{
     collections::HashSet,
-    io,
-    mem,
+    io, mem,
     net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     thread,

@@ -4,21 +4,45 @@
 //! userspace fallback gives the same result, and selections too long for xt_bpf are prefiltered
 //! by iptrace's pinned eBPF program.
 
-use std::{
-    net::SocketAddr,
-    thread,
-    time::Duration,
-};
+use std::{net::SocketAddr, thread, time::Duration};
 
-use iptrace_tests::{Block, Lab, Role, Tracer, addr, blocks, firewall_state, lab, load_sample_rules, require_root, run_iptrace};
+use iptrace_tests::{
+    Block, Lab, Role, Tracer, addr, blocks, firewall_state, lab, load_sample_rules, require_root, run_iptrace,
+};
 
 /// The lab with a foreign `-j TRACE` on every packet and a DNAT of UDP port 9999 to 9998.
 fn foreign_trace_lab(test: &str) -> Lab {
     let lab = lab(test);
     load_sample_rules(&lab).unwrap();
     for args in [
-        &["iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-m", "comment", "--comment", "someone else's trace", "-j", "TRACE"][..],
-        &["iptables-legacy", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", "9999", "-j", "DNAT", "--to-destination", "172.16.2.2:9998"],
+        &[
+            "iptables-legacy",
+            "-t",
+            "raw",
+            "-A",
+            "PREROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "someone else's trace",
+            "-j",
+            "TRACE",
+        ][..],
+        &[
+            "iptables-legacy",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "udp",
+            "--dport",
+            "9999",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "172.16.2.2:9998",
+        ],
     ] {
         lab.exec(Role::Router, args, "").unwrap();
     }
@@ -27,7 +51,8 @@ fn foreign_trace_lab(test: &str) -> Lab {
 
 /// The selected number of a stats line such as `selection (eBPF): 9 datagrams seen, 3 passed`.
 fn stat(stderr: &str, line_marker: &str, after: &str) -> u64 {
-    let line = stderr.lines().find(|l| l.contains(line_marker)).unwrap_or_else(|| panic!("no '{line_marker}' in {stderr}"));
+    let line =
+        stderr.lines().find(|l| l.contains(line_marker)).unwrap_or_else(|| panic!("no '{line_marker}' in {stderr}"));
     let (head, _) = line.split_once(after).unwrap_or_else(|| panic!("no '{after}' in {line}"));
     head.rsplit(' ').next().unwrap().trim_start_matches(':').trim().parse().unwrap()
 }
@@ -88,7 +113,19 @@ fn only_selected_messages_reach_userspace() {
     // and every message was a selected event.
     assert_eq!(stat(&stderr, "stats: ", " datagrams,"), passed + userspace_seen(&stderr), "{stderr}");
     let events = stat(&stderr, "stats: ", " trace events decoded");
-    let steps: usize = all.iter().map(|b| b.steps.iter().filter(|s| !s.starts_with("                ") && !s.trim_start().starts_with('~') && !s.trim_start().starts_with("verdict")).count()).sum();
+    let steps: usize = all
+        .iter()
+        .map(|b| {
+            b.steps
+                .iter()
+                .filter(|s| {
+                    !s.starts_with("                ")
+                        && !s.trim_start().starts_with('~')
+                        && !s.trim_start().starts_with("verdict")
+                })
+                .count()
+        })
+        .sum();
     assert_eq!(events as usize, steps, "{stderr}");
 }
 

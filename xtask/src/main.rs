@@ -95,8 +95,17 @@ fn bench_smoke_check() -> Result<()> {
     let json = workspace_root().join("bench/results/quick.json");
     let _ = std::fs::remove_file(&json);
     bench(true)?;
-    let text = std::fs::read_to_string(&json).with_context(|| format!("the benchmark smoke check wrote no {}", json.display()))?;
-    for scenario in ["baseline", "iptrace_one_flow", "iptrace_all", "nft_monitor_one_flow", "nft_monitor_all", "xtables_monitor_all", "iptrace_all_no_socket_filter"] {
+    let text = std::fs::read_to_string(&json)
+        .with_context(|| format!("the benchmark smoke check wrote no {}", json.display()))?;
+    for scenario in [
+        "baseline",
+        "iptrace_one_flow",
+        "iptrace_all",
+        "nft_monitor_one_flow",
+        "nft_monitor_all",
+        "xtables_monitor_all",
+        "iptrace_all_no_socket_filter",
+    ] {
         if !text.contains(&format!("\"{scenario}\"")) {
             bail!("{} lacks scenario {scenario}", json.display());
         }
@@ -145,9 +154,7 @@ fn build_ebpf() -> Result<()> {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let status = cmd.status().with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }

@@ -7,15 +7,7 @@ use anyhow::{Context as _, Result, bail};
 
 /// Debian packages: the firewall tools iptrace drives, libpcap (filter compilation), LLVM 22
 /// (bpf-linker must match rustc's LLVM major), libclang (codegen) and iproute2 (test labs).
-const PACKAGES: &[&str] = &[
-    "iptables",
-    "nftables",
-    "ipset",
-    "iproute2",
-    "libpcap-dev",
-    "llvm-22-dev",
-    "libclang1-22",
-];
+const PACKAGES: &[&str] = &["iptables", "nftables", "ipset", "iproute2", "libpcap-dev", "llvm-22-dev", "libclang1-22"];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -26,11 +18,7 @@ pub fn ensure_prerequisites() -> Result<()> {
 }
 
 fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|pkg| !package_installed(pkg))
-        .collect();
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|pkg| !package_installed(pkg)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -55,10 +43,7 @@ fn package_installed(pkg: &str) -> bool {
 }
 
 fn nix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|out| out.stdout.trim_ascii() == b"0")
+    Command::new("id").arg("-u").output().is_ok_and(|out| out.stdout.trim_ascii() == b"0")
 }
 
 fn ensure_rust_src() -> Result<()> {
@@ -72,10 +57,7 @@ fn ensure_rust_src() -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    if String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.starts_with("rust-src"))
-    {
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
     println!("xtask: adding rust-src to the nightly toolchain (needed for -Z build-std=core)");
@@ -88,26 +70,21 @@ fn ensure_bpf_linker() -> Result<()> {
     }
     let cargo_bin = cargo_home().join("bin");
     if cargo_bin.join("bpf-linker").is_file() {
-        bail!(
-            "bpf-linker is installed in {} but that directory is not on PATH",
-            cargo_bin.display()
-        );
+        bail!("bpf-linker is installed in {} but that directory is not on PATH", cargo_bin.display());
     }
     println!("xtask: building bpf-linker 0.13 against LLVM 22 (about a minute on 2 cores)");
     // Its build script asks the first llvm-config on PATH, which on Debian 12 is LLVM 14.
     super::run(
-        Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .env("LLVM_PREFIX", LLVM_PREFIX)
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                "0.13.0",
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-                "--locked",
-            ]),
+        Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).env("LLVM_PREFIX", LLVM_PREFIX).args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+            "--locked",
+        ]),
     )
 }
 
@@ -119,7 +96,5 @@ fn cargo_home() -> PathBuf {
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
-    env::split_paths(&env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
+    env::split_paths(&env::var_os("PATH")?).map(|dir| dir.join(name)).find(|p| p.is_file())
 }

@@ -34,8 +34,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use iptrace_common::filter::{
-    COUNTER_DROPPED, COUNTER_PASSED, COUNTER_SEEN, COUNTERS_MAP, CbpfInsn, FILTER_GLOBAL,
-    FILTER_LEN_GLOBAL, MAX_CBPF_INSNS, TRACE_FILTER_PROGRAM, XT_PREFILTER_PROGRAM,
+    COUNTER_DROPPED, COUNTER_PASSED, COUNTER_SEEN, COUNTERS_MAP, CbpfInsn, FILTER_GLOBAL, FILTER_LEN_GLOBAL,
+    MAX_CBPF_INSNS, TRACE_FILTER_PROGRAM, XT_PREFILTER_PROGRAM,
 };
 
 /// The eBPF object built by `build.rs` (aya-build, bpfel-unknown-none).
@@ -52,9 +52,7 @@ const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
 pub enum BpfError {
     #[error("the classic BPF program is empty")]
     EmptyProgram,
-    #[error(
-        "the classic BPF program has {len} instructions; the eBPF interpreter takes at most {MAX_CBPF_INSNS}"
-    )]
+    #[error("the classic BPF program has {len} instructions; the eBPF interpreter takes at most {MAX_CBPF_INSNS}")]
     ProgramTooLong { len: usize },
     #[error("could not load iptrace's eBPF object")]
     LoadObject(#[source] aya::EbpfError),
@@ -141,43 +139,25 @@ impl TraceSocketFilter {
     }
 
     /// [`Self::load`], with the program's log records going to `logger` if there is one.
-    fn load_with_logger(
-        program: Option<&[CbpfInsn]>,
-        logger: Option<&'static dyn log::Log>,
-    ) -> Result<Self, BpfError> {
+    fn load_with_logger(program: Option<&[CbpfInsn]>, logger: Option<&'static dyn log::Log>) -> Result<Self, BpfError> {
         let program = program.map(non_empty).transpose()?.unwrap_or_default();
-        let level = if logger.is_some() {
-            aya_log::Level::Debug as u8
-        } else {
-            0
-        };
+        let level = if logger.is_some() { aya_log::Level::Debug as u8 } else { 0 };
         let mut ebpf = load_object(program, level)?;
         load_socket_filter(&mut ebpf, TRACE_FILTER_PROGRAM)?;
         let counters = ebpf
             .take_map(COUNTERS_MAP)
             .ok_or(BpfError::MissingMap { name: COUNTERS_MAP })?
             .try_into()
-            .map_err(|source| BpfError::Map {
-                name: COUNTERS_MAP,
-                source,
-            })?;
-        let logger = logger
-            .map(|logger| EbpfLogger::init_with_logger(&mut ebpf, logger))
-            .transpose()
-            .map_err(BpfError::Log)?;
-        Ok(Self {
-            ebpf,
-            counters,
-            logger,
-        })
+            .map_err(|source| BpfError::Map { name: COUNTERS_MAP, source })?;
+        let logger =
+            logger.map(|logger| EbpfLogger::init_with_logger(&mut ebpf, logger)).transpose().map_err(BpfError::Log)?;
+        Ok(Self { ebpf, counters, logger })
     }
 
     /// Attaches the filter to `socket` with `SO_ATTACH_BPF` (`sk_attach_bpf()`), replacing any
     /// filter already there.
     pub fn attach(&mut self, socket: BorrowedFd<'_>) -> Result<(), BpfError> {
-        socket_filter(&mut self.ebpf, TRACE_FILTER_PROGRAM)?
-            .attach(socket)
-            .map_err(BpfError::Attach)
+        socket_filter(&mut self.ebpf, TRACE_FILTER_PROGRAM)?.attach(socket).map_err(BpfError::Attach)
     }
 
     /// The per-CPU counters, summed.
@@ -186,10 +166,7 @@ impl TraceSocketFilter {
             self.counters
                 .get(&index, 0)
                 .map(|per_cpu| per_cpu.iter().sum())
-                .map_err(|source| BpfError::Map {
-                    name: COUNTERS_MAP,
-                    source,
-                })
+                .map_err(|source| BpfError::Map { name: COUNTERS_MAP, source })
         };
         Ok(FilterCounters {
             seen: total(COUNTER_SEEN)?,
@@ -224,13 +201,8 @@ impl PinnedPrefilter {
         let mut ebpf = load_object(non_empty(program)?, 0)?;
         load_socket_filter(&mut ebpf, XT_PREFILTER_PROGRAM)?
             .pin(path)
-            .map_err(|source| BpfError::Pin {
-                path: path.to_owned(),
-                source,
-            })?;
-        Ok(Self {
-            path: path.to_owned(),
-        })
+            .map_err(|source| BpfError::Pin { path: path.to_owned(), source })?;
+        Ok(Self { path: path.to_owned() })
     }
 
     pub fn path(&self) -> &Path {
@@ -243,10 +215,7 @@ impl PinnedPrefilter {
     /// table on every change and xt_bpf's `bpf_mt_check_v1()` re-resolves each pinned path, so
     /// a rule whose pin is gone makes every later change to that table fail with ENOENT.
     pub fn unpin(self) -> Result<(), BpfError> {
-        fs::remove_file(&self.path).map_err(|source| BpfError::Unpin {
-            path: self.path,
-            source,
-        })
+        fs::remove_file(&self.path).map_err(|source| BpfError::Unpin { path: self.path, source })
     }
 }
 
@@ -276,20 +245,9 @@ fn is_bpffs() -> Result<bool, BpfError> {
 
 fn mount_bpffs() -> io::Result<()> {
     // SAFETY: all pointers are NUL-terminated string literals.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            BPFFS_ROOT.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            c"mode=0700".as_ptr().cast(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    let rc =
+        unsafe { libc::mount(c"bpf".as_ptr(), BPFFS_ROOT.as_ptr(), c"bpf".as_ptr(), 0, c"mode=0700".as_ptr().cast()) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Parses the embedded object with `program` in its `.rodata` globals (empty = match
@@ -299,12 +257,8 @@ fn load_object(program: &[CbpfInsn], log_level: u8) -> Result<Ebpf, BpfError> {
         .ok()
         .filter(|_| program.len() <= MAX_CBPF_INSNS)
         .ok_or(BpfError::ProgramTooLong { len: program.len() })?;
-    let table: Vec<CbpfInsn> = program
-        .iter()
-        .copied()
-        .chain(iter::repeat(CbpfInsn::default()))
-        .take(MAX_CBPF_INSNS)
-        .collect();
+    let table: Vec<CbpfInsn> =
+        program.iter().copied().chain(iter::repeat(CbpfInsn::default())).take(MAX_CBPF_INSNS).collect();
     without_kernel_btf(|| {
         EbpfLoader::new()
             .override_global(FILTER_LEN_GLOBAL, &len, true)
@@ -341,42 +295,39 @@ fn hide_kernel_btf() -> io::Result<()> {
     // thread's (new, private) mount namespace.
     unsafe {
         check(libc::unshare(libc::CLONE_NEWNS))?;
-        check(libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
-        check(libc::mount(c"/dev/null".as_ptr(), c"/sys/kernel/btf/vmlinux".as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()))
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            c"/dev/null".as_ptr(),
+            c"/sys/kernel/btf/vmlinux".as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ))
     }
 }
 
 /// An empty classic program is invalid (libpcap never emits one); refuse it rather than let it
 /// read as the interpreter's "match everything".
 fn non_empty(program: &[CbpfInsn]) -> Result<&[CbpfInsn], BpfError> {
-    if program.is_empty() {
-        Err(BpfError::EmptyProgram)
-    } else {
-        Ok(program)
-    }
+    if program.is_empty() { Err(BpfError::EmptyProgram) } else { Ok(program) }
 }
 
-fn socket_filter<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut SocketFilter, BpfError> {
+fn socket_filter<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SocketFilter, BpfError> {
     ebpf.program_mut(name)
         .ok_or(BpfError::MissingProgram { name, source: None })?
         .try_into()
-        .map_err(|source| BpfError::MissingProgram {
-            name,
-            source: Some(source),
-        })
+        .map_err(|source| BpfError::MissingProgram { name, source: Some(source) })
 }
 
 /// Loads (and so verifies) the socket filter `name` of `ebpf`.
-fn load_socket_filter<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut SocketFilter, BpfError> {
+fn load_socket_filter<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SocketFilter, BpfError> {
     let program = socket_filter(ebpf, name)?;
-    program
-        .load()
-        .map_err(|source| BpfError::Verify { name, source })?;
+    program.load().map_err(|source| BpfError::Verify { name, source })?;
     Ok(program)
 }

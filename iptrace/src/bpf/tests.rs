@@ -13,9 +13,7 @@ use aya::{
     maps::RingBuf,
     programs::{SocketFilter, TestRun as _, TestRunOptions},
 };
-use iptrace_common::filter::{
-    MAX_CBPF_INSNS, TRACE_FILTER_PROGRAM, XT_PREFILTER_PROGRAM, op, packet_key,
-};
+use iptrace_common::filter::{MAX_CBPF_INSNS, TRACE_FILTER_PROGRAM, XT_PREFILTER_PROGRAM, op, packet_key};
 
 mod nftrace;
 
@@ -84,16 +82,7 @@ struct Ipv4 {
 
 impl Ipv4 {
     fn new(src: [u8; 4], dst: [u8; 4], protocol: u8, id: u16) -> Self {
-        Self {
-            src,
-            dst,
-            protocol,
-            id,
-            tos: 0,
-            ttl: 64,
-            fragment_offset: 0,
-            options: Vec::new(),
-        }
+        Self { src, dst, protocol, id, tos: 0, ttl: 64, fragment_offset: 0, options: Vec::new() }
     }
 
     fn packet(&self, l4: &[u8]) -> Vec<u8> {
@@ -146,28 +135,13 @@ fn sample_packets() -> Vec<(&'static str, Vec<u8>)> {
     let mut tos = Ipv4::new(v4("10.3.3.3"), v4("10.4.4.4"), UDP, 111);
     tos.tos = 0x10;
     tos.ttl = 1;
-    let mut truncated = Ipv4::new(v4("10.0.0.9"), v4("10.0.0.2"), TCP, 112).packet(&tcp(
-        4000,
-        80,
-        7,
-        0,
-        TCP_SYN,
-        &[],
-    ));
+    let mut truncated = Ipv4::new(v4("10.0.0.9"), v4("10.0.0.2"), TCP, 112).packet(&tcp(4000, 80, 7, 0, TCP_SYN, &[]));
     truncated.truncate(30);
-    let unreachable_inner =
-        Ipv4::new(v4("10.0.0.1"), v4("10.0.0.200"), UDP, 999).packet(&udp(33434, 33435, &[]));
+    let unreachable_inner = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.200"), UDP, 999).packet(&udp(33434, 33435, &[]));
     vec![
         (
             "v4 tcp syn 10.0.0.1:40000 > 10.0.0.2:22",
-            Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 101).packet(&tcp(
-                40000,
-                22,
-                1000,
-                0,
-                TCP_SYN,
-                &[],
-            )),
+            Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 101).packet(&tcp(40000, 22, 1000, 0, TCP_SYN, &[])),
         ),
         (
             "v4 tcp syn-ack 10.0.0.2:22 > 10.0.0.1:40000",
@@ -204,25 +178,11 @@ fn sample_packets() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "v4 tcp fin 10.0.0.5:1023 > 10.0.0.6:80",
-            Ipv4::new(v4("10.0.0.5"), v4("10.0.0.6"), TCP, 104).packet(&tcp(
-                1023,
-                80,
-                9,
-                10,
-                TCP_FIN | TCP_ACK,
-                &[],
-            )),
+            Ipv4::new(v4("10.0.0.5"), v4("10.0.0.6"), TCP, 104).packet(&tcp(1023, 80, 9, 10, TCP_FIN | TCP_ACK, &[])),
         ),
         (
             "v4 tcp rst 10.9.8.7:25 > 10.0.0.1:5555",
-            Ipv4::new(v4("10.9.8.7"), v4("10.0.0.1"), TCP, 105).packet(&tcp(
-                25,
-                5555,
-                11,
-                0,
-                TCP_RST,
-                &[],
-            )),
+            Ipv4::new(v4("10.9.8.7"), v4("10.0.0.1"), TCP, 105).packet(&tcp(25, 5555, 11, 0, TCP_RST, &[])),
         ),
         (
             "v4 tcp with ip options 10.0.0.1:2000 > 10.0.0.2:80",
@@ -231,11 +191,7 @@ fn sample_packets() -> Vec<(&'static str, Vec<u8>)> {
         ("v4 truncated tcp 10.0.0.9 > 10.0.0.2", truncated),
         (
             "v4 udp mdns 10.0.0.1:5353 > 224.0.0.251:5353",
-            Ipv4::new(v4("10.0.0.1"), v4("224.0.0.251"), UDP, 106).packet(&udp(
-                5353,
-                5353,
-                &[0, 0, 0, 0, 0, 1],
-            )),
+            Ipv4::new(v4("10.0.0.1"), v4("224.0.0.251"), UDP, 106).packet(&udp(5353, 5353, &[0, 0, 0, 0, 0, 1])),
         ),
         (
             "v4 udp dns 192.168.1.10:40001 > 8.8.8.8:53",
@@ -251,118 +207,45 @@ fn sample_packets() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "v4 udp 10.20.30.40:1500 > 10.20.30.41:1550 odd length",
-            Ipv4::new(v4("10.20.30.40"), v4("10.20.30.41"), UDP, 113).packet(&udp(
-                1500,
-                1550,
-                &[1, 2, 3],
-            )),
+            Ipv4::new(v4("10.20.30.40"), v4("10.20.30.41"), UDP, 113).packet(&udp(1500, 1550, &[1, 2, 3])),
         ),
         ("v4 udp non-first fragment", fragment.packet(&[0x55; 24])),
         ("v4 udp tos 0x10 ttl 1", tos.packet(&udp(7, 9, &[]))),
         (
             "v4 icmp echo request",
-            Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), ICMP, 114)
-                .packet(&icmp(8, 0, 0x4242, 1, &[0; 16])),
+            Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), ICMP, 114).packet(&icmp(8, 0, 0x4242, 1, &[0; 16])),
         ),
         (
             "v4 icmp echo reply",
-            Ipv4::new(v4("10.0.0.2"), v4("10.0.0.1"), ICMP, 115)
-                .packet(&icmp(0, 0, 0x4242, 1, &[0; 16])),
+            Ipv4::new(v4("10.0.0.2"), v4("10.0.0.1"), ICMP, 115).packet(&icmp(0, 0, 0x4242, 1, &[0; 16])),
         ),
         (
             "v4 icmp port unreachable",
-            Ipv4::new(v4("10.0.0.254"), v4("10.0.0.1"), ICMP, 116).packet(&icmp(
-                3,
-                3,
-                0,
-                0,
-                &unreachable_inner,
-            )),
+            Ipv4::new(v4("10.0.0.254"), v4("10.0.0.1"), ICMP, 116).packet(&icmp(3, 3, 0, 0, &unreachable_inner)),
         ),
-        (
-            "v4 gre",
-            Ipv4::new(v4("198.51.100.1"), v4("203.0.113.9"), GRE, 117)
-                .packet(&[0, 0, 0x08, 0, 0x45, 0]),
-        ),
+        ("v4 gre", Ipv4::new(v4("198.51.100.1"), v4("203.0.113.9"), GRE, 117).packet(&[0, 0, 0x08, 0, 0x45, 0])),
         (
             "v6 tcp syn fd00::1:40000 > fd00::2:22",
-            ipv6(
-                "fd00::1",
-                "fd00::2",
-                TCP,
-                1,
-                &tcp(40000, 22, 1000, 0, TCP_SYN, &[]),
-            ),
+            ipv6("fd00::1", "fd00::2", TCP, 1, &tcp(40000, 22, 1000, 0, TCP_SYN, &[])),
         ),
         (
             "v6 tcp 2001:db8::10:443 > 2001:db8::20:55555",
-            ipv6(
-                "2001:db8::10",
-                "2001:db8::20",
-                TCP,
-                2,
-                &tcp(443, 55555, 3, 4, TCP_ACK | TCP_PSH, payload),
-            ),
+            ipv6("2001:db8::10", "2001:db8::20", TCP, 2, &tcp(443, 55555, 3, 4, TCP_ACK | TCP_PSH, payload)),
         ),
         (
             "v6 tcp 2001:db8:1::5:1030 > fd00::2:80",
-            ipv6(
-                "2001:db8:1::5",
-                "fd00::2",
-                TCP,
-                3,
-                &tcp(1030, 80, 5, 6, TCP_FIN | TCP_ACK, &[]),
-            ),
+            ipv6("2001:db8:1::5", "fd00::2", TCP, 3, &tcp(1030, 80, 5, 6, TCP_FIN | TCP_ACK, &[])),
         ),
-        (
-            "v6 udp dns fd00::1:53 > fd00::53:53",
-            ipv6(
-                "fd00::1",
-                "fd00::53",
-                UDP,
-                4,
-                &udp(53, 53, &[0xbe, 0xef, 1, 0]),
-            ),
-        ),
+        ("v6 udp dns fd00::1:53 > fd00::53:53", ipv6("fd00::1", "fd00::53", UDP, 4, &udp(53, 53, &[0xbe, 0xef, 1, 0]))),
         (
             "v6 udp mdns 2001:db8:1::5:5000 > ff02::fb:5353",
-            ipv6(
-                "2001:db8:1::5",
-                "ff02::fb",
-                UDP,
-                5,
-                &udp(5000, 5353, &[9; 20]),
-            ),
+            ipv6("2001:db8:1::5", "ff02::fb", UDP, 5, &udp(5000, 5353, &[9; 20])),
         ),
-        (
-            "v6 icmp6 echo request",
-            ipv6(
-                "fd00::1",
-                "fd00::2",
-                ICMPV6,
-                6,
-                &icmp(128, 0, 7, 1, &[0; 8]),
-            ),
-        ),
-        (
-            "v6 icmp6 echo reply",
-            ipv6(
-                "fd00::2",
-                "fd00::1",
-                ICMPV6,
-                7,
-                &icmp(129, 0, 7, 1, &[0; 8]),
-            ),
-        ),
+        ("v6 icmp6 echo request", ipv6("fd00::1", "fd00::2", ICMPV6, 6, &icmp(128, 0, 7, 1, &[0; 8]))),
+        ("v6 icmp6 echo reply", ipv6("fd00::2", "fd00::1", ICMPV6, 7, &icmp(129, 0, 7, 1, &[0; 8]))),
         (
             "v6 icmp6 neighbour solicitation",
-            ipv6(
-                "fe80::1",
-                "ff02::1:ff00:2",
-                ICMPV6,
-                8,
-                &icmp(135, 0, 0, 0, &[0xfd; 16]),
-            ),
+            ipv6("fe80::1", "ff02::1:ff00:2", ICMPV6, 8, &icmp(135, 0, 0, 0, &[0xfd; 16])),
         ),
         (
             "v6 hop-by-hop then tcp to port 22",
@@ -371,11 +254,7 @@ fn sample_packets() -> Vec<(&'static str, Vec<u8>)> {
                 "fd00::2",
                 0,
                 9,
-                &[
-                    &[TCP, 0, 5, 2, 0, 0, 1, 0][..],
-                    &tcp(1234, 22, 8, 9, TCP_SYN, &[]),
-                ]
-                .concat(),
+                &[&[TCP, 0, 5, 2, 0, 0, 1, 0][..], &tcp(1234, 22, 8, 9, TCP_SYN, &[])].concat(),
             ),
         ),
     ]
@@ -385,8 +264,7 @@ fn sample_packets() -> Vec<(&'static str, Vec<u8>)> {
 // Netlink framing (kernel-interfaces §4)
 
 const NLMSG_HDRLEN: usize = 16;
-const NFULNL_MSG_PACKET: u16 =
-    ((libc::NFNL_SUBSYS_ULOG as u16) << 8) | libc::NFULNL_MSG_PACKET as u16;
+const NFULNL_MSG_PACKET: u16 = ((libc::NFNL_SUBSYS_ULOG as u16) << 8) | libc::NFULNL_MSG_PACKET as u16;
 const TRACE_PREFIX: &[u8] = b"TRACE: raw:PREROUTING:policy:2 \0";
 /// `BPF_PROG_TEST_RUN` treats the first 14 bytes as an Ethernet header and pulls them.
 const ETH_HLEN: usize = 14;
@@ -412,11 +290,7 @@ fn push_attribute(attributes: &mut Vec<u8>, attribute_type: i32, data: &[u8]) {
 
 /// A TRACE event for `packet` as `__build_packet_message()` lays it out for an inbound packet.
 fn nflog_message(packet: &[u8]) -> Vec<u8> {
-    let (family, ethertype) = if packet[0] >> 4 == 6 {
-        (libc::AF_INET6, 0x86dd_u16)
-    } else {
-        (libc::AF_INET, 0x0800)
-    };
+    let (family, ethertype) = if packet[0] >> 4 == 6 { (libc::AF_INET6, 0x86dd_u16) } else { (libc::AF_INET, 0x0800) };
     let mut body = vec![u8::try_from(family).unwrap(), 0, 0, 0]; // nfgenmsg, res_id = group 0
     let mut packet_hdr = ethertype.to_be_bytes().to_vec();
     packet_hdr.extend([0, 0]); // hook NF_INET_PRE_ROUTING, pad
@@ -424,31 +298,20 @@ fn nflog_message(packet: &[u8]) -> Vec<u8> {
     push_attribute(&mut body, libc::NFULA_PREFIX, TRACE_PREFIX);
     push_attribute(&mut body, libc::NFULA_IFINDEX_INDEV, &2_u32.to_be_bytes());
     push_attribute(&mut body, libc::NFULA_HWTYPE, &1_u16.to_be_bytes());
-    push_attribute(
-        &mut body,
-        libc::NFULA_TIMESTAMP,
-        &[0, 0, 0, 0, 0x6a, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0x30, 0x39],
-    );
+    push_attribute(&mut body, libc::NFULA_TIMESTAMP, &[0, 0, 0, 0, 0x6a, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0x30, 0x39]);
     push_attribute(&mut body, libc::NFULA_PAYLOAD, packet);
     netlink_message(NFULNL_MSG_PACKET, 0, &body)
 }
 
 /// What `__nfulnl_send()` appends to a batch of more than one message.
 fn nlmsg_done() -> Vec<u8> {
-    netlink_message(
-        libc::NLMSG_DONE as u16,
-        libc::NLM_F_MULTI as u16,
-        &0_i32.to_ne_bytes(),
-    )
+    netlink_message(libc::NLMSG_DONE as u16, libc::NLM_F_MULTI as u16, &0_i32.to_ne_bytes())
 }
 
 /// The ack to a configuration request: `NLMSG_ERROR` with error 0 and the request's header.
 fn nlmsg_ack() -> Vec<u8> {
     let mut body = 0_i32.to_ne_bytes().to_vec();
-    body.extend(
-        &netlink_message(0x0401, (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16, &[])
-            [..NLMSG_HDRLEN],
-    );
+    body.extend(&netlink_message(0x0401, (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16, &[])[..NLMSG_HDRLEN]);
     netlink_message(libc::NLMSG_ERROR as u16, 0, &body)
 }
 
@@ -458,14 +321,8 @@ fn nlmsg_ack() -> Vec<u8> {
 fn test_run(program: &SocketFilter, data: &[u8]) -> u32 {
     let mut input = vec![0xee; ETH_HLEN];
     input.extend(data);
-    let options = TestRunOptions {
-        data_in: Some(&input),
-        ..TestRunOptions::new()
-    };
-    program
-        .test_run(options)
-        .expect("BPF_PROG_TEST_RUN")
-        .return_value
+    let options = TestRunOptions { data_in: Some(&input), ..TestRunOptions::new() };
+    program.test_run(options).expect("BPF_PROG_TEST_RUN").return_value
 }
 
 impl TraceSocketFilter {
@@ -475,10 +332,7 @@ impl TraceSocketFilter {
         match test_run(program, datagram) {
             0 => false,
             len if len as usize == datagram.len() => true,
-            trimmed => panic!(
-                "filter trimmed a {}-byte datagram to {trimmed}",
-                datagram.len()
-            ),
+            trimmed => panic!("filter trimmed a {}-byte datagram to {trimmed}", datagram.len()),
         }
     }
 }
@@ -497,10 +351,7 @@ fn load_prefilter(program: &[CbpfInsn]) -> Ebpf {
 }
 
 fn port_list(ports: std::ops::Range<u16>) -> String {
-    ports
-        .map(|p| format!("port {p}"))
-        .collect::<Vec<_>>()
-        .join(" or ")
+    ports.map(|p| format!("port {p}")).collect::<Vec<_>>().join(" or ")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -577,10 +428,7 @@ fn differential_expressions() -> Vec<String> {
 #[test]
 fn sample_packets_have_distinct_keys() {
     let packets = sample_packets();
-    let keys: HashSet<u64> = packets
-        .iter()
-        .map(|(_, p)| packet_key(p.as_slice()).unwrap())
-        .collect();
+    let keys: HashSet<u64> = packets.iter().map(|(_, p)| packet_key(p.as_slice()).unwrap()).collect();
     assert_eq!(keys.len(), packets.len());
 }
 
@@ -598,11 +446,7 @@ fn nflog_filter_and_prefilter_agree_with_libpcap() {
         let (compiled, mut filter) = load_filter(expression);
         longest = longest.max(compiled.instructions().len());
         let prefilter = load_prefilter(compiled.instructions());
-        let prefilter: &SocketFilter = prefilter
-            .program(XT_PREFILTER_PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
+        let prefilter: &SocketFilter = prefilter.program(XT_PREFILTER_PROGRAM).unwrap().try_into().unwrap();
         for (name, packet) in &packets {
             let expected = compiled.matches(packet);
             if expected {
@@ -613,33 +457,19 @@ fn nflog_filter_and_prefilter_agree_with_libpcap() {
             let nflog = filter.keeps(&nflog_message(packet));
             let xt = test_run(prefilter, packet) != 0;
             if nflog != expected || xt != expected {
-                mismatches.push(format!("'{expression}' on {name}: libpcap {expected}, trace_filter {nflog}, xt_prefilter {xt}"));
+                mismatches.push(format!(
+                    "'{expression}' on {name}: libpcap {expected}, trace_filter {nflog}, xt_prefilter {xt}"
+                ));
             }
         }
         let wanted = packets.iter().filter(|(_, p)| compiled.matches(p)).count() as u64;
         let all = packets.len() as u64;
         let counters = filter.counters().unwrap();
-        assert_eq!(
-            counters,
-            FilterCounters {
-                seen: all,
-                passed: wanted,
-                dropped: all - wanted
-            },
-            "'{expression}'"
-        );
+        assert_eq!(counters, FilterCounters { seen: all, passed: wanted, dropped: all - wanted }, "'{expression}'");
     }
-    assert!(
-        mismatches.is_empty(),
-        "{} mismatches:\n{}",
-        mismatches.len(),
-        mismatches.join("\n")
-    );
+    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
     assert!(expressions.len() >= 30 && packets.len() >= 20);
-    assert!(
-        accepted > 150 && rejected > 150,
-        "{accepted} accepted, {rejected} rejected"
-    );
+    assert!(accepted > 150 && rejected > 150, "{accepted} accepted, {rejected} rejected");
     assert!(longest > 1000, "longest program {longest} instructions");
 }
 
@@ -648,55 +478,17 @@ fn hand_written_programs_cover_every_instruction_class() {
     if !is_root() {
         return;
     }
-    let stmt = |code: u16, k: u32| CbpfInsn {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    };
+    let stmt = |code: u16, k: u32| CbpfInsn { code, jt: 0, jf: 0, k };
     let jump = |code: u16, k: u32, jt: u8, jf: u8| CbpfInsn { code, jt, jf, k };
     let ret_a = stmt(op::RET | op::A, 0);
-    let packet =
-        Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), UDP, 0x1234).packet(&udp(1, 2, &[0xf0, 0x0f]));
+    let packet = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), UDP, 0x1234).packet(&udp(1, 2, &[0xf0, 0x0f]));
     // (program, expected result on `packet`)
     let cases: Vec<(&str, Vec<CbpfInsn>, u32)> = vec![
-        (
-            "ld word abs",
-            vec![stmt(op::LD | op::W | op::ABS, 12), ret_a],
-            0x0a00_0001,
-        ),
-        (
-            "ld half abs",
-            vec![stmt(op::LD | op::H | op::ABS, 4), ret_a],
-            0x1234,
-        ),
-        (
-            "ld byte ind",
-            vec![
-                stmt(op::LDX | op::IMM, 20),
-                stmt(op::LD | op::B | op::IND, 8),
-                ret_a,
-            ],
-            0xf0,
-        ),
-        (
-            "ld len, ldx len",
-            vec![
-                stmt(op::LDX | op::W | op::LEN, 0),
-                stmt(op::MISC | op::TXA, 0),
-                ret_a,
-            ],
-            30,
-        ),
-        (
-            "ldx msh",
-            vec![
-                stmt(op::LDX | op::B | op::MSH, 0),
-                stmt(op::MISC | op::TXA, 0),
-                ret_a,
-            ],
-            20,
-        ),
+        ("ld word abs", vec![stmt(op::LD | op::W | op::ABS, 12), ret_a], 0x0a00_0001),
+        ("ld half abs", vec![stmt(op::LD | op::H | op::ABS, 4), ret_a], 0x1234),
+        ("ld byte ind", vec![stmt(op::LDX | op::IMM, 20), stmt(op::LD | op::B | op::IND, 8), ret_a], 0xf0),
+        ("ld len, ldx len", vec![stmt(op::LDX | op::W | op::LEN, 0), stmt(op::MISC | op::TXA, 0), ret_a], 30),
+        ("ldx msh", vec![stmt(op::LDX | op::B | op::MSH, 0), stmt(op::MISC | op::TXA, 0), ret_a], 20),
         (
             "st, ldx mem, stx, ld mem",
             vec![
@@ -738,22 +530,12 @@ fn hand_written_programs_cover_every_instruction_class() {
         ),
         (
             "shift by 32 or more is 0",
-            vec![
-                stmt(op::LD | op::IMM, 1),
-                stmt(op::LDX | op::IMM, 40),
-                stmt(op::ALU | op::LSH | op::X, 0),
-                ret_a,
-            ],
+            vec![stmt(op::LD | op::IMM, 1), stmt(op::LDX | op::IMM, 40), stmt(op::ALU | op::LSH | op::X, 0), ret_a],
             0,
         ),
         (
             "div by x",
-            vec![
-                stmt(op::LD | op::IMM, 100),
-                stmt(op::LDX | op::IMM, 7),
-                stmt(op::ALU | op::DIV | op::X, 0),
-                ret_a,
-            ],
+            vec![stmt(op::LD | op::IMM, 100), stmt(op::LDX | op::IMM, 7), stmt(op::ALU | op::DIV | op::X, 0), ret_a],
             14,
         ),
         (
@@ -768,41 +550,17 @@ fn hand_written_programs_cover_every_instruction_class() {
         ),
         (
             "mod by zero rejects",
-            vec![
-                stmt(op::LD | op::IMM, 100),
-                stmt(op::ALU | op::MOD | op::K, 0),
-                stmt(op::RET | op::K, 1),
-            ],
+            vec![stmt(op::LD | op::IMM, 100), stmt(op::ALU | op::MOD | op::K, 0), stmt(op::RET | op::K, 1)],
             0,
         ),
-        (
-            "load past the end rejects",
-            vec![stmt(op::LD | op::H | op::ABS, 29), stmt(op::RET | op::K, 1)],
-            0,
-        ),
+        ("load past the end rejects", vec![stmt(op::LD | op::H | op::ABS, 29), stmt(op::RET | op::K, 1)], 0),
         (
             "indirect load overflow rejects",
-            vec![
-                stmt(op::LDX | op::IMM, u32::MAX),
-                stmt(op::LD | op::B | op::IND, 1),
-                stmt(op::RET | op::K, 1),
-            ],
+            vec![stmt(op::LDX | op::IMM, u32::MAX), stmt(op::LD | op::B | op::IND, 1), stmt(op::RET | op::K, 1)],
             0,
         ),
-        (
-            "scratch index out of range rejects",
-            vec![stmt(op::ST, 16), stmt(op::RET | op::K, 1)],
-            0,
-        ),
-        (
-            "ja skips",
-            vec![
-                stmt(op::JMP | op::JA, 1),
-                stmt(op::RET | op::K, 0),
-                stmt(op::RET | op::K, 9),
-            ],
-            9,
-        ),
+        ("scratch index out of range rejects", vec![stmt(op::ST, 16), stmt(op::RET | op::K, 1)], 0),
+        ("ja skips", vec![stmt(op::JMP | op::JA, 1), stmt(op::RET | op::K, 0), stmt(op::RET | op::K, 9)], 9),
         (
             "jeq k taken",
             vec![
@@ -845,29 +603,13 @@ fn hand_written_programs_cover_every_instruction_class() {
             ],
             6,
         ),
-        (
-            "jump past the end rejects",
-            vec![stmt(op::JMP | op::JA, 5), stmt(op::RET | op::K, 1)],
-            0,
-        ),
-        (
-            "running off the end rejects",
-            vec![stmt(op::LD | op::IMM, 1)],
-            0,
-        ),
-        (
-            "invalid opcode rejects",
-            vec![stmt(op::ALU | 0xf0, 0), stmt(op::RET | op::K, 1)],
-            0,
-        ),
+        ("jump past the end rejects", vec![stmt(op::JMP | op::JA, 5), stmt(op::RET | op::K, 1)], 0),
+        ("running off the end rejects", vec![stmt(op::LD | op::IMM, 1)], 0),
+        ("invalid opcode rejects", vec![stmt(op::ALU | 0xf0, 0), stmt(op::RET | op::K, 1)], 0),
     ];
     for (name, program, expected) in cases {
         let prefilter = load_prefilter(&program);
-        let prefilter: &SocketFilter = prefilter
-            .program(XT_PREFILTER_PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
+        let prefilter: &SocketFilter = prefilter.program(XT_PREFILTER_PROGRAM).unwrap().try_into().unwrap();
         assert_eq!(test_run(prefilter, &packet), expected, "{name}");
     }
 }
@@ -885,31 +627,13 @@ fn a_datagram_is_kept_when_any_message_is_wanted() {
     assert!(compiled.matches(dns) && !compiled.matches(ntp) && !compiled.matches(syn));
 
     let batch = |messages: &[&[u8]]| messages.concat();
-    assert!(filter.keeps(&batch(&[
-        &nflog_message(ntp),
-        &nflog_message(dns),
-        &nlmsg_done()
-    ])));
+    assert!(filter.keeps(&batch(&[&nflog_message(ntp), &nflog_message(dns), &nlmsg_done()])));
     assert!(filter.keeps(&batch(&[&nflog_message(dns), &nflog_message(ntp)])));
-    assert!(!filter.keeps(&batch(&[
-        &nflog_message(ntp),
-        &nflog_message(syn),
-        &nlmsg_done()
-    ])));
+    assert!(!filter.keeps(&batch(&[&nflog_message(ntp), &nflog_message(syn), &nlmsg_done()])));
     assert!(filter.keeps(&nlmsg_done()), "NLMSG_DONE alone");
     assert!(filter.keeps(&nlmsg_ack()), "ack");
-    assert!(
-        filter.keeps(&batch(&[&nflog_message(syn), &nlmsg_ack()])),
-        "unwanted packet plus ack"
-    );
-    assert_eq!(
-        filter.counters().unwrap(),
-        FilterCounters {
-            seen: 6,
-            passed: 5,
-            dropped: 1
-        }
-    );
+    assert!(filter.keeps(&batch(&[&nflog_message(syn), &nlmsg_ack()])), "unwanted packet plus ack");
+    assert_eq!(filter.counters().unwrap(), FilterCounters { seen: 6, passed: 5, dropped: 1 });
 }
 
 #[test]
@@ -918,8 +642,7 @@ fn malformed_or_payloadless_messages_are_kept() {
         return;
     }
     let (_, mut filter) = load_filter("port 1");
-    let packet =
-        Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 1).packet(&tcp(5, 6, 1, 1, TCP_SYN, &[]));
+    let packet = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 1).packet(&tcp(5, 6, 1, 1, TCP_SYN, &[]));
     let message = nflog_message(&packet);
     assert!(!filter.keeps(&message));
     // nlmsg_len beyond the datagram.
@@ -939,20 +662,13 @@ fn verdict_follows_the_packet_across_nat() {
     if !is_root() {
         return;
     }
-    let expression =
-        "dst host 10.0.0.2 and dst port 22 or icmp and dst host 10.0.0.2 or ip6 dst host fd00::2";
+    let expression = "dst host 10.0.0.2 and dst port 22 or icmp and dst host 10.0.0.2 or ip6 dst host fd00::2";
     let (compiled, mut filter) = load_filter(expression);
     let accepted_then_dnat = |before: Vec<u8>, after: Vec<u8>, filter: &mut TraceSocketFilter| {
-        assert!(
-            compiled.matches(&before) && !compiled.matches(&after),
-            "test packets"
-        );
+        assert!(compiled.matches(&before) && !compiled.matches(&after), "test packets");
         assert_eq!(packet_key(before.as_slice()), packet_key(after.as_slice()));
         assert!(filter.keeps(&nflog_message(&before)));
-        assert!(
-            filter.keeps(&nflog_message(&after)),
-            "rewritten after an accept"
-        );
+        assert!(filter.keeps(&nflog_message(&after)), "rewritten after an accept");
     };
     // DNAT 10.0.0.2:22 -> 192.168.100.2:2222 (checksum and TTL change too).
     let mut before = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 0);
@@ -961,11 +677,7 @@ fn verdict_follows_the_packet_across_nat() {
     let segment = tcp(40000, 22, 0xdead_beef, 0, TCP_SYN, &[]);
     let mut rewritten = tcp(40000, 2222, 0xdead_beef, 0, TCP_SYN, &[]);
     rewritten[16..18].copy_from_slice(&[0x77, 0x77]);
-    accepted_then_dnat(
-        before.packet(&segment),
-        after.packet(&rewritten),
-        &mut filter,
-    );
+    accepted_then_dnat(before.packet(&segment), after.packet(&rewritten), &mut filter);
     // ICMP echo: NAT rewrites the identifier.
     before.protocol = ICMP;
     after.protocol = ICMP;
@@ -978,57 +690,20 @@ fn verdict_follows_the_packet_across_nat() {
     let segment6 = udp(5000, 6000, &[1, 2, 3, 4, 5]);
     accepted_then_dnat(
         ipv6("fd00::1", "fd00::2", UDP, 0x12345, &segment6),
-        ipv6(
-            "fd00::1",
-            "fd00::99",
-            UDP,
-            0x12345,
-            &udp(5000, 6001, &[1, 2, 3, 4, 5]),
-        ),
+        ipv6("fd00::1", "fd00::99", UDP, 0x12345, &udp(5000, 6001, &[1, 2, 3, 4, 5])),
         &mut filter,
     );
 
     // Rejected first, then rewritten into something the expression would accept: stays dropped.
-    let rejected = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.3"), TCP, 77).packet(&tcp(
-        40001,
-        80,
-        42,
-        0,
-        TCP_SYN,
-        &[],
-    ));
-    let redirected = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 77).packet(&tcp(
-        40001,
-        22,
-        42,
-        0,
-        TCP_SYN,
-        &[],
-    ));
+    let rejected = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.3"), TCP, 77).packet(&tcp(40001, 80, 42, 0, TCP_SYN, &[]));
+    let redirected = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 77).packet(&tcp(40001, 22, 42, 0, TCP_SYN, &[]));
     assert!(!compiled.matches(&rejected) && compiled.matches(&redirected));
     assert!(!filter.keeps(&nflog_message(&rejected)));
-    assert!(
-        !filter.keeps(&nflog_message(&redirected)),
-        "rewritten after a reject"
-    );
+    assert!(!filter.keeps(&nflog_message(&redirected)), "rewritten after a reject");
     // Another packet (other sequence number) with the accepted addresses is judged afresh.
-    let other = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 77).packet(&tcp(
-        40001,
-        22,
-        43,
-        0,
-        TCP_SYN,
-        &[],
-    ));
+    let other = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 77).packet(&tcp(40001, 22, 43, 0, TCP_SYN, &[]));
     assert!(filter.keeps(&nflog_message(&other)));
-    assert_eq!(
-        filter.counters().unwrap(),
-        FilterCounters {
-            seen: 9,
-            passed: 7,
-            dropped: 2
-        }
-    );
+    assert_eq!(filter.counters().unwrap(), FilterCounters { seen: 9, passed: 7, dropped: 2 });
 }
 
 #[test]
@@ -1042,14 +717,7 @@ fn without_a_program_every_message_passes_and_is_counted() {
     }
     assert!(filter.keeps(&nlmsg_done()));
     let n = sample_packets().len() as u64 + 1;
-    assert_eq!(
-        filter.counters().unwrap(),
-        FilterCounters {
-            seen: n,
-            passed: n,
-            dropped: 0
-        }
-    );
+    assert_eq!(filter.counters().unwrap(), FilterCounters { seen: n, passed: n, dropped: 0 });
 }
 
 #[test]
@@ -1058,14 +726,8 @@ fn invalid_programs_are_refused_before_loading() {
     assert!(
         matches!(TraceSocketFilter::load(Some(&too_long), false), Err(BpfError::ProgramTooLong { len }) if len == MAX_CBPF_INSNS + 1)
     );
-    assert!(matches!(
-        TraceSocketFilter::load(Some(&[]), false),
-        Err(BpfError::EmptyProgram)
-    ));
-    assert!(matches!(
-        PinnedPrefilter::load_and_pin(&[], Path::new("/nonexistent")),
-        Err(BpfError::EmptyProgram)
-    ));
+    assert!(matches!(TraceSocketFilter::load(Some(&[]), false), Err(BpfError::EmptyProgram)));
+    assert!(matches!(PinnedPrefilter::load_and_pin(&[], Path::new("/nonexistent")), Err(BpfError::EmptyProgram)));
 }
 
 #[test]
@@ -1079,15 +741,11 @@ fn logging_is_off_unless_asked_for() {
     let mut quiet = TraceSocketFilter::load(Some(program.instructions()), false).unwrap();
     assert!(quiet.keeps(&datagram));
     let mut ring: RingBuf<_> = quiet.ebpf.take_map("AYA_LOGS").unwrap().try_into().unwrap();
-    assert!(
-        ring.next().is_none(),
-        "a log record was written with logging off"
-    );
+    assert!(ring.next().is_none(), "a log record was written with logging off");
 
     let records = Arc::new(Mutex::new(Vec::new()));
     let logger = RecordingLogger::leak(&records);
-    let mut chatty =
-        TraceSocketFilter::load_with_logger(Some(program.instructions()), Some(logger)).unwrap();
+    let mut chatty = TraceSocketFilter::load_with_logger(Some(program.instructions()), Some(logger)).unwrap();
     assert!(chatty.keeps(&datagram));
     chatty.flush_log();
     let records = records.lock().unwrap();
@@ -1120,21 +778,12 @@ fn attaches_to_a_netfilter_netlink_socket() {
         return;
     }
     // SAFETY: plain socket(2); the result is checked and owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_NETFILTER,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_NETFILTER) };
     assert!(fd >= 0, "{}", io::Error::last_os_error());
     // SAFETY: `fd` is a fresh descriptor nothing else owns.
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut filter = TraceSocketFilter::load(
-        Some(CompiledFilter::compile("tcp").unwrap().instructions()),
-        false,
-    )
-    .unwrap();
+    let mut filter =
+        TraceSocketFilter::load(Some(CompiledFilter::compile("tcp").unwrap().instructions()), false).unwrap();
     filter.attach(socket.as_fd()).unwrap();
 }
 
@@ -1152,16 +801,8 @@ fn prefilter_pins_runs_from_the_pin_and_unpins() {
     assert_eq!(pinned.path(), path);
 
     let from_pin = SocketFilter::from_pin(&path).unwrap();
-    let packet = |dport| {
-        Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 1).packet(&tcp(
-            50000,
-            dport,
-            1,
-            0,
-            TCP_SYN,
-            &[],
-        ))
-    };
+    let packet =
+        |dport| Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 1).packet(&tcp(50000, dport, 1, 0, TCP_SYN, &[]));
     assert_ne!(test_run(&from_pin, &packet(1039)), 0);
     assert_eq!(test_run(&from_pin, &packet(1040)), 0);
 
@@ -1176,23 +817,16 @@ fn verification_cost_does_not_depend_on_the_program() {
     }
     let verified = |name: &'static str, ebpf: &mut Ebpf| {
         let info = socket_filter(ebpf, name).unwrap().info().unwrap();
-        info.verified_instruction_count()
-            .expect("kernel ≥ 5.16 reports verified_insns")
+        info.verified_instruction_count().expect("kernel ≥ 5.16 reports verified_insns")
     };
     let mut costs = Vec::new();
     for expression in ["tcp", &port_list(1..400)] {
         let compiled = CompiledFilter::compile(expression).unwrap();
         let mut filter = TraceSocketFilter::load(Some(compiled.instructions()), false).unwrap();
         let mut prefilter = load_prefilter(compiled.instructions());
-        costs.push((
-            verified(TRACE_FILTER_PROGRAM, &mut filter.ebpf),
-            verified(XT_PREFILTER_PROGRAM, &mut prefilter),
-        ));
+        costs.push((verified(TRACE_FILTER_PROGRAM, &mut filter.ebpf), verified(XT_PREFILTER_PROGRAM, &mut prefilter)));
     }
-    assert_eq!(
-        costs[0], costs[1],
-        "(trace_filter, xt_prefilter) verified instructions"
-    );
+    assert_eq!(costs[0], costs[1], "(trace_filter, xt_prefilter) verified instructions");
     // The verifier gives up at 1M; keep well clear of it.
     assert!(costs[0].0 < 400_000 && costs[0].1 < 200_000, "{costs:?}");
 }

@@ -124,7 +124,13 @@ impl TraceSocket {
     }
 
     /// Sends one `NFULNL_MSG_CONFIG` request and waits for its acknowledgement.
-    fn configure(&mut self, family: Family, attrs: &[u8], group: u16, request: &'static str) -> Result<(), CaptureError> {
+    fn configure(
+        &mut self,
+        family: Family,
+        attrs: &[u8],
+        group: u16,
+        request: &'static str,
+    ) -> Result<(), CaptureError> {
         self.sequence += 1;
         let pf = match family {
             Family::Ipv4 => libc::AF_INET as u8,
@@ -146,7 +152,10 @@ impl TraceSocket {
             let n = match self.socket.recv(&mut buf[..], Msg::empty()) {
                 Ok((n, _)) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Err(CaptureError::Config { request, source: io::Error::new(io::ErrorKind::TimedOut, "no acknowledgement") });
+                    return Err(CaptureError::Config {
+                        request,
+                        source: io::Error::new(io::ErrorKind::TimedOut, "no acknowledgement"),
+                    });
                 }
                 Err(e) => return Err(CaptureError::Config { request, source: e }),
             };
@@ -178,7 +187,9 @@ impl TraceSocket {
     fn receive_with(&self, buf: &mut [u8], flags: Msg) -> Result<Received, CaptureError> {
         match self.socket.recv(&mut *buf, flags) {
             Ok((n, _)) => Ok(Received::Datagram(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) => Ok(Received::Idle),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) => {
+                Ok(Received::Idle)
+            }
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(Received::Idle),
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Received::Overrun),
             Err(e) => Err(CaptureError::Receive(e)),

@@ -17,14 +17,10 @@ use std::{
 use iptrace_common::{
     cbpf::{self, Outcome},
     filter::{
-        MAX_TRACE_ATTRIBUTES, PACKET_VERDICTS_MAX_ENTRIES, PacketPrefix,
-        TRACE_ID_VERDICTS_MAX_ENTRIES, TRACE_NETWORK_HEADER_MAX, TRACE_TRANSPORT_HEADER_MAX,
-        packet_key, transport_follows_network,
+        MAX_TRACE_ATTRIBUTES, PACKET_VERDICTS_MAX_ENTRIES, PacketPrefix, TRACE_ID_VERDICTS_MAX_ENTRIES,
+        TRACE_NETWORK_HEADER_MAX, TRACE_TRANSPORT_HEADER_MAX, packet_key, transport_follows_network,
     },
-    uapi::{
-        NFNL_SUBSYS_NFTABLES, NFTA_TRACE_ID, NFTA_TRACE_NETWORK_HEADER,
-        NFTA_TRACE_TRANSPORT_HEADER, NLMSG_DONE,
-    },
+    uapi::{NFNL_SUBSYS_NFTABLES, NFTA_TRACE_ID, NFTA_TRACE_NETWORK_HEADER, NFTA_TRACE_TRANSPORT_HEADER, NLMSG_DONE},
 };
 
 use crate::{
@@ -265,7 +261,12 @@ mod tests {
     #[test]
     fn nft_trace_events_are_kept_when_the_selection_reads_past_their_headers() {
         let packet = udp_v4([10, 5, 1, 7], 40000, 64);
-        for (expression, kept) in [("len > 1000", true), ("udp[100] == 1", true), ("ip[100] == 1 or tcp", true), ("tcp and ip[100] == 1", false)] {
+        for (expression, kept) in [
+            ("len > 1000", true),
+            ("udp[100] == 1", true),
+            ("ip[100] == 1 or tcp", true),
+            ("tcp and ip[100] == 1", false),
+        ] {
             let mut f = UserspaceFilter::new(CompiledFilter::compile(expression).unwrap());
             assert_eq!(f.keep(&nft_trace_datagram([1; 4], Some(&packet))), kept, "{expression}");
         }

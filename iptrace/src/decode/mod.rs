@@ -16,16 +16,16 @@ use std::{collections::HashMap, fmt, sync::Arc};
 
 use iptrace_common::uapi::{NFT_TRACETYPE_POLICY, NFT_TRACETYPE_RETURN, NFT_TRACETYPE_RULE, NLMSG_DONE};
 
-pub use self::{
-    origin::{Conntrack, NftFamily, NftTraceType, NftVerdict, Origin, TraceId},
-    packet::PacketHeader,
-    prefix::TraceKind,
-};
 use self::{
     netlink::NetlinkMessages,
     nflog::{NFULNL_PACKET_TYPE, NflogPacket},
     nftrace::{NFT_TRACE_TYPE, NftTrace},
     prefix::TracePrefix,
+};
+pub use self::{
+    origin::{Conntrack, NftFamily, NftTraceType, NftVerdict, Origin, TraceId},
+    packet::PacketHeader,
+    prefix::TraceKind,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -246,11 +246,9 @@ impl Decoder {
     }
 
     fn decode_nflog(&mut self, msg: &NflogPacket<'_>) -> Result<Option<TraceEvent>, DecodeError> {
-        let (Some(prefix), Some(family), Some(hook)) = (
-            TracePrefix::parse(msg.prefix)?,
-            Family::from_nfproto(msg.family),
-            Hook::from_kernel(msg.hook),
-        ) else {
+        let (Some(prefix), Some(family), Some(hook)) =
+            (TracePrefix::parse(msg.prefix)?, Family::from_nfproto(msg.family), Hook::from_kernel(msg.hook))
+        else {
             self.counts.foreign += 1;
             return Ok(None);
         };
@@ -401,7 +399,10 @@ mod tests {
             .collect();
         assert_eq!(echo.len(), 13);
         for e in &echo {
-            assert_eq!((e.family, e.packet.dst.to_string().as_str(), e.in_ifindex), (Family::Ipv4, "172.16.2.2", Some(2)));
+            assert_eq!(
+                (e.family, e.packet.dst.to_string().as_str(), e.in_ifindex),
+                (Family::Ipv4, "172.16.2.2", Some(2))
+            );
         }
         // Events of the forward hook carry its output interface and conntrack entry.
         let Origin::Nft { chain, verdict, ct, handle, .. } = &echo[8].origin else { panic!() };
@@ -413,7 +414,9 @@ mod tests {
         // The client chain's implicit end: no handle, continue, the forward hook's headers.
         let Origin::Nft { chain, handle: None, verdict: NftVerdict::Continue, .. } = &echo[10].origin else { panic!() };
         assert_eq!((&**chain, echo[10].out_ifindex), ("client", Some(3)));
-        let Origin::Nft { trace_type: NftTraceType::Policy, verdict: NftVerdict::Drop, .. } = &echo[12].origin else { panic!() };
+        let Origin::Nft { trace_type: NftTraceType::Policy, verdict: NftVerdict::Drop, .. } = &echo[12].origin else {
+            panic!()
+        };
         // The identity does not depend on the hook (TTL and checksums change on the way).
         assert!(echo.iter().all(|e| e.packet.identity() == echo[0].packet.identity()));
     }

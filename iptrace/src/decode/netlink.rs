@@ -27,7 +27,14 @@ pub struct NetlinkMessage<'a> {
 
 /// One nfnetlink request: the netlink header, `nfgenmsg` {family, version 0, `res_id` big-endian},
 /// then `attributes` (already encoded with [`attribute`]).
-pub fn nfnetlink_request(message_type: u16, flags: u16, sequence: u32, family: u8, res_id: u16, attributes: &[u8]) -> Vec<u8> {
+pub fn nfnetlink_request(
+    message_type: u16,
+    flags: u16,
+    sequence: u32,
+    family: u8,
+    res_id: u16,
+    attributes: &[u8],
+) -> Vec<u8> {
     let len = NLMSG_HDRLEN + 4 + attributes.len();
     let mut msg = Vec::with_capacity(len);
     msg.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
@@ -131,10 +138,11 @@ impl<'a> Attribute<'a> {
     }
 
     fn fixed<const N: usize>(&self) -> Result<[u8; N], DecodeError> {
-        self.value
-            .get(..N)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(DecodeError::Truncated { what: "attribute", need: N, have: self.value.len() })
+        self.value.get(..N).and_then(|b| b.try_into().ok()).ok_or(DecodeError::Truncated {
+            what: "attribute",
+            need: N,
+            have: self.value.len(),
+        })
     }
 }
 
@@ -194,14 +202,8 @@ mod tests {
     fn rejects_lengths_past_the_datagram() {
         let mut buf = 200u32.to_ne_bytes().to_vec();
         buf.extend_from_slice(&[0; 12]);
-        assert!(matches!(
-            NetlinkMessages::new(&buf).next(),
-            Some(Err(DecodeError::BadLength { .. }))
-        ));
-        assert!(matches!(
-            NetlinkMessages::new(&buf[..7]).next(),
-            Some(Err(DecodeError::Truncated { .. }))
-        ));
+        assert!(matches!(NetlinkMessages::new(&buf).next(), Some(Err(DecodeError::BadLength { .. }))));
+        assert!(matches!(NetlinkMessages::new(&buf[..7]).next(), Some(Err(DecodeError::Truncated { .. }))));
     }
 
     #[test]

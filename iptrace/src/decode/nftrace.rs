@@ -4,10 +4,10 @@
 
 use iptrace_common::uapi::{
     NFNL_SUBSYS_NFTABLES, NFT_MSG_TRACE, NFTA_TRACE_CHAIN, NFTA_TRACE_CT_DIRECTION, NFTA_TRACE_CT_ID,
-    NFTA_TRACE_CT_STATE, NFTA_TRACE_CT_STATUS, NFTA_TRACE_ID, NFTA_TRACE_IIF, NFTA_TRACE_IIFTYPE,
-    NFTA_TRACE_LL_HEADER, NFTA_TRACE_MARK, NFTA_TRACE_NETWORK_HEADER, NFTA_TRACE_NFPROTO, NFTA_TRACE_OIF,
-    NFTA_TRACE_OIFTYPE, NFTA_TRACE_POLICY, NFTA_TRACE_RULE_HANDLE, NFTA_TRACE_TABLE,
-    NFTA_TRACE_TRANSPORT_HEADER, NFTA_TRACE_TYPE, NFTA_TRACE_VERDICT, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE,
+    NFTA_TRACE_CT_STATE, NFTA_TRACE_CT_STATUS, NFTA_TRACE_ID, NFTA_TRACE_IIF, NFTA_TRACE_IIFTYPE, NFTA_TRACE_LL_HEADER,
+    NFTA_TRACE_MARK, NFTA_TRACE_NETWORK_HEADER, NFTA_TRACE_NFPROTO, NFTA_TRACE_OIF, NFTA_TRACE_OIFTYPE,
+    NFTA_TRACE_POLICY, NFTA_TRACE_RULE_HANDLE, NFTA_TRACE_TABLE, NFTA_TRACE_TRANSPORT_HEADER, NFTA_TRACE_TYPE,
+    NFTA_TRACE_VERDICT, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE,
 };
 
 use super::{
@@ -91,8 +91,11 @@ impl<'a> NftTrace<'a> {
                 NFTA_TRACE_POLICY => trace.policy = Some(attr.be_u32()?),
                 NFTA_TRACE_CT_ID => trace.ct_id = Some(attr.be_u32()?),
                 NFTA_TRACE_CT_DIRECTION => {
-                    trace.ct_direction =
-                        Some(*attr.value.first().ok_or(DecodeError::Truncated { what: "NFTA_TRACE_CT_DIRECTION", need: 1, have: 0 })?);
+                    trace.ct_direction = Some(*attr.value.first().ok_or(DecodeError::Truncated {
+                        what: "NFTA_TRACE_CT_DIRECTION",
+                        need: 1,
+                        have: 0,
+                    })?);
                 }
                 NFTA_TRACE_CT_STATUS => trace.ct_status = Some(attr.be_u32()?),
                 NFTA_TRACE_CT_STATE => trace.ct_state = Some(attr.be_u32()?),
@@ -168,7 +171,10 @@ pub(crate) mod tests {
         assert!(t.ct_id.is_some());
         // The implicit end of the user chain: no handle, continue, no headers.
         let t = parse(&all[10]);
-        assert_eq!((t.chain, t.rule_handle, t.verdict), (&b"client"[..], None, Some(RawVerdict { code: -1, chain: None })));
+        assert_eq!(
+            (t.chain, t.rule_handle, t.verdict),
+            (&b"client"[..], None, Some(RawVerdict { code: -1, chain: None }))
+        );
         assert_eq!(t.network_header, None);
         // The drop policy.
         let t = parse(&all[12]);

@@ -80,7 +80,12 @@ mod tests {
     #[test]
     fn foreign_prefixes_are_skipped_and_garbage_is_an_error() {
         assert_eq!(TracePrefix::parse(b"DROPPED: ").unwrap(), None);
-        for bad in [&b"TRACE: raw:PREROUTING:policy:x "[..], b"TRACE: raw:PREROUTING:maybe:1 ", b"TRACE: raw ", b"TRACE: :C:rule:1 "] {
+        for bad in [
+            &b"TRACE: raw:PREROUTING:policy:x "[..],
+            b"TRACE: raw:PREROUTING:maybe:1 ",
+            b"TRACE: raw ",
+            b"TRACE: :C:rule:1 ",
+        ] {
             assert!(TracePrefix::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
     }

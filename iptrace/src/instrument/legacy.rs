@@ -36,8 +36,12 @@ pub(super) fn rule_spec(owner: Owner, plan: &TracePlan, chain: &str) -> Option<V
     }
     match &plan.prefilter {
         Prefilter::None => {}
-        Prefilter::XtBpf(XtBpfProgram::Bytecode(insns)) => push(&["-m", "bpf", "--bytecode", &bytecode_argument(insns)]),
-        Prefilter::XtBpf(XtBpfProgram::Pinned(path)) => push(&["-m", "bpf", "--object-pinned", &path.to_string_lossy()]),
+        Prefilter::XtBpf(XtBpfProgram::Bytecode(insns)) => {
+            push(&["-m", "bpf", "--bytecode", &bytecode_argument(insns)])
+        }
+        Prefilter::XtBpf(XtBpfProgram::Pinned(path)) => {
+            push(&["-m", "bpf", "--object-pinned", &path.to_string_lossy()])
+        }
         // Only the nf_tables marker takes nft matches.
         Prefilter::NftMatch(_) => {}
     }
@@ -111,9 +115,7 @@ pub(super) fn delete_rules(family: Family, select: impl Fn(Owner) -> bool) -> Re
 
 /// The owner tag in a rule's `-m comment --comment` argument.
 pub(crate) fn owner_of(rule: &[String]) -> Option<Owner> {
-    rule.windows(2)
-        .find(|w| w[0] == "--comment")
-        .and_then(|w| Owner::from_tag(&w[1]))
+    rule.windows(2).find(|w| w[0] == "--comment").and_then(|w| Owner::from_tag(&w[1]))
 }
 
 #[cfg(test)]

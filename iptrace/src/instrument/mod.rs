@@ -25,21 +25,52 @@ pub enum InstrumentError {
     #[error("another iptrace ({owner}) is already tracing in this network namespace")]
     AlreadyRunning { owner: Owner },
     #[error("cannot insert the {family:?} TRACE rule in raw {chain}: {source}")]
-    InsertRule { family: Family, chain: &'static str, #[source] source: XtablesError },
+    InsertRule {
+        family: Family,
+        chain: &'static str,
+        #[source]
+        source: XtablesError,
+    },
     #[error("cannot delete the {family:?} TRACE rule in raw {chain}: {source}")]
-    DeleteRule { family: Family, chain: &'static str, #[source] source: XtablesError },
+    DeleteRule {
+        family: Family,
+        chain: &'static str,
+        #[source]
+        source: XtablesError,
+    },
     #[error("cannot list the {family:?} raw table: {source}")]
-    ListRules { family: Family, #[source] source: XtablesError },
+    ListRules {
+        family: Family,
+        #[source]
+        source: XtablesError,
+    },
     #[error("cannot read or set the {family:?} logger binding (/proc/sys/net/netfilter/nf_log): {source}")]
-    NfLog { family: Family, #[source] source: io::Error },
+    NfLog {
+        family: Family,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot write iptrace's state file {}: {source}", path.display())]
-    State { path: PathBuf, #[source] source: io::Error },
+    State {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot remove the pinned prefilter {}: {source}", path.display())]
-    Unpin { path: PathBuf, #[source] source: io::Error },
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("an nf_tables table named inet {table} already exists; iptrace will not touch it")]
     TableExists { table: String },
     #[error("cannot {what} iptrace's nf_tables table {table}: {source}")]
-    Nft { what: &'static str, table: String, #[source] source: NftError },
+    Nft {
+        what: &'static str,
+        table: String,
+        #[source]
+        source: NftError,
+    },
     #[error("xt_bpf cannot carry {0}")]
     XtBpfInfo(String),
 }
@@ -143,10 +174,8 @@ impl Instrumentation {
         if let Some(other) = live_owners(netns)?.into_iter().find(|o| *o != owner) {
             return Err(InstrumentError::AlreadyRunning { owner: other });
         }
-        let saved_loggers = nflog_families
-            .iter()
-            .map(|&f| nf_log::bound_logger(f).map(|l| (f, l)))
-            .collect::<Result<_, _>>()?;
+        let saved_loggers =
+            nflog_families.iter().map(|&f| nf_log::bound_logger(f).map(|l| (f, l))).collect::<Result<_, _>>()?;
         let state = RunState { saved_loggers, pin: None };
         state.write(netns, owner)?;
         Ok(Self { owner, netns, state, torn_down: false })
@@ -206,7 +235,9 @@ fn undo_state(state: &RunState) -> Vec<InstrumentError> {
     let mut errors = Vec::new();
     if let Some(pin) = &state.pin {
         match fs::remove_file(pin) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => errors.push(InstrumentError::Unpin { path: pin.clone(), source: e }),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                errors.push(InstrumentError::Unpin { path: pin.clone(), source: e })
+            }
             _ => {}
         }
     }
@@ -240,11 +271,8 @@ pub fn cleanup_stale() -> Result<Vec<String>, InstrumentError> {
     let netns = state::netns_id()?;
     let mut removed = Vec::new();
     for family in [Family::Ipv4, Family::Ipv6] {
-        let dead: Vec<Owner> = legacy::tagged_rules(family)?
-            .into_iter()
-            .map(|(o, _, _)| o)
-            .filter(|o| !o.is_alive())
-            .collect();
+        let dead: Vec<Owner> =
+            legacy::tagged_rules(family)?.into_iter().map(|(o, _, _)| o).filter(|o| !o.is_alive()).collect();
         let n = legacy::delete_rules(family, |o| dead.contains(&o))?;
         if n > 0 {
             let tables = match family {

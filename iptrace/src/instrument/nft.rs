@@ -125,15 +125,25 @@ pub(super) fn create(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentErr
     if tables()?.contains(&table) {
         return Err(InstrumentError::TableExists { table });
     }
-    nftables::apply(&script(owner, plan)).map_err(|source| InstrumentError::Nft { what: "create", table: table.clone(), source })?;
+    nftables::apply(&script(owner, plan)).map_err(|source| InstrumentError::Nft {
+        what: "create",
+        table: table.clone(),
+        source,
+    })?;
     let Prefilter::XtBpf(program) = &plan.prefilter else { return Ok(()) };
     let info = xt_bpf_info(program)?;
-    let error = |source| InstrumentError::Nft { what: "add the xt_bpf prefilter (nft_compat) to", table: table.clone(), source };
+    let error = |source| InstrumentError::Nft {
+        what: "add the xt_bpf prefilter (nft_compat) to",
+        table: table.clone(),
+        source,
+    };
     let mut socket = NfTablesSocket::open().map_err(error)?;
     for chain in BASE_CHAINS.into_iter().filter(|c| marks_packets(plan, c)) {
         let marking = marking_chain(chain);
-        let expressions =
-            [RuleExpression::XtMatch { name: "bpf", revision: XT_BPF_REVISION, info: &info }, RuleExpression::Jump { chain: &marking }];
+        let expressions = [
+            RuleExpression::XtMatch { name: "bpf", revision: XT_BPF_REVISION, info: &info },
+            RuleExpression::Jump { chain: &marking },
+        ];
         socket.append_rule(NftFamily::Inet, &table, chain, &expressions).map_err(error)?;
     }
     Ok(())
@@ -146,7 +156,10 @@ fn xt_bpf_info(program: &XtBpfProgram) -> Result<Vec<u8>, InstrumentError> {
     let (mode, count) = match program {
         XtBpfProgram::Bytecode(insns) => {
             if insns.len() > XT_BPF_MAX_NUM_INSTR as usize {
-                return Err(InstrumentError::XtBpfInfo(format!("{} instructions inline (at most {XT_BPF_MAX_NUM_INSTR})", insns.len())));
+                return Err(InstrumentError::XtBpfInfo(format!(
+                    "{} instructions inline (at most {XT_BPF_MAX_NUM_INSTR})",
+                    insns.len()
+                )));
             }
             for (slot, insn) in union.chunks_exact_mut(size_of::<CbpfInsn>()).zip(insns) {
                 slot[0..2].copy_from_slice(&insn.code.to_ne_bytes());
@@ -160,7 +173,11 @@ fn xt_bpf_info(program: &XtBpfProgram) -> Result<Vec<u8>, InstrumentError> {
             let bytes = path.as_os_str().as_encoded_bytes();
             // The kernel wants the path NUL-terminated within the field.
             if bytes.len() >= XT_BPF_PATH_MAX || bytes.contains(&0) {
-                return Err(InstrumentError::XtBpfInfo(format!("the pin path {} (at most {} bytes)", path.display(), XT_BPF_PATH_MAX - 1)));
+                return Err(InstrumentError::XtBpfInfo(format!(
+                    "the pin path {} (at most {} bytes)",
+                    path.display(),
+                    XT_BPF_PATH_MAX - 1
+                )));
             }
             union[..bytes.len()].copy_from_slice(bytes);
             (XT_BPF_MODE_FD_PINNED, 0)
@@ -174,7 +191,11 @@ fn xt_bpf_info(program: &XtBpfProgram) -> Result<Vec<u8>, InstrumentError> {
 /// Deletes `owner`'s table (with its chains, rules and limit).
 pub(super) fn delete(owner: Owner) -> Result<(), InstrumentError> {
     let table = owner.table_name();
-    nftables::run(&["delete", "table", FAMILY, &table]).map(drop).map_err(|source| InstrumentError::Nft { what: "delete", table, source })
+    nftables::run(&["delete", "table", FAMILY, &table]).map(drop).map_err(|source| InstrumentError::Nft {
+        what: "delete",
+        table,
+        source,
+    })
 }
 
 /// The owners of iptrace tables in this netns. Empty when the kernel has no nf_tables.
@@ -227,7 +248,10 @@ add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"e
             ..plan
         };
         let text = script(owner, &plan);
-        assert!(text.contains("add rule inet iptrace_42_7 prerouting iifname \"eth0\" counter meta nftrace set 1\n"), "{text}");
+        assert!(
+            text.contains("add rule inet iptrace_42_7 prerouting iifname \"eth0\" counter meta nftrace set 1\n"),
+            "{text}"
+        );
         assert!(!text.contains("add rule inet iptrace_42_7 output"), "{text}");
     }
 
@@ -270,7 +294,8 @@ add rule inet iptrace_42_7 mark_output meta nfproto ipv6 counter meta nftrace se
 
     #[test]
     fn xt_bpf_info_carries_bytecode_or_a_path() {
-        let insns = [CbpfInsn { code: 0x28, jt: 1, jf: 2, k: 0x0102_0304 }, CbpfInsn { code: 6, jt: 0, jf: 0, k: 65535 }];
+        let insns =
+            [CbpfInsn { code: 0x28, jt: 1, jf: 2, k: 0x0102_0304 }, CbpfInsn { code: 6, jt: 0, jf: 0, k: 65535 }];
         let info = xt_bpf_info(&XtBpfProgram::Bytecode(insns.to_vec())).unwrap();
         assert_eq!(info.len(), 528);
         assert_eq!(u16::from_ne_bytes([info[0], info[1]]), 0, "XT_BPF_MODE_BYTECODE");

@@ -62,7 +62,8 @@ impl TableProbe {
         let mut info = [0u8; GETINFO_LEN];
         write_name(&mut info, table)?;
         self.get(SO_GET_INFO, &mut info)?;
-        let size = u32::from_ne_bytes(info[GETINFO_SIZE_OFFSET..GETINFO_SIZE_OFFSET + 4].try_into().unwrap_or_default()) as usize;
+        let size = u32::from_ne_bytes(info[GETINFO_SIZE_OFFSET..GETINFO_SIZE_OFFSET + 4].try_into().unwrap_or_default())
+            as usize;
         let mut blob = vec![0u8; GET_ENTRIES_HEADER + size];
         write_name(&mut blob, table)?;
         blob[32..36].copy_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_ne_bytes());
@@ -77,7 +78,9 @@ impl TableProbe {
         };
         let mut len = libc::socklen_t::try_from(buf.len()).unwrap_or(libc::socklen_t::MAX);
         // SAFETY: buf is valid for len bytes; the kernel writes at most len.
-        let rc = unsafe { libc::getsockopt(self.socket.as_raw_fd(), level, option, buf.as_mut_ptr().cast::<c_void>(), &mut len) };
+        let rc = unsafe {
+            libc::getsockopt(self.socket.as_raw_fd(), level, option, buf.as_mut_ptr().cast::<c_void>(), &mut len)
+        };
         if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
     }
 }

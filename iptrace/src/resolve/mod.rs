@@ -19,9 +19,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use self::rule::{Rule, Verdict};
 use self::fingerprint::TableProbe;
 use self::nft::{Found, Generation, Ruleset};
+pub use self::rule::{Rule, Verdict};
 use crate::{
     decode::{Family, NftFamily, NftTraceType, NftVerdict, Origin, TraceEvent, TraceKind},
     instrument::{Owner, legacy::owner_of},
@@ -32,9 +32,18 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     #[error("cannot open a raw socket to read the {family:?} tables: {source}")]
-    Probe { family: Family, #[source] source: io::Error },
+    Probe {
+        family: Family,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot read the {family:?} {table} table: {source}")]
-    Save { family: Family, table: String, #[source] source: XtablesError },
+    Save {
+        family: Family,
+        table: String,
+        #[source]
+        source: XtablesError,
+    },
     #[error("cannot read the nf_tables rule set: {0}")]
     Nft(#[source] NftError),
 }
@@ -90,9 +99,9 @@ impl Step {
             Position::Policy(v) => v.clone(),
             Position::ChainEnd => Verdict::Return,
             Position::Unknown { .. } => Verdict::Continue,
-            Position::NftRule { verdict, .. } | Position::XtablesNftRule { verdict, .. } | Position::NftRuleGone { verdict, .. } => {
-                verdict.clone()
-            }
+            Position::NftRule { verdict, .. }
+            | Position::XtablesNftRule { verdict, .. }
+            | Position::NftRuleGone { verdict, .. } => verdict.clone(),
         }
     }
 }
@@ -122,11 +131,8 @@ impl TableSnapshot {
         let mut chains = HashMap::new();
         for chain in table.chains {
             let own = chain.rules.iter().map(|r| owner_of(r).is_some()).collect();
-            let rules = chain
-                .rules
-                .iter()
-                .map(|r| Arc::new(Rule::from_tokens(r, |t| names.iter().any(|n| n == t))))
-                .collect();
+            let rules =
+                chain.rules.iter().map(|r| Arc::new(Rule::from_tokens(r, |t| names.iter().any(|n| n == t)))).collect();
             let policy = chain.policy.as_deref().map(Verdict::from_policy);
             chains.insert(chain.name, ChainSnapshot { policy, rules, own });
         }
@@ -226,7 +232,13 @@ impl Resolver {
             probes.insert(family, probe);
         }
         let nft = nft
-            .then(|| Generation::open().map(|generation| NftHistory { generation, families: families.to_vec(), snapshots: VecDeque::new() }))
+            .then(|| {
+                Generation::open().map(|generation| NftHistory {
+                    generation,
+                    families: families.to_vec(),
+                    snapshots: VecDeque::new(),
+                })
+            })
             .transpose()?;
         let mut this = Self { probes, tables: HashMap::new(), nft, epoch: 0, last_check: Instant::now() };
         this.check_all()?;
@@ -291,9 +303,11 @@ impl Resolver {
         let mut before = current;
         let mut attempts = 0;
         let (text, fingerprint) = loop {
-            let text = Xtables::new(family)
-                .save(table)
-                .map_err(|source| ResolveError::Save { family, table: table.to_owned(), source })?;
+            let text = Xtables::new(family).save(table).map_err(|source| ResolveError::Save {
+                family,
+                table: table.to_owned(),
+                source,
+            })?;
             let after = probe.fingerprint(table).ok();
             attempts += 1;
             if after == before || attempts == 3 {
@@ -302,7 +316,8 @@ impl Resolver {
             before = after;
         };
         let epoch = if known.is_some() { self.epoch + 1 } else { self.epoch };
-        let history = self.tables.entry(key).or_insert_with(|| TableHistory { fingerprint, snapshots: VecDeque::new() });
+        let history =
+            self.tables.entry(key).or_insert_with(|| TableHistory { fingerprint, snapshots: VecDeque::new() });
         history.fingerprint = fingerprint;
         history.snapshots.push_back((epoch, Arc::new(TableSnapshot::parse(&text))));
         if history.snapshots.len() > SNAPSHOTS_KEPT {
@@ -322,7 +337,12 @@ impl Resolver {
                     let _ = self.check(event.family, &key.1);
                 }
                 let snapshot = self.tables.get(&key).and_then(|h| {
-                    h.snapshots.iter().rev().find(|(from, _)| *from <= event.epoch).or(h.snapshots.front()).map(|(_, s)| s.clone())
+                    h.snapshots
+                        .iter()
+                        .rev()
+                        .find(|(from, _)| *from <= event.epoch)
+                        .or(h.snapshots.front())
+                        .map(|(_, s)| s.clone())
                 });
                 let position = match snapshot {
                     Some(s) => s.position(chain, *kind, *number)?,
@@ -351,7 +371,15 @@ impl Resolver {
 
     /// A rule by handle: from the snapshot of the event's epoch, else from a fresh one (the rule
     /// was added just before the event), else it is gone.
-    fn nft_rule(&mut self, snapshot: &Ruleset, family: NftFamily, table: &str, chain: &str, handle: u64, kernel: &NftVerdict) -> Position {
+    fn nft_rule(
+        &mut self,
+        snapshot: &Ruleset,
+        family: NftFamily,
+        table: &str,
+        chain: &str,
+        handle: u64,
+        kernel: &NftVerdict,
+    ) -> Position {
         let mut found = snapshot.find(family, table, chain, handle);
         if found == Found::Missing {
             let next = self.epoch + 1;

@@ -78,7 +78,9 @@ impl Ruleset {
                     if let Some(rules) = this.chains.get_mut(&key) {
                         rules.base = true;
                     }
-                } else if let Some((text, handle)) = line.rsplit_once(" # handle ").and_then(|(t, h)| Some((t, h.trim().parse::<u64>().ok()?))) {
+                } else if let Some((text, handle)) =
+                    line.rsplit_once(" # handle ").and_then(|(t, h)| Some((t, h.trim().parse::<u64>().ok()?)))
+                {
                     if !pending.is_empty() {
                         pending.push(' ');
                     }
@@ -111,10 +113,13 @@ impl Ruleset {
             let names: Vec<String> = table.chains.iter().map(|c| c.name.clone()).collect();
             let mut managed = false;
             for chain in &table.chains {
-                let Some(rules) = self.chains.get_mut(&(family, table.name.clone(), chain.name.clone())) else { continue };
+                let Some(rules) = self.chains.get_mut(&(family, table.name.clone(), chain.name.clone())) else {
+                    continue;
+                };
                 // Positions map rules to handles; if the two listings disagree, nft syntax it is.
                 if rules.rules.len() == chain.rules.len() {
-                    let parsed = chain.rules.iter().map(|r| Arc::new(Rule::from_tokens(r, |t| names.iter().any(|n| n == t))));
+                    let parsed =
+                        chain.rules.iter().map(|r| Arc::new(Rule::from_tokens(r, |t| names.iter().any(|n| n == t))));
                     rules.xtables = Some(parsed.collect());
                     managed = true;
                 }
@@ -137,7 +142,9 @@ impl Ruleset {
         let Some(c) = self.chains.get(&(family, table.to_owned(), chain.to_owned())) else { return Found::Missing };
         let Some(index) = c.rules.iter().position(|(h, _)| *h == handle) else { return Found::Missing };
         match &c.xtables {
-            Some(xt) => Found::Xtables { number: u32::try_from(index + 1).unwrap_or(u32::MAX), rule: xt[index].clone() },
+            Some(xt) => {
+                Found::Xtables { number: u32::try_from(index + 1).unwrap_or(u32::MAX), rule: xt[index].clone() }
+            }
             None => Found::Native { text: c.rules[index].1.clone() },
         }
     }
@@ -207,7 +214,9 @@ pub(super) fn step_verdict(kernel: &NftVerdict, found: &Found) -> Verdict {
         NftVerdict::Return => Verdict::Return,
         NftVerdict::Jump(c) => Verdict::Jump(c.to_string()),
         NftVerdict::Goto(c) => Verdict::Goto(c.to_string()),
-        NftVerdict::Continue | NftVerdict::Break | NftVerdict::Repeat | NftVerdict::Stop | NftVerdict::Other(_) => Verdict::Continue,
+        NftVerdict::Continue | NftVerdict::Break | NftVerdict::Repeat | NftVerdict::Stop | NftVerdict::Other(_) => {
+            Verdict::Continue
+        }
     }
 }
 
@@ -270,10 +279,15 @@ COMMIT
     fn finds_native_rules_by_handle_and_iptables_nft_rules_by_position() {
         let mut r = Ruleset::parse(LISTING);
         r.add_xtables(NftFamily::Ip, SAVED);
-        assert_eq!(r.find(NftFamily::Inet, "fw", "forward", 11), Found::Native { text: "ip saddr @allowed jump client".into() });
+        assert_eq!(
+            r.find(NftFamily::Inet, "fw", "forward", 11),
+            Found::Native { text: "ip saddr @allowed jump client".into() }
+        );
         assert_eq!(
             r.find(NftFamily::Inet, "fw", "forward", 18),
-            Found::Native { text: r#"ip daddr { 172.16.2.2, 172.16.2.3 } tcp dport 22 accept comment "two {lines}""#.into() }
+            Found::Native {
+                text: r#"ip daddr { 172.16.2.2, 172.16.2.3 } tcp dport 22 accept comment "two {lines}""#.into()
+            }
         );
         assert_eq!(r.find(NftFamily::Inet, "fw", "client", 14), Found::Native { text: "udp dport 53 return".into() });
         assert_eq!(r.find(NftFamily::Inet, "fw", "client", 99), Found::Missing);

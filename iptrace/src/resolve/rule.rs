@@ -26,7 +26,10 @@ pub enum Verdict {
 impl Verdict {
     /// Whether the packet leaves the current table at this rule.
     pub fn ends_table(&self) -> bool {
-        matches!(self, Verdict::Accept | Verdict::Drop | Verdict::Reject | Verdict::Nat | Verdict::Queue | Verdict::Stolen)
+        matches!(
+            self,
+            Verdict::Accept | Verdict::Drop | Verdict::Reject | Verdict::Nat | Verdict::Queue | Verdict::Stolen
+        )
     }
 
     pub fn drops(&self) -> bool {
@@ -139,7 +142,9 @@ mod tests {
 
     #[test]
     fn splits_matches_comment_and_target() {
-        let r = rule(r#"-p tcp -m mark --mark 0x100/0x100 -m tcp --dport 80 -m comment --comment "proxy mark" -j MARK --set-xmark 0x1/0x1"#);
+        let r = rule(
+            r#"-p tcp -m mark --mark 0x100/0x100 -m tcp --dport 80 -m comment --comment "proxy mark" -j MARK --set-xmark 0x1/0x1"#,
+        );
         assert_eq!(r.matches, "-p tcp -m mark --mark 0x100/0x100 --dport 80");
         assert_eq!(r.comment.as_deref(), Some("proxy mark"));
         assert_eq!((r.target.as_str(), r.target_options.as_str()), ("MARK", "--set-xmark 0x1/0x1"));
@@ -150,12 +155,17 @@ mod tests {
     fn classifies_verdicts() {
         assert_eq!(rule("-j ACCEPT").verdict, Verdict::Accept);
         assert_eq!(rule("-p icmp -j REJECT --reject-with icmp-port-unreachable").verdict, Verdict::Reject);
-        assert_eq!(rule("-m set --match-set profile:client-normal src -j client-normal:filter").verdict, Verdict::Jump("client-normal:filter".into()));
+        assert_eq!(
+            rule("-m set --match-set profile:client-normal src -j client-normal:filter").verdict,
+            Verdict::Jump("client-normal:filter".into())
+        );
         assert_eq!(rule("-s 10.0.0.0/8 -g DOCKER-x").verdict, Verdict::Goto("DOCKER-x".into()));
         assert_eq!(rule("-o docker0 -j DOCKER").verdict, Verdict::Jump("DOCKER".into()));
-        assert_eq!(rule("-s 10.5.1.0/24 -j SNAT --to-source 172.16.2.200-172.16.2.201 --random --persistent").verdict, Verdict::Nat);
+        assert_eq!(
+            rule("-s 10.5.1.0/24 -j SNAT --to-source 172.16.2.200-172.16.2.201 --random --persistent").verdict,
+            Verdict::Nat
+        );
         assert_eq!(rule("-s 10.0.0.0/8").verdict, Verdict::Continue);
         assert_eq!(rule("-j LOG --log-prefix \"x y\"").target_options, "--log-prefix \"x y\"");
     }
-
 }

@@ -6,10 +6,9 @@ use iptrace_common::{
     cbpf::{self, Outcome},
     filter::PacketPrefix,
     uapi::{
-        NFT_TRACETYPE_POLICY, NFT_TRACETYPE_RULE, NFTA_TRACE_CHAIN, NFTA_TRACE_ID, NFTA_TRACE_IIF,
-        NFTA_TRACE_IIFTYPE, NFTA_TRACE_LL_HEADER, NFTA_TRACE_NETWORK_HEADER, NFTA_TRACE_NFPROTO,
-        NFTA_TRACE_POLICY, NFTA_TRACE_RULE_HANDLE, NFTA_TRACE_TABLE, NFTA_TRACE_TRANSPORT_HEADER,
-        NFTA_TRACE_TYPE, NFTA_TRACE_VERDICT,
+        NFT_TRACETYPE_POLICY, NFT_TRACETYPE_RULE, NFTA_TRACE_CHAIN, NFTA_TRACE_ID, NFTA_TRACE_IIF, NFTA_TRACE_IIFTYPE,
+        NFTA_TRACE_LL_HEADER, NFTA_TRACE_NETWORK_HEADER, NFTA_TRACE_NFPROTO, NFTA_TRACE_POLICY, NFTA_TRACE_RULE_HANDLE,
+        NFTA_TRACE_TABLE, NFTA_TRACE_TRANSPORT_HEADER, NFTA_TRACE_TYPE, NFTA_TRACE_VERDICT,
     },
 };
 
@@ -48,8 +47,7 @@ impl<'a> CopiedHeaders<'a> {
             4 => {
                 let header_len = usize::from(packet[0] & 0x0f) * 4;
                 let total_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-                (header_len >= 20 && total_len <= packet.len() && total_len >= header_len)
-                    .then_some(header_len)
+                (header_len >= 20 && total_len <= packet.len() && total_len >= header_len).then_some(header_len)
             }
             6 => ipv6_transport_offset(packet),
             _ => None,
@@ -60,11 +58,7 @@ impl<'a> CopiedHeaders<'a> {
                 transport: Some(&packet[offset..packet.len().min(offset + TRANSPORT_HSIZE)]),
                 transport_offset: offset,
             },
-            None => Self {
-                network: &packet[..packet.len().min(NETWORK_HSIZE)],
-                transport: None,
-                transport_offset: 0,
-            },
+            None => Self { network: &packet[..packet.len().min(NETWORK_HSIZE)], transport: None, transport_offset: 0 },
         }
     }
 
@@ -72,10 +66,7 @@ impl<'a> CopiedHeaders<'a> {
     /// transport header when that follows it in the packet.
     fn packet_prefix(&self) -> Vec<u8> {
         let mut prefix = self.network.to_vec();
-        if let Some(transport) = self
-            .transport
-            .filter(|_| self.transport_offset == self.network.len())
-        {
+        if let Some(transport) = self.transport.filter(|_| self.transport_offset == self.network.len()) {
             prefix.extend(transport);
         }
         prefix
@@ -126,27 +117,15 @@ fn nft_trace_message(packet: &[u8], id: [u8; 4], event: TraceEvent) -> Vec<u8> {
     match event {
         TraceEvent::FirstRule | TraceEvent::ChainEnd => {
             let mut verdict = Vec::new();
-            push_attribute(
-                &mut verdict,
-                i32::from(NFTA_VERDICT_CODE),
-                &NFT_CONTINUE.to_be_bytes(),
-            );
-            push_attribute(
-                &mut body,
-                i32::from(u16::try_from(NFTA_TRACE_VERDICT).unwrap() | NLA_F_NESTED),
-                &verdict,
-            );
+            push_attribute(&mut verdict, i32::from(NFTA_VERDICT_CODE), &NFT_CONTINUE.to_be_bytes());
+            push_attribute(&mut body, i32::from(u16::try_from(NFTA_TRACE_VERDICT).unwrap() | NLA_F_NESTED), &verdict);
         }
         TraceEvent::Policy => attribute(&mut body, NFTA_TRACE_POLICY, &1_u32.to_be_bytes()),
     }
     if let TraceEvent::FirstRule = event {
         let headers = CopiedHeaders::of(packet);
         attribute(&mut body, NFTA_TRACE_IIF, &1_u32.to_be_bytes());
-        attribute(
-            &mut body,
-            NFTA_TRACE_IIFTYPE,
-            &ARPHRD_LOOPBACK.to_be_bytes(),
-        );
+        attribute(&mut body, NFTA_TRACE_IIFTYPE, &ARPHRD_LOOPBACK.to_be_bytes());
         attribute(&mut body, NFTA_TRACE_NETWORK_HEADER, headers.network);
         if let Some(transport) = headers.transport {
             attribute(&mut body, NFTA_TRACE_TRANSPORT_HEADER, transport);
@@ -168,8 +147,7 @@ fn trace_id(n: usize) -> [u8; 4] {
 /// when "decidable" does not hold up: libpcap must then give the same verdict on the whole
 /// packet.
 fn expected_trace_verdict(compiled: &CompiledFilter, prefix: &[u8], packet: &[u8]) -> (bool, bool) {
-    let decidable =
-        cbpf::run(compiled.instructions(), &PacketPrefix(prefix)) != Outcome::BeyondCapture;
+    let decidable = cbpf::run(compiled.instructions(), &PacketPrefix(prefix)) != Outcome::BeyondCapture;
     if decidable {
         assert_eq!(
             compiled.matches(prefix),
@@ -189,10 +167,8 @@ fn captured_datagrams() -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         .lines()
         .filter(|line| !line.starts_with('#') && !line.is_empty())
         .map(|line| {
-            let datagram: Vec<u8> = (0..line.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&line[i..i + 2], 16).unwrap())
-                .collect();
+            let datagram: Vec<u8> =
+                (0..line.len()).step_by(2).map(|i| u8::from_str_radix(&line[i..i + 2], 16).unwrap()).collect();
             let message = NetlinkMessages::new(&datagram).next().unwrap().unwrap();
             assert_eq!(message.message_type, NFT_TRACE_TYPE);
             let (mut network, mut transport) = (None, None);
@@ -216,31 +192,17 @@ fn captured_datagrams() -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
 fn captured_trace_datagrams_are_what_the_builder_makes() {
     let captured = captured_datagrams();
     assert_eq!(captured.len(), 18);
-    assert_eq!(
-        captured
-            .iter()
-            .filter(|(_, prefix)| prefix.is_some())
-            .count(),
-        6
-    );
+    assert_eq!(captured.iter().filter(|(_, prefix)| prefix.is_some()).count(), 6);
     // The builder lays out a first event as the kernel does: same attribute types, same order.
     let kinds = |datagram: &[u8]| -> Vec<u16> {
         let message = NetlinkMessages::new(datagram).next().unwrap().unwrap();
-        Attributes::new(&message.payload[4..])
-            .map(|a| a.unwrap().kind)
-            .collect()
+        Attributes::new(&message.payload[4..]).map(|a| a.unwrap().kind).collect()
     };
     let (first, prefix) = &captured[0];
     let built = nft_trace_message(prefix.as_ref().unwrap(), [0; 4], TraceEvent::FirstRule);
     assert_eq!(kinds(first), kinds(&built));
-    assert_eq!(
-        kinds(&captured[1].0),
-        kinds(&nft_trace_message(&[0x45], [0; 4], TraceEvent::ChainEnd))
-    );
-    assert_eq!(
-        kinds(&captured[2].0),
-        kinds(&nft_trace_message(&[0x45], [0; 4], TraceEvent::Policy))
-    );
+    assert_eq!(kinds(&captured[1].0), kinds(&nft_trace_message(&[0x45], [0; 4], TraceEvent::ChainEnd)));
+    assert_eq!(kinds(&captured[2].0), kinds(&nft_trace_message(&[0x45], [0; 4], TraceEvent::Policy)));
 }
 
 #[test]
@@ -280,26 +242,11 @@ fn trace_filter_agrees_with_libpcap_on_nft_trace_headers() {
                 rejected += 1;
             }
             // Never hides a packet the selection takes.
-            assert!(
-                !compiled.matches(packet) || expected,
-                "'{expression}' on {name}"
-            );
-            check(
-                name,
-                &nft_trace_message(packet, id, TraceEvent::FirstRule),
-                expected,
-            );
+            assert!(!compiled.matches(packet) || expected, "'{expression}' on {name}");
+            check(name, &nft_trace_message(packet, id, TraceEvent::FirstRule), expected);
             // The hook's later events carry no headers: the id decides.
-            check(
-                name,
-                &nft_trace_message(packet, id, TraceEvent::ChainEnd),
-                expected,
-            );
-            check(
-                name,
-                &nft_trace_message(packet, id, TraceEvent::Policy),
-                expected,
-            );
+            check(name, &nft_trace_message(packet, id, TraceEvent::ChainEnd), expected);
+            check(name, &nft_trace_message(packet, id, TraceEvent::Policy), expected);
         }
         let mut first_verdict = None;
         for (i, (datagram, prefix)) in captured.iter().enumerate() {
@@ -314,12 +261,7 @@ fn trace_filter_agrees_with_libpcap_on_nft_trace_headers() {
             check(&format!("captured datagram {i}"), datagram, expected);
         }
     }
-    assert!(
-        mismatches.is_empty(),
-        "{} mismatches:\n{}",
-        mismatches.len(),
-        mismatches.join("\n")
-    );
+    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
     assert!(expressions.len() >= 20 && packets.len() >= 15);
     assert!(
         decided > 1000 && undecided > 0 && accepted > 150 && rejected > 150,
@@ -342,18 +284,9 @@ fn nft_events_without_headers_follow_their_trace_id() {
     assert!(filter.keeps(&nft_trace_message(dns, accepted, TraceEvent::FirstRule)));
     assert!(!filter.keeps(&nft_trace_message(ntp, rejected, TraceEvent::FirstRule)));
     for event in [TraceEvent::ChainEnd, TraceEvent::Policy] {
-        assert!(
-            filter.keeps(&nft_trace_message(dns, accepted, event)),
-            "accepted id"
-        );
-        assert!(
-            !filter.keeps(&nft_trace_message(ntp, rejected, event)),
-            "rejected id"
-        );
-        assert!(
-            filter.keeps(&nft_trace_message(ntp, unknown, event)),
-            "unknown id"
-        );
+        assert!(filter.keeps(&nft_trace_message(dns, accepted, event)), "accepted id");
+        assert!(!filter.keeps(&nft_trace_message(ntp, rejected, event)), "rejected id");
+        assert!(filter.keeps(&nft_trace_message(ntp, unknown, event)), "unknown id");
     }
     // At the next hook the same skb's first event has headers again, perhaps rewritten by NAT:
     // the id's verdict still decides.
@@ -362,20 +295,10 @@ fn nft_events_without_headers_follow_their_trace_id() {
     // A datagram is kept when any message is wanted; NLMSG_DONE is neutral; acks pass.
     let batch = |messages: &[&[u8]]| messages.concat();
     let rejected_event = nft_trace_message(ntp, rejected, TraceEvent::Policy);
-    assert!(filter.keeps(&batch(&[
-        &rejected_event,
-        &nft_trace_message(dns, accepted, TraceEvent::Policy)
-    ])));
+    assert!(filter.keeps(&batch(&[&rejected_event, &nft_trace_message(dns, accepted, TraceEvent::Policy)])));
     assert!(!filter.keeps(&batch(&[&rejected_event, &nlmsg_done()])));
     assert!(filter.keeps(&batch(&[&rejected_event, &nlmsg_ack()])));
-    assert_eq!(
-        filter.counters().unwrap(),
-        FilterCounters {
-            seen: 13,
-            passed: 8,
-            dropped: 5
-        }
-    );
+    assert_eq!(filter.counters().unwrap(), FilterCounters { seen: 13, passed: 8, dropped: 5 });
 }
 
 #[test]
@@ -384,8 +307,7 @@ fn selections_past_the_copied_headers_keep_nft_events() {
         return;
     }
     let payload = b"GET / HTTP/1.1\r\n";
-    let request = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 7)
-        .packet(&tcp(40000, 80, 1, 1, TCP_ACK, payload));
+    let request = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 7).packet(&tcp(40000, 80, 1, 1, TCP_ACK, payload));
     let other = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 8).packet(&tcp(
         40000,
         80,
@@ -407,39 +329,20 @@ fn selections_past_the_copied_headers_keep_nft_events() {
         assert_eq!(compiled.matches(&other), expression == "len < 100");
     }
     let (_, mut filter) = load_filter("udp[8:4] == 0x47455420");
-    assert!(!filter.keeps(&nft_trace_message(
-        &request,
-        trace_id(9),
-        TraceEvent::FirstRule
-    )));
+    assert!(!filter.keeps(&nft_trace_message(&request, trace_id(9), TraceEvent::FirstRule)));
     // IP options past 40 bytes: the transport header does not follow the copied network header.
     let mut long_options = Ipv4::new(v4("10.0.0.1"), v4("10.0.0.2"), TCP, 9);
     long_options.options = vec![1; 24]; // NOPs: IHL 11
     let packet = long_options.packet(&tcp(1, 22, 1, 1, TCP_SYN, &[]));
     let headers = CopiedHeaders::of(&packet);
-    assert_eq!(
-        (headers.network.len(), headers.packet_prefix().len()),
-        (40, 40)
-    );
+    assert_eq!((headers.network.len(), headers.packet_prefix().len()), (40, 40));
     let (compiled, mut filter) = load_filter("tcp dst port 22");
     assert!(compiled.matches(&packet));
-    assert!(filter.keeps(&nft_trace_message(
-        &packet,
-        trace_id(10),
-        TraceEvent::FirstRule
-    )));
+    assert!(filter.keeps(&nft_trace_message(&packet, trace_id(10), TraceEvent::FirstRule)));
     let (_, mut filter) = load_filter("tcp dst port 23");
-    assert!(filter.keeps(&nft_trace_message(
-        &packet,
-        trace_id(11),
-        TraceEvent::FirstRule
-    )));
+    assert!(filter.keeps(&nft_trace_message(&packet, trace_id(11), TraceEvent::FirstRule)));
     let (_, mut filter) = load_filter("udp");
-    assert!(!filter.keeps(&nft_trace_message(
-        &packet,
-        trace_id(12),
-        TraceEvent::FirstRule
-    )));
+    assert!(!filter.keeps(&nft_trace_message(&packet, trace_id(12), TraceEvent::FirstRule)));
 }
 
 /// The eBPF filter and the userspace fallback over one corpus of nflog and nftables trace
@@ -453,26 +356,12 @@ fn userspace_filter_decides_as_the_kernel_does() {
     let mut corpus: Vec<Vec<u8>> = Vec::new();
     for (n, (_, packet)) in packets.iter().enumerate() {
         corpus.push(nflog_message(packet));
-        corpus.push(nft_trace_message(
-            packet,
-            trace_id(n),
-            TraceEvent::FirstRule,
-        ));
+        corpus.push(nft_trace_message(packet, trace_id(n), TraceEvent::FirstRule));
         corpus.push(nft_trace_message(packet, trace_id(n), TraceEvent::Policy));
-        corpus.push(
-            [
-                nft_trace_message(packet, trace_id(n + 100), TraceEvent::ChainEnd),
-                nlmsg_done(),
-            ]
-            .concat(),
-        );
+        corpus.push([nft_trace_message(packet, trace_id(n + 100), TraceEvent::ChainEnd), nlmsg_done()].concat());
         corpus.push([nflog_message(packet), nlmsg_ack()].concat());
     }
-    corpus.extend(
-        captured_datagrams()
-            .into_iter()
-            .map(|(datagram, _)| datagram),
-    );
+    corpus.extend(captured_datagrams().into_iter().map(|(datagram, _)| datagram));
     corpus.push(nlmsg_done());
     corpus.push(nlmsg_ack());
     let mut truncated = nft_trace_message(&packets[0].1, trace_id(999), TraceEvent::FirstRule);
@@ -482,11 +371,7 @@ fn userspace_filter_decides_as_the_kernel_does() {
         let (_, mut filter) = load_filter(expression);
         let mut userspace = UserspaceFilter::new(CompiledFilter::compile(expression).unwrap());
         for (i, datagram) in corpus.iter().enumerate() {
-            assert_eq!(
-                filter.keeps(datagram),
-                userspace.keep(datagram),
-                "'{expression}' on datagram {i}"
-            );
+            assert_eq!(filter.keeps(datagram), userspace.keep(datagram), "'{expression}' on datagram {i}");
         }
     }
 }
