@@ -227,7 +227,7 @@ fn trace_instrumented(
     let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft())?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    // A short queue: a backlog waits in the kernel's receive buffer (64 MiB, counted as overruns
+    // A short queue: a backlog waits in the kernel's receive buffer (large; counted as overruns
     // when it overflows), not in iptrace's memory.
     let (datagrams_tx, datagrams_rx) = mpsc::sync_channel::<Vec<Bytes>>(DATAGRAM_BATCHES_QUEUED);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<(), RunError>>();
@@ -245,7 +245,7 @@ fn trace_instrumented(
         thread::Builder::new()
             .name("iptrace-process".into())
             .spawn(move || {
-                let result = process(datagrams_rx, Decoder::new(), resolver, out, &stats, count, linger, out_ifindex);
+                let result = process(datagrams_rx, resolver, out, &stats, count, linger, out_ifindex);
                 let _ = done_tx.send(result);
             })
             .map_err(|e| RunError::Thread("processing", e))?
@@ -507,7 +507,6 @@ fn keep_datagram(filter: Option<&mut UserspaceFilter>, datagram: &[u8], stats: &
 #[expect(clippy::too_many_arguments, reason = "the processing thread's whole set-up, moved in once")]
 fn process(
     rx: mpsc::Receiver<Vec<Bytes>>,
-    mut decoder: Decoder,
     mut resolver: Resolver,
     out: Box<dyn Write + Send>,
     stats: &Stats,
@@ -516,6 +515,7 @@ fn process(
     out_ifindex: Option<u32>,
 ) -> Result<(), RunError> {
     let mut out = io::BufWriter::with_capacity(1 << 16, out);
+    let mut decoder = Decoder::new();
     let mut correlator = Correlator::new(linger);
     let mut names = KernelInterfaceNames::default();
     let mut events = Vec::new();
