@@ -504,7 +504,6 @@ fn keep_datagram(filter: Option<&mut UserspaceFilter>, datagram: &[u8], stats: &
 }
 
 /// Decode → correlate → resolve → render, until the reader stops or `count` packets are shown.
-#[expect(clippy::too_many_arguments, reason = "the processing thread's whole set-up, moved in once")]
 fn process(
     rx: mpsc::Receiver<Vec<Bytes>>,
     mut resolver: Resolver,
