@@ -217,27 +217,16 @@ fn only_selected_nftables_trace_events_reach_userspace() {
         }\n",
     )
     .unwrap();
-    let ns = lab.ns(Role::Router);
-    let mut tracer = Tracer::start(&["--netns", &ns, "--stats", "-v", "-4", "udp port 9999"]);
-    assert!(tracer.ready().contains("nftables"), "{}", tracer.ready());
-    tracer.wait_for_stderr("eBPF socket filter attached");
-    let client = SocketAddr::new(addr::CLIENT, 0);
-    lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected", 10_000).unwrap();
-    for _ in 0..10 {
-        lab.udp(Role::Client, client, SocketAddr::new(addr::SERVER, 9999), b"selected").unwrap();
-    }
-    thread::sleep(Duration::from_millis(500));
-    let out = tracer.stop(libc::SIGTERM);
-    assert!(out.status.success(), "{out:?}");
-    let all = blocks(&out.stdout);
-    assert_eq!(all.len(), 10, "{}", out.stdout);
+    let (all, stderr) = run_flood(&lab, &["-4"]);
+    assert!(stderr.contains("(IPv4; nftables)"), "{stderr}");
+    assert_eq!(all.len(), 10, "{all:#?}");
     for b in &all {
         assert!(b.packet.contains("DPT=9999"), "{}", b.packet);
         assert!(b.body().contains("nft inet someone port_forward"), "{}", b.body());
         assert!(b.body().contains("~ DPT 9999 -> 9998"), "{}", b.body());
         assert!(b.body().contains("nft inet someone forward_filter\n                policy drop"), "{}", b.body());
     }
-    let passed = stat(&out.stderr, "selection (eBPF)", " passed");
-    assert!(stat(&out.stderr, "selection (eBPF)", " dropped") >= 10_000, "{}", out.stderr);
-    assert_eq!(stat(&out.stderr, "stats: ", " datagrams,"), passed + userspace_seen(&out.stderr), "{}", out.stderr);
+    let passed = stat(&stderr, "selection (eBPF)", " passed");
+    assert!(stat(&stderr, "selection (eBPF)", " dropped") >= 10_000, "{stderr}");
+    assert_eq!(stat(&stderr, "stats: ", " datagrams,"), passed + userspace_seen(&stderr), "{stderr}");
 }
