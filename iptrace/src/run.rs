@@ -425,7 +425,10 @@ impl Signals {
 /// kernel has already queued (for at most `DRAIN_LIMIT`) so that those packets are still shown.
 /// Each datagram lands in one scratch buffer, zeroed once, and is copied into the shared chunk:
 /// a copy of its few hundred bytes, where zeroing a fresh 128 KiB per receive cost more than
-/// all else.
+/// all else. When it had to wait for a datagram (a trickle: one traced flow), it then lets the
+/// others of that burst queue up for `GATHER` before taking them, so that the two threads wake
+/// once per burst instead of once per message; at full rate the queue is never empty and it
+/// never waits.
 /// With `userspace_filter`, unselected datagrams are dropped here, as the eBPF filter drops them
 /// in the kernel once `kernel_selects`.
 fn read_datagrams(
@@ -441,6 +444,7 @@ fn read_datagrams(
     const MAX_DATAGRAM: usize = 1 << 17;
     const MAX_BATCH: usize = 256;
     const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+    const GATHER: Duration = Duration::from_millis(2);
     let mut chunk = BytesMut::with_capacity(CHUNK);
     let mut scratch = vec![0u8; MAX_DATAGRAM];
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -452,8 +456,14 @@ fn read_datagrams(
         if drain_deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        let wait = batch.is_empty() && drain_deadline.is_none();
-        let received = if wait { socket.receive(&mut scratch) } else { socket.receive_queued(&mut scratch) };
+        let mut woke = false;
+        let received = match socket.receive_queued(&mut scratch) {
+            Ok(Received::Idle) if batch.is_empty() && drain_deadline.is_none() => {
+                woke = true;
+                socket.receive(&mut scratch)
+            }
+            other => other,
+        };
         let queue_empty = match received {
             Ok(Received::Datagram(n)) => {
                 stats.datagrams.fetch_add(1, Ordering::Relaxed);
@@ -478,6 +488,9 @@ fn read_datagrams(
                 break;
             }
         };
+        if woke && !queue_empty {
+            thread::sleep(GATHER);
+        }
         if !batch.is_empty()
             && (queue_empty || batch.len() == MAX_BATCH)
             && tx.send(std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH))).is_err()
