@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::{
     backend::{self, BackendChoice, BackendError, Backends},
-    bpf::{self, BpfError, PinnedPrefilter, TraceSocketFilter},
+    bpf::{self, BpfError, TraceSocketFilter},
     capture::{CaptureError, Received, TraceSocket, UserspaceFilter},
     correlate::{Correlator, PacketTrace},
     decode::{Decoder, Family},
@@ -346,7 +346,7 @@ fn pin_prefilter(filter: &CompiledFilter) -> Result<Prefilter, RunError> {
     let path = std::path::Path::new(bpf::PIN_DIR).join(format!("prefilter-{}-{}", owner.pid, owner.start));
     instrumentation.record_pin(path.clone())?;
     drop(active);
-    PinnedPrefilter::load_and_pin(filter.instructions(), &path)?;
+    bpf::pin_xt_prefilter(filter.instructions(), &path)?;
     Ok(Prefilter::XtBpf(XtBpfProgram::Pinned(path)))
 }
 

@@ -8,7 +8,7 @@
 //!   kernel calls it from `sk_filter_trim_cap()` in `netlink_unicast()` before the datagram is
 //!   queued, or the nftables trace group, where `do_one_broadcast()` calls it for each listener.
 //!   An unselected trace event costs no receive-buffer space.
-//! - [`PinnedPrefilter`] pins `xt_prefilter` for iptables' `-m bpf --object-pinned`
+//! - [`pin_xt_prefilter`] pins `xt_prefilter` for iptables' `-m bpf --object-pinned`
 //!   (`xt_bpf` mode 1, `bpf_mt_v1()`), for selections longer than xt_bpf's 64 inline instructions.
 //!
 //! Minimum kernel: 5.17 for `bpf_loop` (the interpreter's loop). Everything else is older:
@@ -85,12 +85,6 @@ pub enum BpfError {
         path: PathBuf,
         #[source]
         source: PinError,
-    },
-    #[error("could not unpin the prefilter at {}", path.display())]
-    Unpin {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
     },
     #[error("could not inspect the filesystem at /sys/fs/bpf (statfs)")]
     Statfs(#[source] io::Error),
@@ -185,38 +179,15 @@ impl TraceSocketFilter {
     }
 }
 
-/// `xt_prefilter` pinned on the bpf filesystem for `iptables -m bpf --object-pinned PATH`.
-///
-/// Dropping this value leaves the pin (and so the program) in place: the rule refers to the
-/// path, and xt_bpf re-resolves it whenever the table changes.
-#[derive(Debug)]
-pub struct PinnedPrefilter {
-    path: PathBuf,
-}
-
-impl PinnedPrefilter {
-    /// Loads `xt_prefilter` with `program` and pins it at `path` (`BPF_OBJ_PIN`), which must
-    /// be on a bpf filesystem (see [`ensure_bpffs`] and [`PIN_DIR`]).
-    pub fn load_and_pin(program: &[CbpfInsn], path: &Path) -> Result<Self, BpfError> {
-        let mut ebpf = load_object(non_empty(program)?, 0)?;
-        load_socket_filter(&mut ebpf, XT_PREFILTER_PROGRAM)?
-            .pin(path)
-            .map_err(|source| BpfError::Pin { path: path.to_owned(), source })?;
-        Ok(Self { path: path.to_owned() })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Removes the pin, which unloads the program once nothing else holds it.
-    ///
-    /// Delete the iptables rule that names the path first: iptables-legacy resubmits the whole
-    /// table on every change and xt_bpf's `bpf_mt_check_v1()` re-resolves each pinned path, so
-    /// a rule whose pin is gone makes every later change to that table fail with ENOENT.
-    pub fn unpin(self) -> Result<(), BpfError> {
-        fs::remove_file(&self.path).map_err(|source| BpfError::Unpin { path: self.path, source })
-    }
+/// Loads `xt_prefilter` with `program` and pins it at `path` (`BPF_OBJ_PIN`), which must be on
+/// a bpf filesystem (see [`ensure_bpffs`] and [`PIN_DIR`]). The pin keeps the program loaded
+/// for the rule that names the path; whoever put the rule in place removes the pin after the
+/// rule (the instrument stage, which recorded the path before pinning).
+pub fn pin_xt_prefilter(program: &[CbpfInsn], path: &Path) -> Result<(), BpfError> {
+    let mut ebpf = load_object(non_empty(program)?, 0)?;
+    load_socket_filter(&mut ebpf, XT_PREFILTER_PROGRAM)?
+        .pin(path)
+        .map_err(|source| BpfError::Pin { path: path.to_owned(), source })
 }
 
 /// Mounts the bpf filesystem at `/sys/fs/bpf` unless it is already there, and creates

@@ -727,7 +727,7 @@ fn invalid_programs_are_refused_before_loading() {
         matches!(TraceSocketFilter::load(Some(&too_long), false), Err(BpfError::ProgramTooLong { len }) if len == MAX_CBPF_INSNS + 1)
     );
     assert!(matches!(TraceSocketFilter::load(Some(&[]), false), Err(BpfError::EmptyProgram)));
-    assert!(matches!(PinnedPrefilter::load_and_pin(&[], Path::new("/nonexistent")), Err(BpfError::EmptyProgram)));
+    assert!(matches!(pin_xt_prefilter(&[], Path::new("/nonexistent")), Err(BpfError::EmptyProgram)));
 }
 
 #[test]
@@ -797,8 +797,7 @@ fn prefilter_pins_runs_from_the_pin_and_unpins() {
     ensure_bpffs().unwrap(); // idempotent: no second mount
     let compiled = CompiledFilter::compile(&port_list(1000..1040)).unwrap();
     let path = Path::new(PIN_DIR).join(format!("test-{}", std::process::id()));
-    let pinned = PinnedPrefilter::load_and_pin(compiled.instructions(), &path).unwrap();
-    assert_eq!(pinned.path(), path);
+    pin_xt_prefilter(compiled.instructions(), &path).unwrap();
 
     let from_pin = SocketFilter::from_pin(&path).unwrap();
     let packet =
@@ -806,7 +805,7 @@ fn prefilter_pins_runs_from_the_pin_and_unpins() {
     assert_ne!(test_run(&from_pin, &packet(1039)), 0);
     assert_eq!(test_run(&from_pin, &packet(1040)), 0);
 
-    pinned.unpin().unwrap();
+    std::fs::remove_file(&path).unwrap();
     assert!(!path.exists());
 }
 
