@@ -2,7 +2,7 @@
 //! from the lab router (instrumented the way iptrace instruments it, through its own library),
 //! and the router's `iptables-legacy-save` output taken while instrumented, for resolve.
 //!
-//! Datagram file format: each datagram as a little-endian u32 length, then its bytes.
+//! The datagrams are written in `iptrace::capture::recording` format.
 
 use std::{
     fs, io,
@@ -17,7 +17,7 @@ use std::{
 };
 
 use iptrace::{
-    capture::{Received, TraceSocket},
+    capture::{Received, TraceSocket, recording},
     decode::Family,
     instrument::{Instrumentation, Marker, Prefilter, TracePlan},
     lab::Role,
@@ -97,8 +97,7 @@ pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, us
         if bytes.len() + 4 + d.len() > MAX_BYTES {
             break;
         }
-        bytes.extend_from_slice(&u32::try_from(d.len()).unwrap_or(u32::MAX).to_le_bytes());
-        bytes.extend_from_slice(d);
+        recording::append(&mut bytes, d);
         kept += 1;
     }
     let write = |name: &str, data: &[u8]| {

@@ -17,6 +17,7 @@ use std::{
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use iptrace::{
+    capture::recording,
     correlate::{Correlator, PacketTrace},
     decode::{Decoder, Family, TraceEvent},
     render::{InterfaceNames, render_packet},
@@ -29,14 +30,7 @@ const SAVED_RULES: &str = include_str!("corpus/router-rules.v4");
 const LINGER: Duration = Duration::from_millis(50);
 
 fn datagrams() -> Vec<&'static [u8]> {
-    let mut out = Vec::new();
-    let mut rest = DATAGRAMS;
-    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
-        let len = u32::from_le_bytes(*len) as usize;
-        out.push(&tail[..len]);
-        rest = &tail[len..];
-    }
-    out
+    recording::datagrams(DATAGRAMS).collect()
 }
 
 fn decode_all(datagrams: &[&[u8]]) -> Vec<TraceEvent> {

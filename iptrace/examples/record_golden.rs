@@ -1,6 +1,6 @@
 //! Records real nfnetlink_log TRACE datagrams for iptrace's golden-file tests: builds the demo
 //! lab, traces a ping (SNATed), a TCP connection and an ICMPv6 echo through its router, and
-//! writes every datagram as received (u32 native-endian length, then the bytes), the router's
+//! writes every datagram as received (`iptrace::capture::recording`), the router's
 //! rule sets as ip{,6}tables-legacy-save printed them, and its interface names by index.
 //!
 //! `cargo run -p iptrace --example record_golden -- iptrace/tests/golden` (root).
@@ -13,7 +13,7 @@ use std::{
 };
 
 use iptrace::{
-    capture::{Received, TraceSocket},
+    capture::{Received, TraceSocket, recording},
     decode::Family,
     demo::load_sample_rules,
     lab::{Lab, Role, addr},
@@ -53,8 +53,7 @@ fn main() -> anyhow::Result<()> {
     let datagrams = recorder.join().map_err(|_| anyhow::anyhow!("recorder panicked"))??;
     let mut bytes = Vec::new();
     for d in &datagrams {
-        bytes.extend_from_slice(&u32::try_from(d.len())?.to_ne_bytes());
-        bytes.extend_from_slice(d);
+        recording::append(&mut bytes, d);
     }
     std::fs::write(out.join("router-trace.bin"), bytes)?;
     for (save, file) in [("iptables-legacy-save", "router-rules.txt"), ("ip6tables-legacy-save", "router-rules6.txt")] {

@@ -5,6 +5,7 @@
 use std::{collections::HashMap, time::Instant};
 
 use iptrace::{
+    capture::recording,
     correlate::Correlator,
     decode::{Decoder, Family, Hook, Origin, Table, TraceEvent, TraceKind},
     render::{InterfaceNames, render_packet},
@@ -18,15 +19,8 @@ const LINKS: &str = include_str!("golden/router-links.txt");
 /// The same steps the live-kernel test of the demo lab expects.
 const EXPECTED_PING: &str = include_str!("golden/icmp-from-normal-client.txt");
 
-fn datagrams() -> Vec<&'static [u8]> {
-    let mut rest = TRACE;
-    let mut out = Vec::new();
-    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
-        let len = u32::from_ne_bytes(*len) as usize;
-        out.push(&tail[..len]);
-        rest = &tail[len..];
-    }
-    out
+fn datagrams() -> impl Iterator<Item = &'static [u8]> {
+    recording::datagrams(TRACE)
 }
 
 struct RecordedNames(HashMap<u32, String>);

@@ -11,6 +11,7 @@
 //! tables of both engines. Two sockets would lose that order.
 
 mod owner;
+pub mod recording;
 mod userspace_filter;
 
 use std::{
