@@ -5,5 +5,6 @@
 
 pub mod cbpf;
 pub mod filter;
+pub mod message;
 #[rustfmt::skip]
 pub mod uapi;

@@ -16,16 +16,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 
+use iptrace_common::message::{NFT_TRACE_TYPE, NFULNL_PACKET_TYPE};
+
 use crate::{nflog, nftrace};
 
 /// `sizeof(struct nlmsghdr)`.
 pub const NLMSG_HDRLEN: u32 = 16;
 /// Ends a multipart batch.
 const NLMSG_DONE: u16 = 3;
-/// `(NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET`.
-const NFULNL_MSG_PACKET: u16 = 0x0400;
-/// `(NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_TRACE`.
-const NFT_MSG_TRACE: u16 = 0x0a11;
 /// `sizeof(struct nfgenmsg)`.
 pub const NFGENMSG_LEN: u32 = 4;
 /// `sizeof(struct nlattr)`.
@@ -150,11 +148,11 @@ impl DatagramWalk {
         }
         self.messages += 1;
         match u16::from_ne_bytes([t0, t1]) {
-            NFULNL_MSG_PACKET => {
+            NFULNL_PACKET_TYPE => {
                 self.judged_messages += 1;
                 self.wanted |= nflog::packet_message_wanted(self.skb, self.offset, message_len);
             }
-            NFT_MSG_TRACE => {
+            NFT_TRACE_TYPE => {
                 self.judged_messages += 1;
                 self.wanted |= nftrace::trace_message_wanted(self.skb, self.offset, message_len);
             }

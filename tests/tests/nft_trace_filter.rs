@@ -16,15 +16,11 @@ use iptrace::{
     decode::netlink::{Attributes, NetlinkMessages},
     filter::CompiledFilter,
 };
+use iptrace_common::{
+    message::NFT_TRACE_TYPE,
+    uapi::{NFNLGRP_NFTRACE, NFTA_TRACE_ID, NFTA_TRACE_NETWORK_HEADER, NFTA_TRACE_TRANSPORT_HEADER},
+};
 use iptrace_tests::{Role, addr, lab, require_root};
-
-const SOL_NETLINK: libc::c_int = 270;
-const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
-const NFNLGRP_NFTRACE: u32 = 9;
-const NFT_TRACE_TYPE: u16 = 0x0a11;
-const NFTA_TRACE_ID: u16 = 6;
-const NFTA_TRACE_NETWORK_HEADER: u16 = 8;
-const NFTA_TRACE_TRANSPORT_HEADER: u16 = 9;
 
 /// A NETLINK_NETFILTER socket in the calling thread's netns, bound, then joined to the nftables
 /// trace group (an unbound socket receives nothing, kernel-interfaces §5.1).
@@ -43,7 +39,8 @@ fn open_trace_socket() -> io::Result<OwnedFd> {
     let bound = unsafe { libc::bind(fd, (&raw const address).cast(), mem::size_of_val(&address) as u32) };
     let group = NFNLGRP_NFTRACE;
     // SAFETY: `group` is a u32 of the length given.
-    let joined = unsafe { libc::setsockopt(fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, (&raw const group).cast(), 4) };
+    let joined =
+        unsafe { libc::setsockopt(fd, libc::SOL_NETLINK, libc::NETLINK_ADD_MEMBERSHIP, (&raw const group).cast(), 4) };
     if bound != 0 || joined != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -99,7 +96,7 @@ fn only_selected_nft_trace_events_reach_the_socket() {
         let (mut id, mut network, mut transport) = (None, None, None);
         for attribute in Attributes::new(&message.payload[4..]) {
             let attribute = attribute.unwrap();
-            match attribute.kind {
+            match u32::from(attribute.kind) {
                 NFTA_TRACE_ID => id = Some(attribute.value.to_vec()),
                 NFTA_TRACE_NETWORK_HEADER => network = Some(attribute.value),
                 NFTA_TRACE_TRANSPORT_HEADER => transport = Some(attribute.value),

@@ -20,7 +20,7 @@ use iptrace_common::{
         MAX_TRACE_ATTRIBUTES, PACKET_VERDICTS_MAX_ENTRIES, PacketPrefix, TRACE_ID_VERDICTS_MAX_ENTRIES,
         TRACE_NETWORK_HEADER_MAX, TRACE_TRANSPORT_HEADER_MAX, packet_key, transport_follows_network,
     },
-    uapi::{NFNL_SUBSYS_NFTABLES, NFTA_TRACE_ID, NFTA_TRACE_NETWORK_HEADER, NFTA_TRACE_TRANSPORT_HEADER, NLMSG_DONE},
+    uapi::{NFTA_TRACE_ID, NFTA_TRACE_NETWORK_HEADER, NFTA_TRACE_TRANSPORT_HEADER, NLMSG_DONE},
 };
 
 use crate::{
@@ -28,14 +28,11 @@ use crate::{
         DecodeError,
         netlink::{Attributes, NetlinkMessage, NetlinkMessages},
         nflog::{NFULNL_PACKET_TYPE, NflogPacket},
+        nftrace::NFT_TRACE_TYPE,
     },
     filter::CompiledFilter,
 };
 
-/// `NFT_MSG_TRACE` in `enum nf_tables_msg_types` (not in the installed uapi header's bindings).
-const NFT_MSG_TRACE: u16 = 17;
-/// `nlmsg_type` of an nftables trace event: `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_TRACE` = 0x0a11.
-pub const NFT_TRACE_TYPE: u16 = ((NFNL_SUBSYS_NFTABLES as u16) << 8) | NFT_MSG_TRACE;
 /// `sizeof(struct nfgenmsg)`, before a trace message's attributes.
 const NFGENMSG_LEN: usize = 4;
 

@@ -1,8 +1,8 @@
 //! nfnetlink_log packet messages (`NFULNL_MSG_PACKET`), borrowed from the received datagram.
 
 use iptrace_common::uapi::{
-    NFNL_SUBSYS_ULOG, NFULA_IFINDEX_INDEV, NFULA_IFINDEX_OUTDEV, NFULA_IFINDEX_PHYSINDEV, NFULA_IFINDEX_PHYSOUTDEV,
-    NFULA_MARK, NFULA_PACKET_HDR, NFULA_PAYLOAD, NFULA_PREFIX, NFULA_SEQ_GLOBAL, NFULA_TIMESTAMP, NFULNL_MSG_PACKET,
+    NFULA_IFINDEX_INDEV, NFULA_IFINDEX_OUTDEV, NFULA_IFINDEX_PHYSINDEV, NFULA_IFINDEX_PHYSOUTDEV, NFULA_MARK,
+    NFULA_PACKET_HDR, NFULA_PAYLOAD, NFULA_PREFIX, NFULA_SEQ_GLOBAL, NFULA_TIMESTAMP,
 };
 
 use super::{
@@ -10,8 +10,7 @@ use super::{
     netlink::{Attributes, NetlinkMessage},
 };
 
-/// `nlmsg_type` of a logged packet: `NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_PACKET` = 0x0400.
-pub const NFULNL_PACKET_TYPE: u16 = ((NFNL_SUBSYS_ULOG as u16) << 8) | NFULNL_MSG_PACKET as u16;
+pub use iptrace_common::message::NFULNL_PACKET_TYPE;
 
 /// The attributes of one logged packet (kernel-interfaces §4.2); all integers decoded from
 /// big-endian, the payload and prefix borrowed.

@@ -5,6 +5,7 @@
 use iptrace_common::{
     cbpf::{self, Outcome},
     filter::PacketPrefix,
+    message::NFT_TRACE_TYPE,
     uapi::{
         NFT_TRACETYPE_POLICY, NFT_TRACETYPE_RULE, NFTA_TRACE_CHAIN, NFTA_TRACE_ID, NFTA_TRACE_IIF, NFTA_TRACE_IIFTYPE,
         NFTA_TRACE_LL_HEADER, NFTA_TRACE_NETWORK_HEADER, NFTA_TRACE_NFPROTO, NFTA_TRACE_POLICY, NFTA_TRACE_RULE_HANDLE,
@@ -18,7 +19,6 @@ use crate::{
     decode::netlink::{Attributes, NetlinkMessages},
 };
 
-const NFT_TRACE_TYPE: u16 = 0x0a11;
 const NFPROTO_INET: u8 = 1;
 const NLA_F_NESTED: u16 = 0x8000;
 const NFTA_VERDICT_CODE: u16 = 1;
