@@ -296,9 +296,30 @@ fn socket_filter<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut S
         .map_err(|source| BpfError::MissingProgram { name, source: Some(source) })
 }
 
-/// Loads (and so verifies) the socket filter `name` of `ebpf`.
+/// Loads (and so verifies) the socket filter `name` of `ebpf`, with signals blocked in this thread.
 fn load_socket_filter<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SocketFilter, BpfError> {
     let program = socket_filter(ebpf, name)?;
-    program.load().map_err(|source| BpfError::Verify { name, source })?;
+    with_signals_blocked(|| program.load()).map_err(|source| BpfError::Verify { name, source })?;
     Ok(program)
+}
+
+/// Runs `f` with every signal blocked in the calling thread, so that the kernel hands signals
+/// sent to the process to its other threads meanwhile.
+///
+/// The verifier gives up with EAGAIN when a signal is pending for the loading thread (`do_check()`
+/// tests `signal_pending(current)`), and aya then verifies again with its log on, up to ten times
+/// as the log outgrows its buffer: a tenfold longer load. The SIGCHLD of an `iptables-save` that
+/// iptrace runs at the same time was enough to make that the usual case.
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigfillset and pthread_sigmask on valid, initialised sigset_t values; the previous
+    // mask is restored before returning.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
+        let result = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        result
+    }
 }
