@@ -1,9 +1,7 @@
-//! A cheap test of whether a legacy table changed: the table blob from `IPT_SO_GET_ENTRIES`
-//! (`do_ipt_get_ctl()`), hashed with every rule's packet and byte counters zeroed, since those
-//! change with every packet while the rules do not.
-//!
-//! `IPT_SO_GET_INFO` alone is not enough: replacing a rule by one of the same size keeps the
-//! entry count and blob size.
+//! Whether a legacy table changed, asked of the kernel (`do_ipt_get_ctl()`): `IPT_SO_GET_INFO`
+//! cheaply sees rules added or removed; the table blob from `IPT_SO_GET_ENTRIES`, with every
+//! rule's packet and byte counters zeroed (they change with every packet while the rules do not),
+//! also sees a rule replaced by one of the same size, at the cost of copying the whole table.
 
 use std::{
     ffi::c_void,
@@ -56,19 +54,29 @@ impl TableProbe {
         Ok(Self { socket: unsafe { OwnedFd::from_raw_fd(fd) }, family })
     }
 
-    /// The table's rule-set fingerprint. The table must exist: asking about a missing table
-    /// loads and registers it.
-    pub fn fingerprint(&self, table: &str) -> io::Result<u64> {
+    /// `IPT_SO_GET_INFO`: cheap, and enough to see rules added or removed. The table must exist:
+    /// asking about a missing table loads and registers it.
+    pub fn info(&self, table: &str) -> io::Result<TableInfo> {
         let mut info = [0u8; GETINFO_LEN];
         write_name(&mut info, table)?;
         self.get(SO_GET_INFO, &mut info)?;
-        let size = u32::from_ne_bytes(info[GETINFO_SIZE_OFFSET..GETINFO_SIZE_OFFSET + 4].try_into().unwrap_or_default())
-            as usize;
+        Ok(TableInfo(info))
+    }
+
+    /// The table's info and its rules as the kernel holds them, counters zeroed: equal for two
+    /// reads exactly when the rules are.
+    pub fn state(&self, table: &str) -> io::Result<TableState> {
+        let info = self.info(table)?;
+        let size =
+            u32::from_ne_bytes(info.0[GETINFO_SIZE_OFFSET..GETINFO_SIZE_OFFSET + 4].try_into().unwrap_or_default())
+                as usize;
         let mut blob = vec![0u8; GET_ENTRIES_HEADER + size];
         write_name(&mut blob, table)?;
         blob[32..36].copy_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_ne_bytes());
+        // EAGAIN if the table changed size since `info`: the caller reads again on its next check.
         self.get(SO_GET_ENTRIES, &mut blob)?;
-        Ok(hash_without_counters(&mut blob[GET_ENTRIES_HEADER..], &layout(self.family)))
+        zero_counters(&mut blob[GET_ENTRIES_HEADER..], &layout(self.family));
+        Ok(TableState { info: Some(info), blob })
     }
 
     fn get(&self, option: libc::c_int, buf: &mut [u8]) -> io::Result<()> {
@@ -94,7 +102,27 @@ fn write_name(buf: &mut [u8], table: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn hash_without_counters(entries: &mut [u8], layout: &EntryLayout) -> u64 {
+/// `struct ipt_getinfo` / `ip6t_getinfo`: the hooks' entry points, the entry count and the
+/// blob's size. It changes when a rule is added or removed, but not when one is replaced by a
+/// rule of the same size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableInfo([u8; GETINFO_LEN]);
+
+/// What [`TableProbe::state`] read: the info and the `struct ipt_get_entries` (name, size,
+/// entries) with the entries' counters zeroed. Empty for a table known only from saved text.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableState {
+    info: Option<TableInfo>,
+    blob: Vec<u8>,
+}
+
+impl TableState {
+    pub fn info(&self) -> Option<TableInfo> {
+        self.info
+    }
+}
+
+fn zero_counters(entries: &mut [u8], layout: &EntryLayout) {
     let mut offset = 0;
     while let Some(next) = entries
         .get(offset + layout.next_offset..offset + layout.next_offset + 2)
@@ -108,8 +136,6 @@ fn hash_without_counters(entries: &mut [u8], layout: &EntryLayout) -> u64 {
         }
         offset += next;
     }
-    // FNV-1a: the blob is a few KiB to a few hundred; no need for anything stronger.
-    entries.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 #[cfg(test)]
@@ -117,7 +143,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counters_do_not_change_the_hash_but_rules_do() {
+    fn counters_do_not_change_the_blob_but_rules_do() {
         let l = layout(Family::Ipv4);
         // Two 112-byte entries with next_offset 112.
         let mut blob = vec![0u8; 224];
@@ -125,12 +151,17 @@ mod tests {
             blob[e + l.next_offset..e + l.next_offset + 2].copy_from_slice(&112u16.to_ne_bytes());
             blob[e] = 10;
         }
-        let base = hash_without_counters(&mut blob.clone(), &l);
+        let zeroed = |mut blob: Vec<u8>| {
+            zero_counters(&mut blob, &l);
+            TableState { info: None, blob }
+        };
+        let base = zeroed(blob.clone());
         let mut counted = blob.clone();
         counted[112 + l.counters] = 99;
-        assert_eq!(hash_without_counters(&mut counted, &l), base);
+        counted[l.counters + 15] = 7;
+        assert_eq!(zeroed(counted), base);
         let mut changed = blob;
         changed[112] = 11;
-        assert_ne!(hash_without_counters(&mut changed, &l), base);
+        assert_ne!(zeroed(changed), base);
     }
 }
