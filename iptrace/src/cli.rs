@@ -24,7 +24,8 @@ With nf_tables tables on the host (nftables or iptables-nft), iptrace adds its o
 iptrace_<pid>_<start>, whose chains at priority -350 set `meta nftrace` for the selected packets
 (a pcap expression selects through an xt_bpf match); legacy tables beside them are traced too. With legacy tables only, it inserts one TRACE rule at
 the top of raw PREROUTING and raw OUTPUT (iptables-legacy and ip6tables-legacy), carrying the
-filter as xt_bpf bytecode. Legacy tables report through nfnetlink_log, bound as the logger. All
+filter as xt_bpf bytecode. A conjunction of simple primitives ('udp dst port 53 and src net
+10.0.0.0/8') is matched with the kernel's own matches instead, which cost less per packet. Legacy tables report through nfnetlink_log, bound as the logger. All
 of it is removed on exit, Ctrl-C, SIGTERM, SIGHUP or a crash; after a SIGKILL, the next run or
 `iptrace --cleanup` does. It needs root.";
 

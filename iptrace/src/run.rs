@@ -196,19 +196,19 @@ fn trace_instrumented(
     } else {
         None
     };
-    // Both markers select in the kernel: the nf_tables table with native matches where nft can
-    // express the selection, and otherwise, like the TRACE rules, with the compiled program in
-    // an xt_bpf match.
-    let native = match backends.marker {
-        Marker::NftTable => options.selection.to_nft_match()?,
-        Marker::TraceRules => None,
-    };
+    // Both markers select in the kernel: with native matches where the marker can express the
+    // selection, and otherwise with the compiled program in an xt_bpf match.
+    let native = options.selection.to_native()?.filter(|n| match backends.marker {
+        Marker::NftTable => n.nft_match().is_some(),
+        Marker::TraceRules => n.fits_xtables(),
+    });
     let prefilter = match (&filter, native) {
         (None, _) => Prefilter::None,
-        (Some(_), Some(matches)) => Prefilter::NftMatch(matches),
+        (Some(_), Some(native)) => Prefilter::Native(native),
         (Some(f), None) if f.fits_xt_bpf() => Prefilter::XtBpf(XtBpfProgram::Bytecode(f.instructions().to_vec())),
         (Some(f), None) => pin_prefilter(f)?,
     };
+    log::info!("marking rules prefilter with {prefilter}");
     let ready = ready_line(options, backends, filter.as_ref());
     let userspace_filter = filter.map(UserspaceFilter::new);
     let plan = TracePlan {

@@ -168,14 +168,29 @@ fn ipv6_through_ip6tables() {
     assert_eq!(reply[0].verdict(), "verdict: ACCEPT at filter FORWARD #1");
 }
 
-/// Packets the expression does not select are not traced at all: the TRACE rule's xt_bpf match
-/// keeps them from being marked, so no nflog message is even sent.
+/// Packets the expression does not select are not traced at all: the TRACE rule's match keeps
+/// them from being marked, so no nflog message is even sent. A conjunction of simple primitives
+/// is matched natively (IPv4 only for an IPv4 address), anything else with xt_bpf.
 #[test]
 fn unselected_packets_send_no_messages() {
     if !require_root("unselected_packets_send_no_messages") {
         return;
     }
     let (lab, _servers) = router("quiet");
+    for (expression, v4_rule, v6_rule) in [
+        ("dst host 172.16.2.2 and udp", "-d 172.16.2.2/32 -p udp -m comment", false),
+        ("udp port 5555 or udp port 5557", "-m bpf --bytecode", true),
+    ] {
+        let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), expression]);
+        let raw = |save: &str| {
+            let out = lab.exec(Role::Router, &[save, "-t", "raw"], "").unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let v4 = raw("iptables-legacy-save");
+        assert!(v4.contains(&format!("-A PREROUTING {v4_rule}")), "{expression}: {v4}");
+        assert_eq!(raw("ip6tables-legacy-save").contains("TRACE"), v6_rule, "{expression}");
+        tracer.stop(libc::SIGTERM);
+    }
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "--stats", "udp port 5555"]);
     lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 1).unwrap();
     lab.tcp(Role::Client, addr::CLIENT, server(22), b"x").unwrap();

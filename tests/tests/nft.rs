@@ -401,8 +401,9 @@ fn nft_table_is_removed_on_sigterm_and_after_sigkill() {
     assert_eq!(firewall_state(&lab, Role::Router), before);
 }
 
-/// The packets counted by iptrace's marking rules: its table's counters, summed.
-fn marked_packets(lab: &Lab, pid: i32) -> u64 {
+/// The packets counted by iptrace's marking rules (its table's counters, summed), after checking
+/// that the table selects with `selector`.
+fn marked_packets(lab: &Lab, pid: i32, selector: &str) -> u64 {
     let tables = lab.exec(Role::Router, &["nft", "list", "tables"], "").unwrap();
     let tables = String::from_utf8_lossy(&tables.stdout).into_owned();
     let name = tables
@@ -411,7 +412,7 @@ fn marked_packets(lab: &Lab, pid: i32) -> u64 {
         .unwrap_or_else(|| panic!("no iptrace table of {pid} in:\n{tables}"));
     let table = lab.exec(Role::Router, &["nft", "list", "table", "inet", name], "").unwrap();
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
-    assert!(table.contains("xt match bpf jump mark_prerouting"), "{table}");
+    assert!(table.contains(selector), "{table}");
     table
         .split("counter packets ")
         .skip(1)
@@ -429,9 +430,9 @@ fn pins_of(pid: i32) -> Vec<String> {
 }
 
 /// 200 packets the expression does not select and 5 it does: the table marks only the 5 (its
-/// xt_bpf match selects in the kernel), and they are exactly the blocks shown.
+/// `selector`, native or xt_bpf, selects in the kernel), and they are exactly the blocks shown.
 /// Returns the tracer's pid.
-fn only_selected_packets_are_marked(lab: &Lab, expression: &str) -> i32 {
+fn only_selected_packets_are_marked(lab: &Lab, expression: &str, selector: &str) -> i32 {
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "--stats", expression]);
     let pid = tracer.pid();
     lab.udp_burst(Role::Client, SocketAddr::new(addr::CLIENT, 0), server(9998), b"not this", 100).unwrap();
@@ -440,7 +441,7 @@ fn only_selected_packets_are_marked(lab: &Lab, expression: &str) -> i32 {
         lab.udp(Role::Client, SocketAddr::new(addr::CLIENT_RESTRICTED, 0), server(9999), b"this").unwrap();
     }
     settle();
-    assert_eq!(marked_packets(lab, pid), 5);
+    assert_eq!(marked_packets(lab, pid, selector), 5);
     let out = tracer.stop(libc::SIGTERM);
     assert!(out.status.success(), "{out:?}");
     let all = blocks(&out.stdout);
@@ -454,7 +455,8 @@ fn only_selected_packets_are_marked(lab: &Lab, expression: &str) -> i32 {
     pid
 }
 
-/// A pcap expression on an nf_tables host: inline xt_bpf bytecode through nft_compat.
+/// A pcap expression on an nf_tables host that one nft rule cannot express ("or"): inline
+/// xt_bpf bytecode through nft_compat.
 #[test]
 fn nft_marker_selects_with_xt_bpf_bytecode() {
     if !require_root("nft_marker_selects_with_xt_bpf_bytecode") {
@@ -463,7 +465,24 @@ fn nft_marker_selects_with_xt_bpf_bytecode() {
     let lab = lab("nftbpf");
     load_sample_nft_rules(&lab).unwrap();
     let ruleset = nft_ruleset(&lab, Role::Router);
-    only_selected_packets_are_marked(&lab, "udp dst port 9999");
+    only_selected_packets_are_marked(
+        &lab,
+        "udp dst port 9999 or udp dst port 9997",
+        "xt match bpf jump mark_prerouting",
+    );
+    assert_eq!(nft_ruleset(&lab, Role::Router), ruleset);
+}
+
+/// A conjunction of simple primitives: the table selects with nf_tables' own matches.
+#[test]
+fn nft_marker_selects_natively() {
+    if !require_root("nft_marker_selects_natively") {
+        return;
+    }
+    let lab = lab("nftnat");
+    load_sample_nft_rules(&lab).unwrap();
+    let ruleset = nft_ruleset(&lab, Role::Router);
+    only_selected_packets_are_marked(&lab, "udp dst port 9999", "udp dport 9999 counter");
     assert_eq!(nft_ruleset(&lab, Role::Router), ruleset);
 }
 
@@ -485,7 +504,7 @@ fn nft_marker_selects_with_a_pinned_prefilter() {
     let before = firewall_state(&lab, Role::Router);
     let ruleset = nft_ruleset(&lab, Role::Router);
 
-    let pid = only_selected_packets_are_marked(&lab, &expression);
+    let pid = only_selected_packets_are_marked(&lab, &expression, "xt match bpf jump mark_prerouting");
     assert!(pins_of(pid).is_empty(), "{:?}", pins_of(pid));
     assert_eq!(nft_ruleset(&lab, Role::Router), ruleset);
     assert_eq!(firewall_state(&lab, Role::Router), before);

@@ -6,11 +6,16 @@
 //! pinned for xt_bpf (longer programs) and at the trace socket, and through libpcap's own
 //! `pcap_offline_filter` when eBPF is unavailable.
 
-use std::{fmt, net::IpAddr};
+mod native;
+
+use std::fmt;
 
 pub use iptrace_common::filter::CbpfInsn;
 use iptrace_common::filter::{MAX_CBPF_INSNS, XT_BPF_MAX_NUM_INSTR};
 use pcap::{Capture, Linktype};
+
+pub use self::native::NativeSelection;
+use self::native::{Direction, Net, Ports, Protocol};
 
 /// `DLT_RAW`: the packet starts at the IP header, which is what xt_bpf, `NFULA_PAYLOAD` and the
 /// nftables network header all carry. (`Linktype::RAW` is LINKTYPE 101, which `pcap_open_dead`
@@ -49,152 +54,81 @@ impl Selection {
     /// The simple options become pcap primitives so that every path (xt_bpf, eBPF, userspace)
     /// applies the same logic.
     pub fn to_expression(&self) -> Result<Option<String>, FilterError> {
+        let options = self.options()?;
         let mut parts = Vec::new();
-        if let Some(expr) = self.expression.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
+        if let Some(expr) = self.user_expression() {
             parts.push(format!("({expr})"));
         }
-        if let Some(src) = &self.source {
-            parts.push(format!("src net {}", net_primitive("--source", src)?));
+        if let Some(net) = options.source {
+            parts.push(format!("src net {net}"));
         }
-        if let Some(dst) = &self.destination {
-            parts.push(format!("dst net {}", net_primitive("--destination", dst)?));
+        if let Some(net) = options.destination {
+            parts.push(format!("dst net {net}"));
         }
-        if let Some(proto) = &self.protocol {
-            parts.push(protocol_primitive(proto)?);
+        if let Some(protocol) = options.protocol {
+            parts.push(protocol.pcap());
         }
-        if let Some(port) = &self.sport {
-            parts.push(format!("src {}", port_primitive("--sport", port)?));
+        if let Some(ports) = options.sport {
+            parts.push(format!("src {}", ports.pcap()));
         }
-        if let Some(port) = &self.dport {
-            parts.push(format!("dst {}", port_primitive("--dport", port)?));
+        if let Some(ports) = options.dport {
+            parts.push(format!("dst {}", ports.pcap()));
         }
         Ok(match parts.len() {
             0 => None,
             // Alone, the user's expression is shown as typed.
-            1 if self.expression.is_some() => self.expression.as_deref().map(|e| e.trim().to_owned()),
+            1 if self.expression.is_some() => self.user_expression().map(str::to_owned),
             _ => Some(parts.join(" and ")),
         })
     }
 
-    /// The selection as native nf_tables matches for iptrace's own table, or `None` when it has a
-    /// pcap expression, which nft cannot express in general: then the table selects with the
-    /// compiled program in an xt_bpf match (through nft_compat), as the TRACE rules do.
-    pub fn to_nft_match(&self) -> Result<Option<String>, FilterError> {
-        if self.expression.as_deref().is_some_and(|e| !e.trim().is_empty()) {
-            return Ok(None);
+    /// The selection as native matches for the marking rules (see [`native`]), or `None` when
+    /// the expression is more than a conjunction of simple primitives.
+    pub fn to_native(&self) -> Result<Option<NativeSelection>, FilterError> {
+        let options = self.options()?;
+        let mut native = Some(NativeSelection::default());
+        if let Some(expr) = self.user_expression() {
+            native = native.and_then(|n| n.with_expression(expr));
         }
-        let mut parts = Vec::new();
-        for (option, value, field) in
-            [("--source", &self.source, "saddr"), ("--destination", &self.destination, "daddr")]
-        {
-            if let Some(value) = value {
-                let net = net_primitive(option, value)?;
-                let family = if net.contains(':') { "ip6" } else { "ip" };
-                parts.push(format!("{family} {field} {net}"));
+        for (direction, net) in [(Direction::Source, options.source), (Direction::Destination, options.destination)] {
+            if let Some(net) = net {
+                native = native.and_then(|n| n.with_net(direction, net));
             }
         }
-        let protocol = self.protocol.as_deref().map(nft_protocol).transpose()?.flatten();
-        let has_ports = self.sport.is_some() || self.dport.is_some();
-        match protocol {
-            Some(p) => parts.push(format!("meta l4proto {p}")),
-            // pcap's `port` means TCP, UDP or SCTP; `th` needs the protocol pinned down.
-            None if has_ports => parts.push("meta l4proto { tcp, udp, sctp }".to_owned()),
-            None => {}
+        if let Some(protocol) = options.protocol {
+            native = native.and_then(|n| n.with_protocol(protocol));
         }
-        for (option, value, field) in [("--sport", &self.sport, "sport"), ("--dport", &self.dport, "dport")] {
-            if let Some(value) = value {
-                let ports = port_primitive(option, value)?;
-                let ports = ports.strip_prefix("portrange ").or_else(|| ports.strip_prefix("port ")).unwrap_or(&ports);
-                parts.push(format!("th {field} {ports}"));
+        for (direction, ports) in [(Direction::Source, options.sport), (Direction::Destination, options.dport)] {
+            if let Some(ports) = ports {
+                native = native.and_then(|n| n.with_ports(direction, ports));
             }
         }
-        Ok(Some(parts.join(" ")))
+        Ok(native)
+    }
+
+    fn user_expression(&self) -> Option<&str> {
+        self.expression.as_deref().map(str::trim).filter(|e| !e.is_empty())
+    }
+
+    /// The simple options, validated.
+    fn options(&self) -> Result<Options, FilterError> {
+        Ok(Options {
+            source: self.source.as_deref().map(|v| Net::parse("--source", v)).transpose()?,
+            destination: self.destination.as_deref().map(|v| Net::parse("--destination", v)).transpose()?,
+            protocol: self.protocol.as_deref().map(Protocol::parse).transpose()?,
+            sport: self.sport.as_deref().map(|v| Ports::parse("--sport", v)).transpose()?,
+            dport: self.dport.as_deref().map(|v| Ports::parse("--dport", v)).transpose()?,
+        })
     }
 }
 
-/// `-p` as `meta l4proto` takes it; `None` for `all`.
-fn nft_protocol(value: &str) -> Result<Option<String>, FilterError> {
-    // Validated (and normalised) the same way as for pcap.
-    let pcap = protocol_primitive(value)?;
-    Ok(match pcap.as_str() {
-        "(ip or ip6)" => None,
-        "icmp6" => Some("ipv6-icmp".into()),
-        "tcp" | "udp" | "sctp" | "icmp" => Some(pcap),
-        _ => value.parse::<u8>().ok().map(|n| n.to_string()),
-    })
-}
-
-fn net_primitive(option: &'static str, value: &str) -> Result<String, FilterError> {
-    let bad = |reason: &str| FilterError::Option { option, value: value.to_owned(), reason: reason.to_owned() };
-    let (addr, len) = match value.split_once('/') {
-        Some((addr, len)) => (addr, Some(len)),
-        None => (value, None),
-    };
-    let addr: IpAddr = addr.parse().map_err(|_| bad("not an IPv4 or IPv6 address"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    match len {
-        None => Ok(addr.to_string()),
-        Some(len) => {
-            let len: u8 = len.parse().map_err(|_| bad("prefix length is not a number"))?;
-            if len > max {
-                return Err(bad(&format!("prefix length is larger than {max}")));
-            }
-            Ok(format!("{}/{len}", mask(addr, len)))
-        }
-    }
-}
-
-/// libpcap refuses `net 10.1.2.3/8` (host bits set); iptables accepts it and masks.
-fn mask(addr: IpAddr, len: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            IpAddr::V4((u32::from(a) & m).into())
-        }
-        IpAddr::V6(a) => {
-            let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            IpAddr::V6((u128::from(a) & m).into())
-        }
-    }
-}
-
-fn protocol_primitive(value: &str) -> Result<String, FilterError> {
-    let lower = value.to_ascii_lowercase();
-    Ok(match lower.as_str() {
-        "tcp" | "udp" | "sctp" => lower,
-        "icmp" => "icmp".into(),
-        "icmpv6" | "ipv6-icmp" | "icmp6" => "icmp6".into(),
-        "all" => "(ip or ip6)".into(),
-        other => match other.parse::<u8>() {
-            Ok(n) => format!("(ip proto {n} or ip6 proto {n})"),
-            Err(_) => {
-                return Err(FilterError::Option {
-                    option: "--protocol",
-                    value: value.to_owned(),
-                    reason: "expected tcp, udp, sctp, icmp, icmpv6, all or a protocol number".into(),
-                });
-            }
-        },
-    })
-}
-
-fn port_primitive(option: &'static str, value: &str) -> Result<String, FilterError> {
-    let bad = || FilterError::Option {
-        option,
-        value: value.to_owned(),
-        reason: "expected a port (22) or a range (1024:2048)".into(),
-    };
-    let port = |p: &str| p.parse::<u16>().map_err(|_| bad());
-    match value.split_once([':', '-']) {
-        Some((lo, hi)) => {
-            let (lo, hi) = (port(lo)?, port(hi)?);
-            if lo > hi {
-                return Err(bad());
-            }
-            Ok(format!("portrange {lo}-{hi}"))
-        }
-        None => Ok(format!("port {}", port(value)?)),
-    }
+/// [`Selection`]'s options, parsed.
+struct Options {
+    source: Option<Net>,
+    destination: Option<Net>,
+    protocol: Option<Protocol>,
+    sport: Option<Ports>,
+    dport: Option<Ports>,
 }
 
 /// A selection compiled for raw IP.
@@ -262,6 +196,7 @@ impl CompiledFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::Family;
 
     fn sel(f: impl FnOnce(&mut Selection)) -> Selection {
         let mut s = Selection::default();
@@ -289,27 +224,111 @@ mod tests {
 
     #[test]
     fn simple_options_become_native_nft_matches() {
+        let nft = |s: Selection| s.to_native().unwrap().and_then(|n| n.nft_match());
         let s = sel(|s| {
             s.source = Some("10.1.2.3/8".into());
-            s.destination = Some("fd00::1".into());
             s.dport = Some("1024:2048".into());
         });
+        assert_eq!(nft(s).unwrap(), "ip saddr 10.0.0.0/8 meta l4proto { tcp, udp, sctp } th dport 1024-2048");
         assert_eq!(
-            s.to_nft_match().unwrap().unwrap(),
-            "ip saddr 10.0.0.0/8 ip6 daddr fd00::1 meta l4proto { tcp, udp, sctp } th dport 1024-2048"
+            nft(sel(|s| s.protocol = Some("icmpv6".into()))).unwrap(),
+            "meta nfproto ipv6 meta l4proto ipv6-icmp"
         );
-        let s = sel(|s| {
-            s.protocol = Some("icmpv6".into());
-        });
-        assert_eq!(s.to_nft_match().unwrap().unwrap(), "meta l4proto ipv6-icmp");
         let s = sel(|s| {
             s.protocol = Some("tcp".into());
             s.sport = Some("22".into());
         });
-        assert_eq!(s.to_nft_match().unwrap().unwrap(), "meta l4proto tcp th sport 22");
-        assert_eq!(Selection::default().to_nft_match().unwrap().unwrap(), "");
-        assert_eq!(sel(|s| s.expression = Some("tcp".into())).to_nft_match().unwrap(), None);
-        assert!(sel(|s| s.protocol = Some("tcpx".into())).to_nft_match().is_err());
+        assert_eq!(nft(s).unwrap(), "meta l4proto tcp th sport 22");
+        assert!(sel(|s| s.protocol = Some("tcpx".into())).to_native().is_err());
+        // An IPv4 source and an IPv6 destination select nothing: not one native rule.
+        let s = sel(|s| {
+            s.source = Some("10.0.0.1".into());
+            s.destination = Some("fd00::1".into());
+        });
+        assert_eq!(s.to_native().unwrap(), None);
+    }
+
+    /// An expression, its iptables matches in the IPv4 raw table and in the IPv6 one, its nft match.
+    type NativeCase = (&'static str, Option<&'static str>, Option<&'static str>, Option<&'static str>);
+
+    const NATIVE: &[NativeCase] = &[
+        (
+            "udp dst port 5000",
+            Some("-p udp -m udp --dport 5000"),
+            Some("-p udp -m udp --dport 5000"),
+            Some("meta l4proto udp th dport 5000"),
+        ),
+        ("tcp port 22", Some("-p tcp -m multiport --ports 22"), Some("-p tcp -m multiport --ports 22"), None),
+        (
+            "src host 10.0.0.5 and tcp and dst portrange 1024-2048",
+            Some("-s 10.0.0.5 -p tcp -m tcp --dport 1024:2048"),
+            None,
+            Some("ip saddr 10.0.0.5 meta l4proto tcp th dport 1024-2048"),
+        ),
+        ("icmp", Some("-p icmp"), None, Some("meta nfproto ipv4 meta l4proto icmp")),
+        ("dst 10.0.0.5", Some("-d 10.0.0.5"), None, Some("ip daddr 10.0.0.5")),
+        ("ip6 && dst net fd00::/8", None, Some("-d fd00::/8"), Some("ip6 daddr fd00::/8")),
+        (
+            "dst net 10.9.0.0/16 and src port 53",
+            None,
+            None,
+            Some("ip daddr 10.9.0.0/16 meta l4proto { tcp, udp, sctp } th sport 53"),
+        ),
+    ];
+
+    #[test]
+    fn conjunctions_of_simple_primitives_become_native_matches() {
+        for &(expression, v4, v6, nft) in NATIVE {
+            let native = sel(|s| s.expression = Some(expression.into())).to_native().unwrap().unwrap();
+            let xt = |family| native.fits_xtables().then(|| native.xtables_args(family)).flatten().map(|a| a.join(" "));
+            // Ports without a protocol ("src port 53") are not one iptables rule.
+            if native.fits_xtables() {
+                assert_eq!(xt(Family::Ipv4).as_deref(), v4, "{expression}");
+                assert_eq!(xt(Family::Ipv6).as_deref(), v6, "{expression}");
+            } else {
+                assert_eq!((v4, v6), (None, None), "{expression}");
+            }
+            assert_eq!(native.nft_match().as_deref(), nft, "{expression}");
+            // Every expression here is one libpcap compiles.
+            CompiledFilter::compile(expression).unwrap();
+        }
+    }
+
+    #[test]
+    fn anything_else_keeps_the_compiled_program() {
+        for expression in [
+            "host 10.0.0.5",
+            "tcp port 22 or udp port 53",
+            "not tcp",
+            "(tcp)",
+            "udp[8:4] = 0x12345678",
+            "src host example.com",
+            "tcp port ssh",
+            "tcp src host 10.0.0.1",
+            "src port 1 and src port 2",
+            "ip and icmp6",
+            "ip6 and src host 10.0.0.1",
+            "port 22-23",
+            "portrange 22",
+            "len > 100",
+            "dst 10.0.0.0/8",
+        ] {
+            let native = sel(|s| s.expression = Some(expression.into())).to_native().unwrap();
+            assert_eq!(native, None, "{expression}");
+        }
+        // The options join the expression's conjunction.
+        let s = sel(|s| {
+            s.expression = Some("udp".into());
+            s.dport = Some("53".into());
+            s.source = Some("10.0.0.0/8".into());
+        });
+        let native = s.to_native().unwrap().unwrap();
+        assert_eq!(native.xtables_args(Family::Ipv4).unwrap().join(" "), "-s 10.0.0.0/8 -p udp -m udp --dport 53");
+        let s = sel(|s| {
+            s.expression = Some("tcp".into());
+            s.protocol = Some("udp".into());
+        });
+        assert_eq!(s.to_native().unwrap(), None);
     }
 
     #[test]

@@ -14,9 +14,10 @@ use crate::{
 
 pub const TRACE_CHAINS: [&str; 2] = ["PREROUTING", "OUTPUT"];
 
-/// The rule for `chain`, or `None` when it could not select anything (`-i` makes the OUTPUT
-/// rule pointless: locally generated packets have no input interface).
-pub(super) fn rule_spec(owner: Owner, plan: &TracePlan, chain: &str) -> Option<Vec<String>> {
+/// The rule for `chain` in `family`'s raw table, or `None` when it could not select anything (`-i`
+/// makes the OUTPUT rule pointless: locally generated packets have no input interface; a native
+/// selection of the other family matches nothing here).
+pub(super) fn rule_spec(owner: Owner, plan: &TracePlan, family: Family, chain: &str) -> Option<Vec<String>> {
     let mut spec: Vec<String> = Vec::new();
     let mut push = |words: &[&str]| spec.extend(words.iter().map(|w| (*w).to_owned()));
     match chain {
@@ -42,8 +43,10 @@ pub(super) fn rule_spec(owner: Owner, plan: &TracePlan, chain: &str) -> Option<V
         Prefilter::XtBpf(XtBpfProgram::Pinned(path)) => {
             push(&["-m", "bpf", "--object-pinned", &path.to_string_lossy()])
         }
-        // Only the nf_tables marker takes nft matches.
-        Prefilter::NftMatch(_) => {}
+        Prefilter::Native(selection) => {
+            let args = selection.xtables_args(family)?;
+            push(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        }
     }
     if let Some(limit) = &plan.limit {
         // One hashlimit bucket (no --hashlimit-mode) shared by the family's rules, by name.
@@ -70,7 +73,7 @@ fn bytecode_argument(insns: &[CbpfInsn]) -> String {
 pub(super) fn insert(owner: Owner, plan: &TracePlan, family: Family) -> Result<(), InstrumentError> {
     let xt = Xtables::new(family);
     for chain in TRACE_CHAINS {
-        let Some(spec) = rule_spec(owner, plan, chain) else { continue };
+        let Some(spec) = rule_spec(owner, plan, family, chain) else { continue };
         let mut args = vec!["-t".to_owned(), "raw".into(), "-I".into(), chain.into(), "1".into()];
         args.extend(spec);
         xt.run(&args).map_err(|source| InstrumentError::InsertRule { family, chain, source })?;
@@ -134,17 +137,17 @@ mod tests {
             out_interface: Some("eth1".into()),
             limit: Some(Limit { count: 1, per: "sec", burst: 5 }),
         };
-        let pre = rule_spec(owner, &plan, "PREROUTING").unwrap().join(" ");
+        let pre = rule_spec(owner, &plan, Family::Ipv4, "PREROUTING").unwrap().join(" ");
         assert_eq!(
             pre,
             "-m bpf --bytecode 1,6 0 0 65535 -m hashlimit --hashlimit-upto 1/sec --hashlimit-burst 5 \
              --hashlimit-name iptrace42 -m comment --comment iptrace:42:7 -j TRACE"
         );
-        let out = rule_spec(owner, &plan, "OUTPUT").unwrap();
+        let out = rule_spec(owner, &plan, Family::Ipv4, "OUTPUT").unwrap();
         assert_eq!(out[..2], ["-o".to_owned(), "eth1".to_owned()]);
         assert_eq!(owner_of(&out), Some(owner));
         let plan = TracePlan { in_interface: Some("eth0".into()), ..plan };
-        assert_eq!(rule_spec(owner, &plan, "OUTPUT"), None);
+        assert_eq!(rule_spec(owner, &plan, Family::Ipv4, "OUTPUT"), None);
     }
 
     #[test]

@@ -18,7 +18,12 @@ use std::{fmt, fs, io, path::PathBuf};
 
 pub use self::owner::Owner;
 use self::state::RunState;
-use crate::{decode::Family, filter::CbpfInsn, nftables::NftError, xtables::XtablesError};
+use crate::{
+    decode::Family,
+    filter::{CbpfInsn, NativeSelection},
+    nftables::NftError,
+    xtables::XtablesError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstrumentError {
@@ -131,8 +136,20 @@ pub enum Prefilter {
     /// An xt_bpf match running the compiled selection: in the TRACE rules, or through nft_compat
     /// in front of the nf_tables marking rule.
     XtBpf(XtBpfProgram),
-    /// Native nf_tables matches, for a selection nft can express (the nf_tables marker only).
-    NftMatch(String),
+    /// The kernel's own matches, for a selection the marker can express (see
+    /// [`crate::filter::NativeSelection`]): cheaper per packet than xt_bpf.
+    Native(NativeSelection),
+}
+
+impl fmt::Display for Prefilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("no prefilter (every packet is marked)"),
+            Self::XtBpf(XtBpfProgram::Bytecode(insns)) => write!(f, "xt_bpf, {} inline instructions", insns.len()),
+            Self::XtBpf(XtBpfProgram::Pinned(path)) => write!(f, "xt_bpf, pinned program {}", path.display()),
+            Self::Native(_) => f.write_str("the kernel's native matches"),
+        }
+    }
 }
 
 /// The compiled selection as xt_bpf takes it.

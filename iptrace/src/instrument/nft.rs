@@ -69,10 +69,10 @@ pub(super) fn script(owner: Owner, plan: &TracePlan) -> String {
     if let [family] = plan.families[..] {
         selectors.push(format!("meta nfproto {}", if family == Family::Ipv4 { "ipv4" } else { "ipv6" }));
     }
-    if let Prefilter::NftMatch(matches) = &plan.prefilter
-        && !matches.is_empty()
+    if let Prefilter::Native(selection) = &plan.prefilter
+        && let Some(matches) = selection.nft_match().filter(|m| !m.is_empty())
     {
-        selectors.push(matches.clone());
+        selectors.push(matches);
     }
     for chain in BASE_CHAINS {
         script.push_str(&format!(
@@ -225,7 +225,12 @@ mod tests {
         let plan = TracePlan {
             families: vec![Family::Ipv4],
             marker: Marker::NftTable,
-            prefilter: Prefilter::NftMatch("meta l4proto tcp".into()),
+            prefilter: Prefilter::Native(
+                crate::filter::Selection { expression: Some("tcp".into()), ..Default::default() }
+                    .to_native()
+                    .unwrap()
+                    .unwrap(),
+            ),
             in_interface: None,
             out_interface: Some("eth1".into()),
             limit: Some(Limit { count: 5, per: "min", burst: 2 }),
