@@ -6,6 +6,7 @@ pub mod completeness;
 pub mod corpus;
 pub mod kernel;
 pub mod report;
+pub mod rounds;
 pub mod ruleset;
 pub mod scenario;
 pub mod tracer;

@@ -27,9 +27,13 @@ struct Cli {
     /// The CI smoke check: short scenarios, figures to bench/results/quick.json only (under a minute).
     #[arg(long)]
     quick: bool,
-    /// Seconds of traffic per scenario (default 10, or 2 with --quick).
+    /// Seconds of traffic per scenario, split over its rounds (default 10, or 2 with --quick).
     #[arg(long)]
     seconds: Option<f64>,
+    /// Rounds per scenario: each a slice of the scenario then a slice without a tracer, the ratio
+    /// taken as the median over rounds (default 5, or 1 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: Option<u16>,
     /// Upper bound of the offered load, packets per second.
     #[arg(long, default_value_t = 1_000_000)]
     rate: u64,
@@ -39,6 +43,13 @@ struct Cli {
     /// The iptrace binary under test.
     #[arg(long, default_value = "target/release/iptrace")]
     iptrace: PathBuf,
+    /// Run only these scenarios (each with its adjacent baseline), print their figures and write
+    /// no file: for working on one figure. Keys as in latest.json, e.g. iptrace_one_flow.
+    #[arg(long, value_name = "SCENARIO", value_delimiter = ',', value_parser = parse_scenario)]
+    only: Vec<Scenario>,
+    /// Run each scenario this many times (with --only).
+    #[arg(long, default_value_t = 1, requires = "only")]
+    repeat: u32,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -76,9 +87,10 @@ fn main() -> Result<()> {
     }
     let rules = ruleset::kube_node(SERVICES);
     let seconds = cli.seconds.unwrap_or(if cli.quick { 2.0 } else { 10.0 });
+    let rounds = usize::from(cli.rounds.unwrap_or(if cli.quick { 1 } else { 5 }));
     let traffic = TrafficPlan {
         rate_pps: cli.rate,
-        duration: Duration::from_secs_f64(seconds),
+        duration: Duration::from_secs_f64(seconds / rounds as f64),
         udp_flows: UDP_FLOWS,
         syn_one_in: SYN_ONE_IN,
     };
@@ -95,6 +107,7 @@ fn main() -> Result<()> {
             eprintln!("iptrace-bench: recorded {datagrams} datagrams ({bytes} bytes) into {}", dir.display());
             Ok(())
         }
+        None if !cli.only.is_empty() => run_only(&bench, &cli.only, rounds, cli.repeat),
         None => run_all(
             &bench,
             &cli,
@@ -104,6 +117,7 @@ fn main() -> Result<()> {
                 nft_rules: rules.rules,
                 rate_limit_pps: cli.rate,
                 seconds_per_scenario: seconds,
+                rounds,
                 udp_flows: UDP_FLOWS,
                 syn_one_in: SYN_ONE_IN,
             },
@@ -118,23 +132,35 @@ fn main() -> Result<()> {
     result
 }
 
+fn parse_scenario(key: &str) -> Result<Scenario, String> {
+    Scenario::ALL.into_iter().find(|s| s.key() == key).ok_or_else(|| {
+        let keys: Vec<&str> = Scenario::ALL.iter().map(|s| s.key()).collect();
+        format!("no scenario {key:?}; one of {}", keys.join(", "))
+    })
+}
+
+fn run_only(bench: &Bench, scenarios: &[Scenario], rounds: usize, repeat: u32) -> Result<()> {
+    for round in 1..=repeat {
+        for &scenario in scenarios {
+            if INTERRUPTED.load(Ordering::Relaxed) {
+                bail!("interrupted; the lab is removed");
+            }
+            let result = bench.measure(scenario, rounds)?;
+            println!("{} #{round}: {}", scenario.key(), serde_json::to_string(&result)?);
+        }
+    }
+    Ok(())
+}
+
 fn run_all(bench: &Bench, cli: &Cli, root: &Path, setup: Setup) -> Result<()> {
+    let rounds = setup.rounds;
     let mut scenarios = BTreeMap::new();
     for scenario in Scenario::ALL {
         if INTERRUPTED.load(Ordering::Relaxed) {
             bail!("interrupted; the lab is removed");
         }
         eprintln!("iptrace-bench: {}", scenario.key());
-        let mut result = bench.run(scenario).with_context(|| format!("scenario {}", scenario.key()))?;
-        if scenario == Scenario::Baseline {
-            result.forward_ratio = Some(1.0);
-        } else if result.forward_pps.is_some() {
-            // The machine's speed drifts over minutes (and other work may share it): hold each
-            // scenario against a baseline measured right after it.
-            let adjacent = bench.run(Scenario::Baseline).context("adjacent baseline")?.forward_pps;
-            result.adjacent_baseline_pps = adjacent;
-            result.forward_ratio = result.forward_pps.zip(adjacent).map(|(pps, base)| pps / base);
-        }
+        let result = bench.measure(scenario, rounds)?;
         eprintln!("iptrace-bench: {}: {}", scenario.key(), serde_json::to_string(&result)?);
         scenarios.insert(scenario.key(), result);
     }

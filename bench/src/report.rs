@@ -42,6 +42,7 @@ pub struct Setup {
     pub nft_rules: usize,
     pub rate_limit_pps: u64,
     pub seconds_per_scenario: f64,
+    pub rounds: usize,
     pub udp_flows: u16,
     pub syn_one_in: u64,
 }
@@ -79,7 +80,7 @@ impl Report {
         let _ = writeln!(
             t,
             "Measured {} on Linux {}, {} × {}, {} GiB. Router: {} iptables-legacy rules and the same {} as iptables-nft; \
-             traffic: {} UDP flows plus a TCP SYN in every {} packets, at most {} packets/s, {} s per scenario.\n",
+             traffic: {} UDP flows plus a TCP SYN in every {} packets, at most {} packets/s, {} s per scenario in {} rounds (each a slice of the scenario, then one without a tracer).\n",
             self.date,
             m.kernel,
             m.cpus,
@@ -90,7 +91,8 @@ impl Report {
             s.udp_flows,
             s.syn_one_in,
             s.rate_limit_pps,
-            s.seconds_per_scenario
+            s.seconds_per_scenario,
+            s.rounds
         );
         t.push_str(
             "| scenario | forwarded pps | vs baseline | traced (kernel) | reported complete | complete | lost (admitted) | CPU s / 1k traced | peak RSS MB | msgs / match | ready ms | exit ms |\n\

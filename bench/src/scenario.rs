@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::{
     completeness::{self, OutputFormat},
     kernel::{self, KernelError, NftraceListener},
+    rounds::{self, Round},
     ruleset::RuleSet,
     tracer::{Readiness, TracerError, TracerProcess},
     traffic::{self, TrafficPlan, UDP_FIRST_PORT},
@@ -105,6 +106,8 @@ pub struct ScenarioResult {
     pub adjacent_baseline_pps: Option<f64>,
     /// Packets the generator handed to the kernel per second.
     pub offered_pps: Option<f64>,
+    /// Scenario slices the figures were taken over (see [`crate::rounds`]).
+    pub rounds: usize,
     pub notes: Vec<String>,
 }
 
@@ -122,6 +125,10 @@ pub struct BenchConfig {
 /// -350 runs it before the raw table, as iptrace's TRACE rule is the first of raw.
 const NFTRACE_TABLE: &str = "iptrace_bench";
 const NFTRACE_CHAIN: &str = "mark_for_trace";
+/// From a tracer's ready signal to the traffic: what is measured is the cost of tracing, not of
+/// starting (iptrace verifies and attaches its eBPF socket filter in the background for about
+/// 0.3 s after it says it is ready); the start is measured on its own as `ready_ms`.
+const WARM_UP: Duration = Duration::from_secs(1);
 /// After the traffic: in-flight packets arrive within this.
 const SETTLE: Duration = Duration::from_millis(100);
 /// Then the tracer gets this long to take in what is still queued (iptrace's grouping waits
@@ -155,6 +162,22 @@ impl Bench {
         &self.lab
     }
 
+    /// Measures `scenario` in `rounds` rounds, each a slice of it and then a slice without a tracer
+    /// (see [`crate::rounds`]); the baseline itself in `rounds` slices.
+    pub fn measure(&self, scenario: Scenario, rounds: usize) -> Result<ScenarioResult, ScenarioError> {
+        let mut measured = Vec::with_capacity(rounds);
+        for _ in 0..rounds.max(1) {
+            let slice = self.run(scenario)?;
+            let baseline_pps = match scenario {
+                Scenario::Baseline => slice.forward_pps,
+                _ => self.run(Scenario::Baseline)?.forward_pps,
+            };
+            measured.push(Round { scenario: slice, baseline_pps });
+        }
+        Ok(rounds::merge(&measured))
+    }
+
+    /// One slice of `scenario`: start its tracer, send the traffic, stop the tracer.
     pub fn run(&self, scenario: Scenario) -> Result<ScenarioResult, ScenarioError> {
         match scenario {
             Scenario::Baseline => self.measure_forwarding(),
@@ -213,6 +236,7 @@ impl Bench {
         }
         let output = self.output_path(scenario);
         let tracer = TracerProcess::start(&argv, &output, &Readiness::StderrLine("iptrace: tracing"))?;
+        thread::sleep(WARM_UP);
         let mut result = self.measure_forwarding()?;
         thread::sleep(DRAIN);
         // One of the two marks packets, depending on the backend iptrace chose.
@@ -252,6 +276,7 @@ impl Bench {
         let output = self.output_path(scenario);
         let readiness = Readiness::NetlinkGroup { netns: router, group: 9 };
         let tracer = TracerProcess::start(&argv, &output, &readiness)?;
+        thread::sleep(WARM_UP);
         let mut result = self.measure_forwarding()?;
         thread::sleep(DRAIN);
         let traced = match scenario {

@@ -48,6 +48,7 @@ fn endpoints() -> (Ipv4Addr, Ipv4Addr) {
 
 /// Sends until `plan.duration` has passed, at most `plan.rate_pps` packets a second.
 pub fn send(plan: &TrafficPlan) -> io::Result<TrafficReport> {
+    pin_to_last_cpu()?;
     let (client, server) = endpoints();
     let mut udp = Sender::new(libc::SOCK_DGRAM, libc::IPPROTO_UDP)?;
     udp.bind(SocketAddrV4::new(client, UDP_SOURCE_PORT))?;
@@ -82,6 +83,21 @@ pub fn send(plan: &TrafficPlan) -> io::Result<TrafficReport> {
     }
     report.elapsed = start.elapsed();
     Ok(report)
+}
+
+/// The whole path (client, router, server) runs in softirq on the sending CPU, so that CPU is the
+/// router's forwarding CPU. Keeping it in one place, rather than wherever the scheduler moves the
+/// thread, keeps a tracer's threads off it the way a NIC queue's interrupt CPU would, and steadies
+/// the rate from run to run.
+fn pin_to_last_cpu() -> io::Result<()> {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpus - 1, &mut set) };
+    // SAFETY: set is a valid cpu_set_t of the size passed; 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Each payload is unique, so that a tracer can tell the packets of one flow apart.
