@@ -188,13 +188,20 @@ fn trace_instrumented(
         socket.join_nftrace()?;
     }
     let stats = Arc::new(Stats::default());
-    // The eBPF filter takes a few hundred milliseconds to verify: it is attached from a thread
-    // while tracing starts, and until then the reader makes the same decisions in userspace.
+    // The marking rules select in the kernel already, so every message is normally wanted and a
+    // socket filter would only cost the forwarding CPU (it runs in the sender's context, about
+    // 1 % of it when tracing one flow on a busy router). Only messages of packets marked by
+    // someone else (another TRACE or nftrace rule) need dropping: the reader selects in userspace
+    // and calls for the eBPF filter at the first one; it is verified and attached from a thread.
     let kernel_selects = Arc::new(AtomicBool::new(false));
-    let socket_filter_loader = if options.socket_filter {
-        Some(spawn_socket_filter_loader(&socket, filter.as_ref(), options.ebpf_log, kernel_selects.clone())?)
+    let (socket_filter_loader, socket_filter_wanted) = if options.socket_filter && filter.is_some() {
+        let (wanted_tx, wanted_rx) = mpsc::channel();
+        let loader =
+            spawn_socket_filter_loader(&socket, filter.as_ref(), options.ebpf_log, wanted_rx, kernel_selects.clone())?;
+        log::info!("the eBPF socket filter is attached at the first trace message the marking rules did not select");
+        (Some(loader), Some(wanted_tx))
     } else {
-        None
+        (None, None)
     };
     // Both markers select in the kernel: with native matches where the marker can express the
     // selection, and otherwise with the compiled program in an xt_bpf match.
@@ -236,7 +243,10 @@ fn trace_instrumented(
         let (stop, stats) = (stop.clone(), stats.clone());
         thread::Builder::new()
             .name("iptrace-reader".into())
-            .spawn(move || read_datagrams(&socket, userspace_filter, &kernel_selects, &stop, &stats, &datagrams_tx))
+            .spawn(move || {
+                let selection = Selecting { filter: userspace_filter, kernel_selects, socket_filter_wanted };
+                read_datagrams(&socket, selection, &stop, &stats, &datagrams_tx)
+            })
             .map_err(|e| RunError::Thread("reader", e))?
     };
     let processor = {
@@ -263,13 +273,14 @@ fn trace_instrumented(
     result.map(|()| stats)
 }
 
-/// Loads `trace_filter` and attaches it to the trace socket from a thread, then tells the reader
-/// that the kernel selects from now on. Without the eBPF filter, iptrace says so once and goes on
-/// selecting in userspace.
+/// A thread that, once `wanted` says so, loads `trace_filter`, attaches it to the trace socket and
+/// tells the reader that the kernel selects from now on. Without the eBPF filter, iptrace says so
+/// once and goes on selecting in userspace. It ends without loading when `wanted` is dropped.
 fn spawn_socket_filter_loader(
     socket: &TraceSocket,
     filter: Option<&CompiledFilter>,
     log: bool,
+    wanted: mpsc::Receiver<()>,
     kernel_selects: Arc<AtomicBool>,
 ) -> Result<thread::JoinHandle<Option<TraceSocketFilter>>, RunError> {
     // SO_ATTACH_BPF on a duplicate descriptor attaches to the same socket.
@@ -278,6 +289,8 @@ fn spawn_socket_filter_loader(
     thread::Builder::new()
         .name("iptrace-bpf".into())
         .spawn(move || {
+            wanted.recv().ok()?;
+            log::info!("a trace message the marking rules did not select: loading the eBPF socket filter");
             let attached = TraceSocketFilter::load(program.as_deref(), log).and_then(|mut f| {
                 use std::os::fd::AsFd as _;
                 f.attach(fd.as_fd()).map(|()| f)
@@ -431,10 +444,17 @@ impl Signals {
 /// never waits.
 /// With `userspace_filter`, unselected datagrams are dropped here, as the eBPF filter drops them
 /// in the kernel once `kernel_selects`.
+/// How the reader selects: in userspace until the kernel does.
+struct Selecting {
+    filter: Option<UserspaceFilter>,
+    kernel_selects: Arc<AtomicBool>,
+    /// Told at the first datagram the userspace selection drops, to load the eBPF filter.
+    socket_filter_wanted: Option<mpsc::Sender<()>>,
+}
+
 fn read_datagrams(
     socket: &TraceSocket,
-    mut userspace_filter: Option<UserspaceFilter>,
-    kernel_selects: &AtomicBool,
+    mut selecting: Selecting,
     stop: &AtomicBool,
     stats: &Stats,
     tx: &mpsc::SyncSender<Vec<Bytes>>,
@@ -468,13 +488,15 @@ fn read_datagrams(
             Ok(Received::Datagram(n)) => {
                 stats.datagrams.fetch_add(1, Ordering::Relaxed);
                 let datagram = &scratch[..n];
-                let selecting = userspace_filter.as_mut().filter(|_| !kernel_selects.load(Ordering::Acquire));
-                if keep_datagram(selecting, datagram, stats) {
+                let userspace = selecting.filter.as_mut().filter(|_| !selecting.kernel_selects.load(Ordering::Acquire));
+                if keep_datagram(userspace, datagram, stats) {
                     if chunk.capacity() < n {
                         chunk = BytesMut::with_capacity(CHUNK.max(n));
                     }
                     chunk.extend_from_slice(datagram);
                     batch.push(chunk.split().freeze());
+                } else if let Some(wanted) = selecting.socket_filter_wanted.take() {
+                    let _ = wanted.send(());
                 }
                 false
             }

@@ -1,6 +1,7 @@
 //! The kernel-side selection at the trace socket, end to end: with a foreign TRACE rule that
-//! traces every packet, only the selected packets' messages reach iptrace (the eBPF filter drops
-//! the rest before they are queued), NAT does not cut a selected packet's trace short, the
+//! traces every packet, only the selected packets' messages reach iptrace (the eBPF filter,
+//! loaded at the first unselected message, drops the rest before they are queued), without one
+//! the filter is never loaded, NAT does not cut a selected packet's trace short, the
 //! userspace fallback gives the same result, and selections too long for xt_bpf are prefiltered
 //! by iptrace's pinned eBPF program.
 
@@ -70,11 +71,13 @@ fn run_flood(lab: &Lab, extra: &[&str]) -> (Vec<Block>, String) {
     args.extend_from_slice(extra);
     args.push("udp port 9999");
     let mut tracer = Tracer::start(&args);
+    let client = SocketAddr::new(addr::CLIENT, 0);
     if !extra.contains(&"--no-socket-filter") {
-        // Until the verifier is done, iptrace selects in userspace; this test is about the kernel.
+        // The first message the marking rules did not select calls for the eBPF filter; until the
+        // verifier is done, iptrace selects in userspace. This test is about the kernel.
+        lab.udp(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected").unwrap();
         tracer.wait_for_stderr("eBPF socket filter attached");
     }
-    let client = SocketAddr::new(addr::CLIENT, 0);
     lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected", 10_000).unwrap();
     for _ in 0..10 {
         lab.udp(Role::Client, client, SocketAddr::new(addr::SERVER, 9999), b"selected").unwrap();
@@ -140,6 +143,31 @@ fn only_selected_messages_reach_userspace_with_a_limit() {
     // lets only the selected ones through.
     assert_only_the_selected_packets(&all, 10);
     assert!(stat(&stderr, "selection (eBPF)", " dropped") >= 10_000, "{stderr}");
+}
+
+/// Without anyone else marking packets, every message is of a packet iptrace's own rule selected:
+/// the socket filter, which would run on the forwarding CPU for each, is never loaded.
+#[test]
+fn no_socket_filter_while_every_message_is_selected() {
+    if !require_root("no_socket_filter_while_every_message_is_selected") {
+        return;
+    }
+    let lab = lab("sockfltidle");
+    load_sample_rules(&lab).unwrap();
+    let ns = lab.ns(Role::Router);
+    let tracer = Tracer::start(&["--netns", &ns, "--stats", "-v", "udp port 9999"]);
+    let client = SocketAddr::new(addr::CLIENT, 0);
+    lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected", 100).unwrap();
+    for _ in 0..5 {
+        lab.udp(Role::Client, client, SocketAddr::new(addr::SERVER, 9999), b"selected").unwrap();
+    }
+    thread::sleep(Duration::from_millis(500));
+    let out = tracer.stop(libc::SIGTERM);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(blocks(&out.stdout).len(), 5, "{}", out.stdout);
+    assert!(!out.stderr.contains("loading the eBPF socket filter"), "{}", out.stderr);
+    assert!(!out.stderr.contains("selection (eBPF)"), "{}", out.stderr);
+    assert_eq!(stat(&out.stderr, "selection (userspace)", " dropped"), 0, "{}", out.stderr);
 }
 
 #[test]
