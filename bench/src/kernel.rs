@@ -16,9 +16,12 @@ use std::{
         mpsc,
     },
     thread::{self, JoinHandle},
+    time::Duration,
 };
 
 use iptrace::{
+    capture::{Received, TraceSocket},
+    decode::{Family, netlink::NetlinkMessages, nflog::NFULNL_PACKET_TYPE, nftrace::NFT_TRACE_TYPE},
     instrument::Owner,
     lab::{Lab, LabError, Role},
 };
@@ -29,7 +32,7 @@ pub enum KernelError {
     Lab(#[from] LabError),
     #[error("cannot read {what}: {detail}")]
     Unreadable { what: &'static str, detail: String },
-    #[error("the NFNLGRP_NFTRACE listener failed: {0}")]
+    #[error("the harness's trace listener failed: {0}")]
     Listener(#[source] io::Error),
 }
 
@@ -95,26 +98,38 @@ pub struct TraceMessages {
     pub overruns: u64,
 }
 
-/// A thread in the router's netns counting `NFT_MSG_TRACE` messages until finished.
-pub struct NftraceListener {
+/// Which trace messages a [`TraceListener`] counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listened {
+    /// nf_tables trace events, on the `NFNLGRP_NFTRACE` multicast group beside the tool under test
+    /// (it takes nothing from the tool, but the kernel builds one more copy of each message).
+    Nftrace,
+    /// What TRACE logs through nfnetlink_log to group 0 (IPv4), read by nothing else: a reader
+    /// that only counts, so that what tracing costs the kernel itself can be measured.
+    Nflog,
+}
+
+/// A thread in the router's netns counting trace messages until finished.
+pub struct TraceListener {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<io::Result<TraceMessages>>>,
 }
 
 const NFNLGRP_NFTRACE: libc::c_int = 9;
-const NFT_MSG_TRACE_TYPE: u16 = (10 << 8) | 17;
 
-impl NftraceListener {
-    /// Starts listening; returns once the socket has joined the group.
-    pub fn start(lab: &Lab) -> Result<Self, KernelError> {
+impl TraceListener {
+    /// Starts listening; returns once the socket receives.
+    pub fn start(lab: &Lab, listened: Listened) -> Result<Self, KernelError> {
         let netns = lab.ns(Role::Router);
         let stop = Arc::new(AtomicBool::new(false));
         let (joined_tx, joined_rx) = mpsc::channel();
         let thread = {
             let stop = stop.clone();
             thread::spawn(move || {
-                let joined = iptrace::netns::enter(&netns).map_err(io::Error::other).and_then(|()| open_listener());
-                let socket = match joined {
+                let opened = iptrace::netns::enter(&netns)
+                    .map_err(io::Error::other)
+                    .and_then(|()| ListenerSocket::open(listened));
+                let socket = match opened {
                     Ok(s) => {
                         let _ = joined_tx.send(Ok(()));
                         s
@@ -124,7 +139,7 @@ impl NftraceListener {
                         return Err(e);
                     }
                 };
-                count_messages(&socket, &stop)
+                socket.count(&stop)
             })
         };
         joined_rx
@@ -145,11 +160,36 @@ impl NftraceListener {
     }
 }
 
-impl Drop for NftraceListener {
+impl Drop for TraceListener {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+enum ListenerSocket {
+    Nftrace(OwnedFd),
+    /// iptrace's own socket set-up (bound to group 0, whole packets, 128 MiB buffer); only the
+    /// reading differs.
+    Nflog(TraceSocket),
+}
+
+impl ListenerSocket {
+    fn open(listened: Listened) -> io::Result<Self> {
+        match listened {
+            Listened::Nftrace => open_listener().map(Self::Nftrace),
+            Listened::Nflog => {
+                TraceSocket::open(&[Family::Ipv4], Duration::from_millis(50)).map(Self::Nflog).map_err(io::Error::other)
+            }
+        }
+    }
+
+    fn count(&self, stop: &AtomicBool) -> io::Result<TraceMessages> {
+        match self {
+            Self::Nftrace(socket) => count_messages(socket, stop),
+            Self::Nflog(socket) => count_nflog_messages(socket, stop),
         }
     }
 }
@@ -208,19 +248,26 @@ fn count_messages(socket: &OwnedFd, stop: &AtomicBool) -> io::Result<TraceMessag
             }
             continue;
         }
-        let mut rest = &buf[..n as usize];
-        // Walk every nlmsghdr {u32 len; u16 type; ...}.
-        while rest.len() >= 16 {
-            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            if u16::from_ne_bytes([rest[4], rest[5]]) == NFT_MSG_TRACE_TYPE {
-                counts.messages += 1;
-            }
-            let step = (len + 3) & !3;
-            if len < 16 || step > rest.len() {
-                break;
-            }
-            rest = &rest[step..];
-        }
+        counts.messages += messages_of_type(&buf[..n as usize], NFT_TRACE_TYPE);
     }
     Ok(counts)
+}
+
+fn count_nflog_messages(socket: &TraceSocket, stop: &AtomicBool) -> io::Result<TraceMessages> {
+    let mut counts = TraceMessages::default();
+    let mut buf = vec![0u8; 1 << 17];
+    // As above: after the stop, until the queue is empty.
+    loop {
+        match socket.receive(&mut buf).map_err(io::Error::other)? {
+            Received::Datagram(n) => counts.messages += messages_of_type(&buf[..n], NFULNL_PACKET_TYPE),
+            Received::Overrun => counts.overruns += 1,
+            Received::Idle if stop.load(Ordering::Relaxed) => return Ok(counts),
+            Received::Idle => {}
+        }
+    }
+}
+
+/// The netlink messages of `message_type` in a datagram (walking every `nlmsghdr`).
+fn messages_of_type(datagram: &[u8], message_type: u16) -> u64 {
+    NetlinkMessages::new(datagram).flatten().filter(|m| m.message_type == message_type).count() as u64
 }

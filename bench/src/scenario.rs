@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::{
     completeness::{self, OutputFormat},
-    kernel::{self, KernelError, NftraceListener},
+    kernel::{self, KernelError, Listened, TraceListener},
     rounds::{self, Round},
     ruleset::RuleSet,
     tracer::{Readiness, TracerError, TracerProcess},
@@ -54,10 +54,11 @@ pub enum Scenario {
     IptraceAllNoSocketFilter,
     IptraceBothEnginesOneFlow,
     IptraceBothEnginesAll,
+    TraceFloorOneFlow,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Baseline,
         Scenario::IptraceOneFlow,
         Scenario::IptraceAll,
@@ -67,6 +68,7 @@ impl Scenario {
         Scenario::IptraceAllNoSocketFilter,
         Scenario::IptraceBothEnginesOneFlow,
         Scenario::IptraceBothEnginesAll,
+        Scenario::TraceFloorOneFlow,
     ];
 
     pub fn key(self) -> &'static str {
@@ -80,11 +82,18 @@ impl Scenario {
             Scenario::IptraceAllNoSocketFilter => "iptrace_all_no_socket_filter",
             Scenario::IptraceBothEnginesOneFlow => "iptrace_both_engines_one_flow",
             Scenario::IptraceBothEnginesAll => "iptrace_both_engines_all",
+            Scenario::TraceFloorOneFlow => "trace_floor_one_flow",
         }
     }
 
     fn one_flow(self) -> bool {
-        matches!(self, Scenario::IptraceOneFlow | Scenario::NftMonitorOneFlow | Scenario::IptraceBothEnginesOneFlow)
+        matches!(
+            self,
+            Scenario::IptraceOneFlow
+                | Scenario::NftMonitorOneFlow
+                | Scenario::IptraceBothEnginesOneFlow
+                | Scenario::TraceFloorOneFlow
+        )
     }
 }
 
@@ -194,7 +203,25 @@ impl Bench {
             Scenario::NftMonitorOneFlow | Scenario::NftMonitorAll | Scenario::XtablesMonitorAll => {
                 self.run_nft(scenario)
             }
+            Scenario::TraceFloorOneFlow => self.run_trace_floor(),
         }
+    }
+
+    /// What tracing the flow costs the kernel alone: the TRACE rule iptrace would insert for
+    /// `udp dst port 5000` (its native match, first in raw PREROUTING), nfnetlink_log bound, and a
+    /// reader that only counts the messages.
+    fn run_trace_floor(&self) -> Result<ScenarioResult, ScenarioError> {
+        let _logger = LoggerBinding::bind(&self.lab, "nfnetlink_log")?;
+        let _marking = TraceMarking::legacy_trace_rule(&self.lab)?;
+        let listener = TraceListener::start(&self.lab, Listened::Nflog)?;
+        let mut result = self.measure_forwarding()?;
+        thread::sleep(DRAIN);
+        let traced = kernel::trace_rule_packets(&self.lab, "iptables-legacy")?;
+        let messages = listener.finish()?;
+        result.traced_packets_kernel = Some(traced);
+        result.lost_events = Some(messages.overruns);
+        result.msgs_to_userspace_per_match = nonzero(traced).map(|t| messages.messages as f64 / t as f64);
+        Ok(result)
     }
 
     fn measure_forwarding(&self) -> Result<ScenarioResult, ScenarioError> {
@@ -235,8 +262,9 @@ impl Bench {
             argv.push(format!("udp dst port {UDP_FIRST_PORT}"));
         }
         let output = self.output_path(scenario);
-        let tracer = TracerProcess::start(&argv, &output, &Readiness::StderrLine("iptrace: tracing"))?;
+        let mut tracer = TracerProcess::start(&argv, &output, &Readiness::StderrLine("iptrace: tracing"))?;
         thread::sleep(WARM_UP);
+        tracer.start_tracing();
         let mut result = self.measure_forwarding()?;
         thread::sleep(DRAIN);
         // One of the two marks packets, depending on the backend iptrace chose.
@@ -258,7 +286,7 @@ impl Bench {
 
     fn run_nft(&self, scenario: Scenario) -> Result<ScenarioResult, ScenarioError> {
         let router = self.lab.ns(Role::Router);
-        let _no_legacy_logging = LoggerUnbound::new(&self.lab)?;
+        let _no_legacy_logging = LoggerBinding::bind(&self.lab, "NONE")?;
         let (format, argv, _marking) = match scenario {
             Scenario::XtablesMonitorAll => (
                 OutputFormat::XtablesMonitor,
@@ -272,11 +300,12 @@ impl Bench {
             ),
         };
         let argv: Vec<String> = argv.into_iter().map(str::to_owned).collect();
-        let listener = NftraceListener::start(&self.lab)?;
+        let listener = TraceListener::start(&self.lab, Listened::Nftrace)?;
         let output = self.output_path(scenario);
         let readiness = Readiness::NetlinkGroup { netns: router, group: 9 };
-        let tracer = TracerProcess::start(&argv, &output, &readiness)?;
+        let mut tracer = TracerProcess::start(&argv, &output, &readiness)?;
         thread::sleep(WARM_UP);
+        tracer.start_tracing();
         let mut result = self.measure_forwarding()?;
         thread::sleep(DRAIN);
         let traced = match scenario {
@@ -311,7 +340,9 @@ fn fill_tracer_figures(result: &mut ScenarioResult, traced: u64, complete: u64, 
     result.traced_packets_kernel = Some(traced);
     result.reported_complete = Some(complete);
     result.complete_ratio = nonzero(traced).map(|t| complete as f64 / t as f64);
-    result.cpu_s_per_1k_traced = nonzero(traced).map(|t| finished.cpu_seconds * 1000.0 / t as f64);
+    // While tracing; a tool that gave up before the stop is charged its whole run.
+    let cpu = finished.tracing_cpu_seconds.unwrap_or(finished.cpu_seconds);
+    result.cpu_s_per_1k_traced = nonzero(traced).map(|t| cpu * 1000.0 / t as f64);
     result.peak_rss_mb = finished.peak_rss_mb;
     result.ready_ms = Some(finished.ready.as_secs_f64() * 1000.0);
     // A tool that gave up before the stop signal has no clean-exit time.
@@ -334,10 +365,11 @@ impl IptraceStats {
     }
 }
 
-/// The rule that marks packets for nftables tracing, removed on drop.
+/// The rule that marks packets for tracing, removed on drop.
 enum TraceMarking<'a> {
     NftraceTable(&'a Lab),
     IptablesNftTrace(&'a Lab),
+    LegacyTrace(&'a Lab),
 }
 
 impl<'a> TraceMarking<'a> {
@@ -354,6 +386,19 @@ impl<'a> TraceMarking<'a> {
         Ok(Self::NftraceTable(lab))
     }
 
+    fn legacy_trace_rule(lab: &'a Lab) -> Result<Self, LabError> {
+        Self::legacy_command(lab, "-I")?;
+        Ok(Self::LegacyTrace(lab))
+    }
+
+    /// Inserts or deletes the one-flow TRACE rule of [`Scenario::TraceFloorOneFlow`], worded as
+    /// iptrace words it for `udp dst port 5000`.
+    fn legacy_command(lab: &Lab, action: &str) -> Result<std::process::Output, LabError> {
+        let port = UDP_FIRST_PORT.to_string();
+        let rule = ["-t", "raw", action, "PREROUTING", "-p", "udp", "-m", "udp", "--dport", &port, "-j", "TRACE"];
+        lab.exec(Role::Router, &[&["iptables-legacy", "-w"], &rule[..]].concat(), "")
+    }
+
     fn iptables_nft(lab: &'a Lab) -> Result<Self, LabError> {
         lab.exec(Role::Router, &["iptables-nft", "-w", "-t", "raw", "-I", "PREROUTING", "-j", "TRACE"], "")?;
         Ok(Self::IptablesNftTrace(lab))
@@ -367,29 +412,31 @@ impl Drop for TraceMarking<'_> {
             Self::IptablesNftTrace(lab) => {
                 lab.exec(Role::Router, &["iptables-nft", "-w", "-t", "raw", "-D", "PREROUTING", "-j", "TRACE"], "")
             }
+            Self::LegacyTrace(lab) => Self::legacy_command(lab, "-D"),
         };
     }
 }
 
-/// A packet marked by nftables is also traced by the legacy tables (kernel-interfaces §5.2), which
-/// would log every step to the router's default logger, syslog. Unbinding the router's IPv4
-/// logger for the nft scenarios sends those lines nowhere; the binding is restored on drop.
-struct LoggerUnbound<'a> {
+/// The router's IPv4 logger, bound to another for a scenario and restored on drop. A packet
+/// marked by nftables is also traced by the legacy tables (kernel-interfaces §5.2), which would
+/// log every step to the router's default logger, syslog: the nft scenarios bind "NONE", which
+/// sends those lines nowhere; the trace floor binds nfnetlink_log.
+struct LoggerBinding<'a> {
     lab: &'a Lab,
     saved: String,
 }
 
-impl<'a> LoggerUnbound<'a> {
-    fn new(lab: &'a Lab) -> Result<Self, ScenarioError> {
-        let saved = lab.in_ns(Role::Router, || {
+impl<'a> LoggerBinding<'a> {
+    fn bind(lab: &'a Lab, logger: &'static str) -> Result<Self, ScenarioError> {
+        let saved = lab.in_ns(Role::Router, move || {
             let saved = nf_log::bound_logger(Family::Ipv4)?;
-            nf_log::bind_logger(Family::Ipv4, "NONE").map(|()| saved)
+            nf_log::bind_logger(Family::Ipv4, logger).map(|()| saved)
         })??;
         Ok(Self { lab, saved })
     }
 }
 
-impl Drop for LoggerUnbound<'_> {
+impl Drop for LoggerBinding<'_> {
     fn drop(&mut self) {
         let saved = self.saved.clone();
         let _ = self.lab.in_ns(Role::Router, move || nf_log::bind_logger(Family::Ipv4, &saved));

@@ -49,7 +49,11 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct Finished {
     pub ready: Duration,
     pub exit: Duration,
+    /// User and system time over the whole run, start and exit included.
     pub cpu_seconds: f64,
+    /// User and system time from [`TracerProcess::start_tracing`] to the stop signal: what
+    /// tracing cost. `None` if it had exited by then.
+    pub tracing_cpu_seconds: Option<f64>,
     /// VmHWM just before the stop signal; `None` if it had exited by then.
     pub peak_rss_mb: Option<f64>,
     /// Its stderr, line by line.
@@ -64,6 +68,8 @@ pub struct TracerProcess {
     ready: Duration,
     stderr: Arc<Mutex<Vec<String>>>,
     reaped: bool,
+    /// Its CPU time when the traffic started.
+    cpu_at_tracing_start: Option<f64>,
 }
 
 impl TracerProcess {
@@ -98,7 +104,8 @@ impl TracerProcess {
                 lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
-        let mut this = Self { command, child, ready: Duration::ZERO, stderr, reaped: false };
+        let mut this =
+            Self { command, child, ready: Duration::ZERO, stderr, reaped: false, cpu_at_tracing_start: None };
         let is_ready = match readiness {
             Readiness::StderrLine(_) => ready_rx.recv_timeout(READY_TIMEOUT).is_ok(),
             Readiness::NetlinkGroup { netns, group } => wait_for_group(this.child.id(), netns, *group),
@@ -124,11 +131,18 @@ impl TracerProcess {
         self.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Notes the tracer's CPU time as the traffic starts.
+    pub fn start_tracing(&mut self) {
+        self.cpu_at_tracing_start = cpu_seconds(self.child.id());
+    }
+
     /// Sends SIGTERM and reaps the tracer, timing its exit.
     pub fn stop(mut self) -> Result<Finished, TracerError> {
         // Read before the exit: wait4's ru_maxrss is no use here, as it includes the harness's
         // own peak (the child shared the harness's memory until its exec).
         let peak_rss_kib = peak_rss_kib(self.child.id());
+        let tracing_cpu_seconds =
+            cpu_seconds(self.child.id()).zip(self.cpu_at_tracing_start).map(|(now, start)| now - start);
         let signalled = Instant::now();
         let ran_to_stop = self.signal(libc::SIGTERM);
         let usage =
@@ -141,6 +155,7 @@ impl TracerProcess {
             ready: self.ready,
             exit,
             cpu_seconds: seconds(usage.ru_utime) + seconds(usage.ru_stime),
+            tracing_cpu_seconds,
             peak_rss_mb: peak_rss_kib.map(|k| k as f64 / 1024.0),
             stderr: self.stderr_lines(),
             ran_to_stop,
@@ -199,6 +214,18 @@ impl Drop for TracerProcess {
             let _ = self.reap(Duration::from_secs(3));
         }
     }
+}
+
+/// User plus system time of a live process, its ended threads included (`/proc/PID/stat`
+/// fields 14 and 15, in clock ticks).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields start after its closing parenthesis, at 3.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let ticks = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    Some(ticks as f64 / per_second as f64)
 }
 
 /// VmHWM of a live process, in KiB.
