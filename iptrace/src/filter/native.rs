@@ -326,12 +326,13 @@ impl NativeSelection {
                 args.extend([flag.to_owned(), net.to_string()]);
             }
         }
-        if let Some(name) = self.protocol.and_then(Protocol::name) {
-            args.extend(["-p".to_owned(), name]);
+        let protocol = self.protocol.and_then(Protocol::name);
+        if let Some(name) = &protocol {
+            args.extend(["-p".to_owned(), name.clone()]);
         }
-        let protocol = self.protocol.and_then(Protocol::name).unwrap_or_default();
-        if self.source_port.is_some() || self.destination_port.is_some() {
-            args.extend(["-m".to_owned(), protocol.clone()]);
+        // Port matches come from the protocol's own match (`fits_xtables` made sure there is one).
+        if let Some(name) = protocol.filter(|_| self.source_port.is_some() || self.destination_port.is_some()) {
+            args.extend(["-m".to_owned(), name]);
             for (flag, ports) in [("--sport", self.source_port), ("--dport", self.destination_port)] {
                 if let Some(ports) = ports {
                     args.extend([flag.to_owned(), ports.joined(':')]);
