@@ -137,7 +137,7 @@ impl SavedTable {
 /// Parses the output of `iptables-save` (any number of tables).
 pub fn parse_save(text: &str) -> Vec<SavedTable> {
     let mut tables: Vec<SavedTable> = Vec::new();
-    for line in text.lines() {
+    for line in save_lines(text) {
         if let Some(name) = line.strip_prefix('*') {
             tables.push(SavedTable { name: name.trim().to_owned(), chains: Vec::new() });
             continue;
@@ -162,6 +162,34 @@ pub fn parse_save(text: &str) -> Vec<SavedTable> {
         }
     }
     tables
+}
+
+/// The lines of save output, a rule per line even when a quoted word (a comment) holds a newline,
+/// which iptables-save prints as it is.
+fn save_lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut quoted, mut escaped) = (false, false);
+        let mut end = rest.len();
+        for (i, c) in rest.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                '\n' if !quoted => {
+                    end = i;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let line = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or_default();
+        Some(line)
+    })
 }
 
 /// Splits a save line into words the way iptables-save quotes them: double quotes around words
@@ -222,6 +250,8 @@ mod tests {
 -A PREROUTING -s 10.0.0.0/8 -m comment --comment "allow icmp" -j MARK --set-xmark 0x100/0x100
 -A PREROUTING -p tcp -m comment --comment "iptrace:1:2" -m tcp --dport 22 -j client-normal:mangle
 -A PREROUTING -m comment --comment "quo\"te" -j ACCEPT
+-A PREROUTING -m comment --comment "two
+-A PREROUTING -j DROP" -j ACCEPT
 COMMIT
 # Completed on Fri Nov 27 01:17:47 2026
 "#;
@@ -234,9 +264,11 @@ COMMIT
         assert_eq!(t.name, "mangle");
         let pre = t.chain("PREROUTING").unwrap();
         assert_eq!(pre.policy.as_deref(), Some("ACCEPT"));
-        assert_eq!(pre.rules.len(), 3);
+        assert_eq!(pre.rules.len(), 4);
         assert_eq!(pre.rules[0][4..6], ["--comment".to_owned(), "allow icmp".to_owned()]);
         assert_eq!(pre.rules[2][3], "quo\"te");
+        // iptables-save prints a comment's newline as it is: still one rule.
+        assert_eq!(pre.rules[3][3], "two\n-A PREROUTING -j DROP");
         let user = t.chain("client-normal:mangle").unwrap();
         assert_eq!(user.policy, None);
         assert!(user.rules.is_empty());

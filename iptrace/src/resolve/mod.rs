@@ -46,6 +46,8 @@ pub enum ResolveError {
     },
     #[error("cannot read the nf_tables rule set: {0}")]
     Nft(#[source] NftError),
+    #[error("cannot read `nft -j list ruleset`: {0}")]
+    NftJson(#[source] serde_json::Error),
 }
 
 /// How often, at most, the kernel tables are checked for rules added or removed (a cheap
@@ -69,7 +71,8 @@ pub enum Position {
     ChainEnd,
     /// The rule number is not in the snapshot (the table changed faster than it was read).
     Unknown { kernel_number: u32 },
-    /// A rule of a native nf_tables table, in nft syntax; the verdict is the kernel's.
+    /// A rule nft wrote (in a native table, or added to an iptables-nft one), in nft syntax; the
+    /// verdict is the kernel's, told apart by the rule's statements (REJECT, NAT).
     NftRule { handle: u64, text: Arc<str>, verdict: Verdict },
     /// A rule of a table iptables-nft manages, in iptables syntax, numbered as `iptables -L
     /// --line-numbers` shows it.
@@ -379,12 +382,17 @@ impl Resolver {
                 let (family, handle, trace_type, kernel) = (*family, *handle, *trace_type, verdict.clone());
                 let (table, chain) = (table.clone(), chain.clone());
                 let snapshot = self.nft.as_ref()?.at(event.epoch)?;
-                let engine = if snapshot.is_xtables(family, &table) { Engine::XtablesNft } else { Engine::Nft };
                 let position = match (trace_type, handle) {
                     (NftTraceType::Policy, _) => Position::Policy(nft::step_verdict(&kernel, &Found::Missing)),
                     (_, None) if snapshot.is_base_chain(family, &table, &chain) => return None,
                     (_, None) => Position::ChainEnd,
                     (_, Some(handle)) => self.nft_rule(&snapshot, family, &table, &chain, handle, &kernel),
+                };
+                // A rule nft added to an iptables-nft table is shown as the native rule it is.
+                let engine = match position {
+                    Position::NftRule { .. } => Engine::Nft,
+                    _ if snapshot.is_xtables(family, &table) => Engine::XtablesNft,
+                    _ => Engine::Nft,
                 };
                 Some(Step { event, position, engine })
             }
@@ -416,7 +424,7 @@ impl Resolver {
         }
         let verdict = nft::step_verdict(kernel, &found);
         match found {
-            Found::Native { text } => Position::NftRule { handle, text, verdict },
+            Found::Native { text, .. } => Position::NftRule { handle, text, verdict },
             Found::Xtables { number, rule } => Position::XtablesNftRule { handle, number, rule, verdict },
             Found::Missing => Position::NftRuleGone { handle, verdict },
         }

@@ -1,6 +1,14 @@
-//! nf_tables rules by (family, table, chain, handle), as text: nft syntax for native tables
-//! (`nft -a -s list ruleset`), iptables syntax for the tables iptables-nft manages (the rule at
-//! the same position in `iptables-nft-save`, as xtables-monitor shows them).
+//! nf_tables rules by (family, table, chain, handle). What a rule is — its table, chain, handle
+//! and statements — comes from `nft -j list ruleset`; its text is only for display: nft syntax
+//! for native rules (`nft -a -s list ruleset`, as the user wrote it), iptables syntax for the
+//! rules iptables-nft wrote (the rule at the same position in `iptables-nft-save`, as
+//! xtables-monitor shows them).
+//!
+//! A table is iptables-nft's when it holds an xtables compat expression (only iptables-nft
+//! writes them, and `nft` itself calls such a table "managed by iptables-nft"), or when every
+//! base chain is one of iptables' built-in chains and every rule has iptables-nft's shape. In
+//! such a table, a rule nft wrote (a comment of nft's, a statement iptables has no match or
+//! target for) is still shown in nft syntax. A table's name proves nothing.
 //!
 //! A snapshot of the whole rule set is read whenever the generation (`NFT_MSG_GETGEN`) changed,
 //! and kept by epoch like the legacy snapshots. A handle missing from its epoch's snapshot (a rule
@@ -9,20 +17,43 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use super::{ResolveError, Rule, Verdict};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{ResolveError, Rule, Verdict, rule::NAT_TARGETS};
 use crate::{
     decode::{Family, NftFamily, NftVerdict},
     nftables::{self, NfTablesSocket},
     xtables::{self, Xtables},
 };
 
+/// What a rule's statements add to the kernel's verdict, which is all a trace event carries: a
+/// reject drops (`NF_DROP`) after answering, a NAT statement accepts after setting up a binding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Action {
+    Reject,
+    Nat,
+    Plain,
+}
+
+/// One rule of a snapshot.
+#[derive(Debug)]
+struct NftRule {
+    handle: u64,
+    /// In nft syntax, on one line.
+    text: Arc<str>,
+    action: Action,
+    /// Whether iptables-nft could have written it (and can show it in iptables syntax).
+    xtables_shaped: bool,
+}
+
 /// One chain of a snapshot.
 #[derive(Debug, Default)]
 struct ChainRules {
     /// Has a hook (its end is followed by the policy event).
     base: bool,
-    /// (handle, nft text) in chain order.
-    rules: Vec<(u64, Arc<str>)>,
+    /// In chain order.
+    rules: Vec<NftRule>,
     /// For chains of iptables-nft tables: the same rules in iptables syntax, in the same order.
     xtables: Option<Vec<Arc<Rule>>>,
 }
@@ -38,94 +69,204 @@ pub(super) struct Ruleset {
 /// Where an nf_tables event landed, as far as the rule text is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Found {
-    Native { text: Arc<str> },
+    Native { text: Arc<str>, action: Action },
     Xtables { number: u32, rule: Arc<Rule> },
     Missing,
 }
 
-impl Ruleset {
-    /// Parses `nft -a -s list ruleset`: tables, chains, base-chain lines and rules ending in
-    /// `# handle N` (a rule nft wraps over several lines is joined).
-    pub(super) fn parse(listing: &str) -> Self {
-        let mut this = Self::default();
-        let mut table: Option<(NftFamily, String)> = None;
-        let mut chain: Option<String> = None;
-        let mut depth = 0usize;
-        let mut chain_depth = 0usize;
-        let mut pending = String::new();
-        for raw in listing.lines() {
-            let line = raw.trim();
-            let opens = braces(line, '{');
-            let closes = braces(line, '}');
-            if depth == 0 {
-                if let Some(rest) = line.strip_prefix("table ") {
-                    let mut words = rest.split_whitespace();
-                    table = match (words.next().and_then(NftFamily::from_name), words.next()) {
-                        (Some(f), Some(name)) => Some((f, unquote(name).to_owned())),
-                        _ => None,
-                    };
-                }
-            } else if depth == 1 && chain.is_none() {
-                if let (Some(rest), Some((family, name))) = (line.strip_prefix("chain "), &table) {
-                    let chain_name = unquote(rest.split_whitespace().next().unwrap_or_default()).to_owned();
-                    this.chains.insert((*family, name.clone(), chain_name.clone()), ChainRules::default());
-                    chain = Some(chain_name);
-                    chain_depth = (depth + opens).saturating_sub(closes);
-                }
-            } else if let (Some(c), Some((family, name))) = (&chain, &table) {
-                let key = (*family, name.clone(), c.clone());
-                if line.starts_with("type ") && line.contains(" hook ") {
-                    if let Some(rules) = this.chains.get_mut(&key) {
-                        rules.base = true;
-                    }
-                } else if let Some((text, handle)) =
-                    line.rsplit_once(" # handle ").and_then(|(t, h)| Some((t, h.trim().parse::<u64>().ok()?)))
-                {
-                    if !pending.is_empty() {
-                        pending.push(' ');
-                    }
-                    pending.push_str(text.trim());
-                    if let Some(rules) = this.chains.get_mut(&key) {
-                        rules.rules.push((handle, std::mem::take(&mut pending).into()));
-                    }
-                } else if !(line.is_empty() || line == "}" && (depth + opens).saturating_sub(closes) < chain_depth) {
-                    if !pending.is_empty() {
-                        pending.push(' ');
-                    }
-                    pending.push_str(line);
-                }
-            }
-            depth = (depth + opens).saturating_sub(closes);
-            if chain.is_some() && depth < chain_depth {
-                chain = None;
-                pending.clear();
-            }
-            if depth == 0 {
-                table = None;
-            }
-        }
-        this
+/// `nft -j list ruleset`: a list of single-key objects, of which tables, chains and rules
+/// matter here (sets, maps, objects and metainfo are skipped).
+#[derive(Deserialize)]
+struct JsonListing {
+    nftables: Vec<JsonObject>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct JsonObject {
+    table: Option<JsonTable>,
+    chain: Option<JsonChain>,
+    rule: Option<JsonRule>,
+}
+
+#[derive(Deserialize)]
+struct JsonTable {
+    family: String,
+    name: String,
+    handle: u64,
+}
+
+#[derive(Deserialize)]
+struct JsonChain {
+    family: String,
+    table: String,
+    name: String,
+    handle: u64,
+    hook: Option<String>,
+    prio: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct JsonRule {
+    family: String,
+    table: String,
+    chain: String,
+    handle: u64,
+    comment: Option<String>,
+    /// Statements: each an object whose one key names it (`match`, `counter`, `accept`, `xt`, ...).
+    #[serde(default)]
+    expr: Vec<Map<String, Value>>,
+}
+
+impl JsonRule {
+    fn statements(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.expr.iter().flat_map(|s| s.iter().map(|(name, value)| (name.as_str(), value)))
     }
 
-    /// Adds the iptables syntax of the tables `iptables-nft-save` lists for `family`.
+    fn has_xt(&self) -> bool {
+        self.statements().any(|(name, _)| name == "xt")
+    }
+
+    fn action(&self) -> Action {
+        for (name, value) in self.statements() {
+            match name {
+                "reject" => return Action::Reject,
+                "snat" | "dnat" | "masquerade" | "redirect" => return Action::Nat,
+                // An iptables target kept as such (nft_compat).
+                "xt" if value["type"] == "target" => match value["name"].as_str() {
+                    Some("REJECT") => return Action::Reject,
+                    Some(target) if NAT_TARGETS.contains(&target) => return Action::Nat,
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        Action::Plain
+    }
+
+    /// Whether iptables-nft could have written this rule: an xtables expression, or only what
+    /// iptables-nft writes natively (payload/meta matches, a counter on every rule, the standard
+    /// verdicts, packet-rate limits, NFLOG) and no nft comment (iptables' comments are an xt match).
+    fn xtables_shaped(&self) -> bool {
+        if self.has_xt() {
+            return true;
+        }
+        self.comment.is_none()
+            && self.statements().any(|(name, _)| name == "counter")
+            && self.statements().all(|(name, value)| match name {
+                "match" | "counter" | "accept" | "drop" | "return" | "jump" | "goto" => true,
+                "limit" => value.get("rate_unit").is_none() && value.get("inv").is_none(),
+                "log" => value.get("group").is_some(),
+                _ => false,
+            })
+    }
+}
+
+/// iptables' built-in chains by table: (name, hook, priority), as iptables-nft creates them.
+fn builtin_chains(table: &str) -> &'static [(&'static str, &'static str, i64)] {
+    match table {
+        "filter" => &[("INPUT", "input", 0), ("FORWARD", "forward", 0), ("OUTPUT", "output", 0)],
+        "nat" => &[
+            ("PREROUTING", "prerouting", -100),
+            ("INPUT", "input", 100),
+            ("OUTPUT", "output", -100),
+            ("POSTROUTING", "postrouting", 100),
+        ],
+        "mangle" => &[
+            ("PREROUTING", "prerouting", -150),
+            ("INPUT", "input", -150),
+            ("FORWARD", "forward", -150),
+            ("OUTPUT", "output", -150),
+            ("POSTROUTING", "postrouting", -150),
+        ],
+        "raw" => &[("PREROUTING", "prerouting", -300), ("OUTPUT", "output", -300)],
+        "security" => &[("INPUT", "input", 50), ("FORWARD", "forward", 50), ("OUTPUT", "output", 50)],
+        _ => &[],
+    }
+}
+
+/// Whether iptables-nft manages `table` (see the module documentation).
+fn managed_by_iptables_nft(family: NftFamily, table: &str, chains: &[&JsonChain], rules: &[&JsonRule]) -> bool {
+    if !matches!(family, NftFamily::Ip | NftFamily::Ip6) {
+        return false;
+    }
+    if rules.iter().any(|r| r.has_xt()) {
+        return true;
+    }
+    let builtin = builtin_chains(table);
+    !builtin.is_empty()
+        && chains.iter().filter(|c| c.hook.is_some()).all(|c| {
+            builtin.iter().any(|(name, hook, prio)| {
+                c.name == *name
+                    && c.hook.as_deref() == Some(*hook)
+                    && c.prio.as_ref().and_then(Value::as_i64) == Some(*prio)
+            })
+        })
+        && rules.iter().all(|r| r.xtables_shaped())
+}
+
+impl Ruleset {
+    /// Builds a snapshot from `nft -j list ruleset` (`json`) and `nft -a -s list ruleset`
+    /// (`listing`) of the same generation.
+    pub(super) fn from_listings(json: &str, listing: &str) -> Result<Self, serde_json::Error> {
+        let parsed: JsonListing = serde_json::from_str(json)?;
+        let mut this = Self::default();
+        let mut texts = RuleTexts { listing, at: 0 };
+        for table in parsed.nftables.iter().filter_map(|o| o.table.as_ref()) {
+            let Some(family) = NftFamily::from_name(&table.family) else { continue };
+            let in_table = |f: &str, t: &str| f == table.family && t == table.name;
+            let chains: Vec<&JsonChain> = parsed
+                .nftables
+                .iter()
+                .filter_map(|o| o.chain.as_ref())
+                .filter(|c| in_table(&c.family, &c.table))
+                .collect();
+            let rules: Vec<&JsonRule> = parsed
+                .nftables
+                .iter()
+                .filter_map(|o| o.rule.as_ref())
+                .filter(|r| in_table(&r.family, &r.table))
+                .collect();
+            let mut by_chain: HashMap<&str, Vec<&JsonRule>> = HashMap::new();
+            for rule in &rules {
+                by_chain.entry(rule.chain.as_str()).or_default().push(rule);
+            }
+            if managed_by_iptables_nft(family, &table.name, &chains, &rules) {
+                this.xtables.push((family, table.name.clone()));
+            }
+            texts.find_marker(table.handle);
+            for chain in chains {
+                texts.find_marker(chain.handle);
+                let rules = by_chain.get(chain.name.as_str()).into_iter().flatten().map(|r| NftRule {
+                    handle: r.handle,
+                    text: texts.next_rule(r).into(),
+                    action: r.action(),
+                    xtables_shaped: r.xtables_shaped(),
+                });
+                let rules = ChainRules { base: chain.hook.is_some(), rules: rules.collect(), xtables: None };
+                this.chains.insert((family, table.name.clone(), chain.name.clone()), rules);
+            }
+        }
+        Ok(this)
+    }
+
+    /// Adds the iptables syntax of the iptables-nft tables that `iptables-nft-save` lists for
+    /// `family`, chain by chain where both list as many rules (positions map them to handles).
     pub(super) fn add_xtables(&mut self, family: NftFamily, saved: &str) {
         for table in xtables::parse_save(saved) {
+            if !self.is_xtables(family, &table.name) {
+                continue;
+            }
             let names: Vec<String> = table.chains.iter().map(|c| c.name.clone()).collect();
-            let mut managed = false;
             for chain in &table.chains {
                 let Some(rules) = self.chains.get_mut(&(family, table.name.clone(), chain.name.clone())) else {
                     continue;
                 };
-                // Positions map rules to handles; if the two listings disagree, nft syntax it is.
                 if rules.rules.len() == chain.rules.len() {
                     let parsed =
                         chain.rules.iter().map(|r| Arc::new(Rule::from_tokens(r, |t| names.iter().any(|n| n == t))));
                     rules.xtables = Some(parsed.collect());
-                    managed = true;
                 }
-            }
-            if managed {
-                self.xtables.push((family, table.name));
             }
         }
     }
@@ -140,37 +281,81 @@ impl Ruleset {
 
     pub(super) fn find(&self, family: NftFamily, table: &str, chain: &str, handle: u64) -> Found {
         let Some(c) = self.chains.get(&(family, table.to_owned(), chain.to_owned())) else { return Found::Missing };
-        let Some(index) = c.rules.iter().position(|(h, _)| *h == handle) else { return Found::Missing };
+        let Some(index) = c.rules.iter().position(|r| r.handle == handle) else { return Found::Missing };
+        let rule = &c.rules[index];
         match &c.xtables {
-            Some(xt) => {
+            Some(xt) if rule.xtables_shaped => {
                 Found::Xtables { number: u32::try_from(index + 1).unwrap_or(u32::MAX), rule: xt[index].clone() }
             }
-            None => Found::Native { text: c.rules[index].1.clone() },
+            _ => Found::Native { text: rule.text.clone(), action: rule.action },
         }
     }
 }
 
-/// Counts `c` outside double-quoted strings.
-fn braces(line: &str, c: char) -> usize {
-    let mut quoted = false;
-    line.chars()
-        .filter(|&ch| {
-            if ch == '"' {
-                quoted = !quoted;
-            }
-            !quoted && ch == c
-        })
-        .count()
+/// Reads rule texts out of `nft -a -s list ruleset` in the order of the JSON listing (the same
+/// order: tables, then each chain with its rules). Every object's text ends in `# handle N`,
+/// preceded by the rule's comment if it has one; searching forward for exactly that end, the
+/// comment as the JSON gives it, means no string a rule contains (a comment with `" # handle
+/// 10` or a newline, a chain named `sp ace`, which nft prints unquoted) is taken for structure.
+struct RuleTexts<'a> {
+    listing: &'a str,
+    /// Where the previous object's text ended.
+    at: usize,
 }
 
-fn unquote(name: &str) -> &str {
-    name.strip_prefix('"').and_then(|n| n.strip_suffix('"')).unwrap_or(name)
+/// Lines that open a chain before its rules (`comment "..."` comes first when there is one).
+const CHAIN_HEADER_WORDS: &[&str] = &["type ", "policy ", "devices ", "flags "];
+
+impl RuleTexts<'_> {
+    /// Moves past the `{ # handle N` that opens a table or chain.
+    fn find_marker(&mut self, handle: u64) {
+        let marker = format!("{{ # handle {handle}\n");
+        if let Some(i) = self.listing[self.at..].find(&marker) {
+            self.at += i + marker.len();
+            // A chain's comment and base-chain lines are not part of its first rule.
+            let rest = &self.listing[self.at..];
+            let mut skipped = 0;
+            for line in rest.split_inclusive('\n') {
+                let words = line.trim_start();
+                if words.starts_with("comment \"") || CHAIN_HEADER_WORDS.iter().any(|w| words.starts_with(w)) {
+                    skipped += line.len();
+                } else {
+                    break;
+                }
+            }
+            self.at += skipped;
+        }
+    }
+
+    /// The next rule's text, on one line: nft's line wraps (long sets) become single spaces; a
+    /// newline inside the comment is shown as `\n`.
+    fn next_rule(&mut self, rule: &JsonRule) -> String {
+        let end = match &rule.comment {
+            Some(comment) => format!(" comment \"{comment}\" # handle {}\n", rule.handle),
+            None => format!(" # handle {}\n", rule.handle),
+        };
+        let Some(i) = self.listing[self.at..].find(&end) else {
+            return format!("(not in nft's listing: {} statements)", rule.expr.len());
+        };
+        let body = &self.listing[self.at..self.at + i];
+        self.at += i + end.len();
+        let mut text = body.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+        if let Some(comment) = &rule.comment {
+            let shown: String = comment
+                .chars()
+                .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.into() })
+                .collect();
+            text.push_str(&format!(" comment \"{shown}\""));
+        }
+        text
+    }
 }
 
 /// Reads the whole rule set now.
 pub(super) fn read(families: &[Family]) -> Result<Ruleset, ResolveError> {
+    let json = nftables::run(&["-j", "list", "ruleset"]).map_err(ResolveError::Nft)?;
     let listing = nftables::run(&["-a", "-s", "list", "ruleset"]).map_err(ResolveError::Nft)?;
-    let mut ruleset = Ruleset::parse(&listing);
+    let mut ruleset = Ruleset::from_listings(&json, &listing).map_err(ResolveError::NftJson)?;
     for &family in families {
         // iptables-nft-save is optional: without it, iptables-nft rules show in nft syntax.
         if let Ok(saved) = Xtables::nft(family).save_all() {
@@ -197,17 +382,22 @@ impl Generation {
     }
 }
 
-/// The verdict a step had, from the kernel's verdict and, where it tells more (REJECT, NAT), the rule.
+/// The verdict a step had: the kernel's, refined by the rule's statements where they tell more
+/// (a reject behind NF_DROP, a NAT binding behind NF_ACCEPT).
 pub(super) fn step_verdict(kernel: &NftVerdict, found: &Found) -> Verdict {
-    if let Found::Xtables { rule, .. } = found
-        && matches!(rule.verdict, Verdict::Reject | Verdict::Nat)
-    {
-        return rule.verdict.clone();
-    }
-    let nat = matches!(found, Found::Native { text } if is_nat(text));
+    let action = match found {
+        Found::Native { action, .. } => *action,
+        Found::Xtables { rule, .. } => match rule.verdict {
+            Verdict::Reject => Action::Reject,
+            Verdict::Nat => Action::Nat,
+            _ => Action::Plain,
+        },
+        Found::Missing => Action::Plain,
+    };
     match kernel {
-        NftVerdict::Accept if nat => Verdict::Nat,
+        NftVerdict::Accept if action == Action::Nat => Verdict::Nat,
         NftVerdict::Accept => Verdict::Accept,
+        NftVerdict::Drop if action == Action::Reject => Verdict::Reject,
         NftVerdict::Drop => Verdict::Drop,
         NftVerdict::Queue => Verdict::Queue,
         NftVerdict::Stolen => Verdict::Stolen,
@@ -220,90 +410,105 @@ pub(super) fn step_verdict(kernel: &NftVerdict, found: &Found) -> Verdict {
     }
 }
 
-/// Whether an nft rule ends in a NAT statement (its accept sets up a binding, like a NAT target).
-fn is_nat(text: &str) -> bool {
-    text.split_whitespace().any(|w| matches!(w, "snat" | "dnat" | "masquerade" | "redirect"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// `nft -a -s list ruleset` of nftables 1.0.6, with an iptables-nft table.
-    const LISTING: &str = r#"table inet fw { # handle 1
-	set allowed { # handle 7
-		type ipv4_addr
-		elements = { 10.5.1.7 }
-	}
+    /// Captured from nftables 1.0.6 and iptables 1.8.9 in a namespace (see tests/data/nft/README).
+    const NATIVE_JSON: &str = include_str!("../../tests/data/nft/native.json");
+    const NATIVE_LISTING: &str = include_str!("../../tests/data/nft/native.txt");
+    const NATIVE_SAVED: &str = include_str!("../../tests/data/nft/native-save.txt");
+    const XTABLES_JSON: &str = include_str!("../../tests/data/nft/xtables.json");
+    const XTABLES_LISTING: &str = include_str!("../../tests/data/nft/xtables.txt");
+    const XTABLES_SAVED: &str = include_str!("../../tests/data/nft/xtables-save.txt");
 
-	chain forward { # handle 3
-		type filter hook forward priority filter; policy drop;
-		ct state established,related accept # handle 10
-		ip saddr @allowed jump client # handle 11
-		ip daddr { 172.16.2.2,
-			   172.16.2.3 } tcp dport 22 accept comment "two {lines}" # handle 18
-	}
+    fn ruleset(json: &str, listing: &str, saved: &str) -> Ruleset {
+        let mut r = Ruleset::from_listings(json, listing).unwrap();
+        r.add_xtables(NftFamily::Ip, saved);
+        r
+    }
 
-	chain client { # handle 4
-		udp dport 53 return # handle 14
-	}
-
-	chain masq_out { # handle 6
-		type nat hook postrouting priority srcnat; policy accept;
-		oifname "vif2" masquerade # handle 17
-	}
-}
-table ip filter { # handle 3
-	chain FORWARD { # handle 1
-		type filter hook forward priority filter; policy accept;
-		tcp dport 22 ct state new  counter accept # handle 2
-		oifname "vif2" counter jump DOCKER # handle 4
-	}
-
-	chain DOCKER { # handle 3
-	}
-}
-"#;
-
-    const SAVED: &str = r#"*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:DOCKER - [0:0]
--A FORWARD -p tcp -m tcp --dport 22 -m conntrack --ctstate NEW -m comment --comment "ssh x" -j ACCEPT
--A FORWARD -o vif2 -j DOCKER
-COMMIT
-"#;
-
-    #[test]
-    fn finds_native_rules_by_handle_and_iptables_nft_rules_by_position() {
-        let mut r = Ruleset::parse(LISTING);
-        r.add_xtables(NftFamily::Ip, SAVED);
-        assert_eq!(
-            r.find(NftFamily::Inet, "fw", "forward", 11),
-            Found::Native { text: "ip saddr @allowed jump client".into() }
-        );
-        assert_eq!(
-            r.find(NftFamily::Inet, "fw", "forward", 18),
-            Found::Native {
-                text: r#"ip daddr { 172.16.2.2, 172.16.2.3 } tcp dport 22 accept comment "two {lines}""#.into()
-            }
-        );
-        assert_eq!(r.find(NftFamily::Inet, "fw", "client", 14), Found::Native { text: "udp dport 53 return".into() });
-        assert_eq!(r.find(NftFamily::Inet, "fw", "client", 99), Found::Missing);
-        assert!(r.is_base_chain(NftFamily::Inet, "fw", "forward") && !r.is_base_chain(NftFamily::Inet, "fw", "client"));
-        assert!(r.is_xtables(NftFamily::Ip, "filter") && !r.is_xtables(NftFamily::Inet, "fw"));
-        let Found::Xtables { number: 2, rule } = r.find(NftFamily::Ip, "filter", "FORWARD", 4) else { panic!() };
-        assert_eq!(rule.verdict, Verdict::Jump("DOCKER".into()));
-        let Found::Xtables { number: 1, rule } = r.find(NftFamily::Ip, "filter", "FORWARD", 2) else { panic!() };
-        assert_eq!(rule.comment.as_deref(), Some("ssh x"));
+    fn native(text: &str, action: Action) -> Found {
+        Found::Native { text: text.into(), action }
     }
 
     #[test]
-    fn nat_statements_and_rejects_refine_the_kernel_verdict() {
-        let masq = Found::Native { text: "oifname \"vif2\" masquerade".into() };
-        assert_eq!(step_verdict(&NftVerdict::Accept, &masq), Verdict::Nat);
+    fn a_native_table_named_filter_is_native() {
+        // iptables-nft-save lists this table's user chain with as many rules, in iptables syntax:
+        // no evidence; lower-case base chains and an nft comment are.
+        let r = ruleset(NATIVE_JSON, NATIVE_LISTING, NATIVE_SAVED);
+        assert!(!r.is_xtables(NftFamily::Ip, "filter"));
+        assert_eq!(r.find(NftFamily::Ip, "filter", "input", 3), native("jump mychain", Action::Plain));
+        assert_eq!(
+            r.find(NftFamily::Ip, "filter", "mychain", 5),
+            native(r#"ip saddr 10.77.1.2 counter accept comment "x""#, Action::Plain)
+        );
+        assert_eq!(r.find(NftFamily::Ip, "filter", "mychain", 6), native("counter", Action::Plain));
+        assert!(
+            r.is_base_chain(NftFamily::Ip, "filter", "input") && !r.is_base_chain(NftFamily::Ip, "filter", "mychain")
+        );
+    }
+
+    #[test]
+    fn verdicts_come_from_statements_not_from_words() {
+        let r = ruleset(NATIVE_JSON, NATIVE_LISTING, NATIVE_SAVED);
+        let port_forwards = r.find(NftFamily::Inet, "t", "forward_c", 5);
+        assert_eq!(port_forwards, native("ct status dnat accept", Action::Plain));
+        assert_eq!(step_verdict(&NftVerdict::Accept, &port_forwards), Verdict::Accept);
+        let dnat = r.find(NftFamily::Inet, "t", "dstnat_c", 6);
+        assert_eq!(dnat, native("tcp dport 8080 dnat ip to 10.77.2.2:80", Action::Nat));
+        assert_eq!(step_verdict(&NftVerdict::Accept, &dnat), Verdict::Nat);
+        let reject = r.find(NftFamily::Ip, "filter", "input", 4);
+        assert_eq!(reject, native("tcp dport 9 reject", Action::Reject));
+        assert_eq!(step_verdict(&NftVerdict::Drop, &reject), Verdict::Reject);
         assert_eq!(step_verdict(&NftVerdict::Accept, &Found::Missing), Verdict::Accept);
         assert_eq!(step_verdict(&NftVerdict::Jump("c".into()), &Found::Missing), Verdict::Jump("c".into()));
+    }
+
+    #[test]
+    fn iptables_nft_rules_by_position_and_nft_rules_by_handle_in_the_same_table() {
+        let r = ruleset(XTABLES_JSON, XTABLES_LISTING, XTABLES_SAVED);
+        assert!(r.is_xtables(NftFamily::Ip, "filter") && !r.is_xtables(NftFamily::Inet, "t"));
+        let Found::Xtables { number: 1, rule } = r.find(NftFamily::Ip, "filter", "INPUT", 2) else { panic!() };
+        assert_eq!((rule.comment.as_deref(), &rule.verdict), (Some("ssh x"), &Verdict::Accept));
+        let Found::Xtables { number: 2, rule } = r.find(NftFamily::Ip, "filter", "INPUT", 3) else { panic!() };
+        assert_eq!(step_verdict(&NftVerdict::Drop, &Found::Xtables { number: 2, rule }), Verdict::Reject);
+        let Found::Xtables { number: 3, rule } = r.find(NftFamily::Ip, "filter", "INPUT", 5) else { panic!() };
+        assert_eq!(rule.verdict, Verdict::Jump("DOCKER".into()));
+        let Found::Xtables { number: 6, rule } = r.find(NftFamily::Ip, "filter", "INPUT", 8) else { panic!() };
+        assert_eq!(rule.target, "");
+        // Added with nft to iptables-nft's table: its own syntax and handle.
+        assert_eq!(
+            r.find(NftFamily::Ip, "filter", "INPUT", 11),
+            native(r#"ip saddr 10.9.9.9 counter accept comment "native""#, Action::Plain)
+        );
+        // A comment with a newline, which iptables-nft-save prints as it is, moves nothing.
+        let Found::Xtables { number: 1, rule } = r.find(NftFamily::Ip, "filter", "OUTPUT", 10) else { panic!() };
+        assert_eq!(
+            (rule.comment.as_deref(), &rule.verdict),
+            (Some("forge\n-A OUTPUT -p icmp -j DROP"), &Verdict::Accept)
+        );
+    }
+
+    #[test]
+    fn strings_in_rules_are_not_structure() {
+        let r = ruleset(XTABLES_JSON, XTABLES_LISTING, XTABLES_SAVED);
+        let t = |chain, handle| r.find(NftFamily::Inet, "t", chain, handle);
+        assert_eq!(t("c", 2), native(r#"tcp dport 1 accept comment "x""#, Action::Plain));
+        assert_eq!(t("c", 3), native(r#"tcp dport 4 drop comment "line1\nline2 # handle 9""#, Action::Plain));
+        assert_eq!(
+            t("c", 5),
+            native(
+                "ip daddr { 1.1.1.1, 2.2.2.2, 3.3.3.3, 4.4.4.4, 5.5.5.5, 6.6.6.6, 7.7.7.7, 8.8.8.8, 9.9.9.9, \
+                 10.10.10.10 } reject with icmp port-unreachable",
+                Action::Reject
+            )
+        );
+        assert_eq!(t("c", 7), native(r#"tcp dport 7 accept comment "" # handle 10""#, Action::Plain));
+        assert_eq!(t("c", 8), native("jump sp ace", Action::Plain));
+        assert_eq!(t("sp ace", 9), native("counter", Action::Plain));
+        assert_eq!(t("pre", 11), native("meta nftrace set 1", Action::Plain));
+        assert_eq!(t("pre", 10), Found::Missing);
+        assert!(r.is_base_chain(NftFamily::Inet, "t", "pre") && !r.is_base_chain(NftFamily::Inet, "t", "sp ace"));
     }
 }

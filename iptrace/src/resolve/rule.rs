@@ -58,7 +58,7 @@ pub struct Rule {
 }
 
 /// Targets that end the table's traversal for the packet, beyond the standard verdicts.
-const NAT_TARGETS: &[&str] = &["SNAT", "DNAT", "MASQUERADE", "REDIRECT", "NETMAP"];
+pub(super) const NAT_TARGETS: &[&str] = &["SNAT", "DNAT", "MASQUERADE", "REDIRECT", "NETMAP"];
 
 impl Rule {
     /// Builds a rule from its tokens after `-A <chain>`; `is_chain` tells user chains from
