@@ -294,7 +294,10 @@ fn debian_workstation() {
     c.verdict(&["SRC=fd00:5:1::7 DST=fd00:5:1::1", "TYPE=128"], "verdict: ACCEPT at nft inet filter input (handle 5)");
     c.verdict(&["SRC=10.5.1.7 DST=10.5.1.1", "TYPE=8"], "verdict: DROP at nft inet filter input (handle 8)");
     c.verdict(&["SRC=10.5.1.7 DST=10.5.1.1", "DPT=53"], "verdict: DROP at nft inet filter input (handle 8)");
-    c.verdict(&["SRC=172.16.2.2 DST=172.16.2.1", "SPT=80", "ACK SYN"], "verdict: ACCEPT at nft inet filter input (handle 3)");
+    c.verdict(
+        &["SRC=172.16.2.2 DST=172.16.2.1", "SPT=80", "ACK SYN"],
+        "verdict: ACCEPT at nft inet filter input (handle 3)",
+    );
     c.arrived("the router's own connection to the server", true, router_out);
     c.done();
 }
@@ -361,12 +364,23 @@ fn openwrt_fw4() {
     c.verdict(&["SRC=10.5.1.7", "DPT=80", " SYN"], "verdict: ACCEPT at nft inet fw4 accept_to_wan (handle 57)");
     c.verdict(&["SRC=10.5.1.7", "DPT=80", " CT=established"], "verdict: ACCEPT at nft inet fw4 forward (handle 31)");
     // The port forward's first packet is accepted by `ct status dnat accept` (issue 9 item 2).
-    c.verdict(&["SRC=172.16.2.2 DST=172.16.2.1", "DPT=8080", " SYN"], "verdict: ACCEPT at nft inet fw4 forward_wan (handle 52)");
+    let forward = ["SRC=172.16.2.2 DST=172.16.2.1", "DPT=8080", " SYN"];
+    c.verdict(&forward, "verdict: ACCEPT at nft inet fw4 forward_wan (handle 52)");
+    c.shows(&forward, "~ DST 172.16.2.1 -> 10.5.1.7, DPT 8080 -> 22");
     // Native reject is REJECT (issue 9 item 2).
-    c.verdict(&["SRC=172.16.2.2 DST=10.5.1.7", "DPT=9999"], "verdict: REJECT at nft inet fw4 handle_reject (handle 39)");
-    c.verdict(&["SRC=172.16.2.2 DST=10.5.1.7", "DPT=22", " SYN"], "verdict: REJECT at nft inet fw4 handle_reject (handle 38)");
+    c.verdict(
+        &["SRC=172.16.2.2 DST=10.5.1.7", "DPT=9999"],
+        "verdict: REJECT at nft inet fw4 handle_reject (handle 39)",
+    );
+    c.verdict(
+        &["SRC=172.16.2.2 DST=10.5.1.7", "DPT=22", " SYN"],
+        "verdict: REJECT at nft inet fw4 handle_reject (handle 38)",
+    );
     c.verdict(&["SRC=172.16.2.2 DST=172.16.2.1", "TYPE=8"], "verdict: ACCEPT at nft inet fw4 input_wan (handle 46)");
-    c.verdict(&["SRC=fd00:5:1::7 DST=fd00:16:2::2", "TYPE=128"], "verdict: ACCEPT at nft inet fw4 accept_to_wan (handle 57)");
+    c.verdict(
+        &["SRC=fd00:5:1::7 DST=fd00:16:2::2", "TYPE=128"],
+        "verdict: ACCEPT at nft inet fw4 accept_to_wan (handle 57)",
+    );
     c.verdict(&["SRC=fd00:16:2::2 DST=fd00:5:1::7", "TYPE=129"], "verdict: ACCEPT at nft inet fw4 forward (handle 31)");
     c.arrived("lan to wan HTTP", true, web);
     c.arrived("wan port forward to lan ssh", true, port_forward);
@@ -396,12 +410,26 @@ fn firewalld() {
     });
     let mut c = Check::new(&run);
     let fw = "nft inet firewalld";
-    c.verdict(&["SRC=10.5.1.7 DST=172.16.2.2", "TYPE=8"], &format!("verdict: ACCEPT at {fw} filter_FWD_internal_allow (handle 80)"));
+    c.verdict(
+        &["SRC=10.5.1.7 DST=172.16.2.2", "TYPE=8"],
+        &format!("verdict: ACCEPT at {fw} filter_FWD_internal_allow (handle 80)"),
+    );
     c.verdict(&["IN=vif2", "SRC=172.16.2.2", "TYPE=0"], &format!("verdict: ACCEPT at {fw} filter_FORWARD (handle 50)"));
-    c.verdict(&["SRC=172.16.2.2 DST=172.16.2.1", "DPT=8080", " SYN"], &format!("verdict: ACCEPT at {fw} filter_FORWARD (handle 51)"));
-    c.verdict(&["SRC=172.16.2.2 DST=10.5.1.7", "DPT=9999"], &format!("verdict: REJECT at {fw} filter_FORWARD_POLICIES (handle 68)"));
-    c.verdict(&["SRC=fd00:16:2::2 DST=fd00:5:1::7", "TYPE=128"], &format!("verdict: ACCEPT at {fw} filter_FWD_public_allow (handle 82)"));
-    c.verdict(&["SRC=172.16.2.2 DST=172.16.2.1", "DPT=22", " SYN"], &format!("verdict: ACCEPT at {fw} filter_IN_public_allow (handle 78)"));
+    let forward = ["SRC=172.16.2.2 DST=172.16.2.1", "DPT=8080", " SYN"];
+    c.verdict(&forward, &format!("verdict: ACCEPT at {fw} filter_FORWARD (handle 51)"));
+    c.shows(&forward, "~ DST 172.16.2.1 -> 10.5.1.7, DPT 8080 -> 22");
+    c.verdict(
+        &["SRC=172.16.2.2 DST=10.5.1.7", "DPT=9999"],
+        &format!("verdict: REJECT at {fw} filter_FORWARD_POLICIES (handle 68)"),
+    );
+    c.verdict(
+        &["SRC=fd00:16:2::2 DST=fd00:5:1::7", "TYPE=128"],
+        &format!("verdict: ACCEPT at {fw} filter_FWD_public_allow (handle 82)"),
+    );
+    c.verdict(
+        &["SRC=172.16.2.2 DST=172.16.2.1", "DPT=22", " SYN"],
+        &format!("verdict: ACCEPT at {fw} filter_IN_public_allow (handle 78)"),
+    );
     c.arrived("public port forward to internal ssh", true, port_forward);
     c.arrived("public UDP to an internal host", false, sink.received());
     c.done();
@@ -435,7 +463,10 @@ fn kube_proxy_nftables() {
     let reply = ["IN=vif2", "SRC=172.16.2.2", "SPT=80", "ACK SYN"];
     c.shows(&reply, "DST=172.16.2.1 ");
     c.shows(&reply, "~ DST 172.16.2.1 -> 10.5.1.7");
-    c.verdict(&["SRC=10.5.1.7 DST=10.96.0.10", "DPT=80", " CT=established"], &format!("verdict: ACCEPT by {kp} filter-forward policy"));
+    c.verdict(
+        &["SRC=10.5.1.7 DST=10.96.0.10", "DPT=80", " CT=established"],
+        &format!("verdict: ACCEPT by {kp} filter-forward policy"),
+    );
     c.verdict(&["DST=10.96.0.11", "DPT=80", " SYN"], &format!("verdict: REJECT at {kp} reject-chain (handle 30)"));
     c.verdict(&["DST=10.96.0.10", "DPT=81", " SYN"], &format!("verdict: REJECT at {kp} cluster-ips-check (handle 29)"));
     // DNAT to an endpoint without a route: the router answers net-unreachable (issue 9 item 5).
@@ -467,14 +498,35 @@ fn ufw(iptables: Iptables) {
     });
     let (filter, filter6) = (iptables.table("filter"), iptables.table6("filter"));
     let mut c = Check::new(&run);
-    c.verdict(&["SRC=10.5.1.7 DST=172.16.2.2", "TYPE=8"], &format!("verdict: ACCEPT at {filter} ufw-before-forward #3"));
-    c.verdict(&["SRC=10.5.1.7 DST=172.16.2.2", "DPT=80", " SYN"], &format!("verdict: ACCEPT at {filter} ufw-user-forward #1"));
-    c.verdict(&["IN=vif0", "SRC=10.5.1.7 DST=172.16.2.2", "DPT=80", "!SYN"], &format!("verdict: ACCEPT at {filter} ufw-before-forward #1"));
-    c.verdict(&["SRC=10.5.1.7 DST=10.5.1.1", "DPT=22", " SYN"], &format!("verdict: ACCEPT at {filter} ufw-user-input #1"));
-    c.verdict(&["SRC=10.5.1.7 DST=10.5.1.1", "DPT=23", " SYN"], &format!("verdict: REJECT at {filter} ufw-user-input #2"));
+    c.verdict(
+        &["SRC=10.5.1.7 DST=172.16.2.2", "TYPE=8"],
+        &format!("verdict: ACCEPT at {filter} ufw-before-forward #3"),
+    );
+    c.verdict(
+        &["SRC=10.5.1.7 DST=172.16.2.2", "DPT=80", " SYN"],
+        &format!("verdict: ACCEPT at {filter} ufw-user-forward #1"),
+    );
+    c.verdict(
+        &["IN=vif0", "SRC=10.5.1.7 DST=172.16.2.2", "DPT=80", "!SYN"],
+        &format!("verdict: ACCEPT at {filter} ufw-before-forward #1"),
+    );
+    c.verdict(
+        &["SRC=10.5.1.7 DST=10.5.1.1", "DPT=22", " SYN"],
+        &format!("verdict: ACCEPT at {filter} ufw-user-input #1"),
+    );
+    c.verdict(
+        &["SRC=10.5.1.7 DST=10.5.1.1", "DPT=23", " SYN"],
+        &format!("verdict: REJECT at {filter} ufw-user-input #2"),
+    );
     c.verdict(&["SRC=172.16.2.2 DST=10.5.1.7", "DPT=9999"], &format!("verdict: DROP by {filter} FORWARD policy"));
-    c.verdict(&["SRC=fd00:5:1::7 DST=fd00:16:2::2", "TYPE=128"], &format!("verdict: ACCEPT at {filter6} ufw6-before-forward #3"));
-    c.verdict(&["SRC=fd00:5:1::7 DST=fd00:5:1::1", "DPT=22", " SYN"], &format!("verdict: ACCEPT at {filter6} ufw6-user-input #1"));
+    c.verdict(
+        &["SRC=fd00:5:1::7 DST=fd00:16:2::2", "TYPE=128"],
+        &format!("verdict: ACCEPT at {filter6} ufw6-before-forward #3"),
+    );
+    c.verdict(
+        &["SRC=fd00:5:1::7 DST=fd00:5:1::1", "DPT=22", " SYN"],
+        &format!("verdict: ACCEPT at {filter6} ufw6-user-input #1"),
+    );
     c.arrived("routed HTTP", true, web);
     c.arrived("UDP from outside to the LAN (default deny routed)", false, sink.received());
     c.done();
@@ -569,7 +621,10 @@ fn kube_proxy(iptables: Iptables) {
     c.shows(&reply, "DST=172.16.2.1 ");
     c.shows(&reply, "~ DST 172.16.2.1 -> 10.5.1.7");
     c.verdict(&reply, &format!("verdict: ACCEPT at {filter} KUBE-FORWARD #3"));
-    c.verdict(&["IN=vif0", "DST=10.96.0.10", "DPT=80", "!SYN"], &format!("verdict: ACCEPT at {filter} KUBE-FORWARD #3"));
+    c.verdict(
+        &["IN=vif0", "DST=10.96.0.10", "DPT=80", "!SYN"],
+        &format!("verdict: ACCEPT at {filter} KUBE-FORWARD #3"),
+    );
     c.verdict(&["DST=10.96.0.11", "DPT=80", " SYN"], &format!("verdict: REJECT at {filter} KUBE-SERVICES #1"));
     // The issue's wording for legacy; iptables-nft names its engine in the place.
     c.verdict_shape(
