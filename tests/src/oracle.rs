@@ -162,8 +162,9 @@ impl NftMonitor {
         Self { child, output, reader }
     }
 
-    /// Stops the monitor and returns the packets it saw, in the kernel's order.
-    pub fn finish(mut self) -> (String, Vec<OraclePacket>) {
+    /// Stops the monitor and returns the packets it saw, in the kernel's order. With
+    /// `ORACLE_DUMP=FILE` in the environment, the monitor's raw output is also written there.
+    pub fn finish(mut self) -> Vec<OraclePacket> {
         // SAFETY: signalling our own child (`ip netns exec` execs nft in place).
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
@@ -171,8 +172,7 @@ impl NftMonitor {
         if let Some(path) = std::env::var_os("ORACLE_DUMP") {
             let _ = std::fs::write(path, &text);
         }
-        let packets = self.reader.packets(&text);
-        (text, packets)
+        self.reader.packets(&text)
     }
 }
 

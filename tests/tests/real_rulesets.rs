@@ -128,7 +128,7 @@ fn trace_nft(lab: &Lab, iptables_nft: &[&str], traffic: impl FnOnce()) -> Traced
     traffic();
     settle();
     let out = tracer.stop(libc::SIGINT);
-    let (_, packets) = monitor.finish();
+    let packets = monitor.finish();
     assert!(out.status.success(), "iptrace failed: {out:?}");
     let all = blocks(&out.stdout);
     let oracle_diff = compare_nft(&all, &packets);
