@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod oracle;
+
 pub use iptrace::{
     demo::{SAMPLE_GUARD_RULES, load_sample_mixed_rules, load_sample_nft_rules, load_sample_rules},
     lab::{Lab, Role, addr},
