@@ -68,6 +68,7 @@ pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, us
                     in_interface: None,
                     out_interface: None,
                     limit: None,
+                    chain: None,
                 };
                 iptrace::instrument::install(instrumentation.owner(), &plan).map_err(|e| e.to_string())?;
                 let _ = ready_tx.send(());

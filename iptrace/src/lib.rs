@@ -4,6 +4,17 @@
 //! → [`capture`] (the nfnetlink_log socket and its eBPF filter) → [`decode`] (bytes to events)
 //! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`render`].
 
+/// Writes one line to stderr and ignores failure: a stderr whose reader went away
+/// (`iptrace 2>&1 | head -1`) must neither panic iptrace (as `eprintln!` does) nor keep it from
+/// cleaning up.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 pub mod backend;
 pub mod bpf;
 pub mod capture;
