@@ -406,14 +406,20 @@ fn cleanup_reports_only_what_it_restored() {
     }
     let lab = router("restored", true);
     let ns = lab.ns(Role::Router);
+    let bound = || {
+        let out = lab.exec(Role::Router, &["cat", "/proc/sys/net/netfilter/nf_log/2"], "").unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let saved = bound();
     let tracer = Tracer::start(&["--netns", &ns, "--backend", "legacy", "-4", "icmp"]);
     tracer.stop(libc::SIGKILL);
-    lab.exec(Role::Router, &["sh", "-c", "echo nf_log_ipv4 > /proc/sys/net/netfilter/nf_log/2"], "").unwrap();
+    let theirs = if saved == "NONE" { "nf_log_ipv4" } else { "NONE" };
+    let bind = format!("echo {theirs} > /proc/sys/net/netfilter/nf_log/2");
+    lab.exec(Role::Router, &["sh", "-c", &bind], "").unwrap();
     let (status, stdout, stderr) = run_iptrace(&["--cleanup", "--netns", &ns]);
     assert!(status.success(), "{stderr}");
     assert_eq!(stdout, "iptrace: removed 2 TRACE rule(s) in the iptables-legacy raw table left by a dead iptrace\n");
-    let bound = lab.exec(Role::Router, &["cat", "/proc/sys/net/netfilter/nf_log/2"], "").unwrap();
-    assert_eq!(String::from_utf8_lossy(&bound.stdout), "nf_log_ipv4\n");
+    assert_eq!(bound(), theirs);
     let (_, stdout, _) = run_iptrace(&["--cleanup", "--netns", &ns]);
     assert_eq!(stdout, "iptrace: nothing to clean up\n");
 }
