@@ -169,9 +169,7 @@ fn a_skipped_root_test_fails_under_ci() {
 /// What [`a_skipped_root_test_fails_under_ci`] runs as nobody.
 #[test]
 fn needs_root_probe() {
-    if !require_root("needs_root_probe") {
-        return;
-    }
+    require_root("needs_root_probe");
 }
 
 /// A lab whose router has the legacy sample rules (`legacy`) or the native nftables ones.

@@ -263,6 +263,18 @@ add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"e
             "{text}"
         );
         assert!(!text.contains("add rule inet iptrace_42_7 output"), "{text}");
+        // --chain: the marking rule at that hook only.
+        let plan = TracePlan { in_interface: None, chain: Some(TraceChain::Output), ..plan };
+        let text = script(owner, &plan);
+        assert!(
+            text.contains("add rule inet iptrace_42_7 output oifname \"eth1\" counter meta nftrace set 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("add rule inet iptrace_42_7 prerouting"), "{text}");
+        let plan = TracePlan { chain: Some(TraceChain::Prerouting), ..plan };
+        let text = script(owner, &plan);
+        assert!(text.contains("add rule inet iptrace_42_7 prerouting counter meta nftrace set 1\n"), "{text}");
+        assert!(!text.contains("add rule inet iptrace_42_7 output"), "{text}");
     }
 
     #[test]
