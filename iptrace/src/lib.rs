@@ -15,6 +15,23 @@ macro_rules! note {
     }};
 }
 
+/// An error followed by its causes, each after `: `, as anyhow's `{:#}` prints them, for errors
+/// printed outside `main`. Error messages name what failed and leave the cause to this chain,
+/// so that it is printed once.
+pub struct WithCauses<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for WithCauses<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
 pub mod backend;
 pub mod bpf;
 pub mod capture;

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         default_hook(info);
         // Leave nothing behind, whichever thread panicked.
         for e in run::teardown_active() {
-            note!("iptrace: cleanup: {e}");
+            note!("iptrace: cleanup: {}", iptrace::WithCauses(&e));
         }
         std::process::exit(101);
     }));

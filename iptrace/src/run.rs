@@ -57,11 +57,11 @@ pub enum RunError {
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    #[error("cannot start the {0} thread: {1}")]
+    #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] io::Error),
-    #[error("cannot set up signal handling: {0}")]
+    #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
-    #[error("writing the trace failed: {0}")]
+    #[error("writing the trace failed")]
     Output(#[source] io::Error),
     #[error("stopped: the {0} was reached")]
     ResourceLimit(&'static str),
@@ -183,7 +183,7 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
     let result = trace_instrumented(options, &backends, filter, out_ifindex, out, &runtime, signals);
     let errors = teardown_active();
     for e in &errors {
-        crate::note!("iptrace: cleanup: {e}");
+        crate::note!("iptrace: cleanup: {}", crate::WithCauses(e));
     }
     result
 }
@@ -317,7 +317,10 @@ fn spawn_socket_filter_loader(
                     Some(f)
                 }
                 Err(e) => {
-                    crate::note!("iptrace: no eBPF socket filter ({e}); selecting trace messages in userspace");
+                    crate::note!(
+                        "iptrace: no eBPF socket filter ({}); selecting trace messages in userspace",
+                        crate::WithCauses(&e)
+                    );
                     None
                 }
             }
@@ -556,7 +559,7 @@ fn read_datagrams(
             }
             Ok(Received::Idle) => true,
             Err(e) => {
-                crate::note!("iptrace: {e}");
+                crate::note!("iptrace: {}", crate::WithCauses(&e));
                 break;
             }
         };

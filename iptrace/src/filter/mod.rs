@@ -54,9 +54,9 @@ pub enum FilterError {
         COMPILE_MEMORY >> 20
     )]
     TooComplex { expression: String },
-    #[error("libpcap could not open a raw-IP handle: {0}")]
+    #[error("libpcap could not open a raw-IP handle")]
     Pcap(#[source] pcap::Error),
-    #[error("cannot compile the filter in a child process: {0}")]
+    #[error("cannot compile the filter in a child process")]
     Child(#[source] std::io::Error),
     #[error("invalid {option} '{value}': {reason}")]
     Option { option: &'static str, value: String, reason: String },
@@ -309,7 +309,14 @@ fn child_answer(expression: &str, families: &[Family]) -> Vec<u8> {
             };
             return [&[tag], message.as_bytes()].concat();
         }
-        Err(e) => return [&[ANSWER_HANDLE], e.to_string().as_bytes()].concat(),
+        // pcap_open_dead's failure (the other error compile_insns returns); the parent wraps it.
+        Err(e) => {
+            let cause = match &e {
+                FilterError::Pcap(pcap) => pcap.to_string(),
+                other => other.to_string(),
+            };
+            return [&[ANSWER_HANDLE], cause.as_bytes()].concat();
+        }
     };
     // libpcap refuses a program that rejects everything ("expression rejects all packets"):
     // joined with the one family traced, the same check says whether any packet of it matches.

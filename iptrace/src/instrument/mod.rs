@@ -29,39 +29,39 @@ use crate::{
 pub enum InstrumentError {
     #[error("another iptrace ({owner}) is already tracing in this network namespace")]
     AlreadyRunning { owner: Owner },
-    #[error("cannot insert the {family:?} TRACE rule in raw {chain}: {source}")]
+    #[error("cannot insert the {family:?} TRACE rule in raw {chain}")]
     InsertRule {
         family: Family,
         chain: &'static str,
         #[source]
         source: XtablesError,
     },
-    #[error("cannot delete the {family:?} TRACE rule in raw {chain}: {source}")]
+    #[error("cannot delete the {family:?} TRACE rule in raw {chain}")]
     DeleteRule {
         family: Family,
         chain: &'static str,
         #[source]
         source: XtablesError,
     },
-    #[error("cannot list the {family:?} raw table: {source}")]
+    #[error("cannot list the {family:?} raw table")]
     ListRules {
         family: Family,
         #[source]
         source: XtablesError,
     },
-    #[error("cannot read or set the {family:?} logger binding (/proc/sys/net/netfilter/nf_log): {source}")]
+    #[error("cannot read or set the {family:?} logger binding (/proc/sys/net/netfilter/nf_log)")]
     NfLog {
         family: Family,
         #[source]
         source: io::Error,
     },
-    #[error("cannot write iptrace's state file {}: {source}", path.display())]
+    #[error("cannot write iptrace's state file {}", path.display())]
     State {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot remove the pinned prefilter {}: {source}", path.display())]
+    #[error("cannot remove the pinned prefilter {}", path.display())]
     Unpin {
         path: PathBuf,
         #[source]
@@ -69,7 +69,7 @@ pub enum InstrumentError {
     },
     #[error("an nf_tables table named inet {table} already exists; iptrace will not touch it")]
     TableExists { table: String },
-    #[error("cannot {what} iptrace's nf_tables table {table}: {source}")]
+    #[error("cannot {what} iptrace's nf_tables table {table}")]
     Nft {
         what: &'static str,
         table: String,
