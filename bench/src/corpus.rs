@@ -39,7 +39,7 @@ pub enum CorpusError {
     Record(String),
     #[error(transparent)]
     Lab(#[from] iptrace::lab::LabError),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         #[source]
@@ -56,11 +56,12 @@ pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, us
     let recorder = {
         let (stop, netns) = (stop.clone(), lab.ns(Role::Router));
         thread::spawn(move || -> Result<Vec<Vec<u8>>, String> {
-            iptrace::netns::enter(&netns).map_err(|e| e.to_string())?;
-            let mut instrumentation = Instrumentation::prepare(&[Family::Ipv4]).map_err(|e| e.to_string())?;
+            iptrace::netns::enter(&netns).map_err(|e| iptrace::WithCauses(&e).to_string())?;
+            let mut instrumentation =
+                Instrumentation::prepare(&[Family::Ipv4]).map_err(|e| iptrace::WithCauses(&e).to_string())?;
             let recorded = (|| {
-                let socket =
-                    TraceSocket::open(&[Family::Ipv4], Duration::from_millis(50)).map_err(|e| e.to_string())?;
+                let socket = TraceSocket::open(&[Family::Ipv4], Duration::from_millis(50))
+                    .map_err(|e| iptrace::WithCauses(&e).to_string())?;
                 let plan = TracePlan {
                     marker: Marker::TraceRules,
                     families: vec![Family::Ipv4],
@@ -68,15 +69,17 @@ pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, us
                     in_interface: None,
                     out_interface: None,
                     limit: None,
+                    chain: None,
                 };
-                iptrace::instrument::install(instrumentation.owner(), &plan).map_err(|e| e.to_string())?;
+                iptrace::instrument::install(instrumentation.owner(), &plan)
+                    .map_err(|e| iptrace::WithCauses(&e).to_string())?;
                 let _ = ready_tx.send(());
                 receive_until(&socket, &stop)
             })();
             let _ = ready_tx.send(());
             let errors = instrumentation.teardown();
             match errors.first() {
-                Some(e) => Err(e.to_string()),
+                Some(e) => Err(iptrace::WithCauses(&e).to_string()),
                 None => recorded,
             }
         })
@@ -88,7 +91,7 @@ pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, us
     stop.store(true, Ordering::Relaxed);
     let datagrams =
         recorder.join().map_err(|_| CorpusError::Record("recorder panicked".into()))?.map_err(CorpusError::Record)?;
-    sent.map_err(|e| CorpusError::Record(e.to_string()))?;
+    sent.map_err(|e| CorpusError::Record(iptrace::WithCauses(&e).to_string()))?;
     let saved = saved?;
 
     let mut bytes = Vec::new();
@@ -115,7 +118,7 @@ fn receive_until(socket: &TraceSocket, stop: &AtomicBool) -> Result<Vec<Vec<u8>>
     let mut datagrams = Vec::new();
     let mut buf = vec![0u8; 1 << 17];
     while !stop.load(Ordering::Relaxed) {
-        match socket.receive(&mut buf).map_err(|e| e.to_string())? {
+        match socket.receive(&mut buf).map_err(|e| iptrace::WithCauses(&e).to_string())? {
             Received::Datagram(n) => datagrams.push(buf[..n].to_vec()),
             Received::Overrun => return Err("the receive buffer overran; record at a lower rate".into()),
             Received::Idle => {}

@@ -32,7 +32,7 @@ pub enum KernelError {
     Lab(#[from] LabError),
     #[error("cannot read {what}: {detail}")]
     Unreadable { what: &'static str, detail: String },
-    #[error("the harness's trace listener failed: {0}")]
+    #[error("the harness's trace listener failed")]
     Listener(#[source] io::Error),
 }
 

@@ -31,15 +31,15 @@ pub enum ScenarioError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Tracer(#[from] TracerError),
-    #[error("the traffic generator failed: {0}")]
+    #[error("the traffic generator failed")]
     Traffic(#[source] std::io::Error),
-    #[error("cannot use the work directory {path}: {source}")]
+    #[error("cannot use the work directory {path}")]
     WorkDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("the router's logger binding: {0}")]
+    #[error("the router's logger binding")]
     Logger(#[from] iptrace::instrument::InstrumentError),
 }
 

@@ -15,7 +15,7 @@ use std::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum TracerError {
-    #[error("cannot start `{command}`: {source}")]
+    #[error("cannot start `{command}`")]
     Spawn {
         command: String,
         #[source]
@@ -23,7 +23,7 @@ pub enum TracerError {
     },
     #[error("`{command}` was not ready after {waited:?}; its stderr: {stderr}")]
     NotReady { command: String, waited: Duration, stderr: String },
-    #[error("waiting for `{command}` failed: {source}")]
+    #[error("waiting for `{command}` failed")]
     Wait {
         command: String,
         #[source]

@@ -25,7 +25,7 @@ pub enum BackendChoice {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("--backend nft: {0}")]
+    #[error("--backend nft")]
     Nft(#[source] NftError),
 }
 

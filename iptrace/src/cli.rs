@@ -4,7 +4,13 @@ use std::{ffi::OsString, time::Duration};
 
 use clap::{ArgAction, Parser};
 
-use crate::{backend::BackendChoice, decode::Family, filter::Selection, instrument::Limit, run::Options};
+use crate::{
+    backend::BackendChoice,
+    decode::Family,
+    filter::Selection,
+    instrument::{Limit, TraceChain},
+    run::Options,
+};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -12,6 +18,7 @@ Examples:
   iptrace -p icmp -s 10.5.1.0/24 -c 5         five pings from a subnet, then stop
   iptrace --limit 10/s 'udp port 53'          at most 10 DNS packets a second (busy hosts)
   iptrace --netns router -i vif0 tcp          TCP arriving on vif0 in netns 'router'
+  iptrace --chain OUTPUT 'udp port 53'        DNS queries this host sends, not forwarded ones
   iptrace --cleanup                           remove what a killed iptrace left behind
   iptrace --demo                              run a self-contained demo in throwaway namespaces
 
@@ -26,7 +33,7 @@ iptrace_<pid>_<start>, whose chains at priority -350 set `meta nftrace` for the 
 the top of raw PREROUTING and raw OUTPUT (iptables-legacy and ip6tables-legacy), carrying the
 filter as xt_bpf bytecode. A conjunction of simple primitives ('udp dst port 53 and src net
 10.0.0.0/8') is matched with the kernel's own matches instead, which cost less per packet. Legacy tables report through nfnetlink_log, bound as the logger. All
-of it is removed on exit, Ctrl-C, SIGTERM, SIGHUP or a crash; after a SIGKILL, the next run or
+of it is removed on exit, Ctrl-C, Ctrl-\\, SIGTERM, SIGHUP (and the other signals that would end it) or a crash; after a SIGKILL, the next run or
 `iptrace --cleanup` does. It needs root.";
 
 #[derive(Debug, Parser)]
@@ -97,12 +104,24 @@ pub struct Cli {
     #[arg(long, value_name = "RATE", num_args = 0..=1, default_missing_value = "1/second")]
     pub limit: Option<String>,
 
-    /// Packets allowed through at once before --limit applies (like iptables' --limit-burst).
-    #[arg(long, value_name = "N", default_value_t = 5, requires = "limit")]
+    /// Packets allowed through at once before --limit applies (like iptables' --limit-burst),
+    /// 1 to 10000.
+    #[arg(long, value_name = "N", default_value_t = 5, requires = "limit",
+          value_parser = clap::value_parser!(u32).range(1..=MAX_LIMIT_BURST))]
     pub limit_burst: u32,
 
-    /// Stop after N traced packets.
-    #[arg(short = 'c', long, value_name = "N")]
+    /// Trace only packets that come in from outside, or only those this host sends. PREROUTING:
+    /// packets arriving on an interface (forwarded ones and those addressed to this host), marked
+    /// as they enter; OUTPUT: packets that local programs send, marked as they leave their socket
+    /// (a local program's reply is one of these; the request it answers is not). Either way a
+    /// marked packet is then followed through every chain it passes (a forwarded one through
+    /// FORWARD and POSTROUTING). The names are those of the chains where the original
+    /// iptables-trace put its TRACE rule. Default: both.
+    #[arg(long, value_enum, value_name = "PREROUTING|OUTPUT", ignore_case = true)]
+    pub chain: Option<TraceChain>,
+
+    /// Stop after N traced packets (at least 1).
+    #[arg(short = 'c', long, value_name = "N", value_parser = parse_count)]
     pub count: Option<u64>,
 
     /// Stop after this many seconds (fractions allowed).
@@ -142,12 +161,23 @@ pub struct Cli {
     pub verbose: u8,
 }
 
+/// The largest `--limit-burst`: xt_limit's, which nft's `limit` also takes at every rate.
+const MAX_LIMIT_BURST: i64 = 10_000;
+
+fn parse_count(text: &str) -> Result<u64, String> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("'{text}' is not a number of packets (1 or more)"))
+}
+
 fn parse_seconds(text: &str) -> Result<Duration, String> {
-    text.parse::<f64>()
+    let seconds = text
+        .parse::<f64>()
         .ok()
         .filter(|s| s.is_finite() && *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("'{text}' is not a positive number of seconds"))
+        .ok_or_else(|| format!("'{text}' is not a positive number of seconds"))?;
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("'{text}' seconds is longer than iptrace can wait"))
 }
 
 /// `--limit` takes an optional value; a following word that is not a rate is the expression,
@@ -176,8 +206,9 @@ fn looks_like_rate(word: &str) -> bool {
 }
 
 impl Cli {
-    pub fn parse_normalized() -> Self {
-        Self::parse_from(normalize_args(std::env::args_os()))
+    /// The command line, or clap's error (`--help` and `--version` included).
+    pub fn try_parse_normalized() -> Result<Self, clap::Error> {
+        Self::try_parse_from(normalize_args(std::env::args_os()))
     }
 
     /// The run options, or a one-line reason they are unusable.
@@ -198,6 +229,11 @@ impl Cli {
             .map(|l| Limit::parse(l, self.limit_burst))
             .transpose()
             .map_err(|e| format!("invalid --limit {e}"))?;
+        if self.chain == Some(TraceChain::Output) && self.in_interface.is_some() {
+            return Err("-i selects packets arriving on an interface, and --chain OUTPUT traces only locally \
+                        generated packets, which arrive on none: nothing would be traced"
+                .into());
+        }
         Ok(Options {
             selection: Selection {
                 expression,
@@ -212,6 +248,7 @@ impl Cli {
             in_interface: self.in_interface.clone(),
             out_interface: self.out_interface.clone(),
             limit,
+            chain: self.chain,
             count: self.count,
             duration: self.duration,
             netns: self.netns.clone(),

@@ -162,7 +162,7 @@ pub const SAMPLE_GUARD_RULES: &str = r#"table inet guard {
 pub enum DemoError {
     #[error(transparent)]
     Lab(#[from] LabError),
-    #[error("cannot start iptrace for the demo: {0}")]
+    #[error("cannot start iptrace for the demo")]
     Spawn(#[source] std::io::Error),
     #[error("iptrace did not become ready: {0}")]
     NotReady(String),

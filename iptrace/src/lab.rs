@@ -22,13 +22,13 @@ use crate::netns;
 pub enum LabError {
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
-    #[error("cannot run `{command}`: {source}")]
+    #[error("cannot run `{command}`")]
     Spawn {
         command: String,
         #[source]
         source: io::Error,
     },
-    #[error("in namespace {ns}: {source}")]
+    #[error("in namespace {ns}")]
     Io {
         ns: String,
         #[source]
@@ -230,7 +230,7 @@ impl Lab {
             let (tx, rx) = std::sync::mpsc::channel();
             threads.push(thread::spawn(move || {
                 let listener = netns::enter(&ns)
-                    .map_err(|e| io::Error::other(e.to_string()))
+                    .map_err(|e| io::Error::other(crate::WithCauses(&e).to_string()))
                     .and_then(|()| TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))
                     .and_then(|l| l.set_nonblocking(true).map(|()| l));
                 let listener = match listener {

@@ -4,6 +4,34 @@
 //! → [`capture`] (the nfnetlink_log socket and its eBPF filter) → [`decode`] (bytes to events)
 //! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`render`].
 
+/// Writes one line to stderr and ignores failure: a stderr whose reader went away
+/// (`iptrace 2>&1 | head -1`) must neither panic iptrace (as `eprintln!` does) nor keep it from
+/// cleaning up.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// An error followed by its causes, each after `: `, as anyhow's `{:#}` prints them, for errors
+/// printed outside `main`. Error messages name what failed and leave the cause to this chain,
+/// so that it is printed once.
+pub struct WithCauses<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for WithCauses<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
 pub mod backend;
 pub mod bpf;
 pub mod capture;

@@ -2,19 +2,35 @@
 //! line on stderr and an exit code (2: bad input or unsuitable host, nothing changed; 1: a
 //! failure while tracing).
 
-use std::{io, process::ExitCode};
+use std::{
+    io::{self, Write as _},
+    process::ExitCode,
+};
 
-use iptrace::{cli::Cli, demo, instrument, netns, run};
+use iptrace::{cli::Cli, demo, instrument, netns, note, run};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_normalized();
+    let cli = match Cli::try_parse_normalized() {
+        Ok(cli) => cli,
+        // --help and --version.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // clap's first paragraph says what is wrong (the rest points to --help); bad input
+            // is one line and exit code 2.
+            let text = e.render().to_string();
+            let first: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
+            let line = first.join(" ");
+            note!("iptrace: {}", line.strip_prefix("error: ").unwrap_or(&line));
+            return ExitCode::from(2);
+        }
+    };
     init_logging(cli.verbose);
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
         // Leave nothing behind, whichever thread panicked.
         for e in run::teardown_active() {
-            eprintln!("iptrace: cleanup: {e}");
+            note!("iptrace: cleanup: {}", iptrace::WithCauses(&e));
         }
         std::process::exit(101);
     }));
@@ -29,7 +45,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err((e, code)) => {
-            eprintln!("iptrace: {e:#}");
+            note!("iptrace: {e:#}");
             ExitCode::from(code)
         }
     }
@@ -40,7 +56,7 @@ fn trace(cli: &Cli) -> Result<(), (anyhow::Error, u8)> {
     match run::trace(&options, Box::new(io::stdout())) {
         Ok(stats) => {
             if options.stats {
-                eprintln!("{}", stats.report());
+                note!("{}", stats.report());
             }
             Ok(())
         }
@@ -52,15 +68,18 @@ fn trace(cli: &Cli) -> Result<(), (anyhow::Error, u8)> {
 }
 
 fn cleanup(netns_name: Option<&str>) -> Result<(), (anyhow::Error, u8)> {
+    run::check_privileges().map_err(|e| (e.into(), 2))?;
     if let Some(name) = netns_name {
         netns::enter(name).map_err(|e| (e.into(), 2))?;
     }
     let removed = instrument::cleanup_stale().map_err(|e| (e.into(), 1))?;
+    // A reader that went away (`| head -1`) does not make a panic of a finished cleanup.
+    let mut stdout = io::stdout().lock();
     if removed.is_empty() {
-        println!("iptrace: nothing to clean up");
+        let _ = writeln!(stdout, "iptrace: nothing to clean up");
     }
     for line in removed {
-        println!("iptrace: removed {line}");
+        let _ = writeln!(stdout, "iptrace: removed {line}");
     }
     Ok(())
 }
@@ -74,7 +93,7 @@ fn init_logging(verbose: u8) {
         }
         fn log(&self, record: &log::Record<'_>) {
             if self.enabled(record.metadata()) {
-                eprintln!("iptrace: {}: {}", record.level().as_str().to_lowercase(), record.args());
+                note!("iptrace: {}: {}", record.level().as_str().to_lowercase(), record.args());
             }
         }
         fn flush(&self) {}

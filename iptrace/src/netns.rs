@@ -7,13 +7,13 @@ use std::{fs::File, io, os::fd::AsRawFd as _, path::PathBuf};
 pub enum NetnsError {
     #[error("unknown network namespace '{name}' (not in /run/netns; see `ip netns list`)")]
     Unknown { name: String },
-    #[error("cannot open network namespace {}: {source}", path.display())]
+    #[error("cannot open network namespace {}", path.display())]
     Open {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot enter network namespace '{name}': {source}")]
+    #[error("cannot enter network namespace '{name}'")]
     Enter {
         name: String,
         #[source]

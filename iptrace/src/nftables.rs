@@ -38,15 +38,15 @@ use crate::{
 pub enum NftError {
     #[error("nft is not installed (apt-get install nftables)")]
     NotInstalled,
-    #[error("cannot run nft: {0}")]
+    #[error("cannot run nft")]
     Spawn(#[source] io::Error),
     #[error("{command} failed: {stderr}")]
     Failed { command: String, stderr: String },
-    #[error("this kernel has no nf_tables (CONFIG_NF_TABLES): {0}")]
+    #[error("this kernel has no nf_tables (CONFIG_NF_TABLES)")]
     Unavailable(#[source] io::Error),
-    #[error("nf_tables {request} failed: {source}")]
+    #[error("nf_tables {request} failed")]
     Netlink { request: &'static str, source: io::Error },
-    #[error("nf_tables sent a malformed {request} reply: {source}")]
+    #[error("nf_tables sent a malformed {request} reply")]
     Reply { request: &'static str, source: DecodeError },
 }
 

@@ -1,5 +1,5 @@
 //! One trace run: checks, instrumentation, the reader and processing threads, and teardown on
-//! every way out (normal end, `--count`, `--duration`, SIGINT, SIGTERM, SIGHUP, panic).
+//! every way out (normal end, `--count`, `--duration`, a signal (see [`STOP_SIGNALS`]), panic).
 
 use std::{
     ffi::CString,
@@ -24,7 +24,9 @@ use crate::{
     correlate::{Correlator, PacketTrace},
     decode::{Decoder, Family},
     filter::{CompiledFilter, FilterError, Selection},
-    instrument::{self, InstrumentError, Instrumentation, Limit, Marker, Prefilter, TracePlan, XtBpfProgram},
+    instrument::{
+        self, InstrumentError, Instrumentation, Limit, Marker, Prefilter, TraceChain, TracePlan, XtBpfProgram,
+    },
     netns::{self, NetnsError},
     render::{self, KernelInterfaceNames},
     resolve::{ResolveError, Resolver},
@@ -39,7 +41,7 @@ pub enum RunError {
     Netns(#[from] NetnsError),
     #[error("unknown interface '{0}' in the traced network namespace")]
     UnknownInterface(String),
-    #[error("iptrace needs root (CAP_NET_ADMIN) to insert TRACE rules and read nfnetlink_log")]
+    #[error("needs root (CAP_NET_ADMIN) to change netfilter rules and read their trace messages")]
     NotPermitted,
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -55,12 +57,14 @@ pub enum RunError {
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    #[error("cannot start the {0} thread: {1}")]
+    #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] io::Error),
-    #[error("cannot set up signal handling: {0}")]
+    #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
-    #[error("writing the trace failed: {0}")]
+    #[error("writing the trace failed")]
     Output(#[source] io::Error),
+    #[error("stopped: the {0} was reached")]
+    ResourceLimit(&'static str),
 }
 
 impl RunError {
@@ -89,6 +93,8 @@ pub struct Options {
     pub in_interface: Option<String>,
     pub out_interface: Option<String>,
     pub limit: Option<Limit>,
+    /// `--chain`: mark at this hook only.
+    pub chain: Option<TraceChain>,
     pub count: Option<u64>,
     pub duration: Option<Duration>,
     pub netns: Option<String>,
@@ -134,7 +140,16 @@ pub fn teardown_active() -> Vec<InstrumentError> {
 
 /// Traces until the count, the duration or a signal ends it, writing blocks to `out`.
 /// Runs on the calling thread (which enters `--netns`) plus a reader and a processing thread.
+/// To be called while the process has one thread: the selection compiles in a forked child.
 pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>, RunError> {
+    // The selection first, before the privilege check (a typo is reported as such, also to a
+    // user without root) and before the signal handlers (nothing has changed on the host yet,
+    // so Ctrl-C may end a slow compile at once).
+    let filter = options
+        .selection
+        .to_expression()?
+        .map(|e| CompiledFilter::compile_bounded(&e, &options.families))
+        .transpose()?;
     check_privileges()?;
     if let Some(name) = &options.netns {
         netns::enter(name)?;
@@ -158,18 +173,17 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
     if let Some(name) = &options.in_interface {
         interface_index(name)?;
     }
-    let filter = options.selection.to_expression()?.map(|e| CompiledFilter::compile(&e)).transpose()?;
 
     let stale = instrument::cleanup_stale()?;
     for line in &stale {
-        eprintln!("iptrace: removed {line}");
+        crate::note!("iptrace: removed {line}");
     }
     let instrumentation = Instrumentation::prepare(&backends.legacy)?;
     *ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(instrumentation);
     let result = trace_instrumented(options, &backends, filter, out_ifindex, out, &runtime, signals);
     let errors = teardown_active();
     for e in &errors {
-        eprintln!("iptrace: cleanup: {e}");
+        crate::note!("iptrace: cleanup: {}", crate::WithCauses(e));
     }
     result
 }
@@ -225,6 +239,7 @@ fn trace_instrumented(
         in_interface: options.in_interface.clone(),
         out_interface: options.out_interface.clone(),
         limit: options.limit.clone(),
+        chain: options.chain,
     };
     // Installed outside the lock: a panic in there must find the lock free to tear down.
     let owner = ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(Instrumentation::owner);
@@ -261,7 +276,7 @@ fn trace_instrumented(
             .map_err(|e| RunError::Thread("processing", e))?
     };
 
-    eprintln!("iptrace: {ready}");
+    crate::note!("iptrace: {ready}");
     let mut socket_filter = SocketFilterSlot::Loading(socket_filter_loader);
     let result = runtime.block_on(signals.wait_for_end(options.duration, done_rx, || socket_filter.poll()));
     stop.store(true, Ordering::Relaxed);
@@ -302,7 +317,10 @@ fn spawn_socket_filter_loader(
                     Some(f)
                 }
                 Err(e) => {
-                    eprintln!("iptrace: no eBPF socket filter ({e}); selecting trace messages in userspace");
+                    crate::note!(
+                        "iptrace: no eBPF socket filter ({}); selecting trace messages in userspace",
+                        crate::WithCauses(&e)
+                    );
                     None
                 }
             }
@@ -380,22 +398,54 @@ fn ready_line(options: &Options, backends: &Backends, filter: Option<&CompiledFi
 /// Batches of datagrams queued between the reader and the processing thread.
 const DATAGRAM_BATCHES_QUEUED: usize = 16;
 
-/// SIGINT, SIGTERM and SIGHUP, caught.
+/// Signals that end a run as a stop (exit 0): every one whose default action would end iptrace
+/// (without teardown) and that a terminal, a user or a supervisor sends. Ctrl-C, Ctrl-\\ (which
+/// would also dump core), `kill`, systemd and `docker stop`, a closed terminal; then the ones
+/// `kill -s` or `timeout -s` may pick and iptrace gives no other meaning: SIGUSR1, SIGUSR2,
+/// SIGALRM, SIGPWR (init on power failure), SIGVTALRM, SIGPROF, SIGIO and SIGSTKFLT (iptrace
+/// sets up no timers or asynchronous I/O that would send them itself).
+/// Not caught: SIGKILL and SIGSTOP (they cannot be); the faults SIGSEGV, SIGBUS, SIGILL, SIGFPE,
+/// SIGTRAP, SIGSYS and SIGABRT (a bug in iptrace itself, after which running on is unsafe; a
+/// panic tears down); SIGPIPE, which Rust ignores, so a write to a pipe nobody reads fails with
+/// EPIPE instead (on stdout the run ends, stderr is written on regardless); the real-time
+/// signals, which no terminal or common supervisor sends to a service.
+const STOP_SIGNALS: [libc::c_int; 12] = [
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGPWR,
+    libc::SIGVTALRM,
+    libc::SIGPROF,
+    libc::SIGIO,
+    libc::SIGSTKFLT,
+];
+
+/// Signals that end a run as a failure (exit 1): the kernel's, at a resource limit a supervisor
+/// set (systemd's `LimitCPU=`, `ulimit -t`, `ulimit -f` with a file as stdout).
+const LIMIT_SIGNALS: [(libc::c_int, &str); 2] =
+    [(libc::SIGXCPU, "CPU-time limit (SIGXCPU)"), (libc::SIGXFSZ, "file-size limit (SIGXFSZ)")];
+
+/// The stop and limit signals, caught; each arrival is forwarded as its number.
 struct Signals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-    hangup: tokio::signal::unix::Signal,
+    received: tokio::sync::mpsc::UnboundedReceiver<libc::c_int>,
 }
 
 impl Signals {
-    /// Installs the handlers; needs a runtime context.
+    /// Installs the handlers; needs a runtime context. A signal that arrives before the runtime
+    /// runs is kept until it does.
     fn new() -> io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        Ok(Self {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-            hangup: signal(SignalKind::hangup())?,
-        })
+        let (sender, received) = tokio::sync::mpsc::unbounded_channel();
+        for signo in STOP_SIGNALS.into_iter().chain(LIMIT_SIGNALS.map(|(s, _)| s)) {
+            let mut caught = signal(SignalKind::from_raw(signo))?;
+            let sender = sender.clone();
+            tokio::spawn(async move { while caught.recv().await.is_some() && sender.send(signo).is_ok() {} });
+        }
+        Ok(Self { received })
     }
 
     /// Waits until the processing thread ends (count reached, or an error), the duration
@@ -418,9 +468,12 @@ impl Signals {
         loop {
             tokio::select! {
                 result = &mut done => return result.unwrap_or(Ok(())),
-                _ = self.interrupt.recv() => return Ok(()),
-                _ = self.terminate.recv() => return Ok(()),
-                _ = self.hangup.recv() => return Ok(()),
+                Some(signo) = self.received.recv() => {
+                    return match LIMIT_SIGNALS.iter().find(|(s, _)| *s == signo) {
+                        Some((_, limit)) => Err(RunError::ResourceLimit(limit)),
+                        None => Ok(()),
+                    };
+                }
                 () = &mut sleep => return Ok(()),
                 _ = ticks.tick() => tick(),
             }
@@ -506,7 +559,7 @@ fn read_datagrams(
             }
             Ok(Received::Idle) => true,
             Err(e) => {
-                eprintln!("iptrace: {e}");
+                crate::note!("iptrace: {}", crate::WithCauses(&e));
                 break;
             }
         };
@@ -651,7 +704,8 @@ impl Stats {
     }
 }
 
-fn check_privileges() -> Result<(), RunError> {
+/// CAP_NET_ADMIN in the effective set, which every change iptrace makes needs.
+pub fn check_privileges() -> Result<(), RunError> {
     const CAP_NET_ADMIN: u32 = 12;
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let effective = status

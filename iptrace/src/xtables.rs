@@ -11,7 +11,7 @@ use crate::decode::Family;
 pub enum XtablesError {
     #[error("{binary} is not installed (apt-get install iptables)")]
     NotInstalled { binary: &'static str },
-    #[error("cannot run {binary}: {source}")]
+    #[error("cannot run {binary}")]
     Spawn { binary: &'static str, source: io::Error },
     #[error("{command} failed: {stderr}")]
     Failed { command: String, stderr: String },

@@ -47,17 +47,17 @@ const RECEIVE_BUFFER: usize = 128 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error("cannot open a NETLINK_NETFILTER socket: {0}")]
+    #[error("cannot open a NETLINK_NETFILTER socket")]
     Socket(#[source] io::Error),
-    #[error("cannot set the socket's {option}: {source}")]
+    #[error("cannot set the socket's {option}")]
     SocketOption { option: &'static str, source: io::Error },
     #[error("nflog group {group} is already in use by {owner} (see /proc/net/netfilter/nfnetlink_log); stop it first")]
     GroupInUse { group: u16, owner: GroupOwner },
-    #[error("nfnetlink_log refused {request}: {source}")]
+    #[error("nfnetlink_log refused {request}")]
     Config { request: &'static str, source: io::Error },
-    #[error("cannot join the nf_tables trace group: {0}")]
+    #[error("cannot join the nf_tables trace group")]
     JoinNftrace(#[source] io::Error),
-    #[error("receiving from the trace socket failed: {0}")]
+    #[error("receiving from the trace socket failed")]
     Receive(#[source] io::Error),
 }
 

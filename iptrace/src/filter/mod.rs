@@ -4,11 +4,21 @@
 //! The compiled program is used three ways: inline in the xt_bpf match of the TRACE rules or of
 //! iptrace's nf_tables table (up to 64 instructions), interpreted by iptrace's eBPF prefilter
 //! pinned for xt_bpf (longer programs) and at the trace socket, and through libpcap's own
-//! `pcap_offline_filter` when eBPF is unavailable.
+//! `bpf_filter` when eBPF is unavailable.
+//!
+//! libpcap's optimiser is exponential on long `or` chains (150 `port N` primitives take 0.7 s,
+//! 300 take 12 s, 3,000 never finish and grow by gigabytes), so a run compiles in a forked child
+//! under a CPU-time and a memory limit ([`CompiledFilter::compile_bounded`]) and takes the
+//! child's instructions.
 
 mod native;
 
-use std::fmt;
+use std::{
+    fmt,
+    io::{Read as _, Write as _},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
 
 pub use iptrace_common::filter::CbpfInsn;
 use iptrace_common::filter::{MAX_CBPF_INSNS, XT_BPF_MAX_NUM_INSTR};
@@ -16,6 +26,7 @@ use pcap::{Capture, Linktype};
 
 pub use self::native::NativeSelection;
 use self::native::{Direction, Net, Ports, Protocol};
+use crate::decode::Family;
 
 /// `DLT_RAW`: the packet starts at the IP header, which is what xt_bpf, `NFULA_PAYLOAD` and the
 /// nftables network header all carry. (`Linktype::RAW` is LINKTYPE 101, which `pcap_open_dead`
@@ -30,10 +41,36 @@ pub enum FilterError {
         "filter expression '{expression}' compiles to {len} BPF instructions; at most {MAX_CBPF_INSNS} are supported"
     )]
     TooLong { expression: String, len: usize },
-    #[error("libpcap could not open a raw-IP handle: {0}")]
+    #[error(
+        "filter expression '{expression}' can never match an {} packet: change it, or trace {}",
+        if *family == Family::Ipv4 { "IPv4" } else { "IPv6" },
+        if *family == Family::Ipv4 { "IPv6 with -6" } else { "IPv4 with -4" }
+    )]
+    NeverMatches { expression: String, family: Family },
+    #[error(
+        "filter expression {} is too complex: libpcap could not compile it within {COMPILE_CPU_SECONDS} s and {} MiB; \
+         for many ports use a range ('portrange 1000-2000', --dport 1000:2000)",
+        abbreviated(expression),
+        COMPILE_MEMORY >> 20
+    )]
+    TooComplex { expression: String },
+    #[error("libpcap could not open a raw-IP handle")]
     Pcap(#[source] pcap::Error),
+    #[error("cannot compile the filter in a child process")]
+    Child(#[source] std::io::Error),
     #[error("invalid {option} '{value}': {reason}")]
     Option { option: &'static str, value: String, reason: String },
+}
+
+/// `expression` quoted, its middle left out when it is long (the huge ones are the too complex).
+fn abbreviated(expression: &str) -> String {
+    let chars: Vec<char> = expression.chars().collect();
+    if chars.len() <= 80 {
+        return format!("'{expression}'");
+    }
+    let head: String = chars[..50].iter().collect();
+    let tail: String = chars[chars.len() - 20..].iter().collect();
+    format!("'{head} ... {tail}' ({} characters)", chars.len())
 }
 
 /// What the user asked to trace, before compilation.
@@ -135,7 +172,6 @@ struct Options {
 pub struct CompiledFilter {
     expression: String,
     insns: Vec<CbpfInsn>,
-    program: pcap::BpfProgram,
 }
 
 impl fmt::Debug for CompiledFilter {
@@ -143,34 +179,62 @@ impl fmt::Debug for CompiledFilter {
         f.debug_struct("CompiledFilter")
             .field("expression", &self.expression)
             .field("insns", &self.insns.len())
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
+/// The CPU time libpcap may spend compiling a selection (about 150 ports in an `or` chain).
+const COMPILE_CPU_SECONDS: u64 = 1;
+/// The address space the compiling child may use.
+const COMPILE_MEMORY: u64 = 256 << 20;
+/// How long the parent waits for the child in all: the CPU limit, plus room for a busy machine.
+const COMPILE_WAIT: Duration = Duration::from_secs(5);
+
+/// The child's answer: a tag byte, then the instructions (8 bytes each, native order) or a
+/// libpcap message.
+const ANSWER_PROGRAM: u8 = b'P';
+const ANSWER_SYNTAX: u8 = b'S';
+const ANSWER_HANDLE: u8 = b'H';
+const ANSWER_NO_IPV4: u8 = b'4';
+const ANSWER_NO_IPV6: u8 = b'6';
+const ANSWER_OUT_OF_MEMORY: u8 = b'M';
+
 impl CompiledFilter {
-    /// Compiles `expression` with libpcap (`pcap_compile`, optimised) for `DLT_RAW`.
+    /// Compiles `expression` with libpcap (`pcap_compile`, optimised) for `DLT_RAW`, in this
+    /// process and without bounds (for expressions known to be small).
     pub fn compile(expression: &str) -> Result<Self, FilterError> {
-        let capture = Capture::dead(DLT_RAW).map_err(FilterError::Pcap)?;
-        let program = capture.compile(expression, true).map_err(|e| FilterError::Syntax {
-            expression: expression.to_owned(),
-            message: match e {
-                pcap::Error::PcapError(msg) => msg,
-                other => other.to_string(),
-            },
-        })?;
-        let insns: Vec<CbpfInsn> = program
-            .get_instructions()
-            .iter()
-            .map(|i| {
-                // SAFETY: `BpfInstruction` is `repr(transparent)` over libpcap's `struct bpf_insn`
-                // {u16 code; u8 jt; u8 jf; u32 k}, which `CbpfInsn` mirrors field for field.
-                unsafe { std::mem::transmute_copy::<pcap::BpfInstruction, CbpfInsn>(i) }
-            })
-            .collect();
+        Self::from_insns(expression, compile_insns(expression)?)
+    }
+
+    /// Compiles `expression` as [`CompiledFilter::compile`] does, in a forked child limited to
+    /// [`COMPILE_CPU_SECONDS`] of CPU time and [`COMPILE_MEMORY`] of address space, which the
+    /// parent kills when it takes longer than [`COMPILE_WAIT`]. With one family in `families`,
+    /// also refuses an expression that can never match a packet of it (`-6 'ip host ...'`).
+    /// To be called while the process has one thread (fork copies only the caller).
+    pub fn compile_bounded(expression: &str, families: &[Family]) -> Result<Self, FilterError> {
+        let answer = run_bounded(|| child_answer(expression, families)).map_err(FilterError::Child)?;
+        let too_complex = || FilterError::TooComplex { expression: expression.to_owned() };
+        let Some((&tag, body)) = answer.as_deref().and_then(<[u8]>::split_first) else { return Err(too_complex()) };
+        let message = || String::from_utf8_lossy(body).into_owned();
+        match tag {
+            ANSWER_PROGRAM => Self::from_insns(expression, body.chunks_exact(8).map(insn_from_bytes).collect()),
+            ANSWER_SYNTAX => Err(FilterError::Syntax { expression: expression.to_owned(), message: message() }),
+            ANSWER_HANDLE => Err(FilterError::Pcap(pcap::Error::PcapError(message()))),
+            ANSWER_NO_IPV4 => {
+                Err(FilterError::NeverMatches { expression: expression.to_owned(), family: Family::Ipv4 })
+            }
+            ANSWER_NO_IPV6 => {
+                Err(FilterError::NeverMatches { expression: expression.to_owned(), family: Family::Ipv6 })
+            }
+            _ => Err(too_complex()),
+        }
+    }
+
+    fn from_insns(expression: &str, insns: Vec<CbpfInsn>) -> Result<Self, FilterError> {
         if insns.len() > MAX_CBPF_INSNS {
             return Err(FilterError::TooLong { expression: expression.to_owned(), len: insns.len() });
         }
-        Ok(Self { expression: expression.to_owned(), insns, program })
+        Ok(Self { expression: expression.to_owned(), insns })
     }
 
     pub fn expression(&self) -> &str {
@@ -186,17 +250,176 @@ impl CompiledFilter {
         self.insns.len() <= XT_BPF_MAX_NUM_INSTR
     }
 
-    /// libpcap's verdict for a raw IP packet (`pcap_offline_filter`): the reference every other
-    /// evaluation of the program must agree with.
+    /// libpcap's verdict for a raw IP packet (`bpf_filter`, which `pcap_offline_filter` runs):
+    /// the reference every other evaluation of the program must agree with.
     pub fn matches(&self, packet: &[u8]) -> bool {
-        self.program.filter(packet)
+        #[link(name = "pcap")]
+        unsafe extern "C" {
+            /// `u_int bpf_filter(const struct bpf_insn *, const u_char *, u_int wirelen, u_int buflen)`
+            fn bpf_filter(insns: *const CbpfInsn, packet: *const u8, wirelen: u32, buflen: u32) -> u32;
+        }
+        let len = u32::try_from(packet.len()).unwrap_or(u32::MAX);
+        // SAFETY: `CbpfInsn` is laid out as `struct bpf_insn`; the program came from libpcap's
+        // compiler (or the caller's unit test), whose jumps stay inside it; bpf_filter reads at
+        // most `buflen` bytes of `packet`.
+        unsafe { bpf_filter(self.insns.as_ptr(), packet.as_ptr(), len, len) > 0 }
+    }
+}
+
+/// libpcap's program for `expression`.
+fn compile_insns(expression: &str) -> Result<Vec<CbpfInsn>, FilterError> {
+    let capture = Capture::dead(DLT_RAW).map_err(FilterError::Pcap)?;
+    let program = capture.compile(expression, true).map_err(|e| FilterError::Syntax {
+        expression: expression.to_owned(),
+        message: match e {
+            pcap::Error::PcapError(msg) => msg,
+            other => other.to_string(),
+        },
+    })?;
+    Ok(program
+        .get_instructions()
+        .iter()
+        .map(|i| {
+            // SAFETY: `BpfInstruction` is `repr(transparent)` over libpcap's `struct bpf_insn`
+            // {u16 code; u8 jt; u8 jf; u32 k}, which `CbpfInsn` mirrors field for field.
+            unsafe { std::mem::transmute_copy::<pcap::BpfInstruction, CbpfInsn>(i) }
+        })
+        .collect())
+}
+
+fn insn_from_bytes(b: &[u8]) -> CbpfInsn {
+    CbpfInsn {
+        code: u16::from_ne_bytes([b[0], b[1]]),
+        jt: b[2],
+        jf: b[3],
+        k: u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+    }
+}
+
+/// What the compiling child sends back (see the `ANSWER_*` tags).
+fn child_answer(expression: &str, families: &[Family]) -> Vec<u8> {
+    let insns = match compile_insns(expression) {
+        Ok(insns) => insns,
+        Err(FilterError::Syntax { message, .. }) => {
+            // libpcap's allocation failures (the memory limit) surface as compile errors.
+            let tag = if message.contains("out of memory") || message.contains("malloc") {
+                ANSWER_OUT_OF_MEMORY
+            } else {
+                ANSWER_SYNTAX
+            };
+            return [&[tag], message.as_bytes()].concat();
+        }
+        // pcap_open_dead's failure (the other error compile_insns returns); the parent wraps it.
+        Err(e) => {
+            let cause = match &e {
+                FilterError::Pcap(pcap) => pcap.to_string(),
+                other => other.to_string(),
+            };
+            return [&[ANSWER_HANDLE], cause.as_bytes()].concat();
+        }
+    };
+    // libpcap refuses a program that rejects everything ("expression rejects all packets"):
+    // joined with the one family traced, the same check says whether any packet of it matches.
+    if let [family] = families {
+        let (primitive, tag) = match family {
+            Family::Ipv4 => ("ip", ANSWER_NO_IPV4),
+            Family::Ipv6 => ("ip6", ANSWER_NO_IPV6),
+        };
+        if compile_insns(&format!("({expression}) and {primitive}")).is_err() {
+            return vec![tag];
+        }
+    }
+    let mut answer = vec![ANSWER_PROGRAM];
+    for i in &insns {
+        answer.extend_from_slice(&i.code.to_ne_bytes());
+        answer.extend_from_slice(&[i.jt, i.jf]);
+        answer.extend_from_slice(&i.k.to_ne_bytes());
+    }
+    answer
+}
+
+/// Runs `work` in a forked child under the compile limits and returns what it wrote, or `None`
+/// when it did not finish (killed by its limits, or by the parent after [`COMPILE_WAIT`]).
+fn run_bounded(work: impl FnOnce() -> Vec<u8>) -> std::io::Result<Option<Vec<u8>>> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two new descriptors that nothing else owns.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the child only compiles, writes to its pipe and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        drop(reader);
+        child_main(writer, work);
+    }
+    drop(writer);
+    let answer = read_until(reader, Instant::now() + COMPILE_WAIT);
+    if answer.is_none() {
+        // SAFETY: pid is our child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    // The answer counts only from a child that exited by itself: one its limits killed may have
+    // written part of it.
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let finished = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    Ok(answer.filter(|_| finished))
+}
+
+/// The forked child: limits itself, runs `work`, writes the answer and exits without running
+/// the parent's exit handlers.
+fn child_main(writer: OwnedFd, work: impl FnOnce() -> Vec<u8>) -> ! {
+    // SAFETY: plain system calls on this process. SIGXCPU's default action ends it at the soft
+    // CPU limit, SIGKILL at the hard one; it also dies with the parent (Ctrl-C, SIGTERM).
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        libc::signal(libc::SIGXCPU, libc::SIG_DFL);
+        let cpu = libc::rlimit { rlim_cur: COMPILE_CPU_SECONDS, rlim_max: COMPILE_CPU_SECONDS + 1 };
+        let memory = libc::rlimit { rlim_cur: COMPILE_MEMORY, rlim_max: COMPILE_MEMORY };
+        libc::setrlimit(libc::RLIMIT_CPU, &cpu);
+        libc::setrlimit(libc::RLIMIT_AS, &memory);
+    }
+    let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        std::fs::File::from(writer).write_all(&work()).is_ok()
+    }));
+    // SAFETY: ends the child at once, as a forked child of a Rust program must.
+    unsafe { libc::_exit(if matches!(written, Ok(true)) { 0 } else { 1 }) }
+}
+
+/// Everything `reader` delivers until its writer closes, or `None` after `deadline`.
+fn read_until(reader: OwnedFd, deadline: Instant) -> Option<Vec<u8>> {
+    let mut file = std::fs::File::from(reader);
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let mut poll = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let timeout = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+        // SAFETY: one valid pollfd.
+        match unsafe { libc::poll(&mut poll, 1, timeout) } {
+            0 => continue,
+            n if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => continue,
+            n if n < 0 => return None,
+            _ => {}
+        }
+        match file.read(&mut buffer) {
+            Ok(0) => return Some(answer),
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::Family;
 
     fn sel(f: impl FnOnce(&mut Selection)) -> Selection {
         let mut s = Selection::default();
@@ -366,6 +589,54 @@ mod tests {
         let err = CompiledFilter::compile("tcp prot 22").unwrap_err();
         let FilterError::Syntax { message, .. } = &err else { panic!("{err:?}") };
         assert!(message.contains("syntax error"), "{message}");
+    }
+
+    #[test]
+    fn a_bounded_compile_gives_the_same_program_and_errors() {
+        let both = [Family::Ipv4, Family::Ipv6];
+        for expression in ["tcp port 22", "host 10.0.0.5 or udp[8:4] = 0x12345678", "ip6 and icmp6"] {
+            let bounded = CompiledFilter::compile_bounded(expression, &both).unwrap();
+            assert_eq!(bounded.instructions(), CompiledFilter::compile(expression).unwrap().instructions());
+        }
+        let err = CompiledFilter::compile_bounded("tcp prot 22", &both).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid filter expression 'tcp prot 22': can't parse filter expression: syntax error"
+        );
+        let err = CompiledFilter::compile_bounded("ip and ip6", &both).unwrap_err();
+        assert!(err.to_string().ends_with("expression rejects all packets"), "{err}");
+    }
+
+    #[test]
+    fn an_expression_that_cannot_match_the_one_family_traced_is_refused() {
+        let err = CompiledFilter::compile_bounded("ip host 10.0.0.1", &[Family::Ipv6]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "filter expression 'ip host 10.0.0.1' can never match an IPv6 packet: change it, or trace IPv4 with -4"
+        );
+        let err = CompiledFilter::compile_bounded("src net fd00::/8 and tcp", &[Family::Ipv4]).unwrap_err();
+        assert!(matches!(err, FilterError::NeverMatches { family: Family::Ipv4, .. }), "{err}");
+        CompiledFilter::compile_bounded("ip host 10.0.0.1", &[Family::Ipv4]).unwrap();
+        CompiledFilter::compile_bounded("host 10.0.0.1", &[Family::Ipv4, Family::Ipv6]).unwrap();
+    }
+
+    /// libpcap's optimiser takes seconds for 300 ports in an `or` chain (and gigabytes for
+    /// 3,000): refused after the CPU-time or the memory limit, with a hint.
+    #[test]
+    fn an_expression_too_complex_to_compile_is_refused() {
+        for ports in [1000..1300, 1000..4000] {
+            let expression = ports.map(|p| format!("port {p}")).collect::<Vec<_>>().join(" or ");
+            let started = Instant::now();
+            let err = CompiledFilter::compile_bounded(&expression, &[Family::Ipv4]).unwrap_err();
+            assert!(started.elapsed() < COMPILE_WAIT, "{:?}", started.elapsed());
+            assert!(matches!(err, FilterError::TooComplex { .. }), "{err}");
+            let message = err.to_string();
+            assert!(message.starts_with("filter expression 'port 1000 or port 1001 or port 1002 or port 1003 o ... "));
+            assert!(message.ends_with(
+                "is too complex: libpcap could not compile it within 1 s and 256 MiB; \
+                 for many ports use a range ('portrange 1000-2000', --dport 1000:2000)"
+            ));
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! packet's fields, mark or fate. Inserted first, they see every packet before any other raw rule
 //! can end its raw traversal.
 
-use super::{InstrumentError, Prefilter, TracePlan, XtBpfProgram, owner::Owner};
+use super::{InstrumentError, Prefilter, TraceChain, TracePlan, XtBpfProgram, owner::Owner};
 use crate::{
     decode::Family,
     filter::CbpfInsn,
@@ -16,8 +16,16 @@ pub const TRACE_CHAINS: [&str; 2] = ["PREROUTING", "OUTPUT"];
 
 /// The rule for `chain` in `family`'s raw table, or `None` when it could not select anything (`-i`
 /// makes the OUTPUT rule pointless: locally generated packets have no input interface; a native
-/// selection of the other family matches nothing here).
+/// selection of the other family matches nothing here) or `--chain` names the other chain.
 pub(super) fn rule_spec(owner: Owner, plan: &TracePlan, family: Family, chain: &str) -> Option<Vec<String>> {
+    let wanted = match plan.chain {
+        Some(TraceChain::Prerouting) => chain == "PREROUTING",
+        Some(TraceChain::Output) => chain == "OUTPUT",
+        None => true,
+    };
+    if !wanted {
+        return None;
+    }
     let mut spec: Vec<String> = Vec::new();
     let mut push = |words: &[&str]| spec.extend(words.iter().map(|w| (*w).to_owned()));
     match chain {
@@ -136,6 +144,7 @@ mod tests {
             in_interface: None,
             out_interface: Some("eth1".into()),
             limit: Some(Limit { count: 1, per: "sec", burst: 5 }),
+            chain: None,
         };
         let pre = rule_spec(owner, &plan, Family::Ipv4, "PREROUTING").unwrap().join(" ");
         assert_eq!(
@@ -146,6 +155,12 @@ mod tests {
         let out = rule_spec(owner, &plan, Family::Ipv4, "OUTPUT").unwrap();
         assert_eq!(out[..2], ["-o".to_owned(), "eth1".to_owned()]);
         assert_eq!(owner_of(&out), Some(owner));
+        let only_output = TracePlan { chain: Some(TraceChain::Output), ..plan.clone() };
+        assert_eq!(rule_spec(owner, &only_output, Family::Ipv4, "PREROUTING"), None);
+        assert!(rule_spec(owner, &only_output, Family::Ipv4, "OUTPUT").is_some());
+        let only_prerouting = TracePlan { chain: Some(TraceChain::Prerouting), ..plan.clone() };
+        assert!(rule_spec(owner, &only_prerouting, Family::Ipv4, "PREROUTING").is_some());
+        assert_eq!(rule_spec(owner, &only_prerouting, Family::Ipv4, "OUTPUT"), None);
         let plan = TracePlan { in_interface: Some("eth0".into()), ..plan };
         assert_eq!(rule_spec(owner, &plan, Family::Ipv4, "OUTPUT"), None);
     }

@@ -29,39 +29,39 @@ use crate::{
 pub enum InstrumentError {
     #[error("another iptrace ({owner}) is already tracing in this network namespace")]
     AlreadyRunning { owner: Owner },
-    #[error("cannot insert the {family:?} TRACE rule in raw {chain}: {source}")]
+    #[error("cannot insert the {family:?} TRACE rule in raw {chain}")]
     InsertRule {
         family: Family,
         chain: &'static str,
         #[source]
         source: XtablesError,
     },
-    #[error("cannot delete the {family:?} TRACE rule in raw {chain}: {source}")]
+    #[error("cannot delete the {family:?} TRACE rule in raw {chain}")]
     DeleteRule {
         family: Family,
         chain: &'static str,
         #[source]
         source: XtablesError,
     },
-    #[error("cannot list the {family:?} raw table: {source}")]
+    #[error("cannot list the {family:?} raw table")]
     ListRules {
         family: Family,
         #[source]
         source: XtablesError,
     },
-    #[error("cannot read or set the {family:?} logger binding (/proc/sys/net/netfilter/nf_log): {source}")]
+    #[error("cannot read or set the {family:?} logger binding (/proc/sys/net/netfilter/nf_log)")]
     NfLog {
         family: Family,
         #[source]
         source: io::Error,
     },
-    #[error("cannot write iptrace's state file {}: {source}", path.display())]
+    #[error("cannot write iptrace's state file {}", path.display())]
     State {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot remove the pinned prefilter {}: {source}", path.display())]
+    #[error("cannot remove the pinned prefilter {}", path.display())]
     Unpin {
         path: PathBuf,
         #[source]
@@ -69,7 +69,7 @@ pub enum InstrumentError {
     },
     #[error("an nf_tables table named inet {table} already exists; iptrace will not touch it")]
     TableExists { table: String },
-    #[error("cannot {what} iptrace's nf_tables table {table}: {source}")]
+    #[error("cannot {what} iptrace's nf_tables table {table}")]
     Nft {
         what: &'static str,
         table: String,
@@ -128,6 +128,18 @@ pub enum Marker {
     NftTable,
 }
 
+/// `--chain`: mark packets at one hook only, as the original iptables-trace's `--chain` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TraceChain {
+    /// Packets arriving from outside (forwarded ones and those for this host), not locally
+    /// generated ones.
+    #[value(name = "PREROUTING")]
+    Prerouting,
+    /// Locally generated packets only.
+    #[value(name = "OUTPUT")]
+    Output,
+}
+
 /// How the marking rules select packets before the kernel marks them for tracing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Prefilter {
@@ -171,6 +183,8 @@ pub struct TracePlan {
     pub in_interface: Option<String>,
     pub out_interface: Option<String>,
     pub limit: Option<Limit>,
+    /// Mark at this hook only (`--chain`); both without.
+    pub chain: Option<TraceChain>,
 }
 
 /// What one run changed in its network namespace; undone by [`Instrumentation::teardown`].
@@ -307,13 +321,23 @@ pub fn cleanup_stale() -> Result<Vec<String>, InstrumentError> {
         if owner.is_alive() {
             continue;
         }
+        // undo_state restores a binding only while nfnetlink_log is still bound: only those
+        // are reported, and only where they change something.
+        let restored: Vec<(Family, String)> = state
+            .saved_loggers
+            .iter()
+            .filter(|(f, saved)| {
+                saved != nf_log::NFNETLINK_LOG && nf_log::bound_logger(*f).is_ok_and(|now| now == nf_log::NFNETLINK_LOG)
+            })
+            .cloned()
+            .collect();
         if let Some(e) = undo_state(&state).into_iter().next() {
             return Err(e);
         }
         if let Some(pin) = &state.pin {
             removed.push(format!("pinned prefilter {} of {owner}", pin.display()));
         }
-        for (family, logger) in &state.saved_loggers {
+        for (family, logger) in &restored {
             removed.push(format!("{family:?} logger binding of {owner} (restored to {logger})"));
         }
         RunState::remove(netns, owner);

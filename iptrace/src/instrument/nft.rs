@@ -22,7 +22,7 @@ use std::mem::size_of;
 
 use iptrace_common::uapi::{XT_BPF_MAX_NUM_INSTR, XT_BPF_MODE_BYTECODE, XT_BPF_MODE_FD_PINNED};
 
-use super::{InstrumentError, Prefilter, TracePlan, XtBpfProgram, owner::Owner};
+use super::{InstrumentError, Prefilter, TraceChain, TracePlan, XtBpfProgram, owner::Owner};
 use crate::{
     decode::{Family, NftFamily},
     filter::CbpfInsn,
@@ -108,9 +108,13 @@ pub(super) fn script(owner: Owner, plan: &TracePlan) -> String {
 const BASE_CHAINS: [&str; 2] = ["prerouting", "output"];
 
 /// Whether base chain `chain` marks packets: locally generated packets have no input interface,
-/// so with `-i` the output chain marks none.
+/// so with `-i` the output chain marks none; `--chain` names the one that does.
 fn marks_packets(plan: &TracePlan, chain: &str) -> bool {
-    chain == "prerouting" || plan.in_interface.is_none()
+    match plan.chain {
+        Some(TraceChain::Prerouting) => chain == "prerouting",
+        Some(TraceChain::Output) => chain == "output" && plan.in_interface.is_none(),
+        None => chain == "prerouting" || plan.in_interface.is_none(),
+    }
 }
 
 /// The regular chain that holds `chain`'s marking rule when an xt_bpf match selects packets.
@@ -234,6 +238,7 @@ mod tests {
             in_interface: None,
             out_interface: Some("eth1".into()),
             limit: Some(Limit { count: 5, per: "min", burst: 2 }),
+            chain: None,
         };
         assert_eq!(
             script(owner, &plan),
@@ -258,6 +263,18 @@ add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"e
             "{text}"
         );
         assert!(!text.contains("add rule inet iptrace_42_7 output"), "{text}");
+        // --chain: the marking rule at that hook only.
+        let plan = TracePlan { in_interface: None, chain: Some(TraceChain::Output), ..plan };
+        let text = script(owner, &plan);
+        assert!(
+            text.contains("add rule inet iptrace_42_7 output oifname \"eth1\" counter meta nftrace set 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("add rule inet iptrace_42_7 prerouting"), "{text}");
+        let plan = TracePlan { chain: Some(TraceChain::Prerouting), ..plan };
+        let text = script(owner, &plan);
+        assert!(text.contains("add rule inet iptrace_42_7 prerouting counter meta nftrace set 1\n"), "{text}");
+        assert!(!text.contains("add rule inet iptrace_42_7 output"), "{text}");
     }
 
     #[test]
@@ -270,6 +287,7 @@ add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"e
             in_interface: None,
             out_interface: None,
             limit: None,
+            chain: None,
         };
         assert_eq!(
             script(owner, &plan),

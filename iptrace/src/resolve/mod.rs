@@ -31,20 +31,20 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("cannot open a raw socket to read the {family:?} tables: {source}")]
+    #[error("cannot open a raw socket to read the {family:?} tables")]
     Probe {
         family: Family,
         #[source]
         source: io::Error,
     },
-    #[error("cannot read the {family:?} {table} table: {source}")]
+    #[error("cannot read the {family:?} {table} table")]
     Save {
         family: Family,
         table: String,
         #[source]
         source: XtablesError,
     },
-    #[error("cannot read the nf_tables rule set: {0}")]
+    #[error("cannot read the nf_tables rule set")]
     Nft(#[source] NftError),
     #[error("cannot read `nft -j list ruleset`: {0}")]
     NftJson(#[source] serde_json::Error),
