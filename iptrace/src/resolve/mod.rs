@@ -46,7 +46,7 @@ pub enum ResolveError {
     },
     #[error("cannot read the nf_tables rule set")]
     Nft(#[source] NftError),
-    #[error("cannot read `nft -j list ruleset`: {0}")]
+    #[error("cannot read `nft -j list ruleset`")]
     NftJson(#[source] serde_json::Error),
 }
 
