@@ -100,10 +100,11 @@ pub struct Watched {
     pub out_ifindex: Option<Arc<AtomicU32>>,
 }
 
-/// The watcher thread; [`Healer::stop`] ends it.
+/// The watcher thread; [`Healer::stop`] ends it, as does dropping it (on an early error), so that
+/// nothing is re-installed behind the teardown.
 pub struct Healer {
     stop: Arc<AtomicBool>,
-    thread: thread::JoinHandle<u64>,
+    thread: Option<thread::JoinHandle<u64>>,
     failed: tokio::sync::oneshot::Receiver<HealError>,
 }
 
@@ -126,7 +127,7 @@ impl Healer {
                 })
                 .map_err(HealError::Watch)?
         };
-        Ok(Self { stop, thread, failed })
+        Ok(Self { stop, thread: Some(thread), failed })
     }
 
     /// Resolves when the instrumentation could not be kept in place; never otherwise.
@@ -137,11 +138,20 @@ impl Healer {
         }
     }
 
-    /// Stops watching (before teardown, so that nothing is re-installed behind it) and returns
-    /// how many repairs were made.
-    pub fn stop(self) -> u64 {
+    /// Stops watching and returns how many repairs were made.
+    pub fn stop(mut self) -> u64 {
+        self.halt()
+    }
+
+    fn halt(&mut self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or(0)
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for Healer {
+    fn drop(&mut self) {
+        self.halt();
     }
 }
 
@@ -233,11 +243,7 @@ impl Watcher {
             return Ok(());
         }
         let plan = self.watched.plan.clone();
-        self.repair(event, "tracing re-installed", &plan)?;
-        if let Some(nft) = &mut self.nft {
-            nft.rules = nft.queries.rule_count(NftFamily::Inet, &nft.table).map_err(HealError::Nft)?;
-        }
-        Ok(())
+        self.repair(event, "tracing re-installed", &plan)
     }
 
     /// A raw table whose info changed is read; iptrace's own re-install changes it too, and the
@@ -252,7 +258,7 @@ impl Watcher {
             watch.info = info;
             let family = watch.family;
             let owner = self.watched.owner;
-            let (displaced, flushed) =
+            let legacy::RawTableCheck { displaced, flushed } =
                 legacy::displaced_rules(owner, &self.watched.plan, family).map_err(|source| HealError::Reinstall {
                     event: format!("the {} raw table changed", name(family)),
                     source,
@@ -320,9 +326,11 @@ impl Watcher {
     /// Re-installs `plan`, saying what happened and what was done.
     fn repair(&mut self, event: String, outcome: &str, plan: &TracePlan) -> Result<(), HealError> {
         self.count_repair(&event)?;
+        let started = Instant::now();
         instrument::reinstall(self.watched.owner, plan)
             .map_err(|source| HealError::Reinstall { event: event.clone(), source })?;
         eprintln!("iptrace: {event}; {outcome}");
+        log::info!("re-installing took {} ms", started.elapsed().as_millis());
         Ok(())
     }
 
@@ -408,10 +416,13 @@ impl NftWatch {
         found
     }
 
-    /// Whether the table still holds every rule it was installed with.
+    /// Whether the table still holds every rule it was installed with. A table counted before
+    /// the watch began may have been damaged already: an installed table is never empty, and
+    /// the most rules ever counted are the installed ones (every re-install is the same plan).
     fn intact(&mut self) -> Result<bool, HealError> {
         let rules = self.queries.rule_count(NftFamily::Inet, &self.table).map_err(HealError::Nft)?;
-        Ok(rules >= self.rules)
+        self.rules = self.rules.max(rules);
+        Ok(rules > 0 && rules >= self.rules)
     }
 }
 

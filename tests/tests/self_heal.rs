@@ -20,8 +20,9 @@ const SELECTION: &str = "udp dst port 5555";
 const BEFORE: u16 = 40_000;
 const AFTER: u16 = 41_000;
 const PACKETS: u16 = 10;
-/// iptrace re-installs within 100 ms; datagrams sent after this are all traced.
-const REPAIR_BOUND: Duration = Duration::from_millis(150);
+/// iptrace re-installs within 100 ms; datagrams sent after this are all traced (with slack for a
+/// loaded machine: every repair spawns iptables or nft).
+const REPAIR_BOUND: Duration = Duration::from_millis(300);
 
 /// Sends [`PACKETS`] datagrams, one every 50 ms, from the client's source ports `base..`.
 fn trickle(lab: &Lab, base: u16, to: SocketAddr) {
@@ -34,7 +35,6 @@ fn trickle(lab: &Lab, base: u16, to: SocketAddr) {
 /// What a run around one change showed.
 struct Healed {
     stdout: String,
-    stderr: String,
 }
 
 /// Traces [`SELECTION`] with `args` in the router while a trickle flows to `to`, runs `change`
@@ -46,12 +46,9 @@ fn heal_around(lab: &Lab, args: &[&str], to: SocketAddr, change: impl FnOnce(&Tr
     let mut all_args = vec!["--netns", &ns, "--stats"];
     all_args.extend_from_slice(args);
     all_args.push(SELECTION);
-    let mut tracer = Tracer::start(&all_args);
+    let tracer = Tracer::start(&all_args);
     trickle(lab, BEFORE, to);
     let expected = change(&tracer);
-    for line in &expected {
-        tracer.wait_for_stderr(line);
-    }
     thread::sleep(REPAIR_BOUND);
     trickle(lab, AFTER, to);
     thread::sleep(Duration::from_millis(300));
@@ -69,7 +66,7 @@ fn heal_around(lab: &Lab, args: &[&str], to: SocketAddr, change: impl FnOnce(&Tr
     }
     let repairs = format!("iptrace: stats: {} repairs of iptrace's instrumentation", expected.len());
     assert!(out.stderr.contains(&repairs), "{}", out.stderr);
-    Healed { stdout: out.stdout, stderr: out.stderr }
+    Healed { stdout: out.stdout }
 }
 
 fn to_server() -> SocketAddr {
@@ -274,11 +271,12 @@ fn instrumentation_undone_again_and_again_ends_the_run() {
     }
     let (lab, before) = nft_router("healgiveup");
     let ns = lab.ns(Role::Router);
-    let mut tracer = Tracer::start(&["--netns", &ns, SELECTION]);
-    let flush_loop = "for i in $(seq 60); do nft flush ruleset; sleep 0.03; done";
+    // --duration: without healing, it would trace on (nothing) until then and exit 0.
+    let mut tracer = Tracer::start(&["--netns", &ns, "--duration", "5", SELECTION]);
+    let flush_loop = "for i in $(seq 150); do nft flush ruleset; done";
     run_in(&lab, &["sh", "-c", flush_loop]);
     let out = tracer.wait();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
     assert!(
         out.stderr.contains("iptrace's instrumentation was undone 10 times within a second; giving up\n"),
         "{}",

@@ -126,17 +126,21 @@ pub enum Displaced {
     Below,
 }
 
-/// The chains of `family`'s raw table where `owner`'s rule of `plan` is not the first rule, and
-/// whether the whole table is empty (flushed).
-pub fn displaced_rules(
-    owner: Owner,
-    plan: &TracePlan,
-    family: Family,
-) -> Result<(Vec<(&'static str, Displaced)>, bool), InstrumentError> {
+/// What [`displaced_rules`] found in a raw table.
+#[derive(Debug, Default)]
+pub struct RawTableCheck {
+    /// The chains where `owner`'s rule is not the first rule.
+    pub displaced: Vec<(&'static str, Displaced)>,
+    /// Whether no chain of the table holds any rule (it was flushed).
+    pub flushed: bool,
+}
+
+/// Where `owner`'s rules of `plan` are in `family`'s raw table.
+pub fn displaced_rules(owner: Owner, plan: &TracePlan, family: Family) -> Result<RawTableCheck, InstrumentError> {
     let saved = Xtables::new(family).save("raw").map_err(|source| InstrumentError::ListRules { family, source })?;
     let tables = xtables::parse_save(&saved);
     let raw = tables.iter().find(|t| t.name == "raw");
-    let empty = raw.is_none_or(|t| t.chains.iter().all(|c| c.rules.is_empty()));
+    let flushed = raw.is_none_or(|t| t.chains.iter().all(|c| c.rules.is_empty()));
     let mut displaced = Vec::new();
     for chain in TRACE_CHAINS.into_iter().filter(|c| rule_spec(owner, plan, family, c).is_some()) {
         let rules = raw.and_then(|t| t.chain(chain)).map(|c| &c.rules[..]).unwrap_or_default();
@@ -146,7 +150,7 @@ pub fn displaced_rules(
             None => displaced.push((chain, Displaced::Missing)),
         }
     }
-    Ok((displaced, empty))
+    Ok(RawTableCheck { displaced, flushed })
 }
 
 /// The owner tag in a rule's `-m comment --comment` argument.
