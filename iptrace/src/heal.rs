@@ -45,7 +45,7 @@ use neli::{
 use crate::{
     decode::{
         Family, NftFamily,
-        netlink::{Attributes, NetlinkMessages},
+        netlink::{Attributes, NetlinkMessage, NetlinkMessages},
     },
     instrument::{
         self, InstrumentError, Marker, Owner, TracePlan,
@@ -383,33 +383,11 @@ impl NftWatch {
                 Err(_) => break,
             };
             for m in NetlinkMessages::new(&buf[..n]).flatten() {
-                if u32::from(m.message_type) >> 8 != NFNL_SUBSYS_NFTABLES {
-                    continue;
-                }
-                let kind = u32::from(m.message_type) & 0xff;
-                if kind == NFT_MSG_NEWGEN {
+                if transaction.note(&m, &self.table) {
                     if found.is_none() {
                         found = transaction.describe(&self.table);
                     }
                     *transaction = Transaction::default();
-                    continue;
-                }
-                let family = m.payload.first().copied().map(NftFamily::from_nfproto);
-                let table = Attributes::new(m.payload.get(4..).unwrap_or_default())
-                    .flatten()
-                    .find(|a| a.kind == NFTA_OBJECT_TABLE)
-                    .map(|a| a.c_str());
-                let ours = family == Some(NftFamily::Inet) && table == Some(self.table.as_bytes());
-                match kind {
-                    NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE if ours => transaction.table_deleted = true,
-                    NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE => transaction.other_tables_deleted = true,
-                    NFT_MSG_DELCHAIN | NFT_MSG_DESTROYCHAIN | NFT_MSG_DELRULE | NFT_MSG_DESTROYRULE
-                    | NFT_MSG_DELSET | NFT_MSG_DESTROYSET | NFT_MSG_DELOBJ | NFT_MSG_DESTROYOBJ
-                        if ours =>
-                    {
-                        transaction.contents_deleted = true
-                    }
-                    _ => {}
                 }
             }
         }
@@ -435,6 +413,36 @@ struct Transaction {
 }
 
 impl Transaction {
+    /// Notes what one notification deleted; true for the transaction's end (NEWGEN).
+    fn note(&mut self, m: &NetlinkMessage<'_>, table: &str) -> bool {
+        if u32::from(m.message_type) >> 8 != NFNL_SUBSYS_NFTABLES {
+            return false;
+        }
+        let kind = u32::from(m.message_type) & 0xff;
+        if kind == NFT_MSG_NEWGEN {
+            return true;
+        }
+        // nfgenmsg's family is the object's; then the attributes.
+        let family = m.payload.first().copied().map(NftFamily::from_nfproto);
+        let named = Attributes::new(m.payload.get(4..).unwrap_or_default())
+            .flatten()
+            .find(|a| a.kind == NFTA_OBJECT_TABLE)
+            .map(|a| a.c_str());
+        let ours = family == Some(NftFamily::Inet) && named == Some(table.as_bytes());
+        match kind {
+            NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE if ours => self.table_deleted = true,
+            NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE => self.other_tables_deleted = true,
+            NFT_MSG_DELCHAIN | NFT_MSG_DESTROYCHAIN | NFT_MSG_DELRULE | NFT_MSG_DESTROYRULE | NFT_MSG_DELSET
+            | NFT_MSG_DESTROYSET | NFT_MSG_DELOBJ | NFT_MSG_DESTROYOBJ
+                if ours =>
+            {
+                self.contents_deleted = true
+            }
+            _ => {}
+        }
+        false
+    }
+
     fn describe(&self, table: &str) -> Option<String> {
         if self.table_deleted && self.other_tables_deleted {
             Some("the rule set was reloaded".to_owned())
@@ -452,5 +460,54 @@ fn name(family: Family) -> &'static str {
     match family {
         Family::Ipv4 => "IPv4",
         Family::Ipv6 => "IPv6",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::netlink::{attribute, nfnetlink_request};
+
+    /// A notification as the kernel sends it: `family`'s object named by attribute 1 (`table`).
+    fn notification(kind: u32, family: u8, table: &str) -> Vec<u8> {
+        let mut name = table.as_bytes().to_vec();
+        name.push(0);
+        let message_type = u16::try_from((NFNL_SUBSYS_NFTABLES << 8) | kind).unwrap();
+        nfnetlink_request(message_type, 0, 0, family, 0, &attribute(NFTA_OBJECT_TABLE, &name))
+    }
+
+    fn transaction(messages: &[Vec<u8>]) -> Option<String> {
+        let datagram = messages.concat();
+        let mut t = Transaction::default();
+        for m in NetlinkMessages::new(&datagram).flatten() {
+            if t.note(&m, "iptrace_1_2") {
+                return t.describe("iptrace_1_2");
+            }
+        }
+        panic!("no NEWGEN")
+    }
+
+    #[test]
+    fn deletions_of_iptraces_table_are_told_apart() {
+        const INET: u8 = 1;
+        const IP: u8 = 2;
+        let newgen = notification(NFT_MSG_NEWGEN, 0, "");
+        // `nft flush ruleset`: every table's rules, chains, then the tables.
+        let flush = [
+            notification(NFT_MSG_DELRULE, INET, "iptrace_1_2"),
+            notification(NFT_MSG_DELCHAIN, INET, "iptrace_1_2"),
+            notification(NFT_MSG_DELTABLE, INET, "iptrace_1_2"),
+            notification(NFT_MSG_DELTABLE, INET, "router"),
+            newgen.clone(),
+        ];
+        assert_eq!(transaction(&flush).as_deref(), Some("the rule set was reloaded"));
+        let alone = [notification(NFT_MSG_DESTROYTABLE, INET, "iptrace_1_2"), newgen.clone()];
+        assert_eq!(transaction(&alone).as_deref(), Some("iptrace's table inet iptrace_1_2 was deleted"));
+        let rule = [notification(NFT_MSG_DELRULE, INET, "iptrace_1_2"), newgen.clone()];
+        assert_eq!(transaction(&rule).as_deref(), Some("rules of iptrace's table inet iptrace_1_2 were deleted"));
+        // Same name in another family, and other tables: not iptrace's.
+        let others =
+            [notification(NFT_MSG_DELTABLE, IP, "iptrace_1_2"), notification(NFT_MSG_DELRULE, INET, "router"), newgen];
+        assert_eq!(transaction(&others), None);
     }
 }
