@@ -3,6 +3,7 @@
 //! The stages, in the order data flows through them: [`instrument`] (TRACE rules in, out on exit)
 //! → [`capture`] (the nfnetlink_log socket and its eBPF filter) → [`decode`] (bytes to events)
 //! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`render`].
+//! [`heal`] keeps the instrumentation in place while other programs change the host.
 
 /// Writes one line to stderr and ignores failure: a stderr whose reader went away
 /// (`iptrace 2>&1 | head -1`) must neither panic iptrace (as `eprintln!` does) nor keep it from
@@ -40,6 +41,7 @@ pub mod correlate;
 pub mod decode;
 pub mod demo;
 pub mod filter;
+pub mod heal;
 pub mod instrument;
 pub mod lab;
 pub mod netns;

@@ -39,3 +39,11 @@ pub fn enter(name: &str) -> Result<(), NetnsError> {
     }
     Ok(())
 }
+
+/// The index of the interface called `name` in the calling thread's network namespace, if one is.
+pub fn interface_index(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: name is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}

@@ -11,12 +11,12 @@ use std::{
 };
 
 use iptrace_common::uapi::{
-    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFT_JUMP, NFT_MSG_GETGEN, NFT_MSG_GETTABLE,
-    NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFT_REG_VERDICT, NFTA_DATA_VERDICT, NFTA_EXPR_DATA,
-    NFTA_EXPR_NAME, NFTA_GEN_ID, NFTA_IMMEDIATE_DATA, NFTA_IMMEDIATE_DREG, NFTA_LIST_ELEM, NFTA_MATCH_INFO,
-    NFTA_MATCH_NAME, NFTA_MATCH_REV, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_TABLE_NAME,
-    NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST,
-    NLMSG_DONE, NLMSG_ERROR,
+    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFT_JUMP, NFT_MSG_GETGEN, NFT_MSG_GETRULE,
+    NFT_MSG_GETTABLE, NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFT_REG_VERDICT, NFTA_DATA_VERDICT,
+    NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_GEN_ID, NFTA_IMMEDIATE_DATA, NFTA_IMMEDIATE_DREG, NFTA_LIST_ELEM,
+    NFTA_MATCH_INFO, NFTA_MATCH_NAME, NFTA_MATCH_REV, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE,
+    NFTA_TABLE_NAME, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
 };
 use neli::{
     consts::socket::{Msg, NlFamily},
@@ -143,6 +143,24 @@ impl NfTablesSocket {
             Ok(())
         })?;
         Ok(tables)
+    }
+
+    /// How many rules `family`'s `table` holds, in all its chains (`NFT_MSG_GETRULE` dump); 0
+    /// when the table does not exist.
+    pub fn rule_count(&mut self, family: NftFamily, table: &str) -> Result<usize, NftError> {
+        let mut count = 0;
+        self.query(NFT_MSG_GETRULE, NLM_F_REQUEST | NLM_F_DUMP, "GETRULE", |kind, rule_family, attrs| {
+            if kind == NFT_MSG_NEWRULE && NftFamily::from_nfproto(rule_family) == family {
+                for a in Attributes::new(attrs) {
+                    let a = a?;
+                    if u32::from(a.kind) == NFTA_RULE_TABLE && a.c_str() == table.as_bytes() {
+                        count += 1;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(count)
     }
 
     /// Appends a rule made of `expressions` to `chain` of `family`'s `table`, in a transaction of

@@ -2,13 +2,12 @@
 //! every way out (normal end, `--count`, `--duration`, a signal (see [`STOP_SIGNALS`]), panic).
 
 use std::{
-    ffi::CString,
     fs,
     io::{self, Write},
     process::Command,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         mpsc,
     },
     thread,
@@ -24,6 +23,7 @@ use crate::{
     correlate::{Correlator, PacketTrace},
     decode::{Decoder, Family},
     filter::{CompiledFilter, FilterError, Selection},
+    heal::{HealError, Healer, Watched},
     instrument::{
         self, InstrumentError, Instrumentation, Limit, Marker, Prefilter, TraceChain, TracePlan, XtBpfProgram,
     },
@@ -65,6 +65,8 @@ pub enum RunError {
     Output(#[source] io::Error),
     #[error("stopped: the {0} was reached")]
     ResourceLimit(&'static str),
+    #[error(transparent)]
+    Heal(#[from] HealError),
 }
 
 impl RunError {
@@ -123,6 +125,8 @@ pub struct Stats {
     pub userspace_dropped: AtomicU64,
     /// The eBPF socket filter's own counters, read at exit, when it was attached.
     pub ebpf: std::sync::OnceLock<crate::bpf::FilterCounters>,
+    /// Changes by others to iptrace's instrumentation that it undid (see [`crate::heal`]).
+    pub repairs: AtomicU64,
 }
 
 /// The instrumentation of the running trace, reachable from the panic hook.
@@ -247,6 +251,13 @@ fn trace_instrumented(
         instrument::install(owner, &plan)?;
     }
     let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft())?;
+    let out_ifindex = out_ifindex.map(|i| Arc::new(AtomicU32::new(i)));
+    let mut healer = owner
+        .map(|owner| {
+            let loggers = backends.legacy.clone();
+            Healer::start(Watched { owner, plan, loggers, out_ifindex: out_ifindex.clone() })
+        })
+        .transpose()?;
 
     let stop = Arc::new(AtomicBool::new(false));
     // A short queue: a backlog waits in the kernel's receive buffer (large; counted as overruns
@@ -270,7 +281,7 @@ fn trace_instrumented(
         thread::Builder::new()
             .name("iptrace-process".into())
             .spawn(move || {
-                let result = process(datagrams_rx, resolver, out, &stats, count, linger, out_ifindex);
+                let result = process(datagrams_rx, resolver, out, &stats, count, linger, out_ifindex.as_deref());
                 let _ = done_tx.send(result);
             })
             .map_err(|e| RunError::Thread("processing", e))?
@@ -278,7 +289,21 @@ fn trace_instrumented(
 
     crate::note!("iptrace: {ready}");
     let mut socket_filter = SocketFilterSlot::Loading(socket_filter_loader);
-    let result = runtime.block_on(signals.wait_for_end(options.duration, done_rx, || socket_filter.poll()));
+    let ended = async {
+        tokio::select! {
+            result = done_rx => result.unwrap_or(Ok(())),
+            failure = async {
+                match &mut healer {
+                    Some(healer) => healer.failed().await,
+                    None => std::future::pending().await,
+                }
+            } => Err(failure.into()),
+        }
+    };
+    let result = runtime.block_on(signals.wait_for_end(options.duration, ended, || socket_filter.poll()));
+    if let Some(healer) = healer {
+        stats.repairs.store(healer.stop(), Ordering::Relaxed);
+    }
     stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
     let _ = processor.join();
@@ -448,15 +473,16 @@ impl Signals {
         Ok(Self { received })
     }
 
-    /// Waits until the processing thread ends (count reached, or an error), the duration
-    /// passes, or a signal arrives (also one that arrived during set-up).
-    /// `tick` runs every 100 ms meanwhile.
+    /// Waits until `done` (the processing thread ended: count reached, or an error; or the
+    /// instrumentation could not be kept in place), the duration passes, or a signal arrives
+    /// (also one that arrived during set-up). `tick` runs every 100 ms meanwhile.
     async fn wait_for_end(
         mut self,
         duration: Option<Duration>,
-        mut done: tokio::sync::oneshot::Receiver<Result<(), RunError>>,
+        done: impl Future<Output = Result<(), RunError>>,
         mut tick: impl FnMut(),
     ) -> Result<(), RunError> {
+        tokio::pin!(done);
         let sleep = async {
             match duration {
                 Some(d) => tokio::time::sleep(d).await,
@@ -467,7 +493,7 @@ impl Signals {
         let mut ticks = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
-                result = &mut done => return result.unwrap_or(Ok(())),
+                result = &mut done => return result,
                 Some(signo) = self.received.recv() => {
                     return match LIMIT_SIGNALS.iter().find(|(s, _)| *s == signo) {
                         Some((_, limit)) => Err(RunError::ResourceLimit(limit)),
@@ -599,7 +625,7 @@ fn process(
     stats: &Stats,
     count: Option<u64>,
     linger: Duration,
-    out_ifindex: Option<u32>,
+    out_ifindex: Option<&AtomicU32>,
 ) -> Result<(), RunError> {
     let mut out = io::BufWriter::with_capacity(1 << 16, out);
     let mut decoder = Decoder::new();
@@ -614,6 +640,8 @@ fn process(
         if count.is_some_and(|c| shown >= c) {
             return Ok(true);
         }
+        // The index is the current one of the `-o` interface's name (it follows a recreation).
+        let out_ifindex = out_ifindex.map(|o| o.load(Ordering::Relaxed));
         if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
             return Ok(false);
         }
@@ -692,6 +720,12 @@ impl Stats {
                 c.seen, c.passed, c.dropped
             ));
         }
+        if g(&self.repairs) > 0 {
+            report.push_str(&format!(
+                "\niptrace: stats: {} repairs of iptrace's instrumentation after changes by others",
+                g(&self.repairs)
+            ));
+        }
         if g(&self.userspace_seen) > 0 {
             report.push_str(&format!(
                 "\niptrace: stats: selection (userspace): {} datagrams seen, {} passed, {} dropped",
@@ -748,10 +782,5 @@ fn check_kernel_features(families: &[Family]) -> Result<(), RunError> {
 }
 
 fn interface_index(name: &str) -> Result<u32, RunError> {
-    let c = CString::new(name).map_err(|_| RunError::UnknownInterface(name.to_owned()))?;
-    // SAFETY: c is a valid NUL-terminated string.
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => Err(RunError::UnknownInterface(name.to_owned())),
-        index => Ok(index),
-    }
+    netns::interface_index(name).ok_or_else(|| RunError::UnknownInterface(name.to_owned()))
 }

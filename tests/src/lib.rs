@@ -156,6 +156,17 @@ impl Tracer {
     }
 }
 
+/// A test that panics while iptrace runs must not leave it running (a lab's namespace lives on
+/// while a process is in it).
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn drain(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {

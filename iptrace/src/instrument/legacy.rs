@@ -124,6 +124,43 @@ pub(super) fn delete_rules(family: Family, select: impl Fn(Owner) -> bool) -> Re
     Ok(rules.len())
 }
 
+/// How `owner`'s TRACE rule of one chain was found out of place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Displaced {
+    /// It is gone.
+    Missing,
+    /// Other rules were put above it, which see the packets first (an ACCEPT ends the raw
+    /// traversal before the TRACE rule).
+    Below,
+}
+
+/// What [`displaced_rules`] found in a raw table.
+#[derive(Debug, Default)]
+pub struct RawTableCheck {
+    /// The chains where `owner`'s rule is not the first rule.
+    pub displaced: Vec<(&'static str, Displaced)>,
+    /// Whether no chain of the table holds any rule (it was flushed).
+    pub flushed: bool,
+}
+
+/// Where `owner`'s rules of `plan` are in `family`'s raw table.
+pub fn displaced_rules(owner: Owner, plan: &TracePlan, family: Family) -> Result<RawTableCheck, InstrumentError> {
+    let saved = Xtables::new(family).save("raw").map_err(|source| InstrumentError::ListRules { family, source })?;
+    let tables = xtables::parse_save(&saved);
+    let raw = tables.iter().find(|t| t.name == "raw");
+    let flushed = raw.is_none_or(|t| t.chains.iter().all(|c| c.rules.is_empty()));
+    let mut displaced = Vec::new();
+    for chain in TRACE_CHAINS.into_iter().filter(|c| rule_spec(owner, plan, family, c).is_some()) {
+        let rules = raw.and_then(|t| t.chain(chain)).map(|c| &c.rules[..]).unwrap_or_default();
+        match rules.iter().position(|r| owner_of(r) == Some(owner)) {
+            Some(0) => {}
+            Some(_) => displaced.push((chain, Displaced::Below)),
+            None => displaced.push((chain, Displaced::Missing)),
+        }
+    }
+    Ok(RawTableCheck { displaced, flushed })
+}
+
 /// The owner tag in a rule's `-m comment --comment` argument.
 pub(crate) fn owner_of(rule: &[String]) -> Option<Owner> {
     rule.windows(2).find(|w| w[0] == "--comment").and_then(|w| Owner::from_tag(&w[1]))

@@ -230,19 +230,7 @@ impl Instrumentation {
         if std::mem::replace(&mut self.torn_down, true) {
             return Vec::new();
         }
-        let owner = self.owner;
-        let mut errors = Vec::new();
-        for family in [Family::Ipv4, Family::Ipv6] {
-            if let Err(e) = legacy::delete_rules(family, |o| o == owner) {
-                errors.push(e);
-            }
-        }
-        // The table's name carries the owner's pid and start time: one by that name is ours.
-        match nft::tagged_tables() {
-            Ok(tables) if tables.contains(&owner) => errors.extend(nft::delete(owner).err()),
-            Ok(_) => {}
-            Err(e) => errors.push(e),
-        }
+        let mut errors = remove_marking(self.owner, &[Family::Ipv4, Family::Ipv6]);
         errors.extend(undo_state(&self.state));
         RunState::remove(self.netns, self.owner);
         errors
@@ -258,6 +246,39 @@ pub fn install(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
         Marker::TraceRules => plan.families.iter().try_for_each(|&family| legacy::insert(owner, plan, family)),
         Marker::NftTable => nft::create(owner, plan),
     }
+}
+
+/// Puts `plan` in place again after someone else removed or displaced part of it: takes out what
+/// is left of `owner`'s marking (its TRACE rules of the plan's families, its nf_tables table),
+/// then installs as [`install`] does. For the legacy marker, a plan of one family touches only
+/// that family's rules.
+pub fn reinstall(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
+    let families = match plan.marker {
+        Marker::TraceRules => &plan.families[..],
+        Marker::NftTable => &[],
+    };
+    if let Some(e) = remove_marking(owner, families).into_iter().next() {
+        return Err(e);
+    }
+    install(owner, plan)
+}
+
+/// Deletes `owner`'s TRACE rules in the raw tables of `families`, and its nf_tables table if it
+/// exists. Returns what could not be deleted.
+fn remove_marking(owner: Owner, families: &[Family]) -> Vec<InstrumentError> {
+    let mut errors = Vec::new();
+    for &family in families {
+        if let Err(e) = legacy::delete_rules(family, |o| o == owner) {
+            errors.push(e);
+        }
+    }
+    // The table's name carries the owner's pid and start time: one by that name is ours.
+    match nft::tagged_tables() {
+        Ok(tables) if tables.contains(&owner) => errors.extend(nft::delete(owner).err()),
+        Ok(_) => {}
+        Err(e) => errors.push(e),
+    }
+    errors
 }
 
 /// Unpins and restores the loggers a run recorded. A logger is restored only while nfnetlink_log

@@ -19,7 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use self::blob::{TableProbe, TableState};
+use self::blob::TableState;
+pub(crate) use self::blob::{TableInfo, TableProbe};
 use self::nft::{Found, Generation, Ruleset};
 pub use self::rule::{Rule, Verdict};
 use crate::{
