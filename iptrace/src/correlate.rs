@@ -232,6 +232,7 @@ mod tests {
             mark_after: None,
             packet: PacketHeader::parse(packet).unwrap(),
             epoch: 0,
+            generation: None,
         }
     }
 

@@ -96,7 +96,8 @@ fn step_lines(step: &Step, text: &mut String) {
         Position::Rule { number, rule } | Position::XtablesNftRule { number, rule, .. } => {
             let _ = write!(text, "{STEP}{place} (#{number})");
             if let Some(comment) = &rule.comment {
-                let _ = write!(text, " /* {comment} */");
+                // A line break in a comment would look like another line of the block.
+                let _ = write!(text, " /* {} */", comment.replace('\n', "\\n"));
             }
             text.push('\n');
             if !rule.matches.is_empty() {
@@ -136,10 +137,10 @@ fn step_lines(step: &Step, text: &mut String) {
                 kernel_verdict(&step.event)
             );
         }
-        Position::NftRuleGone { handle, .. } => {
+        Position::NftRuleUnread { handle, .. } => {
             let _ = writeln!(
                 text,
-                "{STEP}{place} (handle {handle})\n{DETAIL}? this rule was deleted before iptrace could read it\n{DETAIL}=> {}",
+                "{STEP}{place} (handle {handle})\n{DETAIL}(rule changed before it could be read)\n{DETAIL}=> {}",
                 kernel_verdict(&step.event)
             );
         }
@@ -194,7 +195,7 @@ fn fate(steps: &[Step]) -> String {
             Position::Rule { number, .. } | Position::XtablesNftRule { number, .. } => {
                 format!("verdict: {name} at {place} #{number}")
             }
-            Position::NftRule { handle, .. } | Position::NftRuleGone { handle, .. } => {
+            Position::NftRule { handle, .. } | Position::NftRuleUnread { handle, .. } => {
                 format!("verdict: {name} at {place} (handle {handle})")
             }
             _ => format!("verdict: {name} by {place} policy"),
@@ -351,6 +352,7 @@ mod tests {
                 packet: PacketHeader::parse(packet).unwrap(),
                 mark_after: None,
                 epoch: 0,
+                generation: None,
             },
             position,
             engine: Engine::Legacy,

@@ -27,7 +27,7 @@ use crate::{
     instrument::{self, InstrumentError, Instrumentation, Limit, Marker, Prefilter, TracePlan, XtBpfProgram},
     netns::{self, NetnsError},
     render::{self, KernelInterfaceNames},
-    resolve::{ResolveError, Resolver},
+    resolve::{self, ResolveError, Resolver},
     xtables::{Xtables, XtablesError},
 };
 
@@ -184,9 +184,14 @@ fn trace_instrumented(
     signals: Signals,
 ) -> Result<Arc<Stats>, RunError> {
     let socket = TraceSocket::open(&backends.legacy, Duration::from_millis(100))?;
-    if backends.nft() {
+    // The generation read after joining the change notifications: events before the first
+    // commit announced on the socket ran against it.
+    let generation = if backends.nft() {
         socket.join_nftrace()?;
-    }
+        Some(resolve::nft_generation()?)
+    } else {
+        None
+    };
     let stats = Arc::new(Stats::default());
     // The marking rules select in the kernel already, so every message is normally wanted and a
     // socket filter would only cost the forwarding CPU (it runs in the sender's context, about
@@ -255,7 +260,11 @@ fn trace_instrumented(
         thread::Builder::new()
             .name("iptrace-process".into())
             .spawn(move || {
-                let result = process(datagrams_rx, resolver, out, &stats, count, linger, out_ifindex);
+                let mut decoder = Decoder::new();
+                if let Some(generation) = generation {
+                    decoder.start_at_generation(generation);
+                }
+                let result = process(datagrams_rx, decoder, resolver, out, &stats, count, linger, out_ifindex);
                 let _ = done_tx.send(result);
             })
             .map_err(|e| RunError::Thread("processing", e))?
@@ -502,6 +511,8 @@ fn read_datagrams(
             }
             Ok(Received::Overrun) => {
                 stats.overruns.fetch_add(1, Ordering::Relaxed);
+                // An empty datagram tells the decoder that messages were lost here.
+                batch.push(Bytes::new());
                 false
             }
             Ok(Received::Idle) => true,
@@ -539,8 +550,10 @@ fn keep_datagram(filter: Option<&mut UserspaceFilter>, datagram: &[u8], stats: &
 }
 
 /// Decode → correlate → resolve → render, until the reader stops or `count` packets are shown.
+#[allow(clippy::too_many_arguments)]
 fn process(
     rx: mpsc::Receiver<Vec<Bytes>>,
+    mut decoder: Decoder,
     mut resolver: Resolver,
     out: Box<dyn Write + Send>,
     stats: &Stats,
@@ -549,7 +562,6 @@ fn process(
     out_ifindex: Option<u32>,
 ) -> Result<(), RunError> {
     let mut out = io::BufWriter::with_capacity(1 << 16, out);
-    let mut decoder = Decoder::new();
     let mut correlator = Correlator::new(linger);
     let mut names = KernelInterfaceNames::default();
     let mut events = Vec::new();
@@ -584,8 +596,14 @@ fn process(
             Ok(datagrams) => {
                 let epoch = resolver.epoch()?;
                 for d in &datagrams {
+                    if d.is_empty() {
+                        decoder.messages_lost();
+                    }
                     // Malformed messages are counted; the rest of the datagram still counts.
                     let _ = decoder.decode_datagram(d, &mut events);
+                }
+                for commit in decoder.commits.drain(..) {
+                    resolver.nft_committed(commit);
                 }
                 for mut e in events.drain(..) {
                     e.epoch = epoch;

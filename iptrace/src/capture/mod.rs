@@ -21,8 +21,8 @@ use std::{
 };
 
 use iptrace_common::uapi::{
-    NFNL_SUBSYS_ULOG, NFNLGRP_NFTRACE, NFULA_CFG_CMD, NFULA_CFG_MODE, NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_PF_BIND,
-    NFULNL_COPY_PACKET, NFULNL_MSG_CONFIG, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR,
+    NFNL_SUBSYS_ULOG, NFNLGRP_NFTABLES, NFNLGRP_NFTRACE, NFULA_CFG_CMD, NFULA_CFG_MODE, NFULNL_CFG_CMD_BIND,
+    NFULNL_CFG_CMD_PF_BIND, NFULNL_COPY_PACKET, NFULNL_MSG_CONFIG, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR,
 };
 use neli::{
     consts::socket::{Msg, NlFamily},
@@ -110,9 +110,13 @@ impl TraceSocket {
     }
 
     /// Joins `NFNLGRP_NFTRACE`: nf_tables trace events of this netns arrive on this socket too,
-    /// in the kernel's order with the nflog messages (kernel-interfaces §5.1, §10a).
+    /// in the kernel's order with the nflog messages (kernel-interfaces §5.1, §10a). Joins
+    /// `NFNLGRP_NFTABLES` too: the rule changes and generation of each commit arrive in order
+    /// with the trace events, which tells the generation each event ran against.
     pub fn join_nftrace(&self) -> Result<(), CaptureError> {
-        self.socket.add_mcast_membership(Groups::new_groups(&[NFNLGRP_NFTRACE])).map_err(CaptureError::JoinNftrace)
+        self.socket
+            .add_mcast_membership(Groups::new_groups(&[NFNLGRP_NFTRACE, NFNLGRP_NFTABLES]))
+            .map_err(CaptureError::JoinNftrace)
     }
 
     fn set_receive_buffer(&self) -> Result<(), CaptureError> {

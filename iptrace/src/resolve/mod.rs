@@ -1,7 +1,10 @@
 //! Resolve: the kernel's (table, chain, rule number or handle) of each trace event to the rule's
 //! text, as the rule set was when the event was received.
 //!
-//! nf_tables rules are resolved by handle from generation-keyed snapshots (see [`nft`]). Each
+//! nf_tables rules are resolved by handle from snapshots kept under the generation they were read
+//! at; each event carries the generation it ran against (from the change notifications on the
+//! trace socket), and the commits' changed rules tell which other snapshots show a rule as it
+//! was then. Each
 //! legacy table is read with `iptables-legacy-save` into a snapshot. What the kernel says of the
 //! table ([`blob`]) tells cheaply when it changed; then a new snapshot is taken
 //! under a new epoch. Events are stamped with the epoch current at their receipt, and resolved
@@ -13,17 +16,17 @@ mod nft;
 pub mod rule;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     io,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use self::blob::{TableProbe, TableState};
+use self::blob::{BlobChain, BlobRule, TableProbe, TableState};
 use self::nft::{Found, Generation, Ruleset};
 pub use self::rule::{Rule, Verdict};
 use crate::{
-    decode::{Family, NftFamily, NftTraceType, NftVerdict, Origin, TraceEvent, TraceKind},
+    decode::{Family, NftCommit, NftRuleKey, NftTraceType, NftVerdict, Origin, TraceEvent, TraceKind},
     instrument::{Owner, legacy::owner_of},
     nftables::NftError,
     xtables::{self, SavedTable, Xtables, XtablesError},
@@ -57,6 +60,13 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(20);
 const FULL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// Snapshots kept per table: enough for events still queued when the rules change in bursts.
 const SNAPSHOTS_KEPT: usize = 8;
+/// nf_tables commits whose changed rules are kept: far more than happen while an event waits
+/// to be shown.
+const COMMITS_KEPT: usize = 4096;
+
+/// The matches shown for a rule whose text the listing did not have (read while the table
+/// changed); its target and comment come from the kernel.
+const UNLISTED: &str = "? matches not read (the table changed while it was listed)";
 
 /// Where in a chain an event landed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,8 +84,9 @@ pub enum Position {
     /// A rule of a table iptables-nft manages, in iptables syntax, numbered as `iptables -L
     /// --line-numbers` shows it.
     XtablesNftRule { handle: u64, number: u32, rule: Arc<Rule>, verdict: Verdict },
-    /// An nf_tables rule deleted before iptrace could read it.
-    NftRuleGone { handle: u64, verdict: Verdict },
+    /// An nf_tables rule no snapshot shows as it was at the event's generation: it changed (or
+    /// went) before iptrace could read it.
+    NftRuleUnread { handle: u64, verdict: Verdict },
 }
 
 /// The kind of table a step is in, which decides how it is shown.
@@ -105,7 +116,7 @@ impl Step {
             Position::Unknown { .. } => Verdict::Continue,
             Position::NftRule { verdict, .. }
             | Position::XtablesNftRule { verdict, .. }
-            | Position::NftRuleGone { verdict, .. } => verdict.clone(),
+            | Position::NftRuleUnread { verdict, .. } => verdict.clone(),
         }
     }
 }
@@ -128,6 +139,45 @@ impl TableSnapshot {
     /// The first table of `saved` (`iptables-save -t <table>` output).
     fn parse(saved: &str) -> Self {
         xtables::parse_save(saved).into_iter().next().map(Self::from_table).unwrap_or_default()
+    }
+
+    /// The rules as the kernel holds them (`kernel`, from the table blob), each shown with its
+    /// text from `saved` (`iptables-save -t <table>` output) where that is the same rule: same
+    /// position in its chain, target and comment. Where the listing does not match the blob (it
+    /// was read while the table changed), the rule shows its target and comment only.
+    fn from_kernel(kernel: Vec<BlobChain>, saved: &str) -> Self {
+        let listed = xtables::parse_save(saved).into_iter().next().unwrap_or_default();
+        let names: Vec<String> = kernel.iter().map(|c| c.name.clone()).collect();
+        let is_chain = |t: &str| names.iter().any(|n| n == t);
+        let mut chains = HashMap::new();
+        for chain in kernel {
+            let listed_rules = listed.chain(&chain.name).map(|c| &c.rules).filter(|r| r.len() == chain.rules.len());
+            let own = chain.rules.iter().map(|r| r.comment.as_deref().and_then(Owner::from_tag).is_some()).collect();
+            let rules = chain
+                .rules
+                .into_iter()
+                .enumerate()
+                .map(|(i, kernel_rule)| {
+                    let text = listed_rules
+                        .and_then(|r| r.get(i))
+                        .map(|tokens| Rule::from_tokens(tokens, is_chain))
+                        .filter(|r| r.target == kernel_rule.target && r.comment == kernel_rule.comment);
+                    let BlobRule { target, verdict, comment } = kernel_rule;
+                    Arc::new(match text {
+                        Some(rule) => Rule { verdict, ..rule },
+                        None => Rule {
+                            matches: UNLISTED.to_owned(),
+                            comment,
+                            target,
+                            target_options: String::new(),
+                            verdict,
+                        },
+                    })
+                })
+                .collect();
+            chains.insert(chain.name, ChainSnapshot { policy: chain.policy, rules, own });
+        }
+        Self { chains }
     }
 
     fn from_table(table: SavedTable) -> Self {
@@ -175,47 +225,93 @@ struct TableHistory {
     snapshots: VecDeque<(u64, Arc<TableSnapshot>)>,
 }
 
-/// The nf_tables rule set by epoch.
+/// The nf_tables rule set by generation.
 struct NftHistory {
     generation: Generation,
     families: Vec<Family>,
-    /// (first epoch it is valid for, snapshot), oldest first.
-    snapshots: VecDeque<(u64, Arc<Ruleset>)>,
+    /// Snapshots read while the generation stood still, by that generation.
+    snapshots: BTreeMap<u32, Arc<Ruleset>>,
+    /// The rules each commit added or deleted, by the generation it started; `None` where
+    /// notifications were lost. A generation missing here changed rules nobody knows.
+    commits: BTreeMap<u32, Option<HashSet<NftRuleKey>>>,
 }
 
 impl NftHistory {
-    /// Reads a new snapshot if the generation changed, valid from `epoch`. Returns whether it did.
-    fn check(&mut self, epoch: u64) -> Result<bool, ResolveError> {
+    /// Reads a snapshot unless one of the current generation is stored. It is stored only when
+    /// the generation was the same before and after the read (`NFT_MSG_GETGEN`), under that
+    /// generation; under constant churn there may be none.
+    fn check(&mut self) -> Result<(), ResolveError> {
         let mut before = self.generation.current()?;
-        if Some(before) == self.generation.last {
-            return Ok(false);
-        }
-        // As for legacy tables: make sure no transaction committed while the text was read.
-        let mut attempts = 0;
-        let ruleset = loop {
+        for _ in 0..3 {
+            if self.snapshots.contains_key(&before) {
+                return Ok(());
+            }
             let ruleset = nft::read(&self.families)?;
             let after = self.generation.current()?;
-            attempts += 1;
-            if after == before || attempts == 3 {
-                break ruleset;
+            if after == before {
+                self.snapshots.insert(before, Arc::new(ruleset));
+                while self.snapshots.len() > SNAPSHOTS_KEPT {
+                    self.snapshots.pop_first();
+                }
+                return Ok(());
             }
             before = after;
-        };
-        let known = self.generation.last.replace(before).is_some();
-        self.snapshots.push_back((epoch, Arc::new(ruleset)));
-        if self.snapshots.len() > SNAPSHOTS_KEPT {
-            self.snapshots.pop_front();
         }
-        Ok(known)
+        Ok(())
     }
 
-    fn at(&self, epoch: u64) -> Option<Arc<Ruleset>> {
-        self.snapshots.iter().rev().find(|(from, _)| *from <= epoch).or(self.snapshots.front()).map(|(_, s)| s.clone())
+    fn committed(&mut self, commit: NftCommit) {
+        self.commits.insert(commit.generation, commit.rules.map(|rules| rules.into_iter().collect()));
+        while self.commits.len() > COMMITS_KEPT {
+            self.commits.pop_first();
+        }
     }
 
-    fn latest(&self) -> Option<Arc<Ruleset>> {
-        self.snapshots.back().map(|(_, s)| s.clone())
+    /// Whether every commit after generation `from` up to `to` is known and left `key` alone
+    /// (with `whole_chain`, every rule of its chain: rule numbers of iptables-nft tables count
+    /// the rules before it).
+    fn unchanged(&self, key: &NftRuleKey, whole_chain: bool, from: u32, to: u32) -> bool {
+        let Some(count) = to.checked_sub(from) else { return false };
+        if count as usize > COMMITS_KEPT {
+            return false;
+        }
+        let touches = |k: &NftRuleKey| {
+            k.family == key.family
+                && k.table == key.table
+                && k.chain == key.chain
+                && (whole_chain || k.handle == key.handle)
+        };
+        (from + 1..=to).all(|g| matches!(self.commits.get(&g), Some(Some(rules)) if !rules.iter().any(touches)))
     }
+
+    /// The snapshot that shows `key` as it was at `generation`: that generation's own, or another
+    /// between which and it no commit changed the rule. `None` if there is none.
+    fn serving(&self, key: &NftRuleKey, generation: u32) -> Option<Arc<Ruleset>> {
+        if let Some(s) = self.snapshots.get(&generation) {
+            return Some(s.clone());
+        }
+        let fits =
+            |from: u32, to: u32, s: &Ruleset| self.unchanged(key, s.is_xtables(key.family, &key.table), from, to);
+        let later = self.snapshots.range(generation..).find(|(g, s)| fits(generation, **g, s));
+        let earlier = || self.snapshots.range(..generation).rev().find(|(g, s)| fits(**g, generation, s));
+        later.or_else(earlier).map(|(_, s)| s.clone())
+    }
+
+    /// The snapshot nearest to `generation`, for what does not change with it (whether a chain
+    /// is a base chain, whether iptables-nft manages a table).
+    fn nearest(&self, generation: Option<u32>) -> Option<Arc<Ruleset>> {
+        let generation = generation.unwrap_or(u32::MAX);
+        self.snapshots
+            .range(..=generation)
+            .next_back()
+            .or_else(|| self.snapshots.range(generation..).next())
+            .map(|(_, s)| s.clone())
+    }
+}
+
+/// The nf_tables generation now (`NFT_MSG_GETGEN`).
+pub fn nft_generation() -> Result<u32, ResolveError> {
+    Generation::open()?.current()
 }
 
 /// The rule text of every legacy table and of the nf_tables rule set, by epoch.
@@ -242,7 +338,8 @@ impl Resolver {
                 Generation::open().map(|generation| NftHistory {
                     generation,
                     families: families.to_vec(),
-                    snapshots: VecDeque::new(),
+                    snapshots: BTreeMap::new(),
+                    commits: BTreeMap::new(),
                 })
             })
             .transpose()?;
@@ -290,9 +387,8 @@ impl Resolver {
                 changed |= self.check(family, &table, full)?;
             }
         }
-        let next = self.epoch + 1;
         if let Some(nft) = &mut self.nft {
-            changed |= nft.check(next)?;
+            nft.check()?;
         }
         if changed {
             // `check` stored the new snapshots under the next epoch.
@@ -319,7 +415,8 @@ impl Resolver {
         }
         let known = known.is_some();
         // Read the text, then make sure the table did not change while it was read; under
-        // constant churn, settle for the last read after a few tries.
+        // constant churn, settle for the last read after a few tries: the rules are the blob's
+        // read after it, and the text shows only where it matches them.
         let mut before = current;
         let mut attempts = 0;
         let (text, state) = loop {
@@ -330,18 +427,23 @@ impl Resolver {
             })?;
             let after = probe.state(table).ok();
             attempts += 1;
-            if after == before || attempts == 3 {
-                break (text, after.unwrap_or_default());
+            if (after.is_some() && after == before) || attempts == 3 {
+                break (text, after);
             }
             before = after;
         };
+        let snapshot = match &state {
+            Some(state) => TableSnapshot::from_kernel(state.chains(family), &text),
+            None => TableSnapshot::parse(&text),
+        };
+        let state = state.unwrap_or_default();
         let epoch = if known { self.epoch + 1 } else { self.epoch };
         let history = self
             .tables
             .entry(key)
             .or_insert_with(|| TableHistory { state: TableState::default(), snapshots: VecDeque::new() });
         history.state = state;
-        history.snapshots.push_back((epoch, Arc::new(TableSnapshot::parse(&text))));
+        history.snapshots.push_back((epoch, Arc::new(snapshot)));
         if history.snapshots.len() > SNAPSHOTS_KEPT {
             history.snapshots.pop_front();
         }
@@ -376,50 +478,67 @@ impl Resolver {
                 if Owner::from_table_name(table).is_some() {
                     return None;
                 }
-                let (family, handle, trace_type, kernel) = (*family, *handle, *trace_type, verdict.clone());
-                let (table, chain) = (table.clone(), chain.clone());
-                let snapshot = self.nft.as_ref()?.at(event.epoch)?;
-                let engine = if snapshot.is_xtables(family, &table) { Engine::XtablesNft } else { Engine::Nft };
-                let position = match (trace_type, handle) {
-                    (NftTraceType::Policy, _) => Position::Policy(nft::step_verdict(&kernel, &Found::Missing)),
-                    (_, None) if snapshot.is_base_chain(family, &table, &chain) => return None,
-                    (_, None) => Position::ChainEnd,
-                    (_, Some(handle)) => self.nft_rule(&snapshot, family, &table, &chain, handle, &kernel),
+                let history = self.nft.as_mut()?;
+                let (trace_type, kernel) = (*trace_type, verdict.clone());
+                let key = NftRuleKey { family: *family, table: table.clone(), chain: chain.clone(), handle: 0 };
+                let (position, snapshot) = match (trace_type, handle) {
+                    (NftTraceType::Policy, _) => (
+                        Position::Policy(nft::step_verdict(&kernel, &Found::Missing)),
+                        history.nearest(event.generation),
+                    ),
+                    (_, None) => {
+                        let snapshot = history.nearest(event.generation);
+                        if snapshot.as_ref().is_some_and(|s| s.is_base_chain(key.family, &key.table, &key.chain)) {
+                            return None;
+                        }
+                        (Position::ChainEnd, snapshot)
+                    }
+                    (_, Some(handle)) => {
+                        let key = NftRuleKey { handle: *handle, ..key.clone() };
+                        history.rule(&key, event.generation, &kernel)
+                    }
                 };
-                Some(Step { event, position, engine })
+                let xtables = snapshot.is_some_and(|s| s.is_xtables(key.family, &key.table));
+                Some(Step { event, position, engine: if xtables { Engine::XtablesNft } else { Engine::Nft } })
             }
         }
     }
 
-    /// A rule by handle: from the snapshot of the event's epoch, else from a fresh one (the rule
-    /// was added just before the event), else it is gone.
-    fn nft_rule(
-        &mut self,
-        snapshot: &Ruleset,
-        family: NftFamily,
-        table: &str,
-        chain: &str,
-        handle: u64,
-        kernel: &NftVerdict,
-    ) -> Position {
-        let mut found = snapshot.find(family, table, chain, handle);
-        if found == Found::Missing {
-            let next = self.epoch + 1;
-            if let Some(history) = &mut self.nft {
-                if history.check(next).unwrap_or(false) {
-                    self.epoch = next;
-                }
-                if let Some(latest) = history.latest() {
-                    found = latest.find(family, table, chain, handle);
-                }
-            }
+    /// Takes note of an nf_tables commit announced on the trace socket.
+    pub fn nft_committed(&mut self, commit: NftCommit) {
+        if let Some(history) = &mut self.nft {
+            history.committed(commit);
         }
+    }
+}
+
+impl NftHistory {
+    /// A rule as it was at `generation`, with the snapshot that showed it. A rule no snapshot
+    /// shows as it was then (it changed before it could be read, or the generation is unknown)
+    /// is said to be so, never shown in another version's text.
+    fn rule(
+        &mut self,
+        key: &NftRuleKey,
+        generation: Option<u32>,
+        kernel: &NftVerdict,
+    ) -> (Position, Option<Arc<Ruleset>>) {
+        let mut snapshot = generation.and_then(|g| self.serving(key, g));
+        if snapshot.is_none()
+            && let Some(g) = generation
+            && self.check().is_ok()
+        {
+            snapshot = self.serving(key, g);
+        }
+        let found =
+            snapshot.as_ref().map_or(Found::Missing, |s| s.find(key.family, &key.table, &key.chain, key.handle));
         let verdict = nft::step_verdict(kernel, &found);
-        match found {
+        let handle = key.handle;
+        let position = match found {
             Found::Native { text } => Position::NftRule { handle, text, verdict },
             Found::Xtables { number, rule } => Position::XtablesNftRule { handle, number, rule, verdict },
-            Found::Missing => Position::NftRuleGone { handle, verdict },
-        }
+            Found::Missing => Position::NftRuleUnread { handle, verdict },
+        };
+        (position, snapshot.or_else(|| self.nearest(generation)))
     }
 }
 
