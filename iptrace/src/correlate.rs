@@ -233,6 +233,7 @@ mod tests {
             packet: PacketHeader::parse(packet).unwrap(),
             epoch: 0,
             generation: None,
+            after_check: None,
         }
     }
 

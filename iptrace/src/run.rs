@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use crate::{
     backend::{self, BackendChoice, BackendError, Backends},
     bpf::{self, BpfError, TraceSocketFilter},
-    capture::{CaptureError, Received, TraceSocket, UserspaceFilter},
+    capture::{CaptureError, Received, StreamMarker, TraceSocket, UserspaceFilter},
     correlate::{Correlator, PacketTrace},
     decode::{Decoder, Family},
     filter::{CompiledFilter, FilterError, Selection},
@@ -236,7 +236,8 @@ fn trace_instrumented(
     if let Some(owner) = owner {
         instrument::install(owner, &plan)?;
     }
-    let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft())?;
+    let marker = (!backends.legacy.is_empty()).then(|| StreamMarker::new(&socket)).transpose()?;
+    let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft(), marker)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     // A short queue: a backlog waits in the kernel's receive buffer (large; counted as overruns
@@ -614,7 +615,11 @@ fn process(
                     }
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Checks go on while nothing arrives: an event after a quiet spell is then known
+                // to follow the changes made in it.
+                resolver.epoch()?;
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         for trace in correlator.flush_idle(now) {

@@ -4,6 +4,7 @@
 //! names it, and the kernel reports the mark the rule that actually ran set.
 
 use std::{
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -141,8 +142,7 @@ fn legacy_comment_with_a_line_break_shifts_nothing() {
     lab.exec(Role::Router, &["iptables-legacy", "-P", "FORWARD", "DROP"], "").unwrap();
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "icmp or udp"]);
     lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 1).unwrap();
-    lab.udp(Role::Client, std::net::SocketAddr::new(addr::CLIENT, 0), std::net::SocketAddr::new(addr::SERVER, 9), b"x")
-        .unwrap();
+    lab.udp(Role::Client, SocketAddr::new(addr::CLIENT, 0), SocketAddr::new(addr::SERVER, 9), b"x").unwrap();
     settle();
     let out = tracer.stop(libc::SIGTERM);
     // The kernel's counters: the echo request, its reply and the port unreachable for the
@@ -169,3 +169,84 @@ const DATAGRAM_MEETS_RULE_1: &str = "        raw PREROUTING
                 -p udp
                 => ACCEPT
         verdict: ACCEPT at filter FORWARD #1";
+
+/// One block of the churn test, judged: the datagram can only have been accepted by rule "B",
+/// which is #2 without the churning rule and #3 with it; the kernel's TRACE line gave the
+/// number. (right, marked as changed, wrong)
+fn judge_churn_block(block: &Block) -> (usize, usize, usize) {
+    let body = block.body();
+    let right = [
+        "(#2) /* B */\n                -p udp\n                => ACCEPT\n        verdict: ACCEPT at filter FORWARD #2",
+        "(#3) /* B */\n                -p udp\n                => ACCEPT\n        verdict: ACCEPT at filter FORWARD #3",
+    ];
+    if right.iter().any(|r| body.ends_with(&format!("filter FORWARD {r}"))) {
+        (1, 0, 0)
+    } else if body.contains("(rule set changed at this moment: #") {
+        (0, 1, 0)
+    } else {
+        (0, 0, 1)
+    }
+}
+
+/// A rule inserted and deleted at FORWARD 1 over and over while datagrams flow: every block
+/// shows the rule that accepted its datagram under the number the kernel logged, or says that
+/// the rule set changed at that moment; none shows the neighbouring rule.
+#[test]
+fn legacy_churn_at_the_top_of_a_chain_is_right_or_marked() {
+    if !require_root("legacy_churn_at_the_top_of_a_chain_is_right_or_marked") {
+        return;
+    }
+    let lab = Arc::new(lab("churn"));
+    let rule = |op: &str, args: &[&str]| {
+        let mut all = vec!["iptables-legacy", op, "FORWARD"];
+        all.extend_from_slice(args);
+        lab.exec(Role::Router, &all, "").unwrap();
+    };
+    rule("-A", &["-p", "icmp", "-m", "comment", "--comment", "A", "-j", "ACCEPT"]);
+    rule("-A", &["-p", "udp", "-m", "comment", "--comment", "B", "-j", "ACCEPT"]);
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "udp"]);
+    let sending = Arc::new(AtomicBool::new(true));
+    let sender = {
+        let (lab, sending) = (lab.clone(), sending.clone());
+        thread::spawn(move || {
+            let mut sent = 0;
+            while sending.load(Ordering::Relaxed) {
+                let (src, dst) = (SocketAddr::new(addr::CLIENT, 0), SocketAddr::new(addr::SERVER, 9));
+                lab.udp_burst(Role::Client, src, dst, b"churn", 4).unwrap();
+                sent += 4;
+                thread::sleep(Duration::from_millis(2));
+            }
+            sent
+        })
+    };
+    let churn = ["-p", "tcp", "-m", "comment", "--comment", "churn", "-j", "ACCEPT"];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let mut insert = vec!["1"];
+        insert.extend_from_slice(&churn);
+        rule("-I", &insert);
+        thread::sleep(Duration::from_millis(250));
+        rule("-D", &churn);
+        thread::sleep(Duration::from_millis(250));
+    }
+    sending.store(false, Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    settle();
+    let out = tracer.stop(libc::SIGTERM);
+    let all = blocks(&out.stdout);
+    let (mut right, mut changed, mut wrong) = (0, 0, 0);
+    for block in &all {
+        let (r, c, w) = judge_churn_block(block);
+        if w > 0 && wrong < 5 {
+            eprintln!("WRONG:\n{}\n{}\n", block.packet, block.body());
+        }
+        (right, changed, wrong) = (right + r, changed + c, wrong + w);
+    }
+    let marked = all.iter().find(|b| b.body().contains("(rule set changed at this moment"));
+    eprintln!(
+        "{sent} datagrams sent, {right} blocks right, {changed} marked, {wrong} wrong; a marked one:\n{marked:?}"
+    );
+    assert!(all.len() > 500, "too few blocks: {}", all.len());
+    assert_eq!(wrong, 0, "blocks showing another rule (see above)");
+    assert!(right > changed, "{right} right, {changed} marked");
+}

@@ -15,10 +15,10 @@ pub mod prefix;
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
-use iptrace_common::uapi::{NFT_TRACETYPE_POLICY, NFT_TRACETYPE_RETURN, NFT_TRACETYPE_RULE, NLMSG_DONE};
+use iptrace_common::uapi::{NFT_TRACETYPE_POLICY, NFT_TRACETYPE_RETURN, NFT_TRACETYPE_RULE, NLMSG_DONE, NLMSG_ERROR};
 
 use self::{
-    netlink::NetlinkMessages,
+    netlink::{NetlinkMessages, error_code},
     nflog::{NFULNL_PACKET_TYPE, NflogPacket},
     nftchange::{DELRULE_TYPE, NEWGEN_TYPE, NEWRULE_TYPE, NftChange},
     nftrace::{NFT_TRACE_TYPE, NftTrace},
@@ -29,6 +29,7 @@ pub use self::{
     packet::PacketHeader,
     prefix::TraceKind,
 };
+use crate::capture::MARK_SEQUENCE;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -170,11 +171,15 @@ pub struct TraceEvent {
     /// The mark after the rule ran, which nf_tables events report (legacy ones do not).
     pub mark_after: Option<u32>,
     pub packet: PacketHeader,
-    /// The rule-set epoch this event was received in; set by the pipeline, used by resolve.
+    /// For legacy events: the first check of the legacy tables made after the event was
+    /// received; set by the pipeline, used by resolve.
     pub epoch: u64,
     /// For nf_tables events: the generation the event ran against, the last one announced before
     /// it on the socket (`None` until one is known).
     pub generation: Option<u32>,
+    /// For legacy events: the last check of the legacy tables whose mark came before the event
+    /// on the socket (`None` before the first).
+    pub after_check: Option<u64>,
 }
 
 /// A rule an nf_tables commit added or deleted.
@@ -244,6 +249,8 @@ pub struct Decoder {
     changes_lost: bool,
     /// Commits announced so far; the pipeline takes them for the resolver.
     pub commits: Vec<NftCommit>,
+    /// The last stream mark ([`crate::capture::StreamMarker`]) seen.
+    last_mark: Option<u64>,
     pub counts: DecodeCounts,
 }
 
@@ -269,6 +276,11 @@ impl Decoder {
     pub fn decode_datagram(&mut self, datagram: &[u8], out: &mut Vec<TraceEvent>) -> Result<(), DecodeError> {
         let mut first_error = None;
         for message in NetlinkMessages::new(datagram) {
+            if let Ok(m) = &message
+                && self.note_mark(m)
+            {
+                continue;
+            }
             self.counts.messages += 1;
             let result = message.and_then(|m| match m.message_type {
                 NFULNL_PACKET_TYPE => self.decode_nflog(&NflogPacket::parse(&m)?),
@@ -321,6 +333,7 @@ impl Decoder {
             packet: PacketHeader::parse(msg.payload)?,
             epoch: 0,
             generation: None,
+            after_check: self.last_mark,
         }))
     }
 
@@ -397,7 +410,17 @@ impl Decoder {
             packet: headers.packet,
             epoch: 0,
             generation: self.generation,
+            after_check: None,
         }))
+    }
+
+    /// Takes note of a stream mark ([`crate::capture::StreamMarker`]); false for other messages.
+    fn note_mark(&mut self, m: &netlink::NetlinkMessage<'_>) -> bool {
+        let mark = u32::from(m.message_type) == NLMSG_ERROR && m.sequence & MARK_SEQUENCE != 0 && error_code(m) == 0;
+        if mark {
+            self.last_mark = Some(u64::from(m.sequence & !MARK_SEQUENCE));
+        }
+        mark
     }
 
     fn note_change(&mut self, change: NftChange<'_>) {

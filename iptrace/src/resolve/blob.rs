@@ -227,6 +227,11 @@ impl TableState {
         self.info
     }
 
+    /// The blob's size: what a whole comparison copies.
+    pub fn blob_len(&self) -> usize {
+        self.blob.len()
+    }
+
     /// The table's chains and their rules, read from the blob the way `get_chainname_rulenum()`
     /// numbers them for TRACE: a built-in chain from its hook entry to its policy (underflow)
     /// entry, a user chain from the entry after its `ERROR` head to its closing RETURN.

@@ -1,15 +1,19 @@
 //! Resolve: the kernel's (table, chain, rule number or handle) of each trace event to the rule's
-//! text, as the rule set was when the event was received.
+//! text, as the rule set was when the event was logged, or a plain statement that iptrace cannot
+//! know it; never another version's text.
 //!
 //! nf_tables rules are resolved by handle from snapshots kept under the generation they were read
 //! at; each event carries the generation it ran against (from the change notifications on the
 //! trace socket), and the commits' changed rules tell which other snapshots show a rule as it
-//! was then. Each
-//! legacy table is read with `iptables-legacy-save` into a snapshot. What the kernel says of the
-//! table ([`blob`]) tells cheaply when it changed; then a new snapshot is taken
-//! under a new epoch. Events are stamped with the epoch current at their receipt, and resolved
-//! against the snapshot of that epoch, so a rule inserted mid-trace does not shift the text shown
-//! for packets traced before it.
+//! was then.
+//!
+//! Legacy tables have no change notifications: they are checked every few milliseconds
+//! ([`blob`]: cheaply the table info, and the whole blob for small tables or now and then), and
+//! each version's rules are the blob's, with their `iptables-legacy-save` text where it matches.
+//! Each check that finds a change leaves a mark in the trace socket's stream, so an event is
+//! known to have been logged between the check whose mark came before it and the first check
+//! after it was received; every version that may have been in force then is asked, and where they disagree
+//! for the event's rule number the step says so.
 
 mod blob;
 mod nft;
@@ -26,6 +30,7 @@ use self::blob::{BlobChain, BlobRule, TableProbe, TableState};
 use self::nft::{Found, Generation, Ruleset};
 pub use self::rule::{Rule, Verdict};
 use crate::{
+    capture::{MARK_SEQUENCE, StreamMarker},
     decode::{Family, NftCommit, NftRuleKey, NftTraceType, NftVerdict, Origin, TraceEvent, TraceKind},
     instrument::{Owner, legacy::owner_of},
     nftables::NftError,
@@ -58,6 +63,9 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(20);
 /// replaced by one of the same size. Copying every table is the costly part of tracing a trickle
 /// on a large rule set (0.7 ms of kernel time for 600 rules), so it is done less often.
 const FULL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// Legacy tables whose blob is at most this large are compared whole at every check: cheap, and
+/// a version then ends exactly where the next begins.
+const ALWAYS_COMPARED: usize = 16 << 10;
 /// Snapshots kept per table: enough for events still queued when the rules change in bursts.
 const SNAPSHOTS_KEPT: usize = 8;
 /// nf_tables commits whose changed rules are kept: far more than happen while an event waits
@@ -84,6 +92,10 @@ pub enum Position {
     /// A rule of a table iptables-nft manages, in iptables syntax, numbered as `iptables -L
     /// --line-numbers` shows it.
     XtablesNftRule { handle: u64, number: u32, rule: Arc<Rule>, verdict: Verdict },
+    /// A legacy rule number the rule set changed under while the event was logged: what it was
+    /// in the oldest version that may have been in force, and in the newest (`None`: iptrace's
+    /// own rule).
+    RuleSetChanged { kernel_number: u32, was: Option<Box<Position>>, is: Option<Box<Position>> },
     /// An nf_tables rule no snapshot shows as it was at the event's generation: it changed (or
     /// went) before iptrace could read it.
     NftRuleUnread { handle: u64, verdict: Verdict },
@@ -109,7 +121,20 @@ pub struct Step {
 
 impl Step {
     pub fn verdict(&self) -> Verdict {
-        match &self.position {
+        self.position.verdict()
+    }
+}
+
+impl Position {
+    /// What the step did to the traversal; where the rule set changed under it, the verdict both
+    /// versions agree on, else none.
+    pub fn verdict(&self) -> Verdict {
+        match self {
+            Position::RuleSetChanged { was, is, .. } => {
+                let verdict = |p: &Option<Box<Position>>| p.as_ref().map_or(Verdict::Continue, |p| p.verdict());
+                let (was, is) = (verdict(was), verdict(is));
+                if was == is { is } else { Verdict::Continue }
+            }
             Position::Rule { rule, .. } => rule.verdict.clone(),
             Position::Policy(v) => v.clone(),
             Position::ChainEnd => Verdict::Return,
@@ -221,8 +246,34 @@ impl TableSnapshot {
 struct TableHistory {
     /// What the kernel said of the table when the newest snapshot was read.
     state: TableState,
-    /// (first epoch it is valid for, snapshot), oldest first.
-    snapshots: VecDeque<(u64, Arc<TableSnapshot>)>,
+    /// Oldest first.
+    versions: VecDeque<TableVersion>,
+}
+
+/// One version of a legacy table and the checks that saw it.
+#[derive(Debug)]
+struct TableVersion {
+    /// The first check that saw it, the last, and the last that compared the whole blob (only
+    /// that one rules out a rule replaced by one of the same size).
+    first: u64,
+    last: u64,
+    last_full: u64,
+    snapshot: Arc<TableSnapshot>,
+}
+
+impl TableHistory {
+    /// The versions that may have been in force between checks `after` and `before` (their
+    /// reads): every version seen in that span, and those that may have come and gone between
+    /// the check that last saw the one before and the check that first saw the one after.
+    fn possible(&self, after: u64, before: u64) -> impl Iterator<Item = &TableVersion> {
+        let versions = &self.versions;
+        let found = (0..versions.len()).filter(move |&i| {
+            let started_before = i == 0 || versions[i - 1].last < before;
+            let ended_after = versions.get(i + 1).is_none_or(|next| next.first > after);
+            started_before && ended_after
+        });
+        found.map(move |i| &versions[i])
+    }
 }
 
 /// The nf_tables rule set by generation.
@@ -319,6 +370,9 @@ pub struct Resolver {
     probes: HashMap<Family, TableProbe>,
     tables: HashMap<(Family, String), TableHistory>,
     nft: Option<NftHistory>,
+    /// Marks each check of the legacy tables in the trace socket's stream.
+    marker: Option<StreamMarker>,
+    /// The number of the last check of the legacy tables.
     epoch: u64,
     last_check: Instant,
     last_full_check: Instant,
@@ -326,8 +380,14 @@ pub struct Resolver {
 
 impl Resolver {
     /// Reads every existing legacy table of `legacy_families`, and with `nft`, the nf_tables rule
-    /// set (iptables-nft tables of `families` in iptables syntax).
-    pub fn new(families: &[Family], legacy_families: &[Family], nft: bool) -> Result<Self, ResolveError> {
+    /// set (iptables-nft tables of `families` in iptables syntax). `marker` marks each check of
+    /// the legacy tables in the trace socket's stream.
+    pub fn new(
+        families: &[Family],
+        legacy_families: &[Family],
+        nft: bool,
+        marker: Option<StreamMarker>,
+    ) -> Result<Self, ResolveError> {
         let mut probes = HashMap::new();
         for &family in legacy_families {
             let probe = TableProbe::open(family).map_err(|source| ResolveError::Probe { family, source })?;
@@ -344,7 +404,8 @@ impl Resolver {
             })
             .transpose()?;
         let now = Instant::now();
-        let mut this = Self { probes, tables: HashMap::new(), nft, epoch: 0, last_check: now, last_full_check: now };
+        let mut this =
+            Self { probes, tables: HashMap::new(), nft, marker, epoch: 0, last_check: now, last_full_check: now };
         this.check_all(true)?;
         Ok(this)
     }
@@ -357,29 +418,44 @@ impl Resolver {
             for table in xtables::parse_save(text) {
                 let name = table.name.clone();
                 let snapshot = Arc::new(TableSnapshot::from_table(table));
-                let history = TableHistory { state: TableState::default(), snapshots: VecDeque::from([(0, snapshot)]) };
+                let version = TableVersion { first: 0, last: u64::MAX, last_full: u64::MAX, snapshot };
+                let history = TableHistory { state: TableState::default(), versions: VecDeque::from([version]) };
                 tables.insert((*family, name), history);
             }
         }
         let now = Instant::now();
-        Self { probes: HashMap::new(), tables, nft: None, epoch: 0, last_check: now, last_full_check: now }
+        Self {
+            probes: HashMap::new(),
+            tables,
+            nft: None,
+            marker: None,
+            epoch: 0,
+            last_check: now,
+            last_full_check: now,
+        }
     }
 
-    /// The current epoch, after checking the kernel tables for changes if the last check is
-    /// older than a few milliseconds. Stamp events with it as they are received.
+    /// The number of the first check of the legacy tables made after everything received so
+    /// far: this one if the tables are checked now (they are when the last check is older than a
+    /// few milliseconds), else the next. Stamp events with it as they are decoded.
     pub fn epoch(&mut self) -> Result<u64, ResolveError> {
         if self.last_check.elapsed() >= CHECK_INTERVAL {
             self.check_all(self.last_full_check.elapsed() >= FULL_CHECK_INTERVAL)?;
+            return Ok(self.epoch);
         }
-        Ok(self.epoch)
+        Ok(self.epoch + 1)
     }
 
-    /// Checks every table; `full` compares the table blobs too.
+    /// Checks every table; `full` compares the table blobs too. When a table changed, the check's
+    /// mark then goes into the trace socket's stream: a trace line after it was logged after
+    /// these reads. Checks that find nothing changed need no mark: a version that may have been
+    /// in force for an event is told by the checks that found versions begin.
     fn check_all(&mut self, full: bool) -> Result<(), ResolveError> {
         self.last_check = Instant::now();
         if full {
             self.last_full_check = self.last_check;
         }
+        self.epoch += 1;
         let families: Vec<Family> = self.probes.keys().copied().collect();
         let mut changed = false;
         for family in families {
@@ -387,33 +463,43 @@ impl Resolver {
                 changed |= self.check(family, &table, full)?;
             }
         }
+        if let Some(marker) = self.marker.as_ref().filter(|_| changed) {
+            // A lost mark only widens the span the next events may fall in.
+            let _ = marker.mark((self.epoch & u64::from(!MARK_SEQUENCE)) as u32);
+        }
         if let Some(nft) = &mut self.nft {
             nft.check()?;
-        }
-        if changed {
-            // `check` stored the new snapshots under the next epoch.
-            self.epoch += 1;
         }
         Ok(())
     }
 
-    /// Re-reads `table` if it changed: its info, and with `full` its blob too. Returns whether
-    /// it did.
+    /// Re-reads `table` if it changed: its info, and with `full` (or for a small table) its blob
+    /// too; a new version starts at this check, and the one before is known only up to the last
+    /// check that compared its blob. Returns whether a new version followed a known one.
     fn check(&mut self, family: Family, table: &str, full: bool) -> Result<bool, ResolveError> {
         let Some(probe) = self.probes.get(&family) else { return Ok(false) };
+        let check = self.epoch;
         let key = (family, table.to_owned());
-        let known = self.tables.get(&key).map(|h| &h.state);
+        let history = self.tables.get_mut(&key);
+        let known = history.as_ref().map(|h| &h.state);
+        let existed = known.is_some();
+        let full = full || known.is_some_and(|s| s.blob_len() <= ALWAYS_COMPARED);
         if !full {
             let info = probe.info(table).ok();
             if info.is_some() && info == known.and_then(TableState::info) {
+                if let Some(newest) = history.and_then(|h| h.versions.back_mut()) {
+                    newest.last = check;
+                }
                 return Ok(false);
             }
         }
         let current = probe.state(table).ok();
         if current.is_some() && current.as_ref() == known {
+            if let Some(newest) = history.and_then(|h| h.versions.back_mut()) {
+                (newest.last, newest.last_full) = (check, check);
+            }
             return Ok(false);
         }
-        let known = known.is_some();
         // Read the text, then make sure the table did not change while it was read; under
         // constant churn, settle for the last read after a few tries: the rules are the blob's
         // read after it, and the text shows only where it matches them.
@@ -436,41 +522,60 @@ impl Resolver {
             Some(state) => TableSnapshot::from_kernel(state.chains(family), &text),
             None => TableSnapshot::parse(&text),
         };
-        let state = state.unwrap_or_default();
-        let epoch = if known { self.epoch + 1 } else { self.epoch };
         let history = self
             .tables
             .entry(key)
-            .or_insert_with(|| TableHistory { state: TableState::default(), snapshots: VecDeque::new() });
-        history.state = state;
-        history.snapshots.push_back((epoch, Arc::new(snapshot)));
-        if history.snapshots.len() > SNAPSHOTS_KEPT {
-            history.snapshots.pop_front();
+            .or_insert_with(|| TableHistory { state: TableState::default(), versions: VecDeque::new() });
+        history.state = state.unwrap_or_default();
+        if let Some(previous) = history.versions.back_mut() {
+            previous.last = previous.last_full;
         }
-        Ok(known)
+        let snapshot = Arc::new(snapshot);
+        history.versions.push_back(TableVersion { first: check, last: check, last_full: check, snapshot });
+        if history.versions.len() > SNAPSHOTS_KEPT {
+            history.versions.pop_front();
+        }
+        Ok(existed)
     }
 
-    /// Resolves an event against the snapshot of its epoch; `None` for iptrace's own rules and
-    /// table, and for the end of an nf_tables base chain (its policy event follows).
+    /// Resolves an event: a legacy one against every version of its table that may have been in
+    /// force when it was logged (between the reads of the check whose mark came before it and
+    /// those of the first check after it was received), an nf_tables one against its generation. Where versions disagree, the
+    /// step says so. `None` for iptrace's own rules and table, and for the end of an nf_tables
+    /// base chain (its policy event follows).
     pub fn resolve(&mut self, event: TraceEvent) -> Option<Step> {
         match &event.origin {
             Origin::Xtables { table, chain, kind, number, .. } => {
                 let key = (event.family, table.name().to_owned());
-                if !self.tables.contains_key(&key) {
-                    // A table created after the trace started.
-                    let _ = self.check(event.family, &key.1, true);
+                let after = event.after_check.unwrap_or(0);
+                let before = event.epoch;
+                if before > self.epoch || !self.tables.contains_key(&key) {
+                    // No check since the event was received, or a table created since the
+                    // trace started.
+                    let _ = self.check_all(true);
                 }
-                let snapshot = self.tables.get(&key).and_then(|h| {
-                    h.snapshots
-                        .iter()
-                        .rev()
-                        .find(|(from, _)| *from <= event.epoch)
-                        .or(h.snapshots.front())
-                        .map(|(_, s)| s.clone())
-                });
-                let position = match snapshot {
-                    Some(s) => s.position(chain, *kind, *number)?,
-                    None => Position::Unknown { kernel_number: *number },
+                let history = self.tables.get(&key);
+                let mut versions: Vec<&TableVersion> =
+                    history.into_iter().flat_map(|h| h.possible(after, before)).collect();
+                if versions.is_empty() {
+                    // Older than every version kept.
+                    versions.extend(history.and_then(|h| h.versions.front()));
+                }
+                let mut positions: Vec<Option<Position>> = Vec::new();
+                for version in versions {
+                    let position = version.snapshot.position(chain, *kind, *number);
+                    if positions.last() != Some(&position) {
+                        positions.push(position);
+                    }
+                }
+                let position = match positions.len() {
+                    0 => Position::Unknown { kernel_number: *number },
+                    1 => positions.pop().flatten()?,
+                    _ => {
+                        let is = positions.pop().flatten().map(Box::new);
+                        let was = positions.swap_remove(0).map(Box::new);
+                        Position::RuleSetChanged { kernel_number: *number, was, is }
+                    }
                 };
                 Some(Step { event, position, engine: Engine::Legacy })
             }
