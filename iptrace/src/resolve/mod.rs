@@ -628,8 +628,11 @@ impl NftHistory {
         kernel: &NftVerdict,
     ) -> (Position, Option<Arc<Ruleset>>) {
         let mut snapshot = generation.and_then(|g| self.serving(key, g));
+        // Without a snapshot from that generation on, a fresh one may serve; with one, a fresher
+        // one would not (the commits in between are the same or more).
         if snapshot.is_none()
             && let Some(g) = generation
+            && self.snapshots.range(g..).next().is_none()
             && self.check().is_ok()
         {
             snapshot = self.serving(key, g);
@@ -669,6 +672,24 @@ COMMIT
 -A MYCHAIN -p udp -j DROP
 COMMIT
 "#;
+
+    #[test]
+    fn versions_possible_between_two_checks() {
+        let version =
+            |first, last| TableVersion { first, last, last_full: last, snapshot: Arc::new(TableSnapshot::default()) };
+        let history = TableHistory {
+            state: TableState::default(),
+            versions: [version(1, 3), version(5, 9), version(10, 12)].into(),
+        };
+        let firsts = |after, before| history.possible(after, before).map(|v| v.first).collect::<Vec<_>>();
+        // Seen throughout by the checks around the event.
+        assert_eq!(firsts(6, 8), [5]);
+        // Between the last check that saw one version and the first that saw the next: both.
+        assert_eq!(firsts(3, 5), [1, 5]);
+        assert_eq!(firsts(9, 10), [5, 10]);
+        // After the check that first saw the newest.
+        assert_eq!(firsts(10, 11), [10]);
+    }
 
     #[test]
     fn maps_numbers_with_the_policy_and_return_quirk() {
