@@ -334,6 +334,52 @@ fn zero_counters(entries: &mut [u8], layout: &EntryLayout) {
 mod tests {
     use super::*;
 
+    /// `IPT_SO_GET_INFO` and `IPT_SO_GET_ENTRIES` of this filter table (Linux 6.18), as hex:
+    /// ```text
+    /// :INPUT ACCEPT, :FORWARD DROP, :OUTPUT ACCEPT, :web -
+    /// -A INPUT -p tcp -m comment --comment "forge<newline>-A INPUT -j DROP" -j web
+    /// -A INPUT -s 10.0.0.0/8 -g web
+    /// -A INPUT -p udp
+    /// -A FORWARD -j RETURN
+    /// -A web -p tcp -m tcp --dport 80 -j ACCEPT
+    /// -A web -j REJECT --reject-with icmp-port-unreachable
+    /// ```
+    const CAPTURED: &str = include_str!("testdata/filter-blob.hex");
+
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+    }
+
+    #[test]
+    fn chains_rules_targets_and_comments_come_from_the_blob() {
+        let mut lines = CAPTURED.lines();
+        let info = TableInfo(hex(lines.next().unwrap()).try_into().unwrap());
+        let state = TableState { info: Some(info), blob: hex(lines.next().unwrap()) };
+        let rule = |target: &str, verdict, comment: Option<&str>| BlobRule {
+            target: target.to_owned(),
+            verdict,
+            comment: comment.map(str::to_owned),
+        };
+        let chain = |name: &str, policy, rules| BlobChain { name: name.to_owned(), policy, rules };
+        assert_eq!(
+            state.chains(Family::Ipv4),
+            [
+                chain(
+                    "INPUT",
+                    Some(Verdict::Accept),
+                    vec![
+                        rule("web", Verdict::Jump("web".into()), Some("forge\n-A INPUT -j DROP")),
+                        rule("web", Verdict::Goto("web".into()), None),
+                        rule("", Verdict::Continue, None),
+                    ]
+                ),
+                chain("FORWARD", Some(Verdict::Drop), vec![rule("RETURN", Verdict::Return, None)]),
+                chain("OUTPUT", Some(Verdict::Accept), vec![]),
+                chain("web", None, vec![rule("ACCEPT", Verdict::Accept, None), rule("REJECT", Verdict::Reject, None)]),
+            ]
+        );
+    }
+
     #[test]
     fn counters_do_not_change_the_blob_but_rules_do() {
         let l = layout(Family::Ipv4);
