@@ -232,6 +232,8 @@ mod tests {
             mark_after: None,
             packet: PacketHeader::parse(packet).unwrap(),
             epoch: 0,
+            generation: None,
+            after_check: None,
         }
     }
 

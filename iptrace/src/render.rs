@@ -16,7 +16,7 @@ use std::{
 
 use crate::{
     decode::{NftFamily, Origin, PacketHeader, Table, TraceEvent, packet::Transport},
-    resolve::{Engine, Position, Step, Verdict},
+    resolve::{Engine, Position, Rule, Step, Verdict},
 };
 
 const STEP: &str = "        ";
@@ -96,20 +96,25 @@ fn step_lines(step: &Step, text: &mut String) {
         Position::Rule { number, rule } | Position::XtablesNftRule { number, rule, .. } => {
             let _ = write!(text, "{STEP}{place} (#{number})");
             if let Some(comment) = &rule.comment {
-                let _ = write!(text, " /* {comment} */");
+                let _ = write!(text, " {}", shown_comment(comment));
             }
             text.push('\n');
             if !rule.matches.is_empty() {
                 let _ = writeln!(text, "{DETAIL}{}", rule.matches);
             }
-            let action = match &rule.verdict {
-                Verdict::Jump(chain) => format!("jump {chain}"),
-                Verdict::Goto(chain) => format!("goto {chain}"),
-                _ if rule.target.is_empty() => "(no target: continue)".to_owned(),
-                _ if rule.target_options.is_empty() => rule.target.clone(),
-                _ => format!("{} {}", rule.target, rule.target_options),
+            let _ = writeln!(text, "{DETAIL}=> {}", action(rule));
+        }
+        Position::RuleSetChanged { kernel_number, was, is } => {
+            let number = match is.as_deref() {
+                Some(Position::Rule { number, .. }) => *number,
+                _ => *kernel_number,
             };
-            let _ = writeln!(text, "{DETAIL}=> {action}");
+            let _ = writeln!(
+                text,
+                "{STEP}{place} (kernel rule {kernel_number})\n{DETAIL}(rule set changed at this moment: #{number} was {} / is {})",
+                changed_rule(was.as_deref()),
+                changed_rule(is.as_deref())
+            );
         }
         Position::Policy(_) if step.engine == Engine::Nft => {
             let _ = writeln!(text, "{STEP}{place}\n{DETAIL}policy {}", kernel_verdict(&step.event));
@@ -136,13 +141,44 @@ fn step_lines(step: &Step, text: &mut String) {
                 kernel_verdict(&step.event)
             );
         }
-        Position::NftRuleGone { handle, .. } => {
+        Position::NftRuleUnread { handle, .. } => {
             let _ = writeln!(
                 text,
-                "{STEP}{place} (handle {handle})\n{DETAIL}? this rule was deleted before iptrace could read it\n{DETAIL}=> {}",
+                "{STEP}{place} (handle {handle})\n{DETAIL}(rule changed before it could be read)\n{DETAIL}=> {}",
                 kernel_verdict(&step.event)
             );
         }
+    }
+}
+
+/// A comment as `/* ... */`; a line break in it would look like another line of the block.
+fn shown_comment(comment: &str) -> String {
+    format!("/* {} */", comment.replace('\n', "\\n"))
+}
+
+/// What a legacy rule does: its target and options, or the chain it continues in.
+fn action(rule: &Rule) -> String {
+    match &rule.verdict {
+        Verdict::Jump(chain) => format!("jump {chain}"),
+        Verdict::Goto(chain) => format!("goto {chain}"),
+        _ if rule.target.is_empty() => "(no target: continue)".to_owned(),
+        _ if rule.target_options.is_empty() => rule.target.clone(),
+        _ => format!("{} {}", rule.target, rule.target_options),
+    }
+}
+
+/// One version's side of a rule number the rule set changed under, on one line.
+fn changed_rule(position: Option<&Position>) -> String {
+    match position {
+        Some(Position::Rule { rule, .. }) => {
+            let comment = rule.comment.as_deref().map(|c| format!("{} ", shown_comment(c))).unwrap_or_default();
+            let matches = if rule.matches.is_empty() { String::new() } else { format!("{} ", rule.matches) };
+            format!("{comment}{matches}=> {}", action(rule))
+        }
+        Some(Position::Policy(v)) => format!("the policy {}", verdict_name(v)),
+        Some(Position::ChainEnd) => "the end of the chain".to_owned(),
+        Some(_) => "no rule".to_owned(),
+        None => "iptrace's own rule".to_owned(),
     }
 }
 
@@ -194,8 +230,11 @@ fn fate(steps: &[Step]) -> String {
             Position::Rule { number, .. } | Position::XtablesNftRule { number, .. } => {
                 format!("verdict: {name} at {place} #{number}")
             }
-            Position::NftRule { handle, .. } | Position::NftRuleGone { handle, .. } => {
+            Position::NftRule { handle, .. } | Position::NftRuleUnread { handle, .. } => {
                 format!("verdict: {name} at {place} (handle {handle})")
+            }
+            Position::RuleSetChanged { kernel_number, .. } => {
+                format!("verdict: {name} at {place} kernel rule {kernel_number} (rule set changed at this moment)")
             }
             _ => format!("verdict: {name} by {place} policy"),
         }
@@ -351,6 +390,8 @@ mod tests {
                 packet: PacketHeader::parse(packet).unwrap(),
                 mark_after: None,
                 epoch: 0,
+                generation: None,
+                after_check: None,
             },
             position,
             engine: Engine::Legacy,

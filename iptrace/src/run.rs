@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use crate::{
     backend::{self, BackendChoice, BackendError, Backends},
     bpf::{self, BpfError, TraceSocketFilter},
-    capture::{CaptureError, Received, TraceSocket, UserspaceFilter},
+    capture::{CaptureError, Received, StreamMarker, TraceSocket, UserspaceFilter},
     correlate::{Correlator, PacketTrace},
     decode::{Decoder, Family},
     filter::{CompiledFilter, FilterError, Selection},
@@ -29,7 +29,7 @@ use crate::{
     },
     netns::{self, NetnsError},
     render::{self, KernelInterfaceNames},
-    resolve::{ResolveError, Resolver},
+    resolve::{self, ResolveError, Resolver},
     xtables::{Xtables, XtablesError},
 };
 
@@ -202,9 +202,14 @@ fn trace_instrumented(
     signals: Signals,
 ) -> Result<Arc<Stats>, RunError> {
     let socket = TraceSocket::open(&backends.legacy, Duration::from_millis(100))?;
-    if backends.nft() {
+    // The generation read after joining the change notifications: events before the first
+    // commit announced on the socket ran against it.
+    let generation = if backends.nft() {
         socket.join_nftrace()?;
-    }
+        Some(resolve::nft_generation()?)
+    } else {
+        None
+    };
     let stats = Arc::new(Stats::default());
     // The marking rules select in the kernel already, so every message is normally wanted and a
     // socket filter would only cost the forwarding CPU (it runs in the sender's context, about
@@ -250,7 +255,8 @@ fn trace_instrumented(
     if let Some(owner) = owner {
         instrument::install(owner, &plan)?;
     }
-    let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft())?;
+    let marker = (!backends.legacy.is_empty()).then(|| StreamMarker::new(&socket)).transpose()?;
+    let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft(), marker)?;
     let out_ifindex = out_ifindex.map(|i| Arc::new(AtomicU32::new(i)));
     let mut healer = owner
         .map(|owner| {
@@ -281,7 +287,12 @@ fn trace_instrumented(
         thread::Builder::new()
             .name("iptrace-process".into())
             .spawn(move || {
-                let result = process(datagrams_rx, resolver, out, &stats, count, linger, out_ifindex.as_deref());
+                let mut decoder = Decoder::new();
+                if let Some(generation) = generation {
+                    decoder.start_at_generation(generation);
+                }
+                let result =
+                    process(datagrams_rx, decoder, resolver, out, &stats, count, linger, out_ifindex.as_deref());
                 let _ = done_tx.send(result);
             })
             .map_err(|e| RunError::Thread("processing", e))?
@@ -581,6 +592,8 @@ fn read_datagrams(
             }
             Ok(Received::Overrun) => {
                 stats.overruns.fetch_add(1, Ordering::Relaxed);
+                // An empty datagram tells the decoder that messages were lost here.
+                batch.push(Bytes::new());
                 false
             }
             Ok(Received::Idle) => true,
@@ -618,8 +631,10 @@ fn keep_datagram(filter: Option<&mut UserspaceFilter>, datagram: &[u8], stats: &
 }
 
 /// Decode → correlate → resolve → render, until the reader stops or `count` packets are shown.
+#[allow(clippy::too_many_arguments)]
 fn process(
     rx: mpsc::Receiver<Vec<Bytes>>,
+    mut decoder: Decoder,
     mut resolver: Resolver,
     out: Box<dyn Write + Send>,
     stats: &Stats,
@@ -628,7 +643,6 @@ fn process(
     out_ifindex: Option<&AtomicU32>,
 ) -> Result<(), RunError> {
     let mut out = io::BufWriter::with_capacity(1 << 16, out);
-    let mut decoder = Decoder::new();
     let mut correlator = Correlator::new(linger);
     let mut names = KernelInterfaceNames::default();
     let mut events = Vec::new();
@@ -665,8 +679,14 @@ fn process(
             Ok(datagrams) => {
                 let epoch = resolver.epoch()?;
                 for d in &datagrams {
+                    if d.is_empty() {
+                        decoder.messages_lost();
+                    }
                     // Malformed messages are counted; the rest of the datagram still counts.
                     let _ = decoder.decode_datagram(d, &mut events);
+                }
+                for commit in decoder.commits.drain(..) {
+                    resolver.nft_committed(commit);
                 }
                 for mut e in events.drain(..) {
                     e.epoch = epoch;
@@ -677,7 +697,11 @@ fn process(
                     }
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Checks go on while nothing arrives: an event after a quiet spell is then known
+                // to follow the changes made in it.
+                resolver.epoch()?;
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         for trace in correlator.flush_idle(now) {

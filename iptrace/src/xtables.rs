@@ -134,7 +134,9 @@ impl SavedTable {
     }
 }
 
-/// Parses the output of `iptables-save` (any number of tables).
+/// Parses the output of `iptables-save` (any number of tables). A quoted word may hold line
+/// breaks (iptables-save writes a comment's newline as it is): its rule goes on to the line where
+/// the quote closes, and no line inside it is taken for a rule.
 pub fn parse_save(text: &str) -> Vec<SavedTable> {
     let mut tables: Vec<SavedTable> = Vec::new();
     for line in save_lines(text) {
@@ -150,7 +152,7 @@ pub fn parse_save(text: &str) -> Vec<SavedTable> {
             let policy = parts.next().filter(|p| *p != "-").map(str::to_owned);
             table.chains.push(SavedChain { name, policy, rules: Vec::new() });
         } else if line.starts_with("-A ") {
-            let mut tokens = tokenize(line);
+            let mut tokens = tokenize(&line);
             if tokens.len() < 2 {
                 continue;
             }
@@ -272,6 +274,16 @@ COMMIT
         let user = t.chain("client-normal:mangle").unwrap();
         assert_eq!(user.policy, None);
         assert!(user.rules.is_empty());
+    }
+
+    #[test]
+    fn a_comment_with_a_line_break_stays_in_its_rule() {
+        let save = "*filter\n:FORWARD ACCEPT [0:0]\n-A FORWARD -p tcp -m comment --comment \"forge\n-A FORWARD -p icmp -j DROP\" -j ACCEPT\n-A FORWARD -p icmp -j ACCEPT\nCOMMIT\n";
+        let tables = parse_save(save);
+        let rules = &tables[0].chain("FORWARD").unwrap().rules;
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0][5..], ["forge\n-A FORWARD -p icmp -j DROP", "-j", "ACCEPT"].map(str::to_owned));
+        assert_eq!(rules[1], ["-p", "icmp", "-j", "ACCEPT"].map(str::to_owned));
     }
 
     #[test]

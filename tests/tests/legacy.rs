@@ -368,6 +368,9 @@ fn rules_changed_mid_trace_resolve_against_their_own_rule_set() {
         "",
     )
     .unwrap();
+    // Let iptrace see the new rules before the packet passes: had it passed in the same check
+    // interval, the steps would say that the rule set changed at that moment.
+    thread::sleep(Duration::from_millis(300));
     lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 2).unwrap();
     settle();
     let out = tracer.stop(libc::SIGTERM);

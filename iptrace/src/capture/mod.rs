@@ -16,13 +16,13 @@ mod userspace_filter;
 
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsRawFd, BorrowedFd, OwnedFd},
     time::Duration,
 };
 
 use iptrace_common::uapi::{
-    NFNL_SUBSYS_ULOG, NFNLGRP_NFTRACE, NFULA_CFG_CMD, NFULA_CFG_MODE, NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_PF_BIND,
-    NFULNL_COPY_PACKET, NFULNL_MSG_CONFIG, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR,
+    NFNL_SUBSYS_ULOG, NFNLGRP_NFTABLES, NFNLGRP_NFTRACE, NFULA_CFG_CMD, NFULA_CFG_MODE, NFULNL_CFG_CMD_BIND,
+    NFULNL_CFG_CMD_PF_BIND, NFULNL_COPY_PACKET, NFULNL_MSG_CONFIG, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, NLMSG_NOOP,
 };
 use neli::{
     consts::socket::{Msg, NlFamily},
@@ -110,9 +110,13 @@ impl TraceSocket {
     }
 
     /// Joins `NFNLGRP_NFTRACE`: nf_tables trace events of this netns arrive on this socket too,
-    /// in the kernel's order with the nflog messages (kernel-interfaces §5.1, §10a).
+    /// in the kernel's order with the nflog messages (kernel-interfaces §5.1, §10a). Joins
+    /// `NFNLGRP_NFTABLES` too: the rule changes and generation of each commit arrive in order
+    /// with the trace events, which tells the generation each event ran against.
     pub fn join_nftrace(&self) -> Result<(), CaptureError> {
-        self.socket.add_mcast_membership(Groups::new_groups(&[NFNLGRP_NFTRACE])).map_err(CaptureError::JoinNftrace)
+        self.socket
+            .add_mcast_membership(Groups::new_groups(&[NFNLGRP_NFTRACE, NFNLGRP_NFTABLES]))
+            .map_err(CaptureError::JoinNftrace)
     }
 
     fn set_receive_buffer(&self) -> Result<(), CaptureError> {
@@ -201,6 +205,40 @@ impl TraceSocket {
     pub fn fd(&self) -> BorrowedFd<'_> {
         // SAFETY: the descriptor is owned by `self.socket` and outlives the borrow.
         unsafe { BorrowedFd::borrow_raw(self.socket.as_raw_fd()) }
+    }
+}
+
+/// Marks a point in the trace socket's stream of messages: the acknowledgement of an
+/// `NLMSG_NOOP` request is queued on the socket when the request is sent, behind every message
+/// already queued and before every later one (`netlink_rcv_skb()` acknowledges it at once).
+/// Checks of the legacy tables that find a table changed send one, so that each trace line tells
+/// which of those checks came before it was logged.
+pub struct StreamMarker {
+    socket: OwnedFd,
+}
+
+/// The sequence numbers of marks carry this bit, and the mark's number in the others.
+pub const MARK_SEQUENCE: u32 = 1 << 31;
+
+impl StreamMarker {
+    /// Sends on `socket` through a duplicate of its descriptor, from another thread.
+    pub fn new(socket: &TraceSocket) -> Result<Self, CaptureError> {
+        let socket = socket.fd().try_clone_to_owned().map_err(CaptureError::Socket)?;
+        Ok(Self { socket })
+    }
+
+    /// Queues mark `number` (31 bits) behind the messages queued now.
+    pub fn mark(&self, number: u32) -> io::Result<()> {
+        const NLMSG_HDRLEN: u32 = 16;
+        let mut request = Vec::with_capacity(NLMSG_HDRLEN as usize);
+        request.extend_from_slice(&NLMSG_HDRLEN.to_ne_bytes());
+        request.extend_from_slice(&(NLMSG_NOOP as u16).to_ne_bytes());
+        request.extend_from_slice(&((NLM_F_REQUEST | NLM_F_ACK) as u16).to_ne_bytes());
+        request.extend_from_slice(&(MARK_SEQUENCE | number).to_ne_bytes());
+        request.extend_from_slice(&0u32.to_ne_bytes());
+        // SAFETY: the buffer is valid for its length.
+        let sent = unsafe { libc::send(self.socket.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
+        if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod netlink;
 pub mod nflog;
+pub mod nftchange;
 pub mod nftrace;
 pub mod origin;
 pub mod packet;
@@ -14,11 +15,12 @@ pub mod prefix;
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
-use iptrace_common::uapi::{NFT_TRACETYPE_POLICY, NFT_TRACETYPE_RETURN, NFT_TRACETYPE_RULE, NLMSG_DONE};
+use iptrace_common::uapi::{NFT_TRACETYPE_POLICY, NFT_TRACETYPE_RETURN, NFT_TRACETYPE_RULE, NLMSG_DONE, NLMSG_ERROR};
 
 use self::{
-    netlink::NetlinkMessages,
+    netlink::{NetlinkMessages, error_code},
     nflog::{NFULNL_PACKET_TYPE, NflogPacket},
+    nftchange::{DELRULE_TYPE, NEWGEN_TYPE, NEWRULE_TYPE, NftChange},
     nftrace::{NFT_TRACE_TYPE, NftTrace},
     prefix::TracePrefix,
 };
@@ -27,6 +29,7 @@ pub use self::{
     packet::PacketHeader,
     prefix::TraceKind,
 };
+use crate::capture::MARK_SEQUENCE;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -42,6 +45,8 @@ pub enum DecodeError {
     NoPayload,
     #[error("nf_tables trace event without its id, table or chain")]
     IncompleteTrace,
+    #[error("nf_tables change notification without its generation, table, chain or handle")]
+    IncompleteChange,
     #[error("nf_tables trace event of unknown type {0}")]
     UnknownTraceType(u32),
 }
@@ -166,8 +171,34 @@ pub struct TraceEvent {
     /// The mark after the rule ran, which nf_tables events report (legacy ones do not).
     pub mark_after: Option<u32>,
     pub packet: PacketHeader,
-    /// The rule-set epoch this event was received in; set by the pipeline, used by resolve.
+    /// For legacy events: the first check of the legacy tables made after the event was
+    /// received; set by the pipeline, used by resolve.
     pub epoch: u64,
+    /// For nf_tables events: the generation the event ran against, the last one announced before
+    /// it on the socket (`None` until one is known).
+    pub generation: Option<u32>,
+    /// For legacy events: the last check of the legacy tables whose mark came before the event
+    /// on the socket (`None` before the first).
+    pub after_check: Option<u64>,
+}
+
+/// A rule an nf_tables commit added or deleted.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NftRuleKey {
+    pub family: NftFamily,
+    pub table: Arc<str>,
+    pub chain: Arc<str>,
+    pub handle: u64,
+}
+
+/// One nf_tables commit, as its notifications told it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NftCommit {
+    /// The generation it started.
+    pub generation: u32,
+    /// The rules it added or deleted; `None` when notifications may have been lost before it
+    /// (a receive-buffer overrun).
+    pub rules: Option<Vec<NftRuleKey>>,
 }
 
 /// What a datagram held besides events.
@@ -210,6 +241,16 @@ pub struct Decoder {
     tables: HashMap<Box<str>, Table>,
     hook_headers: HashMap<TraceId, HookHeaders>,
     next_serial: u64,
+    /// The nf_tables generation in force for the events decoded now.
+    generation: Option<u32>,
+    /// Rules changed by the commit whose `NFT_MSG_NEWGEN` has not arrived yet.
+    pending_rules: Vec<NftRuleKey>,
+    /// Whether messages may have been lost since the last `NFT_MSG_NEWGEN`.
+    changes_lost: bool,
+    /// Commits announced so far; the pipeline takes them for the resolver.
+    pub commits: Vec<NftCommit>,
+    /// The last stream mark ([`crate::capture::StreamMarker`]) seen.
+    last_mark: Option<u64>,
     pub counts: DecodeCounts,
 }
 
@@ -218,15 +259,36 @@ impl Decoder {
         Self::default()
     }
 
+    /// The nf_tables generation in force when the socket joined `NFNLGRP_NFTABLES`: events before
+    /// the first commit announced on it ran against this one.
+    pub fn start_at_generation(&mut self, generation: u32) {
+        self.generation = Some(generation);
+    }
+
+    /// The kernel dropped messages (a receive-buffer overrun): the next commit's list of changed
+    /// rules may be incomplete.
+    pub fn messages_lost(&mut self) {
+        self.changes_lost = true;
+    }
+
     /// Decodes every message of one datagram, appending its events to `out`. Malformed messages
     /// are counted and skipped: one bad message must not hide the rest of a batch.
     pub fn decode_datagram(&mut self, datagram: &[u8], out: &mut Vec<TraceEvent>) -> Result<(), DecodeError> {
         let mut first_error = None;
         for message in NetlinkMessages::new(datagram) {
+            if let Ok(m) = &message
+                && self.note_mark(m)
+            {
+                continue;
+            }
             self.counts.messages += 1;
             let result = message.and_then(|m| match m.message_type {
                 NFULNL_PACKET_TYPE => self.decode_nflog(&NflogPacket::parse(&m)?),
                 NFT_TRACE_TYPE => self.decode_nftrace(&NftTrace::parse(&m)?),
+                NEWGEN_TYPE | NEWRULE_TYPE | DELRULE_TYPE => {
+                    self.note_change(NftChange::parse(&m)?);
+                    Ok(None)
+                }
                 t if u32::from(t) == NLMSG_DONE => Ok(None),
                 _ => Ok(None),
             });
@@ -270,6 +332,8 @@ impl Decoder {
             mark_after: None,
             packet: PacketHeader::parse(msg.payload)?,
             epoch: 0,
+            generation: None,
+            after_check: self.last_mark,
         }))
     }
 
@@ -345,7 +409,38 @@ impl Decoder {
             mark_after: Some(mark_after),
             packet: headers.packet,
             epoch: 0,
+            generation: self.generation,
+            after_check: None,
         }))
+    }
+
+    /// Takes note of a stream mark ([`crate::capture::StreamMarker`]); false for other messages.
+    fn note_mark(&mut self, m: &netlink::NetlinkMessage<'_>) -> bool {
+        let mark = u32::from(m.message_type) == NLMSG_ERROR && m.sequence & MARK_SEQUENCE != 0 && error_code(m) == 0;
+        if mark {
+            self.last_mark = Some(u64::from(m.sequence & !MARK_SEQUENCE));
+        }
+        mark
+    }
+
+    fn note_change(&mut self, change: NftChange<'_>) {
+        match change {
+            NftChange::Rule { family, table, chain, handle } => {
+                let key = NftRuleKey {
+                    family: NftFamily::from_nfproto(family),
+                    table: self.intern(&String::from_utf8_lossy(table)),
+                    chain: self.intern(&String::from_utf8_lossy(chain)),
+                    handle,
+                };
+                self.pending_rules.push(key);
+            }
+            NftChange::Generation(generation) => {
+                let rules = std::mem::take(&mut self.pending_rules);
+                let complete = !std::mem::take(&mut self.changes_lost);
+                self.commits.push(NftCommit { generation, rules: complete.then_some(rules) });
+                self.generation = Some(generation);
+            }
+        }
     }
 
     fn remember(&mut self, id: TraceId, headers: HookHeaders) {

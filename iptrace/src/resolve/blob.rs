@@ -2,6 +2,9 @@
 //! cheaply sees rules added or removed; the table blob from `IPT_SO_GET_ENTRIES`, with every
 //! rule's packet and byte counters zeroed (they change with every packet while the rules do not),
 //! also sees a rule replaced by one of the same size, at the cost of copying the whole table.
+//!
+//! The blob is also what identifies the rules ([`TableState::chains`]): each chain's rules, their
+//! targets and comments, as the kernel holds them, whatever their text in a listing.
 
 use std::{
     ffi::c_void,
@@ -9,6 +12,9 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
+use std::collections::HashMap;
+
+use super::Verdict;
 use crate::decode::Family;
 
 const SO_GET_INFO: libc::c_int = 64;
@@ -20,17 +26,117 @@ const GETINFO_SIZE_OFFSET: usize = 80;
 /// `struct ipt_get_entries`: name[32], size, then 8-byte aligned entries.
 const GET_ENTRIES_HEADER: usize = 40;
 
+/// Offsets in `struct ipt_getinfo`: valid_hooks, hook_entry[5], underflow[5].
+const GETINFO_VALID_HOOKS: usize = 32;
+const GETINFO_HOOK_ENTRY: usize = 36;
+const GETINFO_UNDERFLOW: usize = 56;
+/// Built-in chains by hook (`enum nf_inet_hooks`).
+const HOOK_CHAINS: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
+/// `struct xt_entry_match` / `xt_entry_target`: size (u16), name[29], revision, then the data.
+const EXTENSION_HEADER: usize = 32;
+const EXTENSION_NAME: std::ops::Range<usize> = 2..31;
+/// `XT_RETURN`: `-NF_REPEAT - 1`.
+const XT_RETURN: i32 = -5;
+
 /// Offsets inside `struct ipt_entry` / `ip6t_entry` (checked against the uapi headers).
 struct EntryLayout {
+    /// `ip.flags`, and its goto flag (`IPT_F_GOTO` 0x02, `IP6T_F_GOTO` 0x04).
+    flags: usize,
+    goto: u8,
+    target_offset: usize,
     next_offset: usize,
     counters: usize,
+    /// The first match (`elems`).
+    matches: usize,
 }
 
 fn layout(family: Family) -> EntryLayout {
     match family {
-        Family::Ipv4 => EntryLayout { next_offset: 90, counters: 96 },
-        Family::Ipv6 => EntryLayout { next_offset: 142, counters: 152 },
+        Family::Ipv4 => {
+            EntryLayout { flags: 82, goto: 0x02, target_offset: 88, next_offset: 90, counters: 96, matches: 112 }
+        }
+        Family::Ipv6 => {
+            EntryLayout { flags: 131, goto: 0x04, target_offset: 140, next_offset: 142, counters: 152, matches: 168 }
+        }
     }
+}
+
+/// One chain as the kernel holds it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlobChain {
+    pub name: String,
+    /// `Some` for built-in chains.
+    pub policy: Option<Verdict>,
+    pub rules: Vec<BlobRule>,
+}
+
+/// What identifies a rule, from the kernel's entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobRule {
+    /// As iptables-save names it: `ACCEPT`, `DROP`, `RETURN`, `QUEUE`, the chain jumped to, an
+    /// extension (`MARK`); empty for a rule without a target.
+    pub target: String,
+    pub verdict: Verdict,
+    /// The comment match's text.
+    pub comment: Option<String>,
+}
+
+/// One entry of the blob, borrowed.
+struct Entry<'a> {
+    offset: usize,
+    bytes: &'a [u8],
+    layout: &'a EntryLayout,
+}
+
+impl<'a> Entry<'a> {
+    fn u16_at(&self, at: usize) -> usize {
+        self.bytes.get(at..at + 2).map_or(0, |b| usize::from(u16::from_ne_bytes([b[0], b[1]])))
+    }
+
+    fn next_offset(&self) -> usize {
+        self.u16_at(self.layout.next_offset)
+    }
+
+    /// (name, data) of each match.
+    fn matches(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+        let bytes = self.bytes;
+        let end = self.u16_at(self.layout.target_offset);
+        let mut at = self.layout.matches;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let size = usize::from(u16::from_ne_bytes(bytes.get(at..at + 2)?.try_into().ok()?));
+            let m = bytes.get(at..at + size).filter(|_| size >= EXTENSION_HEADER)?;
+            at += size;
+            Some((c_str(&m[EXTENSION_NAME]), &m[EXTENSION_HEADER..]))
+        })
+    }
+
+    fn target(&self) -> (&'a [u8], &'a [u8]) {
+        let at = self.u16_at(self.layout.target_offset);
+        let size = self.u16_at(at);
+        match self.bytes.get(at..at + size).filter(|_| size >= EXTENSION_HEADER) {
+            Some(t) => (c_str(&t[EXTENSION_NAME]), &t[EXTENSION_HEADER..]),
+            None => (b"", b""),
+        }
+    }
+
+    /// The chain name an `ERROR` target carries: a user chain's head, or the table's end.
+    fn error_name(&self) -> Option<String> {
+        let (name, data) = self.target();
+        (name == b"ERROR").then(|| String::from_utf8_lossy(c_str(data)).into_owned())
+    }
+
+    /// A standard target's verdict.
+    fn standard_verdict(&self) -> Option<i32> {
+        let (name, data) = self.target();
+        (name.is_empty()).then(|| data.get(..4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]])))?
+    }
+}
+
+fn c_str(bytes: &[u8]) -> &[u8] {
+    bytes.split(|&b| b == 0).next().unwrap_or_default()
 }
 
 /// A raw socket to ask ip_tables / ip6_tables about their tables (CAP_NET_ADMIN).
@@ -120,6 +226,92 @@ impl TableState {
     pub fn info(&self) -> Option<TableInfo> {
         self.info
     }
+
+    /// The blob's size: what a whole comparison copies.
+    pub fn blob_len(&self) -> usize {
+        self.blob.len()
+    }
+
+    /// The table's chains and their rules, read from the blob the way `get_chainname_rulenum()`
+    /// numbers them for TRACE: a built-in chain from its hook entry to its policy (underflow)
+    /// entry, a user chain from the entry after its `ERROR` head to its closing RETURN.
+    pub fn chains(&self, family: Family) -> Vec<BlobChain> {
+        let Some(info) = self.info else { return Vec::new() };
+        let layout = layout(family);
+        let word = |at: usize| u32::from_ne_bytes(info.0[at..at + 4].try_into().unwrap_or_default()) as usize;
+        let valid = word(GETINFO_VALID_HOOKS);
+        let hooks = |base: usize| (0..5).filter(move |h| valid & (1 << h) != 0).map(move |h| (h, word(base + 4 * h)));
+        let blob = self.blob.get(GET_ENTRIES_HEADER..).unwrap_or_default();
+        let mut entries = Vec::new();
+        let mut offset = 0;
+        while let Some(bytes) = blob.get(offset..) {
+            let entry = Entry { offset, bytes, layout: &layout };
+            let next = entry.next_offset();
+            if next == 0 || bytes.len() < next {
+                break;
+            }
+            entries.push(Entry { bytes: &bytes[..next], ..entry });
+            offset += next;
+        }
+        // Jumps name the offset of the entry after the chain's head.
+        let heads: HashMap<usize, String> =
+            entries.windows(2).filter_map(|pair| Some((pair[1].offset, pair[0].error_name()?))).collect();
+        let mut chains = Vec::new();
+        let mut chain: Option<BlobChain> = None;
+        for (i, entry) in entries.iter().enumerate() {
+            if let Some((hook, _)) = hooks(GETINFO_HOOK_ENTRY).find(|(_, at)| *at == entry.offset) {
+                chains.extend(chain.take());
+                chain = Some(BlobChain { name: HOOK_CHAINS[hook].to_owned(), ..BlobChain::default() });
+            }
+            if let Some(name) = entry.error_name() {
+                chains.extend(chain.take());
+                if i + 1 < entries.len() {
+                    chain = Some(BlobChain { name, ..BlobChain::default() });
+                }
+                continue;
+            }
+            let Some(current) = chain.as_mut() else { continue };
+            if hooks(GETINFO_UNDERFLOW).any(|(_, at)| at == entry.offset) {
+                let accept = entry.standard_verdict() == Some(-2);
+                current.policy = Some(if accept { Verdict::Accept } else { Verdict::Drop });
+                chains.extend(chain.take());
+                continue;
+            }
+            if current.policy.is_none() && entries.get(i + 1).is_some_and(|e| e.error_name().is_some()) {
+                // A user chain's closing RETURN.
+                continue;
+            }
+            current.rules.push(rule(entry, &heads));
+        }
+        chains.extend(chain);
+        chains
+    }
+}
+
+fn rule(entry: &Entry<'_>, heads: &HashMap<usize, String>) -> BlobRule {
+    let comment = entry
+        .matches()
+        .find(|(name, _)| *name == b"comment")
+        .map(|(_, data)| String::from_utf8_lossy(c_str(data)).into_owned());
+    let goto = entry.bytes.get(entry.layout.flags).is_some_and(|f| f & entry.layout.goto != 0);
+    let (target, verdict) = match entry.standard_verdict() {
+        Some(-1) => ("DROP".to_owned(), Verdict::Drop),
+        Some(-2) => ("ACCEPT".to_owned(), Verdict::Accept),
+        Some(-4) => ("QUEUE".to_owned(), Verdict::Queue),
+        Some(XT_RETURN) => ("RETURN".to_owned(), Verdict::Return),
+        Some(to) => match usize::try_from(to).ok().and_then(|to| heads.get(&to)) {
+            Some(chain) if goto => (chain.clone(), Verdict::Goto(chain.clone())),
+            Some(chain) => (chain.clone(), Verdict::Jump(chain.clone())),
+            // The next entry: no target.
+            None => (String::new(), Verdict::Continue),
+        },
+        None => {
+            let name = String::from_utf8_lossy(entry.target().0).into_owned();
+            let verdict = Verdict::of_target(&name);
+            (name, verdict)
+        }
+    };
+    BlobRule { target, verdict, comment }
 }
 
 fn zero_counters(entries: &mut [u8], layout: &EntryLayout) {
@@ -141,6 +333,52 @@ fn zero_counters(entries: &mut [u8], layout: &EntryLayout) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `IPT_SO_GET_INFO` and `IPT_SO_GET_ENTRIES` of this filter table (Linux 6.18), as hex:
+    /// ```text
+    /// :INPUT ACCEPT, :FORWARD DROP, :OUTPUT ACCEPT, :web -
+    /// -A INPUT -p tcp -m comment --comment "forge<newline>-A INPUT -j DROP" -j web
+    /// -A INPUT -s 10.0.0.0/8 -g web
+    /// -A INPUT -p udp
+    /// -A FORWARD -j RETURN
+    /// -A web -p tcp -m tcp --dport 80 -j ACCEPT
+    /// -A web -j REJECT --reject-with icmp-port-unreachable
+    /// ```
+    const CAPTURED: &str = include_str!("testdata/filter-blob.hex");
+
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+    }
+
+    #[test]
+    fn chains_rules_targets_and_comments_come_from_the_blob() {
+        let mut lines = CAPTURED.lines();
+        let info = TableInfo(hex(lines.next().unwrap()).try_into().unwrap());
+        let state = TableState { info: Some(info), blob: hex(lines.next().unwrap()) };
+        let rule = |target: &str, verdict, comment: Option<&str>| BlobRule {
+            target: target.to_owned(),
+            verdict,
+            comment: comment.map(str::to_owned),
+        };
+        let chain = |name: &str, policy, rules| BlobChain { name: name.to_owned(), policy, rules };
+        assert_eq!(
+            state.chains(Family::Ipv4),
+            [
+                chain(
+                    "INPUT",
+                    Some(Verdict::Accept),
+                    vec![
+                        rule("web", Verdict::Jump("web".into()), Some("forge\n-A INPUT -j DROP")),
+                        rule("web", Verdict::Goto("web".into()), None),
+                        rule("", Verdict::Continue, None),
+                    ]
+                ),
+                chain("FORWARD", Some(Verdict::Drop), vec![rule("RETURN", Verdict::Return, None)]),
+                chain("OUTPUT", Some(Verdict::Accept), vec![]),
+                chain("web", None, vec![rule("ACCEPT", Verdict::Accept, None), rule("REJECT", Verdict::Reject, None)]),
+            ]
+        );
+    }
 
     #[test]
     fn counters_do_not_change_the_blob_but_rules_do() {

@@ -1,30 +1,38 @@
 //! Resolve: the kernel's (table, chain, rule number or handle) of each trace event to the rule's
-//! text, as the rule set was when the event was received.
+//! text, as the rule set was when the event was logged, or a plain statement that iptrace cannot
+//! know it; never another version's text.
 //!
-//! nf_tables rules are resolved by handle from generation-keyed snapshots (see [`nft`]). Each
-//! legacy table is read with `iptables-legacy-save` into a snapshot. What the kernel says of the
-//! table ([`blob`]) tells cheaply when it changed; then a new snapshot is taken
-//! under a new epoch. Events are stamped with the epoch current at their receipt, and resolved
-//! against the snapshot of that epoch, so a rule inserted mid-trace does not shift the text shown
-//! for packets traced before it.
+//! nf_tables rules are resolved by handle from snapshots kept under the generation they were read
+//! at; each event carries the generation it ran against (from the change notifications on the
+//! trace socket), and the commits' changed rules tell which other snapshots show a rule as it
+//! was then.
+//!
+//! Legacy tables have no change notifications: they are checked every few milliseconds
+//! ([`blob`]: cheaply the table info, and the whole blob for small tables or now and then), and
+//! each version's rules are the blob's, with their `iptables-legacy-save` text where it matches.
+//! Each check that finds a change leaves a mark in the trace socket's stream, so an event is
+//! known to have been logged between the check whose mark came before it and the first check
+//! after it was received; every version that may have been in force then is asked, and where they disagree
+//! for the event's rule number the step says so.
 
 mod blob;
 mod nft;
 pub mod rule;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     io,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use self::blob::TableState;
+use self::blob::{BlobChain, BlobRule, TableState};
 pub(crate) use self::blob::{TableInfo, TableProbe};
 use self::nft::{Found, Generation, Ruleset};
 pub use self::rule::{Rule, Verdict};
 use crate::{
-    decode::{Family, NftFamily, NftTraceType, NftVerdict, Origin, TraceEvent, TraceKind},
+    capture::{MARK_SEQUENCE, StreamMarker},
+    decode::{Family, NftCommit, NftRuleKey, NftTraceType, NftVerdict, Origin, TraceEvent, TraceKind},
     instrument::{Owner, legacy::owner_of},
     nftables::NftError,
     xtables::{self, SavedTable, Xtables, XtablesError},
@@ -58,8 +66,18 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(20);
 /// replaced by one of the same size. Copying every table is the costly part of tracing a trickle
 /// on a large rule set (0.7 ms of kernel time for 600 rules), so it is done less often.
 const FULL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// Legacy tables whose blob is at most this large are compared whole at every check: cheap, and
+/// a version then ends exactly where the next begins.
+const ALWAYS_COMPARED: usize = 16 << 10;
 /// Snapshots kept per table: enough for events still queued when the rules change in bursts.
 const SNAPSHOTS_KEPT: usize = 8;
+/// nf_tables commits whose changed rules are kept: far more than happen while an event waits
+/// to be shown.
+const COMMITS_KEPT: usize = 4096;
+
+/// The matches shown for a rule whose text the listing did not have (read while the table
+/// changed); its target and comment come from the kernel.
+const UNLISTED: &str = "? matches not read (the table changed while it was listed)";
 
 /// Where in a chain an event landed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,8 +96,13 @@ pub enum Position {
     /// A rule of a table iptables-nft manages, in iptables syntax, numbered as `iptables -L
     /// --line-numbers` shows it.
     XtablesNftRule { handle: u64, number: u32, rule: Arc<Rule>, verdict: Verdict },
-    /// An nf_tables rule deleted before iptrace could read it.
-    NftRuleGone { handle: u64, verdict: Verdict },
+    /// A legacy rule number the rule set changed under while the event was logged: what it was
+    /// in the oldest version that may have been in force, and in the newest (`None`: iptrace's
+    /// own rule).
+    RuleSetChanged { kernel_number: u32, was: Option<Box<Position>>, is: Option<Box<Position>> },
+    /// An nf_tables rule no snapshot shows as it was at the event's generation: it changed (or
+    /// went) before iptrace could read it.
+    NftRuleUnread { handle: u64, verdict: Verdict },
 }
 
 /// The kind of table a step is in, which decides how it is shown.
@@ -102,14 +125,27 @@ pub struct Step {
 
 impl Step {
     pub fn verdict(&self) -> Verdict {
-        match &self.position {
+        self.position.verdict()
+    }
+}
+
+impl Position {
+    /// What the step did to the traversal; where the rule set changed under it, the verdict both
+    /// versions agree on, else none.
+    pub fn verdict(&self) -> Verdict {
+        match self {
+            Position::RuleSetChanged { was, is, .. } => {
+                let verdict = |p: &Option<Box<Position>>| p.as_ref().map_or(Verdict::Continue, |p| p.verdict());
+                let (was, is) = (verdict(was), verdict(is));
+                if was == is { is } else { Verdict::Continue }
+            }
             Position::Rule { rule, .. } => rule.verdict.clone(),
             Position::Policy(v) => v.clone(),
             Position::ChainEnd => Verdict::Return,
             Position::Unknown { .. } => Verdict::Continue,
             Position::NftRule { verdict, .. }
             | Position::XtablesNftRule { verdict, .. }
-            | Position::NftRuleGone { verdict, .. } => verdict.clone(),
+            | Position::NftRuleUnread { verdict, .. } => verdict.clone(),
         }
     }
 }
@@ -132,6 +168,45 @@ impl TableSnapshot {
     /// The first table of `saved` (`iptables-save -t <table>` output).
     fn parse(saved: &str) -> Self {
         xtables::parse_save(saved).into_iter().next().map(Self::from_table).unwrap_or_default()
+    }
+
+    /// The rules as the kernel holds them (`kernel`, from the table blob), each shown with its
+    /// text from `saved` (`iptables-save -t <table>` output) where that is the same rule: same
+    /// position in its chain, target and comment. Where the listing does not match the blob (it
+    /// was read while the table changed), the rule shows its target and comment only.
+    fn from_kernel(kernel: Vec<BlobChain>, saved: &str) -> Self {
+        let listed = xtables::parse_save(saved).into_iter().next().unwrap_or_default();
+        let names: Vec<String> = kernel.iter().map(|c| c.name.clone()).collect();
+        let is_chain = |t: &str| names.iter().any(|n| n == t);
+        let mut chains = HashMap::new();
+        for chain in kernel {
+            let listed_rules = listed.chain(&chain.name).map(|c| &c.rules).filter(|r| r.len() == chain.rules.len());
+            let own = chain.rules.iter().map(|r| r.comment.as_deref().and_then(Owner::from_tag).is_some()).collect();
+            let rules = chain
+                .rules
+                .into_iter()
+                .enumerate()
+                .map(|(i, kernel_rule)| {
+                    let text = listed_rules
+                        .and_then(|r| r.get(i))
+                        .map(|tokens| Rule::from_tokens(tokens, is_chain))
+                        .filter(|r| r.target == kernel_rule.target && r.comment == kernel_rule.comment);
+                    let BlobRule { target, verdict, comment } = kernel_rule;
+                    Arc::new(match text {
+                        Some(rule) => Rule { verdict, ..rule },
+                        None => Rule {
+                            matches: UNLISTED.to_owned(),
+                            comment,
+                            target,
+                            target_options: String::new(),
+                            verdict,
+                        },
+                    })
+                })
+                .collect();
+            chains.insert(chain.name, ChainSnapshot { policy: chain.policy, rules, own });
+        }
+        Self { chains }
     }
 
     fn from_table(table: SavedTable) -> Self {
@@ -175,51 +250,123 @@ impl TableSnapshot {
 struct TableHistory {
     /// What the kernel said of the table when the newest snapshot was read.
     state: TableState,
-    /// (first epoch it is valid for, snapshot), oldest first.
-    snapshots: VecDeque<(u64, Arc<TableSnapshot>)>,
+    /// Oldest first.
+    versions: VecDeque<TableVersion>,
 }
 
-/// The nf_tables rule set by epoch.
+/// One version of a legacy table and the checks that saw it.
+#[derive(Debug)]
+struct TableVersion {
+    /// The first check that saw it, the last, and the last that compared the whole blob (only
+    /// that one rules out a rule replaced by one of the same size).
+    first: u64,
+    last: u64,
+    last_full: u64,
+    snapshot: Arc<TableSnapshot>,
+}
+
+impl TableHistory {
+    /// The versions that may have been in force between checks `after` and `before` (their
+    /// reads): every version seen in that span, and those that may have come and gone between
+    /// the check that last saw the one before and the check that first saw the one after.
+    fn possible(&self, after: u64, before: u64) -> impl Iterator<Item = &TableVersion> {
+        let versions = &self.versions;
+        let found = (0..versions.len()).filter(move |&i| {
+            let started_before = i == 0 || versions[i - 1].last < before;
+            let ended_after = versions.get(i + 1).is_none_or(|next| next.first > after);
+            started_before && ended_after
+        });
+        found.map(move |i| &versions[i])
+    }
+}
+
+/// The nf_tables rule set by generation.
 struct NftHistory {
     generation: Generation,
     families: Vec<Family>,
-    /// (first epoch it is valid for, snapshot), oldest first.
-    snapshots: VecDeque<(u64, Arc<Ruleset>)>,
+    /// Snapshots read while the generation stood still, by that generation.
+    snapshots: BTreeMap<u32, Arc<Ruleset>>,
+    /// The rules each commit added or deleted, by the generation it started; `None` where
+    /// notifications were lost. A generation missing here changed rules nobody knows.
+    commits: BTreeMap<u32, Option<HashSet<NftRuleKey>>>,
 }
 
 impl NftHistory {
-    /// Reads a new snapshot if the generation changed, valid from `epoch`. Returns whether it did.
-    fn check(&mut self, epoch: u64) -> Result<bool, ResolveError> {
+    /// Reads a snapshot unless one of the current generation is stored. It is stored only when
+    /// the generation was the same before and after the read (`NFT_MSG_GETGEN`), under that
+    /// generation; under constant churn there may be none.
+    fn check(&mut self) -> Result<(), ResolveError> {
         let mut before = self.generation.current()?;
-        if Some(before) == self.generation.last {
-            return Ok(false);
-        }
-        // As for legacy tables: make sure no transaction committed while the text was read.
-        let mut attempts = 0;
-        let ruleset = loop {
+        for _ in 0..3 {
+            if self.snapshots.contains_key(&before) {
+                return Ok(());
+            }
             let ruleset = nft::read(&self.families)?;
             let after = self.generation.current()?;
-            attempts += 1;
-            if after == before || attempts == 3 {
-                break ruleset;
+            if after == before {
+                self.snapshots.insert(before, Arc::new(ruleset));
+                while self.snapshots.len() > SNAPSHOTS_KEPT {
+                    self.snapshots.pop_first();
+                }
+                return Ok(());
             }
             before = after;
-        };
-        let known = self.generation.last.replace(before).is_some();
-        self.snapshots.push_back((epoch, Arc::new(ruleset)));
-        if self.snapshots.len() > SNAPSHOTS_KEPT {
-            self.snapshots.pop_front();
         }
-        Ok(known)
+        Ok(())
     }
 
-    fn at(&self, epoch: u64) -> Option<Arc<Ruleset>> {
-        self.snapshots.iter().rev().find(|(from, _)| *from <= epoch).or(self.snapshots.front()).map(|(_, s)| s.clone())
+    fn committed(&mut self, commit: NftCommit) {
+        self.commits.insert(commit.generation, commit.rules.map(|rules| rules.into_iter().collect()));
+        while self.commits.len() > COMMITS_KEPT {
+            self.commits.pop_first();
+        }
     }
 
-    fn latest(&self) -> Option<Arc<Ruleset>> {
-        self.snapshots.back().map(|(_, s)| s.clone())
+    /// Whether every commit after generation `from` up to `to` is known and left `key` alone
+    /// (with `whole_chain`, every rule of its chain: rule numbers of iptables-nft tables count
+    /// the rules before it).
+    fn unchanged(&self, key: &NftRuleKey, whole_chain: bool, from: u32, to: u32) -> bool {
+        let Some(count) = to.checked_sub(from) else { return false };
+        if count as usize > COMMITS_KEPT {
+            return false;
+        }
+        let touches = |k: &NftRuleKey| {
+            k.family == key.family
+                && k.table == key.table
+                && k.chain == key.chain
+                && (whole_chain || k.handle == key.handle)
+        };
+        (from + 1..=to).all(|g| matches!(self.commits.get(&g), Some(Some(rules)) if !rules.iter().any(touches)))
     }
+
+    /// The snapshot that shows `key` as it was at `generation`: that generation's own, or another
+    /// between which and it no commit changed the rule. `None` if there is none.
+    fn serving(&self, key: &NftRuleKey, generation: u32) -> Option<Arc<Ruleset>> {
+        if let Some(s) = self.snapshots.get(&generation) {
+            return Some(s.clone());
+        }
+        let fits =
+            |from: u32, to: u32, s: &Ruleset| self.unchanged(key, s.is_xtables(key.family, &key.table), from, to);
+        let later = self.snapshots.range(generation..).find(|(g, s)| fits(generation, **g, s));
+        let earlier = || self.snapshots.range(..generation).rev().find(|(g, s)| fits(**g, generation, s));
+        later.or_else(earlier).map(|(_, s)| s.clone())
+    }
+
+    /// The snapshot nearest to `generation`, for what does not change with it (whether a chain
+    /// is a base chain, whether iptables-nft manages a table).
+    fn nearest(&self, generation: Option<u32>) -> Option<Arc<Ruleset>> {
+        let generation = generation.unwrap_or(u32::MAX);
+        self.snapshots
+            .range(..=generation)
+            .next_back()
+            .or_else(|| self.snapshots.range(generation..).next())
+            .map(|(_, s)| s.clone())
+    }
+}
+
+/// The nf_tables generation now (`NFT_MSG_GETGEN`).
+pub fn nft_generation() -> Result<u32, ResolveError> {
+    Generation::open()?.current()
 }
 
 /// The rule text of every legacy table and of the nf_tables rule set, by epoch.
@@ -227,6 +374,9 @@ pub struct Resolver {
     probes: HashMap<Family, TableProbe>,
     tables: HashMap<(Family, String), TableHistory>,
     nft: Option<NftHistory>,
+    /// Marks each check of the legacy tables in the trace socket's stream.
+    marker: Option<StreamMarker>,
+    /// The number of the last check of the legacy tables.
     epoch: u64,
     last_check: Instant,
     last_full_check: Instant,
@@ -234,8 +384,14 @@ pub struct Resolver {
 
 impl Resolver {
     /// Reads every existing legacy table of `legacy_families`, and with `nft`, the nf_tables rule
-    /// set (iptables-nft tables of `families` in iptables syntax).
-    pub fn new(families: &[Family], legacy_families: &[Family], nft: bool) -> Result<Self, ResolveError> {
+    /// set (iptables-nft tables of `families` in iptables syntax). `marker` marks each check of
+    /// the legacy tables in the trace socket's stream.
+    pub fn new(
+        families: &[Family],
+        legacy_families: &[Family],
+        nft: bool,
+        marker: Option<StreamMarker>,
+    ) -> Result<Self, ResolveError> {
         let mut probes = HashMap::new();
         for &family in legacy_families {
             let probe = TableProbe::open(family).map_err(|source| ResolveError::Probe { family, source })?;
@@ -246,12 +402,14 @@ impl Resolver {
                 Generation::open().map(|generation| NftHistory {
                     generation,
                     families: families.to_vec(),
-                    snapshots: VecDeque::new(),
+                    snapshots: BTreeMap::new(),
+                    commits: BTreeMap::new(),
                 })
             })
             .transpose()?;
         let now = Instant::now();
-        let mut this = Self { probes, tables: HashMap::new(), nft, epoch: 0, last_check: now, last_full_check: now };
+        let mut this =
+            Self { probes, tables: HashMap::new(), nft, marker, epoch: 0, last_check: now, last_full_check: now };
         this.check_all(true)?;
         Ok(this)
     }
@@ -264,29 +422,44 @@ impl Resolver {
             for table in xtables::parse_save(text) {
                 let name = table.name.clone();
                 let snapshot = Arc::new(TableSnapshot::from_table(table));
-                let history = TableHistory { state: TableState::default(), snapshots: VecDeque::from([(0, snapshot)]) };
+                let version = TableVersion { first: 0, last: u64::MAX, last_full: u64::MAX, snapshot };
+                let history = TableHistory { state: TableState::default(), versions: VecDeque::from([version]) };
                 tables.insert((*family, name), history);
             }
         }
         let now = Instant::now();
-        Self { probes: HashMap::new(), tables, nft: None, epoch: 0, last_check: now, last_full_check: now }
+        Self {
+            probes: HashMap::new(),
+            tables,
+            nft: None,
+            marker: None,
+            epoch: 0,
+            last_check: now,
+            last_full_check: now,
+        }
     }
 
-    /// The current epoch, after checking the kernel tables for changes if the last check is
-    /// older than a few milliseconds. Stamp events with it as they are received.
+    /// The number of the first check of the legacy tables made after everything received so
+    /// far: this one if the tables are checked now (they are when the last check is older than a
+    /// few milliseconds), else the next. Stamp events with it as they are decoded.
     pub fn epoch(&mut self) -> Result<u64, ResolveError> {
         if self.last_check.elapsed() >= CHECK_INTERVAL {
             self.check_all(self.last_full_check.elapsed() >= FULL_CHECK_INTERVAL)?;
+            return Ok(self.epoch);
         }
-        Ok(self.epoch)
+        Ok(self.epoch + 1)
     }
 
-    /// Checks every table; `full` compares the table blobs too.
+    /// Checks every table; `full` compares the table blobs too. When a table changed, the check's
+    /// mark then goes into the trace socket's stream: a trace line after it was logged after
+    /// these reads. Checks that find nothing changed need no mark: a version that may have been
+    /// in force for an event is told by the checks that found versions begin.
     fn check_all(&mut self, full: bool) -> Result<(), ResolveError> {
         self.last_check = Instant::now();
         if full {
             self.last_full_check = self.last_check;
         }
+        self.epoch += 1;
         let families: Vec<Family> = self.probes.keys().copied().collect();
         let mut changed = false;
         for family in families {
@@ -294,36 +467,46 @@ impl Resolver {
                 changed |= self.check(family, &table, full)?;
             }
         }
-        let next = self.epoch + 1;
-        if let Some(nft) = &mut self.nft {
-            changed |= nft.check(next)?;
+        if let Some(marker) = self.marker.as_ref().filter(|_| changed) {
+            // A lost mark only widens the span the next events may fall in.
+            let _ = marker.mark((self.epoch & u64::from(!MARK_SEQUENCE)) as u32);
         }
-        if changed {
-            // `check` stored the new snapshots under the next epoch.
-            self.epoch += 1;
+        if let Some(nft) = &mut self.nft {
+            nft.check()?;
         }
         Ok(())
     }
 
-    /// Re-reads `table` if it changed: its info, and with `full` its blob too. Returns whether
-    /// it did.
+    /// Re-reads `table` if it changed: its info, and with `full` (or for a small table) its blob
+    /// too; a new version starts at this check, and the one before is known only up to the last
+    /// check that compared its blob. Returns whether a new version followed a known one.
     fn check(&mut self, family: Family, table: &str, full: bool) -> Result<bool, ResolveError> {
         let Some(probe) = self.probes.get(&family) else { return Ok(false) };
+        let check = self.epoch;
         let key = (family, table.to_owned());
-        let known = self.tables.get(&key).map(|h| &h.state);
+        let history = self.tables.get_mut(&key);
+        let known = history.as_ref().map(|h| &h.state);
+        let existed = known.is_some();
+        let full = full || known.is_some_and(|s| s.blob_len() <= ALWAYS_COMPARED);
         if !full {
             let info = probe.info(table).ok();
             if info.is_some() && info == known.and_then(TableState::info) {
+                if let Some(newest) = history.and_then(|h| h.versions.back_mut()) {
+                    newest.last = check;
+                }
                 return Ok(false);
             }
         }
         let current = probe.state(table).ok();
         if current.is_some() && current.as_ref() == known {
+            if let Some(newest) = history.and_then(|h| h.versions.back_mut()) {
+                (newest.last, newest.last_full) = (check, check);
+            }
             return Ok(false);
         }
-        let known = known.is_some();
         // Read the text, then make sure the table did not change while it was read; under
-        // constant churn, settle for the last read after a few tries.
+        // constant churn, settle for the last read after a few tries: the rules are the blob's
+        // read after it, and the text shows only where it matches them.
         let mut before = current;
         let mut attempts = 0;
         let (text, state) = loop {
@@ -334,45 +517,69 @@ impl Resolver {
             })?;
             let after = probe.state(table).ok();
             attempts += 1;
-            if after == before || attempts == 3 {
-                break (text, after.unwrap_or_default());
+            if (after.is_some() && after == before) || attempts == 3 {
+                break (text, after);
             }
             before = after;
         };
-        let epoch = if known { self.epoch + 1 } else { self.epoch };
+        let snapshot = match &state {
+            Some(state) => TableSnapshot::from_kernel(state.chains(family), &text),
+            None => TableSnapshot::parse(&text),
+        };
         let history = self
             .tables
             .entry(key)
-            .or_insert_with(|| TableHistory { state: TableState::default(), snapshots: VecDeque::new() });
-        history.state = state;
-        history.snapshots.push_back((epoch, Arc::new(TableSnapshot::parse(&text))));
-        if history.snapshots.len() > SNAPSHOTS_KEPT {
-            history.snapshots.pop_front();
+            .or_insert_with(|| TableHistory { state: TableState::default(), versions: VecDeque::new() });
+        history.state = state.unwrap_or_default();
+        if let Some(previous) = history.versions.back_mut() {
+            previous.last = previous.last_full;
         }
-        Ok(known)
+        let snapshot = Arc::new(snapshot);
+        history.versions.push_back(TableVersion { first: check, last: check, last_full: check, snapshot });
+        if history.versions.len() > SNAPSHOTS_KEPT {
+            history.versions.pop_front();
+        }
+        Ok(existed)
     }
 
-    /// Resolves an event against the snapshot of its epoch; `None` for iptrace's own rules and
-    /// table, and for the end of an nf_tables base chain (its policy event follows).
+    /// Resolves an event: a legacy one against every version of its table that may have been in
+    /// force when it was logged (between the reads of the check whose mark came before it and
+    /// those of the first check after it was received), an nf_tables one against its generation. Where versions disagree, the
+    /// step says so. `None` for iptrace's own rules and table, and for the end of an nf_tables
+    /// base chain (its policy event follows).
     pub fn resolve(&mut self, event: TraceEvent) -> Option<Step> {
         match &event.origin {
             Origin::Xtables { table, chain, kind, number, .. } => {
                 let key = (event.family, table.name().to_owned());
-                if !self.tables.contains_key(&key) {
-                    // A table created after the trace started.
-                    let _ = self.check(event.family, &key.1, true);
+                let after = event.after_check.unwrap_or(0);
+                let before = event.epoch;
+                if before > self.epoch || !self.tables.contains_key(&key) {
+                    // No check since the event was received, or a table created since the
+                    // trace started.
+                    let _ = self.check_all(true);
                 }
-                let snapshot = self.tables.get(&key).and_then(|h| {
-                    h.snapshots
-                        .iter()
-                        .rev()
-                        .find(|(from, _)| *from <= event.epoch)
-                        .or(h.snapshots.front())
-                        .map(|(_, s)| s.clone())
-                });
-                let position = match snapshot {
-                    Some(s) => s.position(chain, *kind, *number)?,
-                    None => Position::Unknown { kernel_number: *number },
+                let history = self.tables.get(&key);
+                let mut versions: Vec<&TableVersion> =
+                    history.into_iter().flat_map(|h| h.possible(after, before)).collect();
+                if versions.is_empty() {
+                    // Older than every version kept.
+                    versions.extend(history.and_then(|h| h.versions.front()));
+                }
+                let mut positions: Vec<Option<Position>> = Vec::new();
+                for version in versions {
+                    let position = version.snapshot.position(chain, *kind, *number);
+                    if positions.last() != Some(&position) {
+                        positions.push(position);
+                    }
+                }
+                let position = match positions.len() {
+                    0 => Position::Unknown { kernel_number: *number },
+                    1 => positions.pop().flatten()?,
+                    _ => {
+                        let is = positions.pop().flatten().map(Box::new);
+                        let was = positions.swap_remove(0).map(Box::new);
+                        Position::RuleSetChanged { kernel_number: *number, was, is }
+                    }
                 };
                 Some(Step { event, position, engine: Engine::Legacy })
             }
@@ -380,19 +587,30 @@ impl Resolver {
                 if Owner::from_table_name(table).is_some() {
                     return None;
                 }
-                let (family, handle, trace_type, kernel) = (*family, *handle, *trace_type, verdict.clone());
-                let (table, chain) = (table.clone(), chain.clone());
-                let snapshot = self.nft.as_ref()?.at(event.epoch)?;
-                let position = match (trace_type, handle) {
-                    (NftTraceType::Policy, _) => Position::Policy(nft::step_verdict(&kernel, &Found::Missing)),
-                    (_, None) if snapshot.is_base_chain(family, &table, &chain) => return None,
-                    (_, None) => Position::ChainEnd,
-                    (_, Some(handle)) => self.nft_rule(&snapshot, family, &table, &chain, handle, &kernel),
+                let history = self.nft.as_mut()?;
+                let (trace_type, kernel) = (*trace_type, verdict.clone());
+                let key = NftRuleKey { family: *family, table: table.clone(), chain: chain.clone(), handle: 0 };
+                let (position, snapshot) = match (trace_type, handle) {
+                    (NftTraceType::Policy, _) => (
+                        Position::Policy(nft::step_verdict(&kernel, &Found::Missing)),
+                        history.nearest(event.generation),
+                    ),
+                    (_, None) => {
+                        let snapshot = history.nearest(event.generation);
+                        if snapshot.as_ref().is_some_and(|s| s.is_base_chain(key.family, &key.table, &key.chain)) {
+                            return None;
+                        }
+                        (Position::ChainEnd, snapshot)
+                    }
+                    (_, Some(handle)) => {
+                        let key = NftRuleKey { handle: *handle, ..key.clone() };
+                        history.rule(&key, event.generation, &kernel)
+                    }
                 };
                 // A rule nft added to an iptables-nft table is shown as the native rule it is.
                 let engine = match position {
                     Position::NftRule { .. } => Engine::Nft,
-                    _ if snapshot.is_xtables(family, &table) => Engine::XtablesNft,
+                    _ if snapshot.is_some_and(|s| s.is_xtables(key.family, &key.table)) => Engine::XtablesNft,
                     _ => Engine::Nft,
                 };
                 Some(Step { event, position, engine })
@@ -400,35 +618,44 @@ impl Resolver {
         }
     }
 
-    /// A rule by handle: from the snapshot of the event's epoch, else from a fresh one (the rule
-    /// was added just before the event), else it is gone.
-    fn nft_rule(
-        &mut self,
-        snapshot: &Ruleset,
-        family: NftFamily,
-        table: &str,
-        chain: &str,
-        handle: u64,
-        kernel: &NftVerdict,
-    ) -> Position {
-        let mut found = snapshot.find(family, table, chain, handle);
-        if found == Found::Missing {
-            let next = self.epoch + 1;
-            if let Some(history) = &mut self.nft {
-                if history.check(next).unwrap_or(false) {
-                    self.epoch = next;
-                }
-                if let Some(latest) = history.latest() {
-                    found = latest.find(family, table, chain, handle);
-                }
-            }
+    /// Takes note of an nf_tables commit announced on the trace socket.
+    pub fn nft_committed(&mut self, commit: NftCommit) {
+        if let Some(history) = &mut self.nft {
+            history.committed(commit);
         }
+    }
+}
+
+impl NftHistory {
+    /// A rule as it was at `generation`, with the snapshot that showed it. A rule no snapshot
+    /// shows as it was then (it changed before it could be read, or the generation is unknown)
+    /// is said to be so, never shown in another version's text.
+    fn rule(
+        &mut self,
+        key: &NftRuleKey,
+        generation: Option<u32>,
+        kernel: &NftVerdict,
+    ) -> (Position, Option<Arc<Ruleset>>) {
+        let mut snapshot = generation.and_then(|g| self.serving(key, g));
+        // Without a snapshot from that generation on, a fresh one may serve; with one, a fresher
+        // one would not (the commits in between are the same or more).
+        if snapshot.is_none()
+            && let Some(g) = generation
+            && self.snapshots.range(g..).next().is_none()
+            && self.check().is_ok()
+        {
+            snapshot = self.serving(key, g);
+        }
+        let found =
+            snapshot.as_ref().map_or(Found::Missing, |s| s.find(key.family, &key.table, &key.chain, key.handle));
         let verdict = nft::step_verdict(kernel, &found);
-        match found {
+        let handle = key.handle;
+        let position = match found {
             Found::Native { text, .. } => Position::NftRule { handle, text, verdict },
             Found::Xtables { number, rule } => Position::XtablesNftRule { handle, number, rule, verdict },
-            Found::Missing => Position::NftRuleGone { handle, verdict },
-        }
+            Found::Missing => Position::NftRuleUnread { handle, verdict },
+        };
+        (position, snapshot.or_else(|| self.nearest(generation)))
     }
 }
 
@@ -454,6 +681,24 @@ COMMIT
 -A MYCHAIN -p udp -j DROP
 COMMIT
 "#;
+
+    #[test]
+    fn versions_possible_between_two_checks() {
+        let version =
+            |first, last| TableVersion { first, last, last_full: last, snapshot: Arc::new(TableSnapshot::default()) };
+        let history = TableHistory {
+            state: TableState::default(),
+            versions: [version(1, 3), version(5, 9), version(10, 12)].into(),
+        };
+        let firsts = |after, before| history.possible(after, before).map(|v| v.first).collect::<Vec<_>>();
+        // Seen throughout by the checks around the event.
+        assert_eq!(firsts(6, 8), [5]);
+        // Between the last check that saw one version and the first that saw the next: both.
+        assert_eq!(firsts(3, 5), [1, 5]);
+        assert_eq!(firsts(9, 10), [5, 10]);
+        // After the check that first saw the newest.
+        assert_eq!(firsts(10, 11), [10]);
+    }
 
     #[test]
     fn maps_numbers_with_the_policy_and_return_quirk() {

@@ -11,9 +11,7 @@
 //! target for) is still shown in nft syntax. A table's name proves nothing.
 //!
 //! A snapshot of the whole rule set is read whenever the generation (`NFT_MSG_GETGEN`) changed,
-//! and kept by epoch like the legacy snapshots. A handle missing from its epoch's snapshot (a rule
-//! added just before the event) is looked up again in a fresh one; one missing from that too was
-//! deleted, and is shown as such, never as another rule.
+//! and kept under the generation it was read at (see `NftHistory` in the parent module).
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -369,12 +367,11 @@ pub(super) fn read(families: &[Family]) -> Result<Ruleset, ResolveError> {
 /// Generations are read through this socket, rules through `nft`.
 pub(super) struct Generation {
     socket: NfTablesSocket,
-    pub(super) last: Option<u32>,
 }
 
 impl Generation {
     pub(super) fn open() -> Result<Self, ResolveError> {
-        Ok(Self { socket: NfTablesSocket::open().map_err(ResolveError::Nft)?, last: None })
+        Ok(Self { socket: NfTablesSocket::open().map_err(ResolveError::Nft)? })
     }
 
     pub(super) fn current(&mut self) -> Result<u32, ResolveError> {

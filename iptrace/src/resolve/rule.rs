@@ -36,6 +36,19 @@ impl Verdict {
         matches!(self, Verdict::Drop | Verdict::Reject)
     }
 
+    /// The verdict of a target that is not a chain: a standard verdict or an extension.
+    pub fn of_target(target: &str) -> Self {
+        match target {
+            "ACCEPT" => Verdict::Accept,
+            "DROP" => Verdict::Drop,
+            "REJECT" => Verdict::Reject,
+            "RETURN" => Verdict::Return,
+            "QUEUE" | "NFQUEUE" => Verdict::Queue,
+            t if NAT_TARGETS.contains(&t) => Verdict::Nat,
+            _ => Verdict::Continue,
+        }
+    }
+
     /// A built-in chain's policy (`ACCEPT` or `DROP`).
     pub fn from_policy(policy: &str) -> Self {
         match policy {
@@ -91,16 +104,10 @@ impl Rule {
             i += 1;
         }
         let verdict = match target.as_str() {
-            "ACCEPT" => Verdict::Accept,
-            "DROP" => Verdict::Drop,
-            "REJECT" => Verdict::Reject,
-            "RETURN" => Verdict::Return,
-            "QUEUE" | "NFQUEUE" => Verdict::Queue,
-            t if NAT_TARGETS.contains(&t) => Verdict::Nat,
             "" => Verdict::Continue,
             t if goto => Verdict::Goto(t.to_owned()),
             t if is_chain(t) => Verdict::Jump(t.to_owned()),
-            _ => Verdict::Continue,
+            t => Verdict::of_target(t),
         };
         Self {
             matches: remove_implicit_matches(&matches),
