@@ -427,6 +427,7 @@ fn a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode() {
     let killed = Tracer::start(&["--netns", &first.0, "--backend", "legacy", "-4", "icmp"]);
     let killed_pid = killed.pid();
     killed.stop(libc::SIGKILL);
+    // Its state file, and the lock file that names it (both stay after a SIGKILL).
     let state_files = || -> Vec<PathBuf> {
         fs::read_dir("/run/iptrace")
             .map(|d| {
@@ -438,6 +439,19 @@ fn a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode() {
             .unwrap_or_default()
     };
     assert_eq!(state_files().len(), 1, "the killed run's state file");
+    let lock_files = || -> Vec<PathBuf> {
+        fs::read_dir("/run/iptrace")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.extension().is_some_and(|x| x == "lock")
+                            && fs::read_to_string(p).is_ok_and(|t| t.starts_with(&format!("iptrace:{killed_pid}:")))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     let inode = first.inode();
     drop(first);
 
@@ -460,7 +474,7 @@ fn a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode() {
     assert!(status.success(), "{stderr}");
     assert_eq!(stdout, "iptrace: nothing to clean up\n");
     assert_eq!(second.exec(&["cat", "/proc/sys/net/netfilter/nf_log/2"]).trim(), "nfnetlink_log");
-    for file in state_files() {
+    for file in [state_files(), lock_files()].concat() {
         fs::remove_file(file).unwrap();
     }
 }

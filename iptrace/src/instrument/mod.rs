@@ -1,8 +1,9 @@
 //! Instrument: what iptrace puts into the kernel to make packets traceable, and takes out again.
 //!
 //! Packets are marked for tracing either by a TRACE rule at the top of raw PREROUTING and raw
-//! OUTPUT per family (see [`legacy`]; hosts with legacy tables only, or no nf_tables), or by
-//! iptrace's own nf_tables table (see [`nft`]), whose mark legacy tables honour too. Legacy
+//! OUTPUT per family (see [`legacy`]; where nf_tables does not work, or with `--backend
+//! legacy`), or by iptrace's own nf_tables table (see [`nft`]), whose mark legacy tables honour
+//! too. Legacy
 //! tables report through nfnetlink_log, bound as the netns's logger for the families traced.
 //! Everything is tagged with its owner ([`Owner`]) and written down ([`state`]) before it is
 //! changed, so that [`Instrumentation::teardown`] undoes it on every exit, and [`cleanup_stale`]
