@@ -27,9 +27,10 @@ rule that matched (number, text, comment), the action taken, changes to its addr
 and mark (NAT, MARK), and its fate. Rule numbers are those `iptables -L --line-numbers` shows
 without iptrace running.
 
-With nf_tables tables on the host (nftables or iptables-nft), iptrace adds its own table, inet
-iptrace_<pid>_<start>, whose chains at priority -350 set `meta nftrace` for the selected packets
-(a pcap expression selects through an xt_bpf match); legacy tables beside them are traced too. With legacy tables only, it inserts one TRACE rule at
+Wherever nf_tables works, iptrace adds its own table, inet iptrace_<pid>_<start>, whose chains
+at priority -350 set `meta nftrace` for the selected packets (a pcap expression selects through
+an xt_bpf match); nf_tables and legacy tables are traced alike, and no legacy table is created.
+Where nf_tables does not work (or with --backend legacy), it inserts one TRACE rule at
 the top of raw PREROUTING and raw OUTPUT (iptables-legacy and ip6tables-legacy), carrying the
 filter as xt_bpf bytecode. A conjunction of simple primitives ('udp dst port 53 and src net
 10.0.0.0/8') is matched with the kernel's own matches instead, which cost less per packet. Legacy tables report through nfnetlink_log, bound as the logger. All
@@ -84,10 +85,10 @@ pub struct Cli {
     #[arg(short = 'o', long = "out-interface", value_name = "NAME")]
     pub out_interface: Option<String>,
 
-    /// Which tables to trace and how: `legacy` inserts TRACE rules (iptables-legacy tables);
-    /// `nft` adds its own nf_tables table that marks packets (nftables and iptables-nft tables,
-    /// and legacy tables too if there are any); `auto` picks nft when the host has nf_tables
-    /// tables or no legacy ones.
+    /// Which tables to trace and how: `legacy` inserts TRACE rules (iptables-legacy tables only;
+    /// refused where there are none); `nft` adds its own nf_tables table that marks packets
+    /// (nftables and iptables-nft tables, and legacy tables too if there are any); `auto` picks
+    /// nft wherever nf_tables works, and TRACE rules elsewhere.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
 

@@ -178,11 +178,12 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
         interface_index(name)?;
     }
 
-    let stale = instrument::cleanup_stale()?;
+    // Under the namespace's lock: no other start can look for live runs, or remove dead ones'
+    // leftovers, at the same time.
+    let (instrumentation, stale) = Instrumentation::prepare(&backends.legacy)?;
     for line in &stale {
         crate::note!("iptrace: removed {line}");
     }
-    let instrumentation = Instrumentation::prepare(&backends.legacy)?;
     *ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(instrumentation);
     let result = trace_instrumented(options, &backends, filter, out_ifindex, out, &runtime, signals);
     let errors = teardown_active();
@@ -242,7 +243,12 @@ fn trace_instrumented(
     let ready = ready_line(options, backends, filter.as_ref());
     let userspace_filter = filter.map(UserspaceFilter::new);
     let plan = TracePlan {
-        families: options.families.clone(),
+        // TRACE rules go only where legacy tables are traced (a rule would create a raw table).
+        families: if backends.marker == Marker::TraceRules {
+            backends.legacy.clone()
+        } else {
+            options.families.clone()
+        },
         marker: backends.marker,
         prefilter,
         in_interface: options.in_interface.clone(),

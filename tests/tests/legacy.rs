@@ -181,7 +181,7 @@ fn unselected_packets_send_no_messages() {
         ("dst host 172.16.2.2 and udp", "-d 172.16.2.2/32 -p udp -m comment", false),
         ("udp port 5555 or udp port 5557", "-m bpf --bytecode", true),
     ] {
-        let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), expression]);
+        let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "--backend", "legacy", expression]);
         let raw = |save: &str| {
             let out = lab.exec(Role::Router, &[save, "-t", "raw"], "").unwrap();
             String::from_utf8_lossy(&out.stdout).into_owned()
@@ -245,7 +245,7 @@ fn sigterm_and_sighup_leave_nothing_behind() {
     let (lab, _servers) = router("term");
     let before = firewall_state(&lab, Role::Router);
     for signal in [libc::SIGTERM, libc::SIGHUP] {
-        let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "--limit", "5/s", "tcp"]);
+        let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "--backend", "legacy", "--limit", "5/s", "tcp"]);
         let during = firewall_state(&lab, Role::Router);
         assert_ne!(during, before, "the TRACE rules and nf_log binding are in place while tracing");
         assert!(during.contains("-j TRACE") && during.contains("nfnetlink_log"), "{during}");
@@ -262,7 +262,7 @@ fn sigkill_then_cleanup_restores_the_host() {
     }
     let (lab, _servers) = router("kill");
     let before = firewall_state(&lab, Role::Router);
-    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "host 172.16.2.2 and tcp"]);
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "--backend", "legacy", "host 172.16.2.2 and tcp"]);
     let out = tracer.stop(libc::SIGKILL);
     assert!(!out.status.success());
     assert_ne!(firewall_state(&lab, Role::Router), before, "a killed iptrace cannot clean up");
@@ -283,7 +283,7 @@ fn next_start_removes_a_killed_runs_rules() {
     }
     let (lab, _servers) = router("restart");
     let before = firewall_state(&lab, Role::Router);
-    Tracer::start(&["--netns", &lab.ns(Role::Router), "tcp"]).stop(libc::SIGKILL);
+    Tracer::start(&["--netns", &lab.ns(Role::Router), "--backend", "legacy", "tcp"]).stop(libc::SIGKILL);
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "icmp"]);
     let out = tracer.stop(libc::SIGTERM);
     assert!(out.stderr.contains("removed 2 TRACE rule(s)"), "{}", out.stderr);

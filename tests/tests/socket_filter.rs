@@ -196,7 +196,7 @@ fn long_selections_are_prefiltered_by_a_pinned_program() {
     let before = firewall_state(&lab, Role::Router);
     let ports: Vec<String> = (7000..7040).map(|p| format!("port {p}")).collect();
     let expression = format!("udp and ({})", ports.join(" or "));
-    let tracer = Tracer::start(&["--netns", &ns, "--stats", "--no-socket-filter", &expression]);
+    let tracer = Tracer::start(&["--netns", &ns, "--backend", "legacy", "--stats", "--no-socket-filter", &expression]);
     let during = firewall_state(&lab, Role::Router);
     assert!(during.contains("--object-pinned /sys/fs/bpf/iptrace/prefilter-"), "{during}");
     let pin = during.split("--object-pinned ").nth(1).unwrap().split(' ').next().unwrap().to_owned();
@@ -214,7 +214,7 @@ fn long_selections_are_prefiltered_by_a_pinned_program() {
     assert_eq!(firewall_state(&lab, Role::Router), before);
     assert!(!std::path::Path::new(&pin).exists(), "the pin is removed after the rule");
 
-    let tracer = Tracer::start(&["--netns", &ns, &expression]);
+    let tracer = Tracer::start(&["--netns", &ns, "--backend", "legacy", &expression]);
     let during = firewall_state(&lab, Role::Router);
     let pin = during.split("--object-pinned ").nth(1).unwrap().split(' ').next().unwrap().to_owned();
     tracer.stop(libc::SIGKILL);

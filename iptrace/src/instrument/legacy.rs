@@ -89,37 +89,62 @@ pub(super) fn insert(owner: Owner, plan: &TracePlan, family: Family) -> Result<(
     Ok(())
 }
 
-/// The owners named by iptrace rules in `family`'s raw table, with each rule's chain and number.
-pub(super) fn tagged_rules(family: Family) -> Result<Vec<(Owner, &'static str, usize)>, InstrumentError> {
+/// An iptrace rule as `iptables-legacy-save` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct TaggedRule {
+    pub owner: Owner,
+    /// The saved line, `-A <chain> <spec>`, verbatim.
+    pub line: String,
+}
+
+/// The iptrace rules in `family`'s raw table, in the order the table holds them.
+pub(super) fn tagged_rules(family: Family) -> Result<Vec<TaggedRule>, InstrumentError> {
     let xt = Xtables::new(family);
     if !xt.existing_tables().iter().any(|t| t == "raw") {
         return Ok(Vec::new());
     }
     let saved = xt.save("raw").map_err(|source| InstrumentError::ListRules { family, source })?;
-    let mut found = Vec::new();
-    for table in xtables::parse_save(&saved) {
-        for chain in TRACE_CHAINS {
-            let Some(c) = table.chain(chain) else { continue };
-            for (index, rule) in c.rules.iter().enumerate() {
-                if let Some(owner) = owner_of(rule) {
-                    found.push((owner, chain, index + 1));
-                }
-            }
-        }
-    }
-    Ok(found)
+    Ok(tagged_lines(&saved))
 }
 
-/// Deletes the iptrace rules whose owner satisfies `select`, bottom up so that the numbers of
-/// the rules still to delete stay valid. Returns how many were deleted.
+/// The iptrace rules of TRACE_CHAINS in `iptables-save -t raw` output.
+fn tagged_lines(saved: &str) -> Vec<TaggedRule> {
+    saved
+        .lines()
+        .filter(|line| line.starts_with("-A "))
+        .filter_map(|line| {
+            let tokens = xtables::tokenize(line);
+            let chain = tokens.get(1)?;
+            if !TRACE_CHAINS.contains(&chain.as_str()) {
+                return None;
+            }
+            Some(TaggedRule { owner: owner_of(&tokens[2..])?, line: line.to_owned() })
+        })
+        .collect()
+}
+
+/// Deletes the iptrace rules whose owner satisfies `select` and returns how many.
+///
+/// Each is deleted by its full spec, never by its number: `iptables-legacy -w -t raw -D <chain>
+/// <spec>`, with the spec of the line `iptables-legacy-save` lists for it. The command reads the
+/// table under the xtables lock and removes the first entry equal to the spec (matches, target,
+/// and the comment with the owner tag, which no other rule carries), so another tool inserting
+/// or deleting rules in the same chain meanwhile cannot shift the deletion onto one of its rules.
+/// The spec is the one the kernel reports for that rule, so it is exact for rules of dead runs
+/// too, whose options are not known. It goes through the same front end that inserted the rule:
+/// xt_bpf's `--object-pinned` keeps the descriptor number iptables opened the pin with in the
+/// rule, and `iptables-legacy` opens it with the same number each time (verified on 1.8.9;
+/// `iptables-legacy-restore` opens it with another, so its `-D` finds no equal rule).
+/// A rule someone else removed meanwhile (a concurrent `--cleanup`) counts as deleted.
 pub(super) fn delete_rules(family: Family, select: impl Fn(Owner) -> bool) -> Result<usize, InstrumentError> {
-    let mut rules = tagged_rules(family)?;
-    rules.retain(|(owner, _, _)| select(*owner));
-    rules.sort_by(|a, b| (a.1, b.2).cmp(&(b.1, a.2)));
     let xt = Xtables::new(family);
-    for (_, chain, number) in &rules {
-        let args = ["-t", "raw", "-D", chain, &number.to_string()];
-        xt.run(&args).map_err(|source| InstrumentError::DeleteRule { family, chain, source })?;
+    let rules: Vec<TaggedRule> = tagged_rules(family)?.into_iter().filter(|r| select(r.owner)).collect();
+    for rule in &rules {
+        if let Err(source) = xt.run(&deletion_args(rule))
+            && tagged_rules(family)?.contains(rule)
+        {
+            return Err(InstrumentError::DeleteRules { family, source });
+        }
     }
     Ok(rules.len())
 }
@@ -161,6 +186,13 @@ pub fn displaced_rules(owner: Owner, plan: &TracePlan, family: Family) -> Result
     Ok(RawTableCheck { displaced, flushed })
 }
 
+/// `-t raw -D <chain> <spec>` for a rule saved as `-A <chain> <spec>`.
+fn deletion_args(rule: &TaggedRule) -> Vec<String> {
+    let mut args = vec!["-t".to_owned(), "raw".to_owned(), "-D".to_owned()];
+    args.extend(xtables::tokenize(&rule.line).into_iter().skip(1));
+    args
+}
+
 /// The owner tag in a rule's `-m comment --comment` argument.
 pub(crate) fn owner_of(rule: &[String]) -> Option<Owner> {
     rule.windows(2).find(|w| w[0] == "--comment").and_then(|w| Owner::from_tag(&w[1]))
@@ -200,6 +232,28 @@ mod tests {
         assert_eq!(rule_spec(owner, &only_prerouting, Family::Ipv4, "OUTPUT"), None);
         let plan = TracePlan { in_interface: Some("eth0".into()), ..plan };
         assert_eq!(rule_spec(owner, &plan, Family::Ipv4, "OUTPUT"), None);
+    }
+
+    #[test]
+    fn deletion_is_by_the_saved_spec_of_each_own_rule() {
+        // iptables-legacy-save v1.8.9 of a raw table with a user rule between two runs' rules.
+        let saved = r#"*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A PREROUTING -p udp -m udp --dport 53 -m comment --comment "iptrace:7:9" -j TRACE
+-A PREROUTING -m comment --comment "iptrace-like but a user's" -j ACCEPT
+-A PREROUTING -m bpf --bytecode "1,6 0 0 65535" -m comment --comment "iptrace:8:1" -j TRACE
+-A OUTPUT -m comment --comment "iptrace:7:9" -j TRACE
+COMMIT
+"#;
+        let rules = tagged_lines(saved);
+        let owners: Vec<u32> = rules.iter().map(|r| r.owner.pid).collect();
+        assert_eq!(owners, [7, 8, 7]);
+        assert_eq!(
+            deletion_args(&rules[0]).join(" "),
+            "-t raw -D PREROUTING -p udp -m udp --dport 53 -m comment --comment iptrace:7:9 -j TRACE"
+        );
+        assert_eq!(deletion_args(&rules[1])[7], "1,6 0 0 65535", "one argument, unquoted");
     }
 
     #[test]

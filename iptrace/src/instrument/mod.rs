@@ -1,8 +1,9 @@
 //! Instrument: what iptrace puts into the kernel to make packets traceable, and takes out again.
 //!
 //! Packets are marked for tracing either by a TRACE rule at the top of raw PREROUTING and raw
-//! OUTPUT per family (see [`legacy`]; hosts with legacy tables only, or no nf_tables), or by
-//! iptrace's own nf_tables table (see [`nft`]), whose mark legacy tables honour too. Legacy
+//! OUTPUT per family (see [`legacy`]; where nf_tables does not work, or with `--backend
+//! legacy`), or by iptrace's own nf_tables table (see [`nft`]), whose mark legacy tables honour
+//! too. Legacy
 //! tables report through nfnetlink_log, bound as the netns's logger for the families traced.
 //! Everything is tagged with its owner ([`Owner`]) and written down ([`state`]) before it is
 //! changed, so that [`Instrumentation::teardown`] undoes it on every exit, and [`cleanup_stale`]
@@ -17,7 +18,7 @@ pub mod state;
 use std::{fmt, fs, io, path::PathBuf};
 
 pub use self::owner::Owner;
-use self::state::RunState;
+use self::state::{NetnsLock, RunState};
 use crate::{
     decode::Family,
     filter::{CbpfInsn, NativeSelection},
@@ -36,10 +37,9 @@ pub enum InstrumentError {
         #[source]
         source: XtablesError,
     },
-    #[error("cannot delete the {family:?} TRACE rule in raw {chain}")]
-    DeleteRule {
+    #[error("cannot delete the {family:?} TRACE rules")]
+    DeleteRules {
         family: Family,
-        chain: &'static str,
         #[source]
         source: XtablesError,
     },
@@ -52,6 +52,11 @@ pub enum InstrumentError {
     #[error("cannot read or set the {family:?} logger binding (/proc/sys/net/netfilter/nf_log)")]
     NfLog {
         family: Family,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14 or later)")]
+    NetnsCookie {
         #[source]
         source: io::Error,
     },
@@ -191,25 +196,42 @@ pub struct TracePlan {
 #[derive(Debug)]
 pub struct Instrumentation {
     owner: Owner,
+    /// The namespace's cookie.
     netns: u64,
     state: RunState,
+    /// Held until teardown is done.
+    lock: Option<NetnsLock>,
     torn_down: bool,
 }
 
 impl Instrumentation {
-    /// Refuses to start next to a live iptrace, then writes down the current logger bindings of
-    /// `nflog_families` (those whose legacy tables are traced) before anything is changed.
-    pub fn prepare(nflog_families: &[Family]) -> Result<Self, InstrumentError> {
+    /// Takes the namespace's lock (so that of two starts at the same instant one runs and the
+    /// other names it), refuses to start next to a live iptrace (one of an older version, which
+    /// takes no lock, has rules or state), removes what dead runs left (one line each in the
+    /// returned list), then writes down the current logger bindings of `nflog_families` (those
+    /// whose legacy tables are traced) before anything is changed.
+    pub fn prepare(nflog_families: &[Family]) -> Result<(Self, Vec<String>), InstrumentError> {
         let owner = Owner::current();
-        let netns = state::netns_id()?;
+        let netns = state::netns_cookie()?;
+        let lock = NetnsLock::acquire(netns, owner)?;
         if let Some(other) = live_owners(netns)?.into_iter().find(|o| *o != owner) {
+            lock.release();
             return Err(InstrumentError::AlreadyRunning { owner: other });
         }
-        let saved_loggers =
-            nflog_families.iter().map(|&f| nf_log::bound_logger(f).map(|l| (f, l))).collect::<Result<_, _>>()?;
-        let state = RunState { saved_loggers, pin: None };
-        state.write(netns, owner)?;
-        Ok(Self { owner, netns, state, torn_down: false })
+        let prepared = remove_stale(netns).and_then(|removed| {
+            let saved_loggers =
+                nflog_families.iter().map(|&f| nf_log::bound_logger(f).map(|l| (f, l))).collect::<Result<_, _>>()?;
+            let state = RunState { saved_loggers, pin: None };
+            state.write(netns, owner)?;
+            Ok((state, removed))
+        });
+        match prepared {
+            Ok((state, removed)) => Ok((Self { owner, netns, state, lock: Some(lock), torn_down: false }, removed)),
+            Err(e) => {
+                lock.release();
+                Err(e)
+            }
+        }
     }
 
     pub fn owner(&self) -> Owner {
@@ -231,8 +253,18 @@ impl Instrumentation {
             return Vec::new();
         }
         let mut errors = remove_marking(self.owner, &[Family::Ipv4, Family::Ipv6]);
-        errors.extend(undo_state(&self.state));
-        RunState::remove(self.netns, self.owner);
+        if errors.is_empty() {
+            errors.extend(undo_state(&self.state));
+            RunState::remove(self.netns, self.owner);
+        } else {
+            // A rule that names the pin may still be there: unpinning would make every later
+            // change to its table fail (kernel-interfaces §7). The state file stays, so that the
+            // next run or `--cleanup` finishes the job.
+            errors.extend(restore_loggers(&self.state));
+        }
+        if let Some(lock) = self.lock.take() {
+            lock.release();
+        }
         errors
     }
 }
@@ -293,6 +325,13 @@ fn undo_state(state: &RunState) -> Vec<InstrumentError> {
             _ => {}
         }
     }
+    errors.extend(restore_loggers(state));
+    errors
+}
+
+/// Restores the loggers a run recorded, where nfnetlink_log is still bound.
+fn restore_loggers(state: &RunState) -> Vec<InstrumentError> {
+    let mut errors = Vec::new();
     for (family, logger) in &state.saved_loggers {
         let restore = nf_log::bound_logger(*family).map(|now| now == nf_log::NFNETLINK_LOG);
         match restore {
@@ -308,7 +347,7 @@ fn undo_state(state: &RunState) -> Vec<InstrumentError> {
 fn live_owners(netns: u64) -> Result<Vec<Owner>, InstrumentError> {
     let mut owners: Vec<Owner> = RunState::list(netns).into_iter().map(|(o, _)| o).collect();
     for family in [Family::Ipv4, Family::Ipv6] {
-        owners.extend(legacy::tagged_rules(family)?.into_iter().map(|(o, _, _)| o));
+        owners.extend(legacy::tagged_rules(family)?.into_iter().map(|r| r.owner));
     }
     owners.extend(nft::tagged_tables()?);
     owners.sort_unstable();
@@ -317,15 +356,27 @@ fn live_owners(netns: u64) -> Result<Vec<Owner>, InstrumentError> {
     Ok(owners)
 }
 
-/// Removes what dead iptrace runs left in this network namespace: their rules, pins, logger
-/// bindings and state files. Returns one line per thing removed.
+/// `iptrace --cleanup`: removes what dead iptrace runs left in this network namespace (their
+/// rules, pins, logger bindings and state files), under the namespace's lock. Returns one line
+/// per thing removed. While an iptrace traces here, there is nothing to remove: it removed what
+/// dead runs left when it started, and no other run could start since.
 pub fn cleanup_stale() -> Result<Vec<String>, InstrumentError> {
-    let netns = state::netns_id()?;
+    let netns = state::netns_cookie()?;
+    let lock = match NetnsLock::acquire(netns, Owner::current()) {
+        Ok(lock) => lock,
+        Err(InstrumentError::AlreadyRunning { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let removed = remove_stale(netns);
+    lock.release();
+    removed
+}
+
+/// Removes what dead runs left in namespace `netns`; the caller holds its lock.
+fn remove_stale(netns: u64) -> Result<Vec<String>, InstrumentError> {
     let mut removed = Vec::new();
     for family in [Family::Ipv4, Family::Ipv6] {
-        let dead: Vec<Owner> =
-            legacy::tagged_rules(family)?.into_iter().map(|(o, _, _)| o).filter(|o| !o.is_alive()).collect();
-        let n = legacy::delete_rules(family, |o| dead.contains(&o))?;
+        let n = legacy::delete_rules(family, |o| !o.is_alive())?;
         if n > 0 {
             let tables = match family {
                 Family::Ipv4 => "iptables-legacy",
