@@ -57,7 +57,7 @@ pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, us
         let (stop, netns) = (stop.clone(), lab.ns(Role::Router));
         thread::spawn(move || -> Result<Vec<Vec<u8>>, String> {
             iptrace::netns::enter(&netns).map_err(|e| iptrace::WithCauses(&e).to_string())?;
-            let mut instrumentation =
+            let (mut instrumentation, _stale) =
                 Instrumentation::prepare(&[Family::Ipv4]).map_err(|e| iptrace::WithCauses(&e).to_string())?;
             let recorded = (|| {
                 let socket = TraceSocket::open(&[Family::Ipv4], Duration::from_millis(50))
@@ -79,7 +79,7 @@ pub fn record(bench: &Bench, plan: TrafficPlan, dir: &Path) -> Result<(usize, us
             let _ = ready_tx.send(());
             let errors = instrumentation.teardown();
             match errors.first() {
-                Some(e) => Err(iptrace::WithCauses(&e).to_string()),
+                Some(e) => Err(iptrace::WithCauses(e).to_string()),
                 None => recorded,
             }
         })
