@@ -197,15 +197,20 @@ impl TraceSocket {
         self.receive_with(buf, Msg::DONTWAIT)
     }
 
+    /// [`Received::Idle`] means the queue was empty: a wait a signal interrupted (EINTR, which
+    /// with a receive timeout set the kernel does not restart, also not after SIGSTOP and
+    /// SIGCONT) is made again, so that it cannot pass for one.
     fn receive_with(&self, buf: &mut [u8], flags: Msg) -> Result<Received, CaptureError> {
-        match self.socket.recv(&mut *buf, flags) {
-            Ok((n, _)) => Ok(Received::Datagram(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) => {
-                Ok(Received::Idle)
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(Received::Idle),
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Received::Overrun),
-            Err(e) => Err(CaptureError::Receive(e)),
+        loop {
+            return match self.socket.recv(&mut *buf, flags) {
+                Ok((n, _)) => Ok(Received::Datagram(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) => {
+                    Ok(Received::Idle)
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Received::Overrun),
+                Err(e) => Err(CaptureError::Receive(e)),
+            };
         }
     }
 
