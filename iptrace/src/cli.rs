@@ -144,7 +144,7 @@ pub struct Cli {
     #[arg(long)]
     pub demo: bool,
 
-    /// Print counters at exit: messages, events, packets shown, receive-buffer overruns.
+    /// Print counters at exit: messages, events, packets shown, receive-buffer overruns, events lost.
     #[arg(long)]
     pub stats: bool,
 

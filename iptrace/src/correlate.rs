@@ -23,6 +23,10 @@
 //! A packet is complete when no event joined it for `linger`: a packet's events are generated
 //! within microseconds of each other and queued in that order, so a short quiet time is enough.
 //!
+//! When the kernel lost events (a full receive buffer), the packets open at that point may have
+//! lost their later events, and the packets that start right after it their earlier ones: they
+//! are marked incomplete rather than given a fate decided from what is left.
+//!
 //! [`PacketHeader::identity`]: crate::decode::PacketHeader::identity
 
 use std::{
@@ -31,7 +35,7 @@ use std::{
 };
 
 use crate::{
-    decode::{Family, NftTraceType, Origin, TraceEvent, TraceId},
+    decode::{Family, NftTraceType, Origin, Table, TraceEvent, TraceId},
     instrument::Owner,
 };
 
@@ -39,6 +43,8 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PacketTrace {
     pub events: Vec<TraceEvent>,
+    /// Events of this packet may have been lost (see [`Correlator::events_lost`]).
+    pub incomplete: bool,
 }
 
 /// Open packets kept at most; past that the oldest is closed before its linger ends, so that a
@@ -57,6 +63,7 @@ struct OpenPacket {
     last_seen: Instant,
     /// Order of creation, to close the oldest first.
     serial: u64,
+    incomplete: bool,
 }
 
 #[derive(Debug)]
@@ -70,6 +77,8 @@ pub struct Correlator {
     creation: VecDeque<(u64, (Family, u64))>,
     open_count: usize,
     next_serial: u64,
+    /// Packets still to be opened after a loss that may have lost their first events.
+    after_loss: usize,
 }
 
 /// Whether `event` is iptrace's own marking rule, the first event of every packet its nf_tables
@@ -77,6 +86,17 @@ pub struct Correlator {
 fn starts_packet(event: &TraceEvent) -> bool {
     matches!(&event.origin, Origin::Nft { table, handle: Some(_), trace_type: NftTraceType::Rule, .. } if Owner::from_table_name(table).is_some())
 }
+
+/// Whether `event` can be the first event of a packet iptrace marked: its own nf_tables marking
+/// rule, or (marked by its TRACE rule in raw PREROUTING/OUTPUT) the raw table before routing.
+fn can_open_packet(event: &TraceEvent) -> bool {
+    starts_packet(event)
+        || matches!(&event.origin, Origin::Xtables { hook, table: Table::Raw, .. } if hook.stage() == 0)
+}
+
+/// Packets opened after a loss that are checked for a missing start: more than were in the
+/// middle of the hooks on all CPUs when the kernel could queue again.
+const CHECKED_AFTER_LOSS: usize = 256;
 
 /// The lowest rank: a packet that has no legacy event yet accepts any.
 const NO_RANK: (u8, i32) = (0, i32::MIN);
@@ -90,7 +110,21 @@ impl Correlator {
             creation: VecDeque::new(),
             open_count: 0,
             next_serial: 0,
+            after_loss: 0,
         }
+    }
+
+    /// Events were lost at this point of the stream: the open packets are marked incomplete, and
+    /// so are the next packets that begin with an event that cannot be a packet's first.
+    /// Returns how many open packets were marked.
+    pub fn events_lost(&mut self) -> usize {
+        let mut marked = 0;
+        for packet in self.open.values_mut().flatten().filter(|p| !p.incomplete) {
+            packet.incomplete = true;
+            marked += 1;
+        }
+        self.after_loss = CHECKED_AFTER_LOSS;
+        marked
     }
 
     /// Adds an event received at `now`. Returns a packet closed early to bound memory, if any.
@@ -133,11 +167,14 @@ impl Correlator {
             p.events.push(event);
             return None;
         }
+        let incomplete = self.after_loss > 0 && !can_open_packet(&event);
+        self.after_loss = self.after_loss.saturating_sub(1);
         candidates.push(OpenPacket {
             rank: rank.unwrap_or(NO_RANK),
             trace_id,
             last_seen: now,
             serial: self.next_serial,
+            incomplete,
             events: vec![event],
         });
         // A repeated id belongs to the newest packet that has it.
@@ -186,7 +223,7 @@ impl Correlator {
                 .retain(|(serial, key)| open.get(key).is_some_and(|ps| ps.iter().any(|p| p.serial == *serial)));
         }
         closed.sort_by_key(|p| p.serial);
-        closed.into_iter().map(|p| PacketTrace { events: p.events }).collect()
+        closed.into_iter().map(|p| PacketTrace { events: p.events, incomplete: p.incomplete }).collect()
     }
 
     fn close_oldest(&mut self) -> Option<PacketTrace> {
@@ -199,7 +236,7 @@ impl Correlator {
             }
             self.open_count -= 1;
             self.forget_trace_id(&packet);
-            return Some(PacketTrace { events: packet.events });
+            return Some(PacketTrace { events: packet.events, incomplete: packet.incomplete });
         }
         None
     }
@@ -220,7 +257,7 @@ impl Correlator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{Hook, NftFamily, NftTraceType, NftVerdict, PacketHeader, Table, TraceKind};
+    use crate::decode::{Hook, NftFamily, NftTraceType, NftVerdict, PacketHeader, TraceKind};
 
     fn event(packet: &[u8], hook: Hook, table: Table) -> TraceEvent {
         TraceEvent {
@@ -362,6 +399,30 @@ mod tests {
         assert_eq!((closed.events[0].packet.id, closed.events.len()), (1, 2));
         assert_eq!(c.open_packets(), MAX_OPEN);
         assert_eq!(c.flush_all().len(), MAX_OPEN);
+    }
+
+    #[test]
+    fn packets_around_a_loss_are_incomplete() {
+        let now = Instant::now();
+        let mut c = Correlator::new(Duration::from_millis(10));
+        let packet = |id: u8| {
+            let mut p = udp_v4([10, 5, 1, 7], 40000, 64);
+            p[4..6].copy_from_slice(&[id, 0]);
+            p
+        };
+        c.push(event(&packet(1), Hook::PreRouting, Table::Raw), now);
+        let done = c.flush_all();
+        assert!(!done[0].incomplete);
+        // Packet 2 is open at the loss; packet 3 starts after it where packets start, packet 4
+        // after it in FORWARD: its earlier events were lost.
+        c.push(event(&packet(2), Hook::PreRouting, Table::Raw), now);
+        assert_eq!(c.events_lost(), 1);
+        c.push(event(&packet(2), Hook::Forward, Table::Filter), now);
+        c.push(event(&packet(3), Hook::PreRouting, Table::Raw), now);
+        c.push(event(&packet(4), Hook::Forward, Table::Filter), now);
+        let done = c.flush_all();
+        let marks: Vec<_> = done.iter().map(|p| (p.events[0].packet.id, p.events.len(), p.incomplete)).collect();
+        assert_eq!(marks, [(0x0200, 2, true), (0x0300, 1, false), (0x0400, 1, true)]);
     }
 
     #[test]

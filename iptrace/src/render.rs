@@ -52,6 +52,25 @@ impl InterfaceNames for KernelInterfaceNames {
 
 /// Writes one packet's block. `steps` are in kernel order; iptrace's own rules are already gone.
 pub fn render_packet(steps: &[Step], names: &mut impl InterfaceNames, out: &mut impl Write) -> io::Result<()> {
+    render_block(steps, true, names, out)
+}
+
+/// Writes the block of a packet some of whose events may have been lost: the steps seen, and
+/// in place of a fate decided from them, `(incomplete: events lost)`.
+pub fn render_incomplete_packet(
+    steps: &[Step],
+    names: &mut impl InterfaceNames,
+    out: &mut impl Write,
+) -> io::Result<()> {
+    render_block(steps, false, names, out)
+}
+
+fn render_block(
+    steps: &[Step],
+    complete: bool,
+    names: &mut impl InterfaceNames,
+    out: &mut impl Write,
+) -> io::Result<()> {
     let Some(first) = steps.first() else { return Ok(()) };
     let mut text = String::with_capacity(256 + steps.len() * 96);
     text.push_str(&packet_line(&first.event, names));
@@ -85,7 +104,11 @@ pub fn render_packet(steps: &[Step], names: &mut impl InterfaceNames, out: &mut 
             mark = after;
         }
     }
-    let _ = writeln!(text, "{STEP}{}", fate(steps));
+    if complete {
+        let _ = writeln!(text, "{STEP}{}", fate(steps));
+    } else {
+        let _ = writeln!(text, "{STEP}(incomplete: events lost)");
+    }
     text.push('\n');
     out.write_all(text.as_bytes())
 }
@@ -484,5 +507,18 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         assert_eq!(fate(&steps), "verdict: REJECT at filter FORWARD #3");
         let steps = [step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, Position::Policy(Verdict::Drop))];
         assert_eq!(fate(&steps), "verdict: DROP by filter FORWARD policy");
+    }
+
+    #[test]
+    fn an_incomplete_packet_gets_no_fate() {
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let steps = [step(Hook::PreRouting, Table::Raw, "PREROUTING", &a, 0, Position::Policy(Verdict::Accept))];
+        let mut out = Vec::new();
+        render_incomplete_packet(&steps, &mut Names, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.ends_with("        raw PREROUTING\n                ACCEPT\n        (incomplete: events lost)\n\n"),
+            "{text}"
+        );
     }
 }

@@ -4,6 +4,7 @@
 use std::{
     fs,
     io::{self, Write},
+    os::fd::{AsFd as _, OwnedFd},
     process::Command,
     sync::{
         Arc, Mutex,
@@ -28,6 +29,7 @@ use crate::{
         self, InstrumentError, Instrumentation, Limit, Marker, Prefilter, TraceChain, TracePlan, XtBpfProgram,
     },
     netns::{self, NetnsError},
+    nftables,
     render::{self, KernelInterfaceNames},
     resolve::{self, ResolveError, Resolver},
     xtables::{Xtables, XtablesError},
@@ -113,7 +115,14 @@ pub struct Options {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub datagrams: AtomicU64,
+    /// Times the receive buffer overflowed (ENOBUFS): loss episodes.
     pub overruns: AtomicU64,
+    /// Trace messages the kernel could not queue, exactly (`sk_drops`).
+    pub lost: AtomicU64,
+    /// Blocks shown as `(incomplete: events lost)`.
+    pub incomplete: AtomicU64,
+    /// Trace messages still queued when the reader stopped.
+    pub unread: AtomicU64,
     pub messages: AtomicU64,
     pub events: AtomicU64,
     pub malformed: AtomicU64,
@@ -215,18 +224,15 @@ fn trace_instrumented(
     // The marking rules select in the kernel already, so every message is normally wanted and a
     // socket filter would only cost the forwarding CPU (it runs in the sender's context, about
     // 1 % of it when tracing one flow on a busy router). Only messages of packets marked by
-    // someone else (another TRACE or nftrace rule) need dropping: the reader selects in userspace
-    // and calls for the eBPF filter at the first one; it is verified and attached from a thread.
-    let kernel_selects = Arc::new(AtomicBool::new(false));
-    let (socket_filter_loader, socket_filter_wanted) = if options.socket_filter && filter.is_some() {
-        let (wanted_tx, wanted_rx) = mpsc::channel();
-        let loader =
-            spawn_socket_filter_loader(&socket, filter.as_ref(), options.ebpf_log, wanted_rx, kernel_selects.clone())?;
-        log::info!("the eBPF socket filter is attached at the first trace message the marking rules did not select");
-        (Some(loader), Some(wanted_tx))
-    } else {
-        (None, None)
+    // someone else (another TRACE or nftrace rule) need dropping. The filter is verified from
+    // the start, in the background, and attached before tracing starts when such a rule is
+    // there already, else by the reader at the first message the marking rules did not select.
+    let socket_filter = match &filter {
+        Some(f) if options.socket_filter => Some(SocketFilter::spawn(&socket, f, options.ebpf_log)?),
+        _ => None,
     };
+    // Looked for before iptrace's own marking rules exist: every marker found is someone else's.
+    let foreign_marker = socket_filter.is_some() && foreign_marker(backends);
     // Both markers select in the kernel: with native matches where the marker can express the
     // selection, and otherwise with the compiled program in an xt_bpf match.
     let native = options.selection.to_native()?.filter(|n| match backends.marker {
@@ -274,16 +280,30 @@ fn trace_instrumented(
     let stop = Arc::new(AtomicBool::new(false));
     // A short queue: a backlog waits in the kernel's receive buffer (large; counted as overruns
     // when it overflows), not in iptrace's memory.
-    let (datagrams_tx, datagrams_rx) = mpsc::sync_channel::<Vec<Bytes>>(DATAGRAM_BATCHES_QUEUED);
+    let (datagrams_tx, datagrams_rx) = mpsc::sync_channel::<Vec<Delivery>>(DATAGRAM_BATCHES_QUEUED);
+    let progress = Arc::new(ReadProgress::new());
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<(), RunError>>();
 
+    // Otherwise the loader is not waited for, not even at exit: a short run need not wait for
+    // the verifier.
+    let socket_filter = match socket_filter {
+        Some((filter, loader)) if foreign_marker => {
+            log::info!("another rule marks packets for tracing: attaching the eBPF socket filter before tracing");
+            filter.want();
+            // If the program was still being verified, the loader attaches it when done.
+            let _ = loader.join();
+            Some(filter)
+        }
+        other => other.map(|(filter, _)| filter),
+    };
     let reader = {
-        let (stop, stats) = (stop.clone(), stats.clone());
+        let (stop, stats, progress) = (stop.clone(), stats.clone(), progress.clone());
+        let socket_filter = socket_filter.clone();
         thread::Builder::new()
             .name("iptrace-reader".into())
             .spawn(move || {
-                let selection = Selecting { filter: userspace_filter, kernel_selects, socket_filter_wanted };
-                read_datagrams(&socket, selection, &stop, &stats, &datagrams_tx)
+                let selection = Selecting { filter: userspace_filter, socket_filter, kernel_selects: false };
+                read_datagrams(&socket, selection, &stop, &stats, &progress, &datagrams_tx);
             })
             .map_err(|e| RunError::Thread("reader", e))?
     };
@@ -297,15 +317,28 @@ fn trace_instrumented(
                 if let Some(generation) = generation {
                     decoder.start_at_generation(generation);
                 }
-                let result =
-                    process(datagrams_rx, decoder, resolver, out, &stats, count, linger, out_ifindex.as_deref());
+                let result = process(
+                    datagrams_rx,
+                    &progress,
+                    decoder,
+                    resolver,
+                    out,
+                    &stats,
+                    count,
+                    linger,
+                    out_ifindex.as_deref(),
+                );
                 let _ = done_tx.send(result);
             })
             .map_err(|e| RunError::Thread("processing", e))?
     };
 
     crate::note!("iptrace: {ready}");
-    let mut socket_filter = SocketFilterSlot::Loading(socket_filter_loader);
+    let flush_log = || {
+        if let Some(filter) = &socket_filter {
+            filter.flush_log();
+        }
+    };
     let ended = async {
         tokio::select! {
             result = done_rx => result.unwrap_or(Ok(())),
@@ -317,95 +350,146 @@ fn trace_instrumented(
             } => Err(failure.into()),
         }
     };
-    let result = runtime.block_on(signals.wait_for_end(options.duration, ended, || socket_filter.poll()));
+    let result = runtime.block_on(signals.wait_for_end(options.duration, ended, flush_log));
     if let Some(healer) = healer {
         stats.repairs.store(healer.stop(), Ordering::Relaxed);
     }
     stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
     let _ = processor.join();
-    if let Some(counters) = socket_filter.finish().and_then(|f| f.counters().ok()) {
+    if let Some(counters) = socket_filter.and_then(|f| f.counters()) {
         let _ = stats.ebpf.set(counters);
+    }
+    let lost = stats.lost.load(Ordering::Relaxed);
+    if lost > 0 {
+        crate::note!("iptrace: {} trace events lost in total (receive buffer full)", with_thousands(lost));
+    }
+    let unread = stats.unread.load(Ordering::Relaxed);
+    if unread > 0 {
+        crate::note!("iptrace: {} trace events were still queued at exit and are not shown", with_thousands(unread));
     }
     result.map(|()| stats)
 }
 
-/// A thread that, once `wanted` says so, loads `trace_filter`, attaches it to the trace socket and
-/// tells the reader that the kernel selects from now on. Without the eBPF filter, iptrace says so
-/// once and goes on selecting in userspace. It ends without loading when `wanted` is dropped.
-fn spawn_socket_filter_loader(
-    socket: &TraceSocket,
-    filter: Option<&CompiledFilter>,
-    log: bool,
-    wanted: mpsc::Receiver<()>,
-    kernel_selects: Arc<AtomicBool>,
-) -> Result<thread::JoinHandle<Option<TraceSocketFilter>>, RunError> {
-    // SO_ATTACH_BPF on a duplicate descriptor attaches to the same socket.
-    let fd = socket.fd().try_clone_to_owned().map_err(|e| RunError::Thread("socket filter", e))?;
-    let program = filter.map(|f| f.instructions().to_vec());
-    thread::Builder::new()
-        .name("iptrace-bpf".into())
-        .spawn(move || {
-            wanted.recv().ok()?;
-            log::info!("a trace message the marking rules did not select: loading the eBPF socket filter");
-            let attached = TraceSocketFilter::load(program.as_deref(), log).and_then(|mut f| {
-                use std::os::fd::AsFd as _;
-                f.attach(fd.as_fd()).map(|()| f)
-            });
-            match attached {
-                Ok(f) => {
-                    kernel_selects.store(true, Ordering::Release);
-                    log::info!("eBPF socket filter attached: the kernel selects trace messages now");
-                    Some(f)
-                }
-                Err(e) => {
-                    crate::note!(
-                        "iptrace: no eBPF socket filter ({}); selecting trace messages in userspace",
-                        crate::WithCauses(&e)
-                    );
-                    None
-                }
-            }
-        })
-        .map_err(|e| RunError::Thread("socket filter", e))
+/// The eBPF socket filter: verified in the background from the start and kept ready, attached
+/// to the trace socket when first wanted. Attaching is one `setsockopt`, made by whoever wants
+/// it (the reader, within microseconds of the first unwanted message), or by the loader as soon
+/// as the program is verified if it was wanted before.
+struct SocketFilter {
+    /// A duplicate of the trace socket's descriptor: `SO_ATTACH_BPF` on it attaches to the socket.
+    socket: OwnedFd,
+    state: Mutex<SocketFilterState>,
+    /// Attached: the kernel selects what is queued from now on.
+    attached: AtomicBool,
 }
 
-/// The socket filter, while its loader runs and after.
-enum SocketFilterSlot {
-    Loading(Option<thread::JoinHandle<Option<TraceSocketFilter>>>),
-    Done(Option<Box<TraceSocketFilter>>),
+#[derive(Default)]
+struct SocketFilterState {
+    /// The verifier's outcome; `None` while it runs.
+    loaded: Option<Result<TraceSocketFilter, BpfError>>,
+    wanted: bool,
 }
 
-impl SocketFilterSlot {
-    /// Takes the filter once loaded, and forwards its log records.
-    fn poll(&mut self) {
-        if let SocketFilterSlot::Loading(Some(loader)) = self
-            && loader.is_finished()
-        {
-            *self = SocketFilterSlot::Done(self.take_loader().and_then(|l| l.join().ok().flatten()).map(Box::new));
+impl SocketFilter {
+    /// Starts verifying `trace_filter` with `filter`'s program on a thread.
+    fn spawn(
+        socket: &TraceSocket,
+        filter: &CompiledFilter,
+        log: bool,
+    ) -> Result<(Arc<Self>, thread::JoinHandle<()>), RunError> {
+        let socket = socket.fd().try_clone_to_owned().map_err(|e| RunError::Thread("socket filter", e))?;
+        let this = Arc::new(Self {
+            socket,
+            state: Mutex::new(SocketFilterState::default()),
+            attached: AtomicBool::new(false),
+        });
+        let program = filter.instructions().to_vec();
+        let loader = {
+            let this = this.clone();
+            thread::Builder::new()
+                .name("iptrace-bpf".into())
+                .spawn(move || {
+                    let loaded = TraceSocketFilter::load(Some(&program), log);
+                    log::info!("eBPF socket filter verified: {}", if loaded.is_ok() { "ready" } else { "refused" });
+                    let mut state = this.lock();
+                    state.loaded = Some(loaded);
+                    if state.wanted {
+                        this.attach(&mut state);
+                    }
+                })
+                .map_err(|e| RunError::Thread("socket filter", e))?
+        };
+        Ok((this, loader))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SocketFilterState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Attaches the filter now, or as soon as it is verified.
+    fn want(&self) {
+        let mut state = self.lock();
+        if !state.wanted {
+            state.wanted = true;
+            self.attach(&mut state);
         }
-        if let SocketFilterSlot::Done(Some(filter)) = self {
+    }
+
+    /// Without the eBPF filter, iptrace says so once and goes on selecting in userspace.
+    fn attach(&self, state: &mut SocketFilterState) {
+        let refused =
+            |e: &BpfError| {
+                crate::note!(
+                    "iptrace: no eBPF socket filter ({}); selecting trace messages in userspace",
+                    crate::WithCauses(e)
+                )
+            };
+        match state.loaded.as_mut() {
+            None => {}
+            Some(Ok(filter)) => match filter.attach(self.socket.as_fd()) {
+                Ok(()) => {
+                    self.attached.store(true, Ordering::Release);
+                    log::info!("eBPF socket filter attached: the kernel selects trace messages now");
+                }
+                Err(e) => refused(&e),
+            },
+            Some(Err(e)) => refused(e),
+        }
+    }
+
+    fn attached(&self) -> bool {
+        self.attached.load(Ordering::Acquire)
+    }
+
+    /// Forwards the program's log records (`-vv`), unless the filter is being attached just now.
+    fn flush_log(&self) {
+        if let Ok(mut state) = self.state.try_lock()
+            && let Some(Ok(filter)) = state.loaded.as_mut()
+        {
             filter.flush_log();
         }
     }
 
-    fn take_loader(&mut self) -> Option<thread::JoinHandle<Option<TraceSocketFilter>>> {
-        match self {
-            SocketFilterSlot::Loading(loader) => loader.take(),
-            SocketFilterSlot::Done(_) => None,
+    /// The filter's counters, if it was attached.
+    fn counters(&self) -> Option<crate::bpf::FilterCounters> {
+        let state = self.lock();
+        match &state.loaded {
+            Some(Ok(filter)) if self.attached() => filter.counters().ok(),
+            _ => None,
         }
     }
+}
 
-    /// The filter, waiting for a loader still at work.
-    fn finish(mut self) -> Option<TraceSocketFilter> {
-        match self.take_loader() {
-            Some(loader) => loader.join().ok().flatten(),
-            None => match self {
-                SocketFilterSlot::Done(filter) => filter.map(|f| *f),
-                SocketFilterSlot::Loading(_) => None,
-            },
-        }
-    }
+/// Whether a rule in the traced netns marks packets for tracing: a TRACE rule in a legacy raw
+/// table, or an nf_tables `meta nftrace set 1` (iptables-nft's TRACE is one too).
+fn foreign_marker(backends: &Backends) -> bool {
+    let legacy_trace = backends.legacy.iter().any(|&family| {
+        let xtables = Xtables::new(family);
+        // Saving a table that does not exist would create it.
+        xtables.existing_tables().iter().any(|t| t == "raw")
+            && xtables.save("raw").is_ok_and(|rules| rules.lines().any(|l| l.split(' ').any(|w| w == "TRACE")))
+    });
+    legacy_trace || (backends.nft() && nftables::run(&["list", "ruleset"]).is_ok_and(|r| r.contains("nftrace set 1")))
 }
 
 /// Selections longer than xt_bpf's 64 inline instructions: iptrace's eBPF interpreter, pinned
@@ -524,8 +608,147 @@ impl Signals {
     }
 }
 
+/// What the reader hands on, in the order of the stream.
+enum Delivery {
+    Datagram(Bytes),
+    /// The kernel could not queue this many trace messages at this point (a full receive buffer).
+    Lost(u64),
+}
+
+/// How far the reader has read. The processing thread closes a packet as complete once its
+/// events have been quiet for `linger` *in what the reader has read*, not in wall time: when
+/// iptrace falls behind or is stopped (SIGSTOP), the rest of a packet's events may still wait in
+/// the receive buffer, and closing it then would decide its fate from part of its events.
+#[derive(Debug)]
+struct ReadProgress {
+    start: Instant,
+    /// When the reader last found the receive queue empty, after handing on what it had read:
+    /// nanoseconds since `start`.
+    emptied: AtomicU64,
+    /// The reader waits for a datagram: the queue is empty.
+    waiting: AtomicBool,
+}
+
+impl ReadProgress {
+    fn new() -> Self {
+        Self { start: Instant::now(), emptied: AtomicU64::new(0), waiting: AtomicBool::new(false) }
+    }
+
+    fn queue_emptied(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.emptied.store(nanos, Ordering::Release);
+    }
+
+    fn set_waiting(&self, waiting: bool) {
+        self.waiting.store(waiting, Ordering::Release);
+    }
+
+    /// An instant before which the kernel queued nothing the reader has not handed on yet.
+    /// Read it before checking that the channel is empty.
+    fn read_up_to(&self, now: Instant) -> Instant {
+        if self.waiting.load(Ordering::Acquire) {
+            now
+        } else {
+            self.start + Duration::from_nanos(self.emptied.load(Ordering::Acquire))
+        }
+    }
+}
+
+/// Finds where in the stream the kernel lost trace messages, and how many.
+///
+/// After an overrun the socket queues nothing until the reader has emptied the queue
+/// ([`TraceSocket::queue_state`]): the loss lies right after the datagrams queued when ENOBUFS
+/// is reported, one contiguous gap per overrun. The reader watches the queued bytes fall as it
+/// reads them; the gap is placed after the datagram that left the queue empty, or after which
+/// the queue grew (newer datagrams queued already: then the gap is at most a datagram or two
+/// early, and the packets around it are marked either way). The count is the kernel's own.
+#[derive(Debug, Default)]
+struct LossTracker {
+    /// `sk_drops` as far as already reported (0 when the socket was opened).
+    reported: u32,
+    /// While a gap is still to be placed: the bytes queued at the last look.
+    congested: Option<u32>,
+}
+
+impl LossTracker {
+    /// At ENOBUFS. Returns the number lost when the gap is here already (nothing was queued).
+    fn overrun(&mut self, socket: &TraceSocket) -> Option<u64> {
+        let queued = socket.queue_state().map_or(0, |q| q.queued_bytes);
+        self.congested = Some(queued);
+        if queued == 0 { self.gap_here(socket) } else { None }
+    }
+
+    /// After a datagram: the number lost when the gap follows it.
+    fn after_datagram(&mut self, socket: &TraceSocket) -> Option<u64> {
+        let before = self.congested?;
+        let first = socket.queue_state().ok()?;
+        if first.queued_bytes != 0 && first.queued_bytes >= before {
+            // Grown: newer datagrams were queued, or a delivery failing just now had added its
+            // size for an instant (`netlink_attachskb()` adds it, finds no room, takes it back,
+            // counts a drop). A second look tells them apart.
+            let second = socket.queue_state().ok()?;
+            if second.queued_bytes < before || second.drops != first.drops {
+                self.congested = Some(second.queued_bytes.min(before));
+                return None;
+            }
+        } else if first.queued_bytes != 0 {
+            self.congested = Some(first.queued_bytes);
+            return None;
+        }
+        self.gap_here(socket)
+    }
+
+    /// With the queue empty (and at the end): whatever was lost and not yet placed is here.
+    fn gap_here(&mut self, socket: &TraceSocket) -> Option<u64> {
+        self.congested = None;
+        let drops = socket.queue_state().ok()?.drops;
+        let lost = drops.wrapping_sub(self.reported);
+        self.reported = drops;
+        (lost > 0).then_some(u64::from(lost))
+    }
+}
+
+/// How the reader selects: in userspace until the kernel does.
+struct Selecting {
+    filter: Option<UserspaceFilter>,
+    /// Wanted at the first datagram the userspace selection drops.
+    socket_filter: Option<Arc<SocketFilter>>,
+    /// The eBPF filter is attached, and every datagram queued before it was has been read.
+    kernel_selects: bool,
+}
+
+impl Selecting {
+    /// Whether the datagram is wanted; counts the userspace selection's decisions.
+    fn keep(&mut self, datagram: &[u8], stats: &Stats) -> bool {
+        let Some(filter) = self.filter.as_mut().filter(|_| !self.kernel_selects) else { return true };
+        stats.userspace_seen.fetch_add(1, Ordering::Relaxed);
+        let keep = filter.keep(datagram);
+        let counter = if keep { &stats.userspace_passed } else { &stats.userspace_dropped };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if !keep && let Some(socket_filter) = &self.socket_filter {
+            socket_filter.want();
+        }
+        keep
+    }
+
+    /// Whether the eBPF filter is attached; to ask before a receive.
+    fn attached(&self) -> bool {
+        self.socket_filter.as_ref().is_some_and(|f| f.attached())
+    }
+
+    /// The queue was found empty, and the filter was `attached` before: whatever comes now
+    /// passed it.
+    fn queue_emptied(&mut self, attached: bool) {
+        if attached && !self.kernel_selects {
+            self.kernel_selects = true;
+            log::info!("every trace message queued before the eBPF filter was read: no more selecting in userspace");
+        }
+    }
+}
+
 /// The reader: drains the socket as fast as it can into shared buffers and hands them on, so
-/// that formatting never holds up the receive path (the kernel drops what does not fit).
+/// that formatting never holds up the receive path (the kernel drops what does not fit; see
+/// [`LossTracker`] for how that is found and counted).
 ///
 /// It waits only for the first datagram of a batch and then takes whatever else is queued
 /// without waiting (MSG_DONTWAIT), up to `MAX_BATCH`: the processing thread's per-batch work
@@ -538,22 +761,15 @@ impl Signals {
 /// others of that burst queue up for `GATHER` before taking them, so that the two threads wake
 /// once per burst instead of once per message; at full rate the queue is never empty and it
 /// never waits.
-/// With `userspace_filter`, unselected datagrams are dropped here, as the eBPF filter drops them
-/// in the kernel once `kernel_selects`.
-/// How the reader selects: in userspace until the kernel does.
-struct Selecting {
-    filter: Option<UserspaceFilter>,
-    kernel_selects: Arc<AtomicBool>,
-    /// Told at the first datagram the userspace selection drops, to load the eBPF filter.
-    socket_filter_wanted: Option<mpsc::Sender<()>>,
-}
-
+/// Unselected datagrams are dropped here until the eBPF filter drops them in the kernel
+/// ([`Selecting`]).
 fn read_datagrams(
     socket: &TraceSocket,
     mut selecting: Selecting,
     stop: &AtomicBool,
     stats: &Stats,
-    tx: &mpsc::SyncSender<Vec<Bytes>>,
+    progress: &ReadProgress,
+    tx: &mpsc::SyncSender<Vec<Delivery>>,
 ) {
     // Small enough that the few chunks batches in flight keep alive stay a few MiB.
     const CHUNK: usize = 1 << 18;
@@ -565,6 +781,13 @@ fn read_datagrams(
     let mut scratch = vec![0u8; MAX_DATAGRAM];
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut drain_deadline: Option<Instant> = None;
+    let mut loss = LossTracker::default();
+    let lost = |batch: &mut Vec<Delivery>, count: Option<u64>| {
+        if let Some(count) = count {
+            stats.lost.fetch_add(count, Ordering::Relaxed);
+            batch.push(Delivery::Lost(count));
+        }
+    };
     loop {
         if drain_deadline.is_none() && stop.load(Ordering::Relaxed) {
             drain_deadline = Some(Instant::now() + DRAIN_LIMIT);
@@ -573,10 +796,14 @@ fn read_datagrams(
             break;
         }
         let mut woke = false;
+        let attached = selecting.attached();
         let received = match socket.receive_queued(&mut scratch) {
             Ok(Received::Idle) if batch.is_empty() && drain_deadline.is_none() => {
                 woke = true;
-                socket.receive(&mut scratch)
+                progress.set_waiting(true);
+                let received = socket.receive(&mut scratch);
+                progress.set_waiting(false);
+                received
             }
             other => other,
         };
@@ -584,25 +811,26 @@ fn read_datagrams(
             Ok(Received::Datagram(n)) => {
                 stats.datagrams.fetch_add(1, Ordering::Relaxed);
                 let datagram = &scratch[..n];
-                let userspace = selecting.filter.as_mut().filter(|_| !selecting.kernel_selects.load(Ordering::Acquire));
-                if keep_datagram(userspace, datagram, stats) {
+                if selecting.keep(datagram, stats) {
                     if chunk.capacity() < n {
                         chunk = BytesMut::with_capacity(CHUNK.max(n));
                     }
                     chunk.extend_from_slice(datagram);
-                    batch.push(chunk.split().freeze());
-                } else if let Some(wanted) = selecting.socket_filter_wanted.take() {
-                    let _ = wanted.send(());
+                    batch.push(Delivery::Datagram(chunk.split().freeze()));
                 }
+                lost(&mut batch, loss.after_datagram(socket));
                 false
             }
             Ok(Received::Overrun) => {
                 stats.overruns.fetch_add(1, Ordering::Relaxed);
-                // An empty datagram tells the decoder that messages were lost here.
-                batch.push(Bytes::new());
+                lost(&mut batch, loss.overrun(socket));
                 false
             }
-            Ok(Received::Idle) => true,
+            Ok(Received::Idle) => {
+                lost(&mut batch, loss.gap_here(socket));
+                selecting.queue_emptied(attached);
+                true
+            }
             Err(e) => {
                 crate::note!("iptrace: {}", crate::WithCauses(&e));
                 break;
@@ -617,132 +845,250 @@ fn read_datagrams(
         {
             return;
         }
-        if queue_empty && drain_deadline.is_some() {
-            break;
+        if queue_empty {
+            progress.queue_emptied();
+            if drain_deadline.is_some() {
+                break;
+            }
         }
     }
+    lost(&mut batch, loss.gap_here(socket));
     if !batch.is_empty() {
         let _ = tx.send(batch);
     }
-}
-
-/// Runs the userspace selection, when there is one, and counts its decision.
-fn keep_datagram(filter: Option<&mut UserspaceFilter>, datagram: &[u8], stats: &Stats) -> bool {
-    let Some(filter) = filter else { return true };
-    stats.userspace_seen.fetch_add(1, Ordering::Relaxed);
-    let keep = filter.keep(datagram);
-    let counter = if keep { &stats.userspace_passed } else { &stats.userspace_dropped };
-    counter.fetch_add(1, Ordering::Relaxed);
-    keep
+    // What the drain did not get to is counted, not shown (for as long again at most).
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    while Instant::now() < deadline && matches!(socket.receive_queued(&mut scratch), Ok(Received::Datagram(_))) {
+        stats.unread.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Decode → correlate → resolve → render, until the reader stops or `count` packets are shown.
 #[allow(clippy::too_many_arguments)]
 fn process(
-    rx: mpsc::Receiver<Vec<Bytes>>,
-    mut decoder: Decoder,
-    mut resolver: Resolver,
+    rx: mpsc::Receiver<Vec<Delivery>>,
+    progress: &ReadProgress,
+    decoder: Decoder,
+    resolver: Resolver,
     out: Box<dyn Write + Send>,
     stats: &Stats,
     count: Option<u64>,
     linger: Duration,
     out_ifindex: Option<&AtomicU32>,
 ) -> Result<(), RunError> {
-    let mut out = io::BufWriter::with_capacity(1 << 16, out);
-    let mut correlator = Correlator::new(linger);
-    let mut names = KernelInterfaceNames::default();
-    let mut events = Vec::new();
-    let mut shown = 0u64;
-    let mut emit = |trace: PacketTrace,
-                    resolver: &mut Resolver,
-                    out: &mut io::BufWriter<Box<dyn Write + Send>>|
-     -> Result<bool, RunError> {
-        if count.is_some_and(|c| shown >= c) {
-            return Ok(true);
-        }
-        // The index is the current one of the `-o` interface's name (it follows a recreation).
-        let out_ifindex = out_ifindex.map(|o| o.load(Ordering::Relaxed));
-        if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
-            return Ok(false);
-        }
-        let steps: Vec<_> = trace.events.into_iter().filter_map(|e| resolver.resolve(e)).collect();
-        if steps.is_empty() {
-            return Ok(false);
-        }
-        render::render_packet(&steps, &mut names, out).map_err(RunError::Output)?;
-        shown += 1;
-        stats.packets_shown.fetch_add(1, Ordering::Relaxed);
-        Ok(count.is_some_and(|c| shown >= c))
-    };
-    let finish = |out: &mut io::BufWriter<Box<dyn Write + Send>>| match out.flush() {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.map_err(RunError::Output),
+    let mut pipeline = Pipeline {
+        decoder,
+        correlator: Correlator::new(linger),
+        resolver,
+        out: io::BufWriter::with_capacity(1 << 16, out),
+        names: KernelInterfaceNames::default(),
+        events: Vec::new(),
+        shown: 0,
+        count,
+        out_ifindex,
+        stats,
+        loss_report: LossReport::default(),
     };
     loop {
-        let batch = rx.recv_timeout(Duration::from_millis(10));
+        let received = rx.recv_timeout(Duration::from_millis(10));
         let now = Instant::now();
-        match batch {
-            Ok(datagrams) => {
-                let epoch = resolver.epoch()?;
-                for d in &datagrams {
-                    if d.is_empty() {
-                        decoder.messages_lost();
-                    }
-                    // Malformed messages are counted; the rest of the datagram still counts.
-                    let _ = decoder.decode_datagram(d, &mut events);
-                }
-                for commit in decoder.commits.drain(..) {
-                    resolver.nft_committed(commit);
-                }
-                for mut e in events.drain(..) {
-                    e.epoch = epoch;
-                    if let Some(early) = correlator.push(e, now)
-                        && emit(early, &mut resolver, &mut out)?
-                    {
-                        return finish(&mut out);
-                    }
+        match received {
+            Ok(batch) => {
+                if pipeline.handle(batch, now)? {
+                    return pipeline.finish();
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 // Checks go on while nothing arrives: an event after a quiet spell is then known
                 // to follow the changes made in it.
-                resolver.epoch()?;
+                pipeline.resolver.epoch()?;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        for trace in correlator.flush_idle(now) {
-            if emit(trace, &mut resolver, &mut out)? {
-                return finish(&mut out);
-            }
+        // Packets are closed only with everything read so far processed: the reader's progress
+        // first, then the channel found empty.
+        let read_up_to = progress.read_up_to(now);
+        let done = match rx.try_recv() {
+            Ok(batch) => pipeline.handle(batch, now)?,
+            Err(mpsc::TryRecvError::Empty) => pipeline.flush_idle(read_up_to)?,
+            Err(mpsc::TryRecvError::Disconnected) => break,
+        };
+        if done {
+            return pipeline.finish();
         }
-        let c = decoder.counts;
+        pipeline.loss_report.print_pending(now);
+        let c = pipeline.decoder.counts;
         stats.messages.store(c.messages, Ordering::Relaxed);
         stats.events.store(c.events, Ordering::Relaxed);
         stats.malformed.store(c.malformed, Ordering::Relaxed);
-        match out.flush() {
+        match pipeline.out.flush() {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
             other => other.map_err(RunError::Output)?,
         }
     }
-    for trace in correlator.flush_all() {
-        if emit(trace, &mut resolver, &mut out)? {
+    for trace in pipeline.correlator.flush_all() {
+        if pipeline.emit(trace)? {
             break;
         }
     }
-    finish(&mut out)
+    pipeline.finish()
+}
+
+/// The processing thread's stages and output.
+struct Pipeline<'a> {
+    decoder: Decoder,
+    correlator: Correlator,
+    resolver: Resolver,
+    out: io::BufWriter<Box<dyn Write + Send>>,
+    names: KernelInterfaceNames,
+    /// Scratch for one datagram's events.
+    events: Vec<crate::decode::TraceEvent>,
+    shown: u64,
+    count: Option<u64>,
+    /// The current index of the `-o` interface's name (it follows a recreation).
+    out_ifindex: Option<&'a AtomicU32>,
+    stats: &'a Stats,
+    loss_report: LossReport,
+}
+
+impl Pipeline<'_> {
+    /// Decodes and correlates one batch; true when `count` packets have been shown.
+    fn handle(&mut self, batch: Vec<Delivery>, now: Instant) -> Result<bool, RunError> {
+        let epoch = self.resolver.epoch()?;
+        for delivery in &batch {
+            match delivery {
+                Delivery::Datagram(d) => {
+                    // Malformed messages are counted; the rest of the datagram still counts.
+                    let _ = self.decoder.decode_datagram(d, &mut self.events);
+                    for commit in self.decoder.commits.drain(..) {
+                        self.resolver.nft_committed(commit);
+                    }
+                }
+                Delivery::Lost(n) => {
+                    // The rule-set changes announced in the gap are unknown too.
+                    self.decoder.messages_lost();
+                    if self.push_events(epoch, now)? {
+                        return Ok(true);
+                    }
+                    self.correlator.events_lost();
+                    self.loss_report.add(*n, now);
+                }
+            }
+        }
+        self.push_events(epoch, now)
+    }
+
+    fn push_events(&mut self, epoch: u64, now: Instant) -> Result<bool, RunError> {
+        let mut events = std::mem::take(&mut self.events);
+        for mut e in events.drain(..) {
+            e.epoch = epoch;
+            if let Some(early) = self.correlator.push(e, now)
+                && self.emit(early)?
+            {
+                return Ok(true);
+            }
+        }
+        self.events = events;
+        Ok(false)
+    }
+
+    /// Emits the packets quiet for `linger` before `read_up_to`.
+    fn flush_idle(&mut self, read_up_to: Instant) -> Result<bool, RunError> {
+        for trace in self.correlator.flush_idle(read_up_to) {
+            if self.emit(trace)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Renders one packet; true when `count` packets have been shown.
+    fn emit(&mut self, trace: PacketTrace) -> Result<bool, RunError> {
+        if self.count.is_some_and(|c| self.shown >= c) {
+            return Ok(true);
+        }
+        let out_ifindex = self.out_ifindex.map(|o| o.load(Ordering::Relaxed));
+        if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
+            return Ok(false);
+        }
+        let steps: Vec<_> = trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)).collect();
+        if steps.is_empty() {
+            return Ok(false);
+        }
+        if trace.incomplete {
+            render::render_incomplete_packet(&steps, &mut self.names, &mut self.out).map_err(RunError::Output)?;
+            self.stats.incomplete.fetch_add(1, Ordering::Relaxed);
+        } else {
+            render::render_packet(&steps, &mut self.names, &mut self.out).map_err(RunError::Output)?;
+        }
+        self.shown += 1;
+        self.stats.packets_shown.fetch_add(1, Ordering::Relaxed);
+        Ok(self.count.is_some_and(|c| self.shown >= c))
+    }
+
+    fn finish(&mut self) -> Result<(), RunError> {
+        match self.out.flush() {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            other => other.map_err(RunError::Output),
+        }
+    }
+}
+
+/// Says on stderr that trace events were lost: at once, then at most once a second.
+#[derive(Debug, Default)]
+struct LossReport {
+    pending: u64,
+    last: Option<Instant>,
+}
+
+impl LossReport {
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    fn add(&mut self, lost: u64, now: Instant) {
+        self.pending += lost;
+        self.print_pending(now);
+    }
+
+    fn print_pending(&mut self, now: Instant) {
+        if self.pending == 0 || self.last.is_some_and(|last| now.duration_since(last) < Self::INTERVAL) {
+            return;
+        }
+        crate::note!(
+            "iptrace: {} trace events lost (receive buffer full); blocks around them may be incomplete",
+            with_thousands(self.pending)
+        );
+        self.pending = 0;
+        self.last = Some(now);
+    }
+}
+
+/// `104233` as `104,233`.
+fn with_thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut text = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            text.push(',');
+        }
+        text.push(digit);
+    }
+    text
 }
 
 impl Stats {
     pub fn report(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut report = format!(
-            "iptrace: stats: {} datagrams, {} messages, {} trace events decoded, {} malformed, {} packets shown, {} receive-buffer overruns",
+            "iptrace: stats: {} datagrams, {} messages, {} trace events decoded, {} malformed, {} packets shown, {} receive-buffer overruns, {} trace events lost, {} blocks incomplete, {} trace events unread at exit",
             g(&self.datagrams),
             g(&self.messages),
             g(&self.events),
             g(&self.malformed),
             g(&self.packets_shown),
-            g(&self.overruns)
+            g(&self.overruns),
+            g(&self.lost),
+            g(&self.incomplete),
+            g(&self.unread)
         );
         if let Some(c) = self.ebpf.get() {
             report.push_str(&format!(

@@ -206,6 +206,30 @@ pub fn blocks(stdout: &str) -> Vec<Block> {
         .collect()
 }
 
+/// Waits until the tracer in `role`'s namespace has read what the kernel queued for it: the
+/// receive queues of the NETLINK_NETFILTER sockets there are empty (`/proc/net/netlink`, Rmem),
+/// and a little longer for its processing thread.
+pub fn wait_until_read(lab: &Lab, role: Role) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = lab.exec(role, &["cat", "/proc/net/netlink"], "").expect("reading /proc/net/netlink");
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        let queued: u64 = table
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|fields| fields.get(1) == Some(&"12"))
+            .filter_map(|fields| fields.get(4)?.parse::<u64>().ok())
+            .sum();
+        if queued == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the tracer did not read its queue: {table}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    thread::sleep(Duration::from_millis(500));
+}
+
 /// The blocks whose packet line contains every one of `needles`.
 pub fn blocks_with<'a>(all: &'a [Block], needles: &[&str]) -> Vec<&'a Block> {
     all.iter().filter(|b| needles.iter().all(|n| b.packet.contains(n))).collect()

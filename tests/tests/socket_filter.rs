@@ -1,7 +1,8 @@
 //! The kernel-side selection at the trace socket, end to end: with a foreign TRACE rule that
 //! traces every packet, only the selected packets' messages reach iptrace (the eBPF filter,
-//! loaded at the first unselected message, drops the rest before they are queued), without one
-//! the filter is never loaded, NAT does not cut a selected packet's trace short, the
+//! attached before tracing starts, drops the rest before they are queued, also in a flood that
+//! starts with the ready line), without one the filter is never attached, NAT does not cut a
+//! selected packet's trace short, the
 //! userspace fallback gives the same result, and selections too long for xt_bpf are prefiltered
 //! by iptrace's pinned eBPF program.
 
@@ -9,44 +10,39 @@ use std::{net::SocketAddr, thread, time::Duration};
 
 use iptrace_tests::{
     Block, Lab, Role, Tracer, addr, blocks, firewall_state, lab, load_sample_rules, require_root, run_iptrace,
+    wait_until_read,
 };
+
+/// Someone else's `-j TRACE` on every packet.
+const FOREIGN_TRACE: &[&str] = &[
+    "iptables-legacy",
+    "-t",
+    "raw",
+    "-A",
+    "PREROUTING",
+    "-m",
+    "comment",
+    "--comment",
+    "someone else's trace",
+    "-j",
+    "TRACE",
+];
 
 /// The lab with a foreign `-j TRACE` on every packet and a DNAT of UDP port 9999 to 9998.
 fn foreign_trace_lab(test: &str) -> Lab {
+    let lab = foreign_trace_lab_without_the_trace(test);
+    lab.exec(Role::Router, FOREIGN_TRACE, "").unwrap();
+    lab
+}
+
+/// The sample rules and a DNAT of UDP port 9999 to 9998.
+fn foreign_trace_lab_without_the_trace(test: &str) -> Lab {
     let lab = lab(test);
     load_sample_rules(&lab).unwrap();
-    for args in [
-        &[
-            "iptables-legacy",
-            "-t",
-            "raw",
-            "-A",
-            "PREROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            "someone else's trace",
-            "-j",
-            "TRACE",
-        ][..],
-        &[
-            "iptables-legacy",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "udp",
-            "--dport",
-            "9999",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "172.16.2.2:9998",
-        ],
-    ] {
-        lab.exec(Role::Router, args, "").unwrap();
-    }
+    let dnat = "-t nat -A PREROUTING -p udp --dport 9999 -j DNAT --to-destination 172.16.2.2:9998";
+    let mut args = vec!["iptables-legacy"];
+    args.extend(dnat.split(' '));
+    lab.exec(Role::Router, &args, "").unwrap();
     lab
 }
 
@@ -70,19 +66,17 @@ fn run_flood(lab: &Lab, extra: &[&str]) -> (Vec<Block>, String) {
     let mut args = vec!["--netns", &ns, "--stats", "-v"];
     args.extend_from_slice(extra);
     args.push("udp port 9999");
-    let mut tracer = Tracer::start(&args);
+    let tracer = Tracer::start(&args);
     let client = SocketAddr::new(addr::CLIENT, 0);
     if !extra.contains(&"--no-socket-filter") {
-        // The first message the marking rules did not select calls for the eBPF filter; until the
-        // verifier is done, iptrace selects in userspace. This test is about the kernel.
-        lab.udp(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected").unwrap();
-        tracer.wait_for_stderr("eBPF socket filter attached");
+        // Someone else's rule marks packets already: the filter is attached before tracing.
+        assert!(tracer.ready().contains("eBPF socket filter attached"), "{}", tracer.ready());
     }
     lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected", 10_000).unwrap();
     for _ in 0..10 {
         lab.udp(Role::Client, client, SocketAddr::new(addr::SERVER, 9999), b"selected").unwrap();
     }
-    thread::sleep(Duration::from_millis(500));
+    wait_until_read(lab, Role::Router);
     let out = tracer.stop(libc::SIGTERM);
     assert!(out.status.success(), "{out:?}");
     (blocks(&out.stdout), out.stderr)
@@ -165,9 +159,69 @@ fn no_socket_filter_while_every_message_is_selected() {
     let out = tracer.stop(libc::SIGTERM);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(blocks(&out.stdout).len(), 5, "{}", out.stdout);
-    assert!(!out.stderr.contains("loading the eBPF socket filter"), "{}", out.stderr);
+    assert!(!out.stderr.contains("eBPF socket filter attached"), "{}", out.stderr);
     assert!(!out.stderr.contains("selection (eBPF)"), "{}", out.stderr);
     assert_eq!(stat(&out.stderr, "selection (userspace)", " dropped"), 0, "{}", out.stderr);
+}
+
+/// A flood that starts the moment iptrace says it traces: with someone else's TRACE rule there
+/// from the start, the filter is attached before the ready line, so the kernel drops the
+/// unselected messages from the first one on.
+#[test]
+fn the_socket_filter_is_ready_when_tracing_starts() {
+    if !require_root("the_socket_filter_is_ready_when_tracing_starts") {
+        return;
+    }
+    let lab = foreign_trace_lab("sockfltready");
+    let ns = lab.ns(Role::Router);
+    let tracer = Tracer::start(&["--netns", &ns, "--stats", "udp port 9999"]);
+    let client = SocketAddr::new(addr::CLIENT, 0);
+    lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected", 10_000).unwrap();
+    for _ in 0..10 {
+        lab.udp(Role::Client, client, SocketAddr::new(addr::SERVER, 9999), b"selected").unwrap();
+    }
+    wait_until_read(&lab, Role::Router);
+    let out = tracer.stop(libc::SIGTERM);
+    assert!(out.status.success(), "{out:?}");
+    assert_only_the_selected_packets(&blocks(&out.stdout), 10);
+    let in_kernel = stat(&out.stderr, "selection (eBPF)", " dropped");
+    let in_userspace = if out.stderr.contains("selection (userspace)") {
+        stat(&out.stderr, "selection (userspace)", " dropped")
+    } else {
+        0
+    };
+    assert!(in_kernel >= 10_000, "{}", out.stderr);
+    assert!(in_userspace * 100 <= in_kernel + in_userspace, "at least 99 % dropped in the kernel: {}", out.stderr);
+}
+
+/// Someone else's TRACE rule that comes after iptrace started: the filter, verified since the
+/// start, is attached at the first message iptrace's marking did not select, in time to drop
+/// nearly all of a flood in the kernel; what was queued before it is selected in userspace.
+#[test]
+fn the_socket_filter_is_attached_at_once_when_someone_starts_tracing() {
+    if !require_root("the_socket_filter_is_attached_at_once_when_someone_starts_tracing") {
+        return;
+    }
+    let lab = foreign_trace_lab_without_the_trace("sockfltlate");
+    let ns = lab.ns(Role::Router);
+    let mut tracer = Tracer::start(&["--netns", &ns, "--stats", "-v", "udp port 9999"]);
+    if !tracer.ready().contains("eBPF socket filter verified") {
+        tracer.wait_for_stderr("eBPF socket filter verified");
+    }
+    lab.exec(Role::Router, FOREIGN_TRACE, "").unwrap();
+    let client = SocketAddr::new(addr::CLIENT, 0);
+    lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected", 10_000).unwrap();
+    for _ in 0..10 {
+        lab.udp(Role::Client, client, SocketAddr::new(addr::SERVER, 9999), b"selected").unwrap();
+    }
+    wait_until_read(&lab, Role::Router);
+    let out = tracer.stop(libc::SIGTERM);
+    assert!(out.status.success(), "{out:?}");
+    assert_only_the_selected_packets(&blocks(&out.stdout), 10);
+    let in_kernel = stat(&out.stderr, "selection (eBPF)", " dropped");
+    let in_userspace = stat(&out.stderr, "selection (userspace)", " dropped");
+    assert!(in_kernel >= 10_000, "{}", out.stderr);
+    assert!(in_userspace * 100 <= in_kernel + in_userspace, "at least 99 % dropped in the kernel: {}", out.stderr);
 }
 
 #[test]

@@ -72,6 +72,18 @@ pub enum Received {
     Overrun,
 }
 
+/// The socket's receive queue as the kernel accounts it (`SO_MEMINFO`, `sk_get_meminfo()`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueState {
+    /// Bytes queued (`sk_rmem_alloc`, the datagrams' true sizes): 0 when the queue is empty.
+    pub queued_bytes: u32,
+    /// Datagrams the kernel could not queue since the socket was opened (`sk_drops`, a 32-bit
+    /// counter that wraps): `netlink_overrun()` counts every one, unicast (nflog) and multicast
+    /// (nf_tables trace) alike; the socket filter's drops are not counted. Each trace datagram
+    /// holds one message, so this counts lost trace messages exactly.
+    pub drops: u32,
+}
+
 /// A NETLINK_NETFILTER socket receiving trace events: nflog group 0, `NFNLGRP_NFTRACE`, or both.
 pub struct TraceSocket {
     socket: NlSocket,
@@ -189,16 +201,51 @@ impl TraceSocket {
         self.receive_with(buf, Msg::DONTWAIT)
     }
 
+    /// [`Received::Idle`] means the queue was empty: a wait a signal interrupted (EINTR, which
+    /// with a receive timeout set the kernel does not restart, also not after SIGSTOP and
+    /// SIGCONT) is made again, so that it cannot pass for one.
     fn receive_with(&self, buf: &mut [u8], flags: Msg) -> Result<Received, CaptureError> {
-        match self.socket.recv(&mut *buf, flags) {
-            Ok((n, _)) => Ok(Received::Datagram(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) => {
-                Ok(Received::Idle)
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(Received::Idle),
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Received::Overrun),
-            Err(e) => Err(CaptureError::Receive(e)),
+        loop {
+            return match self.socket.recv(&mut *buf, flags) {
+                Ok((n, _)) => Ok(Received::Datagram(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) => {
+                    Ok(Received::Idle)
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Received::Overrun),
+                Err(e) => Err(CaptureError::Receive(e)),
+            };
         }
+    }
+
+    /// The receive queue's fill and drop count.
+    ///
+    /// After an overrun the socket is congested (`NETLINK_S_CONGESTED`): it queues nothing more,
+    /// however much room there is, until a receive finds the queue empty (`netlink_rcv_wake()`).
+    /// So what is queued when ENOBUFS is reported all came before the lost messages, and the
+    /// first datagram after the loss is the first one queued after the queue ran empty.
+    pub fn queue_state(&self) -> Result<QueueState, CaptureError> {
+        // The kernel copies at most the length asked for (newer kernels have more fields).
+        const FIELDS: usize = libc::SK_MEMINFO_DROPS as usize + 1;
+        let mut meminfo = [0u32; FIELDS];
+        let mut len = libc::socklen_t::try_from(size_of_val(&meminfo)).unwrap_or(0);
+        // SAFETY: `meminfo` is writable for `len` bytes, and `len` is a valid socklen_t.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MEMINFO,
+                meminfo.as_mut_ptr().cast(),
+                &raw mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(CaptureError::SocketOption { option: "SO_MEMINFO", source: io::Error::last_os_error() });
+        }
+        Ok(QueueState {
+            queued_bytes: meminfo[libc::SK_MEMINFO_RMEM_ALLOC as usize],
+            drops: meminfo[libc::SK_MEMINFO_DROPS as usize],
+        })
     }
 
     /// For attaching the socket filter.
