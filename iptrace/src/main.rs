@@ -4,7 +4,7 @@
 
 use std::{io, process::ExitCode};
 
-use iptrace::{cli::Cli, demo, instrument, netns, run};
+use iptrace::{cli::Cli, demo, instrument, netns, render::Printable, run};
 
 fn main() -> ExitCode {
     let cli = Cli::parse_normalized();
@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         default_hook(info);
         // Leave nothing behind, whichever thread panicked.
         for e in run::teardown_active() {
-            eprintln!("iptrace: cleanup: {e}");
+            eprintln!("iptrace: cleanup: {}", Printable(e));
         }
         std::process::exit(101);
     }));
@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err((e, code)) => {
-            eprintln!("iptrace: {e:#}");
+            eprintln!("iptrace: {}", Printable(format_args!("{e:#}")));
             ExitCode::from(code)
         }
     }
@@ -60,7 +60,7 @@ fn cleanup(netns_name: Option<&str>) -> Result<(), (anyhow::Error, u8)> {
         println!("iptrace: nothing to clean up");
     }
     for line in removed {
-        println!("iptrace: removed {line}");
+        println!("iptrace: removed {}", Printable(line));
     }
     Ok(())
 }
@@ -74,7 +74,7 @@ fn init_logging(verbose: u8) {
         }
         fn log(&self, record: &log::Record<'_>) {
             if self.enabled(record.metadata()) {
-                eprintln!("iptrace: {}: {}", record.level().as_str().to_lowercase(), record.args());
+                eprintln!("iptrace: {}: {}", record.level().as_str().to_lowercase(), Printable(record.args()));
             }
         }
         fn flush(&self) {}

@@ -9,7 +9,7 @@
 use std::{
     collections::HashMap,
     ffi::CStr,
-    fmt::Write as _,
+    fmt::{self, Write as _},
     io::{self, Write},
     net::IpAddr,
 };
@@ -96,11 +96,11 @@ fn step_lines(step: &Step, text: &mut String) {
         Position::Rule { number, rule } | Position::XtablesNftRule { number, rule, .. } => {
             let _ = write!(text, "{STEP}{place} (#{number})");
             if let Some(comment) = &rule.comment {
-                let _ = write!(text, " /* {comment} */");
+                let _ = write!(text, " /* {} */", Printable(comment));
             }
             text.push('\n');
             if !rule.matches.is_empty() {
-                let _ = writeln!(text, "{DETAIL}{}", rule.matches);
+                let _ = writeln!(text, "{DETAIL}{}", Printable(&rule.matches));
             }
             let action = match &rule.verdict {
                 Verdict::Jump(chain) => format!("jump {chain}"),
@@ -109,7 +109,7 @@ fn step_lines(step: &Step, text: &mut String) {
                 _ if rule.target_options.is_empty() => rule.target.clone(),
                 _ => format!("{} {}", rule.target, rule.target_options),
             };
-            let _ = writeln!(text, "{DETAIL}=> {action}");
+            let _ = writeln!(text, "{DETAIL}=> {}", Printable(action));
         }
         Position::Policy(_) if step.engine == Engine::Nft => {
             let _ = writeln!(text, "{STEP}{place}\n{DETAIL}policy {}", kernel_verdict(&step.event));
@@ -132,7 +132,8 @@ fn step_lines(step: &Step, text: &mut String) {
         Position::NftRule { handle, text: rule, .. } => {
             let _ = writeln!(
                 text,
-                "{STEP}{place} (handle {handle})\n{DETAIL}{rule}\n{DETAIL}=> {}",
+                "{STEP}{place} (handle {handle})\n{DETAIL}{}\n{DETAIL}=> {}",
+                Printable(rule),
                 kernel_verdict(&step.event)
             );
         }
@@ -146,22 +147,24 @@ fn step_lines(step: &Step, text: &mut String) {
     }
 }
 
-/// Where a step happened: `filter FORWARD`, `nft inet fw forward`, `iptables-nft filter FORWARD`.
+/// Where a step happened: `filter FORWARD`, `nft inet fw forward`, `iptables-nft filter FORWARD`;
+/// the names escaped.
 fn place(step: &Step) -> String {
-    match (&step.event.origin, step.engine) {
+    let place = match (&step.event.origin, step.engine) {
         (Origin::Xtables { table, chain, .. }, _) => format!("{table} {chain}"),
         (Origin::Nft { family: NftFamily::Ip6, table, chain, .. }, Engine::XtablesNft) => {
             format!("ip6tables-nft {table} {chain}")
         }
         (Origin::Nft { table, chain, .. }, Engine::XtablesNft) => format!("iptables-nft {table} {chain}"),
         (Origin::Nft { family, table, chain, .. }, _) => format!("nft {family} {table} {chain}"),
-    }
+    };
+    Printable(place).to_string()
 }
 
-/// The verdict an nf_tables event reported, as nft prints it.
+/// The verdict an nf_tables event reported, as nft prints it (a jump's chain name escaped).
 fn kernel_verdict(event: &TraceEvent) -> String {
     match &event.origin {
-        Origin::Nft { verdict, .. } => verdict.to_string(),
+        Origin::Nft { verdict, .. } => Printable(verdict).to_string(),
         Origin::Xtables { .. } => String::new(),
     }
 }
@@ -186,7 +189,7 @@ fn fate(steps: &[Step]) -> String {
             (
                 Position::Rule { rule, .. } | Position::XtablesNftRule { rule, .. },
                 Verdict::Reject | Verdict::Queue | Verdict::Nat,
-            ) => rule.target.clone(),
+            ) => Printable(&rule.target).to_string(),
             _ => verdict_name(v).to_owned(),
         };
         let place = place(step);
@@ -256,7 +259,7 @@ fn mark_change(before: u32, after: u32) -> String {
 pub fn packet_line(e: &TraceEvent, names: &mut impl InterfaceNames) -> String {
     let mut s = String::with_capacity(160);
     let name = |i: Option<u32>, names: &mut dyn FnMut(u32) -> String| i.map(names).unwrap_or_default();
-    let mut lookup = |i| names.name(i);
+    let mut lookup = |i| Printable(names.name(i)).to_string();
     let _ = write!(s, "IN={} OUT={} ", name(e.in_ifindex, &mut lookup), name(e.out_ifindex, &mut lookup));
     header_fields(&e.packet, &mut s);
     if e.mark != 0 {
@@ -320,6 +323,42 @@ fn header_fields(p: &PacketHeader, s: &mut String) {
             let _ = write!(s, " PROTO={}", p.protocol);
         }
     }
+}
+
+/// Text from the kernel or from rule listings (names, comments, rule text, error causes), shown
+/// with every character a terminal would act on escaped: C0 and C1 controls and DEL (`\x1b`,
+/// `\r`, `\a`, `\n`, ...), and the bidirectional controls that reorder what is shown. Whoever
+/// writes the rule set (root in a container traced with `--netns`) chooses that text, not the
+/// admin reading it.
+pub struct Printable<T>(pub T);
+
+impl<T: fmt::Display> fmt::Display for Printable<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Escaping<'a, 'b>(&'a mut fmt::Formatter<'b>);
+        impl fmt::Write for Escaping<'_, '_> {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                let mut rest = s;
+                while let Some((i, c)) = rest.char_indices().find(|(_, c)| needs_escape(*c)) {
+                    self.0.write_str(&rest[..i])?;
+                    match c {
+                        '\n' => self.0.write_str("\\n")?,
+                        '\r' => self.0.write_str("\\r")?,
+                        '\t' => self.0.write_str("\\t")?,
+                        '\x07' => self.0.write_str("\\a")?,
+                        c if u32::from(c) < 0x80 => write!(self.0, "\\x{:02x}", u32::from(c))?,
+                        c => write!(self.0, "\\u{{{:x}}}", u32::from(c))?,
+                    }
+                    rest = &rest[i + c.len_utf8()..];
+                }
+                self.0.write_str(rest)
+            }
+        }
+        write!(Escaping(f), "{}", self.0)
+    }
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 #[cfg(test)]
@@ -443,5 +482,13 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         assert_eq!(fate(&steps), "verdict: REJECT at filter FORWARD #3");
         let steps = [step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, Position::Policy(Verdict::Drop))];
         assert_eq!(fate(&steps), "verdict: DROP by filter FORWARD policy");
+    }
+
+    #[test]
+    fn printable_escapes_what_a_terminal_would_act_on() {
+        let hostile = "a\x1b[2Jb\rc\x07d\ne\tf\x7fg\u{9b}h\u{202e}i é ✓";
+        assert_eq!(Printable(hostile).to_string(), r"a\x1b[2Jb\rc\ad\ne\tf\x7fg\u{9b}h\u{202e}i é ✓");
+        assert_eq!(Printable(format_args!("x{}", '\x1b')).to_string(), r"x\x1b");
+        assert_eq!(Printable("plain -p udp /* ok */").to_string(), "plain -p udp /* ok */");
     }
 }

@@ -26,7 +26,7 @@ use crate::{
     filter::{CompiledFilter, FilterError, Selection},
     instrument::{self, InstrumentError, Instrumentation, Limit, Marker, Prefilter, TracePlan, XtBpfProgram},
     netns::{self, NetnsError},
-    render::{self, KernelInterfaceNames},
+    render::{self, KernelInterfaceNames, Printable},
     resolve::{ResolveError, Resolver},
     xtables::{Xtables, XtablesError},
 };
@@ -162,14 +162,14 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
 
     let stale = instrument::cleanup_stale()?;
     for line in &stale {
-        eprintln!("iptrace: removed {line}");
+        eprintln!("iptrace: removed {}", Printable(line));
     }
     let instrumentation = Instrumentation::prepare(&backends.legacy)?;
     *ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(instrumentation);
     let result = trace_instrumented(options, &backends, filter, out_ifindex, out, &runtime, signals);
     let errors = teardown_active();
     for e in &errors {
-        eprintln!("iptrace: cleanup: {e}");
+        eprintln!("iptrace: cleanup: {}", Printable(e));
     }
     result
 }
@@ -261,7 +261,7 @@ fn trace_instrumented(
             .map_err(|e| RunError::Thread("processing", e))?
     };
 
-    eprintln!("iptrace: {ready}");
+    eprintln!("iptrace: {}", Printable(&ready));
     let mut socket_filter = SocketFilterSlot::Loading(socket_filter_loader);
     let result = runtime.block_on(signals.wait_for_end(options.duration, done_rx, || socket_filter.poll()));
     stop.store(true, Ordering::Relaxed);
@@ -302,7 +302,10 @@ fn spawn_socket_filter_loader(
                     Some(f)
                 }
                 Err(e) => {
-                    eprintln!("iptrace: no eBPF socket filter ({e}); selecting trace messages in userspace");
+                    eprintln!(
+                        "iptrace: no eBPF socket filter ({}); selecting trace messages in userspace",
+                        Printable(e)
+                    );
                     None
                 }
             }
@@ -506,7 +509,7 @@ fn read_datagrams(
             }
             Ok(Received::Idle) => true,
             Err(e) => {
-                eprintln!("iptrace: {e}");
+                eprintln!("iptrace: {}", Printable(e));
                 break;
             }
         };
