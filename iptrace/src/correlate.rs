@@ -73,8 +73,8 @@ pub struct Correlator {
 }
 
 /// Whether `event` is iptrace's own marking rule, the first event of every packet its nf_tables
-/// table marks.
-fn starts_packet(event: &TraceEvent) -> bool {
+/// table marks, with the packet as it arrived (at -350, before any other table).
+pub fn is_own_marking(event: &TraceEvent) -> bool {
     matches!(&event.origin, Origin::Nft { table, handle: Some(_), trace_type: NftTraceType::Rule, .. } if Owner::from_table_name(table).is_some())
 }
 
@@ -99,7 +99,7 @@ impl Correlator {
             Origin::Xtables { hook, table, .. } => (Some((hook.stage(), table.priority(*hook))), None),
             Origin::Nft { trace_id, .. } => (None, Some(*trace_id)),
         };
-        let starts_packet = starts_packet(&event);
+        let starts_packet = is_own_marking(&event);
         let known = trace_id.filter(|_| !starts_packet).and_then(|id| self.trace_ids.get(&id));
         let key = match known {
             Some(&key) => key,

@@ -50,9 +50,19 @@ impl InterfaceNames for KernelInterfaceNames {
     }
 }
 
-/// Writes one packet's block. `steps` are in kernel order; iptrace's own rules are already gone.
+/// Writes one packet's block. `steps` are in kernel order; of iptrace's own rules only the
+/// marking rule is left ([`Position::Marked`], first when there is one).
+///
+/// The packet line is the packet as it arrived: at iptrace's own marking rule (nf_tables, before
+/// every other table), else at its first step (legacy TRACE rules come first in raw). Every
+/// change after it shows as a `~` line, so a rewrite by the first rule that saw the packet, or a
+/// reply's de-NAT before the first chain that traced it, is not lost.
 pub fn render_packet(steps: &[Step], names: &mut impl InterfaceNames, out: &mut impl Write) -> io::Result<()> {
     let Some(first) = steps.first() else { return Ok(()) };
+    let steps = if matches!(first.position, Position::Marked) { &steps[1..] } else { steps };
+    if steps.is_empty() {
+        return Ok(());
+    }
     let mut text = String::with_capacity(256 + steps.len() * 96);
     text.push_str(&packet_line(&first.event, names));
     if let Some(ct) = steps.iter().find_map(|s| match &s.event.origin {
@@ -65,12 +75,12 @@ pub fn render_packet(steps: &[Step], names: &mut impl InterfaceNames, out: &mut 
         }
     }
     text.push('\n');
-    let mut previous: Option<&TraceEvent> = None;
+    let mut previous = &first.event;
     // The mark as last known: legacy events show it before their rule, nf_tables events after.
     let mut mark = first.event.mark;
-    for step in steps {
+    for step in steps.iter().filter(|s| !matches!(s.position, Position::Marked)) {
         let e = &step.event;
-        let mut before = previous.map(|prev| changes(&prev.packet, &e.packet)).unwrap_or_default();
+        let mut before = changes(&previous.packet, &e.packet);
         if e.mark_after.is_none() && e.mark != mark {
             before.push(mark_change(mark, e.mark));
             mark = e.mark;
@@ -78,7 +88,7 @@ pub fn render_packet(steps: &[Step], names: &mut impl InterfaceNames, out: &mut 
         if !before.is_empty() {
             let _ = writeln!(text, "{STEP}~ {}", before.join(", "));
         }
-        previous = Some(e);
+        previous = e;
         step_lines(step, &mut text);
         if let Some(after) = e.mark_after.filter(|m| *m != mark) {
             let _ = writeln!(text, "{STEP}~ {}", mark_change(mark, after));
@@ -137,6 +147,8 @@ fn step_lines(step: &Step, text: &mut String) {
                 kernel_verdict(&step.event)
             );
         }
+        // The packet line shows it.
+        Position::Marked => {}
         Position::NftRuleGone { handle, .. } => {
             let _ = writeln!(
                 text,
@@ -367,7 +379,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        decode::{Family, Hook, TraceKind, packet::tests::udp_v4},
+        decode::{Family, Hook, NftTraceType, NftVerdict, TraceId, TraceKind, packet::tests::udp_v4},
         resolve::Rule,
         xtables::tokenize,
     };
@@ -490,5 +502,59 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         assert_eq!(Printable(hostile).to_string(), r"a\x1b[2Jb\rc\ad\ne\tf\x7fg\u{9b}h\u{202e}i é ✓");
         assert_eq!(Printable(format_args!("x{}", '\x1b')).to_string(), r"x\x1b");
         assert_eq!(Printable("plain -p udp /* ok */").to_string(), "plain -p udp /* ok */");
+    }
+
+    /// iptrace's own nf_tables marking event (at -350): the packet as it arrived.
+    fn marked(packet: &[u8]) -> Step {
+        let mut s = step(Hook::PreRouting, Table::Raw, "prerouting", packet, 0, Position::Marked);
+        s.event.origin = Origin::Nft {
+            family: NftFamily::Inet,
+            table: "iptrace_1_2".into(),
+            chain: "prerouting".into(),
+            handle: Some(2),
+            trace_type: NftTraceType::Rule,
+            verdict: NftVerdict::Continue,
+            trace_id: TraceId([1, 2, 3, 4]),
+            ct: None,
+        };
+        s.event.out_ifindex = None;
+        s.event.mark_after = Some(0);
+        s.engine = Engine::Nft;
+        s
+    }
+
+    #[test]
+    fn the_packet_line_is_the_packet_as_marked_and_changes_count_from_there() {
+        let arrived = udp_v4([10, 5, 1, 7], 40000, 64);
+        // DNAT to 172.16.2.9:5353, before the first legacy table that saw it.
+        let mut dnatted = arrived.clone();
+        dnatted[19] = 9;
+        dnatted[22..24].copy_from_slice(&5353u16.to_be_bytes());
+        // SNAT of the source port too, later.
+        let mut snatted = dnatted.clone();
+        snatted[20..22].copy_from_slice(&61000u16.to_be_bytes());
+        let steps = [
+            marked(&arrived),
+            step(Hook::Forward, Table::Filter, "FORWARD", &dnatted, 0, Position::Policy(Verdict::Accept)),
+            step(Hook::PostRouting, Table::Mangle, "POSTROUTING", &snatted, 0, Position::Policy(Verdict::Accept)),
+        ];
+        let mut out = Vec::new();
+        render_packet(&steps, &mut Names, &mut out).unwrap();
+        let expected = "\
+IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=4660 DF PROTO=UDP SPT=40000 DPT=53 LEN=12
+        ~ DST 172.16.2.2 -> 172.16.2.9, DPT 53 -> 5353
+        filter FORWARD
+                ACCEPT
+        ~ SPT 40000 -> 61000
+        mangle POSTROUTING
+                ACCEPT
+        verdict: ACCEPT by filter FORWARD policy
+
+";
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        // Only the marking: no table of the rule set saw it, nothing to show.
+        let mut out = Vec::new();
+        render_packet(&steps[..1], &mut Names, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "");
     }
 }

@@ -27,7 +27,7 @@ use crate::{
     instrument::{self, InstrumentError, Instrumentation, Limit, Marker, Prefilter, TracePlan, XtBpfProgram},
     netns::{self, NetnsError},
     render::{self, KernelInterfaceNames, Printable},
-    resolve::{ResolveError, Resolver},
+    resolve::{Position, ResolveError, Resolver},
     xtables::{Xtables, XtablesError},
 };
 
@@ -568,7 +568,8 @@ fn process(
             return Ok(false);
         }
         let steps: Vec<_> = trace.events.into_iter().filter_map(|e| resolver.resolve(e)).collect();
-        if steps.is_empty() {
+        // Only iptrace's own marking: no table of the rule set saw the packet.
+        if steps.iter().all(|s| matches!(s.position, Position::Marked)) {
             return Ok(false);
         }
         render::render_packet(&steps, &mut names, out).map_err(RunError::Output)?;

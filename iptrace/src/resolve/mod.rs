@@ -23,6 +23,7 @@ use self::blob::{TableProbe, TableState};
 use self::nft::{Found, Generation, Ruleset};
 pub use self::rule::{Rule, Verdict};
 use crate::{
+    correlate::is_own_marking,
     decode::{Family, NftFamily, NftTraceType, NftVerdict, Origin, TraceEvent, TraceKind},
     instrument::{Owner, legacy::owner_of},
     nftables::NftError,
@@ -76,6 +77,9 @@ pub enum Position {
     XtablesNftRule { handle: u64, number: u32, rule: Arc<Rule>, verdict: Verdict },
     /// An nf_tables rule deleted before iptrace could read it.
     NftRuleGone { handle: u64, verdict: Verdict },
+    /// iptrace's own marking rule: not a step of the rule set, but the packet as it arrived,
+    /// before any table could change it.
+    Marked,
 }
 
 /// The kind of table a step is in, which decides how it is shown.
@@ -102,7 +106,7 @@ impl Step {
             Position::Rule { rule, .. } => rule.verdict.clone(),
             Position::Policy(v) => v.clone(),
             Position::ChainEnd => Verdict::Return,
-            Position::Unknown { .. } => Verdict::Continue,
+            Position::Unknown { .. } | Position::Marked => Verdict::Continue,
             Position::NftRule { verdict, .. }
             | Position::XtablesNftRule { verdict, .. }
             | Position::NftRuleGone { verdict, .. } => verdict.clone(),
@@ -349,8 +353,12 @@ impl Resolver {
     }
 
     /// Resolves an event against the snapshot of its epoch; `None` for iptrace's own rules and
-    /// table, and for the end of an nf_tables base chain (its policy event follows).
+    /// table except its marking rule ([`Position::Marked`]), and for the end of an nf_tables
+    /// base chain (its policy event follows).
     pub fn resolve(&mut self, event: TraceEvent) -> Option<Step> {
+        if is_own_marking(&event) {
+            return Some(Step { event, position: Position::Marked, engine: Engine::Nft });
+        }
         match &event.origin {
             Origin::Xtables { table, chain, kind, number, .. } => {
                 let key = (event.family, table.name().to_owned());
