@@ -15,8 +15,8 @@ use std::{
 };
 
 use crate::{
-    decode::{NftFamily, Origin, PacketHeader, Table, TraceEvent, packet::Transport},
-    resolve::{Engine, Position, Step, Verdict},
+    decode::{Hook, NftFamily, Origin, PacketHeader, Table, TraceEvent, packet::Transport},
+    resolve::{Engine, HookPoint, Position, Rule, Step, Verdict},
 };
 
 const STEP: &str = "        ";
@@ -112,14 +112,7 @@ fn step_lines(step: &Step, text: &mut String) {
             if !rule.matches.is_empty() {
                 let _ = writeln!(text, "{DETAIL}{}", Printable(&rule.matches));
             }
-            let action = match &rule.verdict {
-                Verdict::Jump(chain) => format!("jump {chain}"),
-                Verdict::Goto(chain) => format!("goto {chain}"),
-                _ if rule.target.is_empty() => "(no target: continue)".to_owned(),
-                _ if rule.target_options.is_empty() => rule.target.clone(),
-                _ => format!("{} {}", rule.target, rule.target_options),
-            };
-            let _ = writeln!(text, "{DETAIL}=> {}", Printable(action));
+            let _ = writeln!(text, "{DETAIL}=> {}", Printable(rule_action(rule)));
         }
         Position::Policy(_) if step.engine == Engine::Nft => {
             let _ = writeln!(text, "{STEP}{place}\n{DETAIL}policy {}", kernel_verdict(&step.event));
@@ -156,6 +149,17 @@ fn step_lines(step: &Step, text: &mut String) {
                 kernel_verdict(&step.event)
             );
         }
+    }
+}
+
+/// What a legacy or iptables-nft rule does, in iptables syntax.
+fn rule_action(rule: &Rule) -> String {
+    match &rule.verdict {
+        Verdict::Jump(chain) => format!("jump {chain}"),
+        Verdict::Goto(chain) => format!("goto {chain}"),
+        _ if rule.target.is_empty() => "(no target: continue)".to_owned(),
+        _ if rule.target_options.is_empty() => rule.target.clone(),
+        _ => format!("{} {}", rule.target, rule.target_options),
     }
 }
 
@@ -220,6 +224,9 @@ fn fate(steps: &[Step]) -> String {
     if let Some((s, v)) = ending.iter().find(|(_, v)| v.drops()) {
         return describe(s, v);
     }
+    if let Some(last_seen) = last_seen_undecided(steps) {
+        return last_seen;
+    }
     // With several filtering tables (both engines, or several nf_tables tables), a rule's verdict
     // tells more than a later policy's; one legacy filter table has only one anyway.
     let filtering = || ending.iter().rev().filter(|(s, v)| decides_filtering(s, v));
@@ -231,6 +238,64 @@ fn fate(steps: &[Step]) -> String {
         Some((s, v)) => describe(s, v),
         None => "verdict: none seen (no table ended its traversal in a traced step)".to_owned(),
     }
+}
+
+/// `last seen: nat PREROUTING (DNAT to 172.20.0.2:6443); no later netfilter hook saw it` for a
+/// packet no rule dropped whose last step is not where its fate is decided, so that no rule's
+/// ACCEPT or NAT reads as its fate: routing may have dropped it after (an unroutable DNAT
+/// target), or delivered it where no table traced it. A fate is decided at INPUT (the last hook
+/// of a locally delivered packet), at POSTROUTING (the last of one sent on), and at FORWARD and
+/// OUTPUT by the filter or security table, or an nf_tables chain of type filter. PREROUTING
+/// decides nothing: routing comes after it. `None` where the fate is decided, or the hook is
+/// not known (a chain missing from the rule-set snapshot).
+fn last_seen_undecided(steps: &[Step]) -> Option<String> {
+    // A chain without a hook was jumped to from the step before it, and runs at its hook.
+    let mut at: Option<(HookPoint, &Step)> = None;
+    for step in steps.iter().filter(|s| !matches!(s.position, Position::Marked)) {
+        if let Some(point) = step.hook {
+            at = Some((point, step));
+        }
+    }
+    let (point, base) = at?;
+    let decided = match point.hook {
+        Hook::LocalIn | Hook::PostRouting => true,
+        Hook::Forward | Hook::LocalOut => point.filter,
+        Hook::PreRouting => false,
+    };
+    if decided {
+        return None;
+    }
+    let last = steps.last()?;
+    let place = match (&base.event.origin, base.engine) {
+        (Origin::Nft { .. }, Engine::Nft) => place(base),
+        (Origin::Nft { family: NftFamily::Ip6, table, .. }, _) => {
+            format!("ip6tables-nft {table} {}", point.hook.name())
+        }
+        (Origin::Nft { table, .. }, _) => format!("iptables-nft {table} {}", point.hook.name()),
+        (Origin::Xtables { table, .. }, _) => format!("{table} {}", point.hook.name()),
+    };
+    let chain = match &last.event.origin {
+        Origin::Xtables { chain, .. } | Origin::Nft { chain, .. } => chain,
+    };
+    let what = match &last.position {
+        Position::Rule { rule, .. } | Position::XtablesNftRule { rule, .. } if rule.verdict == Verdict::Nat => {
+            let mut options = rule.target_options.split_whitespace();
+            let to = options.by_ref().find(|o| o.starts_with("--to")).and_then(|_| options.next());
+            to.map_or_else(|| rule.target.clone(), |to| format!("{} to {to}", rule.target))
+        }
+        Position::Rule { number, rule } | Position::XtablesNftRule { number, rule, .. } => {
+            format!("{} at {chain} #{number}", rule_action(rule))
+        }
+        Position::NftRule { handle, .. } | Position::NftRuleGone { handle, .. } => {
+            format!("{} at {chain} (handle {handle})", kernel_verdict(&last.event))
+        }
+        Position::Policy(_) if last.engine == Engine::Nft => format!("policy {}", kernel_verdict(&last.event)),
+        Position::Policy(v) => format!("policy {}", verdict_name(v)),
+        Position::ChainEnd => format!("end of {chain}"),
+        Position::Unknown { kernel_number } => format!("kernel rule {kernel_number} of {chain}"),
+        Position::Marked => return None,
+    };
+    Some(format!("last seen: {} ({}); no later netfilter hook saw it", Printable(place), Printable(what)))
 }
 
 /// Whether a step is the filter table's (or for native nf_tables, a non-NAT chain's) decision,
@@ -392,6 +457,7 @@ mod tests {
     }
 
     fn step(hook: Hook, table: Table, chain: &str, packet: &[u8], mark: u32, position: Position) -> Step {
+        let point = HookPoint { hook, filter: table == Table::Filter };
         Step {
             event: TraceEvent {
                 family: Family::Ipv4,
@@ -405,6 +471,7 @@ mod tests {
             },
             position,
             engine: Engine::Legacy,
+            hook: Some(point),
         }
     }
 
@@ -556,5 +623,50 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         let mut out = Vec::new();
         render_packet(&steps[..1], &mut Names, &mut out).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "");
+    }
+
+    #[test]
+    fn a_packet_last_seen_before_its_fate_was_decided_says_so() {
+        let syn = udp_v4([10, 5, 1, 7], 40000, 64);
+        let dnat = rule(2, "-p udp -j DNAT --to-destination 172.20.0.2:6443");
+        let mut steps = vec![
+            step(Hook::PreRouting, Table::Raw, "PREROUTING", &syn, 0, Position::Policy(Verdict::Accept)),
+            step(Hook::PreRouting, Table::Nat, "PREROUTING", &syn, 0, rule(1, "-j KUBE-SERVICES")),
+            step(Hook::PreRouting, Table::Nat, "KUBE-SEP-ABC", &syn, 0, dnat),
+        ];
+        assert_eq!(fate(&steps), "last seen: nat PREROUTING (DNAT to 172.20.0.2:6443); no later netfilter hook saw it");
+        // Accepted by mangle FORWARD, and no filter table after it: not decided either.
+        steps.push(step(Hook::Forward, Table::Mangle, "FORWARD", &syn, 0, Position::Policy(Verdict::Accept)));
+        assert_eq!(fate(&steps), "last seen: mangle FORWARD (policy ACCEPT); no later netfilter hook saw it");
+        // The filter table decides at FORWARD; POSTROUTING and INPUT are the last hooks.
+        let filter = step(Hook::Forward, Table::Filter, "FORWARD", &syn, 0, rule(3, "-p udp -j ACCEPT"));
+        steps.push(filter.clone());
+        assert_eq!(fate(&steps), "verdict: ACCEPT at filter FORWARD #3");
+        let post = step(Hook::PostRouting, Table::Mangle, "POSTROUTING", &syn, 0, Position::Policy(Verdict::Accept));
+        assert_eq!(fate(&[steps[0].clone(), post]), "verdict: ACCEPT by mangle POSTROUTING policy");
+        let input = step(Hook::LocalIn, Table::Mangle, "INPUT", &syn, 0, Position::Policy(Verdict::Accept));
+        assert_eq!(fate(&[steps[0].clone(), input]), "verdict: ACCEPT by mangle INPUT policy");
+        // A drop is a fate wherever it happens.
+        let drop = step(Hook::PreRouting, Table::Raw, "PREROUTING", &syn, 0, rule(1, "-p udp -j DROP"));
+        assert_eq!(fate(&[drop]), "verdict: DROP at raw PREROUTING #1");
+        // An nf_tables chain jumped to runs at the hook of the base chain that jumped.
+        let mut nft_base = marked(&syn);
+        nft_base.position =
+            Position::NftRule { handle: 4, text: "jump lb".into(), verdict: Verdict::Jump("lb".into()) };
+        nft_base.hook = Some(HookPoint { hook: Hook::PreRouting, filter: true });
+        if let Origin::Nft { table, chain, verdict, .. } = &mut nft_base.event.origin {
+            (*table, *chain, *verdict) = ("t".into(), "pre".into(), NftVerdict::Jump("lb".into()));
+        }
+        let mut jumped = nft_base.clone();
+        jumped.position =
+            Position::NftRule { handle: 6, text: "ip daddr set 10.9.9.9".into(), verdict: Verdict::Continue };
+        jumped.hook = None;
+        if let Origin::Nft { chain, verdict, .. } = &mut jumped.event.origin {
+            (*chain, *verdict) = ("lb".into(), NftVerdict::Continue);
+        }
+        assert_eq!(
+            fate(&[marked(&syn), nft_base, jumped]),
+            "last seen: nft inet t pre (continue at lb (handle 6)); no later netfilter hook saw it"
+        );
     }
 }

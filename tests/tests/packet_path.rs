@@ -136,11 +136,16 @@ fn nft_packet_line_is_the_packet_as_it_arrived() {
     let balanced = blocks_with(&all, &["IN=vif0 OUT= SRC=10.5.1.7 DST=10.5.1.1 ", " DPT=81 ", " SYN"]);
     assert!(!balanced.is_empty(), "{}", out.stdout);
     let b = balanced[0];
-    assert_eq!(b.steps[..3], [
-        "        ~ DST 10.5.1.1 -> 172.16.2.2, DPT 81 -> 80".to_owned(),
-        "        nft ip lb prerouting (handle 2)".to_owned(),
-        "                tcp dport 81 notrack ip daddr set 172.16.2.2 tcp dport set 80".to_owned(),
-    ], "{}", out.stdout);
+    assert_eq!(
+        b.steps[..3],
+        [
+            "        ~ DST 10.5.1.1 -> 172.16.2.2, DPT 81 -> 80".to_owned(),
+            "        nft ip lb prerouting (handle 2)".to_owned(),
+            "                tcp dport 81 notrack ip daddr set 172.16.2.2 tcp dport set 80".to_owned(),
+        ],
+        "{}",
+        out.stdout
+    );
     let ip_id = b.packet.split(" ID=").nth(1).and_then(|r| r.split(' ').next()).expect("ID=");
     let own = monitored_packet(&trace, &[" prerouting packet: ", &format!(" ip id {ip_id} ")], "prerouting");
     assert!(own.contains(" ip daddr 10.5.1.1 ") && own.contains(" tcp dport 81 "), "{own}");
@@ -160,12 +165,86 @@ fn nft_packet_line_is_the_packet_as_it_arrived() {
     let replies = blocks_with(&all, &["IN=vif2 OUT= SRC=172.16.2.2 DST=172.16.2.1 ", " SPT=80 ", " ACK SYN"]);
     assert_eq!(replies.len(), 1, "{}", out.stdout);
     let r = replies[0];
-    assert_eq!(r.steps[..2], [
-        "        ~ DST 172.16.2.1 -> 10.5.1.7".to_owned(),
-        "        nft ip edge passing (handle 3)".to_owned(),
-    ], "{}", out.stdout);
-    let own = monitored_packet(&trace, &[" prerouting packet: ", " ip saddr 172.16.2.2 ", " tcp sport 80 "], "prerouting");
+    assert_eq!(
+        r.steps[..2],
+        ["        ~ DST 172.16.2.1 -> 10.5.1.7".to_owned(), "        nft ip edge passing (handle 3)".to_owned(),],
+        "{}",
+        out.stdout
+    );
+    let own =
+        monitored_packet(&trace, &[" prerouting packet: ", " ip saddr 172.16.2.2 ", " tcp sport 80 "], "prerouting");
     assert!(own.contains(" ip daddr 172.16.2.1 "), "{own}");
-    let user = monitored_packet(&trace, &[" prerouting packet: ", " ip saddr 172.16.2.2 ", " tcp sport 80 "], "ip edge passing");
+    let user = monitored_packet(
+        &trace,
+        &[" prerouting packet: ", " ip saddr 172.16.2.2 ", " tcp sport 80 "],
+        "ip edge passing",
+    );
     assert!(user.contains(" ip daddr 10.5.1.7 "), "{user}");
+}
+
+/// kube-proxy's shape: a SYN to a ClusterIP DNATed to an endpoint the router has no route to.
+/// The router answers net-unreachable and forwards nothing (filter FORWARD's counter stays 0):
+/// the block says where the packet was last seen, not that DNAT was its fate.
+#[test]
+fn a_routing_drop_after_nat_is_not_a_verdict() {
+    if !require_root("a_routing_drop_after_nat_is_not_a_verdict") {
+        return;
+    }
+    let lab = lab("unroutable");
+    exec(
+        &lab,
+        Role::Router,
+        &["iptables-legacy-restore"],
+        "*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-NPX46M4PTMTKRN6Y - [0:0]
+:KUBE-SEP-IT2ZTR26TO4XFPTO - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m tcp --dport 443 -j KUBE-SVC-NPX46M4PTMTKRN6Y
+-A KUBE-SVC-NPX46M4PTMTKRN6Y -j KUBE-SEP-IT2ZTR26TO4XFPTO
+-A KUBE-SEP-IT2ZTR26TO4XFPTO -p tcp -m tcp -j DNAT --to-destination 172.20.0.2:6443
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A FORWARD -p tcp -m tcp --dport 6443 -j ACCEPT
+COMMIT
+",
+    );
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "tcp port 443 or tcp port 6443"]);
+    assert!(!lab.tcp(Role::Client, addr::CLIENT, "10.96.0.1:443".parse().unwrap(), b"x").unwrap());
+    settle();
+    let out = tracer.stop(libc::SIGINT);
+    let all = blocks(&out.stdout);
+    // TCP sends the SYN again while connect waits: every copy has the same block.
+    let syns = blocks_with(&all, &["SRC=10.5.1.7 DST=10.96.0.1", " DPT=443 ", " SYN"]);
+    assert!(!syns.is_empty(), "{}", out.stdout);
+    for syn in syns {
+        assert_eq!(
+            syn.body(),
+            "        raw PREROUTING
+                ACCEPT
+        nat PREROUTING (#1) /* kubernetes service portals */
+                => jump KUBE-SERVICES
+        nat KUBE-SERVICES (#1)
+                -d 10.96.0.1/32 -p tcp --dport 443
+                => jump KUBE-SVC-NPX46M4PTMTKRN6Y
+        nat KUBE-SVC-NPX46M4PTMTKRN6Y (#1)
+                => jump KUBE-SEP-IT2ZTR26TO4XFPTO
+        nat KUBE-SEP-IT2ZTR26TO4XFPTO (#1)
+                -p tcp
+                => DNAT --to-destination 172.20.0.2:6443
+        last seen: nat PREROUTING (DNAT to 172.20.0.2:6443); no later netfilter hook saw it"
+        );
+    }
+    // The oracle: nothing was forwarded.
+    let counters =
+        exec(&lab, Role::Router, &["iptables-legacy", "-t", "filter", "-L", "FORWARD", "-v", "-x", "-n"], "");
+    let accept = counters.lines().find(|l| l.contains("dpt:6443")).expect("the FORWARD rule");
+    assert_eq!(accept.split_whitespace().next(), Some("0"), "{counters}");
 }

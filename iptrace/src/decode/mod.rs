@@ -85,6 +85,17 @@ impl Hook {
         })
     }
 
+    /// The hook's name as iptables spells its built-in chain.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::PreRouting => "PREROUTING",
+            Hook::LocalIn => "INPUT",
+            Hook::Forward => "FORWARD",
+            Hook::LocalOut => "OUTPUT",
+            Hook::PostRouting => "POSTROUTING",
+        }
+    }
+
     /// Position on a packet's path: PREROUTING or OUTPUT first, then INPUT or FORWARD, then
     /// POSTROUTING. A packet's events never go back to an earlier stage.
     pub fn stage(self) -> u8 {

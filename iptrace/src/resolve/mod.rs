@@ -24,7 +24,7 @@ use self::nft::{Found, Generation, Ruleset};
 pub use self::rule::{Rule, Verdict};
 use crate::{
     correlate::is_own_marking,
-    decode::{Family, NftFamily, NftTraceType, NftVerdict, Origin, TraceEvent, TraceKind},
+    decode::{Family, Hook, NftFamily, NftTraceType, NftVerdict, Origin, Table, TraceEvent, TraceKind},
     instrument::{Owner, legacy::owner_of},
     nftables::NftError,
     xtables::{self, SavedTable, Xtables, XtablesError},
@@ -98,6 +98,17 @@ pub struct Step {
     pub event: TraceEvent,
     pub position: Position,
     pub engine: Engine,
+    /// Where the step ran, when known: always for legacy events, for nf_tables events in a base
+    /// chain (a chain jumped to runs at the hook of the step before it).
+    pub hook: Option<HookPoint>,
+}
+
+/// The netfilter hook a step ran at, and whether its table or chain is one whose decision there
+/// is the packet's fate: the filter or security table, an nf_tables chain of type filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HookPoint {
+    pub hook: Hook,
+    pub filter: bool,
 }
 
 impl Step {
@@ -357,10 +368,11 @@ impl Resolver {
     /// base chain (its policy event follows).
     pub fn resolve(&mut self, event: TraceEvent) -> Option<Step> {
         if is_own_marking(&event) {
-            return Some(Step { event, position: Position::Marked, engine: Engine::Nft });
+            return Some(Step { event, position: Position::Marked, engine: Engine::Nft, hook: None });
         }
         match &event.origin {
-            Origin::Xtables { table, chain, kind, number, .. } => {
+            Origin::Xtables { hook, table, chain, kind, number } => {
+                let hook = Some(HookPoint { hook: *hook, filter: matches!(table, Table::Filter | Table::Security) });
                 let key = (event.family, table.name().to_owned());
                 if !self.tables.contains_key(&key) {
                     // A table created after the trace started.
@@ -378,7 +390,7 @@ impl Resolver {
                     Some(s) => s.position(chain, *kind, *number)?,
                     None => Position::Unknown { kernel_number: *number },
                 };
-                Some(Step { event, position, engine: Engine::Legacy })
+                Some(Step { event, position, engine: Engine::Legacy, hook })
             }
             Origin::Nft { family, table, chain, handle, trace_type, verdict, .. } => {
                 if Owner::from_table_name(table).is_some() {
@@ -388,13 +400,23 @@ impl Resolver {
                 let (table, chain) = (table.clone(), chain.clone());
                 let snapshot = self.nft.as_ref()?.at(event.epoch)?;
                 let engine = if snapshot.is_xtables(family, &table) { Engine::XtablesNft } else { Engine::Nft };
+                let hook = snapshot.base_chain_hook(family, &table, &chain).map(|(hook, filter_type)| HookPoint {
+                    hook,
+                    // iptables-nft's tables decide as legacy ones do, by table: its mangle chains are of
+                    // type filter too.
+                    filter: if engine == Engine::XtablesNft {
+                        matches!(&*table, "filter" | "security")
+                    } else {
+                        filter_type
+                    },
+                });
                 let position = match (trace_type, handle) {
                     (NftTraceType::Policy, _) => Position::Policy(nft::step_verdict(&kernel, &Found::Missing)),
                     (_, None) if snapshot.is_base_chain(family, &table, &chain) => return None,
                     (_, None) => Position::ChainEnd,
                     (_, Some(handle)) => self.nft_rule(&snapshot, family, &table, &chain, handle, &kernel),
                 };
-                Some(Step { event, position, engine })
+                Some(Step { event, position, engine, hook })
             }
         }
     }

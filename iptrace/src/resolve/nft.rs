@@ -11,7 +11,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use super::{ResolveError, Rule, Verdict};
 use crate::{
-    decode::{Family, NftFamily, NftVerdict},
+    decode::{Family, Hook, NftFamily, NftVerdict},
     nftables::{self, NfTablesSocket},
     xtables::{self, Xtables},
 };
@@ -21,6 +21,9 @@ use crate::{
 struct ChainRules {
     /// Has a hook (its end is followed by the policy event).
     base: bool,
+    /// The netfilter hook of a base chain of the ip, ip6 or inet family, and whether the chain is
+    /// of type filter.
+    hook: Option<(Hook, bool)>,
     /// (handle, nft text) in chain order.
     rules: Vec<(u64, Arc<str>)>,
     /// For chains of iptables-nft tables: the same rules in iptables syntax, in the same order.
@@ -74,9 +77,15 @@ impl Ruleset {
                 }
             } else if let (Some(c), Some((family, name))) = (&chain, &table) {
                 let key = (*family, name.clone(), c.clone());
-                if line.starts_with("type ") && line.contains(" hook ") {
+                if let Some(rest) = line.strip_prefix("type ").filter(|_| line.contains(" hook ")) {
                     if let Some(rules) = this.chains.get_mut(&key) {
                         rules.base = true;
+                        // `type filter hook input priority filter; policy accept;`
+                        let words: Vec<&str> = rest.split_whitespace().collect();
+                        rules.hook = match words.as_slice() {
+                            [kind, "hook", hook, ..] => nft_hook(hook).map(|h| (h, *kind == "filter")),
+                            _ => None,
+                        };
                     }
                 } else if let Some((text, handle)) =
                     line.rsplit_once(" # handle ").and_then(|(t, h)| Some((t, h.trim().parse::<u64>().ok()?)))
@@ -136,6 +145,11 @@ impl Ruleset {
 
     pub(super) fn is_base_chain(&self, family: NftFamily, table: &str, chain: &str) -> bool {
         self.chains.get(&(family, table.to_owned(), chain.to_owned())).is_some_and(|c| c.base)
+    }
+
+    /// The hook of a base chain, and whether it is of type filter.
+    pub(super) fn base_chain_hook(&self, family: NftFamily, table: &str, chain: &str) -> Option<(Hook, bool)> {
+        self.chains.get(&(family, table.to_owned(), chain.to_owned())).and_then(|c| c.hook)
     }
 
     pub(super) fn find(&self, family: NftFamily, table: &str, chain: &str, handle: u64) -> Found {
@@ -223,6 +237,18 @@ pub(super) fn step_verdict(kernel: &NftVerdict, found: &Found) -> Verdict {
 /// Whether an nft rule ends in a NAT statement (its accept sets up a binding, like a NAT target).
 fn is_nat(text: &str) -> bool {
     text.split_whitespace().any(|w| matches!(w, "snat" | "dnat" | "masquerade" | "redirect"))
+}
+
+/// A hook as nft names it, for the families whose hooks are the inet ones.
+fn nft_hook(name: &str) -> Option<Hook> {
+    Some(match name {
+        "prerouting" => Hook::PreRouting,
+        "input" => Hook::LocalIn,
+        "forward" => Hook::Forward,
+        "output" => Hook::LocalOut,
+        "postrouting" => Hook::PostRouting,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
