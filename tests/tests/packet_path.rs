@@ -2,7 +2,11 @@
 //! arrived and the changes made after (on both engines), distinct packets kept apart, a fate only
 //! where netfilter decides one, and text from the rule set escaped before it reaches a terminal.
 
-use std::{net::SocketAddr, thread, time::Duration};
+use std::{
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket},
+    thread,
+    time::Duration,
+};
 
 use iptrace_tests::{Lab, Role, Tracer, addr, blocks, blocks_with, lab, require_root};
 
@@ -247,4 +251,113 @@ COMMIT
         exec(&lab, Role::Router, &["iptables-legacy", "-t", "filter", "-L", "FORWARD", "-v", "-x", "-n"], "");
     let accept = counters.lines().find(|l| l.contains("dpt:6443")).expect("the FORWARD rule");
     assert_eq!(accept.split_whitespace().next(), Some("0"), "{counters}");
+}
+
+/// `if_nametoindex` in the calling thread's namespace.
+fn ifindex(name: &str) -> u32 {
+    let name = std::ffi::CString::new(name).expect("interface name");
+    // SAFETY: a NUL-terminated name.
+    unsafe { libc::if_nametoindex(name.as_ptr()) }
+}
+
+/// One ICMPv6 message of `kind` with a fixed body from `src` to `dst` on `scope`, through a raw
+/// socket (the kernel fills in the checksum).
+fn send_icmp6(src: Ipv6Addr, dst: Ipv6Addr, scope: u32, kind: u8) {
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    let sockaddr = |addr: Ipv6Addr| libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as u16,
+        sin6_port: 0,
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr { s6_addr: addr.octets() },
+        sin6_scope_id: scope,
+    };
+    let (from, to) = (sockaddr(src), sockaddr(dst));
+    let len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    let body = [kind, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+    // SAFETY: valid sockaddrs and buffer for the lengths passed.
+    unsafe {
+        assert_eq!(libc::bind(fd, (&raw const from).cast(), len), 0, "{}", std::io::Error::last_os_error());
+        let sent = libc::sendto(fd, body.as_ptr().cast(), body.len(), 0, (&raw const to).cast(), len);
+        assert_eq!(sent, body.len() as isize, "{}", std::io::Error::last_os_error());
+        libc::close(fd);
+    }
+}
+
+/// On a legacy host whose only ip6tables table is the raw one iptrace adds, every IPv6 packet
+/// has exactly one TRACE event. Neighbour solicitations to many targets from two sources, and
+/// DHCPv6- and RA-like messages from several clients with identical bodies (so identical
+/// invariant fields): each is a block of its own with that one step, none with a change line.
+#[test]
+fn neighbour_discovery_and_lookalike_packets_never_merge() {
+    if !require_root("neighbour_discovery_and_lookalike_packets_never_merge") {
+        return;
+    }
+    let lab = lab("ndstorm");
+    // An IPv4 legacy table, and no IPv6 one: the legacy backend, with only iptrace's raw table.
+    exec(&lab, Role::Router, &["iptables-legacy", "-A", "FORWARD", "-j", "ACCEPT"], "");
+    let clients: Vec<Ipv6Addr> = (0x10..0x14).map(|n| Ipv6Addr::new(0xfd00, 5, 1, 0, 0, 0, 0, n)).collect();
+    for client in &clients {
+        exec(&lab, Role::Client, &["ip", "addr", "add", &format!("{client}/64"), "dev", "eth0", "nodad"], "");
+    }
+    // No flow labels: lookalike datagrams from different sources are alike but for the addresses.
+    lab.in_ns(Role::Client, || std::fs::write("/proc/sys/net/ipv6/auto_flowlabels", "0")).unwrap().unwrap();
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "icmp6 or udp port 547"]);
+    assert!(tracer.ready().contains("iptables-legacy"), "{}", tracer.ready());
+
+    // The storm: the router resolves 64 neighbours that do not exist, from two of its addresses.
+    exec(&lab, Role::Router, &["ip", "addr", "add", "fd00:5:1::2/64", "dev", "vif0", "nodad"], "");
+    lab.in_ns(Role::Router, || {
+        for (source, targets) in [(1, 0..32u16), (2, 32..64)] {
+            let socket =
+                UdpSocket::bind(SocketAddrV6::new(Ipv6Addr::new(0xfd00, 5, 1, 0, 0, 0, 0, source), 0, 0, 0)).unwrap();
+            for n in targets {
+                let target = SocketAddrV6::new(Ipv6Addr::new(0xfd00, 5, 1, 0, 0, 0, 1, n), 9, 0, 0);
+                socket.send_to(b"resolve", target).unwrap();
+            }
+        }
+    })
+    .unwrap();
+    let sent = clients.clone();
+    lab.in_ns(Role::Client, move || {
+        let eth0 = ifindex("eth0");
+        for client in &sent {
+            // DHCPv6-like: a Solicit with one transaction id from every client.
+            let socket = UdpSocket::bind(SocketAddrV6::new(*client, 546, 0, 0)).unwrap();
+            let servers = SocketAddrV6::new(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2), 547, 0, eth0);
+            socket.send_to(b"\x01\x12\x34\x56 solicit", servers).unwrap();
+            // RA-like: one body from every client to all nodes.
+            send_icmp6(*client, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), eth0, 134);
+        }
+    })
+    .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let out = tracer.stop(libc::SIGINT);
+    let all = blocks(&out.stdout);
+
+    for b in &all {
+        let hook = if b.packet.starts_with("IN= ") { "OUTPUT" } else { "PREROUTING" };
+        assert_eq!(
+            b.steps,
+            [
+                format!("        raw {hook}"),
+                "                ACCEPT".to_owned(),
+                format!("        last seen: raw {hook} (policy ACCEPT); no later netfilter hook saw it"),
+            ],
+            "{}\n{}",
+            b.packet,
+            out.stdout
+        );
+    }
+    let solicitations = blocks_with(&all, &["IN= OUT=vif0", "PROTO=ICMPv6 TYPE=135"]);
+    assert!(solicitations.iter().any(|b| b.packet.contains("SRC=fd00:5:1::1 ")), "{}", out.stdout);
+    assert!(solicitations.iter().any(|b| b.packet.contains("SRC=fd00:5:1::2 ")), "{}", out.stdout);
+    for client in &clients {
+        for needles in [["PROTO=UDP", "DPT=547"], ["PROTO=ICMPv6", "TYPE=134"]] {
+            let src = format!("SRC={client} ");
+            let found = blocks_with(&all, &[&src, needles[0], needles[1]]);
+            assert_eq!(found.len(), 1, "{src} {needles:?} in:\n{}", out.stdout);
+        }
+    }
 }
