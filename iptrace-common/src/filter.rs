@@ -217,6 +217,15 @@ const ICMP_ECHOREPLY: u8 = 0;
 const ICMP_ECHO: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
+/// ICMPv6 types below this are errors (RFC 4443), which conntrack relates to a connection.
+const ICMPV6_INFORMATIONAL: u8 = 128;
+const ICMPV6_NI_QUERY: u8 = 139;
+const ICMPV6_NI_REPLY: u8 = 140;
+
+/// Node information query and reply, which conntrack tracks like echo.
+fn is_node_info(icmp_type: u8) -> bool {
+    matches!(icmp_type, ICMPV6_NI_QUERY | ICMPV6_NI_REPLY)
+}
 
 /// A 64-bit key naming one packet across all of its TRACE events, or `None` for a payload that
 /// is not IPv4 or IPv6.
@@ -231,7 +240,13 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 ///   IPv6: payload length and flow label;
 /// - TCP: sequence number, acknowledgement number and flags;
 /// - UDP: the UDP length and the first 4 payload bytes if present;
-/// - ICMP and ICMPv6: type and code, plus the sequence number of echo requests and replies.
+/// - ICMP and ICMPv6: type and code, plus the sequence number of echo requests and replies;
+/// - ICMPv6 messages that conntrack never tracks, and so NAT never rewrites (neighbour and
+///   router discovery, MLD, redirects: every informational type but echo and node information,
+///   `icmpv6_new()` in `nf_conntrack_proto_icmpv6.c`): the source and destination addresses
+///   too. Their bodies are often identical (every neighbour solicitation of one size has the
+///   same invariant fields), so without the addresses different ND packets of different hosts
+///   would share one key.
 ///
 /// Fields past the end of a truncated payload count as 0. The fields are folded with a
 /// multiplicative hash; the key is stable for one build of iptrace, nothing more. Two packets
@@ -284,6 +299,16 @@ pub fn packet_key<P: PacketBytes + ?Sized>(packet: &P) -> Option<u64> {
                 };
                 if is_echo {
                     key.mix(u32::from(packet.be16_at(l4 + 6).unwrap_or(0)));
+                }
+                if protocol == IPPROTO_ICMPV6
+                    && icmp_type >= ICMPV6_INFORMATIONAL
+                    && !is_echo
+                    && !is_node_info(icmp_type)
+                {
+                    // Source and destination: the 32 bytes from offset 8 of the IPv6 header.
+                    for offset in [8, 12, 16, 20, 24, 28, 32, 36] {
+                        key.mix(packet.be32_at(offset).unwrap_or(0));
+                    }
                 }
             }
             _ => {}

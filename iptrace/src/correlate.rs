@@ -35,7 +35,7 @@ use std::{
 };
 
 use crate::{
-    decode::{Family, NftTraceType, Origin, Table, TraceEvent, TraceId},
+    decode::{Family, Hook, NftTraceType, Origin, Table, TraceEvent, TraceId, TraceKind},
     instrument::Owner,
 };
 
@@ -82,21 +82,74 @@ pub struct Correlator {
 }
 
 /// Whether `event` is iptrace's own marking rule, the first event of every packet its nf_tables
-/// table marks.
-fn starts_packet(event: &TraceEvent) -> bool {
+/// table marks, with the packet as it arrived (at -350, before any other table).
+pub fn is_own_marking(event: &TraceEvent) -> bool {
     matches!(&event.origin, Origin::Nft { table, handle: Some(_), trace_type: NftTraceType::Rule, .. } if Owner::from_table_name(table).is_some())
 }
 
 /// Whether `event` can be the first event of a packet iptrace marked: its own nf_tables marking
 /// rule, or (marked by its TRACE rule in raw PREROUTING/OUTPUT) the raw table before routing.
 fn can_open_packet(event: &TraceEvent) -> bool {
-    starts_packet(event)
+    is_own_marking(event)
         || matches!(&event.origin, Origin::Xtables { hook, table: Table::Raw, .. } if hook.stage() == 0)
 }
 
 /// Packets opened after a loss that are checked for a missing start: more than were in the
 /// middle of the hooks on all CPUs when the kernel could queue again.
 const CHECKED_AFTER_LOSS: usize = 256;
+
+/// Whether legacy event `e` can be the next event of open packet `p`. A packet's events never go
+/// back to an earlier (stage, table priority), never move between the two hooks of one stage
+/// (PREROUTING and OUTPUT, INPUT and FORWARD), and end a table's traversal of a hook with its
+/// policy, after which only the real policy of that chain can follow (an unconditional rule
+/// reads `policy` too, with a lower number). And the packet's addresses and ports change only
+/// where a rule or conntrack could have changed them (see [`nat_possible`]): otherwise an event
+/// with other addresses is another packet with the same identity (neighbour solicitations of
+/// one size are alike but for their addresses), never a change.
+fn continues(p: &OpenPacket, e: &TraceEvent) -> bool {
+    let Origin::Xtables { hook, table, kind, number, .. } = &e.origin else { return false };
+    if (hook.stage(), table.priority(*hook)) < p.rank {
+        return false;
+    }
+    let last_legacy = p.events.iter().rev().find_map(|l| match &l.origin {
+        Origin::Xtables { hook, table, kind, number, .. } => Some((hook, table, kind, number)),
+        Origin::Nft { .. } => None,
+    });
+    if let Some((last_hook, last_table, last_kind, last_number)) = last_legacy {
+        if last_hook.stage() == hook.stage() && last_hook != hook {
+            return false;
+        }
+        let ended = last_hook == hook && last_table == table && *last_kind == TraceKind::Policy;
+        if ended && !(*kind == TraceKind::Policy && number > last_number) {
+            return false;
+        }
+    }
+    p.events.last().is_none_or(|last| same_addresses(last, e) || nat_possible(last, *hook, table))
+}
+
+/// Whether two events show the same addresses and ports.
+fn same_addresses(a: &TraceEvent, b: &TraceEvent) -> bool {
+    (a.packet.src, a.packet.dst, a.packet.transport.ports()) == (b.packet.src, b.packet.dst, b.packet.transport.ports())
+}
+
+/// Whether something could have rewritten a packet's addresses or ports between event `last`
+/// and a legacy event at `hook` in `table`: any nf_tables rule (payload statements, NAT), a rule
+/// of the nat table (its target), of an IPv6 mangle table (SNPT/DNPT), or conntrack's NAT hook
+/// between the two (at NAT_DST, -100, in PREROUTING and OUTPUT; at NAT_SRC, 100, in INPUT and
+/// POSTROUTING), which also rewrites replies and later packets of a NATed connection. Legacy
+/// events show the packet before their rule's target ran (kernel-interfaces §1.2), so a NAT
+/// point at the later event's own priority (the nat table) comes after it.
+fn nat_possible(last: &TraceEvent, hook: Hook, table: &Table) -> bool {
+    let Origin::Xtables { hook: from, table: from_table, .. } = &last.origin else { return true };
+    if *from_table == Table::Nat || *from_table == Table::Mangle && last.family == Family::Ipv6 {
+        return true;
+    }
+    let (from_rank, to_rank) = ((from.stage(), from_table.priority(*from)), (hook.stage(), table.priority(hook)));
+    [(Hook::PreRouting, -100), (Hook::LocalOut, -100), (Hook::LocalIn, 100), (Hook::PostRouting, 100)]
+        .into_iter()
+        .filter(|(at, _)| *at == *from || *at == hook)
+        .any(|(at, priority)| from_rank < (at.stage(), priority) && (at.stage(), priority) < to_rank)
+}
 
 /// The lowest rank: a packet that has no legacy event yet accepts any.
 const NO_RANK: (u8, i32) = (0, i32::MIN);
@@ -133,7 +186,7 @@ impl Correlator {
             Origin::Xtables { hook, table, .. } => (Some((hook.stage(), table.priority(*hook))), None),
             Origin::Nft { trace_id, .. } => (None, Some(*trace_id)),
         };
-        let starts_packet = starts_packet(&event);
+        let starts_packet = is_own_marking(&event);
         let known = trace_id.filter(|_| !starts_packet).and_then(|id| self.trace_ids.get(&id));
         let key = match known {
             Some(&key) => key,
@@ -146,11 +199,13 @@ impl Correlator {
                 let untagged = candidates.iter().enumerate().filter(|(_, p)| p.trace_id.is_none());
                 untagged.max_by_key(|(_, p)| p.last_seen).map(|(i, _)| i)
             }),
-            (None, Some(r)) => candidates
+            // Of the packets this event can continue, one it continues unchanged comes first:
+            // packets with equal identities are told apart by their addresses.
+            (None, Some(_)) => candidates
                 .iter()
                 .enumerate()
-                .filter(|(_, p)| r >= p.rank)
-                .max_by_key(|(_, p)| p.last_seen)
+                .filter(|(_, p)| continues(p, &event))
+                .max_by_key(|(_, p)| (p.events.last().is_some_and(|l| same_addresses(l, &event)), p.last_seen))
                 .map(|(i, _)| i),
             (None, None) => None,
         };
@@ -364,8 +419,9 @@ mod tests {
             event(&b, Hook::PreRouting, Table::Raw),
             event(&a, Hook::PreRouting, Table::Mangle),
             event(&b, Hook::PreRouting, Table::Mangle),
-            event(&a, Hook::Forward, Table::Filter),
-            event(&a_natted, Hook::PostRouting, Table::Nat),
+            // The nat table's event shows the packet before its rule's NAT, the next one after.
+            event(&a, Hook::PreRouting, Table::Nat),
+            event(&a_natted, Hook::Forward, Table::Filter),
         ];
         for e in sequence {
             assert!(c.push(e, now).is_none());
@@ -437,5 +493,54 @@ mod tests {
         c.push(event(&a, Hook::Forward, Table::Filter), now);
         let done = c.flush_all();
         assert_eq!(done.iter().map(|p| p.events.len()).collect::<Vec<_>>(), [2, 2]);
+    }
+
+    /// Neighbour solicitations of one size, of two sources, share every invariant field: the
+    /// same identity (as for UDP with equal lengths and first bytes).
+    fn alike(src: u8) -> Vec<u8> {
+        let mut p = udp_v4([10, 5, 1, src], 40000, 64);
+        p[20..22].copy_from_slice(&u16::from(src).to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn distinct_packets_with_one_identity_never_merge() {
+        let now = Instant::now();
+        let mut c = Correlator::new(Duration::from_secs(1));
+        let (a, b) = (alike(7), alike(8));
+        assert_eq!(PacketHeader::parse(&a).unwrap().identity(), PacketHeader::parse(&b).unwrap().identity());
+        // Two packets sent, each ending raw OUTPUT with its policy; one received in PREROUTING.
+        c.push(event(&a, Hook::LocalOut, Table::Raw), now);
+        c.push(event(&b, Hook::LocalOut, Table::Raw), now);
+        c.push(event(&a, Hook::PreRouting, Table::Raw), now);
+        assert_eq!(c.flush_all().iter().map(|p| p.events.len()).collect::<Vec<_>>(), [1, 1, 1]);
+        // Two packets received: each later event goes to the one with its addresses, not to the
+        // one seen last.
+        c.push(event(&a, Hook::PreRouting, Table::Raw), now);
+        c.push(event(&b, Hook::PreRouting, Table::Raw), now + Duration::from_millis(1));
+        c.push(event(&a, Hook::PreRouting, Table::Mangle), now + Duration::from_millis(2));
+        c.push(event(&b, Hook::PreRouting, Table::Mangle), now + Duration::from_millis(3));
+        let done = c.flush_all();
+        let sources = |p: &PacketTrace| p.events.iter().map(|e| e.packet.src.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            done.iter().map(sources).collect::<Vec<_>>(),
+            [vec!["10.5.1.7", "10.5.1.7"], vec!["10.5.1.8", "10.5.1.8"]]
+        );
+        // No NAT point between raw and mangle PREROUTING: other addresses are another packet.
+        c.push(event(&a, Hook::PreRouting, Table::Raw), now);
+        c.push(event(&b, Hook::PreRouting, Table::Mangle), now);
+        assert_eq!(c.flush_all().iter().map(|p| p.events.len()).collect::<Vec<_>>(), [1, 1]);
+        // An unconditional rule labelled `policy`, then the chain's real policy: one packet.
+        let mut rule = event(&a, Hook::LocalOut, Table::Raw);
+        let mut policy = rule.clone();
+        if let Origin::Xtables { number, .. } = &mut policy.origin {
+            *number = 3;
+        }
+        if let Origin::Xtables { number, .. } = &mut rule.origin {
+            *number = 2;
+        }
+        c.push(rule, now);
+        c.push(policy, now);
+        assert_eq!(c.flush_all().len(), 1);
     }
 }

@@ -5,15 +5,26 @@
 //! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`render`].
 //! [`heal`] keeps the instrumentation in place while other programs change the host.
 
-/// Writes one line to stderr and ignores failure: a stderr whose reader went away
-/// (`iptrace 2>&1 | head -1`) must neither panic iptrace (as `eprintln!` does) nor keep it from
-/// cleaning up.
+/// Writes a line to stderr through [`write_note`].
 #[macro_export]
 macro_rules! note {
-    ($($arg:tt)*) => {{
-        use ::std::io::Write as _;
-        let _ = ::std::writeln!(::std::io::stderr().lock(), $($arg)*);
-    }};
+    ($($arg:tt)*) => {
+        $crate::write_note(::std::format_args!($($arg)*))
+    };
+}
+
+/// Writes `args` and a newline to stderr and ignores failure: a stderr whose reader went away
+/// (`iptrace 2>&1 | head -1`) must neither panic iptrace (as `eprintln!` does) nor keep it from
+/// cleaning up. Names from the kernel and rule listings reach stderr too (errors, the ready
+/// line), so every control character is escaped ([`render::Printable`]); a note of several
+/// lines keeps its line breaks.
+pub fn write_note(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let text = args.to_string();
+    let mut stderr = std::io::stderr().lock();
+    for line in text.split('\n') {
+        let _ = writeln!(stderr, "{}", render::Printable(line));
+    }
 }
 
 /// An error followed by its causes, each after `: `, as anyhow's `{:#}` prints them, for errors

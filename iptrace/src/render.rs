@@ -9,14 +9,14 @@
 use std::{
     collections::HashMap,
     ffi::CStr,
-    fmt::Write as _,
+    fmt::{self, Write as _},
     io::{self, Write},
     net::IpAddr,
 };
 
 use crate::{
-    decode::{NftFamily, Origin, PacketHeader, Table, TraceEvent, packet::Transport},
-    resolve::{Engine, Position, Rule, Step, Verdict},
+    decode::{Hook, NftFamily, Origin, PacketHeader, Table, TraceEvent, packet::Transport},
+    resolve::{Engine, HookPoint, Position, Rule, Step, Verdict},
 };
 
 const STEP: &str = "        ";
@@ -50,7 +50,13 @@ impl InterfaceNames for KernelInterfaceNames {
     }
 }
 
-/// Writes one packet's block. `steps` are in kernel order; iptrace's own rules are already gone.
+/// Writes one packet's block. `steps` are in kernel order; of iptrace's own rules only the
+/// marking rule is left ([`Position::Marked`], first when there is one).
+///
+/// The packet line is the packet as it arrived: at iptrace's own marking rule (nf_tables, before
+/// every other table), else at its first step (legacy TRACE rules come first in raw). Every
+/// change after it shows as a `~` line, so a rewrite by the first rule that saw the packet, or a
+/// reply's de-NAT before the first chain that traced it, is not lost.
 pub fn render_packet(steps: &[Step], names: &mut impl InterfaceNames, out: &mut impl Write) -> io::Result<()> {
     render_block(steps, true, names, out)
 }
@@ -72,6 +78,10 @@ fn render_block(
     out: &mut impl Write,
 ) -> io::Result<()> {
     let Some(first) = steps.first() else { return Ok(()) };
+    let steps = if matches!(first.position, Position::Marked) { &steps[1..] } else { steps };
+    if steps.is_empty() {
+        return Ok(());
+    }
     let mut text = String::with_capacity(256 + steps.len() * 96);
     text.push_str(&packet_line(&first.event, names));
     if let Some(ct) = steps.iter().find_map(|s| match &s.event.origin {
@@ -84,12 +94,12 @@ fn render_block(
         }
     }
     text.push('\n');
-    let mut previous: Option<&TraceEvent> = None;
+    let mut previous = &first.event;
     // The mark as last known: legacy events show it before their rule, nf_tables events after.
     let mut mark = first.event.mark;
-    for step in steps {
+    for step in steps.iter().filter(|s| !matches!(s.position, Position::Marked)) {
         let e = &step.event;
-        let mut before = previous.map(|prev| changes(&prev.packet, &e.packet)).unwrap_or_default();
+        let mut before = changes(&previous.packet, &e.packet);
         if e.mark_after.is_none() && e.mark != mark {
             before.push(mark_change(mark, e.mark));
             mark = e.mark;
@@ -97,7 +107,7 @@ fn render_block(
         if !before.is_empty() {
             let _ = writeln!(text, "{STEP}~ {}", before.join(", "));
         }
-        previous = Some(e);
+        previous = e;
         step_lines(step, &mut text);
         if let Some(after) = e.mark_after.filter(|m| *m != mark) {
             let _ = writeln!(text, "{STEP}~ {}", mark_change(mark, after));
@@ -123,9 +133,9 @@ fn step_lines(step: &Step, text: &mut String) {
             }
             text.push('\n');
             if !rule.matches.is_empty() {
-                let _ = writeln!(text, "{DETAIL}{}", rule.matches);
+                let _ = writeln!(text, "{DETAIL}{}", Printable(&rule.matches));
             }
-            let _ = writeln!(text, "{DETAIL}=> {}", action(rule));
+            let _ = writeln!(text, "{DETAIL}=> {}", Printable(action(rule)));
         }
         Position::RuleSetChanged { kernel_number, was, is } => {
             let number = match is.as_deref() {
@@ -160,10 +170,13 @@ fn step_lines(step: &Step, text: &mut String) {
         Position::NftRule { handle, text: rule, .. } => {
             let _ = writeln!(
                 text,
-                "{STEP}{place} (handle {handle})\n{DETAIL}{rule}\n{DETAIL}=> {}",
+                "{STEP}{place} (handle {handle})\n{DETAIL}{}\n{DETAIL}=> {}",
+                Printable(rule),
                 kernel_verdict(&step.event)
             );
         }
+        // The packet line shows it.
+        Position::Marked => {}
         Position::NftRuleUnread { handle, .. } => {
             let _ = writeln!(
                 text,
@@ -174,9 +187,10 @@ fn step_lines(step: &Step, text: &mut String) {
     }
 }
 
-/// A comment as `/* ... */`; a line break in it would look like another line of the block.
+/// A comment as `/* ... */`, escaped: a line break in it would look like another line of the
+/// block, a terminal control would act on the terminal.
 fn shown_comment(comment: &str) -> String {
-    format!("/* {} */", comment.replace('\n', "\\n"))
+    format!("/* {} */", Printable(comment))
 }
 
 /// What a legacy rule does: its target and options, or the chain it continues in.
@@ -195,8 +209,9 @@ fn changed_rule(position: Option<&Position>) -> String {
     match position {
         Some(Position::Rule { rule, .. }) => {
             let comment = rule.comment.as_deref().map(|c| format!("{} ", shown_comment(c))).unwrap_or_default();
-            let matches = if rule.matches.is_empty() { String::new() } else { format!("{} ", rule.matches) };
-            format!("{comment}{matches}=> {}", action(rule))
+            let matches =
+                if rule.matches.is_empty() { String::new() } else { format!("{} ", Printable(&rule.matches)) };
+            format!("{comment}{matches}=> {}", Printable(action(rule)))
         }
         Some(Position::Policy(v)) => format!("the policy {}", verdict_name(v)),
         Some(Position::ChainEnd) => "the end of the chain".to_owned(),
@@ -205,22 +220,24 @@ fn changed_rule(position: Option<&Position>) -> String {
     }
 }
 
-/// Where a step happened: `filter FORWARD`, `nft inet fw forward`, `iptables-nft filter FORWARD`.
+/// Where a step happened: `filter FORWARD`, `nft inet fw forward`, `iptables-nft filter FORWARD`;
+/// the names escaped.
 fn place(step: &Step) -> String {
-    match (&step.event.origin, step.engine) {
+    let place = match (&step.event.origin, step.engine) {
         (Origin::Xtables { table, chain, .. }, _) => format!("{table} {chain}"),
         (Origin::Nft { family: NftFamily::Ip6, table, chain, .. }, Engine::XtablesNft) => {
             format!("ip6tables-nft {table} {chain}")
         }
         (Origin::Nft { table, chain, .. }, Engine::XtablesNft) => format!("iptables-nft {table} {chain}"),
         (Origin::Nft { family, table, chain, .. }, _) => format!("nft {family} {table} {chain}"),
-    }
+    };
+    Printable(place).to_string()
 }
 
-/// The verdict an nf_tables event reported, as nft prints it.
+/// The verdict an nf_tables event reported, as nft prints it (a jump's chain name escaped).
 fn kernel_verdict(event: &TraceEvent) -> String {
     match &event.origin {
-        Origin::Nft { verdict, .. } => verdict.to_string(),
+        Origin::Nft { verdict, .. } => Printable(verdict).to_string(),
         Origin::Xtables { .. } => String::new(),
     }
 }
@@ -245,7 +262,7 @@ fn fate(steps: &[Step]) -> String {
             (
                 Position::Rule { rule, .. } | Position::XtablesNftRule { rule, .. },
                 Verdict::Reject | Verdict::Queue | Verdict::Nat,
-            ) => rule.target.clone(),
+            ) => Printable(&rule.target).to_string(),
             _ => verdict_name(v).to_owned(),
         };
         let place = place(step);
@@ -267,6 +284,9 @@ fn fate(steps: &[Step]) -> String {
     if let Some((s, v)) = ending.iter().find(|(_, v)| v.drops()) {
         return describe(s, v);
     }
+    if let Some(last_seen) = last_seen_undecided(steps) {
+        return last_seen;
+    }
     // With several filtering tables (both engines, or several nf_tables tables), a rule's verdict
     // tells more than a later policy's; one legacy filter table has only one anyway.
     let filtering = || ending.iter().rev().filter(|(s, v)| decides_filtering(s, v));
@@ -278,6 +298,66 @@ fn fate(steps: &[Step]) -> String {
         Some((s, v)) => describe(s, v),
         None => "verdict: none seen (no table ended its traversal in a traced step)".to_owned(),
     }
+}
+
+/// `last seen: nat PREROUTING (DNAT to 172.20.0.2:6443); no later netfilter hook saw it` for a
+/// packet no rule dropped whose last step is not where its fate is decided, so that no rule's
+/// ACCEPT or NAT reads as its fate: routing may have dropped it after (an unroutable DNAT
+/// target), or delivered it where no table traced it. A fate is decided at INPUT (the last hook
+/// of a locally delivered packet), at POSTROUTING (the last of one sent on), and at FORWARD and
+/// OUTPUT by the filter or security table, or an nf_tables chain of type filter. PREROUTING
+/// decides nothing: routing comes after it. `None` where the fate is decided, or the hook is
+/// not known (a chain missing from the rule-set snapshot).
+fn last_seen_undecided(steps: &[Step]) -> Option<String> {
+    // A chain without a hook was jumped to from the step before it, and runs at its hook.
+    let mut at: Option<(HookPoint, &Step)> = None;
+    for step in steps.iter().filter(|s| !matches!(s.position, Position::Marked)) {
+        if let Some(point) = step.hook {
+            at = Some((point, step));
+        }
+    }
+    let (point, base) = at?;
+    let decided = match point.hook {
+        Hook::LocalIn | Hook::PostRouting => true,
+        Hook::Forward | Hook::LocalOut => point.filter,
+        Hook::PreRouting => false,
+    };
+    if decided {
+        return None;
+    }
+    let last = steps.last()?;
+    let place = match (&base.event.origin, base.engine) {
+        (Origin::Nft { .. }, Engine::Nft) => place(base),
+        (Origin::Nft { family: NftFamily::Ip6, table, .. }, _) => {
+            format!("ip6tables-nft {table} {}", point.hook.name())
+        }
+        (Origin::Nft { table, .. }, _) => format!("iptables-nft {table} {}", point.hook.name()),
+        (Origin::Xtables { table, .. }, _) => format!("{table} {}", point.hook.name()),
+    };
+    let chain = match &last.event.origin {
+        Origin::Xtables { chain, .. } | Origin::Nft { chain, .. } => chain,
+    };
+    let what = match &last.position {
+        Position::Rule { rule, .. } | Position::XtablesNftRule { rule, .. } if rule.verdict == Verdict::Nat => {
+            let mut options = rule.target_options.split_whitespace();
+            let to = options.by_ref().find(|o| o.starts_with("--to")).and_then(|_| options.next());
+            to.map_or_else(|| rule.target.clone(), |to| format!("{} to {to}", rule.target))
+        }
+        Position::Rule { number, rule } | Position::XtablesNftRule { number, rule, .. } => {
+            format!("{} at {chain} #{number}", action(rule))
+        }
+        Position::NftRule { handle, .. } | Position::NftRuleUnread { handle, .. } => {
+            format!("{} at {chain} (handle {handle})", kernel_verdict(&last.event))
+        }
+        Position::Policy(_) if last.engine == Engine::Nft => format!("policy {}", kernel_verdict(&last.event)),
+        Position::Policy(v) => format!("policy {}", verdict_name(v)),
+        Position::ChainEnd => format!("end of {chain}"),
+        Position::Unknown { kernel_number } | Position::RuleSetChanged { kernel_number, .. } => {
+            format!("kernel rule {kernel_number} of {chain}")
+        }
+        Position::Marked => return None,
+    };
+    Some(format!("last seen: {} ({}); no later netfilter hook saw it", Printable(place), Printable(what)))
 }
 
 /// Whether a step is the filter table's (or for native nf_tables, a non-NAT chain's) decision,
@@ -318,7 +398,7 @@ fn mark_change(before: u32, after: u32) -> String {
 pub fn packet_line(e: &TraceEvent, names: &mut impl InterfaceNames) -> String {
     let mut s = String::with_capacity(160);
     let name = |i: Option<u32>, names: &mut dyn FnMut(u32) -> String| i.map(names).unwrap_or_default();
-    let mut lookup = |i| names.name(i);
+    let mut lookup = |i| Printable(names.name(i)).to_string();
     let _ = write!(s, "IN={} OUT={} ", name(e.in_ifindex, &mut lookup), name(e.out_ifindex, &mut lookup));
     header_fields(&e.packet, &mut s);
     if e.mark != 0 {
@@ -384,13 +464,49 @@ fn header_fields(p: &PacketHeader, s: &mut String) {
     }
 }
 
+/// Text from the kernel or from rule listings (names, comments, rule text, error causes), shown
+/// with every character a terminal would act on escaped: C0 and C1 controls and DEL (`\x1b`,
+/// `\r`, `\a`, `\n`, ...), and the bidirectional controls that reorder what is shown. Whoever
+/// writes the rule set (root in a container traced with `--netns`) chooses that text, not the
+/// admin reading it.
+pub struct Printable<T>(pub T);
+
+impl<T: fmt::Display> fmt::Display for Printable<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Escaping<'a, 'b>(&'a mut fmt::Formatter<'b>);
+        impl fmt::Write for Escaping<'_, '_> {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                let mut rest = s;
+                while let Some((i, c)) = rest.char_indices().find(|(_, c)| needs_escape(*c)) {
+                    self.0.write_str(&rest[..i])?;
+                    match c {
+                        '\n' => self.0.write_str("\\n")?,
+                        '\r' => self.0.write_str("\\r")?,
+                        '\t' => self.0.write_str("\\t")?,
+                        '\x07' => self.0.write_str("\\a")?,
+                        c if u32::from(c) < 0x80 => write!(self.0, "\\x{:02x}", u32::from(c))?,
+                        c => write!(self.0, "\\u{{{:x}}}", u32::from(c))?,
+                    }
+                    rest = &rest[i + c.len_utf8()..];
+                }
+                self.0.write_str(rest)
+            }
+        }
+        write!(Escaping(f), "{}", self.0)
+    }
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
     use super::*;
     use crate::{
-        decode::{Family, Hook, TraceKind, packet::tests::udp_v4},
+        decode::{Family, Hook, NftTraceType, NftVerdict, TraceId, TraceKind, packet::tests::udp_v4},
         resolve::Rule,
         xtables::tokenize,
     };
@@ -403,6 +519,7 @@ mod tests {
     }
 
     fn step(hook: Hook, table: Table, chain: &str, packet: &[u8], mark: u32, position: Position) -> Step {
+        let point = HookPoint { hook, filter: table == Table::Filter };
         Step {
             event: TraceEvent {
                 family: Family::Ipv4,
@@ -418,6 +535,7 @@ mod tests {
             },
             position,
             engine: Engine::Legacy,
+            hook: Some(point),
         }
     }
 
@@ -519,6 +637,113 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         assert!(
             text.ends_with("        raw PREROUTING\n                ACCEPT\n        (incomplete: events lost)\n\n"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn printable_escapes_what_a_terminal_would_act_on() {
+        let hostile = "a\x1b[2Jb\rc\x07d\ne\tf\x7fg\u{9b}h\u{202e}i é ✓";
+        assert_eq!(Printable(hostile).to_string(), r"a\x1b[2Jb\rc\ad\ne\tf\x7fg\u{9b}h\u{202e}i é ✓");
+        assert_eq!(Printable(format_args!("x{}", '\x1b')).to_string(), r"x\x1b");
+        assert_eq!(Printable("plain -p udp /* ok */").to_string(), "plain -p udp /* ok */");
+    }
+
+    /// iptrace's own nf_tables marking event (at -350): the packet as it arrived.
+    fn marked(packet: &[u8]) -> Step {
+        let mut s = step(Hook::PreRouting, Table::Raw, "prerouting", packet, 0, Position::Marked);
+        s.event.origin = Origin::Nft {
+            family: NftFamily::Inet,
+            table: "iptrace_1_2".into(),
+            chain: "prerouting".into(),
+            handle: Some(2),
+            trace_type: NftTraceType::Rule,
+            verdict: NftVerdict::Continue,
+            trace_id: TraceId([1, 2, 3, 4]),
+            ct: None,
+        };
+        s.event.out_ifindex = None;
+        s.event.mark_after = Some(0);
+        s.engine = Engine::Nft;
+        s
+    }
+
+    #[test]
+    fn the_packet_line_is_the_packet_as_marked_and_changes_count_from_there() {
+        let arrived = udp_v4([10, 5, 1, 7], 40000, 64);
+        // DNAT to 172.16.2.9:5353, before the first legacy table that saw it.
+        let mut dnatted = arrived.clone();
+        dnatted[19] = 9;
+        dnatted[22..24].copy_from_slice(&5353u16.to_be_bytes());
+        // SNAT of the source port too, later.
+        let mut snatted = dnatted.clone();
+        snatted[20..22].copy_from_slice(&61000u16.to_be_bytes());
+        let steps = [
+            marked(&arrived),
+            step(Hook::Forward, Table::Filter, "FORWARD", &dnatted, 0, Position::Policy(Verdict::Accept)),
+            step(Hook::PostRouting, Table::Mangle, "POSTROUTING", &snatted, 0, Position::Policy(Verdict::Accept)),
+        ];
+        let mut out = Vec::new();
+        render_packet(&steps, &mut Names, &mut out).unwrap();
+        let expected = "\
+IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=4660 DF PROTO=UDP SPT=40000 DPT=53 LEN=12
+        ~ DST 172.16.2.2 -> 172.16.2.9, DPT 53 -> 5353
+        filter FORWARD
+                ACCEPT
+        ~ SPT 40000 -> 61000
+        mangle POSTROUTING
+                ACCEPT
+        verdict: ACCEPT by filter FORWARD policy
+
+";
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        // Only the marking: no table of the rule set saw it, nothing to show.
+        let mut out = Vec::new();
+        render_packet(&steps[..1], &mut Names, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "");
+    }
+
+    #[test]
+    fn a_packet_last_seen_before_its_fate_was_decided_says_so() {
+        let syn = udp_v4([10, 5, 1, 7], 40000, 64);
+        let dnat = rule(2, "-p udp -j DNAT --to-destination 172.20.0.2:6443");
+        let mut steps = vec![
+            step(Hook::PreRouting, Table::Raw, "PREROUTING", &syn, 0, Position::Policy(Verdict::Accept)),
+            step(Hook::PreRouting, Table::Nat, "PREROUTING", &syn, 0, rule(1, "-j KUBE-SERVICES")),
+            step(Hook::PreRouting, Table::Nat, "KUBE-SEP-ABC", &syn, 0, dnat),
+        ];
+        assert_eq!(fate(&steps), "last seen: nat PREROUTING (DNAT to 172.20.0.2:6443); no later netfilter hook saw it");
+        // Accepted by mangle FORWARD, and no filter table after it: not decided either.
+        steps.push(step(Hook::Forward, Table::Mangle, "FORWARD", &syn, 0, Position::Policy(Verdict::Accept)));
+        assert_eq!(fate(&steps), "last seen: mangle FORWARD (policy ACCEPT); no later netfilter hook saw it");
+        // The filter table decides at FORWARD; POSTROUTING and INPUT are the last hooks.
+        let filter = step(Hook::Forward, Table::Filter, "FORWARD", &syn, 0, rule(3, "-p udp -j ACCEPT"));
+        steps.push(filter.clone());
+        assert_eq!(fate(&steps), "verdict: ACCEPT at filter FORWARD #3");
+        let post = step(Hook::PostRouting, Table::Mangle, "POSTROUTING", &syn, 0, Position::Policy(Verdict::Accept));
+        assert_eq!(fate(&[steps[0].clone(), post]), "verdict: ACCEPT by mangle POSTROUTING policy");
+        let input = step(Hook::LocalIn, Table::Mangle, "INPUT", &syn, 0, Position::Policy(Verdict::Accept));
+        assert_eq!(fate(&[steps[0].clone(), input]), "verdict: ACCEPT by mangle INPUT policy");
+        // A drop is a fate wherever it happens.
+        let drop = step(Hook::PreRouting, Table::Raw, "PREROUTING", &syn, 0, rule(1, "-p udp -j DROP"));
+        assert_eq!(fate(&[drop]), "verdict: DROP at raw PREROUTING #1");
+        // An nf_tables chain jumped to runs at the hook of the base chain that jumped.
+        let mut nft_base = marked(&syn);
+        nft_base.position =
+            Position::NftRule { handle: 4, text: "jump lb".into(), verdict: Verdict::Jump("lb".into()) };
+        nft_base.hook = Some(HookPoint { hook: Hook::PreRouting, filter: true });
+        if let Origin::Nft { table, chain, verdict, .. } = &mut nft_base.event.origin {
+            (*table, *chain, *verdict) = ("t".into(), "pre".into(), NftVerdict::Jump("lb".into()));
+        }
+        let mut jumped = nft_base.clone();
+        jumped.position =
+            Position::NftRule { handle: 6, text: "ip daddr set 10.9.9.9".into(), verdict: Verdict::Continue };
+        jumped.hook = None;
+        if let Origin::Nft { chain, verdict, .. } = &mut jumped.event.origin {
+            (*chain, *verdict) = ("lb".into(), NftVerdict::Continue);
+        }
+        assert_eq!(
+            fate(&[marked(&syn), nft_base, jumped]),
+            "last seen: nft inet t pre (continue at lb (handle 6)); no later netfilter hook saw it"
         );
     }
 }

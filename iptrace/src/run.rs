@@ -31,7 +31,7 @@ use crate::{
     netns::{self, NetnsError},
     nftables,
     render::{self, KernelInterfaceNames},
-    resolve::{self, ResolveError, Resolver},
+    resolve::{self, Position, ResolveError, Resolver},
     xtables::{Xtables, XtablesError},
 };
 
@@ -437,13 +437,12 @@ impl SocketFilter {
 
     /// Without the eBPF filter, iptrace says so once and goes on selecting in userspace.
     fn attach(&self, state: &mut SocketFilterState) {
-        let refused =
-            |e: &BpfError| {
-                crate::note!(
-                    "iptrace: no eBPF socket filter ({}); selecting trace messages in userspace",
-                    crate::WithCauses(e)
-                )
-            };
+        let refused = |e: &BpfError| {
+            crate::note!(
+                "iptrace: no eBPF socket filter ({}); selecting trace messages in userspace",
+                crate::WithCauses(e)
+            )
+        };
         match state.loaded.as_mut() {
             None => {}
             Some(Ok(filter)) => match filter.attach(self.socket.as_fd()) {
@@ -1012,7 +1011,8 @@ impl Pipeline<'_> {
             return Ok(false);
         }
         let steps: Vec<_> = trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)).collect();
-        if steps.is_empty() {
+        // Only iptrace's own marking: no table of the rule set saw the packet.
+        if steps.iter().all(|s| matches!(s.position, Position::Marked)) {
             return Ok(false);
         }
         if trace.incomplete {

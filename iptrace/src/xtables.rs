@@ -152,7 +152,7 @@ pub fn parse_save(text: &str) -> Vec<SavedTable> {
             let policy = parts.next().filter(|p| *p != "-").map(str::to_owned);
             table.chains.push(SavedChain { name, policy, rules: Vec::new() });
         } else if line.starts_with("-A ") {
-            let mut tokens = tokenize(&line);
+            let mut tokens = tokenize(line);
             if tokens.len() < 2 {
                 continue;
             }

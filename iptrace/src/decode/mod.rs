@@ -90,6 +90,17 @@ impl Hook {
         })
     }
 
+    /// The hook's name as iptables spells its built-in chain.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::PreRouting => "PREROUTING",
+            Hook::LocalIn => "INPUT",
+            Hook::Forward => "FORWARD",
+            Hook::LocalOut => "OUTPUT",
+            Hook::PostRouting => "POSTROUTING",
+        }
+    }
+
     /// Position on a packet's path: PREROUTING or OUTPUT first, then INPUT or FORWARD, then
     /// POSTROUTING. A packet's events never go back to an earlier stage.
     pub fn stage(self) -> u8 {
@@ -159,8 +170,9 @@ impl fmt::Display for Table {
 /// One trace event: a rule, policy or chain end the packet hit, with the packet as it was then.
 ///
 /// Legacy TRACE lines carry the packet before the rule's target ran (kernel-interfaces §1.2) and
-/// the mark before it; nf_tables events carry the packet as it entered the hook (headers come
-/// only with a hook's first event) and the mark after the rule ran (§5.2, §5.3).
+/// the mark before it; nf_tables events carry the packet as the first event of their base chain
+/// saw it (headers come only with that event, copied after its rule ran, so after a rewrite by
+/// it) and the mark after the rule ran (§5.2, §5.3).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceEvent {
     pub family: Family,

@@ -194,6 +194,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn neighbour_discovery_is_told_apart_by_its_addresses_echo_is_not() {
+        // ICMPv6 of `kind` from `src` to `dst`, 8 bytes of body.
+        let icmp6 = |kind: u8, src: u8, dst: u8| {
+            let mut p = vec![0x60, 0, 0, 0, 0, 8, 58, 255];
+            p.extend_from_slice(&[0xfd, 0x77, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, src]);
+            p.extend_from_slice(&[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, dst]);
+            p.extend_from_slice(&[kind, 0, 0x12, 0x34, 0, 1, 0, 1]);
+            PacketHeader::parse(&p).unwrap().identity()
+        };
+        // Neighbour solicitations, router advertisements: conntrack never tracks them, NAT never
+        // rewrites them, so their addresses belong to the packet.
+        for kind in [133, 134, 135, 136, 143] {
+            assert_ne!(icmp6(kind, 2, 9), icmp6(kind, 3, 9), "type {kind}");
+            assert_ne!(icmp6(kind, 2, 9), icmp6(kind, 2, 8), "type {kind}");
+            assert_eq!(icmp6(kind, 2, 9), icmp6(kind, 2, 9), "type {kind}");
+        }
+        // Echo and errors are NATed: their addresses stay out of the identity.
+        for kind in [1, 128, 129] {
+            assert_eq!(icmp6(kind, 2, 9), icmp6(kind, 3, 8), "type {kind}");
+        }
+    }
+
+    #[test]
     fn parses_ipv6_tcp_behind_an_extension_header() {
         let mut p = vec![0x61, 0x21, 0x23, 0x45, 0, 28, 0, 64];
         p.extend_from_slice(&[0xfd; 16]);

@@ -32,7 +32,8 @@ use self::nft::{Found, Generation, Ruleset};
 pub use self::rule::{Rule, Verdict};
 use crate::{
     capture::{MARK_SEQUENCE, StreamMarker},
-    decode::{Family, NftCommit, NftRuleKey, NftTraceType, NftVerdict, Origin, TraceEvent, TraceKind},
+    correlate::is_own_marking,
+    decode::{Family, Hook, NftCommit, NftRuleKey, NftTraceType, NftVerdict, Origin, Table, TraceEvent, TraceKind},
     instrument::{Owner, legacy::owner_of},
     nftables::NftError,
     xtables::{self, SavedTable, Xtables, XtablesError},
@@ -103,6 +104,9 @@ pub enum Position {
     /// An nf_tables rule no snapshot shows as it was at the event's generation: it changed (or
     /// went) before iptrace could read it.
     NftRuleUnread { handle: u64, verdict: Verdict },
+    /// iptrace's own marking rule: not a step of the rule set, but the packet as it arrived,
+    /// before any table could change it.
+    Marked,
 }
 
 /// The kind of table a step is in, which decides how it is shown.
@@ -121,6 +125,17 @@ pub struct Step {
     pub event: TraceEvent,
     pub position: Position,
     pub engine: Engine,
+    /// Where the step ran, when known: always for legacy events, for nf_tables events in a base
+    /// chain (a chain jumped to runs at the hook of the step before it).
+    pub hook: Option<HookPoint>,
+}
+
+/// The netfilter hook a step ran at, and whether its table or chain is one whose decision there
+/// is the packet's fate: the filter or security table, an nf_tables chain of type filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HookPoint {
+    pub hook: Hook,
+    pub filter: bool,
 }
 
 impl Step {
@@ -142,7 +157,7 @@ impl Position {
             Position::Rule { rule, .. } => rule.verdict.clone(),
             Position::Policy(v) => v.clone(),
             Position::ChainEnd => Verdict::Return,
-            Position::Unknown { .. } => Verdict::Continue,
+            Position::Unknown { .. } | Position::Marked => Verdict::Continue,
             Position::NftRule { verdict, .. }
             | Position::XtablesNftRule { verdict, .. }
             | Position::NftRuleUnread { verdict, .. } => verdict.clone(),
@@ -544,12 +559,17 @@ impl Resolver {
 
     /// Resolves an event: a legacy one against every version of its table that may have been in
     /// force when it was logged (between the reads of the check whose mark came before it and
-    /// those of the first check after it was received), an nf_tables one against its generation. Where versions disagree, the
-    /// step says so. `None` for iptrace's own rules and table, and for the end of an nf_tables
+    /// those of the first check after it was received), an nf_tables one against its generation.
+    /// Where versions disagree, the step says so. `None` for iptrace's own rules and table except
+    /// its marking rule ([`Position::Marked`]), and for the end of an nf_tables
     /// base chain (its policy event follows).
     pub fn resolve(&mut self, event: TraceEvent) -> Option<Step> {
+        if is_own_marking(&event) {
+            return Some(Step { event, position: Position::Marked, engine: Engine::Nft, hook: None });
+        }
         match &event.origin {
-            Origin::Xtables { table, chain, kind, number, .. } => {
+            Origin::Xtables { hook, table, chain, kind, number } => {
+                let hook = Some(HookPoint { hook: *hook, filter: matches!(table, Table::Filter | Table::Security) });
                 let key = (event.family, table.name().to_owned());
                 let after = event.after_check.unwrap_or(0);
                 let before = event.epoch;
@@ -581,7 +601,7 @@ impl Resolver {
                         Position::RuleSetChanged { kernel_number: *number, was, is }
                     }
                 };
-                Some(Step { event, position, engine: Engine::Legacy })
+                Some(Step { event, position, engine: Engine::Legacy, hook })
             }
             Origin::Nft { family, table, chain, handle, trace_type, verdict, .. } => {
                 if Owner::from_table_name(table).is_some() {
@@ -608,12 +628,21 @@ impl Resolver {
                     }
                 };
                 // A rule nft added to an iptables-nft table is shown as the native rule it is.
+                let xtables_table = snapshot.as_ref().is_some_and(|s| s.is_xtables(key.family, &key.table));
                 let engine = match position {
                     Position::NftRule { .. } => Engine::Nft,
-                    _ if snapshot.is_some_and(|s| s.is_xtables(key.family, &key.table)) => Engine::XtablesNft,
+                    _ if xtables_table => Engine::XtablesNft,
                     _ => Engine::Nft,
                 };
-                Some(Step { event, position, engine })
+                let hook = snapshot.and_then(|s| s.base_chain_hook(key.family, &key.table, &key.chain)).map(
+                    |(hook, filter_type)| HookPoint {
+                        hook,
+                        // iptables-nft's tables decide as legacy ones do, by table: its mangle
+                        // chains are of type filter too.
+                        filter: if xtables_table { matches!(&*key.table, "filter" | "security") } else { filter_type },
+                    },
+                );
+                Some(Step { event, position, engine, hook })
             }
         }
     }

@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 
 use super::{ResolveError, Rule, Verdict, rule::NAT_TARGETS};
 use crate::{
-    decode::{Family, NftFamily, NftVerdict},
+    decode::{Family, Hook, NftFamily, NftVerdict},
     nftables::{self, NfTablesSocket},
     xtables::{self, Xtables},
 };
@@ -50,6 +50,9 @@ struct NftRule {
 struct ChainRules {
     /// Has a hook (its end is followed by the policy event).
     base: bool,
+    /// The netfilter hook of a base chain of the ip, ip6 or inet family, and whether the chain is
+    /// of type filter.
+    hook: Option<(Hook, bool)>,
     /// In chain order.
     rules: Vec<NftRule>,
     /// For chains of iptables-nft tables: the same rules in iptables syntax, in the same order.
@@ -102,6 +105,8 @@ struct JsonChain {
     handle: u64,
     hook: Option<String>,
     prio: Option<Value>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -241,7 +246,10 @@ impl Ruleset {
                     action: r.action(),
                     xtables_shaped: r.xtables_shaped(),
                 });
-                let rules = ChainRules { base: chain.hook.is_some(), rules: rules.collect(), xtables: None };
+                let inet_hooks = matches!(family, NftFamily::Inet | NftFamily::Ip | NftFamily::Ip6);
+                let hook = chain.hook.as_deref().and_then(nft_hook).filter(|_| inet_hooks);
+                let hook = hook.map(|h| (h, chain.kind.as_deref() == Some("filter")));
+                let rules = ChainRules { base: chain.hook.is_some(), hook, rules: rules.collect(), xtables: None };
                 this.chains.insert((family, table.name.clone(), chain.name.clone()), rules);
             }
         }
@@ -275,6 +283,11 @@ impl Ruleset {
 
     pub(super) fn is_base_chain(&self, family: NftFamily, table: &str, chain: &str) -> bool {
         self.chains.get(&(family, table.to_owned(), chain.to_owned())).is_some_and(|c| c.base)
+    }
+
+    /// The hook of a base chain, and whether it is of type filter.
+    pub(super) fn base_chain_hook(&self, family: NftFamily, table: &str, chain: &str) -> Option<(Hook, bool)> {
+        self.chains.get(&(family, table.to_owned(), chain.to_owned())).and_then(|c| c.hook)
     }
 
     pub(super) fn find(&self, family: NftFamily, table: &str, chain: &str, handle: u64) -> Found {
@@ -405,6 +418,18 @@ pub(super) fn step_verdict(kernel: &NftVerdict, found: &Found) -> Verdict {
             Verdict::Continue
         }
     }
+}
+
+/// A hook as nft names it, for the families whose hooks are the inet ones.
+fn nft_hook(name: &str) -> Option<Hook> {
+    Some(match name {
+        "prerouting" => Hook::PreRouting,
+        "input" => Hook::LocalIn,
+        "forward" => Hook::Forward,
+        "output" => Hook::LocalOut,
+        "postrouting" => Hook::PostRouting,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
