@@ -7,7 +7,7 @@
 //! shows neither report complete.
 //!
 //! `nft monitor trace` and `xtables-monitor --trace` tag lines with the kernel's trace id, which
-//! repeats when the kernel reuses an skb (kernel-interfaces §5.4), so a packet there is counted
+//! repeats when the kernel reuses an skb (design.md §5.4), so a packet there is counted
 //! when its id reaches the last chain after having been seen in the first, and the id starts
 //! over.
 

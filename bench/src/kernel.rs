@@ -219,7 +219,7 @@ fn open_listener() -> io::Result<OwnedFd> {
     // SAFETY: all-zero is a valid sockaddr_nl; the kernel assigns the port id.
     let mut local: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     local.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // Bind before joining: an unbound socket receives nothing (kernel-interfaces §5.1).
+    // Bind before joining: an unbound socket receives nothing (design.md §5.1).
     // SAFETY: local is a valid sockaddr_nl.
     if unsafe {
         libc::bind(socket.as_raw_fd(), (&raw const local).cast(), size_of::<libc::sockaddr_nl>() as libc::socklen_t)

@@ -418,7 +418,7 @@ impl Drop for TraceMarking<'_> {
 }
 
 /// The router's IPv4 logger, bound to another for a scenario and restored on drop. A packet
-/// marked by nftables is also traced by the legacy tables (kernel-interfaces §5.2), which would
+/// marked by nftables is also traced by the legacy tables (design.md §5.2), which would
 /// log every step to the router's default logger, syslog: the nft scenarios bind "NONE", which
 /// sends those lines nowhere; the trace floor binds nfnetlink_log.
 struct LoggerBinding<'a> {

@@ -1,4 +1,4 @@
-//! Per-message verdicts for a trace datagram: nfnetlink_log (kernel-interfaces §4) or nftables
+//! Per-message verdicts for a trace datagram: nfnetlink_log (design.md §4) or nftables
 //! trace (§5), see §6.
 //!
 //! The socket filter sees a whole datagram starting at the first nlmsghdr and can only keep or

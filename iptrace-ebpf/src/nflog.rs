@@ -1,4 +1,4 @@
-//! Verdicts for nfnetlink_log packet messages (kernel-interfaces §4): the selection runs on the
+//! Verdicts for nfnetlink_log packet messages (design.md §4): the selection runs on the
 //! `NFULA_PAYLOAD`, and a packet's first event decides for all its events.
 
 use aya_ebpf::{bindings::__sk_buff, macros::map, maps::LruHashMap};

@@ -1,4 +1,4 @@
-//! Verdicts for nftables trace messages (`NFT_MSG_TRACE`, kernel-interfaces §5).
+//! Verdicts for nftables trace messages (`NFT_MSG_TRACE`, design.md §5).
 //!
 //! Only the first event of a hook invocation carries the packet's headers (at most 40 bytes of
 //! network header and 20 of transport header). The selection runs on them laid end to end in a

@@ -1,6 +1,6 @@
 //! The packet the classic-BPF interpreter reads: a raw IP packet inside the skb, read through
 //! `bpf_skb_load_bytes` (socket filters on netlink sockets have no direct packet access, see
-//! kernel-interfaces §6.2), or the first bytes of one rebuilt from an nftables trace event's
+//! design.md §6.2), or the first bytes of one rebuilt from an nftables trace event's
 //! headers in a per-CPU scratch buffer.
 
 use aya_ebpf::{bindings::__sk_buff, macros::map, maps::PerCpuArray, programs::sk_buff::SkBuff};

@@ -61,9 +61,10 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// Whether nf_tables trace events are received.
+    /// Whether nf_tables trace events are received: with iptrace's nf_tables marker always, since
+    /// its marking event is the packet as it arrived, before any table could change it.
     pub fn nft(&self) -> bool {
-        self.nft_tables
+        self.marker == Marker::NftTable
     }
 
     /// As the ready line names it: the engines whose tables are traced.

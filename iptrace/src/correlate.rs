@@ -1,6 +1,6 @@
 //! Correlate: trace events into packets.
 //!
-//! nflog carries no packet id (kernel-interfaces §10a), so a packet is recognised by
+//! nflog carries no packet id (design.md §10a), so a packet is recognised by
 //! [`PacketHeader::identity`], a fingerprint of the header fields that NAT and forwarding leave
 //! alone, plus how the kernel emits events: one packet's events come from one CPU in hook order,
 //! so they never go back to an earlier (hook stage, table priority). Events of many packets and
@@ -10,13 +10,13 @@
 //! timestamps) nfnetlink_log stamps each event with the current time, so one packet's events
 //! carry different times.
 //!
-//! nf_tables events carry a trace id, stable for one skb across hooks (kernel-interfaces §5.4):
+//! nf_tables events carry a trace id, stable for one skb across hooks (design.md §5.4):
 //! they join the open packet with their id. Ids repeat: a flow's next packet often gets the same
 //! skb and so the same id. But every packet iptrace's nf_tables table marks starts with the event
 //! of its marking rule (at -350, before any other table), so that event always opens a new packet.
 //!
 //! On a host with both engines one packet has both kinds of events, and they arrive in the order
-//! the kernel ran them (one socket, kernel-interfaces §10a). The identity joins them: an event
+//! the kernel ran them (one socket, design.md §10a). The identity joins them: an event
 //! with a new trace id attaches to the open packet of its identity that has no trace id yet, and
 //! a legacy event to the open packet of its identity, whatever nf_tables events it already has.
 //!
@@ -137,7 +137,7 @@ fn same_addresses(a: &TraceEvent, b: &TraceEvent) -> bool {
 /// of the nat table (its target), of an IPv6 mangle table (SNPT/DNPT), or conntrack's NAT hook
 /// between the two (at NAT_DST, -100, in PREROUTING and OUTPUT; at NAT_SRC, 100, in INPUT and
 /// POSTROUTING), which also rewrites replies and later packets of a NATed connection. Legacy
-/// events show the packet before their rule's target ran (kernel-interfaces §1.2), so a NAT
+/// events show the packet before their rule's target ran (design.md §1.2), so a NAT
 /// point at the later event's own priority (the nat table) comes after it.
 fn nat_possible(last: &TraceEvent, hook: Hook, table: &Table) -> bool {
     let Origin::Xtables { hook: from, table: from_table, .. } = &last.origin else { return true };

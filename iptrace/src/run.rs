@@ -493,7 +493,7 @@ fn foreign_marker(backends: &Backends) -> bool {
 
 /// Selections longer than xt_bpf's 64 inline instructions: iptrace's eBPF interpreter, pinned
 /// for `-m bpf --object-pinned`. The pin is recorded before it exists, and outlives the rule
-/// that names it (kernel-interfaces §7: iptables re-resolves the path on every table change).
+/// that names it (design.md §7: iptables re-resolves the path on every table change).
 fn pin_prefilter(filter: &CompiledFilter) -> Result<Prefilter, RunError> {
     bpf::ensure_bpffs()?;
     let mut active = ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

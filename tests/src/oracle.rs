@@ -329,7 +329,7 @@ fn block_steps(block: &Block) -> Vec<(Engine, String, Vec<String>)> {
 
 /// iptrace's nf_tables steps in the oracle's notation. Implicit chain ends are left out: the
 /// kernel reports them without a handle and `nft monitor trace` prints nothing for them
-/// (kernel-interfaces §5.2).
+/// (design.md §5.2).
 pub fn iptrace_nft_steps(block: &Block) -> Vec<String> {
     let mut out = Vec::new();
     for (engine, header, details) in block_steps(block) {

@@ -316,6 +316,10 @@ fn chain_marks_at_one_hook_only() {
             (None, vec!["IN=vif0 OUT= SRC=10.5.1.7 DST=172.16.2.2", "IN= OUT=vif2 SRC=172.16.2.1 DST=172.16.2.2"]),
         ] {
             let mut args = vec!["--netns", ns.as_str()];
+            if legacy {
+                // The TRACE rules (auto marks from iptrace's nf_tables table where nf_tables works).
+                args.extend(["--backend", "legacy"]);
+            }
             args.extend(chain.map(|c| ["--chain", c]).into_iter().flatten());
             args.push(echo);
             let tracer = Tracer::start(&args);

@@ -86,7 +86,7 @@ done
 echo "rounds $i""#;
         // In the netns only, not in a mount namespace of its own as with `ip netns exec`: iptables
         // resolves the pinned programs that rules name in the caller's mount namespace
-        // (kernel-interfaces §7), and bpffs is not mounted in that of `ip netns exec`.
+        // (design.md §7), and bpffs is not mounted in that of `ip netns exec`.
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", lab.ns(Role::Router)))
             .args(["sh", "-c", script, "writer"])

@@ -5,8 +5,8 @@
 //!
 //! The lab makes the count checkable: legacy rules in FORWARD that every UDP packet passes, so
 //! that each has the same events (raw PREROUTING's policy after iptrace's TRACE rule, then each
-//! FORWARD rule), and iptrace's TRACE rule counts the packets it marked. Messages generated =
-//! events per packet × marked; lost = generated − received.
+//! FORWARD rule), and iptrace's TRACE rule (`--backend legacy`) counts the packets it marked.
+//! Messages generated = events per packet × marked; lost = generated − received.
 
 use std::{
     io::{BufRead, BufReader, Read},
@@ -116,7 +116,7 @@ fn a_stopped_tracer_counts_what_the_kernel_dropped() {
     }
     let lab = loss_lab("lossstop");
     let ns = lab.ns(Role::Router);
-    let tracer = Tracer::start(&["--netns", &ns, "--stats", "-4", "udp"]);
+    let tracer = Tracer::start(&["--netns", &ns, "--backend", "legacy", "--stats", "-4", "udp"]);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(tracer.pid(), libc::SIGSTOP) };
     flood(&lab);
@@ -137,7 +137,7 @@ fn a_slow_consumer_of_the_output_counts_what_the_kernel_dropped() {
     let lab = loss_lab("lossslow");
     let ns = lab.ns(Role::Router);
     // `iptrace … | (sleep 5; cat)`: nothing reads the output for a while.
-    let command = format!("{} --netns {ns} --stats -4 udp | (sleep 5; cat)", iptrace_bin().display());
+    let command = format!("{} --netns {ns} --backend legacy --stats -4 udp | (sleep 5; cat)", iptrace_bin().display());
     let mut shell = Command::new("sh")
         .args(["-c", &command])
         .stdin(Stdio::null())

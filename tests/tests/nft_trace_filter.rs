@@ -23,7 +23,7 @@ use iptrace_common::{
 use iptrace_tests::{Role, addr, lab, require_root};
 
 /// A NETLINK_NETFILTER socket in the calling thread's netns, bound, then joined to the nftables
-/// trace group (an unbound socket receives nothing, kernel-interfaces §5.1).
+/// trace group (an unbound socket receives nothing, design.md §5.1).
 fn open_trace_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked and owned right away.
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_NETFILTER) };

@@ -156,16 +156,12 @@ fn legacy_comment_with_a_line_break_shifts_nothing() {
     assert_eq!(udp[0].body(), DATAGRAM_MEETS_RULE_1, "{}", out.stdout);
 }
 
-const ECHO_MEETS_RULE_2: &str = "        raw PREROUTING
-                ACCEPT
-        filter FORWARD (#2) /* echo */
+const ECHO_MEETS_RULE_2: &str = "        filter FORWARD (#2) /* echo */
                 -p icmp
                 => ACCEPT
         verdict: ACCEPT at filter FORWARD #2";
 
-const DATAGRAM_MEETS_RULE_1: &str = "        raw PREROUTING
-                ACCEPT
-        filter FORWARD (#1) /* forge\\n-A FORWARD -p icmp -j DROP */
+const DATAGRAM_MEETS_RULE_1: &str = "        filter FORWARD (#1) /* forge\\n-A FORWARD -p icmp -j DROP */
                 -p udp
                 => ACCEPT
         verdict: ACCEPT at filter FORWARD #1";

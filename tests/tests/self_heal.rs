@@ -78,7 +78,8 @@ fn run_in(lab: &Lab, command: &[&str]) {
     assert!(out.status.success(), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A legacy router (the demo's rule set), and its firewall state.
+/// A legacy router (the demo's rule set), and its firewall state. The tests of iptrace's TRACE
+/// rules pass `--backend legacy`: by default iptrace marks from its nf_tables table there too.
 fn legacy_router(test: &str) -> (Lab, String) {
     let lab = lab(test);
     load_sample_rules(&lab).expect("loading the sample rule set");
@@ -100,7 +101,7 @@ fn legacy_raw_flush_is_healed() {
         return;
     }
     let (lab, before) = legacy_router("healflush");
-    heal_around(&lab, &["-4"], to_server(), |_| {
+    heal_around(&lab, &["--backend", "legacy", "-4"], to_server(), |_| {
         run_in(&lab, &["iptables-legacy", "-t", "raw", "-F"]);
         vec!["iptrace: the IPv4 raw table was flushed; tracing re-installed".into()]
     });
@@ -139,7 +140,7 @@ fn deleted_trace_rule_is_healed() {
     let (lab, before) = legacy_router("healdelrule");
     heal_around(
         &lab,
-        &[],
+        &["--backend", "legacy"],
         to_server(),
         // iptrace's rule is the first.
         |_| {
@@ -158,7 +159,7 @@ fn accept_above_the_trace_rule_is_healed() {
         return;
     }
     let (lab, before) = legacy_router("healaccept");
-    let healed = heal_around(&lab, &[], to_server(), |_| {
+    let healed = heal_around(&lab, &["--backend", "legacy"], to_server(), |_| {
         run_in(&lab, &["iptables-legacy", "-t", "raw", "-I", "PREROUTING", "1", "-j", "ACCEPT"]);
         vec![
             "iptrace: a rule was inserted above iptrace's TRACE rule in IPv4 raw PREROUTING; iptrace's rule \

@@ -261,7 +261,7 @@ fn sample_packets() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Netlink framing (kernel-interfaces §4)
+// Netlink framing (design.md §4)
 
 const NLMSG_HDRLEN: usize = 16;
 const NFULNL_MSG_PACKET: u16 = ((libc::NFNL_SUBSYS_ULOG as u16) << 8) | libc::NFULNL_MSG_PACKET as u16;

@@ -2,12 +2,12 @@
 //! nfnetlink_log group 0, and nf_tables trace events through the `NFNLGRP_NFTRACE` multicast group.
 //!
 //! TRACE logs through the logger bound for the packet's family in the packet's netns with
-//! `default_loginfo` (group 0, qthreshold 1, kernel-interfaces §2), so iptrace owns the group-0
+//! `default_loginfo` (group 0, qthreshold 1, design.md §2), so iptrace owns the group-0
 //! instance of the netns it traces and binds nfnetlink_log as that netns's IPv4/IPv6 logger.
 //! The previous logger bindings are the instrument stage's to save and restore.
 //!
 //! Both kinds of events share the socket on purpose: the kernel queues them in the order it
-//! generated them on each CPU (kernel-interfaces §10a), which is the order one packet met the
+//! generated them on each CPU (design.md §10a), which is the order one packet met the
 //! tables of both engines. Two sockets would lose that order.
 
 mod owner;
@@ -40,7 +40,7 @@ use crate::decode::{
 pub const TRACE_GROUP: u16 = 0;
 
 /// Receive buffer asked for with `SO_RCVBUFFORCE`: the kernel drops (ENOBUFS) what does not fit
-/// while userspace is busy, and bursts of a busy router are large (kernel-interfaces §4.4). Each
+/// while userspace is busy, and bursts of a busy router are large (design.md §4.4). Each
 /// queued message costs about 1 KiB of kernel memory (its skb), so this holds a few hundred
 /// thousand messages: seconds of a full-rate trace. It is used only while iptrace is behind.
 const RECEIVE_BUFFER: usize = 128 << 20;
@@ -122,7 +122,7 @@ impl TraceSocket {
     }
 
     /// Joins `NFNLGRP_NFTRACE`: nf_tables trace events of this netns arrive on this socket too,
-    /// in the kernel's order with the nflog messages (kernel-interfaces §5.1, §10a). Joins
+    /// in the kernel's order with the nflog messages (design.md §5.1, §10a). Joins
     /// `NFNLGRP_NFTABLES` too: the rule changes and generation of each commit arrive in order
     /// with the trace events, which tells the generation each event ran against.
     pub fn join_nftrace(&self) -> Result<(), CaptureError> {

@@ -169,7 +169,7 @@ impl fmt::Display for Table {
 
 /// One trace event: a rule, policy or chain end the packet hit, with the packet as it was then.
 ///
-/// Legacy TRACE lines carry the packet before the rule's target ran (kernel-interfaces §1.2) and
+/// Legacy TRACE lines carry the packet before the rule's target ran (design.md §1.2) and
 /// the mark before it; nf_tables events carry the packet as the first event of their base chain
 /// saw it (headers come only with that event, copied after its rule ran, so after a rewrite by
 /// it) and the mark after the rule ran (§5.2, §5.3).
@@ -228,7 +228,7 @@ pub struct DecodeCounts {
 }
 
 /// What the first event of an nf_tables hook invocation told about the packet, for the events
-/// after it, which carry only the trace id (kernel-interfaces §5.2).
+/// after it, which carry only the trace id (design.md §5.2).
 #[derive(Clone, Debug)]
 struct HookHeaders {
     packet: PacketHeader,

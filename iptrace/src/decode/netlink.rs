@@ -71,7 +71,7 @@ pub fn error_code(message: &NetlinkMessage<'_>) -> i32 {
 }
 
 /// Walks every message of a datagram. The kernel batches nflog messages without `NLM_F_MULTI`
-/// (kernel-interfaces §4.3), so the walk never looks at the flags to decide where to stop.
+/// (design.md §4.3), so the walk never looks at the flags to decide where to stop.
 #[derive(Clone, Debug)]
 pub struct NetlinkMessages<'a> {
     rest: &'a [u8],

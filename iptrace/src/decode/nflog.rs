@@ -12,7 +12,7 @@ use super::{
 
 pub use iptrace_common::message::NFULNL_PACKET_TYPE;
 
-/// The attributes of one logged packet (kernel-interfaces §4.2); all integers decoded from
+/// The attributes of one logged packet (design.md §4.2); all integers decoded from
 /// big-endian, the payload and prefix borrowed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NflogPacket<'a> {

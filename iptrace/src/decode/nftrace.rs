@@ -1,4 +1,4 @@
-//! nf_tables trace messages (`NFT_MSG_TRACE`, kernel-interfaces §5), borrowed from the received
+//! nf_tables trace messages (`NFT_MSG_TRACE`, design.md §5), borrowed from the received
 //! datagram: every attribute `nft_trace_notify()` writes, decoded from big-endian, with the
 //! headers and names left as slices of the datagram.
 

@@ -9,7 +9,7 @@ use super::{Hook, Table, TraceKind};
 pub enum Origin {
     /// A legacy TRACE line: `TRACE: <table>:<chain>:<kind>:<number>` at `hook`.
     Xtables { hook: Hook, table: Table, chain: Arc<str>, kind: TraceKind, number: u32 },
-    /// An nf_tables trace event (kernel-interfaces §5.3).
+    /// An nf_tables trace event (design.md §5.3).
     Nft {
         /// The table's family (inet, ip, ...), not the packet's.
         family: NftFamily,
@@ -92,7 +92,7 @@ impl fmt::Display for NftFamily {
     }
 }
 
-/// `NFT_TRACETYPE_*`. RETURN is never emitted on current kernels (kernel-interfaces §5.2): chain
+/// `NFT_TRACETYPE_*`. RETURN is never emitted on current kernels (design.md §5.2): chain
 /// exits come as RULE events, without a handle for the implicit end of a chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NftTraceType {
@@ -162,7 +162,7 @@ impl fmt::Display for NftVerdict {
     }
 }
 
-/// `NFTA_TRACE_ID`: 4 opaque bytes (host order in the kernel, kernel-interfaces §5.4), shown as
+/// `NFTA_TRACE_ID`: 4 opaque bytes (host order in the kernel, design.md §5.4), shown as
 /// `nft monitor trace` and xtables-monitor show them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TraceId(pub [u8; 4]);

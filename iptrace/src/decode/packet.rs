@@ -1,5 +1,5 @@
 //! The IP and transport headers of a traced packet, as carried in `NFULA_PAYLOAD`
-//! (raw IP from the network header on, kernel-interfaces §4.2).
+//! (raw IP from the network header on, design.md §4.2).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -1,11 +1,11 @@
 //! The `TRACE: <table>:<chain>:<rule|return|policy>:<num> ` prefix that `nf_log_trace()` writes
-//! (kernel-interfaces §1.3).
+//! (design.md §1.3).
 
 use std::fmt;
 
 use super::DecodeError;
 
-/// How `get_chainname_rulenum()` labelled the matched entry (kernel-interfaces §1.4).
+/// How `get_chainname_rulenum()` labelled the matched entry (design.md §1.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TraceKind {
     /// An ordinary rule matched.

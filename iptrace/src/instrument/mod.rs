@@ -245,7 +245,7 @@ impl Instrumentation {
     }
 
     /// Undoes everything, in the order the kernel needs: rules first (a pinned program must stay
-    /// resolvable while a rule names it, kernel-interfaces §7), then the pin, then the loggers.
+    /// resolvable while a rule names it, design.md §7), then the pin, then the loggers.
     /// What to remove is found by the owner's tag, so it does not matter how far [`install`]
     /// got. Safe to call twice; returns what could not be undone.
     pub fn teardown(&mut self) -> Vec<InstrumentError> {
@@ -258,7 +258,7 @@ impl Instrumentation {
             RunState::remove(self.netns, self.owner);
         } else {
             // A rule that names the pin may still be there: unpinning would make every later
-            // change to its table fail (kernel-interfaces §7). The state file stays, so that the
+            // change to its table fail (design.md §7). The state file stays, so that the
             // next run or `--cleanup` finishes the job.
             errors.extend(restore_loggers(&self.state));
         }

@@ -1,5 +1,5 @@
 //! The netns's logger bindings (`/proc/sys/net/netfilter/nf_log/<pf>`), which TRACE logs through.
-//! Binding nfnetlink_log survives the socket (kernel-interfaces §3), so iptrace saves the previous
+//! Binding nfnetlink_log survives the socket (design.md §3), so iptrace saves the previous
 //! binding and writes it back on exit.
 
 use std::fs;

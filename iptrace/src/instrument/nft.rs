@@ -1,5 +1,5 @@
 //! iptrace's nf_tables table: `inet iptrace_<pid>_<start>` with a prerouting and an output base
-//! chain at priority -350, before every standard table (raw is -300, kernel-interfaces §9), each
+//! chain at priority -350, before every standard table (raw is -300, design.md §9), each
 //! with one rule that sets `meta nftrace set 1` for the selected packets.
 //!
 //! The bit it sets is honoured by nf_tables chains and by legacy ip_tables alike (§5.2), so the

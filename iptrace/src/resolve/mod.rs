@@ -237,7 +237,7 @@ impl TableSnapshot {
         Self { chains }
     }
 
-    /// Maps the kernel's number to a position (kernel-interfaces §1.4): up to the rule count it
+    /// Maps the kernel's number to a position (design.md §1.4): up to the rule count it
     /// is that rule, whatever the label says (an unconditional ACCEPT is labelled `policy`);
     /// one past it is the policy or the implicit return. `None` for iptrace's own rules.
     fn position(&self, chain: &str, kind: TraceKind, number: u32) -> Option<Position> {
@@ -692,7 +692,7 @@ impl NftHistory {
 mod tests {
     use super::*;
 
-    /// The verified example of kernel-interfaces §1.4, with iptrace's TRACE rule in raw.
+    /// The verified example of design.md §1.4, with iptrace's TRACE rule in raw.
     const RAW: &str = r#"*raw
 :PREROUTING ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]

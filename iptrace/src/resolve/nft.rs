@@ -351,12 +351,9 @@ impl RuleTexts<'_> {
         let body = &self.listing[self.at..self.at + i];
         self.at += i + end.len();
         let mut text = body.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+        // The comment as it is: rendering escapes what a terminal would act on.
         if let Some(comment) = &rule.comment {
-            let shown: String = comment
-                .chars()
-                .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.into() })
-                .collect();
-            text.push_str(&format!(" comment \"{shown}\""));
+            text.push_str(&format!(" comment \"{comment}\""));
         }
         text
     }

@@ -1,4 +1,4 @@
-//! `trace_filter` on nftables trace messages (`NFT_MSG_TRACE`, kernel-interfaces §5): built
+//! `trace_filter` on nftables trace messages (`NFT_MSG_TRACE`, design.md §5): built
 //! here in the kernel's attribute order from the sample packets, and captured on Linux 6.18
 //! (`testdata/nftrace-lo.hex`). The oracle is libpcap on the bytes the kernel copies.
 
