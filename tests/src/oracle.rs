@@ -129,6 +129,18 @@ pub struct NftMonitor {
     reader: MonitorReader,
 }
 
+/// `nft -a monitor trace` in `role`'s namespace, its output on a pipe: the independent oracle for
+/// nf_tables steps.
+pub fn spawn_nft_monitor_trace(lab: &Lab, role: Role) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", &lab.ns(role), "nft", "-a", "monitor", "trace"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting nft monitor trace")
+}
+
 /// Reads `nft -a monitor trace` output into packets.
 pub struct MonitorReader {
     /// (family, table, chain, handle) -> rule number, for the tables iptables-nft manages.
@@ -143,13 +155,7 @@ impl NftMonitor {
     pub fn start(lab: &Lab, role: Role, iptables_nft: &[&str]) -> Self {
         let listing = lab.exec(role, &["nft", "-a", "list", "ruleset"], "").expect("nft -a list ruleset");
         let reader = MonitorReader::new(&String::from_utf8_lossy(&listing.stdout), iptables_nft);
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &lab.ns(role), "nft", "-a", "monitor", "trace"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting nft monitor trace");
+        let mut child = spawn_nft_monitor_trace(lab, role);
         let mut stdout = child.stdout.take().expect("monitor stdout");
         let (tx, output) = mpsc::channel();
         thread::spawn(move || {

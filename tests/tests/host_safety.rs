@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc},
     thread,
     time::{Duration, Instant},
 };
@@ -117,6 +117,19 @@ impl Drop for ConcurrentWriter {
     }
 }
 
+/// The inode test needs the namespaces of this file to stand still: the kernel hands a deleted
+/// namespace's inode to the next namespace made anywhere, so a test making namespaces meanwhile
+/// would take it. The other tests share this lock; the inode test holds it alone.
+static NAMESPACES: RwLock<()> = RwLock::new(());
+
+fn shared_namespaces() -> RwLockReadGuard<'static, ()> {
+    NAMESPACES.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn exclusive_namespaces() -> RwLockWriteGuard<'static, ()> {
+    NAMESPACES.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// TRACE rules are deleted by their full spec: with another tool inserting and deleting at the
 /// top of the same chains all along, every round removes exactly iptrace's rules (also those
 /// naming a pinned program), and the user's rules stay, in their order.
@@ -125,6 +138,7 @@ fn teardown_deletes_only_its_own_rules_under_a_concurrent_writer() {
     if !require_root("teardown_deletes_only_its_own_rules_under_a_concurrent_writer") {
         return;
     }
+    let _shared = shared_namespaces();
     let lab = lab("churn");
     load_sample_rules(&lab).unwrap();
     user_rule(&lab, "1", "PREROUTING", "keep-pre");
@@ -169,6 +183,7 @@ fn cleanup_removes_two_dead_runs_rules_and_only_theirs() {
     if !require_root("cleanup_removes_two_dead_runs_rules_and_only_theirs") {
         return;
     }
+    let _shared = shared_namespaces();
     let lab = lab("twodead");
     load_sample_rules(&lab).unwrap();
     let pre_before = raw_chain(&lab, "PREROUTING");
@@ -282,6 +297,7 @@ fn a_legacy_host_without_raw_is_left_exactly_as_it_was() {
     if !require_root("a_legacy_host_without_raw_is_left_exactly_as_it_was") {
         return;
     }
+    let _shared = shared_namespaces();
     let lab = lab("noraw");
     lab.exec(Role::Router, &["iptables-legacy-restore"], NO_RAW_RULES).unwrap();
     let before = host_state(&lab);
@@ -300,7 +316,8 @@ fn a_legacy_host_without_raw_is_left_exactly_as_it_was() {
     assert_eq!(host_state(&lab), before);
 
     let all = blocks(&out.stdout);
-    let request = blocks_with(&all, &["IN=vif0 OUT=vif2 SRC=10.5.1.7 DST=172.16.2.2", "TYPE=8", "SEQ=4"]);
+    // The packet line is the packet as iptrace's marking rule saw it, as it arrived.
+    let request = blocks_with(&all, &["IN=vif0 OUT= SRC=10.5.1.7 DST=172.16.2.2", "TYPE=8", "SEQ=4"]);
     assert_eq!(request.len(), 1, "{}", out.stdout);
     assert_eq!(
         request[0].body(),
@@ -309,7 +326,7 @@ fn a_legacy_host_without_raw_is_left_exactly_as_it_was() {
                 => ACCEPT
         verdict: ACCEPT at filter FORWARD #2"
     );
-    let reply = blocks_with(&all, &["IN=vif2 OUT=vif0 SRC=172.16.2.2 DST=10.5.1.7", "TYPE=0", "SEQ=4"]);
+    let reply = blocks_with(&all, &["IN=vif2 OUT= SRC=172.16.2.2 DST=10.5.1.7", "TYPE=0", "SEQ=4"]);
     assert_eq!(reply.len(), 1, "the reply came back through the router: {}", out.stdout);
     assert_eq!(reply[0].verdict(), "verdict: ACCEPT at filter FORWARD #1");
     let dropped = blocks_with(&all, &["PROTO=UDP", "DPT=9999"]);
@@ -334,6 +351,7 @@ fn a_legacy_host_with_raw_is_left_exactly_as_it_was() {
     if !require_root("a_legacy_host_with_raw_is_left_exactly_as_it_was") {
         return;
     }
+    let _shared = shared_namespaces();
     let lab = lab("withraw");
     load_sample_rules(&lab).unwrap();
     let before = host_state(&lab);
@@ -368,6 +386,7 @@ fn backend_legacy_on_an_nf_tables_host_is_refused() {
     if !require_root("backend_legacy_on_an_nf_tables_host_is_refused") {
         return;
     }
+    let _shared = shared_namespaces();
     let lab = lab("nftonly");
     load_sample_nft_rules(&lab).unwrap();
     let before = host_state(&lab);
@@ -421,6 +440,7 @@ fn a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode() {
     if !require_root("a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode") {
         return;
     }
+    let _alone = exclusive_namespaces();
     let prefix = format!("it{}-reuse", std::process::id() % 100_000);
     let first = Namespace::add(format!("{prefix}-a"));
     first.exec(&["iptables-legacy", "-A", "INPUT", "-j", "ACCEPT"]);
@@ -525,6 +545,7 @@ fn of_two_simultaneous_starts_exactly_one_runs() {
     if !require_root("of_two_simultaneous_starts_exactly_one_runs") {
         return;
     }
+    let _shared = shared_namespaces();
     let lab = lab("pairs");
     load_sample_rules(&lab).unwrap();
     let before = firewall_state(&lab, Role::Router);

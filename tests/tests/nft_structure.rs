@@ -4,15 +4,9 @@
 //! `sp ace`, an iptables-nft comment holding a newline). Every packet's steps are checked against
 //! `nft monitor trace` run in the same namespace: the kernel's own account of the same packet.
 
-use std::{
-    io::Read,
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-    thread,
-    time::Duration,
-};
+use std::{io::Read, net::SocketAddr, process::Child, thread, time::Duration};
 
-use iptrace_tests::{Block, Lab, Role, Tracer, addr, blocks, blocks_with, lab, require_root};
+use iptrace_tests::{Block, Lab, Role, Tracer, addr, blocks, blocks_with, lab, oracle, require_root};
 
 /// `nft -a monitor trace` in a namespace, stopped (and reaped) on drop.
 struct Monitor {
@@ -21,13 +15,7 @@ struct Monitor {
 
 impl Monitor {
     fn start(lab: &Lab, role: Role) -> Self {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.ns(role), "nft", "-a", "monitor", "trace"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting nft monitor trace");
+        let child = oracle::spawn_nft_monitor_trace(lab, role);
         // Subscribed once it runs; nft prints nothing until the first event.
         thread::sleep(Duration::from_millis(500));
         Self { child }
