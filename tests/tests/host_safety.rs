@@ -475,19 +475,20 @@ fn a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode() {
     let inode = first.inode();
     drop(first);
 
-    // The kernel frees a namespace's inode a moment after its deletion; other namespaces being
-    // made on the machine meanwhile may take it first, so keep trying.
+    // The kernel frees a namespace's inode a moment after its deletion, and hands out the lowest
+    // free one. Namespaces deleted earlier (other tests' labs) are freed asynchronously too, so
+    // lower inodes may come free meanwhile: a candidate that takes one is kept until the end,
+    // so that the next candidate cannot take the same one again.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut attempt = 0;
+    let mut held = Vec::new();
     let second = loop {
-        attempt += 1;
-        let candidate = Namespace::add(format!("{prefix}-b"));
+        let candidate = Namespace::add(format!("{prefix}-b{}", held.len()));
         if candidate.inode() == inode {
             break candidate;
         }
-        drop(candidate);
-        assert!(Instant::now() < deadline, "no new namespace got inode {inode} in {attempt} attempts");
-        thread::sleep(Duration::from_millis(50));
+        held.push(candidate);
+        assert!(Instant::now() < deadline, "no new namespace got inode {inode} in {} attempts", held.len());
+        thread::sleep(Duration::from_millis(20));
     };
     second.exec(&["sh", "-c", "echo nfnetlink_log > /proc/sys/net/netfilter/nf_log/2"]);
     let (status, stdout, stderr) = run_iptrace(&["--cleanup", "--netns", &second.0]);
