@@ -304,6 +304,8 @@ struct NftHistory {
     /// The rules each commit added or deleted, by the generation it started; `None` where
     /// notifications were lost. A generation missing here changed rules nobody knows.
     commits: BTreeMap<u32, Option<HashSet<NftRuleKey>>>,
+    /// The check (epoch) at which each commit's announcement was received.
+    commit_epochs: BTreeMap<u32, u64>,
 }
 
 impl NftHistory {
@@ -330,11 +332,26 @@ impl NftHistory {
         Ok(())
     }
 
-    fn committed(&mut self, commit: NftCommit) {
+    fn committed(&mut self, commit: NftCommit, epoch: u64) {
         self.commits.insert(commit.generation, commit.rules.map(|rules| rules.into_iter().collect()));
+        self.commit_epochs.insert(commit.generation, epoch);
         while self.commits.len() > COMMITS_KEPT {
             self.commits.pop_first();
         }
+        while self.commit_epochs.len() > COMMITS_KEPT {
+            self.commit_epochs.pop_first();
+        }
+    }
+
+    /// Whether an event received at check `epoch` and announced to run against `generation`
+    /// may have run against the next one instead: the kernel switches to a commit's generation
+    /// before it announces the commit (`nf_tables_commit()`), so a packet traced in between is
+    /// seen before the announcement. So where the next commit changed `key` and was announced
+    /// within a check or two of the event, either version may have run.
+    fn maybe_next_generation(&self, key: &NftRuleKey, whole_chain: bool, generation: u32, epoch: u64) -> bool {
+        let next = generation.wrapping_add(1);
+        self.commit_epochs.get(&next).is_some_and(|announced| *announced <= epoch + 1)
+            && !self.unchanged(key, whole_chain, generation, next)
     }
 
     /// Whether every commit after generation `from` up to `to` is known and left `key` alone
@@ -419,6 +436,7 @@ impl Resolver {
                     families: families.to_vec(),
                     snapshots: BTreeMap::new(),
                     commits: BTreeMap::new(),
+                    commit_epochs: BTreeMap::new(),
                 })
             })
             .transpose()?;
@@ -624,7 +642,7 @@ impl Resolver {
                     }
                     (_, Some(handle)) => {
                         let key = NftRuleKey { handle: *handle, ..key.clone() };
-                        history.rule(&key, event.generation, &kernel)
+                        history.rule(&key, event.generation, event.epoch, &kernel)
                     }
                 };
                 // A rule nft added to an iptables-nft table is shown as the native rule it is.
@@ -650,7 +668,7 @@ impl Resolver {
     /// Takes note of an nf_tables commit announced on the trace socket.
     pub fn nft_committed(&mut self, commit: NftCommit) {
         if let Some(history) = &mut self.nft {
-            history.committed(commit);
+            history.committed(commit, self.epoch);
         }
     }
 }
@@ -663,8 +681,14 @@ impl NftHistory {
         &mut self,
         key: &NftRuleKey,
         generation: Option<u32>,
+        epoch: u64,
         kernel: &NftVerdict,
     ) -> (Position, Option<Arc<Ruleset>>) {
+        let whole_chain = self.nearest(generation).is_some_and(|s| s.is_xtables(key.family, &key.table));
+        if generation.is_some_and(|g| self.maybe_next_generation(key, whole_chain, g, epoch)) {
+            let verdict = nft::step_verdict(kernel, &Found::Missing);
+            return (Position::NftRuleUnread { handle: key.handle, verdict }, self.nearest(generation));
+        }
         let mut snapshot = generation.and_then(|g| self.serving(key, g));
         // Without a snapshot from that generation on, a fresh one may serve; with one, a fresher
         // one would not (the commits in between are the same or more).
