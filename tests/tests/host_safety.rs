@@ -479,7 +479,8 @@ fn a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode() {
     // free one. Namespaces deleted earlier (other tests' labs) are freed asynchronously too, so
     // lower inodes may come free meanwhile: a candidate that takes one is kept until the end,
     // so that the next candidate cannot take the same one again.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Freeing a namespace can take the kernel tens of seconds on a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(90);
     let mut held = Vec::new();
     let second = loop {
         let candidate = Namespace::add(format!("{prefix}-b{}", held.len()));
@@ -488,7 +489,7 @@ fn a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode() {
         }
         held.push(candidate);
         assert!(Instant::now() < deadline, "no new namespace got inode {inode} in {} attempts", held.len());
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(100));
     };
     second.exec(&["sh", "-c", "echo nfnetlink_log > /proc/sys/net/netfilter/nf_log/2"]);
     let (status, stdout, stderr) = run_iptrace(&["--cleanup", "--netns", &second.0]);
