@@ -2,7 +2,9 @@
 
 use std::{ffi::OsString, time::Duration};
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, CommandFactory as _, Parser};
+use clap_complete::Shell;
+use clap_mangen::roff::{Roff, bold, roman};
 
 use crate::{
     backend::BackendChoice,
@@ -12,154 +14,192 @@ use crate::{
     run::Options,
 };
 
-const EXAMPLES: &str = "\
-Examples:
-  iptrace 'host 10.0.0.5 and tcp port 22'   trace SSH to and from 10.0.0.5
-  iptrace -p icmp -s 10.5.1.0/24 -c 5         five pings from a subnet, then stop
-  iptrace --limit 10/s 'udp port 53'          at most 10 DNS packets a second (busy hosts)
-  iptrace --netns router -i vif0 tcp          TCP arriving on vif0 in netns 'router'
-  iptrace --chain OUTPUT 'udp port 53'        DNS queries this host sends, not forwarded ones
-  iptrace --cleanup                           remove what a killed iptrace left behind
-  iptrace --demo                              run a self-contained demo in throwaway namespaces
+/// `iptrace --version`: the package version and the git commit it was built from (build.rs).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("IPTRACE_GIT_COMMIT"), ")");
 
-Each traced packet prints one block: the packet, every table and chain it passed with the
-rule that matched (number, text, comment), the action taken, changes to its addresses, ports
-and mark (NAT, MARK), and its fate. Rule numbers are those `iptables -L --line-numbers` shows
-without iptrace running.
+/// Command lines and what they trace, for `--help` and the man page.
+const EXAMPLES: &[(&str, &str)] = &[
+    ("iptrace 'host 10.0.0.5 and tcp port 22'", "SSH to and from 10.0.0.5"),
+    ("iptrace -p icmp -s 10.5.1.0/24 -c 5", "five pings from a subnet, then stop"),
+    ("iptrace --limit 10/s 'udp port 53'", "at most 10 DNS packets a second (busy hosts)"),
+    ("iptrace --netns router -i vif0 tcp", "TCP arriving on vif0 in netns 'router'"),
+    ("iptrace --chain OUTPUT 'udp port 53'", "DNS queries this host sends, not forwarded ones"),
+    ("iptrace --cleanup", "remove what a killed iptrace left behind"),
+    ("iptrace --demo", "a self-contained demo in throwaway namespaces"),
+];
 
-Wherever nf_tables works, iptrace adds its own table, inet iptrace_<pid>_<start>, whose chains
-at priority -350 set `meta nftrace` for the selected packets (a pcap expression selects through
-an xt_bpf match); nf_tables and legacy tables are traced alike, and no legacy table is created.
-Where nf_tables does not work (or with --backend legacy), it inserts one TRACE rule at
-the top of raw PREROUTING and raw OUTPUT (iptables-legacy and ip6tables-legacy), carrying the
-filter as xt_bpf bytecode. A conjunction of simple primitives ('udp dst port 53 and src net
-10.0.0.0/8') is matched with the kernel's own matches instead, which cost less per packet. Legacy tables report through nfnetlink_log, bound as the logger. All
-of it is removed on exit, Ctrl-C, Ctrl-\\, SIGTERM, SIGHUP (and the other signals that would end it) or a crash; after a SIGKILL, the next run or
-`iptrace --cleanup` does. It needs root.";
+/// What `--help` says after the options and the man page in its description, one paragraph a
+/// line: clap wraps each line at the terminal's width, so a line broken here would come out ragged.
+const DETAILS: &[&str] = &[
+    "Each traced packet prints one block: the packet as it arrived, every table and chain it passed \
+     with the rule that matched (number or handle, text, comment), the action taken, changes to its \
+     addresses, ports and mark (NAT, MARK), and its fate. Rule numbers are those `iptables -L \
+     --line-numbers` shows without iptrace running.",
+    "Wherever nf_tables works, iptrace adds its own table, inet iptrace_<pid>_<start>, whose chains \
+     at priority -350 set `meta nftrace` for the selected packets; nf_tables and legacy tables are \
+     traced alike, and no legacy table is created. Where nf_tables does not work (or with --backend \
+     legacy), it inserts one TRACE rule at the top of raw PREROUTING and raw OUTPUT \
+     (iptables-legacy and ip6tables-legacy) and binds nfnetlink_log as the logger. All of it is \
+     removed on exit, Ctrl-C, SIGTERM and every other signal that ends iptrace, or a crash; after a \
+     SIGKILL, the next run or `iptrace --cleanup` does.",
+    "iptrace needs root (CAP_NET_ADMIN). Selections are checked first, also without root: bad \
+     input is one line on stderr and exit code 2, with nothing changed.",
+];
+
+/// `--help`'s text after the options: each example's command line, its purpose indented below it
+/// (two columns would break apart on a narrow terminal), then the details.
+fn long_epilogue() -> String {
+    let mut text = String::from("Examples:\n");
+    for (command, purpose) in EXAMPLES {
+        text += &format!("  {command}\n      {purpose}\n");
+    }
+    for paragraph in DETAILS {
+        text += &format!("\n{paragraph}\n");
+    }
+    text
+}
 
 #[derive(Debug, Parser)]
 #[command(
     name = "iptrace",
-    version,
+    version = VERSION,
     about = "Trace packets through the kernel's netfilter tables: every table, chain and rule they hit, and their fate",
-    after_long_help = EXAMPLES,
-    after_help = "Examples and details: iptrace --help"
+    after_long_help = long_epilogue(),
+    after_help = "Examples and details: iptrace --help, man iptrace"
 )]
 pub struct Cli {
-    /// A pcap-filter expression (tcpdump syntax) selecting the packets to trace, as in
-    /// 'host 10.0.0.5 and tcp port 22'. `host`, `net` and `port` match both directions. Compiled
-    /// by libpcap for raw IP, so one expression serves IPv4 and IPv6. Several words are joined.
+    /// Which packets to trace: a pcap-filter expression, as for tcpdump ('host 10.0.0.5 and tcp
+    /// port 22'). Default: every packet
+    ///
+    /// `host`, `net` and `port` match both directions, so replies are traced too. libpcap compiles
+    /// it for raw IP, so one expression serves IPv4 and IPv6. Several words are joined into one
+    /// expression, so quotes are optional. The options below narrow the selection further.
     #[arg(value_name = "EXPRESSION")]
     pub expression: Vec<String>,
 
     /// The same as EXPRESSION (the original iptables-trace's spelling).
-    #[arg(long, value_name = "EXPRESSION", conflicts_with = "expression")]
+    #[arg(long, value_name = "EXPRESSION", conflicts_with = "expression", help_heading = "Selection")]
     pub bpf: Option<String>,
 
     /// Only packets from this address or network (10.0.0.0/8, 2001:db8::/32).
-    #[arg(short = 's', long, value_name = "ADDRESS[/LEN]")]
+    #[arg(short = 's', long, value_name = "ADDRESS[/LEN]", help_heading = "Selection")]
     pub source: Option<String>,
 
     /// Only packets to this address or network.
-    #[arg(short = 'd', long, value_name = "ADDRESS[/LEN]")]
+    #[arg(short = 'd', long, value_name = "ADDRESS[/LEN]", help_heading = "Selection")]
     pub destination: Option<String>,
 
     /// Only this protocol: tcp, udp, sctp, icmp, icmpv6, or a number.
-    #[arg(short = 'p', long, value_name = "PROTOCOL")]
+    #[arg(short = 'p', long, value_name = "PROTOCOL", help_heading = "Selection")]
     pub protocol: Option<String>,
 
     /// Only this source port or range (1024:2048).
-    #[arg(long, value_name = "PORT[:PORT]")]
+    #[arg(long, value_name = "PORT[:PORT]", help_heading = "Selection")]
     pub sport: Option<String>,
 
     /// Only this destination port or range.
-    #[arg(long, value_name = "PORT[:PORT]")]
+    #[arg(long, value_name = "PORT[:PORT]", help_heading = "Selection")]
     pub dport: Option<String>,
 
-    /// Only packets that arrive on this interface (locally generated packets are then left out).
-    #[arg(short = 'i', long = "in-interface", value_name = "NAME")]
+    /// Only packets that arrive on this interface (so none this host sends).
+    #[arg(short = 'i', long = "in-interface", value_name = "NAME", help_heading = "Selection")]
     pub in_interface: Option<String>,
 
-    /// Only packets that leave through this interface. Forwarded packets are traced from the
-    /// start and kept if they leave there (the interface is known only after routing).
-    #[arg(short = 'o', long = "out-interface", value_name = "NAME")]
+    /// Only packets that leave through this interface
+    ///
+    /// A forwarded packet's outgoing interface is known only after routing, so it is traced from
+    /// the start and kept if it leaves there.
+    #[arg(short = 'o', long = "out-interface", value_name = "NAME", help_heading = "Selection")]
     pub out_interface: Option<String>,
 
-    /// Which tables to trace and how: `legacy` inserts TRACE rules (iptables-legacy tables only;
-    /// refused where there are none); `nft` adds its own nf_tables table that marks packets
-    /// (nftables and iptables-nft tables, and legacy tables too if there are any); `auto` picks
-    /// nft wherever nf_tables works, and TRACE rules elsewhere.
-    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
-    pub backend: BackendChoice,
-
     /// Trace IPv4 only (default: IPv4 and IPv6).
-    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6", help_heading = "Selection")]
     pub ipv4: bool,
 
     /// Trace IPv6 only.
-    #[arg(short = '6', long = "ipv6")]
+    #[arg(short = '6', long = "ipv6", help_heading = "Selection")]
     pub ipv6: bool,
 
-    /// Rate-limit traced packets in the kernel: RATE is N/second, N/minute, N/hour or N/day
-    /// (10/s, 5/min); the bare flag means 1/second. Use it on busy hosts.
-    #[arg(long, value_name = "RATE", num_args = 0..=1, default_missing_value = "1/second")]
+    /// Trace only packets that come in from outside (PREROUTING) or only those this host sends
+    /// (OUTPUT). Default: both
+    ///
+    /// PREROUTING marks packets as they arrive on an interface (forwarded ones and those addressed
+    /// to this host); OUTPUT marks packets as local programs send them (a local program's reply is
+    /// one of these; the request it answers is not). Either way a marked packet is followed through
+    /// every chain it passes, a forwarded one through FORWARD and POSTROUTING too. The names are
+    /// those of the chains where the original iptables-trace put its TRACE rule.
+    #[arg(long, value_enum, value_name = "PREROUTING|OUTPUT", ignore_case = true, help_heading = "Selection")]
+    pub chain: Option<TraceChain>,
+
+    /// How to mark packets for tracing, and so which tables are traced
+    ///
+    /// auto, the default, is right almost everywhere: it traces nftables, iptables-nft and
+    /// iptables-legacy tables alike.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto, help_heading = "Tracing")]
+    pub backend: BackendChoice,
+
+    /// Rate-limit traced packets in the kernel: N/second, N/minute, N/hour or N/day (10/s, 5/min);
+    /// bare, 1/second. Use it on busy hosts.
+    #[arg(long, value_name = "RATE", num_args = 0..=1, default_missing_value = "1/second", help_heading = "Tracing")]
     pub limit: Option<String>,
 
-    /// Packets allowed through at once before --limit applies (like iptables' --limit-burst),
-    /// 1 to 10000.
-    #[arg(long, value_name = "N", default_value_t = 5, requires = "limit",
+    /// Packets traced at once before --limit applies (as iptables' --limit-burst), 1 to 10000.
+    #[arg(long, value_name = "N", default_value_t = 5, requires = "limit", help_heading = "Tracing",
           value_parser = clap::value_parser!(u32).range(1..=MAX_LIMIT_BURST))]
     pub limit_burst: u32,
 
-    /// Trace only packets that come in from outside, or only those this host sends. PREROUTING:
-    /// packets arriving on an interface (forwarded ones and those addressed to this host), marked
-    /// as they enter; OUTPUT: packets that local programs send, marked as they leave their socket
-    /// (a local program's reply is one of these; the request it answers is not). Either way a
-    /// marked packet is then followed through every chain it passes (a forwarded one through
-    /// FORWARD and POSTROUTING). The names are those of the chains where the original
-    /// iptables-trace put its TRACE rule. Default: both.
-    #[arg(long, value_enum, value_name = "PREROUTING|OUTPUT", ignore_case = true)]
-    pub chain: Option<TraceChain>,
-
-    /// Stop after N traced packets (at least 1).
-    #[arg(short = 'c', long, value_name = "N", value_parser = parse_count)]
-    pub count: Option<u64>,
-
-    /// Stop after this many seconds (fractions allowed).
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    pub duration: Option<Duration>,
-
     /// Trace inside this network namespace: a name from `ip netns list`, or a path such as
-    /// /proc/PID/ns/net.
-    #[arg(long, value_name = "NAME")]
+    /// /proc/PID/ns/net (a container's).
+    #[arg(long, value_name = "NAME", help_heading = "Tracing")]
     pub netns: Option<String>,
 
-    /// Remove what iptrace runs that died left behind (TRACE rules, pinned programs, logger
-    /// bindings), print what was removed, and exit.
-    #[arg(long, conflicts_with_all = ["demo", "expression", "bpf"])]
+    /// Select trace messages in userspace instead of with the eBPF socket filter (same output,
+    /// more work: every message is copied to iptrace first).
+    #[arg(long, help_heading = "Tracing")]
+    pub no_socket_filter: bool,
+
+    /// How long a packet's block waits for more events before it is printed, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 50, hide_short_help = true, help_heading = "Tracing")]
+    pub group_timeout: u64,
+
+    /// Stop after N traced packets (at least 1).
+    #[arg(short = 'c', long, value_name = "N", value_parser = parse_count, help_heading = "Stopping")]
+    pub count: Option<u64>,
+
+    /// Stop after this many seconds (fractions allowed). Without -c or --duration, iptrace runs
+    /// until Ctrl-C.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, help_heading = "Stopping")]
+    pub duration: Option<Duration>,
+
+    /// Print counters on stderr at exit: messages, events, packets shown, receive-buffer overruns,
+    /// events lost.
+    #[arg(long, help_heading = "Output")]
+    pub stats: bool,
+
+    /// More diagnostics on stderr: -v what iptrace sets up, -vv also the eBPF programs' log.
+    #[arg(short, long, action = ArgAction::Count, help_heading = "Output")]
+    pub verbose: u8,
+
+    /// Remove what an iptrace that was killed left behind (rules, iptrace's nf_tables table,
+    /// pinned programs, logger bindings), print what was removed, and exit.
+    #[arg(long, conflicts_with_all = ["demo", "expression", "bpf"], help_heading = "Other actions")]
     pub cleanup: bool,
 
     /// Build throwaway client, router and server namespaces with a sample rule set, send a few
     /// packets through them, trace them, and remove everything.
-    #[arg(long)]
+    #[arg(long, help_heading = "Other actions")]
     pub demo: bool,
 
-    /// Print counters at exit: messages, events, packets shown, receive-buffer overruns, events lost.
-    #[arg(long)]
-    pub stats: bool,
+    /// Print the completion script for this shell and exit (the Debian package installs bash's,
+    /// zsh's and fish's).
+    #[arg(long, value_name = "SHELL", help_heading = "Other actions",
+          conflicts_with_all = ["cleanup", "demo", "expression", "bpf", "man"])]
+    pub completions: Option<Shell>,
 
-    /// Do not attach the eBPF filter to the trace socket; select trace messages in userspace
-    /// (same results, more work: every message is copied to iptrace first).
-    #[arg(long)]
-    pub no_socket_filter: bool,
-
-    /// How long a packet's block waits for more events before it is printed, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 50, hide_short_help = true)]
-    pub group_timeout: u64,
-
-    /// More diagnostics on stderr: -v what iptrace sets up, -vv also the eBPF programs' log.
-    #[arg(short, long, action = ArgAction::Count)]
-    pub verbose: u8,
+    /// Print the man page (roff) and exit: `iptrace --man | man -l -`.
+    #[arg(long, hide_short_help = true, help_heading = "Other actions",
+          conflicts_with_all = ["cleanup", "demo", "expression", "bpf"])]
+    pub man: bool,
 }
 
 /// The largest `--limit-burst`: xt_limit's, which nft's `limit` also takes at every rate.
@@ -210,6 +250,39 @@ impl Cli {
     /// The command line, or clap's error (`--help` and `--version` included).
     pub fn try_parse_normalized() -> Result<Self, clap::Error> {
         Self::try_parse_from(normalize_args(std::env::args_os()))
+    }
+
+    /// `--completions SHELL`: the completion script for `shell`, from this definition.
+    pub fn completions(shell: Shell) -> Vec<u8> {
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Self::command(), "iptrace", &mut script);
+        script
+    }
+
+    /// `--man`: the man page in roff, from this definition (the details of `--help` as its
+    /// description, options by heading, the examples). Section 8: it administers the host as root.
+    pub fn man_page() -> Vec<u8> {
+        let man = clap_mangen::Man::new(Self::command()).section("8");
+        let mut description = Roff::new();
+        description.control("SH", ["DESCRIPTION"]);
+        for paragraph in DETAILS {
+            description.control("PP", []).text([roman(*paragraph)]);
+        }
+        let mut examples = Roff::new();
+        examples.control("SH", ["EXAMPLES"]);
+        for (command, purpose) in EXAMPLES {
+            examples.control("TP", []).text([bold(*command)]).text([roman(*purpose)]);
+        }
+        let mut out = Vec::new();
+        // Writing to a Vec cannot fail.
+        let _ = man.render_title(&mut out);
+        let _ = man.render_name_section(&mut out);
+        let _ = man.render_synopsis_section(&mut out);
+        let _ = description.to_writer(&mut out);
+        let _ = man.render_options_section(&mut out);
+        let _ = examples.to_writer(&mut out);
+        let _ = man.render_version_section(&mut out);
+        out
     }
 
     /// The run options, or a one-line reason they are unusable.
@@ -274,6 +347,61 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Every line of `--help` and `-h` fits the terminal: long unbreakable words would overflow,
+    /// and pre-broken paragraphs come out ragged (clap wraps each line on its own).
+    #[test]
+    fn help_fits_the_terminal_width() {
+        for width in [60, 80, 100] {
+            for help in
+                [Cli::command().term_width(width).render_long_help(), Cli::command().term_width(width).render_help()]
+            {
+                let text = help.to_string();
+                let long: Vec<&str> = text.lines().filter(|l| l.chars().count() > width).collect();
+                assert!(long.is_empty(), "lines wider than {width} columns: {long:#?}");
+            }
+        }
+        let long = Cli::command().term_width(60).render_long_help().to_string();
+        assert!(
+            long.contains("\nExamples:\n  iptrace 'host 10.0.0.5 and tcp port 22'\n      SSH to and from 10.0.0.5\n")
+        );
+    }
+
+    #[test]
+    fn the_man_page_has_the_options_examples_and_details() {
+        let page = String::from_utf8(Cli::man_page()).unwrap();
+        assert!(page.contains(".TH iptrace 8  \"iptrace 0.1.0 (commit "), "{page}");
+        let sections: Vec<&str> = page.lines().filter_map(|l| l.strip_prefix(".SH ")).collect();
+        let expected = [
+            "NAME",
+            "SYNOPSIS",
+            "DESCRIPTION",
+            "OPTIONS",
+            "SELECTION",
+            "TRACING",
+            "STOPPING",
+            "OUTPUT",
+            "\"OTHER ACTIONS\"",
+            "EXAMPLES",
+            "VERSION",
+        ];
+        assert_eq!(sections, expected);
+        assert!(page.contains("\\fB\\-\\-netns\\fR"), "{page}");
+        assert!(
+            page.contains(".TP\n\\fBiptrace \\-\\-cleanup\\fR\nremove what a killed iptrace left behind\n"),
+            "{page}"
+        );
+    }
+
+    #[test]
+    fn completions_know_every_option() {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let script = String::from_utf8(Cli::completions(shell)).unwrap();
+            for option in ["netns", "backend", "completions", "limit-burst"] {
+                assert!(script.contains(option), "{shell} completions lack --{option}");
+            }
+        }
     }
 
     #[test]

@@ -24,6 +24,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A reader that went away (`| head -1`) is no error for either.
+    if let Some(shell) = cli.completions {
+        let _ = io::stdout().write_all(&Cli::completions(shell));
+        return ExitCode::SUCCESS;
+    }
+    if cli.man {
+        let _ = io::stdout().write_all(&Cli::man_page());
+        return ExitCode::SUCCESS;
+    }
     init_logging(cli.verbose);
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
