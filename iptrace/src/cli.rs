@@ -349,17 +349,35 @@ mod tests {
         Cli::command().debug_assert();
     }
 
-    /// Every line of `--help` and `-h` fits the terminal: long unbreakable words would overflow,
-    /// and pre-broken paragraphs come out ragged (clap wraps each line on its own).
+    /// Every line of `--help` and `-h` fits the terminal, and no paragraph comes out ragged: clap
+    /// wraps each line on its own, so a line broken in the source breaks early wherever the
+    /// terminal is narrower. A line that ends where the next line's first word would still have
+    /// fit is such an early break.
     #[test]
-    fn help_fits_the_terminal_width() {
-        for width in [60, 80, 100] {
+    fn help_wraps_cleanly_at_the_terminal_width() {
+        for width in [60, 80, 100, 140] {
             for help in
                 [Cli::command().term_width(width).render_long_help(), Cli::command().term_width(width).render_help()]
             {
                 let text = help.to_string();
-                let long: Vec<&str> = text.lines().filter(|l| l.chars().count() > width).collect();
-                assert!(long.is_empty(), "lines wider than {width} columns: {long:#?}");
+                let lines: Vec<&str> = text.lines().collect();
+                let wide: Vec<&str> = lines.iter().copied().filter(|l| l.chars().count() > width).collect();
+                assert!(wide.is_empty(), "lines wider than {width} columns: {wide:#?}");
+                let indent = |l: &str| l.len() - l.trim_start().len();
+                let early: Vec<&[&str]> = lines
+                    .windows(2)
+                    .filter(|pair| {
+                        let [line, next] = [pair[0], pair[1]];
+                        let next_word = next.split_whitespace().next().unwrap_or_default();
+                        !line.trim().is_empty()
+                            && !next.trim().is_empty()
+                            && indent(line) == indent(next)
+                            && !line.ends_with(':')
+                            && !next.trim_start().starts_with(['-', '['])
+                            && line.chars().count() + 1 + next_word.chars().count() <= width
+                    })
+                    .collect();
+                assert!(early.is_empty(), "lines broken early at {width} columns: {early:#?}");
             }
         }
         let long = Cli::command().term_width(60).render_long_help().to_string();

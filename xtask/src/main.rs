@@ -5,6 +5,7 @@
 //! needs nothing but this repository, rustup's stable and nightly toolchains, and root.
 
 mod codegen;
+mod dist;
 mod setup;
 
 use std::{
@@ -44,6 +45,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Set up, build the release binary and target/dist/iptrace_<version>_<arch>.deb, and check
+    /// the package's contents and its binary.
+    Dist,
 }
 
 fn main() -> Result<()> {
@@ -65,6 +69,8 @@ fn main() -> Result<()> {
             run(&mut cmd)?;
             if args.is_empty() {
                 bench_smoke_check()?;
+                // After the benchmark's release build, which it reuses: only packaging is left.
+                dist::dist()?;
             }
             Ok(())
         }
@@ -76,6 +82,10 @@ fn main() -> Result<()> {
         Task::Bench { quick } => {
             setup::ensure_prerequisites()?;
             bench(quick)
+        }
+        Task::Dist => {
+            setup::ensure_prerequisites()?;
+            dist::dist().map(drop)
         }
     }
 }
