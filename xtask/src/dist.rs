@@ -112,6 +112,7 @@ fn check_deb(deb: &Path) -> Result<()> {
     }
     run(Command::new("dpkg-deb").arg("--extract").arg(deb).arg(&extracted))?;
     let binary = extracted.join(BINARY);
+    ensure!(embeds_ebpf_object(&fs::read(&binary)?), "the packaged binary holds no eBPF object");
     let version = output(Command::new(&binary).arg("--version"))?;
     let commit = git_commit().unwrap_or_else(|| "unknown".into());
     ensure!(
@@ -126,6 +127,12 @@ fn check_deb(deb: &Path) -> Result<()> {
     fs::remove_dir_all(&extracted)?;
     println!("xtask: {} lists {} files; its iptrace says '{version}'", deb.display(), listed.len());
     Ok(())
+}
+
+/// Whether `binary` holds an eBPF ELF object (`e_machine` EM_BPF, 247, little-endian), as
+/// iptrace's build embeds it (`include_bytes_aligned!`).
+fn embeds_ebpf_object(binary: &[u8]) -> bool {
+    binary.windows(20).any(|header| header.starts_with(b"\x7fELF") && header[18..20] == [247, 0])
 }
 
 /// The version the binary reports (`iptrace 0.1.0 (commit abc1234)` → `0.1.0`).

@@ -31,7 +31,8 @@ enum Task {
     BuildEbpf,
     /// Regenerate the netfilter uapi bindings committed in iptrace-common/src/uapi.rs.
     Codegen,
-    /// Set up, build the eBPF object, then run every test (root tests need root; CI runs as root).
+    /// Set up, build the eBPF object, then run every test (root tests need root; CI runs as root);
+    /// without ARGS, then the benchmark smoke check and `dist`.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
