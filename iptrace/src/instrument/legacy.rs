@@ -69,7 +69,7 @@ impl MarkingWatch for RawWatch {
         self.info = info;
         let family = family_name(self.family);
         let RawTableCheck { displaced, flushed } = displaced_rules(self.owner, &self.plan, self.family)
-            .map_err(|source| WatchError::Read { event: format!("the {family} raw table changed"), source })?;
+            .map_err(|e| WatchError::Read { event: format!("the {family} raw table changed"), source: Box::new(e) })?;
         if displaced.is_empty() {
             return Ok(None);
         }

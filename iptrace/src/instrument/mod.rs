@@ -261,7 +261,7 @@ pub enum WatchError {
     Read {
         event: String,
         #[source]
-        source: InstrumentError,
+        source: Box<InstrumentError>,
     },
 }
 
