@@ -17,7 +17,6 @@
 
 use std::{
     collections::VecDeque,
-    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -172,7 +171,7 @@ impl Watcher {
             .markings
             .iter()
             .filter_map(|(_, watch)| watch.notifications())
-            .map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+            .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
             .collect();
         if polled.is_empty() {
             thread::sleep(timeout);

@@ -5,7 +5,7 @@
 //! packet's fields, mark or fate. Inserted first, they see every packet before any other raw rule
 //! can end its raw traversal.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::RawFd;
 
 use super::{
     Damage, InstrumentError, Marking, MarkingWatch, Prefilter, TraceChain, TracePlan, WatchError, XtBpfProgram,
@@ -57,7 +57,7 @@ struct RawWatch {
 }
 
 impl MarkingWatch for RawWatch {
-    fn notifications(&self) -> Option<BorrowedFd<'_>> {
+    fn notifications(&self) -> Option<RawFd> {
         None
     }
 

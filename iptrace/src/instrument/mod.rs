@@ -16,7 +16,7 @@ pub mod nft;
 pub mod owner;
 pub mod state;
 
-use std::{fmt, fs, io, os::fd::BorrowedFd, path::PathBuf};
+use std::{fmt, fs, io, os::fd::RawFd, path::PathBuf};
 
 pub use self::owner::Owner;
 use self::state::{NetnsLock, RunState};
@@ -235,9 +235,10 @@ fn every_marking() -> [&'static dyn Marking; 3] {
 
 /// A [`Marking`] being watched ([`Marking::watch`]).
 pub trait MarkingWatch: Send {
-    /// A descriptor that becomes readable when the kernel tells of a change that may concern the
-    /// marking; `None` for a watch that looks on every call of [`MarkingWatch::damage`].
-    fn notifications(&self) -> Option<BorrowedFd<'_>>;
+    /// A descriptor of the watch's own that becomes readable when the kernel tells of a change
+    /// that may concern the marking; `None` for a watch that looks on every call of
+    /// [`MarkingWatch::damage`].
+    fn notifications(&self) -> Option<RawFd>;
     /// What others did to the marking since the last call; `None` while it is as installed.
     fn damage(&mut self) -> Result<Option<Damage>, WatchError>;
 }

@@ -20,7 +20,7 @@
 
 use std::{
     mem::size_of,
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::{AsRawFd as _, RawFd},
 };
 
 use iptrace_common::uapi::{
@@ -332,9 +332,8 @@ impl NftWatch {
 }
 
 impl MarkingWatch for NftWatch {
-    fn notifications(&self) -> Option<BorrowedFd<'_>> {
-        // SAFETY: the descriptor is the socket's, which lives as long as the borrow.
-        Some(unsafe { BorrowedFd::borrow_raw(self.notifications.as_raw_fd()) })
+    fn notifications(&self) -> Option<RawFd> {
+        Some(self.notifications.as_raw_fd())
     }
 
     fn damage(&mut self) -> Result<Option<Damage>, WatchError> {
