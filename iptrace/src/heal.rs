@@ -3,14 +3,9 @@
 //! raw, unbinds the logger or recreates the traced interface.
 //!
 //! A thread watches, every [`TICK`]:
-//! - iptrace's nf_tables table, through the nf_tables notification group (`NFNLGRP_NFTABLES`, on
-//!   a socket of its own): a transaction that deleted the table, or rules, chains, sets or objects
-//!   in it, is followed by a count of the table's rules; fewer than installed means re-install.
-//!   iptrace's own re-install deletes the table too: the count, taken after it, finds it whole.
-//! - each legacy raw table holding iptrace's TRACE rules: `IPT_SO_GET_INFO` (the probe the
-//!   resolver uses) tells cheaply that it changed; then its rules are read, and iptrace's rule
-//!   must still be the first of its chain. A rule inserted above it is answered by moving
-//!   iptrace's rule back to the top (deleted, then inserted first again).
+//! - each marking of the plan ([`Marking::watch`]): iptrace's nf_tables table through the
+//!   nf_tables notifications, each legacy raw table holding its TRACE rules by looking; what
+//!   others did to one is repaired by re-installing that marking ([`Marking::reinstall`]).
 //! - the nf_log bindings iptrace made (`/proc/sys/net/netfilter/nf_log/{2,10}`): bound to
 //!   nfnetlink_log again when someone changed them.
 //! - the `-i`/`-o` interfaces by name: a recreated interface has a new index, which the `-o`
@@ -22,8 +17,6 @@
 
 use std::{
     collections::VecDeque,
-    io,
-    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -32,37 +25,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use iptrace_common::uapi::{
-    NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES, NFT_MSG_DELCHAIN, NFT_MSG_DELOBJ, NFT_MSG_DELRULE, NFT_MSG_DELSET,
-    NFT_MSG_DELTABLE, NFT_MSG_NEWGEN,
-};
-use neli::{
-    consts::socket::{Msg, NlFamily},
-    socket::NlSocket,
-    utils::Groups,
-};
-
 use crate::{
-    decode::{
-        Family, NftFamily,
-        netlink::{Attributes, NetlinkMessage, NetlinkMessages},
-    },
-    instrument::{
-        self, InstrumentError, Marker, Owner, TracePlan,
-        legacy::{self, Displaced},
-        nf_log,
-    },
+    decode::Family,
+    instrument::{Damage, InstrumentError, Marking, MarkingWatch, Owner, TracePlan, WatchError, family_name, nf_log},
     netns,
-    nftables::{NfTablesSocket, NftError},
-    resolve::{TableInfo, TableProbe},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealError {
-    #[error("cannot watch iptrace's instrumentation")]
-    Watch(#[source] io::Error),
-    #[error("cannot watch iptrace's nf_tables table")]
-    Nft(#[source] NftError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
     #[error("{event}, and tracing could not be re-installed")]
     Reinstall {
         event: String,
@@ -78,17 +50,6 @@ pub enum HealError {
 const TICK: Duration = Duration::from_millis(20);
 /// Repairs within a second after which iptrace stops fighting whoever undoes them.
 const MAX_REPAIRS: usize = 10;
-
-/// `NFT_MSG_DESTROY*` (Linux 6.3; the generated uapi predates them): deletions that do not fail
-/// when the object is missing, notified under their own types.
-const NFT_MSG_DESTROYTABLE: u32 = 26;
-const NFT_MSG_DESTROYCHAIN: u32 = 27;
-const NFT_MSG_DESTROYRULE: u32 = 28;
-const NFT_MSG_DESTROYSET: u32 = 29;
-const NFT_MSG_DESTROYOBJ: u32 = 31;
-/// The attribute naming the table an object belongs to: `NFTA_TABLE_NAME`, `NFTA_CHAIN_TABLE`,
-/// `NFTA_RULE_TABLE`, `NFTA_SET_TABLE`, `NFTA_OBJ_TABLE` are all attribute 1.
-const NFTA_OBJECT_TABLE: u16 = 1;
 
 /// What the watcher keeps in place.
 pub struct Watched {
@@ -125,7 +86,7 @@ impl Healer {
                     }
                     watcher.repairs
                 })
-                .map_err(HealError::Watch)?
+                .map_err(|e| HealError::Watch(WatchError::Open(e)))?
         };
         Ok(Self { stop, thread: Some(thread), failed })
     }
@@ -157,28 +118,11 @@ impl Drop for Healer {
 
 struct Watcher {
     watched: Watched,
-    nft: Option<NftWatch>,
-    raw: Vec<RawWatch>,
+    /// The plan's markings, each with its watch.
+    markings: Vec<(Box<dyn Marking>, Box<dyn MarkingWatch>)>,
     interfaces: Vec<InterfaceWatch>,
     repairs: u64,
     recent: VecDeque<Instant>,
-}
-
-/// iptrace's nf_tables table: notifications of deletions, and its rule count as installed.
-struct NftWatch {
-    notifications: NlSocket,
-    queries: NfTablesSocket,
-    table: String,
-    rules: usize,
-    /// The transaction whose notifications are being read (its NEWGEN ends it).
-    transaction: Transaction,
-}
-
-/// One family's legacy raw table, as last seen.
-struct RawWatch {
-    family: Family,
-    probe: TableProbe,
-    info: Option<TableInfo>,
 }
 
 struct InterfaceWatch {
@@ -191,22 +135,11 @@ struct InterfaceWatch {
 impl Watcher {
     fn new(watched: Watched) -> Result<Self, HealError> {
         let plan = &watched.plan;
-        let nft = match plan.marker {
-            Marker::NftTable => Some(NftWatch::open(watched.owner.table_name())?),
-            Marker::TraceRules => None,
-        };
-        let raw = match plan.marker {
-            Marker::TraceRules => plan
-                .families
-                .iter()
-                .map(|&family| {
-                    TableProbe::open(family)
-                        .map(|probe| RawWatch { family, probe, info: None })
-                        .map_err(HealError::Watch)
-                })
-                .collect::<Result<_, _>>()?,
-            Marker::NftTable => Vec::new(),
-        };
+        let markings = plan
+            .markings()
+            .into_iter()
+            .map(|marking| marking.watch(watched.owner, plan).map(|watch| (marking, watch)))
+            .collect::<Result<_, _>>()?;
         let mut interfaces = Vec::new();
         if let Some(name) = &plan.in_interface {
             interfaces.push(InterfaceWatch { name: name.clone(), index: netns::interface_index(name), shared: None });
@@ -216,73 +149,52 @@ impl Watcher {
             let index = shared.as_ref().map(|s| s.load(Ordering::Relaxed)).or_else(|| netns::interface_index(name));
             interfaces.push(InterfaceWatch { name: name.clone(), index, shared });
         }
-        Ok(Self { watched, nft, raw, interfaces, repairs: 0, recent: VecDeque::new() })
+        Ok(Self { watched, markings, interfaces, repairs: 0, recent: VecDeque::new() })
     }
 
     fn run(&mut self, stop: &AtomicBool) -> Result<(), HealError> {
         while !stop.load(Ordering::Relaxed) {
-            match &self.nft {
-                Some(nft) => nft.wait(TICK),
-                None => thread::sleep(TICK),
-            }
+            self.wait(TICK);
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            self.check_nft()?;
-            self.check_raw()?;
+            self.check_markings()?;
             self.check_loggers()?;
             self.check_interfaces();
         }
         Ok(())
     }
 
-    fn check_nft(&mut self) -> Result<(), HealError> {
-        let Some(nft) = &mut self.nft else { return Ok(()) };
-        let Some(event) = nft.damage() else { return Ok(()) };
-        if nft.intact()? {
-            return Ok(());
+    /// Waits `timeout`, or less when a watched marking's notifications arrive.
+    fn wait(&self, timeout: Duration) {
+        let mut polled: Vec<libc::pollfd> = self
+            .markings
+            .iter()
+            .filter_map(|(_, watch)| watch.notifications())
+            .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+            .collect();
+        if polled.is_empty() {
+            thread::sleep(timeout);
+            return;
         }
-        let plan = self.watched.plan.clone();
-        self.repair(event, "tracing re-installed", &plan)
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: valid pollfds, as many as given; a failure (EINTR) only shortens the wait.
+        unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, ms) };
     }
 
-    /// A raw table whose info changed is read; iptrace's own re-install changes it too, and the
-    /// next look finds it in order.
-    fn check_raw(&mut self) -> Result<(), HealError> {
-        for i in 0..self.raw.len() {
-            let watch = &mut self.raw[i];
-            let info = watch.probe.info("raw").ok();
-            if info.is_some() && info == watch.info {
-                continue;
-            }
-            watch.info = info;
-            let family = watch.family;
-            let owner = self.watched.owner;
-            let legacy::RawTableCheck { displaced, flushed } =
-                legacy::displaced_rules(owner, &self.watched.plan, family).map_err(|source| HealError::Reinstall {
-                    event: format!("the {} raw table changed", name(family)),
-                    source,
-                })?;
-            if displaced.is_empty() {
-                continue;
-            }
-            let chains = |kind: Displaced| {
-                displaced.iter().filter(|(_, d)| *d == kind).map(|(c, _)| *c).collect::<Vec<_>>().join(" and ")
-            };
-            let (event, outcome) = if flushed {
-                (format!("the {} raw table was flushed", name(family)), "tracing re-installed")
-            } else if displaced.iter().any(|(_, d)| *d == Displaced::Missing) {
-                let chains = chains(Displaced::Missing);
-                (format!("iptrace's TRACE rule in {} raw {chains} was deleted", name(family)), "tracing re-installed")
-            } else {
-                let chains = chains(Displaced::Below);
-                (
-                    format!("a rule was inserted above iptrace's TRACE rule in {} raw {chains}", name(family)),
-                    "iptrace's rule moved back to the top",
-                )
-            };
-            let plan = TracePlan { families: vec![family], ..self.watched.plan.clone() };
-            self.repair(event, outcome, &plan)?;
+    /// Re-installs each marking others changed, saying what happened and what was done.
+    fn check_markings(&mut self) -> Result<(), HealError> {
+        let owner = self.watched.owner;
+        for i in 0..self.markings.len() {
+            let Some(Damage { event, outcome }) = self.markings[i].1.damage()? else { continue };
+            self.count_repair(&event)?;
+            let started = Instant::now();
+            self.markings[i]
+                .0
+                .reinstall(owner, &self.watched.plan)
+                .map_err(|source| HealError::Reinstall { event: event.clone(), source })?;
+            crate::note!("iptrace: {event}; {outcome}");
+            log::info!("re-installing took {} ms", started.elapsed().as_millis());
         }
         Ok(())
     }
@@ -290,13 +202,13 @@ impl Watcher {
     fn check_loggers(&mut self) -> Result<(), HealError> {
         for family in self.watched.loggers.clone() {
             let bound = nf_log::bound_logger(family).map_err(|source| HealError::Reinstall {
-                event: format!("the nf_log binding for {} cannot be read", name(family)),
+                event: format!("the nf_log binding for {} cannot be read", family_name(family)),
                 source,
             })?;
             if bound == nf_log::NFNETLINK_LOG {
                 continue;
             }
-            let event = format!("nf_log binding for {} was changed to {bound}", name(family));
+            let event = format!("nf_log binding for {} was changed to {bound}", family_name(family));
             self.count_repair(&event)?;
             nf_log::bind_logger(family, nf_log::NFNETLINK_LOG)
                 .map_err(|source| HealError::Reinstall { event: event.clone(), source })?;
@@ -323,17 +235,6 @@ impl Watcher {
         }
     }
 
-    /// Re-installs `plan`, saying what happened and what was done.
-    fn repair(&mut self, event: String, outcome: &str, plan: &TracePlan) -> Result<(), HealError> {
-        self.count_repair(&event)?;
-        let started = Instant::now();
-        instrument::reinstall(self.watched.owner, plan)
-            .map_err(|source| HealError::Reinstall { event: event.clone(), source })?;
-        crate::note!("iptrace: {event}; {outcome}");
-        log::info!("re-installing took {} ms", started.elapsed().as_millis());
-        Ok(())
-    }
-
     /// Counts a repair, refusing one more when [`MAX_REPAIRS`] were made within the last second.
     fn count_repair(&mut self, event: &str) -> Result<(), HealError> {
         let now = Instant::now();
@@ -346,168 +247,5 @@ impl Watcher {
         self.recent.push_back(now);
         self.repairs += 1;
         Ok(())
-    }
-}
-
-impl NftWatch {
-    fn open(table: String) -> Result<Self, HealError> {
-        let notifications = NlSocket::connect(NlFamily::Netfilter, Some(0), Groups::empty())
-            .and_then(|s| s.add_mcast_membership(Groups::new_groups(&[NFNLGRP_NFTABLES])).map(|()| s))
-            .map_err(HealError::Watch)?;
-        let mut queries = NfTablesSocket::open().map_err(HealError::Nft)?;
-        let rules = queries.rule_count(NftFamily::Inet, &table).map_err(HealError::Nft)?;
-        Ok(Self { notifications, queries, table, rules, transaction: Transaction::default() })
-    }
-
-    fn wait(&self, timeout: Duration) {
-        let mut poll = libc::pollfd { fd: self.notifications.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid pollfd; a failure (EINTR) only shortens the wait.
-        unsafe { libc::poll(&mut poll, 1, ms) };
-    }
-
-    /// Reads the queued notifications and describes the first committed transaction that deleted
-    /// anything of iptrace's table; `None` when none did.
-    fn damage(&mut self) -> Option<String> {
-        let mut buf = vec![0u8; 1 << 16];
-        let mut found = None;
-        let transaction = &mut self.transaction;
-        loop {
-            let n = match self.notifications.recv(&mut buf[..], Msg::DONTWAIT) {
-                Ok((n, _)) => n,
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    // Notifications were lost: look at the table.
-                    found.get_or_insert_with(|| "the nf_tables rule set changed".to_owned());
-                    continue;
-                }
-                Err(_) => break,
-            };
-            for m in NetlinkMessages::new(&buf[..n]).flatten() {
-                if transaction.note(&m, &self.table) {
-                    if found.is_none() {
-                        found = transaction.describe(&self.table);
-                    }
-                    *transaction = Transaction::default();
-                }
-            }
-        }
-        found
-    }
-
-    /// Whether the table still holds every rule it was installed with. A table counted before
-    /// the watch began may have been damaged already: an installed table is never empty, and
-    /// the most rules ever counted are the installed ones (every re-install is the same plan).
-    fn intact(&mut self) -> Result<bool, HealError> {
-        let rules = self.queries.rule_count(NftFamily::Inet, &self.table).map_err(HealError::Nft)?;
-        self.rules = self.rules.max(rules);
-        Ok(rules > 0 && rules >= self.rules)
-    }
-}
-
-/// What one nf_tables transaction deleted, as its notifications said.
-#[derive(Default)]
-struct Transaction {
-    table_deleted: bool,
-    other_tables_deleted: bool,
-    contents_deleted: bool,
-}
-
-impl Transaction {
-    /// Notes what one notification deleted; true for the transaction's end (NEWGEN).
-    fn note(&mut self, m: &NetlinkMessage<'_>, table: &str) -> bool {
-        if u32::from(m.message_type) >> 8 != NFNL_SUBSYS_NFTABLES {
-            return false;
-        }
-        let kind = u32::from(m.message_type) & 0xff;
-        if kind == NFT_MSG_NEWGEN {
-            return true;
-        }
-        // nfgenmsg's family is the object's; then the attributes.
-        let family = m.payload.first().copied().map(NftFamily::from_nfproto);
-        let named = Attributes::new(m.payload.get(4..).unwrap_or_default())
-            .flatten()
-            .find(|a| a.kind == NFTA_OBJECT_TABLE)
-            .map(|a| a.c_str());
-        let ours = family == Some(NftFamily::Inet) && named == Some(table.as_bytes());
-        match kind {
-            NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE if ours => self.table_deleted = true,
-            NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE => self.other_tables_deleted = true,
-            NFT_MSG_DELCHAIN | NFT_MSG_DESTROYCHAIN | NFT_MSG_DELRULE | NFT_MSG_DESTROYRULE | NFT_MSG_DELSET
-            | NFT_MSG_DESTROYSET | NFT_MSG_DELOBJ | NFT_MSG_DESTROYOBJ
-                if ours =>
-            {
-                self.contents_deleted = true
-            }
-            _ => {}
-        }
-        false
-    }
-
-    fn describe(&self, table: &str) -> Option<String> {
-        if self.table_deleted && self.other_tables_deleted {
-            Some("the rule set was reloaded".to_owned())
-        } else if self.table_deleted {
-            Some(format!("iptrace's table inet {table} was deleted"))
-        } else if self.contents_deleted {
-            Some(format!("rules of iptrace's table inet {table} were deleted"))
-        } else {
-            None
-        }
-    }
-}
-
-fn name(family: Family) -> &'static str {
-    match family {
-        Family::Ipv4 => "IPv4",
-        Family::Ipv6 => "IPv6",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::decode::netlink::{attribute, nfnetlink_request};
-
-    /// A notification as the kernel sends it: `family`'s object named by attribute 1 (`table`).
-    fn notification(kind: u32, family: u8, table: &str) -> Vec<u8> {
-        let mut name = table.as_bytes().to_vec();
-        name.push(0);
-        let message_type = u16::try_from((NFNL_SUBSYS_NFTABLES << 8) | kind).unwrap();
-        nfnetlink_request(message_type, 0, 0, family, 0, &attribute(NFTA_OBJECT_TABLE, &name))
-    }
-
-    fn transaction(messages: &[Vec<u8>]) -> Option<String> {
-        let datagram = messages.concat();
-        let mut t = Transaction::default();
-        for m in NetlinkMessages::new(&datagram).flatten() {
-            if t.note(&m, "iptrace_1_2") {
-                return t.describe("iptrace_1_2");
-            }
-        }
-        panic!("no NEWGEN")
-    }
-
-    #[test]
-    fn deletions_of_iptraces_table_are_told_apart() {
-        const INET: u8 = 1;
-        const IP: u8 = 2;
-        let newgen = notification(NFT_MSG_NEWGEN, 0, "");
-        // `nft flush ruleset`: every table's rules, chains, then the tables.
-        let flush = [
-            notification(NFT_MSG_DELRULE, INET, "iptrace_1_2"),
-            notification(NFT_MSG_DELCHAIN, INET, "iptrace_1_2"),
-            notification(NFT_MSG_DELTABLE, INET, "iptrace_1_2"),
-            notification(NFT_MSG_DELTABLE, INET, "router"),
-            newgen.clone(),
-        ];
-        assert_eq!(transaction(&flush).as_deref(), Some("the rule set was reloaded"));
-        let alone = [notification(NFT_MSG_DESTROYTABLE, INET, "iptrace_1_2"), newgen.clone()];
-        assert_eq!(transaction(&alone).as_deref(), Some("iptrace's table inet iptrace_1_2 was deleted"));
-        let rule = [notification(NFT_MSG_DELRULE, INET, "iptrace_1_2"), newgen.clone()];
-        assert_eq!(transaction(&rule).as_deref(), Some("rules of iptrace's table inet iptrace_1_2 were deleted"));
-        // Same name in another family, and other tables: not iptrace's.
-        let others =
-            [notification(NFT_MSG_DELTABLE, IP, "iptrace_1_2"), notification(NFT_MSG_DELRULE, INET, "router"), newgen];
-        assert_eq!(transaction(&others), None);
     }
 }

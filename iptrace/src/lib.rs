@@ -48,6 +48,7 @@ pub mod backend;
 pub mod bpf;
 pub mod capture;
 pub mod cli;
+pub mod command;
 pub mod correlate;
 pub mod decode;
 pub mod demo;

@@ -4,11 +4,7 @@
 //! tables, and a rule with an xtables match (nft_compat), which only iptables-nft adds. Shared by
 //! instrument, resolve and the backend detection.
 
-use std::{
-    io::{self, Write},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{io, time::Duration};
 
 use iptrace_common::uapi::{
     NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFT_JUMP, NFT_MSG_GETGEN, NFT_MSG_GETRULE,
@@ -26,6 +22,7 @@ use neli::{
 
 use crate::{
     capture::set_receive_timeout,
+    command::{self, CommandError},
     decode::{
         DecodeError, NftFamily,
         netlink::{
@@ -36,12 +33,8 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
-    #[error("nft is not installed (apt-get install nftables)")]
-    NotInstalled,
-    #[error("cannot run nft")]
-    Spawn(#[source] io::Error),
-    #[error("{command} failed: {stderr}")]
-    Failed { command: String, stderr: String },
+    #[error(transparent)]
+    Command(#[from] CommandError),
     #[error("this kernel has no nf_tables (CONFIG_NF_TABLES)")]
     Unavailable(#[source] io::Error),
     #[error("nf_tables {request} failed")]
@@ -52,44 +45,18 @@ pub enum NftError {
 
 /// Runs `nft ARGS` and returns its output.
 pub fn run(args: &[&str]) -> Result<String, NftError> {
-    let mut cmd = Command::new("nft");
-    cmd.args(args);
-    output(&mut cmd, None, &args.join(" "))
+    Ok(command::run("nft", args, None)?)
 }
 
 /// Applies `script` with `nft -f -`: all of it in one transaction, or nothing.
 pub fn apply(script: &str) -> Result<(), NftError> {
-    let mut cmd = Command::new("nft");
-    cmd.args(["-f", "-"]);
-    output(&mut cmd, Some(script), "-f -").map(drop)
+    command::run("nft", &["-f", "-"], Some(script))?;
+    Ok(())
 }
 
 /// Whether `nft` can be run at all.
 pub fn check_installed() -> Result<(), NftError> {
-    run(&["--version"]).map(drop)
-}
-
-fn output(cmd: &mut Command, stdin: Option<&str>, shown: &str) -> Result<String, NftError> {
-    let spawned = cmd
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = spawned.map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => NftError::NotInstalled,
-        _ => NftError::Spawn(e),
-    })?;
-    if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
-        input.write_all(text.as_bytes()).map_err(NftError::Spawn)?;
-    }
-    let out = child.wait_with_output().map_err(NftError::Spawn)?;
-    if !out.status.success() {
-        // nft explains an error over several lines (the statement, a caret); the first says it.
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let first = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
-        return Err(NftError::Failed { command: format!("nft {shown}"), stderr: first.trim().to_owned() });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(command::check_installed("nft")?)
 }
 
 /// A NETLINK_NETFILTER socket for nf_tables queries in the calling thread's network namespace.

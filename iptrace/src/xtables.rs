@@ -3,19 +3,15 @@
 //! rule tokens. Shared by instrument (its own rules) and resolve (everyone's rules). Resolve also
 //! reads the iptables-nft tables' rules with `iptables-nft-save`.
 
-use std::{fs, io, process::Command};
+use std::fs;
 
-use crate::decode::Family;
+use crate::{
+    command::{self, CommandError},
+    decode::Family,
+};
 
-#[derive(Debug, thiserror::Error)]
-pub enum XtablesError {
-    #[error("{binary} is not installed (apt-get install iptables)")]
-    NotInstalled { binary: &'static str },
-    #[error("cannot run {binary}")]
-    Spawn { binary: &'static str, source: io::Error },
-    #[error("{command} failed: {stderr}")]
-    Failed { command: String, stderr: String },
-}
+/// What running an xtables front end can fail with.
+pub type XtablesError = CommandError;
 
 /// The xtables front end of one family: legacy, or iptables-nft (for reading only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,23 +50,20 @@ impl Xtables {
 
     /// Runs one rule command, waiting for the xtables lock (`-w`) rather than racing other tools.
     pub fn run<S: AsRef<str>>(self, args: &[S]) -> Result<(), XtablesError> {
-        let mut cmd = Command::new(self.binary());
-        cmd.arg("-w").args(args.iter().map(AsRef::as_ref));
-        output(self.binary(), &mut cmd).map(drop)
+        let args: Vec<&str> = ["-w"].into_iter().chain(args.iter().map(AsRef::as_ref)).collect();
+        command::run(self.binary(), &args, None).map(drop)
     }
 
     /// `iptables-legacy-save -t <table>` for a table that exists (asking for one that does not
     /// would create it).
     pub fn save(self, table: &str) -> Result<String, XtablesError> {
-        let mut cmd = Command::new(self.save_binary());
-        cmd.args(["-t", table]);
-        output(self.save_binary(), &mut cmd)
+        command::run(self.save_binary(), &["-t", table], None)
     }
 
     /// Every table the front end knows. iptables-nft-save lists only existing tables and creates
     /// none, unlike a save of a named table with iptables-legacy.
     pub fn save_all(self) -> Result<String, XtablesError> {
-        output(self.save_binary(), &mut Command::new(self.save_binary()))
+        command::run::<&str>(self.save_binary(), &[], None)
     }
 
     /// The tables that exist in this netns, from `/proc/net/ip{,6}_tables_names`. Legacy tables
@@ -85,30 +78,13 @@ impl Xtables {
             .unwrap_or_default()
     }
 
-    /// Whether the binary can be run at all.
+    /// Whether the binary can be run at all: one that fails `--version` counts as missing.
     pub fn check_installed(self) -> Result<(), XtablesError> {
-        match Command::new(self.binary()).arg("--version").output() {
-            Ok(out) if out.status.success() => Ok(()),
-            Ok(_) => Err(XtablesError::NotInstalled { binary: self.binary() }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(XtablesError::NotInstalled { binary: self.binary() }),
-            Err(source) => Err(XtablesError::Spawn { binary: self.binary(), source }),
-        }
+        command::check_installed(self.binary()).map_err(|e| match e {
+            CommandError::Failed { .. } => CommandError::NotInstalled { program: self.binary(), package: "iptables" },
+            other => other,
+        })
     }
-}
-
-fn output(binary: &'static str, cmd: &mut Command) -> Result<String, XtablesError> {
-    let out = cmd.output().map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => XtablesError::NotInstalled { binary },
-        _ => XtablesError::Spawn { binary, source },
-    })?;
-    if !out.status.success() {
-        let args: Vec<String> = cmd.get_args().map(|a| quote(&a.to_string_lossy())).collect();
-        return Err(XtablesError::Failed {
-            command: format!("{binary} {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// One table of `iptables-save` output.

@@ -5,12 +5,92 @@
 //! packet's fields, mark or fate. Inserted first, they see every packet before any other raw rule
 //! can end its raw traversal.
 
-use super::{InstrumentError, Prefilter, TraceChain, TracePlan, XtBpfProgram, owner::Owner};
+use std::os::fd::RawFd;
+
+use super::{
+    Damage, InstrumentError, Marking, MarkingWatch, Prefilter, TraceChain, TracePlan, WatchError, XtBpfProgram,
+    family_name, owner::Owner,
+};
 use crate::{
     decode::Family,
     filter::CbpfInsn,
+    resolve::{TableInfo, TableProbe},
     xtables::{self, Xtables},
 };
+
+/// The TRACE rules in one family's legacy raw table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceRules(pub Family);
+
+impl Marking for TraceRules {
+    fn install(&self, owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
+        insert(owner, plan, self.0)
+    }
+
+    fn owners(&self) -> Result<Vec<Owner>, InstrumentError> {
+        Ok(tagged_rules(self.0)?.into_iter().map(|r| r.owner).collect())
+    }
+
+    fn delete(&self, select: &dyn Fn(Owner) -> bool) -> Result<Vec<String>, InstrumentError> {
+        let n = delete_rules(self.0, select)?;
+        let binary = Xtables::new(self.0).binary();
+        Ok((n > 0).then(|| format!("{n} TRACE rule(s) in the {binary} raw table")).into_iter().collect())
+    }
+
+    fn watch(&self, owner: Owner, plan: &TracePlan) -> Result<Box<dyn MarkingWatch>, WatchError> {
+        let probe = TableProbe::open(self.0).map_err(WatchError::Open)?;
+        Ok(Box::new(RawWatch { family: self.0, owner, plan: plan.clone(), probe, info: None }))
+    }
+}
+
+/// The family's raw table, as last seen: `IPT_SO_GET_INFO` (the probe the resolver uses) tells
+/// cheaply that it changed; then its rules are read, and iptrace's rule must still be the first
+/// of its chain. A rule inserted above it is answered by moving iptrace's rule back to the top
+/// (deleted, then inserted first again). iptrace's own re-install changes the table too, and the
+/// next look finds it in order.
+struct RawWatch {
+    family: Family,
+    owner: Owner,
+    plan: TracePlan,
+    probe: TableProbe,
+    info: Option<TableInfo>,
+}
+
+impl MarkingWatch for RawWatch {
+    fn notifications(&self) -> Option<RawFd> {
+        None
+    }
+
+    fn damage(&mut self) -> Result<Option<Damage>, WatchError> {
+        let info = self.probe.info("raw").ok();
+        if info.is_some() && info == self.info {
+            return Ok(None);
+        }
+        self.info = info;
+        let family = family_name(self.family);
+        let RawTableCheck { displaced, flushed } = displaced_rules(self.owner, &self.plan, self.family)
+            .map_err(|e| WatchError::Read { event: format!("the {family} raw table changed"), source: Box::new(e) })?;
+        if displaced.is_empty() {
+            return Ok(None);
+        }
+        let chains = |kind: Displaced| {
+            displaced.iter().filter(|(_, d)| *d == kind).map(|(c, _)| *c).collect::<Vec<_>>().join(" and ")
+        };
+        let (event, outcome) = if flushed {
+            (format!("the {family} raw table was flushed"), "tracing re-installed")
+        } else if displaced.iter().any(|(_, d)| *d == Displaced::Missing) {
+            let chains = chains(Displaced::Missing);
+            (format!("iptrace's TRACE rule in {family} raw {chains} was deleted"), "tracing re-installed")
+        } else {
+            let chains = chains(Displaced::Below);
+            (
+                format!("a rule was inserted above iptrace's TRACE rule in {family} raw {chains}"),
+                "iptrace's rule moved back to the top",
+            )
+        };
+        Ok(Some(Damage { event, outcome }))
+    }
+}
 
 pub const TRACE_CHAINS: [&str; 2] = ["PREROUTING", "OUTPUT"];
 
@@ -78,7 +158,7 @@ fn bytecode_argument(insns: &[CbpfInsn]) -> String {
 }
 
 /// Inserts the TRACE rules of `plan` for `family`.
-pub(super) fn insert(owner: Owner, plan: &TracePlan, family: Family) -> Result<(), InstrumentError> {
+fn insert(owner: Owner, plan: &TracePlan, family: Family) -> Result<(), InstrumentError> {
     let xt = Xtables::new(family);
     for chain in TRACE_CHAINS {
         let Some(spec) = rule_spec(owner, plan, family, chain) else { continue };
@@ -91,14 +171,14 @@ pub(super) fn insert(owner: Owner, plan: &TracePlan, family: Family) -> Result<(
 
 /// An iptrace rule as `iptables-legacy-save` lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct TaggedRule {
+struct TaggedRule {
     pub owner: Owner,
     /// The saved line, `-A <chain> <spec>`, verbatim.
     pub line: String,
 }
 
 /// The iptrace rules in `family`'s raw table, in the order the table holds them.
-pub(super) fn tagged_rules(family: Family) -> Result<Vec<TaggedRule>, InstrumentError> {
+fn tagged_rules(family: Family) -> Result<Vec<TaggedRule>, InstrumentError> {
     let xt = Xtables::new(family);
     if !xt.existing_tables().iter().any(|t| t == "raw") {
         return Ok(Vec::new());
@@ -136,7 +216,7 @@ fn tagged_lines(saved: &str) -> Vec<TaggedRule> {
 /// rule, and `iptables-legacy` opens it with the same number each time (verified on 1.8.9;
 /// `iptables-legacy-restore` opens it with another, so its `-D` finds no equal rule).
 /// A rule someone else removed meanwhile (a concurrent `--cleanup`) counts as deleted.
-pub(super) fn delete_rules(family: Family, select: impl Fn(Owner) -> bool) -> Result<usize, InstrumentError> {
+fn delete_rules(family: Family, select: &dyn Fn(Owner) -> bool) -> Result<usize, InstrumentError> {
     let xt = Xtables::new(family);
     let rules: Vec<TaggedRule> = tagged_rules(family)?.into_iter().filter(|r| select(r.owner)).collect();
     for rule in &rules {
@@ -151,7 +231,7 @@ pub(super) fn delete_rules(family: Family, select: impl Fn(Owner) -> bool) -> Re
 
 /// How `owner`'s TRACE rule of one chain was found out of place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Displaced {
+enum Displaced {
     /// It is gone.
     Missing,
     /// Other rules were put above it, which see the packets first (an ACCEPT ends the raw
@@ -161,15 +241,15 @@ pub enum Displaced {
 
 /// What [`displaced_rules`] found in a raw table.
 #[derive(Debug, Default)]
-pub struct RawTableCheck {
+struct RawTableCheck {
     /// The chains where `owner`'s rule is not the first rule.
-    pub displaced: Vec<(&'static str, Displaced)>,
+    displaced: Vec<(&'static str, Displaced)>,
     /// Whether no chain of the table holds any rule (it was flushed).
-    pub flushed: bool,
+    flushed: bool,
 }
 
 /// Where `owner`'s rules of `plan` are in `family`'s raw table.
-pub fn displaced_rules(owner: Owner, plan: &TracePlan, family: Family) -> Result<RawTableCheck, InstrumentError> {
+fn displaced_rules(owner: Owner, plan: &TracePlan, family: Family) -> Result<RawTableCheck, InstrumentError> {
     let saved = Xtables::new(family).save("raw").map_err(|source| InstrumentError::ListRules { family, source })?;
     let tables = xtables::parse_save(&saved);
     let raw = tables.iter().find(|t| t.name == "raw");

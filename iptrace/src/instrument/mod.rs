@@ -7,7 +7,8 @@
 //! tables report through nfnetlink_log, bound as the netns's logger for the families traced.
 //! Everything is tagged with its owner ([`Owner`]) and written down ([`state`]) before it is
 //! changed, so that [`Instrumentation::teardown`] undoes it on every exit, and [`cleanup_stale`]
-//! undoes it after a SIGKILL.
+//! undoes it after a SIGKILL. Both markers are [`Marking`]s: what is done with them is written
+//! once, over every marking or over the plan's.
 
 pub mod legacy;
 pub mod nf_log;
@@ -15,7 +16,7 @@ pub mod nft;
 pub mod owner;
 pub mod state;
 
-use std::{fmt, fs, io, path::PathBuf};
+use std::{fmt, fs, io, os::fd::RawFd, path::PathBuf};
 
 pub use self::owner::Owner;
 use self::state::{NetnsLock, RunState};
@@ -192,6 +193,87 @@ pub struct TracePlan {
     pub chain: Option<TraceChain>,
 }
 
+impl TracePlan {
+    /// The markings this plan installs: a TRACE rule set per family, or one nf_tables table.
+    pub fn markings(&self) -> Vec<Box<dyn Marking>> {
+        match self.marker {
+            Marker::TraceRules => {
+                self.families.iter().map(|&family| Box::new(legacy::TraceRules(family)) as Box<dyn Marking>).collect()
+            }
+            Marker::NftTable => vec![Box::new(nft::NftTable)],
+        }
+    }
+}
+
+/// One way packets get their trace bit, as one run installs it and any run finds and removes
+/// it: the TRACE rules in one family's legacy raw table ([`legacy::TraceRules`]), or iptrace's
+/// own nf_tables table ([`nft::NftTable`]). Teardown, `--cleanup`, the search for live owners
+/// and the self-healing loop ([`crate::heal`]) are written once over these.
+pub trait Marking: Send + Sync {
+    /// Puts `owner`'s marking of `plan` in place.
+    fn install(&self, owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError>;
+    /// The owners whose marking is present in this netns, as found.
+    fn owners(&self) -> Result<Vec<Owner>, InstrumentError>;
+    /// Deletes the marking of the owners `select` picks, each piece by its own tag or name (never
+    /// by its position, which others may shift meanwhile), and nothing else. Returns one line
+    /// per thing deleted, naming it; none when nothing was.
+    fn delete(&self, select: &dyn Fn(Owner) -> bool) -> Result<Vec<String>, InstrumentError>;
+    /// Starts watching `owner`'s marking of `plan`, as just installed, for changes by others.
+    fn watch(&self, owner: Owner, plan: &TracePlan) -> Result<Box<dyn MarkingWatch>, WatchError>;
+    /// Puts `plan` in place again after someone else removed or displaced part of it: takes out
+    /// what is left of `owner`'s marking, then installs it again.
+    fn reinstall(&self, owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
+        self.delete(&|o| o == owner)?;
+        self.install(owner, plan)
+    }
+}
+
+/// Every marking any run may have left in a netns, in the order they are looked at.
+fn every_marking() -> [&'static dyn Marking; 3] {
+    [&legacy::TraceRules(Family::Ipv4), &legacy::TraceRules(Family::Ipv6), &nft::NftTable]
+}
+
+/// A [`Marking`] being watched ([`Marking::watch`]).
+pub trait MarkingWatch: Send {
+    /// A descriptor of the watch's own that becomes readable when the kernel tells of a change
+    /// that may concern the marking; `None` for a watch that looks on every call of
+    /// [`MarkingWatch::damage`].
+    fn notifications(&self) -> Option<RawFd>;
+    /// What others did to the marking since the last call; `None` while it is as installed.
+    fn damage(&mut self) -> Result<Option<Damage>, WatchError>;
+}
+
+/// A change by others to a run's marking, as one line says it: `{event}; {outcome}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    pub event: String,
+    /// What re-installing does about it.
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot watch iptrace's instrumentation")]
+    Open(#[source] io::Error),
+    #[error("cannot watch iptrace's nf_tables table")]
+    Nft(#[source] NftError),
+    /// A change was seen, but what it did could not be read.
+    #[error("{event}, and tracing could not be re-installed")]
+    Read {
+        event: String,
+        #[source]
+        source: Box<InstrumentError>,
+    },
+}
+
+/// How messages name a family.
+pub(crate) fn family_name(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "IPv4",
+        Family::Ipv6 => "IPv6",
+    }
+}
+
 /// What one run changed in its network namespace; undone by [`Instrumentation::teardown`].
 #[derive(Debug)]
 pub struct Instrumentation {
@@ -252,7 +334,9 @@ impl Instrumentation {
         if std::mem::replace(&mut self.torn_down, true) {
             return Vec::new();
         }
-        let mut errors = remove_marking(self.owner, &[Family::Ipv4, Family::Ipv6]);
+        let owner = self.owner;
+        let mut errors: Vec<InstrumentError> =
+            every_marking().iter().filter_map(|marking| marking.delete(&|o| o == owner).err()).collect();
         if errors.is_empty() {
             errors.extend(undo_state(&self.state));
             RunState::remove(self.netns, self.owner);
@@ -274,43 +358,7 @@ impl Instrumentation {
 /// after a failure half-way. Runs without holding the instrumentation, so that a panic in here
 /// can still tear down.
 pub fn install(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
-    match plan.marker {
-        Marker::TraceRules => plan.families.iter().try_for_each(|&family| legacy::insert(owner, plan, family)),
-        Marker::NftTable => nft::create(owner, plan),
-    }
-}
-
-/// Puts `plan` in place again after someone else removed or displaced part of it: takes out what
-/// is left of `owner`'s marking (its TRACE rules of the plan's families, its nf_tables table),
-/// then installs as [`install`] does. For the legacy marker, a plan of one family touches only
-/// that family's rules.
-pub fn reinstall(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
-    let families = match plan.marker {
-        Marker::TraceRules => &plan.families[..],
-        Marker::NftTable => &[],
-    };
-    if let Some(e) = remove_marking(owner, families).into_iter().next() {
-        return Err(e);
-    }
-    install(owner, plan)
-}
-
-/// Deletes `owner`'s TRACE rules in the raw tables of `families`, and its nf_tables table if it
-/// exists. Returns what could not be deleted.
-fn remove_marking(owner: Owner, families: &[Family]) -> Vec<InstrumentError> {
-    let mut errors = Vec::new();
-    for &family in families {
-        if let Err(e) = legacy::delete_rules(family, |o| o == owner) {
-            errors.push(e);
-        }
-    }
-    // The table's name carries the owner's pid and start time: one by that name is ours.
-    match nft::tagged_tables() {
-        Ok(tables) if tables.contains(&owner) => errors.extend(nft::delete(owner).err()),
-        Ok(_) => {}
-        Err(e) => errors.push(e),
-    }
-    errors
+    plan.markings().iter().try_for_each(|marking| marking.install(owner, plan))
 }
 
 /// Unpins and restores the loggers a run recorded. A logger is restored only while nfnetlink_log
@@ -346,10 +394,9 @@ fn restore_loggers(state: &RunState) -> Vec<InstrumentError> {
 /// Owners with rules or state in this netns that still run.
 fn live_owners(netns: u64) -> Result<Vec<Owner>, InstrumentError> {
     let mut owners: Vec<Owner> = RunState::list(netns).into_iter().map(|(o, _)| o).collect();
-    for family in [Family::Ipv4, Family::Ipv6] {
-        owners.extend(legacy::tagged_rules(family)?.into_iter().map(|r| r.owner));
+    for marking in every_marking() {
+        owners.extend(marking.owners()?);
     }
-    owners.extend(nft::tagged_tables()?);
     owners.sort_unstable();
     owners.dedup();
     owners.retain(|o| o.is_alive());
@@ -375,19 +422,9 @@ pub fn cleanup_stale() -> Result<Vec<String>, InstrumentError> {
 /// Removes what dead runs left in namespace `netns`; the caller holds its lock.
 fn remove_stale(netns: u64) -> Result<Vec<String>, InstrumentError> {
     let mut removed = Vec::new();
-    for family in [Family::Ipv4, Family::Ipv6] {
-        let n = legacy::delete_rules(family, |o| !o.is_alive())?;
-        if n > 0 {
-            let tables = match family {
-                Family::Ipv4 => "iptables-legacy",
-                Family::Ipv6 => "ip6tables-legacy",
-            };
-            removed.push(format!("{n} TRACE rule(s) in the {tables} raw table left by a dead iptrace"));
-        }
-    }
-    for owner in nft::tagged_tables()?.into_iter().filter(|o| !o.is_alive()) {
-        nft::delete(owner)?;
-        removed.push(format!("nf_tables table inet {} left by a dead iptrace", owner.table_name()));
+    for marking in every_marking() {
+        let deleted = marking.delete(&|o| !o.is_alive())?;
+        removed.extend(deleted.into_iter().map(|what| format!("{what} left by a dead iptrace")));
     }
     for (owner, state) in RunState::list(netns) {
         if owner.is_alive() {

@@ -18,16 +18,72 @@
 //! both families. The xt_bpf match holds its own reference to a pinned program: the pin can go
 //! once the table is gone, which is the order teardown and cleanup follow.
 
-use std::mem::size_of;
+use std::{
+    mem::size_of,
+    os::fd::{AsRawFd as _, RawFd},
+};
 
-use iptrace_common::uapi::{XT_BPF_MAX_NUM_INSTR, XT_BPF_MODE_BYTECODE, XT_BPF_MODE_FD_PINNED};
+use iptrace_common::uapi::{
+    NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES, NFT_MSG_DELCHAIN, NFT_MSG_DELOBJ, NFT_MSG_DELRULE, NFT_MSG_DELSET,
+    NFT_MSG_DELTABLE, NFT_MSG_NEWGEN, XT_BPF_MAX_NUM_INSTR, XT_BPF_MODE_BYTECODE, XT_BPF_MODE_FD_PINNED,
+};
+use neli::{
+    consts::socket::{Msg, NlFamily},
+    socket::NlSocket,
+    utils::Groups,
+};
 
-use super::{InstrumentError, Prefilter, TraceChain, TracePlan, XtBpfProgram, owner::Owner};
+use super::{
+    Damage, InstrumentError, Marking, MarkingWatch, Prefilter, TraceChain, TracePlan, WatchError, XtBpfProgram,
+    owner::Owner,
+};
 use crate::{
-    decode::{Family, NftFamily},
+    decode::{
+        Family, NftFamily,
+        netlink::{Attributes, NetlinkMessage, NetlinkMessages},
+    },
     filter::CbpfInsn,
     nftables::{self, NfTablesSocket, RuleExpression},
 };
+
+/// iptrace's own nf_tables table, named after its owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NftTable;
+
+impl Marking for NftTable {
+    fn install(&self, owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
+        create(owner, plan)
+    }
+
+    fn owners(&self) -> Result<Vec<Owner>, InstrumentError> {
+        tagged_tables()
+    }
+
+    /// The table's name carries the owner's pid and start time: one by that name is ours.
+    fn delete(&self, select: &dyn Fn(Owner) -> bool) -> Result<Vec<String>, InstrumentError> {
+        let mut deleted = Vec::new();
+        for owner in tagged_tables()?.into_iter().filter(|&o| select(o)) {
+            delete(owner)?;
+            deleted.push(format!("nf_tables table inet {}", owner.table_name()));
+        }
+        Ok(deleted)
+    }
+
+    fn watch(&self, owner: Owner, _plan: &TracePlan) -> Result<Box<dyn MarkingWatch>, WatchError> {
+        Ok(Box::new(NftWatch::open(owner.table_name())?))
+    }
+}
+
+/// `NFT_MSG_DESTROY*` (Linux 6.3; the generated uapi predates them): deletions that do not fail
+/// when the object is missing, notified under their own types.
+const NFT_MSG_DESTROYTABLE: u32 = 26;
+const NFT_MSG_DESTROYCHAIN: u32 = 27;
+const NFT_MSG_DESTROYRULE: u32 = 28;
+const NFT_MSG_DESTROYSET: u32 = 29;
+const NFT_MSG_DESTROYOBJ: u32 = 31;
+/// The attribute naming the table an object belongs to: `NFTA_TABLE_NAME`, `NFTA_CHAIN_TABLE`,
+/// `NFTA_RULE_TABLE`, `NFTA_SET_TABLE`, `NFTA_OBJ_TABLE` are all attribute 1.
+const NFTA_OBJECT_TABLE: u16 = 1;
 
 /// The table's family: one table covers IPv4 and IPv6.
 const FAMILY: &str = "inet";
@@ -124,7 +180,7 @@ fn marking_chain(chain: &str) -> String {
 
 /// Creates the table of `plan`: the script, then, with an xt_bpf prefilter, the base chains'
 /// rules that select packets with it and jump to their marking chain.
-pub(super) fn create(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
+fn create(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
     let table = owner.table_name();
     if tables()?.contains(&table) {
         return Err(InstrumentError::TableExists { table });
@@ -193,7 +249,7 @@ fn xt_bpf_info(program: &XtBpfProgram) -> Result<Vec<u8>, InstrumentError> {
 }
 
 /// Deletes `owner`'s table (with its chains, rules and limit).
-pub(super) fn delete(owner: Owner) -> Result<(), InstrumentError> {
+fn delete(owner: Owner) -> Result<(), InstrumentError> {
     let table = owner.table_name();
     nftables::run(&["delete", "table", FAMILY, &table]).map(drop).map_err(|source| InstrumentError::Nft {
         what: "delete",
@@ -203,7 +259,7 @@ pub(super) fn delete(owner: Owner) -> Result<(), InstrumentError> {
 }
 
 /// The owners of iptrace tables in this netns. Empty when the kernel has no nf_tables.
-pub(super) fn tagged_tables() -> Result<Vec<Owner>, InstrumentError> {
+fn tagged_tables() -> Result<Vec<Owner>, InstrumentError> {
     Ok(tables()?.iter().filter_map(|t| Owner::from_table_name(t)).collect())
 }
 
@@ -214,6 +270,133 @@ fn tables() -> Result<Vec<String>, InstrumentError> {
     Ok(all.into_iter().filter(|(f, _)| *f == NftFamily::Inet).map(|(_, name)| name).collect())
 }
 
+/// iptrace's table, watched through the nf_tables notification group (`NFNLGRP_NFTABLES`, on a
+/// socket of its own): a transaction that deleted the table, or rules, chains, sets or objects
+/// in it, is followed by a count of the table's rules; fewer than installed means re-install.
+/// iptrace's own re-install deletes the table too: the count, taken after it, finds it whole.
+struct NftWatch {
+    notifications: NlSocket,
+    queries: NfTablesSocket,
+    table: String,
+    rules: usize,
+    /// The transaction whose notifications are being read (its NEWGEN ends it).
+    transaction: Transaction,
+}
+
+impl NftWatch {
+    fn open(table: String) -> Result<Self, WatchError> {
+        let notifications = NlSocket::connect(NlFamily::Netfilter, Some(0), Groups::empty())
+            .and_then(|s| s.add_mcast_membership(Groups::new_groups(&[NFNLGRP_NFTABLES])).map(|()| s))
+            .map_err(WatchError::Open)?;
+        let mut queries = NfTablesSocket::open().map_err(WatchError::Nft)?;
+        let rules = queries.rule_count(NftFamily::Inet, &table).map_err(WatchError::Nft)?;
+        Ok(Self { notifications, queries, table, rules, transaction: Transaction::default() })
+    }
+
+    /// Reads the queued notifications and describes the first committed transaction that deleted
+    /// anything of iptrace's table; `None` when none did.
+    fn deletion(&mut self) -> Option<String> {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut found = None;
+        let transaction = &mut self.transaction;
+        loop {
+            let n = match self.notifications.recv(&mut buf[..], Msg::DONTWAIT) {
+                Ok((n, _)) => n,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    // Notifications were lost: look at the table.
+                    found.get_or_insert_with(|| "the nf_tables rule set changed".to_owned());
+                    continue;
+                }
+                Err(_) => break,
+            };
+            for m in NetlinkMessages::new(&buf[..n]).flatten() {
+                if transaction.note(&m, &self.table) {
+                    if found.is_none() {
+                        found = transaction.describe(&self.table);
+                    }
+                    *transaction = Transaction::default();
+                }
+            }
+        }
+        found
+    }
+
+    /// Whether the table still holds every rule it was installed with. A table counted before
+    /// the watch began may have been damaged already: an installed table is never empty, and
+    /// the most rules ever counted are the installed ones (every re-install is the same plan).
+    fn intact(&mut self) -> Result<bool, WatchError> {
+        let rules = self.queries.rule_count(NftFamily::Inet, &self.table).map_err(WatchError::Nft)?;
+        self.rules = self.rules.max(rules);
+        Ok(rules > 0 && rules >= self.rules)
+    }
+}
+
+impl MarkingWatch for NftWatch {
+    fn notifications(&self) -> Option<RawFd> {
+        Some(self.notifications.as_raw_fd())
+    }
+
+    fn damage(&mut self) -> Result<Option<Damage>, WatchError> {
+        let Some(event) = self.deletion() else { return Ok(None) };
+        if self.intact()? {
+            return Ok(None);
+        }
+        Ok(Some(Damage { event, outcome: "tracing re-installed" }))
+    }
+}
+
+/// What one nf_tables transaction deleted, as its notifications said.
+#[derive(Default)]
+struct Transaction {
+    table_deleted: bool,
+    other_tables_deleted: bool,
+    contents_deleted: bool,
+}
+
+impl Transaction {
+    /// Notes what one notification deleted; true for the transaction's end (NEWGEN).
+    fn note(&mut self, m: &NetlinkMessage<'_>, table: &str) -> bool {
+        if u32::from(m.message_type) >> 8 != NFNL_SUBSYS_NFTABLES {
+            return false;
+        }
+        let kind = u32::from(m.message_type) & 0xff;
+        if kind == NFT_MSG_NEWGEN {
+            return true;
+        }
+        // nfgenmsg's family is the object's; then the attributes.
+        let family = m.payload.first().copied().map(NftFamily::from_nfproto);
+        let named = Attributes::new(m.payload.get(4..).unwrap_or_default())
+            .flatten()
+            .find(|a| a.kind == NFTA_OBJECT_TABLE)
+            .map(|a| a.c_str());
+        let ours = family == Some(NftFamily::Inet) && named == Some(table.as_bytes());
+        match kind {
+            NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE if ours => self.table_deleted = true,
+            NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE => self.other_tables_deleted = true,
+            NFT_MSG_DELCHAIN | NFT_MSG_DESTROYCHAIN | NFT_MSG_DELRULE | NFT_MSG_DESTROYRULE | NFT_MSG_DELSET
+            | NFT_MSG_DESTROYSET | NFT_MSG_DELOBJ | NFT_MSG_DESTROYOBJ
+                if ours =>
+            {
+                self.contents_deleted = true
+            }
+            _ => {}
+        }
+        false
+    }
+
+    fn describe(&self, table: &str) -> Option<String> {
+        if self.table_deleted && self.other_tables_deleted {
+            Some("the rule set was reloaded".to_owned())
+        } else if self.table_deleted {
+            Some(format!("iptrace's table inet {table} was deleted"))
+        } else if self.contents_deleted {
+            Some(format!("rules of iptrace's table inet {table} were deleted"))
+        } else {
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{mem::offset_of, path::PathBuf};
@@ -221,7 +404,10 @@ mod tests {
     use iptrace_common::uapi::xt_bpf_info_v1;
 
     use super::*;
-    use crate::instrument::{Limit, Marker};
+    use crate::{
+        decode::netlink::{attribute, nfnetlink_request},
+        instrument::{Limit, Marker},
+    };
 
     #[test]
     fn the_script_marks_selected_packets_at_minus_350() {
@@ -341,5 +527,48 @@ add rule inet iptrace_42_7 mark_output meta nfproto ipv6 counter meta nftrace se
         assert!(matches!(xt_bpf_info(&long), Err(InstrumentError::XtBpfInfo(_))));
         let long = XtBpfProgram::Pinned(PathBuf::from("/".repeat(512)));
         assert!(matches!(xt_bpf_info(&long), Err(InstrumentError::XtBpfInfo(_))));
+    }
+
+    /// A notification as the kernel sends it: `family`'s object named by attribute 1 (`table`).
+    fn notification(kind: u32, family: u8, table: &str) -> Vec<u8> {
+        let mut name = table.as_bytes().to_vec();
+        name.push(0);
+        let message_type = u16::try_from((NFNL_SUBSYS_NFTABLES << 8) | kind).unwrap();
+        nfnetlink_request(message_type, 0, 0, family, 0, &attribute(NFTA_OBJECT_TABLE, &name))
+    }
+
+    fn transaction(messages: &[Vec<u8>]) -> Option<String> {
+        let datagram = messages.concat();
+        let mut t = Transaction::default();
+        for m in NetlinkMessages::new(&datagram).flatten() {
+            if t.note(&m, "iptrace_1_2") {
+                return t.describe("iptrace_1_2");
+            }
+        }
+        panic!("no NEWGEN")
+    }
+
+    #[test]
+    fn deletions_of_iptraces_table_are_told_apart() {
+        const INET: u8 = 1;
+        const IP: u8 = 2;
+        let newgen = notification(NFT_MSG_NEWGEN, 0, "");
+        // `nft flush ruleset`: every table's rules, chains, then the tables.
+        let flush = [
+            notification(NFT_MSG_DELRULE, INET, "iptrace_1_2"),
+            notification(NFT_MSG_DELCHAIN, INET, "iptrace_1_2"),
+            notification(NFT_MSG_DELTABLE, INET, "iptrace_1_2"),
+            notification(NFT_MSG_DELTABLE, INET, "router"),
+            newgen.clone(),
+        ];
+        assert_eq!(transaction(&flush).as_deref(), Some("the rule set was reloaded"));
+        let alone = [notification(NFT_MSG_DESTROYTABLE, INET, "iptrace_1_2"), newgen.clone()];
+        assert_eq!(transaction(&alone).as_deref(), Some("iptrace's table inet iptrace_1_2 was deleted"));
+        let rule = [notification(NFT_MSG_DELRULE, INET, "iptrace_1_2"), newgen.clone()];
+        assert_eq!(transaction(&rule).as_deref(), Some("rules of iptrace's table inet iptrace_1_2 were deleted"));
+        // Same name in another family, and other tables: not iptrace's.
+        let others =
+            [notification(NFT_MSG_DELTABLE, IP, "iptrace_1_2"), notification(NFT_MSG_DELRULE, INET, "router"), newgen];
+        assert_eq!(transaction(&others), None);
     }
 }

@@ -16,11 +16,12 @@
 //! for the event's rule number the step says so.
 
 mod blob;
+mod history;
 mod nft;
 pub mod rule;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet},
     io,
     sync::Arc,
     time::{Duration, Instant},
@@ -28,6 +29,7 @@ use std::{
 
 use self::blob::{BlobChain, BlobRule, TableState};
 pub(crate) use self::blob::{TableInfo, TableProbe};
+use self::history::History;
 use self::nft::{Found, Generation, Ruleset};
 pub use self::rule::{Rule, Verdict};
 use crate::{
@@ -261,70 +263,75 @@ impl TableSnapshot {
     }
 }
 
+/// A legacy table: what the kernel said of it when the newest version was read, and its
+/// versions by the check that first saw each.
 #[derive(Debug)]
-struct TableHistory {
-    /// What the kernel said of the table when the newest snapshot was read.
+struct LegacyTable {
     state: TableState,
-    /// Oldest first.
-    versions: VecDeque<TableVersion>,
+    versions: History<u64, TableVersion>,
 }
 
-/// One version of a legacy table and the checks that saw it.
+/// One version of a legacy table and the checks that saw it (the first is its key in the
+/// history).
 #[derive(Debug)]
 struct TableVersion {
-    /// The first check that saw it, the last, and the last that compared the whole blob (only
-    /// that one rules out a rule replaced by one of the same size).
-    first: u64,
+    /// The last check that saw it, and the last that compared the whole blob (only that one
+    /// rules out a rule replaced by one of the same size).
     last: u64,
     last_full: u64,
     snapshot: Arc<TableSnapshot>,
 }
 
-impl TableHistory {
+impl History<u64, TableVersion> {
     /// The versions that may have been in force between checks `after` and `before` (their
-    /// reads): every version seen in that span, and those that may have come and gone between
-    /// the check that last saw the one before and the check that first saw the one after.
-    fn possible(&self, after: u64, before: u64) -> impl Iterator<Item = &TableVersion> {
-        let versions = &self.versions;
-        let found = (0..versions.len()).filter(move |&i| {
-            let started_before = i == 0 || versions[i - 1].last < before;
-            let ended_after = versions.get(i + 1).is_none_or(|next| next.first > after);
-            started_before && ended_after
-        });
-        found.map(move |i| &versions[i])
+    /// reads), with the check that first saw each: every version seen in that span, and those
+    /// that may have come and gone between the check that last saw the one before and the check
+    /// that first saw the one after.
+    fn possible(&self, after: u64, before: u64) -> impl Iterator<Item = (u64, &TableVersion)> {
+        let previous_last = std::iter::once(None).chain(self.iter().map(|(_, v)| Some(v.last)));
+        let next_first = self.iter().skip(1).map(|(first, _)| Some(first)).chain(std::iter::once(None));
+        self.iter().zip(previous_last.zip(next_first)).filter_map(move |(version, (previous_last, next_first))| {
+            let started_before = previous_last.is_none_or(|last| last < before);
+            let ended_after = next_first.is_none_or(|first| first > after);
+            (started_before && ended_after).then_some(version)
+        })
     }
 }
 
-/// The nf_tables rule set by generation.
-struct NftHistory {
+/// The nf_tables rule set: its snapshots by the generation each was read at, and what the
+/// commits changed.
+struct NftRules {
     generation: Generation,
     families: Vec<Family>,
     /// Snapshots read while the generation stood still, by that generation.
-    snapshots: BTreeMap<u32, Arc<Ruleset>>,
-    /// The rules each commit added or deleted, by the generation it started; `None` where
-    /// notifications were lost. A generation missing here changed rules nobody knows.
-    commits: BTreeMap<u32, Option<HashSet<NftRuleKey>>>,
-    /// The check (epoch) at which each commit's announcement was received.
-    commit_epochs: BTreeMap<u32, u64>,
+    snapshots: History<u32, Arc<Ruleset>>,
+    commits: NftCommits,
 }
 
-impl NftHistory {
+/// The rules each nf_tables commit added or deleted, and when its announcement was received.
+#[derive(Default)]
+struct NftCommits {
+    /// By the generation each commit started; `None` where notifications were lost. A
+    /// generation missing here changed rules nobody knows.
+    rules: BTreeMap<u32, Option<HashSet<NftRuleKey>>>,
+    /// The check (epoch) at which each commit's announcement was received.
+    epochs: BTreeMap<u32, u64>,
+}
+
+impl NftRules {
     /// Reads a snapshot unless one of the current generation is stored. It is stored only when
     /// the generation was the same before and after the read (`NFT_MSG_GETGEN`), under that
     /// generation; under constant churn there may be none.
     fn check(&mut self) -> Result<(), ResolveError> {
         let mut before = self.generation.current()?;
         for _ in 0..3 {
-            if self.snapshots.contains_key(&before) {
+            if self.snapshots.get(before).is_some() {
                 return Ok(());
             }
             let ruleset = nft::read(&self.families)?;
             let after = self.generation.current()?;
             if after == before {
                 self.snapshots.insert(before, Arc::new(ruleset));
-                while self.snapshots.len() > SNAPSHOTS_KEPT {
-                    self.snapshots.pop_first();
-                }
                 return Ok(());
             }
             before = after;
@@ -332,14 +339,22 @@ impl NftHistory {
         Ok(())
     }
 
+    /// The snapshot nearest to `generation`, for what does not change with it (whether a chain
+    /// is a base chain, whether iptables-nft manages a table).
+    fn nearest(&self, generation: Option<u32>) -> Option<Arc<Ruleset>> {
+        self.snapshots.nearest(generation.unwrap_or(u32::MAX)).cloned()
+    }
+}
+
+impl NftCommits {
     fn committed(&mut self, commit: NftCommit, epoch: u64) {
-        self.commits.insert(commit.generation, commit.rules.map(|rules| rules.into_iter().collect()));
-        self.commit_epochs.insert(commit.generation, epoch);
-        while self.commits.len() > COMMITS_KEPT {
-            self.commits.pop_first();
+        self.rules.insert(commit.generation, commit.rules.map(|rules| rules.into_iter().collect()));
+        self.epochs.insert(commit.generation, epoch);
+        while self.rules.len() > COMMITS_KEPT {
+            self.rules.pop_first();
         }
-        while self.commit_epochs.len() > COMMITS_KEPT {
-            self.commit_epochs.pop_first();
+        while self.epochs.len() > COMMITS_KEPT {
+            self.epochs.pop_first();
         }
     }
 
@@ -350,7 +365,7 @@ impl NftHistory {
     /// within a check or two of the event, either version may have run.
     fn maybe_next_generation(&self, key: &NftRuleKey, whole_chain: bool, generation: u32, epoch: u64) -> bool {
         let next = generation.wrapping_add(1);
-        self.commit_epochs.get(&next).is_some_and(|announced| *announced <= epoch + 1)
+        self.epochs.get(&next).is_some_and(|announced| *announced <= epoch + 1)
             && !self.unchanged(key, whole_chain, generation, next)
     }
 
@@ -368,31 +383,26 @@ impl NftHistory {
                 && k.chain == key.chain
                 && (whole_chain || k.handle == key.handle)
         };
-        (from + 1..=to).all(|g| matches!(self.commits.get(&g), Some(Some(rules)) if !rules.iter().any(touches)))
+        (from + 1..=to).all(|g| matches!(self.rules.get(&g), Some(Some(rules)) if !rules.iter().any(touches)))
     }
 
-    /// The snapshot that shows `key` as it was at `generation`: that generation's own, or another
-    /// between which and it no commit changed the rule. `None` if there is none.
-    fn serving(&self, key: &NftRuleKey, generation: u32) -> Option<Arc<Ruleset>> {
-        if let Some(s) = self.snapshots.get(&generation) {
+    /// The snapshot of `snapshots` that shows `key` as it was at `generation`: that
+    /// generation's own, or another between which and it no commit changed the rule. `None` if
+    /// there is none.
+    fn serving(
+        &self,
+        snapshots: &History<u32, Arc<Ruleset>>,
+        key: &NftRuleKey,
+        generation: u32,
+    ) -> Option<Arc<Ruleset>> {
+        if let Some(s) = snapshots.get(generation) {
             return Some(s.clone());
         }
         let fits =
             |from: u32, to: u32, s: &Ruleset| self.unchanged(key, s.is_xtables(key.family, &key.table), from, to);
-        let later = self.snapshots.range(generation..).find(|(g, s)| fits(generation, **g, s));
-        let earlier = || self.snapshots.range(..generation).rev().find(|(g, s)| fits(**g, generation, s));
+        let later = snapshots.from(generation).find(|(g, s)| fits(generation, *g, s));
+        let earlier = || snapshots.before(generation).rev().find(|(g, s)| fits(*g, generation, s));
         later.or_else(earlier).map(|(_, s)| s.clone())
-    }
-
-    /// The snapshot nearest to `generation`, for what does not change with it (whether a chain
-    /// is a base chain, whether iptables-nft manages a table).
-    fn nearest(&self, generation: Option<u32>) -> Option<Arc<Ruleset>> {
-        let generation = generation.unwrap_or(u32::MAX);
-        self.snapshots
-            .range(..=generation)
-            .next_back()
-            .or_else(|| self.snapshots.range(generation..).next())
-            .map(|(_, s)| s.clone())
     }
 }
 
@@ -404,8 +414,8 @@ pub fn nft_generation() -> Result<u32, ResolveError> {
 /// The rule text of every legacy table and of the nf_tables rule set, by epoch.
 pub struct Resolver {
     probes: HashMap<Family, TableProbe>,
-    tables: HashMap<(Family, String), TableHistory>,
-    nft: Option<NftHistory>,
+    tables: HashMap<(Family, String), LegacyTable>,
+    nft: Option<NftRules>,
     /// Marks each check of the legacy tables in the trace socket's stream.
     marker: Option<StreamMarker>,
     /// The number of the last check of the legacy tables.
@@ -431,12 +441,11 @@ impl Resolver {
         }
         let nft = nft
             .then(|| {
-                Generation::open().map(|generation| NftHistory {
+                Generation::open().map(|generation| NftRules {
                     generation,
                     families: families.to_vec(),
-                    snapshots: BTreeMap::new(),
-                    commits: BTreeMap::new(),
-                    commit_epochs: BTreeMap::new(),
+                    snapshots: History::new(SNAPSHOTS_KEPT),
+                    commits: NftCommits::default(),
                 })
             })
             .transpose()?;
@@ -455,9 +464,9 @@ impl Resolver {
             for table in xtables::parse_save(text) {
                 let name = table.name.clone();
                 let snapshot = Arc::new(TableSnapshot::from_table(table));
-                let version = TableVersion { first: 0, last: u64::MAX, last_full: u64::MAX, snapshot };
-                let history = TableHistory { state: TableState::default(), versions: VecDeque::from([version]) };
-                tables.insert((*family, name), history);
+                let mut versions = History::new(SNAPSHOTS_KEPT);
+                versions.insert(0, TableVersion { last: u64::MAX, last_full: u64::MAX, snapshot });
+                tables.insert((*family, name), LegacyTable { state: TableState::default(), versions });
             }
         }
         let now = Instant::now();
@@ -524,7 +533,7 @@ impl Resolver {
         if !full {
             let info = probe.info(table).ok();
             if info.is_some() && info == known.and_then(TableState::info) {
-                if let Some(newest) = history.and_then(|h| h.versions.back_mut()) {
+                if let Some(newest) = history.and_then(|h| h.versions.newest_mut()) {
                     newest.last = check;
                 }
                 return Ok(false);
@@ -532,7 +541,7 @@ impl Resolver {
         }
         let current = probe.state(table).ok();
         if current.is_some() && current.as_ref() == known {
-            if let Some(newest) = history.and_then(|h| h.versions.back_mut()) {
+            if let Some(newest) = history.and_then(|h| h.versions.newest_mut()) {
                 (newest.last, newest.last_full) = (check, check);
             }
             return Ok(false);
@@ -562,16 +571,13 @@ impl Resolver {
         let history = self
             .tables
             .entry(key)
-            .or_insert_with(|| TableHistory { state: TableState::default(), versions: VecDeque::new() });
+            .or_insert_with(|| LegacyTable { state: TableState::default(), versions: History::new(SNAPSHOTS_KEPT) });
         history.state = state.unwrap_or_default();
-        if let Some(previous) = history.versions.back_mut() {
+        if let Some(previous) = history.versions.newest_mut() {
             previous.last = previous.last_full;
         }
         let snapshot = Arc::new(snapshot);
-        history.versions.push_back(TableVersion { first: check, last: check, last_full: check, snapshot });
-        if history.versions.len() > SNAPSHOTS_KEPT {
-            history.versions.pop_front();
-        }
+        history.versions.insert(check, TableVersion { last: check, last_full: check, snapshot });
         Ok(existed)
     }
 
@@ -598,10 +604,10 @@ impl Resolver {
                 }
                 let history = self.tables.get(&key);
                 let mut versions: Vec<&TableVersion> =
-                    history.into_iter().flat_map(|h| h.possible(after, before)).collect();
+                    history.into_iter().flat_map(|h| h.versions.possible(after, before)).map(|(_, v)| v).collect();
                 if versions.is_empty() {
                     // Older than every version kept.
-                    versions.extend(history.and_then(|h| h.versions.front()));
+                    versions.extend(history.and_then(|h| h.versions.oldest()));
                 }
                 let mut positions: Vec<Option<Position>> = Vec::new();
                 for version in versions {
@@ -668,12 +674,12 @@ impl Resolver {
     /// Takes note of an nf_tables commit announced on the trace socket.
     pub fn nft_committed(&mut self, commit: NftCommit) {
         if let Some(history) = &mut self.nft {
-            history.committed(commit, self.epoch);
+            history.commits.committed(commit, self.epoch);
         }
     }
 }
 
-impl NftHistory {
+impl NftRules {
     /// A rule as it was at `generation`, with the snapshot that showed it. A rule no snapshot
     /// shows as it was then (it changed before it could be read, or the generation is unknown)
     /// is said to be so, never shown in another version's text.
@@ -685,19 +691,19 @@ impl NftHistory {
         kernel: &NftVerdict,
     ) -> (Position, Option<Arc<Ruleset>>) {
         let whole_chain = self.nearest(generation).is_some_and(|s| s.is_xtables(key.family, &key.table));
-        if generation.is_some_and(|g| self.maybe_next_generation(key, whole_chain, g, epoch)) {
+        if generation.is_some_and(|g| self.commits.maybe_next_generation(key, whole_chain, g, epoch)) {
             let verdict = nft::step_verdict(kernel, &Found::Missing);
             return (Position::NftRuleUnread { handle: key.handle, verdict }, self.nearest(generation));
         }
-        let mut snapshot = generation.and_then(|g| self.serving(key, g));
+        let mut snapshot = generation.and_then(|g| self.commits.serving(&self.snapshots, key, g));
         // Without a snapshot from that generation on, a fresh one may serve; with one, a fresher
         // one would not (the commits in between are the same or more).
         if snapshot.is_none()
             && let Some(g) = generation
-            && self.snapshots.range(g..).next().is_none()
+            && self.snapshots.from(g).next().is_none()
             && self.check().is_ok()
         {
-            snapshot = self.serving(key, g);
+            snapshot = self.commits.serving(&self.snapshots, key, g);
         }
         let found =
             snapshot.as_ref().map_or(Found::Missing, |s| s.find(key.family, &key.table, &key.chain, key.handle));
@@ -715,6 +721,7 @@ impl NftHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::NftFamily;
 
     /// The verified example of design.md §1.4, with iptrace's TRACE rule in raw.
     const RAW: &str = r#"*raw
@@ -737,13 +744,11 @@ COMMIT
 
     #[test]
     fn versions_possible_between_two_checks() {
-        let version =
-            |first, last| TableVersion { first, last, last_full: last, snapshot: Arc::new(TableSnapshot::default()) };
-        let history = TableHistory {
-            state: TableState::default(),
-            versions: [version(1, 3), version(5, 9), version(10, 12)].into(),
-        };
-        let firsts = |after, before| history.possible(after, before).map(|v| v.first).collect::<Vec<_>>();
+        let mut history = History::new(SNAPSHOTS_KEPT);
+        for (first, last) in [(1, 3), (5, 9), (10, 12)] {
+            history.insert(first, TableVersion { last, last_full: last, snapshot: Arc::new(TableSnapshot::default()) });
+        }
+        let firsts = |after, before| history.possible(after, before).map(|(first, _)| first).collect::<Vec<_>>();
         // Seen throughout by the checks around the event.
         assert_eq!(firsts(6, 8), [5]);
         // Between the last check that saw one version and the first that saw the next: both.
@@ -751,6 +756,45 @@ COMMIT
         assert_eq!(firsts(9, 10), [5, 10]);
         // After the check that first saw the newest.
         assert_eq!(firsts(10, 11), [10]);
+    }
+
+    fn rule_key(chain: &str, handle: u64) -> NftRuleKey {
+        NftRuleKey { family: NftFamily::Inet, table: "t".into(), chain: chain.into(), handle }
+    }
+
+    #[test]
+    fn nft_snapshots_serve_generations_whose_commits_left_the_rule_alone() {
+        let mut snapshots = History::new(SNAPSHOTS_KEPT);
+        let (at_10, at_13) = (Arc::new(Ruleset::default()), Arc::new(Ruleset::default()));
+        snapshots.insert(10, at_10.clone());
+        snapshots.insert(13, at_13.clone());
+        let mut commits = NftCommits::default();
+        // 11 changed rule 5 of chain c, 12 rule 7 of chain d, 13's notifications were lost.
+        commits.committed(NftCommit { generation: 11, rules: Some(vec![rule_key("c", 5)]) }, 4);
+        commits.committed(NftCommit { generation: 12, rules: Some(vec![rule_key("d", 7)]) }, 6);
+        commits.committed(NftCommit { generation: 13, rules: None }, 9);
+        let served = |key: &NftRuleKey, generation| commits.serving(&snapshots, key, generation);
+        // A generation's own snapshot serves it.
+        assert!(served(&rule_key("c", 5), 13).is_some_and(|s| Arc::ptr_eq(&s, &at_13)));
+        // Generation 12: the later snapshot is past commit 13 (unknown), the earlier one serves
+        // the rule that commits 11 and 12 did not touch, and not the one 11 changed.
+        assert!(served(&rule_key("c", 6), 12).is_some_and(|s| Arc::ptr_eq(&s, &at_10)));
+        assert!(served(&rule_key("c", 5), 12).is_none());
+        // Rule 7 of d changed in 12: the snapshot of 10 shows it as it was at 11, not at 12.
+        assert!(served(&rule_key("d", 7), 11).is_some_and(|s| Arc::ptr_eq(&s, &at_10)));
+        assert!(served(&rule_key("d", 7), 12).is_none());
+
+        // The kernel switches to a commit's generation before announcing it: an event announced
+        // to run against 10, received at a check within one of the next commit's announcement,
+        // may have run against 11 for the rule 11 changed, and only for it.
+        assert!(commits.maybe_next_generation(&rule_key("c", 5), false, 10, 3));
+        assert!(commits.maybe_next_generation(&rule_key("c", 5), false, 10, 4));
+        assert!(!commits.maybe_next_generation(&rule_key("c", 5), false, 10, 2));
+        assert!(!commits.maybe_next_generation(&rule_key("c", 6), false, 10, 4));
+        // Rule numbers of iptables-nft chains count every rule before: the whole chain counts.
+        assert!(commits.maybe_next_generation(&rule_key("c", 6), true, 10, 4));
+        // Lost notifications: anything may have changed.
+        assert!(commits.maybe_next_generation(&rule_key("x", 1), false, 12, 9));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! target for) is still shown in nft syntax. A table's name proves nothing.
 //!
 //! A snapshot of the whole rule set is read whenever the generation (`NFT_MSG_GETGEN`) changed,
-//! and kept under the generation it was read at (see `NftHistory` in the parent module).
+//! and kept under the generation it was read at (in the parent module's `History`).
 
 use std::{collections::HashMap, sync::Arc};
 
