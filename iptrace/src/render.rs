@@ -376,47 +376,15 @@ fn needs_escape(c: char) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::{
-        decode::{Family, NftTraceType, Origin, Table, TraceEvent, TraceId, TraceKind, packet::tests::udp_v4},
-        model::{HookPoint, InterfaceNames},
+        decode::{Origin, Table, packet::tests::udp_v4},
+        model::{
+            HookPoint,
+            tests::{Names, marked, rule, step},
+        },
         resolve::Step,
-        xtables::tokenize,
     };
-
-    pub(super) struct Names;
-    impl InterfaceNames for Names {
-        fn name(&mut self, index: u32) -> String {
-            format!("veth{index}")
-        }
-    }
-
-    pub(super) fn step(hook: Hook, table: Table, chain: &str, packet: &[u8], mark: u32, position: Position) -> Step {
-        let point = HookPoint { hook, filter: table == Table::Filter };
-        Step {
-            event: TraceEvent {
-                family: Family::Ipv4,
-                origin: Origin::Xtables { hook, table, chain: chain.into(), kind: TraceKind::Rule, number: 0 },
-                in_ifindex: Some(2),
-                out_ifindex: (hook == Hook::Forward).then_some(3),
-                mark,
-                packet: PacketHeader::parse(packet).unwrap(),
-                mark_after: None,
-                epoch: 0,
-                generation: None,
-                after_check: None,
-            },
-            position,
-            engine: Engine::Legacy,
-            hook: Some(point),
-        }
-    }
-
-    pub(super) fn rule(number: u32, line: &str) -> Position {
-        Position::Rule { number, rule: Arc::new(Rule::from_tokens(&tokenize(line), |c| c.contains(':'))) }
-    }
 
     /// The block of a packet with these resolved steps; `complete` false where events were lost.
     pub(super) fn render_steps(steps: &[Step], complete: bool) -> String {
@@ -534,25 +502,6 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         assert_eq!(Printable("plain -p udp /* ok */").to_string(), "plain -p udp /* ok */");
     }
 
-    /// iptrace's own nf_tables marking event (at -350): the packet as it arrived.
-    pub(super) fn marked(packet: &[u8]) -> Step {
-        let mut s = step(Hook::PreRouting, Table::Raw, "prerouting", packet, 0, Position::Marked);
-        s.event.origin = Origin::Nft {
-            family: NftFamily::Inet,
-            table: "iptrace_1_2".into(),
-            chain: "prerouting".into(),
-            handle: Some(2),
-            trace_type: NftTraceType::Rule,
-            verdict: NftVerdict::Continue,
-            trace_id: TraceId([1, 2, 3, 4]),
-            ct: None,
-        };
-        s.event.out_ifindex = None;
-        s.event.mark_after = Some(0);
-        s.engine = Engine::Nft;
-        s
-    }
-
     #[test]
     fn the_packet_line_is_the_packet_as_marked_and_changes_count_from_there() {
         let arrived = udp_v4([10, 5, 1, 7], 40000, 64);
@@ -639,13 +588,13 @@ mod characterization {
     //! Blocks for every kind of step and fate, as rendered before the model existed.
     use std::sync::Arc;
 
-    use super::{
-        tests::{marked, render_steps, rule, step},
-        *,
-    };
+    use super::{tests::render_steps, *};
     use crate::{
         decode::{NftTraceType, Origin, Table, packet::tests::udp_v4},
-        model::HookPoint,
+        model::{
+            HookPoint,
+            tests::{marked, rule, step},
+        },
         resolve::Step,
     };
 
