@@ -193,7 +193,7 @@ pub enum Fate {
     NoneSeen,
 }
 
-/// Which rule of the fate decides.
+/// How the step that decided the fate was chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Decision {
