@@ -1,5 +1,5 @@
 //! The processing stages on a recorded corpus of real messages, in trace events per second:
-//! decode, decode + group (correlate), resolve and render.
+//! decode, resolve, the whole [`Pipeline`] from datagrams to reports, and rendering reports.
 //!
 //! `corpus/nflog-datagrams.bin` holds nfnetlink_log datagrams as iptrace received them from the
 //! benchmark lab's router (kube-proxy/Docker rule set, UDP flows and TCP SYNs, every packet
@@ -12,16 +12,19 @@
 
 use std::{
     hint::black_box,
+    io,
+    ops::ControlFlow,
     time::{Duration, Instant},
 };
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use iptrace::{
     capture::recording,
-    correlate::{Correlator, PacketTrace},
     decode::{Decoder, Family, TraceEvent},
-    render::{InterfaceNames, render_packet},
-    resolve::{Resolver, Step},
+    model::{InterfaceNames, PacketReport},
+    pipeline::{Input, Pipeline},
+    render::render_packet,
+    resolve::Resolver,
 };
 
 const DATAGRAMS: &[u8] = include_bytes!("corpus/nflog-datagrams.bin");
@@ -42,18 +45,6 @@ fn decode_all(datagrams: &[&[u8]]) -> Vec<TraceEvent> {
     events
 }
 
-/// Groups events as the pipeline does: pushed as they come, idle packets flushed per datagram.
-fn group(events: Vec<TraceEvent>, start: Instant) -> Vec<PacketTrace> {
-    let mut correlator = Correlator::new(LINGER);
-    let mut packets = Vec::new();
-    for e in events {
-        packets.extend(correlator.push(e, start));
-        packets.extend(correlator.flush_idle(start));
-    }
-    packets.extend(correlator.flush_all());
-    packets
-}
-
 /// The lab router's interfaces, without asking the kernel.
 struct LabInterfaces;
 
@@ -63,28 +54,51 @@ impl InterfaceNames for LabInterfaces {
     }
 }
 
+/// Every datagram through the [`Pipeline`] as the live run feeds it (one datagram per batch,
+/// idle packets closed after each), into `sink`.
+fn run_pipeline(datagrams: &[&[u8]], mut sink: impl FnMut(PacketReport)) {
+    let resolver = Resolver::from_saved(&[(Family::Ipv4, SAVED_RULES)]);
+    let mut pipeline = Pipeline::new(Decoder::new(), resolver, LINGER, LabInterfaces);
+    let mut sink = |report| -> io::Result<ControlFlow<()>> {
+        sink(report);
+        Ok(ControlFlow::Continue(()))
+    };
+    let start = Instant::now();
+    // The sink never stops the pipeline: what it returns is always `Continue`.
+    for d in datagrams {
+        let _ = pipeline.feed([Input::Datagram(d)], start, &mut sink).expect("resolving saved rules");
+        let _ = pipeline.flush_idle(start, &mut sink).expect("resolving saved rules");
+    }
+    let _ = pipeline.flush_all(&mut sink).expect("resolving saved rules");
+}
+
 fn pipeline(c: &mut Criterion) {
     let datagrams = datagrams();
     let events = decode_all(&datagrams);
-    let packets = group(events.clone(), Instant::now());
+    let mut reports = Vec::new();
+    run_pipeline(&datagrams, |r| reports.push(r));
     let mut resolver = Resolver::from_saved(&[(Family::Ipv4, SAVED_RULES)]);
-    let resolved: Vec<Vec<Step>> =
-        packets.iter().map(|p| p.events.iter().cloned().filter_map(|e| resolver.resolve(e)).collect()).collect();
-    assert!(!events.is_empty() && packets.len() > 1, "the corpus holds packets");
+    assert!(!events.is_empty() && reports.len() > 1, "the corpus holds packets");
 
     let mut g = c.benchmark_group("pipeline");
     g.throughput(Throughput::Elements(events.len() as u64));
     g.bench_function("decode", |b| b.iter(|| decode_all(black_box(&datagrams))));
-    g.bench_function("decode+group", |b| b.iter(|| group(decode_all(black_box(&datagrams)), Instant::now())));
     g.bench_function("resolve", |b| {
         b.iter(|| events.iter().cloned().filter_map(|e| resolver.resolve(black_box(e))).count())
+    });
+    g.bench_function("decode+correlate+resolve+report", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            run_pipeline(black_box(&datagrams), |r| n += black_box(r).steps.len());
+            n
+        })
     });
     g.bench_function("render", |b| {
         let mut out = Vec::with_capacity(1 << 20);
         b.iter(|| {
             out.clear();
-            for steps in &resolved {
-                render_packet(black_box(steps), &mut LabInterfaces, &mut out).expect("writing to memory");
+            for report in &reports {
+                render_packet(black_box(report), &mut out).expect("writing to memory");
             }
         })
     });

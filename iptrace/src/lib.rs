@@ -2,7 +2,8 @@
 //!
 //! The stages, in the order data flows through them: [`instrument`] (TRACE rules in, out on exit)
 //! → [`capture`] (the nfnetlink_log socket and its eBPF filter) → [`decode`] (bytes to events)
-//! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`render`].
+//! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`model`] (a
+//! packet's report and fate) → [`render`]. [`pipeline`] runs decode to report as one type.
 //! [`heal`] keeps the instrumentation in place while other programs change the host.
 
 /// Writes a line to stderr through [`write_note`].
@@ -56,8 +57,10 @@ pub mod filter;
 pub mod heal;
 pub mod instrument;
 pub mod lab;
+pub mod model;
 pub mod netns;
 pub mod nftables;
+pub mod pipeline;
 pub mod render;
 pub mod resolve;
 pub mod run;

@@ -1,129 +1,56 @@
-//! Render: one text block per packet, in the layout of the original iptables-trace: the packet in
-//! LOG-target style, then each table and chain it passed with the rule that matched, its number,
-//! text and action, lines where the packet changed between steps, and its fate.
+//! Render: one text block per [`PacketReport`], in the layout of the original iptables-trace: the
+//! packet in LOG-target style, then each table and chain it passed with the rule that matched,
+//! its number, text and action, lines where the packet changed between steps, and its fate. It
+//! only formats: what the fate is, the model decided.
 //!
 //! Legacy steps read `table CHAIN`; nf_tables steps name their engine: `nft inet fw forward
 //! (handle 7)` with the rule in nft syntax and the kernel's verdict, or `iptables-nft filter
 //! FORWARD (#2)` with the rule in iptables syntax.
 
 use std::{
-    collections::HashMap,
-    ffi::CStr,
     fmt::{self, Write as _},
     io::{self, Write},
     net::IpAddr,
 };
 
-use crate::{
-    decode::{Hook, NftFamily, Origin, PacketHeader, Table, TraceEvent, packet::Transport},
-    resolve::{Engine, HookPoint, Position, Rule, Step, Verdict},
+use crate::model::{
+    Arrival, Change, Engine, Fate, Hook, Interface, NftFamily, NftVerdict, PacketHeader, PacketReport, Position, Rule,
+    StepReport, Transport, Verdict,
 };
 
 const STEP: &str = "        ";
 const DETAIL: &str = "                ";
 
-/// Interface names by index, in the traced netns; looked up once each.
-pub trait InterfaceNames {
-    fn name(&mut self, index: u32) -> String;
-}
-
-/// `if_indextoname()` in the calling thread's netns, cached.
-#[derive(Debug, Default)]
-pub struct KernelInterfaceNames(HashMap<u32, String>);
-
-impl InterfaceNames for KernelInterfaceNames {
-    fn name(&mut self, index: u32) -> String {
-        self.0
-            .entry(index)
-            .or_insert_with(|| {
-                let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-                // SAFETY: buf holds IF_NAMESIZE bytes as if_indextoname requires.
-                let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-                if p.is_null() {
-                    format!("if{index}")
-                } else {
-                    // SAFETY: on success buf holds a NUL-terminated name.
-                    unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
-                }
-            })
-            .clone()
-    }
-}
-
-/// Writes one packet's block. `steps` are in kernel order; of iptrace's own rules only the
-/// marking rule is left ([`Position::Marked`], first when there is one).
+/// Writes one packet's block.
 ///
-/// The packet line is the packet as it arrived: at iptrace's own marking rule (nf_tables, before
-/// every other table), else at its first step (legacy TRACE rules come first in raw). Every
-/// change after it shows as a `~` line, so a rewrite by the first rule that saw the packet, or a
-/// reply's de-NAT before the first chain that traced it, is not lost.
-pub fn render_packet(steps: &[Step], names: &mut impl InterfaceNames, out: &mut impl Write) -> io::Result<()> {
-    render_block(steps, true, names, out)
-}
-
-/// Writes the block of a packet some of whose events may have been lost: the steps seen, and
-/// in place of a fate decided from them, `(incomplete: events lost)`.
-pub fn render_incomplete_packet(
-    steps: &[Step],
-    names: &mut impl InterfaceNames,
-    out: &mut impl Write,
-) -> io::Result<()> {
-    render_block(steps, false, names, out)
-}
-
-fn render_block(
-    steps: &[Step],
-    complete: bool,
-    names: &mut impl InterfaceNames,
-    out: &mut impl Write,
-) -> io::Result<()> {
-    let Some(first) = steps.first() else { return Ok(()) };
-    let steps = if matches!(first.position, Position::Marked) { &steps[1..] } else { steps };
-    if steps.is_empty() {
-        return Ok(());
-    }
-    let mut text = String::with_capacity(256 + steps.len() * 96);
-    text.push_str(&packet_line(&first.event, names));
-    if let Some(ct) = steps.iter().find_map(|s| match &s.event.origin {
-        Origin::Nft { ct, .. } => *ct,
-        Origin::Xtables { .. } => None,
-    }) {
+/// The packet line is the packet as it arrived; every change after it shows as a `~` line, so a
+/// rewrite by the first rule that saw the packet, or a reply's de-NAT before the first chain that
+/// traced it, is not lost.
+pub fn render_packet(report: &PacketReport, out: &mut impl Write) -> io::Result<()> {
+    let mut text = String::with_capacity(256 + report.steps.len() * 96);
+    text.push_str(&packet_line(&report.arrived));
+    if let Some(ct) = report.conntrack {
         let _ = write!(text, " CT={}", ct.state_name());
         if ct.direction == Some(1) {
             text.push_str(",reply");
         }
     }
     text.push('\n');
-    let mut previous = &first.event;
-    // The mark as last known: legacy events show it before their rule, nf_tables events after.
-    let mut mark = first.event.mark;
-    for step in steps.iter().filter(|s| !matches!(s.position, Position::Marked)) {
-        let e = &step.event;
-        let mut before = changes(&previous.packet, &e.packet);
-        if e.mark_after.is_none() && e.mark != mark {
-            before.push(mark_change(mark, e.mark));
-            mark = e.mark;
+    for step in &report.steps {
+        if !step.changed_before.is_empty() {
+            let _ = writeln!(text, "{STEP}~ {}", Changes(&step.changed_before));
         }
-        if !before.is_empty() {
-            let _ = writeln!(text, "{STEP}~ {}", before.join(", "));
-        }
-        previous = e;
         step_lines(step, &mut text);
-        if let Some(after) = e.mark_after.filter(|m| *m != mark) {
-            let _ = writeln!(text, "{STEP}~ {}", mark_change(mark, after));
-            mark = after;
+        if !step.changed_by.is_empty() {
+            let _ = writeln!(text, "{STEP}~ {}", Changes(&step.changed_by));
         }
     }
-    if complete {
-        let _ = writeln!(text, "{STEP}{}", fate(steps));
-    } else {
-        let _ = writeln!(text, "{STEP}(incomplete: events lost)");
-    }
+    let _ = writeln!(text, "{STEP}{}", fate(report));
     text.push('\n');
     out.write_all(text.as_bytes())
 }
 
-fn step_lines(step: &Step, text: &mut String) {
+fn step_lines(step: &StepReport, text: &mut String) {
     let place = place(step);
     match &step.position {
         Position::Rule { number, rule } | Position::XtablesNftRule { number, rule, .. } => {
@@ -149,13 +76,13 @@ fn step_lines(step: &Step, text: &mut String) {
                 changed_rule(is.as_deref())
             );
         }
-        Position::Policy(_) if step.engine == Engine::Nft => {
-            let _ = writeln!(text, "{STEP}{place}\n{DETAIL}policy {}", kernel_verdict(&step.event));
+        Position::Policy(_) if step.place.engine == Engine::Nft => {
+            let _ = writeln!(text, "{STEP}{place}\n{DETAIL}policy {}", kernel_verdict(step));
         }
         Position::Policy(v) => {
             let _ = writeln!(text, "{STEP}{place}\n{DETAIL}{}", verdict_name(v));
         }
-        Position::ChainEnd if step.engine == Engine::Nft => {
+        Position::ChainEnd if step.place.engine == Engine::Nft => {
             let _ = writeln!(text, "{STEP}{place}\n{DETAIL}return (end of chain)");
         }
         Position::ChainEnd => {
@@ -172,7 +99,7 @@ fn step_lines(step: &Step, text: &mut String) {
                 text,
                 "{STEP}{place} (handle {handle})\n{DETAIL}{}\n{DETAIL}=> {}",
                 Printable(rule),
-                kernel_verdict(&step.event)
+                kernel_verdict(step)
             );
         }
         // The packet line shows it.
@@ -181,7 +108,7 @@ fn step_lines(step: &Step, text: &mut String) {
             let _ = writeln!(
                 text,
                 "{STEP}{place} (handle {handle})\n{DETAIL}(rule changed before it could be read)\n{DETAIL}=> {}",
-                kernel_verdict(&step.event)
+                kernel_verdict(step)
             );
         }
     }
@@ -222,24 +149,24 @@ fn changed_rule(position: Option<&Position>) -> String {
 
 /// Where a step happened: `filter FORWARD`, `nft inet fw forward`, `iptables-nft filter FORWARD`;
 /// the names escaped.
-fn place(step: &Step) -> String {
-    let place = match (&step.event.origin, step.engine) {
-        (Origin::Xtables { table, chain, .. }, _) => format!("{table} {chain}"),
-        (Origin::Nft { family: NftFamily::Ip6, table, chain, .. }, Engine::XtablesNft) => {
-            format!("ip6tables-nft {table} {chain}")
-        }
-        (Origin::Nft { table, chain, .. }, Engine::XtablesNft) => format!("iptables-nft {table} {chain}"),
-        (Origin::Nft { family, table, chain, .. }, _) => format!("nft {family} {table} {chain}"),
+fn place(step: &StepReport) -> String {
+    let p = &step.place;
+    let place = match p.engine {
+        Engine::Legacy => format!("{} {}", p.table, p.chain),
+        Engine::XtablesNft => format!("{} {} {}", xtables_nft(p.family), p.table, p.chain),
+        Engine::Nft => format!("nft {} {} {}", p.family, p.table, p.chain),
     };
     Printable(place).to_string()
 }
 
-/// The verdict an nf_tables event reported, as nft prints it (a jump's chain name escaped).
-fn kernel_verdict(event: &TraceEvent) -> String {
-    match &event.origin {
-        Origin::Nft { verdict, .. } => Printable(verdict).to_string(),
-        Origin::Xtables { .. } => String::new(),
-    }
+/// The command that manages an iptables-nft table of `family`.
+fn xtables_nft(family: NftFamily) -> &'static str {
+    if family == NftFamily::Ip6 { "ip6tables-nft" } else { "iptables-nft" }
+}
+
+/// The verdict an nf_tables step reported, as nft prints it (a jump's chain name escaped).
+fn kernel_verdict(step: &StepReport) -> String {
+    step.kernel_verdict.as_ref().map(|v: &NftVerdict| Printable(v).to_string()).unwrap_or_default()
 }
 
 fn verdict_name(v: &Verdict) -> &'static str {
@@ -254,89 +181,49 @@ fn verdict_name(v: &Verdict) -> &'static str {
     }
 }
 
-/// The packet's fate: the first drop, else the last table-ending verdict of the filter table,
-/// else the last table-ending verdict of any table.
-fn fate(steps: &[Step]) -> String {
-    let describe = |step: &Step, v: &Verdict| {
-        let name = match (&step.position, v) {
-            (
-                Position::Rule { rule, .. } | Position::XtablesNftRule { rule, .. },
-                Verdict::Reject | Verdict::Queue | Verdict::Nat,
-            ) => Printable(&rule.target).to_string(),
-            _ => verdict_name(v).to_owned(),
-        };
-        let place = place(step);
-        match &step.position {
-            Position::Rule { number, .. } | Position::XtablesNftRule { number, .. } => {
-                format!("verdict: {name} at {place} #{number}")
-            }
-            Position::NftRule { handle, .. } | Position::NftRuleUnread { handle, .. } => {
-                format!("verdict: {name} at {place} (handle {handle})")
-            }
-            Position::RuleSetChanged { kernel_number, .. } => {
-                format!("verdict: {name} at {place} kernel rule {kernel_number} (rule set changed at this moment)")
-            }
-            _ => format!("verdict: {name} by {place} policy"),
-        }
-    };
-    let ending: Vec<(&Step, Verdict)> =
-        steps.iter().map(|s| (s, s.verdict())).filter(|(_, v)| v.ends_table()).collect();
-    if let Some((s, v)) = ending.iter().find(|(_, v)| v.drops()) {
-        return describe(s, v);
-    }
-    if let Some(last_seen) = last_seen_undecided(steps) {
-        return last_seen;
-    }
-    // With several filtering tables (both engines, or several nf_tables tables), a rule's verdict
-    // tells more than a later policy's; one legacy filter table has only one anyway.
-    let filtering = || ending.iter().rev().filter(|(s, v)| decides_filtering(s, v));
-    let chosen = filtering()
-        .find(|(s, _)| !matches!(s.position, Position::Policy(_)))
-        .or_else(|| filtering().next())
-        .or(ending.last());
-    match chosen {
-        Some((s, v)) => describe(s, v),
-        None => "verdict: none seen (no table ended its traversal in a traced step)".to_owned(),
+/// The fate line: `verdict: ACCEPT at filter FORWARD #3`, `last seen: ...`, `(incomplete: ...)`.
+fn fate(report: &PacketReport) -> String {
+    match &report.fate {
+        Fate::Decided { step, verdict, .. } => decided(&report.steps[*step], verdict),
+        Fate::LastSeen { last, base, hook } => last_seen(&report.steps[*last], &report.steps[*base], *hook),
+        Fate::Incomplete => "(incomplete: events lost)".to_owned(),
+        Fate::NoneSeen => "verdict: none seen (no table ended its traversal in a traced step)".to_owned(),
     }
 }
 
-/// `last seen: nat PREROUTING (DNAT to 172.20.0.2:6443); no later netfilter hook saw it` for a
-/// packet no rule dropped whose last step is not where its fate is decided, so that no rule's
-/// ACCEPT or NAT reads as its fate: routing may have dropped it after (an unroutable DNAT
-/// target), or delivered it where no table traced it. A fate is decided at INPUT (the last hook
-/// of a locally delivered packet), at POSTROUTING (the last of one sent on), and at FORWARD and
-/// OUTPUT by the filter or security table, or an nf_tables chain of type filter. PREROUTING
-/// decides nothing: routing comes after it. `None` where the fate is decided, or the hook is
-/// not known (a chain missing from the rule-set snapshot).
-fn last_seen_undecided(steps: &[Step]) -> Option<String> {
-    // A chain without a hook was jumped to from the step before it, and runs at its hook.
-    let mut at: Option<(HookPoint, &Step)> = None;
-    for step in steps.iter().filter(|s| !matches!(s.position, Position::Marked)) {
-        if let Some(point) = step.hook {
-            at = Some((point, step));
+fn decided(step: &StepReport, verdict: &Verdict) -> String {
+    let name = match (&step.position, verdict) {
+        (
+            Position::Rule { rule, .. } | Position::XtablesNftRule { rule, .. },
+            Verdict::Reject | Verdict::Queue | Verdict::Nat,
+        ) => Printable(&rule.target).to_string(),
+        _ => verdict_name(verdict).to_owned(),
+    };
+    let place = place(step);
+    match &step.position {
+        Position::Rule { number, .. } | Position::XtablesNftRule { number, .. } => {
+            format!("verdict: {name} at {place} #{number}")
         }
-    }
-    let (point, base) = at?;
-    let decided = match point.hook {
-        Hook::LocalIn | Hook::PostRouting => true,
-        Hook::Forward | Hook::LocalOut => point.filter,
-        Hook::PreRouting => false,
-    };
-    if decided {
-        return None;
-    }
-    let last = steps.last()?;
-    let place = match (&base.event.origin, base.engine) {
-        (Origin::Nft { .. }, Engine::Nft) => place(base),
-        (Origin::Nft { family: NftFamily::Ip6, table, .. }, _) => {
-            format!("ip6tables-nft {table} {}", point.hook.name())
+        Position::NftRule { handle, .. } | Position::NftRuleUnread { handle, .. } => {
+            format!("verdict: {name} at {place} (handle {handle})")
         }
-        (Origin::Nft { table, .. }, _) => format!("iptables-nft {table} {}", point.hook.name()),
-        (Origin::Xtables { table, .. }, _) => format!("{table} {}", point.hook.name()),
+        Position::RuleSetChanged { kernel_number, .. } => {
+            format!("verdict: {name} at {place} kernel rule {kernel_number} (rule set changed at this moment)")
+        }
+        _ => format!("verdict: {name} by {place} policy"),
+    }
+}
+
+/// `last seen: nat PREROUTING (DNAT to 172.20.0.2:6443); no later netfilter hook saw it`: the
+/// table (or native chain) of `base` at `hook`, and what `last` did.
+fn last_seen(last: &StepReport, base: &StepReport, hook: Hook) -> String {
+    let b = &base.place;
+    let place = match b.engine {
+        Engine::Nft => place(base),
+        Engine::XtablesNft => format!("{} {} {}", xtables_nft(b.family), b.table, hook.name()),
+        Engine::Legacy => format!("{} {}", b.table, hook.name()),
     };
-    let chain = match &last.event.origin {
-        Origin::Xtables { chain, .. } | Origin::Nft { chain, .. } => chain,
-    };
+    let chain = &last.place.chain;
     let what = match &last.position {
         Position::Rule { rule, .. } | Position::XtablesNftRule { rule, .. } if rule.verdict == Verdict::Nat => {
             let mut options = rule.target_options.split_whitespace();
@@ -347,62 +234,49 @@ fn last_seen_undecided(steps: &[Step]) -> Option<String> {
             format!("{} at {chain} #{number}", action(rule))
         }
         Position::NftRule { handle, .. } | Position::NftRuleUnread { handle, .. } => {
-            format!("{} at {chain} (handle {handle})", kernel_verdict(&last.event))
+            format!("{} at {chain} (handle {handle})", kernel_verdict(last))
         }
-        Position::Policy(_) if last.engine == Engine::Nft => format!("policy {}", kernel_verdict(&last.event)),
+        Position::Policy(_) if last.place.engine == Engine::Nft => format!("policy {}", kernel_verdict(last)),
         Position::Policy(v) => format!("policy {}", verdict_name(v)),
         Position::ChainEnd => format!("end of {chain}"),
         Position::Unknown { kernel_number } | Position::RuleSetChanged { kernel_number, .. } => {
             format!("kernel rule {kernel_number} of {chain}")
         }
-        Position::Marked => return None,
+        // Not a step of the rule set: never in a report's steps.
+        Position::Marked => String::new(),
     };
-    Some(format!("last seen: {} ({}); no later netfilter hook saw it", Printable(place), Printable(what)))
+    format!("last seen: {} ({}); no later netfilter hook saw it", Printable(place), Printable(what))
 }
 
-/// Whether a step is the filter table's (or for native nf_tables, a non-NAT chain's) decision,
-/// which is the packet's fate when nothing dropped it.
-fn decides_filtering(step: &Step, verdict: &Verdict) -> bool {
-    match (&step.event.origin, step.engine) {
-        (Origin::Xtables { table, .. }, _) => *table == Table::Filter,
-        (Origin::Nft { table, .. }, Engine::XtablesNft) => &**table == "filter",
-        (Origin::Nft { .. }, _) => *verdict != Verdict::Nat,
-    }
-}
+/// Changes as `SRC a -> b, DPT x -> y, MARK m -> n`.
+struct Changes<'a>(&'a [Change]);
 
-/// What changed in the packet between two consecutive steps: addresses, ports.
-fn changes(a: &PacketHeader, b: &PacketHeader) -> Vec<String> {
-    let mut out = Vec::new();
-    if a.src != b.src {
-        out.push(format!("SRC {} -> {}", a.src, b.src));
-    }
-    if a.dst != b.dst {
-        out.push(format!("DST {} -> {}", a.dst, b.dst));
-    }
-    if let (Some((asp, adp)), Some((bsp, bdp))) = (a.transport.ports(), b.transport.ports()) {
-        if asp != bsp {
-            out.push(format!("SPT {asp} -> {bsp}"));
+impl fmt::Display for Changes<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, change) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            match change {
+                Change::Source { from, to } => write!(f, "SRC {from} -> {to}")?,
+                Change::Destination { from, to } => write!(f, "DST {from} -> {to}")?,
+                Change::SourcePort { from, to } => write!(f, "SPT {from} -> {to}")?,
+                Change::DestinationPort { from, to } => write!(f, "DPT {from} -> {to}")?,
+                Change::Mark { from, to } => write!(f, "MARK {from:#x} -> {to:#x}")?,
+            }
         }
-        if adp != bdp {
-            out.push(format!("DPT {adp} -> {bdp}"));
-        }
+        Ok(())
     }
-    out
 }
 
-fn mark_change(before: u32, after: u32) -> String {
-    format!("MARK {before:#x} -> {after:#x}")
-}
-
-/// The packet in the LOG target's format (`nf_log_syslog.c`).
-pub fn packet_line(e: &TraceEvent, names: &mut impl InterfaceNames) -> String {
+/// The packet in the LOG target's format (`nf_log_syslog.c`), interface names escaped.
+fn packet_line(arrived: &Arrival) -> String {
     let mut s = String::with_capacity(160);
-    let name = |i: Option<u32>, names: &mut dyn FnMut(u32) -> String| i.map(names).unwrap_or_default();
-    let mut lookup = |i| Printable(names.name(i)).to_string();
-    let _ = write!(s, "IN={} OUT={} ", name(e.in_ifindex, &mut lookup), name(e.out_ifindex, &mut lookup));
-    header_fields(&e.packet, &mut s);
-    if e.mark != 0 {
-        let _ = write!(s, " MARK={:#x}", e.mark);
+    let name = |i: &Option<Interface>| i.as_ref().map(|i| Printable(&i.name).to_string()).unwrap_or_default();
+    let _ = write!(s, "IN={} OUT={} ", name(&arrived.in_interface), name(&arrived.out_interface));
+    header_fields(&arrived.header, &mut s);
+    if arrived.mark != 0 {
+        let _ = write!(s, " MARK={:#x}", arrived.mark);
     }
     s
 }
@@ -502,45 +376,28 @@ fn needs_escape(c: char) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::{
-        decode::{Family, Hook, NftTraceType, NftVerdict, TraceId, TraceKind, packet::tests::udp_v4},
-        resolve::Rule,
-        xtables::tokenize,
+        decode::{Origin, Table, packet::tests::udp_v4},
+        model::{
+            HookPoint,
+            tests::{Names, marked, rule, step},
+        },
+        resolve::Step,
     };
 
-    struct Names;
-    impl InterfaceNames for Names {
-        fn name(&mut self, index: u32) -> String {
-            format!("veth{index}")
+    /// The block of a packet with these resolved steps; `complete` false where events were lost.
+    pub(super) fn render_steps(steps: &[Step], complete: bool) -> String {
+        let mut out = Vec::new();
+        if let Some(report) = PacketReport::new(steps.to_vec(), complete, &mut Names) {
+            render_packet(&report, &mut out).unwrap();
         }
+        String::from_utf8(out).unwrap()
     }
 
-    fn step(hook: Hook, table: Table, chain: &str, packet: &[u8], mark: u32, position: Position) -> Step {
-        let point = HookPoint { hook, filter: table == Table::Filter };
-        Step {
-            event: TraceEvent {
-                family: Family::Ipv4,
-                origin: Origin::Xtables { hook, table, chain: chain.into(), kind: TraceKind::Rule, number: 0 },
-                in_ifindex: Some(2),
-                out_ifindex: (hook == Hook::Forward).then_some(3),
-                mark,
-                packet: PacketHeader::parse(packet).unwrap(),
-                mark_after: None,
-                epoch: 0,
-                generation: None,
-                after_check: None,
-            },
-            position,
-            engine: Engine::Legacy,
-            hook: Some(point),
-        }
-    }
-
-    fn rule(number: u32, line: &str) -> Position {
-        Position::Rule { number, rule: Arc::new(Rule::from_tokens(&tokenize(line), |c| c.contains(':'))) }
+    /// The fate line of a packet with these resolved steps.
+    fn fate_of(steps: &[Step]) -> String {
+        fate(&PacketReport::new(steps.to_vec(), true, &mut Names).unwrap())
     }
 
     #[test]
@@ -583,8 +440,7 @@ mod tests {
                 rule(6, "-s 10.5.1.0/24 -j SNAT --to-source 172.16.2.200"),
             ),
         ];
-        let mut out = Vec::new();
-        render_packet(&steps, &mut Names, &mut out).unwrap();
+        let out = render_steps(&steps, true);
         let expected = "\
 IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=4660 DF PROTO=UDP SPT=40000 DPT=53 LEN=12
         raw PREROUTING
@@ -608,7 +464,7 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         verdict: ACCEPT at filter client-normal:filter #10
 
 ";
-        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        assert_eq!(out, expected);
     }
 
     #[test]
@@ -622,18 +478,16 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
             0,
             rule(3, "-p udp -j REJECT --reject-with icmp-port-unreachable"),
         )];
-        assert_eq!(fate(&steps), "verdict: REJECT at filter FORWARD #3");
+        assert_eq!(fate_of(&steps), "verdict: REJECT at filter FORWARD #3");
         let steps = [step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, Position::Policy(Verdict::Drop))];
-        assert_eq!(fate(&steps), "verdict: DROP by filter FORWARD policy");
+        assert_eq!(fate_of(&steps), "verdict: DROP by filter FORWARD policy");
     }
 
     #[test]
     fn an_incomplete_packet_gets_no_fate() {
         let a = udp_v4([10, 5, 1, 7], 40000, 64);
         let steps = [step(Hook::PreRouting, Table::Raw, "PREROUTING", &a, 0, Position::Policy(Verdict::Accept))];
-        let mut out = Vec::new();
-        render_incomplete_packet(&steps, &mut Names, &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
+        let text = render_steps(&steps, false);
         assert!(
             text.ends_with("        raw PREROUTING\n                ACCEPT\n        (incomplete: events lost)\n\n"),
             "{text}"
@@ -646,25 +500,6 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         assert_eq!(Printable(hostile).to_string(), r"a\x1b[2Jb\rc\ad\ne\tf\x7fg\u{9b}h\u{202e}i é ✓");
         assert_eq!(Printable(format_args!("x{}", '\x1b')).to_string(), r"x\x1b");
         assert_eq!(Printable("plain -p udp /* ok */").to_string(), "plain -p udp /* ok */");
-    }
-
-    /// iptrace's own nf_tables marking event (at -350): the packet as it arrived.
-    fn marked(packet: &[u8]) -> Step {
-        let mut s = step(Hook::PreRouting, Table::Raw, "prerouting", packet, 0, Position::Marked);
-        s.event.origin = Origin::Nft {
-            family: NftFamily::Inet,
-            table: "iptrace_1_2".into(),
-            chain: "prerouting".into(),
-            handle: Some(2),
-            trace_type: NftTraceType::Rule,
-            verdict: NftVerdict::Continue,
-            trace_id: TraceId([1, 2, 3, 4]),
-            ct: None,
-        };
-        s.event.out_ifindex = None;
-        s.event.mark_after = Some(0);
-        s.engine = Engine::Nft;
-        s
     }
 
     #[test]
@@ -682,8 +517,7 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
             step(Hook::Forward, Table::Filter, "FORWARD", &dnatted, 0, Position::Policy(Verdict::Accept)),
             step(Hook::PostRouting, Table::Mangle, "POSTROUTING", &snatted, 0, Position::Policy(Verdict::Accept)),
         ];
-        let mut out = Vec::new();
-        render_packet(&steps, &mut Names, &mut out).unwrap();
+        let out = render_steps(&steps, true);
         let expected = "\
 IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=4660 DF PROTO=UDP SPT=40000 DPT=53 LEN=12
         ~ DST 172.16.2.2 -> 172.16.2.9, DPT 53 -> 5353
@@ -695,11 +529,9 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         verdict: ACCEPT by filter FORWARD policy
 
 ";
-        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        assert_eq!(out, expected);
         // Only the marking: no table of the rule set saw it, nothing to show.
-        let mut out = Vec::new();
-        render_packet(&steps[..1], &mut Names, &mut out).unwrap();
-        assert_eq!(String::from_utf8(out).unwrap(), "");
+        assert_eq!(render_steps(&steps[..1], true), "");
     }
 
     #[test]
@@ -711,21 +543,24 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
             step(Hook::PreRouting, Table::Nat, "PREROUTING", &syn, 0, rule(1, "-j KUBE-SERVICES")),
             step(Hook::PreRouting, Table::Nat, "KUBE-SEP-ABC", &syn, 0, dnat),
         ];
-        assert_eq!(fate(&steps), "last seen: nat PREROUTING (DNAT to 172.20.0.2:6443); no later netfilter hook saw it");
+        assert_eq!(
+            fate_of(&steps),
+            "last seen: nat PREROUTING (DNAT to 172.20.0.2:6443); no later netfilter hook saw it"
+        );
         // Accepted by mangle FORWARD, and no filter table after it: not decided either.
         steps.push(step(Hook::Forward, Table::Mangle, "FORWARD", &syn, 0, Position::Policy(Verdict::Accept)));
-        assert_eq!(fate(&steps), "last seen: mangle FORWARD (policy ACCEPT); no later netfilter hook saw it");
+        assert_eq!(fate_of(&steps), "last seen: mangle FORWARD (policy ACCEPT); no later netfilter hook saw it");
         // The filter table decides at FORWARD; POSTROUTING and INPUT are the last hooks.
         let filter = step(Hook::Forward, Table::Filter, "FORWARD", &syn, 0, rule(3, "-p udp -j ACCEPT"));
         steps.push(filter.clone());
-        assert_eq!(fate(&steps), "verdict: ACCEPT at filter FORWARD #3");
+        assert_eq!(fate_of(&steps), "verdict: ACCEPT at filter FORWARD #3");
         let post = step(Hook::PostRouting, Table::Mangle, "POSTROUTING", &syn, 0, Position::Policy(Verdict::Accept));
-        assert_eq!(fate(&[steps[0].clone(), post]), "verdict: ACCEPT by mangle POSTROUTING policy");
+        assert_eq!(fate_of(&[steps[0].clone(), post]), "verdict: ACCEPT by mangle POSTROUTING policy");
         let input = step(Hook::LocalIn, Table::Mangle, "INPUT", &syn, 0, Position::Policy(Verdict::Accept));
-        assert_eq!(fate(&[steps[0].clone(), input]), "verdict: ACCEPT by mangle INPUT policy");
+        assert_eq!(fate_of(&[steps[0].clone(), input]), "verdict: ACCEPT by mangle INPUT policy");
         // A drop is a fate wherever it happens.
         let drop = step(Hook::PreRouting, Table::Raw, "PREROUTING", &syn, 0, rule(1, "-p udp -j DROP"));
-        assert_eq!(fate(&[drop]), "verdict: DROP at raw PREROUTING #1");
+        assert_eq!(fate_of(&[drop]), "verdict: DROP at raw PREROUTING #1");
         // An nf_tables chain jumped to runs at the hook of the base chain that jumped.
         let mut nft_base = marked(&syn);
         nft_base.position =
@@ -742,8 +577,242 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
             (*chain, *verdict) = ("lb".into(), NftVerdict::Continue);
         }
         assert_eq!(
-            fate(&[marked(&syn), nft_base, jumped]),
+            fate_of(&[marked(&syn), nft_base, jumped]),
             "last seen: nft inet t pre (continue at lb (handle 6)); no later netfilter hook saw it"
         );
+    }
+}
+
+#[cfg(test)]
+mod characterization {
+    //! Blocks for every kind of step and fate, as rendered before the model existed.
+    use std::sync::Arc;
+
+    use super::{tests::render_steps, *};
+    use crate::{
+        decode::{NftTraceType, Origin, Table, packet::tests::udp_v4},
+        model::{
+            HookPoint,
+            tests::{marked, rule, step},
+        },
+        resolve::Step,
+    };
+
+    fn nft(
+        mut s: Step,
+        family: NftFamily,
+        table: &str,
+        chain: &str,
+        handle: Option<u64>,
+        kernel: NftVerdict,
+        engine: Engine,
+    ) -> Step {
+        s.event.origin = Origin::Nft {
+            family,
+            table: table.into(),
+            chain: chain.into(),
+            handle,
+            trace_type: if handle.is_none() && matches!(s.position, Position::Policy(_)) {
+                NftTraceType::Policy
+            } else {
+                NftTraceType::Rule
+            },
+            verdict: kernel,
+            trace_id: crate::decode::TraceId([1, 2, 3, 4]),
+            ct: None,
+        };
+        s.engine = engine;
+        s
+    }
+
+    fn render(steps: &[Step]) -> String {
+        render_steps(steps, true)
+    }
+
+    #[test]
+    fn every_kind_of_step() {
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let mut dnatted = a.clone();
+        dnatted[19] = 9;
+        let first = marked(&a);
+        let mut native = nft(
+            step(
+                Hook::PreRouting,
+                Table::Raw,
+                "pre",
+                &dnatted,
+                0,
+                Position::NftRule {
+                    handle: 7,
+                    text: "ip daddr 172.16.2.2 meta mark set 0x5 dnat to 172.16.2.9".into(),
+                    verdict: Verdict::Nat,
+                },
+            ),
+            NftFamily::Inet,
+            "fw",
+            "pre",
+            Some(7),
+            NftVerdict::Accept,
+            Engine::Nft,
+        );
+        native.event.mark_after = Some(5);
+        if let Origin::Nft { ct, .. } = &mut native.event.origin {
+            *ct = Some(crate::decode::Conntrack { state: 8, direction: Some(1), id: None, status: None });
+        }
+        native.hook = Some(HookPoint { hook: Hook::PreRouting, filter: false });
+        let unread = nft(
+            step(
+                Hook::Forward,
+                Table::Raw,
+                "fwd",
+                &dnatted,
+                5,
+                Position::NftRuleUnread { handle: 9, verdict: Verdict::Jump("x".into()) },
+            ),
+            NftFamily::Ip,
+            "t\x1b",
+            "fwd",
+            Some(9),
+            NftVerdict::Jump("x".into()),
+            Engine::Nft,
+        );
+        let mut end = nft(
+            step(Hook::Forward, Table::Raw, "x", &dnatted, 5, Position::ChainEnd),
+            NftFamily::Ip,
+            "t",
+            "x",
+            None,
+            NftVerdict::Continue,
+            Engine::Nft,
+        );
+        end.event.mark_after = Some(5);
+        let mut policy = nft(
+            step(Hook::Forward, Table::Raw, "fwd", &dnatted, 5, Position::Policy(Verdict::Accept)),
+            NftFamily::Ip,
+            "t",
+            "fwd",
+            None,
+            NftVerdict::Accept,
+            Engine::Nft,
+        );
+        policy.event.mark_after = Some(5);
+        policy.hook = Some(HookPoint { hook: Hook::Forward, filter: true });
+        let mut xt = nft(
+            step(
+                Hook::Forward,
+                Table::Filter,
+                "FORWARD",
+                &dnatted,
+                5,
+                Position::XtablesNftRule {
+                    handle: 3,
+                    number: 2,
+                    rule: Arc::new(Rule::from_tokens(&crate::xtables::tokenize("-p udp -j ACCEPT"), |_| false)),
+                    verdict: Verdict::Accept,
+                },
+            ),
+            NftFamily::Ip6,
+            "filter",
+            "FORWARD",
+            Some(3),
+            NftVerdict::Accept,
+            Engine::XtablesNft,
+        );
+        xt.event.mark_after = Some(5);
+        xt.hook = Some(HookPoint { hook: Hook::Forward, filter: true });
+        let was = rule(3, r#"-p icmp -m comment --comment "old" -j ACCEPT"#);
+        let is = rule(3, "-p tcp -j DROP");
+        let changed = step(
+            Hook::Forward,
+            Table::Filter,
+            "FORWARD",
+            &dnatted,
+            5,
+            Position::RuleSetChanged { kernel_number: 4, was: Some(Box::new(was)), is: Some(Box::new(is)) },
+        );
+        let changed_own = step(
+            Hook::Forward,
+            Table::Filter,
+            "FORWARD",
+            &dnatted,
+            5,
+            Position::RuleSetChanged {
+                kernel_number: 5,
+                was: None,
+                is: Some(Box::new(Position::Policy(Verdict::Drop))),
+            },
+        );
+        let unknown =
+            step(Hook::PostRouting, Table::Mangle, "POSTROUTING", &dnatted, 5, Position::Unknown { kernel_number: 8 });
+        let steps = [first, native, unread, end, policy, xt, changed, changed_own, unknown];
+        let expected = "\
+IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=4660 DF PROTO=UDP SPT=40000 DPT=53 LEN=12 CT=new,reply
+        ~ DST 172.16.2.2 -> 172.16.2.9
+        nft inet fw pre (handle 7)
+                ip daddr 172.16.2.2 meta mark set 0x5 dnat to 172.16.2.9
+                => accept
+        ~ MARK 0x0 -> 0x5
+        nft ip t\\x1b fwd (handle 9)
+                (rule changed before it could be read)
+                => jump x
+        nft ip t x
+                return (end of chain)
+        nft ip t fwd
+                policy accept
+        ip6tables-nft filter FORWARD (#2)
+                -p udp
+                => ACCEPT
+        filter FORWARD (kernel rule 4)
+                (rule set changed at this moment: #3 was /* old */ -p icmp => ACCEPT / is -p tcp => DROP)
+        filter FORWARD (kernel rule 5)
+                (rule set changed at this moment: #5 was iptrace's own rule / is the policy DROP)
+        mangle POSTROUTING (kernel rule 8)
+                ? the rule set changed before iptrace could read this rule
+        verdict: ACCEPT at ip6tables-nft filter FORWARD #2
+
+";
+        assert_eq!(render(&steps), expected);
+        let last_line = |steps: &[Step]| render(steps).lines().rfind(|l| !l.is_empty()).unwrap().trim().to_owned();
+        // A native nf_tables rule's accept is the fate when no filter table decided.
+        assert_eq!(
+            last_line(&steps[..2]),
+            "last seen: nft inet fw pre (accept at pre (handle 7)); no later netfilter hook saw it"
+        );
+        assert_eq!(last_line(&steps[..5]), "verdict: ACCEPT by nft ip t fwd policy");
+        // Versions that agree on a drop: a drop at a changed rule.
+        let both_drop = step(
+            Hook::Forward,
+            Table::Filter,
+            "FORWARD",
+            &dnatted,
+            5,
+            Position::RuleSetChanged {
+                kernel_number: 4,
+                was: Some(Box::new(rule(3, "-p udp -j DROP"))),
+                is: Some(Box::new(rule(4, "-j DROP"))),
+            },
+        );
+        assert_eq!(
+            last_line(&[steps[0].clone(), both_drop]),
+            "verdict: DROP at filter FORWARD kernel rule 4 (rule set changed at this moment)"
+        );
+        // REJECT and NAT targets name themselves.
+        let reject = step(Hook::LocalIn, Table::Filter, "INPUT", &a, 0, rule(1, "-j REJECT --reject-with tcp-reset"));
+        assert_eq!(last_line(&[reject]), "verdict: REJECT at filter INPUT #1");
+        let snat = step(Hook::PostRouting, Table::Nat, "POSTROUTING", &a, 0, rule(2, "-j SNAT --to-source 1.2.3.4"));
+        assert_eq!(last_line(&[snat]), "verdict: SNAT at nat POSTROUTING #2");
+        // Nothing ended a table where the fate is decided.
+        let jump = step(Hook::LocalIn, Table::Filter, "INPUT", &a, 0, rule(1, "-j LOG"));
+        assert_eq!(last_line(&[jump]), "verdict: none seen (no table ended its traversal in a traced step)");
+        // With both engines, a filtering rule's accept beats a later policy's; a native NAT
+        // chain's accept does not filter.
+        let mut nat_chain = steps[1].clone();
+        nat_chain.hook = Some(HookPoint { hook: Hook::PostRouting, filter: false });
+        let legacy_accept = step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, rule(6, "-j ACCEPT"));
+        assert_eq!(
+            last_line(&[legacy_accept.clone(), steps[4].clone(), nat_chain.clone()]),
+            "verdict: ACCEPT at filter FORWARD #6"
+        );
+        assert_eq!(last_line(&[steps[4].clone(), nat_chain]), "verdict: ACCEPT by nft ip t fwd policy");
     }
 }

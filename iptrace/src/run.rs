@@ -4,6 +4,7 @@
 use std::{
     fs,
     io::{self, Write},
+    ops::ControlFlow,
     os::fd::{AsFd as _, OwnedFd},
     process::Command,
     sync::{
@@ -21,17 +22,18 @@ use crate::{
     backend::{self, BackendChoice, BackendError, Backends},
     bpf::{self, BpfError, TraceSocketFilter},
     capture::{CaptureError, Received, StreamMarker, TraceSocket, UserspaceFilter},
-    correlate::{Correlator, PacketTrace},
     decode::{Decoder, Family},
     filter::{CompiledFilter, FilterError, Selection},
     heal::{HealError, Healer, Watched},
     instrument::{
         self, InstrumentError, Instrumentation, Limit, Marker, Prefilter, TraceChain, TracePlan, XtBpfProgram,
     },
+    model::{Fate, PacketReport},
     netns::{self, NetnsError},
     nftables,
-    render::{self, KernelInterfaceNames},
-    resolve::{self, Position, ResolveError, Resolver},
+    pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError, ReportSink},
+    render,
+    resolve::{self, ResolveError, Resolver},
     xtables::{Xtables, XtablesError},
 };
 
@@ -862,7 +864,7 @@ fn read_datagrams(
     }
 }
 
-/// Decode → correlate → resolve → render, until the reader stops or `count` packets are shown.
+/// Drives the [`Pipeline`] until the reader stops or `count` packets are shown.
 #[allow(clippy::too_many_arguments)]
 fn process(
     rx: mpsc::Receiver<Vec<Delivery>>,
@@ -875,32 +877,35 @@ fn process(
     linger: Duration,
     out_ifindex: Option<&AtomicU32>,
 ) -> Result<(), RunError> {
-    let mut pipeline = Pipeline {
-        decoder,
-        correlator: Correlator::new(linger),
-        resolver,
+    let mut pipeline = Pipeline::new(decoder, resolver, linger, KernelInterfaceNames::default());
+    if let Some(ifindex) = out_ifindex {
+        pipeline = pipeline.leaving_through(ifindex);
+    }
+    let mut output = TextOutput {
         out: io::BufWriter::with_capacity(1 << 16, out),
-        names: KernelInterfaceNames::default(),
-        events: Vec::new(),
+        stats,
         shown: 0,
         count,
-        out_ifindex,
-        stats,
         loss_report: LossReport::default(),
+    };
+    let feed = |pipeline: &mut Pipeline<_>, output: &mut TextOutput, batch: Vec<Delivery>, now| {
+        let inputs = batch.iter().map(|d| match d {
+            Delivery::Datagram(d) => Input::Datagram(d),
+            Delivery::Lost(n) => Input::Lost(*n),
+        });
+        pipeline.feed(inputs, now, output).map(|flow| flow.is_break())
     };
     loop {
         let received = rx.recv_timeout(Duration::from_millis(10));
         let now = Instant::now();
         match received {
             Ok(batch) => {
-                if pipeline.handle(batch, now)? {
-                    return pipeline.finish();
+                if feed(&mut pipeline, &mut output, batch, now)? {
+                    return output.finish();
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                // Checks go on while nothing arrives: an event after a quiet spell is then known
-                // to follow the changes made in it.
-                pipeline.resolver.epoch()?;
+                pipeline.check_rule_sets()?;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
@@ -908,124 +913,64 @@ fn process(
         // first, then the channel found empty.
         let read_up_to = progress.read_up_to(now);
         let done = match rx.try_recv() {
-            Ok(batch) => pipeline.handle(batch, now)?,
-            Err(mpsc::TryRecvError::Empty) => pipeline.flush_idle(read_up_to)?,
+            Ok(batch) => feed(&mut pipeline, &mut output, batch, now)?,
+            Err(mpsc::TryRecvError::Empty) => pipeline.flush_idle(read_up_to, &mut output)?.is_break(),
             Err(mpsc::TryRecvError::Disconnected) => break,
         };
         if done {
-            return pipeline.finish();
+            return output.finish();
         }
-        pipeline.loss_report.print_pending(now);
-        let c = pipeline.decoder.counts;
+        output.loss_report.print_pending(now);
+        let c = pipeline.counts();
         stats.messages.store(c.messages, Ordering::Relaxed);
         stats.events.store(c.events, Ordering::Relaxed);
         stats.malformed.store(c.malformed, Ordering::Relaxed);
-        match pipeline.out.flush() {
+        match output.out.flush() {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
             other => other.map_err(RunError::Output)?,
         }
     }
-    for trace in pipeline.correlator.flush_all() {
-        if pipeline.emit(trace)? {
-            break;
-        }
-    }
-    pipeline.finish()
+    // Everything is shown or the count reached: either way this is the end.
+    let _ = pipeline.flush_all(&mut output)?;
+    output.finish()
 }
 
-/// The processing thread's stages and output.
-struct Pipeline<'a> {
-    decoder: Decoder,
-    correlator: Correlator,
-    resolver: Resolver,
+impl From<PipelineError> for RunError {
+    fn from(e: PipelineError) -> Self {
+        match e {
+            PipelineError::Resolve(e) => RunError::Resolve(e),
+            PipelineError::Output(e) => RunError::Output(e),
+        }
+    }
+}
+
+/// The processing thread's output: each report as text, counted.
+struct TextOutput<'a> {
     out: io::BufWriter<Box<dyn Write + Send>>,
-    names: KernelInterfaceNames,
-    /// Scratch for one datagram's events.
-    events: Vec<crate::decode::TraceEvent>,
+    stats: &'a Stats,
     shown: u64,
     count: Option<u64>,
-    /// The current index of the `-o` interface's name (it follows a recreation).
-    out_ifindex: Option<&'a AtomicU32>,
-    stats: &'a Stats,
     loss_report: LossReport,
 }
 
-impl Pipeline<'_> {
-    /// Decodes and correlates one batch; true when `count` packets have been shown.
-    fn handle(&mut self, batch: Vec<Delivery>, now: Instant) -> Result<bool, RunError> {
-        let epoch = self.resolver.epoch()?;
-        for delivery in &batch {
-            match delivery {
-                Delivery::Datagram(d) => {
-                    // Malformed messages are counted; the rest of the datagram still counts.
-                    let _ = self.decoder.decode_datagram(d, &mut self.events);
-                    for commit in self.decoder.commits.drain(..) {
-                        self.resolver.nft_committed(commit);
-                    }
-                }
-                Delivery::Lost(n) => {
-                    // The rule-set changes announced in the gap are unknown too.
-                    self.decoder.messages_lost();
-                    if self.push_events(epoch, now)? {
-                        return Ok(true);
-                    }
-                    self.correlator.events_lost();
-                    self.loss_report.add(*n, now);
-                }
-            }
-        }
-        self.push_events(epoch, now)
-    }
-
-    fn push_events(&mut self, epoch: u64, now: Instant) -> Result<bool, RunError> {
-        let mut events = std::mem::take(&mut self.events);
-        for mut e in events.drain(..) {
-            e.epoch = epoch;
-            if let Some(early) = self.correlator.push(e, now)
-                && self.emit(early)?
-            {
-                return Ok(true);
-            }
-        }
-        self.events = events;
-        Ok(false)
-    }
-
-    /// Emits the packets quiet for `linger` before `read_up_to`.
-    fn flush_idle(&mut self, read_up_to: Instant) -> Result<bool, RunError> {
-        for trace in self.correlator.flush_idle(read_up_to) {
-            if self.emit(trace)? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
-    /// Renders one packet; true when `count` packets have been shown.
-    fn emit(&mut self, trace: PacketTrace) -> Result<bool, RunError> {
-        if self.count.is_some_and(|c| self.shown >= c) {
-            return Ok(true);
-        }
-        let out_ifindex = self.out_ifindex.map(|o| o.load(Ordering::Relaxed));
-        if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
-            return Ok(false);
-        }
-        let steps: Vec<_> = trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)).collect();
-        // Only iptrace's own marking: no table of the rule set saw the packet.
-        if steps.iter().all(|s| matches!(s.position, Position::Marked)) {
-            return Ok(false);
-        }
-        if trace.incomplete {
-            render::render_incomplete_packet(&steps, &mut self.names, &mut self.out).map_err(RunError::Output)?;
+impl ReportSink for TextOutput<'_> {
+    fn report(&mut self, report: PacketReport) -> io::Result<ControlFlow<()>> {
+        render::render_packet(&report, &mut self.out)?;
+        if report.fate == Fate::Incomplete {
             self.stats.incomplete.fetch_add(1, Ordering::Relaxed);
-        } else {
-            render::render_packet(&steps, &mut self.names, &mut self.out).map_err(RunError::Output)?;
         }
         self.shown += 1;
         self.stats.packets_shown.fetch_add(1, Ordering::Relaxed);
-        Ok(self.count.is_some_and(|c| self.shown >= c))
+        let done = self.count.is_some_and(|c| self.shown >= c);
+        Ok(if done { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
     }
 
+    fn lost(&mut self, messages: u64) {
+        self.loss_report.add(messages, Instant::now());
+    }
+}
+
+impl TextOutput<'_> {
     fn finish(&mut self) -> Result<(), RunError> {
         match self.out.flush() {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),

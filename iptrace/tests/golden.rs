@@ -1,14 +1,20 @@
 //! The whole pipeline offline, on real kernel bytes: TRACE datagrams recorded from the demo lab's
-//! router (`examples/record_golden.rs`), decoded, grouped, resolved against the rule sets saved
-//! at the same time, and rendered. No root needed.
+//! router (`examples/record_golden.rs`) fed to the [`Pipeline`] as the live run feeds it, resolved
+//! against the rule sets saved at the same time, and rendered. No root needed.
 
-use std::{collections::HashMap, time::Instant};
+use std::{
+    collections::HashMap,
+    io,
+    ops::ControlFlow,
+    time::{Duration, Instant},
+};
 
 use iptrace::{
     capture::recording,
-    correlate::Correlator,
     decode::{Decoder, Family, Hook, Origin, Table, TraceEvent, TraceKind},
-    render::{InterfaceNames, render_packet},
+    model::{Decision, Fate, InterfaceNames, PacketReport, Verdict},
+    pipeline::{Input, Pipeline},
+    render::render_packet,
     resolve::Resolver,
 };
 
@@ -63,21 +69,45 @@ fn decodes_every_recorded_message() {
     assert!(events.iter().any(|e| e.mark == 0x100), "the MARK rule's effect is visible");
 }
 
+/// The recording's reports: every datagram fed at one instant, then every packet closed.
+fn reports() -> Vec<PacketReport> {
+    let resolver = Resolver::from_saved(&[(Family::Ipv4, RULES), (Family::Ipv6, RULES6)]);
+    let mut pipeline = Pipeline::new(Decoder::new(), resolver, Duration::from_millis(10), names());
+    let mut reports = Vec::new();
+    let flow = pipeline.feed(datagrams().map(Input::Datagram), Instant::now(), &mut collect(&mut reports)).unwrap();
+    assert!(flow.is_continue() && reports.is_empty(), "no packet closes before its linger");
+    let flow = pipeline.flush_all(&mut collect(&mut reports)).unwrap();
+    assert!(flow.is_continue());
+    reports
+}
+
+fn collect(reports: &mut Vec<PacketReport>) -> impl FnMut(PacketReport) -> io::Result<ControlFlow<()>> + '_ {
+    |report| {
+        reports.push(report);
+        Ok(ControlFlow::Continue(()))
+    }
+}
+
+#[test]
+fn the_model_says_which_step_decided() {
+    let reports = reports();
+    let ping = reports.iter().find(|r| r.steps.len() > 3 && r.arrived.header.src.to_string() == "10.5.1.7").unwrap();
+    let Fate::Decided { step, verdict, by } = &ping.fate else { panic!("{:?}", ping.fate) };
+    let decider = &ping.steps[*step];
+    assert_eq!((&*decider.place.table, &*decider.place.chain), ("filter", "client-normal:filter"));
+    assert_eq!((verdict, by), (&Verdict::Accept, &Decision::Filtered));
+    assert_eq!(ping.arrived.in_interface.as_ref().map(|i| i.name.as_str()), Some("vif0"));
+    // IPv6 multicast listener reports, seen at raw PREROUTING only: no fate claimed.
+    let last_seen = |r: &&PacketReport| matches!(r.fate, Fate::LastSeen { last: 0, base: 0, hook: Hook::PreRouting });
+    assert!(reports.iter().any(|r| last_seen(&r)), "{reports:#?}");
+    assert!(reports.iter().all(|r| last_seen(&r) || matches!(r.fate, Fate::Decided { .. })), "{reports:#?}");
+}
+
 #[test]
 fn renders_the_recorded_packets() {
-    let (_, events) = decode_all();
-    let now = Instant::now();
-    let mut correlator = Correlator::new(std::time::Duration::from_millis(10));
-    for e in events {
-        assert!(correlator.push(e, now).is_none());
-    }
-    let packets = correlator.flush_all();
-    let mut resolver = Resolver::from_saved(&[(Family::Ipv4, RULES), (Family::Ipv6, RULES6)]);
-    let mut names = names();
     let mut text = Vec::new();
-    for p in packets {
-        let steps: Vec<_> = p.events.into_iter().filter_map(|e| resolver.resolve(e)).collect();
-        render_packet(&steps, &mut names, &mut text).unwrap();
+    for report in reports() {
+        render_packet(&report, &mut text).unwrap();
     }
     let text = String::from_utf8(text).unwrap();
     let blocks: Vec<&str> = text.split("\n\n").filter(|b| !b.is_empty()).collect();

@@ -35,8 +35,9 @@ pub use self::rule::{Rule, Verdict};
 use crate::{
     capture::{MARK_SEQUENCE, StreamMarker},
     correlate::is_own_marking,
-    decode::{Family, Hook, NftCommit, NftRuleKey, NftTraceType, NftVerdict, Origin, Table, TraceEvent, TraceKind},
+    decode::{Family, NftCommit, NftRuleKey, NftTraceType, NftVerdict, Origin, Table, TraceEvent, TraceKind},
     instrument::{Owner, legacy::owner_of},
+    model::{Engine, HookPoint, Position},
     nftables::NftError,
     xtables::{self, SavedTable, Xtables, XtablesError},
 };
@@ -82,45 +83,6 @@ const COMMITS_KEPT: usize = 4096;
 /// changed); its target and comment come from the kernel.
 const UNLISTED: &str = "? matches not read (the table changed while it was listed)";
 
-/// Where in a chain an event landed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Position {
-    /// A rule, numbered as `iptables -L --line-numbers` shows it without iptrace's own rules.
-    Rule { number: u32, rule: Arc<Rule> },
-    /// A built-in chain's policy.
-    Policy(Verdict),
-    /// The end of a user chain (the implicit RETURN).
-    ChainEnd,
-    /// The rule number is not in the snapshot (the table changed faster than it was read).
-    Unknown { kernel_number: u32 },
-    /// A rule nft wrote (in a native table, or added to an iptables-nft one), in nft syntax; the
-    /// verdict is the kernel's, told apart by the rule's statements (REJECT, NAT).
-    NftRule { handle: u64, text: Arc<str>, verdict: Verdict },
-    /// A rule of a table iptables-nft manages, in iptables syntax, numbered as `iptables -L
-    /// --line-numbers` shows it.
-    XtablesNftRule { handle: u64, number: u32, rule: Arc<Rule>, verdict: Verdict },
-    /// A legacy rule number the rule set changed under while the event was logged: what it was
-    /// in the oldest version that may have been in force, and in the newest (`None`: iptrace's
-    /// own rule).
-    RuleSetChanged { kernel_number: u32, was: Option<Box<Position>>, is: Option<Box<Position>> },
-    /// An nf_tables rule no snapshot shows as it was at the event's generation: it changed (or
-    /// went) before iptrace could read it.
-    NftRuleUnread { handle: u64, verdict: Verdict },
-    /// iptrace's own marking rule: not a step of the rule set, but the packet as it arrived,
-    /// before any table could change it.
-    Marked,
-}
-
-/// The kind of table a step is in, which decides how it is shown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
-    Legacy,
-    /// A native nf_tables table.
-    Nft,
-    /// An nf_tables table that iptables-nft manages.
-    XtablesNft,
-}
-
 /// A resolved trace event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {
@@ -130,41 +92,6 @@ pub struct Step {
     /// Where the step ran, when known: always for legacy events, for nf_tables events in a base
     /// chain (a chain jumped to runs at the hook of the step before it).
     pub hook: Option<HookPoint>,
-}
-
-/// The netfilter hook a step ran at, and whether its table or chain is one whose decision there
-/// is the packet's fate: the filter or security table, an nf_tables chain of type filter.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HookPoint {
-    pub hook: Hook,
-    pub filter: bool,
-}
-
-impl Step {
-    pub fn verdict(&self) -> Verdict {
-        self.position.verdict()
-    }
-}
-
-impl Position {
-    /// What the step did to the traversal; where the rule set changed under it, the verdict both
-    /// versions agree on, else none.
-    pub fn verdict(&self) -> Verdict {
-        match self {
-            Position::RuleSetChanged { was, is, .. } => {
-                let verdict = |p: &Option<Box<Position>>| p.as_ref().map_or(Verdict::Continue, |p| p.verdict());
-                let (was, is) = (verdict(was), verdict(is));
-                if was == is { is } else { Verdict::Continue }
-            }
-            Position::Rule { rule, .. } => rule.verdict.clone(),
-            Position::Policy(v) => v.clone(),
-            Position::ChainEnd => Verdict::Return,
-            Position::Unknown { .. } | Position::Marked => Verdict::Continue,
-            Position::NftRule { verdict, .. }
-            | Position::XtablesNftRule { verdict, .. }
-            | Position::NftRuleUnread { verdict, .. } => verdict.clone(),
-        }
-    }
 }
 
 #[derive(Debug, Default)]

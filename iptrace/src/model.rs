@@ -1,0 +1,476 @@
+//! The model: the types the stages after decode speak, and [`PacketReport`], the finished
+//! account of one traced packet that every output formats (the text renderer today).
+//!
+//! A report is built once per packet from its resolved steps ([`PacketReport::new`]): the packet
+//! as it arrived, each step with where it ran and what it did, the changes seen on the way, and
+//! the packet's [`Fate`], decided here from the steps' typed verdicts and nowhere else.
+//!
+//! `Family`, `Owner`, `Rule` and `Verdict` stay defined beside the code that reads them from the
+//! kernel and are re-exported here.
+
+use std::{net::IpAddr, sync::Arc};
+
+pub use crate::{
+    decode::{Conntrack, Family, Hook, NftFamily, NftVerdict, PacketHeader, packet::Transport},
+    instrument::Owner,
+    resolve::rule::{Rule, Verdict},
+};
+use crate::{
+    decode::{Origin, TraceEvent},
+    resolve::Step,
+};
+
+/// Where in a chain a step landed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Position {
+    /// A rule, numbered as `iptables -L --line-numbers` shows it without iptrace's own rules.
+    Rule { number: u32, rule: Arc<Rule> },
+    /// A built-in chain's policy.
+    Policy(Verdict),
+    /// The end of a user chain (the implicit RETURN).
+    ChainEnd,
+    /// The rule number is not in the snapshot (the table changed faster than it was read).
+    Unknown { kernel_number: u32 },
+    /// A rule nft wrote (in a native table, or added to an iptables-nft one), in nft syntax; the
+    /// verdict is the kernel's, told apart by the rule's statements (REJECT, NAT).
+    NftRule { handle: u64, text: Arc<str>, verdict: Verdict },
+    /// A rule of a table iptables-nft manages, in iptables syntax, numbered as `iptables -L
+    /// --line-numbers` shows it.
+    XtablesNftRule { handle: u64, number: u32, rule: Arc<Rule>, verdict: Verdict },
+    /// A legacy rule number the rule set changed under while the event was logged: what it was
+    /// in the oldest version that may have been in force, and in the newest (`None`: iptrace's
+    /// own rule).
+    RuleSetChanged { kernel_number: u32, was: Option<Box<Position>>, is: Option<Box<Position>> },
+    /// An nf_tables rule no snapshot shows as it was at the event's generation: it changed (or
+    /// went) before iptrace could read it.
+    NftRuleUnread { handle: u64, verdict: Verdict },
+    /// iptrace's own marking rule: not a step of the rule set, but the packet as it arrived,
+    /// before any table could change it.
+    Marked,
+}
+
+impl Position {
+    /// What the step did to the traversal; where the rule set changed under it, the verdict both
+    /// versions agree on, else none.
+    pub fn verdict(&self) -> Verdict {
+        match self {
+            Position::RuleSetChanged { was, is, .. } => {
+                let verdict = |p: &Option<Box<Position>>| p.as_ref().map_or(Verdict::Continue, |p| p.verdict());
+                let (was, is) = (verdict(was), verdict(is));
+                if was == is { is } else { Verdict::Continue }
+            }
+            Position::Rule { rule, .. } => rule.verdict.clone(),
+            Position::Policy(v) => v.clone(),
+            Position::ChainEnd => Verdict::Return,
+            Position::Unknown { .. } | Position::Marked => Verdict::Continue,
+            Position::NftRule { verdict, .. }
+            | Position::XtablesNftRule { verdict, .. }
+            | Position::NftRuleUnread { verdict, .. } => verdict.clone(),
+        }
+    }
+}
+
+/// The kind of table a step is in, which decides how it is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Engine {
+    Legacy,
+    /// A native nf_tables table.
+    Nft,
+    /// An nf_tables table that iptables-nft manages.
+    XtablesNft,
+}
+
+/// The netfilter hook a step ran at, and whether its table or chain is one whose decision there
+/// is the packet's fate: the filter or security table, an nf_tables chain of type filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HookPoint {
+    pub hook: Hook,
+    pub filter: bool,
+}
+
+/// Interface names by index, in the traced netns.
+pub trait InterfaceNames {
+    fn name(&mut self, index: u32) -> String;
+}
+
+/// A network interface of the traced netns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub index: u32,
+    /// As the kernel names it (unescaped), or `if<index>` where it has none any more.
+    pub name: String,
+}
+
+/// One traced packet: what it was, where it went, what happened to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PacketReport {
+    pub family: Family,
+    pub arrived: Arrival,
+    /// Conntrack as nf_tables first reported it for the packet (legacy events carry none).
+    pub conntrack: Option<Conntrack>,
+    /// In kernel order; iptrace's own rules are not among them.
+    pub steps: Vec<StepReport>,
+    pub fate: Fate,
+}
+
+/// The packet as it arrived: at iptrace's own nf_tables marking rule (before every other
+/// table), else at its first step (legacy TRACE rules come first in raw).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    pub header: PacketHeader,
+    pub in_interface: Option<Interface>,
+    pub out_interface: Option<Interface>,
+    pub mark: u32,
+    /// Whether iptrace's marking rule reported it (else it is the first step's packet).
+    pub at_marking: bool,
+}
+
+/// Where a step ran: engine, table and chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub engine: Engine,
+    /// The table's family: nf_tables' own (`inet`, `ip`, ...); for a legacy table, `ip` or `ip6`
+    /// by the packet's.
+    pub family: NftFamily,
+    pub table: Arc<str>,
+    pub chain: Arc<str>,
+}
+
+/// One table and chain the packet passed, and what the rule set did there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepReport {
+    pub place: Place,
+    /// The hook it ran at, when known: always for legacy steps, for nf_tables steps in a base
+    /// chain (a chain jumped to runs at the hook of the step before it).
+    pub hook: Option<HookPoint>,
+    /// The rule, policy or chain end, with the rule's identity, text and action.
+    pub position: Position,
+    /// nf_tables steps: the verdict as the kernel reported it.
+    pub kernel_verdict: Option<NftVerdict>,
+    /// How the packet differs from the step before (or from the packet as it arrived), first
+    /// seen here. A legacy step reports the packet before its own rule's target ran, so a change
+    /// by a legacy rule shows at the next step; nf_tables reports a base chain's packet after its
+    /// first matching rule ran, so a change shows at that chain's first step: made by that rule or
+    /// before it. Conntrack's NAT between hooks shows the same way.
+    pub changed_before: Vec<Change>,
+    /// What this step's rule is reported to have changed: the mark after an nf_tables rule ran.
+    pub changed_by: Vec<Change>,
+}
+
+impl StepReport {
+    /// What the step did to the traversal.
+    pub fn verdict(&self) -> Verdict {
+        self.position.verdict()
+    }
+}
+
+/// A change to the packet between two points of its path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Change {
+    Source { from: IpAddr, to: IpAddr },
+    Destination { from: IpAddr, to: IpAddr },
+    SourcePort { from: u16, to: u16 },
+    DestinationPort { from: u16, to: u16 },
+    Mark { from: u32, to: u32 },
+}
+
+/// What became of the packet, and how iptrace knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fate {
+    /// A table-ending verdict of `steps[step]` decided it.
+    Decided { step: usize, verdict: Verdict, by: Decision },
+    /// No rule dropped the packet, and its last step (`steps[last]`) is not where a fate is
+    /// decided, so none is claimed: routing may have dropped it, or it went on where no table
+    /// traced it. `steps[base]` is the last step whose hook is known; `hook` is that hook.
+    LastSeen { last: usize, base: usize, hook: Hook },
+    /// Events of the packet were lost: it may have passed more steps than shown.
+    Incomplete,
+    /// No table ended its traversal in a traced step.
+    NoneSeen,
+}
+
+/// How the step that decided the fate was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Decision {
+    /// The first drop or reject.
+    Dropped,
+    /// A filtering table's (or a native nf_tables chain's) decision: with several, the last
+    /// rule's that ended one, else the last policy's.
+    Filtered,
+    /// No filtering table ended its traversal: the last table-ending verdict of any table.
+    LastVerdict,
+}
+
+impl PacketReport {
+    /// The report of a packet from its resolved steps in kernel order (of iptrace's own rules only
+    /// the marking rule, [`Position::Marked`], first when there is one). `complete` is false
+    /// where events around the packet were lost. `None` where no table of the rule set saw it.
+    pub fn new(steps: Vec<Step>, complete: bool, names: &mut impl InterfaceNames) -> Option<Self> {
+        let first = steps.first()?;
+        let at_marking = matches!(first.position, Position::Marked);
+        let mut interface = |index: Option<u32>| index.map(|index| Interface { index, name: names.name(index) });
+        let arrived = Arrival {
+            header: first.event.packet.clone(),
+            in_interface: interface(first.event.in_ifindex),
+            out_interface: interface(first.event.out_ifindex),
+            mark: first.event.mark,
+            at_marking,
+        };
+        let family = first.event.family;
+        let mut previous = first.event.packet.clone();
+        // The mark as last known: legacy events show it before their rule, nf_tables events after.
+        let mut mark = first.event.mark;
+        let mut conntrack = None;
+        let mut reports = Vec::with_capacity(steps.len());
+        for step in steps.into_iter().filter(|s| !matches!(s.position, Position::Marked)) {
+            let Step { event, position, engine, hook } = step;
+            let mut changed_before = changes(&previous, &event.packet);
+            if event.mark_after.is_none() && event.mark != mark {
+                changed_before.push(Change::Mark { from: mark, to: event.mark });
+                mark = event.mark;
+            }
+            let mut changed_by = Vec::new();
+            if let Some(after) = event.mark_after.filter(|m| *m != mark) {
+                changed_by.push(Change::Mark { from: mark, to: after });
+                mark = after;
+            }
+            let TraceEvent { family: packet_family, origin, packet, .. } = event;
+            previous = packet;
+            let (place, kernel_verdict) = match origin {
+                Origin::Xtables { table, chain, .. } => {
+                    let family = match packet_family {
+                        Family::Ipv4 => NftFamily::Ip,
+                        Family::Ipv6 => NftFamily::Ip6,
+                    };
+                    (Place { engine, family, table: table.name().into(), chain }, None)
+                }
+                Origin::Nft { family, table, chain, verdict, ct, .. } => {
+                    conntrack = conntrack.or(ct);
+                    (Place { engine, family, table, chain }, Some(verdict))
+                }
+            };
+            reports.push(StepReport { place, hook, position, kernel_verdict, changed_before, changed_by });
+        }
+        if reports.is_empty() {
+            return None;
+        }
+        let fate = if complete { fate(&reports) } else { Fate::Incomplete };
+        Some(Self { family, arrived, conntrack, steps: reports, fate })
+    }
+}
+
+/// The packet's fate: the first drop, else (where the fate is decided at all) the last
+/// table-ending verdict of a filtering table, else the last table-ending verdict of any table.
+fn fate(steps: &[StepReport]) -> Fate {
+    let ending: Vec<(usize, Verdict)> =
+        steps.iter().enumerate().map(|(i, s)| (i, s.verdict())).filter(|(_, v)| v.ends_table()).collect();
+    if let Some((step, verdict)) = ending.iter().find(|(_, v)| v.drops()) {
+        return Fate::Decided { step: *step, verdict: verdict.clone(), by: Decision::Dropped };
+    }
+    if let Some(last_seen) = last_seen_undecided(steps) {
+        return last_seen;
+    }
+    // With several filtering tables (both engines, or several nf_tables tables), a rule's verdict
+    // tells more than a later policy's; one legacy filter table has only one anyway.
+    let filtering = || ending.iter().rev().filter(|(i, v)| decides_filtering(&steps[*i], v));
+    let filtered =
+        filtering().find(|(i, _)| !matches!(steps[*i].position, Position::Policy(_))).or_else(|| filtering().next());
+    match (filtered, ending.last()) {
+        (Some((step, verdict)), _) => Fate::Decided { step: *step, verdict: verdict.clone(), by: Decision::Filtered },
+        (None, Some((step, verdict))) => {
+            Fate::Decided { step: *step, verdict: verdict.clone(), by: Decision::LastVerdict }
+        }
+        (None, None) => Fate::NoneSeen,
+    }
+}
+
+/// [`Fate::LastSeen`] for a packet no rule dropped whose last step is not where its fate is
+/// decided, so that no rule's ACCEPT or NAT reads as its fate: routing may have dropped it after
+/// (an unroutable DNAT target), or delivered it where no table traced it. A fate is decided at
+/// INPUT (the last hook of a locally delivered packet), at POSTROUTING (the last of one sent on),
+/// and at FORWARD and OUTPUT by the filter or security table, or an nf_tables chain of type
+/// filter. PREROUTING decides nothing: routing comes after it. `None` where the fate is decided,
+/// or the hook is not known (a chain missing from the rule-set snapshot).
+fn last_seen_undecided(steps: &[StepReport]) -> Option<Fate> {
+    // A chain without a hook was jumped to from the step before it, and runs at its hook.
+    let (base, point) = steps.iter().enumerate().filter_map(|(i, s)| s.hook.map(|h| (i, h))).next_back()?;
+    let decided = match point.hook {
+        Hook::LocalIn | Hook::PostRouting => true,
+        Hook::Forward | Hook::LocalOut => point.filter,
+        Hook::PreRouting => false,
+    };
+    (!decided).then(|| Fate::LastSeen { last: steps.len() - 1, base, hook: point.hook })
+}
+
+/// Whether a step is the filter table's (or for native nf_tables, a non-NAT chain's) decision,
+/// which is the packet's fate when nothing dropped it.
+fn decides_filtering(step: &StepReport, verdict: &Verdict) -> bool {
+    match step.place.engine {
+        Engine::Legacy | Engine::XtablesNft => &*step.place.table == "filter",
+        Engine::Nft => *verdict != Verdict::Nat,
+    }
+}
+
+/// What changed in the packet between two consecutive steps: addresses, ports.
+fn changes(a: &PacketHeader, b: &PacketHeader) -> Vec<Change> {
+    let mut out = Vec::new();
+    if a.src != b.src {
+        out.push(Change::Source { from: a.src, to: b.src });
+    }
+    if a.dst != b.dst {
+        out.push(Change::Destination { from: a.dst, to: b.dst });
+    }
+    if let (Some((asp, adp)), Some((bsp, bdp))) = (a.transport.ports(), b.transport.ports()) {
+        if asp != bsp {
+            out.push(Change::SourcePort { from: asp, to: bsp });
+        }
+        if adp != bdp {
+            out.push(Change::DestinationPort { from: adp, to: bdp });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::{
+        decode::{NftTraceType, Table, TraceId, TraceKind, packet::tests::udp_v4},
+        xtables::tokenize,
+    };
+
+    pub(crate) struct Names;
+
+    impl InterfaceNames for Names {
+        fn name(&mut self, index: u32) -> String {
+            format!("veth{index}")
+        }
+    }
+
+    /// A legacy step of an IPv4 packet arriving on interface 2 (leaving on 3 at FORWARD).
+    pub(crate) fn step(hook: Hook, table: Table, chain: &str, packet: &[u8], mark: u32, position: Position) -> Step {
+        let point = HookPoint { hook, filter: table == Table::Filter };
+        Step {
+            event: TraceEvent {
+                family: Family::Ipv4,
+                origin: Origin::Xtables { hook, table, chain: chain.into(), kind: TraceKind::Rule, number: 0 },
+                in_ifindex: Some(2),
+                out_ifindex: (hook == Hook::Forward).then_some(3),
+                mark,
+                packet: PacketHeader::parse(packet).unwrap(),
+                mark_after: None,
+                epoch: 0,
+                generation: None,
+                after_check: None,
+            },
+            position,
+            engine: Engine::Legacy,
+            hook: Some(point),
+        }
+    }
+
+    pub(crate) fn rule(number: u32, line: &str) -> Position {
+        Position::Rule { number, rule: Arc::new(Rule::from_tokens(&tokenize(line), |c| c.contains(':'))) }
+    }
+
+    /// iptrace's own nf_tables marking event (at -350): the packet as it arrived.
+    pub(crate) fn marked(packet: &[u8]) -> Step {
+        let mut s = step(Hook::PreRouting, Table::Raw, "prerouting", packet, 0, Position::Marked);
+        s.event.origin = Origin::Nft {
+            family: NftFamily::Inet,
+            table: "iptrace_1_2".into(),
+            chain: "prerouting".into(),
+            handle: Some(2),
+            trace_type: NftTraceType::Rule,
+            verdict: NftVerdict::Continue,
+            trace_id: TraceId([1, 2, 3, 4]),
+            ct: None,
+        };
+        s.event.out_ifindex = None;
+        s.event.mark_after = Some(0);
+        s.engine = Engine::Nft;
+        s
+    }
+
+    fn report(steps: &[Step]) -> PacketReport {
+        PacketReport::new(steps.to_vec(), true, &mut Names).unwrap()
+    }
+
+    #[test]
+    fn the_first_drop_decides_then_the_filter_table_then_the_last_verdict() {
+        let p = udp_v4([10, 5, 1, 7], 40000, 64);
+        let raw = step(Hook::PreRouting, Table::Raw, "PREROUTING", &p, 0, Position::Policy(Verdict::Accept));
+        let filter = step(Hook::Forward, Table::Filter, "FORWARD", &p, 0, rule(3, "-p udp -j ACCEPT"));
+        let drop = step(Hook::PostRouting, Table::Mangle, "POSTROUTING", &p, 0, rule(1, "-j DROP"));
+        let policy = step(Hook::PostRouting, Table::Nat, "POSTROUTING", &p, 0, Position::Policy(Verdict::Accept));
+        let decided = |steps: &[Step]| report(steps).fate;
+        assert_eq!(
+            decided(&[raw.clone(), filter.clone(), drop.clone()]),
+            Fate::Decided { step: 2, verdict: Verdict::Drop, by: Decision::Dropped }
+        );
+        assert_eq!(
+            decided(&[raw.clone(), filter.clone(), policy.clone()]),
+            Fate::Decided { step: 1, verdict: Verdict::Accept, by: Decision::Filtered }
+        );
+        assert_eq!(
+            decided(&[raw.clone(), policy]),
+            Fate::Decided { step: 1, verdict: Verdict::Accept, by: Decision::LastVerdict }
+        );
+        // Only the marking and a rule that ends nothing, at INPUT where fates are decided.
+        let log = step(Hook::LocalIn, Table::Filter, "INPUT", &p, 0, rule(1, "-j LOG"));
+        assert_eq!(decided(&[marked(&p), log]), Fate::NoneSeen);
+        // Accepted at PREROUTING, where routing comes after: no fate claimed.
+        assert_eq!(decided(&[raw]), Fate::LastSeen { last: 0, base: 0, hook: Hook::PreRouting });
+    }
+
+    #[test]
+    fn a_packet_with_lost_events_is_incomplete_and_only_the_marking_is_no_report() {
+        let p = udp_v4([10, 5, 1, 7], 40000, 64);
+        let drop = step(Hook::Forward, Table::Filter, "FORWARD", &p, 0, rule(1, "-j DROP"));
+        let report = PacketReport::new(vec![marked(&p), drop], false, &mut Names).unwrap();
+        assert_eq!(report.fate, Fate::Incomplete);
+        assert_eq!(report.steps.len(), 1);
+        assert!(report.arrived.at_marking);
+        assert_eq!(report.arrived.in_interface, Some(Interface { index: 2, name: "veth2".into() }));
+        assert_eq!(PacketReport::new(vec![marked(&p)], true, &mut Names), None);
+    }
+
+    #[test]
+    fn changes_are_reported_where_they_are_first_seen() {
+        let arrived = udp_v4([10, 5, 1, 7], 40000, 64);
+        let mut dnatted = arrived.clone();
+        dnatted[19] = 9;
+        dnatted[22..24].copy_from_slice(&5353u16.to_be_bytes());
+        let mut nft = marked(&dnatted);
+        nft.position = Position::NftRule { handle: 4, text: "meta mark set 0x5".into(), verdict: Verdict::Continue };
+        if let Origin::Nft { table, .. } = &mut nft.event.origin {
+            *table = "t".into();
+        }
+        nft.event.mark_after = Some(5);
+        let legacy = step(Hook::Forward, Table::Mangle, "FORWARD", &dnatted, 7, Position::Policy(Verdict::Accept));
+        let report = report(&[marked(&arrived), nft, legacy]);
+        let [first, second] = &report.steps[..] else { panic!("{report:?}") };
+        assert_eq!(
+            first.changed_before,
+            [
+                Change::Destination { from: [172, 16, 2, 2].into(), to: [172, 16, 2, 9].into() },
+                Change::DestinationPort { from: 53, to: 5353 }
+            ]
+        );
+        // nf_tables reports the mark after its rule ran: that rule set it.
+        assert_eq!(first.changed_by, [Change::Mark { from: 0, to: 5 }]);
+        assert_eq!(first.kernel_verdict, Some(NftVerdict::Continue));
+        assert_eq!(first.place.family, NftFamily::Inet);
+        // A legacy step shows the mark before its own rule: changed before it, by someone.
+        assert_eq!(second.changed_before, [Change::Mark { from: 5, to: 7 }]);
+        assert_eq!(
+            second.place,
+            Place { engine: Engine::Legacy, family: NftFamily::Ip, table: "mangle".into(), chain: "FORWARD".into() }
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! The pipeline: datagrams in, [`PacketReport`]s out (decode → correlate → resolve → report).
+//!
+//! The live run, the golden tests and the benchmarks drive this one type. Where the datagrams
+//! come from (the trace socket, a recording), when idle packets are closed, and where reports go
+//! (a [`ReportSink`]: the text renderer today) is the caller's.
+
+use std::{
+    collections::HashMap,
+    ffi::CStr,
+    io,
+    ops::ControlFlow,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    correlate::{Correlator, PacketTrace},
+    decode::{DecodeCounts, Decoder, TraceEvent},
+    model::{InterfaceNames, PacketReport},
+    resolve::{ResolveError, Resolver},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error("writing the trace failed")]
+    Output(#[source] io::Error),
+}
+
+/// What the capture stage delivers, in stream order.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'d> {
+    Datagram(&'d [u8]),
+    /// The kernel could not queue this many trace messages at this point.
+    Lost(u64),
+}
+
+/// Receives each packet's report as the pipeline finishes it.
+pub trait ReportSink {
+    /// Takes one report; `Break` when no more are wanted (`--count` reached).
+    fn report(&mut self, report: PacketReport) -> io::Result<ControlFlow<()>>;
+
+    /// Trace messages were lost at this point of the stream (the reports of the packets around
+    /// it say so too).
+    fn lost(&mut self, _messages: u64) {}
+}
+
+impl<F: FnMut(PacketReport) -> io::Result<ControlFlow<()>>> ReportSink for F {
+    fn report(&mut self, report: PacketReport) -> io::Result<ControlFlow<()>> {
+        self(report)
+    }
+}
+
+/// `if_indextoname()` in the calling thread's netns, cached.
+#[derive(Debug, Default)]
+pub struct KernelInterfaceNames(HashMap<u32, String>);
+
+impl InterfaceNames for KernelInterfaceNames {
+    fn name(&mut self, index: u32) -> String {
+        self.0
+            .entry(index)
+            .or_insert_with(|| {
+                let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+                // SAFETY: buf holds IF_NAMESIZE bytes as if_indextoname requires.
+                let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+                if p.is_null() {
+                    format!("if{index}")
+                } else {
+                    // SAFETY: on success buf holds a NUL-terminated name.
+                    unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+                }
+            })
+            .clone()
+    }
+}
+
+/// The stages from datagrams to reports, with the state each keeps between datagrams.
+pub struct Pipeline<'a, N> {
+    decoder: Decoder,
+    correlator: Correlator,
+    resolver: Resolver,
+    names: N,
+    /// Scratch for one batch's events.
+    events: Vec<TraceEvent>,
+    /// The current index of the `-o` interface (it follows a recreation).
+    out_ifindex: Option<&'a AtomicU32>,
+}
+
+impl<'a, N: InterfaceNames> Pipeline<'a, N> {
+    /// A packet is closed once its events have been quiet for `linger`; `names` names the
+    /// interfaces on its packet line.
+    pub fn new(decoder: Decoder, resolver: Resolver, linger: Duration, names: N) -> Self {
+        Self { decoder, correlator: Correlator::new(linger), resolver, names, events: Vec::new(), out_ifindex: None }
+    }
+
+    /// Reports only packets that left through the interface whose index `ifindex` holds.
+    pub fn leaving_through(self, ifindex: &'a AtomicU32) -> Self {
+        Self { out_ifindex: Some(ifindex), ..self }
+    }
+
+    /// What the decoder counted so far.
+    pub fn counts(&self) -> DecodeCounts {
+        self.decoder.counts
+    }
+
+    /// Checks the rule sets for changes if they are due: while nothing arrives too, so that an
+    /// event after a quiet spell is known to follow the changes made in it.
+    pub fn check_rule_sets(&mut self) -> Result<(), PipelineError> {
+        self.resolver.epoch()?;
+        Ok(())
+    }
+
+    /// Decodes and correlates one batch received by `now`, handing `sink` the packets it
+    /// closes; `Break` when the sink wants no more.
+    pub fn feed<'d>(
+        &mut self,
+        inputs: impl IntoIterator<Item = Input<'d>>,
+        now: Instant,
+        sink: &mut impl ReportSink,
+    ) -> Result<ControlFlow<()>, PipelineError> {
+        let epoch = self.resolver.epoch()?;
+        for input in inputs {
+            match input {
+                Input::Datagram(d) => {
+                    // Malformed messages are counted; the rest of the datagram still counts.
+                    let _ = self.decoder.decode_datagram(d, &mut self.events);
+                    for commit in self.decoder.commits.drain(..) {
+                        self.resolver.nft_committed(commit);
+                    }
+                }
+                Input::Lost(n) => {
+                    // The rule-set changes announced in the gap are unknown too.
+                    self.decoder.messages_lost();
+                    if self.push_events(epoch, now, sink)?.is_break() {
+                        return Ok(ControlFlow::Break(()));
+                    }
+                    self.correlator.events_lost();
+                    sink.lost(n);
+                }
+            }
+        }
+        self.push_events(epoch, now, sink)
+    }
+
+    fn push_events(
+        &mut self,
+        epoch: u64,
+        now: Instant,
+        sink: &mut impl ReportSink,
+    ) -> Result<ControlFlow<()>, PipelineError> {
+        let mut events = std::mem::take(&mut self.events);
+        for mut e in events.drain(..) {
+            e.epoch = epoch;
+            if let Some(early) = self.correlator.push(e, now)
+                && self.emit(early, sink)?.is_break()
+            {
+                return Ok(ControlFlow::Break(()));
+            }
+        }
+        self.events = events;
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Reports the packets quiet for `linger` before `read_up_to`.
+    pub fn flush_idle(
+        &mut self,
+        read_up_to: Instant,
+        sink: &mut impl ReportSink,
+    ) -> Result<ControlFlow<()>, PipelineError> {
+        let traces = self.correlator.flush_idle(read_up_to);
+        self.emit_all(traces, sink)
+    }
+
+    /// Reports every packet still open.
+    pub fn flush_all(&mut self, sink: &mut impl ReportSink) -> Result<ControlFlow<()>, PipelineError> {
+        let traces = self.correlator.flush_all();
+        self.emit_all(traces, sink)
+    }
+
+    fn emit_all(
+        &mut self,
+        traces: Vec<PacketTrace>,
+        sink: &mut impl ReportSink,
+    ) -> Result<ControlFlow<()>, PipelineError> {
+        for trace in traces {
+            if self.emit(trace, sink)?.is_break() {
+                return Ok(ControlFlow::Break(()));
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Resolves one packet and hands its report to `sink`.
+    fn emit(&mut self, trace: PacketTrace, sink: &mut impl ReportSink) -> Result<ControlFlow<()>, PipelineError> {
+        let out_ifindex = self.out_ifindex.map(|o| o.load(Ordering::Relaxed));
+        if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
+            return Ok(ControlFlow::Continue(()));
+        }
+        let steps = trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)).collect();
+        match PacketReport::new(steps, !trace.incomplete, &mut self.names) {
+            Some(report) => sink.report(report).map_err(PipelineError::Output),
+            None => Ok(ControlFlow::Continue(())),
+        }
+    }
+}
