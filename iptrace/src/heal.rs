@@ -36,24 +36,21 @@ use iptrace_common::uapi::{
     NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES, NFT_MSG_DELCHAIN, NFT_MSG_DELOBJ, NFT_MSG_DELRULE, NFT_MSG_DELSET,
     NFT_MSG_DELTABLE, NFT_MSG_NEWGEN,
 };
-use neli::{
-    consts::socket::{Msg, NlFamily},
-    socket::NlSocket,
-    utils::Groups,
-};
 
 use crate::{
-    decode::{
-        Family, NftFamily,
-        netlink::{Attributes, NetlinkMessage, NetlinkMessages},
-    },
+    decode::{Family, NftFamily},
     instrument::{
         self, InstrumentError, Marker, Owner, TracePlan,
         legacy::{self, Displaced},
         nf_log,
     },
+    netfilter::{
+        NetfilterSocket, Received,
+        netlink::{NetlinkMessage, NetlinkMessages},
+        nf_tables::NfTablesSocket,
+    },
     netns,
-    nftables::{NfTablesSocket, NftError},
+    nftables::NftError,
     resolve::{TableInfo, TableProbe},
 };
 
@@ -166,7 +163,7 @@ struct Watcher {
 
 /// iptrace's nf_tables table: notifications of deletions, and its rule count as installed.
 struct NftWatch {
-    notifications: NlSocket,
+    notifications: NetfilterSocket,
     queries: NfTablesSocket,
     table: String,
     rules: usize,
@@ -351,16 +348,15 @@ impl Watcher {
 
 impl NftWatch {
     fn open(table: String) -> Result<Self, HealError> {
-        let notifications = NlSocket::connect(NlFamily::Netfilter, Some(0), Groups::empty())
-            .and_then(|s| s.add_mcast_membership(Groups::new_groups(&[NFNLGRP_NFTABLES])).map(|()| s))
-            .map_err(HealError::Watch)?;
+        let notifications =
+            NetfilterSocket::open().and_then(|s| s.join(&[NFNLGRP_NFTABLES]).map(|()| s)).map_err(HealError::Watch)?;
         let mut queries = NfTablesSocket::open().map_err(HealError::Nft)?;
         let rules = queries.rule_count(NftFamily::Inet, &table).map_err(HealError::Nft)?;
         Ok(Self { notifications, queries, table, rules, transaction: Transaction::default() })
     }
 
     fn wait(&self, timeout: Duration) {
-        let mut poll = libc::pollfd { fd: self.notifications.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut poll = libc::pollfd { fd: self.notifications.fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
         // SAFETY: one valid pollfd; a failure (EINTR) only shortens the wait.
         unsafe { libc::poll(&mut poll, 1, ms) };
@@ -373,14 +369,14 @@ impl NftWatch {
         let mut found = None;
         let transaction = &mut self.transaction;
         loop {
-            let n = match self.notifications.recv(&mut buf[..], Msg::DONTWAIT) {
-                Ok((n, _)) => n,
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+            let n = match self.notifications.receive_queued(&mut buf) {
+                Ok(Received::Datagram(n)) => n,
+                Ok(Received::Overrun) => {
                     // Notifications were lost: look at the table.
                     found.get_or_insert_with(|| "the nf_tables rule set changed".to_owned());
                     continue;
                 }
-                Err(_) => break,
+                Ok(Received::Idle) | Err(_) => break,
             };
             for m in NetlinkMessages::new(&buf[..n]).flatten() {
                 if transaction.note(&m, &self.table) {
@@ -423,12 +419,11 @@ impl Transaction {
             return true;
         }
         // nfgenmsg's family is the object's; then the attributes.
-        let family = m.payload.first().copied().map(NftFamily::from_nfproto);
-        let named = Attributes::new(m.payload.get(4..).unwrap_or_default())
-            .flatten()
-            .find(|a| a.kind == NFTA_OBJECT_TABLE)
-            .map(|a| a.c_str());
-        let ours = family == Some(NftFamily::Inet) && named == Some(table.as_bytes());
+        let ours = m.nfnetlink().is_ok_and(|(nfgen, attributes)| {
+            NftFamily::from_nfproto(nfgen.family()) == NftFamily::Inet
+                && attributes.flatten().find(|a| a.kind == NFTA_OBJECT_TABLE).map(|a| a.c_str())
+                    == Some(table.as_bytes())
+        });
         match kind {
             NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE if ours => self.table_deleted = true,
             NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE => self.other_tables_deleted = true,
@@ -466,7 +461,7 @@ fn name(family: Family) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::netlink::{attribute, nfnetlink_request};
+    use crate::netfilter::netlink::{attribute, nfnetlink_request};
 
     /// A notification as the kernel sends it: `family`'s object named by attribute 1 (`table`).
     fn notification(kind: u32, family: u8, table: &str) -> Vec<u8> {

@@ -55,6 +55,7 @@ pub mod filter;
 pub mod heal;
 pub mod instrument;
 pub mod lab;
+pub mod netfilter;
 pub mod netns;
 pub mod nftables;
 pub mod render;

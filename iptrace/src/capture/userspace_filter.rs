@@ -26,15 +26,15 @@ use iptrace_common::{
 use crate::{
     decode::{
         DecodeError,
-        netlink::{Attributes, NetlinkMessage, NetlinkMessages},
         nflog::{NFULNL_PACKET_TYPE, NflogPacket},
         nftrace::NFT_TRACE_TYPE,
     },
     filter::CompiledFilter,
+    netfilter::{
+        layout::NFGENMSG_LEN,
+        netlink::{Attributes, NetlinkMessage, NetlinkMessages},
+    },
 };
-
-/// `sizeof(struct nfgenmsg)`, before a trace message's attributes.
-const NFGENMSG_LEN: usize = 4;
 
 /// Keeps a datagram when any message in it is wanted, as `trace_filter` does: an nflog packet
 /// message's first event decides for all its events (NAT may rewrite it into or out of the

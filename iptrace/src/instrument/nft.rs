@@ -26,7 +26,8 @@ use super::{InstrumentError, Prefilter, TraceChain, TracePlan, XtBpfProgram, own
 use crate::{
     decode::{Family, NftFamily},
     filter::CbpfInsn,
-    nftables::{self, NfTablesSocket, RuleExpression},
+    netfilter::nf_tables::{NfTablesSocket, RuleExpression},
+    nftables,
 };
 
 /// The table's family: one table covers IPv4 and IPv6.
