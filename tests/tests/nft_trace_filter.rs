@@ -70,7 +70,7 @@ fn only_selected_nft_trace_events_reach_the_socket() {
         let message = NetlinkMessages::new(datagram).next().unwrap().unwrap();
         assert_eq!(message.message_type, NFT_TRACE_TYPE);
         let (mut id, mut network, mut transport) = (None, None, None);
-        for attribute in Attributes::new(&message.payload[4..]) {
+        for attribute in message.nfnetlink().unwrap().1 {
             let attribute = attribute.unwrap();
             match u32::from(attribute.kind) {
                 NFTA_TRACE_ID => id = Some(attribute.value.to_vec()),

@@ -289,13 +289,14 @@ mod tests {
         ];
         let batch = append_rule_batch(40, NftFamily::Inet, "iptrace_1_2", "output", &expressions);
         let messages: Vec<_> = NetlinkMessages::new(&batch).collect::<Result<_, _>>().unwrap();
-        let heads: Vec<_> = messages.iter().map(|m| (m.message_type, m.flags, m.sequence, m.payload[0])).collect();
+        let heads: Vec<_> =
+            messages.iter().map(|m| (m.message_type, m.flags, m.sequence, m.nfnetlink().unwrap().0.family())).collect();
         assert_eq!(heads, [(0x10, 0x1, 40, 0), (0x0a06, 0xc05, 41, 1), (0x11, 0x1, 42, 0)]);
         // The batch messages name nf_tables in res_id (big-endian).
         assert_eq!(&messages[0].payload[2..4], &[0, 10]);
-        assert_eq!(&messages[2].payload[2..4], &[0, 10]);
+        assert_eq!(messages[2].nfnetlink().unwrap().0.res_id(), 10);
 
-        let rule = attributes(&messages[1].payload[4..]);
+        let rule: Vec<_> = messages[1].nfnetlink().unwrap().1.collect::<Result<_, _>>().unwrap();
         assert_eq!(rule.iter().map(|a| a.kind).collect::<Vec<_>>(), [1, 2, 4]);
         assert_eq!((rule[0].c_str(), rule[1].c_str()), (&b"iptrace_1_2"[..], &b"output"[..]));
         let list = attributes(rule[2].value);
