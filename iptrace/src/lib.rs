@@ -4,6 +4,7 @@
 //! → [`capture`] (the nfnetlink_log socket and its eBPF filter) → [`decode`] (bytes to events)
 //! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`render`].
 //! [`heal`] keeps the instrumentation in place while other programs change the host.
+//! [`netfilter`] is the netlink side they share: the one socket opener, message layouts, requests.
 
 /// Writes a line to stderr through [`write_note`].
 #[macro_export]

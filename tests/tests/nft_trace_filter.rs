@@ -7,10 +7,7 @@ use std::{collections::HashSet, io, net::SocketAddr, thread, time::Duration};
 use iptrace::{
     bpf::TraceSocketFilter,
     filter::CompiledFilter,
-    netfilter::{
-        NetfilterSocket, Received,
-        netlink::{Attributes, NetlinkMessages},
-    },
+    netfilter::{NetfilterSocket, Received, netlink::NetlinkMessages},
 };
 use iptrace_common::{
     message::NFT_TRACE_TYPE,
