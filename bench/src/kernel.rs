@@ -9,7 +9,6 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,11 +19,13 @@ use std::{
 };
 
 use iptrace::{
-    capture::{Received, TraceSocket},
-    decode::{Family, netlink::NetlinkMessages, nflog::NFULNL_PACKET_TYPE, nftrace::NFT_TRACE_TYPE},
+    capture::TraceSocket,
+    decode::{Family, nflog::NFULNL_PACKET_TYPE, nftrace::NFT_TRACE_TYPE},
     instrument::Owner,
     lab::{Lab, LabError, Role},
+    netfilter::{NetfilterSocket, Received, netlink::NetlinkMessages},
 };
+use iptrace_common::uapi::NFNLGRP_NFTRACE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -115,8 +116,6 @@ pub struct TraceListener {
     thread: Option<JoinHandle<io::Result<TraceMessages>>>,
 }
 
-const NFNLGRP_NFTRACE: libc::c_int = 9;
-
 impl TraceListener {
     /// Starts listening; returns once the socket receives.
     pub fn start(lab: &Lab, listened: Listened) -> Result<Self, KernelError> {
@@ -170,7 +169,7 @@ impl Drop for TraceListener {
 }
 
 enum ListenerSocket {
-    Nftrace(OwnedFd),
+    Nftrace(NetfilterSocket),
     /// iptrace's own socket set-up (bound to group 0, whole packets, 128 MiB buffer); only the
     /// reading differs.
     Nflog(TraceSocket),
@@ -194,63 +193,27 @@ impl ListenerSocket {
     }
 }
 
-fn open_listener() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2), owned right away.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_NETFILTER) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is fresh.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let set = |level, option, value: &[u8]| {
-        // SAFETY: value is a live buffer of the length passed.
-        let rc = unsafe {
-            libc::setsockopt(socket.as_raw_fd(), level, option, value.as_ptr().cast(), value.len() as libc::socklen_t)
-        };
-        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-    };
+fn open_listener() -> io::Result<NetfilterSocket> {
+    let socket = NetfilterSocket::open()?;
     // Large enough that this listener keeps up where the tools under test do not.
-    set(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &(64i32 << 20).to_ne_bytes())?;
-    let timeout = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
-    // SAFETY: timeval is plain data; viewed as its bytes for setsockopt.
-    let timeout_bytes =
-        unsafe { std::slice::from_raw_parts((&raw const timeout).cast::<u8>(), size_of::<libc::timeval>()) };
-    set(libc::SOL_SOCKET, libc::SO_RCVTIMEO, timeout_bytes)?;
-    // SAFETY: all-zero is a valid sockaddr_nl; the kernel assigns the port id.
-    let mut local: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    local.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // Bind before joining: an unbound socket receives nothing (design.md §5.1).
-    // SAFETY: local is a valid sockaddr_nl.
-    if unsafe {
-        libc::bind(socket.as_raw_fd(), (&raw const local).cast(), size_of::<libc::sockaddr_nl>() as libc::socklen_t)
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    set(libc::SOL_NETLINK, libc::NETLINK_ADD_MEMBERSHIP, &NFNLGRP_NFTRACE.to_ne_bytes())?;
+    socket.set_receive_buffer(64 << 20)?;
+    socket.set_receive_timeout(Duration::from_millis(50))?;
+    socket.join(&[NFNLGRP_NFTRACE])?;
     Ok(socket)
 }
 
-fn count_messages(socket: &OwnedFd, stop: &AtomicBool) -> io::Result<TraceMessages> {
+fn count_messages(socket: &NetfilterSocket, stop: &AtomicBool) -> io::Result<TraceMessages> {
     let mut counts = TraceMessages::default();
     let mut buf = vec![0u8; 1 << 16];
     // Keep reading after the stop until the queue is empty, so late messages are counted.
-    let mut idle_after_stop = false;
-    while !idle_after_stop {
-        // SAFETY: buf is valid for its length.
-        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::ENOBUFS) => counts.overruns += 1,
-                Some(libc::EAGAIN | libc::EINTR) => idle_after_stop = stop.load(Ordering::Relaxed),
-                _ => return Err(e),
-            }
-            continue;
+    loop {
+        match socket.receive(&mut buf)? {
+            Received::Datagram(n) => counts.messages += messages_of_type(&buf[..n], NFT_TRACE_TYPE),
+            Received::Overrun => counts.overruns += 1,
+            Received::Idle if stop.load(Ordering::Relaxed) => return Ok(counts),
+            Received::Idle => {}
         }
-        counts.messages += messages_of_type(&buf[..n as usize], NFT_TRACE_TYPE);
     }
-    Ok(counts)
 }
 
 fn count_nflog_messages(socket: &TraceSocket, stop: &AtomicBool) -> io::Result<TraceMessages> {

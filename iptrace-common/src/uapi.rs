@@ -154,6 +154,12 @@ pub struct nlmsghdr {
     pub nlmsg_seq: __u32,
     pub nlmsg_pid: __u32,
 }
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct nlmsgerr {
+    pub error: core::ffi::c_int,
+    pub msg: nlmsghdr,
+}
 pub const NETLINK_UNCONNECTED: _bindgen_ty_1 = 0;
 pub const NETLINK_CONNECTED: _bindgen_ty_1 = 1;
 pub type _bindgen_ty_1 = core::ffi::c_uint;

@@ -13,7 +13,8 @@
 use crate::{
     decode::{Family, NftFamily},
     instrument::{Marker, Owner},
-    nftables::{self, NfTablesSocket, NftError},
+    netfilter::nf_tables::NfTablesSocket,
+    nftables::{self, NftError},
     xtables::Xtables,
 };
 

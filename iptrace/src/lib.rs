@@ -5,6 +5,7 @@
 //! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`model`] (a
 //! packet's report and fate) → [`render`]. [`pipeline`] runs decode to report as one type.
 //! [`heal`] keeps the instrumentation in place while other programs change the host.
+//! [`netfilter`] is the netlink side they share: the one socket opener, message layouts, requests.
 
 /// Writes a line to stderr through [`write_note`].
 #[macro_export]
@@ -58,6 +59,7 @@ pub mod heal;
 pub mod instrument;
 pub mod lab;
 pub mod model;
+pub mod netfilter;
 pub mod netns;
 pub mod nftables;
 pub mod pipeline;

@@ -2,19 +2,12 @@
 //! traced by `meta nftrace set 1` in the router, only the selected packets' trace events reach
 //! the socket, the header-less later events of those packets included.
 
-use std::{
-    collections::HashSet,
-    io, mem,
-    net::SocketAddr,
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
-    thread,
-    time::Duration,
-};
+use std::{collections::HashSet, io, net::SocketAddr, thread, time::Duration};
 
 use iptrace::{
     bpf::TraceSocketFilter,
-    decode::netlink::{Attributes, NetlinkMessages},
     filter::CompiledFilter,
+    netfilter::{NetfilterSocket, Received, netlink::NetlinkMessages},
 };
 use iptrace_common::{
     message::NFT_TRACE_TYPE,
@@ -22,41 +15,21 @@ use iptrace_common::{
 };
 use iptrace_tests::{Role, addr, lab, require_root};
 
-/// A NETLINK_NETFILTER socket in the calling thread's netns, bound, then joined to the nftables
-/// trace group (an unbound socket receives nothing, design.md §5.1).
-fn open_trace_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the result is checked and owned right away.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_NETFILTER) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: a zeroed sockaddr_nl is valid; we set its family.
-    let mut address: libc::sockaddr_nl = unsafe { mem::zeroed() };
-    address.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: `address` is a sockaddr_nl of the length given.
-    let bound = unsafe { libc::bind(fd, (&raw const address).cast(), mem::size_of_val(&address) as u32) };
-    let group = NFNLGRP_NFTRACE;
-    // SAFETY: `group` is a u32 of the length given.
-    let joined =
-        unsafe { libc::setsockopt(fd, libc::SOL_NETLINK, libc::NETLINK_ADD_MEMBERSHIP, (&raw const group).cast(), 4) };
-    if bound != 0 || joined != 0 {
-        return Err(io::Error::last_os_error());
-    }
+/// A NETLINK_NETFILTER socket in the calling thread's netns, joined to the nftables trace group.
+fn open_trace_socket() -> io::Result<NetfilterSocket> {
+    let socket = NetfilterSocket::open()?;
+    socket.join(&[NFNLGRP_NFTRACE])?;
     Ok(socket)
 }
 
 /// Every datagram waiting on `socket`.
-fn drain(socket: &OwnedFd) -> Vec<Vec<u8>> {
+fn drain(socket: &NetfilterSocket) -> Vec<Vec<u8>> {
     let mut datagrams = Vec::new();
     let mut buffer = vec![0_u8; 65536];
-    loop {
-        // SAFETY: `buffer` is writable for its length.
-        let n = unsafe { libc::recv(socket.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), libc::MSG_DONTWAIT) };
-        let Ok(n) = usize::try_from(n) else { return datagrams };
+    while let Ok(Received::Datagram(n)) = socket.receive_queued(&mut buffer) {
         datagrams.push(buffer[..n].to_vec());
     }
+    datagrams
 }
 
 #[test]
@@ -76,7 +49,7 @@ fn only_selected_nft_trace_events_reach_the_socket() {
     let socket = lab.in_ns(Role::Router, open_trace_socket).unwrap().unwrap();
     let selection = CompiledFilter::compile("udp dst port 9999").unwrap();
     let mut filter = TraceSocketFilter::load(Some(selection.instructions()), false).unwrap();
-    filter.attach(socket.as_fd()).unwrap();
+    filter.attach(socket.fd()).unwrap();
     // Queued before the filter was attached (IPv6 neighbour discovery, MLD), so never judged.
     drain(&socket);
 
@@ -94,7 +67,7 @@ fn only_selected_nft_trace_events_reach_the_socket() {
         let message = NetlinkMessages::new(datagram).next().unwrap().unwrap();
         assert_eq!(message.message_type, NFT_TRACE_TYPE);
         let (mut id, mut network, mut transport) = (None, None, None);
-        for attribute in Attributes::new(&message.payload[4..]) {
+        for attribute in message.nfnetlink().unwrap().1 {
             let attribute = attribute.unwrap();
             match u32::from(attribute.kind) {
                 NFTA_TRACE_ID => id = Some(attribute.value.to_vec()),

@@ -39,7 +39,7 @@ pub fn generate(root: &Path) -> Result<()> {
         .layout_tests(false)
         .derive_default(true)
         .allowlist_var("NLMSG_.*|NLM_F_.*|NLA_.*|NETLINK_.*|NF_.*|NFNL.*")
-        .allowlist_type("nlmsghdr|nlattr|nfgenmsg|nfulnl_.*|nfnl_.*|nft_trace_.*|nft_verdicts|nft_rule_attributes|nft_verdict_attributes|nf_tables_msg_types|nft_table_attributes|nft_gen_attributes|nfnetlink_groups|nf_inet_hooks|nfqnl_.*|nft_list_attributes|nft_expr_attributes|nft_match_attributes|nft_immediate_attributes|nft_data_attributes|nft_registers|xt_bpf_info_v1|xt_bpf_modes")
+        .allowlist_type("nlmsghdr|nlmsgerr|nlattr|nfgenmsg|nfulnl_.*|nfnl_.*|nft_trace_.*|nft_verdicts|nft_rule_attributes|nft_verdict_attributes|nf_tables_msg_types|nft_table_attributes|nft_gen_attributes|nfnetlink_groups|nf_inet_hooks|nfqnl_.*|nft_list_attributes|nft_expr_attributes|nft_match_attributes|nft_immediate_attributes|nft_data_attributes|nft_registers|xt_bpf_info_v1|xt_bpf_modes")
         .allowlist_var("NFULA_.*|NFULNL_.*|NFTA_TRACE_.*|NFTA_RULE_.*|NFTA_VERDICT_.*|NFTA_TABLE_.*|NFTA_GEN_.*|NFT_MSG_.*|NFNLGRP_.*|NFT_TRACETYPE_.*|NFT_.*|NFPROTO_.*|NFTA_LIST_.*|NFTA_EXPR_.*|NFTA_MATCH_.*|NFTA_IMMEDIATE_.*|NFTA_DATA_.*|XT_BPF_.*")
         .generate()
         .context("bindgen failed (is libclang1-22 installed?)")?;

@@ -5,7 +5,6 @@
 use std::{
     collections::HashSet,
     net::{Ipv4Addr, Ipv6Addr},
-    os::fd::{AsFd as _, FromRawFd as _, OwnedFd},
     sync::{Arc, Mutex},
 };
 
@@ -19,6 +18,7 @@ mod nftrace;
 
 use super::*;
 use crate::filter::CompiledFilter;
+use crate::netfilter::NetfilterSocket;
 
 fn is_root() -> bool {
     // SAFETY: geteuid() cannot fail.
@@ -777,14 +777,10 @@ fn attaches_to_a_netfilter_netlink_socket() {
     if !is_root() {
         return;
     }
-    // SAFETY: plain socket(2); the result is checked and owned right away.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_NETFILTER) };
-    assert!(fd >= 0, "{}", io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let socket = NetfilterSocket::open().unwrap();
     let mut filter =
         TraceSocketFilter::load(Some(CompiledFilter::compile("tcp").unwrap().instructions()), false).unwrap();
-    filter.attach(socket.as_fd()).unwrap();
+    filter.attach(socket.fd()).unwrap();
 }
 
 #[test]

@@ -16,24 +16,24 @@ mod userspace_filter;
 
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd, OwnedFd},
+    os::fd::{AsRawFd, BorrowedFd},
     time::Duration,
 };
 
 use iptrace_common::uapi::{
-    NFNL_SUBSYS_ULOG, NFNLGRP_NFTABLES, NFNLGRP_NFTRACE, NFULA_CFG_CMD, NFULA_CFG_MODE, NFULNL_CFG_CMD_BIND,
-    NFULNL_CFG_CMD_PF_BIND, NFULNL_COPY_PACKET, NFULNL_MSG_CONFIG, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, NLMSG_NOOP,
-};
-use neli::{
-    consts::socket::{Msg, NlFamily},
-    socket::NlSocket,
-    utils::Groups,
+    NFNLGRP_NFTABLES, NFNLGRP_NFTRACE, NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_PF_BIND, NLM_F_ACK, NLM_F_REQUEST,
+    NLMSG_ERROR, NLMSG_NOOP,
 };
 
 pub use self::{owner::GroupOwner, userspace_filter::UserspaceFilter};
-use crate::decode::{
-    Family,
-    netlink::{NetlinkMessages, attribute, error_code, nfnetlink_request},
+pub use crate::netfilter::Received;
+use crate::{
+    decode::Family,
+    netfilter::{
+        NetfilterSocket,
+        netlink::{NetlinkMessages, netlink_message},
+        nflog,
+    },
 };
 
 /// The nflog group TRACE logs to.
@@ -61,17 +61,6 @@ pub enum CaptureError {
     Receive(#[source] io::Error),
 }
 
-/// What one receive call produced.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Received {
-    /// A datagram of this many bytes is in the buffer.
-    Datagram(usize),
-    /// Nothing arrived within the receive timeout.
-    Idle,
-    /// The receive buffer overflowed: the kernel dropped at least one message (ENOBUFS).
-    Overrun,
-}
-
 /// The socket's receive queue as the kernel accounts it (`SO_MEMINFO`, `sk_get_meminfo()`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueState {
@@ -86,7 +75,7 @@ pub struct QueueState {
 
 /// A NETLINK_NETFILTER socket receiving trace events: nflog group 0, `NFNLGRP_NFTRACE`, or both.
 pub struct TraceSocket {
-    socket: NlSocket,
+    socket: NetfilterSocket,
     sequence: u32,
 }
 
@@ -97,27 +86,28 @@ impl TraceSocket {
     ///
     /// Needs CAP_NET_ADMIN in that namespace (`nfnetlink_rcv()` checks `netlink_net_capable()`).
     pub fn open(nflog_families: &[Family], receive_timeout: Duration) -> Result<Self, CaptureError> {
-        let socket = NlSocket::connect(NlFamily::Netfilter, Some(0), Groups::empty()).map_err(CaptureError::Socket)?;
-        let mut this = Self { socket, sequence: 0 };
-        this.set_receive_buffer()?;
-        set_receive_timeout(&this.socket, receive_timeout)
+        let socket = NetfilterSocket::open().map_err(CaptureError::Socket)?;
+        // SO_RCVBUFFORCE passes net.core.rmem_max; it needs CAP_NET_ADMIN, which we have.
+        socket
+            .set_receive_buffer(RECEIVE_BUFFER)
+            .map_err(|source| CaptureError::SocketOption { option: "SO_RCVBUF", source })?;
+        socket
+            .set_receive_timeout(receive_timeout)
             .map_err(|source| CaptureError::SocketOption { option: "SO_RCVTIMEO", source })?;
+        let mut this = Self { socket, sequence: 0 };
         if nflog_families.is_empty() {
             return Ok(this);
         }
         for &family in nflog_families {
-            this.configure(family, &cfg_cmd(NFULNL_CFG_CMD_PF_BIND), 0, "binding nfnetlink_log as the logger")?;
+            this.configure(family, &nflog::command(NFULNL_CFG_CMD_PF_BIND), 0, "binding nfnetlink_log as the logger")?;
         }
-        match this.configure(Family::Ipv4, &cfg_cmd(NFULNL_CFG_CMD_BIND), TRACE_GROUP, "binding group 0") {
+        match this.configure(Family::Ipv4, &nflog::command(NFULNL_CFG_CMD_BIND), TRACE_GROUP, "binding group 0") {
             Err(CaptureError::Config { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => {
                 return Err(CaptureError::GroupInUse { group: TRACE_GROUP, owner: GroupOwner::find(TRACE_GROUP) });
             }
             other => other?,
         }
-        // NFULA_CFG_MODE: packed {__be32 copy_range; u8 copy_mode; u8 pad}; range 0 = the maximum.
-        let mut mode = [0u8; 6];
-        mode[4] = NFULNL_COPY_PACKET as u8;
-        this.configure(Family::Ipv4, &attribute(NFULA_CFG_MODE as u16, &mode), TRACE_GROUP, "COPY_PACKET mode")?;
+        this.configure(Family::Ipv4, &nflog::copy_packets(), TRACE_GROUP, "COPY_PACKET mode")?;
         Ok(this)
     }
 
@@ -126,18 +116,7 @@ impl TraceSocket {
     /// `NFNLGRP_NFTABLES` too: the rule changes and generation of each commit arrive in order
     /// with the trace events, which tells the generation each event ran against.
     pub fn join_nftrace(&self) -> Result<(), CaptureError> {
-        self.socket
-            .add_mcast_membership(Groups::new_groups(&[NFNLGRP_NFTRACE, NFNLGRP_NFTABLES]))
-            .map_err(CaptureError::JoinNftrace)
-    }
-
-    fn set_receive_buffer(&self) -> Result<(), CaptureError> {
-        let fd = self.socket.as_raw_fd();
-        let size = libc::c_int::try_from(RECEIVE_BUFFER).unwrap_or(libc::c_int::MAX);
-        // SO_RCVBUFFORCE passes net.core.rmem_max; it needs CAP_NET_ADMIN, which we have.
-        set_option(fd, libc::SO_RCVBUFFORCE, &size)
-            .or_else(|_| set_option(fd, libc::SO_RCVBUF, &size))
-            .map_err(|source| CaptureError::SocketOption { option: "SO_RCVBUF", source })
+        self.socket.join(&[NFNLGRP_NFTRACE, NFNLGRP_NFTABLES]).map_err(CaptureError::JoinNftrace)
     }
 
     /// Sends one `NFULNL_MSG_CONFIG` request and waits for its acknowledgement.
@@ -153,33 +132,28 @@ impl TraceSocket {
             Family::Ipv4 => libc::AF_INET as u8,
             Family::Ipv6 => libc::AF_INET6 as u8,
         };
-        // res_id = the group.
-        let msg = nfnetlink_request(
-            ((NFNL_SUBSYS_ULOG as u16) << 8) | NFULNL_MSG_CONFIG as u16,
-            (NLM_F_REQUEST | NLM_F_ACK) as u16,
-            self.sequence,
-            pf,
-            group,
-            attrs,
-        );
-        self.socket.send(&msg, Msg::empty()).map_err(|source| CaptureError::Config { request, source })?;
+        let msg = nflog::config_request(self.sequence, pf, group, attrs);
+        self.socket.send(&msg).map_err(|source| CaptureError::Config { request, source })?;
 
         let mut buf = vec![0u8; 8192];
         loop {
-            let n = match self.socket.recv(&mut buf[..], Msg::empty()) {
-                Ok((n, _)) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            let n = match self.socket.receive(&mut buf) {
+                Ok(Received::Datagram(n)) => n,
+                Ok(Received::Idle) => {
                     return Err(CaptureError::Config {
                         request,
                         source: io::Error::new(io::ErrorKind::TimedOut, "no acknowledgement"),
                     });
+                }
+                Ok(Received::Overrun) => {
+                    return Err(CaptureError::Config { request, source: io::Error::from_raw_os_error(libc::ENOBUFS) });
                 }
                 Err(e) => return Err(CaptureError::Config { request, source: e }),
             };
             // Trace lines of other packets may arrive before the ack: skip them.
             for m in NetlinkMessages::new(&buf[..n]).flatten() {
                 if u32::from(m.message_type) == NLMSG_ERROR && m.sequence == self.sequence {
-                    return match error_code(&m) {
+                    return match m.error_code() {
                         0 => Ok(()),
                         errno => Err(CaptureError::Config { request, source: io::Error::from_raw_os_error(errno) }),
                     };
@@ -192,30 +166,13 @@ impl TraceSocket {
     /// `nlbufsiz`, 128 KiB at most, a TRACE line flushes alone, and an nf_tables trace event is
     /// one small message a datagram).
     pub fn receive(&self, buf: &mut [u8]) -> Result<Received, CaptureError> {
-        self.receive_with(buf, Msg::empty())
+        self.socket.receive(buf).map_err(CaptureError::Receive)
     }
 
     /// Like [`receive`](Self::receive), but returns [`Received::Idle`] at once when nothing is
     /// queued (MSG_DONTWAIT): for draining what is queued without waiting.
     pub fn receive_queued(&self, buf: &mut [u8]) -> Result<Received, CaptureError> {
-        self.receive_with(buf, Msg::DONTWAIT)
-    }
-
-    /// [`Received::Idle`] means the queue was empty: a wait a signal interrupted (EINTR, which
-    /// with a receive timeout set the kernel does not restart, also not after SIGSTOP and
-    /// SIGCONT) is made again, so that it cannot pass for one.
-    fn receive_with(&self, buf: &mut [u8], flags: Msg) -> Result<Received, CaptureError> {
-        loop {
-            return match self.socket.recv(&mut *buf, flags) {
-                Ok((n, _)) => Ok(Received::Datagram(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) => {
-                    Ok(Received::Idle)
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Received::Overrun),
-                Err(e) => Err(CaptureError::Receive(e)),
-            };
-        }
+        self.socket.receive_queued(buf).map_err(CaptureError::Receive)
     }
 
     /// The receive queue's fill and drop count.
@@ -232,7 +189,7 @@ impl TraceSocket {
         // SAFETY: `meminfo` is writable for `len` bytes, and `len` is a valid socklen_t.
         let rc = unsafe {
             libc::getsockopt(
-                self.socket.as_raw_fd(),
+                self.socket.fd().as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_MEMINFO,
                 meminfo.as_mut_ptr().cast(),
@@ -250,8 +207,7 @@ impl TraceSocket {
 
     /// For attaching the socket filter.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the descriptor is owned by `self.socket` and outlives the borrow.
-        unsafe { BorrowedFd::borrow_raw(self.socket.as_raw_fd()) }
+        self.socket.fd()
     }
 }
 
@@ -261,7 +217,7 @@ impl TraceSocket {
 /// Checks of the legacy tables that find a table changed send one, so that each trace line tells
 /// which of those checks came before it was logged.
 pub struct StreamMarker {
-    socket: OwnedFd,
+    socket: NetfilterSocket,
 }
 
 /// The sequence numbers of marks carry this bit, and the mark's number in the others.
@@ -270,51 +226,17 @@ pub const MARK_SEQUENCE: u32 = 1 << 31;
 impl StreamMarker {
     /// Sends on `socket` through a duplicate of its descriptor, from another thread.
     pub fn new(socket: &TraceSocket) -> Result<Self, CaptureError> {
-        let socket = socket.fd().try_clone_to_owned().map_err(CaptureError::Socket)?;
+        let socket = socket.socket.try_clone().map_err(CaptureError::Socket)?;
         Ok(Self { socket })
     }
 
     /// Queues mark `number` (31 bits) behind the messages queued now.
     pub fn mark(&self, number: u32) -> io::Result<()> {
-        const NLMSG_HDRLEN: u32 = 16;
-        let mut request = Vec::with_capacity(NLMSG_HDRLEN as usize);
-        request.extend_from_slice(&NLMSG_HDRLEN.to_ne_bytes());
-        request.extend_from_slice(&(NLMSG_NOOP as u16).to_ne_bytes());
-        request.extend_from_slice(&((NLM_F_REQUEST | NLM_F_ACK) as u16).to_ne_bytes());
-        request.extend_from_slice(&(MARK_SEQUENCE | number).to_ne_bytes());
-        request.extend_from_slice(&0u32.to_ne_bytes());
-        // SAFETY: the buffer is valid for its length.
-        let sent = unsafe { libc::send(self.socket.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
-        if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        self.socket.send(&netlink_message(
+            NLMSG_NOOP as u16,
+            (NLM_F_REQUEST | NLM_F_ACK) as u16,
+            MARK_SEQUENCE | number,
+            &[],
+        ))
     }
-}
-
-fn cfg_cmd(cmd: u32) -> Vec<u8> {
-    attribute(NFULA_CFG_CMD as u16, &[cmd as u8])
-}
-
-/// Makes `recv` on `socket` give up after `timeout` (`EAGAIN`).
-pub(crate) fn set_receive_timeout(socket: &NlSocket, timeout: Duration) -> io::Result<()> {
-    set_option(
-        socket.as_raw_fd(),
-        libc::SO_RCVTIMEO,
-        &libc::timeval {
-            tv_sec: timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX),
-            tv_usec: timeout.subsec_micros().into(),
-        },
-    )
-}
-
-fn set_option<T>(fd: i32, option: libc::c_int, value: &T) -> io::Result<()> {
-    // SAFETY: `value` points at a live `T` of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            std::ptr::from_ref(value).cast(),
-            libc::socklen_t::try_from(size_of::<T>()).unwrap_or(0),
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }

@@ -26,15 +26,15 @@ use iptrace_common::{
 use crate::{
     decode::{
         DecodeError,
-        netlink::{Attributes, NetlinkMessage, NetlinkMessages},
         nflog::{NFULNL_PACKET_TYPE, NflogPacket},
         nftrace::NFT_TRACE_TYPE,
     },
     filter::CompiledFilter,
+    netfilter::{
+        layout::NFGENMSG_LEN,
+        netlink::{Attributes, NetlinkMessage, NetlinkMessages},
+    },
 };
-
-/// `sizeof(struct nfgenmsg)`, before a trace message's attributes.
-const NFGENMSG_LEN: usize = 4;
 
 /// Keeps a datagram when any message in it is wanted, as `trace_filter` does: an nflog packet
 /// message's first event decides for all its events (NAT may rewrite it into or out of the
@@ -195,25 +195,16 @@ impl<K: Copy + Eq + Hash> RecentVerdicts<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::packet::tests::udp_v4;
+    use crate::{
+        decode::packet::tests::udp_v4,
+        netfilter::netlink::{attribute, nfnetlink_request},
+    };
 
     /// One message of `message_type` with an nfgenmsg for IPv4 and `attributes`.
     fn datagram(message_type: u16, attributes: &[(u32, &[u8])]) -> Vec<u8> {
-        let mut attrs = Vec::new();
-        for (kind, value) in attributes {
-            let len = 4 + value.len();
-            attrs.extend_from_slice(&u16::try_from(len).unwrap().to_ne_bytes());
-            attrs.extend_from_slice(&u16::try_from(*kind).unwrap().to_ne_bytes());
-            attrs.extend_from_slice(value);
-            attrs.resize((attrs.len() + 3) & !3, 0);
-        }
-        let len = 16 + 4 + attrs.len();
-        let mut d = u32::try_from(len).unwrap().to_ne_bytes().to_vec();
-        d.extend_from_slice(&message_type.to_ne_bytes());
-        d.extend_from_slice(&[0; 10]);
-        d.extend_from_slice(&[2, 0, 0, 0]);
-        d.extend_from_slice(&attrs);
-        d
+        let attributes: Vec<u8> =
+            attributes.iter().flat_map(|(kind, value)| attribute(u16::try_from(*kind).unwrap(), value)).collect();
+        nfnetlink_request(message_type, 0, 0, 2, 0, &attributes)
     }
 
     /// One nflog packet message carrying `payload`, as the kernel lays it out.

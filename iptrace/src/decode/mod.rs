@@ -5,7 +5,6 @@
 //! allocates nothing. Legacy TRACE lines and nf_tables trace events become the same
 //! [`TraceEvent`]; where it happened is its [`Origin`].
 
-pub mod netlink;
 pub mod nflog;
 pub mod nftchange;
 pub mod nftrace;
@@ -18,7 +17,6 @@ use std::{collections::HashMap, fmt, sync::Arc};
 use iptrace_common::uapi::{NFT_TRACETYPE_POLICY, NFT_TRACETYPE_RETURN, NFT_TRACETYPE_RULE, NLMSG_DONE, NLMSG_ERROR};
 
 use self::{
-    netlink::{NetlinkMessages, error_code},
     nflog::{NFULNL_PACKET_TYPE, NflogPacket},
     nftchange::{DELRULE_TYPE, NEWGEN_TYPE, NEWRULE_TYPE, NftChange},
     nftrace::{NFT_TRACE_TYPE, NftTrace},
@@ -29,14 +27,15 @@ pub use self::{
     packet::PacketHeader,
     prefix::TraceKind,
 };
-use crate::capture::MARK_SEQUENCE;
+use crate::{
+    capture::MARK_SEQUENCE,
+    netfilter::netlink::{NetlinkMessage, NetlinkMessages, WireError},
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("truncated {what}: need {need} bytes, have {have}")]
-    Truncated { what: &'static str, need: usize, have: usize },
-    #[error("bad {what} {len} with {have} bytes left")]
-    BadLength { what: &'static str, len: usize, have: usize },
+    #[error(transparent)]
+    Wire(#[from] WireError),
     #[error("malformed TRACE prefix {0:?}")]
     BadPrefix(String),
     #[error("payload is not IP (version nibble {0})")]
@@ -294,7 +293,7 @@ impl Decoder {
                 continue;
             }
             self.counts.messages += 1;
-            let result = message.and_then(|m| match m.message_type {
+            let result = message.map_err(DecodeError::from).and_then(|m| match m.message_type {
                 NFULNL_PACKET_TYPE => self.decode_nflog(&NflogPacket::parse(&m)?),
                 NFT_TRACE_TYPE => self.decode_nftrace(&NftTrace::parse(&m)?),
                 NEWGEN_TYPE | NEWRULE_TYPE | DELRULE_TYPE => {
@@ -427,8 +426,8 @@ impl Decoder {
     }
 
     /// Takes note of a stream mark ([`crate::capture::StreamMarker`]); false for other messages.
-    fn note_mark(&mut self, m: &netlink::NetlinkMessage<'_>) -> bool {
-        let mark = u32::from(m.message_type) == NLMSG_ERROR && m.sequence & MARK_SEQUENCE != 0 && error_code(m) == 0;
+    fn note_mark(&mut self, m: &NetlinkMessage<'_>) -> bool {
+        let mark = u32::from(m.message_type) == NLMSG_ERROR && m.sequence & MARK_SEQUENCE != 0 && m.error_code() == 0;
         if mark {
             self.last_mark = Some(u64::from(m.sequence & !MARK_SEQUENCE));
         }

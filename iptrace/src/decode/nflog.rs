@@ -5,9 +5,10 @@ use iptrace_common::uapi::{
     NFULA_PACKET_HDR, NFULA_PAYLOAD, NFULA_PREFIX, NFULA_SEQ_GLOBAL, NFULA_TIMESTAMP,
 };
 
-use super::{
-    DecodeError,
-    netlink::{Attributes, NetlinkMessage},
+use super::DecodeError;
+use crate::netfilter::{
+    layout::{NflogPacketHeader, NflogTimestamp},
+    netlink::NetlinkMessage,
 };
 
 pub use iptrace_common::message::NFULNL_PACKET_TYPE;
@@ -39,19 +40,15 @@ pub struct NflogPacket<'a> {
 impl<'a> NflogPacket<'a> {
     /// Decodes a message of type [`NFULNL_PACKET_TYPE`].
     pub fn parse(message: &NetlinkMessage<'a>) -> Result<Self, DecodeError> {
-        let body = message.payload;
-        let nfgen = body.get(..4).ok_or(DecodeError::Truncated { what: "nfgenmsg", need: 4, have: body.len() })?;
-        let mut packet = NflogPacket { family: nfgen[0], ..Default::default() };
-        for attr in Attributes::new(&body[4..]) {
+        let (nfgen, attributes) = message.nfnetlink()?;
+        let mut packet = NflogPacket { family: nfgen.family(), ..Default::default() };
+        for attr in attributes {
             let attr = attr?;
             match u32::from(attr.kind) {
                 NFULA_PACKET_HDR => {
-                    packet.hw_protocol = attr.be_u16()?;
-                    packet.hook = *attr.value.get(2).ok_or(DecodeError::Truncated {
-                        what: "NFULA_PACKET_HDR",
-                        need: 3,
-                        have: attr.value.len(),
-                    })?;
+                    let header: NflogPacketHeader<_> = attr.view("NFULA_PACKET_HDR")?;
+                    packet.hw_protocol = header.hw_protocol();
+                    packet.hook = header.hook();
                 }
                 NFULA_PREFIX => packet.prefix = attr.c_str(),
                 NFULA_IFINDEX_INDEV => packet.in_ifindex = Some(attr.be_u32()?),
@@ -60,9 +57,8 @@ impl<'a> NflogPacket<'a> {
                 NFULA_IFINDEX_PHYSOUTDEV => packet.phys_out_ifindex = Some(attr.be_u32()?),
                 NFULA_MARK => packet.mark = attr.be_u32()?,
                 NFULA_TIMESTAMP => {
-                    let sec = attr.be_u64()?;
-                    let usec = attr.value.get(8..16).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
-                    packet.timestamp = Some((sec, usec.unwrap_or(0)));
+                    let timestamp: NflogTimestamp<_> = attr.view("NFULA_TIMESTAMP")?;
+                    packet.timestamp = Some((timestamp.seconds(), timestamp.microseconds()));
                 }
                 NFULA_SEQ_GLOBAL => packet.seq_global = Some(attr.be_u32()?),
                 NFULA_PAYLOAD => packet.payload = attr.value,

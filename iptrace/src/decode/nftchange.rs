@@ -5,22 +5,15 @@
 //! generation each event ran against is the last one announced before it.
 
 use iptrace_common::uapi::{
-    NFNL_SUBSYS_NFTABLES, NFT_MSG_DELRULE, NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFTA_GEN_ID, NFTA_RULE_CHAIN,
-    NFTA_RULE_HANDLE, NFTA_RULE_TABLE,
+    NFT_MSG_DELRULE, NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFTA_GEN_ID, NFTA_RULE_CHAIN, NFTA_RULE_HANDLE, NFTA_RULE_TABLE,
 };
 
-use super::{
-    DecodeError,
-    netlink::{Attributes, NetlinkMessage},
-};
+use super::DecodeError;
+use crate::netfilter::{netlink::NetlinkMessage, nf_tables::message_type};
 
-const fn nftables_type(message: u32) -> u16 {
-    ((NFNL_SUBSYS_NFTABLES as u16) << 8) | message as u16
-}
-
-pub const NEWGEN_TYPE: u16 = nftables_type(NFT_MSG_NEWGEN);
-pub const NEWRULE_TYPE: u16 = nftables_type(NFT_MSG_NEWRULE);
-pub const DELRULE_TYPE: u16 = nftables_type(NFT_MSG_DELRULE);
+pub const NEWGEN_TYPE: u16 = message_type(NFT_MSG_NEWGEN);
+pub const NEWRULE_TYPE: u16 = message_type(NFT_MSG_NEWRULE);
+pub const DELRULE_TYPE: u16 = message_type(NFT_MSG_DELRULE);
 
 /// One change notification iptrace uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,9 +33,7 @@ pub enum NftChange<'a> {
 impl<'a> NftChange<'a> {
     /// Decodes a message of type [`NEWGEN_TYPE`], [`NEWRULE_TYPE`] or [`DELRULE_TYPE`].
     pub fn parse(message: &NetlinkMessage<'a>) -> Result<Self, DecodeError> {
-        let body = message.payload;
-        let nfgen = body.get(..4).ok_or(DecodeError::Truncated { what: "nfgenmsg", need: 4, have: body.len() })?;
-        let attributes = Attributes::new(&body[4..]);
+        let (nfgen, attributes) = message.nfnetlink()?;
         if message.message_type == NEWGEN_TYPE {
             for attr in attributes {
                 let attr = attr?;
@@ -63,7 +54,9 @@ impl<'a> NftChange<'a> {
             }
         }
         match (table, chain, handle) {
-            (Some(table), Some(chain), Some(handle)) => Ok(NftChange::Rule { family: nfgen[0], table, chain, handle }),
+            (Some(table), Some(chain), Some(handle)) => {
+                Ok(NftChange::Rule { family: nfgen.family(), table, chain, handle })
+            }
             _ => Err(DecodeError::IncompleteChange),
         }
     }
@@ -72,7 +65,7 @@ impl<'a> NftChange<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::netlink::{NetlinkMessages, attribute, nfnetlink_request};
+    use crate::netfilter::netlink::{NetlinkMessages, attribute, nfnetlink_request};
 
     #[test]
     fn decodes_generations_and_rule_changes() {

@@ -10,10 +10,8 @@ use iptrace_common::uapi::{
     NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE,
 };
 
-use super::{
-    DecodeError,
-    netlink::{Attributes, NetlinkMessage},
-};
+use super::DecodeError;
+use crate::netfilter::netlink::{Attributes, NetlinkMessage, WireError};
 
 pub use iptrace_common::message::NFT_TRACE_TYPE;
 
@@ -62,11 +60,10 @@ pub struct NftTrace<'a> {
 impl<'a> NftTrace<'a> {
     /// Decodes a message of type [`NFT_TRACE_TYPE`].
     pub fn parse(message: &NetlinkMessage<'a>) -> Result<Self, DecodeError> {
-        let body = message.payload;
-        let nfgen = body.get(..4).ok_or(DecodeError::Truncated { what: "nfgenmsg", need: 4, have: body.len() })?;
-        let mut trace = NftTrace { table_family: nfgen[0], ..Default::default() };
+        let (nfgen, attributes) = message.nfnetlink()?;
+        let mut trace = NftTrace { table_family: nfgen.family(), ..Default::default() };
         let mut has_id = false;
-        for attr in Attributes::new(&body[4..]) {
+        for attr in attributes {
             let attr = attr?;
             match u32::from(attr.kind) {
                 NFTA_TRACE_TABLE => trace.table = attr.c_str(),
@@ -90,7 +87,7 @@ impl<'a> NftTrace<'a> {
                 NFTA_TRACE_POLICY => trace.policy = Some(attr.be_u32()?),
                 NFTA_TRACE_CT_ID => trace.ct_id = Some(attr.be_u32()?),
                 NFTA_TRACE_CT_DIRECTION => {
-                    trace.ct_direction = Some(*attr.value.first().ok_or(DecodeError::Truncated {
+                    trace.ct_direction = Some(*attr.value.first().ok_or(WireError::Truncated {
                         what: "NFTA_TRACE_CT_DIRECTION",
                         need: 1,
                         have: 0,
@@ -125,7 +122,7 @@ fn parse_verdict(nested: &[u8]) -> Result<RawVerdict<'_>, DecodeError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::decode::netlink::NetlinkMessages;
+    use crate::netfilter::netlink::NetlinkMessages;
 
     /// The captured datagrams of `testdata/nftrace-router.hex`, in order.
     pub(crate) fn captured() -> Vec<Vec<u8>> {

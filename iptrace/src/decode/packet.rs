@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use iptrace_common::filter::packet_key;
 
 use super::DecodeError;
+use crate::netfilter::netlink::WireError;
 
 /// The header fields iptrace shows and compares between trace steps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,7 +65,7 @@ impl PacketHeader {
             Some(4) => Self::parse_v4(packet),
             Some(6) => Self::parse_v6(packet),
             Some(v) => Err(DecodeError::UnknownIpVersion(v)),
-            None => Err(DecodeError::Truncated { what: "IP header", need: 1, have: 0 }),
+            None => Err(WireError::Truncated { what: "IP header", need: 1, have: 0 }.into()),
         }
     }
 
@@ -78,7 +79,7 @@ impl PacketHeader {
     }
 
     fn parse_v4(p: &[u8]) -> Result<Self, DecodeError> {
-        let h = p.get(..20).ok_or(DecodeError::Truncated { what: "IPv4 header", need: 20, have: p.len() })?;
+        let h = p.get(..20).ok_or(WireError::Truncated { what: "IPv4 header", need: 20, have: p.len() })?;
         let ihl = usize::from(h[0] & 0x0f) * 4;
         let frag = u16::from_be_bytes([h[6], h[7]]);
         let fragment = frag & 0x1fff != 0;
@@ -102,7 +103,7 @@ impl PacketHeader {
     }
 
     fn parse_v6(p: &[u8]) -> Result<Self, DecodeError> {
-        let h = p.get(..40).ok_or(DecodeError::Truncated { what: "IPv6 header", need: 40, have: p.len() })?;
+        let h = p.get(..40).ok_or(WireError::Truncated { what: "IPv6 header", need: 40, have: p.len() })?;
         let word = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
         let payload_len = u16::from_be_bytes([h[4], h[5]]);
         let addr = |o: usize| {

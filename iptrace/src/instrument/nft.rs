@@ -27,23 +27,20 @@ use iptrace_common::uapi::{
     NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES, NFT_MSG_DELCHAIN, NFT_MSG_DELOBJ, NFT_MSG_DELRULE, NFT_MSG_DELSET,
     NFT_MSG_DELTABLE, NFT_MSG_NEWGEN, XT_BPF_MAX_NUM_INSTR, XT_BPF_MODE_BYTECODE, XT_BPF_MODE_FD_PINNED,
 };
-use neli::{
-    consts::socket::{Msg, NlFamily},
-    socket::NlSocket,
-    utils::Groups,
-};
 
 use super::{
     Damage, InstrumentError, Marking, MarkingWatch, Prefilter, TraceChain, TracePlan, WatchError, XtBpfProgram,
     owner::Owner,
 };
 use crate::{
-    decode::{
-        Family, NftFamily,
-        netlink::{Attributes, NetlinkMessage, NetlinkMessages},
-    },
+    decode::{Family, NftFamily},
     filter::CbpfInsn,
-    nftables::{self, NfTablesSocket, RuleExpression},
+    netfilter::{
+        NetfilterSocket, Received,
+        netlink::{NetlinkMessage, NetlinkMessages},
+        nf_tables::{NfTablesSocket, RuleExpression},
+    },
+    nftables,
 };
 
 /// iptrace's own nf_tables table, named after its owner.
@@ -275,7 +272,7 @@ fn tables() -> Result<Vec<String>, InstrumentError> {
 /// in it, is followed by a count of the table's rules; fewer than installed means re-install.
 /// iptrace's own re-install deletes the table too: the count, taken after it, finds it whole.
 struct NftWatch {
-    notifications: NlSocket,
+    notifications: NetfilterSocket,
     queries: NfTablesSocket,
     table: String,
     rules: usize,
@@ -285,9 +282,8 @@ struct NftWatch {
 
 impl NftWatch {
     fn open(table: String) -> Result<Self, WatchError> {
-        let notifications = NlSocket::connect(NlFamily::Netfilter, Some(0), Groups::empty())
-            .and_then(|s| s.add_mcast_membership(Groups::new_groups(&[NFNLGRP_NFTABLES])).map(|()| s))
-            .map_err(WatchError::Open)?;
+        let notifications =
+            NetfilterSocket::open().and_then(|s| s.join(&[NFNLGRP_NFTABLES]).map(|()| s)).map_err(WatchError::Open)?;
         let mut queries = NfTablesSocket::open().map_err(WatchError::Nft)?;
         let rules = queries.rule_count(NftFamily::Inet, &table).map_err(WatchError::Nft)?;
         Ok(Self { notifications, queries, table, rules, transaction: Transaction::default() })
@@ -300,14 +296,14 @@ impl NftWatch {
         let mut found = None;
         let transaction = &mut self.transaction;
         loop {
-            let n = match self.notifications.recv(&mut buf[..], Msg::DONTWAIT) {
-                Ok((n, _)) => n,
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+            let n = match self.notifications.receive_queued(&mut buf) {
+                Ok(Received::Datagram(n)) => n,
+                Ok(Received::Overrun) => {
                     // Notifications were lost: look at the table.
                     found.get_or_insert_with(|| "the nf_tables rule set changed".to_owned());
                     continue;
                 }
-                Err(_) => break,
+                Ok(Received::Idle) | Err(_) => break,
             };
             for m in NetlinkMessages::new(&buf[..n]).flatten() {
                 if transaction.note(&m, &self.table) {
@@ -333,7 +329,7 @@ impl NftWatch {
 
 impl MarkingWatch for NftWatch {
     fn notifications(&self) -> Option<RawFd> {
-        Some(self.notifications.as_raw_fd())
+        Some(self.notifications.fd().as_raw_fd())
     }
 
     fn damage(&mut self) -> Result<Option<Damage>, WatchError> {
@@ -364,12 +360,11 @@ impl Transaction {
             return true;
         }
         // nfgenmsg's family is the object's; then the attributes.
-        let family = m.payload.first().copied().map(NftFamily::from_nfproto);
-        let named = Attributes::new(m.payload.get(4..).unwrap_or_default())
-            .flatten()
-            .find(|a| a.kind == NFTA_OBJECT_TABLE)
-            .map(|a| a.c_str());
-        let ours = family == Some(NftFamily::Inet) && named == Some(table.as_bytes());
+        let ours = m.nfnetlink().is_ok_and(|(nfgen, attributes)| {
+            NftFamily::from_nfproto(nfgen.family()) == NftFamily::Inet
+                && attributes.flatten().find(|a| a.kind == NFTA_OBJECT_TABLE).map(|a| a.c_str())
+                    == Some(table.as_bytes())
+        });
         match kind {
             NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE if ours => self.table_deleted = true,
             NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE => self.other_tables_deleted = true,
@@ -405,7 +400,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        decode::netlink::{attribute, nfnetlink_request},
+        netfilter::netlink::{attribute, nfnetlink_request},
         instrument::{Limit, Marker},
     };
 

@@ -21,7 +21,8 @@ use serde_json::{Map, Value};
 use super::{ResolveError, Rule, Verdict, rule::NAT_TARGETS};
 use crate::{
     decode::{Family, Hook, NftFamily, NftVerdict},
-    nftables::{self, NfTablesSocket},
+    netfilter::nf_tables::NfTablesSocket,
+    nftables,
     xtables::{self, Xtables},
 };
 

@@ -16,7 +16,7 @@ use iptrace_common::{
 use super::*;
 use crate::{
     capture::UserspaceFilter,
-    decode::netlink::{Attributes, NetlinkMessages},
+    netfilter::netlink::{Attributes, NetlinkMessages},
 };
 
 const NFPROTO_INET: u8 = 1;

@@ -1,0 +1,322 @@
+//! nf_tables over nfnetlink, for what must be cheap, must work without `nft`, or cannot be
+//! written in its language: the rule-set generation, the list of tables, rule counts, and a rule
+//! with an xtables match (nft_compat), which only iptables-nft adds.
+
+use std::{io, time::Duration};
+
+use iptrace_common::uapi::{
+    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFT_JUMP, NFT_MSG_GETGEN, NFT_MSG_GETRULE,
+    NFT_MSG_GETTABLE, NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFT_REG_VERDICT, NFTA_DATA_VERDICT,
+    NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_GEN_ID, NFTA_IMMEDIATE_DATA, NFTA_IMMEDIATE_DREG, NFTA_LIST_ELEM,
+    NFTA_MATCH_INFO, NFTA_MATCH_NAME, NFTA_MATCH_REV, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE,
+    NFTA_TABLE_NAME, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+};
+
+use super::{
+    netlink::{
+        Attributes, NetlinkMessage, NetlinkMessages, attribute, c_string, nested_attribute, nfnetlink_request,
+        subsystem_message,
+    },
+    socket::{NetfilterSocket, Received},
+};
+use crate::{
+    decode::{DecodeError, NftFamily},
+    nftables::NftError,
+};
+
+/// A NETLINK_NETFILTER socket for nf_tables queries in the calling thread's network namespace.
+pub struct NfTablesSocket {
+    socket: NetfilterSocket,
+    sequence: u32,
+}
+
+/// Generous: the kernel answers these queries at once.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl NfTablesSocket {
+    pub fn open() -> Result<Self, NftError> {
+        let socket = NetfilterSocket::open()
+            .and_then(|socket| socket.set_receive_timeout(REPLY_TIMEOUT).map(|()| socket))
+            .map_err(|source| NftError::Netlink { request: "socket", source })?;
+        Ok(Self { socket, sequence: 0 })
+    }
+
+    /// The rule-set generation (`NFT_MSG_GETGEN`): it changes with every committed transaction.
+    pub fn generation(&mut self) -> Result<u32, NftError> {
+        const REQUEST: &str = "GETGEN";
+        let mut generation = None;
+        self.query(NFT_MSG_GETGEN, NLM_F_REQUEST, REQUEST, |kind, _, attrs| {
+            if kind == NFT_MSG_NEWGEN {
+                for a in attrs {
+                    let a = a?;
+                    if u32::from(a.kind) == NFTA_GEN_ID {
+                        generation = Some(a.be_u32()?);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        generation.ok_or(NftError::Reply { request: REQUEST, source: DecodeError::IncompleteTrace })
+    }
+
+    /// Every table of every family (`NFT_MSG_GETTABLE` dump).
+    pub fn tables(&mut self) -> Result<Vec<(NftFamily, String)>, NftError> {
+        let mut tables = Vec::new();
+        self.query(NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_DUMP, "GETTABLE", |kind, family, attrs| {
+            if kind == NFT_MSG_NEWTABLE {
+                for a in attrs {
+                    let a = a?;
+                    if u32::from(a.kind) == NFTA_TABLE_NAME {
+                        tables.push((NftFamily::from_nfproto(family), String::from_utf8_lossy(a.c_str()).into_owned()));
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(tables)
+    }
+
+    /// How many rules `family`'s `table` holds, in all its chains (`NFT_MSG_GETRULE` dump); 0
+    /// when the table does not exist.
+    pub fn rule_count(&mut self, family: NftFamily, table: &str) -> Result<usize, NftError> {
+        let mut count = 0;
+        self.query(NFT_MSG_GETRULE, NLM_F_REQUEST | NLM_F_DUMP, "GETRULE", |kind, rule_family, attrs| {
+            if kind == NFT_MSG_NEWRULE && NftFamily::from_nfproto(rule_family) == family {
+                for a in attrs {
+                    let a = a?;
+                    if u32::from(a.kind) == NFTA_RULE_TABLE && a.c_str() == table.as_bytes() {
+                        count += 1;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(count)
+    }
+
+    /// Appends a rule made of `expressions` to `chain` of `family`'s `table`, in a transaction of
+    /// its own (a batch, as nf_tables takes rule changes).
+    pub fn append_rule(
+        &mut self,
+        family: NftFamily,
+        table: &str,
+        chain: &str,
+        expressions: &[RuleExpression<'_>],
+    ) -> Result<(), NftError> {
+        const REQUEST: &str = "NEWRULE";
+        let first = self.sequence.wrapping_add(1);
+        self.sequence = first.wrapping_add(2);
+        let batch = append_rule_batch(first, family, table, chain, expressions);
+        self.socket.send(&batch).map_err(|source| NftError::Netlink { request: REQUEST, source })?;
+        // A failed commit is reported against the batch's first message, before the rule's own
+        // acknowledgement (`nfnetlink_rcv_batch()`), so every error of the batch counts.
+        let rule = first.wrapping_add(1);
+        self.receive(REQUEST, |m| match u32::from(m.message_type) {
+            NLMSG_ERROR if (first..=first.wrapping_add(2)).contains(&m.sequence) => match m.error_code() {
+                0 if m.sequence == rule => Ok(Reply::Done),
+                0 => Ok(Reply::More),
+                errno => Err(NftError::Netlink { request: REQUEST, source: io::Error::from_raw_os_error(errno) }),
+            },
+            _ => Ok(Reply::More),
+        })
+    }
+
+    /// Sends one request for all families and hands each reply message's type, family and attributes to
+    /// `each`, until the acknowledgement, the dump's end, or a single reply.
+    fn query(
+        &mut self,
+        message: u32,
+        flags: u32,
+        request: &'static str,
+        mut each: impl FnMut(u32, u8, Attributes<'_>) -> Result<(), DecodeError>,
+    ) -> Result<(), NftError> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let sequence = self.sequence;
+        let msg = nfnetlink_request(message_type(message), flags as u16, sequence, 0, 0, &[]);
+        self.socket.send(&msg).map_err(|source| NftError::Netlink { request, source })?;
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        self.receive(request, |m| {
+            if m.sequence != sequence {
+                return Ok(Reply::More);
+            }
+            match u32::from(m.message_type) {
+                NLMSG_ERROR => match m.error_code() {
+                    0 => Ok(Reply::Done),
+                    errno => Err(NftError::Netlink { request, source: io::Error::from_raw_os_error(errno) }),
+                },
+                NLMSG_DONE => Ok(Reply::Done),
+                t if t >> 8 == NFNL_SUBSYS_NFTABLES => {
+                    // nfgenmsg's family is the object's (a table's family is not an attribute).
+                    let (nfgen, attributes) =
+                        m.nfnetlink().map_err(|source| NftError::Reply { request, source: source.into() })?;
+                    each(t & 0xff, nfgen.family(), attributes).map_err(|source| NftError::Reply { request, source })?;
+                    Ok(if dump { Reply::More } else { Reply::Done })
+                }
+                _ => Ok(Reply::More),
+            }
+        })
+    }
+
+    /// Hands every received message to `each` until it says the reply is complete.
+    fn receive(
+        &mut self,
+        request: &'static str,
+        mut each: impl FnMut(&NetlinkMessage<'_>) -> Result<Reply, NftError>,
+    ) -> Result<(), NftError> {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // The queries' socket joins no group: an overrun or a timeout is the reply's failure.
+            let received = self.socket.receive(&mut buf).and_then(|received| match received {
+                Received::Datagram(n) => Ok(n),
+                Received::Idle => Err(io::Error::from_raw_os_error(libc::EAGAIN)),
+                Received::Overrun => Err(io::Error::from_raw_os_error(libc::ENOBUFS)),
+            });
+            let n = received.map_err(|source| NftError::Netlink { request, source })?;
+            for m in NetlinkMessages::new(&buf[..n]) {
+                let m = m.map_err(|source| NftError::Reply { request, source: source.into() })?;
+                if each(&m)? == Reply::Done {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Whether a request's reply is complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reply {
+    More,
+    Done,
+}
+
+/// One expression of a rule built over netlink ([`NfTablesSocket::append_rule`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleExpression<'a> {
+    /// An xtables match run by nft_compat (`[ match name NAME rev REV ]`), as iptables-nft adds
+    /// it; `info` is the match's own struct, exactly as long as the kernel's `matchsize`.
+    XtMatch { name: &'a str, revision: u32, info: &'a [u8] },
+    /// `jump CHAIN` (`[ immediate reg 0 jump -> CHAIN ]`).
+    Jump { chain: &'a str },
+}
+
+impl RuleExpression<'_> {
+    /// `NFTA_LIST_ELEM { NFTA_EXPR_NAME, NFTA_EXPR_DATA { ... } }`.
+    fn encode(&self) -> Vec<u8> {
+        let (name, data) = match self {
+            Self::XtMatch { name, revision, info } => (
+                "match",
+                [
+                    attribute(NFTA_MATCH_NAME as u16, &c_string(name)),
+                    attribute(NFTA_MATCH_REV as u16, &revision.to_be_bytes()),
+                    attribute(NFTA_MATCH_INFO as u16, info),
+                ]
+                .concat(),
+            ),
+            Self::Jump { chain } => {
+                let verdict = [
+                    attribute(NFTA_VERDICT_CODE as u16, &NFT_JUMP.to_be_bytes()),
+                    attribute(NFTA_VERDICT_CHAIN as u16, &c_string(chain)),
+                ]
+                .concat();
+                (
+                    "immediate",
+                    [
+                        attribute(NFTA_IMMEDIATE_DREG as u16, &NFT_REG_VERDICT.to_be_bytes()),
+                        nested_attribute(
+                            NFTA_IMMEDIATE_DATA as u16,
+                            &nested_attribute(NFTA_DATA_VERDICT as u16, &verdict),
+                        ),
+                    ]
+                    .concat(),
+                )
+            }
+        };
+        let expression =
+            [attribute(NFTA_EXPR_NAME as u16, &c_string(name)), nested_attribute(NFTA_EXPR_DATA as u16, &data)]
+                .concat();
+        nested_attribute(NFTA_LIST_ELEM as u16, &expression)
+    }
+}
+
+/// The transaction that appends one rule, numbered from `first`: `NFNL_MSG_BATCH_BEGIN`,
+/// `NFT_MSG_NEWRULE` (acknowledged), `NFNL_MSG_BATCH_END`.
+fn append_rule_batch(
+    first: u32,
+    family: NftFamily,
+    table: &str,
+    chain: &str,
+    expressions: &[RuleExpression<'_>],
+) -> Vec<u8> {
+    // The batch messages name the subsystem they are for in nfgenmsg's res_id.
+    let subsystem = NFNL_SUBSYS_NFTABLES as u16;
+    let expressions: Vec<u8> = expressions.iter().flat_map(RuleExpression::encode).collect();
+    let rule = [
+        attribute(NFTA_RULE_TABLE as u16, &c_string(table)),
+        attribute(NFTA_RULE_CHAIN as u16, &c_string(chain)),
+        nested_attribute(NFTA_RULE_EXPRESSIONS as u16, &expressions),
+    ]
+    .concat();
+    let flags = (NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND | NLM_F_ACK) as u16;
+    [
+        nfnetlink_request(NFNL_MSG_BATCH_BEGIN as u16, NLM_F_REQUEST as u16, first, 0, subsystem, &[]),
+        nfnetlink_request(message_type(NFT_MSG_NEWRULE), flags, first.wrapping_add(1), family.to_nfproto(), 0, &rule),
+        nfnetlink_request(NFNL_MSG_BATCH_END as u16, NLM_F_REQUEST as u16, first.wrapping_add(2), 0, subsystem, &[]),
+    ]
+    .concat()
+}
+
+/// The netlink message type of nf_tables message `message`.
+pub const fn message_type(message: u32) -> u16 {
+    subsystem_message(NFNL_SUBSYS_NFTABLES, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netfilter::netlink::Attribute;
+
+    fn attributes(body: &[u8]) -> Vec<Attribute<'_>> {
+        Attributes::new(body).collect::<Result<_, _>>().unwrap()
+    }
+
+    #[test]
+    fn a_rule_with_an_xt_match_is_one_batch_as_iptables_nft_sends_it() {
+        let info = [7u8; 528];
+        let expressions = [
+            RuleExpression::XtMatch { name: "bpf", revision: 1, info: &info },
+            RuleExpression::Jump { chain: "mark_output" },
+        ];
+        let batch = append_rule_batch(40, NftFamily::Inet, "iptrace_1_2", "output", &expressions);
+        let messages: Vec<_> = NetlinkMessages::new(&batch).collect::<Result<_, _>>().unwrap();
+        let heads: Vec<_> =
+            messages.iter().map(|m| (m.message_type, m.flags, m.sequence, m.nfnetlink().unwrap().0.family())).collect();
+        assert_eq!(heads, [(0x10, 0x1, 40, 0), (0x0a06, 0xc05, 41, 1), (0x11, 0x1, 42, 0)]);
+        // The batch messages name nf_tables in res_id (big-endian).
+        assert_eq!(&messages[0].payload[2..4], &[0, 10]);
+        assert_eq!(messages[2].nfnetlink().unwrap().0.res_id(), 10);
+
+        let rule: Vec<_> = messages[1].nfnetlink().unwrap().1.collect::<Result<_, _>>().unwrap();
+        assert_eq!(rule.iter().map(|a| a.kind).collect::<Vec<_>>(), [1, 2, 4]);
+        assert_eq!((rule[0].c_str(), rule[1].c_str()), (&b"iptrace_1_2"[..], &b"output"[..]));
+        let list = attributes(rule[2].value);
+        assert!(list.iter().all(|e| e.kind == 1), "NFTA_LIST_ELEM");
+
+        let xt = attributes(list[0].value);
+        assert_eq!((xt[0].kind, xt[0].c_str(), xt[1].kind), (1, &b"match"[..], 2));
+        let xt = attributes(xt[1].value);
+        assert_eq!((xt[0].kind, xt[0].c_str()), (1, &b"bpf"[..]));
+        assert_eq!((xt[1].kind, xt[1].be_u32().unwrap()), (2, 1));
+        assert_eq!((xt[2].kind, xt[2].value), (3, &info[..]));
+
+        let jump = attributes(list[1].value);
+        assert_eq!((jump[0].c_str(), jump[1].kind), (&b"immediate"[..], 2));
+        let immediate = attributes(jump[1].value);
+        assert_eq!((immediate[0].kind, immediate[0].be_u32().unwrap()), (1, 0), "NFT_REG_VERDICT");
+        let data = attributes(immediate[1].value);
+        assert_eq!(data[0].kind, 2, "NFTA_DATA_VERDICT");
+        let verdict = attributes(data[0].value);
+        assert_eq!((verdict[0].kind, verdict[0].be_u32().unwrap()), (1, (-3i32).cast_unsigned()), "NFT_JUMP");
+        assert_eq!((verdict[1].kind, verdict[1].c_str()), (2, &b"mark_output"[..]));
+    }
+}

@@ -1,0 +1,121 @@
+//! The one way iptrace (and its tests and benchmarks) opens a NETLINK_NETFILTER socket.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd},
+    time::Duration,
+};
+
+use neli::{
+    consts::socket::{Msg, NlFamily},
+    socket::NlSocket,
+    utils::Groups,
+};
+
+/// What one receive call produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// A datagram of this many bytes is in the buffer.
+    Datagram(usize),
+    /// Nothing arrived within the receive timeout (or, for a queued-only receive, nothing was
+    /// queued).
+    Idle,
+    /// The receive buffer overflowed: the kernel dropped at least one message (ENOBUFS).
+    Overrun,
+}
+
+/// A NETLINK_NETFILTER socket in the network namespace of the thread that opened it.
+pub struct NetfilterSocket {
+    socket: NlSocket,
+}
+
+impl NetfilterSocket {
+    /// Opens the socket in the calling thread's network namespace, bound to a port the kernel
+    /// picks: an unbound socket receives no multicast (design.md §5.1).
+    pub fn open() -> io::Result<Self> {
+        NlSocket::connect(NlFamily::Netfilter, Some(0), Groups::empty()).map(|socket| Self { socket })
+    }
+
+    /// Joins the nfnetlink multicast groups `groups` (`NFNLGRP_*`).
+    pub fn join(&self, groups: &[u32]) -> io::Result<()> {
+        self.socket.add_mcast_membership(Groups::new_groups(groups))
+    }
+
+    /// Makes a waiting receive give up after `timeout` ([`Received::Idle`]).
+    pub fn set_receive_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.set_option(
+            libc::SO_RCVTIMEO,
+            &libc::timeval {
+                tv_sec: timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX),
+                tv_usec: timeout.subsec_micros().into(),
+            },
+        )
+    }
+
+    /// Sets the receive buffer to `bytes`: past `net.core.rmem_max` with `SO_RCVBUFFORCE`, which
+    /// needs CAP_NET_ADMIN, else as far as `SO_RCVBUF` allows.
+    pub fn set_receive_buffer(&self, bytes: usize) -> io::Result<()> {
+        let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        self.set_option(libc::SO_RCVBUFFORCE, &size).or_else(|_| self.set_option(libc::SO_RCVBUF, &size))
+    }
+
+    /// Sends one datagram (one request, or a batch of them).
+    pub fn send(&self, datagram: &[u8]) -> io::Result<()> {
+        self.socket.send(datagram, Msg::empty()).map(drop)
+    }
+
+    /// Receives one datagram into `buf`, waiting up to the receive timeout.
+    pub fn receive(&self, buf: &mut [u8]) -> io::Result<Received> {
+        self.receive_with(buf, Msg::empty())
+    }
+
+    /// Like [`receive`](Self::receive), but returns [`Received::Idle`] at once when nothing is
+    /// queued (MSG_DONTWAIT): for draining what is queued without waiting.
+    pub fn receive_queued(&self, buf: &mut [u8]) -> io::Result<Received> {
+        self.receive_with(buf, Msg::DONTWAIT)
+    }
+
+    /// [`Received::Idle`] means the queue was empty: a wait a signal interrupted (EINTR, which
+    /// with a receive timeout set the kernel does not restart, also not after SIGSTOP and
+    /// SIGCONT) is made again, so that it cannot pass for one.
+    fn receive_with(&self, buf: &mut [u8], flags: Msg) -> io::Result<Received> {
+        loop {
+            return match self.socket.recv(&mut *buf, flags) {
+                Ok((n, _)) => Ok(Received::Datagram(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) => {
+                    Ok(Received::Idle)
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Received::Overrun),
+                Err(e) => Err(e),
+            };
+        }
+    }
+
+    /// A second handle on the same socket (a duplicated descriptor), for another thread.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        let fd = self.fd().try_clone_to_owned()?;
+        // SAFETY: `fd` is a fresh descriptor of a netlink socket, owned by the new handle alone.
+        Ok(Self { socket: unsafe { NlSocket::from_raw_fd(fd.into_raw_fd()) } })
+    }
+
+    /// For socket options of the caller's own (`SO_MEMINFO`), attaching a socket filter, poll.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor is owned by `self.socket` and outlives the borrow.
+        unsafe { BorrowedFd::borrow_raw(self.socket.as_raw_fd()) }
+    }
+
+    fn set_option<T>(&self, option: libc::c_int, value: &T) -> io::Result<()> {
+        // SAFETY: `value` points at a live `T` of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                std::ptr::from_ref(value).cast(),
+                libc::socklen_t::try_from(size_of::<T>()).unwrap_or(0),
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    }
+}
