@@ -23,8 +23,8 @@ use iptrace::{
     capture::{Received, TraceSocket},
     decode::{Family, netlink::NetlinkMessages, nflog::NFULNL_PACKET_TYPE, nftrace::NFT_TRACE_TYPE},
     instrument::Owner,
-    lab::{Lab, LabError, Role},
 };
+use iptrace_lab::{Lab, LabError, Role};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
