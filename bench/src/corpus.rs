@@ -20,8 +20,8 @@ use iptrace::{
     capture::{Received, TraceSocket, recording},
     decode::Family,
     instrument::{Instrumentation, Marker, Prefilter, TracePlan},
-    lab::Role,
 };
+use iptrace_lab::Role;
 
 use crate::{
     scenario::Bench,
@@ -38,7 +38,7 @@ pub enum CorpusError {
     #[error("recording in the router failed: {0}")]
     Record(String),
     #[error(transparent)]
-    Lab(#[from] iptrace::lab::LabError),
+    Lab(#[from] iptrace_lab::LabError),
     #[error("cannot write {path}")]
     Write {
         path: PathBuf,

@@ -22,10 +22,10 @@ use iptrace::{
     capture::TraceSocket,
     decode::{Family, nflog::NFULNL_PACKET_TYPE, nftrace::NFT_TRACE_TYPE},
     instrument::Owner,
-    lab::{Lab, LabError, Role},
     netfilter::{NetfilterSocket, Received, netlink::NetlinkMessages},
 };
 use iptrace_common::uapi::NFNLGRP_NFTRACE;
+use iptrace_lab::{Lab, LabError, Role};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {

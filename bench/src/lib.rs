@@ -1,4 +1,4 @@
-//! iptrace's benchmark harness: a client/router/server lab (`iptrace::lab`) whose router carries a
+//! iptrace's benchmark harness: a client/router/server lab (`iptrace_lab`) whose router carries a
 //! kube-proxy/Docker-sized rule set, a paced traffic generator, the tracers under test as child
 //! processes, kernel-side counts to hold their reports against, and the report.
 

@@ -7,11 +7,8 @@
 
 use std::{fs, path::PathBuf, thread, time::Duration};
 
-use iptrace::{
-    decode::Family,
-    instrument::nf_log,
-    lab::{Lab, LabError, Role},
-};
+use iptrace::{decode::Family, instrument::nf_log};
+use iptrace_lab::{Lab, LabError, Role};
 use serde::Serialize;
 
 use crate::{

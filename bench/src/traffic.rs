@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use iptrace::lab::{addr, internet_checksum};
+use iptrace_lab::{addr, internet_checksum};
 
 /// The UDP flows go from this client port to `UDP_FIRST_PORT..UDP_FIRST_PORT + flows`.
 pub const UDP_SOURCE_PORT: u16 = 40_000;

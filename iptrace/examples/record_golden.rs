@@ -15,10 +15,9 @@ use std::{
 use iptrace::{
     capture::{Received, TraceSocket, recording},
     decode::Family,
-    demo::load_sample_rules,
-    lab::{Lab, Role, addr},
     netns,
 };
+use iptrace_lab::{Lab, Role, addr, demo::load_sample_rules};
 
 fn main() -> anyhow::Result<()> {
     let out = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "iptrace/tests/golden".into()));

@@ -7,7 +7,8 @@ use std::{
     process::ExitCode,
 };
 
-use iptrace::{cli::Cli, demo, instrument, netns, note, run};
+use iptrace::{cli::Cli, instrument, netns, note, run};
+use iptrace_lab::demo;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse_normalized() {

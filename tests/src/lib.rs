@@ -13,9 +13,9 @@ use std::{
 
 pub mod oracle;
 
-pub use iptrace::{
+pub use iptrace_lab::{
+    Lab, Role, addr,
     demo::{SAMPLE_GUARD_RULES, load_sample_mixed_rules, load_sample_nft_rules, load_sample_rules},
-    lab::{Lab, Role, addr},
 };
 
 /// Whether the test can run; prints a clear skip line when it cannot. Under CI (`CI` set and not

@@ -15,7 +15,7 @@ use iptrace_tests::{
 const SERVER_HOST: &str = "host 172.16.2.2";
 
 /// A lab with the demo's router rule set, and TCP echo servers on the server's ports 22 and 80.
-fn router(test: &str) -> (Lab, iptrace::lab::EchoServers) {
+fn router(test: &str) -> (Lab, iptrace_lab::EchoServers) {
     let lab = lab(test);
     load_sample_rules(&lab).expect("loading the sample rule set");
     let servers = lab.tcp_echo_servers(Role::Server, &[22, 80]).expect("echo servers");

@@ -160,8 +160,8 @@ fn iptables_nft_router() {
         return;
     }
     let lab = lab("xtnft");
-    lab.exec(Role::Router, &["ipset", "restore"], iptrace::demo::SAMPLE_IPSETS).unwrap();
-    lab.exec(Role::Router, &["iptables-nft-restore"], iptrace::demo::SAMPLE_RULES).unwrap();
+    lab.exec(Role::Router, &["ipset", "restore"], iptrace_lab::demo::SAMPLE_IPSETS).unwrap();
+    lab.exec(Role::Router, &["iptables-nft-restore"], iptrace_lab::demo::SAMPLE_RULES).unwrap();
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "icmp"]);
     lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 2).unwrap();
     settle();

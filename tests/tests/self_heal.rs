@@ -202,7 +202,7 @@ fn nft_ruleset_reload_is_healed() {
         return;
     }
     let (lab, before) = nft_router("healreload");
-    let reload = format!("flush ruleset\n{}", iptrace::demo::SAMPLE_NFT_RULES);
+    let reload = format!("flush ruleset\n{}", iptrace_lab::demo::SAMPLE_NFT_RULES);
     heal_around(&lab, &[], to_server(), |_| {
         let out = lab.exec(Role::Router, &["nft", "-f", "-"], &reload).unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -1,5 +1,6 @@
-//! `iptrace --demo`: router labs with sample rule sets, a few packets through each, traced by a
-//! real `iptrace --netns` run: a legacy rule set modelled on the original iptables-trace's router
+//! `iptrace --demo`, which iptrace's binary runs (and starts again as the tracer): router labs
+//! with sample rule sets, a few packets through each, traced by a real `iptrace --netns` run: a
+//! legacy rule set modelled on the original iptables-trace's router
 //! examples (MARK and user chains with return, ipset profiles, comments, conntrack state, SNAT);
 //! a native nftables router (named sets, jump, goto, return, DNAT, masquerade, a drop policy);
 //! and a mixed host with Docker-style iptables-nft rules beside a native nftables table.
@@ -12,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::lab::{EchoServers, Lab, LabError, Role, addr};
+use crate::{EchoServers, Lab, LabError, Role, addr};
 
 /// The router's rule set: ipsets, then tables in iptables-legacy-restore syntax.
 pub const SAMPLE_IPSETS: &str = "\

@@ -1,0 +1,274 @@
+//! One trace run, by job: [`preflight`] (nothing changed yet: the selection compiled, privileges,
+//! kernel features, interfaces), [`plan`] (what to install and how to select), [`session`]
+//! (signals, instrumentation, the threads, teardown on every way out: normal end, `--count`,
+//! `--duration`, a signal (see [`session::STOP_SIGNALS`]), panic), [`reader`] (the reader
+//! thread), the processing thread below, and the [`Stats`] `--stats` prints.
+
+mod plan;
+mod preflight;
+mod reader;
+mod session;
+mod stats;
+
+use std::{
+    io::{self, Write},
+    ops::ControlFlow,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+pub use preflight::check_privileges;
+use reader::{Delivery, ReadProgress};
+pub use session::{teardown_active, trace};
+pub use stats::Stats;
+
+use crate::{
+    backend::{BackendChoice, BackendError},
+    bpf::BpfError,
+    capture::CaptureError,
+    decode::{Decoder, Family},
+    filter::{FilterError, Selection},
+    heal::HealError,
+    instrument::{InstrumentError, Limit, TraceChain},
+    netns::NetnsError,
+    model::{Fate, PacketReport},
+    pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError, ReportSink},
+    render,
+    resolve::{ResolveError, Resolver},
+    xtables::XtablesError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("unknown interface '{0}' in the traced network namespace")]
+    UnknownInterface(String),
+    #[error("needs root (CAP_NET_ADMIN) to change netfilter rules and read their trace messages")]
+    NotPermitted,
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Xtables(#[from] XtablesError),
+    #[error("this kernel lacks {what} ({config})")]
+    KernelFeature { what: &'static str, config: &'static str },
+    #[error(transparent)]
+    Instrument(#[from] InstrumentError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] io::Error),
+    #[error("cannot set up signal handling")]
+    Signals(#[source] io::Error),
+    #[error("writing the trace failed")]
+    Output(#[source] io::Error),
+    #[error("stopped: the {0} was reached")]
+    ResourceLimit(&'static str),
+    #[error(transparent)]
+    Heal(#[from] HealError),
+}
+
+impl RunError {
+    /// 2 for bad input and an unsuitable host (nothing was changed), 1 for failures while tracing.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Filter(_)
+            | RunError::Netns(_)
+            | RunError::UnknownInterface(_)
+            | RunError::NotPermitted
+            | RunError::Backend(_)
+            | RunError::Xtables(XtablesError::NotInstalled { .. })
+            | RunError::KernelFeature { .. }
+            | RunError::Instrument(InstrumentError::AlreadyRunning { .. } | InstrumentError::TableExists { .. })
+            | RunError::Capture(CaptureError::GroupInUse { .. }) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// What to trace and how; built from the command line.
+pub struct Options {
+    pub selection: Selection,
+    pub families: Vec<Family>,
+    pub backend: BackendChoice,
+    pub in_interface: Option<String>,
+    pub out_interface: Option<String>,
+    pub limit: Option<Limit>,
+    /// `--chain`: mark at this hook only.
+    pub chain: Option<TraceChain>,
+    pub count: Option<u64>,
+    pub duration: Option<Duration>,
+    pub netns: Option<String>,
+    pub stats: bool,
+    /// Quiet time after which a packet's block is complete.
+    pub linger: Duration,
+    /// Select trace messages with the eBPF filter on the socket (else in userspace).
+    pub socket_filter: bool,
+    /// Forward the eBPF programs' log records (`-v`).
+    pub ebpf_log: bool,
+}
+
+/// Drives the [`Pipeline`] until the reader stops or `count` packets are shown.
+#[allow(clippy::too_many_arguments)]
+fn process(
+    rx: mpsc::Receiver<Vec<Delivery>>,
+    progress: &ReadProgress,
+    decoder: Decoder,
+    resolver: Resolver,
+    out: Box<dyn Write + Send>,
+    stats: &Stats,
+    count: Option<u64>,
+    linger: Duration,
+    out_ifindex: Option<&AtomicU32>,
+) -> Result<(), RunError> {
+    let mut pipeline = Pipeline::new(decoder, resolver, linger, KernelInterfaceNames::default());
+    if let Some(ifindex) = out_ifindex {
+        pipeline = pipeline.leaving_through(ifindex);
+    }
+    let mut output = TextOutput {
+        out: io::BufWriter::with_capacity(1 << 16, out),
+        stats,
+        shown: 0,
+        count,
+        loss_report: LossReport::default(),
+    };
+    let feed = |pipeline: &mut Pipeline<_>, output: &mut TextOutput, batch: Vec<Delivery>, now| {
+        let inputs = batch.iter().map(|d| match d {
+            Delivery::Datagram(d) => Input::Datagram(d),
+            Delivery::Lost(n) => Input::Lost(*n),
+        });
+        pipeline.feed(inputs, now, output).map(|flow| flow.is_break())
+    };
+    loop {
+        let received = rx.recv_timeout(Duration::from_millis(10));
+        let now = Instant::now();
+        match received {
+            Ok(batch) => {
+                if feed(&mut pipeline, &mut output, batch, now)? {
+                    return output.finish();
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                pipeline.check_rule_sets()?;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        // Packets are closed only with everything read so far processed: the reader's progress
+        // first, then the channel found empty.
+        let read_up_to = progress.read_up_to(now);
+        let done = match rx.try_recv() {
+            Ok(batch) => feed(&mut pipeline, &mut output, batch, now)?,
+            Err(mpsc::TryRecvError::Empty) => pipeline.flush_idle(read_up_to, &mut output)?.is_break(),
+            Err(mpsc::TryRecvError::Disconnected) => break,
+        };
+        if done {
+            return output.finish();
+        }
+        output.loss_report.print_pending(now);
+        let c = pipeline.counts();
+        stats.messages.store(c.messages, Ordering::Relaxed);
+        stats.events.store(c.events, Ordering::Relaxed);
+        stats.malformed.store(c.malformed, Ordering::Relaxed);
+        match output.out.flush() {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+            other => other.map_err(RunError::Output)?,
+        }
+    }
+    // Everything is shown or the count reached: either way this is the end.
+    let _ = pipeline.flush_all(&mut output)?;
+    output.finish()
+}
+
+impl From<PipelineError> for RunError {
+    fn from(e: PipelineError) -> Self {
+        match e {
+            PipelineError::Resolve(e) => RunError::Resolve(e),
+            PipelineError::Output(e) => RunError::Output(e),
+        }
+    }
+}
+
+/// The processing thread's output: each report as text, counted.
+struct TextOutput<'a> {
+    out: io::BufWriter<Box<dyn Write + Send>>,
+    stats: &'a Stats,
+    shown: u64,
+    count: Option<u64>,
+    loss_report: LossReport,
+}
+
+impl ReportSink for TextOutput<'_> {
+    fn report(&mut self, report: PacketReport) -> io::Result<ControlFlow<()>> {
+        render::render_packet(&report, &mut self.out)?;
+        if report.fate == Fate::Incomplete {
+            self.stats.incomplete.fetch_add(1, Ordering::Relaxed);
+        }
+        self.shown += 1;
+        self.stats.packets_shown.fetch_add(1, Ordering::Relaxed);
+        let done = self.count.is_some_and(|c| self.shown >= c);
+        Ok(if done { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
+    }
+
+    fn lost(&mut self, messages: u64) {
+        self.loss_report.add(messages, Instant::now());
+    }
+}
+
+impl TextOutput<'_> {
+    fn finish(&mut self) -> Result<(), RunError> {
+        match self.out.flush() {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            other => other.map_err(RunError::Output),
+        }
+    }
+}
+
+/// Says on stderr that trace events were lost: at once, then at most once a second.
+#[derive(Debug, Default)]
+struct LossReport {
+    pending: u64,
+    last: Option<Instant>,
+}
+
+impl LossReport {
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    fn add(&mut self, lost: u64, now: Instant) {
+        self.pending += lost;
+        self.print_pending(now);
+    }
+
+    fn print_pending(&mut self, now: Instant) {
+        if self.pending == 0 || self.last.is_some_and(|last| now.duration_since(last) < Self::INTERVAL) {
+            return;
+        }
+        crate::note!(
+            "iptrace: {} trace events lost (receive buffer full); blocks around them may be incomplete",
+            with_thousands(self.pending)
+        );
+        self.pending = 0;
+        self.last = Some(now);
+    }
+}
+
+/// `104233` as `104,233`.
+fn with_thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut text = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            text.push(',');
+        }
+        text.push(digit);
+    }
+    text
+}

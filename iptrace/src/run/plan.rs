@@ -1,0 +1,213 @@
+//! What the run installs and how it selects: the marking rules' prefilter (native matches, xt_bpf
+//! bytecode, or a pinned program), the trace plan, the eBPF socket filter kept ready for when
+//! someone else marks packets too, and the ready line.
+
+use std::{
+    os::fd::{AsFd as _, OwnedFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+};
+
+use super::{Options, RunError, session::ACTIVE};
+use crate::{
+    backend::Backends,
+    bpf::{self, BpfError, TraceSocketFilter},
+    capture::TraceSocket,
+    decode::Family,
+    filter::CompiledFilter,
+    instrument::{Marker, Prefilter, TracePlan, XtBpfProgram},
+    nftables,
+    xtables::Xtables,
+};
+
+/// How the marking rules select the packets to trace.
+pub(super) fn choose_prefilter(
+    options: &Options,
+    backends: &Backends,
+    filter: Option<&CompiledFilter>,
+) -> Result<Prefilter, RunError> {
+    // Both markers select in the kernel: with native matches where the marker can express the
+    // selection, and otherwise with the compiled program in an xt_bpf match.
+    let native = options.selection.to_native()?.filter(|n| match backends.marker {
+        Marker::NftTable => n.nft_match().is_some(),
+        Marker::TraceRules => n.fits_xtables(),
+    });
+    let prefilter = match (filter, native) {
+        (None, _) => Prefilter::None,
+        (Some(_), Some(native)) => Prefilter::Native(native),
+        (Some(f), None) if f.fits_xt_bpf() => Prefilter::XtBpf(XtBpfProgram::Bytecode(f.instructions().to_vec())),
+        (Some(f), None) => pin_prefilter(f)?,
+    };
+    log::info!("marking rules prefilter with {prefilter}");
+    Ok(prefilter)
+}
+
+/// What to install: the marking rules, where, and with which selection.
+pub(super) fn trace_plan(options: &Options, backends: &Backends, prefilter: Prefilter) -> TracePlan {
+    TracePlan {
+        // TRACE rules go only where legacy tables are traced (a rule would create a raw table).
+        families: if backends.marker == Marker::TraceRules {
+            backends.legacy.clone()
+        } else {
+            options.families.clone()
+        },
+        marker: backends.marker,
+        prefilter,
+        in_interface: options.in_interface.clone(),
+        out_interface: options.out_interface.clone(),
+        limit: options.limit.clone(),
+        chain: options.chain,
+    }
+}
+
+/// The eBPF socket filter: verified in the background from the start and kept ready, attached
+/// to the trace socket when first wanted. Attaching is one `setsockopt`, made by whoever wants
+/// it (the reader, within microseconds of the first unwanted message), or by the loader as soon
+/// as the program is verified if it was wanted before.
+pub(super) struct SocketFilter {
+    /// A duplicate of the trace socket's descriptor: `SO_ATTACH_BPF` on it attaches to the socket.
+    socket: OwnedFd,
+    state: Mutex<SocketFilterState>,
+    /// Attached: the kernel selects what is queued from now on.
+    attached: AtomicBool,
+}
+
+#[derive(Default)]
+struct SocketFilterState {
+    /// The verifier's outcome; `None` while it runs.
+    loaded: Option<Result<TraceSocketFilter, BpfError>>,
+    wanted: bool,
+}
+
+impl SocketFilter {
+    /// Starts verifying `trace_filter` with `filter`'s program on a thread.
+    pub(super) fn spawn(
+        socket: &TraceSocket,
+        filter: &CompiledFilter,
+        log: bool,
+    ) -> Result<(Arc<Self>, thread::JoinHandle<()>), RunError> {
+        let socket = socket.fd().try_clone_to_owned().map_err(|e| RunError::Thread("socket filter", e))?;
+        let this = Arc::new(Self {
+            socket,
+            state: Mutex::new(SocketFilterState::default()),
+            attached: AtomicBool::new(false),
+        });
+        let program = filter.instructions().to_vec();
+        let loader = {
+            let this = this.clone();
+            thread::Builder::new()
+                .name("iptrace-bpf".into())
+                .spawn(move || {
+                    let loaded = TraceSocketFilter::load(Some(&program), log);
+                    log::info!("eBPF socket filter verified: {}", if loaded.is_ok() { "ready" } else { "refused" });
+                    let mut state = this.lock();
+                    state.loaded = Some(loaded);
+                    if state.wanted {
+                        this.attach(&mut state);
+                    }
+                })
+                .map_err(|e| RunError::Thread("socket filter", e))?
+        };
+        Ok((this, loader))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SocketFilterState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Attaches the filter now, or as soon as it is verified.
+    pub(super) fn want(&self) {
+        let mut state = self.lock();
+        if !state.wanted {
+            state.wanted = true;
+            self.attach(&mut state);
+        }
+    }
+
+    /// Without the eBPF filter, iptrace says so once and goes on selecting in userspace.
+    fn attach(&self, state: &mut SocketFilterState) {
+        let refused = |e: &BpfError| {
+            crate::note!(
+                "iptrace: no eBPF socket filter ({}); selecting trace messages in userspace",
+                crate::WithCauses(e)
+            )
+        };
+        match state.loaded.as_mut() {
+            None => {}
+            Some(Ok(filter)) => match filter.attach(self.socket.as_fd()) {
+                Ok(()) => {
+                    self.attached.store(true, Ordering::Release);
+                    log::info!("eBPF socket filter attached: the kernel selects trace messages now");
+                }
+                Err(e) => refused(&e),
+            },
+            Some(Err(e)) => refused(e),
+        }
+    }
+
+    pub(super) fn attached(&self) -> bool {
+        self.attached.load(Ordering::Acquire)
+    }
+
+    /// Forwards the program's log records (`-vv`), unless the filter is being attached just now.
+    pub(super) fn flush_log(&self) {
+        if let Ok(mut state) = self.state.try_lock()
+            && let Some(Ok(filter)) = state.loaded.as_mut()
+        {
+            filter.flush_log();
+        }
+    }
+
+    /// The filter's counters, if it was attached.
+    pub(super) fn counters(&self) -> Option<crate::bpf::FilterCounters> {
+        let state = self.lock();
+        match &state.loaded {
+            Some(Ok(filter)) if self.attached() => filter.counters().ok(),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a rule in the traced netns marks packets for tracing: a TRACE rule in a legacy raw
+/// table, or an nf_tables `meta nftrace set 1` (iptables-nft's TRACE is one too).
+pub(super) fn foreign_marker(backends: &Backends) -> bool {
+    let legacy_trace = backends.legacy.iter().any(|&family| {
+        let xtables = Xtables::new(family);
+        // Saving a table that does not exist would create it.
+        xtables.existing_tables().iter().any(|t| t == "raw")
+            && xtables.save("raw").is_ok_and(|rules| rules.lines().any(|l| l.split(' ').any(|w| w == "TRACE")))
+    });
+    legacy_trace || (backends.nft() && nftables::run(&["list", "ruleset"]).is_ok_and(|r| r.contains("nftrace set 1")))
+}
+
+/// Selections longer than xt_bpf's 64 inline instructions: iptrace's eBPF interpreter, pinned
+/// for `-m bpf --object-pinned`. The pin is recorded before it exists, and outlives the rule
+/// that names it (design.md §7: iptables re-resolves the path on every table change).
+fn pin_prefilter(filter: &CompiledFilter) -> Result<Prefilter, RunError> {
+    bpf::ensure_bpffs()?;
+    let mut active = ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(instrumentation) = active.as_mut() else { return Ok(Prefilter::None) };
+    let owner = instrumentation.owner();
+    let path = std::path::Path::new(bpf::PIN_DIR).join(format!("prefilter-{}-{}", owner.pid, owner.start));
+    instrumentation.record_pin(path.clone())?;
+    drop(active);
+    bpf::pin_xt_prefilter(filter.instructions(), &path)?;
+    Ok(Prefilter::XtBpf(XtBpfProgram::Pinned(path)))
+}
+
+pub(super) fn ready_line(options: &Options, backends: &Backends, filter: Option<&CompiledFilter>) -> String {
+    let families: Vec<&str> = options
+        .families
+        .iter()
+        .map(|f| match f {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+        })
+        .collect();
+    let what = filter.map_or_else(|| "every packet".to_owned(), |f| format!("'{}'", f.expression()));
+    let netns = options.netns.as_deref().map(|n| format!(" in netns {n}")).unwrap_or_default();
+    format!("tracing {what} ({}; {}){netns}; Ctrl-C to stop", families.join(", "), backends.describe())
+}

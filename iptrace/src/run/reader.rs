@@ -1,0 +1,275 @@
+//! The reader thread: drains the trace socket into shared buffers for the processing thread,
+//! selects in userspace until the kernel does, and places what the kernel lost in the stream.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+
+use super::{Stats, plan::SocketFilter};
+use crate::capture::{Received, TraceSocket, UserspaceFilter};
+
+/// Batches of datagrams queued between the reader and the processing thread.
+pub(super) const DATAGRAM_BATCHES_QUEUED: usize = 16;
+
+/// What the reader hands on, in the order of the stream.
+pub(super) enum Delivery {
+    Datagram(Bytes),
+    /// The kernel could not queue this many trace messages at this point (a full receive buffer).
+    Lost(u64),
+}
+
+/// How far the reader has read. The processing thread closes a packet as complete once its
+/// events have been quiet for `linger` *in what the reader has read*, not in wall time: when
+/// iptrace falls behind or is stopped (SIGSTOP), the rest of a packet's events may still wait in
+/// the receive buffer, and closing it then would decide its fate from part of its events.
+#[derive(Debug)]
+pub(super) struct ReadProgress {
+    start: Instant,
+    /// When the reader last found the receive queue empty, after handing on what it had read:
+    /// nanoseconds since `start`.
+    emptied: AtomicU64,
+    /// The reader waits for a datagram: the queue is empty.
+    waiting: AtomicBool,
+}
+
+impl ReadProgress {
+    pub(super) fn new() -> Self {
+        Self { start: Instant::now(), emptied: AtomicU64::new(0), waiting: AtomicBool::new(false) }
+    }
+
+    fn queue_emptied(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.emptied.store(nanos, Ordering::Release);
+    }
+
+    fn set_waiting(&self, waiting: bool) {
+        self.waiting.store(waiting, Ordering::Release);
+    }
+
+    /// An instant before which the kernel queued nothing the reader has not handed on yet.
+    /// Read it before checking that the channel is empty.
+    pub(super) fn read_up_to(&self, now: Instant) -> Instant {
+        if self.waiting.load(Ordering::Acquire) {
+            now
+        } else {
+            self.start + Duration::from_nanos(self.emptied.load(Ordering::Acquire))
+        }
+    }
+}
+
+/// Finds where in the stream the kernel lost trace messages, and how many.
+///
+/// After an overrun the socket queues nothing until the reader has emptied the queue
+/// ([`TraceSocket::queue_state`]): the loss lies right after the datagrams queued when ENOBUFS
+/// is reported, one contiguous gap per overrun. The reader watches the queued bytes fall as it
+/// reads them; the gap is placed after the datagram that left the queue empty, or after which
+/// the queue grew (newer datagrams queued already: then the gap is at most a datagram or two
+/// early, and the packets around it are marked either way). The count is the kernel's own.
+#[derive(Debug, Default)]
+struct LossTracker {
+    /// `sk_drops` as far as already reported (0 when the socket was opened).
+    reported: u32,
+    /// While a gap is still to be placed: the bytes queued at the last look.
+    congested: Option<u32>,
+}
+
+impl LossTracker {
+    /// At ENOBUFS. Returns the number lost when the gap is here already (nothing was queued).
+    fn overrun(&mut self, socket: &TraceSocket) -> Option<u64> {
+        let queued = socket.queue_state().map_or(0, |q| q.queued_bytes);
+        self.congested = Some(queued);
+        if queued == 0 { self.gap_here(socket) } else { None }
+    }
+
+    /// After a datagram: the number lost when the gap follows it.
+    fn after_datagram(&mut self, socket: &TraceSocket) -> Option<u64> {
+        let before = self.congested?;
+        let first = socket.queue_state().ok()?;
+        if first.queued_bytes != 0 && first.queued_bytes >= before {
+            // Grown: newer datagrams were queued, or a delivery failing just now had added its
+            // size for an instant (`netlink_attachskb()` adds it, finds no room, takes it back,
+            // counts a drop). A second look tells them apart.
+            let second = socket.queue_state().ok()?;
+            if second.queued_bytes < before || second.drops != first.drops {
+                self.congested = Some(second.queued_bytes.min(before));
+                return None;
+            }
+        } else if first.queued_bytes != 0 {
+            self.congested = Some(first.queued_bytes);
+            return None;
+        }
+        self.gap_here(socket)
+    }
+
+    /// With the queue empty (and at the end): whatever was lost and not yet placed is here.
+    fn gap_here(&mut self, socket: &TraceSocket) -> Option<u64> {
+        self.congested = None;
+        let drops = socket.queue_state().ok()?.drops;
+        let lost = drops.wrapping_sub(self.reported);
+        self.reported = drops;
+        (lost > 0).then_some(u64::from(lost))
+    }
+}
+
+/// How the reader selects: in userspace until the kernel does.
+pub(super) struct Selecting {
+    pub(super) filter: Option<UserspaceFilter>,
+    /// Wanted at the first datagram the userspace selection drops.
+    pub(super) socket_filter: Option<Arc<SocketFilter>>,
+    /// The eBPF filter is attached, and every datagram queued before it was has been read.
+    pub(super) kernel_selects: bool,
+}
+
+impl Selecting {
+    /// Whether the datagram is wanted; counts the userspace selection's decisions.
+    fn keep(&mut self, datagram: &[u8], stats: &Stats) -> bool {
+        let Some(filter) = self.filter.as_mut().filter(|_| !self.kernel_selects) else { return true };
+        stats.userspace_seen.fetch_add(1, Ordering::Relaxed);
+        let keep = filter.keep(datagram);
+        let counter = if keep { &stats.userspace_passed } else { &stats.userspace_dropped };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if !keep && let Some(socket_filter) = &self.socket_filter {
+            socket_filter.want();
+        }
+        keep
+    }
+
+    /// Whether the eBPF filter is attached; to ask before a receive.
+    fn attached(&self) -> bool {
+        self.socket_filter.as_ref().is_some_and(|f| f.attached())
+    }
+
+    /// The queue was found empty, and the filter was `attached` before: whatever comes now
+    /// passed it.
+    fn queue_emptied(&mut self, attached: bool) {
+        if attached && !self.kernel_selects {
+            self.kernel_selects = true;
+            log::info!("every trace message queued before the eBPF filter was read: no more selecting in userspace");
+        }
+    }
+}
+
+/// The reader: drains the socket as fast as it can into shared buffers and hands them on, so
+/// that formatting never holds up the receive path (the kernel drops what does not fit; see
+/// [`LossTracker`] for how that is found and counted).
+///
+/// It waits only for the first datagram of a batch and then takes whatever else is queued
+/// without waiting (MSG_DONTWAIT), up to `MAX_BATCH`: the processing thread's per-batch work
+/// (idle-packet flush, rule-set check, output flush) is then paid once per burst instead of once
+/// per datagram, which at high rates decides whether it keeps up. On stop it drains what the
+/// kernel has already queued (for at most `DRAIN_LIMIT`) so that those packets are still shown.
+/// Each datagram lands in one scratch buffer, zeroed once, and is copied into the shared chunk:
+/// a copy of its few hundred bytes, where zeroing a fresh 128 KiB per receive cost more than
+/// all else. When it had to wait for a datagram (a trickle: one traced flow), it then lets the
+/// others of that burst queue up for `GATHER` before taking them, so that the two threads wake
+/// once per burst instead of once per message; at full rate the queue is never empty and it
+/// never waits.
+/// Unselected datagrams are dropped here until the eBPF filter drops them in the kernel
+/// ([`Selecting`]).
+pub(super) fn read_datagrams(
+    socket: &TraceSocket,
+    mut selecting: Selecting,
+    stop: &AtomicBool,
+    stats: &Stats,
+    progress: &ReadProgress,
+    tx: &mpsc::SyncSender<Vec<Delivery>>,
+) {
+    // Small enough that the few chunks batches in flight keep alive stay a few MiB.
+    const CHUNK: usize = 1 << 18;
+    const MAX_DATAGRAM: usize = 1 << 17;
+    const MAX_BATCH: usize = 256;
+    const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+    const GATHER: Duration = Duration::from_millis(2);
+    let mut chunk = BytesMut::with_capacity(CHUNK);
+    let mut scratch = vec![0u8; MAX_DATAGRAM];
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut drain_deadline: Option<Instant> = None;
+    let mut loss = LossTracker::default();
+    let lost = |batch: &mut Vec<Delivery>, count: Option<u64>| {
+        if let Some(count) = count {
+            stats.lost.fetch_add(count, Ordering::Relaxed);
+            batch.push(Delivery::Lost(count));
+        }
+    };
+    loop {
+        if drain_deadline.is_none() && stop.load(Ordering::Relaxed) {
+            drain_deadline = Some(Instant::now() + DRAIN_LIMIT);
+        }
+        if drain_deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let mut woke = false;
+        let attached = selecting.attached();
+        let received = match socket.receive_queued(&mut scratch) {
+            Ok(Received::Idle) if batch.is_empty() && drain_deadline.is_none() => {
+                woke = true;
+                progress.set_waiting(true);
+                let received = socket.receive(&mut scratch);
+                progress.set_waiting(false);
+                received
+            }
+            other => other,
+        };
+        let queue_empty = match received {
+            Ok(Received::Datagram(n)) => {
+                stats.datagrams.fetch_add(1, Ordering::Relaxed);
+                let datagram = &scratch[..n];
+                if selecting.keep(datagram, stats) {
+                    if chunk.capacity() < n {
+                        chunk = BytesMut::with_capacity(CHUNK.max(n));
+                    }
+                    chunk.extend_from_slice(datagram);
+                    batch.push(Delivery::Datagram(chunk.split().freeze()));
+                }
+                lost(&mut batch, loss.after_datagram(socket));
+                false
+            }
+            Ok(Received::Overrun) => {
+                stats.overruns.fetch_add(1, Ordering::Relaxed);
+                lost(&mut batch, loss.overrun(socket));
+                false
+            }
+            Ok(Received::Idle) => {
+                lost(&mut batch, loss.gap_here(socket));
+                selecting.queue_emptied(attached);
+                true
+            }
+            Err(e) => {
+                crate::note!("iptrace: {}", crate::WithCauses(&e));
+                break;
+            }
+        };
+        if woke && !queue_empty {
+            thread::sleep(GATHER);
+        }
+        if !batch.is_empty()
+            && (queue_empty || batch.len() == MAX_BATCH)
+            && tx.send(std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH))).is_err()
+        {
+            return;
+        }
+        if queue_empty {
+            progress.queue_emptied();
+            if drain_deadline.is_some() {
+                break;
+            }
+        }
+    }
+    lost(&mut batch, loss.gap_here(socket));
+    if !batch.is_empty() {
+        let _ = tx.send(batch);
+    }
+    // What the drain did not get to is counted, not shown (for as long again at most).
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    while Instant::now() < deadline && matches!(socket.receive_queued(&mut scratch), Ok(Received::Datagram(_))) {
+        stats.unread.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,69 @@
+//! The counters of one run, which `--stats` prints at exit.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of one run, printed by `--stats`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub datagrams: AtomicU64,
+    /// Times the receive buffer overflowed (ENOBUFS): loss episodes.
+    pub overruns: AtomicU64,
+    /// Trace messages the kernel could not queue, exactly (`sk_drops`).
+    pub lost: AtomicU64,
+    /// Blocks shown as `(incomplete: events lost)`.
+    pub incomplete: AtomicU64,
+    /// Trace messages still queued when the reader stopped.
+    pub unread: AtomicU64,
+    pub messages: AtomicU64,
+    pub events: AtomicU64,
+    pub malformed: AtomicU64,
+    pub packets_shown: AtomicU64,
+    /// Datagrams the userspace selection ran on, kept and discarded (before the eBPF filter
+    /// was attached, or without it).
+    pub userspace_seen: AtomicU64,
+    pub userspace_passed: AtomicU64,
+    pub userspace_dropped: AtomicU64,
+    /// The eBPF socket filter's own counters, read at exit, when it was attached.
+    pub ebpf: std::sync::OnceLock<crate::bpf::FilterCounters>,
+    /// Changes by others to iptrace's instrumentation that it undid (see [`crate::heal`]).
+    pub repairs: AtomicU64,
+}
+
+impl Stats {
+    pub fn report(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut report = format!(
+            "iptrace: stats: {} datagrams, {} messages, {} trace events decoded, {} malformed, {} packets shown, {} receive-buffer overruns, {} trace events lost, {} blocks incomplete, {} trace events unread at exit",
+            g(&self.datagrams),
+            g(&self.messages),
+            g(&self.events),
+            g(&self.malformed),
+            g(&self.packets_shown),
+            g(&self.overruns),
+            g(&self.lost),
+            g(&self.incomplete),
+            g(&self.unread)
+        );
+        if let Some(c) = self.ebpf.get() {
+            report.push_str(&format!(
+                "\niptrace: stats: selection (eBPF): {} datagrams seen, {} passed, {} dropped",
+                c.seen, c.passed, c.dropped
+            ));
+        }
+        if g(&self.repairs) > 0 {
+            report.push_str(&format!(
+                "\niptrace: stats: {} repairs of iptrace's instrumentation after changes by others",
+                g(&self.repairs)
+            ));
+        }
+        if g(&self.userspace_seen) > 0 {
+            report.push_str(&format!(
+                "\niptrace: stats: selection (userspace): {} datagrams seen, {} passed, {} dropped",
+                g(&self.userspace_seen),
+                g(&self.userspace_passed),
+                g(&self.userspace_dropped)
+            ));
+        }
+        report
+    }
+}
