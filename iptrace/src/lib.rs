@@ -51,6 +51,7 @@ pub mod cli;
 pub mod correlate;
 pub mod decode;
 pub mod demo;
+pub mod drops;
 pub mod filter;
 pub mod heal;
 pub mod instrument;
