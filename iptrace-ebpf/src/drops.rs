@@ -140,13 +140,19 @@ fn report(ctx: &RawTracePointContext) -> Option<()> {
     let record = DROP_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot, not used by a nested run (see `DROP_SCRATCH`).
     let record = unsafe { &mut *record };
-    let header = record.header.get_mut(..header_len as usize)?;
+    record.header_len = header_len;
+    // The size masked into 1..=DROP_HEADER_MAX right before the call: the verifier wants that
+    // register bounded, and the compiler would drop a mask it can prove redundant (and pass the
+    // unbounded value a `min` came from), so the length goes through memory it cannot see into.
+    // SAFETY: a field of this CPU's record.
+    let stored = unsafe { ptr::read_volatile(&raw const record.header_len) };
+    let size = ((stored.wrapping_sub(1)) as usize & HEADER_INDEX_MASK) + 1;
+    let header = record.header.get_mut(..size)?;
     // SAFETY: as for `read`.
     unsafe { bpf_probe_read_kernel_buf(network, header) }.ok()?;
     if !matches!(record.header[0] >> 4, 4 | 6) {
         return None;
     }
-    record.header_len = header_len;
     record.packet_len = packet_len;
     if !selected(header_len, packet_len) {
         return None;
