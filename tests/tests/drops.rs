@@ -19,21 +19,33 @@ use iptrace::{
 };
 use iptrace_tests::{Lab, Role, lab, require_root};
 
-/// Sends one UDP datagram with the given TTL from a role's namespace.
-fn send(lab: &Lab, role: Role, src: &str, dst: &str, ttl: u32) {
+/// Sends one UDP datagram from a role's namespace, with the given IPv4 TTL (else the default).
+fn send(lab: &Lab, role: Role, src: &str, dst: &str, ttl: Option<u32>) {
     let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
     lab.in_ns(role, move || {
         let socket = UdpSocket::bind(src).unwrap();
-        socket.set_ttl(ttl).unwrap();
+        if let Some(ttl) = ttl {
+            socket.set_ttl(ttl).unwrap();
+        }
         socket.send_to(b"drop", dst).unwrap();
     })
     .unwrap();
 }
 
-/// `Udp NoPorts`, `Ip InNoRoutes`, `Ip InHdrErrors`, ... and `TcpExt IPReversePathFilter` of a
-/// role's namespace (`/proc/net/snmp` and `/proc/net/netstat`, pairs of header and value lines).
+/// The SNMP counters of a role's namespace, as `Udp NoPorts`, `IpExt InNoRoutes`, `Udp6
+/// NoPorts`: `/proc/net/snmp` and `/proc/net/netstat` (pairs of header and value lines) and
+/// `/proc/net/snmp6` (a name and a value a line).
 fn snmp(lab: &Lab, role: Role) -> BTreeMap<String, u64> {
     let mut counters = BTreeMap::new();
+    let out = lab.exec(role, &["cat", "/proc/net/snmp6"], "").unwrap();
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let mut words = line.split_whitespace();
+        if let (Some(name), Some(Ok(value))) = (words.next(), words.next().map(str::parse)) {
+            // Udp6NoPorts → Udp6 NoPorts
+            let split = name.find(|c: char| c.is_ascii_digit()).map_or(0, |i| i + 1);
+            counters.insert(format!("{} {}", &name[..split], &name[split..]), value);
+        }
+    }
     for file in ["/proc/net/snmp", "/proc/net/netstat"] {
         let out = lab.exec(role, &["cat", file], "").unwrap();
         let text = String::from_utf8(out.stdout).unwrap();
@@ -70,7 +82,13 @@ fn line(event: &DropEvent, vif0: u32) -> String {
         Some(index) if index == vif0 => "vif0".to_owned(),
         other => format!("{other:?}"),
     };
-    format!("{} > {}:{dport} ttl {} dev {dev}: {}", event.packet.src, event.packet.dst, event.packet.ttl, event.reason)
+    let protocol = match event.packet.protocol {
+        6 => "tcp",
+        17 => "udp",
+        _ => "other",
+    };
+    let (src, dst, ttl) = (event.packet.src, event.packet.dst, event.packet.ttl);
+    format!("{protocol} {src} > {dst}:{dport} ttl {ttl} dev {dev}: {}", event.reason)
 }
 
 /// Reads drops until none has come for half a second (at most 5 s).
@@ -110,23 +128,30 @@ fn the_kernel_reason_of_each_drop_in_the_traced_namespace() {
     .unwrap();
     let netns = lab.in_ns(Role::Router, netns_cookie).unwrap().unwrap();
     let vif0 = lab.in_ns(Role::Router, || interface_index("vif0")).unwrap().unwrap();
-    let selection = CompiledFilter::compile("udp and (src host 10.5.1.7 or src host 10.9.9.9)").unwrap();
+    let selection =
+        CompiledFilter::compile("(udp or tcp) and (src host 10.5.1.7 or src host 10.9.9.9 or src host fd00:5:1::7)")
+            .unwrap();
     let facts = KernelFacts::from_kernel().unwrap();
     let mut tracer = DropTracer::start(Some(selection.instructions()), netns, facts).unwrap();
     let before = snmp(&lab, Role::Router);
     let others_before = [snmp(&lab, Role::Client), snmp(&lab, Role::Server)];
 
     // Selected, dropped in the router.
-    send(&lab, Role::Client, "10.5.1.7:0", "10.5.1.1:9001", 64); // no socket on the router
-    send(&lab, Role::Client, "10.5.1.7:0", "192.0.2.1:9002", 64); // no route onwards
-    send(&lab, Role::Client, "10.9.9.9:0", "172.16.2.2:9003", 64); // fails rp_filter
-    send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9004", 1); // TTL runs out
-    send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9005", 64); // nft drop in forward
+    send(&lab, Role::Client, "10.5.1.7:0", "10.5.1.1:9001", None); // no socket on the router
+    send(&lab, Role::Client, "10.5.1.7:0", "192.0.2.1:9002", None); // no route onwards
+    send(&lab, Role::Client, "10.9.9.9:0", "172.16.2.2:9003", None); // fails rp_filter
+    send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9004", Some(1)); // TTL runs out
+    send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9005", None); // nft drop in forward
+    send(&lab, Role::Client, "[fd00:5:1::7]:0", "[fd00:5:1::1]:9011", None); // IPv6, no socket
+    send(&lab, Role::Client, "[fd00:5:1::7]:0", "[fd00:99::1]:9012", None); // IPv6, no route
+    // A TCP SYN to a closed port: the router answers with a reset, so connect fails.
+    let connected = lab.tcp(Role::Client, "10.5.1.7".parse().unwrap(), "10.5.1.1:9013".parse().unwrap(), b"x");
+    assert!(!connected.unwrap());
     // Not reported: unselected (other source) in the router; selected but dropped in the
     // server's and the client's namespaces.
-    send(&lab, Role::Client, "10.5.1.8:0", "10.5.1.1:9006", 64);
-    send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9007", 64);
-    send(&lab, Role::Client, "10.5.1.7:0", "10.5.1.7:9008", 64);
+    send(&lab, Role::Client, "10.5.1.8:0", "10.5.1.1:9006", None);
+    send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9007", None);
+    send(&lab, Role::Client, "10.5.1.7:0", "10.5.1.7:9008", None);
 
     let mut lines: Vec<String> = collect(&mut tracer).iter().map(|event| line(event, vif0)).collect();
     lines.sort();
@@ -134,20 +159,39 @@ fn the_kernel_reason_of_each_drop_in_the_traced_namespace() {
     assert_eq!(
         lines.join("\n"),
         [
-            "10.5.1.7 > 10.5.1.1:9001 ttl 64 dev vif0: NO_SOCKET",
-            "10.5.1.7 > 172.16.2.2:9004 ttl 1 dev vif0: IP_INHDR",
-            "10.5.1.7 > 172.16.2.2:9005 ttl 63 dev vif0: NETFILTER_DROP",
-            "10.5.1.7 > 192.0.2.1:9002 ttl 64 dev vif0: IP_INNOROUTES",
-            "10.9.9.9 > 172.16.2.2:9003 ttl 64 dev vif0: IP_RPFILTER",
+            "tcp 10.5.1.7 > 10.5.1.1:9013 ttl 64 dev vif0: NO_SOCKET",
+            "udp 10.5.1.7 > 10.5.1.1:9001 ttl 64 dev vif0: NO_SOCKET",
+            "udp 10.5.1.7 > 172.16.2.2:9004 ttl 1 dev vif0: IP_INHDR",
+            "udp 10.5.1.7 > 172.16.2.2:9005 ttl 63 dev vif0: NETFILTER_DROP",
+            "udp 10.5.1.7 > 192.0.2.1:9002 ttl 64 dev vif0: IP_INNOROUTES",
+            "udp 10.9.9.9 > 172.16.2.2:9003 ttl 64 dev vif0: IP_RPFILTER",
+            "udp fd00:5:1::7 > fd00:5:1::1:9011 ttl 64 dev vif0: NO_SOCKET",
+            "udp fd00:5:1::7 > fd00:99::1:9012 ttl 64 dev vif0: IP_INNOROUTES",
         ]
         .join("\n")
     );
     // The oracle: the kernel counted these drops (and the unselected one to port 9006) in the
     // router, and the selected packets to ports 9007 and 9008 in the server and the client.
-    let counters = ["Ip InHdrErrors", "IpExt InNoRoutes", "TcpExt IPReversePathFilter", "Udp NoPorts"];
+    let counters = [
+        "Ip InHdrErrors",
+        "Ip6 InNoRoutes",
+        "IpExt InNoRoutes",
+        "Tcp OutRsts",
+        "TcpExt IPReversePathFilter",
+        "Udp NoPorts",
+        "Udp6 NoPorts",
+    ];
     assert_eq!(
         changed(&before, &after, &counters),
-        ["Ip InHdrErrors +1", "IpExt InNoRoutes +1", "TcpExt IPReversePathFilter +1", "Udp NoPorts +2"]
+        [
+            "Ip InHdrErrors +1",
+            "Ip6 InNoRoutes +1",
+            "IpExt InNoRoutes +1",
+            "Tcp OutRsts +1",
+            "TcpExt IPReversePathFilter +1",
+            "Udp NoPorts +2",
+            "Udp6 NoPorts +1",
+        ]
     );
     for (role, before) in [Role::Client, Role::Server].into_iter().zip(others_before) {
         assert_eq!(changed(&before, &snmp(&lab, role), &counters), ["Udp NoPorts +1"], "{role:?}");
