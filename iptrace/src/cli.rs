@@ -153,6 +153,11 @@ pub struct Cli {
     #[arg(long)]
     pub no_socket_filter: bool,
 
+    /// Do not report why the kernel dropped a traced packet after (or without) netfilter (no
+    /// route, rp_filter, no socket, TTL): leaves the skb:kfree_skb eBPF program out.
+    #[arg(long)]
+    pub no_drops: bool,
+
     /// How long a packet's block waits for more events before it is printed, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 50, hide_short_help = true)]
     pub group_timeout: u64,
@@ -256,6 +261,7 @@ impl Cli {
             stats: self.stats,
             linger: Duration::from_millis(self.group_timeout),
             socket_filter: !self.no_socket_filter,
+            drops: !self.no_drops,
             ebpf_log: self.verbose > 1,
         })
     }
@@ -297,5 +303,11 @@ mod tests {
         assert_eq!(parse(&["iptrace", "-6"]).options().unwrap().families, [Family::Ipv6]);
         assert!(Cli::try_parse_from(["iptrace", "--duration", "-1"]).is_err());
         assert!(Cli::try_parse_from(["iptrace", "-4", "-6"]).is_err());
+    }
+
+    #[test]
+    fn drops_are_on_unless_no_drops() {
+        assert!(parse(&["iptrace", "udp"]).options().unwrap().drops);
+        assert!(!parse(&["iptrace", "--no-drops", "udp"]).options().unwrap().drops);
     }
 }

@@ -109,6 +109,8 @@ pub struct Options {
     pub socket_filter: bool,
     /// Forward the eBPF programs' log records (`-v`).
     pub ebpf_log: bool,
+    /// Report drop reasons (`drops`); `--no-drops` turns it off.
+    pub drops: bool,
 }
 
 /// Counters of one run, printed by `--stats`.

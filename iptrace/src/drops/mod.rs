@@ -135,6 +135,21 @@ fn check_tracepoint(btf: &Btf) -> Result<(), DropError> {
     }
 }
 
+/// Starts reporting drops for a run that traces the namespace whose cookie is `netns`, or, where
+/// the program cannot run (no BTF, a kernel without the tracepoint or with another layout, no
+/// CAP_BPF), says why once when `verbose` and returns `None`: the run goes on without drops.
+pub fn start_for_run(selection: Option<&[CbpfInsn]>, netns: u64, verbose: bool) -> Option<DropTracer> {
+    match KernelFacts::from_kernel().and_then(|facts| DropTracer::start(selection, netns, facts)) {
+        Ok(tracer) => Some(tracer),
+        Err(e) => {
+            if verbose {
+                crate::note!("drop reasons off: {}", crate::WithCauses(&e));
+            }
+            None
+        }
+    }
+}
+
 /// One selected packet the kernel dropped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DropEvent {

@@ -127,3 +127,15 @@ fn a_drop_joins_its_packet_across_nat() {
     let next_packet = udp_packet(0x1235, 63, [172, 20, 0, 2], 6443);
     assert!(!dropped(&next_packet, 7).joins(&trace, 7), "another packet of the flow");
 }
+
+#[test]
+fn btf_that_is_not_btf_is_an_error() {
+    assert_eq!(
+        Btf::parse(b"\x7fELF").err().map(|e| e.to_string()).as_deref(),
+        Some("malformed BTF: not little-endian BTF (magic)")
+    );
+    // A valid header whose type section lies past the end.
+    let mut header = vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0];
+    header.extend([0, 0, 0, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]);
+    assert_eq!(Btf::parse(&header).err().map(|e| e.to_string()).as_deref(), Some("malformed BTF: type section"));
+}
