@@ -155,7 +155,8 @@ pub struct Cli {
 
     /// Do not report why the kernel dropped a traced packet after (or without) netfilter (no
     /// route, rp_filter, no socket, TTL): leaves the skb:kfree_skb eBPF program out.
-    #[arg(long)]
+    // Hidden until the pipeline ends blocks with the drop (`drops::start_for_run`).
+    #[arg(long, hide = true)]
     pub no_drops: bool,
 
     /// How long a packet's block waits for more events before it is printed, in milliseconds.
