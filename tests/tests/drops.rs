@@ -1,6 +1,7 @@
 //! Drop reasons from the `skb:kfree_skb` raw tracepoint program, in the lab's router: each kind
 //! of drop the kernel makes of a forwarded or delivered packet is reported once, with the
-//! kernel's own reason, and only for selected packets in the traced namespace. The router's
+//! kernel's own reason and the packet as it was then (after DNAT), and only for selected
+//! packets in the traced namespace. The router's
 //! SNMP counters, which the kernel bumps at the same drop sites, are the oracle that each drop
 //! happened there and nowhere else.
 
@@ -123,7 +124,9 @@ fn the_kernel_reason_of_each_drop_in_the_traced_namespace() {
     lab.exec(
         Role::Router,
         &["nft", "-f", "-"],
-        "table inet xdr_drops {\n chain forward {\n type filter hook forward priority 0;\n udp dport 9005 drop\n }\n}\n",
+        "table inet xdr_drops {\n chain forward {\n type filter hook forward priority 0;\n udp dport 9005 drop\n }\n}\n\
+         table ip xdr_nat {\n chain prerouting {\n type nat hook prerouting priority dstnat;\n\
+         udp dport 9020 dnat to 172.20.0.2:6443\n }\n}\n",
     )
     .unwrap();
     let netns = lab.in_ns(Role::Router, netns_cookie).unwrap().unwrap();
@@ -142,6 +145,7 @@ fn the_kernel_reason_of_each_drop_in_the_traced_namespace() {
     send(&lab, Role::Client, "10.9.9.9:0", "172.16.2.2:9003", None); // fails rp_filter
     send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9004", Some(1)); // TTL runs out
     send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9005", None); // nft drop in forward
+    send(&lab, Role::Client, "10.5.1.7:0", "10.5.1.1:9020", None); // DNAT to an unroutable endpoint
     send(&lab, Role::Client, "[fd00:5:1::7]:0", "[fd00:5:1::1]:9011", None); // IPv6, no socket
     send(&lab, Role::Client, "[fd00:5:1::7]:0", "[fd00:99::1]:9012", None); // IPv6, no route
     // A TCP SYN to a closed port: the router answers with a reset, so connect fails.
@@ -163,6 +167,7 @@ fn the_kernel_reason_of_each_drop_in_the_traced_namespace() {
             "udp 10.5.1.7 > 10.5.1.1:9001 ttl 64 dev vif0: NO_SOCKET",
             "udp 10.5.1.7 > 172.16.2.2:9004 ttl 1 dev vif0: IP_INHDR",
             "udp 10.5.1.7 > 172.16.2.2:9005 ttl 63 dev vif0: NETFILTER_DROP",
+            "udp 10.5.1.7 > 172.20.0.2:6443 ttl 64 dev vif0: IP_INNOROUTES",
             "udp 10.5.1.7 > 192.0.2.1:9002 ttl 64 dev vif0: IP_INNOROUTES",
             "udp 10.9.9.9 > 172.16.2.2:9003 ttl 64 dev vif0: IP_RPFILTER",
             "udp fd00:5:1::7 > fd00:5:1::1:9011 ttl 64 dev vif0: NO_SOCKET",
@@ -186,7 +191,7 @@ fn the_kernel_reason_of_each_drop_in_the_traced_namespace() {
         [
             "Ip InHdrErrors +1",
             "Ip6 InNoRoutes +1",
-            "IpExt InNoRoutes +1",
+            "IpExt InNoRoutes +2",
             "Tcp OutRsts +1",
             "TcpExt IPReversePathFilter +1",
             "Udp NoPorts +2",
