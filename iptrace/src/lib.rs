@@ -3,7 +3,8 @@
 //! The stages, in the order data flows through them: [`instrument`] (TRACE rules in, out on exit)
 //! → [`capture`] (the nfnetlink_log socket and its eBPF filter) → [`decode`] (bytes to events)
 //! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`render`].
-//! [`heal`] keeps the instrumentation in place while other programs change the host.
+//! [`heal`] keeps the instrumentation in place while other programs change the host; [`drops`]
+//! reports, beside the capture, why the kernel dropped a selected packet (`skb:kfree_skb`).
 
 /// Writes a line to stderr through [`write_note`].
 #[macro_export]

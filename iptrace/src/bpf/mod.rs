@@ -1,8 +1,9 @@
 //! iptrace's eBPF programs, embedded at build time (see `iptrace-ebpf`), and their loader.
 //!
-//! Both programs are socket filters (`BPF_PROG_TYPE_SOCKET_FILTER`) that interpret the user's
-//! classic-BPF selection, handed over as read-only globals (`.rodata`, frozen at load, so a new
-//! selection means a new load):
+//! Two are socket filters (`BPF_PROG_TYPE_SOCKET_FILTER`; the object's third, the drop-reason
+//! tracepoint, is loaded by `crate::drops`) that interpret the user's classic-BPF selection,
+//! handed over as read-only globals (`.rodata`, frozen at load, so a new selection means a new
+//! load):
 //!
 //! - [`TraceSocketFilter`] runs `trace_filter` on the trace socket: nfnetlink_log, where the
 //!   kernel calls it from `sk_filter_trim_cap()` in `netlink_unicast()` before the datagram is
