@@ -4,6 +4,7 @@
 #![no_std]
 
 pub mod cbpf;
+pub mod drops;
 pub mod filter;
 pub mod message;
 #[rustfmt::skip]

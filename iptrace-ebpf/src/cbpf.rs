@@ -10,7 +10,7 @@ use core::{ffi::c_void, ptr};
 use aya_ebpf::{bindings::__sk_buff, helpers::generated::bpf_loop, macros::map, maps::Array};
 use iptrace_common::{
     cbpf::{MAX_STEPS, Outcome, Registers, Step},
-    filter::{CbpfInsn, MAX_CBPF_INSNS},
+    filter::{CbpfInsn, MAX_CBPF_INSNS, PacketBytes},
 };
 
 use crate::packet::{Packet, PacketSource, SkbPacket, TraceHeaderPacket};
@@ -41,10 +41,7 @@ const BEYOND_CAPTURE: i64 = -1;
 /// Call only when [`filter_len`] is non-zero.
 pub fn run(skb: *mut __sk_buff, packet: &Packet) -> Outcome {
     let (source, base, len) = packet.parts();
-    match iptrace_cbpf_run(skb, source as u32, base, len) {
-        BEYOND_CAPTURE => Outcome::BeyondCapture,
-        result => Outcome::Returned(result as u32),
-    }
+    decode(iptrace_cbpf_run(skb, source as u32, base, len))
 }
 
 /// [`run`] as a global function (BTF linkage global, kernel ≥ 5.6), which the verifier checks
@@ -54,20 +51,38 @@ pub fn run(skb: *mut __sk_buff, packet: &Packet) -> Outcome {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn iptrace_cbpf_run(skb: *mut __sk_buff, source: u32, base: u32, len: u32) -> i64 {
-    let Some(&registers) = INITIAL_REGISTERS.get(0) else {
-        return 1;
-    };
     let packet = if source == PacketSource::TraceHeaders as u32 {
         Packet::TraceHeaders(TraceHeaderPacket::new(len))
     } else {
         Packet::Skb(SkbPacket::new(skb, base, len))
     };
+    interpret(packet)
+}
+
+/// Runs the program on `packet` and returns the [`encode`]d outcome (1, accept, when the
+/// machine cannot start). For the callers' global functions, each of which takes the one kind
+/// of packet its program type can read ([`run`]'s skb helpers are not available to tracing
+/// programs).
+#[inline(always)]
+pub fn interpret<P: PacketBytes>(packet: P) -> i64 {
+    let Some(&registers) = INITIAL_REGISTERS.get(0) else {
+        return 1;
+    };
     let mut machine = Machine { packet, registers, result: encode(Outcome::Rejected) };
     // SAFETY: `step` has the callback signature bpf_loop expects, and `machine` outlives the call.
     unsafe {
-        bpf_loop(MAX_STEPS, step as *mut c_void, ptr::from_mut(&mut machine).cast(), 0);
+        bpf_loop(MAX_STEPS, step::<P> as *mut c_void, ptr::from_mut(&mut machine).cast(), 0);
     }
     machine.result
+}
+
+/// [`interpret`]'s result as an [`Outcome`].
+#[inline(always)]
+pub fn decode(result: i64) -> Outcome {
+    match result {
+        BEYOND_CAPTURE => Outcome::BeyondCapture,
+        result => Outcome::Returned(result as u32),
+    }
 }
 
 /// An outcome as one scalar: the program's result, 0 for [`Outcome::Rejected`], or
@@ -96,8 +111,8 @@ static INITIAL_REGISTERS: Array<Registers> = Array::with_max_entries(1, 0);
 
 /// The machine; lives on the caller's stack and travels to `step` as bpf_loop's context.
 #[repr(C)]
-struct Machine {
-    packet: Packet,
+struct Machine<P> {
+    packet: P,
     registers: Registers,
     /// How the run ended ([`encode`]d); [`Outcome::Rejected`] until a step says otherwise,
     /// which also covers running out of steps.
@@ -105,9 +120,9 @@ struct Machine {
 }
 
 /// bpf_loop callback: 0 continues, 1 stops.
-unsafe extern "C" fn step(_index: u32, machine: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop passes back the `Machine` pointer `iptrace_cbpf_run` gave it.
-    let machine = unsafe { &mut *machine.cast::<Machine>() };
+unsafe extern "C" fn step<P: PacketBytes>(_index: u32, machine: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the `Machine` pointer `interpret` gave it.
+    let machine = unsafe { &mut *machine.cast::<Machine<P>>() };
     let insn = instruction(machine.registers.pc);
     match machine.registers.execute(insn, &machine.packet) {
         Step::Continue => 0,

@@ -1,16 +1,20 @@
-//! iptrace's eBPF programs, both socket filters (`BPF_PROG_TYPE_SOCKET_FILTER`) running the
+//! iptrace's eBPF programs: two socket filters (`BPF_PROG_TYPE_SOCKET_FILTER`) running the
 //! user's classic-BPF selection through one interpreter (`cbpf`):
 //!
 //! - `trace_filter`, attached to the trace socket (nfnetlink_log or nftables trace), drops
 //!   datagrams whose trace events are all for unselected packets, before they take
 //!   receive-buffer space;
 //! - `xt_prefilter`, pinned for iptables' `-m bpf --object-pinned` when the selection is longer
-//!   than xt_bpf's 64 inline instructions.
+//!   than xt_bpf's 64 inline instructions;
+//!
+//! and `drop_reasons`, a raw tracepoint on `skb:kfree_skb` that reports the selected packets the
+//! kernel drops, with the reason (`drops`).
 #![no_std]
 #![no_main]
 
 mod cbpf;
 mod datagram;
+mod drops;
 mod nflog;
 mod nftrace;
 mod packet;

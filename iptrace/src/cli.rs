@@ -200,6 +200,12 @@ pub struct Cli {
     #[arg(long, hide_short_help = true, help_heading = "Other actions",
           conflicts_with_all = ["cleanup", "demo", "expression", "bpf"])]
     pub man: bool,
+
+    /// Do not report why the kernel dropped a traced packet after (or without) netfilter (no
+    /// route, rp_filter, no socket, TTL): leaves the skb:kfree_skb eBPF program out.
+    // Hidden until the pipeline ends blocks with the drop (`drops::start_for_run`).
+    #[arg(long, hide = true)]
+    pub no_drops: bool,
 }
 
 /// The largest `--limit-burst`: xt_limit's, which nft's `limit` also takes at every rate.
@@ -329,6 +335,7 @@ impl Cli {
             stats: self.stats,
             linger: Duration::from_millis(self.group_timeout),
             socket_filter: !self.no_socket_filter,
+            drops: !self.no_drops,
             ebpf_log: self.verbose > 1,
         })
     }
@@ -443,5 +450,11 @@ mod tests {
         assert_eq!(parse(&["iptrace", "-6"]).options().unwrap().families, [Family::Ipv6]);
         assert!(Cli::try_parse_from(["iptrace", "--duration", "-1"]).is_err());
         assert!(Cli::try_parse_from(["iptrace", "-4", "-6"]).is_err());
+    }
+
+    #[test]
+    fn drops_are_on_unless_no_drops() {
+        assert!(parse(&["iptrace", "udp"]).options().unwrap().drops);
+        assert!(!parse(&["iptrace", "--no-drops", "udp"]).options().unwrap().drops);
     }
 }

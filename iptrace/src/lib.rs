@@ -4,7 +4,8 @@
 //! → [`capture`] (the nfnetlink_log socket and its eBPF filter) → [`decode`] (bytes to events)
 //! → [`correlate`] (events to packets) → [`resolve`] (rule numbers to rule text) → [`model`] (a
 //! packet's report and fate) → [`render`]. [`pipeline`] runs decode to report as one type.
-//! [`heal`] keeps the instrumentation in place while other programs change the host.
+//! [`heal`] keeps the instrumentation in place while other programs change the host; [`drops`]
+//! reports, beside the capture, why the kernel dropped a selected packet (`skb:kfree_skb`).
 //! [`netfilter`] is the netlink side they share: the one socket opener, message layouts, requests.
 
 /// Writes a line to stderr through [`write_note`].
@@ -53,6 +54,7 @@ pub mod cli;
 pub mod command;
 pub mod correlate;
 pub mod decode;
+pub mod drops;
 pub mod filter;
 pub mod heal;
 pub mod instrument;

@@ -1,8 +1,9 @@
 //! iptrace's eBPF programs, embedded at build time (see `iptrace-ebpf`), and their loader.
 //!
-//! Both programs are socket filters (`BPF_PROG_TYPE_SOCKET_FILTER`) that interpret the user's
-//! classic-BPF selection, handed over as read-only globals (`.rodata`, frozen at load, so a new
-//! selection means a new load):
+//! Two are socket filters (`BPF_PROG_TYPE_SOCKET_FILTER`; the object's third, the drop-reason
+//! tracepoint, is loaded by `crate::drops`) that interpret the user's classic-BPF selection,
+//! handed over as read-only globals (`.rodata`, frozen at load, so a new selection means a new
+//! load):
 //!
 //! - [`TraceSocketFilter`] runs `trace_filter` on the trace socket: nfnetlink_log, where the
 //!   kernel calls it from `sk_filter_trim_cap()` in `netlink_unicast()` before the datagram is
@@ -27,7 +28,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, GlobalData,
     maps::{MapData, MapError, PerCpuArray},
     pin::PinError,
     programs::{ProgramError, SocketFilter},
@@ -136,7 +137,7 @@ impl TraceSocketFilter {
     fn load_with_logger(program: Option<&[CbpfInsn]>, logger: Option<&'static dyn log::Log>) -> Result<Self, BpfError> {
         let program = program.map(non_empty).transpose()?.unwrap_or_default();
         let level = if logger.is_some() { aya_log::Level::Debug as u8 } else { 0 };
-        let mut ebpf = load_object(program, level)?;
+        let mut ebpf = load_object(program, level, Vec::new())?;
         load_socket_filter(&mut ebpf, TRACE_FILTER_PROGRAM)?;
         let counters = ebpf
             .take_map(COUNTERS_MAP)
@@ -184,7 +185,7 @@ impl TraceSocketFilter {
 /// for the rule that names the path; whoever put the rule in place removes the pin after the
 /// rule (the instrument stage, which recorded the path before pinning).
 pub fn pin_xt_prefilter(program: &[CbpfInsn], path: &Path) -> Result<(), BpfError> {
-    let mut ebpf = load_object(non_empty(program)?, 0)?;
+    let mut ebpf = load_object(non_empty(program)?, 0, Vec::new())?;
     load_socket_filter(&mut ebpf, XT_PREFILTER_PROGRAM)?
         .pin(path)
         .map_err(|source| BpfError::Pin { path: path.to_owned(), source })
@@ -222,8 +223,13 @@ fn mount_bpffs() -> io::Result<()> {
 }
 
 /// Parses the embedded object with `program` in its `.rodata` globals (empty = match
-/// everything) and the aya-log level (0 = off) set, and creates its maps. No program is loaded yet.
-fn load_object(program: &[CbpfInsn], log_level: u8) -> Result<Ebpf, BpfError> {
+/// everything), the aya-log level (0 = off) and the `globals` of one program set, and creates
+/// its maps. No program is loaded yet.
+pub(crate) fn load_object(
+    program: &[CbpfInsn],
+    log_level: u8,
+    globals: Vec<(&'static str, GlobalData<'_>)>,
+) -> Result<Ebpf, BpfError> {
     let len = u32::try_from(program.len())
         .ok()
         .filter(|_| program.len() <= MAX_CBPF_INSNS)
@@ -231,11 +237,15 @@ fn load_object(program: &[CbpfInsn], log_level: u8) -> Result<Ebpf, BpfError> {
     let table: Vec<CbpfInsn> =
         program.iter().copied().chain(iter::repeat(CbpfInsn::default())).take(MAX_CBPF_INSNS).collect();
     without_kernel_btf(|| {
-        EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(FILTER_LEN_GLOBAL, &len, true)
             .override_global(FILTER_GLOBAL, table.as_slice(), true)
-            .override_global(aya_log::LEVEL, &log_level, true)
-            .load(EBPF_OBJECT)
+            .override_global(aya_log::LEVEL, &log_level, true);
+        for (name, value) in globals {
+            loader.override_global(name, value, true);
+        }
+        loader.load(EBPF_OBJECT)
     })
     .map_err(BpfError::LoadObject)
 }
@@ -285,7 +295,7 @@ fn hide_kernel_btf() -> io::Result<()> {
 
 /// An empty classic program is invalid (libpcap never emits one); refuse it rather than let it
 /// read as the interpreter's "match everything".
-fn non_empty(program: &[CbpfInsn]) -> Result<&[CbpfInsn], BpfError> {
+pub(crate) fn non_empty(program: &[CbpfInsn]) -> Result<&[CbpfInsn], BpfError> {
     if program.is_empty() { Err(BpfError::EmptyProgram) } else { Ok(program) }
 }
 
@@ -310,7 +320,7 @@ fn load_socket_filter<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a 
 /// tests `signal_pending(current)`), and aya then verifies again with its log on, up to ten times
 /// as the log outgrows its buffer: a tenfold longer load. The SIGCHLD of an `iptables-save` that
 /// iptrace runs at the same time was enough to make that the usual case.
-fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: sigfillset and pthread_sigmask on valid, initialised sigset_t values; the previous
     // mask is restored before returning.
     unsafe {

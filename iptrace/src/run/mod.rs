@@ -115,6 +115,8 @@ pub struct Options {
     pub socket_filter: bool,
     /// Forward the eBPF programs' log records (`-v`).
     pub ebpf_log: bool,
+    /// Report drop reasons (`drops`); `--no-drops` turns it off.
+    pub drops: bool,
 }
 
 /// Drives the [`Pipeline`] until the reader stops or `count` packets are shown.

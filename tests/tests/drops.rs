@@ -1,0 +1,204 @@
+//! Drop reasons from the `skb:kfree_skb` raw tracepoint program, in the lab's router: each kind
+//! of drop the kernel makes of a forwarded or delivered packet is reported once, with the
+//! kernel's own reason and the packet as it was then (after DNAT), and only for selected
+//! packets in the traced namespace. The router's
+//! SNMP counters, which the kernel bumps at the same drop sites, are the oracle that each drop
+//! happened there and nowhere else.
+
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, UdpSocket},
+    thread,
+    time::{Duration, Instant},
+};
+
+use iptrace::{
+    drops::{DropEvent, DropTracer, KernelFacts},
+    filter::CompiledFilter,
+    instrument::state::netns_cookie,
+    netns::interface_index,
+};
+use iptrace_tests::{Lab, Role, lab, require_root};
+
+/// Sends one UDP datagram from a role's namespace, with the given IPv4 TTL (else the default).
+fn send(lab: &Lab, role: Role, src: &str, dst: &str, ttl: Option<u32>) {
+    let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+    lab.in_ns(role, move || {
+        let socket = UdpSocket::bind(src).unwrap();
+        if let Some(ttl) = ttl {
+            socket.set_ttl(ttl).unwrap();
+        }
+        socket.send_to(b"drop", dst).unwrap();
+    })
+    .unwrap();
+}
+
+/// The SNMP counters of a role's namespace, as `Udp NoPorts`, `IpExt InNoRoutes`, `Udp6
+/// NoPorts`: `/proc/net/snmp` and `/proc/net/netstat` (pairs of header and value lines) and
+/// `/proc/net/snmp6` (a name and a value a line).
+fn snmp(lab: &Lab, role: Role) -> BTreeMap<String, u64> {
+    let mut counters = BTreeMap::new();
+    let out = lab.exec(role, &["cat", "/proc/net/snmp6"], "").unwrap();
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let mut words = line.split_whitespace();
+        if let (Some(name), Some(Ok(value))) = (words.next(), words.next().map(str::parse)) {
+            // Udp6NoPorts → Udp6 NoPorts
+            let split = name.find(|c: char| c.is_ascii_digit()).map_or(0, |i| i + 1);
+            counters.insert(format!("{} {}", &name[..split], &name[split..]), value);
+        }
+    }
+    for file in ["/proc/net/snmp", "/proc/net/netstat"] {
+        let out = lab.exec(role, &["cat", file], "").unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let mut names = names.split_whitespace();
+            let prefix = names.next().unwrap_or_default().trim_end_matches(':').to_owned();
+            for (name, value) in names.zip(values.split_whitespace().skip(1)) {
+                if let Ok(value) = value.parse() {
+                    counters.insert(format!("{prefix} {name}"), value);
+                }
+            }
+        }
+    }
+    counters
+}
+
+/// The counters that changed between `before` and `after`, among `names`.
+fn changed(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, names: &[&str]) -> Vec<String> {
+    names
+        .iter()
+        .filter_map(|name| {
+            let delta = after.get(*name)? - before.get(*name)?;
+            (delta > 0).then(|| format!("{name} +{delta}"))
+        })
+        .collect()
+}
+
+/// One line per drop: the packet as dropped, its device and the kernel's reason.
+fn line(event: &DropEvent, vif0: u32) -> String {
+    let (_, dport) = event.packet.transport.ports().unwrap_or_default();
+    let dev = match event.ifindex {
+        Some(index) if index == vif0 => "vif0".to_owned(),
+        other => format!("{other:?}"),
+    };
+    let protocol = match event.packet.protocol {
+        6 => "tcp",
+        17 => "udp",
+        _ => "other",
+    };
+    let (src, dst, ttl) = (event.packet.src, event.packet.dst, event.packet.ttl);
+    format!("{protocol} {src} > {dst}:{dport} ttl {ttl} dev {dev}: {}", event.reason)
+}
+
+/// Reads drops until none has come for half a second (at most 5 s).
+fn collect(tracer: &mut DropTracer) -> Vec<DropEvent> {
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline && quiet_since.elapsed() < Duration::from_millis(500) {
+        let new = tracer.read();
+        if !new.is_empty() {
+            quiet_since = Instant::now();
+        }
+        events.extend(new);
+        thread::sleep(Duration::from_millis(20));
+    }
+    events
+}
+
+#[test]
+fn the_kernel_reason_of_each_drop_in_the_traced_namespace() {
+    if !require_root("the_kernel_reason_of_each_drop_in_the_traced_namespace") {
+        return;
+    }
+    let lab = lab("drops");
+    // rp_filter on the router's client side; a source address the router has no route back to.
+    lab.in_ns(Role::Router, || {
+        std::fs::write("/proc/sys/net/ipv4/conf/all/rp_filter", "1").unwrap();
+        std::fs::write("/proc/sys/net/ipv4/conf/vif0/rp_filter", "1").unwrap();
+    })
+    .unwrap();
+    lab.exec(Role::Client, &["ip", "addr", "add", "10.9.9.9/32", "dev", "eth0"], "").unwrap();
+    lab.exec(
+        Role::Router,
+        &["nft", "-f", "-"],
+        "table inet xdr_drops {\n chain forward {\n type filter hook forward priority 0;\n udp dport 9005 drop\n }\n}\n\
+         table ip xdr_nat {\n chain prerouting {\n type nat hook prerouting priority dstnat;\n\
+         udp dport 9020 dnat to 172.20.0.2:6443\n }\n}\n",
+    )
+    .unwrap();
+    let netns = lab.in_ns(Role::Router, netns_cookie).unwrap().unwrap();
+    let vif0 = lab.in_ns(Role::Router, || interface_index("vif0")).unwrap().unwrap();
+    let selection =
+        CompiledFilter::compile("(udp or tcp) and (src host 10.5.1.7 or src host 10.9.9.9 or src host fd00:5:1::7)")
+            .unwrap();
+    let facts = KernelFacts::from_kernel().unwrap();
+    let mut tracer = DropTracer::start(Some(selection.instructions()), netns, facts).unwrap();
+    let before = snmp(&lab, Role::Router);
+    let others_before = [snmp(&lab, Role::Client), snmp(&lab, Role::Server)];
+
+    // Selected, dropped in the router.
+    send(&lab, Role::Client, "10.5.1.7:0", "10.5.1.1:9001", None); // no socket on the router
+    send(&lab, Role::Client, "10.5.1.7:0", "192.0.2.1:9002", None); // no route onwards
+    send(&lab, Role::Client, "10.9.9.9:0", "172.16.2.2:9003", None); // fails rp_filter
+    send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9004", Some(1)); // TTL runs out
+    send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9005", None); // nft drop in forward
+    send(&lab, Role::Client, "10.5.1.7:0", "10.5.1.1:9020", None); // DNAT to an unroutable endpoint
+    send(&lab, Role::Client, "[fd00:5:1::7]:0", "[fd00:5:1::1]:9011", None); // IPv6, no socket
+    send(&lab, Role::Client, "[fd00:5:1::7]:0", "[fd00:99::1]:9012", None); // IPv6, no route
+    // A TCP SYN to a closed port: the router answers with a reset, so connect fails.
+    let connected = lab.tcp(Role::Client, "10.5.1.7".parse().unwrap(), "10.5.1.1:9013".parse().unwrap(), b"x");
+    assert!(!connected.unwrap());
+    // Not reported: unselected (other source) in the router; selected but dropped in the
+    // server's and the client's namespaces.
+    send(&lab, Role::Client, "10.5.1.8:0", "10.5.1.1:9006", None);
+    send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9007", None);
+    send(&lab, Role::Client, "10.5.1.7:0", "10.5.1.7:9008", None);
+
+    let mut lines: Vec<String> = collect(&mut tracer).iter().map(|event| line(event, vif0)).collect();
+    lines.sort();
+    let after = snmp(&lab, Role::Router);
+    assert_eq!(
+        lines.join("\n"),
+        [
+            "tcp 10.5.1.7 > 10.5.1.1:9013 ttl 64 dev vif0: NO_SOCKET",
+            "udp 10.5.1.7 > 10.5.1.1:9001 ttl 64 dev vif0: NO_SOCKET",
+            "udp 10.5.1.7 > 172.16.2.2:9004 ttl 1 dev vif0: IP_INHDR",
+            "udp 10.5.1.7 > 172.16.2.2:9005 ttl 63 dev vif0: NETFILTER_DROP",
+            "udp 10.5.1.7 > 172.20.0.2:6443 ttl 64 dev vif0: IP_INNOROUTES",
+            "udp 10.5.1.7 > 192.0.2.1:9002 ttl 64 dev vif0: IP_INNOROUTES",
+            "udp 10.9.9.9 > 172.16.2.2:9003 ttl 64 dev vif0: IP_RPFILTER",
+            "udp fd00:5:1::7 > fd00:5:1::1:9011 ttl 64 dev vif0: NO_SOCKET",
+            "udp fd00:5:1::7 > fd00:99::1:9012 ttl 64 dev vif0: IP_INNOROUTES",
+        ]
+        .join("\n")
+    );
+    // The oracle: the kernel counted these drops (and the unselected one to port 9006) in the
+    // router, and the selected packets to ports 9007 and 9008 in the server and the client.
+    let counters = [
+        "Ip InHdrErrors",
+        "Ip6 InNoRoutes",
+        "IpExt InNoRoutes",
+        "Tcp OutRsts",
+        "TcpExt IPReversePathFilter",
+        "Udp NoPorts",
+        "Udp6 NoPorts",
+    ];
+    assert_eq!(
+        changed(&before, &after, &counters),
+        [
+            "Ip InHdrErrors +1",
+            "Ip6 InNoRoutes +1",
+            "IpExt InNoRoutes +2",
+            "Tcp OutRsts +1",
+            "TcpExt IPReversePathFilter +1",
+            "Udp NoPorts +2",
+            "Udp6 NoPorts +1",
+        ]
+    );
+    for (role, before) in [Role::Client, Role::Server].into_iter().zip(others_before) {
+        assert_eq!(changed(&before, &snmp(&lab, role), &counters), ["Udp NoPorts +1"], "{role:?}");
+    }
+}
