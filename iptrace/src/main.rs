@@ -78,6 +78,9 @@ fn trace(cli: &Cli) -> Result<(), (anyhow::Error, u8)> {
 }
 
 fn cleanup(netns_name: Option<&str>) -> Result<(), (anyhow::Error, u8)> {
+    if let Some(name) = netns_name {
+        netns::check(name).map_err(|e| (e.into(), 2))?;
+    }
     run::check_privileges().map_err(|e| (e.into(), 2))?;
     if let Some(name) = netns_name {
         netns::enter(name).map_err(|e| (e.into(), 2))?;

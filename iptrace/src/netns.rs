@@ -21,18 +21,38 @@ pub enum NetnsError {
     },
 }
 
+/// The file that names network namespace `name`: a name from `ip netns list`, or a path.
+fn path(name: &str) -> Result<PathBuf, NetnsError> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(NetnsError::Unknown { name: name.to_owned() });
+    }
+    Ok(if name.contains('/') { PathBuf::from(name) } else { PathBuf::from("/run/netns").join(name) })
+}
+
+fn open_error(name: &str, path: PathBuf, source: io::Error) -> NetnsError {
+    match source.kind() {
+        io::ErrorKind::NotFound => NetnsError::Unknown { name: name.to_owned() },
+        _ => NetnsError::Open { path, source },
+    }
+}
+
+/// Whether network namespace `name` exists, as far as the caller may look: checked before the
+/// privilege check, so that a mistyped name is reported as such to a user without root too.
+pub fn check(name: &str) -> Result<(), NetnsError> {
+    let path = path(name)?;
+    match std::fs::metadata(&path) {
+        Err(source) if source.kind() == io::ErrorKind::NotFound => Err(open_error(name, path, source)),
+        // Anything else (no permission to look) is left to `enter`, after the privilege check.
+        _ => Ok(()),
+    }
+}
+
 /// Moves the calling thread into network namespace `name`: a name from `ip netns list`, or a
 /// path such as `/proc/<pid>/ns/net` (a container's). Call it before starting other threads:
 /// threads inherit the namespace of the thread that creates them.
 pub fn enter(name: &str) -> Result<(), NetnsError> {
-    let path = if name.contains('/') { PathBuf::from(name) } else { PathBuf::from("/run/netns").join(name) };
-    if name.is_empty() || name == "." || name == ".." {
-        return Err(NetnsError::Unknown { name: name.to_owned() });
-    }
-    let file = File::open(&path).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => NetnsError::Unknown { name: name.to_owned() },
-        _ => NetnsError::Open { path: path.clone(), source },
-    })?;
+    let path = path(name)?;
+    let file = File::open(&path).map_err(|source| open_error(name, path.clone(), source))?;
     // SAFETY: setns(2) on a descriptor we own; it only changes this thread's namespace.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(NetnsError::Enter { name: name.to_owned(), source: io::Error::last_os_error() });

@@ -98,6 +98,37 @@ fn bad_input_is_one_clear_line_exit_2_with_and_without_root() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!((out.status.code(), &*stderr), (Some(2), &*format!("{expected}\n")), "as nobody: {args:?}");
     }
+    // A mistyped namespace is bad input too, for a user without root as well.
+    let unknown = "iptrace: unknown network namespace 'no-such-netns' (not in /run/netns; see `ip netns list`)";
+    for args in [&["--netns", "no-such-netns", "tcp"][..], &["--cleanup", "--netns", "no-such-netns"]] {
+        let (status, stdout, stderr) = run_iptrace(args);
+        assert_eq!((status.code(), stdout.as_str(), stderr.as_str()), (Some(2), "", &*format!("{unknown}\n")));
+        let out = run_unprivileged(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!((out.status.code(), &*stderr), (Some(2), &*format!("{unknown}\n")), "as nobody: {args:?}");
+    }
+    // A rate-limit the TRACE rules' hashlimit match cannot hold is refused before anything is
+    // installed (iptables said "Numerical result out of range", exit 1); the largest burst it
+    // allows is installed by the kernel.
+    let args = ["--netns", ns.as_str(), "--backend", "legacy", "--limit", "1/day", "tcp"];
+    let (status, stdout, stderr) = run_iptrace(&args);
+    assert_eq!(
+        (status.code(), stdout.as_str(), stderr.as_str()),
+        (
+            Some(2),
+            "",
+            "iptrace: --limit 1/day with --limit-burst 5 is more than the TRACE rules' hashlimit match can hold (a \
+             burst of at most the packets allowed in a day, 1): lower --limit-burst or raise the rate\n"
+        )
+    );
+    assert_eq!(firewall_state(&lab, Role::Router), before);
+    for (limit, burst) in [("1/day", "1"), ("1/hour", "24"), ("10/minute", "10000")] {
+        let args =
+            ["--netns", ns.as_str(), "--backend", "legacy", "--limit", limit, "--limit-burst", burst, "--duration", "1"];
+        let (status, _, stderr) = run_iptrace(&args);
+        assert!(status.success() && stderr.lines().count() == 1, "{limit} burst {burst}: {stderr}");
+    }
+    assert_eq!(firewall_state(&lab, Role::Router), before);
     // Input that is fine: what is missing is root.
     for args in [&["--netns", ns.as_str(), "tcp"][..], &["--cleanup"], &["--cleanup", "--netns", ns.as_str()]] {
         let out = run_unprivileged(args);

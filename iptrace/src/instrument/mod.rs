@@ -119,6 +119,28 @@ impl Limit {
     }
 }
 
+impl Limit {
+    /// The seconds in `per`.
+    pub fn period_seconds(&self) -> u64 {
+        match self.per {
+            "sec" => 1,
+            "min" => 60,
+            "hour" => 3600,
+            _ => 86_400,
+        }
+    }
+
+    /// Whether the legacy TRACE rules' hashlimit match can keep this limit. Its bucket holds
+    /// `burst` packets' worth of credit at the rate's cost, in 64-bit units of which one second
+    /// holds nearly 2^64 / 86,400 (`user2credits()` in net/netfilter/xt_hashlimit.c; revision 3
+    /// scales the cost per packet by 10^6 µs): a burst larger than the packets allowed in a day
+    /// overflows it, and the kernel refuses the rule with ERANGE ("overflow, try lower") or, for
+    /// some sizes, accepts a wrapped bucket. nf_tables' `limit` has no such bound.
+    pub fn fits_hashlimit(&self) -> bool {
+        u64::from(self.burst) * self.period_seconds() <= u64::from(self.count) * 86_400
+    }
+}
+
 impl fmt::Display for Limit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.count, self.per)
@@ -457,6 +479,14 @@ fn remove_stale(netns: u64) -> Result<Vec<String>, InstrumentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_burst_beyond_a_days_packets_does_not_fit_hashlimit() {
+        let fits = |text: &str, burst| Limit::parse(text, burst).unwrap().fits_hashlimit();
+        assert!(fits("1/day", 1) && !fits("1/day", 2));
+        assert!(fits("1/hour", 24) && !fits("1/hour", 25));
+        assert!(fits("1/second", 10_000) && fits("10/minute", 10_000));
+    }
 
     #[test]
     fn limits_parse_like_iptables() {

@@ -75,6 +75,12 @@ pub enum RunError {
     ResourceLimit(&'static str),
     #[error(transparent)]
     Heal(#[from] HealError),
+    #[error(
+        "--limit {0} with --limit-burst {burst} is more than the TRACE rules' hashlimit match can hold (a burst \
+         of at most the packets allowed in a day, {per_day}): lower --limit-burst or raise the rate",
+        burst = .0.burst, per_day = u64::from(.0.count) * 86_400 / .0.period_seconds()
+    )]
+    LimitOverflow(Limit),
 }
 
 impl RunError {
@@ -88,6 +94,7 @@ impl RunError {
             | RunError::Backend(_)
             | RunError::Xtables(XtablesError::NotInstalled { .. })
             | RunError::KernelFeature { .. }
+            | RunError::LimitOverflow(_)
             | RunError::Instrument(InstrumentError::AlreadyRunning { .. } | InstrumentError::TableExists { .. })
             | RunError::Capture(CaptureError::GroupInUse { .. }) => 2,
             _ => 1,

@@ -33,6 +33,9 @@ pub(super) fn check_host(options: &Options) -> Result<(Backends, Option<u32>), R
     }
     if backends.marker == Marker::TraceRules {
         check_kernel_features(&options.families)?;
+        if let Some(limit) = options.limit.as_ref().filter(|l| !l.fits_hashlimit()) {
+            return Err(RunError::LimitOverflow(limit.clone()));
+        }
     }
     let out_ifindex = options.out_interface.as_deref().map(interface_index).transpose()?;
     if let Some(name) = &options.in_interface {

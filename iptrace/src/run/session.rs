@@ -54,6 +54,9 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
     // user without root) and before the signal handlers (nothing has changed on the host yet,
     // so Ctrl-C may end a slow compile at once).
     let filter = compile_filter(options)?;
+    if let Some(name) = &options.netns {
+        netns::check(name)?;
+    }
     check_privileges()?;
     if let Some(name) = &options.netns {
         netns::enter(name)?;
