@@ -43,6 +43,8 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PacketTrace {
     pub events: Vec<TraceEvent>,
+    /// When its first event was received.
+    pub first_seen: Instant,
     /// Events of this packet may have been lost (see [`Correlator::events_lost`]).
     pub incomplete: bool,
 }
@@ -60,10 +62,17 @@ struct OpenPacket {
     rank: (u8, i32),
     /// The nf_tables trace id of its events, once one came.
     trace_id: Option<TraceId>,
+    first_seen: Instant,
     last_seen: Instant,
     /// Order of creation, to close the oldest first.
     serial: u64,
     incomplete: bool,
+}
+
+impl OpenPacket {
+    fn closed(self) -> PacketTrace {
+        PacketTrace { events: self.events, first_seen: self.first_seen, incomplete: self.incomplete }
+    }
 }
 
 #[derive(Debug)]
@@ -227,6 +236,7 @@ impl Correlator {
         candidates.push(OpenPacket {
             rank: rank.unwrap_or(NO_RANK),
             trace_id,
+            first_seen: now,
             last_seen: now,
             serial: self.next_serial,
             incomplete,
@@ -278,7 +288,7 @@ impl Correlator {
                 .retain(|(serial, key)| open.get(key).is_some_and(|ps| ps.iter().any(|p| p.serial == *serial)));
         }
         closed.sort_by_key(|p| p.serial);
-        closed.into_iter().map(|p| PacketTrace { events: p.events, incomplete: p.incomplete }).collect()
+        closed.into_iter().map(OpenPacket::closed).collect()
     }
 
     fn close_oldest(&mut self) -> Option<PacketTrace> {
@@ -291,7 +301,7 @@ impl Correlator {
             }
             self.open_count -= 1;
             self.forget_trace_id(&packet);
-            return Some(PacketTrace { events: packet.events, incomplete: packet.incomplete });
+            return Some(packet.closed());
         }
         None
     }

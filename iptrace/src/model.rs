@@ -8,7 +8,7 @@
 //! `Family`, `Owner`, `Rule` and `Verdict` stay defined beside the code that reads them from the
 //! kernel and are re-exported here.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc, time::SystemTime};
 
 pub use crate::{
     decode::{Conntrack, Family, Hook, NftFamily, NftVerdict, PacketHeader, packet::Transport},
@@ -106,6 +106,9 @@ pub struct Interface {
 /// One traced packet: what it was, where it went, what happened to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PacketReport {
+    /// When iptrace received the packet's first trace event, by the wall clock: nf_tables trace
+    /// events carry no time of their own.
+    pub received: SystemTime,
     pub family: Family,
     pub arrived: Arrival,
     /// Conntrack as nf_tables first reported it for the packet (legacy events carry none).
@@ -208,9 +211,15 @@ pub enum Decision {
 
 impl PacketReport {
     /// The report of a packet from its resolved steps in kernel order (of iptrace's own rules only
-    /// the marking rule, [`Position::Marked`], first when there is one). `complete` is false
-    /// where events around the packet were lost. `None` where no table of the rule set saw it.
-    pub fn new(steps: Vec<Step>, complete: bool, names: &mut impl InterfaceNames) -> Option<Self> {
+    /// the marking rule, [`Position::Marked`], first when there is one), its first received at
+    /// `received`. `complete` is false where events around the packet were lost. `None` where no
+    /// table of the rule set saw it.
+    pub fn new(
+        steps: Vec<Step>,
+        complete: bool,
+        received: SystemTime,
+        names: &mut impl InterfaceNames,
+    ) -> Option<Self> {
         let first = steps.first()?;
         let at_marking = matches!(first.position, Position::Marked);
         let mut interface = |index: Option<u32>| index.map(|index| Interface { index, name: names.name(index) });
@@ -260,7 +269,7 @@ impl PacketReport {
             return None;
         }
         let fate = if complete { fate(&reports) } else { Fate::Incomplete };
-        Some(Self { family, arrived, conntrack, steps: reports, fate })
+        Some(Self { received, family, arrived, conntrack, steps: reports, fate })
     }
 }
 
@@ -398,7 +407,7 @@ pub(crate) mod tests {
     }
 
     fn report(steps: &[Step]) -> PacketReport {
-        PacketReport::new(steps.to_vec(), true, &mut Names).unwrap()
+        PacketReport::new(steps.to_vec(), true, SystemTime::UNIX_EPOCH, &mut Names).unwrap()
     }
 
     #[test]
@@ -432,12 +441,12 @@ pub(crate) mod tests {
     fn a_packet_with_lost_events_is_incomplete_and_only_the_marking_is_no_report() {
         let p = udp_v4([10, 5, 1, 7], 40000, 64);
         let drop = step(Hook::Forward, Table::Filter, "FORWARD", &p, 0, rule(1, "-j DROP"));
-        let report = PacketReport::new(vec![marked(&p), drop], false, &mut Names).unwrap();
+        let report = PacketReport::new(vec![marked(&p), drop], false, SystemTime::UNIX_EPOCH, &mut Names).unwrap();
         assert_eq!(report.fate, Fate::Incomplete);
         assert_eq!(report.steps.len(), 1);
         assert!(report.arrived.at_marking);
         assert_eq!(report.arrived.in_interface, Some(Interface { index: 2, name: "veth2".into() }));
-        assert_eq!(PacketReport::new(vec![marked(&p)], true, &mut Names), None);
+        assert_eq!(PacketReport::new(vec![marked(&p)], true, SystemTime::UNIX_EPOCH, &mut Names), None);
     }
 
     #[test]

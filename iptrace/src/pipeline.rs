@@ -10,7 +10,7 @@ use std::{
     io,
     ops::ControlFlow,
     sync::atomic::{AtomicU32, Ordering},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
@@ -85,13 +85,23 @@ pub struct Pipeline<'a, N> {
     events: Vec<TraceEvent>,
     /// The current index of the `-o` interface (it follows a recreation).
     out_ifindex: Option<&'a AtomicU32>,
+    /// The wall clock at an instant, to date reports by the instant their first event came.
+    clock: (Instant, SystemTime),
 }
 
 impl<'a, N: InterfaceNames> Pipeline<'a, N> {
     /// A packet is closed once its events have been quiet for `linger`; `names` names the
     /// interfaces on its packet line.
     pub fn new(decoder: Decoder, resolver: Resolver, linger: Duration, names: N) -> Self {
-        Self { decoder, correlator: Correlator::new(linger), resolver, names, events: Vec::new(), out_ifindex: None }
+        Self {
+            decoder,
+            correlator: Correlator::new(linger),
+            resolver,
+            names,
+            events: Vec::new(),
+            out_ifindex: None,
+            clock: (Instant::now(), SystemTime::now()),
+        }
     }
 
     /// Reports only packets that left through the interface whose index `ifindex` holds.
@@ -197,8 +207,14 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
             return Ok(ControlFlow::Continue(()));
         }
+        let (at, time) = self.clock;
+        // Instants before the clock was read (a caller's own `now`) count back from it.
+        let received = match trace.first_seen.checked_duration_since(at) {
+            Some(later) => time + later,
+            None => time - at.duration_since(trace.first_seen),
+        };
         let steps = trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)).collect();
-        match PacketReport::new(steps, !trace.incomplete, &mut self.names) {
+        match PacketReport::new(steps, !trace.incomplete, received, &mut self.names) {
             Some(report) => sink.report(report).map_err(PipelineError::Output),
             None => Ok(ControlFlow::Continue(())),
         }

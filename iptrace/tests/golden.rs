@@ -1,12 +1,13 @@
 //! The whole pipeline offline, on real kernel bytes: TRACE datagrams recorded from the demo lab's
 //! router (`examples/record_golden.rs`) fed to the [`Pipeline`] as the live run feeds it, resolved
-//! against the rule sets saved at the same time, and rendered. No root needed.
+//! against the rule sets saved at the same time, and rendered as text and as JSON lines. No root
+//! needed.
 
 use std::{
     collections::HashMap,
     io,
     ops::ControlFlow,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use iptrace::{
@@ -14,7 +15,7 @@ use iptrace::{
     decode::{Decoder, Family, Hook, Origin, Table, TraceEvent, TraceKind},
     model::{Decision, Fate, InterfaceNames, PacketReport, Verdict},
     pipeline::{Input, Pipeline},
-    render::render_packet,
+    render::{json, render_packet},
     resolve::Resolver,
 };
 
@@ -24,6 +25,10 @@ const RULES6: &str = include_str!("golden/router-rules6.txt");
 const LINKS: &str = include_str!("golden/router-links.txt");
 /// The same steps the live-kernel test of the demo lab expects.
 const EXPECTED_PING: &str = include_str!("golden/icmp-from-normal-client.txt");
+/// Every recorded packet as `--json --netns router` writes it (rewritten by the test with
+/// `IPTRACE_BLESS=1`; review the difference before committing it).
+const EXPECTED_JSON: &str = include_str!("golden/router-trace.jsonl");
+const EXPECTED_JSON_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/router-trace.jsonl");
 
 fn datagrams() -> impl Iterator<Item = &'static [u8]> {
     recording::datagrams(TRACE)
@@ -69,7 +74,8 @@ fn decodes_every_recorded_message() {
     assert!(events.iter().any(|e| e.mark == 0x100), "the MARK rule's effect is visible");
 }
 
-/// The recording's reports: every datagram fed at one instant, then every packet closed.
+/// The recording's reports: every datagram fed at one instant, then every packet closed; each
+/// dated a nanosecond after the one before, from 2026-11-29T03:52:35.5Z.
 fn reports() -> Vec<PacketReport> {
     let resolver = Resolver::from_saved(&[(Family::Ipv4, RULES), (Family::Ipv6, RULES6)]);
     let mut pipeline = Pipeline::new(Decoder::new(), resolver, Duration::from_millis(10), names());
@@ -78,6 +84,10 @@ fn reports() -> Vec<PacketReport> {
     assert!(flow.is_continue() && reports.is_empty(), "no packet closes before its linger");
     let flow = pipeline.flush_all(&mut collect(&mut reports)).unwrap();
     assert!(flow.is_continue());
+    let start = SystemTime::UNIX_EPOCH + Duration::new(1_795_924_355, 500_000_000);
+    for (i, report) in reports.iter_mut().enumerate() {
+        report.received = start + Duration::from_nanos(i as u64);
+    }
     reports
 }
 
@@ -124,4 +134,37 @@ fn renders_the_recorded_packets() {
     assert!(reply.contains("        ~ DST 172.16.2.20"), "{reply}");
     let v6 = blocks.iter().find(|b| b.contains("PROTO=ICMPv6 TYPE=128")).unwrap();
     assert!(v6.ends_with("        filter FORWARD (#2) /* icmpv6 is needed */\n                -p ipv6-icmp\n                => ACCEPT\n        verdict: ACCEPT at filter FORWARD #2"), "{v6}");
+}
+
+#[test]
+fn writes_the_recorded_packets_as_json_lines() {
+    let mut lines = Vec::new();
+    let reports = reports();
+    for report in &reports {
+        json::write_packet(report, Some("router"), &mut lines).unwrap();
+    }
+    json::write_lost(3, &mut lines).unwrap();
+    let lines = String::from_utf8(lines).unwrap();
+    if std::env::var_os("IPTRACE_BLESS").is_some() {
+        std::fs::write(EXPECTED_JSON_PATH, &lines).unwrap();
+    }
+    assert_eq!(lines, EXPECTED_JSON, "IPTRACE_BLESS=1 rewrites {EXPECTED_JSON_PATH}");
+    // One object per line, each a packet's (the last says what was lost), in the reports' order.
+    let records: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), reports.len() + 1);
+    assert_eq!(records.last().unwrap(), &serde_json::json!({"schema": 1, "lost": 3}));
+    assert!(records.iter().all(|r| r["schema"] == 1));
+    let ping = records.iter().find(|r| r["packet"]["icmp"]["type"] == 8 && r["family"] == "ipv4").unwrap();
+    assert_eq!(records[0]["time"], "2026-11-29T03:52:35.500000000Z");
+    assert_eq!(ping["packet"]["in"], serde_json::json!({"index": 2, "name": "vif0"}));
+    assert_eq!(
+        ping["fate"],
+        serde_json::json!({"how": "decided", "verdict": "accept", "by": "filtered", "step": 10, "base_step": null, "hook": null})
+    );
+    let decider = &ping["steps"][10];
+    assert_eq!(
+        (&decider["table"], &decider["chain"], &decider["rule_number"]),
+        (&"filter".into(), &"client-normal:filter".into(), &1.into())
+    );
+    assert_eq!(decider["comment"], "allow icmp");
 }

@@ -101,6 +101,7 @@ fn trace_of(packet: &[u8]) -> PacketTrace {
             generation: None,
             after_check: None,
         }],
+        first_seen: std::time::Instant::now(),
         incomplete: false,
     }
 }

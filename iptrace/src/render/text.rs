@@ -1,4 +1,4 @@
-//! Render: one text block per [`PacketReport`], in the layout of the original iptables-trace: the
+//! The text format: one block per [`PacketReport`], in the layout of the original iptables-trace: the
 //! packet in LOG-target style, then each table and chain it passed with the rule that matched,
 //! its number, text and action, lines where the packet changed between steps, and its fate. It
 //! only formats: what the fate is, the model decided.
@@ -370,7 +370,7 @@ impl<T: fmt::Display> fmt::Display for Printable<T> {
     }
 }
 
-fn needs_escape(c: char) -> bool {
+pub(super) fn needs_escape(c: char) -> bool {
     c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
@@ -389,7 +389,8 @@ mod tests {
     /// The block of a packet with these resolved steps; `complete` false where events were lost.
     pub(super) fn render_steps(steps: &[Step], complete: bool) -> String {
         let mut out = Vec::new();
-        if let Some(report) = PacketReport::new(steps.to_vec(), complete, &mut Names) {
+        if let Some(report) = PacketReport::new(steps.to_vec(), complete, std::time::SystemTime::UNIX_EPOCH, &mut Names)
+        {
             render_packet(&report, &mut out).unwrap();
         }
         String::from_utf8(out).unwrap()
@@ -397,7 +398,7 @@ mod tests {
 
     /// The fate line of a packet with these resolved steps.
     fn fate_of(steps: &[Step]) -> String {
-        fate(&PacketReport::new(steps.to_vec(), true, &mut Names).unwrap())
+        fate(&PacketReport::new(steps.to_vec(), true, std::time::SystemTime::UNIX_EPOCH, &mut Names).unwrap())
     }
 
     #[test]

@@ -1,0 +1,724 @@
+//! The JSON Lines format: one object per [`PacketReport`], on one line, in the schema that
+//! docs/json.md describes and docs/iptrace.schema.json states (`"schema": 1` in every record).
+//! It only formats: what the fate is, the model decided.
+//!
+//! Every string is valid JSON whatever the rule set holds: the model's text is UTF-8 already
+//! (bytes that are not were replaced with U+FFFD where iptrace read them), and quotes,
+//! backslashes and control characters are escaped (`\u001b`). So are the characters JSON allows
+//! raw but a terminal would act on (DEL, C1 controls, bidirectional controls, as in the text
+//! format): a line shown on a terminal as it is cannot change what the terminal shows.
+
+use std::{
+    io::{self, Write},
+    net::IpAddr,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+
+use super::text::needs_escape;
+use crate::model::{
+    Arrival, Change, Conntrack, Decision, Engine, Family, Fate, Interface, PacketHeader, PacketReport, Position, Rule,
+    StepReport, Transport, Verdict,
+};
+
+/// The version of the records' schema; it changes only when a field changes meaning or goes.
+pub const SCHEMA: u32 = 1;
+
+/// Writes one packet's record and a newline. `netns` is `--netns` as given.
+pub fn write_packet(report: &PacketReport, netns: Option<&str>, out: &mut impl Write) -> io::Result<()> {
+    let record = Record {
+        schema: SCHEMA,
+        time: rfc3339(report.received),
+        netns,
+        family: match report.family {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        },
+        packet: packet(&report.arrived),
+        conntrack: report.conntrack.as_ref().map(conntrack),
+        steps: report.steps.iter().map(step).collect(),
+        fate: fate(&report.fate),
+    };
+    write_line(&record, out)
+}
+
+/// Writes the record that says the kernel could not queue `messages` trace messages here.
+pub fn write_lost(messages: u64, out: &mut impl Write) -> io::Result<()> {
+    write_line(&Lost { schema: SCHEMA, lost: messages }, out)
+}
+
+fn write_line(record: &impl Serialize, out: &mut impl Write) -> io::Result<()> {
+    let mut line = Vec::with_capacity(1024);
+    record.serialize(&mut serde_json::Serializer::with_formatter(&mut line, TerminalSafe)).map_err(io::Error::other)?;
+    line.push(b'\n');
+    out.write_all(&line)
+}
+
+/// serde_json's compact format, with every character the text format escapes for a terminal
+/// written as a `\u` escape too (serde_json escapes only what JSON requires).
+struct TerminalSafe;
+
+impl serde_json::ser::Formatter for TerminalSafe {
+    fn write_string_fragment<W: ?Sized + Write>(&mut self, writer: &mut W, fragment: &str) -> io::Result<()> {
+        let mut rest = fragment;
+        while let Some((i, c)) = rest.char_indices().find(|(_, c)| needs_escape(*c)) {
+            writer.write_all(rest[..i].as_bytes())?;
+            // Every such character is in the Basic Multilingual Plane: one escape.
+            write!(writer, "\\u{:04x}", u32::from(c))?;
+            rest = &rest[i + c.len_utf8()..];
+        }
+        writer.write_all(rest.as_bytes())
+    }
+}
+
+#[derive(Serialize)]
+struct Lost {
+    schema: u32,
+    lost: u64,
+}
+
+#[derive(Serialize)]
+struct Record<'a> {
+    schema: u32,
+    time: String,
+    netns: Option<&'a str>,
+    family: &'static str,
+    packet: Packet<'a>,
+    conntrack: Option<Ct>,
+    steps: Vec<Step<'a>>,
+    fate: FateRecord,
+}
+
+#[derive(Serialize)]
+struct Packet<'a> {
+    src: IpAddr,
+    dst: IpAddr,
+    length: u16,
+    protocol: u8,
+    fragment: bool,
+    #[serde(flatten)]
+    ip: Ip,
+    sport: Option<u16>,
+    dport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp: Option<Tcp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    udp: Option<Udp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    icmp: Option<Icmp>,
+    #[serde(rename = "in")]
+    in_interface: Option<Iface<'a>>,
+    #[serde(rename = "out")]
+    out_interface: Option<Iface<'a>>,
+    mark: u32,
+    at_marking: bool,
+}
+
+/// The fields of one IP version's header.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Ip {
+    V4 { tos: u8, ttl: u8, id: u16, df: bool },
+    V6 { traffic_class: u8, hop_limit: u8, flow_label: u32 },
+}
+
+#[derive(Serialize)]
+struct Tcp {
+    seq: u32,
+    ack: u32,
+    window: u16,
+    flags: Vec<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Udp {
+    length: u16,
+}
+
+#[derive(Serialize)]
+struct Icmp {
+    #[serde(rename = "type")]
+    kind: u8,
+    code: u8,
+    id: Option<u16>,
+    seq: Option<u16>,
+}
+
+#[derive(Serialize)]
+struct Iface<'a> {
+    index: u32,
+    name: &'a str,
+}
+
+#[derive(Serialize)]
+struct Ct {
+    state: &'static str,
+    direction: Option<&'static str>,
+    id: Option<u32>,
+    status: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct Step<'a> {
+    engine: &'static str,
+    syntax: &'static str,
+    family: String,
+    table: &'a str,
+    chain: &'a str,
+    hook: Option<&'static str>,
+    #[serde(flatten)]
+    position: PositionRecord<'a>,
+    kernel_rule: Option<u32>,
+    kernel_verdict: Option<String>,
+    rule_set_changed: Option<RuleSetChanged<'a>>,
+    changed_before: Vec<ChangeRecord>,
+    changed_by: Vec<ChangeRecord>,
+}
+
+/// What a step's position is, as its own fields (also each side of a changed rule number).
+#[derive(Serialize)]
+struct PositionRecord<'a> {
+    kind: &'static str,
+    rule_number: Option<u32>,
+    handle: Option<u64>,
+    rule: Option<String>,
+    comment: Option<&'a str>,
+    target: Option<&'a str>,
+    verdict: &'static str,
+    jump_target: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct RuleSetChanged<'a> {
+    was: PositionRecord<'a>,
+    is: PositionRecord<'a>,
+}
+
+#[derive(Serialize)]
+struct ChangeRecord {
+    field: &'static str,
+    from: Value,
+    to: Value,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Value {
+    Address(IpAddr),
+    Number(u32),
+}
+
+#[derive(Serialize)]
+struct FateRecord {
+    how: &'static str,
+    verdict: Option<&'static str>,
+    by: Option<&'static str>,
+    step: Option<usize>,
+    base_step: Option<usize>,
+    hook: Option<&'static str>,
+}
+
+fn packet(arrived: &Arrival) -> Packet<'_> {
+    let p: &PacketHeader = &arrived.header;
+    let ip = match p.src {
+        IpAddr::V4(_) => Ip::V4 { tos: p.tos, ttl: p.ttl, id: p.id, df: p.dont_fragment },
+        IpAddr::V6(_) => Ip::V6 { traffic_class: p.tos, hop_limit: p.ttl, flow_label: p.flow_label },
+    };
+    let (sport, dport) = p.transport.ports().unzip();
+    let (mut tcp, mut udp, mut icmp) = (None, None, None);
+    match p.transport {
+        Transport::Tcp { seq, ack, window, flags, .. } => {
+            let names = [(0x20, "URG"), (0x10, "ACK"), (0x08, "PSH"), (0x04, "RST"), (0x02, "SYN"), (0x01, "FIN")];
+            let flags = names.iter().filter(|(bit, _)| flags & bit != 0).map(|(_, name)| *name).collect();
+            tcp = Some(Tcp { seq, ack, window, flags });
+        }
+        Transport::Udp { length, .. } => udp = Some(Udp { length }),
+        Transport::Icmp { kind, code, id, seq } | Transport::Icmpv6 { kind, code, id, seq } => {
+            // Echo request/reply carry an id and sequence (ICMP 8/0, ICMPv6 128/129).
+            let echo = matches!(kind, 0 | 8 | 128 | 129);
+            icmp = Some(Icmp { kind, code, id: echo.then_some(id), seq: echo.then_some(seq) });
+        }
+        Transport::Other => {}
+    }
+    Packet {
+        src: p.src,
+        dst: p.dst,
+        length: p.length,
+        protocol: p.protocol,
+        fragment: p.fragment,
+        ip,
+        sport,
+        dport,
+        tcp,
+        udp,
+        icmp,
+        in_interface: arrived.in_interface.as_ref().map(iface),
+        out_interface: arrived.out_interface.as_ref().map(iface),
+        mark: arrived.mark,
+        at_marking: arrived.at_marking,
+    }
+}
+
+fn iface(i: &Interface) -> Iface<'_> {
+    Iface { index: i.index, name: &i.name }
+}
+
+fn conntrack(ct: &Conntrack) -> Ct {
+    let direction = ct.direction.map(|d| if d == 1 { "reply" } else { "original" });
+    Ct { state: ct.state_name(), direction, id: ct.id, status: ct.status }
+}
+
+fn step(step: &StepReport) -> Step<'_> {
+    let p = &step.place;
+    let (engine, syntax) = match p.engine {
+        Engine::Legacy => ("legacy", "iptables"),
+        Engine::XtablesNft => ("nft", "iptables"),
+        Engine::Nft => ("nft", "nft"),
+    };
+    let (kernel_rule, rule_set_changed) = match &step.position {
+        Position::Unknown { kernel_number } => (Some(*kernel_number), None),
+        Position::RuleSetChanged { kernel_number, was, is } => {
+            let (was, is) =
+                (was.as_deref().map_or_else(own_rule, position), is.as_deref().map_or_else(own_rule, position));
+            (Some(*kernel_number), Some(RuleSetChanged { was, is }))
+        }
+        _ => (None, None),
+    };
+    Step {
+        engine,
+        syntax,
+        family: p.family.to_string(),
+        table: &p.table,
+        chain: &p.chain,
+        hook: step.hook.map(|h| h.hook.name()),
+        position: position(&step.position),
+        kernel_rule,
+        kernel_verdict: step.kernel_verdict.as_ref().map(ToString::to_string),
+        rule_set_changed,
+        changed_before: step.changed_before.iter().map(change).collect(),
+        changed_by: step.changed_by.iter().map(change).collect(),
+    }
+}
+
+fn position(position: &Position) -> PositionRecord<'_> {
+    let verdict = position.verdict();
+    let record = |kind| PositionRecord {
+        kind,
+        rule_number: None,
+        handle: None,
+        rule: None,
+        comment: None,
+        target: None,
+        verdict: verdict_name(&verdict),
+        jump_target: None,
+    };
+    match position {
+        Position::Rule { number, rule } => {
+            PositionRecord { rule_number: Some(*number), ..iptables_rule(rule, record("rule")) }
+        }
+        Position::XtablesNftRule { handle, number, rule, .. } => {
+            PositionRecord { rule_number: Some(*number), handle: Some(*handle), ..iptables_rule(rule, record("rule")) }
+        }
+        Position::NftRule { handle, text, verdict } => PositionRecord {
+            handle: Some(*handle),
+            rule: Some(text.to_string()),
+            jump_target: jump_target(verdict),
+            ..record("rule")
+        },
+        Position::NftRuleUnread { handle, verdict } => {
+            PositionRecord { handle: Some(*handle), jump_target: jump_target(verdict), ..record("rule_unread") }
+        }
+        Position::Policy(_) => record("policy"),
+        Position::ChainEnd => record("return"),
+        Position::Unknown { .. } => record("unknown_rule"),
+        Position::RuleSetChanged { .. } => record("rule_set_changed"),
+        // Not a step of the rule set: never in a report's steps.
+        Position::Marked => record("marking"),
+    }
+}
+
+/// iptrace's own TRACE rule, on one side of a rule number the rule set changed under.
+fn own_rule<'a>() -> PositionRecord<'a> {
+    PositionRecord {
+        kind: "own_rule",
+        rule_number: None,
+        handle: None,
+        rule: None,
+        comment: None,
+        target: None,
+        verdict: verdict_name(&Verdict::Continue),
+        jump_target: None,
+    }
+}
+
+/// A rule in iptables syntax: its matches and target as iptables-save writes them, the comment
+/// apart.
+fn iptables_rule<'a>(rule: &'a Rule, record: PositionRecord<'a>) -> PositionRecord<'a> {
+    let mut text = rule.matches.clone();
+    if !rule.target.is_empty() {
+        let flag = if matches!(rule.verdict, Verdict::Goto(_)) { "-g" } else { "-j" };
+        for word in [flag, rule.target.as_str(), rule.target_options.as_str()] {
+            if !word.is_empty() {
+                if !text.is_empty() {
+                    text.push(' ');
+                }
+                text.push_str(word);
+            }
+        }
+    }
+    PositionRecord {
+        rule: Some(text),
+        comment: rule.comment.as_deref(),
+        target: (!rule.target.is_empty()).then_some(rule.target.as_str()),
+        jump_target: jump_target(&rule.verdict),
+        ..record
+    }
+}
+
+fn jump_target(verdict: &Verdict) -> Option<&str> {
+    match verdict {
+        Verdict::Jump(chain) | Verdict::Goto(chain) => Some(chain),
+        _ => None,
+    }
+}
+
+fn verdict_name(verdict: &Verdict) -> &'static str {
+    match verdict {
+        Verdict::Accept => "accept",
+        Verdict::Drop => "drop",
+        Verdict::Reject => "reject",
+        Verdict::Return => "return",
+        Verdict::Jump(_) => "jump",
+        Verdict::Goto(_) => "goto",
+        Verdict::Nat => "nat",
+        Verdict::Queue => "queue",
+        Verdict::Stolen => "stolen",
+        Verdict::Continue => "continue",
+    }
+}
+
+fn change(change: &Change) -> ChangeRecord {
+    let (field, from, to) = match *change {
+        Change::Source { from, to } => ("src", Value::Address(from), Value::Address(to)),
+        Change::Destination { from, to } => ("dst", Value::Address(from), Value::Address(to)),
+        Change::SourcePort { from, to } => ("sport", Value::Number(from.into()), Value::Number(to.into())),
+        Change::DestinationPort { from, to } => ("dport", Value::Number(from.into()), Value::Number(to.into())),
+        Change::Mark { from, to } => ("mark", Value::Number(from), Value::Number(to)),
+    };
+    ChangeRecord { field, from, to }
+}
+
+fn fate(fate: &Fate) -> FateRecord {
+    let none = |how| FateRecord { how, verdict: None, by: None, step: None, base_step: None, hook: None };
+    match fate {
+        Fate::Decided { step, verdict, by } => FateRecord {
+            verdict: Some(verdict_name(verdict)),
+            by: Some(match by {
+                Decision::Dropped => "dropped",
+                Decision::Filtered => "filtered",
+                Decision::LastVerdict => "last_verdict",
+            }),
+            step: Some(*step),
+            ..none("decided")
+        },
+        Fate::LastSeen { last, base, hook } => {
+            FateRecord { step: Some(*last), base_step: Some(*base), hook: Some(hook.name()), ..none("last_seen") }
+        }
+        Fate::Incomplete => none("incomplete"),
+        Fate::NoneSeen => none("none"),
+    }
+}
+
+/// `2026-11-29T03:52:35.123456789Z`: RFC 3339 in UTC with nanoseconds.
+fn rfc3339(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, day_secs) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's `civil_from_days`), in years
+    // of 400-year eras that start on 0000-03-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        day_secs / 3600,
+        day_secs / 60 % 60,
+        day_secs % 60,
+        since.subsec_nanos()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::{Value as Json, json};
+
+    use super::*;
+    use crate::{
+        decode::{NftFamily, NftVerdict, Origin, Table, packet::tests::udp_v4},
+        model::{
+            Hook, HookPoint,
+            tests::{Names, marked, rule, step},
+        },
+        resolve::Step,
+        xtables::tokenize,
+    };
+
+    /// `s` as a step of an nf_tables chain `table`/`chain` that reported `kernel`.
+    fn nft(mut s: Step, table: &str, chain: &str, kernel: NftVerdict, engine: Engine) -> Step {
+        s.event.origin = Origin::Nft {
+            family: if engine == Engine::Nft { NftFamily::Inet } else { NftFamily::Ip },
+            table: table.into(),
+            chain: chain.into(),
+            handle: None,
+            trace_type: crate::decode::NftTraceType::Rule,
+            verdict: kernel,
+            trace_id: crate::decode::TraceId([1, 2, 3, 4]),
+            ct: None,
+        };
+        s.event.mark_after = Some(s.event.mark);
+        s.engine = engine;
+        s
+    }
+
+    fn records(steps: &[Step], complete: bool) -> Vec<Json> {
+        let received = UNIX_EPOCH + std::time::Duration::new(1_795_924_355, 7);
+        let report = PacketReport::new(steps.to_vec(), complete, received, &mut Names).unwrap();
+        let mut out = Vec::new();
+        write_packet(&report, None, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with('\n') && text.lines().count() == 1, "{text}");
+        vec![serde_json::from_str(&text).unwrap()]
+    }
+
+    #[test]
+    fn every_kind_of_step() {
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let mut dnatted = a.clone();
+        dnatted[19] = 9;
+        let text = "ip daddr 172.16.2.2 meta mark set 0x5 dnat to 172.16.2.9";
+        let mut native = nft(
+            step(
+                Hook::PreRouting,
+                Table::Raw,
+                "pre",
+                &dnatted,
+                0,
+                Position::NftRule { handle: 7, text: text.into(), verdict: Verdict::Nat },
+            ),
+            "fw",
+            "pre",
+            NftVerdict::Accept,
+            Engine::Nft,
+        );
+        native.event.mark_after = Some(5);
+        if let Origin::Nft { ct, .. } = &mut native.event.origin {
+            *ct = Some(Conntrack { state: 8, direction: Some(1), id: Some(9), status: None });
+        }
+        native.hook = Some(HookPoint { hook: Hook::PreRouting, filter: false });
+        let unread = nft(
+            step(
+                Hook::Forward,
+                Table::Raw,
+                "fwd",
+                &dnatted,
+                5,
+                Position::NftRuleUnread { handle: 9, verdict: Verdict::Jump("x".into()) },
+            ),
+            "t",
+            "fwd",
+            NftVerdict::Jump("x".into()),
+            Engine::Nft,
+        );
+        let end = nft(
+            step(Hook::Forward, Table::Raw, "x", &dnatted, 5, Position::ChainEnd),
+            "t",
+            "x",
+            NftVerdict::Continue,
+            Engine::Nft,
+        );
+        let policy = nft(
+            step(Hook::Forward, Table::Raw, "fwd", &dnatted, 5, Position::Policy(Verdict::Accept)),
+            "t",
+            "fwd",
+            NftVerdict::Accept,
+            Engine::Nft,
+        );
+        let xt_rule = Rule::from_tokens(&tokenize(r#"-p udp -m comment --comment "a\"b" -g LOGDROP"#), |_| false);
+        let xt = nft(
+            step(
+                Hook::Forward,
+                Table::Filter,
+                "FORWARD",
+                &dnatted,
+                5,
+                Position::XtablesNftRule {
+                    handle: 3,
+                    number: 2,
+                    rule: Arc::new(xt_rule),
+                    verdict: Verdict::Goto("LOGDROP".into()),
+                },
+            ),
+            "filter",
+            "FORWARD",
+            NftVerdict::Goto("LOGDROP".into()),
+            Engine::XtablesNft,
+        );
+        let changed = step(
+            Hook::Forward,
+            Table::Filter,
+            "FORWARD",
+            &dnatted,
+            5,
+            Position::RuleSetChanged { kernel_number: 5, was: None, is: Some(Box::new(rule(4, "-p tcp -j DROP"))) },
+        );
+        let unknown =
+            step(Hook::PostRouting, Table::Mangle, "POSTROUTING", &dnatted, 5, Position::Unknown { kernel_number: 8 });
+        let steps = [marked(&a), native, unread, end, policy, xt, changed, unknown];
+        let [record] = &records(&steps, true)[..] else { panic!() };
+        assert_eq!(record["time"], "2026-11-29T03:52:35.000000007Z");
+        assert_eq!(record["netns"], Json::Null);
+        assert_eq!(record["conntrack"], json!({"state": "new", "direction": "reply", "id": 9, "status": null}));
+        assert_eq!(
+            record["packet"],
+            json!({"src": "10.5.1.7", "dst": "172.16.2.2", "length": 32, "protocol": 17, "fragment": false,
+                   "tos": 0, "ttl": 64, "id": 4660, "df": true, "sport": 40000, "dport": 53, "udp": {"length": 12},
+                   "in": {"index": 2, "name": "veth2"}, "out": null, "mark": 0, "at_marking": true})
+        );
+        let steps = record["steps"].as_array().unwrap();
+        // iptrace's own marking is the packet, not a step.
+        assert_eq!(steps.len(), 7);
+        let field = |i: usize, names: &[&str]| -> Vec<Json> { names.iter().map(|n| steps[i][*n].clone()).collect() };
+        let place = ["engine", "syntax", "family", "table", "chain", "hook", "kind"];
+        assert_eq!(
+            field(0, &place),
+            json!(["nft", "nft", "inet", "fw", "pre", "PREROUTING", "rule"]).as_array().unwrap()[..]
+        );
+        assert_eq!(
+            field(0, &["handle", "rule", "verdict", "kernel_verdict", "rule_number"]),
+            json!([7, text, "nat", "accept", null]).as_array().unwrap()[..]
+        );
+        assert_eq!(steps[0]["changed_before"], json!([{"field": "dst", "from": "172.16.2.2", "to": "172.16.2.9"}]));
+        assert_eq!(steps[0]["changed_by"], json!([{"field": "mark", "from": 0, "to": 5}]));
+        assert_eq!(
+            field(1, &["kind", "handle", "rule", "verdict", "jump_target", "kernel_verdict", "hook"]),
+            json!(["rule_unread", 9, null, "jump", "x", "jump x", "FORWARD"]).as_array().unwrap()[..]
+        );
+        assert_eq!(
+            field(2, &["kind", "verdict", "kernel_verdict"]),
+            json!(["return", "return", "continue"]).as_array().unwrap()[..]
+        );
+        assert_eq!(
+            field(3, &["kind", "verdict", "kernel_verdict"]),
+            json!(["policy", "accept", "accept"]).as_array().unwrap()[..]
+        );
+        assert_eq!(
+            field(
+                4,
+                &[
+                    "engine",
+                    "syntax",
+                    "family",
+                    "rule_number",
+                    "handle",
+                    "rule",
+                    "comment",
+                    "target",
+                    "verdict",
+                    "jump_target"
+                ]
+            ),
+            json!(["nft", "iptables", "ip", 2, 3, "-p udp -g LOGDROP", "a\"b", "LOGDROP", "goto", "LOGDROP"])
+                .as_array()
+                .unwrap()[..]
+        );
+        assert_eq!(
+            field(5, &["engine", "kind", "kernel_rule", "verdict", "rule_set_changed"]),
+            json!(["legacy", "rule_set_changed", 5, "continue", {
+                "was": {"kind": "own_rule", "rule_number": null, "handle": null, "rule": null, "comment": null,
+                        "target": null, "verdict": "continue", "jump_target": null},
+                "is": {"kind": "rule", "rule_number": 4, "handle": null, "rule": "-p tcp -j DROP", "comment": null,
+                       "target": "DROP", "verdict": "drop", "jump_target": null},
+            }])
+            .as_array()
+            .unwrap()[..]
+        );
+        assert_eq!(
+            field(6, &["kind", "kernel_rule", "rule_number"]),
+            json!(["unknown_rule", 8, null]).as_array().unwrap()[..]
+        );
+        assert_eq!(
+            record["fate"],
+            json!({"how": "decided", "verdict": "accept", "by": "filtered", "step": 3, "base_step": null, "hook": null})
+        );
+    }
+
+    #[test]
+    fn every_fate() {
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let fate = |steps: &[Step], complete| records(steps, complete)[0]["fate"].clone();
+        let drop = step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, rule(3, "-p udp -j REJECT"));
+        assert_eq!(
+            fate(&[drop.clone()], true),
+            json!({"how": "decided", "verdict": "reject", "by": "dropped", "step": 0, "base_step": null, "hook": null})
+        );
+        assert_eq!(
+            fate(&[drop], false),
+            json!({"how": "incomplete", "verdict": null, "by": null, "step": null, "base_step": null, "hook": null})
+        );
+        let raw = step(Hook::PreRouting, Table::Raw, "PREROUTING", &a, 0, Position::Policy(Verdict::Accept));
+        let jump = step(Hook::PreRouting, Table::Nat, "PREROUTING", &a, 0, rule(1, "-j KUBE-SERVICES"));
+        assert_eq!(
+            fate(&[raw, jump], true),
+            json!({"how": "last_seen", "verdict": null, "by": null, "step": 1, "base_step": 1, "hook": "PREROUTING"})
+        );
+        let log = step(Hook::LocalIn, Table::Filter, "INPUT", &a, 0, rule(1, "-j LOG"));
+        assert_eq!(fate(&[log], true)["how"], "none");
+        let snat = step(Hook::PostRouting, Table::Nat, "POSTROUTING", &a, 0, rule(2, "-j SNAT --to-source 1.2.3.4"));
+        assert_eq!(fate(&[snat], true)["by"], "last_verdict");
+    }
+
+    #[test]
+    fn hostile_text_stays_one_valid_line() {
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let comment = "esc\x1b[2J bell\x07 nl\n cr\r quote\" backslash\\ nul\0 del\x7f bidi\u{202e} bad\u{fffd}";
+        let mut line = rule(1, "-p udp -j ACCEPT");
+        if let Position::Rule { rule, .. } = &mut line {
+            Arc::make_mut(rule).comment = Some(comment.into());
+        }
+        let mut s = step(Hook::LocalIn, Table::Filter, "IN\x1bPUT", &a, 0, line);
+        s.event.in_ifindex = None;
+        let received = UNIX_EPOCH;
+        let report = PacketReport::new(vec![s], true, received, &mut Names).unwrap();
+        let mut out = Vec::new();
+        write_packet(&report, Some("ns\"\n"), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        assert!(!text.trim_end().chars().any(|c| c.is_control()), "{text}");
+        assert!(text.contains(r#""comment":"esc\u001b[2J bell\u0007 nl\n cr\r quote\" backslash\\ nul\u0000 del\u007f bidi\u202e bad�"#), "{text}");
+        let record: Json = serde_json::from_str(&text).unwrap();
+        assert_eq!(record["steps"][0]["comment"], comment);
+        assert_eq!(record["steps"][0]["chain"], "IN\x1bPUT");
+        assert_eq!(record["netns"], "ns\"\n");
+        assert_eq!(record["time"], "1970-01-01T00:00:00.000000000Z");
+    }
+
+    #[test]
+    fn lost_and_dates() {
+        let mut out = Vec::new();
+        write_lost(104_233, &mut out).unwrap();
+        assert_eq!(out, b"{\"schema\":1,\"lost\":104233}\n");
+        let at = |secs, nanos| rfc3339(UNIX_EPOCH + std::time::Duration::new(secs, nanos));
+        assert_eq!(at(951_782_400, 1), "2000-02-29T00:00:00.000000001Z");
+        assert_eq!(at(4_107_542_399, 999_999_999), "2100-02-28T23:59:59.999999999Z");
+        assert_eq!(at(1_795_924_355, 0), "2026-11-29T03:52:35.000000000Z");
+    }
+}
