@@ -11,6 +11,7 @@ use crate::{
     decode::Family,
     filter::Selection,
     instrument::{Limit, TraceChain},
+    render::Format,
     run::Options,
 };
 
@@ -176,6 +177,12 @@ pub struct Cli {
     #[arg(long, help_heading = "Output")]
     pub stats: bool,
 
+    /// Write each traced packet as one JSON object on one line (JSON Lines, flushed per packet;
+    /// schema in docs/json.md) instead of a text block; lost trace events as a {"lost": N} line.
+    /// With --stats, the counters go to stderr as one JSON object.
+    #[arg(long, conflicts_with_all = ["cleanup", "demo", "completions", "man"], help_heading = "Output")]
+    pub json: bool,
+
     /// More diagnostics on stderr: -v what iptrace sets up, -vv also the eBPF programs' log.
     #[arg(short, long, action = ArgAction::Count, help_heading = "Output")]
     pub verbose: u8,
@@ -333,6 +340,7 @@ impl Cli {
             duration: self.duration,
             netns: self.netns.clone(),
             stats: self.stats,
+            format: if self.json { Format::Json } else { Format::Text },
             linger: Duration::from_millis(self.group_timeout),
             socket_filter: !self.no_socket_filter,
             drops: !self.no_drops,

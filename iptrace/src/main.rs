@@ -7,7 +7,7 @@ use std::{
     process::ExitCode,
 };
 
-use iptrace::{cli::Cli, instrument, netns, note, run};
+use iptrace::{cli::Cli, instrument, netns, note, render::Format, run};
 use iptrace_lab::demo;
 
 fn main() -> ExitCode {
@@ -66,7 +66,8 @@ fn trace(cli: &Cli) -> Result<(), (anyhow::Error, u8)> {
     match run::trace(&options, Box::new(io::stdout())) {
         Ok(stats) => {
             if options.stats {
-                note!("{}", stats.report());
+                let report = if options.format == Format::Json { stats.json() } else { stats.report() };
+                note!("{report}");
             }
             Ok(())
         }

@@ -33,10 +33,10 @@ use crate::{
     filter::{FilterError, Selection},
     heal::HealError,
     instrument::{InstrumentError, Limit, TraceChain},
-    netns::NetnsError,
     model::{Fate, PacketReport},
+    netns::NetnsError,
     pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError, ReportSink},
-    render,
+    render::{self, Format},
     resolve::{ResolveError, Resolver},
     xtables::XtablesError,
 };
@@ -116,6 +116,8 @@ pub struct Options {
     pub duration: Option<Duration>,
     pub netns: Option<String>,
     pub stats: bool,
+    /// How packets are written on stdout.
+    pub format: Format,
     /// Quiet time after which a packet's block is complete.
     pub linger: Duration,
     /// Select trace messages with the eBPF filter on the socket (else in userspace).
@@ -134,6 +136,7 @@ fn process(
     decoder: Decoder,
     resolver: Resolver,
     out: Box<dyn Write + Send>,
+    (format, netns): (Format, Option<String>),
     stats: &Stats,
     count: Option<u64>,
     linger: Duration,
@@ -143,14 +146,16 @@ fn process(
     if let Some(ifindex) = out_ifindex {
         pipeline = pipeline.leaving_through(ifindex);
     }
-    let mut output = TextOutput {
+    let mut output = Output {
         out: io::BufWriter::with_capacity(1 << 16, out),
+        format,
+        netns,
         stats,
         shown: 0,
         count,
         loss_report: LossReport::default(),
     };
-    let feed = |pipeline: &mut Pipeline<_>, output: &mut TextOutput, batch: Vec<Delivery>, now| {
+    let feed = |pipeline: &mut Pipeline<_>, output: &mut Output, batch: Vec<Delivery>, now| {
         let inputs = batch.iter().map(|d| match d {
             Delivery::Datagram(d) => Input::Datagram(d),
             Delivery::Lost(n) => Input::Lost(*n),
@@ -206,18 +211,25 @@ impl From<PipelineError> for RunError {
     }
 }
 
-/// The processing thread's output: each report as text, counted.
-struct TextOutput<'a> {
+/// The processing thread's output: each report in the chosen format, counted.
+struct Output<'a> {
     out: io::BufWriter<Box<dyn Write + Send>>,
+    format: Format,
+    /// `--netns` as given, for the JSON records.
+    netns: Option<String>,
     stats: &'a Stats,
     shown: u64,
     count: Option<u64>,
     loss_report: LossReport,
 }
 
-impl ReportSink for TextOutput<'_> {
+impl ReportSink for Output<'_> {
     fn report(&mut self, report: PacketReport) -> io::Result<ControlFlow<()>> {
-        render::render_packet(&report, &mut self.out)?;
+        self.format.write_packet(&report, self.netns.as_deref(), &mut self.out)?;
+        // A JSON line is for a program that acts on each packet as it comes.
+        if self.format == Format::Json {
+            self.out.flush()?;
+        }
         if report.fate == Fate::Incomplete {
             self.stats.incomplete.fetch_add(1, Ordering::Relaxed);
         }
@@ -228,11 +240,15 @@ impl ReportSink for TextOutput<'_> {
     }
 
     fn lost(&mut self, messages: u64) {
+        if self.format == Format::Json {
+            // Where in the stream it happened; written as the next report's write would be.
+            let _ = render::json::write_lost(messages, &mut self.out).and_then(|()| self.out.flush());
+        }
         self.loss_report.add(messages, Instant::now());
     }
 }
 
-impl TextOutput<'_> {
+impl Output<'_> {
     fn finish(&mut self) -> Result<(), RunError> {
         match self.out.flush() {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),

@@ -167,7 +167,7 @@ fn trace_instrumented(
     };
     let processor = {
         let stats = stats.clone();
-        let (count, linger) = (options.count, options.linger);
+        let (count, linger, output) = (options.count, options.linger, (options.format, options.netns.clone()));
         thread::Builder::new()
             .name("iptrace-process".into())
             .spawn(move || {
@@ -181,6 +181,7 @@ fn trace_instrumented(
                     decoder,
                     resolver,
                     out,
+                    output,
                     &stats,
                     count,
                     linger,

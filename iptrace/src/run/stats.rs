@@ -30,6 +30,35 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The counters as one JSON object (`--stats --json`; docs/json.md).
+    pub fn json(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let ebpf =
+            self.ebpf.get().map(|c| serde_json::json!({"seen": c.seen, "passed": c.passed, "dropped": c.dropped}));
+        serde_json::json!({
+            "schema": crate::render::json::SCHEMA,
+            "stats": {
+                "datagrams": g(&self.datagrams),
+                "messages": g(&self.messages),
+                "events": g(&self.events),
+                "malformed": g(&self.malformed),
+                "packets_shown": g(&self.packets_shown),
+                "overruns": g(&self.overruns),
+                "lost": g(&self.lost),
+                "incomplete": g(&self.incomplete),
+                "unread": g(&self.unread),
+                "repairs": g(&self.repairs),
+                "selection_ebpf": ebpf,
+                "selection_userspace": {
+                    "seen": g(&self.userspace_seen),
+                    "passed": g(&self.userspace_passed),
+                    "dropped": g(&self.userspace_dropped),
+                },
+            },
+        })
+        .to_string()
+    }
+
     pub fn report(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut report = format!(
