@@ -19,6 +19,8 @@ use crate::ruleset::{FIRST_CHAIN, LAST_CHAIN};
 pub enum OutputFormat {
     /// Blocks separated by blank lines; steps as `        <table> <chain> ...`.
     Iptrace,
+    /// `iptrace --json`: a record per line, steps with `table` and `chain` (docs/json.md).
+    IptraceJson,
     /// `trace id <id> <family> <table> <chain> ...`
     NftMonitor,
     /// ` TRACE: <family> <id> <table>:<chain>:<kind>:...`
@@ -39,6 +41,15 @@ pub fn complete_packets(format: OutputFormat, output: &str) -> u64 {
                         words.next() == Some(table) && words.next() == Some(chain)
                     })
                 };
+                shows(FIRST_CHAIN) && shows(LAST_CHAIN)
+            })
+            .count() as u64,
+        OutputFormat::IptraceJson => output
+            .lines()
+            .filter(|line| {
+                let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else { return false };
+                let steps = record["steps"].as_array().map(Vec::as_slice).unwrap_or_default();
+                let shows = |(table, chain): (&str, &str)| steps.iter().any(|s| s["table"] == table && s["chain"] == chain);
                 shows(FIRST_CHAIN) && shows(LAST_CHAIN)
             })
             .count() as u64,
@@ -79,7 +90,7 @@ pub fn admitted_losses(format: OutputFormat, output: &str, stderr: &[String]) ->
         OutputFormat::XtablesMonitor => {
             stderr.iter().filter(|l| l.contains("No buffer space available")).count() as u64
         }
-        OutputFormat::Iptrace => 0,
+        OutputFormat::Iptrace | OutputFormat::IptraceJson => 0,
     }
 }
 
@@ -92,6 +103,12 @@ mod tests {
         let iptrace = "IN=vif0 OUT= SRC=10.5.1.7\n        raw PREROUTING\n                ACCEPT\n        mangle POSTROUTING\n                ACCEPT\n        verdict: ACCEPT\n\n\
                        IN=vif0 OUT= SRC=10.5.1.7\n        raw PREROUTING\n                ACCEPT\n        verdict: ACCEPT\n\n";
         assert_eq!(complete_packets(OutputFormat::Iptrace, iptrace), 1);
+        let step = |table: &str, chain: &str| format!(r#"{{"table":"{table}","chain":"{chain}","kind":"policy"}}"#);
+        let (first, last) = (step("raw", "PREROUTING"), step("mangle", "POSTROUTING"));
+        let json = format!(
+            "{{\"schema\":1,\"steps\":[{first},{last}]}}\n{{\"schema\":1,\"lost\":3}}\n{{\"schema\":1,\"steps\":[{first}]}}\n"
+        );
+        assert_eq!(complete_packets(OutputFormat::IptraceJson, &json), 1);
         let nft = "trace id 1c9a5d68 ip raw PREROUTING packet: iif \"vif0\"\n\
                    trace id 1c9a5d68 ip raw PREROUTING policy accept\n\
                    trace id 1c9a5d68 ip mangle POSTROUTING policy accept\n\

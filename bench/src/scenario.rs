@@ -45,6 +45,8 @@ pub enum Scenario {
     Baseline,
     IptraceOneFlow,
     IptraceAll,
+    /// As [`Scenario::IptraceAll`], written as JSON lines (`--json`).
+    IptraceAllJson,
     NftMonitorOneFlow,
     NftMonitorAll,
     XtablesMonitorAll,
@@ -55,10 +57,11 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Baseline,
         Scenario::IptraceOneFlow,
         Scenario::IptraceAll,
+        Scenario::IptraceAllJson,
         Scenario::NftMonitorOneFlow,
         Scenario::NftMonitorAll,
         Scenario::XtablesMonitorAll,
@@ -73,6 +76,7 @@ impl Scenario {
             Scenario::Baseline => "baseline",
             Scenario::IptraceOneFlow => "iptrace_one_flow",
             Scenario::IptraceAll => "iptrace_all",
+            Scenario::IptraceAllJson => "iptrace_all_json",
             Scenario::NftMonitorOneFlow => "nft_monitor_one_flow",
             Scenario::NftMonitorAll => "nft_monitor_all",
             Scenario::XtablesMonitorAll => "xtables_monitor_all",
@@ -191,6 +195,7 @@ impl Bench {
             // and xtables-monitor trace the nf_tables copy; the both-engines ones show what
             // iptrace's default does on this mixed host: it traces every packet through both.
             Scenario::IptraceOneFlow | Scenario::IptraceAll => self.run_iptrace(scenario, &["--backend", "legacy"]),
+            Scenario::IptraceAllJson => self.run_iptrace(scenario, &["--backend", "legacy", "--json"]),
             Scenario::IptraceAllNoSocketFilter => {
                 self.run_iptrace(scenario, &["--backend", "legacy", "--no-socket-filter"])
             }
@@ -273,7 +278,8 @@ impl Bench {
             result.notes.push(format!("no --stats line; stderr: {}", finished.stderr.join(" | ")));
         }
         let text = self.take_output(&output);
-        let complete = completeness::complete_packets(OutputFormat::Iptrace, &text);
+        let format = if scenario == Scenario::IptraceAllJson { OutputFormat::IptraceJson } else { OutputFormat::Iptrace };
+        let complete = completeness::complete_packets(format, &text);
         fill_tracer_figures(&mut result, traced, complete, &finished);
         result.lost_events = stats.map(|s| s.overruns);
         result.msgs_to_userspace_per_match =

@@ -6,10 +6,11 @@ use std::{env, path::PathBuf, process::Command};
 use anyhow::{Context as _, Result, bail};
 
 /// Debian packages: the firewall tools iptrace drives, libpcap (filter compilation), LLVM 22
-/// (bpf-linker must match rustc's LLVM major), libclang (codegen), iproute2 (test labs) and
-/// dpkg-dev (dpkg-shlibdeps, for the Debian package's dependencies).
+/// (bpf-linker must match rustc's LLVM major), libclang (codegen), iproute2 (test labs), dpkg-dev
+/// (dpkg-shlibdeps, for the Debian package's dependencies) and jq (the tests read `--json`
+/// output with it, as users do).
 const PACKAGES: &[&str] =
-    &["iptables", "nftables", "ipset", "iproute2", "libpcap-dev", "llvm-22-dev", "libclang1-22", "dpkg-dev"];
+    &["iptables", "nftables", "ipset", "iproute2", "libpcap-dev", "llvm-22-dev", "libclang1-22", "dpkg-dev", "jq"];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
