@@ -49,7 +49,8 @@ pub fn complete_packets(format: OutputFormat, output: &str) -> u64 {
             .filter(|line| {
                 let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else { return false };
                 let steps = record["steps"].as_array().map(Vec::as_slice).unwrap_or_default();
-                let shows = |(table, chain): (&str, &str)| steps.iter().any(|s| s["table"] == table && s["chain"] == chain);
+                let shows =
+                    |(table, chain): (&str, &str)| steps.iter().any(|s| s["table"] == table && s["chain"] == chain);
                 shows(FIRST_CHAIN) && shows(LAST_CHAIN)
             })
             .count() as u64,

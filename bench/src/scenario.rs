@@ -278,7 +278,8 @@ impl Bench {
             result.notes.push(format!("no --stats line; stderr: {}", finished.stderr.join(" | ")));
         }
         let text = self.take_output(&output);
-        let format = if scenario == Scenario::IptraceAllJson { OutputFormat::IptraceJson } else { OutputFormat::Iptrace };
+        let format =
+            if scenario == Scenario::IptraceAllJson { OutputFormat::IptraceJson } else { OutputFormat::Iptrace };
         let complete = completeness::complete_packets(format, &text);
         fill_tracer_figures(&mut result, traced, complete, &finished);
         result.lost_events = stats.map(|s| s.overruns);
