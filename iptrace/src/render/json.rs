@@ -63,7 +63,7 @@ impl serde_json::ser::Formatter for TerminalSafe {
     fn write_string_fragment<W: ?Sized + Write>(&mut self, writer: &mut W, fragment: &str) -> io::Result<()> {
         let mut rest = fragment;
         while let Some((i, c)) = rest.char_indices().find(|(_, c)| needs_escape(*c)) {
-            writer.write_all(rest[..i].as_bytes())?;
+            writer.write_all(&rest.as_bytes()[..i])?;
             // Every such character is in the Basic Multilingual Plane: one escape.
             write!(writer, "\\u{:04x}", u32::from(c))?;
             rest = &rest[i + c.len_utf8()..];
@@ -667,7 +667,7 @@ mod tests {
         let fate = |steps: &[Step], complete| records(steps, complete)[0]["fate"].clone();
         let drop = step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, rule(3, "-p udp -j REJECT"));
         assert_eq!(
-            fate(&[drop.clone()], true),
+            fate(std::slice::from_ref(&drop), true),
             json!({"how": "decided", "verdict": "reject", "by": "dropped", "step": 0, "base_step": null, "hook": null})
         );
         assert_eq!(
