@@ -31,13 +31,17 @@ const DETAIL: &str = "                ";
 /// total length.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PacketKey {
-    src: String,
-    dst: String,
-    proto: String,
-    sport: String,
-    dport: String,
-    id: String,
-    len: String,
+    pub src: String,
+    pub dst: String,
+    /// `tcp`, `udp`, `icmp`, `icmpv6`, else as given ([`protocol_name`]).
+    pub proto: String,
+    /// TCP and UDP only; empty for other protocols.
+    pub sport: String,
+    pub dport: String,
+    /// IPv4 ID or IPv6 flow label.
+    pub id: String,
+    /// The IP packet's total length, IPv6's fixed header included.
+    pub len: String,
 }
 
 impl std::fmt::Display for PacketKey {
@@ -50,7 +54,8 @@ impl std::fmt::Display for PacketKey {
     }
 }
 
-fn protocol_name(name: &str) -> String {
+/// A protocol's name or number in the keys' spelling.
+pub fn protocol_name(name: &str) -> String {
     match name.to_ascii_lowercase().as_str() {
         "ipv6-icmp" | "icmpv6" | "58" => "icmpv6".into(),
         "icmp" | "1" => "icmp".into(),
@@ -367,14 +372,46 @@ pub fn iptrace_nft_steps(block: &Block) -> Vec<String> {
     out
 }
 
+/// One packet as iptrace reported it, in the oracles' terms: from a text block
+/// ([`Reported::from_block`]) or a `--json` record.
+#[derive(Clone, Debug)]
+pub struct Reported {
+    /// What names it in a list of differences: the packet line, or the JSON record.
+    pub label: String,
+    pub key: PacketKey,
+    /// Its nf_tables steps as [`iptrace_nft_steps`] writes them.
+    pub nft_steps: Vec<String>,
+    /// Its legacy steps as [`legacy_counters`] keys (`ipv4 filter FORWARD #2`,
+    /// `ipv6 filter INPUT policy`).
+    pub legacy_steps: Vec<String>,
+}
+
+impl Reported {
+    pub fn from_block(block: &Block) -> Self {
+        let key = iptrace_packet_key(&block.packet);
+        let family = if key.src.contains(':') { "ipv6" } else { "ipv4" };
+        Self {
+            label: block.packet.clone(),
+            nft_steps: iptrace_nft_steps(block),
+            legacy_steps: iptrace_legacy_steps(family, block),
+            key,
+        }
+    }
+}
+
 /// Compares every block with the monitor's packet of the same key (the k-th block of a key with
 /// the k-th packet), and every packet the monitor saw must have a block. Returns the differences,
 /// one paragraph per packet; empty when they agree.
 pub fn compare_nft(blocks: &[Block], oracle: &[OraclePacket]) -> String {
+    compare_nft_reported(&blocks.iter().map(Reported::from_block).collect::<Vec<_>>(), oracle)
+}
+
+/// [`compare_nft`] for packets however iptrace wrote them.
+pub fn compare_nft_reported(reported: &[Reported], oracle: &[OraclePacket]) -> String {
     let mut used = vec![false; oracle.len()];
     let mut report = String::new();
-    for block in blocks {
-        let key = iptrace_packet_key(&block.packet);
+    for block in reported {
+        let key = block.key.clone();
         let at_arrival = (0..oracle.len()).find(|&i| !used[i] && oracle[i].arrival == key);
         // Not as it arrived: the packet at a later hook, or rewritten where no hook showed it
         // (then the same IP ID or flow label, protocol and length).
@@ -383,7 +420,7 @@ pub fn compare_nft(blocks: &[Block], oracle: &[OraclePacket]) -> String {
             .or_else(|| (0..oracle.len()).find(|&i| !used[i] && oracle[i].later.contains(&key)))
             .or_else(|| (0..oracle.len()).find(|&i| !used[i] && same_packet(&oracle[i].arrival)));
         let Some(i) = found else {
-            let _ = writeln!(report, "iptrace block with no packet in the monitor's trace:\n  {}\n", block.packet);
+            let _ = writeln!(report, "iptrace block with no packet in the monitor's trace:\n  {}\n", block.label);
             continue;
         };
         used[i] = true;
@@ -395,12 +432,11 @@ pub fn compare_nft(blocks: &[Block], oracle: &[OraclePacket]) -> String {
                 oracle[i].arrival
             );
         }
-        let actual = iptrace_nft_steps(block);
-        if actual != oracle[i].steps {
-            problems.push_str(&diff(&oracle[i].steps, &actual));
+        if block.nft_steps != oracle[i].steps {
+            problems.push_str(&diff(&oracle[i].steps, &block.nft_steps));
         }
         if !problems.is_empty() {
-            let _ = writeln!(report, "{}\n{problems}  (- nft monitor trace, + iptrace)\n", block.packet);
+            let _ = writeln!(report, "{}\n{problems}  (- nft monitor trace, + iptrace)\n", block.label);
         }
     }
     // A packet that crossed no rule of the user's (the router's own RST, say) may have no block.
@@ -479,34 +515,39 @@ fn packets(counters: &str) -> u64 {
     counters.trim_matches(['[', ']']).split(':').next().and_then(|p| p.parse().ok()).unwrap_or(0)
 }
 
-/// What iptrace's legacy steps claim the counters did, in [`legacy_counters`]' keys.
-pub fn iptrace_legacy_counts(blocks: &[Block]) -> BTreeMap<String, u64> {
-    let mut counts = BTreeMap::new();
-    for block in blocks {
-        let family = if iptrace_packet_key(&block.packet).src.contains(':') { "ipv6" } else { "ipv4" };
-        for (engine, header, details) in block_steps(block) {
-            if engine != Engine::Legacy {
-                continue;
-            }
-            let place = header.split(" /* ").next().unwrap_or(&header);
-            let key = match place.rsplit_once(" (#") {
-                Some((chain, n)) => format!("{family} {chain} #{}", n.trim_end_matches(')')),
-                None if matches!(details.last().map(String::as_str), Some("ACCEPT" | "DROP")) => {
-                    format!("{family} {place} policy")
-                }
-                None => continue,
-            };
-            *counts.entry(key).or_default() += 1;
+/// A block's legacy steps as [`legacy_counters`] keys.
+fn iptrace_legacy_steps(family: &str, block: &Block) -> Vec<String> {
+    let mut steps = Vec::new();
+    for (engine, header, details) in block_steps(block) {
+        if engine != Engine::Legacy {
+            continue;
         }
+        let place = header.split(" /* ").next().unwrap_or(&header);
+        let key = match place.rsplit_once(" (#") {
+            Some((chain, n)) => format!("{family} {chain} #{}", n.trim_end_matches(')')),
+            None if matches!(details.last().map(String::as_str), Some("ACCEPT" | "DROP")) => {
+                format!("{family} {place} policy")
+            }
+            None => continue,
+        };
+        steps.push(key);
+    }
+    steps
+}
+
+/// What iptrace's legacy steps claim the counters did, in [`legacy_counters`]' keys.
+fn iptrace_legacy_counts<'a>(reported: impl IntoIterator<Item = &'a Reported>) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for step in reported.into_iter().flat_map(|r| &r.legacy_steps) {
+        *counts.entry(step.clone()).or_default() += 1;
     }
     counts
 }
 
 /// Whether a packet is one a test sent (or a reply to one), not the interfaces' own link-local
 /// or multicast chatter (MLD reports, router solicitations) that comes whenever it likes.
-fn sent_by_the_test(block: &Block) -> bool {
-    let key = iptrace_packet_key(&block.packet);
-    !key.src.starts_with("fe80:") && !key.dst.starts_with("ff")
+fn sent_by_the_test(packet: &Reported) -> bool {
+    !packet.key.src.starts_with("fe80:") && !packet.key.dst.starts_with("ff")
 }
 
 /// Compares the counters' growth between two snapshots, both taken while iptrace traced every
@@ -514,13 +555,22 @@ fn sent_by_the_test(block: &Block) -> bool {
 /// the test sent is inside the window, so its steps must be counted exactly; chatter near either
 /// snapshot may be traced without being counted, so its steps are an allowance, not a demand.
 pub fn compare_legacy(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, blocks: &[Block]) -> String {
+    compare_legacy_reported(before, after, &blocks.iter().map(Reported::from_block).collect::<Vec<_>>())
+}
+
+/// [`compare_legacy`] for packets however iptrace wrote them.
+pub fn compare_legacy_reported(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+    reported: &[Reported],
+) -> String {
     let grown: BTreeMap<&str, u64> = after
         .iter()
         .map(|(k, v)| (k.as_str(), v - before.get(k).copied().unwrap_or(0)))
         .filter(|(_, v)| *v > 0)
         .collect();
-    let (sent, chatter): (Vec<Block>, Vec<Block>) = blocks.iter().cloned().partition(sent_by_the_test);
-    let (claimed, allowed) = (iptrace_legacy_counts(&sent), iptrace_legacy_counts(&chatter));
+    let (sent, chatter): (Vec<&Reported>, Vec<&Reported>) = reported.iter().partition(|r| sent_by_the_test(r));
+    let (claimed, allowed) = (iptrace_legacy_counts(sent), iptrace_legacy_counts(chatter));
     let keys: std::collections::BTreeSet<&str> =
         grown.keys().copied().chain(claimed.keys().map(String::as_str)).collect();
     let mut report = String::new();
