@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod json;
 pub mod oracle;
 
 pub use iptrace_lab::{

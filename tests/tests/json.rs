@@ -14,7 +14,9 @@ use std::{
 };
 
 use iptrace_tests::{
-    Role, Tracer, addr, lab, load_sample_nft_rules, load_sample_rules,
+    Role, Tracer, addr,
+    json::{records, schema_errors, stats, validator},
+    lab, load_sample_nft_rules, load_sample_rules,
     oracle::{
         NftMonitor, PacketKey, Reported, compare_legacy_reported, compare_nft_reported, legacy_counters, protocol_name,
     },
@@ -22,7 +24,6 @@ use iptrace_tests::{
 };
 use serde_json::{Value, json};
 
-const SCHEMA: &str = include_str!("../../docs/iptrace.schema.json");
 /// The formatter's golden records of a recorded trace (iptrace/tests/golden.rs).
 const GOLDEN: &str = include_str!("../../iptrace/tests/golden/router-trace.jsonl");
 
@@ -33,30 +34,6 @@ const HOSTILE: &str = "clear\x1b[2J\x1b]0;owned\x07 cr\r tab\t end";
 /// The lab's addresses: the tests' traffic, none of the IPv6 link-local chatter of freshly
 /// made interfaces.
 const LAB_TRAFFIC: &str = "net 10.0.0.0/8 or net 172.16.0.0/12";
-
-fn validator() -> jsonschema::Validator {
-    let schema: Value = serde_json::from_str(SCHEMA).expect("the schema file is JSON");
-    jsonschema::options().should_validate_formats(true).build(&schema).expect("the schema is a JSON Schema")
-}
-
-/// Where `record` breaks the schema, one line each; empty when it conforms.
-fn schema_errors(validator: &jsonschema::Validator, record: &Value) -> Vec<String> {
-    validator.iter_errors(record).map(|e| format!("{} at {}", e, e.instance_path())).collect()
-}
-
-/// Every line parsed with serde and validated against the schema.
-fn records(output: &str) -> Vec<Value> {
-    let validator = validator();
-    output
-        .lines()
-        .map(|line| {
-            let record: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}):\n{line}"));
-            let errors = schema_errors(&validator, &record);
-            assert!(errors.is_empty(), "{line}\nbreaks the schema:\n{}", errors.join("\n"));
-            record
-        })
-        .collect()
-}
 
 /// A value as the oracle's keys spell it: strings bare, numbers in decimal, null empty.
 fn text(value: &Value) -> String {
@@ -161,15 +138,6 @@ fn jq(filter: &str, input: &str) -> String {
     writer.join().expect("writing to jq").expect("writing to jq");
     assert!(out.status.success(), "jq {filter}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("jq prints UTF-8")
-}
-
-/// The stats record on stderr: one line, valid against the schema.
-fn stats(stderr: &str) -> Value {
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with('{')).collect();
-    assert_eq!(lines.len(), 1, "one JSON line on stderr:\n{stderr}");
-    let record = records(lines[0]).remove(0);
-    assert!(record["stats"].is_object(), "{record}");
-    record
 }
 
 /// Lets the last packets' records complete before the tracer is stopped.

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use iptrace_tests::{Lab, Role, Tracer, addr, blocks, iptrace_bin, lab, require_root, wait_until_read};
+use iptrace_tests::{Lab, Role, Tracer, addr, blocks, iptrace_bin, json, lab, require_root, wait_until_read};
 
 /// Rules in FORWARD: counting ones, then an ACCEPT. Many events a packet make a flood that
 /// overflows iptrace's receive buffer (128 MiB asked, 256 MiB granted: at most some 300,000
@@ -175,4 +175,54 @@ fn a_slow_consumer_of_the_output_counts_what_the_kernel_dropped() {
     stderr.read_to_string(&mut seen).unwrap();
     assert!(shell.wait().unwrap().success(), "{seen}");
     check(&seen, &stdout.join().unwrap(), marked);
+}
+
+/// With `--json`, each loss is a `{"schema":1,"lost":N}` line on stdout where it happened (the
+/// records of packets around it after it, `incomplete`), the lines add up to the kernel's count,
+/// and `--stats` says the same as one JSON object on stderr.
+#[test]
+fn json_lines_say_where_events_were_lost() {
+    if !require_root("json_lines_say_where_events_were_lost") {
+        return;
+    }
+    let lab = loss_lab("lossjson");
+    let ns = lab.ns(Role::Router);
+    let tracer = Tracer::start(&["--netns", &ns, "--backend", "legacy", "--stats", "--json", "-4", "udp"]);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tracer.pid(), libc::SIGSTOP) };
+    flood(&lab);
+    let marked = marked_packets(&lab);
+    // SAFETY: as above.
+    unsafe { libc::kill(tracer.pid(), libc::SIGCONT) };
+    wait_until_read(&lab, Role::Router);
+    let out = tracer.stop(libc::SIGTERM);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(marked, PACKETS as u64, "the TRACE rule marked every packet of the flood");
+    let records = json::records(&out.stdout);
+    let stats = json::stats(&out.stderr)["stats"].clone();
+    let count = |name: &str| stats[name].as_u64().unwrap_or_else(|| panic!("{name} in {stats}"));
+    let lost: u64 = records.iter().filter_map(|r| r["lost"].as_u64()).sum();
+    assert!(lost > 0, "{}", out.stderr);
+    assert_eq!(lost, count("lost"));
+    assert_eq!(lost, EVENTS_PER_PACKET * marked - count("messages"));
+    assert_eq!(count("unread"), 0);
+    // Said on stderr as it happened too.
+    assert!(out.stderr.lines().any(|l| l.ends_with("(receive buffer full); blocks around them may be incomplete")));
+
+    let first_loss = records.iter().position(|r| r.get("lost").is_some()).unwrap();
+    let packets: Vec<(usize, &serde_json::Value)> =
+        records.iter().enumerate().filter(|(_, r)| r.get("packet").is_some()).collect();
+    assert_eq!(packets.len() as u64, count("packets_shown"));
+    let incomplete: Vec<usize> =
+        packets.iter().filter(|(_, r)| r["fate"]["how"] == "incomplete").map(|(i, _)| *i).collect();
+    assert_eq!(incomplete.len() as u64, count("incomplete"));
+    assert!(incomplete.first().is_some_and(|&i| i > first_loss), "the first incomplete packet follows the first loss");
+    for (_, record) in packets.iter().filter(|(_, r)| r["fate"]["how"] != "incomplete") {
+        let steps = record["steps"].as_array().unwrap();
+        assert_eq!(steps.len() as u64, EVENTS_PER_PACKET, "a fate from part of the events: {record}");
+        assert_eq!(
+            record["fate"],
+            serde_json::json!({"how": "decided", "verdict": "accept", "by": "filtered", "step": FORWARD_RULES, "base_step": null, "hook": null})
+        );
+    }
 }
