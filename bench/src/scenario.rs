@@ -361,8 +361,13 @@ struct IptraceStats {
 }
 
 impl IptraceStats {
-    /// `iptrace: stats: N datagrams, N messages, ..., N receive-buffer overruns`
+    /// `iptrace: stats: N datagrams, N messages, ..., N receive-buffer overruns`, or with `--json`
+    /// `{"schema":1,"stats":{"messages":N,"overruns":N,...}}`.
     fn parse(line: &str) -> Option<Self> {
+        if let Ok(record) = serde_json::from_str::<serde_json::Value>(line) {
+            let stats = &record["stats"];
+            return Some(Self { messages: stats["messages"].as_u64()?, overruns: stats["overruns"].as_u64()? });
+        }
         let counters = line.strip_prefix("iptrace: stats: ")?;
         let find = |name: &str| counters.split(", ").find_map(|c| c.strip_suffix(name)?.trim().parse::<u64>().ok());
         Some(Self { messages: find(" messages")?, overruns: find(" receive-buffer overruns")? })
@@ -458,5 +463,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!((s.messages, s.overruns), (12, 2));
+        let s = IptraceStats::parse(r#"{"schema":1,"stats":{"datagrams":10,"messages":12,"overruns":2}}"#).unwrap();
+        assert_eq!((s.messages, s.overruns), (12, 2));
+        assert!(IptraceStats::parse("iptrace: tracing every packet").is_none());
     }
 }
