@@ -45,6 +45,8 @@ pub struct PacketTrace {
     pub events: Vec<TraceEvent>,
     /// Events of this packet may have been lost (see [`Correlator::events_lost`]).
     pub incomplete: bool,
+    /// When its first event was received.
+    pub first_seen: Instant,
 }
 
 /// Open packets kept at most; past that the oldest is closed before its linger ends, so that a
@@ -60,6 +62,7 @@ struct OpenPacket {
     rank: (u8, i32),
     /// The nf_tables trace id of its events, once one came.
     trace_id: Option<TraceId>,
+    first_seen: Instant,
     last_seen: Instant,
     /// Order of creation, to close the oldest first.
     serial: u64,
@@ -227,6 +230,7 @@ impl Correlator {
         candidates.push(OpenPacket {
             rank: rank.unwrap_or(NO_RANK),
             trace_id,
+            first_seen: now,
             last_seen: now,
             serial: self.next_serial,
             incomplete,
@@ -278,7 +282,10 @@ impl Correlator {
                 .retain(|(serial, key)| open.get(key).is_some_and(|ps| ps.iter().any(|p| p.serial == *serial)));
         }
         closed.sort_by_key(|p| p.serial);
-        closed.into_iter().map(|p| PacketTrace { events: p.events, incomplete: p.incomplete }).collect()
+        closed
+            .into_iter()
+            .map(|p| PacketTrace { events: p.events, incomplete: p.incomplete, first_seen: p.first_seen })
+            .collect()
     }
 
     fn close_oldest(&mut self) -> Option<PacketTrace> {
@@ -291,7 +298,11 @@ impl Correlator {
             }
             self.open_count -= 1;
             self.forget_trace_id(&packet);
-            return Some(PacketTrace { events: packet.events, incomplete: packet.incomplete });
+            return Some(PacketTrace {
+                events: packet.events,
+                incomplete: packet.incomplete,
+                first_seen: packet.first_seen,
+            });
         }
         None
     }

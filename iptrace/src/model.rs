@@ -8,7 +8,7 @@
 //! `Family`, `Owner`, `Rule` and `Verdict` stay defined beside the code that reads them from the
 //! kernel and are re-exported here.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc, time::SystemTime};
 
 pub use crate::{
     decode::{Conntrack, Family, Hook, NftFamily, NftVerdict, PacketHeader, packet::Transport},
@@ -106,6 +106,9 @@ pub struct Interface {
 /// One traced packet: what it was, where it went, what happened to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PacketReport {
+    /// When its first event was read (wall clock); the pipeline sets it from the read times it
+    /// is given (`UNIX_EPOCH` until then).
+    pub time: SystemTime,
     pub family: Family,
     pub arrived: Arrival,
     /// Conntrack as nf_tables first reported it for the packet (legacy events carry none).
@@ -260,7 +263,7 @@ impl PacketReport {
             return None;
         }
         let fate = if complete { fate(&reports) } else { Fate::Incomplete };
-        Some(Self { family, arrived, conntrack, steps: reports, fate })
+        Some(Self { time: SystemTime::UNIX_EPOCH, family, arrived, conntrack, steps: reports, fate })
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
     io,
     ops::ControlFlow,
     sync::atomic::{AtomicU32, Ordering},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
@@ -85,13 +85,40 @@ pub struct Pipeline<'a, N> {
     events: Vec<TraceEvent>,
     /// The current index of the `-o` interface (it follows a recreation).
     out_ifindex: Option<&'a AtomicU32>,
+    /// A monotonic read time and the wall-clock time at it: reports' times count from there.
+    clock: (Instant, SystemTime),
 }
 
 impl<'a, N: InterfaceNames> Pipeline<'a, N> {
     /// A packet is closed once its events have been quiet for `linger`; `names` names the
     /// interfaces on its packet line.
     pub fn new(decoder: Decoder, resolver: Resolver, linger: Duration, names: N) -> Self {
-        Self { decoder, correlator: Correlator::new(linger), resolver, names, events: Vec::new(), out_ifindex: None }
+        Self {
+            decoder,
+            correlator: Correlator::new(linger),
+            resolver,
+            names,
+            events: Vec::new(),
+            out_ifindex: None,
+            clock: (Instant::now(), SystemTime::now()),
+        }
+    }
+
+    /// The wall-clock time at read time `at` (the `now` of [`Pipeline::feed`]): a report's time
+    /// is its first event's read time on this clock. The live run sets it with every batch (so a
+    /// step of the system clock shows from then on); a replay sets it once, for times that do not
+    /// depend on when it runs.
+    pub fn set_clock(&mut self, at: Instant, wall: SystemTime) {
+        self.clock = (at, wall);
+    }
+
+    /// The wall-clock time of read time `at`.
+    fn wall_time(&self, at: Instant) -> SystemTime {
+        let (anchor, wall) = self.clock;
+        match at.checked_duration_since(anchor) {
+            Some(after) => wall + after,
+            None => wall.checked_sub(anchor - at).unwrap_or(SystemTime::UNIX_EPOCH),
+        }
     }
 
     /// Reports only packets that left through the interface whose index `ifindex` holds.
@@ -197,9 +224,10 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
             return Ok(ControlFlow::Continue(()));
         }
+        let time = self.wall_time(trace.first_seen);
         let steps = trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)).collect();
         match PacketReport::new(steps, !trace.incomplete, &mut self.names) {
-            Some(report) => sink.report(report).map_err(PipelineError::Output),
+            Some(report) => sink.report(PacketReport { time, ..report }).map_err(PipelineError::Output),
             None => Ok(ControlFlow::Continue(())),
         }
     }

@@ -102,6 +102,7 @@ fn trace_of(packet: &[u8]) -> PacketTrace {
             after_check: None,
         }],
         incomplete: false,
+        first_seen: std::time::Instant::now(),
     }
 }
 

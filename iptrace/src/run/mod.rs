@@ -14,10 +14,10 @@ use std::{
     io::{self, Write},
     ops::ControlFlow,
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         mpsc,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 pub use preflight::check_privileges;
@@ -33,11 +33,12 @@ use crate::{
     filter::{FilterError, Selection},
     heal::HealError,
     instrument::{InstrumentError, Limit, TraceChain},
-    netns::NetnsError,
     model::{Fate, PacketReport},
+    netns::NetnsError,
     pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError, ReportSink},
-    render,
+    render::{TextRenderer, TextStyle},
     resolve::{ResolveError, Resolver},
+    summary::Summary,
     xtables::XtablesError,
 };
 
@@ -109,6 +110,10 @@ pub struct Options {
     pub duration: Option<Duration>,
     pub netns: Option<String>,
     pub stats: bool,
+    /// How blocks are written (`-t`, `-q`, `--color`).
+    pub text: TextStyle,
+    /// `--summary`: the rules hit and the verdicts, at exit and on SIGUSR1.
+    pub summary: bool,
     /// Quiet time after which a packet's block is complete.
     pub linger: Duration,
     /// Select trace messages with the eBPF filter on the socket (else in userspace).
@@ -119,6 +124,14 @@ pub struct Options {
     pub drops: bool,
 }
 
+/// Where and how the processing thread writes.
+struct Output {
+    out: Box<dyn Write + Send>,
+    style: TextStyle,
+    /// With `--summary`: set (by SIGUSR1) when the summary so far is wanted.
+    summary: Option<std::sync::Arc<AtomicBool>>,
+}
+
 /// Drives the [`Pipeline`] until the reader stops or `count` packets are shown.
 #[allow(clippy::too_many_arguments)]
 fn process(
@@ -126,7 +139,7 @@ fn process(
     progress: &ReadProgress,
     decoder: Decoder,
     resolver: Resolver,
-    out: Box<dyn Write + Send>,
+    out: Output,
     stats: &Stats,
     count: Option<u64>,
     linger: Duration,
@@ -136,8 +149,11 @@ fn process(
     if let Some(ifindex) = out_ifindex {
         pipeline = pipeline.leaving_through(ifindex);
     }
+    let summary_wanted = out.summary;
     let mut output = TextOutput {
-        out: io::BufWriter::with_capacity(1 << 16, out),
+        out: io::BufWriter::with_capacity(1 << 16, out.out),
+        renderer: TextRenderer::new(out.style),
+        summary: summary_wanted.as_ref().map(|_| Summary::default()),
         stats,
         shown: 0,
         count,
@@ -153,6 +169,7 @@ fn process(
     loop {
         let received = rx.recv_timeout(Duration::from_millis(10));
         let now = Instant::now();
+        pipeline.set_clock(now, SystemTime::now());
         match received {
             Ok(batch) => {
                 if feed(&mut pipeline, &mut output, batch, now)? {
@@ -176,6 +193,9 @@ fn process(
             return output.finish();
         }
         output.loss_report.print_pending(now);
+        if summary_wanted.as_ref().is_some_and(|w| w.swap(false, Ordering::Relaxed)) {
+            output.write_summary().map_err(RunError::Output)?;
+        }
         let c = pipeline.counts();
         stats.messages.store(c.messages, Ordering::Relaxed);
         stats.events.store(c.events, Ordering::Relaxed);
@@ -202,6 +222,9 @@ impl From<PipelineError> for RunError {
 /// The processing thread's output: each report as text, counted.
 struct TextOutput<'a> {
     out: io::BufWriter<Box<dyn Write + Send>>,
+    renderer: TextRenderer,
+    /// `--summary`'s counts.
+    summary: Option<Summary>,
     stats: &'a Stats,
     shown: u64,
     count: Option<u64>,
@@ -210,7 +233,10 @@ struct TextOutput<'a> {
 
 impl ReportSink for TextOutput<'_> {
     fn report(&mut self, report: PacketReport) -> io::Result<ControlFlow<()>> {
-        render::render_packet(&report, &mut self.out)?;
+        self.renderer.render(&report, &mut self.out)?;
+        if let Some(summary) = &mut self.summary {
+            summary.add(&report);
+        }
         if report.fate == Fate::Incomplete {
             self.stats.incomplete.fetch_add(1, Ordering::Relaxed);
         }
@@ -226,8 +252,17 @@ impl ReportSink for TextOutput<'_> {
 }
 
 impl TextOutput<'_> {
+    /// The `--summary` table, if asked for.
+    fn write_summary(&mut self) -> io::Result<()> {
+        match &self.summary {
+            Some(summary) => summary.write(&mut self.out),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the summary and flushes: the end of the output.
     fn finish(&mut self) -> Result<(), RunError> {
-        match self.out.flush() {
+        match self.write_summary().and_then(|()| self.out.flush()) {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
             other => other.map_err(RunError::Output),
         }
