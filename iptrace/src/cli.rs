@@ -508,6 +508,31 @@ mod tests {
     }
 
     #[test]
+    fn colour_is_automatic_on_a_terminal_without_no_color() {
+        let empty = std::ffi::OsStr::new("");
+        let set = std::ffi::OsStr::new("1");
+        assert!(ColorChoice::Auto.enabled(true, None));
+        assert!(ColorChoice::Auto.enabled(true, Some(empty)));
+        assert!(!ColorChoice::Auto.enabled(true, Some(set)), "NO_COLOR");
+        assert!(!ColorChoice::Auto.enabled(false, None), "a pipe");
+        assert!(ColorChoice::Always.enabled(false, Some(set)));
+        assert!(!ColorChoice::Never.enabled(true, None));
+        assert_eq!(parse(&["iptrace", "--color", "always"]).color, ColorChoice::Always);
+        assert!(parse(&["iptrace", "--color=always"]).options().unwrap().text.colour);
+    }
+
+    #[test]
+    fn t_counts_like_tcpdump_and_q_is_quiet() {
+        let text = |args: &[&str]| parse(args).options().unwrap().text;
+        assert_eq!(text(&["iptrace"]).timestamps, Timestamps::Clock);
+        assert_eq!(text(&["iptrace", "-t"]).timestamps, Timestamps::None);
+        assert_eq!(text(&["iptrace", "-tt"]).timestamps, Timestamps::Epoch);
+        assert_eq!(text(&["iptrace", "-ttt", "udp"]).timestamps, Timestamps::Delta);
+        assert!(text(&["iptrace", "-q"]).quiet && !text(&["iptrace"]).quiet);
+        assert!(parse(&["iptrace", "--summary"]).options().unwrap().summary);
+    }
+
+    #[test]
     fn drops_are_on_unless_no_drops() {
         assert!(parse(&["iptrace", "udp"]).options().unwrap().drops);
         assert!(!parse(&["iptrace", "--no-drops", "udp"]).options().unwrap().drops);

@@ -681,6 +681,117 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         );
     }
 
+    /// A report of a ping accepted by filter FORWARD #3 after a DNAT, with a hostile comment.
+    fn accepted_report(time: SystemTime) -> PacketReport {
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let mut dnatted = a.clone();
+        dnatted[19] = 9;
+        let steps = vec![
+            marked(&a),
+            step(Hook::PreRouting, Table::Raw, "PREROUTING", &dnatted, 0, Position::Policy(Verdict::Accept)),
+            step(
+                Hook::Forward,
+                Table::Filter,
+                "FORWARD",
+                &dnatted,
+                0,
+                rule(3, "-p udp -m comment --comment \"x\x1b[31my\" -j ACCEPT"),
+            ),
+        ];
+        PacketReport { time, ..PacketReport::new(steps, true, &mut Names).unwrap() }
+    }
+
+    fn rendered(renderer: &mut TextRenderer, report: &PacketReport) -> String {
+        let mut out = Vec::new();
+        renderer.render(report, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    const PACKET: &str = "IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=4660 DF PROTO=UDP SPT=40000 DPT=53 LEN=12";
+
+    #[test]
+    fn timestamps_as_tcpdump_prints_them() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+        let t1 = t0 + Duration::new(3725, 1_000);
+        let first_line = |style, times: &[SystemTime]| {
+            let mut renderer = TextRenderer::new(style);
+            times
+                .iter()
+                .map(|t| rendered(&mut renderer, &accepted_report(*t)).lines().next().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        let style = |timestamps| TextStyle { timestamps, ..TextStyle::default() };
+        assert_eq!(first_line(style(Timestamps::None), &[t0]), [PACKET]);
+        assert_eq!(first_line(style(Timestamps::Epoch), &[t0]), [format!("1700000000.123456 {PACKET}")]);
+        assert_eq!(
+            first_line(style(Timestamps::Delta), &[t0, t1, t1]),
+            [
+                format!("00:00:00.000000 {PACKET}"),
+                format!("01:02:05.000001 {PACKET}"),
+                format!("00:00:00.000000 {PACKET}")
+            ]
+        );
+        // The default: the local time of day (UTC here unless TZ says otherwise).
+        assert_eq!(TextStyle::default().timestamps, Timestamps::Clock);
+        let clock = &first_line(TextStyle::default(), &[t0])[0];
+        let local = (1_700_000_000 + utc_offset(1_700_000_000)).rem_euclid(86_400);
+        let expected = format!("{:02}:{:02}:{:02}.123456 {PACKET}", local / 3600, local / 60 % 60, local % 60);
+        assert_eq!(clock, &expected);
+        assert_eq!(ClockTime(Duration::new(22 * 3600 + 13 * 60 + 20, 5_000)).to_string(), "22:13:20.000005");
+    }
+
+    #[test]
+    fn quiet_is_the_packet_line_and_the_verdict() {
+        let style = TextStyle { timestamps: Timestamps::None, quiet: true, ..TextStyle::default() };
+        let text = rendered(&mut TextRenderer::new(style), &accepted_report(SystemTime::UNIX_EPOCH));
+        assert_eq!(text, format!("{PACKET}\n        verdict: ACCEPT at filter FORWARD #3\n\n"));
+    }
+
+    #[test]
+    fn colours_wrap_escaped_text_only() {
+        let report = accepted_report(SystemTime::UNIX_EPOCH);
+        let plain = rendered(
+            &mut TextRenderer::new(TextStyle { timestamps: Timestamps::None, ..TextStyle::default() }),
+            &report,
+        );
+        let style = TextStyle { timestamps: Timestamps::None, colour: true, quiet: false };
+        let coloured = rendered(&mut TextRenderer::new(style), &report);
+        let expected = format!(
+            "{PACKET}
+        ~ DST 172.16.2.2 -> 172.16.2.9
+        \x1b[36mraw PREROUTING\x1b[0m
+                \x1b[32mACCEPT\x1b[0m
+        \x1b[36mfilter FORWARD\x1b[0m (#3) /* x\\x1b[31my */
+                -p udp
+                => \x1b[32mACCEPT\x1b[0m
+        verdict: \x1b[32mACCEPT\x1b[0m at filter FORWARD #3
+
+"
+        );
+        // The change line is painted too.
+        let expected = expected
+            .replace("        ~ DST 172.16.2.2 -> 172.16.2.9", "        \x1b[33m~ DST 172.16.2.2 -> 172.16.2.9\x1b[0m");
+        assert_eq!(coloured, expected);
+        // Without the colour codes it is the plain block: the comment's ESC stays escaped.
+        let mut stripped = coloured.clone();
+        for code in ["\x1b[36m", "\x1b[32m", "\x1b[33m", "\x1b[0m"] {
+            stripped = stripped.replace(code, "");
+        }
+        assert_eq!(stripped, plain);
+        assert!(!stripped.contains('\x1b'), "{stripped}");
+        // Drops and rejects are red.
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let steps = [step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, Position::Policy(Verdict::Drop))];
+        let report = PacketReport::new(steps.to_vec(), true, &mut Names).unwrap();
+        let text = rendered(&mut TextRenderer::new(style), &report);
+        assert!(
+            text.ends_with(
+                "\x1b[1;31mDROP\x1b[0m\n        verdict: \x1b[1;31mDROP\x1b[0m by filter FORWARD policy\n\n"
+            ),
+            "{text:?}"
+        );
+    }
+
     #[test]
     fn printable_escapes_what_a_terminal_would_act_on() {
         let hostile = "a\x1b[2Jb\rc\x07d\ne\tf\x7fg\u{9b}h\u{202e}i é ✓";

@@ -77,3 +77,64 @@ impl Summary {
 fn plural(n: u64) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        decode::{Hook, Table, packet::tests::udp_v4},
+        model::{
+            PacketReport, Position, Verdict,
+            tests::{Names, rule, step},
+        },
+    };
+
+    #[test]
+    fn counts_rules_by_hits_and_packets_by_verdict() {
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let raw = step(Hook::PreRouting, Table::Raw, "PREROUTING", &a, 0, Position::Policy(Verdict::Accept));
+        let accept = step(
+            Hook::Forward,
+            Table::Filter,
+            "FORWARD",
+            &a,
+            0,
+            rule(3, "-p udp -m comment --comment \"dns\" -j ACCEPT"),
+        );
+        let drop = step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, Position::Policy(Verdict::Drop));
+        let reject = step(
+            Hook::LocalIn,
+            Table::Filter,
+            "INPUT",
+            &a,
+            0,
+            rule(1, "-p udp -j REJECT --reject-with icmp-port-unreachable"),
+        );
+        let mut summary = Summary::default();
+        let mut out = Vec::new();
+        summary.write(&mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "summary: 0 packets; rules hit, most first:\nverdicts: none\n\n");
+        for steps in [
+            vec![raw.clone(), drop.clone()],
+            vec![raw.clone(), accept.clone()],
+            vec![raw.clone(), accept],
+            vec![reject],
+        ] {
+            summary.add(&PacketReport::new(steps, true, &mut Names).unwrap());
+        }
+        let mut out = Vec::new();
+        summary.write(&mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "\
+summary: 4 packets; rules hit, most first:
+      3  raw PREROUTING policy ACCEPT
+      2  filter FORWARD #3 /* dns */ -p udp => ACCEPT
+      1  filter FORWARD policy DROP
+      1  filter INPUT #1 -p udp => REJECT --reject-with icmp-port-unreachable
+verdicts: ACCEPT 2, DROP 1, REJECT 1
+
+"
+        );
+    }
+}

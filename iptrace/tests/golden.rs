@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     io,
     ops::ControlFlow,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use iptrace::{
@@ -24,6 +24,11 @@ const RULES6: &str = include_str!("golden/router-rules6.txt");
 const LINKS: &str = include_str!("golden/router-links.txt");
 /// The same steps the live-kernel test of the demo lab expects.
 const EXPECTED_PING: &str = include_str!("golden/icmp-from-normal-client.txt");
+
+/// The wall-clock time the replay says the datagrams were read at.
+fn recorded_at() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+}
 
 fn datagrams() -> impl Iterator<Item = &'static [u8]> {
     recording::datagrams(TRACE)
@@ -74,10 +79,18 @@ fn reports() -> Vec<PacketReport> {
     let resolver = Resolver::from_saved(&[(Family::Ipv4, RULES), (Family::Ipv6, RULES6)]);
     let mut pipeline = Pipeline::new(Decoder::new(), resolver, Duration::from_millis(10), names());
     let mut reports = Vec::new();
-    let flow = pipeline.feed(datagrams().map(Input::Datagram), Instant::now(), &mut collect(&mut reports)).unwrap();
+    // The read time is an input: a replay's reports carry the times it gives, not today's.
+    let read = Instant::now();
+    pipeline.set_clock(read, recorded_at());
+    let flow = pipeline.feed(datagrams().map(Input::Datagram), read, &mut collect(&mut reports)).unwrap();
     assert!(flow.is_continue() && reports.is_empty(), "no packet closes before its linger");
     let flow = pipeline.flush_all(&mut collect(&mut reports)).unwrap();
     assert!(flow.is_continue());
+    assert!(
+        reports.iter().all(|r| r.time == recorded_at()),
+        "{:?}",
+        reports.iter().map(|r| r.time).collect::<Vec<_>>()
+    );
     reports
 }
 
