@@ -1,8 +1,12 @@
 //! The command line, as `iptrace --help` shows it.
 
-use std::{ffi::OsString, time::Duration};
+use std::{
+    ffi::OsString,
+    io::{self, IsTerminal as _},
+    time::Duration,
+};
 
-use clap::{ArgAction, CommandFactory as _, Parser};
+use clap::{ArgAction, CommandFactory as _, Parser, ValueEnum};
 use clap_complete::Shell;
 use clap_mangen::roff::{Roff, bold, roman};
 
@@ -11,7 +15,7 @@ use crate::{
     decode::Family,
     filter::Selection,
     instrument::{Limit, TraceChain},
-    render::Format,
+    render::{Format, TextStyle, Timestamps},
     run::Options,
 };
 
@@ -183,6 +187,25 @@ pub struct Cli {
     #[arg(long, conflicts_with_all = ["cleanup", "demo", "completions", "man"], help_heading = "Output")]
     pub json: bool,
 
+    /// The packet line's time, as tcpdump's: by default the wall-clock time with microseconds;
+    /// -t none, -tt seconds since the epoch, -ttt the time since the previous packet.
+    #[arg(short = 't', action = ArgAction::Count, help_heading = "Output")]
+    pub timestamps: u8,
+
+    /// Print only the packet line and the verdict line of each packet.
+    #[arg(short, long, help_heading = "Output")]
+    pub quiet: bool,
+
+    /// Colour verdicts, tables and chains, and changes: auto (the default) when stdout is a
+    /// terminal and NO_COLOR is unset or empty.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto, help_heading = "Output")]
+    pub color: ColorChoice,
+
+    /// At exit, and on SIGUSR1 (which then does not stop iptrace), print on stdout the rules the
+    /// traced packets hit, with counts, most first, and how many met each verdict.
+    #[arg(long, help_heading = "Output")]
+    pub summary: bool,
+
     /// More diagnostics on stderr: -v what iptrace sets up, -vv also the eBPF programs' log.
     #[arg(short, long, action = ArgAction::Count, help_heading = "Output")]
     pub verbose: u8,
@@ -213,6 +236,26 @@ pub struct Cli {
     // Hidden until the pipeline ends blocks with the drop (`drops::start_for_run`).
     #[arg(long, hide = true)]
     pub no_drops: bool,
+}
+
+/// `--color`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+impl ColorChoice {
+    /// Whether to colour, given whether stdout is a terminal and `NO_COLOR` (<https://no-color.org>:
+    /// set and not empty, it turns off what would be automatic; an explicit `always` wins).
+    pub fn enabled(self, stdout_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+        match self {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => stdout_is_terminal && no_color.is_none_or(|v| v.is_empty()),
+        }
+    }
 }
 
 /// The largest `--limit-burst`: xt_limit's, which nft's `limit` also takes at every rate.
@@ -341,6 +384,17 @@ impl Cli {
             netns: self.netns.clone(),
             stats: self.stats,
             format: if self.json { Format::Json } else { Format::Text },
+            text: TextStyle {
+                timestamps: match self.timestamps {
+                    0 => Timestamps::Clock,
+                    1 => Timestamps::None,
+                    2 => Timestamps::Epoch,
+                    _ => Timestamps::Delta,
+                },
+                colour: self.color.enabled(io::stdout().is_terminal(), std::env::var_os("NO_COLOR").as_deref()),
+                quiet: self.quiet,
+            },
+            summary: self.summary,
             linger: Duration::from_millis(self.group_timeout),
             socket_filter: !self.no_socket_filter,
             drops: !self.no_drops,
@@ -458,6 +512,31 @@ mod tests {
         assert_eq!(parse(&["iptrace", "-6"]).options().unwrap().families, [Family::Ipv6]);
         assert!(Cli::try_parse_from(["iptrace", "--duration", "-1"]).is_err());
         assert!(Cli::try_parse_from(["iptrace", "-4", "-6"]).is_err());
+    }
+
+    #[test]
+    fn colour_is_automatic_on_a_terminal_without_no_color() {
+        let empty = std::ffi::OsStr::new("");
+        let set = std::ffi::OsStr::new("1");
+        assert!(ColorChoice::Auto.enabled(true, None));
+        assert!(ColorChoice::Auto.enabled(true, Some(empty)));
+        assert!(!ColorChoice::Auto.enabled(true, Some(set)), "NO_COLOR");
+        assert!(!ColorChoice::Auto.enabled(false, None), "a pipe");
+        assert!(ColorChoice::Always.enabled(false, Some(set)));
+        assert!(!ColorChoice::Never.enabled(true, None));
+        assert_eq!(parse(&["iptrace", "--color", "always"]).color, ColorChoice::Always);
+        assert!(parse(&["iptrace", "--color=always"]).options().unwrap().text.colour);
+    }
+
+    #[test]
+    fn t_counts_like_tcpdump_and_q_is_quiet() {
+        let text = |args: &[&str]| parse(args).options().unwrap().text;
+        assert_eq!(text(&["iptrace"]).timestamps, Timestamps::Clock);
+        assert_eq!(text(&["iptrace", "-t"]).timestamps, Timestamps::None);
+        assert_eq!(text(&["iptrace", "-tt"]).timestamps, Timestamps::Epoch);
+        assert_eq!(text(&["iptrace", "-ttt", "udp"]).timestamps, Timestamps::Delta);
+        assert!(text(&["iptrace", "-q"]).quiet && !text(&["iptrace"]).quiet);
+        assert!(parse(&["iptrace", "--summary"]).options().unwrap().summary);
     }
 
     #[test]

@@ -66,4 +66,5 @@ pub mod pipeline;
 pub mod render;
 pub mod resolve;
 pub mod run;
+pub mod summary;
 pub mod xtables;

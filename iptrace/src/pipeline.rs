@@ -85,7 +85,7 @@ pub struct Pipeline<'a, N> {
     events: Vec<TraceEvent>,
     /// The current index of the `-o` interface (it follows a recreation).
     out_ifindex: Option<&'a AtomicU32>,
-    /// The wall clock at an instant, to date reports by the instant their first event came.
+    /// A monotonic read time and the wall-clock time at it: reports' times count from there.
     clock: (Instant, SystemTime),
 }
 
@@ -101,6 +101,23 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             events: Vec::new(),
             out_ifindex: None,
             clock: (Instant::now(), SystemTime::now()),
+        }
+    }
+
+    /// The wall-clock time at read time `at` (the `now` of [`Pipeline::feed`]): a report's time
+    /// is its first event's read time on this clock. The live run sets it with every batch (so a
+    /// step of the system clock shows from then on); a replay sets it once, for times that do not
+    /// depend on when it runs.
+    pub fn set_clock(&mut self, at: Instant, wall: SystemTime) {
+        self.clock = (at, wall);
+    }
+
+    /// The wall-clock time of read time `at`.
+    fn wall_time(&self, at: Instant) -> SystemTime {
+        let (anchor, wall) = self.clock;
+        match at.checked_duration_since(anchor) {
+            Some(after) => wall + after,
+            None => wall.checked_sub(anchor - at).unwrap_or(SystemTime::UNIX_EPOCH),
         }
     }
 
@@ -207,12 +224,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
             return Ok(ControlFlow::Continue(()));
         }
-        let (at, time) = self.clock;
-        // Instants before the clock was read (a caller's own `now`) count back from it.
-        let received = match trace.first_seen.checked_duration_since(at) {
-            Some(later) => time + later,
-            None => time - at.duration_since(trace.first_seen),
-        };
+        let received = self.wall_time(trace.first_seen);
         let steps = trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)).collect();
         match PacketReport::new(steps, !trace.incomplete, received, &mut self.names) {
             Some(report) => sink.report(report).map_err(PipelineError::Output),

@@ -30,6 +30,11 @@ const EXPECTED_PING: &str = include_str!("golden/icmp-from-normal-client.txt");
 const EXPECTED_JSON: &str = include_str!("golden/router-trace.jsonl");
 const EXPECTED_JSON_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/router-trace.jsonl");
 
+/// The wall-clock time the replay says the datagrams were read at.
+fn recorded_at() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+}
+
 fn datagrams() -> impl Iterator<Item = &'static [u8]> {
     recording::datagrams(TRACE)
 }
@@ -80,10 +85,19 @@ fn reports() -> Vec<PacketReport> {
     let resolver = Resolver::from_saved(&[(Family::Ipv4, RULES), (Family::Ipv6, RULES6)]);
     let mut pipeline = Pipeline::new(Decoder::new(), resolver, Duration::from_millis(10), names());
     let mut reports = Vec::new();
-    let flow = pipeline.feed(datagrams().map(Input::Datagram), Instant::now(), &mut collect(&mut reports)).unwrap();
+    // The read time is an input: a replay's reports carry the times it gives, not today's.
+    let read = Instant::now();
+    pipeline.set_clock(read, recorded_at());
+    let flow = pipeline.feed(datagrams().map(Input::Datagram), read, &mut collect(&mut reports)).unwrap();
     assert!(flow.is_continue() && reports.is_empty(), "no packet closes before its linger");
     let flow = pipeline.flush_all(&mut collect(&mut reports)).unwrap();
     assert!(flow.is_continue());
+    assert!(
+        reports.iter().all(|r| r.received == recorded_at()),
+        "{:?}",
+        reports.iter().map(|r| r.received).collect::<Vec<_>>()
+    );
+    // The JSON golden dates each packet apart.
     let start = SystemTime::UNIX_EPOCH + Duration::new(1_795_924_355, 500_000_000);
     for (i, report) in reports.iter_mut().enumerate() {
         report.received = start + Duration::from_nanos(i as u64);

@@ -181,6 +181,10 @@ fn drain(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
 /// One packet's block: the packet line, then the step lines (without the trailing blank).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Block {
+    /// The packet line's time (`12:34:56.789012`, `1700000000.123456` with `-tt`, `00:00:00.002403`
+    /// with `-ttt`), taken off [`Block::packet`]; `None` with `-t`.
+    pub time: Option<String>,
+    /// The packet line after its time: `IN=... OUT=... SRC=...`.
     pub packet: String,
     pub steps: Vec<String>,
 }
@@ -201,10 +205,31 @@ pub fn blocks(stdout: &str) -> Vec<Block> {
         .filter(|b| !b.trim().is_empty())
         .map(|b| {
             let mut lines = b.lines().map(str::to_owned);
-            let packet = lines.next().unwrap_or_default();
-            Block { packet, steps: lines.collect() }
+            let line = lines.next().unwrap_or_default();
+            let (time, packet) = split_time(&line);
+            Block { time: time.map(str::to_owned), packet: packet.to_owned(), steps: lines.collect() }
         })
         .collect()
+}
+
+/// A packet line's time, if it starts with one (digits, optionally `HH:MM:SS`, then a dot and
+/// six digits of microseconds), and the rest.
+pub fn split_time(line: &str) -> (Option<&str>, &str) {
+    let Some((first, rest)) = line.split_once(' ') else { return (None, line) };
+    let is_time = first.split_once('.').is_some_and(|(whole, micros)| {
+        let whole_ok = match whole.split(':').collect::<Vec<_>>()[..] {
+            [seconds] => !seconds.is_empty() && seconds.bytes().all(|b| b.is_ascii_digit()),
+            [h, m, s] => {
+                h.len() >= 2
+                    && [h, m, s].iter().all(|p| p.bytes().all(|b| b.is_ascii_digit()))
+                    && m.len() == 2
+                    && s.len() == 2
+            }
+            _ => false,
+        };
+        whole_ok && micros.len() == 6 && micros.bytes().all(|b| b.is_ascii_digit())
+    });
+    if is_time { (Some(first), rest) } else { (None, line) }
 }
 
 /// Waits until the tracer in `role`'s namespace has read what the kernel queued for it: the

@@ -665,6 +665,7 @@ mod tests {
             counts
         };
         let block = Block {
+            time: None,
             packet: "IN=vif0 OUT=vif2 SRC=10.5.1.7 DST=172.16.2.2 LEN=84 PROTO=ICMP TYPE=8".into(),
             steps: [
                 "        raw PREROUTING",
@@ -685,6 +686,7 @@ mod tests {
         assert_eq!(compare_legacy(&before, &after, std::slice::from_ref(&block)), "");
         // An MLD report traced just before the first snapshot: allowed, not demanded.
         let chatter = Block {
+            time: None,
             packet: "IN= OUT=vif0 SRC=fe80::aff:fe05:101 DST=ff02::16 LEN=156 PROTO=ICMPv6 TYPE=143".into(),
             steps: ["        raw OUTPUT", "                ACCEPT"].map(String::from).to_vec(),
         };

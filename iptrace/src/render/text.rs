@@ -3,6 +3,10 @@
 //! its number, text and action, lines where the packet changed between steps, and its fate. It
 //! only formats: what the fate is, the model decided.
 //!
+//! The packet line starts with the time its first event was read (tcpdump's `-t` formats), and
+//! on a terminal verdicts, places and changes are coloured: the colour codes wrap text that is
+//! escaped already ([`Printable`]), so no byte of the rule set can end or forge them.
+//!
 //! Legacy steps read `table CHAIN`; nf_tables steps name their engine: `nft inet fw forward
 //! (handle 7)` with the rule in nft syntax and the kernel's verdict, or `iptables-nft filter
 //! FORWARD (#2)` with the rule in iptables syntax.
@@ -11,6 +15,7 @@ use std::{
     fmt::{self, Write as _},
     io::{self, Write},
     net::IpAddr,
+    time::{Duration, SystemTime},
 };
 
 use crate::model::{
@@ -21,37 +26,174 @@ use crate::model::{
 const STEP: &str = "        ";
 const DETAIL: &str = "                ";
 
-/// Writes one packet's block.
-///
-/// The packet line is the packet as it arrived; every change after it shows as a `~` line, so a
-/// rewrite by the first rule that saw the packet, or a reply's de-NAT before the first chain that
-/// traced it, is not lost.
-pub fn render_packet(report: &PacketReport, out: &mut impl Write) -> io::Result<()> {
-    let mut text = String::with_capacity(256 + report.steps.len() * 96);
-    text.push_str(&packet_line(&report.arrived));
-    if let Some(ct) = report.conntrack {
-        let _ = write!(text, " CT={}", ct.state_name());
-        if ct.direction == Some(1) {
-            text.push_str(",reply");
-        }
-    }
-    text.push('\n');
-    for step in &report.steps {
-        if !step.changed_before.is_empty() {
-            let _ = writeln!(text, "{STEP}~ {}", Changes(&step.changed_before));
-        }
-        step_lines(step, &mut text);
-        if !step.changed_by.is_empty() {
-            let _ = writeln!(text, "{STEP}~ {}", Changes(&step.changed_by));
-        }
-    }
-    let _ = writeln!(text, "{STEP}{}", fate(report));
-    text.push('\n');
-    out.write_all(text.as_bytes())
+/// How the packet line is stamped: tcpdump's `-t` options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Timestamps {
+    /// `-t`: no time.
+    None,
+    /// The default: the local wall-clock time with microseconds, `12:34:56.789012`.
+    #[default]
+    Clock,
+    /// `-tt`: seconds since the epoch with microseconds, `1700000000.123456`.
+    Epoch,
+    /// `-ttt`: the time since the previous packet's, `00:00:01.002403` (the first packet's: 0).
+    Delta,
 }
 
-fn step_lines(step: &StepReport, text: &mut String) {
-    let place = place(step);
+/// How blocks are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TextStyle {
+    pub timestamps: Timestamps,
+    /// ANSI colours (`--color`).
+    pub colour: bool,
+    /// `-q`: only the packet line and the fate line.
+    pub quiet: bool,
+}
+
+/// Writes blocks in a [`TextStyle`], remembering the previous packet's time for `-ttt`.
+#[derive(Debug)]
+pub struct TextRenderer {
+    style: TextStyle,
+    previous: Option<SystemTime>,
+}
+
+impl TextRenderer {
+    pub fn new(style: TextStyle) -> Self {
+        Self { style, previous: None }
+    }
+
+    /// Writes one packet's block.
+    ///
+    /// The packet line is the packet as it arrived; every change after it shows as a `~` line,
+    /// so a rewrite by the first rule that saw the packet, or a reply's de-NAT before the first
+    /// chain that traced it, is not lost.
+    pub fn render(&mut self, report: &PacketReport, out: &mut impl Write) -> io::Result<()> {
+        let paint = Paint(self.style.colour);
+        let mut text = String::with_capacity(256 + report.steps.len() * 96);
+        self.time_prefix(report.received, &mut text);
+        text.push_str(&packet_line(&report.arrived));
+        if let Some(ct) = report.conntrack {
+            let _ = write!(text, " CT={}", ct.state_name());
+            if ct.direction == Some(1) {
+                text.push_str(",reply");
+            }
+        }
+        text.push('\n');
+        for step in report.steps.iter().filter(|_| !self.style.quiet) {
+            if !step.changed_before.is_empty() {
+                let _ = writeln!(
+                    text,
+                    "{STEP}{}",
+                    paint.paint(Colour::Change, &format!("~ {}", Changes(&step.changed_before)))
+                );
+            }
+            step_lines(step, paint, &mut text);
+            if !step.changed_by.is_empty() {
+                let _ = writeln!(
+                    text,
+                    "{STEP}{}",
+                    paint.paint(Colour::Change, &format!("~ {}", Changes(&step.changed_by)))
+                );
+            }
+        }
+        let _ = writeln!(text, "{STEP}{}", fate(report, paint));
+        text.push('\n');
+        out.write_all(text.as_bytes())
+    }
+
+    /// `12:34:56.789012 ` and the like, by `-t`.
+    fn time_prefix(&mut self, time: SystemTime, text: &mut String) {
+        let since_epoch = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let micros = since_epoch.subsec_micros();
+        match self.style.timestamps {
+            Timestamps::None => {}
+            Timestamps::Clock => {
+                let seconds = since_epoch.as_secs();
+                let local = seconds.saturating_add_signed(utc_offset(seconds));
+                let _ = write!(text, "{} ", ClockTime(Duration::new(local % 86_400, micros * 1000)));
+            }
+            Timestamps::Epoch => {
+                let _ = write!(text, "{}.{micros:06} ", since_epoch.as_secs());
+            }
+            Timestamps::Delta => {
+                let previous = self.previous.unwrap_or(time);
+                let _ = write!(text, "{} ", ClockTime(time.duration_since(previous).unwrap_or_default()));
+            }
+        }
+        self.previous = Some(time);
+    }
+}
+
+/// Writes one packet's block without a time or colours (the golden tests, the benchmarks).
+pub fn render_packet(report: &PacketReport, out: &mut impl Write) -> io::Result<()> {
+    TextRenderer::new(TextStyle { timestamps: Timestamps::None, ..TextStyle::default() }).render(report, out)
+}
+
+/// The local time zone's offset from UTC, in seconds, at `seconds` since the epoch (as
+/// `localtime_r` finds it: `TZ`, else /etc/localtime).
+fn utc_offset(seconds: u64) -> i64 {
+    let Ok(time) = libc::time_t::try_from(seconds) else { return 0 };
+    // SAFETY: tm is plain data; localtime_r writes it and reads only `time`.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call.
+    let converted = unsafe { libc::localtime_r(&time, &mut tm) };
+    if converted.is_null() { 0 } else { tm.tm_gmtoff }
+}
+
+/// A time of day or a span as `HH:MM:SS.uuuuuu` (tcpdump's).
+struct ClockTime(Duration);
+
+impl fmt::Display for ClockTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0.as_secs();
+        write!(f, "{:02}:{:02}:{:02}.{:06}", s / 3600, s / 60 % 60, s % 60, self.0.subsec_micros())
+    }
+}
+
+/// What iptrace colours.
+#[derive(Clone, Copy, Debug)]
+enum Colour {
+    Accept,
+    Drop,
+    Place,
+    Change,
+}
+
+/// Colours on or off. The colour codes are iptrace's own and wrap text that is escaped already,
+/// so nothing from the rule set can end or change them.
+#[derive(Clone, Copy, Debug)]
+struct Paint(bool);
+
+impl Paint {
+    const RESET: &str = "\x1b[0m";
+
+    /// `escaped` in `colour`: text that went through [`Printable`] or holds no text from outside.
+    fn paint(self, colour: Colour, escaped: &str) -> String {
+        if !self.0 {
+            return escaped.to_owned();
+        }
+        let code = match colour {
+            Colour::Accept => "\x1b[32m",
+            Colour::Drop => "\x1b[1;31m",
+            Colour::Place => "\x1b[36m",
+            Colour::Change => "\x1b[33m",
+        };
+        format!("{code}{escaped}{}", Self::RESET)
+    }
+
+    /// `escaped` in the colour of `verdict`: green for accept, red for drop and reject.
+    fn verdict(self, verdict: &Verdict, escaped: &str) -> String {
+        match verdict {
+            Verdict::Accept => self.paint(Colour::Accept, escaped),
+            Verdict::Drop | Verdict::Reject => self.paint(Colour::Drop, escaped),
+            _ => escaped.to_owned(),
+        }
+    }
+}
+
+fn step_lines(step: &StepReport, paint: Paint, text: &mut String) {
+    let place = paint.paint(Colour::Place, &place(step));
+    let verdict = step.verdict();
     match &step.position {
         Position::Rule { number, rule } | Position::XtablesNftRule { number, rule, .. } => {
             let _ = write!(text, "{STEP}{place} (#{number})");
@@ -62,7 +204,7 @@ fn step_lines(step: &StepReport, text: &mut String) {
             if !rule.matches.is_empty() {
                 let _ = writeln!(text, "{DETAIL}{}", Printable(&rule.matches));
             }
-            let _ = writeln!(text, "{DETAIL}=> {}", Printable(action(rule)));
+            let _ = writeln!(text, "{DETAIL}=> {}", paint.verdict(&verdict, &Printable(action(rule)).to_string()));
         }
         Position::RuleSetChanged { kernel_number, was, is } => {
             let number = match is.as_deref() {
@@ -77,10 +219,10 @@ fn step_lines(step: &StepReport, text: &mut String) {
             );
         }
         Position::Policy(_) if step.place.engine == Engine::Nft => {
-            let _ = writeln!(text, "{STEP}{place}\n{DETAIL}policy {}", kernel_verdict(step));
+            let _ = writeln!(text, "{STEP}{place}\n{DETAIL}policy {}", paint.verdict(&verdict, &kernel_verdict(step)));
         }
         Position::Policy(v) => {
-            let _ = writeln!(text, "{STEP}{place}\n{DETAIL}{}", verdict_name(v));
+            let _ = writeln!(text, "{STEP}{place}\n{DETAIL}{}", paint.verdict(v, verdict_name(v)));
         }
         Position::ChainEnd if step.place.engine == Engine::Nft => {
             let _ = writeln!(text, "{STEP}{place}\n{DETAIL}return (end of chain)");
@@ -99,7 +241,7 @@ fn step_lines(step: &StepReport, text: &mut String) {
                 text,
                 "{STEP}{place} (handle {handle})\n{DETAIL}{}\n{DETAIL}=> {}",
                 Printable(rule),
-                kernel_verdict(step)
+                paint.verdict(&verdict, &kernel_verdict(step))
             );
         }
         // The packet line shows it.
@@ -108,9 +250,38 @@ fn step_lines(step: &StepReport, text: &mut String) {
             let _ = writeln!(
                 text,
                 "{STEP}{place} (handle {handle})\n{DETAIL}(rule changed before it could be read)\n{DETAIL}=> {}",
-                kernel_verdict(step)
+                paint.verdict(&verdict, &kernel_verdict(step))
             );
         }
+    }
+}
+
+/// A step on one line, for the `--summary` table: where, which rule (number or handle, comment,
+/// text) and what it did; `filter FORWARD policy DROP` for a policy. Escaped.
+pub(crate) fn step_summary(step: &StepReport) -> String {
+    let place = place(step);
+    match &step.position {
+        Position::Rule { number, rule } | Position::XtablesNftRule { number, rule, .. } => {
+            let comment = rule.comment.as_deref().map(|c| format!(" {}", shown_comment(c))).unwrap_or_default();
+            let matches =
+                if rule.matches.is_empty() { String::new() } else { format!(" {}", Printable(&rule.matches)) };
+            format!("{place} #{number}{comment}{matches} => {}", Printable(action(rule)))
+        }
+        Position::NftRule { handle, text, .. } => {
+            format!("{place} (handle {handle}) {} => {}", Printable(text), kernel_verdict(step))
+        }
+        Position::NftRuleUnread { handle, .. } => {
+            format!("{place} (handle {handle}) (rule changed before it could be read) => {}", kernel_verdict(step))
+        }
+        Position::Policy(_) if step.place.engine == Engine::Nft => format!("{place} policy {}", kernel_verdict(step)),
+        Position::Policy(v) => format!("{place} policy {}", verdict_name(v)),
+        Position::ChainEnd => format!("{place} end of chain"),
+        Position::Unknown { kernel_number } => format!("{place} kernel rule {kernel_number} (not read)"),
+        Position::RuleSetChanged { kernel_number, .. } => {
+            format!("{place} kernel rule {kernel_number} (rule set changed at this moment)")
+        }
+        // Not a step of the rule set: never in a report's steps.
+        Position::Marked => place,
     }
 }
 
@@ -182,23 +353,39 @@ fn verdict_name(v: &Verdict) -> &'static str {
 }
 
 /// The fate line: `verdict: ACCEPT at filter FORWARD #3`, `last seen: ...`, `(incomplete: ...)`.
-fn fate(report: &PacketReport) -> String {
+fn fate(report: &PacketReport, paint: Paint) -> String {
     match &report.fate {
-        Fate::Decided { step, verdict, .. } => decided(&report.steps[*step], verdict),
+        Fate::Decided { step, verdict, .. } => decided(&report.steps[*step], verdict, paint),
         Fate::LastSeen { last, base, hook } => last_seen(&report.steps[*last], &report.steps[*base], *hook),
         Fate::Incomplete => "(incomplete: events lost)".to_owned(),
         Fate::NoneSeen => "verdict: none seen (no table ended its traversal in a traced step)".to_owned(),
     }
 }
 
-fn decided(step: &StepReport, verdict: &Verdict) -> String {
-    let name = match (&step.position, verdict) {
+/// What a report's fate is called, for the `--summary` verdict counts: `ACCEPT`, `DROP`,
+/// `REJECT`, `SNAT`, ... (escaped), `last seen`, `incomplete`, `none seen`.
+pub(crate) fn fate_name(report: &PacketReport) -> String {
+    match &report.fate {
+        Fate::Decided { step, verdict, .. } => decided_name(&report.steps[*step], verdict),
+        Fate::LastSeen { .. } => "last seen (no verdict)".to_owned(),
+        Fate::Incomplete => "incomplete".to_owned(),
+        Fate::NoneSeen => "none seen".to_owned(),
+    }
+}
+
+/// The verdict a deciding step is shown with: a REJECT, QUEUE or NAT rule's target names it.
+fn decided_name(step: &StepReport, verdict: &Verdict) -> String {
+    match (&step.position, verdict) {
         (
             Position::Rule { rule, .. } | Position::XtablesNftRule { rule, .. },
             Verdict::Reject | Verdict::Queue | Verdict::Nat,
         ) => Printable(&rule.target).to_string(),
         _ => verdict_name(verdict).to_owned(),
-    };
+    }
+}
+
+fn decided(step: &StepReport, verdict: &Verdict, paint: Paint) -> String {
+    let name = paint.verdict(verdict, &decided_name(step, verdict));
     let place = place(step);
     match &step.position {
         Position::Rule { number, .. } | Position::XtablesNftRule { number, .. } => {
@@ -398,7 +585,7 @@ mod tests {
 
     /// The fate line of a packet with these resolved steps.
     fn fate_of(steps: &[Step]) -> String {
-        fate(&PacketReport::new(steps.to_vec(), true, std::time::SystemTime::UNIX_EPOCH, &mut Names).unwrap())
+        fate(&PacketReport::new(steps.to_vec(), true, std::time::SystemTime::UNIX_EPOCH, &mut Names).unwrap(), Paint(false))
     }
 
     #[test]
@@ -492,6 +679,117 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         assert!(
             text.ends_with("        raw PREROUTING\n                ACCEPT\n        (incomplete: events lost)\n\n"),
             "{text}"
+        );
+    }
+
+    /// A report of a ping accepted by filter FORWARD #3 after a DNAT, with a hostile comment.
+    fn accepted_report(time: SystemTime) -> PacketReport {
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let mut dnatted = a.clone();
+        dnatted[19] = 9;
+        let steps = vec![
+            marked(&a),
+            step(Hook::PreRouting, Table::Raw, "PREROUTING", &dnatted, 0, Position::Policy(Verdict::Accept)),
+            step(
+                Hook::Forward,
+                Table::Filter,
+                "FORWARD",
+                &dnatted,
+                0,
+                rule(3, "-p udp -m comment --comment \"x\x1b[31my\" -j ACCEPT"),
+            ),
+        ];
+        PacketReport::new(steps, true, time, &mut Names).unwrap()
+    }
+
+    fn rendered(renderer: &mut TextRenderer, report: &PacketReport) -> String {
+        let mut out = Vec::new();
+        renderer.render(report, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    const PACKET: &str = "IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=4660 DF PROTO=UDP SPT=40000 DPT=53 LEN=12";
+
+    #[test]
+    fn timestamps_as_tcpdump_prints_them() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+        let t1 = t0 + Duration::new(3725, 1_000);
+        let first_line = |style, times: &[SystemTime]| {
+            let mut renderer = TextRenderer::new(style);
+            times
+                .iter()
+                .map(|t| rendered(&mut renderer, &accepted_report(*t)).lines().next().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        let style = |timestamps| TextStyle { timestamps, ..TextStyle::default() };
+        assert_eq!(first_line(style(Timestamps::None), &[t0]), [PACKET]);
+        assert_eq!(first_line(style(Timestamps::Epoch), &[t0]), [format!("1700000000.123456 {PACKET}")]);
+        assert_eq!(
+            first_line(style(Timestamps::Delta), &[t0, t1, t1]),
+            [
+                format!("00:00:00.000000 {PACKET}"),
+                format!("01:02:05.000001 {PACKET}"),
+                format!("00:00:00.000000 {PACKET}")
+            ]
+        );
+        // The default: the local time of day (UTC here unless TZ says otherwise).
+        assert_eq!(TextStyle::default().timestamps, Timestamps::Clock);
+        let clock = &first_line(TextStyle::default(), &[t0])[0];
+        let local = (1_700_000_000 + utc_offset(1_700_000_000)).rem_euclid(86_400);
+        let expected = format!("{:02}:{:02}:{:02}.123456 {PACKET}", local / 3600, local / 60 % 60, local % 60);
+        assert_eq!(clock, &expected);
+        assert_eq!(ClockTime(Duration::new(22 * 3600 + 13 * 60 + 20, 5_000)).to_string(), "22:13:20.000005");
+    }
+
+    #[test]
+    fn quiet_is_the_packet_line_and_the_verdict() {
+        let style = TextStyle { timestamps: Timestamps::None, quiet: true, ..TextStyle::default() };
+        let text = rendered(&mut TextRenderer::new(style), &accepted_report(SystemTime::UNIX_EPOCH));
+        assert_eq!(text, format!("{PACKET}\n        verdict: ACCEPT at filter FORWARD #3\n\n"));
+    }
+
+    #[test]
+    fn colours_wrap_escaped_text_only() {
+        let report = accepted_report(SystemTime::UNIX_EPOCH);
+        let plain = rendered(
+            &mut TextRenderer::new(TextStyle { timestamps: Timestamps::None, ..TextStyle::default() }),
+            &report,
+        );
+        let style = TextStyle { timestamps: Timestamps::None, colour: true, quiet: false };
+        let coloured = rendered(&mut TextRenderer::new(style), &report);
+        let expected = format!(
+            "{PACKET}
+        ~ DST 172.16.2.2 -> 172.16.2.9
+        \x1b[36mraw PREROUTING\x1b[0m
+                \x1b[32mACCEPT\x1b[0m
+        \x1b[36mfilter FORWARD\x1b[0m (#3) /* x\\x1b[31my */
+                -p udp
+                => \x1b[32mACCEPT\x1b[0m
+        verdict: \x1b[32mACCEPT\x1b[0m at filter FORWARD #3
+
+"
+        );
+        // The change line is painted too.
+        let expected = expected
+            .replace("        ~ DST 172.16.2.2 -> 172.16.2.9", "        \x1b[33m~ DST 172.16.2.2 -> 172.16.2.9\x1b[0m");
+        assert_eq!(coloured, expected);
+        // Without the colour codes it is the plain block: the comment's ESC stays escaped.
+        let mut stripped = coloured.clone();
+        for code in ["\x1b[36m", "\x1b[32m", "\x1b[33m", "\x1b[0m"] {
+            stripped = stripped.replace(code, "");
+        }
+        assert_eq!(stripped, plain);
+        assert!(!stripped.contains('\x1b'), "{stripped}");
+        // Drops and rejects are red.
+        let a = udp_v4([10, 5, 1, 7], 40000, 64);
+        let steps = [step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, Position::Policy(Verdict::Drop))];
+        let report = PacketReport::new(steps.to_vec(), true, &mut Names).unwrap();
+        let text = rendered(&mut TextRenderer::new(style), &report);
+        assert!(
+            text.ends_with(
+                "\x1b[1;31mDROP\x1b[0m\n        verdict: \x1b[1;31mDROP\x1b[0m by filter FORWARD policy\n\n"
+            ),
+            "{text:?}"
         );
     }
 

@@ -14,10 +14,10 @@ use std::{
     io::{self, Write},
     ops::ControlFlow,
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         mpsc,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 pub use preflight::check_privileges;
@@ -36,8 +36,9 @@ use crate::{
     model::{Fate, PacketReport},
     netns::NetnsError,
     pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError, ReportSink},
-    render::{self, Format},
+    render::{self, Format, TextRenderer, TextStyle},
     resolve::{ResolveError, Resolver},
+    summary::Summary,
     xtables::XtablesError,
 };
 
@@ -118,6 +119,10 @@ pub struct Options {
     pub stats: bool,
     /// How packets are written on stdout.
     pub format: Format,
+    /// How text blocks are written (`-t`, `-q`, `--color`).
+    pub text: TextStyle,
+    /// `--summary`: the rules hit and the verdicts, at exit and on SIGUSR1.
+    pub summary: bool,
     /// Quiet time after which a packet's block is complete.
     pub linger: Duration,
     /// Select trace messages with the eBPF filter on the socket (else in userspace).
@@ -128,6 +133,17 @@ pub struct Options {
     pub drops: bool,
 }
 
+/// Where and how the processing thread writes.
+struct Destination {
+    out: Box<dyn Write + Send>,
+    format: Format,
+    /// `--netns` as given, for the JSON records.
+    netns: Option<String>,
+    style: TextStyle,
+    /// With `--summary`: set (by SIGUSR1) when the summary so far is wanted.
+    summary: Option<std::sync::Arc<AtomicBool>>,
+}
+
 /// Drives the [`Pipeline`] until the reader stops or `count` packets are shown.
 #[allow(clippy::too_many_arguments)]
 fn process(
@@ -135,8 +151,7 @@ fn process(
     progress: &ReadProgress,
     decoder: Decoder,
     resolver: Resolver,
-    out: Box<dyn Write + Send>,
-    (format, netns): (Format, Option<String>),
+    destination: Destination,
     stats: &Stats,
     count: Option<u64>,
     linger: Duration,
@@ -146,10 +161,13 @@ fn process(
     if let Some(ifindex) = out_ifindex {
         pipeline = pipeline.leaving_through(ifindex);
     }
+    let summary_wanted = destination.summary;
     let mut output = Output {
-        out: io::BufWriter::with_capacity(1 << 16, out),
-        format,
-        netns,
+        out: io::BufWriter::with_capacity(1 << 16, destination.out),
+        format: destination.format,
+        netns: destination.netns,
+        renderer: TextRenderer::new(destination.style),
+        summary: summary_wanted.as_ref().map(|_| Summary::default()),
         stats,
         shown: 0,
         count,
@@ -165,6 +183,7 @@ fn process(
     loop {
         let received = rx.recv_timeout(Duration::from_millis(10));
         let now = Instant::now();
+        pipeline.set_clock(now, SystemTime::now());
         match received {
             Ok(batch) => {
                 if feed(&mut pipeline, &mut output, batch, now)? {
@@ -188,6 +207,9 @@ fn process(
             return output.finish();
         }
         output.loss_report.print_pending(now);
+        if summary_wanted.as_ref().is_some_and(|w| w.swap(false, Ordering::Relaxed)) {
+            output.write_summary().map_err(RunError::Output)?;
+        }
         let c = pipeline.counts();
         stats.messages.store(c.messages, Ordering::Relaxed);
         stats.events.store(c.events, Ordering::Relaxed);
@@ -217,6 +239,9 @@ struct Output<'a> {
     format: Format,
     /// `--netns` as given, for the JSON records.
     netns: Option<String>,
+    renderer: TextRenderer,
+    /// `--summary`'s counts.
+    summary: Option<Summary>,
     stats: &'a Stats,
     shown: u64,
     count: Option<u64>,
@@ -225,10 +250,16 @@ struct Output<'a> {
 
 impl ReportSink for Output<'_> {
     fn report(&mut self, report: PacketReport) -> io::Result<ControlFlow<()>> {
-        self.format.write_packet(&report, self.netns.as_deref(), &mut self.out)?;
-        // A JSON line is for a program that acts on each packet as it comes.
-        if self.format == Format::Json {
-            self.out.flush()?;
+        match self.format {
+            Format::Text => self.renderer.render(&report, &mut self.out)?,
+            Format::Json => {
+                render::json::write_packet(&report, self.netns.as_deref(), &mut self.out)?;
+                // A JSON line is for a program that acts on each packet as it comes.
+                self.out.flush()?;
+            }
+        }
+        if let Some(summary) = &mut self.summary {
+            summary.add(&report);
         }
         if report.fate == Fate::Incomplete {
             self.stats.incomplete.fetch_add(1, Ordering::Relaxed);
@@ -249,8 +280,17 @@ impl ReportSink for Output<'_> {
 }
 
 impl Output<'_> {
+    /// The `--summary` table, if asked for.
+    fn write_summary(&mut self) -> io::Result<()> {
+        match &self.summary {
+            Some(summary) => summary.write(&mut self.out),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the summary and flushes: the end of the output.
     fn finish(&mut self) -> Result<(), RunError> {
-        match self.out.flush() {
+        match self.write_summary().and_then(|()| self.out.flush()) {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
             other => other.map_err(RunError::Output),
         }

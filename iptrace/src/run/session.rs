@@ -14,7 +14,7 @@ use std::{
 };
 
 use super::{
-    Options, RunError,
+    Destination, Options, RunError,
     plan::{SocketFilter, choose_prefilter, foreign_marker, ready_line, trace_plan},
     preflight::{check_host, check_privileges, compile_filter},
     process,
@@ -141,6 +141,8 @@ fn trace_instrumented(
     let (datagrams_tx, datagrams_rx) = mpsc::sync_channel::<Vec<Delivery>>(DATAGRAM_BATCHES_QUEUED);
     let progress = Arc::new(ReadProgress::new());
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<(), RunError>>();
+    // With --summary, SIGUSR1 asks for the summary so far instead of stopping.
+    let summary_wanted = options.summary.then(|| Arc::new(AtomicBool::new(false)));
 
     // Otherwise the loader is not waited for, not even at exit: a short run need not wait for
     // the verifier.
@@ -167,7 +169,14 @@ fn trace_instrumented(
     };
     let processor = {
         let stats = stats.clone();
-        let (count, linger, output) = (options.count, options.linger, (options.format, options.netns.clone()));
+        let (count, linger) = (options.count, options.linger);
+        let destination = Destination {
+            out,
+            format: options.format,
+            netns: options.netns.clone(),
+            style: options.text,
+            summary: summary_wanted.clone(),
+        };
         thread::Builder::new()
             .name("iptrace-process".into())
             .spawn(move || {
@@ -180,8 +189,7 @@ fn trace_instrumented(
                     &progress,
                     decoder,
                     resolver,
-                    out,
-                    output,
+                    destination,
                     &stats,
                     count,
                     linger,
@@ -209,7 +217,7 @@ fn trace_instrumented(
             } => Err(failure.into()),
         }
     };
-    let result = runtime.block_on(signals.wait_for_end(options.duration, ended, flush_log));
+    let result = runtime.block_on(signals.wait_for_end(options.duration, ended, flush_log, summary_wanted.as_deref()));
     if let Some(healer) = healer {
         stats.repairs.store(healer.stop(), Ordering::Relaxed);
     }
@@ -235,7 +243,8 @@ fn trace_instrumented(
 /// would also dump core), `kill`, systemd and `docker stop`, a closed terminal; then the ones
 /// `kill -s` or `timeout -s` may pick and iptrace gives no other meaning: SIGUSR1, SIGUSR2,
 /// SIGALRM, SIGPWR (init on power failure), SIGVTALRM, SIGPROF, SIGIO and SIGSTKFLT (iptrace
-/// sets up no timers or asynchronous I/O that would send them itself).
+/// sets up no timers or asynchronous I/O that would send them itself). With `--summary`, SIGUSR1
+/// prints the summary so far instead ([`SUMMARY_SIGNAL`]).
 /// Not caught: SIGKILL and SIGSTOP (they cannot be); the faults SIGSEGV, SIGBUS, SIGILL, SIGFPE,
 /// SIGTRAP, SIGSYS and SIGABRT (a bug in iptrace itself, after which running on is unsafe; a
 /// panic tears down); SIGPIPE, which Rust ignores, so a write to a pipe nobody reads fails with
@@ -255,6 +264,10 @@ const STOP_SIGNALS: [libc::c_int; 12] = [
     libc::SIGIO,
     libc::SIGSTKFLT,
 ];
+
+/// With `--summary`: the signal that prints the summary so far and goes on tracing (as `dd`'s
+/// SIGUSR1 prints its progress).
+const SUMMARY_SIGNAL: libc::c_int = libc::SIGUSR1;
 
 /// Signals that end a run as a failure (exit 1): the kernel's, at a resource limit a supervisor
 /// set (systemd's `LimitCPU=`, `ulimit -t`, `ulimit -f` with a file as stdout).
@@ -282,12 +295,14 @@ impl Signals {
 
     /// Waits until `done` (the processing thread ended: count reached, or an error; or the
     /// instrumentation could not be kept in place), the duration passes, or a signal arrives
-    /// (also one that arrived during set-up). `tick` runs every 100 ms meanwhile.
+    /// (also one that arrived during set-up). `tick` runs every 100 ms meanwhile. With
+    /// `summary_wanted`, [`SUMMARY_SIGNAL`] sets it instead of ending the run.
     async fn wait_for_end(
         mut self,
         duration: Option<Duration>,
         done: impl Future<Output = Result<(), RunError>>,
         mut tick: impl FnMut(),
+        summary_wanted: Option<&AtomicBool>,
     ) -> Result<(), RunError> {
         tokio::pin!(done);
         let sleep = async {
@@ -302,6 +317,10 @@ impl Signals {
             tokio::select! {
                 result = &mut done => return result,
                 Some(signo) = self.received.recv() => {
+                    if let Some(wanted) = summary_wanted.filter(|_| signo == SUMMARY_SIGNAL) {
+                        wanted.store(true, Ordering::Relaxed);
+                        continue;
+                    }
                     return match LIMIT_SIGNALS.iter().find(|(s, _)| *s == signo) {
                         Some((_, limit)) => Err(RunError::ResourceLimit(limit)),
                         None => Ok(()),
