@@ -123,7 +123,7 @@ fn trace_instrumented(
         instrument::install(owner, &plan)?;
     }
     let marker = (!backends.legacy.is_empty()).then(|| StreamMarker::new(&socket)).transpose()?;
-    let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft(), marker)?;
+    let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft(), marker, None)?;
     let out_ifindex = out_ifindex.map(|i| Arc::new(AtomicU32::new(i)));
     let mut healer = owner
         .map(|owner| {
