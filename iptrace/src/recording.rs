@@ -12,18 +12,19 @@ use std::{
     collections::{HashMap, HashSet},
     fs::File,
     io::{self, BufWriter, Write},
+    ops::ControlFlow,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError, atomic::AtomicU32},
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    decode::Family,
+    decode::{Decoder, Family},
     model::InterfaceNames,
-    pipeline::Input,
-    resolve::Check,
+    pipeline::{Input, Pipeline, PipelineError, ReportSink},
+    resolve::{Check, RecordedChecks, ResolveError, Resolver},
 };
 
 /// The file's first bytes.
@@ -98,7 +99,8 @@ pub struct Header {
 /// The options that shaped the output, as given.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct RecordedOptions {
-    pub selection: String,
+    /// As one pcap-filter expression; `None`: every packet.
+    pub selection: Option<String>,
     pub chain: Option<String>,
     pub in_interface: Option<String>,
     pub out_interface: Option<String>,
@@ -116,9 +118,14 @@ struct Writer {
 }
 
 impl Recorder {
-    /// Creates `path` and writes the header.
-    pub fn create(path: &Path, header: &Header) -> Result<Self, RecordingError> {
-        let file = File::create(path).map_err(|e| RecordingError::Create(path.to_owned(), e))?;
+    /// Creates the file at `path` (before the run changes anything: a path that cannot be written
+    /// is bad input).
+    pub fn create_file(path: &Path) -> Result<File, RecordingError> {
+        File::create(path).map_err(|e| RecordingError::Create(path.to_owned(), e))
+    }
+
+    /// Starts the recording in `file` with the header.
+    pub fn start(file: File, header: &Header) -> Result<Self, RecordingError> {
         let mut writer = Writer { out: BufWriter::with_capacity(1 << 16, file), start: Instant::now() };
         let header = serde_json::to_vec(header).expect("the header serializes");
         let written = writer.out.write_all(MAGIC).and_then(|()| writer.record(tag::HEADER, &[&header]));
@@ -131,7 +138,7 @@ impl Recorder {
     }
 
     /// A batch fed at `now`.
-    pub fn batch(&self, inputs: &[Input<'_>], now: Instant) -> io::Result<()> {
+    pub fn batch<'d>(&self, inputs: impl IntoIterator<Item = Input<'d>>, now: Instant) -> io::Result<()> {
         self.with(|w| {
             for input in inputs {
                 match input {
@@ -194,18 +201,17 @@ impl Writer {
     }
 }
 
-/// Names interfaces as `names` does, and records each name the first time it is asked for.
+/// Names interfaces as `names` does, and with a recorder, records each name the first time it
+/// is asked for.
 pub struct RecordingNames<N> {
     names: N,
     recorder: Option<Recorder>,
     recorded: HashSet<u32>,
-    /// The first write that failed; the run reports it at its end.
-    pub failed: Option<io::Error>,
 }
 
 impl<N> RecordingNames<N> {
     pub fn new(names: N, recorder: Option<Recorder>) -> Self {
-        Self { names, recorder, recorded: HashSet::new(), failed: None }
+        Self { names, recorder, recorded: HashSet::new() }
     }
 }
 
@@ -214,9 +220,9 @@ impl<N: InterfaceNames> InterfaceNames for RecordingNames<N> {
         let name = self.names.name(index);
         if let Some(recorder) = &self.recorder
             && self.recorded.insert(index)
-            && let Err(e) = recorder.interface(index, &name)
         {
-            self.failed.get_or_insert(e);
+            // A write that fails fails the next record's too, which is reported.
+            let _ = recorder.interface(index, &name);
         }
         name
     }
@@ -303,6 +309,49 @@ impl Recording {
     pub fn read(path: &Path) -> Result<Self, RecordingError> {
         let bytes = std::fs::read(path).map_err(|e| RecordingError::Read(path.to_owned(), e))?;
         Self::parse(&bytes, path)
+    }
+
+    /// Makes the recorded run's pipeline calls again, with its inputs and the rule-set checks
+    /// it made, handing `sink` the same reports the run made.
+    pub fn replay(self, sink: &mut impl ReportSink) -> Result<(), PipelineError> {
+        let Recording { header, first_checks, calls, names } = self;
+        let checks = RecordedChecks::default();
+        let diverged = |checks: &RecordedChecks| match checks.pending() {
+            0 => Ok(()),
+            _ => Err(PipelineError::Resolve(ResolveError::ReplayDiverged)),
+        };
+        first_checks.into_iter().for_each(|c| checks.push(c));
+        let resolver = Resolver::replaying(checks.clone(), &header.families, header.nft)?;
+        diverged(&checks)?;
+        let mut decoder = Decoder::new();
+        if let Some(generation) = header.start_generation {
+            decoder.start_at_generation(generation);
+        }
+        let out_ifindex = header.out_ifindex.map(AtomicU32::new);
+        let mut pipeline = Pipeline::new(decoder, resolver, header.linger, names);
+        if let Some(ifindex) = &out_ifindex {
+            pipeline = pipeline.leaving_through(ifindex);
+        }
+        let start = Instant::now();
+        for call in calls {
+            call.checks.into_iter().for_each(|c| checks.push(c));
+            let flow = match call.kind {
+                CallKind::Feed { inputs, at } => {
+                    pipeline.feed(inputs.iter().map(RecordedInput::as_input), instant(start, at), sink)?
+                }
+                CallKind::FlushIdle { read_up_to } => pipeline.flush_idle(instant(start, read_up_to), sink)?,
+                CallKind::FlushAll => pipeline.flush_all(sink)?,
+                CallKind::CheckRuleSets => {
+                    pipeline.check_rule_sets()?;
+                    ControlFlow::Continue(())
+                }
+            };
+            diverged(&checks)?;
+            if flow.is_break() {
+                break;
+            }
+        }
+        Ok(())
     }
 
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, RecordingError> {

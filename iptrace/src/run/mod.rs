@@ -7,11 +7,13 @@
 mod plan;
 mod preflight;
 mod reader;
+mod replay;
 mod session;
 mod stats;
 
 use std::{
     io::{self, Write},
+    path::PathBuf,
     ops::ControlFlow,
     sync::{
         atomic::{AtomicU32, Ordering},
@@ -22,6 +24,7 @@ use std::{
 
 pub use preflight::check_privileges;
 use reader::{Delivery, ReadProgress};
+pub use replay::replay;
 pub use session::{teardown_active, trace};
 pub use stats::Stats;
 
@@ -36,6 +39,7 @@ use crate::{
     netns::NetnsError,
     model::{Fate, PacketReport},
     pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError, ReportSink},
+    recording::{Recorder, RecordingError, RecordingNames},
     render,
     resolve::{ResolveError, Resolver},
     xtables::XtablesError,
@@ -75,6 +79,8 @@ pub enum RunError {
     ResourceLimit(&'static str),
     #[error(transparent)]
     Heal(#[from] HealError),
+    #[error(transparent)]
+    Recording(#[from] RecordingError),
 }
 
 impl RunError {
@@ -89,7 +95,16 @@ impl RunError {
             | RunError::Xtables(XtablesError::NotInstalled { .. })
             | RunError::KernelFeature { .. }
             | RunError::Instrument(InstrumentError::AlreadyRunning { .. } | InstrumentError::TableExists { .. })
-            | RunError::Capture(CaptureError::GroupInUse { .. }) => 2,
+            | RunError::Capture(CaptureError::GroupInUse { .. })
+            | RunError::Recording(
+                RecordingError::Create(..)
+                | RecordingError::Read(..)
+                | RecordingError::NotARecording(_)
+                | RecordingError::NewerFormat { .. }
+                | RecordingError::Truncated(_)
+                | RecordingError::Corrupt { .. },
+            )
+            | RunError::Resolve(ResolveError::ReplayDiverged) => 2,
             _ => 1,
         }
     }
@@ -117,6 +132,8 @@ pub struct Options {
     pub ebpf_log: bool,
     /// Report drop reasons (`drops`); `--no-drops` turns it off.
     pub drops: bool,
+    /// `--record FILE`: write a recording of the run there.
+    pub record: Option<PathBuf>,
 }
 
 /// Drives the [`Pipeline`] until the reader stops or `count` packets are shown.
@@ -131,24 +148,21 @@ fn process(
     count: Option<u64>,
     linger: Duration,
     out_ifindex: Option<&AtomicU32>,
+    recorder: Option<&Recorder>,
 ) -> Result<(), RunError> {
-    let mut pipeline = Pipeline::new(decoder, resolver, linger, KernelInterfaceNames::default());
+    let names = RecordingNames::new(KernelInterfaceNames::default(), recorder.cloned());
+    let mut pipeline = Pipeline::new(decoder, resolver, linger, names);
     if let Some(ifindex) = out_ifindex {
         pipeline = pipeline.leaving_through(ifindex);
     }
-    let mut output = TextOutput {
-        out: io::BufWriter::with_capacity(1 << 16, out),
-        stats,
-        shown: 0,
-        count,
-        loss_report: LossReport::default(),
-    };
+    let mut output = TextOutput::new(out, stats, count);
     let feed = |pipeline: &mut Pipeline<_>, output: &mut TextOutput, batch: Vec<Delivery>, now| {
         let inputs = batch.iter().map(|d| match d {
             Delivery::Datagram(d) => Input::Datagram(d),
             Delivery::Lost(n) => Input::Lost(*n),
         });
-        pipeline.feed(inputs, now, output).map(|flow| flow.is_break())
+        record(recorder, |r| r.batch(inputs.clone(), now))?;
+        Ok::<_, RunError>(pipeline.feed(inputs, now, output)?.is_break())
     };
     loop {
         let received = rx.recv_timeout(Duration::from_millis(10));
@@ -160,6 +174,7 @@ fn process(
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
+                record(recorder, Recorder::check_rule_sets)?;
                 pipeline.check_rule_sets()?;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -169,7 +184,10 @@ fn process(
         let read_up_to = progress.read_up_to(now);
         let done = match rx.try_recv() {
             Ok(batch) => feed(&mut pipeline, &mut output, batch, now)?,
-            Err(mpsc::TryRecvError::Empty) => pipeline.flush_idle(read_up_to, &mut output)?.is_break(),
+            Err(mpsc::TryRecvError::Empty) => {
+                record(recorder, |r| r.flush_idle(read_up_to))?;
+                pipeline.flush_idle(read_up_to, &mut output)?.is_break()
+            }
             Err(mpsc::TryRecvError::Disconnected) => break,
         };
         if done {
@@ -186,8 +204,14 @@ fn process(
         }
     }
     // Everything is shown or the count reached: either way this is the end.
+    record(recorder, Recorder::flush_all)?;
     let _ = pipeline.flush_all(&mut output)?;
     output.finish()
+}
+
+/// Writes a record of the next pipeline call with `--record`.
+fn record(recorder: Option<&Recorder>, write: impl FnOnce(&Recorder) -> io::Result<()>) -> Result<(), RunError> {
+    recorder.map_or(Ok(()), write).map_err(|e| RecordingError::Write(e).into())
 }
 
 impl From<PipelineError> for RunError {
@@ -225,7 +249,12 @@ impl ReportSink for TextOutput<'_> {
     }
 }
 
-impl TextOutput<'_> {
+impl<'a> TextOutput<'a> {
+    fn new(out: Box<dyn Write + Send>, stats: &'a Stats, count: Option<u64>) -> Self {
+        let out = io::BufWriter::with_capacity(1 << 16, out);
+        Self { out, stats, shown: 0, count, loss_report: LossReport::default() }
+    }
+
     fn finish(&mut self) -> Result<(), RunError> {
         match self.out.flush() {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
