@@ -67,7 +67,9 @@ pub enum RecordingError {
     Read(PathBuf, #[source] io::Error),
     #[error("{0} is not an iptrace recording")]
     NotARecording(PathBuf),
-    #[error("{path} was written by a newer iptrace ({written_by}, recording format {format}); this one reads format {FORMAT}")]
+    #[error(
+        "{path} was written by a newer iptrace ({written_by}, recording format {format}); this one reads format {FORMAT}"
+    )]
     NewerFormat { path: PathBuf, format: u32, written_by: String },
     #[error("{0} is cut short (the run that wrote it did not finish writing it)")]
     Truncated(PathBuf),
@@ -248,8 +250,13 @@ pub struct Call {
 #[derive(Debug)]
 pub enum CallKind {
     /// `feed` of these inputs at this time.
-    Feed { inputs: Vec<RecordedInput>, at: i64 },
-    FlushIdle { read_up_to: i64 },
+    Feed {
+        inputs: Vec<RecordedInput>,
+        at: i64,
+    },
+    FlushIdle {
+        read_up_to: i64,
+    },
     FlushAll,
     CheckRuleSets,
 }
@@ -374,8 +381,8 @@ impl Recording {
                     #[serde(default)]
                     iptrace: String,
                 }
-                let Format { format, iptrace } = serde_json::from_slice(payload)
-                    .map_err(|e| corrupt(offset, format!("unreadable header ({e})")))?;
+                let Format { format, iptrace } =
+                    serde_json::from_slice(payload).map_err(|e| corrupt(offset, format!("unreadable header ({e})")))?;
                 if format > FORMAT {
                     return Err(RecordingError::NewerFormat { path: path.to_owned(), format, written_by: iptrace });
                 }
@@ -400,15 +407,14 @@ impl Recording {
             match tag {
                 tag::DATAGRAM => batch.push(RecordedInput::Datagram(payload.to_vec())),
                 tag::LOST => {
-                    let n = <[u8; 8]>::try_from(payload).map_err(|_| corrupt(offset, "a loss is not 8 bytes".into()))?;
+                    let n =
+                        <[u8; 8]>::try_from(payload).map_err(|_| corrupt(offset, "a loss is not 8 bytes".into()))?;
                     batch.push(RecordedInput::Lost(u64::from_le_bytes(n)));
                 }
                 tag::BATCH => recording
                     .calls
                     .push(call(CallKind::Feed { inputs: std::mem::take(&mut batch), at: at(offset, payload)? })),
-                tag::FLUSH_IDLE => {
-                    recording.calls.push(call(CallKind::FlushIdle { read_up_to: at(offset, payload)? }))
-                }
+                tag::FLUSH_IDLE => recording.calls.push(call(CallKind::FlushIdle { read_up_to: at(offset, payload)? })),
                 tag::FLUSH_ALL => recording.calls.push(call(CallKind::FlushAll)),
                 tag::CHECK_RULE_SETS => recording.calls.push(call(CallKind::CheckRuleSets)),
                 tag::CHECK => {
@@ -458,7 +464,8 @@ mod tests {
         let recorder = Recorder::start(Recorder::create_file(&path).unwrap(), &header()).unwrap();
         let now = Instant::now();
         recorder.batch([Input::Datagram(b"first"), Input::Lost(7), Input::Datagram(b"")], now).unwrap();
-        let mut names = RecordingNames::new(RecordedNames(HashMap::from([(3, "vif0".to_owned())])), Some(recorder.clone()));
+        let mut names =
+            RecordingNames::new(RecordedNames(HashMap::from([(3, "vif0".to_owned())])), Some(recorder.clone()));
         assert_eq!((names.name(3), names.name(3)), ("vif0".to_owned(), "vif0".to_owned()));
         recorder.flush_idle(now + Duration::from_millis(60)).unwrap();
         recorder.check_rule_sets().unwrap();

@@ -50,8 +50,12 @@ fn a_replay_shows_what_the_live_run_showed_with_rules_changed_in_between() {
         "",
     )
     .unwrap();
-    lab.exec(Role::Router, &["nft", "insert rule inet guard forward icmp type echo-request counter comment \"nft mid-trace\""], "")
-        .unwrap();
+    lab.exec(
+        Role::Router,
+        &["nft", "insert rule inet guard forward icmp type echo-request counter comment \"nft mid-trace\""],
+        "",
+    )
+    .unwrap();
     lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 2).unwrap();
     thread::sleep(Duration::from_millis(300));
     let live = tracer.stop(libc::SIGTERM);
@@ -64,7 +68,10 @@ fn a_replay_shows_what_the_live_run_showed_with_rules_changed_in_between() {
     assert_eq!((first.len(), second.len()), (1, 1), "{}", live.stdout);
     assert!(!first[0].body().contains("mid-trace"), "{}", live.stdout);
     let second = second[0].body();
-    assert!(second.contains("        filter FORWARD (#1) /* legacy mid-trace */\n                -p icmp\n"), "{second}");
+    assert!(
+        second.contains("        filter FORWARD (#1) /* legacy mid-trace */\n                -p icmp\n"),
+        "{second}"
+    );
     assert!(
         second.contains("icmp type echo-request counter comment \"nft mid-trace\"\n                => continue"),
         "{second}"

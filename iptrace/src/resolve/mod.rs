@@ -32,9 +32,9 @@ use self::blob::{BlobChain, BlobRule, TableState};
 pub(crate) use self::blob::{TableInfo, TableProbe};
 use self::history::History;
 use self::nft::{Found, Generation, Ruleset};
-pub use self::source::{Check, RecordedChecks};
-use self::source::{Cause, Seen, Source};
 pub use self::rule::{Rule, Verdict};
+use self::source::{Cause, Seen, Source};
+pub use self::source::{Check, RecordedChecks};
 use crate::{
     capture::{MARK_SEQUENCE, StreamMarker},
     correlate::is_own_marking,

@@ -17,11 +17,7 @@ use super::{
     blob::{BlobChain, TableProbe, TableState},
     nft::{self, Generation, NftListings},
 };
-use crate::{
-    decode::Family,
-    recording::Recorder,
-    xtables::Xtables,
-};
+use crate::{decode::Family, recording::Recorder, xtables::Xtables};
 
 /// Why a check was made: the replay makes each at the same point of the pipeline's calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,9 +217,11 @@ fn read_table(
     let mut before = current;
     let mut attempts = 0;
     loop {
-        let saved = Xtables::new(family)
-            .save(table)
-            .map_err(|source| ResolveError::Save { family, table: table.to_owned(), source })?;
+        let saved = Xtables::new(family).save(table).map_err(|source| ResolveError::Save {
+            family,
+            table: table.to_owned(),
+            source,
+        })?;
         let after = probe.state(table).ok();
         attempts += 1;
         if (after.is_some() && after == before) || attempts == 3 {

@@ -13,8 +13,8 @@ mod stats;
 
 use std::{
     io::{self, Write},
-    path::PathBuf,
     ops::ControlFlow,
+    path::PathBuf,
     sync::{
         atomic::{AtomicU32, Ordering},
         mpsc,
@@ -36,8 +36,8 @@ use crate::{
     filter::{FilterError, Selection},
     heal::HealError,
     instrument::{InstrumentError, Limit, TraceChain},
-    netns::NetnsError,
     model::{Fate, PacketReport},
+    netns::NetnsError,
     pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError, ReportSink},
     recording::{Recorder, RecordingError, RecordingNames},
     render,

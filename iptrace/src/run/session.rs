@@ -321,7 +321,12 @@ impl Signals {
 }
 
 /// What a replay of this run needs, and what a reader of the recording wants to know of it.
-fn recording_header(options: &Options, backends: &Backends, generation: Option<u32>, out_ifindex: Option<u32>) -> Header {
+fn recording_header(
+    options: &Options,
+    backends: &Backends,
+    generation: Option<u32>,
+    out_ifindex: Option<u32>,
+) -> Header {
     Header {
         format: crate::recording::FORMAT,
         iptrace: crate::cli::VERSION.to_owned(),
