@@ -3,7 +3,18 @@
 //! network namespace) shows byte for byte what the live run showed; a recording cut short,
 //! corrupt, or of a later format is one line and exit 2.
 
-use std::{fs, path::Path, process::Command, thread, time::Duration};
+use std::{
+    fs,
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
 
 use iptrace_tests::{
     Role, SAMPLE_GUARD_RULES, Tracer, addr, blocks, blocks_with, iptrace_bin, lab, load_sample_rules, require_root,
@@ -56,6 +67,8 @@ fn a_replay_shows_what_the_live_run_showed_with_rules_changed_in_between() {
         "",
     )
     .unwrap();
+    // Checked before the ping (else its steps may say the rule set changed at that moment).
+    thread::sleep(Duration::from_millis(300));
     lab.ping(Role::Client, addr::CLIENT, addr::SERVER, 2).unwrap();
     thread::sleep(Duration::from_millis(300));
     let live = tracer.stop(libc::SIGTERM);
@@ -92,6 +105,59 @@ fn a_replay_shows_what_the_live_run_showed_with_rules_changed_in_between() {
         assert!(stderr.contains("cut short") || stderr.contains("not an iptrace recording"), "{stderr}");
     }
     let _ = fs::remove_file(&cut);
+    let _ = fs::remove_file(&file);
+}
+
+/// Under churn (a legacy rule and an nf_tables rule inserted and deleted every 100 ms while
+/// hundreds of packets pass), every check, version and generation the live run used is
+/// replayed at the same point: the replay is byte-identical, the blocks marked as having met a
+/// change included.
+#[test]
+fn a_replay_under_rule_churn_is_byte_identical() {
+    if !require_root("a_replay_under_rule_churn_is_byte_identical") {
+        return;
+    }
+    let lab = Arc::new(lab("replaychurn"));
+    lab.exec(Role::Router, &["iptables-legacy", "-A", "FORWARD", "-p", "udp", "-j", "ACCEPT"], "").unwrap();
+    lab.exec(Role::Router, &["nft", "-f", "-"], SAMPLE_GUARD_RULES).unwrap();
+    let file = temp_file("churn.iptrace");
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "--record", file.to_str().unwrap(), "udp"]);
+    let sending = Arc::new(AtomicBool::new(true));
+    let sender = {
+        let (lab, sending) = (lab.clone(), sending.clone());
+        thread::spawn(move || {
+            while sending.load(Ordering::Relaxed) {
+                let (src, dst) = (SocketAddr::new(addr::CLIENT, 0), SocketAddr::new(addr::SERVER, 9));
+                lab.udp_burst(Role::Client, src, dst, b"churn", 4).unwrap();
+                thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let legacy = ["-p", "udp", "-m", "comment", "--comment", "churn", "-j", "ACCEPT"];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        let insert = [&["iptables-legacy", "-I", "FORWARD", "1"][..], &legacy].concat();
+        lab.exec(Role::Router, &insert, "").unwrap();
+        lab.exec(Role::Router, &["nft", "insert rule inet guard forward udp dport 9 counter comment \"churn\""], "")
+            .unwrap();
+        thread::sleep(Duration::from_millis(100));
+        lab.exec(Role::Router, &[&["iptables-legacy", "-D", "FORWARD"][..], &legacy].concat(), "").unwrap();
+        lab.exec(Role::Router, &["nft", "flush chain inet guard forward"], "").unwrap();
+        thread::sleep(Duration::from_millis(100));
+    }
+    sending.store(false, Ordering::Relaxed);
+    sender.join().unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let live = tracer.stop(libc::SIGTERM);
+    assert!(live.status.success(), "{}", live.stderr);
+    let all = blocks(&live.stdout);
+    assert!(all.len() > 200, "too few blocks: {}", all.len());
+    let with_churn = all.iter().filter(|b| b.body().contains("churn")).count();
+    assert!(with_churn > 0 && with_churn < all.len(), "{with_churn} of {} blocks show the churning rules", all.len());
+
+    let (code, stdout, stderr) = replay_isolated(&file);
+    assert_eq!((code, stderr.as_str()), (0, ""));
+    assert!(stdout == live.stdout, "the replay differs from the live run");
     let _ = fs::remove_file(&file);
 }
 
