@@ -417,14 +417,17 @@ impl Resolver {
     /// in force for an event is told by the checks that found versions begin.
     fn check_all(&mut self, full: bool, cause: Cause) -> Result<(), ResolveError> {
         self.epoch += 1;
-        let check = self.source.check(cause, full, &self.tables, self.nft.as_ref())?;
-        let mut changed = false;
+        let (marker, epoch) = (self.marker.as_ref(), self.epoch);
+        // Marked as soon as the legacy tables are read, before the slower nf_tables listing.
+        let mark = |changed: bool| {
+            if let Some(marker) = marker.filter(|_| changed) {
+                // A lost mark only widens the span the next events may fall in.
+                let _ = marker.mark((epoch & u64::from(!MARK_SEQUENCE)) as u32);
+            }
+        };
+        let check = self.source.check(cause, full, &self.tables, self.nft.as_ref(), mark)?;
         for table in check.tables {
-            changed |= self.apply(table.family, table.table, table.seen);
-        }
-        if let Some(marker) = self.marker.as_ref().filter(|_| changed) {
-            // A lost mark only widens the span the next events may fall in.
-            let _ = marker.mark((self.epoch & u64::from(!MARK_SEQUENCE)) as u32);
+            self.apply(table.family, table.table, table.seen);
         }
         match &mut self.nft {
             Some(nft) => nft.apply(check.nft),
@@ -433,9 +436,8 @@ impl Resolver {
     }
 
     /// Applies what this check saw of `table`: a new version starts at this check, and the one
-    /// before is known only up to the last check that compared its blob. Returns whether a new
-    /// version followed a known one.
-    fn apply(&mut self, family: Family, table: String, seen: Seen) -> bool {
+    /// before is known only up to the last check that compared its blob.
+    fn apply(&mut self, family: Family, table: String, seen: Seen) {
         let check = self.epoch;
         let key = (family, table);
         let newest = self.tables.get_mut(&key).and_then(|h| h.versions.newest_mut());
@@ -444,16 +446,13 @@ impl Resolver {
                 if let Some(newest) = newest {
                     newest.last = check;
                 }
-                false
             }
             Seen::SameBlob => {
                 if let Some(newest) = newest {
                     (newest.last, newest.last_full) = (check, check);
                 }
-                false
             }
             Seen::Changed { kernel, saved, state } => {
-                let existed = self.tables.contains_key(&key);
                 let snapshot = match kernel {
                     Some(kernel) => TableSnapshot::from_kernel(kernel, &saved),
                     None => TableSnapshot::parse(&saved),
@@ -468,7 +467,6 @@ impl Resolver {
                 }
                 let snapshot = Arc::new(snapshot);
                 history.versions.insert(check, TableVersion { last: check, last_full: check, snapshot });
-                existed
             }
         }
     }

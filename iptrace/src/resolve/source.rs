@@ -132,14 +132,15 @@ impl Source {
         }
     }
 
-    /// Checks every legacy table (`full`: comparing the blobs) and the nf_tables rule set, or
-    /// takes the recorded check.
+    /// Checks every legacy table (`full`: comparing the blobs), tells `tables_read` whether a
+    /// known one changed, then checks the nf_tables rule set; or takes the recorded check.
     pub(super) fn check(
         &mut self,
         cause: Cause,
         full: bool,
         tables: &HashMap<(Family, String), LegacyTable>,
         nft: Option<&NftRules>,
+        tables_read: impl FnOnce(bool),
     ) -> Result<Check, ResolveError> {
         let live = match self {
             Source::Live(live) => live,
@@ -160,6 +161,10 @@ impl Source {
                 seen.push(TableSeen { family, seen: read_table(probe, family, &table, full, known)?, table });
             }
         }
+        let changed = seen
+            .iter()
+            .any(|t| matches!(t.seen, Seen::Changed { .. }) && tables.contains_key(&(t.family, t.table.clone())));
+        tables_read(changed);
         let nft = match (nft, &mut live.generation) {
             (Some(nft), Some(generation)) => read_nft(generation, nft)?,
             _ => None,
