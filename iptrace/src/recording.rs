@@ -361,6 +361,7 @@ impl Recording {
         Ok(())
     }
 
+    /// Reads a recording's bytes; `path` names it in errors.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, RecordingError> {
         if !bytes.starts_with(MAGIC) {
             return Err(if MAGIC.starts_with(bytes) && !bytes.is_empty() {
