@@ -3,6 +3,7 @@
 use std::{
     ffi::OsString,
     io::{self, IsTerminal as _},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -20,7 +21,7 @@ use crate::{
 };
 
 /// `iptrace --version`: the package version and the git commit it was built from (build.rs).
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("IPTRACE_GIT_COMMIT"), ")");
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("IPTRACE_GIT_COMMIT"), ")");
 
 /// Command lines and what they trace, for `--help` and the man page.
 const EXAMPLES: &[(&str, &str)] = &[
@@ -206,6 +207,11 @@ pub struct Cli {
     #[arg(long, help_heading = "Output")]
     pub summary: bool,
 
+    /// Also write a recording of the trace to FILE: what `--replay FILE` shows again, anywhere,
+    /// without root (send it to whoever helps you read the trace).
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
+    pub record: Option<PathBuf>,
+
     /// More diagnostics on stderr: -v what iptrace sets up, -vv also the eBPF programs' log.
     #[arg(short, long, action = ArgAction::Count, help_heading = "Output")]
     pub verbose: u8,
@@ -219,6 +225,12 @@ pub struct Cli {
     /// packets through them, trace them, and remove everything.
     #[arg(long, help_heading = "Other actions")]
     pub demo: bool,
+
+    /// Show the trace recorded with `--record FILE` again, as it was shown then; needs no root
+    /// and reads nothing of this host.
+    #[arg(long, value_name = "FILE", help_heading = "Other actions",
+          conflicts_with_all = ["cleanup", "demo", "expression", "bpf", "record", "netns"])]
+    pub replay: Option<PathBuf>,
 
     /// Print the completion script for this shell and exit (the Debian package installs bash's,
     /// zsh's and fish's).
@@ -398,6 +410,7 @@ impl Cli {
             linger: Duration::from_millis(self.group_timeout),
             socket_filter: !self.no_socket_filter,
             drops: !self.no_drops,
+            record: self.record.clone(),
             ebpf_log: self.verbose > 1,
         })
     }

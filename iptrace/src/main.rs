@@ -49,6 +49,13 @@ fn main() -> ExitCode {
         demo::run().map_err(|e| (anyhow::Error::new(e), 1))
     } else if cli.cleanup {
         cleanup(cli.netns.as_deref())
+    } else if let Some(path) = &cli.replay {
+        cli.options().map_err(|e| (anyhow::anyhow!(e), 2)).and_then(|options| {
+            run::replay(path, &options, Box::new(io::stdout())).map_err(|e| {
+                let code = u8::try_from(e.exit_code()).unwrap_or(1);
+                (e.into(), code)
+            })
+        })
     } else {
         trace(&cli)
     };

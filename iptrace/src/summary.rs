@@ -120,7 +120,7 @@ mod tests {
             vec![raw.clone(), accept],
             vec![reject],
         ] {
-            summary.add(&PacketReport::new(steps, true, &mut Names).unwrap());
+            summary.add(&PacketReport::new(steps, true, std::time::SystemTime::UNIX_EPOCH, &mut Names).unwrap());
         }
         let mut out = Vec::new();
         summary.write(&mut out).unwrap();

@@ -123,8 +123,18 @@ fn bad_input_is_one_clear_line_exit_2_with_and_without_root() {
     );
     assert_eq!(firewall_state(&lab, Role::Router), before);
     for (limit, burst) in [("1/day", "1"), ("1/hour", "24"), ("10/minute", "10000")] {
-        let args =
-            ["--netns", ns.as_str(), "--backend", "legacy", "--limit", limit, "--limit-burst", burst, "--duration", "1"];
+        let args = [
+            "--netns",
+            ns.as_str(),
+            "--backend",
+            "legacy",
+            "--limit",
+            limit,
+            "--limit-burst",
+            burst,
+            "--duration",
+            "1",
+        ];
         let (status, _, stderr) = run_iptrace(&args);
         assert!(status.success() && stderr.lines().count() == 1, "{limit} burst {burst}: {stderr}");
     }

@@ -50,7 +50,7 @@ pub enum DecodeError {
     UnknownTraceType(u32),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Family {
     Ipv4,
     Ipv6,

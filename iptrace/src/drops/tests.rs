@@ -103,7 +103,6 @@ fn trace_of(packet: &[u8]) -> PacketTrace {
         }],
         first_seen: std::time::Instant::now(),
         incomplete: false,
-        first_seen: std::time::Instant::now(),
     }
 }
 

@@ -4,11 +4,8 @@
 pub mod json;
 pub mod text;
 
-use std::io::{self, Write};
-
-pub use text::{Printable, render_packet};
-
-use crate::model::PacketReport;
+pub use text::{Printable, TextRenderer, TextStyle, Timestamps, render_packet};
+pub(crate) use text::{fate_name, step_summary};
 
 /// How traced packets are written on stdout.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -18,14 +15,4 @@ pub enum Format {
     Text,
     /// One JSON object per packet per line (`--json`, docs/json.md).
     Json,
-}
-
-impl Format {
-    /// Writes one packet; `netns` is `--netns` as given.
-    pub fn write_packet(self, report: &PacketReport, netns: Option<&str>, out: &mut impl Write) -> io::Result<()> {
-        match self {
-            Format::Text => render_packet(report, out),
-            Format::Json => json::write_packet(report, netns, out),
-        }
-    }
 }

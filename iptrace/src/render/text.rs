@@ -585,7 +585,10 @@ mod tests {
 
     /// The fate line of a packet with these resolved steps.
     fn fate_of(steps: &[Step]) -> String {
-        fate(&PacketReport::new(steps.to_vec(), true, std::time::SystemTime::UNIX_EPOCH, &mut Names).unwrap(), Paint(false))
+        fate(
+            &PacketReport::new(steps.to_vec(), true, std::time::SystemTime::UNIX_EPOCH, &mut Names).unwrap(),
+            Paint(false),
+        )
     }
 
     #[test]
@@ -783,7 +786,7 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         // Drops and rejects are red.
         let a = udp_v4([10, 5, 1, 7], 40000, 64);
         let steps = [step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, Position::Policy(Verdict::Drop))];
-        let report = PacketReport::new(steps.to_vec(), true, &mut Names).unwrap();
+        let report = PacketReport::new(steps.to_vec(), true, SystemTime::UNIX_EPOCH, &mut Names).unwrap();
         let text = rendered(&mut TextRenderer::new(style), &report);
         assert!(
             text.ends_with(

@@ -62,7 +62,7 @@ fn layout(family: Family) -> EntryLayout {
 }
 
 /// One chain as the kernel holds it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlobChain {
     pub name: String,
     /// `Some` for built-in chains.
@@ -71,7 +71,7 @@ pub struct BlobChain {
 }
 
 /// What identifies a rule, from the kernel's entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlobRule {
     /// As iptables-save names it: `ACCEPT`, `DROP`, `RETURN`, `QUEUE`, the chain jumped to, an
     /// extension (`MARK`); empty for a rule without a target.

@@ -19,12 +19,13 @@ mod blob;
 mod history;
 mod nft;
 pub mod rule;
+mod source;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io,
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use self::blob::{BlobChain, BlobRule, TableState};
@@ -32,6 +33,8 @@ pub(crate) use self::blob::{TableInfo, TableProbe};
 use self::history::History;
 use self::nft::{Found, Generation, Ruleset};
 pub use self::rule::{Rule, Verdict};
+use self::source::{Cause, Seen, Source};
+pub use self::source::{Check, RecordedChecks};
 use crate::{
     capture::{MARK_SEQUENCE, StreamMarker},
     correlate::is_own_marking,
@@ -39,7 +42,8 @@ use crate::{
     instrument::{Owner, legacy::owner_of},
     model::{Engine, HookPoint, Position},
     nftables::NftError,
-    xtables::{self, SavedTable, Xtables, XtablesError},
+    recording::Recorder,
+    xtables::{self, SavedTable, XtablesError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +65,10 @@ pub enum ResolveError {
     Nft(#[source] NftError),
     #[error("cannot read `nft -j list ruleset`")]
     NftJson(#[source] serde_json::Error),
+    #[error("cannot write the recording")]
+    Record(#[source] io::Error),
+    #[error("the recording does not replay: it holds other rule-set checks than this iptrace makes")]
+    ReplayDiverged,
 }
 
 /// How often, at most, the kernel tables are checked for rules added or removed (a cheap
@@ -228,7 +236,6 @@ impl History<u64, TableVersion> {
 /// The nf_tables rule set: its snapshots by the generation each was read at, and what the
 /// commits changed.
 struct NftRules {
-    generation: Generation,
     families: Vec<Family>,
     /// Snapshots read while the generation stood still, by that generation.
     snapshots: History<u32, Arc<Ruleset>>,
@@ -246,22 +253,10 @@ struct NftCommits {
 }
 
 impl NftRules {
-    /// Reads a snapshot unless one of the current generation is stored. It is stored only when
-    /// the generation was the same before and after the read (`NFT_MSG_GETGEN`), under that
-    /// generation; under constant churn there may be none.
-    fn check(&mut self) -> Result<(), ResolveError> {
-        let mut before = self.generation.current()?;
-        for _ in 0..3 {
-            if self.snapshots.get(before).is_some() {
-                return Ok(());
-            }
-            let ruleset = nft::read(&self.families)?;
-            let after = self.generation.current()?;
-            if after == before {
-                self.snapshots.insert(before, Arc::new(ruleset));
-                return Ok(());
-            }
-            before = after;
+    /// Keeps the snapshot a check read, if it read one.
+    fn apply(&mut self, read: Option<(u32, nft::NftListings)>) -> Result<(), ResolveError> {
+        if let Some((generation, listings)) = read {
+            self.snapshots.insert(generation, Arc::new(Ruleset::from_read(&listings)?));
         }
         Ok(())
     }
@@ -340,47 +335,53 @@ pub fn nft_generation() -> Result<u32, ResolveError> {
 
 /// The rule text of every legacy table and of the nf_tables rule set, by epoch.
 pub struct Resolver {
-    probes: HashMap<Family, TableProbe>,
+    source: Source,
     tables: HashMap<(Family, String), LegacyTable>,
     nft: Option<NftRules>,
     /// Marks each check of the legacy tables in the trace socket's stream.
     marker: Option<StreamMarker>,
     /// The number of the last check of the legacy tables.
     epoch: u64,
-    last_check: Instant,
-    last_full_check: Instant,
 }
 
 impl Resolver {
     /// Reads every existing legacy table of `legacy_families`, and with `nft`, the nf_tables rule
     /// set (iptables-nft tables of `families` in iptables syntax). `marker` marks each check of
-    /// the legacy tables in the trace socket's stream.
+    /// the legacy tables in the trace socket's stream; `recorder` records each check (`--record`).
     pub fn new(
         families: &[Family],
         legacy_families: &[Family],
         nft: bool,
         marker: Option<StreamMarker>,
+        recorder: Option<Recorder>,
     ) -> Result<Self, ResolveError> {
         let mut probes = HashMap::new();
         for &family in legacy_families {
             let probe = TableProbe::open(family).map_err(|source| ResolveError::Probe { family, source })?;
             probes.insert(family, probe);
         }
-        let nft = nft
-            .then(|| {
-                Generation::open().map(|generation| NftRules {
-                    generation,
-                    families: families.to_vec(),
-                    snapshots: History::new(SNAPSHOTS_KEPT),
-                    commits: NftCommits::default(),
-                })
-            })
-            .transpose()?;
-        let now = Instant::now();
-        let mut this =
-            Self { probes, tables: HashMap::new(), nft, marker, epoch: 0, last_check: now, last_full_check: now };
-        this.check_all(true)?;
+        let generation = nft.then(Generation::open).transpose()?;
+        let source = Source::live(probes, generation, recorder);
+        let mut this = Self { source, marker, ..Self::empty(families, nft) };
+        this.check_all(true, Cause::Forced)?;
         Ok(this)
+    }
+
+    /// A resolver of the checks a live run recorded (see [`RecordedChecks`]), which hold the
+    /// first: it resolves every event against the snapshots the live run resolved it against.
+    pub fn replaying(checks: RecordedChecks, families: &[Family], nft: bool) -> Result<Self, ResolveError> {
+        let mut this = Self { source: Source::Replay(checks), ..Self::empty(families, nft) };
+        this.check_all(true, Cause::Forced)?;
+        Ok(this)
+    }
+
+    fn empty(families: &[Family], nft: bool) -> Self {
+        let nft = nft.then(|| NftRules {
+            families: families.to_vec(),
+            snapshots: History::new(SNAPSHOTS_KEPT),
+            commits: NftCommits::default(),
+        });
+        Self { source: Source::live(HashMap::new(), None, None), tables: HashMap::new(), nft, marker: None, epoch: 0 }
     }
 
     /// A resolver over saved rule sets (`iptables-save` output per family) instead of the live
@@ -396,24 +397,15 @@ impl Resolver {
                 tables.insert((*family, name), LegacyTable { state: TableState::default(), versions });
             }
         }
-        let now = Instant::now();
-        Self {
-            probes: HashMap::new(),
-            tables,
-            nft: None,
-            marker: None,
-            epoch: 0,
-            last_check: now,
-            last_full_check: now,
-        }
+        Self { tables, ..Self::empty(&[], false) }
     }
 
     /// The number of the first check of the legacy tables made after everything received so
     /// far: this one if the tables are checked now (they are when the last check is older than a
     /// few milliseconds), else the next. Stamp events with it as they are decoded.
     pub fn epoch(&mut self) -> Result<u64, ResolveError> {
-        if self.last_check.elapsed() >= CHECK_INTERVAL {
-            self.check_all(self.last_full_check.elapsed() >= FULL_CHECK_INTERVAL)?;
+        if let Some(full) = self.source.due() {
+            self.check_all(full, Cause::Due)?;
             return Ok(self.epoch);
         }
         Ok(self.epoch + 1)
@@ -423,89 +415,60 @@ impl Resolver {
     /// mark then goes into the trace socket's stream: a trace line after it was logged after
     /// these reads. Checks that find nothing changed need no mark: a version that may have been
     /// in force for an event is told by the checks that found versions begin.
-    fn check_all(&mut self, full: bool) -> Result<(), ResolveError> {
-        self.last_check = Instant::now();
-        if full {
-            self.last_full_check = self.last_check;
-        }
+    fn check_all(&mut self, full: bool, cause: Cause) -> Result<(), ResolveError> {
         self.epoch += 1;
-        let families: Vec<Family> = self.probes.keys().copied().collect();
-        let mut changed = false;
-        for family in families {
-            for table in Xtables::new(family).existing_tables() {
-                changed |= self.check(family, &table, full)?;
+        let (marker, epoch) = (self.marker.as_ref(), self.epoch);
+        // Marked as soon as the legacy tables are read, before the slower nf_tables listing.
+        let mark = |changed: bool| {
+            if let Some(marker) = marker.filter(|_| changed) {
+                // A lost mark only widens the span the next events may fall in.
+                let _ = marker.mark((epoch & u64::from(!MARK_SEQUENCE)) as u32);
             }
+        };
+        let check = self.source.check(cause, full, &self.tables, self.nft.as_ref(), mark)?;
+        for table in check.tables {
+            self.apply(table.family, table.table, table.seen);
         }
-        if let Some(marker) = self.marker.as_ref().filter(|_| changed) {
-            // A lost mark only widens the span the next events may fall in.
-            let _ = marker.mark((self.epoch & u64::from(!MARK_SEQUENCE)) as u32);
+        match &mut self.nft {
+            Some(nft) => nft.apply(check.nft),
+            None => Ok(()),
         }
-        if let Some(nft) = &mut self.nft {
-            nft.check()?;
-        }
-        Ok(())
     }
 
-    /// Re-reads `table` if it changed: its info, and with `full` (or for a small table) its blob
-    /// too; a new version starts at this check, and the one before is known only up to the last
-    /// check that compared its blob. Returns whether a new version followed a known one.
-    fn check(&mut self, family: Family, table: &str, full: bool) -> Result<bool, ResolveError> {
-        let Some(probe) = self.probes.get(&family) else { return Ok(false) };
+    /// Applies what this check saw of `table`: a new version starts at this check, and the one
+    /// before is known only up to the last check that compared its blob.
+    fn apply(&mut self, family: Family, table: String, seen: Seen) {
         let check = self.epoch;
-        let key = (family, table.to_owned());
-        let history = self.tables.get_mut(&key);
-        let known = history.as_ref().map(|h| &h.state);
-        let existed = known.is_some();
-        let full = full || known.is_some_and(|s| s.blob_len() <= ALWAYS_COMPARED);
-        if !full {
-            let info = probe.info(table).ok();
-            if info.is_some() && info == known.and_then(TableState::info) {
-                if let Some(newest) = history.and_then(|h| h.versions.newest_mut()) {
+        let key = (family, table);
+        let newest = self.tables.get_mut(&key).and_then(|h| h.versions.newest_mut());
+        match seen {
+            Seen::SameInfo => {
+                if let Some(newest) = newest {
                     newest.last = check;
                 }
-                return Ok(false);
+            }
+            Seen::SameBlob => {
+                if let Some(newest) = newest {
+                    (newest.last, newest.last_full) = (check, check);
+                }
+            }
+            Seen::Changed { kernel, saved, state } => {
+                let snapshot = match kernel {
+                    Some(kernel) => TableSnapshot::from_kernel(kernel, &saved),
+                    None => TableSnapshot::parse(&saved),
+                };
+                let history = self.tables.entry(key).or_insert_with(|| LegacyTable {
+                    state: TableState::default(),
+                    versions: History::new(SNAPSHOTS_KEPT),
+                });
+                history.state = state.unwrap_or_default();
+                if let Some(previous) = history.versions.newest_mut() {
+                    previous.last = previous.last_full;
+                }
+                let snapshot = Arc::new(snapshot);
+                history.versions.insert(check, TableVersion { last: check, last_full: check, snapshot });
             }
         }
-        let current = probe.state(table).ok();
-        if current.is_some() && current.as_ref() == known {
-            if let Some(newest) = history.and_then(|h| h.versions.newest_mut()) {
-                (newest.last, newest.last_full) = (check, check);
-            }
-            return Ok(false);
-        }
-        // Read the text, then make sure the table did not change while it was read; under
-        // constant churn, settle for the last read after a few tries: the rules are the blob's
-        // read after it, and the text shows only where it matches them.
-        let mut before = current;
-        let mut attempts = 0;
-        let (text, state) = loop {
-            let text = Xtables::new(family).save(table).map_err(|source| ResolveError::Save {
-                family,
-                table: table.to_owned(),
-                source,
-            })?;
-            let after = probe.state(table).ok();
-            attempts += 1;
-            if (after.is_some() && after == before) || attempts == 3 {
-                break (text, after);
-            }
-            before = after;
-        };
-        let snapshot = match &state {
-            Some(state) => TableSnapshot::from_kernel(state.chains(family), &text),
-            None => TableSnapshot::parse(&text),
-        };
-        let history = self
-            .tables
-            .entry(key)
-            .or_insert_with(|| LegacyTable { state: TableState::default(), versions: History::new(SNAPSHOTS_KEPT) });
-        history.state = state.unwrap_or_default();
-        if let Some(previous) = history.versions.newest_mut() {
-            previous.last = previous.last_full;
-        }
-        let snapshot = Arc::new(snapshot);
-        history.versions.insert(check, TableVersion { last: check, last_full: check, snapshot });
-        Ok(existed)
     }
 
     /// Resolves an event: a legacy one against every version of its table that may have been in
@@ -527,7 +490,7 @@ impl Resolver {
                 if before > self.epoch || !self.tables.contains_key(&key) {
                     // No check since the event was received, or a table created since the
                     // trace started.
-                    let _ = self.check_all(true);
+                    let _ = self.check_all(true, Cause::Forced);
                 }
                 let history = self.tables.get(&key);
                 let mut versions: Vec<&TableVersion> =
@@ -558,7 +521,7 @@ impl Resolver {
                 if Owner::from_table_name(table).is_some() {
                     return None;
                 }
-                let history = self.nft.as_mut()?;
+                let (history, source) = (self.nft.as_mut()?, &mut self.source);
                 let (trace_type, kernel) = (*trace_type, verdict.clone());
                 let key = NftRuleKey { family: *family, table: table.clone(), chain: chain.clone(), handle: 0 };
                 let (position, snapshot) = match (trace_type, handle) {
@@ -575,7 +538,7 @@ impl Resolver {
                     }
                     (_, Some(handle)) => {
                         let key = NftRuleKey { handle: *handle, ..key.clone() };
-                        history.rule(&key, event.generation, event.epoch, &kernel)
+                        history.rule(source, &key, event.generation, event.epoch, &kernel)
                     }
                 };
                 // A rule nft added to an iptables-nft table is shown as the native rule it is.
@@ -612,6 +575,7 @@ impl NftRules {
     /// is said to be so, never shown in another version's text.
     fn rule(
         &mut self,
+        source: &mut Source,
         key: &NftRuleKey,
         generation: Option<u32>,
         epoch: u64,
@@ -628,7 +592,7 @@ impl NftRules {
         if snapshot.is_none()
             && let Some(g) = generation
             && self.snapshots.from(g).next().is_none()
-            && self.check().is_ok()
+            && source.check_nft(self).and_then(|check| self.apply(check.nft)).is_ok()
         {
             snapshot = self.commits.serving(&self.snapshots, key, g);
         }

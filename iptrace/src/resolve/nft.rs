@@ -15,7 +15,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{ResolveError, Rule, Verdict, rule::NAT_TARGETS};
@@ -360,19 +360,37 @@ impl RuleTexts<'_> {
     }
 }
 
-/// Reads the whole rule set now.
-pub(super) fn read(families: &[Family]) -> Result<Ruleset, ResolveError> {
+/// The listings one snapshot of the whole rule set is built from: all a replay needs to build
+/// the same snapshot again.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NftListings {
+    /// `nft -j list ruleset`.
+    json: String,
+    /// `nft -a -s list ruleset`.
+    listing: String,
+    /// `iptables-nft-save` per family, where it ran.
+    xtables: Vec<(Family, String)>,
+}
+
+/// Reads the listings of the whole rule set now.
+pub(super) fn read(families: &[Family]) -> Result<NftListings, ResolveError> {
     let json = nftables::run(&["-j", "list", "ruleset"]).map_err(ResolveError::Nft)?;
     let listing = nftables::run(&["-a", "-s", "list", "ruleset"]).map_err(ResolveError::Nft)?;
-    let mut ruleset = Ruleset::from_listings(&json, &listing).map_err(ResolveError::NftJson)?;
-    for &family in families {
-        // iptables-nft-save is optional: without it, iptables-nft rules show in nft syntax.
-        if let Ok(saved) = Xtables::nft(family).save_all() {
-            let nft_family = if family == Family::Ipv4 { NftFamily::Ip } else { NftFamily::Ip6 };
-            ruleset.add_xtables(nft_family, &saved);
+    // iptables-nft-save is optional: without it, iptables-nft rules show in nft syntax.
+    let xtables = families.iter().filter_map(|&f| Some((f, Xtables::nft(f).save_all().ok()?))).collect();
+    Ok(NftListings { json, listing, xtables })
+}
+
+impl Ruleset {
+    /// The snapshot `listings` show.
+    pub(super) fn from_read(listings: &NftListings) -> Result<Self, ResolveError> {
+        let mut ruleset = Ruleset::from_listings(&listings.json, &listings.listing).map_err(ResolveError::NftJson)?;
+        for (family, saved) in &listings.xtables {
+            let nft_family = if *family == Family::Ipv4 { NftFamily::Ip } else { NftFamily::Ip6 };
+            ruleset.add_xtables(nft_family, saved);
         }
+        Ok(ruleset)
     }
-    Ok(ruleset)
 }
 
 /// Generations are read through this socket, rules through `nft`.

@@ -3,7 +3,7 @@
 use crate::xtables;
 
 /// What a target does to the traversal.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Verdict {
     Accept,
     Drop,

@@ -7,12 +7,14 @@
 mod plan;
 mod preflight;
 mod reader;
+mod replay;
 mod session;
 mod stats;
 
 use std::{
     io::{self, Write},
     ops::ControlFlow,
+    path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
         mpsc,
@@ -22,6 +24,7 @@ use std::{
 
 pub use preflight::check_privileges;
 use reader::{Delivery, ReadProgress};
+pub use replay::replay;
 pub use session::{teardown_active, trace};
 pub use stats::Stats;
 
@@ -36,6 +39,7 @@ use crate::{
     model::{Fate, PacketReport},
     netns::NetnsError,
     pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError, ReportSink},
+    recording::{Recorder, RecordingError, RecordingNames},
     render::{self, Format, TextRenderer, TextStyle},
     resolve::{ResolveError, Resolver},
     summary::Summary,
@@ -82,6 +86,8 @@ pub enum RunError {
         burst = .0.burst, per_day = u64::from(.0.count) * 86_400 / .0.period_seconds()
     )]
     LimitOverflow(Limit),
+    #[error(transparent)]
+    Recording(#[from] RecordingError),
 }
 
 impl RunError {
@@ -97,7 +103,16 @@ impl RunError {
             | RunError::KernelFeature { .. }
             | RunError::LimitOverflow(_)
             | RunError::Instrument(InstrumentError::AlreadyRunning { .. } | InstrumentError::TableExists { .. })
-            | RunError::Capture(CaptureError::GroupInUse { .. }) => 2,
+            | RunError::Capture(CaptureError::GroupInUse { .. })
+            | RunError::Recording(
+                RecordingError::Create(..)
+                | RecordingError::Read(..)
+                | RecordingError::NotARecording(_)
+                | RecordingError::NewerFormat { .. }
+                | RecordingError::Truncated(_)
+                | RecordingError::Corrupt { .. },
+            )
+            | RunError::Resolve(ResolveError::ReplayDiverged) => 2,
             _ => 1,
         }
     }
@@ -131,10 +146,12 @@ pub struct Options {
     pub ebpf_log: bool,
     /// Report drop reasons (`drops`); `--no-drops` turns it off.
     pub drops: bool,
+    /// `--record FILE`: write a recording of the run there.
+    pub record: Option<PathBuf>,
 }
 
-/// Where and how the processing thread writes.
-struct Destination {
+/// Where and how the processing thread (or a replay) writes.
+pub struct Destination {
     out: Box<dyn Write + Send>,
     format: Format,
     /// `--netns` as given, for the JSON records.
@@ -142,6 +159,8 @@ struct Destination {
     style: TextStyle,
     /// With `--summary`: set (by SIGUSR1) when the summary so far is wanted.
     summary: Option<std::sync::Arc<AtomicBool>>,
+    /// Reports are dated from here: this read time is this wall-clock time (a replay's too).
+    clock: (Instant, SystemTime),
 }
 
 /// Drives the [`Pipeline`] until the reader stops or `count` packets are shown.
@@ -156,34 +175,27 @@ fn process(
     count: Option<u64>,
     linger: Duration,
     out_ifindex: Option<&AtomicU32>,
+    recorder: Option<&Recorder>,
 ) -> Result<(), RunError> {
-    let mut pipeline = Pipeline::new(decoder, resolver, linger, KernelInterfaceNames::default());
+    let names = RecordingNames::new(KernelInterfaceNames::default(), recorder.cloned());
+    let mut pipeline = Pipeline::new(decoder, resolver, linger, names);
     if let Some(ifindex) = out_ifindex {
         pipeline = pipeline.leaving_through(ifindex);
     }
-    let summary_wanted = destination.summary;
-    let mut output = Output {
-        out: io::BufWriter::with_capacity(1 << 16, destination.out),
-        format: destination.format,
-        netns: destination.netns,
-        renderer: TextRenderer::new(destination.style),
-        summary: summary_wanted.as_ref().map(|_| Summary::default()),
-        stats,
-        shown: 0,
-        count,
-        loss_report: LossReport::default(),
-    };
+    let summary_wanted = destination.summary.clone();
+    pipeline.set_clock(destination.clock.0, destination.clock.1);
+    let mut output = Output::new(destination, stats, count);
     let feed = |pipeline: &mut Pipeline<_>, output: &mut Output, batch: Vec<Delivery>, now| {
         let inputs = batch.iter().map(|d| match d {
             Delivery::Datagram(d) => Input::Datagram(d),
             Delivery::Lost(n) => Input::Lost(*n),
         });
-        pipeline.feed(inputs, now, output).map(|flow| flow.is_break())
+        record(recorder, |r| r.batch(inputs.clone(), now))?;
+        Ok::<_, RunError>(pipeline.feed(inputs, now, output)?.is_break())
     };
     loop {
         let received = rx.recv_timeout(Duration::from_millis(10));
         let now = Instant::now();
-        pipeline.set_clock(now, SystemTime::now());
         match received {
             Ok(batch) => {
                 if feed(&mut pipeline, &mut output, batch, now)? {
@@ -191,6 +203,7 @@ fn process(
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
+                record(recorder, Recorder::check_rule_sets)?;
                 pipeline.check_rule_sets()?;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -200,7 +213,10 @@ fn process(
         let read_up_to = progress.read_up_to(now);
         let done = match rx.try_recv() {
             Ok(batch) => feed(&mut pipeline, &mut output, batch, now)?,
-            Err(mpsc::TryRecvError::Empty) => pipeline.flush_idle(read_up_to, &mut output)?.is_break(),
+            Err(mpsc::TryRecvError::Empty) => {
+                record(recorder, |r| r.flush_idle(read_up_to))?;
+                pipeline.flush_idle(read_up_to, &mut output)?.is_break()
+            }
             Err(mpsc::TryRecvError::Disconnected) => break,
         };
         if done {
@@ -220,8 +236,14 @@ fn process(
         }
     }
     // Everything is shown or the count reached: either way this is the end.
+    record(recorder, Recorder::flush_all)?;
     let _ = pipeline.flush_all(&mut output)?;
     output.finish()
+}
+
+/// Writes a record of the next pipeline call with `--record`.
+fn record(recorder: Option<&Recorder>, write: impl FnOnce(&Recorder) -> io::Result<()>) -> Result<(), RunError> {
+    recorder.map_or(Ok(()), write).map_err(|e| RecordingError::Write(e).into())
 }
 
 impl From<PipelineError> for RunError {
@@ -279,7 +301,21 @@ impl ReportSink for Output<'_> {
     }
 }
 
-impl Output<'_> {
+impl<'a> Output<'a> {
+    fn new(destination: Destination, stats: &'a Stats, count: Option<u64>) -> Self {
+        Self {
+            out: io::BufWriter::with_capacity(1 << 16, destination.out),
+            format: destination.format,
+            netns: destination.netns,
+            renderer: TextRenderer::new(destination.style),
+            summary: destination.summary.as_ref().map(|_| Summary::default()),
+            stats,
+            shown: 0,
+            count,
+            loss_report: LossReport::default(),
+        }
+    }
+
     /// The `--summary` table, if asked for.
     fn write_summary(&mut self) -> io::Result<()> {
         match &self.summary {

@@ -3,6 +3,7 @@
 //! the wait for the end (count, duration, signal, failure), then teardown on every way out.
 
 use std::{
+    fs::File,
     io::{self, Write},
     sync::{
         Arc, Mutex,
@@ -10,7 +11,7 @@ use std::{
         mpsc,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant, SystemTime},
 };
 
 use super::{
@@ -30,6 +31,7 @@ use crate::{
     heal::{Healer, Watched},
     instrument::{self, InstrumentError, Instrumentation},
     netns,
+    recording::{Header, RecordedOptions, Recorder, RecordingError},
     resolve::{self, Resolver},
 };
 
@@ -58,6 +60,7 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
         netns::check(name)?;
     }
     check_privileges()?;
+    let record_file = options.record.as_deref().map(Recorder::create_file).transpose()?;
     if let Some(name) = &options.netns {
         netns::enter(name)?;
     }
@@ -77,7 +80,7 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
         crate::note!("iptrace: removed {line}");
     }
     *ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(instrumentation);
-    let result = trace_instrumented(options, &backends, filter, out_ifindex, out, &runtime, signals);
+    let result = trace_instrumented(options, &backends, filter, out_ifindex, (out, record_file), &runtime, signals);
     let errors = teardown_active();
     for e in &errors {
         crate::note!("iptrace: cleanup: {}", crate::WithCauses(e));
@@ -90,7 +93,7 @@ fn trace_instrumented(
     backends: &Backends,
     filter: Option<CompiledFilter>,
     out_ifindex: Option<u32>,
-    out: Box<dyn Write + Send>,
+    (out, record_file): (Box<dyn Write + Send>, Option<File>),
     runtime: &tokio::runtime::Runtime,
     signals: Signals,
 ) -> Result<Arc<Stats>, RunError> {
@@ -126,7 +129,14 @@ fn trace_instrumented(
         instrument::install(owner, &plan)?;
     }
     let marker = (!backends.legacy.is_empty()).then(|| StreamMarker::new(&socket)).transpose()?;
-    let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft(), marker)?;
+    // Packets are dated from this moment: read time `clock.0` is wall-clock time `clock.1`.
+    let clock = (Instant::now(), SystemTime::now());
+    let recorder = record_file
+        .map(|file| {
+            Recorder::start(file, &recording_header(options, backends, generation, out_ifindex, clock.1), clock.0)
+        })
+        .transpose()?;
+    let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft(), marker, recorder.clone())?;
     let out_ifindex = out_ifindex.map(|i| Arc::new(AtomicU32::new(i)));
     let mut healer = owner
         .map(|owner| {
@@ -176,6 +186,7 @@ fn trace_instrumented(
             netns: options.netns.clone(),
             style: options.text,
             summary: summary_wanted.clone(),
+            clock,
         };
         thread::Builder::new()
             .name("iptrace-process".into())
@@ -194,7 +205,11 @@ fn trace_instrumented(
                     count,
                     linger,
                     out_ifindex.as_deref(),
+                    recorder.as_ref(),
                 );
+                // What was recorded replays up to where the run stopped, whyever it stopped.
+                let finished = recorder.map_or(Ok(()), |r| r.finish()).map_err(|e| RecordingError::Write(e).into());
+                let result = result.and(finished);
                 let _ = done_tx.send(result);
             })
             .map_err(|e| RunError::Thread("processing", e))?
@@ -330,5 +345,34 @@ impl Signals {
                 _ = ticks.tick() => tick(),
             }
         }
+    }
+}
+
+/// What a replay of this run needs, and what a reader of the recording wants to know of it.
+fn recording_header(
+    options: &Options,
+    backends: &Backends,
+    generation: Option<u32>,
+    out_ifindex: Option<u32>,
+    started: SystemTime,
+) -> Header {
+    Header {
+        format: crate::recording::FORMAT,
+        iptrace: crate::cli::VERSION.to_owned(),
+        families: options.families.clone(),
+        nft: backends.nft(),
+        start_generation: generation,
+        linger: options.linger,
+        count: options.count,
+        out_ifindex,
+        options: RecordedOptions {
+            selection: options.selection.to_expression().ok().flatten(),
+            chain: options.chain.map(|c| format!("{c:?}")),
+            in_interface: options.in_interface.clone(),
+            out_interface: options.out_interface.clone(),
+            netns: options.netns.clone(),
+            backend: backends.describe().to_owned(),
+        },
+        started,
     }
 }

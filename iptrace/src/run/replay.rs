@@ -1,0 +1,25 @@
+//! `--replay FILE`: a run recorded with `--record FILE` shown again, offline: no root, nothing
+//! of this host read (its interfaces, its rule sets), nothing instrumented.
+
+use std::{io::Write, path::Path, time::Instant};
+
+use super::{Destination, Options, Output, RunError, Stats};
+use crate::recording::Recording;
+
+/// Shows the recording at `path` on `out` as the run showed it, in the output format `options`
+/// ask for (text with its style, or JSON).
+pub fn replay(path: &Path, options: &Options, out: Box<dyn Write + Send>) -> Result<(), RunError> {
+    let recording = Recording::read(path)?;
+    let stats = Stats::default();
+    let destination = Destination {
+        out,
+        format: options.format,
+        netns: options.netns.clone(),
+        style: options.text,
+        summary: None,
+        clock: (Instant::now(), recording.header.started),
+    };
+    let mut output = Output::new(destination, &stats, recording.header.count);
+    recording.replay(&mut output)?;
+    output.finish()
+}
