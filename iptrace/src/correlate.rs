@@ -246,6 +246,26 @@ impl Correlator {
         self.close_where(|p| now.saturating_duration_since(p.last_seen) >= linger)
     }
 
+    /// Closes the newest open packet whose events `ended` accepts, of those whose first event
+    /// has `family` and `identity`: the packet a drop ended (design.md §8).
+    pub fn close_ended(
+        &mut self,
+        family: Family,
+        identity: u64,
+        ended: impl Fn(&[TraceEvent]) -> bool,
+    ) -> Option<PacketTrace> {
+        let key = (family, identity);
+        let packets = self.open.get_mut(&key)?;
+        let (index, _) = packets.iter().enumerate().filter(|(_, p)| ended(&p.events)).max_by_key(|(_, p)| p.serial)?;
+        let packet = packets.swap_remove(index);
+        if packets.is_empty() {
+            self.open.remove(&key);
+        }
+        self.open_count -= 1;
+        self.forget_trace_id(&packet);
+        Some(PacketTrace { events: packet.events, incomplete: packet.incomplete })
+    }
+
     /// Closes every open packet (at exit).
     pub fn flush_all(&mut self) -> Vec<PacketTrace> {
         self.close_where(|_| true)

@@ -17,6 +17,7 @@ pub use crate::{
 };
 use crate::{
     decode::{Origin, TraceEvent},
+    drops::DropEvent,
     resolve::Step,
 };
 
@@ -112,7 +113,20 @@ pub struct PacketReport {
     pub conntrack: Option<Conntrack>,
     /// In kernel order; iptrace's own rules are not among them.
     pub steps: Vec<StepReport>,
+    /// The kernel dropped it (`skb:kfree_skb`, design.md §8), after or without netfilter's steps.
+    pub drop: Option<KernelDrop>,
     pub fate: Fate,
+}
+
+/// How the kernel dropped a packet: its reason and where, and the packet as it was then.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelDrop {
+    /// `enum skb_drop_reason` without `SKB_DROP_REASON_` (`NO_SOCKET`, `IP_INNOROUTES`, ...).
+    pub reason: String,
+    /// The packet's device then (the input device until routing set the output one).
+    pub device: Option<Interface>,
+    /// After any NAT, with its TTL as then.
+    pub packet: PacketHeader,
 }
 
 /// The packet as it arrived: at iptrace's own nf_tables marking rule (before every other
@@ -191,6 +205,13 @@ pub enum Fate {
     Incomplete,
     /// No table ended its traversal in a traced step.
     NoneSeen,
+    /// Netfilter let the packet through, then the kernel dropped it ([`PacketReport::drop`]):
+    /// `after` is the fate its steps alone show ([`Fate::Decided`] by an accepting verdict,
+    /// [`Fate::LastSeen`] or [`Fate::NoneSeen`]).
+    DroppedAfterNetfilter { reason: String, after: Box<Fate> },
+    /// The kernel dropped the packet before any table of the rule set saw it (before
+    /// PREROUTING, or at a hook no table is at).
+    DroppedOutsideNetfilter { reason: String },
 }
 
 /// How the step that decided the fate was chosen.
@@ -211,6 +232,34 @@ impl PacketReport {
     /// the marking rule, [`Position::Marked`], first when there is one). `complete` is false
     /// where events around the packet were lost. `None` where no table of the rule set saw it.
     pub fn new(steps: Vec<Step>, complete: bool, names: &mut impl InterfaceNames) -> Option<Self> {
+        Self::ending(steps, complete, None, names)
+    }
+
+    /// [`PacketReport::new`] for a packet the kernel dropped (`drop`) after the steps, if any: a
+    /// report also where no table of the rule set saw it, with the packet as it arrived at the
+    /// marking rule, else as it was dropped.
+    pub fn dropped(steps: Vec<Step>, complete: bool, drop: &DropEvent, names: &mut impl InterfaceNames) -> Self {
+        let family = drop.family();
+        Self::ending(steps, complete, Some(drop), names).unwrap_or_else(|| {
+            let device = drop.ifindex.map(|index| Interface { index, name: names.name(index) });
+            let arrived = Arrival {
+                header: drop.packet.clone(),
+                in_interface: device,
+                out_interface: None,
+                mark: 0,
+                at_marking: false,
+            };
+            let (drop, fate) = kernel_drop(drop, &[], Fate::NoneSeen, names);
+            Self { family, arrived, conntrack: None, steps: Vec::new(), drop: Some(drop), fate }
+        })
+    }
+
+    fn ending(
+        steps: Vec<Step>,
+        complete: bool,
+        drop: Option<&DropEvent>,
+        names: &mut impl InterfaceNames,
+    ) -> Option<Self> {
         let first = steps.first()?;
         let at_marking = matches!(first.position, Position::Marked);
         let mut interface = |index: Option<u32>| index.map(|index| Interface { index, name: names.name(index) });
@@ -256,12 +305,46 @@ impl PacketReport {
             };
             reports.push(StepReport { place, hook, position, kernel_verdict, changed_before, changed_by });
         }
-        if reports.is_empty() {
+        if reports.is_empty() && drop.is_none() {
             return None;
         }
-        let fate = if complete { fate(&reports) } else { Fate::Incomplete };
-        Some(Self { family, arrived, conntrack, steps: reports, fate })
+        let fate = if !complete {
+            Fate::Incomplete
+        } else if reports.is_empty() {
+            Fate::NoneSeen
+        } else {
+            fate(&reports)
+        };
+        let (drop, fate) = match drop {
+            Some(drop) if complete => {
+                let (drop, fate) = kernel_drop(drop, &reports, fate, names);
+                (Some(drop), fate)
+            }
+            Some(drop) => (Some(kernel_drop(drop, &reports, Fate::Incomplete, names).0), fate),
+            None => (None, fate),
+        };
+        Some(Self { family, arrived, conntrack, steps: reports, drop, fate })
     }
+}
+
+/// The drop as the model keeps it, and the fate it makes of `netfilter`, the fate of `steps`:
+/// a netfilter DROP or REJECT already says it (the kernel's NETFILTER_DROP is that verdict, shown
+/// once); else the kernel dropped what netfilter let through, or what no table saw.
+fn kernel_drop(
+    drop: &DropEvent,
+    steps: &[StepReport],
+    netfilter: Fate,
+    names: &mut impl InterfaceNames,
+) -> (KernelDrop, Fate) {
+    let device = drop.ifindex.map(|index| Interface { index, name: names.name(index) });
+    let kept = KernelDrop { reason: drop.reason.clone(), device, packet: drop.packet.clone() };
+    let reason = drop.reason.clone();
+    let fate = match netfilter {
+        Fate::Decided { by: Decision::Dropped, .. } | Fate::Incomplete => netfilter,
+        _ if steps.is_empty() => Fate::DroppedOutsideNetfilter { reason },
+        after => Fate::DroppedAfterNetfilter { reason, after: Box::new(after) },
+    };
+    (kept, fate)
 }
 
 /// The packet's fate: the first drop, else (where the fate is decided at all) the last

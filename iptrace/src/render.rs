@@ -181,16 +181,38 @@ fn verdict_name(v: &Verdict) -> &'static str {
     }
 }
 
-/// The fate line: `verdict: ACCEPT at filter FORWARD #3`, `last seen: ...`, `(incomplete: ...)`.
+/// The fate line: `verdict: ACCEPT at filter FORWARD #3`, `last seen: ...`, `(incomplete: ...)`,
+/// `verdict: ACCEPT by netfilter, then dropped: IP_INNOROUTES (after nat PREROUTING DNAT to ...)`.
 fn fate(report: &PacketReport) -> String {
     match &report.fate {
-        Fate::Decided { step, verdict, .. } => decided(&report.steps[*step], verdict),
-        Fate::LastSeen { last, base, hook } => last_seen(&report.steps[*last], &report.steps[*base], *hook),
+        Fate::Decided { step, verdict, .. } => format!("verdict: {}", decided(&report.steps[*step], verdict)),
+        Fate::LastSeen { last, base, hook } => {
+            let (place, what) = last_seen(&report.steps[*last], &report.steps[*base], *hook);
+            format!("last seen: {place} ({what}); no later netfilter hook saw it")
+        }
         Fate::Incomplete => "(incomplete: events lost)".to_owned(),
         Fate::NoneSeen => "verdict: none seen (no table ended its traversal in a traced step)".to_owned(),
+        Fate::DroppedAfterNetfilter { reason, after } => {
+            let reason = Printable(reason);
+            match &**after {
+                Fate::Decided { step, verdict, .. } => format!(
+                    "verdict: ACCEPT by netfilter, then dropped: {reason} (after {})",
+                    decided(&report.steps[*step], verdict)
+                ),
+                Fate::LastSeen { last, base, hook } => {
+                    let (place, what) = last_seen(&report.steps[*last], &report.steps[*base], *hook);
+                    format!("verdict: ACCEPT by netfilter, then dropped: {reason} (after {place} {what})")
+                }
+                _ => format!("verdict: dropped: {reason} (no table ended its traversal in a traced step)"),
+            }
+        }
+        Fate::DroppedOutsideNetfilter { reason } => {
+            format!("verdict: dropped: {} (no table of the rule set saw it)", Printable(reason))
+        }
     }
 }
 
+/// `ACCEPT at filter FORWARD #3`: the verdict of the step that decided the fate.
 fn decided(step: &StepReport, verdict: &Verdict) -> String {
     let name = match (&step.position, verdict) {
         (
@@ -202,21 +224,21 @@ fn decided(step: &StepReport, verdict: &Verdict) -> String {
     let place = place(step);
     match &step.position {
         Position::Rule { number, .. } | Position::XtablesNftRule { number, .. } => {
-            format!("verdict: {name} at {place} #{number}")
+            format!("{name} at {place} #{number}")
         }
         Position::NftRule { handle, .. } | Position::NftRuleUnread { handle, .. } => {
-            format!("verdict: {name} at {place} (handle {handle})")
+            format!("{name} at {place} (handle {handle})")
         }
         Position::RuleSetChanged { kernel_number, .. } => {
-            format!("verdict: {name} at {place} kernel rule {kernel_number} (rule set changed at this moment)")
+            format!("{name} at {place} kernel rule {kernel_number} (rule set changed at this moment)")
         }
-        _ => format!("verdict: {name} by {place} policy"),
+        _ => format!("{name} by {place} policy"),
     }
 }
 
-/// `last seen: nat PREROUTING (DNAT to 172.20.0.2:6443); no later netfilter hook saw it`: the
-/// table (or native chain) of `base` at `hook`, and what `last` did.
-fn last_seen(last: &StepReport, base: &StepReport, hook: Hook) -> String {
+/// Where a packet was last seen, printable: the table (or native chain) of `base` at `hook`
+/// (`nat PREROUTING`), and what `last` did (`DNAT to 172.20.0.2:6443`).
+fn last_seen(last: &StepReport, base: &StepReport, hook: Hook) -> (String, String) {
     let b = &base.place;
     let place = match b.engine {
         Engine::Nft => place(base),
@@ -245,7 +267,7 @@ fn last_seen(last: &StepReport, base: &StepReport, hook: Hook) -> String {
         // Not a step of the rule set: never in a report's steps.
         Position::Marked => String::new(),
     };
-    format!("last seen: {} ({}); no later netfilter hook saw it", Printable(place), Printable(what))
+    (Printable(place).to_string(), Printable(what).to_string())
 }
 
 /// Changes as `SRC a -> b, DPT x -> y, MARK m -> n`.

@@ -400,8 +400,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        netfilter::netlink::{attribute, nfnetlink_request},
         instrument::{Limit, Marker},
+        netfilter::netlink::{attribute, nfnetlink_request},
     };
 
     #[test]

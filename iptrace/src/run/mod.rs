@@ -30,11 +30,12 @@ use crate::{
     bpf::BpfError,
     capture::CaptureError,
     decode::{Decoder, Family},
+    drops::DropTracer,
     filter::{FilterError, Selection},
     heal::HealError,
     instrument::{InstrumentError, Limit, TraceChain},
-    netns::NetnsError,
     model::{Fate, PacketReport},
+    netns::NetnsError,
     pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError, ReportSink},
     render,
     resolve::{ResolveError, Resolver},
@@ -131,10 +132,14 @@ fn process(
     count: Option<u64>,
     linger: Duration,
     out_ifindex: Option<&AtomicU32>,
+    mut drops: Option<(DropTracer, u64)>,
 ) -> Result<(), RunError> {
     let mut pipeline = Pipeline::new(decoder, resolver, linger, KernelInterfaceNames::default());
     if let Some(ifindex) = out_ifindex {
         pipeline = pipeline.leaving_through(ifindex);
+    }
+    if let Some((_, netns)) = drops {
+        pipeline = pipeline.ending_with_drops_in(netns);
     }
     let mut output = TextOutput {
         out: io::BufWriter::with_capacity(1 << 16, out),
@@ -163,6 +168,13 @@ fn process(
                 pipeline.check_rule_sets()?;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        // Polled here, off the reader's path; a drop read now waits in the pipeline until the
+        // trace events queued before it are read and processed.
+        if let Some((tracer, _)) = &mut drops {
+            for drop in tracer.read() {
+                pipeline.dropped(drop, Instant::now());
+            }
         }
         // Packets are closed only with everything read so far processed: the reader's progress
         // first, then the channel found empty.

@@ -26,6 +26,7 @@ use crate::{
     backend::Backends,
     capture::{StreamMarker, TraceSocket, UserspaceFilter},
     decode::Decoder,
+    drops::{self, DropTracer},
     filter::CompiledFilter,
     heal::{Healer, Watched},
     instrument::{self, InstrumentError, Instrumentation},
@@ -115,6 +116,9 @@ fn trace_instrumented(
     let foreign_marker = socket_filter.is_some() && foreign_marker(backends);
     let prefilter = choose_prefilter(options, backends, filter.as_ref())?;
     let ready = ready_line(options, backends, filter.as_ref());
+    // In the traced namespace (the thread is in it), before tracing starts: a drop of a packet
+    // traced from its first event then always has its program running.
+    let drops = if options.drops { start_drops(filter.as_ref())? } else { None };
     let userspace_filter = filter.map(UserspaceFilter::new);
     let plan = trace_plan(options, backends, prefilter);
     // Installed outside the lock: a panic in there must find the lock free to tear down.
@@ -182,6 +186,7 @@ fn trace_instrumented(
                     count,
                     linger,
                     out_ifindex.as_deref(),
+                    drops,
                 );
                 let _ = done_tx.send(result);
             })
@@ -224,6 +229,14 @@ fn trace_instrumented(
         crate::note!("iptrace: {} trace events were still queued at exit and are not shown", with_thousands(unread));
     }
     result.map(|()| stats)
+}
+
+/// The drop program for this run, with the traced namespace's cookie (the calling thread is in
+/// it); `None` where it cannot run, said with `-v` ([`drops::start_for_run`]).
+fn start_drops(filter: Option<&CompiledFilter>) -> Result<Option<(DropTracer, u64)>, RunError> {
+    let netns = instrument::state::netns_cookie()?;
+    let verbose = log::log_enabled!(log::Level::Info);
+    Ok(drops::start_for_run(filter.map(CompiledFilter::instructions), netns, verbose).map(|tracer| (tracer, netns)))
 }
 
 /// Signals that end a run as a stop (exit 0): every one whose default action would end iptrace
