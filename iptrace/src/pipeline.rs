@@ -229,7 +229,9 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         for (drop, _) in ready {
             let trace = self
                 .correlator
-                .close_ended(drop.family(), drop.packet.identity(), |events| drop.joins(events, netns))
+                .close_ended(drop.family(), drop.packet.identity(), (drop.packet.src, drop.packet.dst), |events| {
+                    drop.joins(events, netns)
+                })
                 .unwrap_or(PacketTrace { events: Vec::new(), incomplete: false });
             if self.emit(trace, Some(&drop), sink)?.is_break() {
                 return Ok(ControlFlow::Break(()));
