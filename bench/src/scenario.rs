@@ -43,7 +43,10 @@ pub enum ScenarioError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
     Baseline,
+    /// One flow with drop reasons on (iptrace's default; issue 15's cost of `skb:kfree_skb`).
     IptraceOneFlow,
+    /// The same with `--no-drops`: the difference is what reporting drops costs.
+    IptraceOneFlowNoDrops,
     IptraceAll,
     NftMonitorOneFlow,
     NftMonitorAll,
@@ -55,9 +58,10 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Baseline,
         Scenario::IptraceOneFlow,
+        Scenario::IptraceOneFlowNoDrops,
         Scenario::IptraceAll,
         Scenario::NftMonitorOneFlow,
         Scenario::NftMonitorAll,
@@ -72,6 +76,7 @@ impl Scenario {
         match self {
             Scenario::Baseline => "baseline",
             Scenario::IptraceOneFlow => "iptrace_one_flow",
+            Scenario::IptraceOneFlowNoDrops => "iptrace_one_flow_no_drops",
             Scenario::IptraceAll => "iptrace_all",
             Scenario::NftMonitorOneFlow => "nft_monitor_one_flow",
             Scenario::NftMonitorAll => "nft_monitor_all",
@@ -87,6 +92,7 @@ impl Scenario {
         matches!(
             self,
             Scenario::IptraceOneFlow
+                | Scenario::IptraceOneFlowNoDrops
                 | Scenario::NftMonitorOneFlow
                 | Scenario::IptraceBothEnginesOneFlow
                 | Scenario::TraceFloorOneFlow
@@ -191,6 +197,7 @@ impl Bench {
             // and xtables-monitor trace the nf_tables copy; the both-engines ones show what
             // iptrace's default does on this mixed host: it traces every packet through both.
             Scenario::IptraceOneFlow | Scenario::IptraceAll => self.run_iptrace(scenario, &["--backend", "legacy"]),
+            Scenario::IptraceOneFlowNoDrops => self.run_iptrace(scenario, &["--backend", "legacy", "--no-drops"]),
             Scenario::IptraceAllNoSocketFilter => {
                 self.run_iptrace(scenario, &["--backend", "legacy", "--no-socket-filter"])
             }

@@ -523,6 +523,59 @@ pub(crate) mod tests {
         assert_eq!(PacketReport::new(vec![marked(&p)], true, &mut Names), None);
     }
 
+    /// The kernel's drop of `packet` for `reason`, on interface 2.
+    pub(crate) fn kernel_dropped(packet: &[u8], reason: &str) -> DropEvent {
+        DropEvent {
+            time: std::time::Duration::ZERO,
+            netns: 1,
+            reason_code: 0,
+            reason: reason.into(),
+            ifindex: Some(2),
+            location: 0,
+            packet: PacketHeader::parse(packet).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_kernel_drop_is_the_fate_once() {
+        let p = udp_v4([10, 5, 1, 7], 40000, 64);
+        let nat = step(Hook::PreRouting, Table::Nat, "PREROUTING", &p, 0, Position::Policy(Verdict::Accept));
+        let accept = step(Hook::LocalIn, Table::Filter, "INPUT", &p, 0, rule(1, "-p udp -j ACCEPT"));
+        let drop = step(Hook::Forward, Table::Filter, "FORWARD", &p, 0, rule(2, "-j DROP"));
+        let dropped = |steps: &[Step], reason: &str| {
+            PacketReport::dropped(steps.to_vec(), true, &kernel_dropped(&p, reason), &mut Names)
+        };
+        // Accepted, then no socket: the drop after the filter table's decision.
+        let report = dropped(&[nat.clone(), accept.clone()], "NO_SOCKET");
+        let accepted = Fate::Decided { step: 1, verdict: Verdict::Accept, by: Decision::Filtered };
+        assert_eq!(report.fate, Fate::DroppedAfterNetfilter { reason: "NO_SOCKET".into(), after: Box::new(accepted) });
+        let device = Some(Interface { index: 2, name: "veth2".into() });
+        assert_eq!(
+            report.drop,
+            Some(KernelDrop { reason: "NO_SOCKET".into(), device, packet: report.arrived.header.clone() })
+        );
+        // No route after PREROUTING: the drop after where it was last seen.
+        let last_seen = Fate::LastSeen { last: 0, base: 0, hook: Hook::PreRouting };
+        let after = Box::new(last_seen);
+        assert_eq!(
+            dropped(&[nat.clone()], "IP_INNOROUTES").fate,
+            Fate::DroppedAfterNetfilter { reason: "IP_INNOROUTES".into(), after }
+        );
+        // A rule's DROP is the fate; the kernel's NETFILTER_DROP for it is not a second one.
+        let by_rule = Fate::Decided { step: 1, verdict: Verdict::Drop, by: Decision::Dropped };
+        assert_eq!(dropped(&[nat, drop], "NETFILTER_DROP").fate, by_rule);
+        // Only the marking, or nothing: a block of its own.
+        for steps in [vec![marked(&p)], vec![]] {
+            let report = dropped(&steps, "IP_RPFILTER");
+            assert_eq!(report.fate, Fate::DroppedOutsideNetfilter { reason: "IP_RPFILTER".into() });
+            assert_eq!(report.arrived.at_marking, !steps.is_empty());
+            assert!(report.steps.is_empty());
+        }
+        // Lost events stay the fate.
+        let incomplete = PacketReport::dropped(vec![accept], false, &kernel_dropped(&p, "NO_SOCKET"), &mut Names);
+        assert_eq!(incomplete.fate, Fate::Incomplete);
+    }
+
     #[test]
     fn changes_are_reported_where_they_are_first_seen() {
         let arrived = udp_v4([10, 5, 1, 7], 40000, 64);

@@ -403,7 +403,7 @@ mod tests {
         decode::{Origin, Table, packet::tests::udp_v4},
         model::{
             HookPoint,
-            tests::{Names, marked, rule, step},
+            tests::{Names, kernel_dropped, marked, rule, step},
         },
         resolve::Step,
     };
@@ -554,6 +554,42 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         assert_eq!(out, expected);
         // Only the marking: no table of the rule set saw it, nothing to show.
         assert_eq!(render_steps(&steps[..1], true), "");
+    }
+
+    #[test]
+    fn a_kernel_drop_ends_the_block_once() {
+        let syn = udp_v4([10, 5, 1, 7], 40000, 64);
+        let dnat = rule(2, "-p udp -j DNAT --to-destination 172.20.0.2:6443");
+        let nat = step(Hook::PreRouting, Table::Nat, "KUBE-SEP-ABC", &syn, 0, dnat);
+        let accept = step(Hook::LocalIn, Table::Filter, "INPUT", &syn, 0, rule(3, "-p udp -j ACCEPT"));
+        let drop = step(Hook::Forward, Table::Filter, "FORWARD", &syn, 0, rule(4, "-j DROP"));
+        let ending = |steps: &[Step], reason: &str| {
+            fate(&PacketReport::dropped(steps.to_vec(), true, &kernel_dropped(&syn, reason), &mut Names))
+        };
+        assert_eq!(
+            ending(&[nat.clone()], "IP_INNOROUTES"),
+            "verdict: ACCEPT by netfilter, then dropped: IP_INNOROUTES (after nat PREROUTING DNAT to 172.20.0.2:6443)"
+        );
+        assert_eq!(
+            ending(&[nat.clone(), accept], "NO_SOCKET"),
+            "verdict: ACCEPT by netfilter, then dropped: NO_SOCKET (after ACCEPT at filter INPUT #3)"
+        );
+        assert_eq!(ending(&[nat, drop], "NETFILTER_DROP"), "verdict: DROP at filter FORWARD #4");
+        assert_eq!(
+            ending(&[marked(&syn)], "IP_RPFILTER"),
+            "verdict: dropped: IP_RPFILTER (no table of the rule set saw it)"
+        );
+        let mut block = Vec::new();
+        let alone = PacketReport::dropped(Vec::new(), true, &kernel_dropped(&syn, "IP_INHDR"), &mut Names);
+        render_packet(&alone, &mut block).unwrap();
+        assert_eq!(
+            String::from_utf8(block).unwrap(),
+            format!(
+                "{}\n        verdict: dropped: IP_INHDR (no table of the rule set saw it)\n\n",
+                packet_line(&alone.arrived)
+            )
+        );
+        assert!(packet_line(&alone.arrived).starts_with("IN=veth2 OUT= SRC=10.5.1.7 "));
     }
 
     #[test]

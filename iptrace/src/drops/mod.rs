@@ -142,7 +142,7 @@ pub fn start_for_run(selection: Option<&[CbpfInsn]>, netns: u64, verbose: bool) 
         Ok(tracer) => Some(tracer),
         Err(e) => {
             if verbose {
-                crate::note!("drop reasons off: {}", crate::WithCauses(&e));
+                crate::note!("iptrace: drop reasons off: {}", crate::WithCauses(&e));
             }
             None
         }
