@@ -88,6 +88,9 @@ pub struct Pipeline<'a, N> {
     out_ifindex: Option<&'a AtomicU32>,
     /// The cookie of the namespace whose drops end its packets' blocks, if drops are reported.
     drops_netns: Option<u64>,
+    /// Whether a drop no open packet has is a block of its own: not where the marking selects
+    /// more narrowly than the drop program can (`--limit`, `-i`, `--chain`).
+    drops_alone: bool,
     /// Drops read from the kernel by an instant, each waiting until the trace events queued
     /// before it are processed ([`Pipeline::flush_idle`]).
     drops: Vec<(DropEvent, Instant)>,
@@ -105,14 +108,16 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             events: Vec::new(),
             out_ifindex: None,
             drops_netns: None,
+            drops_alone: false,
             drops: Vec::new(),
         }
     }
 
     /// Ends the blocks of packets the kernel dropped in the namespace whose cookie is `netns`
-    /// with the drop ([`Pipeline::dropped`]).
-    pub fn ending_with_drops_in(self, netns: u64) -> Self {
-        Self { drops_netns: Some(netns), ..self }
+    /// with the drop ([`Pipeline::dropped`]); a drop of a packet no table traced is a block of
+    /// its own where `alone`.
+    pub fn ending_with_drops_in(self, netns: u64, alone: bool) -> Self {
+        Self { drops_netns: Some(netns), drops_alone: alone, ..self }
     }
 
     /// A drop the kernel reported, read by `read_at`. It ends its packet's block once every
@@ -227,12 +232,17 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         let (ready, waiting) = std::mem::take(&mut self.drops).into_iter().partition(|(_, at)| due(at));
         self.drops = waiting;
         for (drop, _) in ready {
-            let trace = self
-                .correlator
-                .close_ended(drop.family(), drop.packet.identity(), (drop.packet.src, drop.packet.dst), |events| {
-                    drop.joins(events, netns)
-                })
-                .unwrap_or(PacketTrace { events: Vec::new(), incomplete: false });
+            let ended = self.correlator.close_ended(
+                drop.family(),
+                drop.packet.identity(),
+                (drop.packet.src, drop.packet.dst),
+                |events| drop.joins(events, netns),
+            );
+            let trace = match ended {
+                Some(trace) => trace,
+                None if self.drops_alone => PacketTrace { events: Vec::new(), incomplete: false },
+                None => continue,
+            };
             if self.emit(trace, Some(&drop), sink)?.is_break() {
                 return Ok(ControlFlow::Break(()));
             }

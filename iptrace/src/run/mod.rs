@@ -133,13 +133,14 @@ fn process(
     linger: Duration,
     out_ifindex: Option<&AtomicU32>,
     mut drops: Option<(DropTracer, u64)>,
+    drops_alone: bool,
 ) -> Result<(), RunError> {
     let mut pipeline = Pipeline::new(decoder, resolver, linger, KernelInterfaceNames::default());
     if let Some(ifindex) = out_ifindex {
         pipeline = pipeline.leaving_through(ifindex);
     }
     if let Some((_, netns)) = drops {
-        pipeline = pipeline.ending_with_drops_in(netns);
+        pipeline = pipeline.ending_with_drops_in(netns, drops_alone);
     }
     let mut output = TextOutput {
         out: io::BufWriter::with_capacity(1 << 16, out),

@@ -9,7 +9,7 @@ use std::{
         atomic::{AtomicBool, AtomicU32, Ordering},
         mpsc,
     },
-    thread,
+    thread::{self, JoinHandle},
     time::Duration,
 };
 
@@ -92,6 +92,10 @@ fn trace_instrumented(
     runtime: &tokio::runtime::Runtime,
     signals: Signals,
 ) -> Result<Arc<Stats>, RunError> {
+    // Loading the drop program (the kernel's BTF read, the verifier) takes a while: in the
+    // background while the rest is set up, and waited for before tracing starts (the ready
+    // line), so that a drop of a packet traced from then on always has its program running.
+    let drops = options.drops.then(|| start_drops(filter.as_ref())).transpose()?;
     let socket = TraceSocket::open(&backends.legacy, Duration::from_millis(100))?;
     // The generation read after joining the change notifications: events before the first
     // commit announced on the socket ran against it.
@@ -116,9 +120,6 @@ fn trace_instrumented(
     let foreign_marker = socket_filter.is_some() && foreign_marker(backends);
     let prefilter = choose_prefilter(options, backends, filter.as_ref())?;
     let ready = ready_line(options, backends, filter.as_ref());
-    // In the traced namespace (the thread is in it), before tracing starts: a drop of a packet
-    // traced from its first event then always has its program running.
-    let drops = if options.drops { start_drops(filter.as_ref())? } else { None };
     let userspace_filter = filter.map(UserspaceFilter::new);
     let plan = trace_plan(options, backends, prefilter);
     // Installed outside the lock: a panic in there must find the lock free to tear down.
@@ -166,9 +167,13 @@ fn trace_instrumented(
             })
             .map_err(|e| RunError::Thread("reader", e))?
     };
+    let drops = drops.and_then(|loading| loading.join().ok().flatten());
     let processor = {
         let stats = stats.clone();
         let (count, linger) = (options.count, options.linger);
+        // The drop program selects by the expression only: where the marking rules select
+        // fewer packets, a drop without a traced packet may be one they left out.
+        let drops_alone = options.limit.is_none() && options.chain.is_none() && options.in_interface.is_none();
         thread::Builder::new()
             .name("iptrace-process".into())
             .spawn(move || {
@@ -187,6 +192,7 @@ fn trace_instrumented(
                     linger,
                     out_ifindex.as_deref(),
                     drops,
+                    drops_alone,
                 );
                 let _ = done_tx.send(result);
             })
@@ -231,12 +237,17 @@ fn trace_instrumented(
     result.map(|()| stats)
 }
 
-/// The drop program for this run, with the traced namespace's cookie (the calling thread is in
-/// it); `None` where it cannot run, said with `-v` ([`drops::start_for_run`]).
-fn start_drops(filter: Option<&CompiledFilter>) -> Result<Option<(DropTracer, u64)>, RunError> {
+/// Starts loading the drop program for this run in a thread, which takes the traced namespace
+/// (the calling thread's) with it; it returns the program and the namespace's cookie, or `None`
+/// where it cannot run, said with `-v` ([`drops::start_for_run`]).
+fn start_drops(filter: Option<&CompiledFilter>) -> Result<JoinHandle<Option<(DropTracer, u64)>>, RunError> {
     let netns = instrument::state::netns_cookie()?;
     let verbose = log::log_enabled!(log::Level::Info);
-    Ok(drops::start_for_run(filter.map(CompiledFilter::instructions), netns, verbose).map(|tracer| (tracer, netns)))
+    let selection = filter.map(|f| f.instructions().to_vec());
+    thread::Builder::new()
+        .name("iptrace-drops".into())
+        .spawn(move || drops::start_for_run(selection.as_deref(), netns, verbose).map(|tracer| (tracer, netns)))
+        .map_err(|e| RunError::Thread("drop program loader", e))
 }
 
 /// Signals that end a run as a stop (exit 0): every one whose default action would end iptrace
