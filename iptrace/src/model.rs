@@ -558,7 +558,7 @@ pub(crate) mod tests {
         let last_seen = Fate::LastSeen { last: 0, base: 0, hook: Hook::PreRouting };
         let after = Box::new(last_seen);
         assert_eq!(
-            dropped(&[nat.clone()], "IP_INNOROUTES").fate,
+            dropped(std::slice::from_ref(&nat), "IP_INNOROUTES").fate,
             Fate::DroppedAfterNetfilter { reason: "IP_INNOROUTES".into(), after }
         );
         // A rule's DROP is the fate; the kernel's NETFILTER_DROP for it is not a second one.

@@ -567,7 +567,7 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
             fate(&PacketReport::dropped(steps.to_vec(), true, &kernel_dropped(&syn, reason), &mut Names))
         };
         assert_eq!(
-            ending(&[nat.clone()], "IP_INNOROUTES"),
+            ending(std::slice::from_ref(&nat), "IP_INNOROUTES"),
             "verdict: ACCEPT by netfilter, then dropped: IP_INNOROUTES (after nat PREROUTING DNAT to 172.20.0.2:6443)"
         );
         assert_eq!(

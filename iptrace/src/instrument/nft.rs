@@ -400,8 +400,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        instrument::{Limit, Marker},
         netfilter::netlink::{attribute, nfnetlink_request},
+        instrument::{Limit, Marker},
     };
 
     #[test]
