@@ -43,7 +43,10 @@ pub enum ScenarioError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scenario {
     Baseline,
+    /// One flow with drop reasons on (iptrace's default; issue 15's cost of `skb:kfree_skb`).
     IptraceOneFlow,
+    /// The same with `--no-drops`: the difference is what reporting drops costs.
+    IptraceOneFlowNoDrops,
     IptraceAll,
     /// As [`Scenario::IptraceAll`], written as JSON lines (`--json`).
     IptraceAllJson,
@@ -57,9 +60,10 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::Baseline,
         Scenario::IptraceOneFlow,
+        Scenario::IptraceOneFlowNoDrops,
         Scenario::IptraceAll,
         Scenario::IptraceAllJson,
         Scenario::NftMonitorOneFlow,
@@ -75,6 +79,7 @@ impl Scenario {
         match self {
             Scenario::Baseline => "baseline",
             Scenario::IptraceOneFlow => "iptrace_one_flow",
+            Scenario::IptraceOneFlowNoDrops => "iptrace_one_flow_no_drops",
             Scenario::IptraceAll => "iptrace_all",
             Scenario::IptraceAllJson => "iptrace_all_json",
             Scenario::NftMonitorOneFlow => "nft_monitor_one_flow",
@@ -91,6 +96,7 @@ impl Scenario {
         matches!(
             self,
             Scenario::IptraceOneFlow
+                | Scenario::IptraceOneFlowNoDrops
                 | Scenario::NftMonitorOneFlow
                 | Scenario::IptraceBothEnginesOneFlow
                 | Scenario::TraceFloorOneFlow
@@ -196,6 +202,7 @@ impl Bench {
             // iptrace's default does on this mixed host: it traces every packet through both.
             Scenario::IptraceOneFlow | Scenario::IptraceAll => self.run_iptrace(scenario, &["--backend", "legacy"]),
             Scenario::IptraceAllJson => self.run_iptrace(scenario, &["--backend", "legacy", "--json"]),
+            Scenario::IptraceOneFlowNoDrops => self.run_iptrace(scenario, &["--backend", "legacy", "--no-drops"]),
             Scenario::IptraceAllNoSocketFilter => {
                 self.run_iptrace(scenario, &["--backend", "legacy", "--no-socket-filter"])
             }

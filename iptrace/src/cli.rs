@@ -245,8 +245,7 @@ pub struct Cli {
 
     /// Do not report why the kernel dropped a traced packet after (or without) netfilter (no
     /// route, rp_filter, no socket, TTL): leaves the skb:kfree_skb eBPF program out.
-    // Hidden until the pipeline ends blocks with the drop (`drops::start_for_run`).
-    #[arg(long, hide = true)]
+    #[arg(long, hide_short_help = true, help_heading = "Tracing")]
     pub no_drops: bool,
 }
 

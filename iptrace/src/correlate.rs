@@ -31,6 +31,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -254,6 +255,30 @@ impl Correlator {
     pub fn flush_idle(&mut self, now: Instant) -> Vec<PacketTrace> {
         let linger = self.linger;
         self.close_where(|p| now.saturating_duration_since(p.last_seen) >= linger)
+    }
+
+    /// Closes the open packet a drop ended (design.md §8), of those whose first event has
+    /// `family` and `identity`: one whose events `ended` accepts, of those the one whose last
+    /// event shows `addresses` (lookalike packets differ only in them), else the newest.
+    pub fn close_ended(
+        &mut self,
+        family: Family,
+        identity: u64,
+        addresses: (IpAddr, IpAddr),
+        ended: impl Fn(&[TraceEvent]) -> bool,
+    ) -> Option<PacketTrace> {
+        let key = (family, identity);
+        let packets = self.open.get_mut(&key)?;
+        let shows = |p: &OpenPacket| p.events.last().is_some_and(|l| (l.packet.src, l.packet.dst) == addresses);
+        let (index, _) =
+            packets.iter().enumerate().filter(|(_, p)| ended(&p.events)).max_by_key(|(_, p)| (shows(p), p.serial))?;
+        let packet = packets.swap_remove(index);
+        if packets.is_empty() {
+            self.open.remove(&key);
+        }
+        self.open_count -= 1;
+        self.forget_trace_id(&packet);
+        Some(packet.closed())
     }
 
     /// Closes every open packet (at exit).

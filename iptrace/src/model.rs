@@ -17,6 +17,7 @@ pub use crate::{
 };
 use crate::{
     decode::{Origin, TraceEvent},
+    drops::DropEvent,
     resolve::Step,
 };
 
@@ -115,7 +116,20 @@ pub struct PacketReport {
     pub conntrack: Option<Conntrack>,
     /// In kernel order; iptrace's own rules are not among them.
     pub steps: Vec<StepReport>,
+    /// The kernel dropped it (`skb:kfree_skb`, design.md §8), after or without netfilter's steps.
+    pub drop: Option<KernelDrop>,
     pub fate: Fate,
+}
+
+/// How the kernel dropped a packet: its reason and where, and the packet as it was then.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelDrop {
+    /// `enum skb_drop_reason` without `SKB_DROP_REASON_` (`NO_SOCKET`, `IP_INNOROUTES`, ...).
+    pub reason: String,
+    /// The packet's device then (the input device until routing set the output one).
+    pub device: Option<Interface>,
+    /// After any NAT, with its TTL as then.
+    pub packet: PacketHeader,
 }
 
 /// The packet as it arrived: at iptrace's own nf_tables marking rule (before every other
@@ -194,6 +208,13 @@ pub enum Fate {
     Incomplete,
     /// No table ended its traversal in a traced step.
     NoneSeen,
+    /// Netfilter let the packet through, then the kernel dropped it ([`PacketReport::drop`]):
+    /// `after` is the fate its steps alone show ([`Fate::Decided`] by an accepting verdict,
+    /// [`Fate::LastSeen`] or [`Fate::NoneSeen`]).
+    DroppedAfterNetfilter { reason: String, after: Box<Fate> },
+    /// The kernel dropped the packet before any table of the rule set saw it (before
+    /// PREROUTING, or at a hook no table is at).
+    DroppedOutsideNetfilter { reason: String },
 }
 
 /// How the step that decided the fate was chosen.
@@ -218,6 +239,41 @@ impl PacketReport {
         steps: Vec<Step>,
         complete: bool,
         received: SystemTime,
+        names: &mut impl InterfaceNames,
+    ) -> Option<Self> {
+        Self::ending(steps, complete, received, None, names)
+    }
+
+    /// [`PacketReport::new`] for a packet the kernel dropped (`drop`) after the steps, if any: a
+    /// report also where no table of the rule set saw it, with the packet as it arrived at the
+    /// marking rule, else as it was dropped.
+    pub fn dropped(
+        steps: Vec<Step>,
+        complete: bool,
+        received: SystemTime,
+        drop: &DropEvent,
+        names: &mut impl InterfaceNames,
+    ) -> Self {
+        let family = drop.family();
+        Self::ending(steps, complete, received, Some(drop), names).unwrap_or_else(|| {
+            let device = drop.ifindex.map(|index| Interface { index, name: names.name(index) });
+            let arrived = Arrival {
+                header: drop.packet.clone(),
+                in_interface: device,
+                out_interface: None,
+                mark: 0,
+                at_marking: false,
+            };
+            let (drop, fate) = kernel_drop(drop, &[], Fate::NoneSeen, names);
+            Self { received, family, arrived, conntrack: None, steps: Vec::new(), drop: Some(drop), fate }
+        })
+    }
+
+    fn ending(
+        steps: Vec<Step>,
+        complete: bool,
+        received: SystemTime,
+        drop: Option<&DropEvent>,
         names: &mut impl InterfaceNames,
     ) -> Option<Self> {
         let first = steps.first()?;
@@ -265,12 +321,46 @@ impl PacketReport {
             };
             reports.push(StepReport { place, hook, position, kernel_verdict, changed_before, changed_by });
         }
-        if reports.is_empty() {
+        if reports.is_empty() && drop.is_none() {
             return None;
         }
-        let fate = if complete { fate(&reports) } else { Fate::Incomplete };
-        Some(Self { received, family, arrived, conntrack, steps: reports, fate })
+        let fate = if !complete {
+            Fate::Incomplete
+        } else if reports.is_empty() {
+            Fate::NoneSeen
+        } else {
+            fate(&reports)
+        };
+        let (drop, fate) = match drop {
+            Some(drop) if complete => {
+                let (drop, fate) = kernel_drop(drop, &reports, fate, names);
+                (Some(drop), fate)
+            }
+            Some(drop) => (Some(kernel_drop(drop, &reports, Fate::Incomplete, names).0), fate),
+            None => (None, fate),
+        };
+        Some(Self { received, family, arrived, conntrack, steps: reports, drop, fate })
     }
+}
+
+/// The drop as the model keeps it, and the fate it makes of `netfilter`, the fate of `steps`:
+/// a netfilter DROP or REJECT already says it (the kernel's NETFILTER_DROP is that verdict, shown
+/// once); else the kernel dropped what netfilter let through, or what no table saw.
+fn kernel_drop(
+    drop: &DropEvent,
+    steps: &[StepReport],
+    netfilter: Fate,
+    names: &mut impl InterfaceNames,
+) -> (KernelDrop, Fate) {
+    let device = drop.ifindex.map(|index| Interface { index, name: names.name(index) });
+    let kept = KernelDrop { reason: drop.reason.clone(), device, packet: drop.packet.clone() };
+    let reason = drop.reason.clone();
+    let fate = match netfilter {
+        Fate::Decided { by: Decision::Dropped, .. } | Fate::Incomplete => netfilter,
+        _ if steps.is_empty() => Fate::DroppedOutsideNetfilter { reason },
+        after => Fate::DroppedAfterNetfilter { reason, after: Box::new(after) },
+    };
+    (kept, fate)
 }
 
 /// The packet's fate: the first drop, else (where the fate is decided at all) the last
@@ -447,6 +537,65 @@ pub(crate) mod tests {
         assert!(report.arrived.at_marking);
         assert_eq!(report.arrived.in_interface, Some(Interface { index: 2, name: "veth2".into() }));
         assert_eq!(PacketReport::new(vec![marked(&p)], true, SystemTime::UNIX_EPOCH, &mut Names), None);
+    }
+
+    /// The kernel's drop of `packet` for `reason`, on interface 2.
+    pub(crate) fn kernel_dropped(packet: &[u8], reason: &str) -> DropEvent {
+        DropEvent {
+            time: std::time::Duration::ZERO,
+            netns: 1,
+            reason_code: 0,
+            reason: reason.into(),
+            ifindex: Some(2),
+            location: 0,
+            packet: PacketHeader::parse(packet).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_kernel_drop_is_the_fate_once() {
+        let p = udp_v4([10, 5, 1, 7], 40000, 64);
+        let nat = step(Hook::PreRouting, Table::Nat, "PREROUTING", &p, 0, Position::Policy(Verdict::Accept));
+        let accept = step(Hook::LocalIn, Table::Filter, "INPUT", &p, 0, rule(1, "-p udp -j ACCEPT"));
+        let drop = step(Hook::Forward, Table::Filter, "FORWARD", &p, 0, rule(2, "-j DROP"));
+        let dropped = |steps: &[Step], reason: &str| {
+            PacketReport::dropped(steps.to_vec(), true, SystemTime::UNIX_EPOCH, &kernel_dropped(&p, reason), &mut Names)
+        };
+        // Accepted, then no socket: the drop after the filter table's decision.
+        let report = dropped(&[nat.clone(), accept.clone()], "NO_SOCKET");
+        let accepted = Fate::Decided { step: 1, verdict: Verdict::Accept, by: Decision::Filtered };
+        assert_eq!(report.fate, Fate::DroppedAfterNetfilter { reason: "NO_SOCKET".into(), after: Box::new(accepted) });
+        let device = Some(Interface { index: 2, name: "veth2".into() });
+        assert_eq!(
+            report.drop,
+            Some(KernelDrop { reason: "NO_SOCKET".into(), device, packet: report.arrived.header.clone() })
+        );
+        // No route after PREROUTING: the drop after where it was last seen.
+        let last_seen = Fate::LastSeen { last: 0, base: 0, hook: Hook::PreRouting };
+        let after = Box::new(last_seen);
+        assert_eq!(
+            dropped(std::slice::from_ref(&nat), "IP_INNOROUTES").fate,
+            Fate::DroppedAfterNetfilter { reason: "IP_INNOROUTES".into(), after }
+        );
+        // A rule's DROP is the fate; the kernel's NETFILTER_DROP for it is not a second one.
+        let by_rule = Fate::Decided { step: 1, verdict: Verdict::Drop, by: Decision::Dropped };
+        assert_eq!(dropped(&[nat, drop], "NETFILTER_DROP").fate, by_rule);
+        // Only the marking, or nothing: a block of its own.
+        for steps in [vec![marked(&p)], vec![]] {
+            let report = dropped(&steps, "IP_RPFILTER");
+            assert_eq!(report.fate, Fate::DroppedOutsideNetfilter { reason: "IP_RPFILTER".into() });
+            assert_eq!(report.arrived.at_marking, !steps.is_empty());
+            assert!(report.steps.is_empty());
+        }
+        // Lost events stay the fate.
+        let incomplete = PacketReport::dropped(
+            vec![accept],
+            false,
+            SystemTime::UNIX_EPOCH,
+            &kernel_dropped(&p, "NO_SOCKET"),
+            &mut Names,
+        );
+        assert_eq!(incomplete.fate, Fate::Incomplete);
     }
 
     #[test]

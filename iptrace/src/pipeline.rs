@@ -16,6 +16,7 @@ use std::{
 use crate::{
     correlate::{Correlator, PacketTrace},
     decode::{DecodeCounts, Decoder, TraceEvent},
+    drops::DropEvent,
     model::{InterfaceNames, PacketReport},
     resolve::{ResolveError, Resolver},
 };
@@ -87,6 +88,14 @@ pub struct Pipeline<'a, N> {
     out_ifindex: Option<&'a AtomicU32>,
     /// A monotonic read time and the wall-clock time at it: reports' times count from there.
     clock: (Instant, SystemTime),
+    /// The cookie of the namespace whose drops end its packets' blocks, if drops are reported.
+    drops_netns: Option<u64>,
+    /// Whether a drop no open packet has is a block of its own: not where the marking selects
+    /// more narrowly than the drop program can (`--limit`, `-i`, `--chain`).
+    drops_alone: bool,
+    /// Drops read from the kernel by an instant, each waiting until the trace events queued
+    /// before it are processed ([`Pipeline::flush_idle`]).
+    drops: Vec<(DropEvent, Instant)>,
 }
 
 impl<'a, N: InterfaceNames> Pipeline<'a, N> {
@@ -101,13 +110,15 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             events: Vec::new(),
             out_ifindex: None,
             clock: (Instant::now(), SystemTime::now()),
+            drops_netns: None,
+            drops_alone: false,
+            drops: Vec::new(),
         }
     }
 
     /// The wall-clock time at read time `at` (the `now` of [`Pipeline::feed`]): a report's time
-    /// is its first event's read time on this clock. The live run sets it with every batch (so a
-    /// step of the system clock shows from then on); a replay sets it once, for times that do not
-    /// depend on when it runs.
+    /// is its first event's read time on this clock. A run sets it once, at its start (and a
+    /// recording keeps that wall-clock time, so that a replay dates packets as the run did).
     pub fn set_clock(&mut self, at: Instant, wall: SystemTime) {
         self.clock = (at, wall);
     }
@@ -118,6 +129,22 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         match at.checked_duration_since(anchor) {
             Some(after) => wall + after,
             None => wall.checked_sub(anchor - at).unwrap_or(SystemTime::UNIX_EPOCH),
+        }
+    }
+
+    /// Ends the blocks of packets the kernel dropped in the namespace whose cookie is `netns`
+    /// with the drop ([`Pipeline::dropped`]); a drop of a packet no table traced is a block of
+    /// its own where `alone`.
+    pub fn ending_with_drops_in(self, netns: u64, alone: bool) -> Self {
+        Self { drops_netns: Some(netns), drops_alone: alone, ..self }
+    }
+
+    /// A drop the kernel reported, read by `read_at`. It ends its packet's block once every
+    /// trace event the kernel queued before it is processed, when the packet is closed at once;
+    /// a selected packet no table traced gets a block of its own.
+    pub fn dropped(&mut self, drop: DropEvent, read_at: Instant) {
+        if self.drops_netns == Some(drop.netns) {
+            self.drops.push((drop, read_at));
         }
     }
 
@@ -180,7 +207,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         for mut e in events.drain(..) {
             e.epoch = epoch;
             if let Some(early) = self.correlator.push(e, now)
-                && self.emit(early, sink)?.is_break()
+                && self.emit(early, None, sink)?.is_break()
             {
                 return Ok(ControlFlow::Break(()));
             }
@@ -189,20 +216,57 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         Ok(ControlFlow::Continue(()))
     }
 
-    /// Reports the packets quiet for `linger` before `read_up_to`.
+    /// Reports the packets dropped before `read_up_to`, then those quiet for `linger` before it
+    /// (with every trace event read by `read_up_to` processed).
     pub fn flush_idle(
         &mut self,
         read_up_to: Instant,
         sink: &mut impl ReportSink,
     ) -> Result<ControlFlow<()>, PipelineError> {
+        if self.end_dropped(Some(read_up_to), sink)?.is_break() {
+            return Ok(ControlFlow::Break(()));
+        }
         let traces = self.correlator.flush_idle(read_up_to);
         self.emit_all(traces, sink)
     }
 
     /// Reports every packet still open.
     pub fn flush_all(&mut self, sink: &mut impl ReportSink) -> Result<ControlFlow<()>, PipelineError> {
+        if self.end_dropped(None, sink)?.is_break() {
+            return Ok(ControlFlow::Break(()));
+        }
         let traces = self.correlator.flush_all();
         self.emit_all(traces, sink)
+    }
+
+    /// Closes the packets of the drops read by `read_up_to` (`None`: all), each ended by its
+    /// drop: the newest open packet the drop joins ([`DropEvent::joins`]), else a block of its own.
+    fn end_dropped(
+        &mut self,
+        read_up_to: Option<Instant>,
+        sink: &mut impl ReportSink,
+    ) -> Result<ControlFlow<()>, PipelineError> {
+        let Some(netns) = self.drops_netns else { return Ok(ControlFlow::Continue(())) };
+        let due = |read_at: &Instant| read_up_to.is_none_or(|up_to| *read_at <= up_to);
+        let (ready, waiting) = std::mem::take(&mut self.drops).into_iter().partition(|(_, at)| due(at));
+        self.drops = waiting;
+        for (drop, read_at) in ready {
+            let ended = self.correlator.close_ended(
+                drop.family(),
+                drop.packet.identity(),
+                (drop.packet.src, drop.packet.dst),
+                |events| drop.joins(events, netns),
+            );
+            let trace = match ended {
+                Some(trace) => trace,
+                None if self.drops_alone => PacketTrace { events: Vec::new(), first_seen: read_at, incomplete: false },
+                None => continue,
+            };
+            if self.emit(trace, Some(&drop), sink)?.is_break() {
+                return Ok(ControlFlow::Break(()));
+            }
+        }
+        Ok(ControlFlow::Continue(()))
     }
 
     fn emit_all(
@@ -211,22 +275,33 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         sink: &mut impl ReportSink,
     ) -> Result<ControlFlow<()>, PipelineError> {
         for trace in traces {
-            if self.emit(trace, sink)?.is_break() {
+            if self.emit(trace, None, sink)?.is_break() {
                 return Ok(ControlFlow::Break(()));
             }
         }
         Ok(ControlFlow::Continue(()))
     }
 
-    /// Resolves one packet and hands its report to `sink`.
-    fn emit(&mut self, trace: PacketTrace, sink: &mut impl ReportSink) -> Result<ControlFlow<()>, PipelineError> {
+    /// Resolves one packet, ended by `drop` if the kernel dropped it, and hands its report to
+    /// `sink`.
+    fn emit(
+        &mut self,
+        trace: PacketTrace,
+        drop: Option<&DropEvent>,
+        sink: &mut impl ReportSink,
+    ) -> Result<ControlFlow<()>, PipelineError> {
         let out_ifindex = self.out_ifindex.map(|o| o.load(Ordering::Relaxed));
         if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
             return Ok(ControlFlow::Continue(()));
         }
         let received = self.wall_time(trace.first_seen);
         let steps = trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)).collect();
-        match PacketReport::new(steps, !trace.incomplete, received, &mut self.names) {
+        let complete = !trace.incomplete;
+        let report = match drop {
+            Some(drop) => Some(PacketReport::dropped(steps, complete, received, drop, &mut self.names)),
+            None => PacketReport::new(steps, complete, received, &mut self.names),
+        };
+        match report {
             Some(report) => sink.report(report).map_err(PipelineError::Output),
             None => Ok(ControlFlow::Continue(())),
         }

@@ -18,7 +18,7 @@ use iptrace::{
     instrument::state::netns_cookie,
     netns::interface_index,
 };
-use iptrace_tests::{Lab, Role, lab, require_root};
+use iptrace_tests::{Lab, Role, Tracer, blocks, lab, require_root, wait_until_read};
 
 /// Sends one UDP datagram from a role's namespace, with the given IPv4 TTL (else the default).
 fn send(lab: &Lab, role: Role, src: &str, dst: &str, ttl: Option<u32>) {
@@ -201,4 +201,191 @@ fn the_kernel_reason_of_each_drop_in_the_traced_namespace() {
     for (role, before) in [Role::Client, Role::Server].into_iter().zip(others_before) {
         assert_eq!(changed(&before, &snmp(&lab, role), &counters), ["Udp NoPorts +1"], "{role:?}");
     }
+}
+
+/// The router of [`blocks_end_with_the_kernel_drop`]: an nf_tables filter table that accepts
+/// (but drops UDP to port 9005 in forward), and a DNAT to an endpoint the router has no route to.
+const ROUTER_RULES: &str = "table inet xdj_fw {
+ chain input { type filter hook input priority 0; policy accept; }
+ chain forward { type filter hook forward priority 0; policy accept; udp dport 9005 drop; }
+}
+table ip xdj_nat {
+ chain prerouting { type nat hook prerouting priority dstnat; udp dport 9020 dnat to 172.20.0.2:6443; }
+}
+";
+
+/// Sends the packets of [`blocks_end_with_the_kernel_drop`] through a running `iptrace`, stops
+/// it, and returns each block as `DPT=<port>` and its steps, sorted, with the router's SNMP
+/// counters that changed meanwhile.
+fn traced_drops(lab: &Lab, extra: &[&str]) -> (Vec<String>, Vec<String>) {
+    let ns = lab.ns(Role::Router);
+    let mut args = vec!["--netns", &ns];
+    args.extend_from_slice(extra);
+    args.push("udp and (src host 10.5.1.7 or src host 10.9.9.9)");
+    let tracer = Tracer::start(&args);
+    let before = snmp(lab, Role::Router);
+    send(lab, Role::Client, "10.5.1.7:0", "10.5.1.1:9001", None); // no socket on the router
+    send(lab, Role::Client, "10.5.1.7:0", "192.0.2.1:9002", None); // no route onwards
+    send(lab, Role::Client, "10.9.9.9:0", "172.16.2.2:9003", None); // fails rp_filter
+    send(lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9004", Some(1)); // TTL runs out
+    send(lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9005", None); // nft drop in forward
+    send(lab, Role::Client, "10.5.1.7:0", "10.5.1.1:9020", None); // DNAT to an unroutable endpoint
+    send(lab, Role::Client, "10.5.1.8:0", "10.5.1.1:9006", None); // unselected: no socket either
+    send(lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9007", None); // forwarded, dropped in the server
+    // A packet of a connection conntrack knows (the nat table sees only its first) whose TTL
+    // runs out: no table of the rule set sees it.
+    send(lab, Role::Client, "10.5.1.7:40008", "172.16.2.2:9008", None);
+    send(lab, Role::Client, "10.5.1.7:40008", "172.16.2.2:9008", Some(1));
+    wait_until_read(lab, Role::Router);
+    let out = tracer.stop(libc::SIGINT);
+    assert!(out.status.success(), "{out:?}");
+    let after = snmp(lab, Role::Router);
+    let mut shown: Vec<String> = blocks(&out.stdout)
+        .iter()
+        .map(|block| {
+            let fields = ["IN=", "SRC=", "DST=", "TTL=", "DPT="]
+                .map(|name| block.packet.split_whitespace().find(|w| w.starts_with(name)).unwrap_or(name));
+            format!("{}\n{}", fields.join(" "), block.body())
+        })
+        .collect();
+    shown.sort();
+    let counters = ["Ip InHdrErrors", "IpExt InNoRoutes", "TcpExt IPReversePathFilter", "Udp NoPorts"];
+    (shown, changed(&before, &after, &counters))
+}
+
+#[test]
+fn blocks_end_with_the_kernel_drop() {
+    if !require_root("blocks_end_with_the_kernel_drop") {
+        return;
+    }
+    let lab = lab("xdj-blocks");
+    lab.in_ns(Role::Router, || {
+        std::fs::write("/proc/sys/net/ipv4/conf/all/rp_filter", "1").unwrap();
+        std::fs::write("/proc/sys/net/ipv4/conf/vif0/rp_filter", "1").unwrap();
+    })
+    .unwrap();
+    lab.exec(Role::Client, &["ip", "addr", "add", "10.9.9.9/32", "dev", "eth0"], "").unwrap();
+    lab.exec(Role::Router, &["nft", "-f", "-"], ROUTER_RULES).unwrap();
+    let handle = |chain: &str| {
+        let out = lab.exec(Role::Router, &["nft", "-a", "list", "chain", "inet", "xdj_fw", chain], "").unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let line = text.lines().find(|l| l.contains("dport 9005")).map(str::to_owned);
+        line.and_then(|l| l.rsplit(' ').next().map(str::to_owned)).unwrap_or_default()
+    };
+
+    let drop = handle("forward");
+
+    let (with_drops, counters) = traced_drops(&lab, &[]);
+    // Each drop once, at the end of its packet's block; the netfilter DROP (the kernel's
+    // NETFILTER_DROP) as its verdict only; nothing for the unselected packet to 9006.
+    let expected = [
+        "IN=vif0 SRC=10.5.1.7 DST=10.5.1.1 TTL=64 DPT=9001
+        nft ip xdj_nat prerouting
+                policy accept
+        nft inet xdj_fw input
+                policy accept
+        verdict: ACCEPT by netfilter, then dropped: NO_SOCKET (after ACCEPT by nft inet xdj_fw input policy)".to_owned(),
+        "IN=vif0 SRC=10.5.1.7 DST=10.5.1.1 TTL=64 DPT=9020
+        nft ip xdj_nat prerouting (handle 2)
+                udp dport 9020 dnat to 172.20.0.2:6443
+                => accept
+        verdict: ACCEPT by netfilter, then dropped: IP_INNOROUTES (after nft ip xdj_nat prerouting accept at prerouting (handle 2))".to_owned(),
+        "IN=vif0 SRC=10.5.1.7 DST=172.16.2.2 TTL=1 DPT=9004
+        nft ip xdj_nat prerouting
+                policy accept
+        verdict: ACCEPT by netfilter, then dropped: IP_INHDR (after nft ip xdj_nat prerouting policy accept)".to_owned(),
+        "IN=vif0 SRC=10.5.1.7 DST=172.16.2.2 TTL=1 DPT=9008
+        verdict: dropped: IP_INHDR (no table of the rule set saw it)".to_owned(),
+        format!(
+            "IN=vif0 SRC=10.5.1.7 DST=172.16.2.2 TTL=64 DPT=9005
+        nft ip xdj_nat prerouting
+                policy accept
+        nft inet xdj_fw forward (handle {drop})
+                udp dport 9005 drop
+                => drop
+        verdict: DROP at nft inet xdj_fw forward (handle {drop})"
+        ),
+        "IN=vif0 SRC=10.5.1.7 DST=172.16.2.2 TTL=64 DPT=9007
+        nft ip xdj_nat prerouting
+                policy accept
+        nft inet xdj_fw forward
+                policy accept
+        verdict: ACCEPT by nft inet xdj_fw forward policy".to_owned(),
+        "IN=vif0 SRC=10.5.1.7 DST=172.16.2.2 TTL=64 DPT=9008
+        nft ip xdj_nat prerouting
+                policy accept
+        nft inet xdj_fw forward
+                policy accept
+        verdict: ACCEPT by nft inet xdj_fw forward policy".to_owned(),
+        "IN=vif0 SRC=10.5.1.7 DST=192.0.2.1 TTL=64 DPT=9002
+        nft ip xdj_nat prerouting
+                policy accept
+        verdict: ACCEPT by netfilter, then dropped: IP_INNOROUTES (after nft ip xdj_nat prerouting policy accept)".to_owned(),
+        "IN=vif0 SRC=10.9.9.9 DST=172.16.2.2 TTL=64 DPT=9003
+        nft ip xdj_nat prerouting
+                policy accept
+        verdict: ACCEPT by netfilter, then dropped: IP_RPFILTER (after nft ip xdj_nat prerouting policy accept)".to_owned(),
+    ];
+    assert_eq!(with_drops.join("\n\n"), expected.join("\n\n"));
+    let expected_counters =
+        ["Ip InHdrErrors +2", "IpExt InNoRoutes +2", "TcpExt IPReversePathFilter +1", "Udp NoPorts +2"];
+    // The oracle: the router counted each drop (the unselected one to 9006 too).
+    assert_eq!(counters, expected_counters);
+
+    // As before drops were reported. Conntrack knows the connection to 9008 now: the nat table
+    // does not see its first packet either, and its dropped one has no block.
+    let (without, counters) = traced_drops(&lab, &["--no-drops"]);
+    let expected = [
+        "IN=vif0 SRC=10.5.1.7 DST=10.5.1.1 TTL=64 DPT=9001
+        nft ip xdj_nat prerouting
+                policy accept
+        nft inet xdj_fw input
+                policy accept
+        verdict: ACCEPT by nft inet xdj_fw input policy"
+            .to_owned(),
+        "IN=vif0 SRC=10.5.1.7 DST=10.5.1.1 TTL=64 DPT=9020
+        nft ip xdj_nat prerouting (handle 2)
+                udp dport 9020 dnat to 172.20.0.2:6443
+                => accept
+        last seen: nft ip xdj_nat prerouting (accept at prerouting (handle 2)); no later netfilter hook saw it"
+            .to_owned(),
+        "IN=vif0 SRC=10.5.1.7 DST=172.16.2.2 TTL=1 DPT=9004
+        nft ip xdj_nat prerouting
+                policy accept
+        last seen: nft ip xdj_nat prerouting (policy accept); no later netfilter hook saw it"
+            .to_owned(),
+        format!(
+            "IN=vif0 SRC=10.5.1.7 DST=172.16.2.2 TTL=64 DPT=9005
+        nft ip xdj_nat prerouting
+                policy accept
+        nft inet xdj_fw forward (handle {drop})
+                udp dport 9005 drop
+                => drop
+        verdict: DROP at nft inet xdj_fw forward (handle {drop})"
+        ),
+        "IN=vif0 SRC=10.5.1.7 DST=172.16.2.2 TTL=64 DPT=9007
+        nft ip xdj_nat prerouting
+                policy accept
+        nft inet xdj_fw forward
+                policy accept
+        verdict: ACCEPT by nft inet xdj_fw forward policy"
+            .to_owned(),
+        "IN=vif0 SRC=10.5.1.7 DST=172.16.2.2 TTL=64 DPT=9008
+        nft inet xdj_fw forward
+                policy accept
+        verdict: ACCEPT by nft inet xdj_fw forward policy"
+            .to_owned(),
+        "IN=vif0 SRC=10.5.1.7 DST=192.0.2.1 TTL=64 DPT=9002
+        nft ip xdj_nat prerouting
+                policy accept
+        last seen: nft ip xdj_nat prerouting (policy accept); no later netfilter hook saw it"
+            .to_owned(),
+        "IN=vif0 SRC=10.9.9.9 DST=172.16.2.2 TTL=64 DPT=9003
+        nft ip xdj_nat prerouting
+                policy accept
+        last seen: nft ip xdj_nat prerouting (policy accept); no later netfilter hook saw it"
+            .to_owned(),
+    ];
+    assert_eq!(without.join("\n\n"), expected.join("\n\n"));
+    assert_eq!(counters, expected_counters);
 }

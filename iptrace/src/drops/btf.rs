@@ -2,8 +2,6 @@
 //! values and a tracepoint's prototype from the running kernel's `/sys/kernel/btf/vmlinux`.
 //! (aya-obj parses BTF too, but keeps its type accessors crate-private.)
 
-use std::collections::HashMap;
-
 use super::DropError;
 
 const BTF_MAGIC: u16 = 0xeb9f;
@@ -48,7 +46,6 @@ pub struct Btf {
     /// Type `id` is at index `id - 1` (id 0 is `void`).
     types: Vec<Type>,
     strings: Vec<u8>,
-    by_name: HashMap<(u32, String), u32>,
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
@@ -81,10 +78,10 @@ impl Btf {
             let kind_flag = info >> 31 == 1;
             let vlen = (info & 0xffff) as usize;
             at += 12;
-            let record = |i: usize, words: usize| -> Result<Vec<u32>, DropError> {
-                (0..words)
-                    .map(|w| u32_at(type_bytes, at + 4 * (i * words + w)).ok_or(malformed("truncated type")))
-                    .collect()
+            // Word `w` of record `i` of `words` words each (no allocation: vmlinux has ~10^5 types).
+            let record = |i: usize, words: usize| -> Result<[u32; 3], DropError> {
+                let word = |w: usize| u32_at(type_bytes, at + 4 * (i * words + w)).ok_or(malformed("truncated type"));
+                Ok([word(0)?, word(1)?, if words > 2 { word(2)? } else { 0 }])
             };
             let (members, extra) = match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => (Vec::new(), 4),
@@ -129,16 +126,7 @@ impl Btf {
             at += extra;
             types.push(Type { name, kind, size_or_type, members });
         }
-        let mut btf = Self { types, strings, by_name: HashMap::new() };
-        let mut by_name = HashMap::new();
-        for (index, ty) in btf.types.iter().enumerate() {
-            let name = btf.string(ty.name);
-            if !name.is_empty() {
-                by_name.entry((ty.kind, name.to_owned())).or_insert(index as u32 + 1);
-            }
-        }
-        btf.by_name = by_name;
-        Ok(btf)
+        Ok(Self { types, strings })
     }
 
     fn string(&self, offset: u32) -> &str {
@@ -163,8 +151,10 @@ impl Btf {
         None
     }
 
+    /// The first type of `kind` called `name` (a few look-ups a run: a scan, not an index).
     fn named(&self, kind: u32, name: &str) -> Option<u32> {
-        self.by_name.get(&(kind, name.to_owned())).copied()
+        let index = self.types.iter().position(|ty| ty.kind == kind && self.string(ty.name) == name)?;
+        u32::try_from(index + 1).ok()
     }
 
     /// Byte offset and type of `path` (member names; anonymous structs and unions between them

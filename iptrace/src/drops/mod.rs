@@ -33,8 +33,7 @@ use iptrace_common::{
 pub use self::btf::Btf;
 use crate::{
     bpf::{self, BpfError},
-    correlate::PacketTrace,
-    decode::{Family, PacketHeader},
+    decode::{Family, PacketHeader, TraceEvent},
 };
 
 /// The kernel's BTF, which describes its types.
@@ -143,7 +142,7 @@ pub fn start_for_run(selection: Option<&[CbpfInsn]>, netns: u64, verbose: bool) 
         Ok(tracer) => Some(tracer),
         Err(e) => {
             if verbose {
-                crate::note!("drop reasons off: {}", crate::WithCauses(&e));
+                crate::note!("iptrace: drop reasons off: {}", crate::WithCauses(&e));
             }
             None
         }
@@ -194,13 +193,12 @@ impl DropEvent {
         if self.packet.src.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 }
     }
 
-    /// Whether this drop is the end of `trace`, a packet traced in namespace `netns`: same
-    /// namespace, family and NAT-invariant packet key as its events ([`PacketHeader::identity`],
-    /// as the correlator joins events).
-    pub fn joins(&self, trace: &PacketTrace, netns: u64) -> bool {
+    /// Whether this drop is the end of the packet with `events`, traced in namespace `netns`:
+    /// same namespace, family and NAT-invariant packet key as its events
+    /// ([`PacketHeader::identity`], as the correlator joins events).
+    pub fn joins(&self, events: &[TraceEvent], netns: u64) -> bool {
         self.netns == netns
-            && trace
-                .events
+            && events
                 .first()
                 .is_some_and(|e| e.family == self.family() && e.packet.identity() == self.packet.identity())
     }

@@ -1,6 +1,7 @@
 //! The running kernel's BTF (readable without root) and the decoding of ring buffer records.
 
 use super::*;
+use crate::correlate::PacketTrace;
 
 fn facts() -> KernelFacts {
     KernelFacts::from_kernel().expect("this kernel's BTF describes the drop program's fields")
@@ -123,10 +124,10 @@ fn a_drop_joins_its_packet_across_nat() {
     // Traced before DNAT (10.96.0.1:443), dropped after it (172.20.0.2:6443) and one hop on.
     let trace = trace_of(&udp_packet(0x1234, 64, [10, 96, 0, 1], 443));
     let after_nat = udp_packet(0x1234, 63, [172, 20, 0, 2], 6443);
-    assert!(dropped(&after_nat, 7).joins(&trace, 7));
-    assert!(!dropped(&after_nat, 8).joins(&trace, 7), "another namespace");
+    assert!(dropped(&after_nat, 7).joins(&trace.events, 7));
+    assert!(!dropped(&after_nat, 8).joins(&trace.events, 7), "another namespace");
     let next_packet = udp_packet(0x1235, 63, [172, 20, 0, 2], 6443);
-    assert!(!dropped(&next_packet, 7).joins(&trace, 7), "another packet of the flow");
+    assert!(!dropped(&next_packet, 7).joins(&trace.events, 7), "another packet of the flow");
 }
 
 #[test]

@@ -217,6 +217,9 @@ struct FateRecord {
     step: Option<usize>,
     base_step: Option<usize>,
     hook: Option<&'static str>,
+    /// `dropped` only: the kernel's drop reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
 }
 
 fn packet(arrived: &Arrival) -> Packet<'_> {
@@ -409,9 +412,9 @@ fn change(change: &Change) -> ChangeRecord {
     ChangeRecord { field, from, to }
 }
 
-fn fate(fate: &Fate) -> FateRecord {
-    let none = |how| FateRecord { how, verdict: None, by: None, step: None, base_step: None, hook: None };
-    match fate {
+fn fate(of: &Fate) -> FateRecord {
+    let none = |how| FateRecord { how, verdict: None, by: None, step: None, base_step: None, hook: None, reason: None };
+    match of {
         Fate::Decided { step, verdict, by } => FateRecord {
             verdict: Some(verdict_name(verdict)),
             by: Some(match by {
@@ -427,6 +430,11 @@ fn fate(fate: &Fate) -> FateRecord {
         }
         Fate::Incomplete => none("incomplete"),
         Fate::NoneSeen => none("none"),
+        // What netfilter decided, then the kernel's drop.
+        Fate::DroppedAfterNetfilter { reason, after } => {
+            FateRecord { how: "dropped", reason: Some(reason.clone()), ..fate(after) }
+        }
+        Fate::DroppedOutsideNetfilter { reason } => FateRecord { reason: Some(reason.clone()), ..none("dropped") },
     }
 }
 

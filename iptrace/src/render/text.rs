@@ -352,13 +352,34 @@ fn verdict_name(v: &Verdict) -> &'static str {
     }
 }
 
-/// The fate line: `verdict: ACCEPT at filter FORWARD #3`, `last seen: ...`, `(incomplete: ...)`.
+/// The fate line: `verdict: ACCEPT at filter FORWARD #3`, `last seen: ...`, `(incomplete: ...)`,
+/// `verdict: ACCEPT by netfilter, then dropped: IP_INNOROUTES (after nat PREROUTING DNAT to ...)`.
 fn fate(report: &PacketReport, paint: Paint) -> String {
     match &report.fate {
-        Fate::Decided { step, verdict, .. } => decided(&report.steps[*step], verdict, paint),
-        Fate::LastSeen { last, base, hook } => last_seen(&report.steps[*last], &report.steps[*base], *hook),
+        Fate::Decided { step, verdict, .. } => format!("verdict: {}", decided(&report.steps[*step], verdict, paint)),
+        Fate::LastSeen { last, base, hook } => {
+            let (place, what) = last_seen(&report.steps[*last], &report.steps[*base], *hook);
+            format!("last seen: {place} ({what}); no later netfilter hook saw it")
+        }
         Fate::Incomplete => "(incomplete: events lost)".to_owned(),
         Fate::NoneSeen => "verdict: none seen (no table ended its traversal in a traced step)".to_owned(),
+        Fate::DroppedAfterNetfilter { reason, after } => {
+            let reason = Printable(reason);
+            match &**after {
+                Fate::Decided { step, verdict, .. } => format!(
+                    "verdict: ACCEPT by netfilter, then dropped: {reason} (after {})",
+                    decided(&report.steps[*step], verdict, paint)
+                ),
+                Fate::LastSeen { last, base, hook } => {
+                    let (place, what) = last_seen(&report.steps[*last], &report.steps[*base], *hook);
+                    format!("verdict: ACCEPT by netfilter, then dropped: {reason} (after {place} {what})")
+                }
+                _ => format!("verdict: dropped: {reason} (no table ended its traversal in a traced step)"),
+            }
+        }
+        Fate::DroppedOutsideNetfilter { reason } => {
+            format!("verdict: dropped: {} (no table of the rule set saw it)", Printable(reason))
+        }
     }
 }
 
@@ -370,6 +391,9 @@ pub(crate) fn fate_name(report: &PacketReport) -> String {
         Fate::LastSeen { .. } => "last seen (no verdict)".to_owned(),
         Fate::Incomplete => "incomplete".to_owned(),
         Fate::NoneSeen => "none seen".to_owned(),
+        Fate::DroppedAfterNetfilter { reason, .. } | Fate::DroppedOutsideNetfilter { reason } => {
+            format!("dropped: {}", Printable(reason))
+        }
     }
 }
 
@@ -389,21 +413,21 @@ fn decided(step: &StepReport, verdict: &Verdict, paint: Paint) -> String {
     let place = place(step);
     match &step.position {
         Position::Rule { number, .. } | Position::XtablesNftRule { number, .. } => {
-            format!("verdict: {name} at {place} #{number}")
+            format!("{name} at {place} #{number}")
         }
         Position::NftRule { handle, .. } | Position::NftRuleUnread { handle, .. } => {
-            format!("verdict: {name} at {place} (handle {handle})")
+            format!("{name} at {place} (handle {handle})")
         }
         Position::RuleSetChanged { kernel_number, .. } => {
-            format!("verdict: {name} at {place} kernel rule {kernel_number} (rule set changed at this moment)")
+            format!("{name} at {place} kernel rule {kernel_number} (rule set changed at this moment)")
         }
-        _ => format!("verdict: {name} by {place} policy"),
+        _ => format!("{name} by {place} policy"),
     }
 }
 
-/// `last seen: nat PREROUTING (DNAT to 172.20.0.2:6443); no later netfilter hook saw it`: the
-/// table (or native chain) of `base` at `hook`, and what `last` did.
-fn last_seen(last: &StepReport, base: &StepReport, hook: Hook) -> String {
+/// Where a packet was last seen, printable: the table (or native chain) of `base` at `hook`
+/// (`nat PREROUTING`), and what `last` did (`DNAT to 172.20.0.2:6443`).
+fn last_seen(last: &StepReport, base: &StepReport, hook: Hook) -> (String, String) {
     let b = &base.place;
     let place = match b.engine {
         Engine::Nft => place(base),
@@ -432,7 +456,7 @@ fn last_seen(last: &StepReport, base: &StepReport, hook: Hook) -> String {
         // Not a step of the rule set: never in a report's steps.
         Position::Marked => String::new(),
     };
-    format!("last seen: {} ({}); no later netfilter hook saw it", Printable(place), Printable(what))
+    (Printable(place).to_string(), Printable(what).to_string())
 }
 
 /// Changes as `SRC a -> b, DPT x -> y, MARK m -> n`.
@@ -568,7 +592,7 @@ mod tests {
         decode::{Origin, Table, packet::tests::udp_v4},
         model::{
             HookPoint,
-            tests::{Names, marked, rule, step},
+            tests::{Names, kernel_dropped, marked, rule, step},
         },
         resolve::Step,
     };
@@ -834,6 +858,57 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
         assert_eq!(out, expected);
         // Only the marking: no table of the rule set saw it, nothing to show.
         assert_eq!(render_steps(&steps[..1], true), "");
+    }
+
+    #[test]
+    fn a_kernel_drop_ends_the_block_once() {
+        let syn = udp_v4([10, 5, 1, 7], 40000, 64);
+        let dnat = rule(2, "-p udp -j DNAT --to-destination 172.20.0.2:6443");
+        let nat = step(Hook::PreRouting, Table::Nat, "KUBE-SEP-ABC", &syn, 0, dnat);
+        let accept = step(Hook::LocalIn, Table::Filter, "INPUT", &syn, 0, rule(3, "-p udp -j ACCEPT"));
+        let drop = step(Hook::Forward, Table::Filter, "FORWARD", &syn, 0, rule(4, "-j DROP"));
+        let ending = |steps: &[Step], reason: &str| {
+            fate(
+                &PacketReport::dropped(
+                    steps.to_vec(),
+                    true,
+                    SystemTime::UNIX_EPOCH,
+                    &kernel_dropped(&syn, reason),
+                    &mut Names,
+                ),
+                Paint(false),
+            )
+        };
+        assert_eq!(
+            ending(std::slice::from_ref(&nat), "IP_INNOROUTES"),
+            "verdict: ACCEPT by netfilter, then dropped: IP_INNOROUTES (after nat PREROUTING DNAT to 172.20.0.2:6443)"
+        );
+        assert_eq!(
+            ending(&[nat.clone(), accept], "NO_SOCKET"),
+            "verdict: ACCEPT by netfilter, then dropped: NO_SOCKET (after ACCEPT at filter INPUT #3)"
+        );
+        assert_eq!(ending(&[nat, drop], "NETFILTER_DROP"), "verdict: DROP at filter FORWARD #4");
+        assert_eq!(
+            ending(&[marked(&syn)], "IP_RPFILTER"),
+            "verdict: dropped: IP_RPFILTER (no table of the rule set saw it)"
+        );
+        let mut block = Vec::new();
+        let alone = PacketReport::dropped(
+            Vec::new(),
+            true,
+            SystemTime::UNIX_EPOCH,
+            &kernel_dropped(&syn, "IP_INHDR"),
+            &mut Names,
+        );
+        render_packet(&alone, &mut block).unwrap();
+        assert_eq!(
+            String::from_utf8(block).unwrap(),
+            format!(
+                "{}\n        verdict: dropped: IP_INHDR (no table of the rule set saw it)\n\n",
+                packet_line(&alone.arrived)
+            )
+        );
+        assert!(packet_line(&alone.arrived).starts_with("IN=veth2 OUT= SRC=10.5.1.7 "));
     }
 
     #[test]

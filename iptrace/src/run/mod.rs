@@ -33,6 +33,7 @@ use crate::{
     bpf::BpfError,
     capture::CaptureError,
     decode::{Decoder, Family},
+    drops::DropTracer,
     filter::{FilterError, Selection},
     heal::HealError,
     instrument::{InstrumentError, Limit, TraceChain},
@@ -176,11 +177,16 @@ fn process(
     linger: Duration,
     out_ifindex: Option<&AtomicU32>,
     recorder: Option<&Recorder>,
+    mut drops: Option<(DropTracer, u64)>,
+    drops_alone: bool,
 ) -> Result<(), RunError> {
     let names = RecordingNames::new(KernelInterfaceNames::default(), recorder.cloned());
     let mut pipeline = Pipeline::new(decoder, resolver, linger, names);
     if let Some(ifindex) = out_ifindex {
         pipeline = pipeline.leaving_through(ifindex);
+    }
+    if let Some((_, netns)) = drops {
+        pipeline = pipeline.ending_with_drops_in(netns, drops_alone);
     }
     let summary_wanted = destination.summary.clone();
     pipeline.set_clock(destination.clock.0, destination.clock.1);
@@ -207,6 +213,13 @@ fn process(
                 pipeline.check_rule_sets()?;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        // Polled here, off the reader's path; a drop read now waits in the pipeline until the
+        // trace events queued before it are read and processed.
+        if let Some((tracer, _)) = &mut drops {
+            for drop in tracer.read() {
+                pipeline.dropped(drop, Instant::now());
+            }
         }
         // Packets are closed only with everything read so far processed: the reader's progress
         // first, then the channel found empty.

@@ -10,7 +10,7 @@ use std::{
         atomic::{AtomicBool, AtomicU32, Ordering},
         mpsc,
     },
-    thread,
+    thread::{self, JoinHandle},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -27,6 +27,7 @@ use crate::{
     backend::Backends,
     capture::{StreamMarker, TraceSocket, UserspaceFilter},
     decode::Decoder,
+    drops::{self, DropTracer},
     filter::CompiledFilter,
     heal::{Healer, Watched},
     instrument::{self, InstrumentError, Instrumentation},
@@ -97,6 +98,10 @@ fn trace_instrumented(
     runtime: &tokio::runtime::Runtime,
     signals: Signals,
 ) -> Result<Arc<Stats>, RunError> {
+    // Loading the drop program (the kernel's BTF read, the verifier) takes a while: in the
+    // background while the rest is set up, and waited for before tracing starts (the ready
+    // line), so that a drop of a packet traced from then on always has its program running.
+    let drops = options.drops.then(|| start_drops(filter.as_ref())).transpose()?;
     let socket = TraceSocket::open(&backends.legacy, Duration::from_millis(100))?;
     // The generation read after joining the change notifications: events before the first
     // commit announced on the socket ran against it.
@@ -177,9 +182,13 @@ fn trace_instrumented(
             })
             .map_err(|e| RunError::Thread("reader", e))?
     };
+    let drops = drops.and_then(|loading| loading.join().ok().flatten());
     let processor = {
         let stats = stats.clone();
         let (count, linger) = (options.count, options.linger);
+        // The drop program selects by the expression only: where the marking rules select
+        // fewer packets, a drop without a traced packet may be one they left out.
+        let drops_alone = options.limit.is_none() && options.chain.is_none() && options.in_interface.is_none();
         let destination = Destination {
             out,
             format: options.format,
@@ -206,6 +215,8 @@ fn trace_instrumented(
                     linger,
                     out_ifindex.as_deref(),
                     recorder.as_ref(),
+                    drops,
+                    drops_alone,
                 );
                 // What was recorded replays up to where the run stopped, whyever it stopped.
                 let finished = recorder.map_or(Ok(()), |r| r.finish()).map_err(|e| RecordingError::Write(e).into());
@@ -251,6 +262,19 @@ fn trace_instrumented(
         crate::note!("iptrace: {} trace events were still queued at exit and are not shown", with_thousands(unread));
     }
     result.map(|()| stats)
+}
+
+/// Starts loading the drop program for this run in a thread, which takes the traced namespace
+/// (the calling thread's) with it; it returns the program and the namespace's cookie, or `None`
+/// where it cannot run, said with `-v` ([`drops::start_for_run`]).
+fn start_drops(filter: Option<&CompiledFilter>) -> Result<JoinHandle<Option<(DropTracer, u64)>>, RunError> {
+    let netns = instrument::state::netns_cookie()?;
+    let verbose = log::log_enabled!(log::Level::Info);
+    let selection = filter.map(|f| f.instructions().to_vec());
+    thread::Builder::new()
+        .name("iptrace-drops".into())
+        .spawn(move || drops::start_for_run(selection.as_deref(), netns, verbose).map(|tracer| (tracer, netns)))
+        .map_err(|e| RunError::Thread("drop program loader", e))
 }
 
 /// Signals that end a run as a stop (exit 0): every one whose default action would end iptrace
