@@ -358,6 +358,7 @@ mod tests {
             mark: 0,
             mark_after: None,
             packet: PacketHeader::parse(packet).unwrap(),
+            bytes: None,
             epoch: 0,
             generation: None,
             after_check: None,

@@ -11,7 +11,7 @@
 use std::{net::IpAddr, sync::Arc, time::SystemTime};
 
 pub use crate::{
-    decode::{Conntrack, Family, Hook, NftFamily, NftVerdict, PacketHeader, packet::Transport},
+    decode::{Conntrack, Family, Hook, NftFamily, NftVerdict, PacketBytes, PacketHeader, packet::Transport},
     instrument::Owner,
     resolve::rule::{Rule, Verdict},
 };
@@ -142,6 +142,8 @@ pub struct Arrival {
     pub mark: u32,
     /// Whether iptrace's marking rule reported it (else it is the first step's packet).
     pub at_marking: bool,
+    /// Its bytes as the kernel gave them there, where the decoder kept them.
+    pub bytes: Option<PacketBytes>,
 }
 
 /// Where a step ran: engine, table and chain.
@@ -263,6 +265,8 @@ impl PacketReport {
                 out_interface: None,
                 mark: 0,
                 at_marking: false,
+                // The drop program's copy of the headers is decoded, not kept.
+                bytes: None,
             };
             let (drop, fate) = kernel_drop(drop, &[], Fate::NoneSeen, names);
             Self { received, family, arrived, conntrack: None, steps: Vec::new(), drop: Some(drop), fate }
@@ -285,6 +289,7 @@ impl PacketReport {
             out_interface: interface(first.event.out_ifindex),
             mark: first.event.mark,
             at_marking,
+            bytes: first.event.bytes.clone(),
         };
         let family = first.event.family;
         let mut previous = first.event.packet.clone();
@@ -462,6 +467,7 @@ pub(crate) mod tests {
                 out_ifindex: (hook == Hook::Forward).then_some(3),
                 mark,
                 packet: PacketHeader::parse(packet).unwrap(),
+                bytes: None,
                 mark_after: None,
                 epoch: 0,
                 generation: None,

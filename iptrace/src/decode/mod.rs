@@ -24,7 +24,7 @@ use self::{
 };
 pub use self::{
     origin::{Conntrack, NftFamily, NftTraceType, NftVerdict, Origin, TraceId},
-    packet::PacketHeader,
+    packet::{PacketBytes, PacketHeader},
     prefix::TraceKind,
 };
 use crate::{
@@ -182,6 +182,8 @@ pub struct TraceEvent {
     /// The mark after the rule ran, which nf_tables events report (legacy ones do not).
     pub mark_after: Option<u32>,
     pub packet: PacketHeader,
+    /// The packet's bytes, where the decoder was asked to keep them.
+    pub bytes: Option<PacketBytes>,
     /// For legacy events: the first check of the legacy tables made after the event was
     /// received; set by the pipeline, used by resolve.
     pub epoch: u64,
@@ -231,6 +233,7 @@ pub struct DecodeCounts {
 #[derive(Clone, Debug)]
 struct HookHeaders {
     packet: PacketHeader,
+    bytes: Option<PacketBytes>,
     in_ifindex: Option<u32>,
     out_ifindex: Option<u32>,
     ct: Option<Conntrack>,
@@ -262,6 +265,8 @@ pub struct Decoder {
     pub commits: Vec<NftCommit>,
     /// The last stream mark ([`crate::capture::StreamMarker`]) seen.
     last_mark: Option<u64>,
+    /// Copy each event's packet bytes out of the receive buffer (for `-w`).
+    keep_bytes: bool,
     pub counts: DecodeCounts,
 }
 
@@ -274,6 +279,12 @@ impl Decoder {
     /// the first commit announced on it ran against this one.
     pub fn start_at_generation(&mut self, generation: u32) {
         self.generation = Some(generation);
+    }
+
+    /// Keeps each event's packet bytes ([`TraceEvent::bytes`]): a copy per nflog event, and per
+    /// nf_tables hook invocation, that decoding without an output for them does not pay.
+    pub fn keep_packet_bytes(&mut self) {
+        self.keep_bytes = true;
     }
 
     /// The kernel dropped messages (a receive-buffer overrun): the next commit's list of changed
@@ -328,6 +339,8 @@ impl Decoder {
         if msg.payload.is_empty() {
             return Err(DecodeError::NoPayload);
         }
+        let packet = PacketHeader::parse(msg.payload)?;
+        let bytes = self.keep_bytes.then(|| PacketBytes::new(msg.payload, &packet));
         Ok(Some(TraceEvent {
             family,
             origin: Origin::Xtables {
@@ -341,7 +354,8 @@ impl Decoder {
             out_ifindex: msg.out_ifindex,
             mark: msg.mark,
             mark_after: None,
-            packet: PacketHeader::parse(msg.payload)?,
+            packet,
+            bytes,
             epoch: 0,
             generation: None,
             after_check: self.last_mark,
@@ -368,6 +382,14 @@ impl Decoder {
             start.extend_from_slice(network);
             start.extend_from_slice(msg.transport_header.unwrap_or_default());
             let packet = PacketHeader::parse(&start)?;
+            let bytes = self.keep_bytes.then(|| {
+                // The kernel cuts the network header at 40 bytes: where that cut IPv4 options or
+                // IPv6 extension headers, the transport header does not follow it (§5.7).
+                if !follows_network_header(network) {
+                    start.truncate(network.len());
+                }
+                PacketBytes::new(start, &packet)
+            });
             // A later hook of the same packet keeps its mark; a reused id starts afresh, assuming
             // the first rule that saw the packet (iptrace's own) left the mark alone.
             let mark = self
@@ -377,6 +399,7 @@ impl Decoder {
                 .map_or(mark_after, |h| h.mark);
             let headers = HookHeaders {
                 packet,
+                bytes,
                 in_ifindex: msg.iif,
                 out_ifindex: msg.oif,
                 ct: msg.ct_state.map(|state| Conntrack {
@@ -419,6 +442,7 @@ impl Decoder {
             mark: mark_before,
             mark_after: Some(mark_after),
             packet: headers.packet,
+            bytes: headers.bytes,
             epoch: 0,
             generation: self.generation,
             after_check: None,
@@ -481,6 +505,18 @@ impl Decoder {
     }
 }
 
+/// Whether an nf_tables trace event's transport header follows its network header: the network
+/// header holds the whole IPv4 header, or an IPv6 header without extension headers.
+fn follows_network_header(network: &[u8]) -> bool {
+    match network.first().map(|b| b >> 4) {
+        Some(4) => network.len() >= usize::from(network[0] & 0x0f) * 4,
+        Some(6) => {
+            network.get(6).is_some_and(|next| !matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254))
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,6 +561,40 @@ mod tests {
         };
         // The identity does not depend on the hook (TTL and checksums change on the way).
         assert!(echo.iter().all(|e| e.packet.identity() == echo[0].packet.identity()));
+    }
+
+    #[test]
+    fn packet_bytes_are_kept_only_when_asked_as_the_kernel_gave_them() {
+        assert!(decode_captured(&mut Decoder::new()).iter().all(|e| e.bytes.is_none()));
+        let mut decoder = Decoder::new();
+        decoder.keep_packet_bytes();
+        let events = decode_captured(&mut decoder);
+        let first = &events[0];
+        let raw = nftrace::tests::captured();
+        let message = NetlinkMessages::new(&raw[0]).next().unwrap().unwrap();
+        let trace = NftTrace::parse(&message).unwrap();
+        let (network, transport) = (trace.network_header.unwrap(), trace.transport_header.unwrap());
+        let bytes = first.bytes.as_ref().unwrap();
+        // The IPv4 header and the ICMP echo: a 36-byte ping, whole within the 20 bytes of
+        // transport header the kernel gives.
+        assert_eq!(&bytes.data[..], [network, transport].concat());
+        assert_eq!((bytes.data.len(), bytes.original_length, first.packet.length), (36, 36, 36));
+        // Later events of the hook share the first one's copy.
+        let Some(later) = events[1].bytes.as_ref() else { panic!() };
+        assert!(Arc::ptr_eq(&later.data, &bytes.data));
+    }
+
+    #[test]
+    fn a_transport_header_after_cut_network_headers_is_left_out() {
+        let v4 = |ihl: u8, len: usize| [vec![0x40 | ihl], vec![0; len - 1]].concat();
+        assert!(follows_network_header(&v4(5, 20)));
+        // 44 bytes of header cut at 40: options missing before the transport header.
+        assert!(!follows_network_header(&v4(11, 40)));
+        let v6 = |next: u8| [vec![0x60, 0, 0, 0, 0, 8, next, 64], vec![0; 32]].concat();
+        assert!(follows_network_header(&v6(17)));
+        for extension in [0, 43, 44, 60] {
+            assert!(!follows_network_header(&v6(extension)), "{extension}");
+        }
     }
 
     #[test]

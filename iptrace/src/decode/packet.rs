@@ -1,7 +1,10 @@
 //! The IP and transport headers of a traced packet, as carried in `NFULA_PAYLOAD`
 //! (raw IP from the network header on, design.md §4.2).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
 use iptrace_common::filter::packet_key;
 
@@ -31,6 +34,25 @@ pub struct PacketHeader {
     pub transport: Transport,
     /// Fingerprint of the fields that neither NAT nor forwarding changes: see [`PacketHeader::identity`].
     identity: u64,
+}
+
+/// A traced packet's bytes as the kernel gave them, from the IP header on: nflog's whole packet,
+/// or the headers of an nf_tables trace event (design.md §5.7). Copied out of the receive buffer
+/// only when an output wants them ([`super::Decoder::keep_packet_bytes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PacketBytes {
+    pub data: Arc<[u8]>,
+    /// The whole packet's length: the IP header's, or what was given where that is shorter.
+    pub original_length: u32,
+}
+
+impl PacketBytes {
+    /// `data`, of a packet `header` describes.
+    pub fn new(data: impl Into<Arc<[u8]>>, header: &PacketHeader) -> Self {
+        let data = data.into();
+        let given = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        Self { data, original_length: u32::from(header.length).max(given) }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -98,6 +98,7 @@ fn trace_of(packet: &[u8]) -> PacketTrace {
             mark: 0,
             mark_after: None,
             packet: PacketHeader::parse(packet).unwrap(),
+            bytes: None,
             epoch: 0,
             generation: None,
             after_check: None,
