@@ -16,7 +16,7 @@ use crate::{
     decode::Family,
     filter::Selection,
     instrument::{Limit, TraceChain},
-    render::{Format, TextStyle, Timestamps},
+    render::{Format, TextStyle, Timestamps, pcapng::PcapngTarget},
     run::Options,
 };
 
@@ -176,6 +176,14 @@ pub struct Cli {
     /// until Ctrl-C.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, help_heading = "Stopping")]
     pub duration: Option<Duration>,
+
+    /// Also write each traced packet to FILE as pcap-ng, for Wireshark or `tcpdump -r`: its bytes
+    /// as the kernel gave them where it arrived (the whole packet from legacy tables, its headers
+    /// from nf_tables), its interface, and a comment with its rule path and fate. `-w -` writes
+    /// pcap-ng to standard output, which then carries nothing else.
+    #[arg(short = 'w', long = "write", value_name = "FILE", help_heading = "Output",
+          conflicts_with_all = ["cleanup", "demo", "completions", "man", "replay"])]
+    pub write: Option<PathBuf>,
 
     /// Print counters on stderr at exit: messages, events, packets shown, receive-buffer overruns,
     /// events lost.
@@ -375,6 +383,13 @@ impl Cli {
                         generated packets, which arrive on none: nothing would be traced"
                 .into());
         }
+        let pcapng = self.write.as_deref().map(PcapngTarget::from_path);
+        if pcapng == Some(PcapngTarget::Stdout) && (self.json || self.summary) {
+            let other = if self.json { "--json" } else { "--summary" };
+            return Err(format!(
+                "-w - writes pcap-ng to stdout, and {other} writes there too: give -w a file name instead"
+            ));
+        }
         Ok(Options {
             selection: Selection {
                 expression,
@@ -406,6 +421,7 @@ impl Cli {
                 quiet: self.quiet,
             },
             summary: self.summary,
+            pcapng,
             linger: Duration::from_millis(self.group_timeout),
             socket_filter: !self.no_socket_filter,
             drops: !self.no_drops,

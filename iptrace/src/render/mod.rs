@@ -1,7 +1,9 @@
 //! Render: the output formats of a [`PacketReport`], each a formatter and nothing more (what the
-//! fate is, the model decided): [`text`] blocks for people, [`json`] lines for tools.
+//! fate is, the model decided): [`text`] blocks for people, [`json`] lines for tools, [`pcapng`]
+//! packets for Wireshark (`-w`).
 
 pub mod json;
+pub mod pcapng;
 pub mod text;
 
 pub use text::{Printable, TextRenderer, TextStyle, Timestamps, render_packet};

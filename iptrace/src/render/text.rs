@@ -320,7 +320,7 @@ fn changed_rule(position: Option<&Position>) -> String {
 
 /// Where a step happened: `filter FORWARD`, `nft inet fw forward`, `iptables-nft filter FORWARD`;
 /// the names escaped.
-fn place(step: &StepReport) -> String {
+pub(super) fn place(step: &StepReport) -> String {
     let p = &step.place;
     let place = match p.engine {
         Engine::Legacy => format!("{} {}", p.table, p.chain),
@@ -336,11 +336,11 @@ fn xtables_nft(family: NftFamily) -> &'static str {
 }
 
 /// The verdict an nf_tables step reported, as nft prints it (a jump's chain name escaped).
-fn kernel_verdict(step: &StepReport) -> String {
+pub(super) fn kernel_verdict(step: &StepReport) -> String {
     step.kernel_verdict.as_ref().map(|v: &NftVerdict| Printable(v).to_string()).unwrap_or_default()
 }
 
-fn verdict_name(v: &Verdict) -> &'static str {
+pub(super) fn verdict_name(v: &Verdict) -> &'static str {
     match v {
         Verdict::Accept | Verdict::Nat => "ACCEPT",
         Verdict::Drop => "DROP",
@@ -381,6 +381,11 @@ fn fate(report: &PacketReport, paint: Paint) -> String {
             format!("verdict: dropped: {} (no table of the rule set saw it)", Printable(reason))
         }
     }
+}
+
+/// The fate line without colour: the last part of a pcap-ng packet comment.
+pub(super) fn fate_line(report: &PacketReport) -> String {
+    fate(report, Paint(false))
 }
 
 /// What a report's fate is called, for the `--summary` verdict counts: `ACCEPT`, `DROP`,

@@ -12,6 +12,7 @@ mod session;
 mod stats;
 
 use std::{
+    fs,
     io::{self, Write},
     ops::ControlFlow,
     path::PathBuf,
@@ -41,7 +42,10 @@ use crate::{
     netns::NetnsError,
     pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError, ReportSink},
     recording::{Recorder, RecordingError, RecordingNames},
-    render::{self, Format, TextRenderer, TextStyle},
+    render::{
+        self, Format, TextRenderer, TextStyle,
+        pcapng::{PcapngTarget, PcapngWriter},
+    },
     resolve::{ResolveError, Resolver},
     summary::Summary,
     xtables::XtablesError,
@@ -77,6 +81,8 @@ pub enum RunError {
     Signals(#[source] io::Error),
     #[error("writing the trace failed")]
     Output(#[source] io::Error),
+    #[error("cannot write {}", .0.display())]
+    OutputFile(PathBuf, #[source] io::Error),
     #[error("stopped: the {0} was reached")]
     ResourceLimit(&'static str),
     #[error(transparent)]
@@ -113,7 +119,8 @@ impl RunError {
                 | RecordingError::Truncated(_)
                 | RecordingError::Corrupt { .. },
             )
-            | RunError::Resolve(ResolveError::ReplayDiverged) => 2,
+            | RunError::Resolve(ResolveError::ReplayDiverged)
+            | RunError::OutputFile(..) => 2,
             _ => 1,
         }
     }
@@ -139,6 +146,8 @@ pub struct Options {
     pub text: TextStyle,
     /// `--summary`: the rules hit and the verdicts, at exit and on SIGUSR1.
     pub summary: bool,
+    /// `-w`: where to write packets as pcap-ng.
+    pub pcapng: Option<PcapngTarget>,
     /// Quiet time after which a packet's block is complete.
     pub linger: Duration,
     /// Select trace messages with the eBPF filter on the socket (else in userspace).
@@ -162,6 +171,31 @@ pub struct Destination {
     summary: Option<std::sync::Arc<AtomicBool>>,
     /// Reports are dated from here: this read time is this wall-clock time (a replay's too).
     clock: (Instant, SystemTime),
+    /// `-w`: the packets as pcap-ng.
+    pcapng: Option<PcapngWriter<Buffered>>,
+}
+
+type Buffered = io::BufWriter<Box<dyn Write + Send>>;
+
+/// Where `-w` writes, created now (its section header written), and what is left for the text or
+/// JSON: `out`, or nothing where `-w -` took it.
+fn open_pcapng(
+    target: Option<&PcapngTarget>,
+    out: Box<dyn Write + Send>,
+) -> Result<(Box<dyn Write + Send>, Option<PcapngWriter<Buffered>>), RunError> {
+    let (out, pcapng): (Box<dyn Write + Send>, Option<Box<dyn Write + Send>>) = match target {
+        None => (out, None),
+        Some(PcapngTarget::Stdout) => (Box::new(io::sink()), Some(out)),
+        Some(PcapngTarget::File(path)) => {
+            let file = fs::File::create(path).map_err(|e| RunError::OutputFile(path.clone(), e))?;
+            (out, Some(Box::new(file)))
+        }
+    };
+    let pcapng = pcapng
+        .map(|w| PcapngWriter::new(io::BufWriter::with_capacity(1 << 16, w)))
+        .transpose()
+        .map_err(RunError::Output)?;
+    Ok((out, pcapng))
 }
 
 /// Drives the [`Pipeline`] until the reader stops or `count` packets are shown.
@@ -243,7 +277,7 @@ fn process(
         stats.messages.store(c.messages, Ordering::Relaxed);
         stats.events.store(c.events, Ordering::Relaxed);
         stats.malformed.store(c.malformed, Ordering::Relaxed);
-        match output.out.flush() {
+        match output.flush() {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
             other => other.map_err(RunError::Output)?,
         }
@@ -268,9 +302,11 @@ impl From<PipelineError> for RunError {
     }
 }
 
-/// The processing thread's output: each report in the chosen format, counted.
+/// The processing thread's output: each report in the chosen format (and as pcap-ng with `-w`),
+/// counted.
 struct Output<'a> {
     out: io::BufWriter<Box<dyn Write + Send>>,
+    pcapng: Option<PcapngWriter<Buffered>>,
     format: Format,
     /// `--netns` as given, for the JSON records.
     netns: Option<String>,
@@ -292,6 +328,9 @@ impl ReportSink for Output<'_> {
                 // A JSON line is for a program that acts on each packet as it comes.
                 self.out.flush()?;
             }
+        }
+        if let Some(pcapng) = &mut self.pcapng {
+            pcapng.write(&report)?;
         }
         if let Some(summary) = &mut self.summary {
             summary.add(&report);
@@ -318,6 +357,7 @@ impl<'a> Output<'a> {
     fn new(destination: Destination, stats: &'a Stats, count: Option<u64>) -> Self {
         Self {
             out: io::BufWriter::with_capacity(1 << 16, destination.out),
+            pcapng: destination.pcapng,
             format: destination.format,
             netns: destination.netns,
             renderer: TextRenderer::new(destination.style),
@@ -327,6 +367,13 @@ impl<'a> Output<'a> {
             count,
             loss_report: LossReport::default(),
         }
+    }
+
+    /// Flushes the text or JSON and the pcap-ng, also when one fails.
+    fn flush(&mut self) -> io::Result<()> {
+        let out = self.out.flush();
+        let pcapng = self.pcapng.as_mut().map_or(Ok(()), PcapngWriter::flush);
+        out.and(pcapng)
     }
 
     /// The `--summary` table, if asked for.
@@ -339,7 +386,7 @@ impl<'a> Output<'a> {
 
     /// Writes the summary and flushes: the end of the output.
     fn finish(&mut self) -> Result<(), RunError> {
-        match self.write_summary().and_then(|()| self.out.flush()) {
+        match self.write_summary().and_then(|()| self.flush()) {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
             other => other.map_err(RunError::Output),
         }

@@ -18,6 +18,8 @@ pub fn replay(path: &Path, options: &Options, out: Box<dyn Write + Send>) -> Res
         style: options.text,
         summary: None,
         clock: (Instant::now(), recording.header.started),
+        // A recording's decoder keeps no packet bytes (the command line refuses -w with it).
+        pcapng: None,
     };
     let mut output = Output::new(destination, &stats, recording.header.count);
     recording.replay(&mut output)?;

@@ -15,7 +15,7 @@ use std::{
 };
 
 use super::{
-    Destination, Options, RunError,
+    Buffered, Destination, Options, RunError, open_pcapng,
     plan::{SocketFilter, choose_prefilter, foreign_marker, ready_line, trace_plan},
     preflight::{check_host, check_privileges, compile_filter},
     process,
@@ -33,6 +33,7 @@ use crate::{
     instrument::{self, InstrumentError, Instrumentation},
     netns,
     recording::{Header, RecordedOptions, Recorder, RecordingError},
+    render::pcapng::PcapngWriter,
     resolve::{self, Resolver},
 };
 
@@ -49,7 +50,8 @@ pub fn teardown_active() -> Vec<InstrumentError> {
     errors
 }
 
-/// Traces until the count, the duration or a signal ends it, writing blocks to `out`.
+/// Traces until the count, the duration or a signal ends it, writing blocks to `out` (and
+/// packets where `-w` says).
 /// Runs on the calling thread (which enters `--netns`) plus a reader and a processing thread.
 /// To be called while the process has one thread: the selection compiles in a forked child.
 pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>, RunError> {
@@ -62,6 +64,7 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
     }
     check_privileges()?;
     let record_file = options.record.as_deref().map(Recorder::create_file).transpose()?;
+    let (out, pcapng) = open_pcapng(options.pcapng.as_ref(), out)?;
     if let Some(name) = &options.netns {
         netns::enter(name)?;
     }
@@ -81,7 +84,8 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
         crate::note!("iptrace: removed {line}");
     }
     *ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(instrumentation);
-    let result = trace_instrumented(options, &backends, filter, out_ifindex, (out, record_file), &runtime, signals);
+    let outputs = (out, pcapng, record_file);
+    let result = trace_instrumented(options, &backends, filter, out_ifindex, outputs, &runtime, signals);
     let errors = teardown_active();
     for e in &errors {
         crate::note!("iptrace: cleanup: {}", crate::WithCauses(e));
@@ -94,7 +98,7 @@ fn trace_instrumented(
     backends: &Backends,
     filter: Option<CompiledFilter>,
     out_ifindex: Option<u32>,
-    (out, record_file): (Box<dyn Write + Send>, Option<File>),
+    (out, pcapng, record_file): (Box<dyn Write + Send>, Option<PcapngWriter<Buffered>>, Option<File>),
     runtime: &tokio::runtime::Runtime,
     signals: Signals,
 ) -> Result<Arc<Stats>, RunError> {
@@ -196,13 +200,18 @@ fn trace_instrumented(
             style: options.text,
             summary: summary_wanted.clone(),
             clock,
+            pcapng,
         };
+        let keep_packet_bytes = destination.pcapng.is_some();
         thread::Builder::new()
             .name("iptrace-process".into())
             .spawn(move || {
                 let mut decoder = Decoder::new();
                 if let Some(generation) = generation {
                     decoder.start_at_generation(generation);
+                }
+                if keep_packet_bytes {
+                    decoder.keep_packet_bytes();
                 }
                 let result = process(
                     datagrams_rx,
