@@ -1,16 +1,36 @@
 //! Installs the prerequisites of building and testing iptrace, saying what it does.
 //! A second run finds everything in place and returns in well under a second.
 
-use std::{env, path::PathBuf, process::Command};
+use std::{
+    env,
+    io::Write as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, Result, bail};
 
 /// Debian packages: the firewall tools iptrace drives, libpcap (filter compilation), LLVM 22
 /// (bpf-linker must match rustc's LLVM major), libclang (codegen), iproute2 (test labs), dpkg-dev
-/// (dpkg-shlibdeps, for the Debian package's dependencies) and jq (the tests read `--json`
-/// output with it, as users do).
-const PACKAGES: &[&str] =
-    &["iptables", "nftables", "ipset", "iproute2", "libpcap-dev", "llvm-22-dev", "libclang1-22", "dpkg-dev", "jq"];
+/// (dpkg-shlibdeps, for the Debian package's dependencies), jq (the tests read `--json` output
+/// with it, as users do), and tcpdump and tshark (the tests read `-w` files back with them).
+const PACKAGES: &[&str] = &[
+    "iptables",
+    "nftables",
+    "ipset",
+    "iproute2",
+    "libpcap-dev",
+    "llvm-22-dev",
+    "libclang1-22",
+    "dpkg-dev",
+    "jq",
+    "tcpdump",
+    "tshark",
+];
+
+/// tshark's package asks whether non-root users may capture (a setuid dumpcap): no, and no
+/// question asked.
+const DEBCONF_ANSWERS: &str = "wireshark-common wireshark-common/install-setuid boolean false\n";
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -30,12 +50,28 @@ fn ensure_packages() -> Result<()> {
         bail!("installing {} needs root", missing.join(" "));
     }
     super::run(Command::new("apt-get").args(["update", "-q"]))?;
+    if missing.contains(&"tshark") {
+        preseed_debconf()?;
+    }
     super::run(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing),
     )
+}
+
+fn preseed_debconf() -> Result<()> {
+    let mut child = Command::new("debconf-set-selections")
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("cannot start debconf-set-selections")?;
+    child.stdin.take().context("debconf-set-selections' stdin")?.write_all(DEBCONF_ANSWERS.as_bytes())?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("debconf-set-selections failed: {status}");
+    }
+    Ok(())
 }
 
 fn package_installed(pkg: &str) -> bool {
