@@ -15,8 +15,19 @@ use iptrace::{
     decode::{Decoder, Family, Hook, Origin, Table, TraceEvent, TraceKind},
     model::{Decision, Fate, InterfaceNames, PacketReport, Verdict},
     pipeline::{Input, Pipeline},
-    render::{json, render_packet},
+    render::{
+        json,
+        pcapng::{PcapngWriter, comment},
+        render_packet,
+    },
     resolve::Resolver,
+};
+use pcap_file::{
+    DataLink,
+    pcapng::{
+        Block, PcapNgReader,
+        blocks::{enhanced_packet::EnhancedPacketOption, interface_description::InterfaceDescriptionOption},
+    },
 };
 
 const TRACE: &[u8] = include_bytes!("golden/router-trace.bin");
@@ -82,8 +93,12 @@ fn decodes_every_recorded_message() {
 /// The recording's reports: every datagram fed at one instant, then every packet closed; each
 /// dated a nanosecond after the one before, from 2026-11-29T03:52:35.5Z.
 fn reports() -> Vec<PacketReport> {
+    reports_from(Decoder::new())
+}
+
+fn reports_from(decoder: Decoder) -> Vec<PacketReport> {
     let resolver = Resolver::from_saved(&[(Family::Ipv4, RULES), (Family::Ipv6, RULES6)]);
-    let mut pipeline = Pipeline::new(Decoder::new(), resolver, Duration::from_millis(10), names());
+    let mut pipeline = Pipeline::new(decoder, resolver, Duration::from_millis(10), names());
     let mut reports = Vec::new();
     // The read time is an input: a replay's reports carry the times it gives, not today's.
     let read = Instant::now();
@@ -181,4 +196,71 @@ fn writes_the_recorded_packets_as_json_lines() {
         (&"filter".into(), &"client-normal:filter".into(), &1.into())
     );
     assert_eq!(decider["comment"], "allow icmp");
+}
+
+/// The recorded packets written as pcap-ng and read back with pcap-file's reader: one raw-IP
+/// interface per interface, named; each packet whole (nflog carries it all), with its time and
+/// its rule path and fate as the comment, the fate worded as the text block's last line.
+#[test]
+fn writes_the_recorded_packets_as_pcapng() {
+    let mut decoder = Decoder::new();
+    decoder.keep_packet_bytes();
+    let reports = reports_from(decoder);
+    let mut writer = PcapngWriter::new(Vec::new()).unwrap();
+    for report in &reports {
+        writer.write(report).unwrap();
+    }
+    let file = writer.into_inner();
+
+    let mut reader = PcapNgReader::new(&file[..]).unwrap();
+    let mut packets = Vec::new();
+    let mut interfaces = Vec::new();
+    while let Some(block) = reader.next_block() {
+        match block.unwrap() {
+            Block::InterfaceDescription(i) => {
+                assert_eq!(i.linktype, DataLink::RAW);
+                assert!(i.options.contains(&InterfaceDescriptionOption::IfTsResol(9)));
+                let [InterfaceDescriptionOption::IfName(name), ..] = &i.options[..] else { panic!("{i:?}") };
+                interfaces.push(name.to_string());
+            }
+            Block::EnhancedPacket(p) => packets.push(p.into_owned()),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut names = interfaces.clone();
+    names.sort();
+    assert_eq!(names, ["vif0", "vif2"]);
+    assert_eq!(packets.len(), reports.len());
+    for (packet, report) in packets.iter().zip(&reports) {
+        let bytes = report.arrived.bytes.as_ref().unwrap();
+        assert_eq!((&packet.data[..], packet.original_len), (&bytes.data[..], u32::from(report.arrived.header.length)));
+        // The interface it arrived on, else (sent by the router) the one it left through.
+        let (arrived, left) = (&report.arrived.in_interface, &report.arrived.out_interface);
+        let interface = &interfaces[packet.interface_id as usize];
+        assert_eq!(Some(interface), arrived.as_ref().or(left.as_ref()).map(|i| &i.name));
+        let direction = if arrived.is_some() { 0b01 } else { 0b10 };
+        let since_epoch = report.received.duration_since(std::time::SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(packet.timestamp, since_epoch);
+        let mut text = Vec::new();
+        render_packet(report, &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        let fate = text.trim_end().lines().last().unwrap().trim();
+        let [EnhancedPacketOption::Comment(c), EnhancedPacketOption::Flags(flags)] = &packet.options[..] else {
+            panic!("{:?}", packet.options)
+        };
+        assert_eq!(*flags, direction);
+        assert_eq!(c, &comment(report));
+        assert!(c.ends_with(&format!("; {fate}")), "{c}\n{text}");
+    }
+    let ping = reports.iter().position(|r| r.arrived.header.src.to_string() == "10.5.1.7" && r.steps.len() > 3);
+    let EnhancedPacketOption::Comment(ping) = &packets[ping.unwrap()].options[0] else { panic!() };
+    assert_eq!(
+        ping,
+        "raw PREROUTING policy ACCEPT; mangle PREROUTING #1 MARK; mangle PREROUTING #2 jump client-normal:mangle; \
+         mangle client-normal:mangle #1 RETURN; mangle PREROUTING policy ACCEPT; nat PREROUTING policy ACCEPT; \
+         mangle FORWARD policy ACCEPT; filter FORWARD #2 jump server-terminal:filter; \
+         filter server-terminal:filter RETURN; filter FORWARD #3 jump client-normal:filter; \
+         filter client-normal:filter #1 ACCEPT; mangle POSTROUTING policy ACCEPT; nat POSTROUTING #1 SNAT; \
+         verdict: ACCEPT at filter client-normal:filter #1"
+    );
 }

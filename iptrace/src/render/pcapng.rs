@@ -110,6 +110,11 @@ impl<W: Write> PcapngWriter<W> {
         self.writer.get_mut().flush()
     }
 
+    /// What it wrote to.
+    pub fn into_inner(self) -> W {
+        self.writer.into_inner()
+    }
+
     fn interface_id(&mut self, interface: Option<&Interface>) -> io::Result<u32> {
         let key = interface.map(|i| (i.index, i.name.clone()));
         if let Some(&id) = self.interfaces.get(&key) {
