@@ -198,9 +198,10 @@ fn writes_the_recorded_packets_as_json_lines() {
     assert_eq!(decider["comment"], "allow icmp");
 }
 
-/// The recorded packets written as pcap-ng and read back with pcap-file's reader: one raw-IP
-/// interface per interface, named; each packet whole (nflog carries it all), with its time and
-/// its rule path and fate as the comment, the fate worded as the text block's last line.
+/// The recorded packets written as pcap-ng and read back with pcap-file's reader: one interface
+/// block per interface, named; each packet whole (nflog carries it all) after a Linux
+/// cooked-capture header with its direction and protocol, with its time and its rule path and
+/// fate as the comment, the fate worded as the text block's last line.
 #[test]
 fn writes_the_recorded_packets_as_pcapng() {
     let mut decoder = Decoder::new();
@@ -218,7 +219,7 @@ fn writes_the_recorded_packets_as_pcapng() {
     while let Some(block) = reader.next_block() {
         match block.unwrap() {
             Block::InterfaceDescription(i) => {
-                assert_eq!(i.linktype, DataLink::RAW);
+                assert_eq!(i.linktype, DataLink::LINUX_SLL);
                 assert!(i.options.contains(&InterfaceDescriptionOption::IfTsResol(9)));
                 let [InterfaceDescriptionOption::IfName(name), ..] = &i.options[..] else { panic!("{i:?}") };
                 interfaces.push(name.to_string());
@@ -233,12 +234,18 @@ fn writes_the_recorded_packets_as_pcapng() {
     assert_eq!(packets.len(), reports.len());
     for (packet, report) in packets.iter().zip(&reports) {
         let bytes = report.arrived.bytes.as_ref().unwrap();
-        assert_eq!((&packet.data[..], packet.original_len), (&bytes.data[..], u32::from(report.arrived.header.length)));
+        let (cooked, ip) = packet.data.split_at(16);
+        assert_eq!((ip, packet.original_len), (&bytes.data[..], 16 + u32::from(report.arrived.header.length)));
+        // Packet type (to us, multicast, sent by us), ARPHRD_NONE, no address, IPv4 or IPv6.
+        let protocol: &[u8] = if ip[0] >> 4 == 4 { &[8, 0] } else { &[0x86, 0xdd] };
+        assert!([0, 2, 4].contains(&cooked[1]) && cooked[0] == 0, "{cooked:?}");
+        assert_eq!((&cooked[2..4], &cooked[4..14], &cooked[14..]), (&[0xff, 0xfe][..], &[0; 10][..], protocol));
         // The interface it arrived on, else (sent by the router) the one it left through.
         let (arrived, left) = (&report.arrived.in_interface, &report.arrived.out_interface);
         let interface = &interfaces[packet.interface_id as usize];
         assert_eq!(Some(interface), arrived.as_ref().or(left.as_ref()).map(|i| &i.name));
         let direction = if arrived.is_some() { 0b01 } else { 0b10 };
+        assert_eq!(cooked[1] == 4, direction == 0b10, "{cooked:?}");
         let since_epoch = report.received.duration_since(std::time::SystemTime::UNIX_EPOCH).unwrap();
         assert_eq!(packet.timestamp, since_epoch);
         let mut text = Vec::new();

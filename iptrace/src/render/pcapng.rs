@@ -1,9 +1,16 @@
 //! pcap-ng output (`-w FILE`): each traced packet's bytes as the kernel gave them where it
-//! arrived, for Wireshark and tcpdump. The kernel gives packets from the IP header on, so every
-//! interface is raw IP (`LINKTYPE_RAW`, IPv4 and IPv6 alike); one Interface Description Block per
-//! interface, named as the text output names it; and per packet an Enhanced Packet Block whose
-//! comment is its rule path and fate: `filter FORWARD #3 ACCEPT; nat POSTROUTING #1 SNAT;
-//! verdict: ACCEPT at filter FORWARD #3`, the fate worded as the text block's last line.
+//! arrived, for Wireshark and tcpdump. One Interface Description Block per interface, named as
+//! the text output names it; per packet an Enhanced Packet Block whose comment is its rule path
+//! and fate: `filter FORWARD #3 ACCEPT; nat POSTROUTING #1 SNAT; verdict: ACCEPT at filter
+//! FORWARD #3`, the fate worded as the text block's last line.
+//!
+//! The kernel gives packets from the IP header on, but the packets are not written as raw IP
+//! (`LINKTYPE_RAW`): libpcap (tcpdump) reads a pcap-ng file only when every interface has the
+//! first one's link type, and compares the first one's as a `DLT_` value (`DLT_RAW` is 12) with
+//! the others' `LINKTYPE_` value (101), so it refuses a file with two raw-IP interfaces (libpcap
+//! 1.10, design.md §12). Each packet gets a Linux cooked-capture header instead (`LINKTYPE_
+//! LINUX_SLL`, what `tcpdump -i any` writes; the same number as a `DLT_` value): its direction and
+//! whether it is IPv4 or IPv6, no link-layer address.
 //!
 //! nflog (legacy TRACE) carries the whole packet; an nf_tables trace event only its network and
 //! transport headers (design.md §5.7): written as given, with the packet's length from its IP
@@ -14,6 +21,7 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     io::{self, Write},
+    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -58,6 +66,16 @@ const NO_INTERFACE: &str = "(none)";
 const INBOUND: u32 = 0b01;
 const OUTBOUND: u32 = 0b10;
 
+/// The length of a Linux cooked-capture (v1) header.
+const SLL_HEADER: usize = 16;
+/// Its packet types (`PACKET_*` of `linux/if_packet.h`).
+const PACKET_HOST: u16 = 0;
+const PACKET_BROADCAST: u16 = 1;
+const PACKET_MULTICAST: u16 = 2;
+const PACKET_OUTGOING: u16 = 4;
+/// `ARPHRD_NONE`: no link-layer header or address.
+const ARPHRD_NONE: u16 = 0xfffe;
+
 /// Writes reports as pcap-ng: the section header at once, an interface's description before its
 /// first packet.
 pub struct PcapngWriter<W: Write> {
@@ -65,6 +83,8 @@ pub struct PcapngWriter<W: Write> {
     /// Interface ids by index and name, in the order their descriptions were written; `None`:
     /// no interface.
     interfaces: HashMap<Option<(u32, String)>, u32>,
+    /// One packet's header and bytes.
+    frame: Vec<u8>,
 }
 
 impl<W: Write> PcapngWriter<W> {
@@ -75,7 +95,7 @@ impl<W: Write> PcapngWriter<W> {
             ..Default::default()
         };
         let writer = PcapNgWriter::with_section_header(out, section).map_err(into_io)?;
-        Ok(Self { writer, interfaces: HashMap::new() })
+        Ok(Self { writer, interfaces: HashMap::new(), frame: Vec::new() })
     }
 
     /// Writes one packet, and its interface's description first if it is new. A report without
@@ -96,11 +116,14 @@ impl<W: Write> PcapngWriter<W> {
         if direction != 0 {
             options.push(EnhancedPacketOption::Flags(direction));
         }
+        self.frame.clear();
+        self.frame.extend_from_slice(&cooked_header(direction, arrived.header.dst));
+        self.frame.extend_from_slice(&bytes.data);
         let packet = EnhancedPacketBlock {
             interface_id,
             timestamp: timestamp.unwrap_or(Duration::ZERO),
-            original_len: bytes.original_length,
-            data: Cow::Borrowed(&bytes.data),
+            original_len: bytes.original_length.saturating_add(SLL_HEADER as u32),
+            data: Cow::Borrowed(&self.frame),
             options,
         };
         self.writer.write_pcapng_block(packet).map(drop).map_err(into_io)
@@ -122,7 +145,7 @@ impl<W: Write> PcapngWriter<W> {
         }
         let name = interface.map_or(NO_INTERFACE, |i| &i.name);
         let description = InterfaceDescriptionBlock {
-            linktype: DataLink::RAW,
+            linktype: DataLink::LINUX_SLL,
             snaplen: 0,
             options: vec![
                 InterfaceDescriptionOption::IfName(name.into()),
@@ -135,6 +158,25 @@ impl<W: Write> PcapngWriter<W> {
         self.interfaces.insert(key, id);
         Ok(id)
     }
+}
+
+/// The Linux cooked-capture header of a packet sent to `dst`: how it came (an outbound packet
+/// was sent by this host; an inbound one's type follows from its address, as the link layer's
+/// would), and its protocol (IPv4 or IPv6).
+fn cooked_header(direction: u32, dst: IpAddr) -> [u8; SLL_HEADER] {
+    let packet_type = match dst {
+        _ if direction == OUTBOUND => PACKET_OUTGOING,
+        IpAddr::V4(a) if a.is_broadcast() => PACKET_BROADCAST,
+        a if a.is_multicast() => PACKET_MULTICAST,
+        _ => PACKET_HOST,
+    };
+    let protocol: u16 = if dst.is_ipv4() { 0x0800 } else { 0x86dd };
+    let mut header = [0; SLL_HEADER];
+    header[0..2].copy_from_slice(&packet_type.to_be_bytes());
+    header[2..4].copy_from_slice(&ARPHRD_NONE.to_be_bytes());
+    // Address length and address (bytes 4..14): none.
+    header[14..16].copy_from_slice(&protocol.to_be_bytes());
+    header
 }
 
 fn into_io(e: PcapError) -> io::Error {
