@@ -1,5 +1,6 @@
 //! The processing stages on a recorded corpus of real messages, in trace events per second:
-//! decode, resolve, the whole [`Pipeline`] from datagrams to reports, and rendering reports.
+//! decode (also keeping packet bytes, as `-w` has it), resolve, the whole [`Pipeline`] from
+//! datagrams to reports, and rendering reports as text and as pcap-ng.
 //!
 //! `corpus/nflog-datagrams.bin` holds nfnetlink_log datagrams as iptrace received them from the
 //! benchmark lab's router (kube-proxy/Docker rule set, UDP flows and TCP SYNs, every packet
@@ -23,7 +24,7 @@ use iptrace::{
     decode::{Decoder, Family, TraceEvent},
     model::{InterfaceNames, PacketReport},
     pipeline::{Input, Pipeline},
-    render::render_packet,
+    render::{pcapng::PcapngWriter, render_packet},
     resolve::Resolver,
 };
 
@@ -36,8 +37,7 @@ fn datagrams() -> Vec<&'static [u8]> {
     recording::datagrams(DATAGRAMS).collect()
 }
 
-fn decode_all(datagrams: &[&[u8]]) -> Vec<TraceEvent> {
-    let mut decoder = Decoder::new();
+fn decode_all(datagrams: &[&[u8]], mut decoder: Decoder) -> Vec<TraceEvent> {
     let mut events = Vec::new();
     for d in datagrams {
         decoder.decode_datagram(d, &mut events).expect("the corpus decodes");
@@ -56,9 +56,9 @@ impl InterfaceNames for LabInterfaces {
 
 /// Every datagram through the [`Pipeline`] as the live run feeds it (one datagram per batch,
 /// idle packets closed after each), into `sink`.
-fn run_pipeline(datagrams: &[&[u8]], mut sink: impl FnMut(PacketReport)) {
+fn run_pipeline(datagrams: &[&[u8]], decoder: Decoder, mut sink: impl FnMut(PacketReport)) {
     let resolver = Resolver::from_saved(&[(Family::Ipv4, SAVED_RULES)]);
-    let mut pipeline = Pipeline::new(Decoder::new(), resolver, LINGER, LabInterfaces);
+    let mut pipeline = Pipeline::new(decoder, resolver, LINGER, LabInterfaces);
     let mut sink = |report| -> io::Result<ControlFlow<()>> {
         sink(report);
         Ok(ControlFlow::Continue(()))
@@ -74,22 +74,28 @@ fn run_pipeline(datagrams: &[&[u8]], mut sink: impl FnMut(PacketReport)) {
 
 fn pipeline(c: &mut Criterion) {
     let datagrams = datagrams();
-    let events = decode_all(&datagrams);
+    let events = decode_all(&datagrams, Decoder::new());
     let mut reports = Vec::new();
-    run_pipeline(&datagrams, |r| reports.push(r));
+    run_pipeline(&datagrams, Decoder::new(), |r| reports.push(r));
+    let with_bytes = || {
+        let mut decoder = Decoder::new();
+        decoder.keep_packet_bytes();
+        decoder
+    };
     let mut resolver = Resolver::from_saved(&[(Family::Ipv4, SAVED_RULES)]);
     assert!(!events.is_empty() && reports.len() > 1, "the corpus holds packets");
 
     let mut g = c.benchmark_group("pipeline");
     g.throughput(Throughput::Elements(events.len() as u64));
-    g.bench_function("decode", |b| b.iter(|| decode_all(black_box(&datagrams))));
+    g.bench_function("decode", |b| b.iter(|| decode_all(black_box(&datagrams), Decoder::new())));
+    g.bench_function("decode keeping packet bytes", |b| b.iter(|| decode_all(black_box(&datagrams), with_bytes())));
     g.bench_function("resolve", |b| {
         b.iter(|| events.iter().cloned().filter_map(|e| resolver.resolve(black_box(e))).count())
     });
     g.bench_function("decode+correlate+resolve+report", |b| {
         b.iter(|| {
             let mut n = 0;
-            run_pipeline(black_box(&datagrams), |r| n += black_box(r).steps.len());
+            run_pipeline(black_box(&datagrams), Decoder::new(), |r| n += black_box(r).steps.len());
             n
         })
     });
@@ -99,6 +105,18 @@ fn pipeline(c: &mut Criterion) {
             out.clear();
             for report in &reports {
                 render_packet(black_box(report), &mut out).expect("writing to memory");
+            }
+        })
+    });
+    let mut packets = Vec::new();
+    run_pipeline(&datagrams, with_bytes(), |r| packets.push(r));
+    g.bench_function("pcapng", |b| {
+        let mut out = Vec::with_capacity(1 << 20);
+        b.iter(|| {
+            out.clear();
+            let mut writer = PcapngWriter::new(&mut out).expect("writing to memory");
+            for report in &packets {
+                writer.write(black_box(report)).expect("writing to memory");
             }
         })
     });
