@@ -568,6 +568,22 @@ mod tests {
     }
 
     #[test]
+    fn write_takes_a_file_or_stdout() {
+        let o = parse(&["iptrace", "-w", "trace.pcapng", "tcp"]).options().unwrap();
+        assert_eq!(o.pcapng, Some(PcapngTarget::File("trace.pcapng".into())));
+        assert_eq!(parse(&["iptrace", "--write", "-"]).options().unwrap().pcapng, Some(PcapngTarget::Stdout));
+        assert_eq!(parse(&["iptrace", "tcp"]).options().unwrap().pcapng, None);
+        assert!(Cli::try_parse_from(["iptrace", "--cleanup", "-w", "x"]).is_err());
+        assert_eq!(
+            parse(&["iptrace", "-w", "-", "--json"]).options().err().as_deref(),
+            Some("-w - writes pcap-ng to stdout, and --json writes there too: give -w a file name instead")
+        );
+        assert!(parse(&["iptrace", "-w", "-", "--summary"]).options().is_err());
+        assert!(parse(&["iptrace", "-w", "trace.pcapng", "--json"]).options().is_ok());
+        assert!(Cli::try_parse_from(["iptrace", "--replay", "x", "-w", "y"]).is_err());
+    }
+
+    #[test]
     fn drops_are_on_unless_no_drops() {
         assert!(parse(&["iptrace", "udp"]).options().unwrap().drops);
         assert!(!parse(&["iptrace", "--no-drops", "udp"]).options().unwrap().drops);
