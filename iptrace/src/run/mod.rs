@@ -172,17 +172,18 @@ pub struct Destination {
     /// Reports are dated from here: this read time is this wall-clock time (a replay's too).
     clock: (Instant, SystemTime),
     /// `-w`: the packets as pcap-ng.
-    pcapng: Option<PcapngWriter<Buffered>>,
+    pcapng: Option<PcapngOutput>,
 }
 
-type Buffered = io::BufWriter<Box<dyn Write + Send>>;
+/// `-w`'s writer, buffered.
+type PcapngOutput = PcapngWriter<io::BufWriter<Box<dyn Write + Send>>>;
 
 /// Where `-w` writes, created now (its section header written), and what is left for the text or
 /// JSON: `out`, or nothing where `-w -` took it.
 fn open_pcapng(
     target: Option<&PcapngTarget>,
     out: Box<dyn Write + Send>,
-) -> Result<(Box<dyn Write + Send>, Option<PcapngWriter<Buffered>>), RunError> {
+) -> Result<(Box<dyn Write + Send>, Option<PcapngOutput>), RunError> {
     let (out, pcapng): (Box<dyn Write + Send>, Option<Box<dyn Write + Send>>) = match target {
         None => (out, None),
         Some(PcapngTarget::Stdout) => (Box::new(io::sink()), Some(out)),
@@ -306,7 +307,7 @@ impl From<PipelineError> for RunError {
 /// counted.
 struct Output<'a> {
     out: io::BufWriter<Box<dyn Write + Send>>,
-    pcapng: Option<PcapngWriter<Buffered>>,
+    pcapng: Option<PcapngOutput>,
     format: Format,
     /// `--netns` as given, for the JSON records.
     netns: Option<String>,

@@ -15,7 +15,7 @@ use std::{
 };
 
 use super::{
-    Buffered, Destination, Options, RunError, open_pcapng,
+    Destination, Options, PcapngOutput, RunError, open_pcapng,
     plan::{SocketFilter, choose_prefilter, foreign_marker, ready_line, trace_plan},
     preflight::{check_host, check_privileges, compile_filter},
     process,
@@ -33,7 +33,6 @@ use crate::{
     instrument::{self, InstrumentError, Instrumentation},
     netns,
     recording::{Header, RecordedOptions, Recorder, RecordingError},
-    render::pcapng::PcapngWriter,
     resolve::{self, Resolver},
 };
 
@@ -98,7 +97,7 @@ fn trace_instrumented(
     backends: &Backends,
     filter: Option<CompiledFilter>,
     out_ifindex: Option<u32>,
-    (out, pcapng, record_file): (Box<dyn Write + Send>, Option<PcapngWriter<Buffered>>, Option<File>),
+    (out, pcapng, record_file): (Box<dyn Write + Send>, Option<PcapngOutput>, Option<File>),
     runtime: &tokio::runtime::Runtime,
     signals: Signals,
 ) -> Result<Arc<Stats>, RunError> {
