@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     decode::{Decoder, Family},
+    drops::DropEvent,
     model::InterfaceNames,
     pipeline::{Input, Pipeline, PipelineError, ReportSink},
     resolve::{Check, RecordedChecks, ResolveError, Resolver},
@@ -55,6 +56,12 @@ mod tag {
     pub const CHECK: u8 = b'C';
     /// An interface's name (`u32` index, then the name).
     pub const INTERFACE: u8 = b'N';
+    /// Kernel drops end the blocks of packets in the namespace with this cookie (`u64`), and a
+    /// drop no traced packet has is a block of its own where the next byte is 1.
+    pub const DROPS_FROM: u8 = b'P';
+    /// A kernel drop read at this time (`i64` nanoseconds), then the drop (JSON,
+    /// [`crate::drops::DropEvent`]).
+    pub const DROP: u8 = b'X';
     /// The end of the recording (empty): a file without it was cut short.
     pub const END: u8 = b'E';
 }
@@ -169,6 +176,20 @@ impl Recorder {
         self.with(|w| w.record(tag::FLUSH_ALL, &[]))
     }
 
+    /// Kernel drops end blocks from here on ([`Pipeline::ending_with_drops_in`]).
+    pub fn drops_from(&self, netns: u64, alone: bool) -> io::Result<()> {
+        self.with(|w| w.record(tag::DROPS_FROM, &[&netns.to_le_bytes(), &[u8::from(alone)]]))
+    }
+
+    /// A kernel drop handed to the pipeline, read at `read_at`.
+    pub fn dropped(&self, drop: &DropEvent, read_at: Instant) -> io::Result<()> {
+        let json = serde_json::to_vec(drop).map_err(io::Error::other)?;
+        self.with(|w| {
+            let at = w.since_start(read_at);
+            w.record(tag::DROP, &[&at.to_le_bytes(), &json])
+        })
+    }
+
     pub fn check_rule_sets(&self) -> io::Result<()> {
         self.with(|w| w.record(tag::CHECK_RULE_SETS, &[]))
     }
@@ -264,6 +285,14 @@ pub enum CallKind {
     },
     FlushAll,
     CheckRuleSets,
+    DropsFrom {
+        netns: u64,
+        alone: bool,
+    },
+    Dropped {
+        drop: Box<DropEvent>,
+        at: i64,
+    },
 }
 
 #[derive(Debug)]
@@ -359,6 +388,14 @@ impl Recording {
                     pipeline.check_rule_sets()?;
                     ControlFlow::Continue(())
                 }
+                CallKind::DropsFrom { netns, alone } => {
+                    pipeline = pipeline.ending_with_drops_in(netns, alone);
+                    ControlFlow::Continue(())
+                }
+                CallKind::Dropped { drop, at } => {
+                    pipeline.dropped(*drop, instant(start, at));
+                    ControlFlow::Continue(())
+                }
             };
             diverged(&checks)?;
             if flow.is_break() {
@@ -425,6 +462,21 @@ impl Recording {
                 tag::FLUSH_IDLE => recording.calls.push(call(CallKind::FlushIdle { read_up_to: at(offset, payload)? })),
                 tag::FLUSH_ALL => recording.calls.push(call(CallKind::FlushAll)),
                 tag::CHECK_RULE_SETS => recording.calls.push(call(CallKind::CheckRuleSets)),
+                tag::DROPS_FROM => {
+                    let (netns, alone) = payload
+                        .split_first_chunk::<8>()
+                        .filter(|(_, alone)| alone.len() == 1)
+                        .map(|(netns, alone)| (u64::from_le_bytes(*netns), alone[0] == 1))
+                        .ok_or_else(|| corrupt(offset, "unreadable drop namespace".into()))?;
+                    recording.calls.push(call(CallKind::DropsFrom { netns, alone }));
+                }
+                tag::DROP => {
+                    let (at, drop) = payload
+                        .split_first_chunk::<8>()
+                        .and_then(|(at, json)| Some((i64::from_le_bytes(*at), serde_json::from_slice(json).ok()?)))
+                        .ok_or_else(|| corrupt(offset, "unreadable kernel drop".into()))?;
+                    recording.calls.push(call(CallKind::Dropped { drop: Box::new(drop), at }));
+                }
                 tag::CHECK => {
                     let check: Check = serde_json::from_slice(payload)
                         .map_err(|e| corrupt(offset, format!("unreadable rule-set check ({e})")))?;
