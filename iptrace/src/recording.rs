@@ -7,6 +7,8 @@
 //!
 //! The file: [`MAGIC`], then records, each a tag byte, a little-endian `u32` length and that
 //! many bytes. The first record is the header (JSON), the last the end mark.
+//!
+//! Long because writing and reading (with every check a damaged file needs) mirror each other here.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     decode::{Decoder, Family},
+    drops::DropEvent,
     model::InterfaceNames,
     pipeline::{Input, Pipeline, PipelineError, ReportSink},
     resolve::{Check, RecordedChecks, ResolveError, Resolver},
@@ -53,6 +56,12 @@ mod tag {
     pub const CHECK: u8 = b'C';
     /// An interface's name (`u32` index, then the name).
     pub const INTERFACE: u8 = b'N';
+    /// Kernel drops end the blocks of packets in the namespace with this cookie (`u64`), and a
+    /// drop no traced packet has is a block of its own where the next byte is 1.
+    pub const DROPS_FROM: u8 = b'P';
+    /// A kernel drop read at this time (`i64` nanoseconds), then the drop (JSON,
+    /// [`crate::drops::DropEvent`]).
+    pub const DROP: u8 = b'X';
     /// The end of the recording (empty): a file without it was cut short.
     pub const END: u8 = b'E';
 }
@@ -167,6 +176,20 @@ impl Recorder {
         self.with(|w| w.record(tag::FLUSH_ALL, &[]))
     }
 
+    /// Kernel drops end blocks from here on ([`Pipeline::ending_with_drops_in`]).
+    pub fn drops_from(&self, netns: u64, alone: bool) -> io::Result<()> {
+        self.with(|w| w.record(tag::DROPS_FROM, &[&netns.to_le_bytes(), &[u8::from(alone)]]))
+    }
+
+    /// A kernel drop handed to the pipeline, read at `read_at`.
+    pub fn dropped(&self, drop: &DropEvent, read_at: Instant) -> io::Result<()> {
+        let json = serde_json::to_vec(drop).map_err(io::Error::other)?;
+        self.with(|w| {
+            let at = w.since_start(read_at);
+            w.record(tag::DROP, &[&at.to_le_bytes(), &json])
+        })
+    }
+
     pub fn check_rule_sets(&self) -> io::Result<()> {
         self.with(|w| w.record(tag::CHECK_RULE_SETS, &[]))
     }
@@ -262,6 +285,14 @@ pub enum CallKind {
     },
     FlushAll,
     CheckRuleSets,
+    DropsFrom {
+        netns: u64,
+        alone: bool,
+    },
+    Dropped {
+        drop: Box<DropEvent>,
+        at: i64,
+    },
 }
 
 #[derive(Debug)]
@@ -357,6 +388,14 @@ impl Recording {
                     pipeline.check_rule_sets()?;
                     ControlFlow::Continue(())
                 }
+                CallKind::DropsFrom { netns, alone } => {
+                    pipeline = pipeline.ending_with_drops_in(netns, alone);
+                    ControlFlow::Continue(())
+                }
+                CallKind::Dropped { drop, at } => {
+                    pipeline.dropped(*drop, instant(start, at));
+                    ControlFlow::Continue(())
+                }
             };
             diverged(&checks)?;
             if flow.is_break() {
@@ -423,6 +462,21 @@ impl Recording {
                 tag::FLUSH_IDLE => recording.calls.push(call(CallKind::FlushIdle { read_up_to: at(offset, payload)? })),
                 tag::FLUSH_ALL => recording.calls.push(call(CallKind::FlushAll)),
                 tag::CHECK_RULE_SETS => recording.calls.push(call(CallKind::CheckRuleSets)),
+                tag::DROPS_FROM => {
+                    let (netns, alone) = payload
+                        .split_first_chunk::<8>()
+                        .filter(|(_, alone)| alone.len() == 1)
+                        .map(|(netns, alone)| (u64::from_le_bytes(*netns), alone[0] == 1))
+                        .ok_or_else(|| corrupt(offset, "unreadable drop namespace".into()))?;
+                    recording.calls.push(call(CallKind::DropsFrom { netns, alone }));
+                }
+                tag::DROP => {
+                    let (at, drop) = payload
+                        .split_first_chunk::<8>()
+                        .and_then(|(at, json)| Some((i64::from_le_bytes(*at), serde_json::from_slice(json).ok()?)))
+                        .ok_or_else(|| corrupt(offset, "unreadable kernel drop".into()))?;
+                    recording.calls.push(call(CallKind::Dropped { drop: Box::new(drop), at }));
+                }
                 tag::CHECK => {
                     let check: Check = serde_json::from_slice(payload)
                         .map_err(|e| corrupt(offset, format!("unreadable rule-set check ({e})")))?;
@@ -447,92 +501,4 @@ impl Recording {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn header() -> Header {
-        Header {
-            format: FORMAT,
-            iptrace: "test".into(),
-            families: vec![Family::Ipv4],
-            nft: false,
-            start_generation: None,
-            linger: Duration::from_millis(50),
-            count: None,
-            out_ifindex: None,
-            options: RecordedOptions::default(),
-            started: SystemTime::UNIX_EPOCH,
-        }
-    }
-
-    /// A recording of a few calls, as `--record` writes it.
-    fn recording() -> Vec<u8> {
-        let path = std::env::temp_dir().join(format!("xrp-unit-{}.iptrace", std::process::id()));
-        let recorder = Recorder::start(Recorder::create_file(&path).unwrap(), &header(), Instant::now()).unwrap();
-        let now = Instant::now();
-        recorder.batch([Input::Datagram(b"first"), Input::Lost(7), Input::Datagram(b"")], now).unwrap();
-        let mut names =
-            RecordingNames::new(RecordedNames(HashMap::from([(3, "vif0".to_owned())])), Some(recorder.clone()));
-        assert_eq!((names.name(3), names.name(3)), ("vif0".to_owned(), "vif0".to_owned()));
-        recorder.flush_idle(now + Duration::from_millis(60)).unwrap();
-        recorder.check_rule_sets().unwrap();
-        recorder.flush_all().unwrap();
-        recorder.finish().unwrap();
-        let bytes = std::fs::read(&path).unwrap();
-        let _ = std::fs::remove_file(&path);
-        bytes
-    }
-
-    #[test]
-    fn reads_back_what_was_recorded() {
-        let read = Recording::parse(&recording(), Path::new("r")).unwrap();
-        assert_eq!(read.header.families, [Family::Ipv4]);
-        assert_eq!(read.names.0, HashMap::from([(3, "vif0".to_owned())]));
-        let kinds: Vec<String> = read.calls.iter().map(|c| format!("{:?}", c.kind)).collect();
-        assert_eq!(kinds.len(), 4, "{kinds:?}");
-        let CallKind::Feed { inputs, at } = &read.calls[0].kind else { panic!("{kinds:?}") };
-        assert!(matches!(&inputs[..], [RecordedInput::Datagram(a), RecordedInput::Lost(7), RecordedInput::Datagram(b)]
-            if a == b"first" && b.is_empty()));
-        let CallKind::FlushIdle { read_up_to } = read.calls[1].kind else { panic!("{kinds:?}") };
-        assert_eq!(read_up_to - at, 60_000_000);
-        assert!(matches!(read.calls[2].kind, CallKind::CheckRuleSets));
-        assert!(matches!(read.calls[3].kind, CallKind::FlushAll));
-    }
-
-    #[test]
-    fn a_file_cut_short_anywhere_is_said_to_be() {
-        let bytes = recording();
-        for len in 1..bytes.len() {
-            let error = Recording::parse(&bytes[..len], Path::new("r")).unwrap_err();
-            assert!(matches!(error, RecordingError::Truncated(_)), "at {len}: {error}");
-        }
-        let error = Recording::parse(b"", Path::new("r")).unwrap_err();
-        assert_eq!(error.to_string(), "r is not an iptrace recording");
-    }
-
-    #[test]
-    fn corrupt_and_newer_files_are_refused_as_such() {
-        let bytes = recording();
-        let header_len = 5 + u32::from_le_bytes(bytes[MAGIC.len() + 1..][..4].try_into().unwrap()) as usize;
-        let first_record = MAGIC.len() + header_len;
-        let mut unknown = bytes.clone();
-        unknown[first_record] = b'?';
-        let error = Recording::parse(&unknown, Path::new("r")).unwrap_err();
-        assert_eq!(error.to_string(), format!("r is corrupt at byte {first_record}: unknown record type 0x3f"));
-        let mut trailing = bytes.clone();
-        trailing.extend_from_slice(b"E\0\0\0\0");
-        let error = Recording::parse(&trailing, Path::new("r")).unwrap_err();
-        assert!(error.to_string().ends_with("data after the end"), "{error}");
-
-        let newer = serde_json::to_vec(&serde_json::json!({"format": 2, "iptrace": "0.9.0", "new": true})).unwrap();
-        let mut file = MAGIC.to_vec();
-        file.push(b'H');
-        file.extend_from_slice(&u32::try_from(newer.len()).unwrap().to_le_bytes());
-        file.extend_from_slice(&newer);
-        let error = Recording::parse(&file, Path::new("r")).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "r was written by a newer iptrace (0.9.0, recording format 2); this one reads format 1"
-        );
-    }
-}
+mod tests;

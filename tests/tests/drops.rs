@@ -18,7 +18,7 @@ use iptrace::{
     instrument::state::netns_cookie,
     netns::interface_index,
 };
-use iptrace_tests::{Lab, Role, Tracer, blocks, lab, require_root, wait_until_read};
+use iptrace_tests::{Lab, Role, Tracer, blocks, iptrace_bin, lab, require_root, wait_until_read};
 
 /// Sends one UDP datagram from a role's namespace, with the given IPv4 TTL (else the default).
 fn send(lab: &Lab, role: Role, src: &str, dst: &str, ttl: Option<u32>) {
@@ -219,7 +219,9 @@ table ip xdj_nat {
 /// counters that changed meanwhile.
 fn traced_drops(lab: &Lab, extra: &[&str]) -> (Vec<String>, Vec<String>) {
     let ns = lab.ns(Role::Router);
-    let mut args = vec!["--netns", &ns];
+    let recording = std::env::temp_dir().join(format!("{ns}.iptrace"));
+    let recording = recording.to_str().unwrap();
+    let mut args = vec!["--netns", &ns, "--record", recording];
     args.extend_from_slice(extra);
     args.push("udp and (src host 10.5.1.7 or src host 10.9.9.9)");
     let tracer = Tracer::start(&args);
@@ -240,6 +242,11 @@ fn traced_drops(lab: &Lab, extra: &[&str]) -> (Vec<String>, Vec<String>) {
     let out = tracer.stop(libc::SIGINT);
     assert!(out.status.success(), "{out:?}");
     let after = snmp(lab, Role::Router);
+    // The recording replays the drops too: the same blocks, byte for byte.
+    let replay = std::process::Command::new(iptrace_bin()).args(["--replay", recording]).output().unwrap();
+    std::fs::remove_file(recording).unwrap();
+    assert!(replay.status.success(), "{replay:?}");
+    assert_eq!(String::from_utf8_lossy(&replay.stdout), out.stdout);
     let mut shown: Vec<String> = blocks(&out.stdout)
         .iter()
         .map(|block| {

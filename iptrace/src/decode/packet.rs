@@ -12,7 +12,7 @@ use super::DecodeError;
 use crate::netfilter::netlink::WireError;
 
 /// The header fields iptrace shows and compares between trace steps.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PacketHeader {
     pub src: IpAddr,
     pub dst: IpAddr,
@@ -55,7 +55,7 @@ impl PacketBytes {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Transport {
     Tcp { sport: u16, dport: u16, seq: u32, ack: u32, window: u16, flags: u8 },
     Udp { sport: u16, dport: u16, length: u16 },

@@ -150,7 +150,7 @@ pub fn start_for_run(selection: Option<&[CbpfInsn]>, netns: u64, verbose: bool) 
 }
 
 /// One selected packet the kernel dropped.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DropEvent {
     /// When, on CLOCK_MONOTONIC (`bpf_ktime_get_ns`).
     pub time: Duration,

@@ -9,6 +9,9 @@
 //! changed, so that [`Instrumentation::teardown`] undoes it on every exit, and [`cleanup_stale`]
 //! undoes it after a SIGKILL. Both markers are [`Marking`]s: what is done with them is written
 //! once, over every marking or over the plan's.
+//!
+//! Long because the plan, the `Marking` trait and the install/teardown/cleanup written once over
+//! the markings share their types; each marking is in its own submodule.
 
 pub mod legacy;
 pub mod nf_log;
@@ -477,26 +480,4 @@ fn remove_stale(netns: u64) -> Result<Vec<String>, InstrumentError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_burst_beyond_a_days_packets_does_not_fit_hashlimit() {
-        let fits = |text: &str, burst| Limit::parse(text, burst).unwrap().fits_hashlimit();
-        assert!(fits("1/day", 1) && !fits("1/day", 2));
-        assert!(fits("1/hour", 24) && !fits("1/hour", 25));
-        assert!(fits("1/second", 10_000) && fits("10/minute", 10_000));
-    }
-
-    #[test]
-    fn limits_parse_like_iptables() {
-        assert_eq!(Limit::parse("1/second", 5).unwrap().to_string(), "1/sec");
-        assert_eq!(Limit::parse("10/s", 5).unwrap().to_string(), "10/sec");
-        assert_eq!(Limit::parse("5/minute", 1).unwrap().to_string(), "5/min");
-        assert_eq!(Limit::parse("7", 1).unwrap().to_string(), "7/sec");
-        for bad in ["0/s", "x/s", "5/fortnight", "-1"] {
-            assert!(Limit::parse(bad, 5).is_err(), "{bad}");
-        }
-        assert!(Limit::parse("1/s", 0).is_err());
-    }
-}
+mod tests;

@@ -221,6 +221,7 @@ fn process(
         pipeline = pipeline.leaving_through(ifindex);
     }
     if let Some((_, netns)) = drops {
+        record(recorder, |r| r.drops_from(netns, drops_alone))?;
         pipeline = pipeline.ending_with_drops_in(netns, drops_alone);
     }
     let summary_wanted = destination.summary.clone();
@@ -253,7 +254,9 @@ fn process(
         // trace events queued before it are read and processed.
         if let Some((tracer, _)) = &mut drops {
             for drop in tracer.read() {
-                pipeline.dropped(drop, Instant::now());
+                let read_at = Instant::now();
+                record(recorder, |r| r.dropped(&drop, read_at))?;
+                pipeline.dropped(drop, read_at);
             }
         }
         // Packets are closed only with everything read so far processed: the reader's progress

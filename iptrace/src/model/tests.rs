@@ -1,0 +1,195 @@
+use super::*;
+use crate::{
+    decode::{NftTraceType, Table, TraceId, TraceKind, packet::tests::udp_v4},
+    xtables::tokenize,
+};
+
+pub(crate) struct Names;
+
+impl InterfaceNames for Names {
+    fn name(&mut self, index: u32) -> String {
+        format!("veth{index}")
+    }
+}
+
+/// A legacy step of an IPv4 packet arriving on interface 2 (leaving on 3 at FORWARD).
+pub(crate) fn step(hook: Hook, table: Table, chain: &str, packet: &[u8], mark: u32, position: Position) -> Step {
+    let point = HookPoint { hook, filter: table == Table::Filter };
+    Step {
+        event: TraceEvent {
+            family: Family::Ipv4,
+            origin: Origin::Xtables { hook, table, chain: chain.into(), kind: TraceKind::Rule, number: 0 },
+            in_ifindex: Some(2),
+            out_ifindex: (hook == Hook::Forward).then_some(3),
+            mark,
+            packet: PacketHeader::parse(packet).unwrap(),
+            bytes: None,
+            mark_after: None,
+            epoch: 0,
+            generation: None,
+            after_check: None,
+        },
+        position,
+        engine: Engine::Legacy,
+        hook: Some(point),
+    }
+}
+
+pub(crate) fn rule(number: u32, line: &str) -> Position {
+    Position::Rule { number, rule: Arc::new(Rule::from_tokens(&tokenize(line), |c| c.contains(':'))) }
+}
+
+/// iptrace's own nf_tables marking event (at -350): the packet as it arrived.
+pub(crate) fn marked(packet: &[u8]) -> Step {
+    let mut s = step(Hook::PreRouting, Table::Raw, "prerouting", packet, 0, Position::Marked);
+    s.event.origin = Origin::Nft {
+        family: NftFamily::Inet,
+        table: "iptrace_1_2".into(),
+        chain: "prerouting".into(),
+        handle: Some(2),
+        trace_type: NftTraceType::Rule,
+        verdict: NftVerdict::Continue,
+        trace_id: TraceId([1, 2, 3, 4]),
+        ct: None,
+    };
+    s.event.out_ifindex = None;
+    s.event.mark_after = Some(0);
+    s.engine = Engine::Nft;
+    s
+}
+
+fn report(steps: &[Step]) -> PacketReport {
+    PacketReport::new(steps.to_vec(), true, SystemTime::UNIX_EPOCH, &mut Names).unwrap()
+}
+
+#[test]
+fn the_first_drop_decides_then_the_filter_table_then_the_last_verdict() {
+    let p = udp_v4([10, 5, 1, 7], 40000, 64);
+    let raw = step(Hook::PreRouting, Table::Raw, "PREROUTING", &p, 0, Position::Policy(Verdict::Accept));
+    let filter = step(Hook::Forward, Table::Filter, "FORWARD", &p, 0, rule(3, "-p udp -j ACCEPT"));
+    let drop = step(Hook::PostRouting, Table::Mangle, "POSTROUTING", &p, 0, rule(1, "-j DROP"));
+    let policy = step(Hook::PostRouting, Table::Nat, "POSTROUTING", &p, 0, Position::Policy(Verdict::Accept));
+    let decided = |steps: &[Step]| report(steps).fate;
+    assert_eq!(
+        decided(&[raw.clone(), filter.clone(), drop.clone()]),
+        Fate::Decided { step: 2, verdict: Verdict::Drop, by: Decision::Dropped }
+    );
+    assert_eq!(
+        decided(&[raw.clone(), filter.clone(), policy.clone()]),
+        Fate::Decided { step: 1, verdict: Verdict::Accept, by: Decision::Filtered }
+    );
+    assert_eq!(
+        decided(&[raw.clone(), policy]),
+        Fate::Decided { step: 1, verdict: Verdict::Accept, by: Decision::LastVerdict }
+    );
+    // Only the marking and a rule that ends nothing, at INPUT where fates are decided.
+    let log = step(Hook::LocalIn, Table::Filter, "INPUT", &p, 0, rule(1, "-j LOG"));
+    assert_eq!(decided(&[marked(&p), log]), Fate::NoneSeen);
+    // Accepted at PREROUTING, where routing comes after: no fate claimed.
+    assert_eq!(decided(&[raw]), Fate::LastSeen { last: 0, base: 0, hook: Hook::PreRouting });
+}
+
+#[test]
+fn a_packet_with_lost_events_is_incomplete_and_only_the_marking_is_no_report() {
+    let p = udp_v4([10, 5, 1, 7], 40000, 64);
+    let drop = step(Hook::Forward, Table::Filter, "FORWARD", &p, 0, rule(1, "-j DROP"));
+    let report = PacketReport::new(vec![marked(&p), drop], false, SystemTime::UNIX_EPOCH, &mut Names).unwrap();
+    assert_eq!(report.fate, Fate::Incomplete);
+    assert_eq!(report.steps.len(), 1);
+    assert!(report.arrived.at_marking);
+    assert_eq!(report.arrived.in_interface, Some(Interface { index: 2, name: "veth2".into() }));
+    assert_eq!(PacketReport::new(vec![marked(&p)], true, SystemTime::UNIX_EPOCH, &mut Names), None);
+}
+
+/// The kernel's drop of `packet` for `reason`, on interface 2.
+pub(crate) fn kernel_dropped(packet: &[u8], reason: &str) -> DropEvent {
+    DropEvent {
+        time: std::time::Duration::ZERO,
+        netns: 1,
+        reason_code: 0,
+        reason: reason.into(),
+        ifindex: Some(2),
+        location: 0,
+        packet: PacketHeader::parse(packet).unwrap(),
+    }
+}
+
+#[test]
+fn a_kernel_drop_is_the_fate_once() {
+    let p = udp_v4([10, 5, 1, 7], 40000, 64);
+    let nat = step(Hook::PreRouting, Table::Nat, "PREROUTING", &p, 0, Position::Policy(Verdict::Accept));
+    let accept = step(Hook::LocalIn, Table::Filter, "INPUT", &p, 0, rule(1, "-p udp -j ACCEPT"));
+    let drop = step(Hook::Forward, Table::Filter, "FORWARD", &p, 0, rule(2, "-j DROP"));
+    let dropped = |steps: &[Step], reason: &str| {
+        PacketReport::dropped(steps.to_vec(), true, SystemTime::UNIX_EPOCH, &kernel_dropped(&p, reason), &mut Names)
+    };
+    // Accepted, then no socket: the drop after the filter table's decision.
+    let report = dropped(&[nat.clone(), accept.clone()], "NO_SOCKET");
+    let accepted = Fate::Decided { step: 1, verdict: Verdict::Accept, by: Decision::Filtered };
+    assert_eq!(report.fate, Fate::DroppedAfterNetfilter { reason: "NO_SOCKET".into(), after: Box::new(accepted) });
+    let device = Some(Interface { index: 2, name: "veth2".into() });
+    assert_eq!(
+        report.drop,
+        Some(KernelDrop { reason: "NO_SOCKET".into(), device, packet: report.arrived.header.clone() })
+    );
+    // No route after PREROUTING: the drop after where it was last seen.
+    let last_seen = Fate::LastSeen { last: 0, base: 0, hook: Hook::PreRouting };
+    let after = Box::new(last_seen);
+    assert_eq!(
+        dropped(std::slice::from_ref(&nat), "IP_INNOROUTES").fate,
+        Fate::DroppedAfterNetfilter { reason: "IP_INNOROUTES".into(), after }
+    );
+    // A rule's DROP is the fate; the kernel's NETFILTER_DROP for it is not a second one.
+    let by_rule = Fate::Decided { step: 1, verdict: Verdict::Drop, by: Decision::Dropped };
+    assert_eq!(dropped(&[nat, drop], "NETFILTER_DROP").fate, by_rule);
+    // Only the marking, or nothing: a block of its own.
+    for steps in [vec![marked(&p)], vec![]] {
+        let report = dropped(&steps, "IP_RPFILTER");
+        assert_eq!(report.fate, Fate::DroppedOutsideNetfilter { reason: "IP_RPFILTER".into() });
+        assert_eq!(report.arrived.at_marking, !steps.is_empty());
+        assert!(report.steps.is_empty());
+    }
+    // Lost events stay the fate.
+    let incomplete = PacketReport::dropped(
+        vec![accept],
+        false,
+        SystemTime::UNIX_EPOCH,
+        &kernel_dropped(&p, "NO_SOCKET"),
+        &mut Names,
+    );
+    assert_eq!(incomplete.fate, Fate::Incomplete);
+}
+
+#[test]
+fn changes_are_reported_where_they_are_first_seen() {
+    let arrived = udp_v4([10, 5, 1, 7], 40000, 64);
+    let mut dnatted = arrived.clone();
+    dnatted[19] = 9;
+    dnatted[22..24].copy_from_slice(&5353u16.to_be_bytes());
+    let mut nft = marked(&dnatted);
+    nft.position = Position::NftRule { handle: 4, text: "meta mark set 0x5".into(), verdict: Verdict::Continue };
+    if let Origin::Nft { table, .. } = &mut nft.event.origin {
+        *table = "t".into();
+    }
+    nft.event.mark_after = Some(5);
+    let legacy = step(Hook::Forward, Table::Mangle, "FORWARD", &dnatted, 7, Position::Policy(Verdict::Accept));
+    let report = report(&[marked(&arrived), nft, legacy]);
+    let [first, second] = &report.steps[..] else { panic!("{report:?}") };
+    assert_eq!(
+        first.changed_before,
+        [
+            Change::Destination { from: [172, 16, 2, 2].into(), to: [172, 16, 2, 9].into() },
+            Change::DestinationPort { from: 53, to: 5353 }
+        ]
+    );
+    // nf_tables reports the mark after its rule ran: that rule set it.
+    assert_eq!(first.changed_by, [Change::Mark { from: 0, to: 5 }]);
+    assert_eq!(first.kernel_verdict, Some(NftVerdict::Continue));
+    assert_eq!(first.place.family, NftFamily::Inet);
+    // A legacy step shows the mark before its own rule: changed before it, by someone.
+    assert_eq!(second.changed_before, [Change::Mark { from: 5, to: 7 }]);
+    assert_eq!(
+        second.place,
+        Place { engine: Engine::Legacy, family: NftFamily::Ip, table: "mangle".into(), chain: "FORWARD".into() }
+    );
+}
