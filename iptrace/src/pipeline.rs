@@ -5,7 +5,7 @@
 //! (a [`ReportSink`]: the text renderer today) is the caller's.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     ffi::CStr,
     io,
     ops::ControlFlow,
@@ -15,7 +15,7 @@ use std::{
 
 use crate::{
     correlate::{Correlator, PacketTrace},
-    decode::{DecodeCounts, Decoder, TraceEvent},
+    decode::{DecodeCounts, Decoder, Family, TraceEvent},
     drops::DropEvent,
     model::{InterfaceNames, PacketReport},
     resolve::{ResolveError, Resolver},
@@ -96,7 +96,13 @@ pub struct Pipeline<'a, N> {
     /// Drops read from the kernel by an instant, each waiting until the trace events queued
     /// before it are processed ([`Pipeline::flush_idle`]).
     drops: Vec<(DropEvent, Instant)>,
+    /// The packets shown last (family and NAT-invariant key): a drop read after its packet's
+    /// block was shown (the processing fell behind) is not a packet of its own.
+    shown: VecDeque<(Family, u64)>,
 }
+
+/// How many shown packets [`Pipeline`] remembers for late drops.
+const SHOWN_REMEMBERED: usize = 4096;
 
 impl<'a, N: InterfaceNames> Pipeline<'a, N> {
     /// A packet is closed once its events have been quiet for `linger`; `names` names the
@@ -113,6 +119,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             drops_netns: None,
             drops_alone: false,
             drops: Vec::new(),
+            shown: VecDeque::new(),
         }
     }
 
@@ -257,9 +264,15 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
                 (drop.packet.src, drop.packet.dst),
                 |events| drop.joins(events, netns),
             );
+            let key = (drop.family(), drop.packet.identity());
+            // A netfilter DROP is the verdict of a traced step; any other drop of a packet whose
+            // block is already out came too late to end it.
+            let late = drop.reason == "NETFILTER_DROP" || self.shown.contains(&key);
             let trace = match ended {
                 Some(trace) => trace,
-                None if self.drops_alone => PacketTrace { events: Vec::new(), first_seen: read_at, incomplete: false },
+                None if self.drops_alone && !late => {
+                    PacketTrace { events: Vec::new(), first_seen: read_at, incomplete: false }
+                }
                 None => continue,
             };
             if self.emit(trace, Some(&drop), sink)?.is_break() {
@@ -290,6 +303,14 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         drop: Option<&DropEvent>,
         sink: &mut impl ReportSink,
     ) -> Result<ControlFlow<()>, PipelineError> {
+        if self.drops_netns.is_some()
+            && let Some(first) = trace.events.first()
+        {
+            if self.shown.len() == SHOWN_REMEMBERED {
+                self.shown.pop_front();
+            }
+            self.shown.push_back((first.family, first.packet.identity()));
+        }
         let out_ifindex = self.out_ifindex.map(|o| o.load(Ordering::Relaxed));
         if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
             return Ok(ControlFlow::Continue(()));
