@@ -22,7 +22,7 @@ use iptrace_common::{
     filter::PacketBytes,
 };
 
-use crate::cbpf;
+use crate::{cbpf, packet::packet_bytes_from_copies};
 
 /// Field offsets, set by userspace (`KERNEL_LAYOUT_GLOBAL`).
 #[unsafe(no_mangle)]
@@ -212,26 +212,11 @@ impl DroppedPacket {
         }
         Some(bytes)
     }
-}
-
-impl PacketBytes for DroppedPacket {
-    #[inline(always)]
-    fn u8_at(&self, offset: u32) -> Option<u8> {
-        self.bytes::<1>(offset).map(|[b]| b)
-    }
 
     #[inline(always)]
-    fn be16_at(&self, offset: u32) -> Option<u16> {
-        self.bytes(offset).map(u16::from_be_bytes)
-    }
-
-    #[inline(always)]
-    fn be32_at(&self, offset: u32) -> Option<u32> {
-        self.bytes(offset).map(u32::from_be_bytes)
-    }
-
-    #[inline(always)]
-    fn packet_len(&self) -> Option<u32> {
+    fn known_len(&self) -> Option<u32> {
         Some(self.packet_len)
     }
 }
+
+packet_bytes_from_copies!(DroppedPacket);

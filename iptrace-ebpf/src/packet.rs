@@ -108,27 +108,44 @@ impl Packet {
     }
 }
 
-impl PacketBytes for Packet {
+impl Packet {
+    /// The packet's length where it is known (skb packets; nf_tables trace headers are a prefix).
     #[inline(always)]
-    fn u8_at(&self, offset: u32) -> Option<u8> {
-        self.bytes::<1>(offset).map(|[b]| b)
-    }
-
-    #[inline(always)]
-    fn be16_at(&self, offset: u32) -> Option<u16> {
-        self.bytes(offset).map(u16::from_be_bytes)
-    }
-
-    #[inline(always)]
-    fn be32_at(&self, offset: u32) -> Option<u32> {
-        self.bytes(offset).map(u32::from_be_bytes)
-    }
-
-    #[inline(always)]
-    fn packet_len(&self) -> Option<u32> {
+    fn known_len(&self) -> Option<u32> {
         match self {
             Self::Skb(packet) => Some(packet.len),
             Self::TraceHeaders(_) => None,
         }
     }
 }
+
+/// [`PacketBytes`] for a packet type that copies `N` bytes out (`bytes::<N>(offset)`) and may
+/// know its length (`known_len()`): every load is one fixed-size copy, checked once.
+macro_rules! packet_bytes_from_copies {
+    ($packet:ty) => {
+        impl PacketBytes for $packet {
+            #[inline(always)]
+            fn u8_at(&self, offset: u32) -> Option<u8> {
+                self.bytes::<1>(offset).map(|[b]| b)
+            }
+
+            #[inline(always)]
+            fn be16_at(&self, offset: u32) -> Option<u16> {
+                self.bytes(offset).map(u16::from_be_bytes)
+            }
+
+            #[inline(always)]
+            fn be32_at(&self, offset: u32) -> Option<u32> {
+                self.bytes(offset).map(u32::from_be_bytes)
+            }
+
+            #[inline(always)]
+            fn packet_len(&self) -> Option<u32> {
+                self.known_len()
+            }
+        }
+    };
+}
+pub(crate) use packet_bytes_from_copies;
+
+packet_bytes_from_copies!(Packet);
