@@ -155,7 +155,12 @@ fn teardown_deletes_only_its_own_rules_under_a_concurrent_writer() {
         let expression = if round % 2 == 0 { "icmp" } else { &ports };
         let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "--backend", "legacy", "-4", expression]);
         let out = tracer.stop(libc::SIGTERM);
-        assert!(out.status.success(), "round {round}: {out:?}");
+        // The writer's ACCEPT above the TRACE rule hides packets from it, so iptrace moves its
+        // rule back on top; on a loaded machine the writer wins that race often enough that
+        // iptrace gives up and ends the run (exit 1, heal.rs). Either way its teardown must
+        // remove its own rules and nothing else, which is what this test is about.
+        let gave_up = out.status.code() == Some(1) && out.stderr.contains("times within a second; giving up");
+        assert!(out.status.success() || gave_up, "round {round}: {out:?}");
         assert!(!out.stderr.contains("cleanup"), "round {round}: {}", out.stderr);
         let own: Vec<String> = [raw_chain(&lab, "PREROUTING"), raw_chain(&lab, "OUTPUT")]
             .concat()
@@ -407,7 +412,8 @@ struct Namespace(String);
 
 impl Namespace {
     fn add(name: String) -> Self {
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        // A namespace of that name left by an earlier, killed run of this test.
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
         let status = Command::new("ip").args(["netns", "add", &name]).status().unwrap();
         assert!(status.success(), "ip netns add {name}");
         Self(name)
