@@ -43,6 +43,8 @@ pub enum DecodeError {
     BadPrefix(String),
     #[error("payload is not IP (version nibble {0})")]
     UnknownIpVersion(u8),
+    #[error("ARP packet not for IPv4 over Ethernet")]
+    NotArpForIpv4,
     #[error("nflog message without payload (copy mode is not COPY_PACKET?)")]
     NoPayload,
     #[error("nf_tables trace event without its id, table or chain")]
@@ -366,10 +368,15 @@ impl Decoder {
     }
 
     fn decode_nftrace(&mut self, msg: &NftTrace<'_>) -> Result<Option<TraceEvent>, DecodeError> {
-        let Some(family) = msg.nfproto.and_then(|p| u8::try_from(p).ok()).and_then(Family::from_nfproto) else {
+        let table_family = NftFamily::from_nfproto(msg.table_family);
+        // The bridge, netdev and arp families report their own NFPROTO (7, 5, 3): the packet's
+        // family comes from its network header there (design.md §13).
+        let link_layer = matches!(table_family, NftFamily::Bridge | NftFamily::Netdev | NftFamily::Arp);
+        let ip_family = msg.nfproto.and_then(|p| u8::try_from(p).ok()).and_then(Family::from_nfproto);
+        if ip_family.is_none() && !link_layer {
             self.counts.foreign += 1;
             return Ok(None);
-        };
+        }
         let trace_type = match msg.trace_type {
             NFT_TRACETYPE_RULE => NftTraceType::Rule,
             NFT_TRACETYPE_RETURN => NftTraceType::Return,
@@ -384,7 +391,19 @@ impl Decoder {
             let mut start = Vec::with_capacity(network.len() + msg.transport_header.map_or(0, <[u8]>::len));
             start.extend_from_slice(network);
             start.extend_from_slice(msg.transport_header.unwrap_or_default());
-            let packet = PacketHeader::parse(&start)?;
+            let packet = match (link_layer, network.first().map(|b| b >> 4)) {
+                (false, _) | (true, Some(4 | 6)) if table_family != NftFamily::Arp => PacketHeader::parse(&start),
+                _ => PacketHeader::parse_arp(network),
+            };
+            let packet = match packet {
+                Ok(packet) => packet,
+                // A frame of another protocol in a bridge or netdev chain (LLDP, STP, ...).
+                Err(_) if link_layer => {
+                    self.counts.foreign += 1;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
             let bytes = self.keep_bytes.then(|| {
                 // The kernel cuts the network header at 40 bytes: where that cut IPv4 options or
                 // IPv6 extension headers, the transport header does not follow it (§5.7).
@@ -423,6 +442,7 @@ impl Decoder {
         };
         let mark_before = std::mem::replace(&mut stored.mark, mark_after);
         let headers = stored.clone();
+        let family = ip_family.unwrap_or(if headers.packet.src.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 });
         let verdict = match (trace_type, msg.policy, msg.verdict) {
             (NftTraceType::Policy, Some(policy), _) => NftVerdict::from_code(policy.cast_signed(), None),
             (_, _, Some(v)) => NftVerdict::from_code(v.code, v.chain.map(|c| self.intern(&String::from_utf8_lossy(c)))),
@@ -431,7 +451,7 @@ impl Decoder {
         Ok(Some(TraceEvent {
             family,
             origin: Origin::Nft {
-                family: NftFamily::from_nfproto(msg.table_family),
+                family: table_family,
                 table: self.intern(&String::from_utf8_lossy(msg.table)),
                 chain: self.intern(&String::from_utf8_lossy(msg.chain)),
                 handle: msg.rule_handle,

@@ -57,10 +57,39 @@ impl PacketBytes {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Transport {
-    Tcp { sport: u16, dport: u16, seq: u32, ack: u32, window: u16, flags: u8 },
-    Udp { sport: u16, dport: u16, length: u16 },
-    Icmp { kind: u8, code: u8, id: u16, seq: u16 },
-    Icmpv6 { kind: u8, code: u8, id: u16, seq: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        window: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+        length: u16,
+    },
+    Icmp {
+        kind: u8,
+        code: u8,
+        id: u16,
+        seq: u16,
+    },
+    Icmpv6 {
+        kind: u8,
+        code: u8,
+        id: u16,
+        seq: u16,
+    },
+    /// An ARP packet for IPv4 over Ethernet (of the arp, bridge or netdev families): its operation
+    /// (1 request, 2 reply) and hardware addresses; its protocol addresses are the header's
+    /// `src` (sender) and `dst` (target).
+    Arp {
+        operation: u16,
+        sender_hw: [u8; 6],
+        target_hw: [u8; 6],
+    },
     Other,
 }
 
@@ -89,6 +118,38 @@ impl PacketHeader {
             Some(v) => Err(DecodeError::UnknownIpVersion(v)),
             None => Err(WireError::Truncated { what: "IP header", need: 1, have: 0 }.into()),
         }
+    }
+
+    /// An ARP packet for IPv4 over Ethernet (RFC 826: hardware type 1, protocol 0x0800, address
+    /// lengths 6 and 4), as the network header of an nf_tables trace event carries it. Its
+    /// sender and target protocol addresses become `src` and `dst`, so that the selection and
+    /// the packet line name them; no NAT touches ARP, so its identity is all of its 28 bytes.
+    pub fn parse_arp(p: &[u8]) -> Result<Self, DecodeError> {
+        let h = p.get(..28).ok_or(WireError::Truncated { what: "ARP header", need: 28, have: p.len() })?;
+        if h[..6] != [0, 1, 8, 0, 6, 4] {
+            return Err(DecodeError::NotArpForIpv4);
+        }
+        let hw = |o: usize| -> [u8; 6] { h[o..o + 6].try_into().unwrap_or_default() };
+        let identity =
+            h.iter().fold(0xcbf2_9ce4_8422_2325u64, |k, &b| (k ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        Ok(Self {
+            src: Ipv4Addr::new(h[14], h[15], h[16], h[17]).into(),
+            dst: Ipv4Addr::new(h[24], h[25], h[26], h[27]).into(),
+            length: 28,
+            tos: 0,
+            ttl: 0,
+            id: 0,
+            flow_label: 0,
+            dont_fragment: false,
+            fragment: false,
+            protocol: 0,
+            transport: Transport::Arp {
+                operation: u16::from_be_bytes([h[6], h[7]]),
+                sender_hw: hw(8),
+                target_hw: hw(18),
+            },
+            identity,
+        })
     }
 
     /// A fingerprint of one packet that stays the same at every hook it crosses, NAT included:
@@ -249,6 +310,27 @@ pub(crate) mod tests {
         let h = PacketHeader::parse(&p).unwrap();
         assert_eq!((h.protocol, h.flow_label, h.tos, h.length), (6, 0x12345, 0x12, 68));
         assert!(matches!(h.transport, Transport::Tcp { sport: 40000, dport: 22, seq: 7, flags: TCP_SYN, .. }));
+    }
+
+    /// An ARP request from 10.9.0.1 (02:00:00:00:00:01) for 10.9.0.3, as `arping` sends it.
+    pub(crate) fn arp_request() -> Vec<u8> {
+        let mut p = vec![0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 9, 0, 1];
+        p.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 9, 0, 3]);
+        p
+    }
+
+    #[test]
+    fn parses_arp_for_ipv4_over_ethernet() {
+        let h = PacketHeader::parse_arp(&arp_request()).unwrap();
+        assert_eq!((h.src, h.dst, h.length), (IpAddr::from([10, 9, 0, 1]), IpAddr::from([10, 9, 0, 3]), 28));
+        assert_eq!(h.transport, Transport::Arp { operation: 1, sender_hw: [2, 0, 0, 0, 0, 1], target_hw: [0; 6] });
+        let mut reply = arp_request();
+        reply[7] = 2;
+        assert_ne!(h.identity(), PacketHeader::parse_arp(&reply).unwrap().identity());
+        assert!(PacketHeader::parse_arp(&arp_request()[..27]).is_err());
+        let mut ipv6 = arp_request();
+        ipv6[2] = 0x86;
+        assert_eq!(PacketHeader::parse_arp(&ipv6), Err(DecodeError::NotArpForIpv4));
     }
 
     #[test]

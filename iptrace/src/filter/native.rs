@@ -18,7 +18,7 @@
 use std::{fmt, net::IpAddr};
 
 use super::FilterError;
-use crate::decode::Family;
+use crate::decode::{Family, NftFamily};
 
 /// An address or a network, host bits cleared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -348,6 +348,17 @@ impl NativeSelection {
     /// The matches of the nf_tables marking rule, or `None` when one rule cannot make the
     /// selection (`port` without a direction is "sport or dport").
     pub fn nft_match(&self) -> Option<String> {
+        self.nft_match_in(NftFamily::Inet)
+    }
+
+    /// [`Self::nft_match`] for a marking rule in a table of `family`. The address, protocol and
+    /// port matches read the network and transport headers wherever the table is: in the bridge
+    /// and netdev families nf_tables finds them behind the Ethernet header itself (it sets the
+    /// packet's transport offset for IPv4 and IPv6 frames, design.md §13), and nft adds the
+    /// `ether type` / `meta protocol` dependency of `ip saddr` there. Only the family test
+    /// differs: `meta nfproto` is the table's family outside inet, so the frame's protocol is
+    /// tested instead.
+    pub fn nft_match_in(&self, table_family: NftFamily) -> Option<String> {
         if self.either_port.is_some() {
             return None;
         }
@@ -359,7 +370,12 @@ impl NativeSelection {
             }
         }
         if let Some(family) = self.family.filter(|_| self.source.is_none() && self.destination.is_none()) {
-            parts.push(format!("meta nfproto {}", if family == Family::Ipv4 { "ipv4" } else { "ipv6" }));
+            parts.push(match table_family {
+                NftFamily::Bridge | NftFamily::Netdev => {
+                    format!("meta protocol {}", if family == Family::Ipv4 { "ip" } else { "ip6" })
+                }
+                _ => format!("meta nfproto {}", if family == Family::Ipv4 { "ipv4" } else { "ipv6" }),
+            });
         }
         let has_ports = self.source_port.is_some() || self.destination_port.is_some();
         match self.protocol.and_then(Protocol::name) {
@@ -373,6 +389,22 @@ impl NativeSelection {
                 parts.push(format!("th {field} {}", ports.joined('-')));
             }
         }
+        Some(parts.join(" "))
+    }
+
+    /// The matches an ARP packet must pass to be selected, by its sender and target protocol
+    /// addresses (`arp saddr ip`, `arp daddr ip`, valid in arp, bridge and netdev tables); `None`
+    /// when the selection can match no ARP packet: one of IPv6, or of a protocol or ports, which
+    /// ARP has not.
+    pub fn arp_match(&self) -> Option<String> {
+        let ports = self.source_port.is_some() || self.destination_port.is_some() || self.either_port.is_some();
+        if self.family == Some(Family::Ipv6) || self.protocol.is_some() || ports {
+            return None;
+        }
+        let parts: Vec<String> = [(self.source, "saddr"), (self.destination, "daddr")]
+            .into_iter()
+            .filter_map(|(net, field)| net.map(|net| format!("arp {field} ip {net}")))
+            .collect();
         Some(parts.join(" "))
     }
 }

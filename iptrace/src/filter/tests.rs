@@ -1,4 +1,5 @@
 use super::*;
+use crate::decode::NftFamily;
 
 fn sel(f: impl FnOnce(&mut Selection)) -> Selection {
     let mut s = Selection::default();
@@ -219,4 +220,20 @@ fn long_expressions_exceed_xt_bpf() {
     let ports: Vec<String> = (1000..1040).map(|p| format!("port {p}")).collect();
     let f = CompiledFilter::compile(&ports.join(" or ")).unwrap();
     assert!(!f.fits_xt_bpf(), "{} insns", f.instructions().len());
+}
+
+#[test]
+fn native_matches_for_the_bridge_netdev_and_arp_families() {
+    let native = |e: &str| sel(|s| s.expression = Some(e.into())).to_native().unwrap().unwrap();
+    let icmp = native("icmp");
+    assert_eq!(icmp.nft_match_in(NftFamily::Bridge).as_deref(), Some("meta protocol ip meta l4proto icmp"));
+    assert_eq!(icmp.nft_match_in(NftFamily::Netdev).as_deref(), Some("meta protocol ip meta l4proto icmp"));
+    assert_eq!(icmp.nft_match_in(NftFamily::Inet), icmp.nft_match());
+    assert_eq!(icmp.arp_match(), None, "ARP has no ICMP");
+    let addresses = native("src host 10.9.0.1 and dst net 10.9.0.0/24");
+    assert_eq!(addresses.nft_match_in(NftFamily::Bridge).as_deref(), Some("ip saddr 10.9.0.1 ip daddr 10.9.0.0/24"));
+    assert_eq!(addresses.arp_match().as_deref(), Some("arp saddr ip 10.9.0.1 arp daddr ip 10.9.0.0/24"));
+    assert_eq!(native("ip").arp_match().as_deref(), Some(""));
+    assert_eq!(native("ip6").arp_match(), None);
+    assert_eq!(native("src port 53").arp_match(), None);
 }

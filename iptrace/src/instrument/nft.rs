@@ -17,6 +17,13 @@
 //! NFPROTO_UNSPEC, which every family's lookup falls back to), so one inet table still serves
 //! both families. The xt_bpf match holds its own reference to a pinned program: the pin can go
 //! once the table is gone, which is the order teardown and cleanup follow.
+//!
+//! Where the traced namespace has bridge, netdev or arp tables, whose chains the inet marking
+//! does not reach (bridged frames never pass the inet hooks, netdev ingress runs before them,
+//! ARP is no IP packet), iptrace adds a table of the same name in each such family, with its
+//! marking chains at bridge prerouting, netdev ingress (one per device) and arp input and
+//! output, all at -350 (design.md §13). The tables are found by name in every family, so
+//! teardown, `--cleanup` and heal treat them as one marking with the inet table.
 
 use std::{
     mem::size_of,
@@ -29,7 +36,7 @@ use iptrace_common::uapi::{
 };
 
 use super::{
-    Damage, InstrumentError, Marking, MarkingWatch, Prefilter, TraceChain, TracePlan, WatchError, XtBpfProgram,
+    Damage, InstrumentError, Limit, Marking, MarkingWatch, Prefilter, TraceChain, TracePlan, WatchError, XtBpfProgram,
     owner::Owner,
 };
 use crate::{
@@ -53,21 +60,32 @@ impl Marking for NftTable {
     }
 
     fn owners(&self) -> Result<Vec<Owner>, InstrumentError> {
-        tagged_tables()
+        let mut owners: Vec<Owner> = tagged_tables()?.into_iter().map(|(_, owner)| owner).collect();
+        owners.sort_unstable();
+        owners.dedup();
+        Ok(owners)
     }
 
-    /// The table's name carries the owner's pid and start time: one by that name is ours.
+    /// The table's name carries the owner's pid and start time: one by that name, in any
+    /// family, is ours.
     fn delete(&self, select: &dyn Fn(Owner) -> bool) -> Result<Vec<String>, InstrumentError> {
         let mut deleted = Vec::new();
-        for owner in tagged_tables()?.into_iter().filter(|&o| select(o)) {
-            delete(owner)?;
-            deleted.push(format!("nf_tables table inet {}", owner.table_name()));
+        for (family, owner) in tagged_tables()?.into_iter().filter(|&(_, o)| select(o)) {
+            delete(family, owner)?;
+            deleted.push(format!("nf_tables table {family} {}", owner.table_name()));
         }
         Ok(deleted)
     }
 
     fn watch(&self, owner: Owner, _plan: &TracePlan) -> Result<Box<dyn MarkingWatch>, WatchError> {
-        Ok(Box::new(NftWatch::open(owner.table_name())?))
+        let table = owner.table_name();
+        let families = tables()
+            .map_err(|e| WatchError::Read { event: "listing iptrace's tables".into(), source: Box::new(e) })?
+            .into_iter()
+            .filter(|(_, name)| *name == table)
+            .map(|(family, _)| family)
+            .collect();
+        Ok(Box::new(NftWatch::open(table, families)?))
     }
 }
 
@@ -84,6 +102,9 @@ const NFTA_OBJECT_TABLE: u16 = 1;
 
 /// The table's family: one table covers IPv4 and IPv6.
 const FAMILY: &str = "inet";
+/// The families whose hooks the inet table does not reach, marked where the user has tables of
+/// them.
+const LINK_LAYER_FAMILIES: [NftFamily; 3] = [NftFamily::Bridge, NftFamily::Netdev, NftFamily::Arp];
 /// Before raw (-300), conntrack (-200) and everything after them.
 const PRIORITY: i32 = -350;
 /// The named limit both chains share, so that `--limit` counts packets, not hooks.
@@ -107,16 +128,7 @@ pub(super) fn script(owner: Owner, plan: &TracePlan) -> String {
     let table = owner.table_name();
     let mut script = format!("create table {FAMILY} {table} {{ comment \"{}\"; }}\n", owner.tag());
     if let Some(limit) = &plan.limit {
-        let per = match limit.per {
-            "min" => "minute",
-            "hour" => "hour",
-            "day" => "day",
-            _ => "second",
-        };
-        script.push_str(&format!(
-            "add limit {FAMILY} {table} {LIMIT_NAME} {{ rate {}/{per} burst {} packets; }}\n",
-            limit.count, limit.burst
-        ));
+        script.push_str(&limit_line(FAMILY, &table, limit));
     }
     let mut selectors: Vec<String> = Vec::new();
     if let [family] = plan.families[..] {
@@ -157,6 +169,18 @@ pub(super) fn script(owner: Owner, plan: &TracePlan) -> String {
     script
 }
 
+/// The script line that adds the named limit the marking rules of `family`'s `table` share (one
+/// per table: nf_tables objects belong to a table).
+fn limit_line(family: impl std::fmt::Display, table: &str, limit: &Limit) -> String {
+    let per = match limit.per {
+        "min" => "minute",
+        "hour" => "hour",
+        "day" => "day",
+        _ => "second",
+    };
+    format!("add limit {family} {table} {LIMIT_NAME} {{ rate {}/{per} burst {} packets; }}\n", limit.count, limit.burst)
+}
+
 /// The base chains, each named after its hook.
 const BASE_CHAINS: [&str; 2] = ["prerouting", "output"];
 
@@ -175,11 +199,162 @@ fn marking_chain(chain: &str) -> String {
     format!("mark_{chain}")
 }
 
+/// The `nft -f` script that creates `owner`'s table in `family` (bridge, netdev or arp) for
+/// `plan`, marking at netdev ingress of `devices`; `None` where it would mark nothing: the
+/// selection can match no packet of the family, or `--chain` / `-i` leave none of its hooks.
+///
+/// The selection: a native one is made by the same matches as in inet (design.md §13), and
+/// ARP packets by their addresses alone ([`crate::filter::NativeSelection::arp_match`]). xt_bpf cannot run in
+/// a netdev table (nft_compat refuses that family), and its program is compiled for the IP
+/// header: for an xt_bpf selection every IP frame of the traced families is marked, and the
+/// trace socket's filter, which runs the compiled selection on each event's IP header, decides.
+pub(super) fn link_layer_script(
+    owner: Owner,
+    plan: &TracePlan,
+    family: NftFamily,
+    devices: &[String],
+) -> Option<String> {
+    let v4 = plan.families.contains(&Family::Ipv4);
+    let ip_protocols: Vec<&str> = plan.families.iter().map(|&f| if f == Family::Ipv4 { "ip" } else { "ip6" }).collect();
+    let protocol = |names: &[&str]| match names {
+        [one] => format!("meta protocol {one}"),
+        many => format!("meta protocol {{ {} }}", many.join(", ")),
+    };
+    // Each entry is one marking rule's matches: a frame that passes any of them is marked.
+    let selectors: Vec<String> = match (family, &plan.prefilter) {
+        (NftFamily::Arp, _) if !v4 => Vec::new(),
+        (NftFamily::Arp, Prefilter::Native(selection)) => selection.arp_match().into_iter().collect(),
+        (NftFamily::Arp, _) => vec![String::new()],
+        (_, Prefilter::Native(selection)) => {
+            let ip = selection.nft_match_in(family).map(|m| {
+                if m.contains("meta protocol") {
+                    m
+                } else {
+                    format!("{} {m}", protocol(&ip_protocols)).trim_end().to_owned()
+                }
+            });
+            let arp =
+                selection.arp_match().filter(|_| v4).map(|m| format!("meta protocol arp {m}").trim_end().to_owned());
+            ip.into_iter().chain(arp).collect()
+        }
+        (_, Prefilter::XtBpf(_)) => vec![protocol(&ip_protocols)],
+        (_, Prefilter::None) => {
+            let mut all = ip_protocols.clone();
+            if v4 {
+                all.push("arp");
+            }
+            vec![protocol(&all)]
+        }
+    };
+    let arriving = marks_packets(plan, "prerouting");
+    let leaving = marks_packets(plan, "output");
+    let in_match = plan.in_interface.as_ref().map(|i| format!("iifname \"{i}\""));
+    // (chain, its hook, the interface match of its rule)
+    let chains: Vec<(String, String, Option<String>)> = match family {
+        NftFamily::Bridge if arriving => vec![("prerouting".into(), "prerouting".into(), in_match)],
+        NftFamily::Netdev if arriving => devices
+            .iter()
+            .filter(|d| !d.contains(['"', '\\']))
+            .enumerate()
+            .map(|(i, d)| (ingress_chain(d, i), format!("ingress device \"{d}\""), None))
+            .collect(),
+        NftFamily::Arp => [
+            arriving.then(|| ("input".to_owned(), "input".to_owned(), in_match)),
+            leaving.then(|| {
+                (
+                    "output".to_owned(),
+                    "output".to_owned(),
+                    plan.out_interface.as_ref().map(|o| format!("oifname \"{o}\"")),
+                )
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        _ => Vec::new(),
+    };
+    if selectors.is_empty() || chains.is_empty() {
+        return None;
+    }
+    let table = owner.table_name();
+    let mut script = format!("create table {family} {table} {{ comment \"{}\"; }}\n", owner.tag());
+    if let Some(limit) = &plan.limit {
+        script.push_str(&limit_line(family, &table, limit));
+    }
+    for (chain, hook, interface) in chains {
+        script.push_str(&format!(
+            "add chain {family} {table} {chain} {{ type filter hook {hook} priority {PRIORITY}; policy accept; }}\n"
+        ));
+        for selector in &selectors {
+            let mut words: Vec<String> = [selector.clone()].into_iter().filter(|s| !s.is_empty()).collect();
+            words.extend(interface.clone());
+            if plan.limit.is_some() {
+                words.push(format!("limit name \"{LIMIT_NAME}\""));
+            }
+            words.push("counter meta nftrace set 1".to_owned());
+            script.push_str(&format!("add rule {family} {table} {chain} {}\n", words.join(" ")));
+        }
+    }
+    Some(script)
+}
+
+/// The name of the netdev chain marking at `device`'s ingress, the `index`-th device: nft 1.0.6
+/// takes only identifiers as chain names in a script, so characters an interface name may have
+/// and an identifier may not become `_`, and the index keeps two such names apart.
+fn ingress_chain(device: &str, index: usize) -> String {
+    let name: String = device.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    if name == device { format!("ingress_{name}") } else { format!("ingress_{name}_{index}") }
+}
+
+/// The devices the user's netdev ingress chains hook (`nft list chains netdev`: nft 1.0.6's
+/// JSON leaves the devices out), or `-i`'s alone when given: the marking rule of any other
+/// device could select nothing.
+fn ingress_devices(plan: &TracePlan) -> Result<Vec<String>, InstrumentError> {
+    if let Some(device) = &plan.in_interface {
+        return Ok(vec![device.clone()]);
+    }
+    let listing = nftables::run(&["list", "chains", "netdev"]).map_err(|source| InstrumentError::Nft {
+        what: "list the netdev chains next to",
+        table: String::new(),
+        source,
+    })?;
+    Ok(hooked_devices(&listing))
+}
+
+/// The devices named by `hook ingress device "X"` or `hook ingress devices = { X, Y }` lines of
+/// a chain listing, outside iptrace's own tables.
+pub(super) fn hooked_devices(listing: &str) -> Vec<String> {
+    let mut devices: Vec<String> = Vec::new();
+    let mut own = false;
+    for line in listing.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("table ") {
+            own = rest.split_whitespace().nth(1).and_then(Owner::from_table_name).is_some();
+            continue;
+        }
+        let Some(rest) = line.split_once("hook ingress ").map(|(_, r)| r).filter(|_| !own) else { continue };
+        let names = if let Some(one) = rest.strip_prefix("device ") {
+            one.split_whitespace().next().unwrap_or_default().to_owned()
+        } else if let Some(set) = rest.strip_prefix("devices = {") {
+            set.split('}').next().unwrap_or_default().to_owned()
+        } else {
+            continue;
+        };
+        for name in names.split(',').map(|n| n.trim().trim_matches('"')).filter(|n| !n.is_empty()) {
+            if !devices.iter().any(|d| d == name) {
+                devices.push(name.to_owned());
+            }
+        }
+    }
+    devices
+}
+
 /// Creates the table of `plan`: the script, then, with an xt_bpf prefilter, the base chains'
-/// rules that select packets with it and jump to their marking chain.
+/// rules that select packets with it and jump to their marking chain; then the tables of the
+/// bridge, netdev and arp families the user has tables of.
 fn create(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
     let table = owner.table_name();
-    if tables()?.contains(&table) {
+    let existing = tables()?;
+    if existing.iter().any(|(f, t)| *f == NftFamily::Inet && *t == table) {
         return Err(InstrumentError::TableExists { table });
     }
     nftables::apply(&script(owner, plan)).map_err(|source| InstrumentError::Nft {
@@ -187,11 +362,31 @@ fn create(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
         table: table.clone(),
         source,
     })?;
-    let Prefilter::XtBpf(program) = &plan.prefilter else { return Ok(()) };
+    if let Prefilter::XtBpf(program) = &plan.prefilter {
+        add_xt_bpf_rules(&table, plan, program)?;
+    }
+    for family in LINK_LAYER_FAMILIES {
+        if !existing.iter().any(|(f, t)| *f == family && Owner::from_table_name(t).is_none()) {
+            continue;
+        }
+        let devices = if family == NftFamily::Netdev { ingress_devices(plan)? } else { Vec::new() };
+        if let Some(script) = link_layer_script(owner, plan, family, &devices) {
+            nftables::apply(&script).map_err(|source| InstrumentError::Nft {
+                what: "create",
+                table: format!("{family} {table}"),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds the base chains' rules that run the xt_bpf `program` and jump to the marking chains.
+fn add_xt_bpf_rules(table: &str, plan: &TracePlan, program: &XtBpfProgram) -> Result<(), InstrumentError> {
     let info = xt_bpf_info(program)?;
     let error = |source| InstrumentError::Nft {
         what: "add the xt_bpf prefilter (nft_compat) to",
-        table: table.clone(),
+        table: table.to_owned(),
         source,
     };
     let mut socket = NfTablesSocket::open().map_err(error)?;
@@ -201,7 +396,7 @@ fn create(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
             RuleExpression::XtMatch { name: "bpf", revision: XT_BPF_REVISION, info: &info },
             RuleExpression::Jump { chain: &marking },
         ];
-        socket.append_rule(NftFamily::Inet, &table, chain, &expressions).map_err(error)?;
+        socket.append_rule(NftFamily::Inet, table, chain, &expressions).map_err(error)?;
     }
     Ok(())
 }
@@ -245,26 +440,27 @@ fn xt_bpf_info(program: &XtBpfProgram) -> Result<Vec<u8>, InstrumentError> {
     Ok(info)
 }
 
-/// Deletes `owner`'s table (with its chains, rules and limit).
-fn delete(owner: Owner) -> Result<(), InstrumentError> {
+/// Deletes `owner`'s table of `family` (with its chains, rules and limit).
+fn delete(family: NftFamily, owner: Owner) -> Result<(), InstrumentError> {
     let table = owner.table_name();
-    nftables::run(&["delete", "table", FAMILY, &table]).map(drop).map_err(|source| InstrumentError::Nft {
+    nftables::run(&["delete", "table", &family.to_string(), &table]).map(drop).map_err(|source| InstrumentError::Nft {
         what: "delete",
         table,
         source,
     })
 }
 
-/// The owners of iptrace tables in this netns. Empty when the kernel has no nf_tables.
-fn tagged_tables() -> Result<Vec<Owner>, InstrumentError> {
-    Ok(tables()?.iter().filter_map(|t| Owner::from_table_name(t)).collect())
+/// The iptrace tables in this netns, by family and owner. Empty when the kernel has no nf_tables.
+fn tagged_tables() -> Result<Vec<(NftFamily, Owner)>, InstrumentError> {
+    Ok(tables()?.iter().filter_map(|(f, t)| Owner::from_table_name(t).map(|o| (*f, o))).collect())
 }
 
-/// The names of the inet tables, or none when the kernel has no nf_tables.
-fn tables() -> Result<Vec<String>, InstrumentError> {
+/// The tables of the families iptrace's tables may be in (inet, bridge, netdev, arp), or none
+/// when the kernel has no nf_tables.
+fn tables() -> Result<Vec<(NftFamily, String)>, InstrumentError> {
     let Ok(mut socket) = NfTablesSocket::open() else { return Ok(Vec::new()) };
     let all = socket.tables().map_err(|source| InstrumentError::Nft { what: "list", table: String::new(), source })?;
-    Ok(all.into_iter().filter(|(f, _)| *f == NftFamily::Inet).map(|(_, name)| name).collect())
+    Ok(all.into_iter().filter(|(f, _)| *f == NftFamily::Inet || LINK_LAYER_FAMILIES.contains(f)).collect())
 }
 
 /// iptrace's table, watched through the nf_tables notification group (`NFNLGRP_NFTABLES`, on a
@@ -275,18 +471,30 @@ struct NftWatch {
     notifications: NetfilterSocket,
     queries: NfTablesSocket,
     table: String,
+    /// The families the table was installed in.
+    families: Vec<NftFamily>,
     rules: usize,
     /// The transaction whose notifications are being read (its NEWGEN ends it).
     transaction: Transaction,
 }
 
 impl NftWatch {
-    fn open(table: String) -> Result<Self, WatchError> {
+    fn open(table: String, families: Vec<NftFamily>) -> Result<Self, WatchError> {
         let notifications =
             NetfilterSocket::open().and_then(|s| s.join(&[NFNLGRP_NFTABLES]).map(|()| s)).map_err(WatchError::Open)?;
-        let mut queries = NfTablesSocket::open().map_err(WatchError::Nft)?;
-        let rules = queries.rule_count(NftFamily::Inet, &table).map_err(WatchError::Nft)?;
-        Ok(Self { notifications, queries, table, rules, transaction: Transaction::default() })
+        let queries = NfTablesSocket::open().map_err(WatchError::Nft)?;
+        let mut watch = Self { notifications, queries, table, families, rules: 0, transaction: Transaction::default() };
+        watch.rules = watch.rule_count()?;
+        Ok(watch)
+    }
+
+    /// The rules of the table, in every family it was installed in.
+    fn rule_count(&mut self) -> Result<usize, WatchError> {
+        let mut rules = 0;
+        for &family in &self.families {
+            rules += self.queries.rule_count(family, &self.table).map_err(WatchError::Nft)?;
+        }
+        Ok(rules)
     }
 
     /// Reads the queued notifications and describes the first committed transaction that deleted
@@ -306,7 +514,7 @@ impl NftWatch {
                 Ok(Received::Idle) | Err(_) => break,
             };
             for m in NetlinkMessages::new(&buf[..n]).flatten() {
-                if transaction.note(&m, &self.table) {
+                if transaction.note(&m, &self.table, &self.families) {
                     if found.is_none() {
                         found = transaction.describe(&self.table);
                     }
@@ -321,7 +529,7 @@ impl NftWatch {
     /// the watch began may have been damaged already: an installed table is never empty, and
     /// the most rules ever counted are the installed ones (every re-install is the same plan).
     fn intact(&mut self) -> Result<bool, WatchError> {
-        let rules = self.queries.rule_count(NftFamily::Inet, &self.table).map_err(WatchError::Nft)?;
+        let rules = self.rule_count()?;
         self.rules = self.rules.max(rules);
         Ok(rules > 0 && rules >= self.rules)
     }
@@ -344,14 +552,16 @@ impl MarkingWatch for NftWatch {
 /// What one nf_tables transaction deleted, as its notifications said.
 #[derive(Default)]
 struct Transaction {
-    table_deleted: bool,
+    /// The family of iptrace's table it deleted, of the one it deleted rules, chains, sets or
+    /// objects of.
+    table_deleted: Option<NftFamily>,
     other_tables_deleted: bool,
-    contents_deleted: bool,
+    contents_deleted: Option<NftFamily>,
 }
 
 impl Transaction {
     /// Notes what one notification deleted; true for the transaction's end (NEWGEN).
-    fn note(&mut self, m: &NetlinkMessage<'_>, table: &str) -> bool {
+    fn note(&mut self, m: &NetlinkMessage<'_>, table: &str, families: &[NftFamily]) -> bool {
         if u32::from(m.message_type) >> 8 != NFNL_SUBSYS_NFTABLES {
             return false;
         }
@@ -360,19 +570,27 @@ impl Transaction {
             return true;
         }
         // nfgenmsg's family is the object's; then the attributes.
-        let ours = m.nfnetlink().is_ok_and(|(nfgen, attributes)| {
-            NftFamily::from_nfproto(nfgen.family()) == NftFamily::Inet
-                && attributes.flatten().find(|a| a.kind == NFTA_OBJECT_TABLE).map(|a| a.c_str())
-                    == Some(table.as_bytes())
-        });
-        match kind {
-            NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE if ours => self.table_deleted = true,
-            NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE => self.other_tables_deleted = true,
-            NFT_MSG_DELCHAIN | NFT_MSG_DESTROYCHAIN | NFT_MSG_DELRULE | NFT_MSG_DESTROYRULE | NFT_MSG_DELSET
-            | NFT_MSG_DESTROYSET | NFT_MSG_DELOBJ | NFT_MSG_DESTROYOBJ
-                if ours =>
-            {
-                self.contents_deleted = true
+        let ours = m
+            .nfnetlink()
+            .ok()
+            .map(|(nfgen, attributes)| (NftFamily::from_nfproto(nfgen.family()), attributes))
+            .filter(|(family, attributes)| {
+                families.contains(family)
+                    && attributes.clone().flatten().find(|a| a.kind == NFTA_OBJECT_TABLE).map(|a| a.c_str())
+                        == Some(table.as_bytes())
+            })
+            .map(|(family, _)| family);
+        match (kind, ours) {
+            (NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE, Some(family)) => {
+                self.table_deleted.get_or_insert(family);
+            }
+            (NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE, None) => self.other_tables_deleted = true,
+            (
+                NFT_MSG_DELCHAIN | NFT_MSG_DESTROYCHAIN | NFT_MSG_DELRULE | NFT_MSG_DESTROYRULE | NFT_MSG_DELSET
+                | NFT_MSG_DESTROYSET | NFT_MSG_DELOBJ | NFT_MSG_DESTROYOBJ,
+                Some(family),
+            ) => {
+                self.contents_deleted.get_or_insert(family);
             }
             _ => {}
         }
@@ -380,14 +598,11 @@ impl Transaction {
     }
 
     fn describe(&self, table: &str) -> Option<String> {
-        if self.table_deleted && self.other_tables_deleted {
-            Some("the rule set was reloaded".to_owned())
-        } else if self.table_deleted {
-            Some(format!("iptrace's table inet {table} was deleted"))
-        } else if self.contents_deleted {
-            Some(format!("rules of iptrace's table inet {table} were deleted"))
-        } else {
-            None
+        match (self.table_deleted, self.contents_deleted) {
+            (Some(_), _) if self.other_tables_deleted => Some("the rule set was reloaded".to_owned()),
+            (Some(family), _) => Some(format!("iptrace's table {family} {table} was deleted")),
+            (None, Some(family)) => Some(format!("rules of iptrace's table {family} {table} were deleted")),
+            (None, None) => None,
         }
     }
 }

@@ -109,6 +109,8 @@ struct Packet<'a> {
     udp: Option<Udp>,
     #[serde(skip_serializing_if = "Option::is_none")]
     icmp: Option<Icmp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    arp: Option<Arp>,
     #[serde(rename = "in")]
     in_interface: Option<Iface<'a>>,
     #[serde(rename = "out")]
@@ -123,6 +125,14 @@ struct Packet<'a> {
 enum Ip {
     V4 { tos: u8, ttl: u8, id: u16, df: bool },
     V6 { traffic_class: u8, hop_limit: u8, flow_label: u32 },
+}
+
+/// An ARP packet's operation and hardware addresses; `src` and `dst` are its protocol addresses.
+#[derive(Serialize)]
+struct Arp {
+    operation: u16,
+    sender_hw: String,
+    target_hw: String,
 }
 
 #[derive(Serialize)]
@@ -231,7 +241,7 @@ fn packet(arrived: &Arrival) -> Packet<'_> {
         IpAddr::V6(_) => Ip::V6 { traffic_class: p.tos, hop_limit: p.ttl, flow_label: p.flow_label },
     };
     let (sport, dport) = p.transport.ports().unzip();
-    let (mut tcp, mut udp, mut icmp) = (None, None, None);
+    let (mut tcp, mut udp, mut icmp, mut arp) = (None, None, None, None);
     match p.transport {
         Transport::Tcp { seq, ack, window, flags, .. } => {
             let names = [(0x20, "URG"), (0x10, "ACK"), (0x08, "PSH"), (0x04, "RST"), (0x02, "SYN"), (0x01, "FIN")];
@@ -243,6 +253,11 @@ fn packet(arrived: &Arrival) -> Packet<'_> {
             // Echo request/reply carry an id and sequence (ICMP 8/0, ICMPv6 128/129).
             let echo = matches!(kind, 0 | 8 | 128 | 129);
             icmp = Some(Icmp { kind, code, id: echo.then_some(id), seq: echo.then_some(seq) });
+        }
+        Transport::Arp { operation, sender_hw, target_hw } => {
+            let (sender_hw, target_hw) =
+                (super::text::Mac(sender_hw).to_string(), super::text::Mac(target_hw).to_string());
+            arp = Some(Arp { operation, sender_hw, target_hw });
         }
         Transport::Other => {}
     }
@@ -258,6 +273,7 @@ fn packet(arrived: &Arrival) -> Packet<'_> {
         tcp,
         udp,
         icmp,
+        arp,
         in_interface: arrived.in_interface.as_ref().map(iface),
         out_interface: arrived.out_interface.as_ref().map(iface),
         mark: arrived.mark,

@@ -501,6 +501,10 @@ fn packet_line(arrived: &Arrival) -> String {
 }
 
 fn header_fields(p: &PacketHeader, s: &mut String) {
+    if let Transport::Arp { operation, sender_hw, target_hw } = p.transport {
+        arp_fields(p, operation, sender_hw, target_hw, s);
+        return;
+    }
     match p.src {
         IpAddr::V4(_) => {
             let _ = write!(
@@ -551,9 +555,29 @@ fn header_fields(p: &PacketHeader, s: &mut String) {
                 let _ = write!(s, " ID={id} SEQ={seq}");
             }
         }
-        Transport::Other => {
+        Transport::Other | Transport::Arp { .. } => {
             let _ = write!(s, " PROTO={}", p.protocol);
         }
+    }
+}
+
+/// An ARP packet as tcpdump words it: `ARP who-has 10.9.0.3 tell 10.9.0.1 (02:00:0a:05:01:07)`,
+/// `ARP 10.9.0.3 is-at 02:00:0a:05:01:01 (to 10.9.0.1)`; other operations by number.
+fn arp_fields(p: &PacketHeader, operation: u16, sender_hw: [u8; 6], target_hw: [u8; 6], s: &mut String) {
+    let _ = match operation {
+        1 => write!(s, "ARP who-has {} tell {} ({})", p.dst, p.src, Mac(sender_hw)),
+        2 => write!(s, "ARP {} is-at {} (to {})", p.src, Mac(sender_hw), p.dst),
+        _ => write!(s, "ARP OPCODE={operation} SRC={} {} DST={} {}", p.src, Mac(sender_hw), p.dst, Mac(target_hw)),
+    };
+}
+
+/// A hardware address, as `ip link` prints it.
+pub(super) struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
     }
 }
 

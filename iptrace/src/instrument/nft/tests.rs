@@ -136,7 +136,7 @@ fn transaction(messages: &[Vec<u8>]) -> Option<String> {
     let datagram = messages.concat();
     let mut t = Transaction::default();
     for m in NetlinkMessages::new(&datagram).flatten() {
-        if t.note(&m, "iptrace_1_2") {
+        if t.note(&m, "iptrace_1_2", &[NftFamily::Inet, NftFamily::Bridge]) {
             return t.describe("iptrace_1_2");
         }
     }
@@ -162,7 +162,109 @@ fn deletions_of_iptraces_table_are_told_apart() {
     let rule = [notification(NFT_MSG_DELRULE, INET, "iptrace_1_2"), newgen.clone()];
     assert_eq!(transaction(&rule).as_deref(), Some("rules of iptrace's table inet iptrace_1_2 were deleted"));
     // Same name in another family, and other tables: not iptrace's.
-    let others =
-        [notification(NFT_MSG_DELTABLE, IP, "iptrace_1_2"), notification(NFT_MSG_DELRULE, INET, "router"), newgen];
+    let others = [
+        notification(NFT_MSG_DELTABLE, IP, "iptrace_1_2"),
+        notification(NFT_MSG_DELRULE, INET, "router"),
+        newgen.clone(),
+    ];
     assert_eq!(transaction(&others), None);
+    // iptrace's table in the bridge family is iptrace's too.
+    const BRIDGE: u8 = 7;
+    let bridge = [notification(NFT_MSG_DELRULE, BRIDGE, "iptrace_1_2"), newgen];
+    assert_eq!(transaction(&bridge).as_deref(), Some("rules of iptrace's table bridge iptrace_1_2 were deleted"));
+}
+
+#[test]
+fn bridge_netdev_and_arp_tables_mark_at_their_first_hooks() {
+    let owner = Owner { pid: 42, start: 7 };
+    let plan = TracePlan {
+        families: vec![Family::Ipv4],
+        marker: Marker::NftTable,
+        prefilter: Prefilter::None,
+        in_interface: None,
+        out_interface: None,
+        limit: None,
+        chain: None,
+    };
+    let devices = ["vif0".to_owned(), "eth0.1".to_owned()];
+    assert_eq!(
+        link_layer_script(owner, &plan, NftFamily::Bridge, &[]).unwrap(),
+        "create table bridge iptrace_42_7 { comment \"iptrace:42:7\"; }
+add chain bridge iptrace_42_7 prerouting { type filter hook prerouting priority -350; policy accept; }
+add rule bridge iptrace_42_7 prerouting meta protocol { ip, arp } counter meta nftrace set 1
+"
+    );
+    assert_eq!(
+        link_layer_script(owner, &plan, NftFamily::Netdev, &devices).unwrap(),
+        "create table netdev iptrace_42_7 { comment \"iptrace:42:7\"; }
+add chain netdev iptrace_42_7 ingress_vif0 { type filter hook ingress device \"vif0\" priority -350; policy accept; }
+add rule netdev iptrace_42_7 ingress_vif0 meta protocol { ip, arp } counter meta nftrace set 1
+add chain netdev iptrace_42_7 ingress_eth0_1_1 { type filter hook ingress device \"eth0.1\" priority -350; policy accept; }
+add rule netdev iptrace_42_7 ingress_eth0_1_1 meta protocol { ip, arp } counter meta nftrace set 1
+"
+    );
+    // A native selection by address: the same matches on IP frames, ARP by its addresses.
+    let native = |e: &str| {
+        Prefilter::Native(
+            crate::filter::Selection { expression: Some(e.into()), ..Default::default() }.to_native().unwrap().unwrap(),
+        )
+    };
+    let plan = TracePlan { prefilter: native("src host 10.9.0.1"), out_interface: Some("br0".into()), ..plan };
+    assert_eq!(
+        link_layer_script(owner, &plan, NftFamily::Arp, &[]).unwrap(),
+        "create table arp iptrace_42_7 { comment \"iptrace:42:7\"; }
+add chain arp iptrace_42_7 input { type filter hook input priority -350; policy accept; }
+add rule arp iptrace_42_7 input arp saddr ip 10.9.0.1 counter meta nftrace set 1
+add chain arp iptrace_42_7 output { type filter hook output priority -350; policy accept; }
+add rule arp iptrace_42_7 output arp saddr ip 10.9.0.1 oifname \"br0\" counter meta nftrace set 1
+"
+    );
+    let bridge = link_layer_script(owner, &plan, NftFamily::Bridge, &[]).unwrap();
+    assert!(
+        bridge.ends_with(
+            "add rule bridge iptrace_42_7 prerouting meta protocol ip ip saddr 10.9.0.1 counter meta nftrace set 1
+add rule bridge iptrace_42_7 prerouting meta protocol arp arp saddr ip 10.9.0.1 counter meta nftrace set 1
+"
+        ),
+        "{bridge}"
+    );
+    // TCP never matches ARP; IPv6 alone has no ARP; --chain OUTPUT leaves bridge and netdev none.
+    assert_eq!(
+        link_layer_script(owner, &TracePlan { prefilter: native("tcp"), ..plan.clone() }, NftFamily::Arp, &[]),
+        None
+    );
+    assert_eq!(
+        link_layer_script(owner, &TracePlan { families: vec![Family::Ipv6], ..plan.clone() }, NftFamily::Arp, &[]),
+        None
+    );
+    let output = TracePlan { chain: Some(TraceChain::Output), ..plan.clone() };
+    assert_eq!(link_layer_script(owner, &output, NftFamily::Bridge, &[]), None);
+    assert_eq!(link_layer_script(owner, &output, NftFamily::Netdev, &devices), None);
+    // xt_bpf: every IP frame of the families, the trace socket's filter decides.
+    let xt = TracePlan {
+        prefilter: Prefilter::XtBpf(XtBpfProgram::Bytecode(Vec::new())),
+        families: vec![Family::Ipv4, Family::Ipv6],
+        ..plan
+    };
+    let bridge = link_layer_script(owner, &xt, NftFamily::Bridge, &[]).unwrap();
+    assert!(bridge.ends_with("prerouting meta protocol { ip, ip6 } counter meta nftrace set 1\n"), "{bridge}");
+}
+
+#[test]
+fn the_devices_of_the_users_netdev_chains_are_found_in_the_listing() {
+    let listing = "table netdev ing {
+\tchain in_pa {
+\t\ttype filter hook ingress device \"pa\" priority filter; policy accept;
+\t}
+\tchain multi {
+\t\ttype filter hook ingress devices = { pa, pb } priority filter + 5; policy accept;
+\t}
+}
+table netdev iptrace_1_2 {
+\tchain ingress_px {
+\t\ttype filter hook ingress device \"px\" priority -350; policy accept;
+\t}
+}
+";
+    assert_eq!(hooked_devices(listing), ["pa", "pb"]);
 }
