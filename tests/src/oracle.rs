@@ -207,13 +207,23 @@ impl MonitorReader {
     pub fn packets(&self, text: &str) -> Vec<OraclePacket> {
         let mut packets: Vec<OraclePacket> = Vec::new();
         let mut current: HashMap<&str, usize> = HashMap::new();
+        // The family of iptrace's table that marked each id's current packet.
+        let mut marked_in: HashMap<&str, &str> = HashMap::new();
         for line in text.lines() {
             let words: Vec<&str> = line.splitn(7, ' ').collect();
             let [_, _, id, family, table, chain, rest] = words[..] else { continue };
             let ours = table.starts_with("iptrace_");
             if let Some(description) = rest.strip_prefix("packet: ") {
                 let key = monitor_packet_key(description);
+                // iptrace's tables of several families (netdev ingress, then bridge prerouting)
+                // each mark the same frame once: one packet, not two.
+                let same_frame = current.get(id).is_some_and(|&i| packets[i].arrival == key)
+                    && marked_in.get(id).is_some_and(|&f| f != family);
+                if ours && same_frame {
+                    continue;
+                }
                 if ours {
+                    marked_in.insert(id, family);
                     current.insert(id, packets.len());
                     packets.push(OraclePacket { arrival: key, later: Vec::new(), steps: Vec::new() });
                 } else if let Some(&i) = current.get(id) {
