@@ -152,6 +152,30 @@ pub fn transport_follows_network<P: PacketBytes + ?Sized>(network: &P, network_l
     }
 }
 
+/// The length of an ARP packet for IPv4 over Ethernet (RFC 826): the whole network header of an
+/// nf_tables trace event of one.
+pub const ARP_IPV4_LEN: usize = 28;
+
+/// An ARP packet for IPv4 over Ethernet as the selection judges it: the IPv4 header of a packet
+/// from its sender to its target protocol address, protocol 0, nothing after it; `None` for any
+/// other ARP packet or protocol. The selection is compiled for IP headers: this is how it
+/// selects ARP packets by address, in the kernel's trace-socket filter and in userspace alike
+/// (design.md §13). Byte by byte, with no slice comparison or copy, which in eBPF would be calls.
+pub fn arp_as_ipv4(arp: &[u8; ARP_IPV4_LEN]) -> Option<[u8; 20]> {
+    let ethernet_ipv4 = arp[0] == 0 && arp[1] == 1 && arp[2] == 8 && arp[3] == 0 && arp[4] == 6 && arp[5] == 4;
+    if !ethernet_ipv4 {
+        return None;
+    }
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[3] = 20;
+    for i in 0..4 {
+        ip[12 + i] = arp[14 + i];
+        ip[16 + i] = arp[24 + i];
+    }
+    Some(ip)
+}
+
 /// Big-endian reads from a raw IP packet, with the packet's own bounds: the eBPF programs read
 /// through `bpf_skb_load_bytes` or from a scratch buffer, userspace from a slice. `None` when
 /// the bytes are out of range.

@@ -22,8 +22,8 @@ use aya_ebpf::{
 use iptrace_common::{
     cbpf::Outcome,
     filter::{
-        MAX_TRACE_ATTRIBUTES, TRACE_ID_VERDICTS_MAX_ENTRIES, TRACE_NETWORK_HEADER_MAX, TRACE_TRANSPORT_HEADER_MAX,
-        transport_follows_network,
+        ARP_IPV4_LEN, MAX_TRACE_ATTRIBUTES, TRACE_ID_VERDICTS_MAX_ENTRIES, TRACE_NETWORK_HEADER_MAX,
+        TRACE_TRANSPORT_HEADER_MAX, arp_as_ipv4, transport_follows_network,
     },
     uapi,
 };
@@ -70,6 +70,7 @@ pub extern "C" fn iptrace_trace_message_wanted(skb: *mut __sk_buff, offset: u32,
     let Some(packet) = rebuild_headers(skb, &event) else {
         return 1;
     };
+    let packet = arp_judged_as_ipv4(event.network_len).unwrap_or(packet);
     let wanted = match cbpf::run(skb, &packet) {
         Outcome::BeyondCapture => true,
         outcome => outcome.accepts(),
@@ -193,6 +194,28 @@ fn rebuild_headers(skb: *mut __sk_buff, event: &TraceEvent) -> Option<Packet> {
         0
     };
     Some(Packet::TraceHeaders(TraceHeaderPacket::new(network_len + transport_len)))
+}
+
+/// Where the rebuilt headers are an ARP packet's (`network_len` bytes of network header, no
+/// transport header), rewrites them in place as the IPv4 header the selection judges it by
+/// (`arp_as_ipv4`, design.md §13); that packet. `None` for anything else.
+#[inline(always)]
+fn arp_judged_as_ipv4(network_len: u32) -> Option<Packet> {
+    if network_len != ARP_IPV4_LEN as u32 {
+        return None;
+    }
+    let headers = TRACE_HEADERS.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch buffer; socket filters do not nest on one CPU.
+    let headers = unsafe { &mut *headers };
+    let mut arp = [0u8; ARP_IPV4_LEN];
+    for (i, byte) in arp.iter_mut().enumerate() {
+        *byte = headers[i];
+    }
+    let ip = arp_as_ipv4(&arp)?;
+    for (i, byte) in ip.iter().enumerate() {
+        headers[i] = *byte;
+    }
+    Some(Packet::TraceHeaders(TraceHeaderPacket::new(ip.len() as u32)))
 }
 
 /// Copies `len` bytes at `from` in the skb to `headers[at..]`.

@@ -190,3 +190,38 @@ fn family_tables_are_removed_on_sigterm_and_after_sigkill() {
     }
     assert_eq!(nft_ruleset(&lab, Role::Router), ruleset);
 }
+
+/// `host 10.9.0.3`, an expression the marking rules run through xt_bpf in inet and cannot run in
+/// the other families: the ARP packets asking for and telling that address are shown, at arp
+/// input and output and at the bridge port's ingress, and nothing of the ping to 10.9.0.2 (its
+/// ARP exchange included).
+#[test]
+fn arp_packets_are_selected_by_their_addresses() {
+    if !require_root("arp_packets_are_selected_by_their_addresses") {
+        return;
+    }
+    let lab = bridge_lab("famsel");
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "host 10.9.0.3"]);
+    lab.ping(Role::Client, CLIENT, SERVER, 1).unwrap();
+    lab.ping(Role::Client, CLIENT, BRIDGE, 2).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    wait_until_read(&lab, Role::Router);
+    let out = tracer.stop(libc::SIGINT);
+    assert!(out.status.success(), "{out:?}");
+    let all = blocks(&out.stdout);
+    assert!(!out.stdout.contains("10.9.0.2"), "{}", out.stdout);
+    let who_has = only(&all, &["IN=br0 OUT= ARP who-has 10.9.0.3 tell 10.9.0.1 (02:00:0a:05:01:07)"], &out.stdout);
+    assert_eq!(who_has.body(), ARP_REQUEST_AT_INPUT);
+    let is_at = only(&all, &["IN= OUT=br0 ARP 10.9.0.3 is-at ", "(to 10.9.0.1)"], &out.stdout);
+    assert_eq!(is_at.body(), ARP_REPLY_AT_OUTPUT);
+    // The request as it entered the bridge port: the netdev chain saw it (no rule of it matched).
+    let at_port = only(&all, &["IN=vif0 OUT= ARP who-has 10.9.0.3"], &out.stdout);
+    assert_eq!(
+        at_port.body(),
+        "        nft netdev ing vif0_in
+                policy accept
+        verdict: ACCEPT by nft netdev ing vif0_in policy"
+    );
+    let echo = only(&all, &["IN=vif0 OUT= SRC=10.9.0.1 DST=10.9.0.3", "TYPE=8", "SEQ=2"], &out.stdout);
+    assert!(echo.body().starts_with("        nft netdev ing vif0_in (handle 2)\n"), "{}", echo.body());
+}

@@ -17,8 +17,8 @@ use std::{
 use iptrace_common::{
     cbpf::{self, Outcome},
     filter::{
-        MAX_TRACE_ATTRIBUTES, PACKET_VERDICTS_MAX_ENTRIES, PacketPrefix, TRACE_ID_VERDICTS_MAX_ENTRIES,
-        TRACE_NETWORK_HEADER_MAX, TRACE_TRANSPORT_HEADER_MAX, packet_key, transport_follows_network,
+        ARP_IPV4_LEN, MAX_TRACE_ATTRIBUTES, PACKET_VERDICTS_MAX_ENTRIES, PacketPrefix, TRACE_ID_VERDICTS_MAX_ENTRIES,
+        TRACE_NETWORK_HEADER_MAX, TRACE_TRANSPORT_HEADER_MAX, arp_as_ipv4, packet_key, transport_follows_network,
     },
     uapi::{NFTA_TRACE_ID, NFTA_TRACE_NETWORK_HEADER, NFTA_TRACE_TRANSPORT_HEADER, NLMSG_DONE},
 };
@@ -105,6 +105,9 @@ impl UserspaceFilter {
             return verdict;
         }
         let Some(headers) = event.packet_prefix() else { return true };
+        // An ARP packet is judged by its addresses (design.md §13), as in the kernel.
+        let arp = headers.first_chunk().filter(|_| headers.len() == ARP_IPV4_LEN).and_then(arp_as_ipv4);
+        let headers = arp.map_or(headers, |ip| ip.to_vec());
         let wanted = match cbpf::run(self.filter.instructions(), &PacketPrefix(&headers)) {
             Outcome::BeyondCapture => true,
             Outcome::Returned(_) | Outcome::Rejected => self.filter.matches(&headers),
@@ -244,6 +247,27 @@ mod tests {
         assert!(f.keep(&nft_trace_datagram([3; 4], None)), "unknown id");
         // At a later hook (headers again, rewritten by SNAT), the id still decides.
         assert!(f.keep(&nft_trace_datagram([1; 4], Some(&other))));
+    }
+
+    #[test]
+    fn arp_events_are_judged_by_their_addresses() {
+        let arp = crate::decode::packet::tests::arp_request();
+        let message = |id: [u8; 4]| {
+            datagram(
+                NFT_TRACE_TYPE,
+                &[
+                    (NFTA_TRACE_ID, &id),
+                    (iptrace_common::uapi::NFTA_TRACE_TABLE, b"t\0"),
+                    (NFTA_TRACE_NETWORK_HEADER, &arp),
+                ],
+            )
+        };
+        for (expression, kept) in
+            [("host 10.9.0.3", true), ("src host 10.9.0.1", true), ("dst host 10.9.0.1", false), ("icmp", false)]
+        {
+            let mut f = UserspaceFilter::new(CompiledFilter::compile(expression).unwrap());
+            assert_eq!(f.keep(&message([1; 4])), kept, "{expression}");
+        }
     }
 
     #[test]

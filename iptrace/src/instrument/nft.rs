@@ -204,10 +204,11 @@ fn marking_chain(chain: &str) -> String {
 /// selection can match no packet of the family, or `--chain` / `-i` leave none of its hooks.
 ///
 /// The selection: a native one is made by the same matches as in inet (design.md §13), and
-/// ARP packets by their addresses alone ([`crate::filter::NativeSelection::arp_match`]). xt_bpf cannot run in
-/// a netdev table (nft_compat refuses that family), and its program is compiled for the IP
-/// header: for an xt_bpf selection every IP frame of the traced families is marked, and the
-/// trace socket's filter, which runs the compiled selection on each event's IP header, decides.
+/// ARP packets by their addresses alone ([`crate::filter::NativeSelection::arp_match`]). xt_bpf
+/// cannot run in a netdev table (nft_compat refuses that family), and its program is compiled
+/// for the IP header: for an xt_bpf selection every IP and ARP frame of the traced families is
+/// marked, and the trace socket's filter, which runs the compiled selection on each event's IP
+/// header (an ARP packet's addresses as one, `iptrace_common::filter::arp_as_ipv4`), decides.
 pub(super) fn link_layer_script(
     owner: Owner,
     plan: &TracePlan,
@@ -237,8 +238,7 @@ pub(super) fn link_layer_script(
                 selection.arp_match().filter(|_| v4).map(|m| format!("meta protocol arp {m}").trim_end().to_owned());
             ip.into_iter().chain(arp).collect()
         }
-        (_, Prefilter::XtBpf(_)) => vec![protocol(&ip_protocols)],
-        (_, Prefilter::None) => {
+        (_, Prefilter::XtBpf(_) | Prefilter::None) => {
             let mut all = ip_protocols.clone();
             if v4 {
                 all.push("arp");

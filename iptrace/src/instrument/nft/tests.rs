@@ -240,14 +240,14 @@ add rule bridge iptrace_42_7 prerouting meta protocol arp arp saddr ip 10.9.0.1 
     let output = TracePlan { chain: Some(TraceChain::Output), ..plan.clone() };
     assert_eq!(link_layer_script(owner, &output, NftFamily::Bridge, &[]), None);
     assert_eq!(link_layer_script(owner, &output, NftFamily::Netdev, &devices), None);
-    // xt_bpf: every IP frame of the families, the trace socket's filter decides.
+    // xt_bpf: every IP and ARP frame of the families, the trace socket's filter decides.
     let xt = TracePlan {
         prefilter: Prefilter::XtBpf(XtBpfProgram::Bytecode(Vec::new())),
         families: vec![Family::Ipv4, Family::Ipv6],
         ..plan
     };
     let bridge = link_layer_script(owner, &xt, NftFamily::Bridge, &[]).unwrap();
-    assert!(bridge.ends_with("prerouting meta protocol { ip, ip6 } counter meta nftrace set 1\n"), "{bridge}");
+    assert!(bridge.ends_with("prerouting meta protocol { ip, ip6, arp } counter meta nftrace set 1\n"), "{bridge}");
 }
 
 #[test]
