@@ -42,7 +42,10 @@ use super::{
     Printable,
     text::{fate_line, kernel_verdict, place, verdict_name},
 };
-use crate::model::{Engine, Interface, PacketReport, Position, StepReport, Verdict};
+use crate::{
+    decode::packet::Transport,
+    model::{Engine, Interface, PacketHeader, PacketReport, Position, StepReport, Verdict},
+};
 
 /// Where `-w` writes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,7 +120,7 @@ impl<W: Write> PcapngWriter<W> {
             options.push(EnhancedPacketOption::Flags(direction));
         }
         self.frame.clear();
-        self.frame.extend_from_slice(&cooked_header(direction, arrived.header.dst));
+        self.frame.extend_from_slice(&cooked_header(direction, &arrived.header));
         self.frame.extend_from_slice(&bytes.data);
         let packet = EnhancedPacketBlock {
             interface_id,
@@ -162,15 +165,19 @@ impl<W: Write> PcapngWriter<W> {
 
 /// The Linux cooked-capture header of a packet sent to `dst`: how it came (an outbound packet
 /// was sent by this host; an inbound one's type follows from its address, as the link layer's
-/// would), and its protocol (IPv4 or IPv6).
-fn cooked_header(direction: u32, dst: IpAddr) -> [u8; SLL_HEADER] {
-    let packet_type = match dst {
+/// would), and its protocol (IPv4, IPv6, or ARP: the bytes of an ARP packet are its ARP header).
+fn cooked_header(direction: u32, packet: &PacketHeader) -> [u8; SLL_HEADER] {
+    let packet_type = match packet.dst {
         _ if direction == OUTBOUND => PACKET_OUTGOING,
         IpAddr::V4(a) if a.is_broadcast() => PACKET_BROADCAST,
         a if a.is_multicast() => PACKET_MULTICAST,
         _ => PACKET_HOST,
     };
-    let protocol: u16 = if dst.is_ipv4() { 0x0800 } else { 0x86dd };
+    let protocol: u16 = match packet.transport {
+        Transport::Arp { .. } => 0x0806,
+        _ if packet.dst.is_ipv4() => 0x0800,
+        _ => 0x86dd,
+    };
     let mut header = [0; SLL_HEADER];
     header[0..2].copy_from_slice(&packet_type.to_be_bytes());
     header[2..4].copy_from_slice(&ARPHRD_NONE.to_be_bytes());
