@@ -180,6 +180,55 @@ pub(crate) mod tests {
         assert_eq!(parse(&all[14]).verdict, Some(RawVerdict { code: -4, chain: Some(b"sink") }));
     }
 
+    /// A trace event of a table of `family` (nfgenmsg and `NFTA_TRACE_NFPROTO`, as the kernel
+    /// sends both for bridge, netdev and arp tables, design.md §13), a hook's first one with
+    /// `network` as its network header when given.
+    fn link_layer_event(family: u8, id: u32, network: Option<&[u8]>) -> Vec<u8> {
+        use crate::netfilter::netlink::{attribute, nfnetlink_request};
+        let mut attributes = [
+            attribute(NFTA_TRACE_TABLE as u16, b"t\0"),
+            attribute(NFTA_TRACE_CHAIN as u16, b"c\0"),
+            attribute(NFTA_TRACE_TYPE as u16, &3u32.to_be_bytes()),
+            attribute(NFTA_TRACE_ID as u16, &id.to_be_bytes()),
+            attribute(NFTA_TRACE_NFPROTO as u16, &u32::from(family).to_be_bytes()),
+        ]
+        .concat();
+        if let Some(network) = network {
+            attributes.extend(attribute(NFTA_TRACE_NETWORK_HEADER as u16, network));
+        }
+        nfnetlink_request(NFT_TRACE_TYPE, 0, 0, family, 0, &attributes)
+    }
+
+    #[test]
+    fn bridge_netdev_and_arp_events_take_their_family_from_the_packet() {
+        use crate::decode::{Decoder, Family, NftFamily, Origin, packet::Transport};
+        const ARP: u8 = 3;
+        const BRIDGE: u8 = 7;
+        let mut decoder = Decoder::new();
+        let mut events = Vec::new();
+        let arp = crate::decode::packet::tests::arp_request();
+        let ip = crate::decode::packet::tests::udp_v4([10, 9, 0, 1], 40000, 64);
+        for datagram in [
+            link_layer_event(ARP, 1, Some(&arp)),
+            link_layer_event(ARP, 1, None),
+            link_layer_event(BRIDGE, 2, Some(&ip[..20])),
+            link_layer_event(BRIDGE, 3, Some(&arp)),
+            // Neither IP nor ARP for IPv4 (an STP frame, say): not a packet iptrace shows.
+            link_layer_event(BRIDGE, 4, Some(&[0; 28])),
+        ] {
+            decoder.decode_datagram(&datagram, &mut events).unwrap();
+        }
+        assert_eq!((events.len(), decoder.counts.foreign), (4, 1));
+        for (event, family) in events.iter().zip([NftFamily::Arp, NftFamily::Arp, NftFamily::Bridge, NftFamily::Bridge])
+        {
+            assert!(matches!(&event.origin, Origin::Nft { family: f, .. } if *f == family), "{event:?}");
+            assert_eq!(event.family, Family::Ipv4);
+        }
+        assert!(matches!(events[1].packet.transport, Transport::Arp { operation: 1, .. }), "the id's headers");
+        assert_eq!(events[2].packet.src.to_string(), "10.9.0.1");
+        assert!(matches!(events[3].packet.transport, Transport::Arp { .. }), "ARP in a bridge table");
+    }
+
     #[test]
     fn truncated_messages_are_errors_not_panics() {
         let all = captured();
