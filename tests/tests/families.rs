@@ -160,7 +160,8 @@ fn bridge_netdev_and_arp_steps_agree_with_nft_monitor_trace() {
 }
 
 /// SIGTERM, and SIGKILL followed by --cleanup: iptrace's bridge, netdev and arp tables go with
-/// its inet table, and the rule set is byte for byte as before.
+/// its inet table, and the rule set is byte for byte as before; a deleted bridge table is
+/// re-installed while tracing.
 #[test]
 fn family_tables_are_removed_on_sigterm_and_after_sigkill() {
     if !require_root("family_tables_are_removed_on_sigterm_and_after_sigkill") {
@@ -175,6 +176,18 @@ fn family_tables_are_removed_on_sigterm_and_after_sigkill() {
         assert!(during.contains(&format!("table {family} iptrace_{}_", tracer.pid())), "{during}");
     }
     assert!(during.contains("type filter hook ingress device \"vif0\" priority -350"), "{during}");
+    // Heal watches the bridge table as part of the one marking.
+    let mut tracer = tracer;
+    let table = format!("iptrace_{}_", tracer.pid());
+    let name = during
+        .lines()
+        .filter_map(|l| l.strip_prefix("table bridge "))
+        .map(|l| l.trim_end_matches(" {"))
+        .find(|name| name.starts_with(&table))
+        .unwrap();
+    lab.exec(Role::Router, &["nft", "delete", "table", "bridge", name], "").unwrap();
+    tracer.wait_for_stderr(&format!("iptrace's table bridge {name} was deleted; tracing re-installed"));
+    assert!(nft_ruleset(&lab, Role::Router).contains(&format!("table bridge {name}")));
     let out = tracer.stop(libc::SIGTERM);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(nft_ruleset(&lab, Role::Router), ruleset);
