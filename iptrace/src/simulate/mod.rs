@@ -1,0 +1,373 @@
+//! `iptrace simulate`: what a rule set does with a packet, answered by the kernel itself. The
+//! rule set is loaded into a scratch namespace ([`scratch`]) with interfaces named as the packet
+//! says, the packet is crafted ([`craft`]) and injected there as real traffic (or sent by a local
+//! socket), and the usual trace ([`crate::run`]) prints its block. Nothing outside the scratch
+//! namespaces is changed: a `--from-netns` source is only read (design.md §13).
+
+pub mod cli;
+pub mod craft;
+pub mod expect;
+pub mod rules;
+pub mod scratch;
+pub mod spec;
+
+use std::{
+    cell::RefCell,
+    io::{self, Write as _},
+    net::IpAddr,
+    rc::Rc,
+    sync::mpsc,
+    time::Duration,
+};
+
+use crate::{
+    command::CommandError,
+    filter::Selection,
+    model::PacketReport,
+    netns::{self, NetnsError},
+    render::{Format, TextStyle},
+    run::{self, Observer, Options, RunError},
+};
+use expect::{Expectation, NatBinding, Outcome};
+use rules::RuleSet;
+use scratch::Scratch;
+use spec::PacketSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot read rules file {0}")]
+    RulesFile(String, #[source] io::Error),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) to make its scratch network namespaces")]
+    NotPermitted,
+    #[error("cannot make or enter the scratch network namespace")]
+    Scratch(#[source] io::Error),
+    #[error("cannot set up the scratch network namespace")]
+    Setup(#[source] CommandError),
+    #[error("cannot load {origin}")]
+    Load {
+        origin: String,
+        #[source]
+        source: CommandError,
+    },
+    #[error("cannot read the rule sets of netns {origin}")]
+    Snapshot {
+        origin: String,
+        #[source]
+        source: CommandError,
+    },
+    #[error("cannot inject the packet")]
+    Inject(#[source] io::Error),
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+impl SimulateError {
+    /// 2 for bad input, an unsuitable host and a rule set that does not load (nothing outside
+    /// the scratch namespaces was changed either way), 1 for failures while simulating.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SimulateError::Spec(_)
+            | SimulateError::Usage(_)
+            | SimulateError::RulesFile(..)
+            | SimulateError::Netns(_)
+            | SimulateError::NotPermitted
+            | SimulateError::Load { .. }
+            | SimulateError::Snapshot { .. } => 2,
+            SimulateError::Run(e) => u8::try_from(e.exit_code()).unwrap_or(1),
+            _ => 1,
+        }
+    }
+}
+
+/// One packet to simulate and what it should meet.
+pub struct Case {
+    pub name: Option<String>,
+    pub packet: PacketSpec,
+    pub expect: Option<Expectation>,
+    /// The rule that must decide it (`--summary`'s line of the deciding step contains it).
+    pub rule: Option<String>,
+}
+
+/// How the simulated host is set up, beyond what the packets imply.
+pub struct Host {
+    pub rule_sets: Vec<RuleSet>,
+    /// `--addr IFACE=ADDRESS/LEN`.
+    pub addresses: Vec<(String, String)>,
+    /// `--route 'ROUTE'`, as `ip route add` takes it.
+    pub routes: Vec<String>,
+    /// Interfaces to create as dummies (a `--from-netns` source's).
+    pub interfaces: Vec<String>,
+}
+
+/// How blocks are written.
+pub struct Style {
+    pub format: Format,
+    pub text: TextStyle,
+}
+
+/// The address a simulated host's `out` interface gets when nothing else gives it one (NAT's
+/// masquerade needs one), and the gateway it routes through: from the benchmarking range (RFC
+/// 2544) and a unique local prefix.
+const OUT_ADDRESSES_V4: (&str, &str) = ("198.18.0.1", "198.18.0.2");
+const OUT_ADDRESSES_V6: (&str, &str) = ("fd53:494d::1", "fd53:494d::2");
+
+/// How long a simulated packet's block may take to come.
+const PACKET_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Simulates `case` on a fresh scratch host set up as `host` says: its block on stdout, and
+/// what became of it.
+pub fn simulate(case: &Case, host: &Host, style: &Style) -> Result<Outcome, SimulateError> {
+    let packet = &case.packet;
+    let mut scratch = Scratch::new()?;
+    let injector = set_up(&mut scratch, packet, host)?;
+    let (reports_tx, reports_rx) = mpsc::channel::<PacketReport>();
+    let injected: Rc<RefCell<Option<io::Error>>> = Rc::default();
+    let ready = {
+        let injected = injected.clone();
+        Box::new(move || *injected.borrow_mut() = injector.send().err())
+    };
+    let options = trace_options(packet, style);
+    scratch.enter_host()?;
+    let traced = run::trace_observed(&options, Box::new(io::stdout()), Some(Observer { ready, reports: reports_tx }));
+    // The conntrack entry is read before the namespace goes.
+    let nat = read_nat(packet, injector_source(packet, host));
+    scratch.leave()?;
+    traced?;
+    if let Some(e) = injected.take() {
+        return Err(SimulateError::Inject(e));
+    }
+    let _ = io::stdout().flush();
+    let report = reports_rx.try_iter().next();
+    Ok(Outcome::new(report.as_ref(), nat))
+}
+
+/// The source address of `packet`: its own, else the `out` interface's.
+fn injector_source(packet: &PacketSpec, host: &Host) -> IpAddr {
+    packet.src.unwrap_or_else(|| {
+        let out = packet.out_interface.as_deref();
+        let given = host.addresses.iter().filter(|(i, _)| Some(i.as_str()) == out).find_map(|(_, a)| {
+            let address: IpAddr = a.split('/').next()?.parse().ok()?;
+            (address.is_ipv4() == packet.dst.is_ipv4()).then_some(address)
+        });
+        given.unwrap_or_else(|| {
+            let (own, _) = if packet.dst.is_ipv4() { OUT_ADDRESSES_V4 } else { OUT_ADDRESSES_V6 };
+            own.parse().unwrap_or(packet.dst)
+        })
+    })
+}
+
+/// The packet's conntrack entry in the calling thread's namespace, if there is one.
+fn read_nat(packet: &PacketSpec, src: IpAddr) -> Option<NatBinding> {
+    let table = std::fs::read_to_string("/proc/thread-self/net/nf_conntrack").ok()?;
+    let ports = match packet.transport {
+        spec::TransportSpec::Tcp { sport, dport, .. } | spec::TransportSpec::Udp { sport, dport } => {
+            Some((sport, dport))
+        }
+        spec::TransportSpec::Icmp { .. } => None,
+    };
+    expect::nat_binding(&table, packet.protocol(), src, packet.dst, ports)
+}
+
+/// The trace of one packet: its addresses selected, its family, stopped after its block.
+fn trace_options(packet: &PacketSpec, style: &Style) -> Options {
+    let expression = match packet.src {
+        Some(src) => format!("host {src} and host {}", packet.dst),
+        None => format!("host {}", packet.dst),
+    };
+    Options {
+        selection: Selection { expression: Some(expression), ..Selection::default() },
+        families: vec![packet.family()],
+        backend: crate::backend::BackendChoice::Auto,
+        in_interface: None,
+        out_interface: None,
+        limit: None,
+        chain: None,
+        count: Some(1),
+        duration: Some(PACKET_DEADLINE),
+        netns: None,
+        stats: false,
+        format: style.format,
+        text: style.text,
+        summary: false,
+        pcapng: None,
+        linger: Duration::from_millis(50),
+        socket_filter: true,
+        drops: true,
+        record: None,
+        ebpf_log: false,
+    }
+}
+
+/// How a packet gets in: a frame on an `in` interface's far end, or a local program's packet.
+enum Injector {
+    Wire { socket: scratch::WireSocket, frame: Vec<u8> },
+    Local { socket: scratch::LocalSocket, packet: Vec<u8>, dst: IpAddr },
+}
+
+impl Injector {
+    fn send(&self) -> io::Result<()> {
+        match self {
+            Injector::Wire { socket, frame } => socket.send(frame),
+            Injector::Local { socket, packet, dst } => socket.send(packet, *dst),
+        }
+    }
+}
+
+/// The table that sets a `mark N` on a packet arriving on its `in` interface.
+const MARK_TABLE: &str = "iptrace_simulate_mark";
+
+fn wire_mac() -> String {
+    scratch::WIRE_MAC.map(|b| format!("{b:02x}")).join(":")
+}
+
+fn host_prefix(address: IpAddr) -> String {
+    format!("{address}/{}", if address.is_ipv4() { 32 } else { 128 })
+}
+
+/// Interfaces, addresses, routes and sysctls of the simulated host, its rule sets loaded, and
+/// the packet's way in.
+fn set_up(scratch: &mut Scratch, packet: &PacketSpec, host: &Host) -> Result<Injector, SimulateError> {
+    scratch.in_host(|| {
+        // Forwarding as a router's; no duplicate address detection, so that addresses are
+        // usable at once.
+        for (path, value) in [
+            ("/proc/sys/net/ipv4/ip_forward", "1"),
+            ("/proc/sys/net/ipv6/conf/all/forwarding", "1"),
+            ("/proc/sys/net/ipv6/conf/all/accept_dad", "0"),
+            ("/proc/sys/net/ipv6/conf/default/accept_dad", "0"),
+        ] {
+            std::fs::write(path, value).map_err(SimulateError::Scratch)?;
+        }
+        Ok(())
+    })?;
+    scratch.ip(&["link", "set", "lo", "up"])?;
+    let mut made: Vec<(String, String)> = Vec::new();
+    let named = packet.in_interface.iter().chain(&packet.out_interface);
+    for name in named.chain(host.addresses.iter().map(|(i, _)| i)).chain(&host.interfaces) {
+        if !made.iter().any(|(n, _)| n == name) {
+            let far = scratch.add_interface(name)?;
+            made.push((name.clone(), far));
+        }
+    }
+    let far_end = |name: &str| made.iter().find(|(n, _)| n == name).map(|(_, far)| far.clone());
+    let wire = packet.in_interface.as_deref().and_then(far_end).map(|far| scratch.wire_socket(&far)).transpose()?;
+    for (interface, address) in &host.addresses {
+        scratch.ip(&["addr", "add", address, "dev", interface])?;
+    }
+    let src = injector_source(packet, host);
+    let v4 = packet.dst.is_ipv4();
+    match (&packet.in_interface, &packet.out_interface) {
+        // Leaving there: the destination, and by default everything else (a DNAT target), is
+        // routed out through a gateway with a fixed neighbour (no neighbour discovery); the far
+        // end has no address and discards what it gets.
+        (_, Some(out)) => {
+            let has_address = host.addresses.iter().any(|(i, a)| i == out && a.contains('.') == v4);
+            let (own, gateway) = if v4 { OUT_ADDRESSES_V4 } else { OUT_ADDRESSES_V6 };
+            if !has_address {
+                scratch.ip(&["addr", "add", &host_prefix(own.parse().unwrap_or(src)), "dev", out])?;
+            }
+            let family = if v4 { "-4" } else { "-6" };
+            scratch.ip(&["neigh", "replace", gateway, "lladdr", &wire_mac(), "dev", out, "nud", "permanent"])?;
+            for to in [host_prefix(packet.dst).as_str(), "default"] {
+                scratch.ip(&[family, "route", "replace", to, "via", gateway, "dev", out, "onlink"])?;
+            }
+        }
+        // Arriving for the host itself, unless an address given says otherwise.
+        (Some(in_interface), None) => {
+            let given = host.addresses.iter().any(|(_, a)| a.split('/').next() == Some(&packet.dst.to_string()));
+            if !given {
+                scratch.ip(&["addr", "add", &host_prefix(packet.dst), "dev", in_interface])?;
+            }
+        }
+        (None, None) => {}
+    }
+    if let Some(in_interface) = &packet.in_interface {
+        // The way back to the source, for replies and the reverse-path filter; its neighbour
+        // fixed, so that no neighbour discovery runs.
+        scratch.ip(&["route", "replace", &host_prefix(src), "dev", in_interface])?;
+        scratch.ip(&[
+            "neigh",
+            "replace",
+            &src.to_string(),
+            "lladdr",
+            &wire_mac(),
+            "dev",
+            in_interface,
+            "nud",
+            "permanent",
+        ])?;
+    }
+    for route in &host.routes {
+        let mut args = vec!["route", "add"];
+        args.extend(route.split_whitespace());
+        scratch.ip(&args)?;
+    }
+    scratch.in_host(|| host.rule_sets.iter().try_for_each(RuleSet::load))?;
+    if let (Some(in_interface), mark @ 1..) = (&packet.in_interface, packet.mark) {
+        // A packet from another namespace arrives without a mark (the veth clears it): an
+        // ingress chain sets it, before any hook iptrace traces; loaded after the rule sets,
+        // whose `flush ruleset` would remove it.
+        let chain = format!(
+            "table netdev {MARK_TABLE} {{ chain ingress {{ type filter hook ingress device \"{in_interface}\" priority -500; meta mark set {mark}; }}; }}"
+        );
+        scratch.in_host(|| {
+            crate::nftables::apply(&chain).map_err(|e| SimulateError::Usage(format!("cannot set the mark: {e}")))
+        })?;
+    }
+    let bytes = craft::ip_packet(packet, src);
+    Ok(match wire {
+        Some(socket) => {
+            Injector::Wire { socket, frame: craft::ethernet_frame(scratch::HOST_MAC, scratch::WIRE_MAC, &bytes) }
+        }
+        None => {
+            Injector::Local { socket: scratch.local_socket(packet.dst, packet.mark)?, packet: bytes, dst: packet.dst }
+        }
+    })
+}
+
+/// The rule sets and interfaces of live namespace `name`, read from inside it; the calling
+/// thread returns where it was.
+pub fn snapshot_netns(name: &str) -> Result<(Vec<RuleSet>, Vec<String>, Vec<(String, String)>), SimulateError> {
+    netns::check(name)?;
+    let home = scratch::this_thread_netns().map_err(SimulateError::Scratch)?;
+    netns::enter(name)?;
+    let read = (|| {
+        let sets = rules::snapshot(name)?;
+        let links = crate::command::run("ip", &["-o", "addr", "show"], None)
+            .map_err(|source| SimulateError::Snapshot { origin: name.to_owned(), source })?;
+        Ok::<_, SimulateError>((sets, links))
+    })();
+    scratch::setns(&home).map_err(SimulateError::Scratch)?;
+    let (sets, links) = read?;
+    let (interfaces, addresses) = interfaces_and_addresses(&links);
+    Ok((sets, interfaces, addresses))
+}
+
+/// From `ip -o addr show`: the interfaces (but `lo`) and their global addresses.
+fn interfaces_and_addresses(listing: &str) -> (Vec<String>, Vec<(String, String)>) {
+    let mut interfaces = Vec::new();
+    let mut addresses = Vec::new();
+    for line in listing.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(name) = words.get(1).map(|n| n.split('@').next().unwrap_or(n)) else { continue };
+        if name == "lo" {
+            continue;
+        }
+        if !interfaces.iter().any(|i| i == name) {
+            interfaces.push(name.to_owned());
+        }
+        if let (Some(kind), Some(address)) = (words.get(2), words.get(3))
+            && matches!(*kind, "inet" | "inet6")
+            && !address.starts_with("fe80:")
+        {
+            addresses.push((name.to_owned(), (*address).to_owned()));
+        }
+    }
+    (interfaces, addresses)
+}
