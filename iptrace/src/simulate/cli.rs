@@ -28,14 +28,15 @@ Packets: [local] PROTO SRC[:PORT] > DST[:PORT] [FLAGS] [in IFACE] [out IFACE] [m
 One packet per argument (quote each), or the words of one packet unquoted.
 
 Each packet runs in fresh scratch network namespaces that vanish with iptrace: the rule sets are \
-loaded there, the `in` interface is a veth the packet arrives on from its far end, `out` a dummy \
-the destination is routed to. Nothing else is changed. Needs root.
+loaded there, each interface is a veth with its far end in a second scratch namespace: the packet \
+arrives on `in` from there, and `out` is where its destination is routed. Nothing else is changed. Needs root.
 
 Exit codes: 0 every --expect met, 1 one was not, 2 bad input or a rule set that does not load.";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "iptrace simulate",
+    bin_name = "iptrace simulate",
     version = crate::cli::VERSION,
     about = "What would this firewall do with this packet? Traced in a scratch namespace, by the kernel itself",
     after_help = AFTER_HELP
@@ -60,8 +61,8 @@ pub struct SimulateCli {
     #[arg(long, value_enum, value_name = "ENGINE", help_heading = "Rules")]
     pub iptables: Option<IptablesEngine>,
 
-    /// Give the simulated host this address (IFACE=ADDRESS/LEN; the interface is made as a
-    /// dummy where no packet names it).
+    /// Give the simulated host this address (IFACE=ADDRESS/LEN; the interface is made
+    /// where no packet names it).
     #[arg(long, value_name = "IFACE=ADDRESS/LEN", help_heading = "Host")]
     pub addr: Vec<String>,
 
