@@ -89,32 +89,19 @@ fn simulate_main(cli: &simulate::cli::SimulateCli) -> ExitCode {
     let (cases, host) = match prepared {
         Ok(prepared) => prepared,
         Err(e) => {
-            note!("iptrace: {}", anyhow::Error::new(e).chain().map(ToString::to_string).collect::<Vec<_>>().join(": "));
+            note!("iptrace: {:#}", anyhow::Error::new(e));
             return ExitCode::from(2);
         }
     };
-    let style = cli.style();
-    let mut failed = 0;
-    for case in &cases {
-        let outcome = match simulate::simulate(case, &host, &style) {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                let code = e.exit_code();
-                note!("iptrace: {:#}", anyhow::Error::new(e));
-                return ExitCode::from(code);
-            }
-        };
-        if let Some(expected) = &case.expect {
-            match outcome.check(expected) {
-                Ok(()) => note!("iptrace: {}: {expected} as expected", case.packet),
-                Err(got) => {
-                    failed += 1;
-                    note!("iptrace: {}: expected {expected}, got {got}", case.packet);
-                }
-            }
+    match simulate::run_cases(&cases, &host, &cli.style(), cli.reporting()) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            let code = e.exit_code();
+            note!("iptrace: {:#}", anyhow::Error::new(e));
+            ExitCode::from(code)
         }
     }
-    if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }
 
 fn trace(cli: &Cli) -> Result<(), (anyhow::Error, u8)> {

@@ -428,3 +428,59 @@ fn plain_expressions_still_parse_beside_the_subcommand() {
     assert_eq!(status.code(), Some(0));
     assert!(stdout.contains("Usage: iptrace simulate [OPTIONS] [PACKET]..."), "{stdout}");
 }
+
+const CASES: &str = r#"
+[[case]]
+name = "ssh to the router"
+packet = "tcp 10.5.1.7:40001 > 10.5.1.1:22 syn in vif0"
+expect = "accept"
+rule = "ssh"
+
+[[case]]
+name = "telnet (deliberately wrong)"
+packet = "tcp 10.5.1.7:40002 > 10.5.1.1:23 syn in vif0"
+expect = "accept"
+
+[[case]]
+name = "web through, masqueraded"
+packet = "tcp 10.5.1.7:40003 > 172.16.2.2:80 syn in vif0 out vif2"
+expect = "snat:172.16.2.1"
+rule = "web"
+"#;
+
+#[test]
+fn a_cases_file_with_a_failing_case_exits_1_and_names_it() {
+    if !require_root("a_cases_file_with_a_failing_case_exits_1_and_names_it") {
+        return;
+    }
+    let rules = scratch_file("cases", "fw.nft", NFT_FILE);
+    let cases = scratch_file("cases", "cases.toml", CASES);
+    let mut args = vec!["--rules", rules.to_str().unwrap(), "--cases", cases.to_str().unwrap(), "-q"];
+    args.extend(ROUTER_ADDRESSES);
+    let (code, stdout, stderr) = simulate(&args);
+    assert_eq!((code, stderr.as_str()), (Some(1), ""), "{stdout}");
+    let results: Vec<&str> = stdout.lines().filter(|l| l.starts_with("case ") || l.contains(" passed, ")).collect();
+    assert_eq!(
+        results,
+        [
+            "case ssh to the router: ok",
+            "case telnet (deliberately wrong): FAILED: expected accept, got drop at nft inet fw input policy drop",
+            "case web through, masqueraded: ok",
+            "2 passed, 1 failed",
+        ]
+    );
+    assert_eq!(blocks(&stdout).iter().filter(|b| b.packet.starts_with("IN=vif0")).count(), 3, "{stdout}");
+
+    args.push("--json");
+    let (code, stdout, _) = simulate(&args);
+    assert_eq!(code, Some(1));
+    let records: Vec<serde_json::Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(records.len(), 4, "{stdout}");
+    assert_eq!(records[1]["case"], "telnet (deliberately wrong)");
+    assert_eq!(records[1]["passed"], false);
+    assert_eq!(records[1]["failure"], "expected accept, got drop at nft inet fw input policy drop");
+    assert_eq!(records[1]["trace"]["fate"]["verdict"], "drop");
+    assert_eq!(records[2]["trace"]["packet"]["dport"], 80);
+    assert_eq!(records[3], serde_json::json!({"passed": 2, "failed": 1}));
+}

@@ -9,7 +9,7 @@ use std::{
 use clap::{ArgAction, Parser};
 
 use super::{
-    Case, Host, SimulateError, Style,
+    Case, Host, Reporting, SimulateError, Style,
     expect::Expectation,
     rules::{IptablesEngine, RuleSet},
     spec::PacketSpec,
@@ -31,7 +31,7 @@ Each packet runs in fresh scratch network namespaces that vanish with iptrace: t
 loaded there, each interface is a veth with its far end in a second scratch namespace: the packet \
 arrives on `in` from there, and `out` is where its destination is routed. Nothing else is changed. Needs root.
 
-Exit codes: 0 every --expect met, 1 one was not, 2 bad input or a rule set that does not load.";
+Exit codes: 0 every --expect and case met, 1 one was not, 2 bad input or a rule set that does not load.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -75,7 +75,13 @@ pub struct SimulateCli {
     #[arg(long, value_name = "FATE", help_heading = "Checks")]
     pub expect: Vec<String>,
 
-    /// Write each packet as one JSON object on one line instead of a block.
+    /// Run the named cases of this TOML file ([[case]] with name, packet, expect and optionally
+    /// rule, a text the deciding rule's line must contain) and print a test runner's summary.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["packets", "expect"], help_heading = "Checks")]
+    pub cases: Option<PathBuf>,
+
+    /// Write each packet as one JSON object on one line instead of a block (with --cases, one
+    /// object per case, its packet's inside, and one with the counts).
     #[arg(long, help_heading = "Output")]
     pub json: bool,
 
@@ -94,6 +100,9 @@ pub struct SimulateCli {
 impl SimulateCli {
     /// The cases to run, checked (nothing read or changed yet).
     pub fn cases(&self) -> Result<Vec<Case>, SimulateError> {
+        if let Some(path) = &self.cases {
+            return super::cases::read(path);
+        }
         let texts: Vec<String> = if self.packets.iter().any(|p| p.split_whitespace().count() > 1) {
             self.packets.clone()
         } else if self.packets.is_empty() {
@@ -164,6 +173,10 @@ impl SimulateCli {
             host.addresses.extend(addresses);
         }
         Ok(host)
+    }
+
+    pub fn reporting(&self) -> Reporting {
+        if self.cases.is_some() { Reporting::Cases } else { Reporting::Expectations }
     }
 
     pub fn style(&self) -> Style {

@@ -4,6 +4,7 @@
 //! socket), and the usual trace ([`crate::run`]) prints its block. Nothing outside the scratch
 //! namespaces is changed: a `--from-netns` source is only read (design.md §13).
 
+pub mod cases;
 pub mod cli;
 pub mod craft;
 pub mod expect;
@@ -13,10 +14,11 @@ pub mod spec;
 
 use std::{
     cell::RefCell,
-    io::{self, Write as _},
+    io::{self, Write},
     net::IpAddr,
     rc::Rc,
     sync::mpsc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -39,8 +41,8 @@ pub enum SimulateError {
     Spec(#[from] spec::SpecError),
     #[error("{0}")]
     Usage(String),
-    #[error("cannot read rules file {0}")]
-    RulesFile(String, #[source] io::Error),
+    #[error("cannot read {0}")]
+    Read(String, #[source] io::Error),
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error("needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) to make its scratch network namespaces")]
@@ -74,7 +76,7 @@ impl SimulateError {
         match self {
             SimulateError::Spec(_)
             | SimulateError::Usage(_)
-            | SimulateError::RulesFile(..)
+            | SimulateError::Read(..)
             | SimulateError::Netns(_)
             | SimulateError::NotPermitted
             | SimulateError::Load { .. }
@@ -120,9 +122,9 @@ const OUT_ADDRESSES_V6: (&str, &str) = ("fd53:494d::1", "fd53:494d::2");
 /// How long a simulated packet's block may take to come.
 const PACKET_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Simulates `case` on a fresh scratch host set up as `host` says: its block on stdout, and
+/// Simulates `case` on a fresh scratch host set up as `host` says: its block on `out`, and
 /// what became of it.
-pub fn simulate(case: &Case, host: &Host, style: &Style) -> Result<Outcome, SimulateError> {
+pub fn simulate(case: &Case, host: &Host, style: &Style, out: Box<dyn Write + Send>) -> Result<Outcome, SimulateError> {
     let packet = &case.packet;
     let mut scratch = Scratch::new()?;
     let injector = set_up(&mut scratch, packet, host)?;
@@ -134,7 +136,7 @@ pub fn simulate(case: &Case, host: &Host, style: &Style) -> Result<Outcome, Simu
     };
     let options = trace_options(packet, style);
     scratch.enter_host()?;
-    let traced = run::trace_observed(&options, Box::new(io::stdout()), Some(Observer { ready, reports: reports_tx }));
+    let traced = run::trace_observed(&options, out, Some(Observer { ready, reports: reports_tx }));
     // The conntrack entry is read before the namespace goes.
     let nat = read_nat(packet, injector_source(packet, host));
     scratch.leave()?;
@@ -142,9 +144,106 @@ pub fn simulate(case: &Case, host: &Host, style: &Style) -> Result<Outcome, Simu
     if let Some(e) = injected.take() {
         return Err(SimulateError::Inject(e));
     }
-    let _ = io::stdout().flush();
     let report = reports_rx.try_iter().next();
     Ok(Outcome::new(report.as_ref(), nat))
+}
+
+/// How results are reported: after `--expect`, a line on stderr per packet; of a `--cases`
+/// file, a test runner's lines and summary on stdout, or with `--json` one object per case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reporting {
+    Expectations,
+    Cases,
+}
+
+/// Runs every case, each on a fresh scratch host; returns how many did not meet their
+/// expectation.
+pub fn run_cases(cases: &[Case], host: &Host, style: &Style, reporting: Reporting) -> Result<usize, SimulateError> {
+    let json_cases = reporting == Reporting::Cases && style.format == Format::Json;
+    let mut failed = 0;
+    for case in cases {
+        // A case's JSON object holds its packet's, so that one goes to a buffer first.
+        let buffer = SharedBuffer::default();
+        let out: Box<dyn Write + Send> = if json_cases { Box::new(buffer.clone()) } else { Box::new(io::stdout()) };
+        let outcome = simulate(case, host, style, out)?;
+        let verdict = check(case, &outcome);
+        failed += usize::from(verdict.is_err());
+        let what = case.name.clone().unwrap_or_else(|| case.packet.to_string());
+        let expected = case.expect.as_ref().map(ToString::to_string);
+        match reporting {
+            Reporting::Expectations => match (&expected, &verdict) {
+                (Some(expected), Ok(())) => crate::note!("iptrace: {what}: {expected} as expected"),
+                (_, Err(got)) => crate::note!("iptrace: {what}: {got}"),
+                (None, Ok(())) => {}
+            },
+            Reporting::Cases if json_cases => {
+                let text = buffer.0.lock().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+                let trace = text.lines().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+                let record = serde_json::json!({
+                    "case": what,
+                    "packet": case.packet.to_string(),
+                    "expect": expected,
+                    "rule": case.rule,
+                    "passed": verdict.is_ok(),
+                    "failure": verdict.as_ref().err(),
+                    "trace": trace,
+                });
+                write_line(&record.to_string());
+            }
+            Reporting::Cases => match &verdict {
+                Ok(()) => write_line(&format!("case {}: ok\n", crate::render::Printable(&what))),
+                Err(got) => write_line(&format!(
+                    "case {}: FAILED: {}\n",
+                    crate::render::Printable(&what),
+                    crate::render::Printable(got)
+                )),
+            },
+        }
+    }
+    if reporting == Reporting::Cases {
+        let passed = cases.len() - failed;
+        if json_cases {
+            write_line(&serde_json::json!({ "passed": passed, "failed": failed }).to_string());
+        } else {
+            write_line(&format!("{passed} passed, {failed} failed"));
+        }
+    }
+    Ok(failed)
+}
+
+/// Whether `case` met its expectation and rule; where not, `expected X, got Y`.
+fn check(case: &Case, outcome: &Outcome) -> Result<(), String> {
+    if let Some(expected) = &case.expect {
+        outcome.check(expected).map_err(|got| format!("expected {expected}, got {got}"))?;
+    }
+    match &case.rule {
+        Some(rule) if !outcome.decided_by(rule) => {
+            let got = outcome.decided_by.as_deref().unwrap_or("no deciding rule");
+            Err(format!("expected a rule with '{rule}' to decide, got {got}"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A line on stdout, flushed (a reader that went away is no error).
+fn write_line(line: &str) {
+    let mut stdout = io::stdout().lock();
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+}
+
+/// A writer into memory that the trace's processing thread and the caller share.
+#[derive(Clone, Default)]
+struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuffer {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.lock().map_err(|_| io::Error::other("buffer poisoned"))?.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The source address of `packet`: its own, else the `out` interface's.

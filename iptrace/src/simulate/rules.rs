@@ -36,7 +36,7 @@ impl RuleSet {
     /// Reads `path` and tells its format (see [`detect`]).
     pub fn read(path: &Path, engine: Option<IptablesEngine>) -> Result<Self, SimulateError> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| SimulateError::RulesFile(origin.clone(), e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| SimulateError::Read(origin.clone(), e))?;
         let format = detect(&text, engine);
         Ok(Self { origin, format, text })
     }
