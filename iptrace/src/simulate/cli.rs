@@ -167,10 +167,10 @@ impl SimulateCli {
             host.rule_sets.push(RuleSet::read(path, self.iptables)?);
         }
         if let Some(name) = &self.from_netns {
-            let (sets, interfaces, addresses) = super::snapshot_netns(name)?;
-            host.rule_sets.extend(sets);
-            host.interfaces = interfaces;
-            host.addresses.extend(addresses);
+            let snapshot = super::snapshot_netns(name)?;
+            host.rule_sets.extend(snapshot.rule_sets);
+            host.interfaces = snapshot.interfaces;
+            host.addresses.extend(snapshot.addresses);
         }
         Ok(host)
     }

@@ -435,9 +435,9 @@ fn set_up(scratch: &mut Scratch, packet: &PacketSpec, host: &Host) -> Result<Inj
     })
 }
 
-/// The rule sets and interfaces of live namespace `name`, read from inside it; the calling
-/// thread returns where it was.
-pub fn snapshot_netns(name: &str) -> Result<(Vec<RuleSet>, Vec<String>, Vec<(String, String)>), SimulateError> {
+/// The rule sets, interfaces and addresses of live namespace `name`, read from inside it; the
+/// calling thread returns where it was.
+pub fn snapshot_netns(name: &str) -> Result<Host, SimulateError> {
     netns::check(name)?;
     let home = scratch::this_thread_netns().map_err(SimulateError::Scratch)?;
     netns::enter(name)?;
@@ -448,9 +448,9 @@ pub fn snapshot_netns(name: &str) -> Result<(Vec<RuleSet>, Vec<String>, Vec<(Str
         Ok::<_, SimulateError>((sets, links))
     })();
     scratch::setns(&home).map_err(SimulateError::Scratch)?;
-    let (sets, links) = read?;
+    let (rule_sets, links) = read?;
     let (interfaces, addresses) = interfaces_and_addresses(&links);
-    Ok((sets, interfaces, addresses))
+    Ok(Host { rule_sets, addresses, routes: Vec::new(), interfaces })
 }
 
 /// From `ip -o addr show`: the interfaces (but `lo`) and their global addresses.
