@@ -93,6 +93,13 @@ fn simulate_main(cli: &simulate::cli::SimulateCli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0
+        && let Err(e) = simulate::scratch::enter_user_namespace()
+    {
+        note!("iptrace: {:#}", anyhow::Error::new(e));
+        return ExitCode::from(2);
+    }
     match simulate::run_cases(&cases, &host, &cli.style(), cli.reporting()) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(1),

@@ -29,7 +29,8 @@ One packet per argument (quote each), or the words of one packet unquoted.
 
 Each packet runs in fresh scratch network namespaces that vanish with iptrace: the rule sets are \
 loaded there, each interface is a veth with its far end in a second scratch namespace: the packet \
-arrives on `in` from there, and `out` is where its destination is routed. Nothing else is changed. Needs root.
+arrives on `in` from there, and `out` is where its destination is routed. Nothing else is changed. Without root, it runs in a user namespace of its own (no kernel \
+drop reasons there; --from-netns needs root).
 
 Exit codes: 0 every --expect and case met, 1 one was not, 2 bad input or a rule set that does not load.";
 

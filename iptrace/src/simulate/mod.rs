@@ -47,6 +47,8 @@ pub enum SimulateError {
     Netns(#[from] NetnsError),
     #[error("needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) to make its scratch network namespaces")]
     NotPermitted,
+    #[error("not root, and cannot make a user namespace to simulate in")]
+    NoUserNamespace(#[source] io::Error),
     #[error("cannot make or enter the scratch network namespace")]
     Scratch(#[source] io::Error),
     #[error("cannot set up the scratch network namespace")]
@@ -79,6 +81,7 @@ impl SimulateError {
             | SimulateError::Read(..)
             | SimulateError::Netns(_)
             | SimulateError::NotPermitted
+            | SimulateError::NoUserNamespace(_)
             | SimulateError::Load { .. }
             | SimulateError::Snapshot { .. } => 2,
             SimulateError::Run(e) => u8::try_from(e.exit_code()).unwrap_or(1),

@@ -124,6 +124,48 @@ impl Scratch {
     }
 }
 
+/// Without root: makes iptrace root of a user namespace of its own, with a network namespace
+/// and a mount namespace, whose `/run` is a private tmpfs (the xtables lock and iptrace's state
+/// live there, and the host's are not writable from inside). The scratch namespaces are made
+/// from there. To be called while the process has one thread (`unshare(CLONE_NEWUSER)`
+/// requires it). design.md §13.
+pub fn enter_user_namespace() -> Result<(), SimulateError> {
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    // SAFETY: unshare(2) moves only this (single-threaded) process.
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET | libc::CLONE_NEWNS) } != 0 {
+        return Err(SimulateError::NoUserNamespace(io::Error::last_os_error()));
+    }
+    let mapped = (|| {
+        std::fs::write("/proc/self/setgroups", "deny")?;
+        std::fs::write("/proc/self/uid_map", format!("0 {uid} 1"))?;
+        std::fs::write("/proc/self/gid_map", format!("0 {gid} 1"))?;
+        // SAFETY: mount(2) with static NUL-terminated strings, in this process's own mount
+        // namespace: first no propagation to the host's, then a tmpfs over /run.
+        let private = unsafe {
+            libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            )
+        };
+        if private != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        let run = unsafe {
+            libc::mount(c"tmpfs".as_ptr(), c"/run".as_ptr(), c"tmpfs".as_ptr(), 0, c"mode=0755".as_ptr().cast())
+        };
+        if run != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    })();
+    mapped.map_err(SimulateError::NoUserNamespace)
+}
+
 fn in_netns<T>(ns: &File, home: &File, f: impl FnOnce() -> Result<T, SimulateError>) -> Result<T, SimulateError> {
     setns(ns).map_err(SimulateError::Scratch)?;
     let result = f();
