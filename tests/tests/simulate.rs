@@ -533,3 +533,48 @@ fn unprivileged_users_simulate_in_a_user_namespace() {
     }
     assert_eq!(host_state(), host_before, "the host's state changed");
 }
+
+/// `--flow`: the SYN, the server's SYN-ACK as masquerade sends it back (to 172.16.2.1, arriving
+/// on vif2), and the ACK: the established rule decides the last two, as the rule counters of a
+/// real router with the same rules say for a real connection.
+#[test]
+fn a_flow_exercises_the_established_rule_both_ways() {
+    if !require_root("a_flow_exercises_the_established_rule_both_ways") {
+        return;
+    }
+    let rules = scratch_file("flow", "router.rules", LEGACY_SAVE);
+    let mut args = vec!["--rules", rules.to_str().unwrap(), "--flow"];
+    args.extend(ROUTER_ADDRESSES);
+    args.extend(["tcp 10.5.1.7:40001 > 172.16.2.2:80 syn in vif0 out vif2", "--expect=snat:172.16.2.1"]);
+    let (code, stdout, stderr) = simulate(&args);
+    assert_eq!(
+        (code, stderr.as_str()),
+        (Some(0), "iptrace: tcp 10.5.1.7:40001 > 172.16.2.2:80 syn in vif0 out vif2: snat:172.16.2.1 as expected\n"),
+        "{stdout}"
+    );
+    let shown = blocks(&stdout);
+    let summary: Vec<(String, &str)> =
+        shown.iter().map(|b| (b.packet.split(" LEN=").next().unwrap_or_default().to_owned(), b.verdict())).collect();
+    assert_eq!(
+        summary,
+        [
+            ("IN=vif0 OUT= SRC=10.5.1.7 DST=172.16.2.2".to_owned(), "verdict: ACCEPT at filter FORWARD #2"),
+            ("IN=vif2 OUT= SRC=172.16.2.2 DST=172.16.2.1".to_owned(), "verdict: ACCEPT at filter FORWARD #1"),
+            ("IN=vif0 OUT= SRC=10.5.1.7 DST=172.16.2.2".to_owned(), "verdict: ACCEPT at filter FORWARD #1"),
+        ],
+        "{stdout}"
+    );
+    assert!(shown[1].body().contains("~ DST 172.16.2.1 -> 10.5.1.7"), "{stdout}");
+
+    let lab = lab("simflow");
+    lab.exec(Role::Router, &["iptables-legacy-restore"], LEGACY_SAVE).expect("loading the rules in the lab");
+    let _servers = lab.tcp_echo_servers(Role::Server, &[80]).expect("echo servers");
+    assert!(real_tcp(&lab, addr::CLIENT, SocketAddr::new(addr::SERVER, 80)), "HTTP through");
+    let out = lab.exec(Role::Router, &["iptables-legacy", "-L", "FORWARD", "-v", "-x", "-n"], "").expect("counters");
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let packets: Vec<u64> = listing.lines().skip(2).filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+    assert_eq!(packets.len(), 2, "{listing}");
+    // Rule 2 saw the SYN only; rule 1 everything after it, both ways.
+    assert_eq!(packets[1], 1, "{listing}");
+    assert!(packets[0] >= 2, "{listing}");
+}

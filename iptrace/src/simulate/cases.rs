@@ -29,6 +29,8 @@ struct CaseEntry {
     packet: String,
     expect: String,
     rule: Option<String>,
+    #[serde(default)]
+    flow: bool,
 }
 
 /// The cases of the file at `path`, each checked (nothing run yet).
@@ -51,7 +53,7 @@ fn parse(text: &str) -> Result<Vec<Case>, String> {
         }
         let packet = PacketSpec::parse(&entry.packet).map_err(|e| format!("case '{name}': {e}"))?;
         let expect = Expectation::parse(&entry.expect).map_err(|e| format!("case '{name}': {e}"))?;
-        cases.push(Case { name: Some(name), packet, expect: Some(expect), rule: entry.rule });
+        cases.push(Case { name: Some(name), packet, expect: Some(expect), rule: entry.rule, flow: entry.flow });
     }
     Ok(cases)
 }
@@ -88,7 +90,7 @@ mod tests {
             bad(
                 "[[case]]\nname = \"x\"\npacket = \"udp 1.2.3.4:1 > 1.2.3.5:2 in a\"\nexpect = \"drop\"\nexpected = \"drop\"\n"
             ),
-            "unknown field `expected`, expected one of `name`, `packet`, `expect`, `rule`"
+            "unknown field `expected`, expected one of `name`, `packet`, `expect`, `rule`, `flow`"
         );
     }
 }

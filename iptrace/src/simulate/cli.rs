@@ -81,6 +81,12 @@ pub struct SimulateCli {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["packets", "expect"], help_heading = "Checks")]
     pub cases: Option<PathBuf>,
 
+    /// Simulate each packet's connection: after it, its reply (as NAT sends it back, arriving on
+    /// `out`) and, for TCP, the handshake's third packet, so that established rules are
+    /// exercised. For forwarded packets (in and out); --expect applies to the first.
+    #[arg(long, help_heading = "Checks")]
+    pub flow: bool,
+
     /// Write each packet as one JSON object on one line instead of a block (with --cases, one
     /// object per case, its packet's inside, and one with the counts).
     #[arg(long, help_heading = "Output")]
@@ -102,7 +108,14 @@ impl SimulateCli {
     /// The cases to run, checked (nothing read or changed yet).
     pub fn cases(&self) -> Result<Vec<Case>, SimulateError> {
         if let Some(path) = &self.cases {
-            return super::cases::read(path);
+            let mut cases = super::cases::read(path)?;
+            for case in &mut cases {
+                case.flow |= self.flow;
+                if case.flow {
+                    super::check_flow(&case.packet)?;
+                }
+            }
+            return Ok(cases);
         }
         let texts: Vec<String> = if self.packets.iter().any(|p| p.split_whitespace().count() > 1) {
             self.packets.clone()
@@ -132,11 +145,16 @@ impl SimulateCli {
             .iter()
             .enumerate()
             .map(|(i, text)| {
+                let packet = PacketSpec::parse(text)?;
+                if self.flow {
+                    super::check_flow(&packet)?;
+                }
                 Ok(Case {
                     name: None,
-                    packet: PacketSpec::parse(text)?,
+                    packet,
                     expect: expectations.get(i).or(expectations.first()).cloned(),
                     rule: None,
+                    flow: self.flow,
                 })
             })
             .collect()

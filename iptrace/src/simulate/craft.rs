@@ -7,15 +7,30 @@ use iptrace_lab::internet_checksum;
 
 use super::spec::{PacketSpec, TransportSpec, headers_len};
 
-/// The IP identification (IPv4) and TCP sequence number simulated packets carry: constant, so
-/// that a run is repeatable.
+/// The IP identification (IPv4) simulated packets carry: constant, so that a run is repeatable.
 const PACKET_ID: u16 = 0x5349;
-const TCP_SEQUENCE: u32 = 0x5349_0000;
 
-/// The IP packet `spec` describes, from `src` (the spec's, or the one the host picked).
-pub fn ip_packet(spec: &PacketSpec, src: IpAddr) -> Vec<u8> {
+/// A TCP segment's sequence and acknowledgement numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpNumbers {
+    pub seq: u32,
+    pub ack: u32,
+}
+
+impl TcpNumbers {
+    /// A connection's first segment (`--flow`'s replies and acknowledgements follow from it).
+    pub const FIRST: TcpNumbers = TcpNumbers { seq: 0x5349_0000, ack: 0 };
+    /// The reply's initial sequence number with `--flow`.
+    pub const REPLY: TcpNumbers = TcpNumbers { seq: 0x5250_0000, ack: Self::FIRST.seq + 1 };
+    /// The acknowledgement of the reply.
+    pub const THIRD: TcpNumbers = TcpNumbers { seq: Self::FIRST.seq + 1, ack: Self::REPLY.seq + 1 };
+}
+
+/// The IP packet `spec` describes, from `src` (the spec's, or the one the host picked); a TCP
+/// segment with `numbers`.
+pub fn ip_packet(spec: &PacketSpec, src: IpAddr, numbers: TcpNumbers) -> Vec<u8> {
     let total = spec.len.map_or_else(|| headers_len(spec), usize::from);
-    let transport = transport(spec, src, total - ip_header_len(spec));
+    let transport = transport(spec, src, total - ip_header_len(spec), numbers);
     let mut packet = match (src, spec.dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let mut h = vec![0x45, spec.tos];
@@ -51,14 +66,18 @@ fn ip_header_len(spec: &PacketSpec) -> usize {
 }
 
 /// The transport header and zero payload, `len` bytes in all, with its checksum.
-fn transport(spec: &PacketSpec, src: IpAddr, len: usize) -> Vec<u8> {
+fn transport(spec: &PacketSpec, src: IpAddr, len: usize, numbers: TcpNumbers) -> Vec<u8> {
     let mut t = Vec::with_capacity(len);
     let checksum_at = match spec.transport {
         TransportSpec::Tcp { sport, dport, flags } => {
             t.extend_from_slice(&sport.to_be_bytes());
             t.extend_from_slice(&dport.to_be_bytes());
-            t.extend_from_slice(&TCP_SEQUENCE.to_be_bytes());
-            let ack: u32 = if flags.0 & 0x10 != 0 { 1 } else { 0 };
+            t.extend_from_slice(&numbers.seq.to_be_bytes());
+            // An ACK without a connection before it acknowledges 1.
+            let ack = match numbers.ack {
+                0 if flags.0 & 0x10 != 0 => 1,
+                ack => ack,
+            };
             t.extend_from_slice(&ack.to_be_bytes());
             t.extend_from_slice(&[5 << 4, flags.0]);
             t.extend_from_slice(&64240u16.to_be_bytes());
@@ -124,7 +143,7 @@ mod tests {
     #[test]
     fn a_syn_is_a_valid_ipv4_tcp_packet() {
         let spec = PacketSpec::parse("tcp 10.0.0.2:40000 > 10.0.0.1:22 in eth0 ttl 9 tos 0x10").unwrap();
-        let p = ip_packet(&spec, spec.src.unwrap());
+        let p = ip_packet(&spec, spec.src.unwrap(), TcpNumbers::FIRST);
         assert_eq!(p.len(), 40);
         assert_eq!(&p[..12], &[0x45, 0x10, 0, 40, 0x53, 0x49, 0x40, 0, 9, 6, p[10], p[11]]);
         // A header with its checksum in place sums to zero.
@@ -139,7 +158,7 @@ mod tests {
     #[test]
     fn udp_over_ipv6_with_a_length_and_checksum() {
         let spec = PacketSpec::parse("udp [2001:db8::1]:53 > [2001:db8::2]:5353 in wan len 100").unwrap();
-        let p = ip_packet(&spec, spec.src.unwrap());
+        let p = ip_packet(&spec, spec.src.unwrap(), TcpNumbers::FIRST);
         assert_eq!(p.len(), 100);
         assert_eq!(&p[4..8], &[0, 60, 17, 64]);
         let mut pseudo = p[8..40].to_vec();
@@ -153,7 +172,7 @@ mod tests {
     #[test]
     fn an_echo_request_sums_to_zero() {
         let spec = PacketSpec::parse("icmp 10.0.0.5 > 8.8.8.8 echo in lan").unwrap();
-        let p = ip_packet(&spec, spec.src.unwrap());
+        let p = ip_packet(&spec, spec.src.unwrap(), TcpNumbers::FIRST);
         assert_eq!(p.len(), 28);
         assert_eq!((p[20], internet_checksum(&p[20..])), (8, 0));
     }

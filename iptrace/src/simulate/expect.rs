@@ -75,11 +75,14 @@ pub struct Outcome {
     pub nat: Option<NatBinding>,
 }
 
+/// A connection's addresses after NAT, from its conntrack entry's reply direction: the reply
+/// comes from `dst`:`dport` and goes to `src`:`sport`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NatBinding {
     pub dst: IpAddr,
     pub dport: Option<u16>,
     pub src: IpAddr,
+    pub sport: Option<u16>,
 }
 
 impl Outcome {
@@ -180,7 +183,12 @@ pub fn nat_binding(
         if !original {
             return None;
         }
-        Some(NatBinding { dst: *srcs.get(1)?, dport: sports.get(1).copied(), src: *dsts.get(1)? })
+        Some(NatBinding {
+            dst: *srcs.get(1)?,
+            dport: sports.get(1).copied(),
+            src: *dsts.get(1)?,
+            sport: dports.get(1).copied(),
+        })
     })
 }
 
@@ -226,7 +234,8 @@ ipv6     10 icmpv6   58 29 src=2001:0db8:0000:0000:0000:0000:0000:0001 dst=2001:
             Some(NatBinding {
                 dst: "10.0.0.2".parse().unwrap(),
                 dport: Some(8080),
-                src: "203.0.113.7".parse().unwrap()
+                src: "203.0.113.7".parse().unwrap(),
+                sport: Some(5555),
             })
         );
         let icmp = nat_binding(table, 58, "2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap(), None);

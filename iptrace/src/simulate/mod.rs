@@ -97,6 +97,19 @@ pub struct Case {
     pub expect: Option<Expectation>,
     /// The rule that must decide it (`--summary`'s line of the deciding step contains it).
     pub rule: Option<String>,
+    /// `--flow`: the reply, and for TCP the handshake's third packet, follow it.
+    pub flow: bool,
+}
+
+/// Whether `--flow` can simulate `packet`'s connection: a forwarded one, whose reply comes in
+/// on its `out` interface.
+pub fn check_flow(packet: &PacketSpec) -> Result<(), SimulateError> {
+    if packet.local || packet.out_interface.is_none() {
+        return Err(SimulateError::Usage(format!(
+            "--flow simulates forwarded connections: '{packet}' needs 'in IFACE' and 'out IFACE'"
+        )));
+    }
+    Ok(())
 }
 
 /// How the simulated host is set up, beyond what the packets imply.
@@ -124,20 +137,26 @@ const OUT_ADDRESSES_V6: (&str, &str) = ("fd53:494d::1", "fd53:494d::2");
 
 /// How long a simulated packet's block may take to come.
 const PACKET_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a flow's blocks may take to come after its last packet was sent.
+const FLOW_DEADLINE: Duration = Duration::from_secs(1);
+/// The pause between a flow's packets: the kernel has handled one (its conntrack entry is
+/// there), and its block is complete (longer than the trace's 50 ms linger), before the next
+/// is sent, so that blocks come in the flow's order.
+const FLOW_PAUSE: Duration = Duration::from_millis(150);
 
 /// Simulates `case` on a fresh scratch host set up as `host` says: its block on `out`, and
 /// what became of it.
 pub fn simulate(case: &Case, host: &Host, style: &Style, out: Box<dyn Write + Send>) -> Result<Outcome, SimulateError> {
     let packet = &case.packet;
     let mut scratch = Scratch::new()?;
-    let injector = set_up(&mut scratch, packet, host)?;
+    let injector = set_up(&mut scratch, packet, host, case.flow)?;
     let (reports_tx, reports_rx) = mpsc::channel::<PacketReport>();
     let injected: Rc<RefCell<Option<io::Error>>> = Rc::default();
     let ready = {
         let injected = injected.clone();
         Box::new(move || *injected.borrow_mut() = injector.send().err())
     };
-    let options = trace_options(packet, style);
+    let options = trace_options(packet, style, case.flow);
     scratch.enter_host()?;
     let traced = run::trace_observed(&options, out, Some(Observer { ready, reports: reports_tx }));
     // The conntrack entry is read before the namespace goes.
@@ -147,7 +166,9 @@ pub fn simulate(case: &Case, host: &Host, style: &Style, out: Box<dyn Write + Se
     if let Some(e) = injected.take() {
         return Err(SimulateError::Inject(e));
     }
-    let report = reports_rx.try_iter().next();
+    // The packet's own block: with --flow, the first one from its source to its destination.
+    let src = injector_source(packet, host);
+    let report = reports_rx.try_iter().find(|r| r.arrived.header.src == src && r.arrived.header.dst == packet.dst);
     Ok(Outcome::new(report.as_ref(), nat))
 }
 
@@ -276,11 +297,24 @@ fn read_nat(packet: &PacketSpec, src: IpAddr) -> Option<NatBinding> {
     expect::nat_binding(&table, packet.protocol(), src, packet.dst, ports)
 }
 
-/// The trace of one packet: its addresses selected, its family, stopped after its block.
-fn trace_options(packet: &PacketSpec, style: &Style) -> Options {
-    let expression = match packet.src {
-        Some(src) => format!("host {src} and host {}", packet.dst),
-        None => format!("host {}", packet.dst),
+/// The trace of one packet: its addresses selected, its family, stopped after its block. With
+/// `flow`, its protocol is selected (NAT may change the reply's addresses; the scratch host has
+/// no other traffic of it) and the trace stops after the flow's blocks.
+fn trace_options(packet: &PacketSpec, style: &Style, flow: bool) -> Options {
+    let expression = match (flow, packet.src) {
+        (true, _) => match packet.transport {
+            spec::TransportSpec::Tcp { .. } => "tcp".to_owned(),
+            spec::TransportSpec::Udp { .. } => "udp".to_owned(),
+            spec::TransportSpec::Icmp { .. } if packet.dst.is_ipv4() => "icmp".to_owned(),
+            spec::TransportSpec::Icmp { .. } => "icmp6".to_owned(),
+        },
+        (false, Some(src)) => format!("host {src} and host {}", packet.dst),
+        (false, None) => format!("host {}", packet.dst),
+    };
+    let blocks = match (flow, packet.transport) {
+        (false, _) => 1,
+        (true, spec::TransportSpec::Tcp { .. }) => 3,
+        (true, _) => 2,
     };
     Options {
         selection: Selection { expression: Some(expression), ..Selection::default() },
@@ -290,8 +324,10 @@ fn trace_options(packet: &PacketSpec, style: &Style) -> Options {
         out_interface: None,
         limit: None,
         chain: None,
-        count: Some(1),
-        duration: Some(PACKET_DEADLINE),
+        count: Some(blocks),
+        // A flow's packets are all sent when the wait begins; one dropped on the way leaves
+        // fewer blocks.
+        duration: Some(if flow { FLOW_DEADLINE } else { PACKET_DEADLINE }),
         netns: None,
         stats: false,
         format: style.format,
@@ -306,16 +342,63 @@ fn trace_options(packet: &PacketSpec, style: &Style) -> Options {
     }
 }
 
-/// How a packet gets in: a frame on an `in` interface's far end, or a local program's packet.
+/// How a packet gets in: a frame on an `in` interface's far end (with `--flow`, its reply on the
+/// `out` interface's), or a local program's packet.
 enum Injector {
-    Wire { socket: scratch::WireSocket, frame: Vec<u8> },
+    Wire { socket: scratch::WireSocket, frame: Vec<u8>, flow: Option<Flow> },
     Local { socket: scratch::LocalSocket, packet: Vec<u8>, dst: IpAddr },
+}
+
+/// `--flow`: what the reply and the third packet are made from.
+struct Flow {
+    reply_socket: scratch::WireSocket,
+    packet: PacketSpec,
+    src: IpAddr,
+}
+
+impl Flow {
+    /// After the first packet: the reply as the connection's conntrack entry says it comes back
+    /// (from the DNAT target, to the SNAT address), then for TCP the acknowledgement. Nothing
+    /// where the first packet left no connection (it was dropped).
+    fn send_rest(&self, socket: &scratch::WireSocket) -> io::Result<()> {
+        std::thread::sleep(FLOW_PAUSE);
+        let Some(nat) = read_nat(&self.packet, self.src) else { return Ok(()) };
+        let mut reply = self.packet.clone();
+        reply.src = Some(nat.dst);
+        reply.dst = nat.src;
+        reply.transport = match self.packet.transport {
+            spec::TransportSpec::Tcp { sport, dport, .. } => spec::TransportSpec::Tcp {
+                sport: nat.dport.unwrap_or(dport),
+                dport: nat.sport.unwrap_or(sport),
+                flags: spec::TcpFlags(0x12),
+            },
+            spec::TransportSpec::Udp { sport, dport } => {
+                spec::TransportSpec::Udp { sport: nat.dport.unwrap_or(dport), dport: nat.sport.unwrap_or(sport) }
+            }
+            spec::TransportSpec::Icmp { code, .. } => {
+                spec::TransportSpec::Icmp { kind: if nat.src.is_ipv4() { 0 } else { 129 }, code }
+            }
+        };
+        let bytes = craft::ip_packet(&reply, nat.dst, craft::TcpNumbers::REPLY);
+        self.reply_socket.send(&craft::ethernet_frame(scratch::HOST_MAC, scratch::WIRE_MAC, &bytes))?;
+        if let spec::TransportSpec::Tcp { sport, dport, .. } = self.packet.transport {
+            std::thread::sleep(FLOW_PAUSE);
+            let mut third = self.packet.clone();
+            third.transport = spec::TransportSpec::Tcp { sport, dport, flags: spec::TcpFlags(0x10) };
+            let bytes = craft::ip_packet(&third, self.src, craft::TcpNumbers::THIRD);
+            socket.send(&craft::ethernet_frame(scratch::HOST_MAC, scratch::WIRE_MAC, &bytes))?;
+        }
+        Ok(())
+    }
 }
 
 impl Injector {
     fn send(&self) -> io::Result<()> {
         match self {
-            Injector::Wire { socket, frame } => socket.send(frame),
+            Injector::Wire { socket, frame, flow } => {
+                socket.send(frame)?;
+                flow.as_ref().map_or(Ok(()), |f| f.send_rest(socket))
+            }
             // A packet netfilter drops on its way out fails the send with EPERM: it was sent,
             // and its block says what happened.
             Injector::Local { socket, packet, dst } => match socket.send(packet, *dst) {
@@ -339,7 +422,7 @@ fn host_prefix(address: IpAddr) -> String {
 
 /// Interfaces, addresses, routes and sysctls of the simulated host, its rule sets loaded, and
 /// the packet's way in.
-fn set_up(scratch: &mut Scratch, packet: &PacketSpec, host: &Host) -> Result<Injector, SimulateError> {
+fn set_up(scratch: &mut Scratch, packet: &PacketSpec, host: &Host, flow: bool) -> Result<Injector, SimulateError> {
     scratch.in_host(|| {
         // Forwarding as a router's; no duplicate address detection, so that addresses are
         // usable at once.
@@ -363,6 +446,7 @@ fn set_up(scratch: &mut Scratch, packet: &PacketSpec, host: &Host) -> Result<Inj
         }
     }
     let far_end = |name: &str| made.iter().find(|(n, _)| n == name).map(|(_, far)| far.clone());
+    let far_end = &far_end;
     let wire = packet.in_interface.as_deref().and_then(far_end).map(|far| scratch.wire_socket(&far)).transpose()?;
     for (interface, address) in &host.addresses {
         scratch.ip(&["addr", "add", address, "dev", interface])?;
@@ -427,10 +511,15 @@ fn set_up(scratch: &mut Scratch, packet: &PacketSpec, host: &Host) -> Result<Inj
             crate::nftables::apply(&chain).map_err(|e| SimulateError::Usage(format!("cannot set the mark: {e}")))
         })?;
     }
-    let bytes = craft::ip_packet(packet, src);
+    let bytes = craft::ip_packet(packet, src, craft::TcpNumbers::FIRST);
+    let flow = match packet.out_interface.as_deref().and_then(far_end) {
+        Some(far) if flow => Some(Flow { reply_socket: scratch.wire_socket(&far)?, packet: packet.clone(), src }),
+        _ => None,
+    };
     Ok(match wire {
         Some(socket) => {
-            Injector::Wire { socket, frame: craft::ethernet_frame(scratch::HOST_MAC, scratch::WIRE_MAC, &bytes) }
+            let frame = craft::ethernet_frame(scratch::HOST_MAC, scratch::WIRE_MAC, &bytes);
+            Injector::Wire { socket, frame, flow }
         }
         None => {
             Injector::Local { socket: scratch.local_socket(packet.dst, packet.mark)?, packet: bytes, dst: packet.dst }
