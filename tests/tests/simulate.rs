@@ -578,3 +578,44 @@ fn a_flow_exercises_the_established_rule_both_ways() {
     assert_eq!(packets[1], 1, "{listing}");
     assert!(packets[0] >= 2, "{listing}");
 }
+
+/// Ctrl-C stops the whole run, not just the packet being traced: exit 1 (not every packet was
+/// simulated), one line, and the scratch namespaces gone with the process.
+#[test]
+fn a_signal_stops_every_packet_and_leaves_nothing() {
+    if !require_root("a_signal_stops_every_packet_and_leaves_nothing") {
+        return;
+    }
+    let host_before = host_state();
+    let rules = scratch_file("signal", "fw.nft", NFT_FILE);
+    // Dropped SYNs: each flow waits its full second for a reply that never comes.
+    let packets: Vec<String> =
+        (1..=8).map(|p| format!("tcp 10.5.1.7:4000{p} > 172.16.2.2:443 in vif0 out vif2")).collect();
+    let mut child = Command::new(iptrace_tests::iptrace_bin())
+        .args(["simulate", "-t", "--flow", "--rules", rules.to_str().unwrap()])
+        .args(&packets)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting iptrace simulate");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // A signal between two packets' traces is taken by the next one's: send until it ends.
+    let pid = child.id() as i32;
+    for _ in 0..50 {
+        if child.try_wait().expect("waiting").is_some() {
+            break;
+        }
+        // SAFETY: kill(2) of our own child, by its id.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let out = child.wait_with_output().expect("iptrace's output");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        (out.status.code(), stderr.as_ref()),
+        (Some(1), "iptrace: stopped by a signal before every packet was simulated\n"),
+        "{stdout}"
+    );
+    assert!(blocks(&stdout).len() < packets.len(), "{stdout}");
+    assert_eq!(host_state(), host_before, "the host's state changed");
+}

@@ -275,7 +275,13 @@ fn trace_instrumented(
             } => Err(failure.into()),
         }
     };
-    let result = runtime.block_on(signals.wait_for_end(options.duration, ended, flush_log, summary_wanted.as_deref()));
+    let result = runtime.block_on(signals.wait_for_end(
+        options.duration,
+        ended,
+        flush_log,
+        summary_wanted.as_deref(),
+        &stats.stop_signal,
+    ));
     if let Some(healer) = healer {
         stats.repairs.store(healer.stop(), Ordering::Relaxed);
     }
@@ -367,13 +373,15 @@ impl Signals {
     /// Waits until `done` (the processing thread ended: count reached, or an error; or the
     /// instrumentation could not be kept in place), the duration passes, or a signal arrives
     /// (also one that arrived during set-up). `tick` runs every 100 ms meanwhile. With
-    /// `summary_wanted`, [`SUMMARY_SIGNAL`] sets it instead of ending the run.
+    /// `summary_wanted`, [`SUMMARY_SIGNAL`] sets it instead of ending the run. A stop signal
+    /// that ends the run is kept in `stopped_by`.
     async fn wait_for_end(
         mut self,
         duration: Option<Duration>,
         done: impl Future<Output = Result<(), RunError>>,
         mut tick: impl FnMut(),
         summary_wanted: Option<&AtomicBool>,
+        stopped_by: &std::sync::OnceLock<i32>,
     ) -> Result<(), RunError> {
         tokio::pin!(done);
         let sleep = async {
@@ -394,7 +402,10 @@ impl Signals {
                     }
                     return match LIMIT_SIGNALS.iter().find(|(s, _)| *s == signo) {
                         Some((_, limit)) => Err(RunError::ResourceLimit(limit)),
-                        None => Ok(()),
+                        None => {
+                            let _ = stopped_by.set(signo);
+                            Ok(())
+                        }
                     };
                 }
                 () = &mut sleep => return Ok(()),

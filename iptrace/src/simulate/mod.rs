@@ -69,6 +69,8 @@ pub enum SimulateError {
     Inject(#[source] io::Error),
     #[error(transparent)]
     Run(#[from] RunError),
+    #[error("stopped by a signal before every packet was simulated")]
+    Stopped,
 }
 
 impl SimulateError {
@@ -162,7 +164,9 @@ pub fn simulate(case: &Case, host: &Host, style: &Style, out: Box<dyn Write + Se
     // The conntrack entry is read before the namespace goes.
     let nat = read_nat(packet, injector_source(packet, host));
     scratch.leave()?;
-    traced?;
+    if traced?.stop_signal.get().is_some() {
+        return Err(SimulateError::Stopped);
+    }
     if let Some(e) = injected.take() {
         return Err(SimulateError::Inject(e));
     }
