@@ -56,7 +56,11 @@ pub fn check_installed(program: &'static str) -> Result<(), CommandError> {
 
 /// The Debian package that installs `program`.
 fn package(program: &str) -> &'static str {
-    if program == "nft" { "nftables" } else { "iptables" }
+    match program {
+        "nft" => "nftables",
+        "ip" | "tc" => "iproute2",
+        _ => "iptables",
+    }
 }
 
 /// What a failed command said: nft explains an error over several lines (the statement, a

@@ -67,5 +67,6 @@ pub mod recording;
 pub mod render;
 pub mod resolve;
 pub mod run;
+pub mod simulate;
 pub mod summary;
 pub mod xtables;

@@ -7,23 +7,23 @@ use std::{
     process::ExitCode,
 };
 
-use iptrace::{cli::Cli, instrument, netns, note, render::Format, run};
+use clap::Parser as _;
+use iptrace::{cli::Cli, instrument, netns, note, render::Format, run, simulate};
 use iptrace_lab::demo;
 
 fn main() -> ExitCode {
+    // `iptrace simulate ...`: a first word no expression starts with, so that `iptrace
+    // EXPRESSION` parses as before.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "simulate") {
+        let args = std::env::args_os().skip(1);
+        return match simulate::cli::SimulateCli::try_parse_from(args) {
+            Ok(cli) => simulate_main(&cli),
+            Err(e) => usage_error(e),
+        };
+    }
     let cli = match Cli::try_parse_normalized() {
         Ok(cli) => cli,
-        // --help and --version.
-        Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) => {
-            // clap's first paragraph says what is wrong (the rest points to --help); bad input
-            // is one line and exit code 2.
-            let text = e.render().to_string();
-            let first: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
-            let line = first.join(" ");
-            note!("iptrace: {}", line.strip_prefix("error: ").unwrap_or(&line));
-            return ExitCode::from(2);
-        }
+        Err(e) => return usage_error(e),
     };
     // A reader that went away (`| head -1`) is no error for either.
     if let Some(shell) = cli.completions {
@@ -63,6 +63,49 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err((e, code)) => {
             note!("iptrace: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// clap's error as one line and exit code 2; `--help` and `--version` as clap prints them.
+fn usage_error(e: clap::Error) -> ExitCode {
+    if !e.use_stderr() {
+        e.exit()
+    }
+    // clap's first paragraph says what is wrong (the rest points to --help); bad input is one
+    // line and exit code 2.
+    let text = e.render().to_string();
+    let first: Vec<&str> = text.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
+    let line = first.join(" ");
+    note!("iptrace: {}", line.strip_prefix("error: ").unwrap_or(&line));
+    ExitCode::from(2)
+}
+
+/// `iptrace simulate`: each packet's block on stdout, each expectation's result on stderr;
+/// exit 1 where one was not met.
+fn simulate_main(cli: &simulate::cli::SimulateCli) -> ExitCode {
+    let prepared = cli.cases().and_then(|cases| Ok((cases, cli.host()?)));
+    let (cases, host) = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            note!("iptrace: {:#}", anyhow::Error::new(e));
+            return ExitCode::from(2);
+        }
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0
+        && let Err(e) = simulate::scratch::enter_user_namespace()
+    {
+        note!("iptrace: {:#}", anyhow::Error::new(e));
+        return ExitCode::from(2);
+    }
+    match simulate::run_cases(&cases, &host, &cli.style(), cli.reporting()) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            let code = e.exit_code();
+            note!("iptrace: {:#}", anyhow::Error::new(e));
             ExitCode::from(code)
         }
     }

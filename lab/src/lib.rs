@@ -18,7 +18,7 @@ use std::{
     thread,
 };
 
-pub use traffic::{EchoServers, internet_checksum};
+pub use traffic::{EchoServers, internet_checksum, sockaddr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {

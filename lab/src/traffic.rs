@@ -159,7 +159,8 @@ fn tcp_exchange(src: IpAddr, dst: SocketAddr, payload: &[u8]) -> io::Result<bool
     Ok(ok)
 }
 
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+/// `addr` as the sockaddr bind(2), connect(2) and sendto(2) take, and its length.
+pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {

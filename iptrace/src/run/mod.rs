@@ -26,7 +26,7 @@ use std::{
 pub use preflight::check_privileges;
 use reader::{Delivery, ReadProgress};
 pub use replay::replay;
-pub use session::{teardown_active, trace};
+pub use session::{Observer, teardown_active, trace, trace_observed};
 pub use stats::Stats;
 
 use crate::{
@@ -173,6 +173,8 @@ pub struct Destination {
     clock: (Instant, SystemTime),
     /// `-w`: the packets as pcap-ng.
     pcapng: Option<PcapngOutput>,
+    /// An in-process caller's copy of each report shown ([`Observer`]).
+    reports: Option<mpsc::Sender<PacketReport>>,
 }
 
 /// `-w`'s writer, buffered.
@@ -321,6 +323,7 @@ struct Output<'a> {
     shown: u64,
     count: Option<u64>,
     loss_report: LossReport,
+    reports: Option<mpsc::Sender<PacketReport>>,
 }
 
 impl ReportSink for Output<'_> {
@@ -338,6 +341,10 @@ impl ReportSink for Output<'_> {
         }
         if let Some(summary) = &mut self.summary {
             summary.add(&report);
+        }
+        if let Some(reports) = &self.reports {
+            // A caller that stopped listening wants no more.
+            let _ = reports.send(report.clone());
         }
         if report.fate == Fate::Incomplete {
             self.stats.incomplete.fetch_add(1, Ordering::Relaxed);
@@ -370,6 +377,7 @@ impl<'a> Output<'a> {
             shown: 0,
             count,
             loss_report: LossReport::default(),
+            reports: destination.reports,
         }
     }
 

@@ -20,6 +20,7 @@ pub fn replay(path: &Path, options: &Options, out: Box<dyn Write + Send>) -> Res
         clock: (Instant::now(), recording.header.started),
         // A recording's decoder keeps no packet bytes (the command line refuses -w with it).
         pcapng: None,
+        reports: None,
     };
     let mut output = Output::new(destination, &stats, recording.header.count);
     recording.replay(&mut output)?;

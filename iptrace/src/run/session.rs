@@ -31,6 +31,7 @@ use crate::{
     filter::CompiledFilter,
     heal::{Healer, Watched},
     instrument::{self, InstrumentError, Instrumentation},
+    model::PacketReport,
     netns,
     recording::{Header, RecordedOptions, Recorder, RecordingError},
     resolve::{self, Resolver},
@@ -54,6 +55,23 @@ pub fn teardown_active() -> Vec<InstrumentError> {
 /// Runs on the calling thread (which enters `--netns`) plus a reader and a processing thread.
 /// To be called while the process has one thread: the selection compiles in a forked child.
 pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>, RunError> {
+    trace_observed(options, out, None)
+}
+
+/// What a caller that runs a trace in-process (`iptrace simulate`) is told of it: `ready` runs
+/// on the calling thread once tracing has started (in place of the ready line), and each
+/// report shown is also sent to `reports`.
+pub struct Observer {
+    pub ready: Box<dyn FnOnce()>,
+    pub reports: mpsc::Sender<PacketReport>,
+}
+
+/// [`trace`], told to `observer`.
+pub fn trace_observed(
+    options: &Options,
+    out: Box<dyn Write + Send>,
+    observer: Option<Observer>,
+) -> Result<Arc<Stats>, RunError> {
     // The selection first, before the privilege check (a typo is reported as such, also to a
     // user without root) and before the signal handlers (nothing has changed on the host yet,
     // so Ctrl-C may end a slow compile at once).
@@ -84,7 +102,7 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
     }
     *ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(instrumentation);
     let outputs = (out, pcapng, record_file);
-    let result = trace_instrumented(options, &backends, filter, out_ifindex, outputs, &runtime, signals);
+    let result = trace_instrumented(options, &backends, filter, out_ifindex, outputs, &runtime, signals, observer);
     let errors = teardown_active();
     for e in &errors {
         crate::note!("iptrace: cleanup: {}", crate::WithCauses(e));
@@ -92,6 +110,7 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn trace_instrumented(
     options: &Options,
     backends: &Backends,
@@ -100,6 +119,7 @@ fn trace_instrumented(
     (out, pcapng, record_file): (Box<dyn Write + Send>, Option<PcapngOutput>, Option<File>),
     runtime: &tokio::runtime::Runtime,
     signals: Signals,
+    observer: Option<Observer>,
 ) -> Result<Arc<Stats>, RunError> {
     // Loading the drop program (the kernel's BTF read, the verifier) takes a while: in the
     // background while the rest is set up, and waited for before tracing starts (the ready
@@ -200,6 +220,7 @@ fn trace_instrumented(
             summary: summary_wanted.clone(),
             clock,
             pcapng,
+            reports: observer.as_ref().map(|o| o.reports.clone()),
         };
         let keep_packet_bytes = destination.pcapng.is_some();
         thread::Builder::new()
@@ -234,7 +255,10 @@ fn trace_instrumented(
             .map_err(|e| RunError::Thread("processing", e))?
     };
 
-    crate::note!("iptrace: {ready}");
+    match observer {
+        Some(observer) => (observer.ready)(),
+        None => crate::note!("iptrace: {ready}"),
+    }
     let flush_log = || {
         if let Some(filter) = &socket_filter {
             filter.flush_log();
@@ -251,7 +275,13 @@ fn trace_instrumented(
             } => Err(failure.into()),
         }
     };
-    let result = runtime.block_on(signals.wait_for_end(options.duration, ended, flush_log, summary_wanted.as_deref()));
+    let result = runtime.block_on(signals.wait_for_end(
+        options.duration,
+        ended,
+        flush_log,
+        summary_wanted.as_deref(),
+        &stats.stop_signal,
+    ));
     if let Some(healer) = healer {
         stats.repairs.store(healer.stop(), Ordering::Relaxed);
     }
@@ -343,13 +373,15 @@ impl Signals {
     /// Waits until `done` (the processing thread ended: count reached, or an error; or the
     /// instrumentation could not be kept in place), the duration passes, or a signal arrives
     /// (also one that arrived during set-up). `tick` runs every 100 ms meanwhile. With
-    /// `summary_wanted`, [`SUMMARY_SIGNAL`] sets it instead of ending the run.
+    /// `summary_wanted`, [`SUMMARY_SIGNAL`] sets it instead of ending the run. A stop signal
+    /// that ends the run is kept in `stopped_by`.
     async fn wait_for_end(
         mut self,
         duration: Option<Duration>,
         done: impl Future<Output = Result<(), RunError>>,
         mut tick: impl FnMut(),
         summary_wanted: Option<&AtomicBool>,
+        stopped_by: &std::sync::OnceLock<i32>,
     ) -> Result<(), RunError> {
         tokio::pin!(done);
         let sleep = async {
@@ -370,7 +402,10 @@ impl Signals {
                     }
                     return match LIMIT_SIGNALS.iter().find(|(s, _)| *s == signo) {
                         Some((_, limit)) => Err(RunError::ResourceLimit(limit)),
-                        None => Ok(()),
+                        None => {
+                            let _ = stopped_by.set(signo);
+                            Ok(())
+                        }
                     };
                 }
                 () = &mut sleep => return Ok(()),

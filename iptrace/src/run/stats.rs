@@ -27,6 +27,8 @@ pub struct Stats {
     pub ebpf: std::sync::OnceLock<crate::bpf::FilterCounters>,
     /// Changes by others to iptrace's instrumentation that it undid (see [`crate::heal`]).
     pub repairs: AtomicU64,
+    /// The stop signal that ended the run, if one did (`iptrace simulate` then stops too).
+    pub stop_signal: std::sync::OnceLock<i32>,
 }
 
 impl Stats {

@@ -1,0 +1,248 @@
+//! `--expect`: what a simulated packet should meet, and whether it did. The verdict is the
+//! block's fate; a NAT expectation is checked against the kernel's own conntrack entry of the
+//! packet (its reply direction says where NAT sent it), so that it holds for SNAT and
+//! masquerade too, which no later traced step shows.
+
+use std::{fmt, net::IpAddr};
+
+use crate::{
+    model::{Fate, PacketReport, Verdict},
+    render::{fate_name, step_summary},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expectation {
+    Accept,
+    /// Dropped by a rule or a policy, or by the kernel after netfilter let it through.
+    Drop,
+    Reject,
+    /// Accepted, with the destination translated to this address (and port).
+    Dnat(IpAddr, Option<u16>),
+    /// Accepted, with the source translated to this address.
+    Snat(IpAddr),
+}
+
+impl Expectation {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || format!("bad --expect '{text}': expected accept, drop, reject, dnat:ADDR[:PORT] or snat:ADDR");
+        Ok(match text.split_once(':') {
+            None => match text {
+                "accept" => Expectation::Accept,
+                "drop" => Expectation::Drop,
+                "reject" => Expectation::Reject,
+                _ => return Err(bad()),
+            },
+            Some(("dnat", target)) => {
+                let (address, port) = super::spec::endpoint(target, true).map_err(|_| bad())?;
+                Expectation::Dnat(address, port)
+            }
+            Some(("snat", target)) => Expectation::Snat(target.trim_matches(['[', ']']).parse().map_err(|_| bad())?),
+            Some(_) => return Err(bad()),
+        })
+    }
+}
+
+impl fmt::Display for Expectation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expectation::Accept => f.write_str("accept"),
+            Expectation::Drop => f.write_str("drop"),
+            Expectation::Reject => f.write_str("reject"),
+            Expectation::Dnat(a, port) => {
+                let address = if a.is_ipv6() && port.is_some() { format!("[{a}]") } else { a.to_string() };
+                match port {
+                    Some(p) => write!(f, "dnat:{address}:{p}"),
+                    None => write!(f, "dnat:{address}"),
+                }
+            }
+            Expectation::Snat(a) => write!(f, "snat:{a}"),
+        }
+    }
+}
+
+/// What became of a simulated packet, as far as an expectation asks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Netfilter's verdict: `accept`, `drop`, `reject`, or what else the block's fate says
+    /// (`last seen (no verdict)`, `nothing traced`).
+    pub verdict: String,
+    /// Where the kernel dropped the packet after or without netfilter: its reason.
+    pub kernel_drop: Option<String>,
+    /// The deciding step as `--summary` shows it, where a step decided.
+    pub decided_by: Option<String>,
+    /// The kernel's conntrack entry: where the reply would come from (the destination after
+    /// DNAT) and go to (the source after SNAT), with the ports; `None` without an entry.
+    pub nat: Option<NatBinding>,
+}
+
+/// A connection's addresses after NAT, from its conntrack entry's reply direction: the reply
+/// comes from `dst`:`dport` and goes to `src`:`sport`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatBinding {
+    pub dst: IpAddr,
+    pub dport: Option<u16>,
+    pub src: IpAddr,
+    pub sport: Option<u16>,
+}
+
+impl Outcome {
+    /// From the packet's block (`None`: nothing was traced) and its conntrack entry.
+    pub fn new(report: Option<&PacketReport>, nat: Option<NatBinding>) -> Self {
+        let Some(report) = report else {
+            return Self { verdict: "nothing traced".into(), kernel_drop: None, decided_by: None, nat };
+        };
+        let (netfilter, kernel_drop) = match &report.fate {
+            Fate::DroppedAfterNetfilter { reason, after } => (&**after, Some(reason.clone())),
+            Fate::DroppedOutsideNetfilter { reason } => (&Fate::NoneSeen, Some(reason.clone())),
+            fate => (fate, None),
+        };
+        let (verdict, decided_by) = match netfilter {
+            Fate::Decided { step, verdict, .. } => {
+                let name = match verdict {
+                    Verdict::Accept | Verdict::Nat => "accept",
+                    Verdict::Drop => "drop",
+                    Verdict::Reject => "reject",
+                    Verdict::Queue => "queue",
+                    _ => "stolen",
+                };
+                (name.to_owned(), Some(step_summary(&report.steps[*step])))
+            }
+            Fate::NoneSeen if kernel_drop.is_some() => ("none (no table saw it)".to_owned(), None),
+            _ if kernel_drop.is_some() => ("accept".to_owned(), None),
+            _ => (fate_name(report), None),
+        };
+        Self { verdict, kernel_drop, decided_by, nat }
+    }
+
+    /// Whether `expected` is met; where not, what was got instead, for `expected X, got Y`.
+    /// Netfilter's verdict decides: a packet it accepted that the kernel dropped then (no
+    /// socket, no route) was accepted, and dropped for `drop` only where no table saw it.
+    pub fn check(&self, expected: &Expectation) -> Result<(), String> {
+        let accepted = self.verdict == "accept";
+        let met = match expected {
+            Expectation::Accept => accepted,
+            Expectation::Drop => self.verdict == "drop" || (self.kernel_drop.is_some() && !accepted),
+            Expectation::Reject => self.verdict == "reject",
+            Expectation::Dnat(address, port) => {
+                accepted && self.nat.is_some_and(|n| n.dst == *address && port.is_none_or(|p| n.dport == Some(p)))
+            }
+            Expectation::Snat(address) => accepted && self.nat.is_some_and(|n| n.src == *address),
+        };
+        if met { Ok(()) } else { Err(self.got(expected)) }
+    }
+
+    /// The outcome in the terms of `expected`.
+    fn got(&self, expected: &Expectation) -> String {
+        let nat = match (expected, self.nat) {
+            (Expectation::Dnat(..), Some(n)) => {
+                let port = n.dport.map(|p| format!(" port {p}")).unwrap_or_default();
+                format!(", destination {}{port}", n.dst)
+            }
+            (Expectation::Snat(_), Some(n)) => format!(", source {}", n.src),
+            (Expectation::Dnat(..) | Expectation::Snat(_), None) => ", no connection tracked".to_owned(),
+            _ => String::new(),
+        };
+        let by = self.decided_by.as_deref().map(|s| format!(" at {s}")).unwrap_or_default();
+        let dropped =
+            self.kernel_drop.as_deref().map(|r| format!(", then dropped by the kernel: {r}")).unwrap_or_default();
+        format!("{}{by}{nat}{dropped}", self.verdict)
+    }
+
+    /// Whether the deciding step is `rule`: its `--summary` line contains it
+    /// (`filter INPUT #3`, `handle 7`, a comment).
+    pub fn decided_by(&self, rule: &str) -> bool {
+        self.decided_by.as_deref().is_some_and(|s| s.contains(rule))
+    }
+}
+
+/// The conntrack entry of the connection whose original direction is `src` to `dst` (ports
+/// where given), from `/proc/net/nf_conntrack` of the calling thread's namespace.
+pub fn nat_binding(
+    table: &str,
+    protocol: u8,
+    src: IpAddr,
+    dst: IpAddr,
+    ports: Option<(u16, u16)>,
+) -> Option<NatBinding> {
+    table.lines().find_map(|line| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.get(3).and_then(|p| p.parse::<u8>().ok()) != Some(protocol) {
+            return None;
+        }
+        let values = |key: &str| -> Vec<&str> {
+            words.iter().filter_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('='))).collect()
+        };
+        let addresses = |key| values(key).iter().map(|a| a.parse::<IpAddr>().ok()).collect::<Option<Vec<_>>>();
+        let (srcs, dsts) = (addresses("src")?, addresses("dst")?);
+        let port_values = |key| values(key).iter().map(|p| p.parse::<u16>().ok()).collect::<Option<Vec<_>>>();
+        let (sports, dports) = (port_values("sport")?, port_values("dport")?);
+        let original = srcs.first() == Some(&src)
+            && dsts.first() == Some(&dst)
+            && ports.is_none_or(|(s, d)| sports.first() == Some(&s) && dports.first() == Some(&d));
+        // The reply direction comes from the (translated) destination, back to the source.
+        if !original {
+            return None;
+        }
+        Some(NatBinding {
+            dst: *srcs.get(1)?,
+            dport: sports.get(1).copied(),
+            src: *dsts.get(1)?,
+            sport: dports.get(1).copied(),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expectations_parse_and_print() {
+        for text in [
+            "accept",
+            "drop",
+            "reject",
+            "dnat:10.0.0.2",
+            "dnat:10.0.0.2:8080",
+            "dnat:[2001:db8::2]:80",
+            "snat:192.0.2.1",
+        ] {
+            assert_eq!(Expectation::parse(text).unwrap().to_string(), text);
+        }
+        assert_eq!(
+            Expectation::parse("dnat:2001:db8::2").unwrap(),
+            Expectation::Dnat("2001:db8::2".parse().unwrap(), None)
+        );
+        assert_eq!(
+            Expectation::parse("allow").unwrap_err(),
+            "bad --expect 'allow': expected accept, drop, reject, dnat:ADDR[:PORT] or snat:ADDR"
+        );
+        assert!(Expectation::parse("dnat:host:80").is_err());
+    }
+
+    #[test]
+    fn conntrack_entries_give_the_nat_binding() {
+        let table = "\
+ipv4     2 udp      17 29 src=10.9.0.2 dst=10.9.0.1 sport=5 dport=6 [UNREPLIED] src=10.9.0.1 dst=10.9.0.2 sport=6 dport=5 mark=0 zone=0 use=2
+ipv4     2 tcp      6 119 SYN_SENT src=203.0.113.7 dst=198.51.100.1 sport=5555 dport=80 [UNREPLIED] src=10.0.0.2 dst=203.0.113.7 sport=8080 dport=5555 mark=0 zone=0 use=2
+ipv6     10 icmpv6   58 29 src=2001:0db8:0000:0000:0000:0000:0000:0001 dst=2001:0db8:0000:0000:0000:0000:0000:0002 type=128 code=0 id=21321 [UNREPLIED] src=2001:0db8:0000:0000:0000:0000:0000:0002 dst=2001:0db8:0000:0000:0000:0000:0000:0009 type=129 code=0 id=21321 mark=0 zone=0 use=2
+";
+        let tcp =
+            nat_binding(table, 6, "203.0.113.7".parse().unwrap(), "198.51.100.1".parse().unwrap(), Some((5555, 80)));
+        assert_eq!(
+            tcp,
+            Some(NatBinding {
+                dst: "10.0.0.2".parse().unwrap(),
+                dport: Some(8080),
+                src: "203.0.113.7".parse().unwrap(),
+                sport: Some(5555),
+            })
+        );
+        let icmp = nat_binding(table, 58, "2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap(), None);
+        assert_eq!(icmp.map(|n| n.src), Some("2001:db8::9".parse().unwrap()));
+        assert_eq!(
+            nat_binding(table, 6, "203.0.113.7".parse().unwrap(), "198.51.100.1".parse().unwrap(), Some((1, 80))),
+            None
+        );
+    }
+}
