@@ -29,6 +29,7 @@ use crate::{
     decode::Family,
     instrument::{Damage, InstrumentError, Marking, MarkingWatch, Owner, TracePlan, WatchError, family_name, nf_log},
     netns,
+    procfile::ProcFile,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +122,8 @@ struct Watcher {
     /// The plan's markings, each with its watch.
     markings: Vec<(Box<dyn Marking>, Box<dyn MarkingWatch>)>,
     interfaces: Vec<InterfaceWatch>,
+    /// Each watched logger binding's file, kept open: read at every tick.
+    logger_files: Vec<(Family, Option<ProcFile>)>,
     repairs: u64,
     recent: VecDeque<Instant>,
 }
@@ -149,7 +152,8 @@ impl Watcher {
             let index = shared.as_ref().map(|s| s.load(Ordering::Relaxed)).or_else(|| netns::interface_index(name));
             interfaces.push(InterfaceWatch { name: name.clone(), index, shared });
         }
-        Ok(Self { watched, markings, interfaces, repairs: 0, recent: VecDeque::new() })
+        let logger_files = watched.loggers.iter().map(|&family| (family, None)).collect();
+        Ok(Self { watched, markings, interfaces, logger_files, repairs: 0, recent: VecDeque::new() })
     }
 
     fn run(&mut self, stop: &AtomicBool) -> Result<(), HealError> {
@@ -200,8 +204,10 @@ impl Watcher {
     }
 
     fn check_loggers(&mut self) -> Result<(), HealError> {
-        for family in self.watched.loggers.clone() {
-            let bound = nf_log::bound_logger(family).map_err(|source| HealError::Reinstall {
+        for i in 0..self.logger_files.len() {
+            let (family, file) = &mut self.logger_files[i];
+            let family = *family;
+            let bound = nf_log::bound_logger_through(family, file).map_err(|source| HealError::Reinstall {
                 event: format!("the nf_log binding for {} cannot be read", family_name(family)),
                 source,
             })?;

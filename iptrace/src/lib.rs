@@ -63,6 +63,7 @@ pub mod netfilter;
 pub mod netns;
 pub mod nftables;
 pub mod pipeline;
+pub mod procfile;
 pub mod recording;
 pub mod render;
 pub mod resolve;

@@ -8,7 +8,13 @@ use std::fs;
 use crate::{
     command::{self, CommandError},
     decode::Family,
+    procfile::ProcFile,
 };
+
+/// `/proc/net/ip{,6}_tables_names`: one name a line.
+fn table_names(text: &str) -> Vec<String> {
+    text.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
+}
 
 /// What running an xtables front end can fail with.
 pub type XtablesError = CommandError;
@@ -69,13 +75,23 @@ impl Xtables {
     /// The tables that exist in this netns, from `/proc/net/ip{,6}_tables_names`. Legacy tables
     /// come into being on first use; reading this file does not create any.
     pub fn existing_tables(self) -> Vec<String> {
-        let path = match self.family {
+        fs::read_to_string(self.table_names_path()).map(|t| table_names(&t)).unwrap_or_default()
+    }
+
+    /// [`Xtables::existing_tables`] for a watcher that asks every few milliseconds: through `file`,
+    /// which it opens the first time.
+    pub fn existing_tables_through(self, file: &mut Option<ProcFile>) -> Vec<String> {
+        if file.is_none() {
+            *file = ProcFile::open(self.table_names_path()).ok();
+        }
+        file.as_mut().and_then(|f| f.read().ok()).map(table_names).unwrap_or_default()
+    }
+
+    fn table_names_path(self) -> &'static str {
+        match self.family {
             Family::Ipv4 => "/proc/net/ip_tables_names",
             Family::Ipv6 => "/proc/net/ip6_tables_names",
-        };
-        fs::read_to_string(path)
-            .map(|t| t.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect())
-            .unwrap_or_default()
+        }
     }
 
     /// Whether the binary can be run at all: one that fails `--version` counts as missing.

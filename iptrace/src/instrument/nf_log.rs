@@ -5,7 +5,7 @@
 use std::fs;
 
 use super::InstrumentError;
-use crate::decode::Family;
+use crate::{decode::Family, procfile::ProcFile};
 
 pub const NFNETLINK_LOG: &str = "nfnetlink_log";
 
@@ -22,6 +22,17 @@ pub fn bound_logger(family: Family) -> Result<String, InstrumentError> {
     fs::read_to_string(path(family))
         .map(|s| s.trim().to_owned())
         .map_err(|source| InstrumentError::NfLog { family, source })
+}
+
+/// [`bound_logger`] for a watcher that asks every few milliseconds: through `file`, which it
+/// opens the first time.
+pub fn bound_logger_through(family: Family, file: &mut Option<ProcFile>) -> Result<String, InstrumentError> {
+    let error = |source| InstrumentError::NfLog { family, source };
+    if file.is_none() {
+        *file = Some(ProcFile::open(path(family)).map_err(error)?);
+    }
+    let text = file.as_mut().map_or(Ok(""), ProcFile::read).map_err(error)?;
+    Ok(text.trim().to_owned())
 }
 
 /// Binds `logger` (or `NONE`) for `family`.

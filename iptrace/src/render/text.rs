@@ -84,19 +84,11 @@ impl TextRenderer {
         text.push('\n');
         for step in report.steps.iter().filter(|_| !self.style.quiet) {
             if !step.changed_before.is_empty() {
-                let _ = writeln!(
-                    text,
-                    "{STEP}{}",
-                    paint.paint(Colour::Change, &format!("~ {}", Changes(&step.changed_before)))
-                );
+                let _ = writeln!(text, "{STEP}{}", paint.paint(Colour::Change, Changed(&step.changed_before)));
             }
             step_lines(step, paint, &mut text);
             if !step.changed_by.is_empty() {
-                let _ = writeln!(
-                    text,
-                    "{STEP}{}",
-                    paint.paint(Colour::Change, &format!("~ {}", Changes(&step.changed_by)))
-                );
+                let _ = writeln!(text, "{STEP}{}", paint.paint(Colour::Change, Changed(&step.changed_by)));
             }
         }
         let _ = writeln!(text, "{STEP}{}", fate(report, paint));
@@ -171,43 +163,56 @@ impl Paint {
     const RESET: &str = "\x1b[0m";
 
     /// `escaped` in `colour`: text that went through [`Printable`] or holds no text from outside.
-    fn paint(self, colour: Colour, escaped: &str) -> String {
-        if !self.0 {
-            return escaped.to_owned();
-        }
+    /// Written where it is formatted, without a string of its own: a block has several per step.
+    fn paint<T: fmt::Display>(self, colour: Colour, escaped: T) -> Painted<T> {
         let code = match colour {
             Colour::Accept => "\x1b[32m",
             Colour::Drop => "\x1b[1;31m",
             Colour::Place => "\x1b[36m",
             Colour::Change => "\x1b[33m",
         };
-        format!("{code}{escaped}{}", Self::RESET)
+        Painted { code: self.0.then_some(code), escaped }
     }
 
     /// `escaped` in the colour of `verdict`: green for accept, red for drop and reject.
-    fn verdict(self, verdict: &Verdict, escaped: &str) -> String {
+    fn verdict<T: fmt::Display>(self, verdict: &Verdict, escaped: T) -> Painted<T> {
         match verdict {
             Verdict::Accept => self.paint(Colour::Accept, escaped),
             Verdict::Drop | Verdict::Reject => self.paint(Colour::Drop, escaped),
-            _ => escaped.to_owned(),
+            _ => Painted { code: None, escaped },
+        }
+    }
+}
+
+/// Text in a colour (`code`), or plain.
+struct Painted<T> {
+    code: Option<&'static str>,
+    escaped: T,
+}
+
+impl<T: fmt::Display> fmt::Display for Painted<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.code {
+            Some(code) => write!(f, "{code}{}{}", self.escaped, Paint::RESET),
+            None => self.escaped.fmt(f),
         }
     }
 }
 
 fn step_lines(step: &StepReport, paint: Paint, text: &mut String) {
-    let place = paint.paint(Colour::Place, &place(step));
+    let place = paint.paint(Colour::Place, Place(step));
     let verdict = step.verdict();
     match &step.position {
         Position::Rule { number, rule } | Position::XtablesNftRule { number, rule, .. } => {
             let _ = write!(text, "{STEP}{place} (#{number})");
             if let Some(comment) = &rule.comment {
-                let _ = write!(text, " {}", shown_comment(comment));
+                let _ = write!(text, " /* {} */", Printable(comment));
             }
             text.push('\n');
             if !rule.matches.is_empty() {
                 let _ = writeln!(text, "{DETAIL}{}", Printable(&rule.matches));
             }
-            let _ = writeln!(text, "{DETAIL}=> {}", paint.verdict(&verdict, &Printable(action(rule)).to_string()));
+            let _ = writeln!(text, "{DETAIL}=> {}", paint.verdict(&verdict, Printable(Action(rule))));
         }
         Position::RuleSetChanged { kernel_number, was, is } => {
             let number = match is.as_deref() {
@@ -296,12 +301,22 @@ fn shown_comment(comment: &str) -> String {
 
 /// What a legacy rule does: its target and options, or the chain it continues in.
 fn action(rule: &Rule) -> String {
-    match &rule.verdict {
-        Verdict::Jump(chain) => format!("jump {chain}"),
-        Verdict::Goto(chain) => format!("goto {chain}"),
-        _ if rule.target.is_empty() => "(no target: continue)".to_owned(),
-        _ if rule.target_options.is_empty() => rule.target.clone(),
-        _ => format!("{} {}", rule.target, rule.target_options),
+    Action(rule).to_string()
+}
+
+/// [`action`], written where it is formatted.
+struct Action<'a>(&'a Rule);
+
+impl fmt::Display for Action<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rule = self.0;
+        match &rule.verdict {
+            Verdict::Jump(chain) => write!(f, "jump {chain}"),
+            Verdict::Goto(chain) => write!(f, "goto {chain}"),
+            _ if rule.target.is_empty() => f.write_str("(no target: continue)"),
+            _ if rule.target_options.is_empty() => f.write_str(&rule.target),
+            _ => write!(f, "{} {}", rule.target, rule.target_options),
+        }
     }
 }
 
@@ -324,13 +339,22 @@ fn changed_rule(position: Option<&Position>) -> String {
 /// Where a step happened: `filter FORWARD`, `nft inet fw forward`, `iptables-nft filter FORWARD`;
 /// the names escaped.
 pub(super) fn place(step: &StepReport) -> String {
-    let p = &step.place;
-    let place = match p.engine {
-        Engine::Legacy => format!("{} {}", p.table, p.chain),
-        Engine::XtablesNft => format!("{} {} {}", xtables_nft(p.family), p.table, p.chain),
-        Engine::Nft => format!("nft {} {} {}", p.family, p.table, p.chain),
-    };
-    Printable(place).to_string()
+    Place(step).to_string()
+}
+
+/// [`place`], written where it is formatted.
+struct Place<'a>(&'a StepReport);
+
+impl fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = &self.0.place;
+        let (table, chain) = (Printable(&p.table), Printable(&p.chain));
+        match p.engine {
+            Engine::Legacy => write!(f, "{table} {chain}"),
+            Engine::XtablesNft => write!(f, "{} {table} {chain}", xtables_nft(p.family)),
+            Engine::Nft => write!(f, "nft {} {table} {chain}", Printable(p.family)),
+        }
+    }
 }
 
 /// The command that manages an iptables-nft table of `family`.
@@ -417,7 +441,7 @@ fn decided_name(step: &StepReport, verdict: &Verdict) -> String {
 }
 
 fn decided(step: &StepReport, verdict: &Verdict, paint: Paint) -> String {
-    let name = paint.verdict(verdict, &decided_name(step, verdict));
+    let name = paint.verdict(verdict, decided_name(step, verdict));
     let place = place(step);
     match &step.position {
         Position::Rule { number, .. } | Position::XtablesNftRule { number, .. } => {
@@ -469,6 +493,15 @@ fn last_seen(last: &StepReport, base: &StepReport, hook: Hook) -> (String, Strin
 
 /// Changes as `SRC a -> b, DPT x -> y, MARK m -> n`.
 struct Changes<'a>(&'a [Change]);
+
+/// A change line's text: `~ ` and the [`Changes`].
+struct Changed<'a>(&'a [Change]);
+
+impl fmt::Display for Changed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "~ {}", Changes(self.0))
+    }
+}
 
 impl fmt::Display for Changes<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -593,6 +626,10 @@ impl<T: fmt::Display> fmt::Display for Printable<T> {
         struct Escaping<'a, 'b>(&'a mut fmt::Formatter<'b>);
         impl fmt::Write for Escaping<'_, '_> {
             fn write_str(&mut self, s: &str) -> fmt::Result {
+                // Nearly all text is printable ASCII, which needs no escape.
+                if s.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+                    return self.0.write_str(s);
+                }
                 let mut rest = s;
                 while let Some((i, c)) = rest.char_indices().find(|(_, c)| needs_escape(*c)) {
                     self.0.write_str(&rest[..i])?;

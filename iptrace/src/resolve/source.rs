@@ -17,7 +17,7 @@ use super::{
     blob::{BlobChain, TableProbe, TableState},
     nft::{self, Generation, NftListings},
 };
-use crate::{decode::Family, recording::Recorder, xtables::Xtables};
+use crate::{decode::Family, procfile::ProcFile, recording::Recorder, xtables::Xtables};
 
 /// Why a check was made: the replay makes each at the same point of the pipeline's calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +101,8 @@ impl RecordedChecks {
 /// The live host's rule sets, read through these.
 pub(super) struct Live {
     probes: HashMap<Family, TableProbe>,
+    /// `/proc/net/ip{,6}_tables_names`, kept open: read at every check.
+    table_names: HashMap<Family, Option<ProcFile>>,
     generation: Option<Generation>,
     /// Where each check is written as it is made (`--record`).
     recorder: Option<Recorder>,
@@ -120,7 +122,14 @@ impl Source {
         recorder: Option<Recorder>,
     ) -> Self {
         let now = Instant::now();
-        Source::Live(Live { probes, generation, recorder, last_check: now, last_full_check: now })
+        Source::Live(Live {
+            probes,
+            table_names: HashMap::new(),
+            generation,
+            recorder,
+            last_check: now,
+            last_full_check: now,
+        })
     }
 
     /// Whether a check is due, and if so whether it compares the blobs too.
@@ -155,7 +164,8 @@ impl Source {
         let mut families: Vec<Family> = live.probes.keys().copied().collect();
         families.sort();
         for family in families {
-            for table in Xtables::new(family).existing_tables() {
+            let names = live.table_names.entry(family).or_default();
+            for table in Xtables::new(family).existing_tables_through(names) {
                 let known = tables.get(&(family, table.clone())).map(|t| &t.state);
                 let probe = &live.probes[&family];
                 seen.push(TableSeen { family, seen: read_table(probe, family, &table, full, known)?, table });

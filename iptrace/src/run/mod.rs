@@ -46,7 +46,7 @@ use crate::{
         self, Format, TextRenderer, TextStyle,
         pcapng::{PcapngTarget, PcapngWriter},
     },
-    resolve::{ResolveError, Resolver},
+    resolve::{CHECK_INTERVAL, ResolveError, Resolver},
     summary::Summary,
     xtables::XtablesError,
 };
@@ -238,7 +238,9 @@ fn process(
         Ok::<_, RunError>(pipeline.feed(inputs, now, output)?.is_break())
     };
     loop {
-        let received = rx.recv_timeout(Duration::from_millis(10));
+        // Woken by a batch, else when the next rule-set check is due (which also closes idle
+        // packets and reads drops).
+        let received = rx.recv_timeout(CHECK_INTERVAL);
         let now = Instant::now();
         match received {
             Ok(batch) => {
