@@ -70,8 +70,8 @@ impl Xtables {
     /// come into being on first use; reading this file does not create any.
     pub fn existing_tables(self) -> Vec<String> {
         let path = match self.family {
-            Family::Ipv4 => "/proc/net/ip_tables_names",
-            Family::Ipv6 => "/proc/net/ip6_tables_names",
+            Family::Ipv4 => "/proc/thread-self/net/ip_tables_names",
+            Family::Ipv6 => "/proc/thread-self/net/ip6_tables_names",
         };
         fs::read_to_string(path)
             .map(|t| t.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect())

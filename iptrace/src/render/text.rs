@@ -322,7 +322,7 @@ fn changed_rule(position: Option<&Position>) -> String {
 }
 
 /// Where a step happened: `filter FORWARD`, `nft inet fw forward`, `iptables-nft filter FORWARD`;
-/// the names escaped.
+/// the names escaped. With several namespaces traced, the step's comes first: `[web] filter INPUT`.
 pub(super) fn place(step: &StepReport) -> String {
     let p = &step.place;
     let place = match p.engine {
@@ -330,7 +330,15 @@ pub(super) fn place(step: &StepReport) -> String {
         Engine::XtablesNft => format!("{} {} {}", xtables_nft(p.family), p.table, p.chain),
         Engine::Nft => format!("nft {} {} {}", p.family, p.table, p.chain),
     };
-    Printable(place).to_string()
+    in_netns(step, place)
+}
+
+/// `place` (unescaped) after the step's namespace label, if it has one; escaped.
+fn in_netns(step: &StepReport, place: String) -> String {
+    match &step.netns {
+        Some(netns) => Printable(format!("[{netns}] {place}")).to_string(),
+        None => Printable(place).to_string(),
+    }
 }
 
 /// The command that manages an iptables-nft table of `family`.
@@ -439,8 +447,8 @@ fn last_seen(last: &StepReport, base: &StepReport, hook: Hook) -> (String, Strin
     let b = &base.place;
     let place = match b.engine {
         Engine::Nft => place(base),
-        Engine::XtablesNft => format!("{} {} {}", xtables_nft(b.family), b.table, hook.name()),
-        Engine::Legacy => format!("{} {}", b.table, hook.name()),
+        Engine::XtablesNft => in_netns(base, format!("{} {} {}", xtables_nft(b.family), b.table, hook.name())),
+        Engine::Legacy => in_netns(base, format!("{} {}", b.table, hook.name())),
     };
     let chain = &last.place.chain;
     let what = match &last.position {
