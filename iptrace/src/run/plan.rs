@@ -203,8 +203,8 @@ fn pin_prefilter(filter: &CompiledFilter, lane: usize) -> Result<Prefilter, RunE
     Ok(Prefilter::XtBpf(XtBpfProgram::Pinned(path)))
 }
 
-/// What the run traces, said when it starts: in namespace `netns` (`--netns` as given, or the
-/// label of one of `several`; then the line says only that this one is ready).
+/// What the run traces, said when it starts: in namespace `netns` (`--netns` as given), or, for
+/// one of `several`, that this one is ready.
 pub(super) fn ready_line(
     options: &Options,
     backends: &Backends,
@@ -221,7 +221,11 @@ pub(super) fn ready_line(
         })
         .collect();
     let what = filter.map_or_else(|| "every packet".to_owned(), |f| format!("'{}'", f.expression()));
-    let netns = netns.map(|n| format!(" in netns {n}")).unwrap_or_default();
-    let stop = if several { "" } else { "; Ctrl-C to stop" };
-    format!("tracing {what} ({}; {}){netns}{stop}", families.join(", "), backends.describe())
+    let how = format!("{what} ({}; {})", families.join(", "), backends.describe());
+    match netns {
+        // The run's own line says when all are ready.
+        Some(netns) if several => format!("netns {netns}: ready to trace {how}"),
+        Some(netns) => format!("tracing {how} in netns {netns}; Ctrl-C to stop"),
+        None => format!("tracing {how}; Ctrl-C to stop"),
+    }
 }

@@ -107,7 +107,7 @@ pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>
     };
     if namespaces.len() > 1 {
         let names: Vec<&str> = namespaces.iter().map(|n| n.name()).collect();
-        crate::note!("iptrace: tracing in {} network namespaces: {}", names.len(), names.join(", "));
+        crate::note!("iptrace: {} network namespaces to trace: {}", names.len(), names.join(", "));
     }
     let outputs = (out, pcapng, record_file);
     let result = trace_namespaces(options, &namespaces, filter, outputs, &runtime, signals);
@@ -285,17 +285,18 @@ async fn wait_for_lanes(
         }
         let Some(index) = lanes.iter().position(|l| l.netns.is_gone()) else { continue };
         let lane = lanes.remove(index);
-        crate::note!(
-            "iptrace: network namespace {} went away; {}",
-            lane.netns.name(),
-            if lanes.is_empty() { "no traced namespace is left" } else { "tracing the others goes on" }
-        );
-        let lane_index = lane.index;
+        let (lane_index, netns) = (lane.index, lane.netns.clone());
         let (lane_stats, _) = lane.stop();
         stats.add(&lane_stats);
         for e in teardown_lane(lane_index) {
             crate::note!("iptrace: cleanup: {}", crate::WithCauses(&e));
         }
+        // Said once it is no longer traced, and nothing of iptrace's is left in it.
+        crate::note!(
+            "iptrace: network namespace {} went away; {}",
+            netns.name(),
+            if lanes.is_empty() { "no traced namespace is left" } else { "tracing the others goes on" }
+        );
         if lanes.is_empty() {
             return Ok(());
         }
