@@ -175,23 +175,31 @@ fn a_packet_through_a_docker_host_into_its_container_is_one_block() {
     assert_eq!(all.len(), 1, "one block for the packet through both namespaces:\n{}", out.stdout);
     let block = &all[0];
     assert!(block.packet.starts_with("IN=vif0 OUT= SRC=10.5.1.7 DST=10.5.1.1 "), "{block:?}");
-    assert_eq!(
-        places(block),
-        [
-            format!("[{host}] iptables-nft nat PREROUTING (#1)"),
-            format!("[{host}] iptables-nft nat DOCKER (#2)"),
-            format!("[{host}] iptables-nft filter FORWARD (#1)"),
-            format!("[{host}] iptables-nft filter DOCKER-USER (#1)"),
-            format!("[{host}] iptables-nft filter FORWARD (#3)"),
-            format!("[{host}] iptables-nft filter DOCKER (#1)"),
-            format!("[{host}] iptables-nft nat POSTROUTING"),
-            format!("[{ctr}] nft inet ctr input (handle 2)"),
-        ],
-        "{}",
-        out.stdout
-    );
-    assert!(block.body().contains("        ~ DST 10.5.1.1 -> 172.16.2.2, DPT 8080 -> 80\n"), "{}", block.body());
-    assert_eq!(block.verdict(), format!("verdict: ACCEPT at [{ctr}] nft inet ctr input (handle 2)"));
+    assert!(block.packet.ends_with(" PROTO=UDP SPT=40001 DPT=8080 LEN=24 CT=new"), "{block:?}");
+    let expected = "        [H] iptables-nft nat PREROUTING (#1)
+                -m addrtype --dst-type LOCAL
+                => jump DOCKER
+        [H] iptables-nft nat DOCKER (#2)
+                ! -i vif2 -p udp --dport 8080
+                => DNAT --to-destination 172.16.2.2:80
+        ~ DST 10.5.1.1 -> 172.16.2.2, DPT 8080 -> 80
+        [H] iptables-nft filter FORWARD (#1)
+                => jump DOCKER-USER
+        [H] iptables-nft filter DOCKER-USER (#1)
+                => RETURN
+        [H] iptables-nft filter FORWARD (#3)
+                -o vif2
+                => jump DOCKER
+        [H] iptables-nft filter DOCKER (#1)
+                -d 172.16.2.2/32 ! -i vif2 -o vif2 -p udp --dport 80
+                => ACCEPT
+        [H] iptables-nft nat POSTROUTING
+                ACCEPT
+        [C] nft inet ctr input (handle 2)
+                udp dport 80 counter accept
+                => accept
+        verdict: ACCEPT at [C] nft inet ctr input (handle 2)";
+    assert_eq!(block.body(), expected.replace("[H]", &format!("[{host}]")).replace("[C]", &format!("[{ctr}]")));
 }
 
 /// (b) Two routers in a chain, one with iptables-legacy rules, one with native nftables: a ping

@@ -23,7 +23,7 @@
 
 use std::{
     net::IpAddr,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use crate::model::{Change, Fate, Hook, PacketReport};
@@ -35,6 +35,8 @@ pub struct NetnsJoiner {
     /// packet (their linger) and hand it over.
     hold: Duration,
     waiting: Vec<Waiting>,
+    /// Reports taken so far: the order of each lane's.
+    handed_over: u64,
 }
 
 #[derive(Debug)]
@@ -44,20 +46,24 @@ struct Waiting {
     lane: usize,
     /// When it was handed over.
     since: Instant,
+    /// Its place in the order reports were handed over, which is each lane's order of its
+    /// packets (a lane's packets read in one batch share a read time).
+    order: u64,
 }
 
 impl NetnsJoiner {
     pub fn new(hold: Duration) -> Self {
-        Self { hold, waiting: Vec::new() }
+        Self { hold, waiting: Vec::new(), handed_over: 0 }
     }
 
     /// Takes namespace `lane`'s report of a packet, handed over at `now`.
     pub fn add(&mut self, lane: usize, report: PacketReport, now: Instant) {
-        self.waiting.push(Waiting { report, lane, since: now });
+        self.waiting.push(Waiting { report, lane, since: now, order: self.handed_over });
+        self.handed_over += 1;
     }
 
-    /// The packets whose every pass has waited the hold at `now`, each passes' reports joined
-    /// into one, in the order they were first seen.
+    /// The packets whose every pass has waited the hold at `now` (and every packet first seen
+    /// before them), each one's passes joined into one report, in the order they were first seen.
     pub fn due(&mut self, now: Instant) -> Vec<PacketReport> {
         let hold = self.hold;
         self.take(|w| now.saturating_duration_since(w.since) >= hold)
@@ -68,25 +74,30 @@ impl NetnsJoiner {
         self.take(|_| true)
     }
 
+    /// Takes the paths that are `ready`, in the order their packets were first seen, up to the
+    /// first one that is not: a packet is never shown before an earlier one.
     fn take(&mut self, ready: impl Fn(&Waiting) -> bool) -> Vec<PacketReport> {
-        let paths = self.paths();
-        let mut out: Vec<(SystemTime, PacketReport)> = Vec::new();
+        let mut paths = self.paths();
+        // By the earliest pass: each lane reads and hands over its namespace's packets in order,
+        // so a packet's pass through a namespace comes before a later packet's (its reply's)
+        // there, even where another namespace's lane read the reply first.
+        paths.sort_by_key(|path| path.iter().map(|&i| (self.waiting[i].report.received, self.waiting[i].order)).min());
+        let mut out = Vec::new();
         let mut taken = vec![false; self.waiting.len()];
-        for path in paths.into_iter().filter(|p| p.iter().all(|&i| ready(&self.waiting[i]))) {
+        for path in paths.into_iter().take_while(|p| p.iter().all(|&i| ready(&self.waiting[i]))) {
             for &i in &path {
                 taken[i] = true;
             }
             let mut passes = path.iter().map(|&i| self.waiting[i].report.clone());
             let first = passes.next().expect("a path has a pass");
-            out.push((first.received, passes.fold(first, joined)));
+            out.push(passes.fold(first, joined));
         }
         let mut index = 0;
         self.waiting.retain(|_| {
             index += 1;
             !taken[index - 1]
         });
-        out.sort_by_key(|(received, _)| *received);
-        out.into_iter().map(|(_, report)| report).collect()
+        out
     }
 
     /// The waiting reports as paths (indices in path order): each report once, linked to the one
@@ -177,9 +188,11 @@ fn leaving(report: &PacketReport) -> (IpAddr, IpAddr, Option<(u16, u16)>) {
 }
 
 /// `first`, continued by `next`: its steps after `first`'s, its fate (and kernel drop) the
-/// packet's, unless `first`'s events were lost.
+/// packet's, unless `first`'s events were lost; its time the earlier one.
 fn joined(mut first: PacketReport, next: PacketReport) -> PacketReport {
     let offset = first.steps.len();
+    // When iptrace first read an event of the packet, in any namespace.
+    first.received = first.received.min(next.received);
     first.steps.extend(next.steps);
     first.fate = match (first.fate, next.fate) {
         (Fate::Incomplete, _) | (_, Fate::Incomplete) => Fate::Incomplete,

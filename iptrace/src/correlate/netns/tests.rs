@@ -108,3 +108,15 @@ fn a_pass_that_dropped_the_packet_leads_nowhere() {
     joiner.add(1, container_pass(t, [172, 17, 0, 2], 63), now);
     assert_eq!(joiner.flush_all().len(), 2);
 }
+
+#[test]
+fn packets_come_out_in_the_order_they_were_first_seen() {
+    let (t, now) = (SystemTime::now(), Instant::now());
+    let mut joiner = NetnsJoiner::new(HOLD);
+    // The later packet's passes are handed over first and are due first.
+    joiner.add(1, container_pass(t + Duration::from_millis(50), [10, 0, 0, 9], 64), now);
+    joiner.add(0, host_pass(t), now + HOLD / 2);
+    assert!(joiner.due(now + HOLD).is_empty(), "the earlier packet is not due yet: the later one waits");
+    let out = joiner.due(now + HOLD * 2);
+    assert_eq!(chains(&out), [vec!["PREROUTING", "FORWARD", "POSTROUTING"], vec!["INPUT"]]);
+}
