@@ -13,8 +13,11 @@
 //! namespace forwarded it. A pass `a` leads to a pass `b` (of another namespace) when
 //! - both have the same family and identity, and `b` was first seen within the hold of `a`;
 //! - `a` ended where a packet leaves (its last hook FORWARD, OUTPUT or POSTROUTING), not dropped;
-//! - `b` arrived through an interface, with `a`'s addresses and ports after every change `a`
-//!   showed (its NAT), and `a`'s TTL or one less.
+//! - `b` arrived through an interface, with `a`'s destination address and port after every
+//!   change `a` showed (its DNAT), and `a`'s TTL or one less. Its source may differ: source NAT
+//!   runs at POSTROUTING after the chains there (`nf_nat_inet_fn()` mangles the packet once they
+//!   set up the binding, and conntrack alone rewrites a connection's later packets), so no step
+//!   of `a` shows it.
 //!
 //! Where a pass has more than one such successor, or predecessor, nothing is joined there: the
 //! blocks stay apart rather than be joined by a guess.
@@ -22,6 +25,7 @@
 //! [`PacketHeader::identity`]: crate::decode::PacketHeader::identity
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -47,7 +51,7 @@ struct Waiting {
     /// When it was handed over.
     since: Instant,
     /// Its place in the order reports were handed over, which is each lane's order of its
-    /// packets (a lane's packets read in one batch share a read time).
+    /// packets.
     order: u64,
 }
 
@@ -77,11 +81,7 @@ impl NetnsJoiner {
     /// Takes the paths that are `ready`, in the order their packets were first seen, up to the
     /// first one that is not: a packet is never shown before an earlier one.
     fn take(&mut self, ready: impl Fn(&Waiting) -> bool) -> Vec<PacketReport> {
-        let mut paths = self.paths();
-        // By the earliest pass: each lane reads and hands over its namespace's packets in order,
-        // so a packet's pass through a namespace comes before a later packet's (its reply's)
-        // there, even where another namespace's lane read the reply first.
-        paths.sort_by_key(|path| path.iter().map(|&i| (self.waiting[i].report.received, self.waiting[i].order)).min());
+        let paths = self.in_order(self.paths());
         let mut out = Vec::new();
         let mut taken = vec![false; self.waiting.len()];
         for path in paths.into_iter().take_while(|p| p.iter().all(|&i| ready(&self.waiting[i]))) {
@@ -98,6 +98,48 @@ impl NetnsJoiner {
             !taken[index - 1]
         });
         out
+    }
+
+    /// `paths` in the order their packets went: each lane hands its namespace's packets over in
+    /// the order it saw them, so a path comes after every path with an earlier pass in one of its
+    /// namespaces (a reply after its request, wherever another lane read the reply first; read
+    /// times of different lanes do not order packets microseconds apart). Among paths no lane
+    /// orders, the one first read comes first.
+    fn in_order(&self, paths: Vec<Vec<usize>>) -> Vec<Vec<usize>> {
+        let first_read = |path: &[usize]| path.iter().map(|&i| self.waiting[i].report.received).min();
+        let mut by_lane: BTreeMap<usize, Vec<(u64, usize)>> = BTreeMap::new();
+        for (p, path) in paths.iter().enumerate() {
+            for &i in path {
+                by_lane.entry(self.waiting[i].lane).or_default().push((self.waiting[i].order, p));
+            }
+        }
+        let mut later: Vec<Vec<usize>> = vec![Vec::new(); paths.len()];
+        let mut earlier = vec![0usize; paths.len()];
+        for passes in by_lane.values_mut() {
+            passes.sort_unstable();
+            for pair in passes.windows(2) {
+                later[pair[0].1].push(pair[1].1);
+                earlier[pair[1].1] += 1;
+            }
+        }
+        let mut left: Vec<usize> = (0..paths.len()).collect();
+        let mut order = Vec::with_capacity(paths.len());
+        while !left.is_empty() {
+            // The first read of those no earlier path waits for; on a cycle of lane orders (passes
+            // joined against the order of one namespace), the first read of all.
+            let free = left.iter().copied().filter(|&p| earlier[p] == 0);
+            let next = free
+                .min_by_key(|&p| first_read(&paths[p]))
+                .or_else(|| left.iter().copied().min_by_key(|&p| first_read(&paths[p])))
+                .expect("a path is left");
+            left.retain(|&p| p != next);
+            for &l in &later[next] {
+                earlier[l] = earlier[l].saturating_sub(1);
+            }
+            order.push(next);
+        }
+        let mut paths: Vec<Option<Vec<usize>>> = paths.into_iter().map(Some).collect();
+        order.into_iter().filter_map(|p| paths[p].take()).collect()
     }
 
     /// The waiting reports as paths (indices in path order): each report once, linked to the one
@@ -158,7 +200,7 @@ fn leads_to(a: &PacketReport, b: &PacketReport, hold: Duration) -> bool {
         .find_map(|s| s.hook)
         .is_some_and(|h| matches!(h.hook, Hook::Forward | Hook::LocalOut | Hook::PostRouting));
     let dropped = a.drop.is_some() || matches!(&a.fate, Fate::Decided { verdict, .. } if verdict.drops());
-    let (src, dst, ports) = leaving(a);
+    let (dst, dport) = leaving_to(a);
     let arrived = &b.arrived.header;
     let ttl = a.arrived.header.ttl;
     close_in_time
@@ -167,32 +209,29 @@ fn leads_to(a: &PacketReport, b: &PacketReport, hold: Duration) -> bool {
         && a.family == b.family
         && a.arrived.header.identity() == arrived.identity()
         && b.arrived.in_interface.is_some()
-        && (src, dst, ports) == (arrived.src, arrived.dst, arrived.transport.ports())
+        && (dst, dport) == (arrived.dst, arrived.transport.ports().map(|(_, d)| d))
         && (arrived.ttl == ttl || arrived.ttl.checked_add(1) == Some(ttl))
 }
 
-/// The addresses and ports a pass's packet left with: as it arrived, after every change shown.
-fn leaving(report: &PacketReport) -> (IpAddr, IpAddr, Option<(u16, u16)>) {
+/// The destination address and port a pass's packet left with: as it arrived, after every
+/// change shown.
+fn leaving_to(report: &PacketReport) -> (IpAddr, Option<u16>) {
     let header = &report.arrived.header;
-    let (mut src, mut dst, mut ports) = (header.src, header.dst, header.transport.ports());
+    let (mut dst, mut dport) = (header.dst, header.transport.ports().map(|(_, d)| d));
     for change in report.steps.iter().flat_map(|s| s.changed_before.iter().chain(&s.changed_by)) {
         match *change {
-            Change::Source { to, .. } => src = to,
             Change::Destination { to, .. } => dst = to,
-            Change::SourcePort { to, .. } => ports = ports.map(|(_, d)| (to, d)),
-            Change::DestinationPort { to, .. } => ports = ports.map(|(s, _)| (s, to)),
-            Change::Mark { .. } => {}
+            Change::DestinationPort { to, .. } => dport = Some(to),
+            _ => {}
         }
     }
-    (src, dst, ports)
+    (dst, dport)
 }
 
 /// `first`, continued by `next`: its steps after `first`'s, its fate (and kernel drop) the
-/// packet's, unless `first`'s events were lost; its time the earlier one.
+/// packet's, unless `first`'s events were lost; its time (as its packet line) `first`'s.
 fn joined(mut first: PacketReport, next: PacketReport) -> PacketReport {
     let offset = first.steps.len();
-    // When iptrace first read an event of the packet, in any namespace.
-    first.received = first.received.min(next.received);
     first.steps.extend(next.steps);
     first.fate = match (first.fate, next.fate) {
         (Fate::Incomplete, _) | (_, Fate::Incomplete) => Fate::Incomplete,

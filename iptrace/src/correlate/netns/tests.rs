@@ -120,3 +120,21 @@ fn packets_come_out_in_the_order_they_were_first_seen() {
     let out = joiner.due(now + HOLD * 2);
     assert_eq!(chains(&out), [vec!["PREROUTING", "FORWARD", "POSTROUTING"], vec!["INPUT"]]);
 }
+
+#[test]
+fn a_namespace_orders_its_packets_whatever_the_read_times_say() {
+    let (t, now) = (SystemTime::now(), Instant::now());
+    let mut joiner = NetnsJoiner::new(HOLD);
+    // A reply through the host and the container, and the container's next packet, which its
+    // lane handed over later but dated before the reply's pass through the host.
+    let reply_in_host = container_pass(t + Duration::from_millis(5), [10, 0, 0, 7], 64);
+    let mut reply_in_container = host_pass(t + Duration::from_millis(6));
+    reply_in_container.arrived.header.dst = IpAddr::from([10, 0, 0, 7]);
+    let next_in_container = container_pass(t + Duration::from_millis(1), [10, 0, 0, 8], 64);
+    joiner.add(1, reply_in_container, now);
+    joiner.add(0, reply_in_host, now);
+    joiner.add(1, next_in_container, now);
+    let dst: Vec<IpAddr> = joiner.flush_all().iter().map(|r| r.arrived.header.dst).collect();
+    assert_eq!(dst[0], IpAddr::from([10, 0, 0, 7]), "{dst:?}");
+    assert_eq!(dst.last(), Some(&IpAddr::from([10, 0, 0, 8])), "{dst:?}");
+}
