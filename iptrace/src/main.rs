@@ -93,7 +93,7 @@ fn cleanup(targets: &Targets) -> Result<(), (anyhow::Error, u8)> {
     for netns in &namespaces {
         let lines = netns.run_in(instrument::cleanup_stale).map_err(|e| (e.into(), 2))?.map_err(|e| (e.into(), 1))?;
         // With several namespaces, each line says which.
-        let place = namespaces.len().gt(&1).then(|| format!(" (netns {})", netns.name())).unwrap_or_default();
+        let place = if namespaces.len() > 1 { format!(" (netns {})", netns.name()) } else { String::new() };
         removed.extend(lines.into_iter().map(|line| format!("{line}{place}")));
     }
     // A reader that went away (`| head -1`) does not make a panic of a finished cleanup.

@@ -89,13 +89,7 @@ impl Targets {
             add(Netns::open_path(Path::new("/proc/thread-self/ns/net"), None, Watch::Own)?);
         }
         for name in &self.names {
-            let path = path(name)?;
-            let netns =
-                Netns::open_path(&path, Some(name.clone()), Watch::Path(path.clone())).map_err(|e| match e {
-                    NetnsError::Open { path, source } => open_error(name, path, source),
-                    e => e,
-                })?;
-            add(netns);
+            add(Netns::named(name)?);
         }
         for &pid in &self.pids {
             add(Netns::of_process(pid, format!("pid:{pid}"))?);
@@ -144,6 +138,15 @@ impl Netns {
         };
         let (file, id) = open().map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
         Ok(Self { label, file, id, watch })
+    }
+
+    /// Namespace `name` (`--netns`): a name from `ip netns list`, or a path.
+    fn named(name: &str) -> Result<Self, NetnsError> {
+        let path = path(name)?;
+        Self::open_path(&path, Some(name.to_owned()), Watch::Path(path.clone())).map_err(|e| match e {
+            NetnsError::Open { path, source } => open_error(name, path, source),
+            e => e,
+        })
     }
 
     fn of_process(pid: u32, label: String) -> Result<Self, NetnsError> {
@@ -199,6 +202,13 @@ impl Netns {
             }
         }
     }
+}
+
+/// Moves the calling thread into network namespace `name`: a name from `ip netns list`, or a
+/// path such as `/proc/<pid>/ns/net`. Threads inherit the namespace of the thread that creates
+/// them.
+pub fn enter(name: &str) -> Result<(), NetnsError> {
+    Netns::named(name)?.enter()
 }
 
 /// The file that names network namespace `name`: a name from `ip netns list`, or a path.

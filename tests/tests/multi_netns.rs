@@ -403,3 +403,44 @@ fn a_namespace_deleted_while_traced_is_reported_once_and_the_others_go_on() {
     assert_eq!(all[0].steps[0], format!("        [{kept}] nft inet t output (handle 2)"), "{}", out.stdout);
     drop(held);
 }
+
+/// `--all-netns`: every named namespace and every namespace a process is in, iptrace's own
+/// included, listed at the start. Run in a sandbox of its own (new mount, pid and network
+/// namespaces with a private /run/netns), so that it sees only the namespaces the test made, and
+/// everything goes with the sandbox.
+#[test]
+fn all_netns_traces_every_named_namespace_and_every_process_namespace() {
+    if !require_root("all_netns_traces_every_named_namespace_and_every_process_namespace") {
+        return;
+    }
+    let bin = iptrace_tests::iptrace_bin();
+    let script = format!(
+        "set -e
+         mount -t tmpfs none /run/netns
+         ip link set lo up
+         ip netns add a && ip netns add b && ip -n a link set lo up
+         echo '{LOOPBACK_RULES}' | ip netns exec a nft -f -
+         err=$(mktemp)
+         ({bin} --all-netns -4 --no-drops -c 1 'udp port 9' 2>$err; echo \"exit $?\" >>$err) &
+         for i in $(seq 200); do grep -q 'Ctrl-C to stop' $err && break; sleep 0.1; done
+         ip netns exec a bash -c 'echo x > /dev/udp/127.0.0.1/9'
+         wait
+         cat $err >&2
+         ip netns exec a nft list tables; ip netns exec b nft list tables; nft list tables",
+        bin = bin.display()
+    );
+    let out = Command::new("timeout")
+        .args(["60", "unshare", "-m", "-p", "-f", "-n", "--mount-proc", "--propagation", "private", "sh", "-c"])
+        .arg(&script)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.starts_with("iptrace: 3 network namespaces to trace: a, b, pid:1\n"), "{stderr}");
+    assert!(stderr.ends_with("iptrace: tracing in 3 network namespaces; Ctrl-C to stop\nexit 0\n"), "{stderr}");
+    let all = blocks(&stdout);
+    assert_eq!(all.len(), 2, "the packet's block, then the tables left: {stdout}");
+    assert_eq!(all[0].steps[0], "        [a] nft inet t output (handle 2)", "{stdout}");
+    // Nothing of iptrace's is left in any of the three.
+    assert!(stdout.ends_with("\n\ntable inet t\n"), "{stdout}");
+}

@@ -310,7 +310,8 @@ struct LaneSink {
 
 /// What a namespace's processing thread hands over.
 enum LaneOutput {
-    Report(usize, PacketReport),
+    /// Boxed: a report is large, and most messages are one.
+    Report(usize, Box<PacketReport>),
     Lost(u64),
 }
 
@@ -320,7 +321,7 @@ impl ReportSink for LaneSink {
             step.netns = Some(self.label.clone());
         }
         // The joining thread ended: the count is reached.
-        Ok(match self.to.send(LaneOutput::Report(self.lane, report)) {
+        Ok(match self.to.send(LaneOutput::Report(self.lane, Box::new(report))) {
             Ok(()) => ControlFlow::Continue(()),
             Err(_) => ControlFlow::Break(()),
         })
@@ -358,7 +359,7 @@ fn join_lanes(rx: mpsc::Receiver<LaneOutput>, output: &mut Output, hold: Duratio
         let received = rx.recv_timeout(Duration::from_millis(10));
         let now = Instant::now();
         match received {
-            Ok(LaneOutput::Report(lane, report)) => joiner.add(lane, report, now),
+            Ok(LaneOutput::Report(lane, report)) => joiner.add(lane, *report, now),
             Ok(LaneOutput::Lost(n)) => output.lost(n),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
