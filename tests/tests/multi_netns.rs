@@ -444,3 +444,30 @@ fn all_netns_traces_every_named_namespace_and_every_process_namespace() {
     // Nothing of iptrace's is left in any of the three.
     assert!(stdout.ends_with("\n\ntable inet t\n"), "{stdout}");
 }
+
+/// After a SIGKILL, `--cleanup` with the same namespaces removes what the run left in each, and
+/// says where.
+#[test]
+fn cleanup_removes_what_a_killed_run_left_in_each_namespace() {
+    if !require_root("cleanup_removes_what_a_killed_run_left_in_each_namespace") {
+        return;
+    }
+    let mut scratch = Scratch::default();
+    let (a, b) = (scratch.netns("ka"), scratch.netns("kb"));
+    let tracer = Tracer::start(&["--netns", &a, "--netns", &b, "-4", "udp"]);
+    let pid = tracer.pid();
+    let _ = tracer.stop(libc::SIGKILL);
+    let table = format!("table inet iptrace_{pid}_");
+    for ns in [&a, &b] {
+        assert!(sh(&format!("ip netns exec {ns} nft list tables")).starts_with(&table), "{ns}");
+    }
+    let (status, stdout, stderr) = run_iptrace(&["--cleanup", "--netns", &a, "--netns", &b]);
+    assert!(status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for (line, ns) in lines.iter().zip([&a, &b]) {
+        assert!(line.starts_with(&format!("iptrace: removed nf_tables {table}")), "{stdout}");
+        assert!(line.ends_with(&format!(" left by a dead iptrace (netns {ns})")), "{stdout}");
+        assert_eq!(sh(&format!("ip netns exec {ns} nft list tables")), "");
+    }
+}
