@@ -16,6 +16,7 @@ use crate::{
     decode::Family,
     filter::Selection,
     instrument::{Limit, TraceChain},
+    netns::Targets,
     render::{Format, TextStyle, Timestamps, pcapng::PcapngTarget},
     run::Options,
 };
@@ -30,6 +31,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("iptrace --limit 10/s 'udp port 53'", "at most 10 DNS packets a second (busy hosts)"),
     ("iptrace --netns router -i vif0 tcp", "TCP arriving on vif0 in netns 'router'"),
     ("iptrace --chain OUTPUT 'udp port 53'", "DNS queries this host sends, not forwarded ones"),
+    ("iptrace --pid 1 --container web 'tcp port 80'", "HTTP through the host into container 'web', as one block"),
     ("iptrace --cleanup", "remove what a killed iptrace left behind"),
     ("iptrace --demo", "a self-contained demo in throwaway namespaces"),
 ];
@@ -155,9 +157,24 @@ pub struct Cli {
     pub limit_burst: u32,
 
     /// Trace inside this network namespace: a name from `ip netns list`, or a path such as
-    /// /proc/PID/ns/net (a container's).
+    /// /proc/PID/ns/net. Give it several times (and with --pid, --container) to trace several
+    /// namespaces: a packet that crosses them is one block, each step labelled with its namespace.
     #[arg(long, value_name = "NAME", help_heading = "Tracing")]
-    pub netns: Option<String>,
+    pub netns: Vec<String>,
+
+    /// Trace inside the network namespace of process PID (labelled pid:PID); may be repeated.
+    #[arg(long, value_name = "PID", help_heading = "Tracing")]
+    pub pid: Vec<u32>,
+
+    /// Trace inside the network namespace of a running container, by name or id, as docker,
+    /// podman, nerdctl or crictl (the first installed) knows it; may be repeated.
+    #[arg(long, value_name = "NAME|ID", help_heading = "Tracing")]
+    pub container: Vec<String>,
+
+    /// Trace in every network namespace: each under /run/netns, and each one a process is in
+    /// (iptrace's own included), listed at start.
+    #[arg(long, help_heading = "Tracing")]
+    pub all_netns: bool,
 
     /// Select trace messages in userspace instead of with the eBPF socket filter (same output,
     /// more work: every message is copied to iptrace first).
@@ -237,7 +254,7 @@ pub struct Cli {
     /// Show the trace recorded with `--record FILE` again, as it was shown then; needs no root
     /// and reads nothing of this host.
     #[arg(long, value_name = "FILE", help_heading = "Other actions",
-          conflicts_with_all = ["cleanup", "demo", "expression", "bpf", "record", "netns"])]
+          conflicts_with_all = ["cleanup", "demo", "expression", "bpf", "record", "netns", "pid", "container", "all_netns"])]
     pub replay: Option<PathBuf>,
 
     /// Print the completion script for this shell and exit (the Debian package installs bash's,
@@ -360,6 +377,16 @@ impl Cli {
         out
     }
 
+    /// The network namespaces to trace in (`--cleanup` cleans them).
+    pub fn targets(&self) -> Targets {
+        Targets {
+            names: self.netns.clone(),
+            pids: self.pid.clone(),
+            containers: self.container.clone(),
+            all: self.all_netns,
+        }
+    }
+
     /// The run options, or a one-line reason they are unusable.
     pub fn options(&self) -> Result<Options, String> {
         let expression = match (&self.bpf, self.expression.is_empty()) {
@@ -407,7 +434,7 @@ impl Cli {
             chain: self.chain,
             count: self.count,
             duration: self.duration,
-            netns: self.netns.clone(),
+            targets: self.targets(),
             stats: self.stats,
             format: if self.json { Format::Json } else { Format::Text },
             text: TextStyle {

@@ -27,6 +27,8 @@
 //! lost their later events, and the packets that start right after it their earlier ones: they
 //! are marked incomplete rather than given a fate decided from what is left.
 //!
+//! With several namespaces traced, [`netns`] joins one packet's passes through them.
+//!
 //! [`PacketHeader::identity`]: crate::decode::PacketHeader::identity
 
 use std::{
@@ -343,6 +345,8 @@ impl Correlator {
         }
     }
 }
+
+pub mod netns;
 
 #[cfg(test)]
 mod tests;

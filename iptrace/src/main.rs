@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::Parser as _;
-use iptrace::{cli::Cli, instrument, netns, note, render::Format, run, simulate};
+use iptrace::{cli::Cli, instrument, netns::Targets, note, render::Format, run, simulate};
 use iptrace_lab::demo;
 
 fn main() -> ExitCode {
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     let outcome = if cli.demo {
         demo::run().map_err(|e| (anyhow::Error::new(e), 1))
     } else if cli.cleanup {
-        cleanup(cli.netns.as_deref())
+        cleanup(&cli.targets())
     } else if let Some(path) = &cli.replay {
         cli.options().map_err(|e| (anyhow::anyhow!(e), 2)).and_then(|options| {
             run::replay(path, &options, Box::new(io::stdout())).map_err(|e| {
@@ -128,15 +128,17 @@ fn trace(cli: &Cli) -> Result<(), (anyhow::Error, u8)> {
     }
 }
 
-fn cleanup(netns_name: Option<&str>) -> Result<(), (anyhow::Error, u8)> {
-    if let Some(name) = netns_name {
-        netns::check(name).map_err(|e| (e.into(), 2))?;
-    }
+fn cleanup(targets: &Targets) -> Result<(), (anyhow::Error, u8)> {
+    targets.check().map_err(|e| (e.into(), 2))?;
     run::check_privileges().map_err(|e| (e.into(), 2))?;
-    if let Some(name) = netns_name {
-        netns::enter(name).map_err(|e| (e.into(), 2))?;
+    let namespaces = targets.open().map_err(|e| (e.into(), 2))?;
+    let mut removed = Vec::new();
+    for netns in &namespaces {
+        let lines = netns.run_in(instrument::cleanup_stale).map_err(|e| (e.into(), 2))?.map_err(|e| (e.into(), 1))?;
+        // With several namespaces, each line says which.
+        let place = if namespaces.len() > 1 { format!(" (netns {})", netns.name()) } else { String::new() };
+        removed.extend(lines.into_iter().map(|line| format!("{line}{place}")));
     }
-    let removed = instrument::cleanup_stale().map_err(|e| (e.into(), 1))?;
     // A reader that went away (`| head -1`) does not make a panic of a finished cleanup.
     let mut stdout = io::stdout().lock();
     if removed.is_empty() {

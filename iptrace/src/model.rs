@@ -176,6 +176,9 @@ pub struct StepReport {
     pub changed_before: Vec<Change>,
     /// What this step's rule is reported to have changed: the mark after an nf_tables rule ran.
     pub changed_by: Vec<Change>,
+    /// The network namespace the step ran in, as the run names it (`--netns` as given, a
+    /// container's name, `pid:N`); `None` for iptrace's own when it traces no other.
+    pub netns: Option<Arc<str>>,
 }
 
 impl StepReport {
@@ -324,7 +327,7 @@ impl PacketReport {
                     (Place { engine, family, table, chain }, Some(verdict))
                 }
             };
-            reports.push(StepReport { place, hook, position, kernel_verdict, changed_before, changed_by });
+            reports.push(StepReport { place, hook, position, kernel_verdict, changed_before, changed_by, netns: None });
         }
         if reports.is_empty() && drop.is_none() {
             return None;

@@ -89,8 +89,8 @@ impl Xtables {
 
     fn table_names_path(self) -> &'static str {
         match self.family {
-            Family::Ipv4 => "/proc/net/ip_tables_names",
-            Family::Ipv6 => "/proc/net/ip6_tables_names",
+            Family::Ipv4 => "/proc/thread-self/net/ip_tables_names",
+            Family::Ipv6 => "/proc/thread-self/net/ip6_tables_names",
         }
     }
 

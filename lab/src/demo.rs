@@ -3,7 +3,8 @@
 //! legacy rule set modelled on the original iptables-trace's router
 //! examples (MARK and user chains with return, ipset profiles, comments, conntrack state, SNAT);
 //! a native nftables router (named sets, jump, goto, return, DNAT, masquerade, a drop policy);
-//! and a mixed host with Docker-style iptables-nft rules beside a native nftables table.
+//! a mixed host with Docker-style iptables-nft rules beside a native nftables table; and that
+//! Docker host with its container behind it, both namespaces traced in one run.
 
 use std::{
     io::{BufRead, BufReader},
@@ -159,6 +160,16 @@ pub const SAMPLE_GUARD_RULES: &str = r#"table inet guard {
 }
 "#;
 
+/// A container's own rules, behind the Docker host's (the lab's server as the container).
+pub const SAMPLE_CONTAINER_RULES: &str = r#"table inet container {
+	chain input {
+		type filter hook input priority filter; policy drop;
+		ct state established,related accept
+		tcp dport 80 counter accept comment "the published web server"
+	}
+}
+"#;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error(transparent)]
@@ -230,6 +241,7 @@ pub fn run() -> Result<(), DemoError> {
     legacy_router()?;
     nft_router()?;
     mixed_host()?;
+    docker_host_and_container()?;
     Ok(())
 }
 
@@ -313,6 +325,24 @@ fn mixed_host() -> Result<(), DemoError> {
     pause();
     eprintln!("iptrace demo: UDP dropped by the native table");
     lab.udp(Role::Client, SocketAddr::new(addr::CLIENT, 0), SocketAddr::new(addr::SERVER, 9999), b"dropped")?;
+    finish(lab, tracer);
+    Ok(())
+}
+
+/// Two namespaces traced at once: the Docker host (the router) and its container (the server,
+/// with rules of its own); each packet of a connection to the published port is one block from
+/// the host's PREROUTING, through its DNAT, to the container's INPUT, and each reply one block
+/// the other way.
+fn docker_host_and_container() -> Result<(), DemoError> {
+    eprintln!("iptrace demo: a Docker host and its container, traced together: building iptdemo-*");
+    let lab = Lab::router_lab("iptdemo")?;
+    lab.exec(Role::Router, &["iptables-nft-restore"], SAMPLE_DOCKER_RULES)?;
+    lab.exec(Role::Server, &["nft", "-f", "-"], SAMPLE_CONTAINER_RULES)?;
+    let _servers = lab.tcp_echo_servers(Role::Server, &[80])?;
+    let (host, container) = (lab.ns(Role::Router), lab.ns(Role::Server));
+    let tracer = spawn_tracer(&["--netns", &host, "--netns", &container, "-4", "tcp port 8080 or tcp port 80"])?;
+    eprintln!("iptrace demo: HTTP to the host's published port 8080, answered by the container's port 80");
+    lab.tcp(Role::Client, addr::CLIENT, SocketAddr::new(addr::ROUTER_CLIENT_SIDE, 8080), b"GET / HTTP/1.0\r\n\r\n")?;
     finish(lab, tracer);
     Ok(())
 }

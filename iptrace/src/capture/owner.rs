@@ -12,10 +12,12 @@ pub struct GroupOwner {
 
 impl GroupOwner {
     pub fn find(group: u16) -> Self {
-        let port_id =
-            fs::read_to_string("/proc/net/netfilter/nfnetlink_log").ok().and_then(|text| port_of_group(&text, group));
-        let inode =
-            port_id.and_then(|port| fs::read_to_string("/proc/net/netlink").ok().and_then(|t| netlink_inode(&t, port)));
+        let port_id = fs::read_to_string("/proc/thread-self/net/netfilter/nfnetlink_log")
+            .ok()
+            .and_then(|text| port_of_group(&text, group));
+        let inode = port_id.and_then(|port| {
+            fs::read_to_string("/proc/thread-self/net/netlink").ok().and_then(|t| netlink_inode(&t, port))
+        });
         let pid = inode.and_then(process_with_socket);
         let command =
             pid.and_then(|pid| fs::read_to_string(format!("/proc/{pid}/comm")).ok()).map(|c| c.trim().to_owned());

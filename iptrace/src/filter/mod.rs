@@ -169,6 +169,7 @@ struct Options {
 }
 
 /// A selection compiled for raw IP.
+#[derive(Clone)]
 pub struct CompiledFilter {
     expression: String,
     insns: Vec<CbpfInsn>,

@@ -27,8 +27,10 @@ use crate::model::{
 /// The version of the records' schema; it changes only when a field changes meaning or goes.
 pub const SCHEMA: u32 = 1;
 
-/// Writes one packet's record and a newline. `netns` is `--netns` as given.
+/// Writes one packet's record and a newline. `netns` is `--netns` as given (with several
+/// namespaces traced, the first step's).
 pub fn write_packet(report: &PacketReport, netns: Option<&str>, out: &mut impl Write) -> io::Result<()> {
+    let netns = report.steps.first().and_then(|s| s.netns.as_deref()).or(netns);
     let record = Record {
         schema: SCHEMA,
         time: rfc3339(report.received),
@@ -39,7 +41,7 @@ pub fn write_packet(report: &PacketReport, netns: Option<&str>, out: &mut impl W
         },
         packet: packet(&report.arrived),
         conntrack: report.conntrack.as_ref().map(conntrack),
-        steps: report.steps.iter().map(step).collect(),
+        steps: report.steps.iter().map(|s| step(s, netns)).collect(),
         fate: fate(&report.fate),
     };
     write_line(&record, out)
@@ -173,6 +175,8 @@ struct Ct {
 
 #[derive(Serialize)]
 struct Step<'a> {
+    /// The namespace the step ran in: its label with several traced, else `--netns` as given.
+    netns: Option<&'a str>,
     engine: &'static str,
     syntax: &'static str,
     family: String,
@@ -290,7 +294,7 @@ fn conntrack(ct: &Conntrack) -> Ct {
     Ct { state: ct.state_name(), direction, id: ct.id, status: ct.status }
 }
 
-fn step(step: &StepReport) -> Step<'_> {
+fn step<'a>(step: &'a StepReport, netns: Option<&'a str>) -> Step<'a> {
     let p = &step.place;
     let (engine, syntax) = match p.engine {
         Engine::Legacy => ("legacy", "iptables"),
@@ -307,6 +311,7 @@ fn step(step: &StepReport) -> Step<'_> {
         _ => (None, None),
     };
     Step {
+        netns: step.netns.as_deref().or(netns),
         engine,
         syntax,
         family: p.family.to_string(),

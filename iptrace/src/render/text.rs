@@ -337,7 +337,7 @@ fn changed_rule(position: Option<&Position>) -> String {
 }
 
 /// Where a step happened: `filter FORWARD`, `nft inet fw forward`, `iptables-nft filter FORWARD`;
-/// the names escaped.
+/// the names escaped. With several namespaces traced, the step's comes first: `[web] filter INPUT`.
 pub(super) fn place(step: &StepReport) -> String {
     Place(step).to_string()
 }
@@ -347,6 +347,9 @@ struct Place<'a>(&'a StepReport);
 
 impl fmt::Display for Place<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(netns) = &self.0.netns {
+            write!(f, "[{}] ", Printable(netns))?;
+        }
         let p = &self.0.place;
         let (table, chain) = (Printable(&p.table), Printable(&p.chain));
         match p.engine {
@@ -354,6 +357,14 @@ impl fmt::Display for Place<'_> {
             Engine::XtablesNft => write!(f, "{} {table} {chain}", xtables_nft(p.family)),
             Engine::Nft => write!(f, "nft {} {table} {chain}", Printable(p.family)),
         }
+    }
+}
+
+/// `place` (unescaped) after the step's namespace label, if it has one; escaped.
+fn in_netns(step: &StepReport, place: String) -> String {
+    match &step.netns {
+        Some(netns) => Printable(format!("[{netns}] {place}")).to_string(),
+        None => Printable(place).to_string(),
     }
 }
 
@@ -463,8 +474,8 @@ fn last_seen(last: &StepReport, base: &StepReport, hook: Hook) -> (String, Strin
     let b = &base.place;
     let place = match b.engine {
         Engine::Nft => place(base),
-        Engine::XtablesNft => format!("{} {} {}", xtables_nft(b.family), b.table, hook.name()),
-        Engine::Legacy => format!("{} {}", b.table, hook.name()),
+        Engine::XtablesNft => in_netns(base, format!("{} {} {}", xtables_nft(b.family), b.table, hook.name())),
+        Engine::Legacy => in_netns(base, format!("{} {}", b.table, hook.name())),
     };
     let chain = &last.place.chain;
     let what = match &last.position {

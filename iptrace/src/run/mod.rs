@@ -33,13 +33,14 @@ use crate::{
     backend::{BackendChoice, BackendError},
     bpf::BpfError,
     capture::CaptureError,
+    correlate::netns::NetnsJoiner,
     decode::{Decoder, Family},
     drops::DropTracer,
     filter::{FilterError, Selection},
     heal::HealError,
     instrument::{InstrumentError, Limit, TraceChain},
     model::{Fate, PacketReport},
-    netns::NetnsError,
+    netns::{NetnsError, Targets},
     pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError, ReportSink},
     recording::{Recorder, RecordingError, RecordingNames},
     render::{
@@ -95,6 +96,8 @@ pub enum RunError {
     LimitOverflow(Limit),
     #[error(transparent)]
     Recording(#[from] RecordingError),
+    #[error("{0} cannot be used with several network namespaces: trace one namespace with it")]
+    SeveralNamespaces(&'static str),
 }
 
 impl RunError {
@@ -109,6 +112,7 @@ impl RunError {
             | RunError::Xtables(XtablesError::NotInstalled { .. })
             | RunError::KernelFeature { .. }
             | RunError::LimitOverflow(_)
+            | RunError::SeveralNamespaces(_)
             | RunError::Instrument(InstrumentError::AlreadyRunning { .. } | InstrumentError::TableExists { .. })
             | RunError::Capture(CaptureError::GroupInUse { .. })
             | RunError::Recording(
@@ -138,7 +142,8 @@ pub struct Options {
     pub chain: Option<TraceChain>,
     pub count: Option<u64>,
     pub duration: Option<Duration>,
-    pub netns: Option<String>,
+    /// `--netns`, `--pid`, `--container`, `--all-netns`.
+    pub targets: Targets,
     pub stats: bool,
     /// How packets are written on stdout.
     pub format: Format,
@@ -164,13 +169,11 @@ pub struct Options {
 pub struct Destination {
     out: Box<dyn Write + Send>,
     format: Format,
-    /// `--netns` as given, for the JSON records.
+    /// The traced namespace's label (`--netns` as given), for the JSON records.
     netns: Option<String>,
     style: TextStyle,
     /// With `--summary`: set (by SIGUSR1) when the summary so far is wanted.
     summary: Option<std::sync::Arc<AtomicBool>>,
-    /// Reports are dated from here: this read time is this wall-clock time (a replay's too).
-    clock: (Instant, SystemTime),
     /// `-w`: the packets as pcap-ng.
     pcapng: Option<PcapngOutput>,
     /// An in-process caller's copy of each report shown ([`Observer`]).
@@ -201,16 +204,17 @@ fn open_pcapng(
     Ok((out, pcapng))
 }
 
-/// Drives the [`Pipeline`] until the reader stops or `count` packets are shown.
+/// Drives the [`Pipeline`] until the reader stops or `sink` wants no more, dating reports by
+/// `clock` (this read time is this wall-clock time).
 #[allow(clippy::too_many_arguments)]
 fn process(
     rx: mpsc::Receiver<Vec<Delivery>>,
     progress: &ReadProgress,
     decoder: Decoder,
     resolver: Resolver,
-    destination: Destination,
+    output: &mut impl RunSink,
+    clock: (Instant, SystemTime),
     stats: &Stats,
-    count: Option<u64>,
     linger: Duration,
     out_ifindex: Option<&AtomicU32>,
     recorder: Option<&Recorder>,
@@ -226,10 +230,8 @@ fn process(
         record(recorder, |r| r.drops_from(netns, drops_alone))?;
         pipeline = pipeline.ending_with_drops_in(netns, drops_alone);
     }
-    let summary_wanted = destination.summary.clone();
-    pipeline.set_clock(destination.clock.0, destination.clock.1);
-    let mut output = Output::new(destination, stats, count);
-    let feed = |pipeline: &mut Pipeline<_>, output: &mut Output, batch: Vec<Delivery>, now| {
+    pipeline.set_clock(clock.0, clock.1);
+    let feed = |pipeline: &mut Pipeline<_>, output: &mut _, batch: Vec<Delivery>, now| {
         let inputs = batch.iter().map(|d| match d {
             Delivery::Datagram(d) => Input::Datagram(d),
             Delivery::Lost(n) => Input::Lost(*n),
@@ -244,7 +246,7 @@ fn process(
         let now = Instant::now();
         match received {
             Ok(batch) => {
-                if feed(&mut pipeline, &mut output, batch, now)? {
+                if feed(&mut pipeline, output, batch, now)? {
                     return output.finish();
                 }
             }
@@ -267,32 +269,114 @@ fn process(
         // first, then the channel found empty.
         let read_up_to = progress.read_up_to(now);
         let done = match rx.try_recv() {
-            Ok(batch) => feed(&mut pipeline, &mut output, batch, now)?,
+            Ok(batch) => feed(&mut pipeline, output, batch, now)?,
             Err(mpsc::TryRecvError::Empty) => {
                 record(recorder, |r| r.flush_idle(read_up_to))?;
-                pipeline.flush_idle(read_up_to, &mut output)?.is_break()
+                pipeline.flush_idle(read_up_to, output)?.is_break()
             }
             Err(mpsc::TryRecvError::Disconnected) => break,
         };
         if done {
             return output.finish();
         }
-        output.loss_report.print_pending(now);
-        if summary_wanted.as_ref().is_some_and(|w| w.swap(false, Ordering::Relaxed)) {
-            output.write_summary().map_err(RunError::Output)?;
-        }
         let c = pipeline.counts();
         stats.messages.store(c.messages, Ordering::Relaxed);
         stats.events.store(c.events, Ordering::Relaxed);
         stats.malformed.store(c.malformed, Ordering::Relaxed);
-        match output.flush() {
+        match output.idle(now) {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
             other => other.map_err(RunError::Output)?,
         }
     }
     // Everything is shown or the count reached: either way this is the end.
     record(recorder, Recorder::flush_all)?;
-    let _ = pipeline.flush_all(&mut output)?;
+    let _ = pipeline.flush_all(output)?;
+    output.finish()
+}
+
+/// Where the processing thread hands its reports: the output (one namespace traced), or the
+/// joining of several namespaces' passes ([`LaneSink`]).
+trait RunSink: ReportSink {
+    /// While the processing thread waits: what is pending on stderr, the summary asked for, the
+    /// output flushed.
+    fn idle(&mut self, now: Instant) -> io::Result<()>;
+    /// The end of the output.
+    fn finish(&mut self) -> Result<(), RunError>;
+}
+
+/// With several namespaces traced: a namespace's processing thread hands its reports, each
+/// step labelled with the namespace, to the thread that joins the passes ([`join_lanes`]).
+struct LaneSink {
+    lane: usize,
+    label: std::sync::Arc<str>,
+    to: mpsc::Sender<LaneOutput>,
+}
+
+/// What a namespace's processing thread hands over.
+enum LaneOutput {
+    /// Boxed: a report is large, and most messages are one.
+    Report(usize, Box<PacketReport>),
+    Lost(u64),
+}
+
+impl ReportSink for LaneSink {
+    fn report(&mut self, mut report: PacketReport) -> io::Result<ControlFlow<()>> {
+        for step in &mut report.steps {
+            step.netns = Some(self.label.clone());
+        }
+        // The joining thread ended: the count is reached.
+        Ok(match self.to.send(LaneOutput::Report(self.lane, Box::new(report))) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        })
+    }
+
+    fn lost(&mut self, messages: u64) {
+        let _ = self.to.send(LaneOutput::Lost(messages));
+    }
+}
+
+impl RunSink for LaneSink {
+    fn idle(&mut self, _: Instant) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), RunError> {
+        Ok(())
+    }
+}
+
+/// With several namespaces traced: joins the passes the namespaces' processing threads hand
+/// over into one report per packet ([`NetnsJoiner`]) and writes them, until every processing
+/// thread ended or `output` wants no more.
+fn join_lanes(rx: mpsc::Receiver<LaneOutput>, output: &mut Output, hold: Duration) -> Result<(), RunError> {
+    let mut joiner = NetnsJoiner::new(hold);
+    let write = |output: &mut Output, reports: Vec<PacketReport>| -> Result<bool, RunError> {
+        for report in reports {
+            if output.report(report).map_err(RunError::Output)?.is_break() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    loop {
+        let received = rx.recv_timeout(Duration::from_millis(10));
+        let now = Instant::now();
+        match received {
+            Ok(LaneOutput::Report(lane, report)) => joiner.add(lane, *report, now),
+            Ok(LaneOutput::Lost(n)) => output.lost(n),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if write(output, joiner.due(now))? {
+            return output.finish();
+        }
+        match output.idle(now) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+            other => other.map_err(RunError::Output)?,
+        }
+    }
+    write(output, joiner.flush_all())?;
     output.finish()
 }
 
@@ -321,6 +405,8 @@ struct Output<'a> {
     renderer: TextRenderer,
     /// `--summary`'s counts.
     summary: Option<Summary>,
+    /// With `--summary`: set (by SIGUSR1) when the summary so far is wanted.
+    summary_wanted: Option<std::sync::Arc<AtomicBool>>,
     stats: &'a Stats,
     shown: u64,
     count: Option<u64>,
@@ -375,6 +461,7 @@ impl<'a> Output<'a> {
             netns: destination.netns,
             renderer: TextRenderer::new(destination.style),
             summary: destination.summary.as_ref().map(|_| Summary::default()),
+            summary_wanted: destination.summary,
             stats,
             shown: 0,
             count,
@@ -396,6 +483,16 @@ impl<'a> Output<'a> {
             Some(summary) => summary.write(&mut self.out),
             None => Ok(()),
         }
+    }
+}
+
+impl RunSink for Output<'_> {
+    fn idle(&mut self, now: Instant) -> io::Result<()> {
+        self.loss_report.print_pending(now);
+        if self.summary_wanted.as_ref().is_some_and(|w| w.swap(false, Ordering::Relaxed)) {
+            self.write_summary()?;
+        }
+        self.flush()
     }
 
     /// Writes the summary and flushes: the end of the output.

@@ -28,6 +28,7 @@ pub(super) fn choose_prefilter(
     options: &Options,
     backends: &Backends,
     filter: Option<&CompiledFilter>,
+    lane: usize,
 ) -> Result<Prefilter, RunError> {
     // Both markers select in the kernel: with native matches where the marker can express the
     // selection, and otherwise with the compiled program in an xt_bpf match.
@@ -39,7 +40,7 @@ pub(super) fn choose_prefilter(
         (None, _) => Prefilter::None,
         (Some(_), Some(native)) => Prefilter::Native(native),
         (Some(f), None) if f.fits_xt_bpf() => Prefilter::XtBpf(XtBpfProgram::Bytecode(f.instructions().to_vec())),
-        (Some(f), None) => pin_prefilter(f)?,
+        (Some(f), None) => pin_prefilter(f, lane)?,
     };
     log::info!("marking rules prefilter with {prefilter}");
     Ok(prefilter)
@@ -186,19 +187,31 @@ pub(super) fn foreign_marker(backends: &Backends) -> bool {
 /// Selections longer than xt_bpf's 64 inline instructions: iptrace's eBPF interpreter, pinned
 /// for `-m bpf --object-pinned`. The pin is recorded before it exists, and outlives the rule
 /// that names it (design.md §7: iptables re-resolves the path on every table change).
-fn pin_prefilter(filter: &CompiledFilter) -> Result<Prefilter, RunError> {
+fn pin_prefilter(filter: &CompiledFilter, lane: usize) -> Result<Prefilter, RunError> {
     bpf::ensure_bpffs()?;
     let mut active = ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let Some(instrumentation) = active.as_mut() else { return Ok(Prefilter::None) };
+    let Some(instrumentation) = active.iter_mut().find(|a| a.lane == lane).map(|a| &mut a.instrumentation) else {
+        return Ok(Prefilter::None);
+    };
     let owner = instrumentation.owner();
-    let path = std::path::Path::new(bpf::PIN_DIR).join(format!("prefilter-{}-{}", owner.pid, owner.start));
+    // One pin per namespace: each is removed with its namespace's rules (design.md §7).
+    let suffix = if lane == 0 { String::new() } else { format!("-{lane}") };
+    let path = std::path::Path::new(bpf::PIN_DIR).join(format!("prefilter-{}-{}{suffix}", owner.pid, owner.start));
     instrumentation.record_pin(path.clone())?;
     drop(active);
     bpf::pin_xt_prefilter(filter.instructions(), &path)?;
     Ok(Prefilter::XtBpf(XtBpfProgram::Pinned(path)))
 }
 
-pub(super) fn ready_line(options: &Options, backends: &Backends, filter: Option<&CompiledFilter>) -> String {
+/// What the run traces, said when it starts: in namespace `netns` (`--netns` as given), or, for
+/// one of `several`, that this one is ready.
+pub(super) fn ready_line(
+    options: &Options,
+    backends: &Backends,
+    filter: Option<&CompiledFilter>,
+    netns: Option<&str>,
+    several: bool,
+) -> String {
     let families: Vec<&str> = options
         .families
         .iter()
@@ -208,6 +221,11 @@ pub(super) fn ready_line(options: &Options, backends: &Backends, filter: Option<
         })
         .collect();
     let what = filter.map_or_else(|| "every packet".to_owned(), |f| format!("'{}'", f.expression()));
-    let netns = options.netns.as_deref().map(|n| format!(" in netns {n}")).unwrap_or_default();
-    format!("tracing {what} ({}; {}){netns}; Ctrl-C to stop", families.join(", "), backends.describe())
+    let how = format!("{what} ({}; {})", families.join(", "), backends.describe());
+    match netns {
+        // The run's own line says when all are ready.
+        Some(netns) if several => format!("netns {netns}: ready to trace {how}"),
+        Some(netns) => format!("tracing {how} in netns {netns}; Ctrl-C to stop"),
+        None => format!("tracing {how}; Ctrl-C to stop"),
+    }
 }

@@ -67,8 +67,8 @@ fn check_kernel_features(families: &[Family]) -> Result<(), RunError> {
     ];
     for &family in families {
         let prefix = match family {
-            Family::Ipv4 => "/proc/net/ip_tables_",
-            Family::Ipv6 => "/proc/net/ip6_tables_",
+            Family::Ipv4 => "/proc/thread-self/net/ip_tables_",
+            Family::Ipv6 => "/proc/thread-self/net/ip6_tables_",
         };
         for (list, name, what, config) in needs {
             let path = format!("{prefix}{list}");

@@ -1,9 +1,9 @@
 //! `--replay FILE`: a run recorded with `--record FILE` shown again, offline: no root, nothing
 //! of this host read (its interfaces, its rule sets), nothing instrumented.
 
-use std::{io::Write, path::Path, time::Instant};
+use std::{io::Write, path::Path};
 
-use super::{Destination, Options, Output, RunError, Stats};
+use super::{Destination, Options, Output, RunError, RunSink as _, Stats};
 use crate::recording::Recording;
 
 /// Shows the recording at `path` on `out` as the run showed it, in the output format `options`
@@ -14,10 +14,10 @@ pub fn replay(path: &Path, options: &Options, out: Box<dyn Write + Send>) -> Res
     let destination = Destination {
         out,
         format: options.format,
-        netns: options.netns.clone(),
+        // The command line takes no namespace with --replay.
+        netns: None,
         style: options.text,
         summary: None,
-        clock: (Instant::now(), recording.header.started),
         // A recording's decoder keeps no packet bytes (the command line refuses -w with it).
         pcapng: None,
         reports: None,

@@ -5,17 +5,19 @@
 use std::{
     fs::File,
     io::{self, Write},
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
         mpsc,
     },
+    task::{Context, Poll},
     thread::{self, JoinHandle},
     time::{Duration, Instant, SystemTime},
 };
 
 use super::{
-    Destination, Options, PcapngOutput, RunError, open_pcapng,
+    Destination, LaneOutput, LaneSink, Options, Output, PcapngOutput, RunError, join_lanes, open_pcapng,
     plan::{SocketFilter, choose_prefilter, foreign_marker, ready_line, trace_plan},
     preflight::{check_host, check_privileges, compile_filter},
     process,
@@ -25,34 +27,64 @@ use super::{
 };
 use crate::{
     backend::Backends,
+    bpf::FilterCounters,
     capture::{StreamMarker, TraceSocket, UserspaceFilter},
     decode::Decoder,
     drops::{self, DropTracer},
     filter::CompiledFilter,
     heal::{Healer, Watched},
-    instrument::{self, InstrumentError, Instrumentation},
+    instrument::{self, Instrumentation},
     model::PacketReport,
-    netns,
+    netns::Netns,
     recording::{Header, RecordedOptions, Recorder, RecordingError},
     resolve::{self, Resolver},
 };
 
-/// The instrumentation of the running trace, reachable from the panic hook.
-pub(super) static ACTIVE: Mutex<Option<Instrumentation>> = Mutex::new(None);
+/// The instrumentation of the running trace, per traced namespace, reachable from the panic hook.
+pub(super) static ACTIVE: Mutex<Vec<Active>> = Mutex::new(Vec::new());
 
-/// Undoes the running trace's instrumentation; for every exit path, including panics. The lock
-/// is held throughout, so that a panic on another thread waits for a teardown in progress
-/// instead of exiting in its middle.
-pub fn teardown_active() -> Vec<InstrumentError> {
-    let mut active = ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let errors = active.as_mut().map(Instrumentation::teardown).unwrap_or_default();
-    *active = None;
-    errors
+/// What a run changed in one namespace, and the namespace, held open so that it can be entered
+/// to undo it (also after its name was deleted or its last process exited).
+pub(super) struct Active {
+    /// The namespace's lane.
+    pub(super) lane: usize,
+    netns: Arc<Netns>,
+    pub(super) instrumentation: Instrumentation,
+}
+
+/// Undoes the running trace's instrumentation in every namespace; for every exit path,
+/// including panics. The lock is held throughout, so that a panic on another thread waits for a
+/// teardown in progress instead of exiting in its middle.
+pub fn teardown_active() -> Vec<RunError> {
+    let mut active = lock_active();
+    active.drain(..).flat_map(teardown).collect()
+}
+
+fn lock_active() -> std::sync::MutexGuard<'static, Vec<Active>> {
+    ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Undoes what the run changed in one namespace, inside it.
+fn teardown(mut active: Active) -> Vec<RunError> {
+    let Active { netns, instrumentation, .. } = &mut active;
+    match netns.run_in(|| instrumentation.teardown()) {
+        Ok(errors) => errors.into_iter().map(RunError::from).collect(),
+        Err(e) => vec![e.into()],
+    }
+}
+
+/// Undoes what the run changed in namespace `lane` (which went away while traced).
+fn teardown_lane(lane: usize) -> Vec<RunError> {
+    let mut active = lock_active();
+    let (gone, kept): (Vec<Active>, Vec<Active>) = active.drain(..).partition(|a| a.lane == lane);
+    *active = kept;
+    gone.into_iter().flat_map(teardown).collect()
 }
 
 /// Traces until the count, the duration or a signal ends it, writing blocks to `out` (and
 /// packets where `-w` says).
-/// Runs on the calling thread (which enters `--netns`) plus a reader and a processing thread.
+/// Each traced namespace has a lane: its instrumentation, trace socket, reader and processing
+/// threads, all made in the namespace. With several, a joining thread writes one block per packet.
 /// To be called while the process has one thread: the selection compiles in a forked child.
 pub fn trace(options: &Options, out: Box<dyn Write + Send>) -> Result<Arc<Stats>, RunError> {
     trace_observed(options, out, None)
@@ -76,15 +108,14 @@ pub fn trace_observed(
     // user without root) and before the signal handlers (nothing has changed on the host yet,
     // so Ctrl-C may end a slow compile at once).
     let filter = compile_filter(options)?;
-    if let Some(name) = &options.netns {
-        netns::check(name)?;
-    }
+    options.targets.check()?;
     check_privileges()?;
+    let namespaces: Vec<Arc<Netns>> = options.targets.open()?.into_iter().map(Arc::new).collect();
+    if namespaces.len() > 1 {
+        check_several(options)?;
+    }
     let record_file = options.record.as_deref().map(Recorder::create_file).transpose()?;
     let (out, pcapng) = open_pcapng(options.pcapng.as_ref(), out)?;
-    if let Some(name) = &options.netns {
-        netns::enter(name)?;
-    }
     // Signals are caught from before the first change to the host: a SIGTERM that arrives while
     // iptrace sets up must still lead to teardown, not to the default action.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(RunError::Signals)?;
@@ -92,35 +123,281 @@ pub fn trace_observed(
         let _entered = runtime.enter();
         Signals::new().map_err(RunError::Signals)?
     };
-    let (backends, out_ifindex) = check_host(options)?;
-
-    // Under the namespace's lock: no other start can look for live runs, or remove dead ones'
-    // leftovers, at the same time.
-    let (instrumentation, stale) = Instrumentation::prepare(&backends.legacy)?;
-    for line in &stale {
-        crate::note!("iptrace: removed {line}");
+    if namespaces.len() > 1 {
+        let names: Vec<&str> = namespaces.iter().map(|n| n.name()).collect();
+        crate::note!("iptrace: {} network namespaces to trace: {}", names.len(), names.join(", "));
     }
-    *ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(instrumentation);
     let outputs = (out, pcapng, record_file);
-    let result = trace_instrumented(options, &backends, filter, out_ifindex, outputs, &runtime, signals, observer);
-    let errors = teardown_active();
-    for e in &errors {
-        crate::note!("iptrace: cleanup: {}", crate::WithCauses(e));
+    let result = trace_namespaces(options, &namespaces, filter, outputs, &runtime, signals, observer);
+    for e in teardown_active() {
+        crate::note!("iptrace: cleanup: {}", crate::WithCauses(&e));
     }
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-fn trace_instrumented(
+/// What several namespaces cannot be traced with.
+fn check_several(options: &Options) -> Result<(), RunError> {
+    let refused = |what: &'static str| Err(RunError::SeveralNamespaces(what));
+    if options.record.is_some() {
+        return refused("--record");
+    }
+    if options.in_interface.is_some() || options.out_interface.is_some() {
+        return refused("-i and -o, which name an interface of one namespace,");
+    }
+    Ok(())
+}
+
+/// Where a lane's processing thread writes.
+enum LaneTo {
+    /// The one namespace traced: to the output, counted there.
+    Output(Box<Destination>),
+    /// One of several: to the joining thread.
+    Join(LaneSink),
+}
+
+/// Starts a lane in each namespace (and, with several, the joining thread), waits for the end,
+/// and stops them all.
+fn trace_namespaces(
     options: &Options,
-    backends: &Backends,
+    namespaces: &[Arc<Netns>],
     filter: Option<CompiledFilter>,
-    out_ifindex: Option<u32>,
-    (out, pcapng, record_file): (Box<dyn Write + Send>, Option<PcapngOutput>, Option<File>),
+    (out, pcapng, mut record_file): (Box<dyn Write + Send>, Option<PcapngOutput>, Option<File>),
     runtime: &tokio::runtime::Runtime,
     signals: Signals,
     observer: Option<Observer>,
 ) -> Result<Arc<Stats>, RunError> {
+    let stats = Arc::new(Stats::default());
+    // With --summary, SIGUSR1 asks for the summary so far instead of stopping.
+    let summary_wanted = options.summary.then(|| Arc::new(AtomicBool::new(false)));
+    let several = namespaces.len() > 1;
+    let mut destination = Some(Destination {
+        out,
+        format: options.format,
+        netns: namespaces.first().and_then(|n| n.label.clone()).filter(|_| !several),
+        style: options.text,
+        summary: summary_wanted.clone(),
+        pcapng,
+        reports: observer.as_ref().map(|o| o.reports.clone()),
+    });
+    let (joined_tx, joined_rx) = mpsc::channel::<LaneOutput>();
+    let joining = match destination.take() {
+        Some(destination) if several => Some(start_joining(destination, &stats, options, joined_rx)?),
+        other => {
+            destination = other;
+            None
+        }
+    };
+    let mut lanes = Vec::with_capacity(namespaces.len());
+    for (index, netns) in namespaces.iter().enumerate() {
+        let to = match destination.take() {
+            Some(destination) => LaneTo::Output(Box::new(destination)),
+            None => LaneTo::Join(LaneSink { lane: index, label: Arc::from(netns.name()), to: joined_tx.clone() }),
+        };
+        let setup = LaneSetup {
+            index,
+            netns: netns.clone(),
+            options,
+            filter: filter.clone(),
+            to,
+            record_file: record_file.take(),
+            several,
+            observed: observer.is_some(),
+        };
+        lanes.push(netns.run_in(|| start_lane(setup))??);
+    }
+    // Only the lanes hold the joining thread's input now: it ends when they all did.
+    drop(joined_tx);
+    let (mut joining_thread, mut joining_done) = joining.unzip();
+    match observer {
+        Some(observer) => (observer.ready)(),
+        None if several => crate::note!("iptrace: tracing in {} network namespaces; Ctrl-C to stop", lanes.len()),
+        None => {}
+    }
+    let socket_filters: Vec<Arc<SocketFilter>> = lanes.iter().filter_map(|l| l.socket_filter.clone()).collect();
+    let flush_log = || {
+        for filter in &socket_filters {
+            filter.flush_log();
+        }
+    };
+    let ended = wait_for_lanes(&mut lanes, joining_done.as_mut(), &stats);
+    let result = runtime.block_on(signals.wait_for_end(
+        options.duration,
+        ended,
+        flush_log,
+        summary_wanted.as_deref(),
+        &stats.stop_signal,
+    ));
+    let mut counters: Vec<FilterCounters> = Vec::new();
+    for lane in lanes {
+        let (lane_stats, lane_counters) = lane.stop();
+        stats.add(&lane_stats);
+        counters.extend(lane_counters);
+    }
+    if let Some(thread) = joining_thread.take() {
+        let _ = thread.join();
+    }
+    if let Some(first) = counters.first() {
+        let sum = counters.iter().skip(1).fold(*first, |a, c| FilterCounters {
+            seen: a.seen + c.seen,
+            passed: a.passed + c.passed,
+            dropped: a.dropped + c.dropped,
+        });
+        let _ = stats.ebpf.set(sum);
+    }
+    let lost = stats.lost.load(Ordering::Relaxed);
+    if lost > 0 {
+        crate::note!("iptrace: {} trace events lost in total (receive buffer full)", with_thousands(lost));
+    }
+    let unread = stats.unread.load(Ordering::Relaxed);
+    if unread > 0 {
+        crate::note!("iptrace: {} trace events were still queued at exit and are not shown", with_thousands(unread));
+    }
+    result.map(|()| stats)
+}
+
+/// The thread that joins the lanes' passes and writes them: its handle, and its end.
+type Joining = (JoinHandle<()>, tokio::sync::oneshot::Receiver<Result<(), RunError>>);
+
+fn start_joining(
+    destination: Destination,
+    stats: &Arc<Stats>,
+    options: &Options,
+    rx: mpsc::Receiver<LaneOutput>,
+) -> Result<Joining, RunError> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (stats, count) = (stats.clone(), options.count);
+    // Longer than a lane takes to close a packet (its linger, and the 10 ms it polls at) and
+    // hand it over, also on a loaded machine.
+    let hold = options.linger * 2 + Duration::from_millis(100);
+    let thread = thread::Builder::new()
+        .name("iptrace-join".into())
+        .spawn(move || {
+            let mut output = Output::new(destination, &stats, count);
+            let _ = done_tx.send(join_lanes(rx, &mut output, hold));
+        })
+        .map_err(|e| RunError::Thread("joining", e))?;
+    Ok((thread, done_rx))
+}
+
+/// Resolves when the run must end: the output is done (count reached, or an error), a lane's
+/// processing thread ended or its instrumentation could not be kept in place, or every traced
+/// namespace went away (a normal end). A namespace that goes away is said once on stderr, its lane stopped and
+/// its instrumentation removed; the others go on.
+async fn wait_for_lanes(
+    lanes: &mut Vec<Lane>,
+    mut joining: Option<&mut tokio::sync::oneshot::Receiver<Result<(), RunError>>>,
+    stats: &Stats,
+) -> Result<(), RunError> {
+    let mut ticks = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let ended = {
+            let ends = std::future::poll_fn(|cx| {
+                if let Some(done) = joining.as_deref_mut()
+                    && let Poll::Ready(result) = Pin::new(done).poll(cx)
+                {
+                    return Poll::Ready(result.unwrap_or(Ok(())));
+                }
+                for lane in lanes.iter_mut() {
+                    if let Poll::Ready(result) = lane.poll_end(cx) {
+                        return Poll::Ready(result);
+                    }
+                }
+                Poll::Pending
+            });
+            tokio::select! {
+                result = ends => Some(result),
+                _ = ticks.tick() => None,
+            }
+        };
+        if let Some(result) = ended {
+            return result;
+        }
+        let Some(index) = lanes.iter().position(|l| l.netns.is_gone()) else { continue };
+        let lane = lanes.remove(index);
+        let (lane_index, netns) = (lane.index, lane.netns.clone());
+        let (lane_stats, _) = lane.stop();
+        stats.add(&lane_stats);
+        for e in teardown_lane(lane_index) {
+            crate::note!("iptrace: cleanup: {}", crate::WithCauses(&e));
+        }
+        // Said once it is no longer traced, and nothing of iptrace's is left in it.
+        crate::note!(
+            "iptrace: network namespace {} went away; {}",
+            netns.name(),
+            if lanes.is_empty() { "no traced namespace is left" } else { "tracing the others goes on" }
+        );
+        if lanes.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// What a lane is started with.
+struct LaneSetup<'a> {
+    index: usize,
+    netns: Arc<Netns>,
+    options: &'a Options,
+    filter: Option<CompiledFilter>,
+    to: LaneTo,
+    record_file: Option<File>,
+    /// One of several namespaces: its ready line is one of several.
+    several: bool,
+    /// An [`Observer`] is told that tracing started instead of the ready line.
+    observed: bool,
+}
+
+/// One traced namespace's threads, running in it.
+struct Lane {
+    index: usize,
+    netns: Arc<Netns>,
+    stop: Arc<AtomicBool>,
+    reader: JoinHandle<()>,
+    processor: JoinHandle<()>,
+    healer: Healer,
+    socket_filter: Option<Arc<SocketFilter>>,
+    stats: Arc<Stats>,
+    done: tokio::sync::oneshot::Receiver<Result<(), RunError>>,
+}
+
+impl Lane {
+    /// Ready when the processing thread ended, or the instrumentation could not be kept in place.
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RunError>> {
+        if let Poll::Ready(result) = Pin::new(&mut self.done).poll(cx) {
+            return Poll::Ready(result.unwrap_or(Ok(())));
+        }
+        // The healer's end is a oneshot receiver, polled again by each new future (after the
+        // healer thread ended without failing, it stays pending).
+        let failed = self.healer.failed();
+        let mut failed = std::pin::pin!(failed);
+        failed.as_mut().poll(cx).map(|e| Err(e.into()))
+    }
+
+    /// Stops its threads; returns its counters and, if attached, the eBPF filter's.
+    fn stop(self) -> (Arc<Stats>, Option<FilterCounters>) {
+        self.stats.repairs.store(self.healer.stop(), Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.reader.join();
+        let _ = self.processor.join();
+        (self.stats, self.socket_filter.and_then(|f| f.counters()))
+    }
+}
+
+/// Sets up namespace `setup.netns`, on a thread that entered it: checks it, takes its lock,
+/// instruments it, and starts its threads (which stay in it).
+fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
+    let LaneSetup { index, netns, options, filter, to, record_file, several, observed } = setup;
+    let (backends, out_ifindex) = check_host(options)?;
+    // Under the namespace's lock: no other start can look for live runs, or remove dead ones'
+    // leftovers, at the same time.
+    let (instrumentation, stale) = Instrumentation::prepare(&backends.legacy)?;
+    for line in &stale {
+        match &netns.label {
+            Some(label) if several => crate::note!("iptrace: removed {line} (netns {label})"),
+            _ => crate::note!("iptrace: removed {line}"),
+        }
+    }
+    let owner = instrumentation.owner();
+    lock_active().push(Active { lane: index, netns: netns.clone(), instrumentation });
     // Loading the drop program (the kernel's BTF read, the verifier) takes a while: in the
     // background while the rest is set up, and waited for before tracing starts (the ready
     // line), so that a drop of a packet traced from then on always has its program running.
@@ -146,32 +423,25 @@ fn trace_instrumented(
         _ => None,
     };
     // Looked for before iptrace's own marking rules exist: every marker found is someone else's.
-    let foreign_marker = socket_filter.is_some() && foreign_marker(backends);
-    let prefilter = choose_prefilter(options, backends, filter.as_ref())?;
-    let ready = ready_line(options, backends, filter.as_ref());
+    let foreign_marker = socket_filter.is_some() && foreign_marker(&backends);
+    let prefilter = choose_prefilter(options, &backends, filter.as_ref(), index)?;
+    let ready = ready_line(options, &backends, filter.as_ref(), netns.label.as_deref(), several);
     let userspace_filter = filter.map(UserspaceFilter::new);
-    let plan = trace_plan(options, backends, prefilter);
+    let plan = trace_plan(options, &backends, prefilter);
     // Installed outside the lock: a panic in there must find the lock free to tear down.
-    let owner = ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(Instrumentation::owner);
-    if let Some(owner) = owner {
-        instrument::install(owner, &plan)?;
-    }
+    instrument::install(owner, &plan)?;
     let marker = (!backends.legacy.is_empty()).then(|| StreamMarker::new(&socket)).transpose()?;
     // Packets are dated from this moment: read time `clock.0` is wall-clock time `clock.1`.
     let clock = (Instant::now(), SystemTime::now());
     let recorder = record_file
         .map(|file| {
-            Recorder::start(file, &recording_header(options, backends, generation, out_ifindex, clock.1), clock.0)
+            Recorder::start(file, &recording_header(options, &backends, generation, out_ifindex, clock.1), clock.0)
         })
         .transpose()?;
     let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft(), marker, recorder.clone())?;
     let out_ifindex = out_ifindex.map(|i| Arc::new(AtomicU32::new(i)));
-    let mut healer = owner
-        .map(|owner| {
-            let loggers = backends.legacy.clone();
-            Healer::start(Watched { owner, plan, loggers, out_ifindex: out_ifindex.clone() })
-        })
-        .transpose()?;
+    let loggers = backends.legacy.clone();
+    let healer = Healer::start(Watched { owner, plan, loggers, out_ifindex: out_ifindex.clone() })?;
 
     let stop = Arc::new(AtomicBool::new(false));
     // A short queue: a backlog waits in the kernel's receive buffer (large; counted as overruns
@@ -179,8 +449,6 @@ fn trace_instrumented(
     let (datagrams_tx, datagrams_rx) = mpsc::sync_channel::<Vec<Delivery>>(DATAGRAM_BATCHES_QUEUED);
     let progress = Arc::new(ReadProgress::new());
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<(), RunError>>();
-    // With --summary, SIGUSR1 asks for the summary so far instead of stopping.
-    let summary_wanted = options.summary.then(|| Arc::new(AtomicBool::new(false)));
 
     // Otherwise the loader is not waited for, not even at exit: a short run need not wait for
     // the verifier.
@@ -212,17 +480,7 @@ fn trace_instrumented(
         // The drop program selects by the expression only: where the marking rules select
         // fewer packets, a drop without a traced packet may be one they left out.
         let drops_alone = options.limit.is_none() && options.chain.is_none() && options.in_interface.is_none();
-        let destination = Destination {
-            out,
-            format: options.format,
-            netns: options.netns.clone(),
-            style: options.text,
-            summary: summary_wanted.clone(),
-            clock,
-            pcapng,
-            reports: observer.as_ref().map(|o| o.reports.clone()),
-        };
-        let keep_packet_bytes = destination.pcapng.is_some();
+        let keep_packet_bytes = options.pcapng.is_some();
         thread::Builder::new()
             .name("iptrace-process".into())
             .spawn(move || {
@@ -233,20 +491,21 @@ fn trace_instrumented(
                 if keep_packet_bytes {
                     decoder.keep_packet_bytes();
                 }
-                let result = process(
-                    datagrams_rx,
-                    &progress,
-                    decoder,
-                    resolver,
-                    destination,
-                    &stats,
-                    count,
-                    linger,
-                    out_ifindex.as_deref(),
-                    recorder.as_ref(),
-                    drops,
-                    drops_alone,
-                );
+                let (rx, progress, recording) = (datagrams_rx, &progress, recorder.as_ref());
+                let out_ifindex = out_ifindex.as_deref();
+                let result = match to {
+                    LaneTo::Output(destination) => {
+                        let mut output = Output::new(*destination, &stats, count);
+                        #[rustfmt::skip]
+                        let result = process(rx, progress, decoder, resolver, &mut output, clock, &stats, linger, out_ifindex, recording, drops, drops_alone);
+                        result
+                    }
+                    LaneTo::Join(mut sink) => {
+                        #[rustfmt::skip]
+                        let result = process(rx, progress, decoder, resolver, &mut sink, clock, &stats, linger, out_ifindex, recording, drops, drops_alone);
+                        result
+                    }
+                };
                 // What was recorded replays up to where the run stopped, whyever it stopped.
                 let finished = recorder.map_or(Ok(()), |r| r.finish()).map_err(|e| RecordingError::Write(e).into());
                 let result = result.and(finished);
@@ -254,52 +513,10 @@ fn trace_instrumented(
             })
             .map_err(|e| RunError::Thread("processing", e))?
     };
-
-    match observer {
-        Some(observer) => (observer.ready)(),
-        None => crate::note!("iptrace: {ready}"),
+    if !observed {
+        crate::note!("iptrace: {ready}");
     }
-    let flush_log = || {
-        if let Some(filter) = &socket_filter {
-            filter.flush_log();
-        }
-    };
-    let ended = async {
-        tokio::select! {
-            result = done_rx => result.unwrap_or(Ok(())),
-            failure = async {
-                match &mut healer {
-                    Some(healer) => healer.failed().await,
-                    None => std::future::pending().await,
-                }
-            } => Err(failure.into()),
-        }
-    };
-    let result = runtime.block_on(signals.wait_for_end(
-        options.duration,
-        ended,
-        flush_log,
-        summary_wanted.as_deref(),
-        &stats.stop_signal,
-    ));
-    if let Some(healer) = healer {
-        stats.repairs.store(healer.stop(), Ordering::Relaxed);
-    }
-    stop.store(true, Ordering::Relaxed);
-    let _ = reader.join();
-    let _ = processor.join();
-    if let Some(counters) = socket_filter.and_then(|f| f.counters()) {
-        let _ = stats.ebpf.set(counters);
-    }
-    let lost = stats.lost.load(Ordering::Relaxed);
-    if lost > 0 {
-        crate::note!("iptrace: {} trace events lost in total (receive buffer full)", with_thousands(lost));
-    }
-    let unread = stats.unread.load(Ordering::Relaxed);
-    if unread > 0 {
-        crate::note!("iptrace: {} trace events were still queued at exit and are not shown", with_thousands(unread));
-    }
-    result.map(|()| stats)
+    Ok(Lane { index, netns, stop, reader, processor, healer, socket_filter, stats, done: done_rx })
 }
 
 /// Starts loading the drop program for this run in a thread, which takes the traced namespace
@@ -437,7 +654,7 @@ fn recording_header(
             chain: options.chain.map(|c| format!("{c:?}")),
             in_interface: options.in_interface.clone(),
             out_interface: options.out_interface.clone(),
-            netns: options.netns.clone(),
+            netns: options.targets.names.first().cloned(),
             backend: backends.describe().to_owned(),
         },
         started,

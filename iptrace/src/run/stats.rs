@@ -32,6 +32,29 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Adds a namespace's counters to the run's (several namespaces traced), but for the eBPF
+    /// filter's, which are set once.
+    pub(super) fn add(&self, lane: &Stats) {
+        let counters = [
+            (&self.datagrams, &lane.datagrams),
+            (&self.overruns, &lane.overruns),
+            (&self.lost, &lane.lost),
+            (&self.incomplete, &lane.incomplete),
+            (&self.unread, &lane.unread),
+            (&self.messages, &lane.messages),
+            (&self.events, &lane.events),
+            (&self.malformed, &lane.malformed),
+            (&self.packets_shown, &lane.packets_shown),
+            (&self.userspace_seen, &lane.userspace_seen),
+            (&self.userspace_passed, &lane.userspace_passed),
+            (&self.userspace_dropped, &lane.userspace_dropped),
+            (&self.repairs, &lane.repairs),
+        ];
+        for (total, part) in counters {
+            total.fetch_add(part.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
     /// The counters as one JSON object (`--stats --json`; docs/json.md).
     pub fn json(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);

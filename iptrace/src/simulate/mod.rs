@@ -332,7 +332,7 @@ fn trace_options(packet: &PacketSpec, style: &Style, flow: bool) -> Options {
         // A flow's packets are all sent when the wait begins; one dropped on the way leaves
         // fewer blocks.
         duration: Some(if flow { FLOW_DEADLINE } else { PACKET_DEADLINE }),
-        netns: None,
+        targets: crate::netns::Targets::default(),
         stats: false,
         format: style.format,
         text: style.text,
