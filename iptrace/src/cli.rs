@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use clap::{ArgAction, CommandFactory as _, Parser, ValueEnum};
+use clap::{ArgAction, Args, CommandFactory as _, Parser, ValueEnum};
 use clap_complete::Shell;
 use clap_mangen::roff::{Roff, bold, roman};
 
@@ -207,25 +207,8 @@ pub struct Cli {
     #[arg(long, help_heading = "Output")]
     pub stats: bool,
 
-    /// Write each traced packet as one JSON object on one line (JSON Lines, flushed per packet;
-    /// schema in docs/json.md) instead of a text block; lost trace events as a {"lost": N} line.
-    /// With --stats, the counters go to stderr as one JSON object.
-    #[arg(long, conflicts_with_all = ["cleanup", "demo", "completions", "man"], help_heading = "Output")]
-    pub json: bool,
-
-    /// The packet line's time, as tcpdump's: by default the wall-clock time with microseconds;
-    /// -t none, -tt seconds since the epoch, -ttt the time since the previous packet.
-    #[arg(short = 't', action = ArgAction::Count, help_heading = "Output")]
-    pub timestamps: u8,
-
-    /// Print only the packet line and the verdict line of each packet.
-    #[arg(short, long, help_heading = "Output")]
-    pub quiet: bool,
-
-    /// Colour verdicts, tables and chains, and changes: auto (the default) when stdout is a
-    /// terminal and NO_COLOR is unset or empty.
-    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto, help_heading = "Output")]
-    pub color: ColorChoice,
+    #[command(flatten)]
+    pub style: OutputStyle,
 
     /// At exit, and on SIGUSR1 (which then does not stop iptrace), print on stdout the rules the
     /// traced packets hit, with counts, most first, and how many met each verdict.
@@ -243,12 +226,12 @@ pub struct Cli {
 
     /// Remove what an iptrace that was killed left behind (rules, iptrace's nf_tables table,
     /// pinned programs, logger bindings), print what was removed, and exit.
-    #[arg(long, conflicts_with_all = ["demo", "expression", "bpf"], help_heading = "Other actions")]
+    #[arg(long, conflicts_with_all = ["demo", "expression", "bpf", "json"], help_heading = "Other actions")]
     pub cleanup: bool,
 
     /// Build throwaway client, router and server namespaces with a sample rule set, send a few
     /// packets through them, trace them, and remove everything.
-    #[arg(long, help_heading = "Other actions")]
+    #[arg(long, conflicts_with = "json", help_heading = "Other actions")]
     pub demo: bool,
 
     /// Show the trace recorded with `--record FILE` again, as it was shown then; needs no root
@@ -260,18 +243,61 @@ pub struct Cli {
     /// Print the completion script for this shell and exit (the Debian package installs bash's,
     /// zsh's and fish's).
     #[arg(long, value_name = "SHELL", help_heading = "Other actions",
-          conflicts_with_all = ["cleanup", "demo", "expression", "bpf", "man"])]
+          conflicts_with_all = ["cleanup", "demo", "expression", "bpf", "man", "json"])]
     pub completions: Option<Shell>,
 
     /// Print the man page (roff) and exit: `iptrace --man | man -l -`.
     #[arg(long, hide_short_help = true, help_heading = "Other actions",
-          conflicts_with_all = ["cleanup", "demo", "expression", "bpf"])]
+          conflicts_with_all = ["cleanup", "demo", "expression", "bpf", "json"])]
     pub man: bool,
 
     /// Do not report why the kernel dropped a traced packet after (or without) netfilter (no
     /// route, rp_filter, no socket, TTL): leaves the skb:kfree_skb eBPF program out.
     #[arg(long, hide_short_help = true, help_heading = "Tracing")]
     pub no_drops: bool,
+}
+
+/// How blocks are written, the same for live tracing and `iptrace simulate`.
+#[derive(Args, Debug, Clone)]
+pub struct OutputStyle {
+    /// Write each packet as one JSON object on one line (JSON Lines, flushed per packet; schema
+    /// in docs/json.md) instead of a text block. Live tracing writes lost trace events as a
+    /// {"lost": N} line, and with --stats the counters go to stderr as one JSON object.
+    #[arg(long, help_heading = "Output")]
+    pub json: bool,
+
+    /// The packet line's time, as tcpdump's: by default the wall-clock time with microseconds;
+    /// -t none, -tt seconds since the epoch, -ttt the time since the previous packet.
+    #[arg(short = 't', action = ArgAction::Count, help_heading = "Output")]
+    pub timestamps: u8,
+
+    /// Print only the packet line and the verdict line of each packet.
+    #[arg(short, long, help_heading = "Output")]
+    pub quiet: bool,
+
+    /// Colour verdicts, tables and chains, and changes: auto (the default) when stdout is a
+    /// terminal and NO_COLOR is unset or empty.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto, help_heading = "Output")]
+    pub color: ColorChoice,
+}
+
+impl OutputStyle {
+    pub fn format(&self) -> Format {
+        if self.json { Format::Json } else { Format::Text }
+    }
+
+    pub fn text(&self) -> TextStyle {
+        TextStyle {
+            timestamps: match self.timestamps {
+                0 => Timestamps::Clock,
+                1 => Timestamps::None,
+                2 => Timestamps::Epoch,
+                _ => Timestamps::Delta,
+            },
+            colour: self.color.enabled(io::stdout().is_terminal(), std::env::var_os("NO_COLOR").as_deref()),
+            quiet: self.quiet,
+        }
+    }
 }
 
 /// `--color`.
@@ -411,8 +437,8 @@ impl Cli {
                 .into());
         }
         let pcapng = self.write.as_deref().map(PcapngTarget::from_path);
-        if pcapng == Some(PcapngTarget::Stdout) && (self.json || self.summary) {
-            let other = if self.json { "--json" } else { "--summary" };
+        if pcapng == Some(PcapngTarget::Stdout) && (self.style.json || self.summary) {
+            let other = if self.style.json { "--json" } else { "--summary" };
             return Err(format!(
                 "-w - writes pcap-ng to stdout, and {other} writes there too: give -w a file name instead"
             ));
@@ -436,17 +462,8 @@ impl Cli {
             duration: self.duration,
             targets: self.targets(),
             stats: self.stats,
-            format: if self.json { Format::Json } else { Format::Text },
-            text: TextStyle {
-                timestamps: match self.timestamps {
-                    0 => Timestamps::Clock,
-                    1 => Timestamps::None,
-                    2 => Timestamps::Epoch,
-                    _ => Timestamps::Delta,
-                },
-                colour: self.color.enabled(io::stdout().is_terminal(), std::env::var_os("NO_COLOR").as_deref()),
-                quiet: self.quiet,
-            },
+            format: self.style.format(),
+            text: self.style.text(),
             summary: self.summary,
             pcapng,
             linger: Duration::from_millis(self.group_timeout),

@@ -112,7 +112,7 @@ fn colour_is_automatic_on_a_terminal_without_no_color() {
     assert!(!ColorChoice::Auto.enabled(false, None), "a pipe");
     assert!(ColorChoice::Always.enabled(false, Some(set)));
     assert!(!ColorChoice::Never.enabled(true, None));
-    assert_eq!(parse(&["iptrace", "--color", "always"]).color, ColorChoice::Always);
+    assert_eq!(parse(&["iptrace", "--color", "always"]).style.color, ColorChoice::Always);
     assert!(parse(&["iptrace", "--color=always"]).options().unwrap().text.colour);
 }
 

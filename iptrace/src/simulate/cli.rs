@@ -1,12 +1,9 @@
 //! `iptrace simulate`'s command line. A subcommand of its own, recognised as the first word
 //! (main.rs), so that `iptrace EXPRESSION` parses exactly as before.
 
-use std::{
-    io::{self, IsTerminal as _},
-    path::PathBuf,
-};
+use std::path::PathBuf;
 
-use clap::{ArgAction, Parser};
+use clap::Parser;
 
 use super::{
     Case, Host, Reporting, SimulateError, Style,
@@ -14,10 +11,7 @@ use super::{
     rules::{IptablesEngine, RuleSet},
     spec::PacketSpec,
 };
-use crate::{
-    cli::ColorChoice,
-    render::{Format, TextStyle, Timestamps},
-};
+use crate::cli::OutputStyle;
 
 const AFTER_HELP: &str = "\
 Packets: [local] PROTO SRC[:PORT] > DST[:PORT] [FLAGS] [in IFACE] [out IFACE] [mark N] [tos N] [len N] [ttl N]
@@ -77,7 +71,8 @@ pub struct SimulateCli {
     pub expect: Vec<String>,
 
     /// Run the named cases of this TOML file ([[case]] with name, packet, expect and optionally
-    /// rule, a text the deciding rule's line must contain) and print a test runner's summary.
+    /// rule, a text the deciding rule's line must contain) and print a test runner's summary;
+    /// with --json, one object per case (its packet's inside) and one with the counts.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["packets", "expect"], help_heading = "Checks")]
     pub cases: Option<PathBuf>,
 
@@ -87,21 +82,8 @@ pub struct SimulateCli {
     #[arg(long, help_heading = "Checks")]
     pub flow: bool,
 
-    /// Write each packet as one JSON object on one line instead of a block (with --cases, one
-    /// object per case, its packet's inside, and one with the counts).
-    #[arg(long, help_heading = "Output")]
-    pub json: bool,
-
-    /// The packet line's time: -t none, -tt epoch, -ttt delta.
-    #[arg(short = 't', action = ArgAction::Count, help_heading = "Output")]
-    pub timestamps: u8,
-
-    /// Only the packet line and the verdict line of each block.
-    #[arg(short, long, help_heading = "Output")]
-    pub quiet: bool,
-
-    #[arg(long, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto, help_heading = "Output")]
-    pub color: ColorChoice,
+    #[command(flatten)]
+    pub style: OutputStyle,
 }
 
 impl SimulateCli {
@@ -199,18 +181,6 @@ impl SimulateCli {
     }
 
     pub fn style(&self) -> Style {
-        Style {
-            format: if self.json { Format::Json } else { Format::Text },
-            text: TextStyle {
-                timestamps: match self.timestamps {
-                    0 => Timestamps::Clock,
-                    1 => Timestamps::None,
-                    2 => Timestamps::Epoch,
-                    _ => Timestamps::Delta,
-                },
-                colour: self.color.enabled(io::stdout().is_terminal(), std::env::var_os("NO_COLOR").as_deref()),
-                quiet: self.quiet,
-            },
-        }
+        Style { format: self.style.format(), text: self.style.text() }
     }
 }
