@@ -70,8 +70,10 @@ impl Xtables {
     /// come into being on first use; reading this file does not create any.
     pub fn existing_tables(self) -> Vec<String> {
         let path = match self.family {
-            Family::Ipv4 => "/proc/net/ip_tables_names",
-            Family::Ipv6 => "/proc/net/ip6_tables_names",
+            // thread-self: `/proc/net` is the netns of the process's main thread, not of a thread
+            // that entered another one (as the benchmark's marking thread does).
+            Family::Ipv4 => "/proc/thread-self/net/ip_tables_names",
+            Family::Ipv6 => "/proc/thread-self/net/ip6_tables_names",
         };
         fs::read_to_string(path)
             .map(|t| t.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect())
