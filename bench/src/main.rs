@@ -14,7 +14,7 @@ use iptrace_bench::{
     corpus,
     report::{self, LabFigures, Machine, Report, Setup},
     rounds::{self, ScenarioResult},
-    scenario::{self, Bench, BenchConfig, LabSpec, Precision, Scenario},
+    scenario::{self, Bench, BenchConfig, ExpressionTime, LabSpec, Precision, Scenario},
     spread::Spread,
     traffic::TrafficPlan,
 };
@@ -44,6 +44,9 @@ struct Cli {
     /// The fixed load as a share of the lab's untraced saturated rate.
     #[arg(long, default_value_t = 0.6)]
     load: f64,
+    /// Rules in calibration_1pct's chain of rules that match nothing.
+    #[arg(long, default_value_t = scenario::CALIBRATION_RULES)]
+    calibration_rules: usize,
     /// Upper bound of the saturated phase's rate, packets per second.
     #[arg(long, default_value_t = 1_000_000)]
     rate: u64,
@@ -103,7 +106,7 @@ fn main() -> Result<()> {
         cycles_coarse: usize::from(cli.coarse_cycles.unwrap_or(if cli.quick { 1 } else { 3 })),
         udp_flows: UDP_FLOWS,
         syn_one_in: SYN_ONE_IN,
-        calibration_rules: scenario::CALIBRATION_RULES,
+        calibration_rules: cli.calibration_rules,
     };
     let traffic = TrafficPlan {
         rate_pps: cli.rate,
@@ -120,14 +123,15 @@ fn main() -> Result<()> {
         work_dir: work_dir.clone(),
         keep_outputs: cli.keep_outputs,
         lab_prefix: cli.lab_prefix.clone(),
+        calibration_rules: cli.calibration_rules,
     };
     let result = match cli.command {
         Some(Command::RecordCorpus) => record_corpus(config, traffic, &root),
         None => {
             let scenarios: Vec<Scenario> = if cli.only.is_empty() { Scenario::ALL.to_vec() } else { cli.only.clone() };
-            run(&config, &setup, &scenarios).and_then(|(labs, results)| {
+            run(&config, &setup, &scenarios, cli.only.is_empty()).and_then(|(labs, results, expressions)| {
                 if cli.only.is_empty() {
-                    write_report(&cli, &root, setup, labs, results)
+                    write_report(&cli, &root, setup, labs, results, expressions)
                 } else {
                     for (key, result) in &results {
                         println!("{key}: {}", serde_json::to_string(result)?);
@@ -163,16 +167,34 @@ fn parse_scenario(key: &str) -> Result<Scenario, String> {
 }
 
 type Results = BTreeMap<&'static str, ScenarioResult>;
+type Labs = BTreeMap<&'static str, LabFigures>;
+type Expressions = BTreeMap<&'static str, ExpressionTime>;
+
+/// Selections iptrace must compile or refuse within a second: plain ones, and the `or` chains
+/// that make libpcap's optimiser slow (README: a chain of 150 ports takes most of a second).
+fn hard_expressions() -> Vec<(&'static str, String)> {
+    let chain = |n: u32, term: &dyn Fn(u32) -> String| (1..=n).map(term).collect::<Vec<_>>().join(" or ");
+    vec![
+        ("one_port", "udp dst port 5000".to_owned()),
+        ("conjunction", "udp port 53 and (host 10.1.1.1 or net 10.2.0.0/16) and not icmp".to_owned()),
+        ("or_chain_40_hosts", chain(40, &|i| format!("host 10.0.{}.{}", i / 250, i % 250))),
+        ("or_chain_150_ports", chain(150, &|i| format!("udp port {i}"))),
+        ("or_chain_300_ports", chain(300, &|i| format!("tcp port {i}"))),
+    ]
+}
 
 /// Measures `scenarios` lab by lab (in their order): each lab is built, its fixed load found,
 /// then its fine and its coarse scenarios measured together in cycles.
+/// With `time_expressions`, also times [`hard_expressions`] in the first lab.
 fn run(
     config: &BenchConfig,
     setup: &Setup,
     scenarios: &[Scenario],
-) -> Result<(BTreeMap<&'static str, LabFigures>, Results)> {
+    time_expressions: bool,
+) -> Result<(Labs, Results, Expressions)> {
     let mut labs = BTreeMap::new();
     let mut results = BTreeMap::new();
+    let mut expressions = BTreeMap::new();
     let mut specs: Vec<LabSpec> = Vec::new();
     for s in scenarios {
         if !specs.contains(&s.lab) {
@@ -192,6 +214,17 @@ fn run(
             bench.untraced_saturated_pps,
             bench.fixed_load_pps()
         );
+        if time_expressions && expressions.is_empty() {
+            for (label, expression) in hard_expressions() {
+                let timed = bench.time_expression(&expression)?;
+                eprintln!(
+                    "iptrace-bench: expression {label}: {:.0} ms{}",
+                    timed.ms,
+                    if timed.refused.is_some() { ", refused" } else { "" }
+                );
+                expressions.insert(label, timed);
+            }
+        }
         let mut untraced = Vec::new();
         for (precision, cycles) in [(Precision::Fine, setup.cycles_fine), (Precision::Coarse, setup.cycles_coarse)] {
             let group: Vec<Scenario> =
@@ -221,7 +254,7 @@ fn run(
             },
         );
     }
-    Ok((labs, results))
+    Ok((labs, results, expressions))
 }
 
 /// One line of progress: the cost and its interval, and against the floor.
@@ -239,10 +272,11 @@ fn write_report(
     cli: &Cli,
     root: &Path,
     setup: Setup,
-    labs: BTreeMap<&'static str, LabFigures>,
+    labs: Labs,
     results: Results,
+    expressions: Expressions,
 ) -> Result<()> {
-    let report = Report::new(report::utc_now(), setup, labs, results, Machine::this());
+    let report = Report::new(report::utc_now(), setup, labs, results, expressions, Machine::this());
     let json = root.join(if cli.quick { "bench/results/quick.json" } else { "bench/results/latest.json" });
     report.write_json(&json).with_context(|| format!("writing {}", json.display()))?;
     eprintln!("iptrace-bench: wrote {}", json.display());

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     rounds::ScenarioResult,
-    scenario::{Host, Scenario},
+    scenario::{ExpressionTime, Host, Scenario},
     spread::Spread,
 };
 
@@ -82,6 +82,8 @@ pub struct Report {
     /// What drop reasons cost (issue 15): one flow with them minus one flow without, cycle by
     /// cycle, in percentage points of the forwarding CPU per packet.
     pub drop_reasons_cost_pct: Option<Spread>,
+    /// From iptrace's start to its ready line, or to its refusal, per hard selection.
+    pub expressions: BTreeMap<&'static str, ExpressionTime>,
     pub targets: Vec<Target>,
 }
 
@@ -99,10 +101,19 @@ impl Report {
         setup: Setup,
         labs: BTreeMap<&'static str, LabFigures>,
         scenarios: BTreeMap<&'static str, ScenarioResult>,
+        expressions: BTreeMap<&'static str, ExpressionTime>,
         machine: Machine,
     ) -> Self {
-        let mut report =
-            Self { machine, date, setup, labs, scenarios, drop_reasons_cost_pct: None, targets: Vec::new() };
+        let mut report = Self {
+            machine,
+            date,
+            setup,
+            labs,
+            scenarios,
+            drop_reasons_cost_pct: None,
+            expressions,
+            targets: Vec::new(),
+        };
         report.drop_reasons_cost_pct =
             report.paired_difference("legacy_iptrace_one_flow", "legacy_iptrace_one_flow_no_drops");
         report.targets = report.judge();
@@ -339,6 +350,14 @@ impl Report {
             |r| r.peak_rss_mb,
             "MB",
         ));
+        let slowest = self.expressions.iter().max_by(|a, b| a.1.ms.total_cmp(&b.1.ms));
+        targets.push(Target {
+            what: "any expression compiled (ready) or refused within 1 s (slowest of the hard selections)".into(),
+            measured: slowest.map_or("—".into(), |(k, e)| {
+                format!("{:.0} ms ({k}, {})", e.ms, if e.refused.is_some() { "refused" } else { "ready" })
+            }),
+            pass: slowest.map(|(_, e)| e.ms <= 1000.0),
+        });
         targets
     }
 }

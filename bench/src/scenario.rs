@@ -123,9 +123,9 @@ const NFT_SET: LabSpec = LabSpec {
 pub enum Tool {
     /// Nothing: the slice is one more untraced one (the A/A check: its cost must come out 0).
     Untraced,
-    /// Nothing traces, but a chain of this many rules that match nothing runs first in raw
-    /// PREROUTING: a known extra cost, to show what the method resolves.
-    NoOpChain(usize),
+    /// Nothing traces, but a chain of rules that match nothing runs first in raw PREROUTING
+    /// ([`BenchConfig::calibration_rules`]): a known extra cost, to show what the method resolves.
+    NoOpChain,
     /// The engine's floor: iptrace's marking installed through its library, and a reader that
     /// only counts (iptrace's trace socket, set up as iptrace sets it up).
     Floor,
@@ -188,14 +188,14 @@ const ALL: Traced = Traced::Everything;
 const TEXT: OutputFormat = OutputFormat::Iptrace;
 const LEGACY_ARGS: &[&str] = &["--backend", "legacy"];
 const NFT_ARGS: &[&str] = &["--backend", "nft"];
-/// Rules in the calibration chain: about 1 % of the legacy lab's forwarding CPU per packet (each
-/// costs about 0.1 %; the run measures it, see docs/benchmarks.md).
-pub const CALIBRATION_RULES: usize = 10;
+/// Rules in the calibration chain by default: about 1 % of the legacy lab's forwarding CPU per
+/// packet (see docs/benchmarks.md for how that was measured).
+pub const CALIBRATION_RULES: usize = 30;
 
 impl Scenario {
     pub const ALL: [Scenario; 29] = [
         row("calibration_a_a", LEGACY, Tool::Untraced, ONE, None),
-        row("calibration_1pct", LEGACY, Tool::NoOpChain(CALIBRATION_RULES), ONE, None),
+        row("calibration_1pct", LEGACY, Tool::NoOpChain, ONE, None),
         row("legacy_floor_one_flow", LEGACY, Tool::Floor, ONE, None),
         row(
             "legacy_iptrace_one_flow",
@@ -340,6 +340,8 @@ pub struct BenchConfig {
     pub keep_outputs: bool,
     /// Prefix of the lab's namespaces.
     pub lab_prefix: String,
+    /// Rules in the chain of [`Tool::NoOpChain`].
+    pub calibration_rules: usize,
 }
 
 /// From a tracer's ready signal to the traffic: what is measured is the cost of tracing, not of
@@ -421,8 +423,8 @@ impl Bench {
     pub fn run(&self, scenario: &Scenario) -> Result<Slice, ScenarioError> {
         match scenario.tool {
             Tool::Untraced => self.measure_forwarding(),
-            Tool::NoOpChain(rules) => {
-                let _chain = NoOpChain::install(&self.lab, rules)?;
+            Tool::NoOpChain => {
+                let _chain = NoOpChain::install(&self.lab, self.config.calibration_rules)?;
                 self.measure_forwarding()
             }
             Tool::Floor => self.run_floor(scenario),
@@ -512,6 +514,29 @@ impl Bench {
         data
     }
 
+    /// How long iptrace takes from its start to tracing with `expression` (its ready line), or to
+    /// refusing it (its exit), in milliseconds; with `refused` telling which.
+    pub fn time_expression(&self, expression: &str) -> Result<ExpressionTime, ScenarioError> {
+        let router = self.lab.ns(Role::Router);
+        let argv: Vec<String> = [self.config.iptrace.to_string_lossy().as_ref(), "--netns", &router, "-4", expression]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        let path = self.config.work_dir.join("expression.out");
+        let timed = match TracerProcess::start(&argv, &path, &Readiness::StderrLine("iptrace: tracing")) {
+            Ok(tracer) => {
+                let finished = tracer.stop()?;
+                ExpressionTime { ms: finished.ready.as_secs_f64() * 1000.0, refused: None }
+            }
+            Err(TracerError::NotReady { waited, stderr, .. }) => {
+                ExpressionTime { ms: waited.as_secs_f64() * 1000.0, refused: Some(stderr) }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let _ = fs::remove_file(&path);
+        Ok(timed)
+    }
+
     fn run_iptrace(&self, scenario: &Scenario, args: &[&str], output: OutputFormat) -> Result<Slice, ScenarioError> {
         let router = self.lab.ns(Role::Router);
         let mut argv: Vec<String> =
@@ -579,6 +604,14 @@ impl Bench {
         }
         Ok(slice)
     }
+}
+
+/// [`Bench::time_expression`]'s figure.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExpressionTime {
+    pub ms: f64,
+    /// iptrace's reason when it refused the expression.
+    pub refused: Option<String>,
 }
 
 /// The extra listener's count is the messages per packet of the tools that report none.
