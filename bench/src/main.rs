@@ -29,7 +29,7 @@ struct Cli {
     /// (a few minutes; it checks that every figure is produced, not how good it is).
     #[arg(long)]
     quick: bool,
-    /// Cycles of the rows that resolve a per cent (default 10, or 1 with --quick).
+    /// Cycles of the rows that resolve a per cent (default 12, or 1 with --quick).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     cycles: Option<u16>,
     /// Cycles of the other rows: tracing everything, the scale rows (default 3, or 1 with --quick).
@@ -61,9 +61,14 @@ struct Cli {
     #[arg(long, default_value = "iptbench")]
     lab_prefix: String,
     /// Run only these scenarios (measured together, lab by lab), print their figures and write no
-    /// file: for working on one figure. Keys as in latest.json, e.g. legacy_iptrace_one_flow.
+    /// file (unless --merge): for working on one figure. Keys as in latest.json, e.g.
+    /// legacy_iptrace_one_flow.
     #[arg(long, value_name = "SCENARIO", value_delimiter = ',', value_parser = parse_scenario)]
     only: Vec<Scenario>,
+    /// With --only: write latest.json and docs/benchmarks.md anyway, the other scenarios, labs and
+    /// expressions carried over from the latest.json there (each row says when it was measured).
+    #[arg(long, requires = "only")]
+    merge: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -102,7 +107,7 @@ fn main() -> Result<()> {
         fixed_load_share: cli.load,
         fixed_phase_s: cli.fixed_seconds.unwrap_or(if cli.quick { 0.25 } else { 0.6 }),
         saturated_phase_s: cli.saturated_seconds.unwrap_or(if cli.quick { 0.15 } else { 0.3 }),
-        cycles_fine: usize::from(cli.cycles.unwrap_or(if cli.quick { 1 } else { 10 })),
+        cycles_fine: usize::from(cli.cycles.unwrap_or(if cli.quick { 1 } else { 12 })),
         cycles_coarse: usize::from(cli.coarse_cycles.unwrap_or(if cli.quick { 1 } else { 3 })),
         udp_flows: UDP_FLOWS,
         syn_one_in: SYN_ONE_IN,
@@ -129,8 +134,9 @@ fn main() -> Result<()> {
         Some(Command::RecordCorpus) => record_corpus(config, traffic, &root),
         None => {
             let scenarios: Vec<Scenario> = if cli.only.is_empty() { Scenario::ALL.to_vec() } else { cli.only.clone() };
-            run(&config, &setup, &scenarios, cli.only.is_empty()).and_then(|(labs, results, expressions)| {
-                if cli.only.is_empty() {
+            let time_expressions = cli.only.is_empty();
+            run(&config, &setup, &scenarios, time_expressions).and_then(|(labs, results, expressions)| {
+                if cli.only.is_empty() || cli.merge {
                     write_report(&cli, &root, setup, labs, results, expressions)
                 } else {
                     for (key, result) in &results {
@@ -276,8 +282,34 @@ fn write_report(
     results: Results,
     expressions: Expressions,
 ) -> Result<()> {
-    let report = Report::new(report::utc_now(), setup, labs, results, expressions, Machine::this());
     let json = root.join(if cli.quick { "bench/results/quick.json" } else { "bench/results/latest.json" });
+    let date = report::utc_now();
+    let (mut labs, mut results, mut expressions) = (labs, results, expressions);
+    for r in results.values_mut() {
+        r.measured.clone_from(&date);
+    }
+    if cli.merge {
+        let text = std::fs::read_to_string(&json).with_context(|| format!("--merge: reading {}", json.display()))?;
+        let old: serde_json::Value = serde_json::from_str(&text)?;
+        for s in Scenario::ALL {
+            if !results.contains_key(s.key) && !old["scenarios"][s.key].is_null() {
+                let mut carried: ScenarioResult = serde_json::from_value(old["scenarios"][s.key].clone())?;
+                if carried.measured.is_empty() {
+                    carried.measured = old["date"].as_str().unwrap_or_default().to_owned();
+                }
+                results.insert(s.key, carried);
+            }
+            if !labs.contains_key(s.lab.name) && !old["labs"][s.lab.name].is_null() {
+                labs.insert(s.lab.name, serde_json::from_value(old["labs"][s.lab.name].clone())?);
+            }
+        }
+        for (label, _) in hard_expressions() {
+            if !expressions.contains_key(label) && !old["expressions"][label].is_null() {
+                expressions.insert(label, serde_json::from_value(old["expressions"][label].clone())?);
+            }
+        }
+    }
+    let report = Report::new(date, setup, labs, results, expressions, Machine::this());
     report.write_json(&json).with_context(|| format!("writing {}", json.display()))?;
     eprintln!("iptrace-bench: wrote {}", json.display());
     let table = report.markdown();

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, fs, io, path::Path, process::Command};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     rounds::ScenarioResult,
@@ -62,7 +62,7 @@ pub struct Setup {
 }
 
 /// A lab as measured: its rule set, its untraced rates and the fixed load derived from them.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct LabFigures {
     pub host: Host,
     pub rules: usize,
@@ -201,6 +201,16 @@ impl Report {
                 number(r.ready_ms, 0),
                 number(r.exit_ms, 0),
             );
+        }
+        let mut runs: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (key, r) in &self.scenarios {
+            runs.entry(r.measured.as_str()).or_default().push(key);
+        }
+        if runs.len() > 1 {
+            t.push_str("\nThe rows come from separate runs (`--only ... --merge`):\n");
+            for (date, keys) in &runs {
+                let _ = writeln!(t, "- {date}: {}", keys.join(", "));
+            }
         }
         if let Some(d) = &self.drop_reasons_cost_pct {
             let _ = writeln!(

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     scenario::{Bench, Scenario, ScenarioError, Slice, Tool},
@@ -43,8 +43,11 @@ impl Round {
 }
 
 /// A scenario's figures over its rounds.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ScenarioResult {
+    /// When the run that measured it started (a report merged from runs has several).
+    #[serde(default)]
+    pub measured: String,
     /// Forwarding CPU per forwarded packet at the fixed load, in ns: the median over the
     /// scenario's slices, and over their untraced neighbours.
     pub forwarding_ns_per_packet: Option<f64>,
@@ -100,6 +103,7 @@ pub fn merge(rounds: &[Round]) -> ScenarioResult {
     }
     let nonzero = traced.filter(|&t| t > 0);
     ScenarioResult {
+        measured: String::new(),
         forwarding_ns_per_packet: median(slices.iter().filter_map(|s| s.fixed.cpu_ns_per_packet()).collect()),
         untraced_ns_per_packet: median(rounds.iter().filter_map(|r| r.untraced_ns_per_packet).collect()),
         cost_pct: Spread::of(&costs),

@@ -28,7 +28,7 @@ use iptrace::{
     instrument::{self, Instrumentation, Marker, Prefilter, TracePlan},
 };
 use iptrace_lab::{Lab, LabError, Role};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     completeness::{self, OutputFormat},
@@ -61,7 +61,7 @@ pub enum ScenarioError {
 }
 
 /// Which engine holds the router's rule set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Host {
     /// iptables-legacy only.
@@ -155,8 +155,8 @@ impl Traced {
     }
 }
 
-/// How many cycles a scenario gets: the precise ones resolve a per cent, the others (tracing
-/// everything, the scale rows) are about completeness, CPU per traced packet, memory and start.
+/// How many cycles a scenario gets: the precise ones resolve a per cent, the others (tracing more
+/// than one flow, the scale rows) are about completeness, CPU per traced packet, memory and start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Precision {
     Fine,
@@ -175,9 +175,9 @@ pub struct Scenario {
 }
 
 const fn row(key: &'static str, lab: LabSpec, tool: Tool, traced: Traced, floor: Option<&'static str>) -> Scenario {
+    // One flow on the three main labs: the rows the targets and the calibration are about.
     let precision = match (traced, lab.rules) {
-        (Traced::Everything, _) => Precision::Coarse,
-        (_, Rules::KubeNode(574)) => Precision::Fine,
+        (Traced::Flows(1), Rules::KubeNode(574)) => Precision::Fine,
         _ => Precision::Coarse,
     };
     Scenario { key, lab, tool, traced, precision, floor }
@@ -498,7 +498,10 @@ impl Bench {
         marking.finish()?;
         slice.traced_packets_kernel = Some(traced);
         slice.lost_events = Some(read.overruns);
-        slice.messages = Some(listener.map_or(Ok(read), |l| l.finish())?.messages);
+        slice.messages = Some(read.messages);
+        if let Some(listener) = listener {
+            note_listener(&mut slice, listener.finish()?);
+        }
         Ok(slice)
     }
 
@@ -607,7 +610,7 @@ impl Bench {
 }
 
 /// [`Bench::time_expression`]'s figure.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ExpressionTime {
     pub ms: f64,
     /// iptrace's reason when it refused the expression.

@@ -3,12 +3,12 @@
 //! distribution-free interval: it assumes only that the samples are independent, not that they are
 //! normal), and the whole range.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Wanted coverage of [`Spread::low`]..[`Spread::high`].
 const COVERAGE: f64 = 0.95;
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
     pub median: f64,
     /// The interval for the median; `None` with fewer than 6 samples, where even the whole range
