@@ -16,7 +16,7 @@ use iptrace_bench::{
     rounds::{self, ScenarioResult},
     scenario::{self, Bench, BenchConfig, ExpressionTime, LabSpec, Precision, Scenario},
     spread::Spread,
-    traffic::TrafficPlan,
+    traffic::{self, TrafficPlan},
 };
 
 #[derive(Parser)]
@@ -48,7 +48,7 @@ struct Cli {
     #[arg(long, default_value_t = scenario::CALIBRATION_RULES)]
     calibration_rules: usize,
     /// Upper bound of the saturated phase's rate, packets per second.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = traffic::UNPACED_PPS)]
     rate: u64,
     /// Keep each tracer's output in /tmp/iptrace-bench-PID (removed otherwise).
     #[arg(long)]
