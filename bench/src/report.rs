@@ -17,8 +17,8 @@ pub struct Machine {
     pub cpus: usize,
     pub cpu_model: String,
     pub memory_gib: f64,
-    /// The 1-minute load average when the run started: other work shares the CPUs.
-    pub load_average_at_start: f64,
+    /// The 1-minute load average when the report was written: other work shares the CPUs.
+    pub load_average_at_end: f64,
 }
 
 impl Machine {
@@ -37,7 +37,7 @@ impl Machine {
                 .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim().to_owned()))
                 .unwrap_or_default(),
             memory_gib: (memory_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
-            load_average_at_start: fs::read_to_string("/proc/loadavg")
+            load_average_at_end: fs::read_to_string("/proc/loadavg")
                 .ok()
                 .and_then(|l| l.split_whitespace().next()?.parse().ok())
                 .unwrap_or(0.0),
@@ -145,7 +145,7 @@ impl Report {
         let (m, s) = (&self.machine, &self.setup);
         let _ = writeln!(
             t,
-            "Measured {} on Linux {}, {} × {}, {} GiB, load average {:.2} at the start. Traffic: {} UDP flows plus a \
+            "Measured {} on Linux {}, {} × {}, {} GiB, load average {:.2} at the end. Traffic: {} UDP flows plus a \
              TCP SYN in every {} packets. Each slice: {} s at the fixed load ({:.0} % of the lab's untraced saturated \
              rate), then {} s unpaced; {} cycles for the rows that resolve a per cent, {} for the others; intervals \
              are distribution-free ≥ 95 % intervals of the median (order statistics), ranges when there are fewer than \
@@ -155,7 +155,7 @@ impl Report {
             m.cpus,
             m.cpu_model,
             m.memory_gib,
-            m.load_average_at_start,
+            m.load_average_at_end,
             s.udp_flows,
             s.syn_one_in,
             s.fixed_phase_s,
