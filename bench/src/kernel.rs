@@ -49,6 +49,18 @@ pub fn server_received_packets(lab: &Lab) -> Result<u64, KernelError> {
         .ok_or_else(|| KernelError::Unreadable { what: "eth0's rx_packets", detail: dev.clone() })
 }
 
+/// CPU time in nanoseconds of the softirq thread of `cpu` (`ksoftirqd/N`, from
+/// `/proc/PID/schedstat`): the forwarding work the sending thread hands off when a softirq round
+/// runs out of budget. `None` when it cannot be found.
+pub fn softirq_thread_ns(cpu: usize) -> Option<u64> {
+    let name = format!("ksoftirqd/{cpu}");
+    let pid = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        (std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim() == name).then_some(pid)
+    })?;
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?.split_whitespace().next()?.parse().ok()
+}
+
 /// The packet counters of the rules with a TRACE target in raw PREROUTING, summed, as
 /// `binary -t raw -L PREROUTING -v -x -n` lists them (iptables-legacy or iptables-nft).
 pub fn trace_rule_packets(lab: &Lab, binary: &str) -> Result<u64, KernelError> {
@@ -105,9 +117,10 @@ pub enum Listened {
     /// nf_tables trace events, on the `NFNLGRP_NFTRACE` multicast group beside the tool under test
     /// (it takes nothing from the tool, but the kernel builds one more copy of each message).
     Nftrace,
-    /// What TRACE logs through nfnetlink_log to group 0 (IPv4), read by nothing else: a reader
-    /// that only counts, so that what tracing costs the kernel itself can be measured.
-    Nflog,
+    /// What iptrace's own trace socket receives, set up as iptrace sets it up: nfnetlink_log's
+    /// group 0 (IPv4) when `nflog`, `NFNLGRP_NFTRACE` and `NFNLGRP_NFTABLES` when `nftrace`. A
+    /// reader that only counts, so that what tracing costs the kernel itself can be measured.
+    TraceSocket { nflog: bool, nftrace: bool },
 }
 
 /// A thread in the router's netns counting trace messages until finished.
@@ -172,15 +185,20 @@ enum ListenerSocket {
     Nftrace(NetfilterSocket),
     /// iptrace's own socket set-up (bound to group 0, whole packets, 128 MiB buffer); only the
     /// reading differs.
-    Nflog(TraceSocket),
+    Trace(TraceSocket),
 }
 
 impl ListenerSocket {
     fn open(listened: Listened) -> io::Result<Self> {
         match listened {
             Listened::Nftrace => open_listener().map(Self::Nftrace),
-            Listened::Nflog => {
-                TraceSocket::open(&[Family::Ipv4], Duration::from_millis(50)).map(Self::Nflog).map_err(io::Error::other)
+            Listened::TraceSocket { nflog, nftrace } => {
+                let families: &[Family] = if nflog { &[Family::Ipv4] } else { &[] };
+                let socket = TraceSocket::open(families, Duration::from_millis(50)).map_err(io::Error::other)?;
+                if nftrace {
+                    socket.join_nftrace().map_err(io::Error::other)?;
+                }
+                Ok(Self::Trace(socket))
             }
         }
     }
@@ -188,7 +206,7 @@ impl ListenerSocket {
     fn count(&self, stop: &AtomicBool) -> io::Result<TraceMessages> {
         match self {
             Self::Nftrace(socket) => count_messages(socket, stop),
-            Self::Nflog(socket) => count_nflog_messages(socket, stop),
+            Self::Trace(socket) => count_trace_socket_messages(socket, stop),
         }
     }
 }
@@ -216,13 +234,16 @@ fn count_messages(socket: &NetfilterSocket, stop: &AtomicBool) -> io::Result<Tra
     }
 }
 
-fn count_nflog_messages(socket: &TraceSocket, stop: &AtomicBool) -> io::Result<TraceMessages> {
+fn count_trace_socket_messages(socket: &TraceSocket, stop: &AtomicBool) -> io::Result<TraceMessages> {
     let mut counts = TraceMessages::default();
     let mut buf = vec![0u8; 1 << 17];
     // As above: after the stop, until the queue is empty.
     loop {
         match socket.receive(&mut buf).map_err(io::Error::other)? {
-            Received::Datagram(n) => counts.messages += messages_of_type(&buf[..n], NFULNL_PACKET_TYPE),
+            Received::Datagram(n) => {
+                counts.messages +=
+                    messages_of_type(&buf[..n], NFULNL_PACKET_TYPE) + messages_of_type(&buf[..n], NFT_TRACE_TYPE)
+            }
             Received::Overrun => counts.overruns += 1,
             Received::Idle if stop.load(Ordering::Relaxed) => return Ok(counts),
             Received::Idle => {}

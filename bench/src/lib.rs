@@ -9,5 +9,6 @@ pub mod report;
 pub mod rounds;
 pub mod ruleset;
 pub mod scenario;
+pub mod spread;
 pub mod tracer;
 pub mod traffic;

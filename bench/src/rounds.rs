@@ -1,122 +1,236 @@
-//! A scenario measured in rounds: a slice of the scenario, then a slice without a tracer, repeated.
+//! Scenarios measured in cycles against untraced slices, and their figures merged.
 //!
-//! On a shared 2-core VM the forwarding rate drifts by a percent or two over minutes and dips by
-//! up to five for a second now and then, as much as the overhead being measured. Alternating short
-//! slices holds each scenario slice against a baseline taken seconds later, and the median of the
-//! per-round ratios keeps one dip from deciding the figure.
+//! On a shared 2-core VM the forwarding CPU's cost per packet drifts over minutes as other work
+//! warms and cools its caches, by as much as the overhead being measured. So every slice of a
+//! scenario sits between two untraced slices (U S₁ U S₂ U … per cycle, the order reversed every
+//! other cycle), its cost is taken against the mean of those two, and a scenario's figure is the
+//! median over cycles with an interval ([`Spread`]). Scenarios held against a floor were measured
+//! in the same cycles as the floor, so their difference is taken cycle by cycle too.
 
-use crate::scenario::ScenarioResult;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// One round: the scenario's slice and the rate of the baseline slice right after it.
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    scenario::{Bench, Scenario, ScenarioError, Slice, Tool},
+    spread::Spread,
+};
+
+/// One slice of a scenario and the untraced slices on either side of it.
 #[derive(Clone, Debug)]
 pub struct Round {
-    pub scenario: ScenarioResult,
-    pub baseline_pps: Option<f64>,
+    pub slice: Slice,
+    /// Mean of the two neighbours: forwarding CPU per packet at the fixed load, and the saturated
+    /// rate.
+    pub untraced_ns_per_packet: Option<f64>,
+    pub untraced_saturated_pps: Option<f64>,
 }
 
-/// The scenario's figures over all rounds: rates and ratios are medians, counts are sums, per-packet
-/// figures are weighted by the packets each round traced, peak RSS is the highest, start and exit
-/// times are medians.
-pub fn merge(rounds: &[Round]) -> ScenarioResult {
-    let traced: Vec<Option<u64>> = rounds.iter().map(|r| r.scenario.traced_packets_kernel).collect();
-    let per_traced = |figure: fn(&ScenarioResult) -> Option<f64>| {
-        let (mut sum, mut weight) = (0.0, 0u64);
-        for (r, t) in rounds.iter().zip(&traced) {
-            if let (Some(v), Some(t)) = (figure(&r.scenario), t) {
-                sum += v * *t as f64;
-                weight += t;
-            }
+impl Round {
+    fn between(slice: Slice, before: &Slice, after: &Slice) -> Self {
+        let mean = |f: fn(&Slice) -> Option<f64>| f(before).zip(f(after)).map(|(a, b)| (a + b) / 2.0);
+        Self {
+            untraced_ns_per_packet: mean(|s| s.fixed.cpu_ns_per_packet()),
+            untraced_saturated_pps: mean(|s| s.saturated.pps()),
+            slice,
         }
-        (weight > 0).then(|| sum / weight as f64)
+    }
+
+    /// Extra forwarding CPU per packet against the untraced neighbours, in per cent.
+    fn cost_pct(&self) -> Option<f64> {
+        self.slice.fixed.cpu_ns_per_packet().zip(self.untraced_ns_per_packet).map(|(t, u)| (t / u - 1.0) * 100.0)
+    }
+}
+
+/// A scenario's figures over its rounds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ScenarioResult {
+    /// When the run that measured it started (a report merged from runs has several).
+    #[serde(default)]
+    pub measured: String,
+    /// Forwarding CPU per forwarded packet at the fixed load, in ns: the median over the
+    /// scenario's slices, and over their untraced neighbours.
+    pub forwarding_ns_per_packet: Option<f64>,
+    pub untraced_ns_per_packet: Option<f64>,
+    /// The extra forwarding CPU per packet, in per cent of the untraced: median and interval
+    /// over cycles.
+    pub cost_pct: Option<Spread>,
+    /// `cost_pct` minus the floor's, cycle by cycle, in percentage points.
+    pub cost_vs_floor_pct: Option<Spread>,
+    /// Forwarded packets per second with the generator unpaced, and its ratio to the untraced
+    /// neighbours' (the second figure: throughput, coarser).
+    pub saturated_pps: Option<f64>,
+    pub saturated_ratio: Option<Spread>,
+    /// Packets traced per second at the fixed load (the traced share of the forwarded packets
+    /// times the fixed phase's rate).
+    pub traced_pps: Option<f64>,
+    pub traced_packets_kernel: Option<u64>,
+    pub reported_complete: Option<u64>,
+    pub complete_ratio: Option<f64>,
+    pub lost_events: Option<u64>,
+    pub cpu_s_per_1k_traced: Option<f64>,
+    pub peak_rss_mb: Option<f64>,
+    pub msgs_to_userspace_per_match: Option<f64>,
+    pub ready_ms: Option<f64>,
+    pub exit_ms: Option<f64>,
+    /// The per-cycle costs behind `cost_pct`, in measuring order.
+    pub cost_samples_pct: Vec<f64>,
+    pub rounds: usize,
+    pub notes: Vec<String>,
+}
+
+/// Rates and per-packet figures are medians, counts are sums, CPU per traced packet is over all
+/// rounds' traced packets, peak RSS is the highest, start and exit times are medians.
+pub fn merge(rounds: &[Round]) -> ScenarioResult {
+    let slices: Vec<&Slice> = rounds.iter().map(|r| &r.slice).collect();
+    let median = |values: Vec<f64>| Spread::of(&values).map(|s| s.median);
+    let sum = |figure: fn(&Slice) -> Option<u64>| {
+        slices.iter().map(|s| figure(s)).reduce(|a, b| a.zip(b).map(|(a, b)| a + b)).flatten()
     };
-    let sum = |figure: fn(&ScenarioResult) -> Option<u64>| {
-        rounds.iter().map(|r| figure(&r.scenario)).reduce(|a, b| a.zip(b).map(|(a, b)| a + b)).flatten()
-    };
-    let median_of = |figure: &dyn Fn(&Round) -> Option<f64>| median(rounds.iter().filter_map(figure).collect());
-    let traced_sum = sum(|r| r.traced_packets_kernel);
-    let complete_sum = sum(|r| r.reported_complete);
+    let traced = sum(|s| s.traced_packets_kernel);
+    let complete = sum(|s| s.reported_complete);
+    let tracer_cpu = slices.iter().map(|s| s.tracer_cpu_seconds).reduce(|a, b| a.zip(b).map(|(a, b)| a + b)).flatten();
+    let costs: Vec<f64> = rounds.iter().filter_map(Round::cost_pct).collect();
+    let ratios: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| r.slice.saturated.pps().zip(r.untraced_saturated_pps).map(|(t, u)| t / u))
+        .collect();
     let mut notes: Vec<String> = Vec::new();
-    for note in rounds.iter().flat_map(|r| &r.scenario.notes) {
+    for note in slices.iter().flat_map(|s| &s.notes) {
         if !notes.contains(note) {
             notes.push(note.clone());
         }
     }
+    let nonzero = traced.filter(|&t| t > 0);
     ScenarioResult {
-        forward_pps: median_of(&|r| r.scenario.forward_pps),
-        forward_ratio: median_of(&|r| r.scenario.forward_pps.zip(r.baseline_pps).map(|(pps, base)| pps / base)),
-        traced_packets_kernel: traced_sum,
-        reported_complete: complete_sum,
-        complete_ratio: complete_sum.zip(traced_sum.filter(|&t| t > 0)).map(|(c, t)| c as f64 / t as f64),
-        lost_events: sum(|r| r.lost_events),
-        cpu_s_per_1k_traced: per_traced(|r| r.cpu_s_per_1k_traced),
-        peak_rss_mb: rounds.iter().filter_map(|r| r.scenario.peak_rss_mb).reduce(f64::max),
-        msgs_to_userspace_per_match: per_traced(|r| r.msgs_to_userspace_per_match),
-        ready_ms: median_of(&|r| r.scenario.ready_ms),
-        exit_ms: median_of(&|r| r.scenario.exit_ms),
-        adjacent_baseline_pps: median_of(&|r| r.baseline_pps),
-        offered_pps: median_of(&|r| r.scenario.offered_pps),
+        measured: String::new(),
+        forwarding_ns_per_packet: median(slices.iter().filter_map(|s| s.fixed.cpu_ns_per_packet()).collect()),
+        untraced_ns_per_packet: median(rounds.iter().filter_map(|r| r.untraced_ns_per_packet).collect()),
+        cost_pct: Spread::of(&costs),
+        cost_vs_floor_pct: None,
+        saturated_pps: median(slices.iter().filter_map(|s| s.saturated.pps()).collect()),
+        saturated_ratio: Spread::of(&ratios),
+        traced_pps: median(
+            slices
+                .iter()
+                .filter_map(|s| {
+                    let forwarded = s.fixed.forwarded + s.saturated.forwarded;
+                    let share = s.traced_packets_kernel? as f64 / (forwarded > 0).then_some(forwarded)? as f64;
+                    Some(share * s.fixed.pps()?)
+                })
+                .collect(),
+        ),
+        traced_packets_kernel: traced,
+        reported_complete: complete,
+        complete_ratio: complete.zip(nonzero).map(|(c, t)| c as f64 / t as f64),
+        lost_events: sum(|s| s.lost_events),
+        cpu_s_per_1k_traced: tracer_cpu.zip(nonzero).map(|(cpu, t)| cpu * 1000.0 / t as f64),
+        peak_rss_mb: slices.iter().filter_map(|s| s.peak_rss_mb).reduce(f64::max),
+        msgs_to_userspace_per_match: sum(|s| s.messages).zip(nonzero).map(|(m, t)| m as f64 / t as f64),
+        ready_ms: median(slices.iter().filter_map(|s| s.ready_ms).collect()),
+        exit_ms: median(slices.iter().filter_map(|s| s.exit_ms).collect()),
+        cost_samples_pct: costs,
         rounds: rounds.len(),
         notes,
     }
 }
 
-/// The median; the mean of the middle two for an even count.
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(values[n / 2]),
-        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+/// Measures `scenarios` (all of `bench`'s lab) together for `cycles` cycles, each slice between
+/// two untraced ones; returns each scenario's figures, with its difference to its floor where the
+/// floor was among them, and the untraced slices.
+pub fn measure_together(
+    bench: &Bench,
+    scenarios: &[Scenario],
+    cycles: usize,
+    interrupted: &AtomicBool,
+    progress: &dyn Fn(&str),
+) -> Result<(Vec<ScenarioResult>, Vec<Slice>), ScenarioError> {
+    let untraced = Scenario { tool: Tool::Untraced, ..scenarios[0] };
+    let mut rounds: Vec<Vec<Round>> = vec![Vec::with_capacity(cycles); scenarios.len()];
+    let mut untraced_slices = vec![bench.run(&untraced)?];
+    for cycle in 0..cycles {
+        let order: Vec<usize> =
+            if cycle % 2 == 0 { (0..scenarios.len()).collect() } else { (0..scenarios.len()).rev().collect() };
+        for i in order {
+            if interrupted.load(Ordering::Relaxed) {
+                return Err(ScenarioError::Interrupted);
+            }
+            let slice = bench.run(&scenarios[i])?;
+            let after = bench.run(&untraced)?;
+            let before = untraced_slices.last().expect("one untraced slice comes first");
+            rounds[i].push(Round::between(slice, before, &after));
+            untraced_slices.push(after);
+        }
+        progress(&format!("cycle {}/{cycles}", cycle + 1));
     }
+    let mut results: Vec<ScenarioResult> = rounds.iter().map(|r| merge(r)).collect();
+    for (i, scenario) in scenarios.iter().enumerate() {
+        let Some(floor) = scenario.floor.and_then(|f| scenarios.iter().position(|s| s.key == f)) else { continue };
+        let differences: Vec<f64> = rounds[i]
+            .iter()
+            .zip(&rounds[floor])
+            .filter_map(|(r, f)| r.cost_pct().zip(f.cost_pct()).map(|(r, f)| r - f))
+            .collect();
+        results[i].cost_vs_floor_pct = Spread::of(&differences);
+    }
+    Ok((results, untraced_slices))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scenario::Phase;
 
-    fn round(pps: f64, base: f64, traced: u64, complete: u64, cpu_per_1k: f64) -> Round {
-        Round {
-            scenario: ScenarioResult {
-                forward_pps: Some(pps),
-                traced_packets_kernel: Some(traced),
-                reported_complete: Some(complete),
-                lost_events: Some(1),
-                cpu_s_per_1k_traced: Some(cpu_per_1k),
-                peak_rss_mb: Some(traced as f64),
-                ready_ms: Some(pps),
-                ..ScenarioResult::default()
+    fn slice(ns_per_packet: f64, pps: f64, traced: u64, complete: u64, cpu: f64) -> Slice {
+        Slice {
+            fixed: Phase {
+                forwarded: 1000,
+                offered: 1000,
+                seconds: 1.0,
+                forwarding_cpu_ns: (ns_per_packet * 1000.0) as u64,
             },
-            baseline_pps: Some(base),
+            saturated: Phase { forwarded: pps as u64, offered: pps as u64, seconds: 1.0, ..Phase::default() },
+            traced_packets_kernel: Some(traced),
+            reported_complete: Some(complete),
+            lost_events: Some(1),
+            tracer_cpu_seconds: Some(cpu),
+            peak_rss_mb: Some(traced as f64),
+            ready_ms: Some(pps),
+            ..Slice::default()
         }
     }
 
+    fn untraced(ns_per_packet: f64, pps: f64) -> Slice {
+        slice(ns_per_packet, pps, 0, 0, 0.0)
+    }
+
     #[test]
-    fn a_dip_in_one_round_does_not_decide_the_ratio() {
-        let rounds =
-            [round(97.0, 100.0, 10, 10, 1.0), round(60.0, 100.0, 30, 27, 3.0), round(98.0, 101.0, 10, 10, 1.0)];
+    fn costs_are_against_the_neighbours_and_a_dip_does_not_decide() {
+        let rounds = [
+            Round::between(slice(1010.0, 97.0, 10, 10, 0.01), &untraced(990.0, 100.0), &untraced(1010.0, 100.0)),
+            Round::between(slice(1500.0, 60.0, 30, 27, 0.09), &untraced(1000.0, 100.0), &untraced(1000.0, 100.0)),
+            Round::between(slice(1030.0, 98.0, 10, 10, 0.01), &untraced(1000.0, 100.0), &untraced(1000.0, 100.0)),
+        ];
         let m = merge(&rounds);
-        assert_eq!(m.forward_ratio, Some(97.0 / 100.0));
-        assert_eq!(m.forward_pps, Some(97.0));
-        assert_eq!(m.adjacent_baseline_pps, Some(100.0));
+        let cost = m.cost_pct.unwrap();
+        assert!((cost.median - 3.0).abs() < 1e-9, "{cost:?}");
+        assert!((cost.min - 1.0).abs() < 1e-9 && (cost.max - 50.0).abs() < 1e-9);
+        assert_eq!(m.saturated_ratio.unwrap().median, 0.97);
+        assert_eq!(m.forwarding_ns_per_packet, Some(1030.0));
         assert_eq!((m.traced_packets_kernel, m.reported_complete, m.lost_events), (Some(50), Some(47), Some(3)));
         assert_eq!(m.complete_ratio, Some(47.0 / 50.0));
-        // CPU per 1k traced over all rounds: (10·1 + 30·3 + 10·1) / 50.
-        assert_eq!(m.cpu_s_per_1k_traced, Some(110.0 / 50.0));
+        // CPU per 1k traced over all rounds: 0.11 s for 50 packets.
+        assert!((m.cpu_s_per_1k_traced.unwrap() - 0.11 * 1000.0 / 50.0).abs() < 1e-9);
         assert_eq!(m.peak_rss_mb, Some(30.0));
         assert_eq!(m.rounds, 3);
     }
 
     #[test]
-    fn even_counts_take_the_middle_two() {
-        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
-        assert_eq!(median(Vec::new()), None);
-    }
-
-    #[test]
     fn a_figure_missing_in_a_round_is_missing_in_the_sum() {
-        let mut rounds = vec![round(97.0, 100.0, 10, 10, 1.0), round(98.0, 100.0, 10, 10, 1.0)];
-        rounds[1].scenario.lost_events = None;
+        let mut missing = slice(1000.0, 100.0, 10, 10, 0.01);
+        missing.lost_events = None;
+        let u = untraced(1000.0, 100.0);
+        let rounds = [Round::between(slice(1000.0, 100.0, 10, 10, 0.01), &u, &u), Round::between(missing, &u, &u)];
         assert_eq!(merge(&rounds).lost_events, None);
     }
 }

@@ -133,6 +133,39 @@ pub fn kube_node(services: usize) -> RuleSet {
     RuleSet { restore_text: t, rules }
 }
 
+/// The number of services with which [`kube_node`] comes closest to `rules` rules (8.25 per
+/// service plus 46 of the node's own).
+pub fn services_for(rules: usize) -> usize {
+    (rules.saturating_sub(46) * 4).div_ceil(33).max(1)
+}
+
+/// A native nftables rule set (`nft -f` input) of `rules` rules with a set of `elements` IPv4
+/// addresses: the forward chain looks every packet up in the set (a block list) and jumps to a
+/// chain of services (each rule an address and a port) only for their addresses, so that lab
+/// traffic walks two rules, as a well-built rule set has it; the policy accepts. What the
+/// ready-time target is measured against: reading, resolving and watching a large rule set and set.
+pub fn nft_with_set(rules: usize, elements: usize) -> RuleSet {
+    let mut t = String::with_capacity(rules * 80 + elements * 14);
+    t.push_str("table inet bench_filter {\n set blocked {\n  type ipv4_addr\n  elements = { ");
+    for i in 0..elements {
+        let _ = write!(t, "{}10.{}.{}.{}", if i > 0 { ", " } else { "" }, 128 + i / 65_536, (i / 256) % 256, i % 256);
+    }
+    t.push_str(" }\n }\n chain forward {\n  type filter hook forward priority 0; policy accept;\n");
+    t.push_str("  ip saddr @blocked counter drop comment \"block list\"\n");
+    t.push_str("  ip daddr 10.200.0.0/16 jump services\n }\n chain services {\n");
+    for i in 2..rules.max(2) {
+        let _ = writeln!(
+            t,
+            "  ip daddr 10.200.{}.{} tcp dport {} counter accept comment \"service {i}\"",
+            i / 250,
+            i % 250 + 1,
+            1_000 + i % 1_000
+        );
+    }
+    t.push_str(" }\n}\n");
+    RuleSet { restore_text: t, rules }
+}
+
 /// kube-proxy names chains after a hash of the service; any stable spread of bits does here.
 fn hash(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -144,6 +177,17 @@ fn hash(x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scales_to_the_rule_counts_asked_for() {
+        for target in [100, 1_000, 10_000] {
+            let rules = kube_node(services_for(target)).rules;
+            assert!(rules.abs_diff(target) <= target / 20, "{rules} rules for {target}");
+        }
+        let set = nft_with_set(5_000, 10_000);
+        assert_eq!(set.restore_text.matches(" counter ").count() + set.restore_text.matches(" jump ").count(), 5_000);
+        assert_eq!(set.restore_text.matches(", 10.").count(), 9_999);
+    }
 
     #[test]
     fn has_the_scale_the_benchmark_promises() {

@@ -1,21 +1,39 @@
-//! The scenarios and one run of each: the lab with its rule sets, a tracer (or none), the
-//! traffic, and the figures.
+//! The scenarios and one slice of each: the lab with its rule set, a tracer (or none), the
+//! traffic in two phases, and the figures.
 //!
-//! The router carries the same kube-proxy/Docker rule set twice: in iptables-legacy (what iptrace
-//! traces) and in iptables-nft (what `nft monitor trace` and `xtables-monitor --trace` trace), so
-//! every scenario forwards through the same rules and one baseline serves all.
+//! Every comparison is like for like: a lab per engine holds the rule set in that engine only
+//! (iptables-legacy, or iptables-nft), and each engine's rows are held against that engine's
+//! floor, the kernel's own tracing with a reader that only counts; a third lab carries both copies
+//! (the mixed host, where iptrace's default traces both). Within an engine every row marks packets
+//! the same way (iptrace's TRACE rules on the legacy host, iptrace's nf_tables table on the
+//! others, installed through iptrace's library where the tool under test does not mark itself),
+//! counts the packets the kernel traced from that marking's rule counters, and on the nf_tables
+//! hosts has the harness's extra listener on `NFNLGRP_NFTRACE` (for messages per packet).
 
-use std::{fs, path::PathBuf, thread, time::Duration};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
 
-use iptrace::{decode::Family, instrument::nf_log};
+use iptrace::{
+    decode::Family,
+    filter::Selection,
+    instrument::{self, Instrumentation, Marker, Prefilter, TracePlan},
+};
 use iptrace_lab::{Lab, LabError, Role};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     completeness::{self, OutputFormat},
-    kernel::{self, KernelError, Listened, TraceListener},
-    rounds::{self, Round},
-    ruleset::RuleSet,
+    kernel::{self, KernelError, Listened, TraceListener, TraceMessages},
+    ruleset::{self, RuleSet},
     tracer::{Readiness, TracerError, TracerProcess},
     traffic::{self, TrafficPlan, UDP_FIRST_PORT},
 };
@@ -36,134 +54,336 @@ pub enum ScenarioError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the router's logger binding")]
-    Logger(#[from] iptrace::instrument::InstrumentError),
+    #[error("the floor's marking: {0}")]
+    Marking(String),
+    #[error("interrupted; the lab is removed")]
+    Interrupted,
+}
+
+/// Which engine holds the router's rule set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Host {
+    /// iptables-legacy only.
+    Legacy,
+    /// nf_tables only (iptables-nft, or native nft).
+    Nftables,
+    /// The same rule set in both: every packet crosses both copies.
+    Mixed,
+}
+
+/// The router's rule set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rules {
+    /// The kube-proxy/Docker node of [`ruleset::kube_node`] with about this many rules.
+    KubeNode(usize),
+    /// This many rules in all: the 574-rule kube node in iptables-nft (so that lab packets cross
+    /// the chains the completeness check looks for) and native nft rules with a set of this many
+    /// elements ([`ruleset::nft_with_set`]) for the rest.
+    NftWithSet { rules: usize, elements: usize },
+}
+
+/// A lab: where a scenario runs. Scenarios of one lab share its build and its fixed load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LabSpec {
+    pub name: &'static str,
+    pub host: Host,
+    pub rules: Rules,
+}
+
+impl LabSpec {
+    /// The kube node (in the engines of the host), and the native nft rule set with its set.
+    fn rule_sets(&self) -> (RuleSet, Option<RuleSet>) {
+        match self.rules {
+            Rules::KubeNode(rules) => (ruleset::kube_node(ruleset::services_for(rules)), None),
+            Rules::NftWithSet { rules, elements } => {
+                let kube = ruleset::kube_node(ruleset::services_for(574));
+                let native = ruleset::nft_with_set(rules.saturating_sub(kube.rules), elements);
+                (kube, Some(native))
+            }
+        }
+    }
+}
+
+const LEGACY: LabSpec = LabSpec { name: "legacy", host: Host::Legacy, rules: Rules::KubeNode(574) };
+const NFTABLES: LabSpec = LabSpec { name: "nftables", host: Host::Nftables, rules: Rules::KubeNode(574) };
+const MIXED: LabSpec = LabSpec { name: "mixed", host: Host::Mixed, rules: Rules::KubeNode(574) };
+const RULES_100: LabSpec = LabSpec { name: "nftables_100_rules", host: Host::Nftables, rules: Rules::KubeNode(100) };
+const RULES_1K: LabSpec = LabSpec { name: "nftables_1000_rules", host: Host::Nftables, rules: Rules::KubeNode(1_000) };
+const RULES_10K: LabSpec =
+    LabSpec { name: "nftables_10000_rules", host: Host::Nftables, rules: Rules::KubeNode(10_000) };
+const NFT_SET: LabSpec = LabSpec {
+    name: "nftables_5000_rules_10000_set",
+    host: Host::Nftables,
+    rules: Rules::NftWithSet { rules: 5_000, elements: 10_000 },
+};
+
+/// What runs during a scenario's slices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tool {
+    /// Nothing: the slice is one more untraced one (the A/A check: its cost must come out 0).
+    Untraced,
+    /// Nothing traces, but a chain of rules that match nothing runs first in raw PREROUTING
+    /// ([`BenchConfig::calibration_rules`]): a known extra cost, to show what the method resolves.
+    NoOpChain,
+    /// The engine's floor: iptrace's marking installed through its library, and a reader that
+    /// only counts (iptrace's trace socket, set up as iptrace sets it up).
+    Floor,
+    Iptrace {
+        args: &'static [&'static str],
+        output: OutputFormat,
+    },
+    NftMonitor,
+    XtablesMonitor,
+}
+
+/// Which packets are traced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traced {
+    /// UDP to the first `n` of the 256 flows' ports (`udp dst port 5000`, `portrange 5000-…`).
+    Flows(u16),
+    Everything,
+}
+
+impl Traced {
+    fn expression(self) -> Option<String> {
+        match self {
+            Traced::Flows(1) => Some(format!("udp dst port {UDP_FIRST_PORT}")),
+            Traced::Flows(n) => Some(format!("udp dst portrange {UDP_FIRST_PORT}-{}", UDP_FIRST_PORT + n - 1)),
+            Traced::Everything => None,
+        }
+    }
+}
+
+/// How many cycles a scenario gets: the precise ones resolve a per cent, the others (tracing more
+/// than one flow, the scale rows) are about completeness, CPU per traced packet, memory and start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Precision {
+    Fine,
+    Coarse,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scenario {
-    Baseline,
-    /// One flow with drop reasons on (iptrace's default; issue 15's cost of `skb:kfree_skb`).
-    IptraceOneFlow,
-    /// The same with `--no-drops`: the difference is what reporting drops costs.
-    IptraceOneFlowNoDrops,
-    IptraceAll,
-    /// As [`Scenario::IptraceAll`], written as JSON lines (`--json`).
-    IptraceAllJson,
-    NftMonitorOneFlow,
-    NftMonitorAll,
-    XtablesMonitorAll,
-    IptraceAllNoSocketFilter,
-    IptraceBothEnginesOneFlow,
-    IptraceBothEnginesAll,
-    TraceFloorOneFlow,
+pub struct Scenario {
+    pub key: &'static str,
+    pub lab: LabSpec,
+    pub tool: Tool,
+    pub traced: Traced,
+    pub precision: Precision,
+    /// The scenario whose cost this one's is held against, per cycle (same lab, same cycles).
+    pub floor: Option<&'static str>,
 }
+
+const fn row(key: &'static str, lab: LabSpec, tool: Tool, traced: Traced, floor: Option<&'static str>) -> Scenario {
+    // One flow on the three main labs: the rows the targets and the calibration are about.
+    let precision = match (traced, lab.rules) {
+        (Traced::Flows(1), Rules::KubeNode(574)) => Precision::Fine,
+        _ => Precision::Coarse,
+    };
+    Scenario { key, lab, tool, traced, precision, floor }
+}
+
+const ONE: Traced = Traced::Flows(1);
+const ALL: Traced = Traced::Everything;
+const TEXT: OutputFormat = OutputFormat::Iptrace;
+const LEGACY_ARGS: &[&str] = &["--backend", "legacy"];
+const NFT_ARGS: &[&str] = &["--backend", "nft"];
+/// Rules in the calibration chain by default: about 1 % of the legacy lab's forwarding CPU per
+/// packet (see docs/benchmarks.md for how that was measured).
+pub const CALIBRATION_RULES: usize = 30;
 
 impl Scenario {
-    pub const ALL: [Scenario; 12] = [
-        Scenario::Baseline,
-        Scenario::IptraceOneFlow,
-        Scenario::IptraceOneFlowNoDrops,
-        Scenario::IptraceAll,
-        Scenario::IptraceAllJson,
-        Scenario::NftMonitorOneFlow,
-        Scenario::NftMonitorAll,
-        Scenario::XtablesMonitorAll,
-        Scenario::IptraceAllNoSocketFilter,
-        Scenario::IptraceBothEnginesOneFlow,
-        Scenario::IptraceBothEnginesAll,
-        Scenario::TraceFloorOneFlow,
+    pub const ALL: [Scenario; 29] = [
+        row("calibration_a_a", LEGACY, Tool::Untraced, ONE, None),
+        row("calibration_1pct", LEGACY, Tool::NoOpChain, ONE, None),
+        row("legacy_floor_one_flow", LEGACY, Tool::Floor, ONE, None),
+        row(
+            "legacy_iptrace_one_flow",
+            LEGACY,
+            Tool::Iptrace { args: LEGACY_ARGS, output: TEXT },
+            ONE,
+            Some("legacy_floor_one_flow"),
+        ),
+        row(
+            "legacy_iptrace_one_flow_no_drops",
+            LEGACY,
+            Tool::Iptrace { args: &["--backend", "legacy", "--no-drops"], output: TEXT },
+            ONE,
+            Some("legacy_floor_one_flow"),
+        ),
+        row("legacy_floor_all", LEGACY, Tool::Floor, ALL, None),
+        row(
+            "legacy_iptrace_all",
+            LEGACY,
+            Tool::Iptrace { args: LEGACY_ARGS, output: TEXT },
+            ALL,
+            Some("legacy_floor_all"),
+        ),
+        row(
+            "legacy_iptrace_all_json",
+            LEGACY,
+            Tool::Iptrace { args: &["--backend", "legacy", "--json"], output: OutputFormat::IptraceJson },
+            ALL,
+            Some("legacy_floor_all"),
+        ),
+        row(
+            "legacy_iptrace_all_pcapng",
+            LEGACY,
+            Tool::Iptrace { args: &["--backend", "legacy", "-w", "-"], output: OutputFormat::Pcapng },
+            ALL,
+            Some("legacy_floor_all"),
+        ),
+        row("nft_floor_one_flow", NFTABLES, Tool::Floor, ONE, None),
+        row(
+            "nft_iptrace_one_flow",
+            NFTABLES,
+            Tool::Iptrace { args: NFT_ARGS, output: TEXT },
+            ONE,
+            Some("nft_floor_one_flow"),
+        ),
+        row("nft_monitor_one_flow", NFTABLES, Tool::NftMonitor, ONE, Some("nft_floor_one_flow")),
+        row("nft_xtables_monitor_one_flow", NFTABLES, Tool::XtablesMonitor, ONE, Some("nft_floor_one_flow")),
+        row("nft_iptrace_16_flows", NFTABLES, Tool::Iptrace { args: NFT_ARGS, output: TEXT }, Traced::Flows(16), None),
+        row("nft_iptrace_64_flows", NFTABLES, Tool::Iptrace { args: NFT_ARGS, output: TEXT }, Traced::Flows(64), None),
+        row("nft_floor_all", NFTABLES, Tool::Floor, ALL, None),
+        row("nft_iptrace_all", NFTABLES, Tool::Iptrace { args: NFT_ARGS, output: TEXT }, ALL, Some("nft_floor_all")),
+        row(
+            "nft_iptrace_all_json",
+            NFTABLES,
+            Tool::Iptrace { args: &["--backend", "nft", "--json"], output: OutputFormat::IptraceJson },
+            ALL,
+            Some("nft_floor_all"),
+        ),
+        row(
+            "nft_iptrace_all_pcapng",
+            NFTABLES,
+            Tool::Iptrace { args: &["--backend", "nft", "-w", "-"], output: OutputFormat::Pcapng },
+            ALL,
+            Some("nft_floor_all"),
+        ),
+        row("nft_monitor_all", NFTABLES, Tool::NftMonitor, ALL, Some("nft_floor_all")),
+        row("nft_xtables_monitor_all", NFTABLES, Tool::XtablesMonitor, ALL, Some("nft_floor_all")),
+        row("mixed_floor_one_flow", MIXED, Tool::Floor, ONE, None),
+        row(
+            "mixed_iptrace_one_flow",
+            MIXED,
+            Tool::Iptrace { args: &[], output: TEXT },
+            ONE,
+            Some("mixed_floor_one_flow"),
+        ),
+        row("mixed_floor_all", MIXED, Tool::Floor, ALL, None),
+        row("mixed_iptrace_all", MIXED, Tool::Iptrace { args: &[], output: TEXT }, ALL, Some("mixed_floor_all")),
+        row("scale_100_rules", RULES_100, Tool::Iptrace { args: &[], output: TEXT }, ONE, None),
+        row("scale_1000_rules", RULES_1K, Tool::Iptrace { args: &[], output: TEXT }, ONE, None),
+        row("scale_10000_rules", RULES_10K, Tool::Iptrace { args: &[], output: TEXT }, ONE, None),
+        row("scale_5000_nft_rules_10000_set", NFT_SET, Tool::Iptrace { args: &[], output: TEXT }, ONE, None),
     ];
 
-    pub fn key(self) -> &'static str {
-        match self {
-            Scenario::Baseline => "baseline",
-            Scenario::IptraceOneFlow => "iptrace_one_flow",
-            Scenario::IptraceOneFlowNoDrops => "iptrace_one_flow_no_drops",
-            Scenario::IptraceAll => "iptrace_all",
-            Scenario::IptraceAllJson => "iptrace_all_json",
-            Scenario::NftMonitorOneFlow => "nft_monitor_one_flow",
-            Scenario::NftMonitorAll => "nft_monitor_all",
-            Scenario::XtablesMonitorAll => "xtables_monitor_all",
-            Scenario::IptraceAllNoSocketFilter => "iptrace_all_no_socket_filter",
-            Scenario::IptraceBothEnginesOneFlow => "iptrace_both_engines_one_flow",
-            Scenario::IptraceBothEnginesAll => "iptrace_both_engines_all",
-            Scenario::TraceFloorOneFlow => "trace_floor_one_flow",
-        }
-    }
-
-    fn one_flow(self) -> bool {
-        matches!(
-            self,
-            Scenario::IptraceOneFlow
-                | Scenario::IptraceOneFlowNoDrops
-                | Scenario::NftMonitorOneFlow
-                | Scenario::IptraceBothEnginesOneFlow
-                | Scenario::TraceFloorOneFlow
-        )
+    pub fn by_key(key: &str) -> Option<Scenario> {
+        Self::ALL.into_iter().find(|s| s.key == key)
     }
 }
 
-/// The figures of one scenario; `None` where a figure does not apply.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ScenarioResult {
-    pub forward_pps: Option<f64>,
-    pub forward_ratio: Option<f64>,
+/// Traffic through the lab, as one phase of a slice measured it.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Phase {
+    /// Packets the server's interface received.
+    pub forwarded: u64,
+    /// Packets the generator handed to the kernel.
+    pub offered: u64,
+    pub seconds: f64,
+    /// CPU time of the forwarding CPU's work: the sending thread (the whole path runs in softirq
+    /// in its context) plus that CPU's softirq thread, in nanoseconds.
+    pub forwarding_cpu_ns: u64,
+}
+
+impl Phase {
+    pub fn cpu_ns_per_packet(&self) -> Option<f64> {
+        (self.forwarded > 0).then(|| self.forwarding_cpu_ns as f64 / self.forwarded as f64)
+    }
+
+    pub fn pps(&self) -> Option<f64> {
+        (self.seconds > 0.0).then(|| self.forwarded as f64 / self.seconds)
+    }
+}
+
+/// One slice of a scenario: the fixed-load phase, then the saturated one, and the tracer's
+/// figures over both.
+#[derive(Clone, Debug, Default)]
+pub struct Slice {
+    pub fixed: Phase,
+    pub saturated: Phase,
     pub traced_packets_kernel: Option<u64>,
     pub reported_complete: Option<u64>,
-    pub complete_ratio: Option<f64>,
     pub lost_events: Option<u64>,
-    pub cpu_s_per_1k_traced: Option<f64>,
+    pub tracer_cpu_seconds: Option<f64>,
     pub peak_rss_mb: Option<f64>,
-    pub msgs_to_userspace_per_match: Option<f64>,
+    pub messages: Option<u64>,
     pub ready_ms: Option<f64>,
     pub exit_ms: Option<f64>,
-    /// The baseline measured right after this scenario, which `forward_ratio` is relative to.
-    pub adjacent_baseline_pps: Option<f64>,
-    /// Packets the generator handed to the kernel per second.
-    pub offered_pps: Option<f64>,
-    /// Scenario slices the figures were taken over (see [`crate::rounds`]).
-    pub rounds: usize,
     pub notes: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
+    /// The saturated phase's traffic (also the base of the fixed phase's, whose rate and length
+    /// the lab's calibration sets).
     pub traffic: TrafficPlan,
+    /// Length of the fixed-load phase of each slice.
+    pub fixed_phase: Duration,
+    /// The fixed load as a share of the untraced saturated rate.
+    pub fixed_load_share: f64,
     pub iptrace: PathBuf,
     /// Where the tracers write their output.
     pub work_dir: PathBuf,
     /// Leave the outputs there, for a look at what each tracer reported.
     pub keep_outputs: bool,
+    /// Prefix of the lab's namespaces.
+    pub lab_prefix: String,
+    /// Rules in the chain of [`Tool::NoOpChain`].
+    pub calibration_rules: usize,
 }
 
-/// The nft table holding the `meta nftrace set 1` rule of the nft monitor scenarios; priority
-/// -350 runs it before the raw table, as iptrace's TRACE rule is the first of raw.
-const NFTRACE_TABLE: &str = "iptrace_bench";
-const NFTRACE_CHAIN: &str = "mark_for_trace";
 /// From a tracer's ready signal to the traffic: what is measured is the cost of tracing, not of
-/// starting (iptrace verifies and attaches its eBPF socket filter in the background for about
-/// 0.3 s after it says it is ready); the start is measured on its own as `ready_ms`.
-const WARM_UP: Duration = Duration::from_secs(1);
+/// starting (iptrace verifies its eBPF programs in the background for about 0.15 s after it
+/// says it is ready); the start is measured on its own as `ready_ms`.
+const WARM_UP: Duration = Duration::from_millis(500);
 /// After the traffic: in-flight packets arrive within this.
-const SETTLE: Duration = Duration::from_millis(100);
+const SETTLE: Duration = Duration::from_millis(50);
 /// Then the tracer gets this long to take in what is still queued (iptrace's grouping waits
 /// 50 ms of quiet per packet) before it is stopped.
-const DRAIN: Duration = Duration::from_millis(700);
+const DRAIN_ONE_FLOW: Duration = Duration::from_millis(300);
+const DRAIN_ALL: Duration = Duration::from_millis(700);
+/// Saturated slices that find a lab's untraced rate, of which the fixed load is a share.
+const RATE_PROBES: usize = 3;
 
-/// The lab with its rule sets, ready for scenarios; removed on drop.
+/// A lab with its rule set, ready for scenarios; removed on drop.
 pub struct Bench {
     lab: Lab,
+    spec: LabSpec,
     config: BenchConfig,
+    rules: usize,
+    /// The fixed phase's traffic: a share of the untraced saturated rate found at the start.
+    fixed: TrafficPlan,
+    pub untraced_saturated_pps: f64,
 }
 
 impl Bench {
-    pub fn build(config: BenchConfig, rules: &RuleSet) -> Result<Self, ScenarioError> {
+    pub fn build(config: BenchConfig, spec: LabSpec) -> Result<Self, ScenarioError> {
         fs::create_dir_all(&config.work_dir)
             .map_err(|source| ScenarioError::WorkDir { path: config.work_dir.clone(), source })?;
-        let lab = Lab::router_lab("iptbench")?;
-        lab.exec(Role::Router, &["iptables-legacy-restore"], &rules.restore_text)?;
-        lab.exec(Role::Router, &["iptables-nft-restore"], &rules.restore_text)?;
+        let lab = Lab::router_lab(&config.lab_prefix)?;
+        let (kube, native) = spec.rule_sets();
+        if matches!(spec.host, Host::Legacy | Host::Mixed) {
+            lab.exec(Role::Router, &["iptables-legacy-restore"], &kube.restore_text)?;
+        }
+        if matches!(spec.host, Host::Nftables | Host::Mixed) {
+            lab.exec(Role::Router, &["iptables-nft-restore"], &kube.restore_text)?;
+        }
+        if let Some(native) = &native {
+            lab.exec(Role::Router, &["nft", "-f", "-"], &native.restore_text)?;
+        }
+        let rules = kube.rules + native.map_or(0, |n| n.rules);
         // The server only counts what arrives: dropping it before anything else keeps its replies
         // (ICMP port unreachable, RST) off the router.
         lab.exec(
@@ -171,193 +391,252 @@ impl Bench {
             &["nft", "-f", "-"],
             "table ip sink {\n chain arrivals {\n  type filter hook prerouting priority -500; policy drop\n }\n}\n",
         )?;
-        Ok(Self { lab, config })
+        let fixed = TrafficPlan { duration: config.fixed_phase, ..config.traffic };
+        let mut bench = Self { lab, spec, config, rules, fixed, untraced_saturated_pps: 0.0 };
+        let mut probes = Vec::with_capacity(RATE_PROBES);
+        for _ in 0..RATE_PROBES {
+            probes.push(bench.phase(bench.config.traffic)?.pps().unwrap_or(0.0));
+        }
+        probes.sort_by(f64::total_cmp);
+        bench.untraced_saturated_pps = probes[RATE_PROBES / 2];
+        bench.fixed.rate_pps = (bench.untraced_saturated_pps * bench.config.fixed_load_share) as u64;
+        Ok(bench)
     }
 
     pub fn lab(&self) -> &Lab {
         &self.lab
     }
 
-    /// Measures `scenario` in `rounds` rounds, each a slice of it and then a slice without a tracer
-    /// (see [`crate::rounds`]); the baseline itself in `rounds` slices.
-    pub fn measure(&self, scenario: Scenario, rounds: usize) -> Result<ScenarioResult, ScenarioError> {
-        let mut measured = Vec::with_capacity(rounds);
-        for _ in 0..rounds.max(1) {
-            let slice = self.run(scenario)?;
-            let baseline_pps = match scenario {
-                Scenario::Baseline => slice.forward_pps,
-                _ => self.run(Scenario::Baseline)?.forward_pps,
-            };
-            measured.push(Round { scenario: slice, baseline_pps });
-        }
-        Ok(rounds::merge(&measured))
+    pub fn spec(&self) -> LabSpec {
+        self.spec
     }
 
-    /// One slice of `scenario`: start its tracer, send the traffic, stop the tracer.
-    pub fn run(&self, scenario: Scenario) -> Result<ScenarioResult, ScenarioError> {
-        match scenario {
-            Scenario::Baseline => self.measure_forwarding(),
-            // The required iptrace scenarios trace the legacy copy of the rule set, as nft monitor
-            // and xtables-monitor trace the nf_tables copy; the both-engines ones show what
-            // iptrace's default does on this mixed host: it traces every packet through both.
-            Scenario::IptraceOneFlow | Scenario::IptraceAll => self.run_iptrace(scenario, &["--backend", "legacy"]),
-            Scenario::IptraceAllJson => self.run_iptrace(scenario, &["--backend", "legacy", "--json"]),
-            Scenario::IptraceOneFlowNoDrops => self.run_iptrace(scenario, &["--backend", "legacy", "--no-drops"]),
-            Scenario::IptraceAllNoSocketFilter => {
-                self.run_iptrace(scenario, &["--backend", "legacy", "--no-socket-filter"])
+    pub fn rules(&self) -> usize {
+        self.rules
+    }
+
+    pub fn fixed_load_pps(&self) -> u64 {
+        self.fixed.rate_pps
+    }
+
+    /// One slice of `scenario`: set up its tracer, send the traffic, stop the tracer.
+    pub fn run(&self, scenario: &Scenario) -> Result<Slice, ScenarioError> {
+        match scenario.tool {
+            Tool::Untraced => self.measure_forwarding(),
+            Tool::NoOpChain => {
+                let _chain = NoOpChain::install(&self.lab, self.config.calibration_rules)?;
+                self.measure_forwarding()
             }
-            Scenario::IptraceBothEnginesOneFlow | Scenario::IptraceBothEnginesAll => {
-                self.run_iptrace(scenario, &["--backend", "nft"])
-            }
-            Scenario::NftMonitorOneFlow | Scenario::NftMonitorAll | Scenario::XtablesMonitorAll => {
-                self.run_nft(scenario)
-            }
-            Scenario::TraceFloorOneFlow => self.run_trace_floor(),
+            Tool::Floor => self.run_floor(scenario),
+            Tool::Iptrace { args, output } => self.run_iptrace(scenario, args, output),
+            Tool::NftMonitor | Tool::XtablesMonitor => self.run_monitor(scenario),
         }
     }
 
-    /// What tracing the flow costs the kernel alone: the TRACE rule iptrace would insert for
-    /// `udp dst port 5000` (its native match, first in raw PREROUTING), nfnetlink_log bound, and a
-    /// reader that only counts the messages.
-    fn run_trace_floor(&self) -> Result<ScenarioResult, ScenarioError> {
-        let _logger = LoggerBinding::bind(&self.lab, "nfnetlink_log")?;
-        let _marking = TraceMarking::legacy_trace_rule(&self.lab)?;
-        let listener = TraceListener::start(&self.lab, Listened::Nflog)?;
-        let mut result = self.measure_forwarding()?;
-        thread::sleep(DRAIN);
-        let traced = kernel::trace_rule_packets(&self.lab, "iptables-legacy")?;
-        let messages = listener.finish()?;
-        result.traced_packets_kernel = Some(traced);
-        result.lost_events = Some(messages.overruns);
-        result.msgs_to_userspace_per_match = nonzero(traced).map(|t| messages.messages as f64 / t as f64);
-        Ok(result)
+    /// Both phases: the fixed load, then as fast as the forwarding CPU goes.
+    fn measure_forwarding(&self) -> Result<Slice, ScenarioError> {
+        let fixed = self.phase(self.fixed)?;
+        let saturated = self.phase(self.config.traffic)?;
+        Ok(Slice { fixed, saturated, ..Slice::default() })
     }
 
-    fn measure_forwarding(&self) -> Result<ScenarioResult, ScenarioError> {
+    fn phase(&self, plan: TrafficPlan) -> Result<Phase, ScenarioError> {
         let before = kernel::server_received_packets(&self.lab)?;
-        let plan = self.config.traffic;
+        let cpu = traffic::sending_cpu();
+        let softirq_before = kernel::softirq_thread_ns(cpu).unwrap_or(0);
         let sent = self.lab.in_ns(Role::Client, move || traffic::send(&plan))?.map_err(ScenarioError::Traffic)?;
+        let softirq = kernel::softirq_thread_ns(cpu).unwrap_or(0).saturating_sub(softirq_before);
         thread::sleep(SETTLE);
-        let received = kernel::server_received_packets(&self.lab)? - before;
-        let seconds = sent.elapsed.as_secs_f64();
-        Ok(ScenarioResult {
-            forward_pps: Some(received as f64 / seconds),
-            offered_pps: Some((sent.udp_sent + sent.syn_sent) as f64 / seconds),
-            ..ScenarioResult::default()
+        let forwarded = kernel::server_received_packets(&self.lab)? - before;
+        Ok(Phase {
+            forwarded,
+            offered: sent.udp_sent + sent.syn_sent,
+            seconds: sent.elapsed.as_secs_f64(),
+            forwarding_cpu_ns: sent.thread_cpu_ns + softirq,
         })
     }
 
-    fn output_path(&self, scenario: Scenario) -> PathBuf {
-        self.config.work_dir.join(format!("{}.out", scenario.key()))
+    fn drain(scenario: &Scenario) -> Duration {
+        match scenario.traced {
+            Traced::Everything => DRAIN_ALL,
+            Traced::Flows(_) => DRAIN_ONE_FLOW,
+        }
     }
 
-    fn take_output(&self, path: &std::path::Path) -> String {
-        let text = fs::read_to_string(path).unwrap_or_default();
+    /// The packets the kernel marked for tracing, from the counters of the marking's rules: the
+    /// TRACE rules on the legacy host (listing legacy tables elsewhere would create them),
+    /// iptrace's nf_tables table on the others. Read while the marking is in place.
+    fn traced_packets(&self) -> Result<u64, ScenarioError> {
+        Ok(match self.spec.host {
+            Host::Legacy => kernel::trace_rule_packets(&self.lab, "iptables-legacy")?,
+            Host::Nftables | Host::Mixed => kernel::iptrace_table_packets(&self.lab)?,
+        })
+    }
+
+    /// The harness's extra listener on `NFNLGRP_NFTRACE`, in every tracing row of the nf_tables
+    /// hosts (none on the legacy host: nflog's group has a single reader).
+    fn extra_listener(&self) -> Result<Option<TraceListener>, ScenarioError> {
+        Ok(match self.spec.host {
+            Host::Legacy => None,
+            Host::Nftables | Host::Mixed => Some(TraceListener::start(&self.lab, Listened::Nftrace)?),
+        })
+    }
+
+    /// The kernel's tracing alone: iptrace's marking for this host, and iptrace's trace socket
+    /// read by a reader that only counts.
+    fn run_floor(&self, scenario: &Scenario) -> Result<Slice, ScenarioError> {
+        let nflog = matches!(self.spec.host, Host::Legacy | Host::Mixed);
+        let marker = if self.spec.host == Host::Legacy { Marker::TraceRules } else { Marker::NftTable };
+        let marking = MarkingThread::install(&self.lab, marker, nflog, scenario.traced)?;
+        let listener = self.extra_listener()?;
+        let reader =
+            TraceListener::start(&self.lab, Listened::TraceSocket { nflog, nftrace: marker == Marker::NftTable })?;
+        let mut slice = self.measure_forwarding()?;
+        thread::sleep(Self::drain(scenario));
+        let traced = self.traced_packets()?;
+        let read = reader.finish()?;
+        marking.finish()?;
+        slice.traced_packets_kernel = Some(traced);
+        slice.lost_events = Some(read.overruns);
+        slice.messages = Some(read.messages);
+        if let Some(listener) = listener {
+            note_listener(&mut slice, listener.finish()?);
+        }
+        Ok(slice)
+    }
+
+    fn output_path(&self, scenario: &Scenario) -> PathBuf {
+        self.config.work_dir.join(format!("{}.out", scenario.key))
+    }
+
+    fn take_output(&self, path: &Path) -> Vec<u8> {
+        let data = fs::read(path).unwrap_or_default();
         if !self.config.keep_outputs {
             let _ = fs::remove_file(path);
         }
-        text
+        data
     }
 
-    fn run_iptrace(&self, scenario: Scenario, extra: &[&str]) -> Result<ScenarioResult, ScenarioError> {
+    /// How long iptrace takes from its start to tracing with `expression` (its ready line), or to
+    /// refusing it (its exit), in milliseconds; with `refused` telling which.
+    pub fn time_expression(&self, expression: &str) -> Result<ExpressionTime, ScenarioError> {
+        let router = self.lab.ns(Role::Router);
+        let argv: Vec<String> = [self.config.iptrace.to_string_lossy().as_ref(), "--netns", &router, "-4", expression]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        let path = self.config.work_dir.join("expression.out");
+        let timed = match TracerProcess::start(&argv, &path, &Readiness::StderrLine("iptrace: tracing")) {
+            Ok(tracer) => {
+                let finished = tracer.stop()?;
+                ExpressionTime { ms: finished.ready.as_secs_f64() * 1000.0, refused: None }
+            }
+            Err(TracerError::NotReady { waited, stderr, .. }) => {
+                ExpressionTime { ms: waited.as_secs_f64() * 1000.0, refused: Some(stderr) }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let _ = fs::remove_file(&path);
+        Ok(timed)
+    }
+
+    fn run_iptrace(&self, scenario: &Scenario, args: &[&str], output: OutputFormat) -> Result<Slice, ScenarioError> {
         let router = self.lab.ns(Role::Router);
         let mut argv: Vec<String> =
             [self.config.iptrace.to_string_lossy().as_ref(), "--netns", &router, "--stats", "-4"]
                 .iter()
-                .chain(extra)
+                .chain(args)
                 .map(|s| (*s).to_owned())
                 .collect();
-        if scenario.one_flow() {
-            argv.push(format!("udp dst port {UDP_FIRST_PORT}"));
-        }
-        let output = self.output_path(scenario);
-        let mut tracer = TracerProcess::start(&argv, &output, &Readiness::StderrLine("iptrace: tracing"))?;
+        argv.extend(scenario.traced.expression());
+        let listener = self.extra_listener()?;
+        let path = self.output_path(scenario);
+        let mut tracer = TracerProcess::start(&argv, &path, &Readiness::StderrLine("iptrace: tracing"))?;
         thread::sleep(WARM_UP);
         tracer.start_tracing();
-        let mut result = self.measure_forwarding()?;
-        thread::sleep(DRAIN);
-        // One of the two marks packets, depending on the backend iptrace chose.
-        let traced =
-            kernel::trace_rule_packets(&self.lab, "iptables-legacy")? + kernel::iptrace_table_packets(&self.lab)?;
+        let mut slice = self.measure_forwarding()?;
+        thread::sleep(Self::drain(scenario));
+        let traced = self.traced_packets()?;
         let finished = tracer.stop()?;
         let stats = finished.stderr.iter().find_map(|l| IptraceStats::parse(l));
         if stats.is_none() {
-            result.notes.push(format!("no --stats line; stderr: {}", finished.stderr.join(" | ")));
+            slice.notes.push(format!("no --stats line; stderr: {}", finished.stderr.join(" | ")));
         }
-        let text = self.take_output(&output);
-        let format =
-            if scenario == Scenario::IptraceAllJson { OutputFormat::IptraceJson } else { OutputFormat::Iptrace };
-        let complete = completeness::complete_packets(format, &text);
-        fill_tracer_figures(&mut result, traced, complete, &finished);
-        result.lost_events = stats.map(|s| s.overruns);
-        result.msgs_to_userspace_per_match =
-            stats.map(|s| s.messages).zip(nonzero(traced)).map(|(m, t)| m as f64 / t as f64);
-        Ok(result)
+        let complete = completeness::complete_packets(output, &self.take_output(&path));
+        fill_tracer_figures(&mut slice, traced, complete, &finished);
+        slice.lost_events = stats.map(|s| s.overruns);
+        slice.messages = stats.map(|s| s.messages);
+        if let Some(listener) = listener {
+            note_listener(&mut slice, listener.finish()?);
+        }
+        Ok(slice)
     }
 
-    fn run_nft(&self, scenario: Scenario) -> Result<ScenarioResult, ScenarioError> {
+    /// `nft monitor trace` or `xtables-monitor --trace`, with iptrace's nf_tables marking (the
+    /// floor's), installed through its library.
+    fn run_monitor(&self, scenario: &Scenario) -> Result<Slice, ScenarioError> {
         let router = self.lab.ns(Role::Router);
-        let _no_legacy_logging = LoggerBinding::bind(&self.lab, "NONE")?;
-        let (format, argv, _marking) = match scenario {
-            Scenario::XtablesMonitorAll => (
-                OutputFormat::XtablesMonitor,
-                vec!["ip", "netns", "exec", &router, "xtables-monitor", "--trace"],
-                TraceMarking::iptables_nft(&self.lab)?,
-            ),
-            _ => (
-                OutputFormat::NftMonitor,
-                vec!["ip", "netns", "exec", &router, "nft", "monitor", "trace"],
-                TraceMarking::nftrace_rule(&self.lab, scenario.one_flow())?,
-            ),
+        let nflog = self.spec.host != Host::Nftables;
+        let marking = MarkingThread::install(&self.lab, Marker::NftTable, nflog, scenario.traced)?;
+        let (format, command): (OutputFormat, &[&str]) = match scenario.tool {
+            Tool::XtablesMonitor => (OutputFormat::XtablesMonitor, &["xtables-monitor", "--trace"]),
+            _ => (OutputFormat::NftMonitor, &["nft", "monitor", "trace"]),
         };
-        let argv: Vec<String> = argv.into_iter().map(str::to_owned).collect();
-        let listener = TraceListener::start(&self.lab, Listened::Nftrace)?;
-        let output = self.output_path(scenario);
+        let argv: Vec<String> =
+            ["ip", "netns", "exec", &router].iter().chain(command).map(|s| (*s).to_owned()).collect();
+        let listener = self.extra_listener()?;
+        let path = self.output_path(scenario);
         let readiness = Readiness::NetlinkGroup { netns: router, group: 9 };
-        let mut tracer = TracerProcess::start(&argv, &output, &readiness)?;
+        let mut tracer = TracerProcess::start(&argv, &path, &readiness)?;
         thread::sleep(WARM_UP);
         tracer.start_tracing();
-        let mut result = self.measure_forwarding()?;
-        thread::sleep(DRAIN);
-        let traced = match scenario {
-            Scenario::XtablesMonitorAll => kernel::trace_rule_packets(&self.lab, "iptables-nft")?,
-            _ => kernel::nft_chain_counter(&self.lab, "ip", NFTRACE_TABLE, NFTRACE_CHAIN)?,
-        };
+        let mut slice = self.measure_forwarding()?;
+        thread::sleep(Self::drain(scenario));
+        let traced = self.traced_packets()?;
         let finished = tracer.stop()?;
-        let messages = listener.finish()?;
-        let text = self.take_output(&output);
-        let complete = completeness::complete_packets(format, &text);
-        fill_tracer_figures(&mut result, traced, complete, &finished);
-        result.lost_events = Some(completeness::admitted_losses(format, &text, &finished.stderr));
-        result.msgs_to_userspace_per_match = nonzero(traced).map(|t| messages.messages as f64 / t as f64);
-        if messages.overruns > 0 {
-            result.notes.push(format!(
-                "the harness's own trace listener overran {} times (message count is a lower bound)",
-                messages.overruns
-            ));
+        marking.finish()?;
+        let text = String::from_utf8_lossy(&self.take_output(&path)).into_owned();
+        let complete = completeness::complete_packets(format, text.as_bytes());
+        fill_tracer_figures(&mut slice, traced, complete, &finished);
+        slice.lost_events = Some(completeness::admitted_losses(format, &text, &finished.stderr));
+        if let Some(listener) = listener {
+            note_listener(&mut slice, listener.finish()?);
         }
         if !finished.ran_to_stop {
-            result.notes.push(format!("the tool exited by itself before the end: {}", finished.stderr.join(" | ")));
+            slice.notes.push(format!("the tool exited by itself before the end: {}", finished.stderr.join(" | ")));
         }
-        Ok(result)
+        Ok(slice)
     }
 }
 
-fn nonzero(n: u64) -> Option<u64> {
-    (n > 0).then_some(n)
+/// [`Bench::time_expression`]'s figure.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExpressionTime {
+    pub ms: f64,
+    /// iptrace's reason when it refused the expression.
+    pub refused: Option<String>,
 }
 
-fn fill_tracer_figures(result: &mut ScenarioResult, traced: u64, complete: u64, finished: &crate::tracer::Finished) {
-    result.traced_packets_kernel = Some(traced);
-    result.reported_complete = Some(complete);
-    result.complete_ratio = nonzero(traced).map(|t| complete as f64 / t as f64);
+/// The extra listener's count is the messages per packet of the tools that report none.
+fn note_listener(slice: &mut Slice, heard: TraceMessages) {
+    slice.messages = slice.messages.or(Some(heard.messages));
+    if heard.overruns > 0 {
+        slice.notes.push(format!(
+            "the harness's extra trace listener overran {} times (its message count is a lower bound)",
+            heard.overruns
+        ));
+    }
+}
+
+fn fill_tracer_figures(slice: &mut Slice, traced: u64, complete: u64, finished: &crate::tracer::Finished) {
+    slice.traced_packets_kernel = Some(traced);
+    slice.reported_complete = Some(complete);
     // While tracing; a tool that gave up before the stop is charged its whole run.
-    let cpu = finished.tracing_cpu_seconds.unwrap_or(finished.cpu_seconds);
-    result.cpu_s_per_1k_traced = nonzero(traced).map(|t| cpu * 1000.0 / t as f64);
-    result.peak_rss_mb = finished.peak_rss_mb;
-    result.ready_ms = Some(finished.ready.as_secs_f64() * 1000.0);
+    slice.tracer_cpu_seconds = Some(finished.tracing_cpu_seconds.unwrap_or(finished.cpu_seconds));
+    slice.peak_rss_mb = finished.peak_rss_mb;
+    slice.ready_ms = Some(finished.ready.as_secs_f64() * 1000.0);
     // A tool that gave up before the stop signal has no clean-exit time.
-    result.exit_ms = finished.ran_to_stop.then_some(finished.exit.as_secs_f64() * 1000.0);
+    slice.exit_ms = finished.ran_to_stop.then_some(finished.exit.as_secs_f64() * 1000.0);
 }
 
 /// iptrace's `--stats` line.
@@ -381,81 +660,110 @@ impl IptraceStats {
     }
 }
 
-/// The rule that marks packets for tracing, removed on drop.
-enum TraceMarking<'a> {
-    NftraceTable(&'a Lab),
-    IptablesNftTrace(&'a Lab),
-    LegacyTrace(&'a Lab),
+/// iptrace's marking (TRACE rules or its nf_tables table, with its native match for the
+/// selection), installed through iptrace's library by a thread in the router's netns that holds
+/// the instrumentation until dropped, then tears it down as iptrace does.
+struct MarkingThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(), String>>>,
 }
 
-impl<'a> TraceMarking<'a> {
-    fn nftrace_rule(lab: &'a Lab, one_flow: bool) -> Result<Self, LabError> {
-        let selection = if one_flow { format!("udp dport {UDP_FIRST_PORT} ") } else { String::new() };
-        lab.exec(
-            Role::Router,
-            &["nft", "-f", "-"],
-            &format!(
-                "table ip {NFTRACE_TABLE} {{\n chain {NFTRACE_CHAIN} {{\n  type filter hook prerouting priority -350\n  \
-                 {selection}counter meta nftrace set 1\n }}\n}}\n"
-            ),
-        )?;
-        Ok(Self::NftraceTable(lab))
-    }
-
-    fn legacy_trace_rule(lab: &'a Lab) -> Result<Self, LabError> {
-        Self::legacy_command(lab, "-I")?;
-        Ok(Self::LegacyTrace(lab))
-    }
-
-    /// Inserts or deletes the one-flow TRACE rule of [`Scenario::TraceFloorOneFlow`], worded as
-    /// iptrace words it for `udp dst port 5000`.
-    fn legacy_command(lab: &Lab, action: &str) -> Result<std::process::Output, LabError> {
-        let port = UDP_FIRST_PORT.to_string();
-        let rule = ["-t", "raw", action, "PREROUTING", "-p", "udp", "-m", "udp", "--dport", &port, "-j", "TRACE"];
-        lab.exec(Role::Router, &[&["iptables-legacy", "-w"], &rule[..]].concat(), "")
-    }
-
-    fn iptables_nft(lab: &'a Lab) -> Result<Self, LabError> {
-        lab.exec(Role::Router, &["iptables-nft", "-w", "-t", "raw", "-I", "PREROUTING", "-j", "TRACE"], "")?;
-        Ok(Self::IptablesNftTrace(lab))
-    }
-}
-
-impl Drop for TraceMarking<'_> {
-    fn drop(&mut self) {
-        let _ = match self {
-            Self::NftraceTable(lab) => lab.exec(Role::Router, &["nft", "delete", "table", "ip", NFTRACE_TABLE], ""),
-            Self::IptablesNftTrace(lab) => {
-                lab.exec(Role::Router, &["iptables-nft", "-w", "-t", "raw", "-D", "PREROUTING", "-j", "TRACE"], "")
-            }
-            Self::LegacyTrace(lab) => Self::legacy_command(lab, "-D"),
+impl MarkingThread {
+    fn install(lab: &Lab, marker: Marker, nflog: bool, traced: Traced) -> Result<Self, ScenarioError> {
+        let selection = Selection { expression: traced.expression(), ..Selection::default() };
+        let prefilter = match selection.to_native().map_err(|e| ScenarioError::Marking(e.to_string()))? {
+            Some(native) => Prefilter::Native(native),
+            None if traced == Traced::Everything => Prefilter::None,
+            None => return Err(ScenarioError::Marking(format!("{selection:?} has no native match"))),
         };
+        let plan = TracePlan {
+            families: vec![Family::Ipv4],
+            marker,
+            prefilter,
+            in_interface: None,
+            out_interface: None,
+            limit: None,
+            chain: None,
+        };
+        let netns = lab.ns(Role::Router);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
+            thread::spawn(move || -> Result<(), String> {
+                let text = |e: &(dyn std::error::Error + 'static)| iptrace::WithCauses(e).to_string();
+                iptrace::netns::enter(&netns).map_err(|e| text(&e))?;
+                let families: &[Family] = if nflog { &[Family::Ipv4] } else { &[] };
+                let (mut instrumentation, _stale) = Instrumentation::prepare(families).map_err(|e| text(&e))?;
+                let installed = instrument::install(instrumentation.owner(), &plan).map_err(|e| text(&e));
+                let _ = ready_tx.send(installed.clone());
+                if installed.is_ok() {
+                    while !stop.load(Ordering::Relaxed) {
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                match instrumentation.teardown().first() {
+                    Some(e) => Err(text(e)),
+                    None => installed,
+                }
+            })
+        };
+        let installed = ready_rx.recv().unwrap_or_else(|_| Err("the marking thread died".into()));
+        let this = Self { stop, thread: Some(thread) };
+        installed.map_err(ScenarioError::Marking)?;
+        Ok(this)
     }
 }
 
-/// The router's IPv4 logger, bound to another for a scenario and restored on drop. A packet
-/// marked by nftables is also traced by the legacy tables (design.md §5.2), which would
-/// log every step to the router's default logger, syslog: the nft scenarios bind "NONE", which
-/// sends those lines nowhere; the trace floor binds nfnetlink_log.
-struct LoggerBinding<'a> {
-    lab: &'a Lab,
-    saved: String,
-}
-
-impl<'a> LoggerBinding<'a> {
-    fn bind(lab: &'a Lab, logger: &'static str) -> Result<Self, ScenarioError> {
-        let saved = lab.in_ns(Role::Router, move || {
-            let saved = nf_log::bound_logger(Family::Ipv4)?;
-            nf_log::bind_logger(Family::Ipv4, logger).map(|()| saved)
-        })??;
-        Ok(Self { lab, saved })
+impl MarkingThread {
+    /// Tears the marking down; what could not be undone is an error.
+    fn finish(mut self) -> Result<(), ScenarioError> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result.map_err(ScenarioError::Marking),
+            Some(Err(_)) => Err(ScenarioError::Marking("the marking thread panicked".into())),
+            None => Ok(()),
+        }
     }
 }
 
-impl Drop for LoggerBinding<'_> {
+impl Drop for MarkingThread {
     fn drop(&mut self) {
-        let saved = self.saved.clone();
-        let _ = self.lab.in_ns(Role::Router, move || nf_log::bind_logger(Family::Ipv4, &saved));
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The calibration's chain of rules that match nothing, jumped to first in raw PREROUTING of the
+/// legacy tables; removed on drop.
+struct NoOpChain<'a> {
+    lab: &'a Lab,
+}
+
+const NO_OP_CHAIN: &str = "BENCH-CALIBRATION";
+
+impl<'a> NoOpChain<'a> {
+    fn install(lab: &'a Lab, rules: usize) -> Result<Self, LabError> {
+        let mut text = format!("*raw\n:{NO_OP_CHAIN} - [0:0]\n-I PREROUTING -j {NO_OP_CHAIN}\n");
+        for i in 0..rules {
+            // TEST-NET-1 sources: no lab packet matches, each rule is walked and missed.
+            text.push_str(&format!("-A {NO_OP_CHAIN} -s 192.0.2.{}/32 -j RETURN\n", i % 250 + 1));
+        }
+        text.push_str("COMMIT\n");
+        lab.exec(Role::Router, &["iptables-legacy-restore", "--noflush"], &text)?;
+        Ok(Self { lab })
+    }
+}
+
+impl Drop for NoOpChain<'_> {
+    fn drop(&mut self) {
+        let _ = self.lab.exec(
+            Role::Router,
+            &["iptables-legacy-restore", "--noflush"],
+            &format!("*raw\n-D PREROUTING -j {NO_OP_CHAIN}\n-F {NO_OP_CHAIN}\n-X {NO_OP_CHAIN}\nCOMMIT\n"),
+        );
     }
 }
 
@@ -473,5 +781,24 @@ mod tests {
         let s = IptraceStats::parse(r#"{"schema":1,"stats":{"datagrams":10,"messages":12,"overruns":2}}"#).unwrap();
         assert_eq!((s.messages, s.overruns), (12, 2));
         assert!(IptraceStats::parse("iptrace: tracing every packet").is_none());
+    }
+
+    #[test]
+    fn every_comparison_is_within_one_lab_and_precision() {
+        for s in Scenario::ALL {
+            assert_eq!(Scenario::ALL.iter().filter(|o| o.key == s.key).count(), 1, "{}", s.key);
+            if let Some(floor) = s.floor {
+                let f = Scenario::by_key(floor).unwrap();
+                assert_eq!((f.lab, f.precision, f.traced), (s.lab, s.precision, s.traced), "{}", s.key);
+                assert_eq!(f.tool, Tool::Floor);
+            }
+        }
+    }
+
+    #[test]
+    fn selections_are_iptrace_expressions() {
+        assert_eq!(Traced::Flows(1).expression().unwrap(), "udp dst port 5000");
+        assert_eq!(Traced::Flows(16).expression().unwrap(), "udp dst portrange 5000-5015");
+        assert_eq!(Traced::Everything.expression(), None);
     }
 }

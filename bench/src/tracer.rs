@@ -111,11 +111,12 @@ impl TracerProcess {
             Readiness::NetlinkGroup { netns, group } => wait_for_group(this.child.id(), netns, *group),
         };
         if !is_ready {
+            let waited = started.elapsed();
             // Give the stderr thread a moment to collect the reason.
             thread::sleep(Duration::from_millis(100));
             return Err(TracerError::NotReady {
                 command: this.command.clone(),
-                waited: started.elapsed(),
+                waited,
                 stderr: this.stderr_lines().join("\n"),
             });
         }

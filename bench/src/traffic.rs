@@ -20,7 +20,10 @@ pub const UDP_FIRST_PORT: u16 = 5_000;
 pub const SYN_DESTINATION_PORT: u16 = 80;
 const SYN_FIRST_SOURCE_PORT: u16 = 20_000;
 const SYN_SOURCE_PORTS: u16 = 1_024;
+/// Packets per `sendmmsg` (NAPI's weight, too).
 const BATCH: usize = 64;
+/// At or above this rate the generator is not paced: it sends as fast as the CPU lets it.
+pub const UNPACED_PPS: u64 = 1_000_000;
 
 #[derive(Clone, Copy, Debug)]
 pub struct TrafficPlan {
@@ -36,6 +39,11 @@ pub struct TrafficReport {
     pub udp_sent: u64,
     pub syn_sent: u64,
     pub elapsed: Duration,
+    /// The sending thread's CPU time over the run (`CLOCK_THREAD_CPUTIME_ID`, nanoseconds): the
+    /// softirq work of the whole path runs in it (see [`pin_to_last_cpu`]).
+    pub thread_cpu_ns: u64,
+    /// The CPU it ran on.
+    pub cpu: usize,
 }
 
 /// The lab's client and server addresses as IPv4.
@@ -48,7 +56,8 @@ fn endpoints() -> (Ipv4Addr, Ipv4Addr) {
 
 /// Sends until `plan.duration` has passed, at most `plan.rate_pps` packets a second.
 pub fn send(plan: &TrafficPlan) -> io::Result<TrafficReport> {
-    pin_to_last_cpu()?;
+    let cpu = pin_to_last_cpu()?;
+    run_before_others()?;
     let (client, server) = endpoints();
     let mut udp = Sender::new(libc::SOCK_DGRAM, libc::IPPROTO_UDP)?;
     udp.bind(SocketAddrV4::new(client, UDP_SOURCE_PORT))?;
@@ -58,15 +67,21 @@ pub fn send(plan: &TrafficPlan) -> io::Result<TrafficReport> {
         (0..flows).map(|f| sockaddr_in(SocketAddrV4::new(server, UDP_FIRST_PORT + f))).collect();
     let syn_target = sockaddr_in(SocketAddrV4::new(server, 0));
 
-    let mut report = TrafficReport::default();
+    let mut report = TrafficReport { cpu, ..TrafficReport::default() };
+    let cpu_at_start = thread_cpu_ns()?;
     let start = Instant::now();
     let mut sequence: u64 = 0;
     let (mut udp_batch, mut syn_batch) = (Batch::default(), Batch::default());
+    let batch_interval = Duration::from_secs_f64(BATCH as f64 / plan.rate_pps.max(1) as f64);
     while start.elapsed() < plan.duration {
         let allowed = (start.elapsed().as_secs_f64() * plan.rate_pps as f64) as u64;
         let due = allowed.saturating_sub(report.udp_sent + report.syn_sent).min(BATCH as u64);
-        if due == 0 {
-            thread::sleep(Duration::from_micros(50));
+        // Paced, it sends whole batches and sleeps until the next is due: a wake-up per packet or
+        // two would cost the sending CPU more than the path being measured (a VM's idle exit
+        // and timer), and vary more.
+        if due < BATCH as u64 && plan.rate_pps < UNPACED_PPS {
+            let next = start + batch_interval.mul_f64(((report.udp_sent + report.syn_sent) / BATCH as u64 + 1) as f64);
+            thread::sleep(next.saturating_duration_since(Instant::now()).max(Duration::from_micros(1)));
             continue;
         }
         for _ in 0..due {
@@ -82,22 +97,56 @@ pub fn send(plan: &TrafficPlan) -> io::Result<TrafficReport> {
         report.syn_sent += syn.send_batch(&mut syn_batch)?;
     }
     report.elapsed = start.elapsed();
+    report.thread_cpu_ns = thread_cpu_ns()? - cpu_at_start;
     Ok(report)
+}
+
+/// The calling thread's CPU time in nanoseconds. The scheduler keeps it to the nanosecond, and on
+/// a kernel without `CONFIG_IRQ_TIME_ACCOUNTING` it includes the softirqs run in the thread's
+/// context (design.md §15).
+fn thread_cpu_ns() -> io::Result<u64> {
+    // SAFETY: all-zero is a valid timespec.
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: t is a valid out-pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64)
 }
 
 /// The whole path (client, router, server) runs in softirq on the sending CPU, so that CPU is the
 /// router's forwarding CPU. Keeping it in one place, rather than wherever the scheduler moves the
 /// thread, keeps a tracer's threads off it the way a NIC queue's interrupt CPU would, and steadies
-/// the rate from run to run.
-fn pin_to_last_cpu() -> io::Result<()> {
-    // SAFETY: sysconf has no preconditions.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+/// the rate from run to run. Returns the CPU.
+fn pin_to_last_cpu() -> io::Result<usize> {
+    let cpu = sending_cpu();
     // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes inside it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::CPU_SET(cpus - 1, &mut set) };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: set is a valid cpu_set_t of the size passed; 0 is the calling thread.
     let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 { Ok(cpu) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Puts the calling thread in the real-time class (`SCHED_FIFO`, lowest priority), as a NIC's
+/// interrupt and softirq work preempts ordinary tasks: other work on the CPU (a compiler) then
+/// runs only while the generator waits for its next batch, and does not cut into the path's work
+/// and cool its caches in the middle of it. The kernel's real-time throttling leaves ordinary
+/// tasks 5 % of the CPU even in the saturated phase.
+fn run_before_others() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: param is a valid sched_param; 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The CPU [`send`] runs on: the last one.
+pub fn sending_cpu() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    cpus - 1
 }
 
 /// Each payload is unique, so that a tracer can tell the packets of one flow apart.
