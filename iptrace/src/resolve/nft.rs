@@ -140,7 +140,53 @@ struct JsonRule<'a> {
     comment: Option<Cow<'a, str>>,
     /// Statements: each an object whose one key names it (`match`, `counter`, `accept`, `xt`, ...).
     #[serde(default, borrow)]
-    expr: Vec<HashMap<Cow<'a, str>, Statement<'a>>>,
+    expr: Vec<Named<'a>>,
+}
+
+/// A statement: a single-key object, its key the statement's name (a map per statement would
+/// cost a hash table each).
+struct Named<'a>(Cow<'a, str>, Statement<'a>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Named<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entry<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Entry<'a> {
+            type Value = Named<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a statement: an object with one key")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Named<'a>, M::Error> {
+                let (name, statement) =
+                    map.next_entry::<Text<'de>, Statement<'de>>()?.ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Named(name.0, statement))
+            }
+        }
+        deserializer.deserialize_map(Entry(std::marker::PhantomData))
+    }
+}
+
+/// A string of the listing, borrowed from it unless it holds escapes (serde's own `Cow`
+/// copies it outside a derived field marked `borrow`).
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Chars<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Chars<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(Chars(std::marker::PhantomData))
+    }
 }
 
 /// What is looked at of a statement's value: an `xt` statement's `type` and `name`, whether a
@@ -165,10 +211,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Statement<'a> {
             }
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Statement<'a>, M::Error> {
                 let mut this = Statement::default();
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
                     match &*key {
-                        "type" => this.kind = map.next_value::<Option<Cow<'de, str>>>()?,
-                        "name" => this.name = map.next_value::<Option<Cow<'de, str>>>()?,
+                        "type" => this.kind = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0),
+                        "name" => this.name = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0),
                         field => {
                             map.next_value::<IgnoredAny>()?;
                             match field {
@@ -213,7 +259,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Statement<'a> {
 
 impl JsonRule<'_> {
     fn statements(&self) -> impl Iterator<Item = (&str, &Statement<'_>)> {
-        self.expr.iter().flat_map(|s| s.iter().map(|(name, value)| (&**name, value)))
+        self.expr.iter().map(|Named(name, value)| (&**name, value))
     }
 
     fn has_xt(&self) -> bool {
