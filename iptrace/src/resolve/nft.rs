@@ -156,8 +156,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for Named<'a> {
                 f.write_str("a statement: an object with one key")
             }
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Named<'a>, M::Error> {
-                let (name, statement) =
-                    map.next_entry::<Text<'de>, Statement<'de>>()?.ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                let (name, statement) = map
+                    .next_entry::<Text<'de>, Statement<'de>>()?
+                    .ok_or_else(|| de::Error::invalid_length(0, &self))?;
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                 Ok(Named(name.0, statement))
             }

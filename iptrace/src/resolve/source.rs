@@ -226,7 +226,9 @@ impl Source {
 /// Starts reading the first snapshot of the nf_tables rule set in a thread, which takes the
 /// calling thread's network namespace with it: a large rule set takes `nft` a few hundred
 /// milliseconds to list, and tracing need not wait for it (design.md "Generations").
-pub(super) fn start_first_nft(families: Vec<Family>) -> Result<JoinHandle<Result<NftRead, ResolveError>>, ResolveError> {
+pub(super) fn start_first_nft(
+    families: Vec<Family>,
+) -> Result<JoinHandle<Result<NftRead, ResolveError>>, ResolveError> {
     let mut generation = Generation::open()?;
     std::thread::Builder::new()
         .name("iptrace-nft-read".into())
