@@ -68,6 +68,8 @@ pub enum ResolveError {
     Nft(#[source] NftError),
     #[error("cannot read `nft -j list ruleset`")]
     NftJson(#[source] serde_json::Error),
+    #[error("cannot start a thread to read the nf_tables rule set")]
+    Thread(#[source] io::Error),
     #[error("cannot write the recording")]
     Record(#[source] io::Error),
     #[error("the recording does not replay: it holds other rule-set checks than this iptrace makes")]
@@ -347,6 +349,8 @@ pub struct Resolver {
     marker: Option<StreamMarker>,
     /// The number of the last check of the legacy tables.
     epoch: u64,
+    /// The first nf_tables snapshot is still to be taken, at the first use ([`Self::started`]).
+    first_nft_pending: bool,
 }
 
 impl Resolver {
@@ -366,8 +370,11 @@ impl Resolver {
             probes.insert(family, probe);
         }
         let generation = nft.then(Generation::open).transpose()?;
-        let source = Source::live(probes, generation, recorder);
-        let mut this = Self { source, marker, ..Self::empty(families, nft) };
+        // Listing a large nf_tables rule set takes long: read in the background, and waited for
+        // where it is first needed, so that tracing starts at once (design.md "Generations").
+        let first_nft = nft.then(|| source::start_first_nft(families.to_vec())).transpose()?;
+        let source = Source::live(probes, generation, first_nft, recorder);
+        let mut this = Self { source, marker, first_nft_pending: nft, ..Self::empty(families, nft) };
         this.check_all(true, Cause::Forced)?;
         Ok(this)
     }
@@ -377,6 +384,8 @@ impl Resolver {
     pub fn replaying(checks: RecordedChecks, families: &[Family], nft: bool) -> Result<Self, ResolveError> {
         let mut this = Self { source: Source::Replay(checks), ..Self::empty(families, nft) };
         this.check_all(true, Cause::Forced)?;
+        // Recordings made before the first snapshot was read in the background hold it here.
+        this.first_nft_pending = this.nft.as_ref().is_some_and(|n| n.snapshots.oldest().is_none());
         Ok(this)
     }
 
@@ -386,7 +395,8 @@ impl Resolver {
             snapshots: History::new(SNAPSHOTS_KEPT),
             commits: NftCommits::default(),
         });
-        Self { source: Source::live(HashMap::new(), None, None), tables: HashMap::new(), nft, marker: None, epoch: 0 }
+        let source = Source::live(HashMap::new(), None, None, None);
+        Self { source, tables: HashMap::new(), nft, marker: None, epoch: 0, first_nft_pending: false }
     }
 
     /// A resolver over saved rule sets (`iptables-save` output per family) instead of the live
@@ -409,11 +419,24 @@ impl Resolver {
     /// far: this one if the tables are checked now (they are when the last check is older than a
     /// few milliseconds), else the next. Stamp events with it as they are decoded.
     pub fn epoch(&mut self) -> Result<u64, ResolveError> {
+        self.started()?;
         if let Some(full) = self.source.due() {
             self.check_all(full, Cause::Due)?;
             return Ok(self.epoch);
         }
         Ok(self.epoch + 1)
+    }
+
+    /// Takes the first nf_tables snapshot, at the resolver's first use, live or replayed.
+    fn started(&mut self) -> Result<(), ResolveError> {
+        if !std::mem::take(&mut self.first_nft_pending) {
+            return Ok(());
+        }
+        let check = self.source.first_nft()?;
+        match &mut self.nft {
+            Some(nft) => nft.apply(check.nft),
+            None => Ok(()),
+        }
     }
 
     /// Checks every table; `full` compares the table blobs too. When a table changed, the check's
@@ -483,6 +506,7 @@ impl Resolver {
     /// its marking rule ([`Position::Marked`]), and for the end of an nf_tables
     /// base chain (its policy event follows).
     pub fn resolve(&mut self, event: TraceEvent) -> Option<Step> {
+        let _ = self.started();
         if is_own_marking(&event) {
             return Some(Step { event, position: Position::Marked, engine: Engine::Nft, hook: None });
         }
@@ -568,6 +592,7 @@ impl Resolver {
 
     /// Takes note of an nf_tables commit announced on the trace socket.
     pub fn nft_committed(&mut self, commit: NftCommit) {
+        let _ = self.started();
         if let Some(history) = &mut self.nft {
             history.commits.committed(commit, self.epoch);
         }

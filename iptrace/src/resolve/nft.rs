@@ -15,10 +15,13 @@
 //!
 //! Long because native and iptables-nft rules are told apart and rendered from the one listing here.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, sync::Arc};
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde::{
+    Deserialize, Deserializer, Serialize,
+    de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor},
+};
+use serde_json::Value;
 
 use super::{ResolveError, Rule, Verdict, rule::NAT_TARGETS};
 use crate::{
@@ -79,54 +82,185 @@ pub(super) enum Found {
 }
 
 /// `nft -j list ruleset`: a list of single-key objects, of which tables, chains and rules
-/// matter here (sets, maps, objects and metainfo are skipped).
+/// matter here (sets, maps, objects and metainfo are skipped). Parsed into these types, borrowing
+/// the listing's strings and keeping of each statement only its name and the few fields looked at
+/// (a 5,000-rule listing parsed into `serde_json::Value` trees took tens of megabytes).
 #[derive(Deserialize)]
-struct JsonListing {
-    nftables: Vec<JsonObject>,
+struct JsonListing<'a> {
+    #[serde(borrow)]
+    nftables: Vec<JsonObject<'a>>,
 }
 
 #[derive(Default, Deserialize)]
 #[serde(default)]
-struct JsonObject {
-    table: Option<JsonTable>,
-    chain: Option<JsonChain>,
-    rule: Option<JsonRule>,
+struct JsonObject<'a> {
+    #[serde(borrow)]
+    table: Option<JsonTable<'a>>,
+    #[serde(borrow)]
+    chain: Option<JsonChain<'a>>,
+    #[serde(borrow)]
+    rule: Option<JsonRule<'a>>,
 }
 
 #[derive(Deserialize)]
-struct JsonTable {
-    family: String,
-    name: String,
+struct JsonTable<'a> {
+    #[serde(borrow)]
+    family: Cow<'a, str>,
+    #[serde(borrow)]
+    name: Cow<'a, str>,
     handle: u64,
 }
 
 #[derive(Deserialize)]
-struct JsonChain {
-    family: String,
-    table: String,
-    name: String,
+struct JsonChain<'a> {
+    #[serde(borrow)]
+    family: Cow<'a, str>,
+    #[serde(borrow)]
+    table: Cow<'a, str>,
+    #[serde(borrow)]
+    name: Cow<'a, str>,
     handle: u64,
-    hook: Option<String>,
+    #[serde(borrow)]
+    hook: Option<Cow<'a, str>>,
     prio: Option<Value>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
-struct JsonRule {
-    family: String,
-    table: String,
-    chain: String,
+struct JsonRule<'a> {
+    #[serde(borrow)]
+    family: Cow<'a, str>,
+    #[serde(borrow)]
+    table: Cow<'a, str>,
+    #[serde(borrow)]
+    chain: Cow<'a, str>,
     handle: u64,
-    comment: Option<String>,
+    #[serde(borrow)]
+    comment: Option<Cow<'a, str>>,
     /// Statements: each an object whose one key names it (`match`, `counter`, `accept`, `xt`, ...).
-    #[serde(default)]
-    expr: Vec<Map<String, Value>>,
+    #[serde(default, borrow)]
+    expr: Vec<Named<'a>>,
 }
 
-impl JsonRule {
-    fn statements(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.expr.iter().flat_map(|s| s.iter().map(|(name, value)| (name.as_str(), value)))
+/// A statement: a single-key object, its key the statement's name (a map per statement would
+/// cost a hash table each).
+struct Named<'a>(Cow<'a, str>, Statement<'a>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Named<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entry<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Entry<'a> {
+            type Value = Named<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a statement: an object with one key")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Named<'a>, M::Error> {
+                let (name, statement) = map
+                    .next_entry::<Text<'de>, Statement<'de>>()?
+                    .ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Named(name.0, statement))
+            }
+        }
+        deserializer.deserialize_map(Entry(std::marker::PhantomData))
+    }
+}
+
+/// A string of the listing, borrowed from it unless it holds escapes (serde's own `Cow`
+/// copies it outside a derived field marked `borrow`).
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Chars<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Chars<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(Chars(std::marker::PhantomData))
+    }
+}
+
+/// What is looked at of a statement's value: an `xt` statement's `type` and `name`, whether a
+/// `limit` has `rate_unit` or `inv`, whether a `log` has `group`. Everything else is skipped
+/// unread, whatever its shape (`accept` is `null`, `match` a nested object).
+#[derive(Default)]
+struct Statement<'a> {
+    kind: Option<Cow<'a, str>>,
+    name: Option<Cow<'a, str>>,
+    rate_unit: bool,
+    inv: bool,
+    group: bool,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Statement<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Fields<'a> {
+            type Value = Statement<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a statement's value")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Statement<'a>, M::Error> {
+                let mut this = Statement::default();
+                while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                    match &*key {
+                        "type" => this.kind = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0),
+                        "name" => this.name = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0),
+                        field => {
+                            map.next_value::<IgnoredAny>()?;
+                            match field {
+                                "rate_unit" => this.rate_unit = true,
+                                "inv" => this.inv = true,
+                                "group" => this.group = true,
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+                Ok(this)
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, seq: S) -> Result<Statement<'a>, S::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Statement::default())
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Statement<'a>, E> {
+                Ok(Statement::default())
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Statement<'a>, E> {
+                Ok(Statement::default())
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Statement<'a>, E> {
+                Ok(Statement::default())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Statement<'a>, E> {
+                Ok(Statement::default())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Statement<'a>, E> {
+                Ok(Statement::default())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Statement<'a>, E> {
+                Ok(Statement::default())
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Statement<'a>, E> {
+                Ok(Statement::default())
+            }
+        }
+        deserializer.deserialize_any(Fields(std::marker::PhantomData))
+    }
+}
+
+impl JsonRule<'_> {
+    fn statements(&self) -> impl Iterator<Item = (&str, &Statement<'_>)> {
+        self.expr.iter().map(|Named(name, value)| (&**name, value))
     }
 
     fn has_xt(&self) -> bool {
@@ -139,7 +273,7 @@ impl JsonRule {
                 "reject" => return Action::Reject,
                 "snat" | "dnat" | "masquerade" | "redirect" => return Action::Nat,
                 // An iptables target kept as such (nft_compat).
-                "xt" if value["type"] == "target" => match value["name"].as_str() {
+                "xt" if value.kind.as_deref() == Some("target") => match value.name.as_deref() {
                     Some("REJECT") => return Action::Reject,
                     Some(target) if NAT_TARGETS.contains(&target) => return Action::Nat,
                     _ => {}
@@ -161,8 +295,8 @@ impl JsonRule {
             && self.statements().any(|(name, _)| name == "counter")
             && self.statements().all(|(name, value)| match name {
                 "match" | "counter" | "accept" | "drop" | "return" | "jump" | "goto" => true,
-                "limit" => value.get("rate_unit").is_none() && value.get("inv").is_none(),
-                "log" => value.get("group").is_some(),
+                "limit" => !value.rate_unit && !value.inv,
+                "log" => value.group,
                 _ => false,
             })
     }
@@ -235,15 +369,15 @@ impl Ruleset {
                 .collect();
             let mut by_chain: HashMap<&str, Vec<&JsonRule>> = HashMap::new();
             for rule in &rules {
-                by_chain.entry(rule.chain.as_str()).or_default().push(rule);
+                by_chain.entry(&*rule.chain).or_default().push(rule);
             }
             if managed_by_iptables_nft(family, &table.name, &chains, &rules) {
-                this.xtables.push((family, table.name.clone()));
+                this.xtables.push((family, table.name.to_string()));
             }
             texts.find_marker(table.handle);
             for chain in chains {
                 texts.find_marker(chain.handle);
-                let rules = by_chain.get(chain.name.as_str()).into_iter().flatten().map(|r| NftRule {
+                let rules = by_chain.get(&*chain.name).into_iter().flatten().map(|r| NftRule {
                     handle: r.handle,
                     text: texts.next_rule(r).into(),
                     action: r.action(),
@@ -253,7 +387,7 @@ impl Ruleset {
                 let hook = chain.hook.as_deref().and_then(nft_hook).filter(|_| inet_hooks);
                 let hook = hook.map(|h| (h, chain.kind.as_deref() == Some("filter")));
                 let rules = ChainRules { base: chain.hook.is_some(), hook, rules: rules.collect(), xtables: None };
-                this.chains.insert((family, table.name.clone(), chain.name.clone()), rules);
+                this.chains.insert((family, table.name.to_string(), chain.name.to_string()), rules);
             }
         }
         Ok(this)

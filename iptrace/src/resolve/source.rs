@@ -7,6 +7,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, PoisonError},
+    thread::JoinHandle,
     time::Instant,
 };
 
@@ -28,6 +29,9 @@ pub enum Cause {
     Forced,
     /// Of the nf_tables rule set alone, for an event of a generation no snapshot shows.
     NftForced,
+    /// The first snapshot of the nf_tables rule set, read in the background from the start and
+    /// taken at the resolver's first use ([`super::Resolver::new`]).
+    NftFirst,
 }
 
 /// What one check of the rule sets found.
@@ -104,11 +108,16 @@ pub(super) struct Live {
     /// `/proc/net/ip{,6}_tables_names`, kept open: read at every check.
     table_names: HashMap<Family, Option<ProcFile>>,
     generation: Option<Generation>,
+    /// The first nf_tables snapshot, being read in the background: no other is read meanwhile.
+    first_nft: Option<JoinHandle<Result<NftRead, ResolveError>>>,
     /// Where each check is written as it is made (`--record`).
     recorder: Option<Recorder>,
     last_check: Instant,
     last_full_check: Instant,
 }
+
+/// A snapshot of the nf_tables rule set and the generation it was read at, if one was read.
+type NftRead = Option<(u32, NftListings)>;
 
 pub(super) enum Source {
     Live(Live),
@@ -119,6 +128,7 @@ impl Source {
     pub(super) fn live(
         probes: HashMap<Family, TableProbe>,
         generation: Option<Generation>,
+        first_nft: Option<JoinHandle<Result<NftRead, ResolveError>>>,
         recorder: Option<Recorder>,
     ) -> Self {
         let now = Instant::now();
@@ -126,6 +136,7 @@ impl Source {
             probes,
             table_names: HashMap::new(),
             generation,
+            first_nft,
             recorder,
             last_check: now,
             last_full_check: now,
@@ -176,7 +187,7 @@ impl Source {
             .any(|t| matches!(t.seen, Seen::Changed { .. }) && tables.contains_key(&(t.family, t.table.clone())));
         tables_read(changed);
         let nft = match (nft, &mut live.generation) {
-            (Some(nft), Some(generation)) => read_nft(generation, nft)?,
+            (Some(nft), Some(generation)) if live.first_nft.is_none() => read_nft(generation, nft)?,
             _ => None,
         };
         live.record(Check { cause, full, tables: seen, nft })
@@ -189,13 +200,40 @@ impl Source {
             Source::Replay(checks) => checks.next(Cause::NftForced),
             Source::Live(live) => {
                 let read = match &mut live.generation {
-                    Some(generation) => read_nft(generation, nft)?,
-                    None => None,
+                    Some(generation) if live.first_nft.is_none() => read_nft(generation, nft)?,
+                    _ => None,
                 };
                 live.record(Check { cause: Cause::NftForced, full: false, tables: Vec::new(), nft: read })
             }
         }
     }
+
+    /// Waits for the first nf_tables snapshot ([`start_first_nft`]), or takes the recorded one.
+    pub(super) fn first_nft(&mut self) -> Result<Check, ResolveError> {
+        match self {
+            Source::Replay(checks) => checks.next(Cause::NftFirst),
+            Source::Live(live) => {
+                let read = match live.first_nft.take() {
+                    Some(reading) => reading.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?,
+                    None => None,
+                };
+                live.record(Check { cause: Cause::NftFirst, full: false, tables: Vec::new(), nft: read })
+            }
+        }
+    }
+}
+
+/// Starts reading the first snapshot of the nf_tables rule set in a thread, which takes the
+/// calling thread's network namespace with it: a large rule set takes `nft` a few hundred
+/// milliseconds to list, and tracing need not wait for it (design.md "Generations").
+pub(super) fn start_first_nft(
+    families: Vec<Family>,
+) -> Result<JoinHandle<Result<NftRead, ResolveError>>, ResolveError> {
+    let mut generation = Generation::open()?;
+    std::thread::Builder::new()
+        .name("iptrace-nft-read".into())
+        .spawn(move || read_nft_unless(&mut generation, &families, |_| false))
+        .map_err(ResolveError::Thread)
 }
 
 impl Live {
@@ -250,13 +288,22 @@ fn read_table(
 /// Reads a snapshot of the nf_tables rule set unless one of the current generation is kept. It
 /// counts only when the generation was the same before and after the read (`NFT_MSG_GETGEN`);
 /// under constant churn there may be none.
-fn read_nft(generation: &mut Generation, nft: &NftRules) -> Result<Option<(u32, NftListings)>, ResolveError> {
+fn read_nft(generation: &mut Generation, nft: &NftRules) -> Result<NftRead, ResolveError> {
+    read_nft_unless(generation, &nft.families, |g| nft.snapshots.get(g).is_some())
+}
+
+/// [`read_nft`] for `families`, with `kept` telling whether a snapshot of a generation is kept.
+fn read_nft_unless(
+    generation: &mut Generation,
+    families: &[Family],
+    kept: impl Fn(u32) -> bool,
+) -> Result<NftRead, ResolveError> {
     let mut before = generation.current()?;
     for _ in 0..3 {
-        if nft.snapshots.get(before).is_some() {
+        if kept(before) {
             return Ok(None);
         }
-        let listings = nft::read(&nft.families)?;
+        let listings = nft::read(families)?;
         let after = generation.current()?;
         if after == before {
             return Ok(Some((before, listings)));
