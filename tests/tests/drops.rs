@@ -398,3 +398,32 @@ fn blocks_end_with_the_kernel_drop() {
     assert_eq!(without.join("\n\n"), expected.join("\n\n"));
     assert_eq!(counters, expected_counters);
 }
+
+/// `-6` leaves IPv4 out of the drops too: an IPv4 datagram to a closed port has no block of its
+/// own, the IPv6 one does (the lab's IPv6 chatter, router solicitations and MLD reports, may
+/// meet drops of its own meanwhile, so only blocks for these ports count).
+#[test]
+fn a_family_left_out_has_no_drop_blocks() {
+    if !require_root("a_family_left_out_has_no_drop_blocks") {
+        return;
+    }
+    let lab = lab("xdj-family");
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "-6", "udp"]);
+    let before = snmp(&lab, Role::Router);
+    send(&lab, Role::Client, "10.5.1.7:0", "10.5.1.1:9031", None);
+    send(&lab, Role::Client, "[fd00:5:1::7]:0", "[fd00:5:1::1]:9032", None);
+    wait_until_read(&lab, Role::Router);
+    let out = tracer.stop(libc::SIGINT);
+    assert!(out.status.success(), "{out:?}");
+    // The oracle: the router dropped both, for want of a socket.
+    assert_eq!(
+        changed(&before, &snmp(&lab, Role::Router), &["Udp NoPorts", "Udp6 NoPorts"]),
+        ["Udp NoPorts +1", "Udp6 NoPorts +1"]
+    );
+    let shown: Vec<String> = blocks(&out.stdout)
+        .iter()
+        .filter(|b| b.packet.contains("DPT=9031") || b.packet.contains("DPT=9032"))
+        .map(|b| format!("{}: {}", if b.packet.contains("DPT=9031") { "IPv4" } else { "IPv6" }, b.verdict()))
+        .collect();
+    assert_eq!(shown, ["IPv6: verdict: dropped: NO_SOCKET (no table of the rule set saw it)"], "{}", out.stdout);
+}

@@ -62,6 +62,11 @@ pub enum Family {
 }
 
 impl Family {
+    /// The family of an address.
+    pub fn of(addr: std::net::IpAddr) -> Self {
+        if addr.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 }
+    }
+
     /// From `nfgen_family` (`NFPROTO_IPV4` = 2, `NFPROTO_IPV6` = 10).
     pub fn from_nfproto(family: u8) -> Option<Self> {
         match family {
@@ -442,7 +447,7 @@ impl Decoder {
         };
         let mark_before = std::mem::replace(&mut stored.mark, mark_after);
         let headers = stored.clone();
-        let family = ip_family.unwrap_or(if headers.packet.src.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 });
+        let family = ip_family.unwrap_or(Family::of(headers.packet.src));
         let verdict = match (trace_type, msg.policy, msg.verdict) {
             (NftTraceType::Policy, Some(policy), _) => NftVerdict::from_code(policy.cast_signed(), None),
             (_, _, Some(v)) => NftVerdict::from_code(v.code, v.chain.map(|c| self.intern(&String::from_utf8_lossy(c)))),

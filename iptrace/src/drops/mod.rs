@@ -137,9 +137,14 @@ fn check_tracepoint(btf: &Btf) -> Result<(), DropError> {
 /// Starts reporting drops for a run that traces the namespace whose cookie is `netns`, or, where
 /// the program cannot run (no BTF, a kernel without the tracepoint or with another layout, no
 /// CAP_BPF), says why once when `verbose` and returns `None`: the run goes on without drops.
-pub fn start_for_run(selection: Option<&[CbpfInsn]>, netns: u64, verbose: bool) -> Option<DropTracer> {
+pub fn start_for_run(
+    selection: Option<&[CbpfInsn]>,
+    families: &[Family],
+    netns: u64,
+    verbose: bool,
+) -> Option<DropTracer> {
     match KernelFacts::from_kernel().and_then(|facts| DropTracer::start(selection, netns, facts)) {
-        Ok(tracer) => Some(tracer),
+        Ok(tracer) => Some(tracer.of_families(families)),
         Err(e) => {
             if verbose {
                 crate::note!("iptrace: drop reasons off: {}", crate::WithCauses(&e));
@@ -190,7 +195,7 @@ impl DropEvent {
     }
 
     pub fn family(&self) -> Family {
-        if self.packet.src.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 }
+        Family::of(self.packet.src)
     }
 
     /// Whether this drop is the end of the packet with `events`, traced in namespace `netns`:
@@ -209,6 +214,8 @@ impl DropEvent {
 pub struct DropTracer {
     events: RingBuf<MapData>,
     facts: KernelFacts,
+    /// The families reported: `-4`/`-6` are no part of the selection's program.
+    families: Vec<Family>,
     /// Owns the program and its attachment.
     _ebpf: Ebpf,
 }
@@ -237,14 +244,19 @@ impl DropTracer {
             .ok_or(DropError::Load(BpfError::MissingMap { name: DROP_EVENTS_MAP }))?
             .try_into()
             .map_err(DropError::Map)?;
-        Ok(Self { events, facts, _ebpf: ebpf })
+        Ok(Self { events, facts, families: vec![Family::Ipv4, Family::Ipv6], _ebpf: ebpf })
+    }
+
+    /// Reports only the drops of packets of `families`.
+    pub fn of_families(self, families: &[Family]) -> Self {
+        Self { families: families.to_vec(), ..self }
     }
 
     /// The drops reported since the last call, oldest first.
     pub fn read(&mut self) -> Vec<DropEvent> {
         let mut drops = Vec::new();
         while let Some(record) = self.events.next() {
-            drops.extend(DropEvent::decode(&record, &self.facts));
+            drops.extend(DropEvent::decode(&record, &self.facts).filter(|d| self.families.contains(&d.family())));
         }
         drops
     }

@@ -48,7 +48,7 @@ impl Net {
     }
 
     fn family(&self) -> Family {
-        if self.addr.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 }
+        Family::of(self.addr)
     }
 
     fn is_host(&self) -> bool {

@@ -29,7 +29,7 @@ use crate::{
     backend::Backends,
     bpf::FilterCounters,
     capture::{StreamMarker, TraceSocket, UserspaceFilter},
-    decode::Decoder,
+    decode::{Decoder, Family},
     drops::{self, DropTracer},
     filter::CompiledFilter,
     heal::{Healer, Watched},
@@ -401,7 +401,7 @@ fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
     // Loading the drop program (the kernel's BTF read, the verifier) takes a while: in the
     // background while the rest is set up, and waited for before tracing starts (the ready
     // line), so that a drop of a packet traced from then on always has its program running.
-    let drops = options.drops.then(|| start_drops(filter.as_ref())).transpose()?;
+    let drops = options.drops.then(|| start_drops(filter.as_ref(), &options.families)).transpose()?;
     let socket = TraceSocket::open(&backends.legacy, Duration::from_millis(100))?;
     // The generation read after joining the change notifications: events before the first
     // commit announced on the socket ran against it.
@@ -522,13 +522,19 @@ fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
 /// Starts loading the drop program for this run in a thread, which takes the traced namespace
 /// (the calling thread's) with it; it returns the program and the namespace's cookie, or `None`
 /// where it cannot run, said with `-v` ([`drops::start_for_run`]).
-fn start_drops(filter: Option<&CompiledFilter>) -> Result<JoinHandle<Option<(DropTracer, u64)>>, RunError> {
+fn start_drops(
+    filter: Option<&CompiledFilter>,
+    families: &[Family],
+) -> Result<JoinHandle<Option<(DropTracer, u64)>>, RunError> {
     let netns = instrument::state::netns_cookie()?;
     let verbose = log::log_enabled!(log::Level::Info);
     let selection = filter.map(|f| f.instructions().to_vec());
+    let families = families.to_vec();
     thread::Builder::new()
         .name("iptrace-drops".into())
-        .spawn(move || drops::start_for_run(selection.as_deref(), netns, verbose).map(|tracer| (tracer, netns)))
+        .spawn(move || {
+            drops::start_for_run(selection.as_deref(), &families, netns, verbose).map(|tracer| (tracer, netns))
+        })
         .map_err(|e| RunError::Thread("drop program loader", e))
 }
 

@@ -65,7 +65,7 @@ const TCP_FLAG_NAMES: [(&str, u8); 6] =
 
 impl PacketSpec {
     pub fn family(&self) -> Family {
-        if self.dst.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 }
+        Family::of(self.dst)
     }
 
     /// The IP protocol number.
