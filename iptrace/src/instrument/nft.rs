@@ -1,6 +1,10 @@
+//! Long because the table's scripts, its rules built over netlink and its watch all work on the
+//! one table's names and layout; where its chains run among others' is in [`order`].
+//!
 //! iptrace's nf_tables table: `inet iptrace_<pid>_<start>` with a prerouting and an output base
-//! chain at priority -350, before every standard table (raw is -300, design.md §9), each
-//! with one rule that sets `meta nftrace set 1` for the selected packets.
+//! chain at priority -350, before every standard table (raw is -300, design.md §9), or just
+//! before another chain hooked there earlier ([`order`]), each with one rule that sets
+//! `meta nftrace set 1` for the selected packets.
 //!
 //! The bit it sets is honoured by nf_tables chains and by legacy ip_tables alike (§5.2), so the
 //! table is the single place packets are marked on a host with both engines. Its `meta nftrace
@@ -22,7 +26,7 @@
 //! does not reach (bridged frames never pass the inet hooks, netdev ingress runs before them,
 //! ARP is no IP packet), iptrace adds a table of the same name in each such family, with its
 //! marking chains at bridge prerouting, netdev ingress (one per device) and arp input and
-//! output, all at -350 (design.md §13). The tables are found by name in every family, so
+//! output, all at -350 or as [`order`] places them (design.md §13). The tables are found by name in every family, so
 //! teardown, `--cleanup` and heal treat them as one marking with the inet table.
 
 use std::{
