@@ -1,6 +1,7 @@
 //! nf_tables over nfnetlink, for what must be cheap, must work without `nft`, or cannot be
-//! written in its language: the rule-set generation, the list of tables, rule counts, and a rule
-//! with an xtables match (nft_compat), which only iptables-nft adds.
+//! written in its language: the rule-set generation, the list of tables, the base chains with
+//! their hooks and priorities, rule counts, and a rule with an xtables match (nft_compat), which
+//! only iptables-nft adds.
 
 use std::{io, time::Duration};
 
