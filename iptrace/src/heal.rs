@@ -8,6 +8,8 @@
 //!   others did to one is repaired by re-installing that marking ([`Marking::reinstall`]).
 //! - the nf_log bindings iptrace made (`/proc/sys/net/netfilter/nf_log/{2,10}`): bound to
 //!   nfnetlink_log again when someone changed them.
+//! - other programs' base chains that run before iptrace's nf_tables marking: re-installed
+//!   before them where it can be, a warning (once each) where not, also for those at the start.
 //! - the `-i`/`-o` interfaces by name: a recreated interface has a new index, which the `-o`
 //!   selection (by index, in userspace) follows. The rules name interfaces, so they need nothing.
 //!
@@ -186,11 +188,16 @@ impl Watcher {
         unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, ms) };
     }
 
-    /// Re-installs each marking others changed, saying what happened and what was done.
+    /// Re-installs each marking others changed, saying what happened and what was done, and
+    /// passes on the warnings of what cannot be repaired.
     fn check_markings(&mut self) -> Result<(), HealError> {
         let owner = self.watched.owner;
         for i in 0..self.markings.len() {
-            let Some(Damage { event, outcome }) = self.markings[i].1.damage()? else { continue };
+            let damage = self.markings[i].1.damage()?;
+            for warning in self.markings[i].1.warnings() {
+                crate::note!("iptrace: warning: {warning}");
+            }
+            let Some(Damage { event, outcome }) = damage else { continue };
             self.count_repair(&event)?;
             let started = Instant::now();
             self.markings[i]

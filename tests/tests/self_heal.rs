@@ -1,8 +1,10 @@
 //! Self-healing, end to end, in throwaway namespaces: while a trickle of selected packets flows,
-//! another program flushes raw, deletes iptrace's rule or table, reloads the nftables rule set,
-//! inserts an ACCEPT above the TRACE rule, unbinds the logger or recreates the `-o` interface.
-//! iptrace must put its instrumentation back within the bound (packets sent from then on are
-//! traced), say so once on stderr, count it in `--stats`, and leave the firewall as it found it.
+//! another program flushes raw, deletes iptrace's rule or table, makes its table dormant, reloads
+//! the nftables rule set, inserts an ACCEPT above the TRACE rule, unbinds the logger, recreates
+//! the `-o` interface or adds a chain that runs before iptrace's marking. iptrace must put its
+//! instrumentation back within the bound (packets sent from then on are traced), say so once on
+//! stderr, count it in `--stats`, and leave the firewall as it found it. A chain iptrace cannot
+//! run before is named in one warning, checked against `nft monitor trace`.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -12,6 +14,7 @@ use std::{
 
 use iptrace_tests::{
     Lab, Role, Tracer, addr, blocks, blocks_with, firewall_state, lab, load_sample_nft_rules, load_sample_rules,
+    oracle::{NftMonitor, compare_nft},
     require_root,
 };
 
@@ -39,9 +42,21 @@ struct Healed {
 
 /// Traces [`SELECTION`] with `args` in the router while a trickle flows to `to`, runs `change`
 /// in the middle, which returns the lines iptrace must print about it, and checks that every
-/// datagram before and after it was traced, each line was printed once, iptrace exited normally
-/// and counted one repair per line in `--stats`.
+/// datagram before and after it was traced, each line was printed once, no other warning was,
+/// iptrace exited normally and counted one repair per line that is not a warning in `--stats`.
 fn heal_around(lab: &Lab, args: &[&str], to: SocketAddr, change: impl FnOnce(&Tracer) -> Vec<String>) -> Healed {
+    heal_around_then(lab, args, to, change, |_| {})
+}
+
+/// [`heal_around`], running `after` once the trickle after the change was sent, while iptrace
+/// still runs.
+fn heal_around_then(
+    lab: &Lab,
+    args: &[&str],
+    to: SocketAddr,
+    change: impl FnOnce(&Tracer) -> Vec<String>,
+    after: impl FnOnce(&Tracer),
+) -> Healed {
     let ns = lab.ns(Role::Router);
     let mut all_args = vec!["--netns", &ns, "--stats"];
     all_args.extend_from_slice(args);
@@ -52,6 +67,7 @@ fn heal_around(lab: &Lab, args: &[&str], to: SocketAddr, change: impl FnOnce(&Tr
     thread::sleep(REPAIR_BOUND);
     trickle(lab, AFTER, to);
     thread::sleep(Duration::from_millis(300));
+    after(&tracer);
     let out = tracer.stop(libc::SIGINT);
     assert!(out.status.success(), "{out:?}");
     let all = blocks(&out.stdout);
@@ -64,9 +80,18 @@ fn heal_around(lab: &Lab, args: &[&str], to: SocketAddr, change: impl FnOnce(&Tr
     for line in &expected {
         assert_eq!(out.stderr.matches(&format!("{line}\n")).count(), 1, "{line}\n{}", out.stderr);
     }
-    let repairs = format!("iptrace: stats: {} repairs of iptrace's instrumentation", expected.len());
+    assert_eq!(warnings(&out.stderr), warnings(&expected.join("\n")), "{}", out.stderr);
+    let repairs = expected.iter().filter(|l| !l.starts_with(WARNING)).count();
+    let repairs = format!("iptrace: stats: {repairs} repairs of iptrace's instrumentation");
     assert!(out.stderr.contains(&repairs), "{}", out.stderr);
     Healed { stdout: out.stdout }
+}
+
+const WARNING: &str = "iptrace: warning: ";
+
+/// The warning lines of `stderr`.
+fn warnings(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.starts_with(WARNING)).collect()
 }
 
 fn to_server() -> SocketAddr {
@@ -218,19 +243,171 @@ fn deleted_nft_table_is_healed() {
     }
     let (lab, before) = nft_router("healdeltable");
     heal_around(&lab, &[], to_server(), |tracer| {
-        let out = lab.exec(Role::Router, &["nft", "list", "tables"], "").unwrap();
-        let tables = String::from_utf8_lossy(&out.stdout).into_owned();
-        let own = format!("iptrace_{}_", tracer.pid());
-        let name = tables
-            .lines()
-            .filter_map(|l| l.strip_prefix("table inet "))
-            .find(|t| t.starts_with(&own))
-            .expect("iptrace's table")
-            .to_owned();
+        let name = own_table(&lab, tracer);
         run_in(&lab, &["nft", "delete", "table", "inet", &name]);
         vec![format!("iptrace: iptrace's table inet {name} was deleted; tracing re-installed")]
     });
     assert_eq!(firewall_state(&lab, Role::Router), before);
+}
+
+/// The name of `tracer`'s inet table in the router.
+fn own_table(lab: &Lab, tracer: &Tracer) -> String {
+    let out = lab.exec(Role::Router, &["nft", "list", "tables"], "").unwrap();
+    let tables = String::from_utf8_lossy(&out.stdout).into_owned();
+    let own = format!("iptrace_{}_", tracer.pid());
+    tables
+        .lines()
+        .filter_map(|l| l.strip_prefix("table inet "))
+        .find(|t| t.starts_with(&own))
+        .expect("iptrace's table")
+        .to_owned()
+}
+
+/// A dormant table's hooks are unregistered: nothing would be marked any more. iptrace puts its
+/// table back awake; its marking rule counts exactly the datagrams sent after that.
+#[test]
+fn dormant_nft_table_is_healed() {
+    if !require_root("dormant_nft_table_is_healed") {
+        return;
+    }
+    let (lab, before) = nft_router("healdormant");
+    heal_around_then(
+        &lab,
+        &[],
+        to_server(),
+        |tracer| {
+            let name = own_table(&lab, tracer);
+            run_in(&lab, &["nft", "add", "table", "inet", &name, "{ flags dormant; }"]);
+            vec![format!("iptrace: iptrace's table inet {name} was made dormant; tracing re-installed")]
+        },
+        |tracer| {
+            let name = own_table(&lab, tracer);
+            let out = lab.exec(Role::Router, &["nft", "list", "table", "inet", &name], "").unwrap();
+            let table = String::from_utf8_lossy(&out.stdout);
+            assert!(!table.contains("dormant"), "{table}");
+            let marking = table.lines().find(|l| l.contains("meta nftrace set 1")).expect("the marking rule");
+            assert!(marking.contains(&format!("counter packets {PACKETS} ")), "{table}");
+        },
+    );
+    assert_eq!(firewall_state(&lab, Role::Router), before);
+}
+
+/// Chains that see packets before iptrace's marking (-350): one at -380, which iptrace can run
+/// before, and one at -450 (as a notrack table before defragmentation), which it cannot.
+const EARLY_CHAINS: &str = "table inet early {
+\tchain pre {
+\t\ttype filter hook prerouting priority -380; policy accept;
+\t\tudp dport 5555 counter
+\t}
+\tchain raw_pre {
+\t\ttype filter hook prerouting priority -450; policy accept;
+\t\tudp dport 5555 counter
+\t}
+}
+";
+
+/// The warning about `raw_pre` of [`EARLY_CHAINS`], once iptrace marks before `pre`.
+const EARLY_WARNING: &str = "iptrace: warning: chain inet early raw_pre (prerouting, priority -450) runs before \
+                             iptrace's marking (-381): its rules are not traced";
+
+/// The packets counted by the rule of `chain` in the router's table `inet early`.
+fn early_count(lab: &Lab, chain: &str) -> String {
+    let out = lab.exec(Role::Router, &["nft", "list", "chain", "inet", "early", chain], "").unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let counter = listing.split("counter packets ").nth(1).expect("a counter");
+    counter.split_whitespace().next().unwrap().to_owned()
+}
+
+/// Checks that the blocks of `stdout` agree with `nft monitor trace` and that the datagrams sent
+/// from `ports` passed `inet early pre`'s rule and not `raw_pre`'s in both.
+fn early_chains_traced(stdout: &str, monitor: NftMonitor, ports: std::ops::Range<u16>) {
+    let all = blocks(stdout);
+    let packets = monitor.finish();
+    assert_eq!(compare_nft(&all, &packets), "", "{stdout}");
+    for port in ports {
+        let spt = format!("SPT={port} DPT=5555");
+        let block = blocks_with(&all, &[&spt]);
+        assert!(block[0].body().starts_with("        nft inet early pre (handle "), "{}", block[0].body());
+        assert!(!block[0].body().contains("raw_pre"), "{}", block[0].body());
+    }
+}
+
+/// A chain before iptrace's marking at the start: iptrace marks before it (-381), and warns once
+/// about the one it cannot precede (-450), whose rule saw every datagram but is in no trace.
+#[test]
+fn early_chains_at_the_start_are_traced_or_named() {
+    if !require_root("early_chains_at_the_start_are_traced_or_named") {
+        return;
+    }
+    let lab = lab("healearly");
+    load_sample_nft_rules(&lab).expect("loading the sample nft rule set");
+    lab.exec(Role::Router, &["nft", "-f", "-"], EARLY_CHAINS).expect("loading the early chains");
+    let monitor = NftMonitor::start(&lab, Role::Router, &[]);
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), SELECTION]);
+    trickle(&lab, BEFORE, to_server());
+    thread::sleep(Duration::from_millis(300));
+    let out = tracer.stop(libc::SIGINT);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(warnings(&out.stderr), [EARLY_WARNING], "{}", out.stderr);
+    early_chains_traced(&out.stdout, monitor, BEFORE..BEFORE + PACKETS);
+    assert_eq!(early_count(&lab, "raw_pre"), PACKETS.to_string());
+}
+
+/// The same chains added while tracing: iptrace re-installs its table before `pre` at once, then
+/// warns about `raw_pre`.
+#[test]
+fn early_chains_added_while_tracing_are_traced_or_named() {
+    if !require_root("early_chains_added_while_tracing_are_traced_or_named") {
+        return;
+    }
+    let (lab, before) = nft_router("healearlyadd");
+    let monitor = NftMonitor::start(&lab, Role::Router, &[]);
+    let healed = heal_around(&lab, &[], to_server(), |_| {
+        let out = lab.exec(Role::Router, &["nft", "-f", "-"], EARLY_CHAINS).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        vec![
+            "iptrace: chain inet early pre (prerouting, priority -380) runs before iptrace's marking (-350); \
+             tracing re-installed before it"
+                .into(),
+            EARLY_WARNING.into(),
+        ]
+    });
+    early_chains_traced(&healed.stdout, monitor, AFTER..AFTER + PACKETS);
+    assert_eq!(early_count(&lab, "raw_pre"), PACKETS.to_string());
+    run_in(&lab, &["nft", "delete", "table", "inet", "early"]);
+    assert_eq!(firewall_state(&lab, Role::Router), before);
+}
+
+/// Rule sets users run have no chain before -350: iptrace marks at -350 and warns of nothing.
+#[test]
+fn ordinary_rule_sets_get_no_warning() {
+    if !require_root("ordinary_rule_sets_get_no_warning") {
+        return;
+    }
+    let lab = lab("healnowarn");
+    let ns = lab.ns(Role::Router);
+    for fixture in [
+        "debian-workstation.nft",
+        "debian-sets-and-maps.nft",
+        "debian-load-balancing.nft",
+        "fw4.nft",
+        "firewalld.nft",
+        "kube-proxy.nft",
+    ] {
+        let path = format!("{}/fixtures/rulesets/{fixture}", env!("CARGO_MANIFEST_DIR"));
+        let rules = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let out = lab.exec(Role::Router, &["nft", "-f", "-"], &format!("flush ruleset\n{rules}")).unwrap();
+        assert!(out.status.success(), "{fixture}: {}", String::from_utf8_lossy(&out.stderr));
+        let tracer = Tracer::start(&["--netns", &ns, SELECTION]);
+        // Looked at within a tick of the start.
+        thread::sleep(Duration::from_millis(200));
+        let chains = lab.exec(Role::Router, &["nft", "list", "chains", "inet"], "").unwrap();
+        let chains = String::from_utf8_lossy(&chains.stdout).into_owned();
+        let out = tracer.stop(libc::SIGINT);
+        assert!(out.status.success(), "{fixture}: {out:?}");
+        assert_eq!(warnings(&out.stderr), Vec::<&str>::new(), "{fixture}: {}", out.stderr);
+        assert!(chains.contains("type filter hook prerouting priority -350;"), "{fixture}: {chains}");
+    }
 }
 
 /// `-o` selects by the interface's index in userspace; a recreated interface has a new one.

@@ -266,6 +266,11 @@ pub trait MarkingWatch: Send {
     fn notifications(&self) -> Option<RawFd>;
     /// What others did to the marking since the last call; `None` while it is as installed.
     fn damage(&mut self) -> Result<Option<Damage>, WatchError>;
+    /// What the marking cannot do anything about, each once, as found by
+    /// [`MarkingWatch::damage`] (the first call looks at the start's state): one line each.
+    fn warnings(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A change by others to a run's marking, as one line says it: `{event}; {outcome}`.

@@ -1,6 +1,10 @@
+//! Long because the table's scripts, its rules built over netlink and its watch all work on the
+//! one table's names and layout; where its chains run among others' is in [`order`].
+//!
 //! iptrace's nf_tables table: `inet iptrace_<pid>_<start>` with a prerouting and an output base
-//! chain at priority -350, before every standard table (raw is -300, design.md §9), each
-//! with one rule that sets `meta nftrace set 1` for the selected packets.
+//! chain at priority -350, before every standard table (raw is -300, design.md §9), or just
+//! before another chain hooked there earlier ([`order`]), each with one rule that sets
+//! `meta nftrace set 1` for the selected packets.
 //!
 //! The bit it sets is honoured by nf_tables chains and by legacy ip_tables alike (§5.2), so the
 //! table is the single place packets are marked on a host with both engines. Its `meta nftrace
@@ -22,7 +26,7 @@
 //! does not reach (bridged frames never pass the inet hooks, netdev ingress runs before them,
 //! ARP is no IP packet), iptrace adds a table of the same name in each such family, with its
 //! marking chains at bridge prerouting, netdev ingress (one per device) and arp input and
-//! output, all at -350 (design.md §13). The tables are found by name in every family, so
+//! output, all at -350 or as [`order`] places them (design.md §13). The tables are found by name in every family, so
 //! teardown, `--cleanup` and heal treat them as one marking with the inet table.
 
 use std::{
@@ -32,7 +36,8 @@ use std::{
 
 use iptrace_common::uapi::{
     NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES, NFT_MSG_DELCHAIN, NFT_MSG_DELOBJ, NFT_MSG_DELRULE, NFT_MSG_DELSET,
-    NFT_MSG_DELTABLE, NFT_MSG_NEWGEN, XT_BPF_MAX_NUM_INSTR, XT_BPF_MODE_BYTECODE, XT_BPF_MODE_FD_PINNED,
+    NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWGEN, NFT_MSG_NEWTABLE, NFTA_TABLE_FLAGS, XT_BPF_MAX_NUM_INSTR,
+    XT_BPF_MODE_BYTECODE, XT_BPF_MODE_FD_PINNED,
 };
 
 use super::{
@@ -45,7 +50,7 @@ use crate::{
     netfilter::{
         NetfilterSocket, Received,
         netlink::{NetlinkMessage, NetlinkMessages},
-        nf_tables::{NfTablesSocket, RuleExpression},
+        nf_tables::{BaseChain, NFTA_CHAIN_HOOK, NfTablesSocket, RuleExpression},
     },
     nftables,
 };
@@ -105,8 +110,6 @@ const FAMILY: &str = "inet";
 /// The families whose hooks the inet table does not reach, marked where the user has tables of
 /// them.
 const LINK_LAYER_FAMILIES: [NftFamily; 3] = [NftFamily::Bridge, NftFamily::Netdev, NftFamily::Arp];
-/// Before raw (-300), conntrack (-200) and everything after them.
-const PRIORITY: i32 = -350;
 /// The named limit both chains share, so that `--limit` counts packets, not hooks.
 const LIMIT_NAME: &str = "trace_rate";
 
@@ -124,7 +127,7 @@ const XT_BPF_PATH_MAX: usize = XT_BPF_MAX_NUM_INSTR as usize * size_of::<CbpfIns
 /// The `nft -f` script that creates the table for `plan`. `create table` fails if a table of that
 /// name exists, so the script changes nothing then. With an xt_bpf prefilter, the base chains
 /// stay empty here: [`create`] adds their rule over netlink.
-pub(super) fn script(owner: Owner, plan: &TracePlan) -> String {
+fn script(owner: Owner, plan: &TracePlan, chains: &[BaseChain]) -> String {
     let table = owner.table_name();
     let mut script = format!("create table {FAMILY} {table} {{ comment \"{}\"; }}\n", owner.tag());
     if let Some(limit) = &plan.limit {
@@ -140,8 +143,9 @@ pub(super) fn script(owner: Owner, plan: &TracePlan) -> String {
         selectors.push(matches);
     }
     for chain in BASE_CHAINS {
+        let priority = order::marking_priority(NftFamily::Inet, chain, chains);
         script.push_str(&format!(
-            "add chain {FAMILY} {table} {chain} {{ type filter hook {chain} priority {PRIORITY}; policy accept; }}\n"
+            "add chain {FAMILY} {table} {chain} {{ type filter hook {chain} priority {priority}; policy accept; }}\n"
         ));
         if !marks_packets(plan, chain) {
             continue;
@@ -209,11 +213,12 @@ fn marking_chain(chain: &str) -> String {
 /// for the IP header: for an xt_bpf selection every IP and ARP frame of the traced families is
 /// marked, and the trace socket's filter, which runs the compiled selection on each event's IP
 /// header (an ARP packet's addresses as one, `iptrace_common::filter::arp_as_ipv4`), decides.
-pub(super) fn link_layer_script(
+fn link_layer_script(
     owner: Owner,
     plan: &TracePlan,
     family: NftFamily,
     devices: &[String],
+    chains: &[BaseChain],
 ) -> Option<String> {
     let v4 = plan.families.contains(&Family::Ipv4);
     let ip_protocols: Vec<&str> = plan.families.iter().map(|&f| if f == Family::Ipv4 { "ip" } else { "ip6" }).collect();
@@ -250,7 +255,7 @@ pub(super) fn link_layer_script(
     let leaving = marks_packets(plan, "output");
     let in_match = plan.in_interface.as_ref().map(|i| format!("iifname \"{i}\""));
     // (chain, its hook, the interface match of its rule)
-    let chains: Vec<(String, String, Option<String>)> = match family {
+    let marking_chains: Vec<(String, String, Option<String>)> = match family {
         NftFamily::Bridge if arriving => vec![("prerouting".into(), "prerouting".into(), in_match)],
         NftFamily::Netdev if arriving => devices
             .iter()
@@ -273,7 +278,7 @@ pub(super) fn link_layer_script(
         .collect(),
         _ => Vec::new(),
     };
-    if selectors.is_empty() || chains.is_empty() {
+    if selectors.is_empty() || marking_chains.is_empty() {
         return None;
     }
     let table = owner.table_name();
@@ -281,9 +286,11 @@ pub(super) fn link_layer_script(
     if let Some(limit) = &plan.limit {
         script.push_str(&limit_line(family, &table, limit));
     }
-    for (chain, hook, interface) in chains {
+    for (chain, hook, interface) in marking_chains {
+        let hook_name = hook.split(' ').next().unwrap_or_default();
+        let priority = order::marking_priority(family, hook_name, chains);
         script.push_str(&format!(
-            "add chain {family} {table} {chain} {{ type filter hook {hook} priority {PRIORITY}; policy accept; }}\n"
+            "add chain {family} {table} {chain} {{ type filter hook {hook} priority {priority}; policy accept; }}\n"
         ));
         for selector in &selectors {
             let mut words: Vec<String> = [selector.clone()].into_iter().filter(|s| !s.is_empty()).collect();
@@ -357,7 +364,13 @@ fn create(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
     if existing.iter().any(|(f, t)| *f == NftFamily::Inet && *t == table) {
         return Err(InstrumentError::TableExists { table });
     }
-    nftables::apply(&script(owner, plan)).map_err(|source| InstrumentError::Nft {
+    // Listed before the table exists: every chain that decides where iptrace marks is another's.
+    let chains = order::base_chains().map_err(|source| InstrumentError::Nft {
+        what: "list the base chains next to",
+        table: table.clone(),
+        source,
+    })?;
+    nftables::apply(&script(owner, plan, &chains)).map_err(|source| InstrumentError::Nft {
         what: "create",
         table: table.clone(),
         source,
@@ -370,7 +383,7 @@ fn create(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
             continue;
         }
         let devices = if family == NftFamily::Netdev { ingress_devices(plan)? } else { Vec::new() };
-        if let Some(script) = link_layer_script(owner, plan, family, &devices) {
+        if let Some(script) = link_layer_script(owner, plan, family, &devices, &chains) {
             nftables::apply(&script).map_err(|source| InstrumentError::Nft {
                 what: "create",
                 table: format!("{family} {table}"),
@@ -464,9 +477,15 @@ fn tables() -> Result<Vec<(NftFamily, String)>, InstrumentError> {
 }
 
 /// iptrace's table, watched through the nf_tables notification group (`NFNLGRP_NFTABLES`, on a
-/// socket of its own): a transaction that deleted the table, or rules, chains, sets or objects
-/// in it, is followed by a count of the table's rules; fewer than installed means re-install.
-/// iptrace's own re-install deletes the table too: the count, taken after it, finds it whole.
+/// socket of its own), for three things others may do:
+/// - delete the table, or rules, chains, sets or objects in it: a transaction that did is
+///   followed by a count of the table's rules; fewer than installed means re-install. iptrace's
+///   own re-install deletes the table too: the count, taken after it, finds it whole.
+/// - make it dormant (`nft add table inet iptrace_… { flags dormant; }`), which unregisters its
+///   hooks: the table's NEWTABLE notifications say its flags, the last one the current ones.
+/// - add a base chain that runs before iptrace's marking: one iptrace can precede means
+///   re-install (at a priority before it, [`order::marking_priority`]); one it cannot is
+///   named in a warning, once.
 struct NftWatch {
     notifications: NetfilterSocket,
     queries: NfTablesSocket,
@@ -476,6 +495,15 @@ struct NftWatch {
     rules: usize,
     /// The transaction whose notifications are being read (its NEWGEN ends it).
     transaction: Transaction,
+    /// The families whose table of iptrace's is dormant, as the last notifications said.
+    dormant: Vec<NftFamily>,
+    /// Whether another program added a base chain since the chains were last looked at; true at
+    /// first, so that the chains there at the start are looked at.
+    chains_added: bool,
+    /// The chains warned about, as described.
+    warned: Vec<String>,
+    /// Warnings not yet taken by [`MarkingWatch::warnings`].
+    warnings: Vec<String>,
 }
 
 impl NftWatch {
@@ -483,7 +511,18 @@ impl NftWatch {
         let notifications =
             NetfilterSocket::open().and_then(|s| s.join(&[NFNLGRP_NFTABLES]).map(|()| s)).map_err(WatchError::Open)?;
         let queries = NfTablesSocket::open().map_err(WatchError::Nft)?;
-        let mut watch = Self { notifications, queries, table, families, rules: 0, transaction: Transaction::default() };
+        let mut watch = Self {
+            notifications,
+            queries,
+            table,
+            families,
+            rules: 0,
+            transaction: Transaction::default(),
+            dormant: Vec::new(),
+            chains_added: true,
+            warned: Vec::new(),
+            warnings: Vec::new(),
+        };
         watch.rules = watch.rule_count()?;
         Ok(watch)
     }
@@ -498,7 +537,8 @@ impl NftWatch {
     }
 
     /// Reads the queued notifications and describes the first committed transaction that deleted
-    /// anything of iptrace's table; `None` when none did.
+    /// anything of iptrace's table; `None` when none did. Notes on the way which of iptrace's
+    /// tables are dormant and whether others added base chains.
     fn deletion(&mut self) -> Option<String> {
         let mut buf = vec![0u8; 1 << 16];
         let mut found = None;
@@ -507,8 +547,9 @@ impl NftWatch {
             let n = match self.notifications.receive_queued(&mut buf) {
                 Ok(Received::Datagram(n)) => n,
                 Ok(Received::Overrun) => {
-                    // Notifications were lost: look at the table.
+                    // Notifications were lost: look at the table and the chains.
                     found.get_or_insert_with(|| "the nf_tables rule set changed".to_owned());
+                    self.chains_added = true;
                     continue;
                 }
                 Ok(Received::Idle) | Err(_) => break,
@@ -518,6 +559,13 @@ impl NftWatch {
                     if found.is_none() {
                         found = transaction.describe(&self.table);
                     }
+                    for &(family, dormant) in &transaction.flags {
+                        self.dormant.retain(|&f| f != family);
+                        if dormant {
+                            self.dormant.push(family);
+                        }
+                    }
+                    self.chains_added |= transaction.base_chains_added;
                     *transaction = Transaction::default();
                 }
             }
@@ -533,6 +581,42 @@ impl NftWatch {
         self.rules = self.rules.max(rules);
         Ok(rules > 0 && rules >= self.rules)
     }
+
+    /// The first other chain that runs before iptrace's marking and that iptrace can precede;
+    /// those it cannot are queued as warnings (when none it can, whose re-install moves the
+    /// marking, makes the warnings' priorities stale).
+    fn early_chains(&mut self) -> Result<Option<Damage>, WatchError> {
+        let event = "a base chain was added";
+        let chains = self.queries.base_chains().map_err(|source| WatchError::Read {
+            event: event.into(),
+            source: Box::new(InstrumentError::Nft {
+                what: "list the base chains next to",
+                table: self.table.clone(),
+                source,
+            }),
+        })?;
+        let markings: Vec<&BaseChain> =
+            chains.iter().filter(|c| c.table == self.table && self.families.contains(&c.family)).collect();
+        let mut unprecedable = Vec::new();
+        for chain in chains.iter().filter(|c| order::foreign(c)) {
+            let Some(marking) = markings.iter().filter(|m| order::runs_before(chain, m)).min_by_key(|m| m.priority)
+            else {
+                continue;
+            };
+            let event = format!("{} runs before iptrace's marking ({})", order::describe(chain), marking.priority);
+            if order::precedable(chain) {
+                return Ok(Some(Damage { event, outcome: "tracing re-installed before it" }));
+            }
+            unprecedable.push((order::describe(chain), event));
+        }
+        for (chain, event) in unprecedable {
+            if !self.warned.contains(&chain) {
+                self.warned.push(chain);
+                self.warnings.push(format!("{event}: its rules are not traced"));
+            }
+        }
+        Ok(None)
+    }
 }
 
 impl MarkingWatch for NftWatch {
@@ -541,15 +625,33 @@ impl MarkingWatch for NftWatch {
     }
 
     fn damage(&mut self) -> Result<Option<Damage>, WatchError> {
-        let Some(event) = self.deletion() else { return Ok(None) };
-        if self.intact()? {
-            return Ok(None);
+        if let Some(event) = self.deletion()
+            && !self.intact()?
+        {
+            return Ok(Some(Damage { event, outcome: "tracing re-installed" }));
         }
-        Ok(Some(Damage { event, outcome: "tracing re-installed" }))
+        if let Some(family) = self.dormant.first() {
+            let event = format!("iptrace's table {family} {} was made dormant", self.table);
+            return Ok(Some(Damage { event, outcome: "tracing re-installed" }));
+        }
+        if std::mem::take(&mut self.chains_added) {
+            let damage = self.early_chains()?;
+            // Looked at again after the re-install, for the warnings.
+            self.chains_added = damage.is_some();
+            return Ok(damage);
+        }
+        Ok(None)
+    }
+
+    fn warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 }
 
-/// What one nf_tables transaction deleted, as its notifications said.
+/// `NFT_TABLE_F_DORMANT`: the table's hooks are unregistered.
+const NFT_TABLE_F_DORMANT: u32 = 1;
+
+/// What one nf_tables transaction did that concerns iptrace's table, as its notifications said.
 #[derive(Default)]
 struct Transaction {
     /// The family of iptrace's table it deleted, of the one it deleted rules, chains, sets or
@@ -557,10 +659,15 @@ struct Transaction {
     table_deleted: Option<NftFamily>,
     other_tables_deleted: bool,
     contents_deleted: Option<NftFamily>,
+    /// Whether each of iptrace's tables it deleted (false) or created or updated is dormant, in
+    /// the order it did so.
+    flags: Vec<(NftFamily, bool)>,
+    /// Whether it added a base chain to a table not iptrace's.
+    base_chains_added: bool,
 }
 
 impl Transaction {
-    /// Notes what one notification deleted; true for the transaction's end (NEWGEN).
+    /// Notes what one notification did; true for the transaction's end (NEWGEN).
     fn note(&mut self, m: &NetlinkMessage<'_>, table: &str, families: &[NftFamily]) -> bool {
         if u32::from(m.message_type) >> 8 != NFNL_SUBSYS_NFTABLES {
             return false;
@@ -570,21 +677,23 @@ impl Transaction {
             return true;
         }
         // nfgenmsg's family is the object's; then the attributes.
-        let ours = m
-            .nfnetlink()
-            .ok()
-            .map(|(nfgen, attributes)| (NftFamily::from_nfproto(nfgen.family()), attributes))
-            .filter(|(family, attributes)| {
-                families.contains(family)
-                    && attributes.clone().flatten().find(|a| a.kind == NFTA_OBJECT_TABLE).map(|a| a.c_str())
-                        == Some(table.as_bytes())
-            })
-            .map(|(family, _)| family);
+        let Ok((nfgen, attributes)) = m.nfnetlink() else { return false };
+        let family = NftFamily::from_nfproto(nfgen.family());
+        let attribute = |kind: u16| attributes.clone().flatten().find(|a| a.kind == kind);
+        let ours = (families.contains(&family)
+            && attribute(NFTA_OBJECT_TABLE).map(|a| a.c_str()) == Some(table.as_bytes()))
+        .then_some(family);
         match (kind, ours) {
             (NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE, Some(family)) => {
                 self.table_deleted.get_or_insert(family);
+                self.flags.push((family, false));
             }
             (NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE, None) => self.other_tables_deleted = true,
+            (NFT_MSG_NEWTABLE, Some(family)) => {
+                let flags = attribute(NFTA_TABLE_FLAGS as u16).and_then(|a| a.be_u32().ok()).unwrap_or(0);
+                self.flags.push((family, flags & NFT_TABLE_F_DORMANT != 0));
+            }
+            (NFT_MSG_NEWCHAIN, None) if attribute(NFTA_CHAIN_HOOK).is_some() => self.base_chains_added = true,
             (
                 NFT_MSG_DELCHAIN | NFT_MSG_DESTROYCHAIN | NFT_MSG_DELRULE | NFT_MSG_DESTROYRULE | NFT_MSG_DELSET
                 | NFT_MSG_DESTROYSET | NFT_MSG_DELOBJ | NFT_MSG_DESTROYOBJ,
@@ -607,5 +716,6 @@ impl Transaction {
     }
 }
 
+mod order;
 #[cfg(test)]
 mod tests;

@@ -1,16 +1,17 @@
 //! nf_tables over nfnetlink, for what must be cheap, must work without `nft`, or cannot be
-//! written in its language: the rule-set generation, the list of tables, rule counts, and a rule
-//! with an xtables match (nft_compat), which only iptables-nft adds.
+//! written in its language: the rule-set generation, the list of tables, the base chains with
+//! their hooks and priorities, rule counts, and a rule with an xtables match (nft_compat), which
+//! only iptables-nft adds.
 
 use std::{io, time::Duration};
 
 use iptrace_common::uapi::{
-    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFT_JUMP, NFT_MSG_GETGEN, NFT_MSG_GETRULE,
-    NFT_MSG_GETTABLE, NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFT_REG_VERDICT, NFTA_DATA_VERDICT,
-    NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_GEN_ID, NFTA_IMMEDIATE_DATA, NFTA_IMMEDIATE_DREG, NFTA_LIST_ELEM,
-    NFTA_MATCH_INFO, NFTA_MATCH_NAME, NFTA_MATCH_REV, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE,
-    NFTA_TABLE_NAME, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP,
-    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFT_JUMP, NFT_MSG_GETCHAIN, NFT_MSG_GETGEN,
+    NFT_MSG_GETRULE, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE,
+    NFT_REG_VERDICT, NFTA_DATA_VERDICT, NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_GEN_ID, NFTA_IMMEDIATE_DATA,
+    NFTA_IMMEDIATE_DREG, NFTA_LIST_ELEM, NFTA_MATCH_INFO, NFTA_MATCH_NAME, NFTA_MATCH_REV, NFTA_RULE_CHAIN,
+    NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_TABLE_NAME, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE, NLM_F_ACK,
+    NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
 };
 
 use super::{
@@ -75,6 +76,40 @@ impl NfTablesSocket {
             Ok(())
         })?;
         Ok(tables)
+    }
+
+    /// Every base chain of every family (`NFT_MSG_GETCHAIN` dump; a regular chain has no hook).
+    pub fn base_chains(&mut self) -> Result<Vec<BaseChain>, NftError> {
+        let mut chains = Vec::new();
+        self.query(NFT_MSG_GETCHAIN, NLM_F_REQUEST | NLM_F_DUMP, "GETCHAIN", |kind, family, attrs| {
+            if kind != NFT_MSG_NEWCHAIN {
+                return Ok(());
+            }
+            let (mut table, mut name, mut hook, mut priority) = (String::new(), String::new(), None, None);
+            for a in attrs {
+                let a = a?;
+                match a.kind {
+                    NFTA_CHAIN_TABLE => table = String::from_utf8_lossy(a.c_str()).into_owned(),
+                    NFTA_CHAIN_NAME => name = String::from_utf8_lossy(a.c_str()).into_owned(),
+                    NFTA_CHAIN_HOOK => {
+                        for h in Attributes::new(a.value) {
+                            let h = h?;
+                            match h.kind {
+                                NFTA_HOOK_HOOKNUM => hook = Some(h.be_u32()?),
+                                NFTA_HOOK_PRIORITY => priority = Some(h.be_u32()? as i32),
+                                _ => {}
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(hook), Some(priority)) = (hook, priority) {
+                chains.push(BaseChain { family: NftFamily::from_nfproto(family), table, name, hook, priority });
+            }
+            Ok(())
+        })?;
+        Ok(chains)
     }
 
     /// How many rules `family`'s `table` holds, in all its chains (`NFT_MSG_GETRULE` dump); 0
@@ -181,6 +216,26 @@ impl NfTablesSocket {
             }
         }
     }
+}
+
+/// `enum nft_chain_attributes` and `enum nft_hook_attributes` (`linux/netfilter/nf_tables.h`),
+/// which the generated uapi leaves out.
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+/// Present in a base chain's messages only.
+pub const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+
+/// A base chain, as nf_tables lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseChain {
+    pub family: NftFamily,
+    pub table: String,
+    pub name: String,
+    /// The hook's number in its family (`NF_INET_*`, `NF_NETDEV_*`, `NF_ARP_*`).
+    pub hook: u32,
+    pub priority: i32,
 }
 
 /// Whether a request's reply is complete.

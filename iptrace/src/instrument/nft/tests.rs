@@ -26,7 +26,7 @@ fn the_script_marks_selected_packets_at_minus_350() {
         chain: None,
     };
     assert_eq!(
-            script(owner, &plan),
+            script(owner, &plan, &[]),
             "create table inet iptrace_42_7 { comment \"iptrace:42:7\"; }
 add limit inet iptrace_42_7 trace_rate { rate 5/minute burst 2 packets; }
 add chain inet iptrace_42_7 prerouting { type filter hook prerouting priority -350; policy accept; }
@@ -42,7 +42,7 @@ add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"e
         limit: None,
         ..plan
     };
-    let text = script(owner, &plan);
+    let text = script(owner, &plan, &[]);
     assert!(
         text.contains("add rule inet iptrace_42_7 prerouting iifname \"eth0\" counter meta nftrace set 1\n"),
         "{text}"
@@ -50,11 +50,11 @@ add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"e
     assert!(!text.contains("add rule inet iptrace_42_7 output"), "{text}");
     // --chain: the marking rule at that hook only.
     let plan = TracePlan { in_interface: None, chain: Some(TraceChain::Output), ..plan };
-    let text = script(owner, &plan);
+    let text = script(owner, &plan, &[]);
     assert!(text.contains("add rule inet iptrace_42_7 output oifname \"eth1\" counter meta nftrace set 1\n"), "{text}");
     assert!(!text.contains("add rule inet iptrace_42_7 prerouting"), "{text}");
     let plan = TracePlan { chain: Some(TraceChain::Prerouting), ..plan };
-    let text = script(owner, &plan);
+    let text = script(owner, &plan, &[]);
     assert!(text.contains("add rule inet iptrace_42_7 prerouting counter meta nftrace set 1\n"), "{text}");
     assert!(!text.contains("add rule inet iptrace_42_7 output"), "{text}");
 }
@@ -72,7 +72,7 @@ fn with_xt_bpf_the_marking_rules_move_to_regular_chains() {
         chain: None,
     };
     assert_eq!(
-        script(owner, &plan),
+        script(owner, &plan, &[]),
         "create table inet iptrace_42_7 { comment \"iptrace:42:7\"; }
 add chain inet iptrace_42_7 prerouting { type filter hook prerouting priority -350; policy accept; }
 add chain inet iptrace_42_7 mark_prerouting
@@ -188,14 +188,14 @@ fn bridge_netdev_and_arp_tables_mark_at_their_first_hooks() {
     };
     let devices = ["vif0".to_owned(), "eth0.1".to_owned()];
     assert_eq!(
-        link_layer_script(owner, &plan, NftFamily::Bridge, &[]).unwrap(),
+        link_layer_script(owner, &plan, NftFamily::Bridge, &[], &[]).unwrap(),
         "create table bridge iptrace_42_7 { comment \"iptrace:42:7\"; }
 add chain bridge iptrace_42_7 prerouting { type filter hook prerouting priority -350; policy accept; }
 add rule bridge iptrace_42_7 prerouting meta protocol { ip, arp } counter meta nftrace set 1
 "
     );
     assert_eq!(
-        link_layer_script(owner, &plan, NftFamily::Netdev, &devices).unwrap(),
+        link_layer_script(owner, &plan, NftFamily::Netdev, &devices, &[]).unwrap(),
         "create table netdev iptrace_42_7 { comment \"iptrace:42:7\"; }
 add chain netdev iptrace_42_7 ingress_vif0 { type filter hook ingress device \"vif0\" priority -350; policy accept; }
 add rule netdev iptrace_42_7 ingress_vif0 meta protocol { ip, arp } counter meta nftrace set 1
@@ -211,7 +211,7 @@ add rule netdev iptrace_42_7 ingress_eth0_1_1 meta protocol { ip, arp } counter 
     };
     let plan = TracePlan { prefilter: native("src host 10.9.0.1"), out_interface: Some("br0".into()), ..plan };
     assert_eq!(
-        link_layer_script(owner, &plan, NftFamily::Arp, &[]).unwrap(),
+        link_layer_script(owner, &plan, NftFamily::Arp, &[], &[]).unwrap(),
         "create table arp iptrace_42_7 { comment \"iptrace:42:7\"; }
 add chain arp iptrace_42_7 input { type filter hook input priority -350; policy accept; }
 add rule arp iptrace_42_7 input arp saddr ip 10.9.0.1 counter meta nftrace set 1
@@ -219,7 +219,7 @@ add chain arp iptrace_42_7 output { type filter hook output priority -350; polic
 add rule arp iptrace_42_7 output arp saddr ip 10.9.0.1 oifname \"br0\" counter meta nftrace set 1
 "
     );
-    let bridge = link_layer_script(owner, &plan, NftFamily::Bridge, &[]).unwrap();
+    let bridge = link_layer_script(owner, &plan, NftFamily::Bridge, &[], &[]).unwrap();
     assert!(
         bridge.ends_with(
             "add rule bridge iptrace_42_7 prerouting meta protocol ip ip saddr 10.9.0.1 counter meta nftrace set 1
@@ -230,23 +230,23 @@ add rule bridge iptrace_42_7 prerouting meta protocol arp arp saddr ip 10.9.0.1 
     );
     // TCP never matches ARP; IPv6 alone has no ARP; --chain OUTPUT leaves bridge and netdev none.
     assert_eq!(
-        link_layer_script(owner, &TracePlan { prefilter: native("tcp"), ..plan.clone() }, NftFamily::Arp, &[]),
+        link_layer_script(owner, &TracePlan { prefilter: native("tcp"), ..plan.clone() }, NftFamily::Arp, &[], &[]),
         None
     );
     assert_eq!(
-        link_layer_script(owner, &TracePlan { families: vec![Family::Ipv6], ..plan.clone() }, NftFamily::Arp, &[]),
+        link_layer_script(owner, &TracePlan { families: vec![Family::Ipv6], ..plan.clone() }, NftFamily::Arp, &[], &[]),
         None
     );
     let output = TracePlan { chain: Some(TraceChain::Output), ..plan.clone() };
-    assert_eq!(link_layer_script(owner, &output, NftFamily::Bridge, &[]), None);
-    assert_eq!(link_layer_script(owner, &output, NftFamily::Netdev, &devices), None);
+    assert_eq!(link_layer_script(owner, &output, NftFamily::Bridge, &[], &[]), None);
+    assert_eq!(link_layer_script(owner, &output, NftFamily::Netdev, &devices, &[]), None);
     // xt_bpf: every IP and ARP frame of the families, the trace socket's filter decides.
     let xt = TracePlan {
         prefilter: Prefilter::XtBpf(XtBpfProgram::Bytecode(Vec::new())),
         families: vec![Family::Ipv4, Family::Ipv6],
         ..plan
     };
-    let bridge = link_layer_script(owner, &xt, NftFamily::Bridge, &[]).unwrap();
+    let bridge = link_layer_script(owner, &xt, NftFamily::Bridge, &[], &[]).unwrap();
     assert!(bridge.ends_with("prerouting meta protocol { ip, ip6, arp } counter meta nftrace set 1\n"), "{bridge}");
 }
 
