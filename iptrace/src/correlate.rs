@@ -255,8 +255,19 @@ impl Correlator {
 
     /// Closes every packet quiet for `linger` at `now`, oldest first.
     pub fn flush_idle(&mut self, now: Instant) -> Vec<PacketTrace> {
+        self.flush_idle_keeping(now, |_| false)
+    }
+
+    /// [`Correlator::flush_idle`], but keeps open the packets whose events `keep` accepts (those
+    /// a drop still waiting may end, design.md §8).
+    pub fn flush_idle_keeping(&mut self, now: Instant, keep: impl Fn(&[TraceEvent]) -> bool) -> Vec<PacketTrace> {
         let linger = self.linger;
-        self.close_where(|p| now.saturating_duration_since(p.last_seen) >= linger)
+        self.close_where(|p| now.saturating_duration_since(p.last_seen) >= linger && !keep(&p.events))
+    }
+
+    /// How long a packet waits for more events before it is closed.
+    pub fn linger(&self) -> Duration {
+        self.linger
     }
 
     /// Closes the open packet a drop ended (design.md §8), of those whose first event has

@@ -93,8 +93,8 @@ pub struct Pipeline<'a, N> {
     /// Whether a drop no open packet has is a block of its own: not where the marking selects
     /// more narrowly than the drop program can (`--limit`, `-i`, `--chain`).
     drops_alone: bool,
-    /// Drops read from the kernel by an instant, each waiting until the trace events queued
-    /// before it are processed ([`Pipeline::flush_idle`]).
+    /// Drops read from the kernel by an instant, each waiting, as a packet's block does, until
+    /// the reader has read on for `linger` past it ([`Pipeline::flush_idle`]).
     drops: Vec<(DropEvent, Instant)>,
     /// The packets shown last (family and NAT-invariant key): a drop read after its packet's
     /// block was shown (the processing fell behind) is not a packet of its own.
@@ -146,9 +146,10 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         Self { drops_netns: Some(netns), drops_alone: alone, ..self }
     }
 
-    /// A drop the kernel reported, read by `read_at`. It ends its packet's block once every
-    /// trace event the kernel queued before it is processed, when the packet is closed at once;
-    /// a selected packet no table traced gets a block of its own.
+    /// A drop the kernel reported, read by `read_at`. It ends its packet's block once the reader
+    /// has read on for `linger` past it (the wait that lets a packet's late events join it),
+    /// when the packet is closed at once; a selected packet no table traced gets a block of its
+    /// own.
     pub fn dropped(&mut self, drop: DropEvent, read_at: Instant) {
         if self.drops_netns == Some(drop.netns) {
             self.drops.push((drop, read_at));
@@ -223,8 +224,9 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         Ok(ControlFlow::Continue(()))
     }
 
-    /// Reports the packets dropped before `read_up_to`, then those quiet for `linger` before it
-    /// (with every trace event read by `read_up_to` processed).
+    /// Reports the packets dropped `linger` before `read_up_to`, then those quiet for `linger`
+    /// before it but for those a drop still waiting may end (with every trace event read by
+    /// `read_up_to` processed).
     pub fn flush_idle(
         &mut self,
         read_up_to: Instant,
@@ -233,7 +235,9 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         if self.end_dropped(Some(read_up_to), sink)?.is_break() {
             return Ok(ControlFlow::Break(()));
         }
-        let traces = self.correlator.flush_idle(read_up_to);
+        let (drops, netns) = (&self.drops, self.drops_netns.unwrap_or_default());
+        let traces =
+            self.correlator.flush_idle_keeping(read_up_to, |events| drops.iter().any(|(d, _)| d.joins(events, netns)));
         self.emit_all(traces, sink)
     }
 
@@ -246,15 +250,18 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         self.emit_all(traces, sink)
     }
 
-    /// Closes the packets of the drops read by `read_up_to` (`None`: all), each ended by its
-    /// drop: the newest open packet the drop joins ([`DropEvent::joins`]), else a block of its own.
+    /// Closes the packets of the drops read `linger` before `read_up_to` (`None`: all), each
+    /// ended by its drop: the newest open packet the drop joins ([`DropEvent::joins`]), else a
+    /// block of its own. The wait: a drop is read by another way than its packet's events, and
+    /// the reader may be late to hand on what the kernel queued before it (design.md §8).
     fn end_dropped(
         &mut self,
         read_up_to: Option<Instant>,
         sink: &mut impl ReportSink,
     ) -> Result<ControlFlow<()>, PipelineError> {
         let Some(netns) = self.drops_netns else { return Ok(ControlFlow::Continue(())) };
-        let due = |read_at: &Instant| read_up_to.is_none_or(|up_to| *read_at <= up_to);
+        let linger = self.correlator.linger();
+        let due = |read_at: &Instant| read_up_to.is_none_or(|up_to| *read_at + linger <= up_to);
         let (ready, waiting) = std::mem::take(&mut self.drops).into_iter().partition(|(_, at)| due(at));
         self.drops = waiting;
         for (drop, read_at) in ready {

@@ -18,7 +18,11 @@ use iptrace::{
     instrument::state::netns_cookie,
     netns::interface_index,
 };
-use iptrace_tests::{Lab, Role, Tracer, blocks, iptrace_bin, lab, require_root, wait_until_read};
+use iptrace_tests::{
+    Lab, Role, Tracer, blocks, iptrace_bin, lab,
+    oracle::{NftMonitor, compare_nft},
+    require_root, wait_until_read,
+};
 
 /// Sends one UDP datagram from a role's namespace, with the given IPv4 TTL (else the default).
 fn send(lab: &Lab, role: Role, src: &str, dst: &str, ttl: Option<u32>) {
@@ -426,4 +430,167 @@ fn a_family_left_out_has_no_drop_blocks() {
         .map(|b| format!("{}: {}", if b.packet.contains("DPT=9031") { "IPv4" } else { "IPv6" }, b.verdict()))
         .collect();
     assert_eq!(shown, ["IPv6: verdict: dropped: NO_SOCKET (no table of the rule set saw it)"], "{}", out.stdout);
+}
+
+/// An input chain shaped like the benchmark's large rule set (`nft_with_set` in
+/// bench/src/ruleset.rs): a block list of 10,000 addresses, a rule that drops UDP to port 9999,
+/// and 5,000 service rules that match nothing here; the policy accepts.
+fn large_input_rules() -> String {
+    let blocked: Vec<String> =
+        (0..10_000).map(|i| format!("10.{}.{}.{}", 128 + i / 65_536, (i / 256) % 256, i % 256)).collect();
+    let mut rules = format!(
+        "table inet xdl_big {{\n set blocked {{ type ipv4_addr; elements = {{ {} }} }}\n \
+         chain input {{\n  type filter hook input priority 0; policy accept;\n  \
+         ip saddr @blocked counter drop\n  udp dport 9999 drop\n",
+        blocked.join(", ")
+    );
+    for i in 2..5_000 {
+        rules +=
+            &format!("  ip daddr 10.200.{}.{} tcp dport {} counter accept\n", i / 250, i % 250 + 1, 1_000 + i % 1_000);
+    }
+    rules + " }\n}\n"
+}
+
+/// The thread of process `pid` named `name`, once it has one.
+fn thread_named(pid: i32, name: &str) -> libc::pid_t {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        let found = tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok()).find(|tid| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).is_ok_and(|c| c.trim() == name)
+        });
+        match found {
+            Some(tid) => return tid,
+            None if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            None => panic!("no thread {name} in {pid}"),
+        }
+    }
+}
+
+/// Waits until the thread of process `pid` named `name` has used no CPU for half a second.
+fn wait_until_idle(pid: i32, name: &str) {
+    let stat = format!("/proc/{pid}/task/{}/stat", thread_named(pid, name));
+    // utime and stime, the 14th and 15th fields (after the parenthesised name).
+    let cpu = || {
+        let text = std::fs::read_to_string(&stat).unwrap();
+        let fields: Vec<u64> =
+            text.rsplit(')').next().unwrap().split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        fields[10] + fields[11]
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = cpu();
+    loop {
+        thread::sleep(Duration::from_millis(500));
+        let now = cpu();
+        if now == last {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} still busy");
+        last = now;
+    }
+}
+
+/// Holds one thread of a process stopped until dropped (ptrace, that thread alone), as a busy
+/// CPU holds up a thread that was woken but has not run yet.
+struct HeldThread(libc::pid_t);
+
+impl HeldThread {
+    /// Stops the thread of process `pid` named `name`.
+    fn hold(pid: i32, name: &str) -> Self {
+        let tid = thread_named(pid, name);
+        let (null, mut status) = (std::ptr::null_mut::<libc::c_void>(), 0);
+        // SAFETY: ptrace requests on a thread of our own child; waitpid on it with a valid status.
+        unsafe {
+            assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, tid, null, null), 0, "PTRACE_SEIZE");
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, null, null), 0, "PTRACE_INTERRUPT");
+            assert_eq!(libc::waitpid(tid, &raw mut status, libc::__WALL), tid, "waitpid");
+        }
+        Self(tid)
+    }
+}
+
+impl Drop for HeldThread {
+    fn drop(&mut self) {
+        let null = std::ptr::null_mut::<libc::c_void>();
+        // SAFETY: detaching the thread this thread seized; it runs on.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, null, null) };
+    }
+}
+
+/// A drop that iptrace reads before the trace events of its packet (the reader thread, woken by
+/// them, was held up; a router busy forwarding does that, as the benchmark's did) still ends
+/// that packet's block: UDP and TCP to a closed port, through an input chain of 5,000 rules
+/// and a 10,000-address set, each one block, `dropped: NO_SOCKET` after the input chain's policy
+/// (not a block of its own claiming that no table saw it, and another without the drop); a
+/// datagram an input rule drops is that rule's DROP. `nft monitor trace` is the oracle for the
+/// steps, the router's SNMP counters for the drops.
+#[test]
+fn a_drop_read_before_its_events_ends_their_block() {
+    if !require_root("a_drop_read_before_its_events_ends_their_block") {
+        return;
+    }
+    let lab = lab("xdl-late");
+    lab.exec(Role::Router, &["nft", "-f", "-"], &large_input_rules()).unwrap();
+    let listing = lab.exec(Role::Router, &["nft", "-a", "list", "chain", "inet", "xdl_big", "input"], "").unwrap();
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    let drop_handle = listing.lines().find(|l| l.contains("dport 9999")).and_then(|l| l.rsplit(' ').next()).unwrap();
+    let monitor = NftMonitor::start(&lab, Role::Router, &[]);
+    // A block waits 5 s for late events; the reader is held up for less.
+    let ns = lab.ns(Role::Router);
+    let tracer = Tracer::start(&["--netns", &ns, "--group-timeout", "5000", "src host 10.5.1.7 and (udp or tcp)"]);
+    // It reads the large rule set first.
+    wait_until_idle(tracer.pid(), "iptrace-process");
+    let before = snmp(&lab, Role::Router);
+    let held = |send: &dyn Fn()| {
+        let reader = HeldThread::hold(tracer.pid(), "iptrace-reader");
+        send();
+        // Long enough for the drop to be read and found due while its events wait unread (the
+        // processing thread may be busy with the large rule set for a while).
+        thread::sleep(Duration::from_secs(2));
+        drop(reader);
+        wait_until_read(&lab, Role::Router);
+    };
+    held(&|| send(&lab, Role::Client, "10.5.1.7:0", "10.5.1.1:9001", None));
+    held(&|| {
+        assert!(!lab.tcp(Role::Client, "10.5.1.7".parse().unwrap(), "10.5.1.1:9013".parse().unwrap(), b"x").unwrap())
+    });
+    held(&|| send(&lab, Role::Client, "10.5.1.7:0", "10.5.1.1:9999", None));
+    thread::sleep(Duration::from_millis(5500));
+    let out = tracer.stop(libc::SIGINT);
+    let oracle = monitor.finish();
+    assert!(out.status.success(), "{out:?}");
+    let all = blocks(&out.stdout);
+    let shown: Vec<String> = all
+        .iter()
+        .map(|block| {
+            let fields = ["SRC=", "DST=", "PROTO=", "DPT="]
+                .map(|name| block.packet.split_whitespace().find(|w| w.starts_with(name)).unwrap_or(name));
+            format!("{}\n{}", fields.join(" "), block.body())
+        })
+        .collect();
+    let expected = [
+        "SRC=10.5.1.7 DST=10.5.1.1 PROTO=UDP DPT=9001
+        nft inet xdl_big input
+                policy accept
+        verdict: ACCEPT by netfilter, then dropped: NO_SOCKET (after ACCEPT by nft inet xdl_big input policy)"
+            .to_owned(),
+        "SRC=10.5.1.7 DST=10.5.1.1 PROTO=TCP DPT=9013
+        nft inet xdl_big input
+                policy accept
+        verdict: ACCEPT by netfilter, then dropped: NO_SOCKET (after ACCEPT by nft inet xdl_big input policy)"
+            .to_owned(),
+        format!(
+            "SRC=10.5.1.7 DST=10.5.1.1 PROTO=UDP DPT=9999
+        nft inet xdl_big input (handle {drop_handle})
+                udp dport 9999 drop
+                => drop
+        verdict: DROP at nft inet xdl_big input (handle {drop_handle})"
+        ),
+    ];
+    assert_eq!(shown.join("\n\n"), expected.join("\n\n"), "{}", out.stdout);
+    // The oracles: the kernel's own trace of the same packets, step by step, and its counters of
+    // the drops (the rule's DROP is no socket's).
+    assert_eq!(compare_nft(&all, &oracle), "");
+    let counters = ["Tcp OutRsts", "Udp NoPorts"];
+    assert_eq!(changed(&before, &snmp(&lab, Role::Router), &counters), ["Tcp OutRsts +1", "Udp NoPorts +1"]);
 }
