@@ -66,7 +66,8 @@ fn run_pipeline(datagrams: &[&[u8]], decoder: Decoder, mut sink: impl FnMut(Pack
     let start = Instant::now();
     // The sink never stops the pipeline: what it returns is always `Continue`.
     for d in datagrams {
-        let _ = pipeline.feed([Input::Datagram(d)], start, &mut sink).expect("resolving saved rules");
+        let _ =
+            pipeline.feed([Input::Datagram { bytes: d, read_at: start }], &mut sink).expect("resolving saved rules");
         let _ = pipeline.flush_idle(start, &mut sink).expect("resolving saved rules");
     }
     let _ = pipeline.flush_all(&mut sink).expect("resolving saved rules");

@@ -32,7 +32,9 @@ pub enum PipelineError {
 /// What the capture stage delivers, in stream order.
 #[derive(Clone, Copy, Debug)]
 pub enum Input<'d> {
-    Datagram(&'d [u8]),
+    /// A datagram, and when the reader took it from the socket: the time its packet is shown
+    /// with (the kernel stamps no trace message; design.md §10a).
+    Datagram { bytes: &'d [u8], read_at: Instant },
     /// The kernel could not queue this many trace messages at this point.
     Lost(u64),
 }
@@ -173,48 +175,48 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         Ok(())
     }
 
-    /// Decodes and correlates one batch received by `now`, handing `sink` the packets it
-    /// closes; `Break` when the sink wants no more.
+    /// Decodes and correlates one batch, handing `sink` the packets it closes; `Break` when the
+    /// sink wants no more.
     pub fn feed<'d>(
         &mut self,
         inputs: impl IntoIterator<Item = Input<'d>>,
-        now: Instant,
         sink: &mut impl ReportSink,
     ) -> Result<ControlFlow<()>, PipelineError> {
         let epoch = self.resolver.epoch()?;
         for input in inputs {
             match input {
-                Input::Datagram(d) => {
+                Input::Datagram { bytes, read_at } => {
                     // Malformed messages are counted; the rest of the datagram still counts.
-                    let _ = self.decoder.decode_datagram(d, &mut self.events);
+                    let _ = self.decoder.decode_datagram(bytes, &mut self.events);
                     for commit in self.decoder.commits.drain(..) {
                         self.resolver.nft_committed(commit);
+                    }
+                    if self.push_events(epoch, read_at, sink)?.is_break() {
+                        return Ok(ControlFlow::Break(()));
                     }
                 }
                 Input::Lost(n) => {
                     // The rule-set changes announced in the gap are unknown too.
                     self.decoder.messages_lost();
-                    if self.push_events(epoch, now, sink)?.is_break() {
-                        return Ok(ControlFlow::Break(()));
-                    }
                     self.correlator.events_lost();
                     sink.lost(n);
                 }
             }
         }
-        self.push_events(epoch, now, sink)
+        Ok(ControlFlow::Continue(()))
     }
 
+    /// Correlates the events of one datagram, read at `read_at`.
     fn push_events(
         &mut self,
         epoch: u64,
-        now: Instant,
+        read_at: Instant,
         sink: &mut impl ReportSink,
     ) -> Result<ControlFlow<()>, PipelineError> {
         let mut events = std::mem::take(&mut self.events);
         for mut e in events.drain(..) {
             e.epoch = epoch;
-            if let Some(early) = self.correlator.push(e, now)
+            if let Some(early) = self.correlator.push(e, read_at)
                 && self.emit(early, None, sink)?.is_break()
             {
                 return Ok(ControlFlow::Break(()));

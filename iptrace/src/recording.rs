@@ -33,16 +33,20 @@ use crate::{
 /// The file's first bytes.
 pub const MAGIC: &[u8; 18] = b"iptrace recording\n";
 /// The format this iptrace writes and reads; a file of a later format is refused as such.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 mod tag {
     /// The header (JSON, [`super::Header`]).
     pub const HEADER: u8 = b'H';
-    /// A datagram, as received; part of the next batch.
+    /// A datagram, as received; part of the next batch. Format 1, which had no read times: its
+    /// datagrams take the batch's time.
     pub const DATAGRAM: u8 = b'D';
+    /// A datagram and when it was read (`i64` nanoseconds since the recording began, then the
+    /// bytes); part of the next batch.
+    pub const DATAGRAM_READ: u8 = b'R';
     /// Trace messages lost at this point (`u64`); part of the next batch.
     pub const LOST: u8 = b'L';
-    /// The datagrams and losses since the last batch were fed at this time (`i64` nanoseconds
+    /// The datagrams and losses since the last batch were fed, at this time (`i64` nanoseconds
     /// since the recording began).
     pub const BATCH: u8 = b'B';
     /// Idle packets were closed up to this time (`i64` nanoseconds).
@@ -156,7 +160,10 @@ impl Recorder {
         self.with(|w| {
             for input in inputs {
                 match input {
-                    Input::Datagram(d) => w.record(tag::DATAGRAM, &[d])?,
+                    Input::Datagram { bytes, read_at } => {
+                        let read_at = w.since_start(read_at);
+                        w.record(tag::DATAGRAM_READ, &[&read_at.to_le_bytes(), bytes])?;
+                    }
                     Input::Lost(n) => w.record(tag::LOST, &[&n.to_le_bytes()])?,
                 }
             }
@@ -275,10 +282,9 @@ pub struct Call {
 
 #[derive(Debug)]
 pub enum CallKind {
-    /// `feed` of these inputs at this time.
+    /// `feed` of these inputs.
     Feed {
         inputs: Vec<RecordedInput>,
-        at: i64,
     },
     FlushIdle {
         read_up_to: i64,
@@ -297,14 +303,16 @@ pub enum CallKind {
 
 #[derive(Debug)]
 pub enum RecordedInput {
-    Datagram(Vec<u8>),
+    /// A datagram and when it was read.
+    Datagram(Vec<u8>, i64),
     Lost(u64),
 }
 
 impl RecordedInput {
-    pub fn as_input(&self) -> Input<'_> {
+    /// As fed again by a replay that began at `start`.
+    pub fn as_input(&self, start: Instant) -> Input<'_> {
         match self {
-            RecordedInput::Datagram(d) => Input::Datagram(d),
+            RecordedInput::Datagram(d, at) => Input::Datagram { bytes: d, read_at: instant(start, *at) },
             RecordedInput::Lost(n) => Input::Lost(*n),
         }
     }
@@ -379,9 +387,7 @@ impl Recording {
         for call in calls {
             call.checks.into_iter().for_each(|c| checks.push(c));
             let flow = match call.kind {
-                CallKind::Feed { inputs, at } => {
-                    pipeline.feed(inputs.iter().map(RecordedInput::as_input), instant(start, at), sink)?
-                }
+                CallKind::Feed { inputs } => pipeline.feed(inputs.iter().map(|i| i.as_input(start)), sink)?,
                 CallKind::FlushIdle { read_up_to } => pipeline.flush_idle(instant(start, read_up_to), sink)?,
                 CallKind::FlushAll => pipeline.flush_all(sink)?,
                 CallKind::CheckRuleSets => {
@@ -450,15 +456,29 @@ impl Recording {
             };
             let call = |kind| Call { kind, checks: Vec::new() };
             match tag {
-                tag::DATAGRAM => batch.push(RecordedInput::Datagram(payload.to_vec())),
+                // The batch's time, set when its end is read.
+                tag::DATAGRAM => batch.push(RecordedInput::Datagram(payload.to_vec(), i64::MIN)),
+                tag::DATAGRAM_READ => {
+                    let (read_at, bytes) = payload
+                        .split_first_chunk::<8>()
+                        .ok_or_else(|| corrupt(offset, "a datagram without its read time".into()))?;
+                    batch.push(RecordedInput::Datagram(bytes.to_vec(), i64::from_le_bytes(*read_at)));
+                }
                 tag::LOST => {
                     let n =
                         <[u8; 8]>::try_from(payload).map_err(|_| corrupt(offset, "a loss is not 8 bytes".into()))?;
                     batch.push(RecordedInput::Lost(u64::from_le_bytes(n)));
                 }
-                tag::BATCH => recording
-                    .calls
-                    .push(call(CallKind::Feed { inputs: std::mem::take(&mut batch), at: at(offset, payload)? })),
+                tag::BATCH => {
+                    let fed = at(offset, payload)?;
+                    let mut inputs = std::mem::take(&mut batch);
+                    for input in &mut inputs {
+                        if let RecordedInput::Datagram(_, read_at @ i64::MIN) = input {
+                            *read_at = fed;
+                        }
+                    }
+                    recording.calls.push(call(CallKind::Feed { inputs }));
+                }
                 tag::FLUSH_IDLE => recording.calls.push(call(CallKind::FlushIdle { read_up_to: at(offset, payload)? })),
                 tag::FLUSH_ALL => recording.calls.push(call(CallKind::FlushAll)),
                 tag::CHECK_RULE_SETS => recording.calls.push(call(CallKind::CheckRuleSets)),

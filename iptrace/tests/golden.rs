@@ -103,7 +103,8 @@ fn reports_from(decoder: Decoder) -> Vec<PacketReport> {
     // The read time is an input: a replay's reports carry the times it gives, not today's.
     let read = Instant::now();
     pipeline.set_clock(read, recorded_at());
-    let flow = pipeline.feed(datagrams().map(Input::Datagram), read, &mut collect(&mut reports)).unwrap();
+    let inputs = datagrams().map(|bytes| Input::Datagram { bytes, read_at: read });
+    let flow = pipeline.feed(inputs, &mut collect(&mut reports)).unwrap();
     assert!(flow.is_continue() && reports.is_empty(), "no packet closes before its linger");
     let flow = pipeline.flush_all(&mut collect(&mut reports)).unwrap();
     assert!(flow.is_continue());

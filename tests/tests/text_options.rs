@@ -160,3 +160,39 @@ fn default_clock_time_and_delta_without_colour_on_a_pipe() {
         }
     }
 }
+
+/// A burst of datagrams a few milliseconds apart, closer than the reader's 10 ms gathering of a
+/// trickle: each packet keeps its own time, and their spacing is the spacing they were sent
+/// with (the sender's clock is the oracle), not one time for the whole burst.
+#[test]
+fn each_packet_of_a_burst_has_its_own_time() {
+    if !require_root("each_packet_of_a_burst_has_its_own_time") {
+        return;
+    }
+    const PACKETS: usize = 5;
+    const SPACING: Duration = Duration::from_millis(4);
+    let lab = lab("xtfburst");
+    lab.exec(Role::Router, &["iptables-legacy-restore"], RULES).unwrap();
+    let router = lab.ns(Role::Router);
+    let mut tracer = Tracer::start(&["--netns", &router, "-4", "-tt", "-c", &PACKETS.to_string(), SELECTION]);
+    let mut sent = Vec::new();
+    for _ in 0..PACKETS {
+        sent.push(epoch_now());
+        lab.udp(Role::Client, SocketAddr::new(addr::CLIENT, 0), SocketAddr::new(addr::SERVER, 9998), b"burst").unwrap();
+        thread::sleep(SPACING);
+    }
+    let out = tracer.wait();
+    assert!(out.status.success(), "{out:?}");
+    let times: Vec<f64> =
+        blocks(&out.stdout).iter().map(|b| b.time.as_deref().expect("-tt").parse().unwrap()).collect();
+    assert_eq!(times.len(), PACKETS, "{}", out.stdout);
+    for (pair, sent) in times.windows(2).zip(sent.windows(2)) {
+        assert!(pair[1] > pair[0], "one time for two packets: {times:?}");
+        // Read when they came: a late reader may shift a time, by less than the gathering.
+        let (shown, apart) = (pair[1] - pair[0], sent[1] - sent[0]);
+        assert!(
+            shown > apart - 0.01 && shown < apart + 0.01,
+            "shown {shown:.6} s apart, sent {apart:.6} s apart: {times:?}"
+        );
+    }
+}

@@ -175,6 +175,17 @@ impl TraceSocket {
         self.socket.receive_queued(buf).map_err(CaptureError::Receive)
     }
 
+    /// Waits at most `timeout` for a datagram to be queued (or an error to be reported); a
+    /// signal ends the wait early. What is there is then taken with
+    /// [`receive_queued`](Self::receive_queued).
+    pub fn wait_for_datagram(&self, timeout: Duration) {
+        let mut poll = libc::pollfd { fd: self.socket.fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let millis = libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one pollfd, valid for the call. Its result is only a hint: the receive that
+        // follows finds what is there.
+        unsafe { libc::poll(&raw mut poll, 1, millis) };
+    }
+
     /// The receive queue's fill and drop count.
     ///
     /// After an overrun the socket is congested (`NETLINK_S_CONGESTED`): it queues nothing more,

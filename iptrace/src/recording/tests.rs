@@ -20,7 +20,8 @@ fn recording() -> Vec<u8> {
     let path = std::env::temp_dir().join(format!("xrp-unit-{}.iptrace", std::process::id()));
     let recorder = Recorder::start(Recorder::create_file(&path).unwrap(), &header(), Instant::now()).unwrap();
     let now = Instant::now();
-    recorder.batch([Input::Datagram(b"first"), Input::Lost(7), Input::Datagram(b"")], now).unwrap();
+    let first = Input::Datagram { bytes: b"first", read_at: now - Duration::from_millis(3) };
+    recorder.batch([first, Input::Lost(7), Input::Datagram { bytes: b"", read_at: now }], now).unwrap();
     let mut names = RecordingNames::new(RecordedNames(HashMap::from([(3, "vif0".to_owned())])), Some(recorder.clone()));
     assert_eq!((names.name(3), names.name(3)), ("vif0".to_owned(), "vif0".to_owned()));
     recorder.flush_idle(now + Duration::from_millis(60)).unwrap();
@@ -39,11 +40,15 @@ fn reads_back_what_was_recorded() {
     assert_eq!(read.names.0, HashMap::from([(3, "vif0".to_owned())]));
     let kinds: Vec<String> = read.calls.iter().map(|c| format!("{:?}", c.kind)).collect();
     assert_eq!(kinds.len(), 4, "{kinds:?}");
-    let CallKind::Feed { inputs, at } = &read.calls[0].kind else { panic!("{kinds:?}") };
-    assert!(matches!(&inputs[..], [RecordedInput::Datagram(a), RecordedInput::Lost(7), RecordedInput::Datagram(b)]
-            if a == b"first" && b.is_empty()));
+    let CallKind::Feed { inputs } = &read.calls[0].kind else { panic!("{kinds:?}") };
+    let [RecordedInput::Datagram(a, a_read), RecordedInput::Lost(7), RecordedInput::Datagram(b, b_read)] = &inputs[..]
+    else {
+        panic!("{inputs:?}")
+    };
+    assert_eq!((&a[..], &b[..]), (&b"first"[..], &b""[..]));
+    assert_eq!(b_read - a_read, 3_000_000);
     let CallKind::FlushIdle { read_up_to } = read.calls[1].kind else { panic!("{kinds:?}") };
-    assert_eq!(read_up_to - at, 60_000_000);
+    assert_eq!(read_up_to - b_read, 60_000_000);
     assert!(matches!(read.calls[2].kind, CallKind::CheckRuleSets));
     assert!(matches!(read.calls[3].kind, CallKind::FlushAll));
 }
@@ -73,7 +78,8 @@ fn corrupt_and_newer_files_are_refused_as_such() {
     let error = Recording::parse(&trailing, Path::new("r")).unwrap_err();
     assert!(error.to_string().ends_with("data after the end"), "{error}");
 
-    let newer = serde_json::to_vec(&serde_json::json!({"format": 2, "iptrace": "0.9.0", "new": true})).unwrap();
+    let newer =
+        serde_json::to_vec(&serde_json::json!({"format": FORMAT + 1, "iptrace": "0.9.0", "new": true})).unwrap();
     let mut file = MAGIC.to_vec();
     file.push(b'H');
     file.extend_from_slice(&u32::try_from(newer.len()).unwrap().to_le_bytes());
@@ -81,6 +87,27 @@ fn corrupt_and_newer_files_are_refused_as_such() {
     let error = Recording::parse(&file, Path::new("r")).unwrap_err();
     assert_eq!(
         error.to_string(),
-        "r was written by a newer iptrace (0.9.0, recording format 2); this one reads format 1"
+        format!(
+            "r was written by a newer iptrace (0.9.0, recording format {}); this one reads format {FORMAT}",
+            FORMAT + 1
+        )
     );
+}
+
+/// Format 1 had no read times: its datagrams take their batch's.
+#[test]
+fn a_format_1_datagram_takes_its_batchs_time() {
+    let record = |file: &mut Vec<u8>, tag: u8, payload: &[u8]| {
+        file.push(tag);
+        file.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
+        file.extend_from_slice(payload);
+    };
+    let mut file = MAGIC.to_vec();
+    record(&mut file, b'H', &serde_json::to_vec(&Header { format: 1, ..header() }).unwrap());
+    record(&mut file, b'D', b"old");
+    record(&mut file, b'B', &7_000_i64.to_le_bytes());
+    record(&mut file, b'E', b"");
+    let read = Recording::parse(&file, Path::new("r")).unwrap();
+    let [Call { kind: CallKind::Feed { inputs }, .. }] = &read.calls[..] else { panic!("{:?}", read.calls) };
+    assert!(matches!(&inputs[..], [RecordedInput::Datagram(d, 7_000)] if d == b"old"), "{inputs:?}");
 }

@@ -233,11 +233,11 @@ fn process(
     pipeline.set_clock(clock.0, clock.1);
     let feed = |pipeline: &mut Pipeline<_>, output: &mut _, batch: Vec<Delivery>, now| {
         let inputs = batch.iter().map(|d| match d {
-            Delivery::Datagram(d) => Input::Datagram(d),
+            Delivery::Datagram(d, read_at) => Input::Datagram { bytes: d, read_at: *read_at },
             Delivery::Lost(n) => Input::Lost(*n),
         });
         record(recorder, |r| r.batch(inputs.clone(), now))?;
-        Ok::<_, RunError>(pipeline.feed(inputs, now, output)?.is_break())
+        Ok::<_, RunError>(pipeline.feed(inputs, output)?.is_break())
     };
     loop {
         // Woken by a batch, else when the next rule-set check is due (which also closes idle
@@ -267,7 +267,7 @@ fn process(
         }
         // Packets are closed only with everything read so far processed: the reader's progress
         // first, then the channel found empty.
-        let read_up_to = progress.read_up_to(now);
+        let read_up_to = progress.read_up_to();
         let done = match rx.try_recv() {
             Ok(batch) => feed(&mut pipeline, output, batch, now)?,
             Err(mpsc::TryRecvError::Empty) => {

@@ -7,7 +7,6 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
-    thread,
     time::{Duration, Instant},
 };
 
@@ -21,47 +20,48 @@ pub(super) const DATAGRAM_BATCHES_QUEUED: usize = 16;
 
 /// What the reader hands on, in the order of the stream.
 pub(super) enum Delivery {
-    Datagram(Bytes),
+    /// A datagram, and when it was taken from the socket.
+    Datagram(Bytes, Instant),
     /// The kernel could not queue this many trace messages at this point (a full receive buffer).
     Lost(u64),
 }
 
 /// How far the reader has read. The processing thread closes a packet as complete once its
 /// events have been quiet for `linger` *in what the reader has read*, not in wall time: when
-/// iptrace falls behind or is stopped (SIGSTOP), the rest of a packet's events may still wait in
-/// the receive buffer, and closing it then would decide its fate from part of its events.
+/// iptrace falls behind, is stopped (SIGSTOP) or its reader is not scheduled, the rest of a
+/// packet's events may still wait in the receive buffer, and closing it then would decide its
+/// fate from part of its events (and a drop read meanwhile would find no packet to end).
 #[derive(Debug)]
 pub(super) struct ReadProgress {
     start: Instant,
-    /// When the reader last found the receive queue empty, after handing on what it had read:
-    /// nanoseconds since `start`.
+    /// An instant taken before a receive that found the queue empty, stored once everything read
+    /// before it was handed on: nanoseconds since `start`.
     emptied: AtomicU64,
-    /// The reader waits for a datagram: the queue is empty.
-    waiting: AtomicBool,
 }
 
 impl ReadProgress {
     pub(super) fn new() -> Self {
-        Self { start: Instant::now(), emptied: AtomicU64::new(0), waiting: AtomicBool::new(false) }
+        Self { start: Instant::now(), emptied: AtomicU64::new(0) }
     }
 
-    fn queue_emptied(&self) {
-        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.emptied.store(nanos, Ordering::Release);
+    /// Now, as [`ReadProgress::queue_emptied`] takes it: to take before looking at the queue.
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn set_waiting(&self, waiting: bool) {
-        self.waiting.store(waiting, Ordering::Release);
+    /// A look at the queue begun at `looked_at` found it empty, and what was read before it is
+    /// handed on.
+    fn queue_emptied(&self, looked_at: u64) {
+        self.emptied.fetch_max(looked_at, Ordering::Release);
     }
 
-    /// An instant before which the kernel queued nothing the reader has not handed on yet.
-    /// Read it before checking that the channel is empty.
-    pub(super) fn read_up_to(&self, now: Instant) -> Instant {
-        if self.waiting.load(Ordering::Acquire) {
-            now
-        } else {
-            self.start + Duration::from_nanos(self.emptied.load(Ordering::Acquire))
-        }
+    /// An instant before which the kernel queued nothing the reader has not handed on yet: when
+    /// the reader last began a look that found the queue empty. Never a later one: a reader
+    /// woken by a datagram but not yet run has not looked, however long it waits for a CPU.
+    /// While the queue stays empty the reader looks once per receive timeout. Read it before
+    /// checking that the channel is empty.
+    pub(super) fn read_up_to(&self) -> Instant {
+        self.start + Duration::from_nanos(self.emptied.load(Ordering::Acquire))
     }
 }
 
@@ -168,12 +168,14 @@ impl Selecting {
 /// kernel has already queued (for at most `DRAIN_LIMIT`) so that those packets are still shown.
 /// Each datagram lands in one scratch buffer, zeroed once, and is copied into the shared chunk:
 /// a copy of its few hundred bytes, where zeroing a fresh 128 KiB per receive cost more than
-/// all else. When it had to wait for a datagram (a trickle: one traced flow), it then lets the
-/// others of that burst queue up for `GATHER` before taking them, so that the two threads wake
-/// once per burst instead of once per message; at full rate the queue is never empty and it
-/// never waits. 10 ms gathers the bursts of a few packets of a trickle (one flow among many:
-/// a few hundred packets a second) into one wake-up of each thread, which cost more here than
-/// the messages' processing; it is small beside the linger a block waits for anyway.
+/// all else. Each is stamped when it is taken: the time its packet is shown with.
+/// When it had to wait for a datagram (a trickle: one traced flow), it keeps the batch for
+/// `GATHER`, taking what else comes meanwhile as it comes, before handing it on: the processing
+/// thread then wakes once for the bursts of a few packets of a trickle (one flow among many: a
+/// few hundred packets a second) instead of once per packet, which cost more here than the
+/// messages' processing; 10 ms is small beside the linger a block waits for anyway. At full rate
+/// the queue is never empty and nothing is kept. The reader itself still takes each datagram
+/// when it comes, so that its time stamp is right.
 /// Unselected datagrams are dropped here until the eBPF filter drops them in the kernel
 /// ([`Selecting`]).
 pub(super) fn read_datagrams(
@@ -194,6 +196,8 @@ pub(super) fn read_datagrams(
     let mut scratch = vec![0u8; MAX_DATAGRAM];
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut drain_deadline: Option<Instant> = None;
+    // While a trickle's batch is kept: until when.
+    let mut gather_until: Option<Instant> = None;
     let mut loss = LossTracker::default();
     let lost = |batch: &mut Vec<Delivery>, count: Option<u64>| {
         if let Some(count) = count {
@@ -210,13 +214,13 @@ pub(super) fn read_datagrams(
         }
         let mut woke = false;
         let attached = selecting.attached();
+        let looked_at = progress.now();
         let received = match socket.receive_queued(&mut scratch) {
             Ok(Received::Idle) if batch.is_empty() && drain_deadline.is_none() => {
+                // Empty, and everything read before is handed on.
+                progress.queue_emptied(looked_at);
                 woke = true;
-                progress.set_waiting(true);
-                let received = socket.receive(&mut scratch);
-                progress.set_waiting(false);
-                received
+                socket.receive(&mut scratch)
             }
             other => other,
         };
@@ -229,7 +233,7 @@ pub(super) fn read_datagrams(
                         chunk = BytesMut::with_capacity(CHUNK.max(n));
                     }
                     chunk.extend_from_slice(datagram);
-                    batch.push(Delivery::Datagram(chunk.split().freeze()));
+                    batch.push(Delivery::Datagram(chunk.split().freeze(), Instant::now()));
                 }
                 lost(&mut batch, loss.after_datagram(socket));
                 false
@@ -250,7 +254,16 @@ pub(super) fn read_datagrams(
             }
         };
         if woke && !queue_empty {
-            thread::sleep(GATHER);
+            gather_until = Some(Instant::now() + GATHER);
+        }
+        if queue_empty
+            && !batch.is_empty()
+            && drain_deadline.is_none()
+            && let Some(left) = gather_until.and_then(|until| until.checked_duration_since(Instant::now()))
+        {
+            // Kept, so the reader's progress stays where it was: what it holds is not handed on.
+            socket.wait_for_datagram(left);
+            continue;
         }
         if !batch.is_empty()
             && (queue_empty || batch.len() == MAX_BATCH)
@@ -258,8 +271,11 @@ pub(super) fn read_datagrams(
         {
             return;
         }
+        if batch.is_empty() {
+            gather_until = None;
+        }
         if queue_empty {
-            progress.queue_emptied();
+            progress.queue_emptied(looked_at);
             if drain_deadline.is_some() {
                 break;
             }

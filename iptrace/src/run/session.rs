@@ -402,7 +402,7 @@ fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
     // background while the rest is set up, and waited for before tracing starts (the ready
     // line), so that a drop of a packet traced from then on always has its program running.
     let drops = options.drops.then(|| start_drops(filter.as_ref(), &options.families)).transpose()?;
-    let socket = TraceSocket::open(&backends.legacy, Duration::from_millis(100))?;
+    let socket = TraceSocket::open(&backends.legacy, resolve::CHECK_INTERVAL)?;
     // The generation read after joining the change notifications: events before the first
     // commit announced on the socket ran against it.
     let generation = if backends.nft() {
