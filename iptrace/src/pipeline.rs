@@ -325,7 +325,9 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             return Ok(ControlFlow::Continue(()));
         }
         let received = self.wall_time(trace.first_seen);
-        let steps = trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)).collect();
+        // Sized up front: a step is large, and growing the vector step by step copied them.
+        let mut steps = Vec::with_capacity(trace.events.len());
+        steps.extend(trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)));
         let complete = !trace.incomplete;
         let report = match drop {
             Some(drop) => Some(PacketReport::dropped(steps, complete, received, drop, &mut self.names)),

@@ -24,7 +24,7 @@ const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
 /// A struct or union member, a function parameter or an enum value: name and type id (or value).
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Member {
     name: u32,
     type_id: u32,
@@ -32,29 +32,63 @@ struct Member {
     value: u64,
 }
 
-#[derive(Clone, Debug)]
-struct Type {
+/// One type record, read from the blob when looked at.
+#[derive(Clone, Copy, Debug)]
+struct Type<'a> {
     name: u32,
     kind: u32,
+    kind_flag: bool,
     /// `size` or `type`, by kind.
     size_or_type: u32,
-    members: Vec<Member>,
+    /// The records that follow the type's three words (members, values, parameters, ...).
+    extra: &'a [u8],
+    vlen: usize,
 }
 
-/// The types and strings of one BTF blob.
-pub struct Btf {
-    /// Type `id` is at index `id - 1` (id 0 is `void`).
-    types: Vec<Type>,
-    strings: Vec<u8>,
+impl Type<'_> {
+    /// The members of a struct or union, the values of an enum, the parameters of a function
+    /// prototype; nothing for other kinds.
+    fn members(&self) -> impl Iterator<Item = Member> + '_ {
+        let words = match self.kind {
+            KIND_STRUCT | KIND_UNION | KIND_ENUM64 => 3,
+            KIND_ENUM | KIND_FUNC_PROTO => 2,
+            _ => 0,
+        };
+        let count = if words == 0 { 0 } else { self.vlen };
+        (0..count).filter_map(move |i| {
+            let word = |w: usize| u32_at(self.extra, 4 * (i * words + w));
+            let (first, second) = (word(0)?, word(1)?);
+            Some(match self.kind {
+                KIND_STRUCT | KIND_UNION => {
+                    let bits = word(2)?;
+                    let bits = if self.kind_flag { bits & 0x00ff_ffff } else { bits };
+                    Member { name: first, type_id: second, value: u64::from(bits) }
+                }
+                KIND_ENUM => Member { name: first, type_id: 0, value: u64::from(second) },
+                KIND_ENUM64 => Member { name: first, type_id: 0, value: u64::from(word(2)?) << 32 | u64::from(second) },
+                _ => Member { name: first, type_id: second, value: 0 },
+            })
+        })
+    }
+}
+
+/// The types and strings of one BTF blob, borrowed: only where each type starts is kept (vmlinux
+/// has ~10^5 types; decoding them all into owned structs cost ~15 MB of peak memory and most of
+/// the time the drop program took to start).
+pub struct Btf<'a> {
+    type_bytes: &'a [u8],
+    /// Type `id` starts at `type_bytes[starts[id - 1]..]` (id 0 is `void`).
+    starts: Vec<u32>,
+    strings: &'a [u8],
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?))
 }
 
-impl Btf {
+impl<'a> Btf<'a> {
     /// Parses a little-endian BTF blob.
-    pub fn parse(bytes: &[u8]) -> Result<Self, DropError> {
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, DropError> {
         let malformed = |what: &'static str| DropError::Btf { what };
         let magic = bytes.get(..2).map(|m| u16::from_le_bytes([m[0], m[1]]));
         if magic != Some(BTF_MAGIC) {
@@ -68,65 +102,28 @@ impl Btf {
             bytes.get(start..start.checked_add(len)?)
         };
         let type_bytes = section(type_off, type_len).ok_or(malformed("type section"))?;
-        let strings = section(str_off, str_len).ok_or(malformed("string section"))?.to_vec();
-        let mut types = Vec::new();
+        let strings = section(str_off, str_len).ok_or(malformed("string section"))?;
+        let mut starts = Vec::new();
         let mut at = 0;
         while at < type_bytes.len() {
-            let word = |i: usize| u32_at(type_bytes, at + 4 * i).ok_or(malformed("truncated type"));
-            let (name, info, size_or_type) = (word(0)?, word(1)?, word(2)?);
+            let info = u32_at(type_bytes, at + 4).ok_or(malformed("truncated type"))?;
             let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
             let vlen = (info & 0xffff) as usize;
-            at += 12;
-            // Word `w` of record `i` of `words` words each (no allocation: vmlinux has ~10^5 types).
-            let record = |i: usize, words: usize| -> Result<[u32; 3], DropError> {
-                let word = |w: usize| u32_at(type_bytes, at + 4 * (i * words + w)).ok_or(malformed("truncated type"));
-                Ok([word(0)?, word(1)?, if words > 2 { word(2)? } else { 0 }])
+            let extra = match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_ENUM64 | KIND_DATASEC => vlen * 12,
+                KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                _ => 0,
             };
-            let (members, extra) = match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => (Vec::new(), 4),
-                KIND_ARRAY => (Vec::new(), 12),
-                KIND_STRUCT | KIND_UNION => {
-                    let members = (0..vlen)
-                        .map(|i| {
-                            let m = record(i, 3)?;
-                            let bits = if kind_flag { m[2] & 0x00ff_ffff } else { m[2] };
-                            Ok(Member { name: m[0], type_id: m[1], value: u64::from(bits) })
-                        })
-                        .collect::<Result<_, DropError>>()?;
-                    (members, vlen * 12)
-                }
-                KIND_ENUM => {
-                    let values = (0..vlen)
-                        .map(|i| record(i, 2).map(|m| Member { name: m[0], type_id: 0, value: u64::from(m[1]) }))
-                        .collect::<Result<_, _>>()?;
-                    (values, vlen * 8)
-                }
-                KIND_ENUM64 => {
-                    let values = (0..vlen)
-                        .map(|i| {
-                            record(i, 3).map(|m| Member {
-                                name: m[0],
-                                type_id: 0,
-                                value: u64::from(m[2]) << 32 | u64::from(m[1]),
-                            })
-                        })
-                        .collect::<Result<_, _>>()?;
-                    (values, vlen * 12)
-                }
-                KIND_FUNC_PROTO => {
-                    let params = (0..vlen)
-                        .map(|i| record(i, 2).map(|m| Member { name: m[0], type_id: m[1], value: 0 }))
-                        .collect::<Result<_, _>>()?;
-                    (params, vlen * 8)
-                }
-                KIND_DATASEC => (Vec::new(), vlen * 12),
-                _ => (Vec::new(), 0),
-            };
-            at += extra;
-            types.push(Type { name, kind, size_or_type, members });
+            let end = at + 12 + extra;
+            if end > type_bytes.len() {
+                return Err(malformed("truncated type"));
+            }
+            starts.push(u32::try_from(at).map_err(|_| malformed("type section"))?);
+            at = end;
         }
-        Ok(Self { types, strings })
+        Ok(Self { type_bytes, starts, strings })
     }
 
     fn string(&self, offset: u32) -> &str {
@@ -135,12 +132,22 @@ impl Btf {
         std::str::from_utf8(&rest[..end]).unwrap_or_default()
     }
 
-    fn get(&self, id: u32) -> Option<&Type> {
-        self.types.get((id as usize).checked_sub(1)?)
+    fn get(&self, id: u32) -> Option<Type<'a>> {
+        let at = *self.starts.get((id as usize).checked_sub(1)?)? as usize;
+        let word = |w: usize| u32_at(self.type_bytes, at + 4 * w);
+        let info = word(1)?;
+        Some(Type {
+            name: word(0)?,
+            kind: (info >> 24) & 0x1f,
+            kind_flag: info >> 31 == 1,
+            size_or_type: word(2)?,
+            extra: self.type_bytes.get(at + 12..)?,
+            vlen: (info & 0xffff) as usize,
+        })
     }
 
     /// The type `id` names once typedefs and qualifiers are looked through.
-    fn resolve(&self, mut id: u32) -> Option<(u32, &Type)> {
+    fn resolve(&self, mut id: u32) -> Option<(u32, Type<'a>)> {
         for _ in 0..32 {
             let ty = self.get(id)?;
             match ty.kind {
@@ -153,8 +160,11 @@ impl Btf {
 
     /// The first type of `kind` called `name` (a few look-ups a run: a scan, not an index).
     fn named(&self, kind: u32, name: &str) -> Option<u32> {
-        let index = self.types.iter().position(|ty| ty.kind == kind && self.string(ty.name) == name)?;
-        u32::try_from(index + 1).ok()
+        let found = (1..=self.starts.len()).find(|&id| {
+            let id = u32::try_from(id).unwrap_or(0);
+            self.get(id).is_some_and(|ty| ty.kind == kind && self.string(ty.name) == name)
+        })?;
+        u32::try_from(found).ok()
     }
 
     /// Byte offset and type of `path` (member names; anonymous structs and unions between them
@@ -187,7 +197,7 @@ impl Btf {
         if !matches!(ty.kind, KIND_STRUCT | KIND_UNION) {
             return None;
         }
-        ty.members.iter().find_map(|member| {
+        ty.members().find_map(|member| {
             let member_name = self.string(member.name);
             if member_name == name {
                 Some((member.value, member.type_id))
@@ -206,7 +216,7 @@ impl Btf {
             .or_else(|| self.named(KIND_ENUM64, name))
             .ok_or_else(|| DropError::BtfField { name: format!("enum {name}") })?;
         let ty = self.get(id).ok_or_else(|| DropError::BtfField { name: format!("enum {name}") })?;
-        Ok(ty.members.iter().map(|m| (m.value, self.string(m.name).to_owned())).collect())
+        Ok(ty.members().map(|m| (m.value, self.string(m.name).to_owned())).collect())
     }
 
     /// Parameter names and their type names of the raw tracepoint `name`: the prototype of the
@@ -219,7 +229,7 @@ impl Btf {
         if proto.kind != KIND_FUNC_PROTO {
             return Err(missing());
         }
-        Ok(proto.members.iter().skip(1).map(|p| (self.string(p.name).to_owned(), self.type_name(p.type_id))).collect())
+        Ok(proto.members().skip(1).map(|p| (self.string(p.name).to_owned(), self.type_name(p.type_id))).collect())
     }
 
     /// A C-like spelling of a type, enough to recognise a parameter (`struct sk_buff *`).

@@ -65,6 +65,10 @@ struct TerminalSafe;
 
 impl serde_json::ser::Formatter for TerminalSafe {
     fn write_string_fragment<W: ?Sized + Write>(&mut self, writer: &mut W, fragment: &str) -> io::Result<()> {
+        // Nearly all text is printable ASCII, which needs no escape.
+        if fragment.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+            return writer.write_all(fragment.as_bytes());
+        }
         let mut rest = fragment;
         while let Some((i, c)) = rest.char_indices().find(|(_, c)| needs_escape(*c)) {
             writer.write_all(&rest.as_bytes()[..i])?;

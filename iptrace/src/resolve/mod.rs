@@ -499,6 +499,12 @@ impl Resolver {
         }
     }
 
+    /// The versions of a legacy table. A scan: a handful of tables, and no key to allocate per
+    /// event.
+    fn legacy_table(&self, family: Family, name: &str) -> Option<&LegacyTable> {
+        self.tables.iter().find(|((f, n), _)| *f == family && n == name).map(|(_, table)| table)
+    }
+
     /// Resolves an event: a legacy one against every version of its table that may have been in
     /// force when it was logged (between the reads of the check whose mark came before it and
     /// those of the first check after it was received), an nf_tables one against its generation.
@@ -513,35 +519,34 @@ impl Resolver {
         match &event.origin {
             Origin::Xtables { hook, table, chain, kind, number } => {
                 let hook = Some(HookPoint { hook: *hook, filter: matches!(table, Table::Filter | Table::Security) });
-                let key = (event.family, table.name().to_owned());
                 let after = event.after_check.unwrap_or(0);
                 let before = event.epoch;
-                if before > self.epoch || !self.tables.contains_key(&key) {
+                if before > self.epoch || self.legacy_table(event.family, table.name()).is_none() {
                     // No check since the event was received, or a table created since the
                     // trace started.
                     let _ = self.check_all(true, Cause::Forced);
                 }
-                let history = self.tables.get(&key);
-                let mut versions: Vec<&TableVersion> =
-                    history.into_iter().flat_map(|h| h.versions.possible(after, before)).map(|(_, v)| v).collect();
-                if versions.is_empty() {
-                    // Older than every version kept.
-                    versions.extend(history.and_then(|h| h.versions.oldest()));
-                }
-                let mut positions: Vec<Option<Position>> = Vec::new();
-                for version in versions {
-                    let position = version.snapshot.position(chain, *kind, *number);
-                    if positions.last() != Some(&position) {
-                        positions.push(position);
-                    }
-                }
-                let position = match positions.len() {
-                    0 => Position::Unknown { kernel_number: *number },
-                    1 => positions.pop().flatten()?,
-                    _ => {
-                        let is = positions.pop().flatten().map(Box::new);
-                        let was = positions.swap_remove(0).map(Box::new);
-                        Position::RuleSetChanged { kernel_number: *number, was, is }
+                let history = self.legacy_table(event.family, table.name());
+                let mut versions = history.into_iter().flat_map(|h| h.versions.possible(after, before)).map(|(_, v)| v);
+                // Older than every version kept: the oldest.
+                let first = versions.next().or_else(|| history.and_then(|h| h.versions.oldest()));
+                // Where the possible versions put the rule: where the first and the last do, and
+                // whether any differs.
+                let position_in = |version: &TableVersion| version.snapshot.position(chain, *kind, *number);
+                let position = match first.map(position_in) {
+                    None => Position::Unknown { kernel_number: *number },
+                    Some(was) => {
+                        let (changed, is) = versions
+                            .map(position_in)
+                            .fold((false, None), |(changed, _), p| (changed || p != was, Some(p)));
+                        match is.filter(|_| changed) {
+                            None => was?,
+                            Some(is) => Position::RuleSetChanged {
+                                kernel_number: *number,
+                                was: was.map(Box::new),
+                                is: is.map(Box::new),
+                            },
+                        }
                     }
                 };
                 Some(Step { event, position, engine: Engine::Legacy, hook })
