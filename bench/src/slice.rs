@@ -5,7 +5,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    thread::{self},
+    thread,
     time::Duration,
 };
 
@@ -18,7 +18,7 @@ use crate::{
     kernel::{self, Listened, TraceListener, TraceMessages},
     marking::{MarkingThread, NoOpChain},
     scenario::{Host, LabSpec, Scenario, ScenarioError, Tool, Traced},
-    tracer::{Readiness, TracerError, TracerProcess},
+    tracer::{Finished, Readiness, TracerError, TracerProcess},
     traffic::{self, TrafficPlan},
 };
 
@@ -278,6 +278,25 @@ impl Bench {
         Ok(timed)
     }
 
+    /// Starts the tracer `argv` (writing to `path`), and once it is ready and warmed up runs the
+    /// slice's traffic and stops it: the forwarding figures, the packets the kernel traced, and
+    /// how the tracer ended.
+    fn trace_slice(
+        &self,
+        scenario: &Scenario,
+        argv: &[String],
+        path: &Path,
+        readiness: &Readiness,
+    ) -> Result<(Slice, u64, Finished), ScenarioError> {
+        let mut tracer = TracerProcess::start(argv, path, readiness)?;
+        thread::sleep(WARM_UP);
+        tracer.start_tracing();
+        let slice = self.measure_forwarding()?;
+        thread::sleep(Self::drain(scenario));
+        let traced = self.traced_packets()?;
+        Ok((slice, traced, tracer.stop()?))
+    }
+
     fn run_iptrace(&self, scenario: &Scenario, args: &[&str], output: OutputFormat) -> Result<Slice, ScenarioError> {
         let router = self.lab.ns(Role::Router);
         let mut argv: Vec<String> =
@@ -289,13 +308,8 @@ impl Bench {
         argv.extend(scenario.traced.expression());
         let listener = self.extra_listener()?;
         let path = self.output_path(scenario);
-        let mut tracer = TracerProcess::start(&argv, &path, &Readiness::StderrLine("iptrace: tracing"))?;
-        thread::sleep(WARM_UP);
-        tracer.start_tracing();
-        let mut slice = self.measure_forwarding()?;
-        thread::sleep(Self::drain(scenario));
-        let traced = self.traced_packets()?;
-        let finished = tracer.stop()?;
+        let readiness = Readiness::StderrLine("iptrace: tracing");
+        let (mut slice, traced, finished) = self.trace_slice(scenario, &argv, &path, &readiness)?;
         let stats = finished.stderr.iter().find_map(|l| IptraceStats::parse(l));
         if stats.is_none() {
             slice.notes.push(format!("no --stats line; stderr: {}", finished.stderr.join(" | ")));
@@ -325,13 +339,7 @@ impl Bench {
         let listener = self.extra_listener()?;
         let path = self.output_path(scenario);
         let readiness = Readiness::NetlinkGroup { netns: router, group: 9 };
-        let mut tracer = TracerProcess::start(&argv, &path, &readiness)?;
-        thread::sleep(WARM_UP);
-        tracer.start_tracing();
-        let mut slice = self.measure_forwarding()?;
-        thread::sleep(Self::drain(scenario));
-        let traced = self.traced_packets()?;
-        let finished = tracer.stop()?;
+        let (mut slice, traced, finished) = self.trace_slice(scenario, &argv, &path, &readiness)?;
         marking.finish()?;
         let text = String::from_utf8_lossy(&self.take_output(&path)).into_owned();
         let complete = completeness::complete_packets(format, text.as_bytes());
@@ -366,7 +374,7 @@ fn note_listener(slice: &mut Slice, heard: TraceMessages) {
     }
 }
 
-fn fill_tracer_figures(slice: &mut Slice, traced: u64, complete: u64, finished: &crate::tracer::Finished) {
+fn fill_tracer_figures(slice: &mut Slice, traced: u64, complete: u64, finished: &Finished) {
     slice.traced_packets_kernel = Some(traced);
     slice.reported_complete = Some(complete);
     // While tracing; a tool that gave up before the stop is charged its whole run.
