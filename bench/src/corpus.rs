@@ -24,7 +24,7 @@ use iptrace::{
 use iptrace_lab::Role;
 
 use crate::{
-    scenario::Bench,
+    slice::Bench,
     traffic::{self, TrafficPlan},
 };
 

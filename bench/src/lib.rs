@@ -5,10 +5,12 @@
 pub mod completeness;
 pub mod corpus;
 pub mod kernel;
+mod marking;
 pub mod report;
 pub mod rounds;
 pub mod ruleset;
 pub mod scenario;
+pub mod slice;
 pub mod spread;
 pub mod tracer;
 pub mod traffic;

@@ -14,7 +14,8 @@ use iptrace_bench::{
     corpus,
     report::{self, LabFigures, Machine, Report, Setup},
     rounds::{self, ScenarioResult},
-    scenario::{self, Bench, BenchConfig, ExpressionTime, LabSpec, Precision, Scenario},
+    scenario::{self, LabSpec, Precision, Scenario},
+    slice::{Bench, BenchConfig, ExpressionTime},
     spread::Spread,
     traffic::{self, TrafficPlan},
 };

@@ -1,5 +1,8 @@
 //! The run's figures as `latest.json` and as the Markdown tables of `docs/benchmarks.md`, with the
 //! targets iptrace is held to, each judged by its interval.
+//!
+//! Long because every table of `docs/benchmarks.md` is written here, column by column, from the
+//! same figures as the JSON: one place to see that they say the same.
 
 use std::{collections::BTreeMap, fmt::Write as _, fs, io, path::Path, process::Command};
 
@@ -7,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     rounds::ScenarioResult,
-    scenario::{ExpressionTime, Host, Scenario},
+    scenario::{Host, Scenario},
+    slice::ExpressionTime,
     spread::Spread,
 };
 

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    scenario::{Bench, Scenario, ScenarioError, Slice, Tool},
+    scenario::{Scenario, ScenarioError, Tool},
+    slice::{Bench, Slice},
     spread::Spread,
 };
 
@@ -179,7 +180,7 @@ pub fn measure_together(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scenario::Phase;
+    use crate::slice::Phase;
 
     fn slice(ns_per_packet: f64, pps: f64, traced: u64, complete: u64, cpu: f64) -> Slice {
         Slice {

@@ -70,4 +70,6 @@ pub mod resolve;
 pub mod run;
 pub mod simulate;
 pub mod summary;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod xtables;

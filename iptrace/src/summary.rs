@@ -82,11 +82,9 @@ fn plural(n: u64) -> &'static str {
 mod tests {
     use super::*;
     use crate::{
-        decode::{Hook, Table, packet::tests::udp_v4},
-        model::{
-            PacketReport, Position, Verdict,
-            tests::{Names, rule, step},
-        },
+        decode::{Hook, Table},
+        model::{PacketReport, Position, Verdict},
+        testing::{Names, rule, step, udp_v4},
     };
 
     #[test]

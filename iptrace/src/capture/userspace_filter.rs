@@ -199,8 +199,8 @@ impl<K: Copy + Eq + Hash> RecentVerdicts<K> {
 mod tests {
     use super::*;
     use crate::{
-        decode::packet::tests::udp_v4,
         netfilter::netlink::{attribute, nfnetlink_request},
+        testing::udp_v4,
     };
 
     /// One message of `message_type` with an nfgenmsg for IPv4 and `attributes`.

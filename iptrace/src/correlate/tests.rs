@@ -1,36 +1,19 @@
 use super::*;
-use crate::decode::{Hook, NftFamily, NftTraceType, NftVerdict, PacketHeader, TraceKind};
+use crate::{
+    decode::{Hook, NftFamily, NftVerdict, PacketHeader, TraceKind},
+    testing::{legacy_event, nft_origin, udp_v4},
+};
 
 fn event(packet: &[u8], hook: Hook, table: Table) -> TraceEvent {
-    TraceEvent {
-        family: Family::Ipv4,
-        origin: Origin::Xtables { hook, table, chain: "C".into(), kind: TraceKind::Policy, number: 1 },
-        in_ifindex: None,
-        out_ifindex: None,
-        mark: 0,
-        mark_after: None,
-        packet: PacketHeader::parse(packet).unwrap(),
-        bytes: None,
-        epoch: 0,
-        generation: None,
-        after_check: None,
-    }
+    legacy_event(packet, hook, table, "C", TraceKind::Policy, 1)
 }
 
 fn nft_event(packet: &[u8], id: u8) -> TraceEvent {
-    TraceEvent {
-        origin: Origin::Nft {
-            family: NftFamily::Inet,
-            table: "fw".into(),
-            chain: "forward".into(),
-            handle: Some(7),
-            trace_type: NftTraceType::Rule,
-            verdict: NftVerdict::Accept,
-            trace_id: TraceId([id, 0, 0, 1]),
-            ct: None,
-        },
-        ..event(packet, Hook::PreRouting, Table::Raw)
+    let mut origin = nft_origin(NftFamily::Inet, "fw", "forward", Some(7), false, NftVerdict::Accept);
+    if let Origin::Nft { trace_id, .. } = &mut origin {
+        *trace_id = TraceId([id, 0, 0, 1]);
     }
+    TraceEvent { origin, ..event(packet, Hook::PreRouting, Table::Raw) }
 }
 
 #[test]
@@ -91,8 +74,6 @@ fn nft_events_join_by_trace_id_and_legacy_events_by_identity() {
     assert_eq!(ids(&done[1]), [2, 0, 2]);
     assert!(c.trace_ids.is_empty());
 }
-
-use crate::decode::packet::tests::udp_v4;
 
 #[test]
 fn interleaved_packets_and_nat_are_grouped() {

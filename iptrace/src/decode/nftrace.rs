@@ -207,7 +207,7 @@ pub(crate) mod tests {
         let mut decoder = Decoder::new();
         let mut events = Vec::new();
         let arp = crate::decode::packet::tests::arp_request();
-        let ip = crate::decode::packet::tests::udp_v4([10, 9, 0, 1], 40000, 64);
+        let ip = crate::testing::udp_v4([10, 9, 0, 1], 40000, 64);
         for datagram in [
             link_layer_event(ARP, 1, Some(&arp)),
             link_layer_event(ARP, 1, None),

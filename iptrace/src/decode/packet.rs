@@ -246,16 +246,7 @@ fn parse_transport(protocol: u8, l4: &[u8], v6: bool) -> Transport {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    /// IPv4 UDP 10.5.1.7:40000 -> 172.16.2.2:53 with a 4-byte payload.
-    pub(crate) fn udp_v4(src: [u8; 4], sport: u16, ttl: u8) -> Vec<u8> {
-        let mut p = vec![0x45, 0, 0, 32, 0x12, 0x34, 0x40, 0, ttl, 17, 0xaa, 0xbb];
-        p.extend_from_slice(&src);
-        p.extend_from_slice(&[172, 16, 2, 2]);
-        p.extend_from_slice(&sport.to_be_bytes());
-        p.extend_from_slice(&[0, 53, 0, 12, 0xcc, 0xdd, b'p', b'i', b'n', b'g']);
-        p
-    }
+    use crate::testing::udp_v4;
 
     #[test]
     fn parses_ipv4_udp() {

@@ -1,7 +1,11 @@
 //! The running kernel's BTF (readable without root) and the decoding of ring buffer records.
 
 use super::*;
-use crate::correlate::PacketTrace;
+use crate::{
+    correlate::PacketTrace,
+    decode::{Hook, Table, TraceEvent, TraceKind},
+    testing::{kernel_dropped, legacy_event, udp_v4_to},
+};
 
 fn facts() -> KernelFacts {
     KernelFacts::from_kernel().expect("this kernel's BTF describes the drop program's fields")
@@ -71,52 +75,15 @@ fn records_decode_to_events() {
 
 /// A UDP packet 10.5.1.7:40000 > `dst`:`dport` with IP ID `id` and TTL `ttl`.
 fn udp_packet(id: u16, ttl: u8, dst: [u8; 4], dport: u16) -> Vec<u8> {
-    let mut packet = vec![0x45, 0, 0, 32];
-    packet.extend(id.to_be_bytes());
-    packet.extend([0x40, 0, ttl, 17, 0x11, 0x22, 10, 5, 1, 7]);
-    packet.extend(dst);
-    packet.extend(40000u16.to_be_bytes());
-    packet.extend(dport.to_be_bytes());
-    packet.extend([0, 12, 0x33, 0x44, b'k', b'u', b'b', b'e']);
-    packet
+    udp_v4_to([10, 5, 1, 7], 40000, dst, dport, id, ttl)
 }
 
 fn trace_of(packet: &[u8]) -> PacketTrace {
-    use crate::decode::{Hook, Origin, Table, TraceEvent, TraceKind};
+    let event = legacy_event(packet, Hook::PreRouting, Table::Nat, "KUBE-SERVICES", TraceKind::Rule, 1);
     PacketTrace {
-        events: vec![TraceEvent {
-            family: Family::Ipv4,
-            origin: Origin::Xtables {
-                hook: Hook::PreRouting,
-                table: Table::Nat,
-                chain: "KUBE-SERVICES".into(),
-                kind: TraceKind::Rule,
-                number: 1,
-            },
-            in_ifindex: Some(3),
-            out_ifindex: None,
-            mark: 0,
-            mark_after: None,
-            packet: PacketHeader::parse(packet).unwrap(),
-            bytes: None,
-            epoch: 0,
-            generation: None,
-            after_check: None,
-        }],
+        events: vec![TraceEvent { in_ifindex: Some(3), ..event }],
         first_seen: std::time::Instant::now(),
         incomplete: false,
-    }
-}
-
-fn dropped(packet: &[u8], netns: u64) -> DropEvent {
-    DropEvent {
-        time: Duration::ZERO,
-        netns,
-        reason_code: 88,
-        reason: "IP_INNOROUTES".into(),
-        ifindex: Some(3),
-        location: 0,
-        packet: PacketHeader::parse(packet).unwrap(),
     }
 }
 
@@ -125,10 +92,10 @@ fn a_drop_joins_its_packet_across_nat() {
     // Traced before DNAT (10.96.0.1:443), dropped after it (172.20.0.2:6443) and one hop on.
     let trace = trace_of(&udp_packet(0x1234, 64, [10, 96, 0, 1], 443));
     let after_nat = udp_packet(0x1234, 63, [172, 20, 0, 2], 6443);
-    assert!(dropped(&after_nat, 7).joins(&trace.events, 7));
-    assert!(!dropped(&after_nat, 8).joins(&trace.events, 7), "another namespace");
+    assert!(kernel_dropped(&after_nat, 7, "IP_INNOROUTES").joins(&trace.events, 7));
+    assert!(!kernel_dropped(&after_nat, 8, "IP_INNOROUTES").joins(&trace.events, 7), "another namespace");
     let next_packet = udp_packet(0x1235, 63, [172, 20, 0, 2], 6443);
-    assert!(!dropped(&next_packet, 7).joins(&trace.events, 7), "another packet of the flow");
+    assert!(!kernel_dropped(&next_packet, 7, "IP_INNOROUTES").joins(&trace.events, 7), "another packet of the flow");
 }
 
 #[test]

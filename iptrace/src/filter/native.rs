@@ -14,6 +14,10 @@
 //!
 //! Understood, joined by `and` / `&&`: `tcp`, `udp`, `sctp`, `icmp`, `icmp6`, `ip`, `ip6`;
 //! `[ip|ip6] src|dst [host|net] ADDR[/LEN]`; `[tcp|udp|sctp] [src|dst] port|portrange N[-M]`.
+//!
+//! Long because each primitive is parsed here and written out here for every engine that matches
+//! it (iptables' arguments, nft's expressions per table family, ARP's): one place to see that
+//! they agree.
 
 use std::{fmt, net::IpAddr};
 

@@ -1,4 +1,6 @@
-use super::*;
+use std::time::{Duration, Instant};
+
+use super::{child::COMPILE_WAIT, *};
 use crate::decode::NftFamily;
 
 fn sel(f: impl FnOnce(&mut Selection)) -> Selection {

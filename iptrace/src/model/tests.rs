@@ -1,65 +1,11 @@
 use super::*;
 use crate::{
-    decode::{NftTraceType, Table, TraceId, TraceKind, packet::tests::udp_v4},
-    xtables::tokenize,
+    decode::Table,
+    testing::{Names, kernel_dropped, marked, report_at, rule, step, udp_v4},
 };
 
-pub(crate) struct Names;
-
-impl InterfaceNames for Names {
-    fn name(&mut self, index: u32) -> String {
-        format!("veth{index}")
-    }
-}
-
-/// A legacy step of an IPv4 packet arriving on interface 2 (leaving on 3 at FORWARD).
-pub(crate) fn step(hook: Hook, table: Table, chain: &str, packet: &[u8], mark: u32, position: Position) -> Step {
-    let point = HookPoint { hook, filter: table == Table::Filter };
-    Step {
-        event: TraceEvent {
-            family: Family::Ipv4,
-            origin: Origin::Xtables { hook, table, chain: chain.into(), kind: TraceKind::Rule, number: 0 },
-            in_ifindex: Some(2),
-            out_ifindex: (hook == Hook::Forward).then_some(3),
-            mark,
-            packet: PacketHeader::parse(packet).unwrap(),
-            bytes: None,
-            mark_after: None,
-            epoch: 0,
-            generation: None,
-            after_check: None,
-        },
-        position,
-        engine: Engine::Legacy,
-        hook: Some(point),
-    }
-}
-
-pub(crate) fn rule(number: u32, line: &str) -> Position {
-    Position::Rule { number, rule: Arc::new(Rule::from_tokens(&tokenize(line), |c| c.contains(':'))) }
-}
-
-/// iptrace's own nf_tables marking event (at -350): the packet as it arrived.
-pub(crate) fn marked(packet: &[u8]) -> Step {
-    let mut s = step(Hook::PreRouting, Table::Raw, "prerouting", packet, 0, Position::Marked);
-    s.event.origin = Origin::Nft {
-        family: NftFamily::Inet,
-        table: "iptrace_1_2".into(),
-        chain: "prerouting".into(),
-        handle: Some(2),
-        trace_type: NftTraceType::Rule,
-        verdict: NftVerdict::Continue,
-        trace_id: TraceId([1, 2, 3, 4]),
-        ct: None,
-    };
-    s.event.out_ifindex = None;
-    s.event.mark_after = Some(0);
-    s.engine = Engine::Nft;
-    s
-}
-
 fn report(steps: &[Step]) -> PacketReport {
-    PacketReport::new(steps.to_vec(), true, SystemTime::UNIX_EPOCH, &mut Names).unwrap()
+    report_at(steps, SystemTime::UNIX_EPOCH)
 }
 
 #[test]
@@ -102,18 +48,6 @@ fn a_packet_with_lost_events_is_incomplete_and_only_the_marking_is_no_report() {
 }
 
 /// The kernel's drop of `packet` for `reason`, on interface 2.
-pub(crate) fn kernel_dropped(packet: &[u8], reason: &str) -> DropEvent {
-    DropEvent {
-        time: std::time::Duration::ZERO,
-        netns: 1,
-        reason_code: 0,
-        reason: reason.into(),
-        ifindex: Some(2),
-        location: 0,
-        packet: PacketHeader::parse(packet).unwrap(),
-    }
-}
-
 #[test]
 fn a_kernel_drop_is_the_fate_once() {
     let p = udp_v4([10, 5, 1, 7], 40000, 64);
@@ -121,7 +55,7 @@ fn a_kernel_drop_is_the_fate_once() {
     let accept = step(Hook::LocalIn, Table::Filter, "INPUT", &p, 0, rule(1, "-p udp -j ACCEPT"));
     let drop = step(Hook::Forward, Table::Filter, "FORWARD", &p, 0, rule(2, "-j DROP"));
     let dropped = |steps: &[Step], reason: &str| {
-        PacketReport::dropped(steps.to_vec(), true, SystemTime::UNIX_EPOCH, &kernel_dropped(&p, reason), &mut Names)
+        PacketReport::dropped(steps.to_vec(), true, SystemTime::UNIX_EPOCH, &kernel_dropped(&p, 1, reason), &mut Names)
     };
     // Accepted, then no socket: the drop after the filter table's decision.
     let report = dropped(&[nat.clone(), accept.clone()], "NO_SOCKET");
@@ -154,7 +88,7 @@ fn a_kernel_drop_is_the_fate_once() {
         vec![accept],
         false,
         SystemTime::UNIX_EPOCH,
-        &kernel_dropped(&p, "NO_SOCKET"),
+        &kernel_dropped(&p, 1, "NO_SOCKET"),
         &mut Names,
     );
     assert_eq!(incomplete.fate, Fate::Incomplete);

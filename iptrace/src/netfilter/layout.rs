@@ -3,12 +3,15 @@
 //! accessors over bytes, in netlink-packet-route's `buffer!` style. Offsets and sizes come from
 //! the structs (`offset_of!`, `size_of`), so no field is at a hand-written offset.
 //!
+//! The same views serve the legacy tables' blobs (`IPT_SO_GET_ENTRIES`): `ipt_entry`,
+//! `ip6t_entry` and the match and target headers inside them.
+//!
 //! A view reads borrowed bytes ([`View::split`] over a received datagram: zero-copy) and writes
 //! owned ones (`Layout::default`, then the setters, then `into_bytes`) for requests.
 
 use iptrace_common::uapi::{
-    nfgenmsg, nfulnl_msg_config_cmd, nfulnl_msg_config_mode, nfulnl_msg_packet_hdr, nfulnl_msg_packet_timestamp,
-    nlattr, nlmsgerr, nlmsghdr,
+    ip6t_entry, ipt_entry, nfgenmsg, nfulnl_msg_config_cmd, nfulnl_msg_config_mode, nfulnl_msg_packet_hdr,
+    nfulnl_msg_packet_timestamp, nlattr, nlmsgerr, nlmsghdr, xt_entry_match, xt_entry_target,
 };
 
 /// A layout viewing borrowed bytes.
@@ -22,14 +25,15 @@ pub trait View<'a>: Sized {
 }
 
 /// Declares a view of the uapi struct `$uapi`, `$len` bytes long: getters (and setters) of the
-/// named members in host (`ne`) or network (`be`) byte order.
+/// named members (`ip.flags` for a member of a member) in host (`ne`) or network (`be`) byte
+/// order, or as the bytes they are (`raw`, for `[u8; N]`).
 macro_rules! layout {
     (
         $(#[$meta:meta])*
         pub struct $name:ident($uapi:ty, $len:ident) {
             $(
                 $(#[$field_meta:meta])*
-                $field:ident / $setter:ident: $ty:ident $order:ident = $member:ident,
+                $field:ident / $setter:ident: $ty:tt $order:ident = $($member:ident).+,
             )*
         }
     ) => {
@@ -46,6 +50,16 @@ macro_rules! layout {
             #[inline]
             fn split(bytes: &'a [u8]) -> Option<(Self, &'a [u8])> {
                 let (head, rest) = bytes.split_first_chunk::<$len>()?;
+                Some((Self(head), rest))
+            }
+        }
+
+        impl<'a> $name<&'a mut [u8; $len]> {
+            /// The view of the first `LEN` bytes of `bytes` for writing, and the bytes after them;
+            /// `None` when `bytes` is shorter.
+            #[inline]
+            pub fn split_mut(bytes: &'a mut [u8]) -> Option<(Self, &'a mut [u8])> {
+                let (head, rest) = bytes.split_first_chunk_mut::<$len>()?;
                 Some((Self(head), rest))
             }
         }
@@ -69,7 +83,7 @@ macro_rules! layout {
                 $(#[$field_meta])*
                 #[inline]
                 pub fn $field(&self) -> $ty {
-                    const AT: usize = ::core::mem::offset_of!($uapi, $member);
+                    const AT: usize = ::core::mem::offset_of!($uapi, $($member).+);
                     const END: usize = AT + ::core::mem::size_of::<$ty>();
                     const _: () = assert!(END <= $len);
                     let mut value = [0; ::core::mem::size_of::<$ty>()];
@@ -83,7 +97,7 @@ macro_rules! layout {
             $(
                 #[inline]
                 pub fn $setter(&mut self, value: $ty) -> &mut Self {
-                    const AT: usize = ::core::mem::offset_of!($uapi, $member);
+                    const AT: usize = ::core::mem::offset_of!($uapi, $($member).+);
                     const END: usize = AT + ::core::mem::size_of::<$ty>();
                     self.0.borrow_mut()[AT..END].copy_from_slice(&layout!(@to $order value));
                     self
@@ -91,10 +105,12 @@ macro_rules! layout {
             )*
         }
     };
-    (@from ne $ty:ident, $bytes:expr) => { $ty::from_ne_bytes($bytes) };
-    (@from be $ty:ident, $bytes:expr) => { $ty::from_be_bytes($bytes) };
+    (@from ne $ty:tt, $bytes:expr) => { $ty::from_ne_bytes($bytes) };
+    (@from be $ty:tt, $bytes:expr) => { $ty::from_be_bytes($bytes) };
+    (@from raw $ty:tt, $bytes:expr) => { $bytes };
     (@to ne $value:expr) => { $value.to_ne_bytes() };
     (@to be $value:expr) => { $value.to_be_bytes() };
+    (@to raw $value:expr) => { $value };
 }
 
 layout! {
@@ -172,6 +188,52 @@ layout! {
     }
 }
 
+layout! {
+    /// `struct ipt_entry`: one rule of an IPv4 legacy table's blob; its matches follow, then its
+    /// target at `target_offset`, then the next entry at `next_offset`.
+    pub struct Ipv4Entry(ipt_entry, IPT_ENTRY_LEN) {
+        /// `ip.flags`: `IPT_F_GOTO` for `-g`.
+        flags / set_flags: u8 ne = ip.flags,
+        target_offset / set_target_offset: u16 ne = target_offset,
+        next_offset / set_next_offset: u16 ne = next_offset,
+        packets / set_packets: u64 ne = counters.pcnt,
+        bytes / set_bytes: u64 ne = counters.bcnt,
+    }
+}
+
+layout! {
+    /// `struct ip6t_entry`: [`Ipv4Entry`] for IPv6, with a larger `ipv6` part in front.
+    pub struct Ipv6Entry(ip6t_entry, IP6T_ENTRY_LEN) {
+        /// `ipv6.flags`: `IP6T_F_GOTO` for `-g`.
+        flags / set_flags: u8 ne = ipv6.flags,
+        target_offset / set_target_offset: u16 ne = target_offset,
+        next_offset / set_next_offset: u16 ne = next_offset,
+        packets / set_packets: u64 ne = counters.pcnt,
+        bytes / set_bytes: u64 ne = counters.bcnt,
+    }
+}
+
+layout! {
+    /// `struct xt_entry_match` as userspace sees it: one match of an entry, its data follows.
+    pub struct MatchHeader(xt_entry_match, XT_ENTRY_MATCH_LEN) {
+        /// `u.user.match_size`: header and data.
+        size / set_size: u16 ne = u.user.match_size,
+        /// `u.user.name`: the extension's name, NUL-terminated.
+        name / set_name: [u8; 29] raw = u.user.name,
+    }
+}
+
+layout! {
+    /// `struct xt_entry_target` as userspace sees it: an entry's target, its data follows (the
+    /// verdict of the standard target, whose name is empty; the chain name of an `ERROR` target).
+    pub struct TargetHeader(xt_entry_target, XT_ENTRY_TARGET_LEN) {
+        /// `u.user.target_size`: header and data.
+        size / set_size: u16 ne = u.user.target_size,
+        /// `u.user.name`: the extension's name, NUL-terminated.
+        name / set_name: [u8; 29] raw = u.user.name,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use iptrace_common::uapi::{NFULA_PACKET_HDR, NFULA_TIMESTAMP};
@@ -191,6 +253,38 @@ mod tests {
             [16, 4, 4, 20, 4, 16]
         );
         assert_eq!([NFULNL_CONFIG_CMD_LEN, NFULNL_CONFIG_MODE_LEN], [1, 6], "packed");
+    }
+
+    #[test]
+    fn legacy_entries_are_where_the_kernel_puts_them() {
+        // The offsets iptrace read the blobs at before these layouts (x86-64 and every other
+        // 64-bit arch: `struct xt_counters` is 8-byte aligned).
+        assert_eq!([IPT_ENTRY_LEN, IP6T_ENTRY_LEN, XT_ENTRY_MATCH_LEN, XT_ENTRY_TARGET_LEN], [112, 168, 32, 32]);
+        let mut entry = Ipv4Entry::default();
+        entry.set_flags(0x02).set_target_offset(0x0102).set_next_offset(0x0304).set_packets(5).set_bytes(6);
+        let bytes = entry.into_bytes();
+        assert_eq!(
+            (bytes[82], &bytes[88..90], &bytes[90..92]),
+            (0x02, &0x0102u16.to_ne_bytes()[..], &0x0304u16.to_ne_bytes()[..])
+        );
+        assert_eq!((&bytes[96..104], &bytes[104..112]), (&5u64.to_ne_bytes()[..], &6u64.to_ne_bytes()[..]));
+        let mut entry = Ipv6Entry::default();
+        entry.set_flags(0x04).set_target_offset(0x0102).set_next_offset(0x0304).set_packets(5).set_bytes(6);
+        let bytes = entry.into_bytes();
+        assert_eq!(
+            (bytes[131], &bytes[140..142], &bytes[142..144]),
+            (0x04, &0x0102u16.to_ne_bytes()[..], &0x0304u16.to_ne_bytes()[..])
+        );
+        assert_eq!((&bytes[152..160], &bytes[160..168]), (&5u64.to_ne_bytes()[..], &6u64.to_ne_bytes()[..]));
+        let mut target = TargetHeader::default();
+        let mut name = [0; 29];
+        name[..5].copy_from_slice(b"ERROR");
+        target.set_size(40).set_name(name);
+        let bytes = target.into_bytes();
+        assert_eq!((&bytes[..2], &bytes[2..7], bytes[31]), (&40u16.to_ne_bytes()[..], &b"ERROR"[..], 0));
+        let joined = [bytes.as_slice(), &[1, 2]].concat();
+        let (read, data) = TargetHeader::split(&joined).unwrap();
+        assert_eq!((read.size(), read.name(), data), (40, name, &[1, 2][..]));
     }
 
     #[test]

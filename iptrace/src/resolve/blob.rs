@@ -7,56 +7,70 @@
 //! targets and comments, as the kernel holds them, whatever their text in a listing.
 
 use std::{
+    collections::HashMap,
     ffi::c_void,
     io,
+    mem::{offset_of, size_of},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-use std::collections::HashMap;
+use iptrace_common::uapi::{
+    IP6T_F_GOTO, IPT_F_GOTO, IPT_SO_GET_ENTRIES, IPT_SO_GET_INFO, XT_RETURN, ip6t_get_entries, ip6t_getinfo,
+    ipt_get_entries, ipt_getinfo,
+};
 
 use super::Verdict;
-use crate::decode::Family;
+use crate::{
+    decode::Family,
+    netfilter::layout::{Ipv4Entry, Ipv6Entry, MatchHeader, TargetHeader, View as _},
+};
 
-const SO_GET_INFO: libc::c_int = 64;
-const SO_GET_ENTRIES: libc::c_int = 65;
-/// `struct ipt_getinfo` / `ip6t_getinfo`: name[32], valid_hooks, hook_entry[5], underflow[5],
-/// num_entries, size.
-const GETINFO_LEN: usize = 84;
-const GETINFO_SIZE_OFFSET: usize = 80;
-/// `struct ipt_get_entries`: name[32], size, then 8-byte aligned entries.
-const GET_ENTRIES_HEADER: usize = 40;
-
-/// Offsets in `struct ipt_getinfo`: valid_hooks, hook_entry[5], underflow[5].
-const GETINFO_VALID_HOOKS: usize = 32;
-const GETINFO_HOOK_ENTRY: usize = 36;
-const GETINFO_UNDERFLOW: usize = 56;
+/// `struct ipt_getinfo`: name[32], valid_hooks, hook_entry[5], underflow[5], num_entries, size.
+const GETINFO_LEN: usize = size_of::<ipt_getinfo>();
+const GETINFO_VALID_HOOKS: usize = offset_of!(ipt_getinfo, valid_hooks);
+const GETINFO_HOOK_ENTRY: usize = offset_of!(ipt_getinfo, hook_entry);
+const GETINFO_UNDERFLOW: usize = offset_of!(ipt_getinfo, underflow);
+const GETINFO_SIZE: usize = offset_of!(ipt_getinfo, size);
+/// `struct ipt_get_entries`: name[32], size, then the 8-byte aligned entries.
+const GET_ENTRIES_HEADER: usize = size_of::<ipt_get_entries>();
+const GET_ENTRIES_SIZE: usize = offset_of!(ipt_get_entries, size);
+/// The table name both requests start with (`XT_TABLE_MAXNAMELEN`).
+const TABLE_NAME_LEN: usize = GETINFO_VALID_HOOKS;
+// The IPv6 requests are the IPv4 ones under other names (and the same option numbers).
+const _: () = assert!(size_of::<ip6t_getinfo>() == GETINFO_LEN && offset_of!(ip6t_getinfo, size) == GETINFO_SIZE);
+const _: () = assert!(size_of::<ip6t_get_entries>() == GET_ENTRIES_HEADER);
+const _: () = assert!(offset_of!(ipt_get_entries, size) == TABLE_NAME_LEN);
 /// Built-in chains by hook (`enum nf_inet_hooks`).
 const HOOK_CHAINS: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
-/// `struct xt_entry_match` / `xt_entry_target`: size (u16), name[29], revision, then the data.
-const EXTENSION_HEADER: usize = 32;
-const EXTENSION_NAME: std::ops::Range<usize> = 2..31;
-/// `XT_RETURN`: `-NF_REPEAT - 1`.
-const XT_RETURN: i32 = -5;
 
-/// Offsets inside `struct ipt_entry` / `ip6t_entry` (checked against the uapi headers).
-struct EntryLayout {
-    /// `ip.flags`, and its goto flag (`IPT_F_GOTO` 0x02, `IP6T_F_GOTO` 0x04).
-    flags: usize,
-    goto: u8,
+/// What iptrace reads of an `ipt_entry` / `ip6t_entry`, through the family's layout.
+#[derive(Clone, Copy)]
+struct EntryHead {
+    /// `IPT_F_GOTO` / `IP6T_F_GOTO`: the target is a `-g` to a chain.
+    goto: bool,
     target_offset: usize,
     next_offset: usize,
-    counters: usize,
-    /// The first match (`elems`).
+    /// Where the first match starts (`elems`): the entry struct's size.
     matches: usize,
 }
 
-fn layout(family: Family) -> EntryLayout {
-    match family {
-        Family::Ipv4 => {
-            EntryLayout { flags: 82, goto: 0x02, target_offset: 88, next_offset: 90, counters: 96, matches: 112 }
-        }
-        Family::Ipv6 => {
-            EntryLayout { flags: 131, goto: 0x04, target_offset: 140, next_offset: 142, counters: 152, matches: 168 }
+impl EntryHead {
+    /// The head of the entry `bytes` start with; `None` when they are shorter than one.
+    fn read(family: Family, bytes: &[u8]) -> Option<Self> {
+        let flag = |flags: u8, goto: u32| u32::from(flags) & goto != 0;
+        match family {
+            Family::Ipv4 => Ipv4Entry::split(bytes).map(|(entry, _)| Self {
+                goto: flag(entry.flags(), IPT_F_GOTO),
+                target_offset: usize::from(entry.target_offset()),
+                next_offset: usize::from(entry.next_offset()),
+                matches: Ipv4Entry::LEN,
+            }),
+            Family::Ipv6 => Ipv6Entry::split(bytes).map(|(entry, _)| Self {
+                goto: flag(entry.flags(), IP6T_F_GOTO),
+                target_offset: usize::from(entry.target_offset()),
+                next_offset: usize::from(entry.next_offset()),
+                matches: Ipv6Entry::LEN,
+            }),
         }
     }
 }
@@ -85,53 +99,58 @@ pub struct BlobRule {
 struct Entry<'a> {
     offset: usize,
     bytes: &'a [u8],
-    layout: &'a EntryLayout,
+    head: EntryHead,
 }
 
 impl<'a> Entry<'a> {
-    fn u16_at(&self, at: usize) -> usize {
-        self.bytes.get(at..at + 2).map_or(0, |b| usize::from(u16::from_ne_bytes([b[0], b[1]])))
-    }
-
-    fn next_offset(&self) -> usize {
-        self.u16_at(self.layout.next_offset)
-    }
-
     /// (name, data) of each match.
-    fn matches(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+    fn matches(&self) -> impl Iterator<Item = (ExtensionName, &'a [u8])> {
         let bytes = self.bytes;
-        let end = self.u16_at(self.layout.target_offset);
-        let mut at = self.layout.matches;
+        let end = self.head.target_offset;
+        let mut at = self.head.matches;
         std::iter::from_fn(move || {
             if at >= end {
                 return None;
             }
-            let size = usize::from(u16::from_ne_bytes(bytes.get(at..at + 2)?.try_into().ok()?));
-            let m = bytes.get(at..at + size).filter(|_| size >= EXTENSION_HEADER)?;
+            let (header, _) = MatchHeader::split(bytes.get(at..)?)?;
+            let size = usize::from(header.size());
+            let data = bytes.get(at + MatchHeader::LEN..at + size)?;
             at += size;
-            Some((c_str(&m[EXTENSION_NAME]), &m[EXTENSION_HEADER..]))
+            Some((ExtensionName(header.name()), data))
         })
     }
 
-    fn target(&self) -> (&'a [u8], &'a [u8]) {
-        let at = self.u16_at(self.layout.target_offset);
-        let size = self.u16_at(at);
-        match self.bytes.get(at..at + size).filter(|_| size >= EXTENSION_HEADER) {
-            Some(t) => (c_str(&t[EXTENSION_NAME]), &t[EXTENSION_HEADER..]),
-            None => (b"", b""),
+    fn target(&self) -> (ExtensionName, &'a [u8]) {
+        let at = self.head.target_offset;
+        let Some((header, _)) = self.bytes.get(at..).and_then(TargetHeader::split) else {
+            return (ExtensionName::default(), b"");
+        };
+        match self.bytes.get(at + TargetHeader::LEN..at + usize::from(header.size())) {
+            Some(data) => (ExtensionName(header.name()), data),
+            None => (ExtensionName::default(), b""),
         }
     }
 
     /// The chain name an `ERROR` target carries: a user chain's head, or the table's end.
     fn error_name(&self) -> Option<String> {
         let (name, data) = self.target();
-        (name == b"ERROR").then(|| String::from_utf8_lossy(c_str(data)).into_owned())
+        (name.as_bytes() == b"ERROR").then(|| String::from_utf8_lossy(c_str(data)).into_owned())
     }
 
     /// A standard target's verdict.
     fn standard_verdict(&self) -> Option<i32> {
         let (name, data) = self.target();
-        (name.is_empty()).then(|| data.get(..4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]])))?
+        name.as_bytes().is_empty().then(|| data.first_chunk().map(|b| i32::from_ne_bytes(*b)))?
+    }
+}
+
+/// A match's or target's `u.user.name`.
+#[derive(Clone, Copy, Default)]
+struct ExtensionName([u8; 29]);
+
+impl ExtensionName {
+    fn as_bytes(&self) -> &[u8] {
+        c_str(&self.0)
     }
 }
 
@@ -165,7 +184,7 @@ impl TableProbe {
     pub fn info(&self, table: &str) -> io::Result<TableInfo> {
         let mut info = [0u8; GETINFO_LEN];
         write_name(&mut info, table)?;
-        self.get(SO_GET_INFO, &mut info)?;
+        self.get(IPT_SO_GET_INFO, &mut info)?;
         Ok(TableInfo(info))
     }
 
@@ -173,19 +192,18 @@ impl TableProbe {
     /// reads exactly when the rules are.
     pub fn state(&self, table: &str) -> io::Result<TableState> {
         let info = self.info(table)?;
-        let size =
-            u32::from_ne_bytes(info.0[GETINFO_SIZE_OFFSET..GETINFO_SIZE_OFFSET + 4].try_into().unwrap_or_default())
-                as usize;
+        let size = info.word(GETINFO_SIZE);
         let mut blob = vec![0u8; GET_ENTRIES_HEADER + size];
         write_name(&mut blob, table)?;
-        blob[32..36].copy_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_ne_bytes());
+        blob[GET_ENTRIES_SIZE..GET_ENTRIES_SIZE + 4]
+            .copy_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_ne_bytes());
         // EAGAIN if the table changed size since `info`: the caller reads again on its next check.
-        self.get(SO_GET_ENTRIES, &mut blob)?;
-        zero_counters(&mut blob[GET_ENTRIES_HEADER..], &layout(self.family));
+        self.get(IPT_SO_GET_ENTRIES, &mut blob)?;
+        zero_counters(&mut blob[GET_ENTRIES_HEADER..], self.family);
         Ok(TableState { info: Some(info), blob })
     }
 
-    fn get(&self, option: libc::c_int, buf: &mut [u8]) -> io::Result<()> {
+    fn get(&self, option: u32, buf: &mut [u8]) -> io::Result<()> {
         let level = match self.family {
             Family::Ipv4 => libc::IPPROTO_IP,
             Family::Ipv6 => libc::IPPROTO_IPV6,
@@ -193,7 +211,13 @@ impl TableProbe {
         let mut len = libc::socklen_t::try_from(buf.len()).unwrap_or(libc::socklen_t::MAX);
         // SAFETY: buf is valid for len bytes; the kernel writes at most len.
         let rc = unsafe {
-            libc::getsockopt(self.socket.as_raw_fd(), level, option, buf.as_mut_ptr().cast::<c_void>(), &mut len)
+            libc::getsockopt(
+                self.socket.as_raw_fd(),
+                level,
+                option as libc::c_int,
+                buf.as_mut_ptr().cast::<c_void>(),
+                &mut len,
+            )
         };
         if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
     }
@@ -201,7 +225,7 @@ impl TableProbe {
 
 fn write_name(buf: &mut [u8], table: &str) -> io::Result<()> {
     let name = table.as_bytes();
-    if name.len() >= 32 {
+    if name.len() >= TABLE_NAME_LEN {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "table name too long"));
     }
     buf[..name.len()].copy_from_slice(name);
@@ -213,6 +237,13 @@ fn write_name(buf: &mut [u8], table: &str) -> io::Result<()> {
 /// rule of the same size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableInfo([u8; GETINFO_LEN]);
+
+impl TableInfo {
+    /// The `unsigned int` at `at`.
+    fn word(&self, at: usize) -> usize {
+        self.0[at..].first_chunk().map_or(0, |b| u32::from_ne_bytes(*b) as usize)
+    }
+}
 
 /// What [`TableProbe::state`] read: the info and the `struct ipt_get_entries` (name, size,
 /// entries) with the entries' counters zeroed. Empty for a table known only from saved text.
@@ -237,20 +268,19 @@ impl TableState {
     /// entry, a user chain from the entry after its `ERROR` head to its closing RETURN.
     pub fn chains(&self, family: Family) -> Vec<BlobChain> {
         let Some(info) = self.info else { return Vec::new() };
-        let layout = layout(family);
-        let word = |at: usize| u32::from_ne_bytes(info.0[at..at + 4].try_into().unwrap_or_default()) as usize;
-        let valid = word(GETINFO_VALID_HOOKS);
-        let hooks = |base: usize| (0..5).filter(move |h| valid & (1 << h) != 0).map(move |h| (h, word(base + 4 * h)));
+        let valid = info.word(GETINFO_VALID_HOOKS);
+        let hooks =
+            |base: usize| (0..5).filter(move |h| valid & (1 << h) != 0).map(move |h| (h, info.word(base + 4 * h)));
         let blob = self.blob.get(GET_ENTRIES_HEADER..).unwrap_or_default();
         let mut entries = Vec::new();
         let mut offset = 0;
         while let Some(bytes) = blob.get(offset..) {
-            let entry = Entry { offset, bytes, layout: &layout };
-            let next = entry.next_offset();
+            let Some(head) = EntryHead::read(family, bytes) else { break };
+            let next = head.next_offset;
             if next == 0 || bytes.len() < next {
                 break;
             }
-            entries.push(Entry { bytes: &bytes[..next], ..entry });
+            entries.push(Entry { offset, bytes: &bytes[..next], head });
             offset += next;
         }
         // Jumps name the offset of the entry after the chain's head.
@@ -291,22 +321,21 @@ impl TableState {
 fn rule(entry: &Entry<'_>, heads: &HashMap<usize, String>) -> BlobRule {
     let comment = entry
         .matches()
-        .find(|(name, _)| *name == b"comment")
+        .find(|(name, _)| name.as_bytes() == b"comment")
         .map(|(_, data)| String::from_utf8_lossy(c_str(data)).into_owned());
-    let goto = entry.bytes.get(entry.layout.flags).is_some_and(|f| f & entry.layout.goto != 0);
     let (target, verdict) = match entry.standard_verdict() {
         Some(-1) => ("DROP".to_owned(), Verdict::Drop),
         Some(-2) => ("ACCEPT".to_owned(), Verdict::Accept),
         Some(-4) => ("QUEUE".to_owned(), Verdict::Queue),
         Some(XT_RETURN) => ("RETURN".to_owned(), Verdict::Return),
         Some(to) => match usize::try_from(to).ok().and_then(|to| heads.get(&to)) {
-            Some(chain) if goto => (chain.clone(), Verdict::Goto(chain.clone())),
+            Some(chain) if entry.head.goto => (chain.clone(), Verdict::Goto(chain.clone())),
             Some(chain) => (chain.clone(), Verdict::Jump(chain.clone())),
             // The next entry: no target.
             None => (String::new(), Verdict::Continue),
         },
         None => {
-            let name = String::from_utf8_lossy(entry.target().0).into_owned();
+            let name = String::from_utf8_lossy(entry.target().0.as_bytes()).into_owned();
             let verdict = Verdict::of_target(&name);
             (name, verdict)
         }
@@ -314,19 +343,23 @@ fn rule(entry: &Entry<'_>, heads: &HashMap<usize, String>) -> BlobRule {
     BlobRule { target, verdict, comment }
 }
 
-fn zero_counters(entries: &mut [u8], layout: &EntryLayout) {
+fn zero_counters(entries: &mut [u8], family: Family) {
     let mut offset = 0;
-    while let Some(next) = entries
-        .get(offset + layout.next_offset..offset + layout.next_offset + 2)
-        .map(|b| usize::from(u16::from_ne_bytes([b[0], b[1]])))
-    {
-        if let Some(counters) = entries.get_mut(offset + layout.counters..offset + layout.counters + 16) {
-            counters.fill(0);
+    while let Some(bytes) = entries.get_mut(offset..) {
+        let next = match family {
+            Family::Ipv4 => Ipv4Entry::split_mut(bytes).map(|(mut entry, _)| {
+                entry.set_packets(0).set_bytes(0);
+                entry.next_offset()
+            }),
+            Family::Ipv6 => Ipv6Entry::split_mut(bytes).map(|(mut entry, _)| {
+                entry.set_packets(0).set_bytes(0);
+                entry.next_offset()
+            }),
+        };
+        match next {
+            Some(0) | None => break,
+            Some(next) => offset += usize::from(next),
         }
-        if next == 0 {
-            break;
-        }
-        offset += next;
     }
 }
 
@@ -382,21 +415,22 @@ mod tests {
 
     #[test]
     fn counters_do_not_change_the_blob_but_rules_do() {
-        let l = layout(Family::Ipv4);
-        // Two 112-byte entries with next_offset 112.
-        let mut blob = vec![0u8; 224];
+        // Two 112-byte entries with next_offset 112, the second counted.
+        let mut entry = Ipv4Entry::default();
+        entry.set_next_offset(112);
+        let mut blob = [entry.into_bytes(), entry.into_bytes()].concat();
         for e in [0, 112] {
-            blob[e + l.next_offset..e + l.next_offset + 2].copy_from_slice(&112u16.to_ne_bytes());
             blob[e] = 10;
         }
         let zeroed = |mut blob: Vec<u8>| {
-            zero_counters(&mut blob, &l);
+            zero_counters(&mut blob, Family::Ipv4);
             TableState { info: None, blob }
         };
         let base = zeroed(blob.clone());
         let mut counted = blob.clone();
-        counted[112 + l.counters] = 99;
-        counted[l.counters + 15] = 7;
+        entry.set_packets(99).set_bytes(7 << 56);
+        counted[112..].copy_from_slice(&entry.into_bytes());
+        counted[112] = 10;
         assert_eq!(zeroed(counted), base);
         let mut changed = blob;
         changed[112] = 11;

@@ -1,54 +1,56 @@
 //! One trace run, by job: [`preflight`] (nothing changed yet: the selection compiled, privileges,
-//! kernel features, interfaces), [`plan`] (what to install and how to select), [`session`]
-//! (signals, instrumentation, the threads, teardown on every way out: normal end, `--count`,
-//! `--duration`, a signal (see [`session::STOP_SIGNALS`]), panic), [`reader`] (the reader
-//! thread), the processing thread below, and the [`Stats`] `--stats` prints.
+//! kernel features, interfaces), [`plan`] (what to install and how to select), [`session`] (the
+//! run from start to teardown on every way out: normal end, `--count`, `--duration`, a signal
+//! ([`signals`]), panic ([`active`])), a [`lane`] per traced namespace (its instrumentation and
+//! threads), [`reader`] (the reader thread), the processing thread below and where it writes
+//! ([`output`]; with several namespaces, [`join`] joins their passes first), and the [`Stats`]
+//! `--stats` prints.
 
+mod active;
+mod join;
+mod lane;
+mod output;
 mod plan;
 mod preflight;
 mod reader;
 mod replay;
 mod session;
+mod signals;
 mod stats;
 
 use std::{
-    fs,
-    io::{self, Write},
-    ops::ControlFlow,
+    io,
     path::PathBuf,
     sync::{
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicU32, Ordering},
         mpsc,
     },
     time::{Duration, Instant, SystemTime},
 };
 
+pub use active::teardown_active;
+pub use output::Destination;
+use output::RunSink;
 pub use preflight::check_privileges;
 use reader::{Delivery, ReadProgress};
 pub use replay::replay;
-pub use session::{Observer, teardown_active, trace, trace_observed};
+pub use session::{Observer, trace, trace_observed};
 pub use stats::Stats;
 
 use crate::{
     backend::{BackendChoice, BackendError},
     bpf::BpfError,
     capture::CaptureError,
-    correlate::netns::NetnsJoiner,
     decode::{Decoder, Family},
     drops::DropTracer,
     filter::{FilterError, Selection},
     heal::HealError,
     instrument::{InstrumentError, Limit, TraceChain},
-    model::{Fate, PacketReport},
     netns::{NetnsError, Targets},
-    pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError, ReportSink},
+    pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError},
     recording::{Recorder, RecordingError, RecordingNames},
-    render::{
-        self, Format, TextRenderer, TextStyle,
-        pcapng::{PcapngTarget, PcapngWriter},
-    },
+    render::{Format, TextStyle, pcapng::PcapngTarget},
     resolve::{CHECK_INTERVAL, ResolveError, Resolver},
-    summary::Summary,
     xtables::XtablesError,
 };
 
@@ -165,45 +167,6 @@ pub struct Options {
     pub record: Option<PathBuf>,
 }
 
-/// Where and how the processing thread (or a replay) writes.
-pub struct Destination {
-    out: Box<dyn Write + Send>,
-    format: Format,
-    /// The traced namespace's label (`--netns` as given), for the JSON records.
-    netns: Option<String>,
-    style: TextStyle,
-    /// With `--summary`: set (by SIGUSR1) when the summary so far is wanted.
-    summary: Option<std::sync::Arc<AtomicBool>>,
-    /// `-w`: the packets as pcap-ng.
-    pcapng: Option<PcapngOutput>,
-    /// An in-process caller's copy of each report shown ([`Observer`]).
-    reports: Option<mpsc::Sender<PacketReport>>,
-}
-
-/// `-w`'s writer, buffered.
-type PcapngOutput = PcapngWriter<io::BufWriter<Box<dyn Write + Send>>>;
-
-/// Where `-w` writes, created now (its section header written), and what is left for the text or
-/// JSON: `out`, or nothing where `-w -` took it.
-fn open_pcapng(
-    target: Option<&PcapngTarget>,
-    out: Box<dyn Write + Send>,
-) -> Result<(Box<dyn Write + Send>, Option<PcapngOutput>), RunError> {
-    let (out, pcapng): (Box<dyn Write + Send>, Option<Box<dyn Write + Send>>) = match target {
-        None => (out, None),
-        Some(PcapngTarget::Stdout) => (Box::new(io::sink()), Some(out)),
-        Some(PcapngTarget::File(path)) => {
-            let file = fs::File::create(path).map_err(|e| RunError::OutputFile(path.clone(), e))?;
-            (out, Some(Box::new(file)))
-        }
-    };
-    let pcapng = pcapng
-        .map(|w| PcapngWriter::new(io::BufWriter::with_capacity(1 << 16, w)))
-        .transpose()
-        .map_err(RunError::Output)?;
-    Ok((out, pcapng))
-}
-
 /// Drives the [`Pipeline`] until the reader stops or `sink` wants no more, dating reports by
 /// `clock` (this read time is this wall-clock time).
 #[allow(clippy::too_many_arguments)]
@@ -294,92 +257,6 @@ fn process(
     output.finish()
 }
 
-/// Where the processing thread hands its reports: the output (one namespace traced), or the
-/// joining of several namespaces' passes ([`LaneSink`]).
-trait RunSink: ReportSink {
-    /// While the processing thread waits: what is pending on stderr, the summary asked for, the
-    /// output flushed.
-    fn idle(&mut self, now: Instant) -> io::Result<()>;
-    /// The end of the output.
-    fn finish(&mut self) -> Result<(), RunError>;
-}
-
-/// With several namespaces traced: a namespace's processing thread hands its reports, each
-/// step labelled with the namespace, to the thread that joins the passes ([`join_lanes`]).
-struct LaneSink {
-    lane: usize,
-    label: std::sync::Arc<str>,
-    to: mpsc::Sender<LaneOutput>,
-}
-
-/// What a namespace's processing thread hands over.
-enum LaneOutput {
-    /// Boxed: a report is large, and most messages are one.
-    Report(usize, Box<PacketReport>),
-    Lost(u64),
-}
-
-impl ReportSink for LaneSink {
-    fn report(&mut self, mut report: PacketReport) -> io::Result<ControlFlow<()>> {
-        for step in &mut report.steps {
-            step.netns = Some(self.label.clone());
-        }
-        // The joining thread ended: the count is reached.
-        Ok(match self.to.send(LaneOutput::Report(self.lane, Box::new(report))) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
-        })
-    }
-
-    fn lost(&mut self, messages: u64) {
-        let _ = self.to.send(LaneOutput::Lost(messages));
-    }
-}
-
-impl RunSink for LaneSink {
-    fn idle(&mut self, _: Instant) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn finish(&mut self) -> Result<(), RunError> {
-        Ok(())
-    }
-}
-
-/// With several namespaces traced: joins the passes the namespaces' processing threads hand
-/// over into one report per packet ([`NetnsJoiner`]) and writes them, until every processing
-/// thread ended or `output` wants no more.
-fn join_lanes(rx: mpsc::Receiver<LaneOutput>, output: &mut Output, hold: Duration) -> Result<(), RunError> {
-    let mut joiner = NetnsJoiner::new(hold);
-    let write = |output: &mut Output, reports: Vec<PacketReport>| -> Result<bool, RunError> {
-        for report in reports {
-            if output.report(report).map_err(RunError::Output)?.is_break() {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    };
-    loop {
-        let received = rx.recv_timeout(Duration::from_millis(10));
-        let now = Instant::now();
-        match received {
-            Ok(LaneOutput::Report(lane, report)) => joiner.add(lane, *report, now),
-            Ok(LaneOutput::Lost(n)) => output.lost(n),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-        if write(output, joiner.due(now))? {
-            return output.finish();
-        }
-        match output.idle(now) {
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
-            other => other.map_err(RunError::Output)?,
-        }
-    }
-    write(output, joiner.flush_all())?;
-    output.finish()
-}
-
 /// Writes a record of the next pipeline call with `--record`.
 fn record(recorder: Option<&Recorder>, write: impl FnOnce(&Recorder) -> io::Result<()>) -> Result<(), RunError> {
     recorder.map_or(Ok(()), write).map_err(|e| RecordingError::Write(e).into())
@@ -392,153 +269,4 @@ impl From<PipelineError> for RunError {
             PipelineError::Output(e) => RunError::Output(e),
         }
     }
-}
-
-/// The processing thread's output: each report in the chosen format (and as pcap-ng with `-w`),
-/// counted.
-struct Output<'a> {
-    out: io::BufWriter<Box<dyn Write + Send>>,
-    pcapng: Option<PcapngOutput>,
-    format: Format,
-    /// `--netns` as given, for the JSON records.
-    netns: Option<String>,
-    renderer: TextRenderer,
-    /// `--summary`'s counts.
-    summary: Option<Summary>,
-    /// With `--summary`: set (by SIGUSR1) when the summary so far is wanted.
-    summary_wanted: Option<std::sync::Arc<AtomicBool>>,
-    stats: &'a Stats,
-    shown: u64,
-    count: Option<u64>,
-    loss_report: LossReport,
-    reports: Option<mpsc::Sender<PacketReport>>,
-}
-
-impl ReportSink for Output<'_> {
-    fn report(&mut self, report: PacketReport) -> io::Result<ControlFlow<()>> {
-        match self.format {
-            Format::Text => self.renderer.render(&report, &mut self.out)?,
-            // Flushed with the batch ([`RunSink::idle`]), within a millisecond or so: a flush
-            // (a write) per line cost more than its rendering when tracing everything.
-            Format::Json => render::json::write_packet(&report, self.netns.as_deref(), &mut self.out)?,
-        }
-        if let Some(pcapng) = &mut self.pcapng {
-            pcapng.write(&report)?;
-        }
-        if let Some(summary) = &mut self.summary {
-            summary.add(&report);
-        }
-        if let Some(reports) = &self.reports {
-            // A caller that stopped listening wants no more.
-            let _ = reports.send(report.clone());
-        }
-        if report.fate == Fate::Incomplete {
-            self.stats.incomplete.fetch_add(1, Ordering::Relaxed);
-        }
-        self.shown += 1;
-        self.stats.packets_shown.fetch_add(1, Ordering::Relaxed);
-        let done = self.count.is_some_and(|c| self.shown >= c);
-        Ok(if done { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
-    }
-
-    fn lost(&mut self, messages: u64) {
-        if self.format == Format::Json {
-            // Where in the stream it happened; written as the next report's write would be.
-            let _ = render::json::write_lost(messages, &mut self.out).and_then(|()| self.out.flush());
-        }
-        self.loss_report.add(messages, Instant::now());
-    }
-}
-
-impl<'a> Output<'a> {
-    fn new(destination: Destination, stats: &'a Stats, count: Option<u64>) -> Self {
-        Self {
-            out: io::BufWriter::with_capacity(1 << 16, destination.out),
-            pcapng: destination.pcapng,
-            format: destination.format,
-            netns: destination.netns,
-            renderer: TextRenderer::new(destination.style),
-            summary: destination.summary.as_ref().map(|_| Summary::default()),
-            summary_wanted: destination.summary,
-            stats,
-            shown: 0,
-            count,
-            loss_report: LossReport::default(),
-            reports: destination.reports,
-        }
-    }
-
-    /// Flushes the text or JSON and the pcap-ng, also when one fails.
-    fn flush(&mut self) -> io::Result<()> {
-        let out = self.out.flush();
-        let pcapng = self.pcapng.as_mut().map_or(Ok(()), PcapngWriter::flush);
-        out.and(pcapng)
-    }
-
-    /// The `--summary` table, if asked for.
-    fn write_summary(&mut self) -> io::Result<()> {
-        match &self.summary {
-            Some(summary) => summary.write(&mut self.out),
-            None => Ok(()),
-        }
-    }
-}
-
-impl RunSink for Output<'_> {
-    fn idle(&mut self, now: Instant) -> io::Result<()> {
-        self.loss_report.print_pending(now);
-        if self.summary_wanted.as_ref().is_some_and(|w| w.swap(false, Ordering::Relaxed)) {
-            self.write_summary()?;
-        }
-        self.flush()
-    }
-
-    /// Writes the summary and flushes: the end of the output.
-    fn finish(&mut self) -> Result<(), RunError> {
-        match self.write_summary().and_then(|()| self.flush()) {
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-            other => other.map_err(RunError::Output),
-        }
-    }
-}
-
-/// Says on stderr that trace events were lost: at once, then at most once a second.
-#[derive(Debug, Default)]
-struct LossReport {
-    pending: u64,
-    last: Option<Instant>,
-}
-
-impl LossReport {
-    const INTERVAL: Duration = Duration::from_secs(1);
-
-    fn add(&mut self, lost: u64, now: Instant) {
-        self.pending += lost;
-        self.print_pending(now);
-    }
-
-    fn print_pending(&mut self, now: Instant) {
-        if self.pending == 0 || self.last.is_some_and(|last| now.duration_since(last) < Self::INTERVAL) {
-            return;
-        }
-        crate::note!(
-            "iptrace: {} trace events lost (receive buffer full); blocks around them may be incomplete",
-            with_thousands(self.pending)
-        );
-        self.pending = 0;
-        self.last = Some(now);
-    }
-}
-
-/// `104233` as `104,233`.
-fn with_thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut text = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            text.push(',');
-        }
-        text.push(digit);
-    }
-    text
 }

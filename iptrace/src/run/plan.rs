@@ -11,7 +11,7 @@ use std::{
     thread,
 };
 
-use super::{Options, RunError, session::ACTIVE};
+use super::{Options, RunError, active::ACTIVE};
 use crate::{
     backend::Backends,
     bpf::{self, BpfError, TraceSocketFilter},

@@ -3,7 +3,10 @@
 
 use std::{io::Write, path::Path};
 
-use super::{Destination, Options, Output, RunError, RunSink as _, Stats};
+use super::{
+    Destination, Options, RunError, Stats,
+    output::{Output, RunSink as _},
+};
 use crate::recording::Recording;
 
 /// Shows the recording at `path` on `out` as the run showed it, in the output format `options`

@@ -2,20 +2,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
 use crate::{
-    decode::{Table, packet::tests::udp_v4},
-    model::{
-        Decision, Position, Verdict,
-        tests::{Names, marked, rule, step},
-    },
+    decode::Table,
+    model::{Decision, Position, Verdict},
+    testing::{marked, report_at, rule, step, udp_v4_to},
 };
 
 const HOLD: Duration = Duration::from_millis(200);
 
 /// `udp_v4`'s packet from 10.5.1.7:40000 to `dst`, with `ttl`.
 fn packet(dst: [u8; 4], ttl: u8) -> Vec<u8> {
-    let mut p = udp_v4([10, 5, 1, 7], 40000, ttl);
-    p[16..20].copy_from_slice(&dst);
-    p
+    udp_v4_to([10, 5, 1, 7], 40000, dst, 53, 0x1234, ttl)
 }
 
 /// The host's pass: DNAT to 172.17.0.2 in nat PREROUTING, forwarded, out at POSTROUTING.
@@ -34,14 +30,14 @@ fn host_pass(at: SystemTime) -> PacketReport {
         step(Hook::Forward, Table::Filter, "FORWARD", &after, 0, Position::Policy(Verdict::Accept)),
         step(Hook::PostRouting, Table::Nat, "POSTROUTING", &after, 0, Position::Policy(Verdict::Accept)),
     ];
-    PacketReport::new(steps, true, at, &mut Names).unwrap()
+    report_at(&steps, at)
 }
 
 /// The container's pass of the packet as the host forwarded it (`dst`, `ttl`): delivered at INPUT.
 fn container_pass(at: SystemTime, dst: [u8; 4], ttl: u8) -> PacketReport {
     let p = packet(dst, ttl);
     let steps = vec![marked(&p), step(Hook::LocalIn, Table::Filter, "INPUT", &p, 0, rule(1, "-p udp -j ACCEPT"))];
-    PacketReport::new(steps, true, at, &mut Names).unwrap()
+    report_at(&steps, at)
 }
 
 fn chains(reports: &[PacketReport]) -> Vec<Vec<&str>> {

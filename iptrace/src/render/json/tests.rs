@@ -4,29 +4,19 @@ use serde_json::{Value as Json, json};
 
 use super::*;
 use crate::{
-    decode::{NftFamily, NftVerdict, Origin, Table, packet::tests::udp_v4},
-    model::{
-        Hook, HookPoint,
-        tests::{Names, marked, rule, step},
-    },
+    decode::{NftFamily, NftVerdict, Origin, Table},
+    model::{Hook, HookPoint},
     resolve::Step,
+    testing::{Names, marked, nft_step, rule, step, udp_v4},
     xtables::tokenize,
 };
 
-/// `s` as a step of an nf_tables chain `table`/`chain` that reported `kernel`.
-fn nft(mut s: Step, table: &str, chain: &str, kernel: NftVerdict, engine: Engine) -> Step {
-    s.event.origin = Origin::Nft {
-        family: if engine == Engine::Nft { NftFamily::Inet } else { NftFamily::Ip },
-        table: table.into(),
-        chain: chain.into(),
-        handle: None,
-        trace_type: crate::decode::NftTraceType::Rule,
-        verdict: kernel,
-        trace_id: crate::decode::TraceId([1, 2, 3, 4]),
-        ct: None,
-    };
+/// `s` as a step of an nf_tables chain `table`/`chain` (`inet` for native nf_tables, `ip` for
+/// iptables-nft) that reported `kernel`, the mark unchanged.
+fn nft(s: Step, table: &str, chain: &str, kernel: NftVerdict, engine: Engine) -> Step {
+    let family = if engine == Engine::Nft { NftFamily::Inet } else { NftFamily::Ip };
+    let mut s = nft_step(s, family, table, chain, None, kernel, engine);
     s.event.mark_after = Some(s.event.mark);
-    s.engine = engine;
     s
 }
 

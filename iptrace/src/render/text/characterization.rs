@@ -3,40 +3,11 @@ use std::sync::Arc;
 
 use super::{tests::render_steps, *};
 use crate::{
-    decode::{NftTraceType, Origin, Table, packet::tests::udp_v4},
-    model::{
-        HookPoint,
-        tests::{marked, rule, step},
-    },
+    decode::{Origin, Table},
+    model::HookPoint,
     resolve::Step,
+    testing::{marked, nft_step as nft, rule, step, udp_v4},
 };
-
-fn nft(
-    mut s: Step,
-    family: NftFamily,
-    table: &str,
-    chain: &str,
-    handle: Option<u64>,
-    kernel: NftVerdict,
-    engine: Engine,
-) -> Step {
-    s.event.origin = Origin::Nft {
-        family,
-        table: table.into(),
-        chain: chain.into(),
-        handle,
-        trace_type: if handle.is_none() && matches!(s.position, Position::Policy(_)) {
-            NftTraceType::Policy
-        } else {
-            NftTraceType::Rule
-        },
-        verdict: kernel,
-        trace_id: crate::decode::TraceId([1, 2, 3, 4]),
-        ct: None,
-    };
-    s.engine = engine;
-    s
-}
 
 fn render(steps: &[Step]) -> String {
     render_steps(steps, true)

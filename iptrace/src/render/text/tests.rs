@@ -1,11 +1,9 @@
 use super::*;
 use crate::{
-    decode::{Origin, Table, packet::tests::udp_v4},
-    model::{
-        HookPoint,
-        tests::{Names, kernel_dropped, marked, rule, step},
-    },
+    decode::{Origin, Table},
+    model::HookPoint,
     resolve::Step,
+    testing::{Names, kernel_dropped, marked, rule, step, udp_v4},
 };
 
 /// The block of a packet with these resolved steps; `complete` false where events were lost.
@@ -272,7 +270,7 @@ fn a_kernel_drop_ends_the_block_once() {
                 steps.to_vec(),
                 true,
                 SystemTime::UNIX_EPOCH,
-                &kernel_dropped(&syn, reason),
+                &kernel_dropped(&syn, 1, reason),
                 &mut Names,
             ),
             Paint(false),
@@ -292,8 +290,13 @@ fn a_kernel_drop_ends_the_block_once() {
         "verdict: dropped: IP_RPFILTER (no table of the rule set saw it)"
     );
     let mut block = Vec::new();
-    let alone =
-        PacketReport::dropped(Vec::new(), true, SystemTime::UNIX_EPOCH, &kernel_dropped(&syn, "IP_INHDR"), &mut Names);
+    let alone = PacketReport::dropped(
+        Vec::new(),
+        true,
+        SystemTime::UNIX_EPOCH,
+        &kernel_dropped(&syn, 1, "IP_INHDR"),
+        &mut Names,
+    );
     render_packet(&alone, &mut block).unwrap();
     assert_eq!(
         String::from_utf8(block).unwrap(),
