@@ -168,7 +168,7 @@ fn recordings_that_cannot_be_replayed_are_one_line_and_exit_2() {
         (b"not a recording at all\n", "is not an iptrace recording"),
         (
             b"iptrace recording\nH\x1f\x00\x00\x00{\"format\":99,\"iptrace\":\"9.9.9\"}",
-            "was written by a newer iptrace (9.9.9, recording format 99); this one reads format 1",
+            "was written by a newer iptrace (9.9.9, recording format 99); this one reads format 2",
         ),
         (b"iptrace recording\nH\x05\x00\x00\x00[1,2]", "is corrupt at byte 18: unreadable header"),
     ];
