@@ -18,7 +18,7 @@ use crate::{
     decode::{DecodeCounts, Decoder, Family, TraceEvent},
     drops::DropEvent,
     model::{InterfaceNames, PacketReport},
-    resolve::{ResolveError, Resolver},
+    resolve::{ResolveError, Resolver, Step},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +101,8 @@ pub struct Pipeline<'a, N> {
     /// The packets shown last (family and NAT-invariant key): a drop read after its packet's
     /// block was shown (the processing fell behind) is not a packet of its own.
     shown: VecDeque<(Family, u64)>,
+    /// The kernel has lost trace events in this run.
+    events_lost: bool,
 }
 
 /// How many shown packets [`Pipeline`] remembers for late drops.
@@ -122,6 +124,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             drops_alone: false,
             drops: Vec::new(),
             shown: VecDeque::new(),
+            events_lost: false,
         }
     }
 
@@ -199,6 +202,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
                     // The rule-set changes announced in the gap are unknown too.
                     self.decoder.messages_lost();
                     self.correlator.events_lost();
+                    self.events_lost = true;
                     sink.lost(n);
                 }
             }
@@ -328,7 +332,11 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         // Sized up front: a step is large, and growing the vector step by step copied them.
         let mut steps = Vec::with_capacity(trace.events.len());
         steps.extend(trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)));
-        let complete = !trace.incomplete;
+        // Where the loss was placed is the reader's estimate from the queue's fill; a packet
+        // that ends on a step the kernel always follows with another lost its later events
+        // wherever the estimate put the gap.
+        let truncated = self.events_lost && steps.last().is_some_and(Step::goes_on);
+        let complete = !trace.incomplete && !truncated;
         let report = match drop {
             Some(drop) => Some(PacketReport::dropped(steps, complete, received, drop, &mut self.names)),
             None => PacketReport::new(steps, complete, received, &mut self.names),

@@ -13,7 +13,7 @@ use std::{
 use iptrace::{
     capture::recording,
     decode::{Decoder, Family, Hook, Origin, Table, TraceEvent, TraceKind},
-    model::{Decision, Fate, InterfaceNames, PacketReport, Verdict},
+    model::{Decision, Fate, InterfaceNames, PacketReport, Position, Verdict},
     pipeline::{Input, Pipeline},
     render::{
         json,
@@ -271,4 +271,45 @@ fn writes_the_recorded_packets_as_pcapng() {
          filter client-normal:filter #1 ACCEPT; mangle POSTROUTING policy ACCEPT; nat POSTROUTING #1 SNAT; \
          verdict: ACCEPT at filter client-normal:filter #1"
     );
+}
+
+/// A loss the reader placed too early (before the packets it cut), and the events after some
+/// rule that lets the traversal go on lost: that packet, which now ends on a step the kernel
+/// always follows with another, is incomplete rather than given a fate from part of its events.
+/// Without a loss the same datagrams give it a fate (what a run without loss accounting showed).
+#[test]
+fn a_packet_cut_by_a_loss_placed_early_is_incomplete() {
+    let reports = |inputs: Vec<Input<'_>>| {
+        let resolver = Resolver::from_saved(&[(Family::Ipv4, RULES), (Family::Ipv6, RULES6)]);
+        let mut pipeline = Pipeline::new(Decoder::new(), resolver, Duration::from_millis(10), names());
+        let mut reports = Vec::new();
+        assert!(pipeline.feed(inputs, &mut collect(&mut reports)).unwrap().is_continue());
+        assert!(pipeline.flush_all(&mut collect(&mut reports)).unwrap().is_continue());
+        reports
+    };
+    let read_at = Instant::now();
+    let fed = |datagrams: &[&'static [u8]]| -> Vec<Input<'static>> {
+        datagrams.iter().map(|&bytes| Input::Datagram { bytes, read_at }).collect()
+    };
+    let all: Vec<&[u8]> = datagrams().collect();
+    // The longest prefix whose last packet ends on a rule that jumps or has no target.
+    let goes_on = |r: &PacketReport| {
+        matches!(&r.steps.last().unwrap().position,
+            Position::Rule { rule, .. } if matches!(rule.verdict, Verdict::Jump(_)) || rule.target.is_empty())
+    };
+    let cut = (1..all.len())
+        .rev()
+        .find(|&k| reports(fed(&all[..k])).last().is_some_and(goes_on))
+        .expect("a packet of the recording cut after a rule that goes on");
+    let unaccounted = reports(fed(&all[..cut]));
+    assert!(matches!(unaccounted.last().unwrap().fate, Fate::Decided { .. } | Fate::LastSeen { .. }));
+    let lost_early = reports([Input::Lost(1)].into_iter().chain(fed(&all[..cut])).collect());
+    assert_eq!(lost_early.len(), unaccounted.len());
+    let (last, before) = lost_early.split_last().unwrap();
+    assert_eq!(last.fate, Fate::Incomplete, "{last:?}");
+    assert_eq!(last.steps, unaccounted.last().unwrap().steps);
+    // The packets before it keep their fates: each ends where the kernel ends a traversal.
+    for (a, b) in before.iter().zip(&unaccounted) {
+        assert_eq!(a.fate, b.fate);
+    }
 }

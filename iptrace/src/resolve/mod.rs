@@ -109,6 +109,55 @@ pub struct Step {
     pub hook: Option<HookPoint>,
 }
 
+/// Legacy targets that always let the traversal go on (`XT_CONTINUE`).
+const CONTINUING_TARGETS: &[&str] = &[
+    "MARK",
+    "CONNMARK",
+    "LOG",
+    "NFLOG",
+    "TRACE",
+    "CT",
+    "DSCP",
+    "TOS",
+    "TTL",
+    "HL",
+    "CLASSIFY",
+    "SET",
+    "TCPMSS",
+    "CHECKSUM",
+    "SECMARK",
+    "CONNSECMARK",
+    "TEE",
+    "AUDIT",
+    "IDLETIMER",
+];
+
+impl Step {
+    /// Whether the kernel traces another event after this one, whatever follows: a rule whose
+    /// traversal goes on (no target, a continuing target, an nf_tables `continue`), a jump, a
+    /// return. Every traversal of a table ends in a policy or a rule that ends it (design.md §4,
+    /// §5), so a packet whose last step goes on lost its later events. Unknown rules, iptrace's
+    /// own marking and extension targets that may end the traversal are not judged.
+    pub fn goes_on(&self) -> bool {
+        if let Origin::Nft { verdict, .. } = &self.event.origin {
+            return !matches!(self.position, Position::Marked | Position::Unknown { .. })
+                && matches!(
+                    verdict,
+                    NftVerdict::Continue | NftVerdict::Jump(_) | NftVerdict::Goto(_) | NftVerdict::Return
+                );
+        }
+        match &self.position {
+            Position::Rule { rule, .. } => match &rule.verdict {
+                Verdict::Jump(_) | Verdict::Goto(_) | Verdict::Return => true,
+                Verdict::Continue => rule.target.is_empty() || CONTINUING_TARGETS.contains(&rule.target.as_str()),
+                _ => false,
+            },
+            Position::ChainEnd => true,
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct ChainSnapshot {
     /// `Some` for built-in chains.
