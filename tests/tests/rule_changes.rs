@@ -108,7 +108,13 @@ fn nft_commit_bursts_never_show_another_generations_text() {
     assert_eq!(wrong, 0, "steps showing another version's text (see above)");
     // Between bursts the rule set stands still: most steps show their text.
     assert!(right > changed, "{right} right, {changed} marked");
-    assert!(fastest < Duration::from_millis(300), "bursts too slow to matter: {fastest:?}");
+    // The bursts raced the tracer's reading of the rule set: some steps met a generation it could
+    // not read (a fixed bound on the bursts' time failed on a slow machine whose bursts still
+    // raced it).
+    assert!(
+        changed > 0,
+        "no step met an unread generation: the bursts ({fastest:?} the fastest) did not race the tracer"
+    );
 }
 
 /// Packets (in the FORWARD chain's rule `number`) counted by the kernel: the oracle for which
