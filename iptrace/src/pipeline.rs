@@ -128,7 +128,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         }
     }
 
-    /// The wall-clock time at read time `at` (the `now` of [`Pipeline::feed`]): a report's time
+    /// The wall-clock time at read time `at` (an [`Input::Datagram`]'s `read_at`): a report's time
     /// is its first event's read time on this clock. A run sets it once, at its start (and a
     /// recording keeps that wall-clock time, so that a replay dates packets as the run did).
     pub fn set_clock(&mut self, at: Instant, wall: SystemTime) {

@@ -155,7 +155,7 @@ impl Recorder {
         f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// A batch fed at `now`.
+    /// A batch fed at `now`; each datagram is written with its own read time.
     pub fn batch<'d>(&self, inputs: impl IntoIterator<Item = Input<'d>>, now: Instant) -> io::Result<()> {
         self.with(|w| {
             for input in inputs {
