@@ -266,7 +266,7 @@ impl Write for SharedBuffer {
     }
 }
 
-/// The trace of one packet: its addresses selected, its family, stopped after its block. With
+/// The trace of one packet: its addresses selected (one way), its family, stopped after its block. With
 /// `flow`, its protocol is selected (NAT may change the reply's addresses; the scratch host has
 /// no other traffic of it) and the trace stops after the flow's blocks.
 fn trace_options(packet: &PacketSpec, style: &Style, flow: bool) -> Options {
@@ -277,8 +277,10 @@ fn trace_options(packet: &PacketSpec, style: &Style, flow: bool) -> Options {
             spec::TransportSpec::Icmp { .. } if packet.dst.is_ipv4() => "icmp".to_owned(),
             spec::TransportSpec::Icmp { .. } => "icmp6".to_owned(),
         },
-        (false, Some(src)) => format!("host {src} and host {}", packet.dst),
-        (false, None) => format!("host {}", packet.dst),
+        // One way only: the host's own answer (a TCP reset, an ICMP error) can finish its
+        // block first and would end the trace before the packet's.
+        (false, Some(src)) => format!("src host {src} and dst host {}", packet.dst),
+        (false, None) => format!("dst host {}", packet.dst),
     };
     let blocks = match (flow, packet.transport) {
         (false, _) => 1,
@@ -308,5 +310,30 @@ fn trace_options(packet: &PacketSpec, style: &Style, flow: bool) -> Options {
         drops: true,
         record: None,
         ebpf_log: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::CompiledFilter;
+    use craft::{TcpNumbers, ip_packet};
+
+    /// The selection takes the simulated packet and not the host's answer to it: a reset from a
+    /// port nobody listens on can end its block first, and the trace stops after one block.
+    #[test]
+    fn a_packet_is_selected_and_the_hosts_answer_is_not() {
+        let style = Style { format: Format::Text, text: TextStyle::default() };
+        for (packet, answer) in [
+            ("tcp 10.5.1.7:40004 > 10.5.1.1:22 syn in vif0", "tcp 10.5.1.1:22 > 10.5.1.7:40004 rst in lo"),
+            ("udp [fd00::7]:53 > [fd00::1]:53 in vif0", "udp [fd00::1]:53 > [fd00::7]:53 in lo"),
+        ] {
+            let packet = PacketSpec::parse(packet).unwrap();
+            let answer = PacketSpec::parse(answer).unwrap();
+            let options = trace_options(&packet, &style, false);
+            let filter = CompiledFilter::compile(options.selection.expression.as_deref().unwrap()).unwrap();
+            assert!(filter.matches(&ip_packet(&packet, packet.src.unwrap(), TcpNumbers::FIRST)), "{packet}");
+            assert!(!filter.matches(&ip_packet(&answer, answer.src.unwrap(), TcpNumbers::REPLY)), "{answer}");
+        }
     }
 }
