@@ -610,3 +610,97 @@ fn of_two_simultaneous_starts_exactly_one_runs() {
         assert_eq!(firewall_state(&lab, Role::Router), before, "pair {pair}");
     }
 }
+
+/// Runs `command` in the router's netns only, as the writer does: iptables resolves pinned
+/// paths in the caller's mount namespace, and bpffs is not mounted in that of `ip netns exec`.
+fn in_router_netns(lab: &Lab, command: &[&str]) -> std::process::Output {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.ns(Role::Router)))
+        .args(command)
+        .output()
+        .expect("running nsenter")
+}
+
+/// The pins of one run's prefilter.
+fn pins_of(pid: i32) -> Vec<PathBuf> {
+    let prefix = format!("prefilter-{pid}-");
+    fs::read_dir("/sys/fs/bpf/iptrace")
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().contains(&prefix)).collect())
+        .unwrap_or_default()
+}
+
+/// Someone removed the pinned prefilter that a run's rules name. The kernel then refuses every
+/// change to the raw table, the rules' own deletion included (design.md §7); iptrace pins a
+/// stand-in to delete them, at the end of the run and in `--cleanup` after a SIGKILL, and the
+/// table takes changes again.
+#[test]
+fn rules_whose_pin_was_removed_are_deleted_all_the_same() {
+    if !require_root("rules_whose_pin_was_removed_are_deleted_all_the_same") {
+        return;
+    }
+    let _shared = shared_namespaces();
+    let lab = lab("unpinned");
+    load_sample_rules(&lab).unwrap();
+    let router = lab.ns(Role::Router);
+    let pre_before = raw_chain(&lab, "PREROUTING");
+    let out_before = raw_chain(&lab, "OUTPUT");
+    // More than xt_bpf's 64 inline instructions: the rules name a pinned program.
+    let ports = (6000..6040).map(|p| format!("udp port {p}")).collect::<Vec<_>>().join(" or ");
+    let probe = [
+        "iptables-legacy",
+        "-w",
+        "-t",
+        "raw",
+        "-I",
+        "PREROUTING",
+        "-m",
+        "comment",
+        "--comment",
+        "probe",
+        "-j",
+        "ACCEPT",
+    ];
+    let unprobe = [
+        "iptables-legacy",
+        "-w",
+        "-t",
+        "raw",
+        "-D",
+        "PREROUTING",
+        "-m",
+        "comment",
+        "--comment",
+        "probe",
+        "-j",
+        "ACCEPT",
+    ];
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        let tracer = Tracer::start(&["--netns", &router, "--backend", "legacy", "-4", &ports]);
+        let pid = tracer.pid();
+        let pins = pins_of(pid);
+        assert_eq!(pins.len(), 1, "the run's pin");
+        fs::remove_file(&pins[0]).unwrap();
+        // The oracle that the pin matters: the kernel now refuses any change to the raw table.
+        assert!(!in_router_netns(&lab, &probe).status.success(), "raw changed although a rule's pin is gone");
+        let out = tracer.stop(signal);
+        if signal == libc::SIGTERM {
+            assert!(out.status.success(), "{out:?}");
+            assert!(!out.stderr.contains("cleanup"), "{}", out.stderr);
+        } else {
+            let (status, stdout, stderr) = run_iptrace(&["--cleanup", "--netns", &router]);
+            assert!(status.success(), "{stderr}");
+            assert!(
+                stdout.starts_with(
+                    "iptrace: removed 2 TRACE rule(s) in the iptables-legacy raw table left by a dead iptrace\n"
+                ),
+                "{stdout}"
+            );
+        }
+        assert_eq!(raw_chain(&lab, "PREROUTING"), pre_before, "after {signal}");
+        assert_eq!(raw_chain(&lab, "OUTPUT"), out_before, "after {signal}");
+        assert_eq!(pins_of(pid), Vec::<PathBuf>::new(), "the stand-in is gone after {signal}");
+        let probed = in_router_netns(&lab, &probe);
+        assert!(probed.status.success(), "raw takes changes again: {probed:?}");
+        assert!(in_router_netns(&lab, &unprobe).status.success());
+    }
+}

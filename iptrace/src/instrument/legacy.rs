@@ -5,13 +5,14 @@
 //! packet's fields, mark or fate. Inserted first, they see every packet before any other raw rule
 //! can end its raw traversal.
 
-use std::os::fd::RawFd;
+use std::{os::fd::RawFd, path::PathBuf};
 
 use super::{
     Damage, InstrumentError, Marking, MarkingWatch, Prefilter, TraceChain, TracePlan, WatchError, XtBpfProgram,
     family_name, owner::Owner,
 };
 use crate::{
+    bpf,
     decode::Family,
     filter::CbpfInsn,
     resolve::{TableInfo, TableProbe},
@@ -218,7 +219,12 @@ fn tagged_lines(saved: &str) -> Vec<TaggedRule> {
 /// A rule someone else removed meanwhile (a concurrent `--cleanup`) counts as deleted.
 fn delete_rules(family: Family, select: &dyn Fn(Owner) -> bool) -> Result<usize, InstrumentError> {
     let xt = Xtables::new(family);
-    let rules: Vec<TaggedRule> = tagged_rules(family)?.into_iter().filter(|r| select(r.owner)).collect();
+    let tagged = tagged_rules(family)?;
+    let rules: Vec<&TaggedRule> = tagged.iter().filter(|r| select(r.owner)).collect();
+    if rules.is_empty() {
+        return Ok(0);
+    }
+    let stand_ins = StandInPins::pin(&tagged)?;
     for rule in &rules {
         if let Err(source) = xt.run(&deletion_args(rule))
             && tagged_rules(family)?.contains(rule)
@@ -226,7 +232,49 @@ fn delete_rules(family: Family, select: &dyn Fn(Owner) -> bool) -> Result<usize,
             return Err(InstrumentError::DeleteRules { family, source });
         }
     }
+    stand_ins.unpin_unnamed(&tagged_rules(family)?);
     Ok(rules.len())
+}
+
+/// Programs pinned where iptrace rules of a raw table name a pin that is gone (removed by hand,
+/// or a bpffs mounted over it). The kernel resolves every pinned path of the table on each
+/// change (design.md §7): until those rules go, no change to the table can be made, their own
+/// deletion included. A stand-in selects nothing; only paths in iptrace's pin directory get one.
+struct StandInPins(Vec<PathBuf>);
+
+impl StandInPins {
+    /// `ret #0`: selects no packet.
+    const SELECT_NOTHING: [CbpfInsn; 1] = [CbpfInsn { code: 0x06, jt: 0, jf: 0, k: 0 }];
+
+    fn pin(rules: &[TaggedRule]) -> Result<Self, InstrumentError> {
+        let mut pinned = StandInPins(Vec::new());
+        for path in rules.iter().filter_map(|r| pinned_path(&r.line)) {
+            if !path.starts_with(bpf::PIN_DIR) || pinned.0.contains(&path) || path.exists() {
+                continue;
+            }
+            bpf::ensure_bpffs()
+                .and_then(|()| bpf::pin_xt_prefilter(&Self::SELECT_NOTHING, &path))
+                .map_err(|source| InstrumentError::StandInPin { path: path.clone(), source: Box::new(source) })?;
+            pinned.0.push(path);
+        }
+        Ok(pinned)
+    }
+
+    /// Removes the stand-ins no rule of `remaining` names any more (one a rule still names
+    /// keeps its table changeable).
+    fn unpin_unnamed(self, remaining: &[TaggedRule]) {
+        for path in self.0 {
+            if !remaining.iter().any(|r| pinned_path(&r.line).as_ref() == Some(&path)) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+/// The pinned program a saved rule names (`-m bpf --object-pinned PATH`).
+fn pinned_path(line: &str) -> Option<PathBuf> {
+    let tokens = xtables::tokenize(line);
+    tokens.windows(2).find(|w| w[0] == "--object-pinned").map(|w| PathBuf::from(&w[1]))
 }
 
 /// How `owner`'s TRACE rule of one chain was found out of place.

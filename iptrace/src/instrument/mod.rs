@@ -87,6 +87,12 @@ pub enum InstrumentError {
     },
     #[error("xt_bpf cannot carry {0}")]
     XtBpfInfo(String),
+    #[error("cannot pin a stand-in at {}, which an iptrace rule names but which is gone", path.display())]
+    StandInPin {
+        path: PathBuf,
+        #[source]
+        source: Box<crate::bpf::BpfError>,
+    },
 }
 
 /// `--limit`: at most `count` traced packets per `per`, with bursts of `burst`.

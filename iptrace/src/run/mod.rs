@@ -100,6 +100,10 @@ pub enum RunError {
     Recording(#[from] RecordingError),
     #[error("{0} cannot be used with several network namespaces: trace one namespace with it")]
     SeveralNamespaces(&'static str),
+    #[error(
+        "{0} part(s) of iptrace's instrumentation could not be removed (said above); `iptrace --cleanup` tries again"
+    )]
+    LeftBehind(usize),
 }
 
 impl RunError {

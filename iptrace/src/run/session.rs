@@ -76,10 +76,15 @@ pub fn trace_observed(
     }
     let outputs = (out, pcapng, record_file);
     let result = trace_namespaces(options, &namespaces, filter, outputs, &runtime, signals, observer);
-    for e in teardown_active() {
-        crate::note!("iptrace: cleanup: {}", crate::WithCauses(&e));
+    let left_behind = teardown_active();
+    for e in &left_behind {
+        crate::note!("iptrace: cleanup: {}", crate::WithCauses(e));
     }
-    result
+    // A run that traced as asked but left something behind did not end well.
+    match result {
+        Ok(_) if !left_behind.is_empty() => Err(RunError::LeftBehind(left_behind.len())),
+        result => result,
+    }
 }
 
 /// What several namespaces cannot be traced with.
