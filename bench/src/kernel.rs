@@ -37,6 +37,47 @@ pub enum KernelError {
     Listener(#[source] io::Error),
 }
 
+/// iptrace's eBPF programs, by the names the kernel lists them under: the drop-reason program
+/// on `skb:kfree_skb`, the trace socket's filter, and the pinned prefilter of long selections.
+pub const IPTRACE_PROGRAMS: [&str; 3] = ["drop_reasons", "trace_filter", "xt_prefilter"];
+
+/// Runs of one program and the time spent in them (`bpf_prog_info.run_cnt`, `run_time_ns`),
+/// which the kernel counts only while run-time statistics are enabled ([`RunTimeStatistics`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramRuns {
+    pub runs: u64,
+    pub ns: u64,
+}
+
+/// [`ProgramRuns`] of each of [`IPTRACE_PROGRAMS`], summed over the loaded programs of that name.
+pub fn iptrace_program_runs() -> [ProgramRuns; IPTRACE_PROGRAMS.len()] {
+    let mut runs = [ProgramRuns::default(); IPTRACE_PROGRAMS.len()];
+    for info in aya::programs::loaded_programs().flatten() {
+        let Some(i) = info.name_as_str().and_then(|name| IPTRACE_PROGRAMS.iter().position(|p| *p == name)) else {
+            continue;
+        };
+        runs[i].runs += info.run_count();
+        runs[i].ns += u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+    }
+    runs
+}
+
+/// The kernel counts every eBPF program's runs and run time while this is held
+/// (`BPF_ENABLE_STATS` with `BPF_STATS_RUN_TIME`, Linux 5.8; the count stops when the descriptor
+/// closes). Counting adds two clock reads to each run, so it is held only around the phase that
+/// measures the programs, never around the phases whose forwarding CPU is compared.
+pub struct RunTimeStatistics {
+    _enabled: std::os::fd::OwnedFd,
+}
+
+impl RunTimeStatistics {
+    pub fn enable() -> Result<Self, KernelError> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map(|fd| Self { _enabled: fd })
+            .map_err(|e| KernelError::Unreadable { what: "eBPF run-time statistics", detail: e.to_string() })
+    }
+}
+
 /// Packets received on the server's `eth0`, from `/proc/net/dev` of its netns.
 pub fn server_received_packets(lab: &Lab) -> Result<u64, KernelError> {
     let dev = lab

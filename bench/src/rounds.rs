@@ -7,11 +7,15 @@
 //! median over cycles with an interval ([`Spread`]). Scenarios held against a floor were measured
 //! in the same cycles as the floor, so their difference is taken cycle by cycle too.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    kernel::{IPTRACE_PROGRAMS, ProgramRuns},
     scenario::{Scenario, ScenarioError, Tool},
     slice::{Bench, Slice},
     spread::Spread,
@@ -74,6 +78,12 @@ pub struct ScenarioResult {
     pub msgs_to_userspace_per_match: Option<f64>,
     pub ready_ms: Option<f64>,
     pub exit_ms: Option<f64>,
+    /// Each of iptrace's eBPF programs that ran: its own run time per forwarded packet in ns,
+    /// and its runs per forwarded packet (medians over the slices' program phases).
+    #[serde(default)]
+    pub ebpf_ns_per_packet: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub ebpf_runs_per_packet: BTreeMap<String, f64>,
     /// The per-cycle costs behind `cost_pct`, in measuring order.
     pub cost_samples_pct: Vec<f64>,
     pub rounds: usize,
@@ -130,10 +140,27 @@ pub fn merge(rounds: &[Round]) -> ScenarioResult {
         msgs_to_userspace_per_match: sum(|s| s.messages).zip(nonzero).map(|(m, t)| m as f64 / t as f64),
         ready_ms: median(slices.iter().filter_map(|s| s.ready_ms).collect()),
         exit_ms: median(slices.iter().filter_map(|s| s.exit_ms).collect()),
+        ebpf_ns_per_packet: per_program(&slices, |r| r.ns),
+        ebpf_runs_per_packet: per_program(&slices, |r| r.runs),
         cost_samples_pct: costs,
         rounds: rounds.len(),
         notes,
     }
+}
+
+/// `figure` of each eBPF program per forwarded packet of the slices' program phases: the
+/// median, for the programs that ran at all.
+fn per_program(slices: &[&Slice], figure: fn(&ProgramRuns) -> u64) -> BTreeMap<String, f64> {
+    let phases: Vec<_> = slices.iter().filter_map(|s| s.programs).filter(|p| p.forwarded > 0).collect();
+    IPTRACE_PROGRAMS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| phases.iter().any(|p| p.runs[*i].runs > 0))
+        .filter_map(|(i, name)| {
+            let values: Vec<f64> = phases.iter().map(|p| figure(&p.runs[i]) as f64 / p.forwarded as f64).collect();
+            Some(((*name).to_owned(), Spread::of(&values)?.median))
+        })
+        .collect()
 }
 
 /// Measures `scenarios` (all of `bench`'s lab) together for `cycles` cycles, each slice between

@@ -59,7 +59,17 @@ pub struct Slice {
     pub messages: Option<u64>,
     pub ready_ms: Option<f64>,
     pub exit_ms: Option<f64>,
+    /// iptrace's eBPF programs over an extra fixed-load phase with run-time statistics on.
+    pub programs: Option<ProgramPhase>,
     pub notes: Vec<String>,
+}
+
+/// What iptrace's eBPF programs ran during one fixed-load phase, and the packets it forwarded:
+/// their own cost per forwarded packet, counted by the kernel, free of the forwarding CPU's noise.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProgramPhase {
+    pub forwarded: u64,
+    pub runs: [kernel::ProgramRuns; kernel::IPTRACE_PROGRAMS.len()],
 }
 
 #[derive(Clone, Debug)]
@@ -194,6 +204,20 @@ impl Bench {
         })
     }
 
+    /// One more fixed-load phase, with the kernel counting the eBPF programs' runs.
+    fn measure_programs(&self) -> Result<ProgramPhase, ScenarioError> {
+        let _counting = kernel::RunTimeStatistics::enable()?;
+        let before = kernel::iptrace_program_runs();
+        let phase = self.phase(self.fixed)?;
+        let after = kernel::iptrace_program_runs();
+        let mut runs = after;
+        for (run, earlier) in runs.iter_mut().zip(before) {
+            run.runs = run.runs.saturating_sub(earlier.runs);
+            run.ns = run.ns.saturating_sub(earlier.ns);
+        }
+        Ok(ProgramPhase { forwarded: phase.forwarded, runs })
+    }
+
     fn drain(scenario: &Scenario) -> Duration {
         match scenario.traced {
             Traced::Everything => DRAIN_ALL,
@@ -287,11 +311,15 @@ impl Bench {
         argv: &[String],
         path: &Path,
         readiness: &Readiness,
+        programs: bool,
     ) -> Result<(Slice, u64, Finished), ScenarioError> {
         let mut tracer = TracerProcess::start(argv, path, readiness)?;
         thread::sleep(WARM_UP);
         tracer.start_tracing();
-        let slice = self.measure_forwarding()?;
+        let mut slice = self.measure_forwarding()?;
+        if programs {
+            slice.programs = Some(self.measure_programs()?);
+        }
         thread::sleep(Self::drain(scenario));
         let traced = self.traced_packets()?;
         Ok((slice, traced, tracer.stop()?))
@@ -309,7 +337,7 @@ impl Bench {
         let listener = self.extra_listener()?;
         let path = self.output_path(scenario);
         let readiness = Readiness::StderrLine("iptrace: tracing");
-        let (mut slice, traced, finished) = self.trace_slice(scenario, &argv, &path, &readiness)?;
+        let (mut slice, traced, finished) = self.trace_slice(scenario, &argv, &path, &readiness, true)?;
         let stats = finished.stderr.iter().find_map(|l| IptraceStats::parse(l));
         if stats.is_none() {
             slice.notes.push(format!("no --stats line; stderr: {}", finished.stderr.join(" | ")));
@@ -339,7 +367,7 @@ impl Bench {
         let listener = self.extra_listener()?;
         let path = self.output_path(scenario);
         let readiness = Readiness::NetlinkGroup { netns: router, group: 9 };
-        let (mut slice, traced, finished) = self.trace_slice(scenario, &argv, &path, &readiness)?;
+        let (mut slice, traced, finished) = self.trace_slice(scenario, &argv, &path, &readiness, false)?;
         marking.finish()?;
         let text = String::from_utf8_lossy(&self.take_output(&path)).into_owned();
         let complete = completeness::complete_packets(format, text.as_bytes());

@@ -54,6 +54,14 @@ static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
 #[map]
 static DROP_SCRATCH: PerCpuArray<DropRecord> = PerCpuArray::with_max_entries(1, 0);
 
+/// The last `struct net` this CPU saw a drop in that is not the traced namespace's, so that the
+/// next drop there is skipped without reading its cookie (a third kernel read; the benchmark's
+/// program phase counts 290 ns per drop with it). Safe across namespaces that come and go: the
+/// traced namespace's `struct net` stays allocated while iptrace holds the namespace, so an
+/// address once seen for another namespace is never the traced one's during the run.
+#[map]
+static UNTRACED_NET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// `sk_buff.network_header` when no network header was set (`skb_reset_network_header` never ran).
 const NO_HEADER: u16 = 0xffff;
 
@@ -110,8 +118,15 @@ fn report(ctx: &RawTracePointContext) -> Option<()> {
     if net.is_null() {
         return None;
     }
+    let untraced = UNTRACED_NET.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; a raw tracepoint program does not run nested on one CPU.
+    if unsafe { *untraced } == net as u64 {
+        return None;
+    }
     let netns_cookie: u64 = read(net, layout.net_cookie)?;
     if netns_cookie != traced_netns() {
+        // SAFETY: as above.
+        unsafe { *untraced = net as u64 };
         return None;
     }
 

@@ -212,14 +212,15 @@ fn smoke_problems(report: &serde_json::Value) -> Vec<String> {
         let floor = s["cost_vs_floor_pct"]["median"].clone();
         if ["legacy_iptrace_one_flow", "nft_iptrace_one_flow", "mixed_iptrace_one_flow"].contains(scenario) {
             want("cost_vs_floor_pct", finite(&floor));
+            want("ebpf_ns_per_packet", finite(&s["ebpf_ns_per_packet"]["drop_reasons"]));
         }
     }
     if !finite(&report["drop_reasons_cost_pct"]["median"]) {
         problems.push(format!("drop_reasons_cost_pct is {}", report["drop_reasons_cost_pct"]));
     }
     let targets = report["targets"].as_array().map_or(0, Vec::len);
-    if targets < 10 {
-        problems.push(format!("{targets} targets judged, 10 expected"));
+    if targets < 11 {
+        problems.push(format!("{targets} targets judged, 11 expected"));
     }
     problems
 }
@@ -281,6 +282,6 @@ mod tests {
         assert!(problems.contains(&"no scenario legacy_iptrace_one_flow".to_owned()), "{problems:?}");
         assert!(problems.contains(&"lab legacy: rules is null".to_owned()), "{problems:?}");
         assert!(problems.contains(&"calibration_a_a: cost_pct is null".to_owned()), "{problems:?}");
-        assert!(problems.contains(&"0 targets judged, 10 expected".to_owned()), "{problems:?}");
+        assert!(problems.contains(&"0 targets judged, 11 expected".to_owned()), "{problems:?}");
     }
 }
