@@ -178,7 +178,7 @@ impl Source {
             let names = live.table_names.entry(family).or_default();
             for table in Xtables::new(family).existing_tables_through(names) {
                 let known = tables.get(&(family, table.clone())).map(|t| &t.state);
-                let probe = &live.probes[&family];
+                let Some(probe) = live.probes.get_mut(&family) else { continue };
                 seen.push(TableSeen { family, seen: read_table(probe, family, &table, full, known)?, table });
             }
         }
@@ -250,7 +250,7 @@ impl Live {
 /// rules read; under constant churn, after a few tries, the last read is taken: the rules are
 /// the blob's read after it, and the text shows only where it matches them.
 fn read_table(
-    probe: &TableProbe,
+    probe: &mut TableProbe,
     family: Family,
     table: &str,
     full: bool,
@@ -263,11 +263,12 @@ fn read_table(
             return Ok(Seen::SameInfo);
         }
     }
-    let current = probe.state(table).ok();
-    if current.is_some() && current.as_ref() == known {
+    if let Some(known) = known
+        && probe.holds(table, known).unwrap_or(false)
+    {
         return Ok(Seen::SameBlob);
     }
-    let mut before = current;
+    let mut before = probe.state(table).ok();
     let mut attempts = 0;
     loop {
         let saved = Xtables::new(family).save(table).map_err(|source| ResolveError::Save {
