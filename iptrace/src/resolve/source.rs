@@ -105,7 +105,7 @@ impl RecordedChecks {
 /// The live host's rule sets, read through these.
 pub(super) struct Live {
     probes: HashMap<Family, TableProbe>,
-    /// `/proc/net/ip{,6}_tables_names`, kept open: read at every check.
+    /// `/proc/net/ip{,6}_tables_names`, kept open: read at every full check.
     table_names: HashMap<Family, Option<ProcFile>>,
     generation: Option<Generation>,
     /// The first nf_tables snapshot, being read in the background: no other is read meanwhile.
@@ -175,8 +175,19 @@ impl Source {
         let mut families: Vec<Family> = live.probes.keys().copied().collect();
         families.sort();
         for family in families {
-            let names = live.table_names.entry(family).or_default();
-            for table in Xtables::new(family).existing_tables_through(names) {
+            // Tables are only ever added (a legacy table cannot be unregistered while its
+            // namespace lives), and an event of one not known yet forces a full check
+            // ([`super::Resolver::resolve`]): so the names are read at full checks only, and the
+            // checks between look at the tables known.
+            let names = if full {
+                Xtables::new(family).existing_tables_through(live.table_names.entry(family).or_default())
+            } else {
+                let mut known: Vec<String> =
+                    tables.keys().filter(|(f, _)| *f == family).map(|(_, t)| t.clone()).collect();
+                known.sort();
+                known
+            };
+            for table in names {
                 let known = tables.get(&(family, table.clone())).map(|t| &t.state);
                 let Some(probe) = live.probes.get_mut(&family) else { continue };
                 seen.push(TableSeen { family, seen: read_table(probe, family, &table, full, known)?, table });
