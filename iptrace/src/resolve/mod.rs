@@ -325,6 +325,11 @@ impl NftRules {
 }
 
 impl NftCommits {
+    /// The generation the newest commit announced started.
+    fn newest(&self) -> Option<u32> {
+        self.rules.last_key_value().map(|(generation, _)| *generation)
+    }
+
     fn committed(&mut self, commit: NftCommit, epoch: u64) {
         self.rules.insert(commit.generation, commit.rules.map(|rules| rules.into_iter().collect()));
         self.epochs.insert(commit.generation, epoch);

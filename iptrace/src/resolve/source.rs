@@ -110,6 +110,8 @@ pub(super) struct Live {
     generation: Option<Generation>,
     /// The first nf_tables snapshot, being read in the background: no other is read meanwhile.
     first_nft: Option<JoinHandle<Result<NftRead, ResolveError>>>,
+    /// The newest commit announced on the trace socket when the generation was last asked.
+    asked_after_commit: Option<u32>,
     /// Where each check is written as it is made (`--record`).
     recorder: Option<Recorder>,
     last_check: Instant,
@@ -137,6 +139,7 @@ impl Source {
             table_names: HashMap::new(),
             generation,
             first_nft,
+            asked_after_commit: None,
             recorder,
             last_check: now,
             last_full_check: now,
@@ -197,8 +200,16 @@ impl Source {
             .iter()
             .any(|t| matches!(t.seen, Seen::Changed { .. }) && tables.contains_key(&(t.family, t.table.clone())));
         tables_read(changed);
+        // The generation changes with commits, which the trace socket announces: asked at
+        // checks after one was, and at full checks (for announcements lost with an overrun).
+        // Between them it is asked where an event needs it ([`Self::check_nft`]).
         let nft = match (nft, &mut live.generation) {
-            (Some(nft), Some(generation)) if live.first_nft.is_none() => read_nft(generation, nft)?,
+            (Some(nft), Some(generation))
+                if live.first_nft.is_none() && (full || nft.commits.newest() != live.asked_after_commit) =>
+            {
+                live.asked_after_commit = nft.commits.newest();
+                read_nft(generation, nft)?
+            }
             _ => None,
         };
         live.record(Check { cause, full, tables: seen, nft })
