@@ -252,3 +252,101 @@ fn legacy_churn_at_the_top_of_a_chain_is_right_or_marked() {
     assert_eq!(wrong, 0, "blocks showing another rule (see above)");
     assert!(right > changed, "{right} right, {changed} marked");
 }
+
+/// FORWARD rule 1 accepting datagrams, named `version` in its comment: every version is the
+/// same size in the kernel (the comment match's data is fixed), so only the table blob tells
+/// them apart, not `IPT_SO_GET_INFO` (design.md §12).
+fn same_size_rule(version: &str) -> Vec<&str> {
+    vec!["-p", "udp", "-m", "comment", "--comment", version, "-j", "ACCEPT"]
+}
+
+/// A rule replaced in place by one of the same size (`iptables-legacy -R`), in a small filter
+/// table (compared whole at every check) and in one grown past the size compared only now and
+/// then: the datagram sent a while after the replacement shows the new rule's text, the one
+/// before it the old one. Oracle: the kernel's counter of rule 1, which the replacement zeroes,
+/// counts the datagrams that met the new rule.
+#[test]
+fn legacy_same_size_replacement_is_seen() {
+    if !require_root("legacy_same_size_replacement_is_seen") {
+        return;
+    }
+    for filler in [120, 0] {
+        let lab = lab(&format!("samesize{filler}"));
+        let ipt = |args: &[&str]| {
+            let mut all = vec!["iptables-legacy"];
+            all.extend_from_slice(args);
+            let out = lab.exec(Role::Router, &all, "").unwrap();
+            assert!(out.status.success(), "{all:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        // Rules no packet reaches, to make the table larger than the size always compared.
+        if filler > 0 {
+            ipt(&["-N", "FILLER"]);
+        }
+        for i in 0..filler {
+            ipt(&["-A", "FILLER", "-s", &format!("192.0.2.{i}"), "-m", "comment", "--comment", "filler", "-j", "DROP"]);
+        }
+        let mut first = vec!["-A", "FORWARD"];
+        first.extend(same_size_rule("v1"));
+        ipt(&first);
+        let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "udp dst port 9"]);
+        let send = |port: u16| {
+            lab.udp(Role::Client, SocketAddr::new(addr::CLIENT, port), SocketAddr::new(addr::SERVER, 9), b"x").unwrap();
+        };
+        send(40_000);
+        thread::sleep(Duration::from_millis(300));
+        let mut replace = vec!["-R", "FORWARD", "1"];
+        replace.extend(same_size_rule("v2"));
+        ipt(&replace);
+        // Longer than the interval of whole comparisons (250 ms) and a block's linger.
+        thread::sleep(Duration::from_millis(700));
+        send(41_000);
+        settle();
+        let out = tracer.stop(libc::SIGTERM);
+        assert_eq!(forward_counter(&lab, 1), 1, "the datagram after the replacement met the new rule");
+        let all = blocks(&out.stdout);
+        for (port, version) in [(40_000, "v1"), (41_000, "v2")] {
+            let found = iptrace_tests::blocks_with(&all, &[&format!("SPT={port} ")]);
+            assert_eq!(found.len(), 1, "{}", out.stdout);
+            let expected = format!(
+                "        filter FORWARD (#1) /* {version} */\n                -p udp\n                => ACCEPT\n        verdict: ACCEPT at filter FORWARD #1"
+            );
+            assert!(found[0].body().ends_with(&expected), "filler {filler}, {version}:\n{}", found[0].body());
+        }
+    }
+}
+
+/// A legacy table that comes to exist while tracing (the first `iptables-legacy -t mangle`
+/// registers it): a datagram through it afterwards shows its rule. Oracle: the rule's counter.
+#[test]
+fn legacy_table_created_while_tracing_is_read() {
+    if !require_root("legacy_table_created_while_tracing_is_read") {
+        return;
+    }
+    let lab = lab("latetable");
+    // A legacy filter table at the start, so that iptrace traces legacy tables at all.
+    let out = lab.exec(Role::Router, &["iptables-legacy", "-A", "FORWARD", "-p", "udp", "-j", "ACCEPT"], "").unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tables = lab.exec(Role::Router, &["cat", "/proc/net/ip_tables_names"], "").unwrap();
+    assert!(!String::from_utf8_lossy(&tables.stdout).contains("mangle"), "the lab has a mangle table already");
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "udp dst port 9"]);
+    thread::sleep(Duration::from_millis(300));
+    let add = ["iptables-legacy", "-t", "mangle", "-A", "FORWARD", "-p", "udp", "-m", "comment", "--comment", "late"];
+    let out = lab.exec(Role::Router, &add, "").unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    thread::sleep(Duration::from_millis(300));
+    lab.udp(Role::Client, SocketAddr::new(addr::CLIENT, 40_000), SocketAddr::new(addr::SERVER, 9), b"x").unwrap();
+    settle();
+    let out = tracer.stop(libc::SIGTERM);
+    let counted =
+        lab.exec(Role::Router, &["iptables-legacy", "-t", "mangle", "-L", "FORWARD", "-v", "-x", "-n"], "").unwrap();
+    let counted = String::from_utf8_lossy(&counted.stdout).into_owned();
+    let packets = counted.lines().find(|l| l.contains("/* late */")).and_then(|l| l.split_whitespace().next());
+    assert_eq!(packets, Some("1"), "{counted}");
+    let all = blocks(&out.stdout);
+    assert_eq!(all.len(), 1, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        all[0].body().contains("        mangle FORWARD (#1) /* late */\n                -p udp\n"),
+        "{}",
+        all[0].body()
+    );
+}

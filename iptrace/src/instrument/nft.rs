@@ -488,6 +488,9 @@ fn tables() -> Result<Vec<(NftFamily, String)>, InstrumentError> {
 ///   named in a warning, once.
 struct NftWatch {
     notifications: NetfilterSocket,
+    /// Where the notifications are received, kept: heal looks every tick, and a fresh 64 KiB
+    /// buffer each time cost more than the look.
+    received: Vec<u8>,
     queries: NfTablesSocket,
     table: String,
     /// The families the table was installed in.
@@ -513,6 +516,7 @@ impl NftWatch {
         let queries = NfTablesSocket::open().map_err(WatchError::Nft)?;
         let mut watch = Self {
             notifications,
+            received: vec![0u8; 1 << 16],
             queries,
             table,
             families,
@@ -540,11 +544,10 @@ impl NftWatch {
     /// anything of iptrace's table; `None` when none did. Notes on the way which of iptrace's
     /// tables are dormant and whether others added base chains.
     fn deletion(&mut self) -> Option<String> {
-        let mut buf = vec![0u8; 1 << 16];
         let mut found = None;
-        let transaction = &mut self.transaction;
+        let (buf, transaction) = (&mut self.received, &mut self.transaction);
         loop {
-            let n = match self.notifications.receive_queued(&mut buf) {
+            let n = match self.notifications.receive_queued(buf) {
                 Ok(Received::Datagram(n)) => n,
                 Ok(Received::Overrun) => {
                     // Notifications were lost: look at the table and the chains.

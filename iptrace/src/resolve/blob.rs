@@ -162,6 +162,8 @@ fn c_str(bytes: &[u8]) -> &[u8] {
 pub struct TableProbe {
     socket: OwnedFd,
     family: Family,
+    /// What [`Self::holds`] reads into, kept for the next comparison.
+    scratch: Vec<u8>,
 }
 
 impl TableProbe {
@@ -176,7 +178,7 @@ impl TableProbe {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor nobody else owns.
-        Ok(Self { socket: unsafe { OwnedFd::from_raw_fd(fd) }, family })
+        Ok(Self { socket: unsafe { OwnedFd::from_raw_fd(fd) }, family, scratch: Vec::new() })
     }
 
     /// `IPT_SO_GET_INFO`: cheap, and enough to see rules added or removed. The table must exist:
@@ -192,15 +194,39 @@ impl TableProbe {
     /// reads exactly when the rules are.
     pub fn state(&self, table: &str) -> io::Result<TableState> {
         let info = self.info(table)?;
+        let mut blob = Vec::new();
+        self.entries(table, info, &mut blob)?;
+        Ok(TableState { info: Some(info), blob })
+    }
+
+    /// Whether `table` holds what `known` holds: the same info, and the same rules, read into a
+    /// buffer kept for the next time and compared in place, so that the check that finds
+    /// nothing changed (nearly every one) allocates nothing.
+    pub fn holds(&mut self, table: &str, known: &TableState) -> io::Result<bool> {
+        let info = self.info(table)?;
+        if known.info != Some(info) {
+            return Ok(false);
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let read = self.entries(table, info, &mut scratch);
+        let same = read.is_ok() && scratch == known.blob;
+        self.scratch = scratch;
+        read.map(|()| same)
+    }
+
+    /// `IPT_SO_GET_ENTRIES` of the table of `info` into `blob`, counters zeroed. Cleared first:
+    /// the kernel leaves some bytes of the entries unwritten, which must compare equal.
+    fn entries(&self, table: &str, info: TableInfo, blob: &mut Vec<u8>) -> io::Result<()> {
         let size = info.word(GETINFO_SIZE);
-        let mut blob = vec![0u8; GET_ENTRIES_HEADER + size];
-        write_name(&mut blob, table)?;
+        blob.clear();
+        blob.resize(GET_ENTRIES_HEADER + size, 0);
+        write_name(blob, table)?;
         blob[GET_ENTRIES_SIZE..GET_ENTRIES_SIZE + 4]
             .copy_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_ne_bytes());
         // EAGAIN if the table changed size since `info`: the caller reads again on its next check.
-        self.get(IPT_SO_GET_ENTRIES, &mut blob)?;
+        self.get(IPT_SO_GET_ENTRIES, blob)?;
         zero_counters(&mut blob[GET_ENTRIES_HEADER..], self.family);
-        Ok(TableState { info: Some(info), blob })
+        Ok(())
     }
 
     fn get(&self, option: u32, buf: &mut [u8]) -> io::Result<()> {

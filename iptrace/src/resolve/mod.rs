@@ -77,13 +77,15 @@ pub enum ResolveError {
 }
 
 /// How often, at most, the kernel tables are checked for rules added or removed (a cheap
-/// `IPT_SO_GET_INFO` per table, and the nf_tables generation). The processing thread wakes this
-/// often while nothing arrives, and no more often: on this VM each wake-up costs more than the
-/// check it makes.
+/// `IPT_SO_GET_INFO` per known table, and the nf_tables generation after an announced commit).
+/// The processing thread wakes this often while nothing arrives, and no more often: on this VM
+/// each wake-up costs more than the check it makes.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(20);
 /// How often, at most, every legacy table blob is read and compared, which also sees a rule
-/// replaced by one of the same size. Copying every table is the costly part of tracing a trickle
-/// on a large rule set (0.7 ms of kernel time for 600 rules), so it is done less often.
+/// replaced by one of the same size (nothing cheaper does: design.md §12); the table names and
+/// the nf_tables generation are read then whatever was announced. Copying every table is the
+/// costly part of tracing a trickle on a large rule set (0.7 ms of kernel time for 600 rules),
+/// so it is done less often.
 const FULL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// Legacy tables whose blob is at most this large are compared whole at every check: cheap, and
 /// a version then ends exactly where the next begins.
@@ -325,6 +327,11 @@ impl NftRules {
 }
 
 impl NftCommits {
+    /// The generation the newest commit announced started.
+    fn newest(&self) -> Option<u32> {
+        self.rules.last_key_value().map(|(generation, _)| *generation)
+    }
+
     fn committed(&mut self, commit: NftCommit, epoch: u64) {
         self.rules.insert(commit.generation, commit.rules.map(|rules| rules.into_iter().collect()));
         self.epochs.insert(commit.generation, epoch);

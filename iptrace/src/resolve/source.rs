@@ -105,11 +105,13 @@ impl RecordedChecks {
 /// The live host's rule sets, read through these.
 pub(super) struct Live {
     probes: HashMap<Family, TableProbe>,
-    /// `/proc/net/ip{,6}_tables_names`, kept open: read at every check.
+    /// `/proc/net/ip{,6}_tables_names`, kept open: read at every full check.
     table_names: HashMap<Family, Option<ProcFile>>,
     generation: Option<Generation>,
     /// The first nf_tables snapshot, being read in the background: no other is read meanwhile.
     first_nft: Option<JoinHandle<Result<NftRead, ResolveError>>>,
+    /// The newest commit announced on the trace socket when the generation was last asked.
+    asked_after_commit: Option<u32>,
     /// Where each check is written as it is made (`--record`).
     recorder: Option<Recorder>,
     last_check: Instant,
@@ -137,6 +139,7 @@ impl Source {
             table_names: HashMap::new(),
             generation,
             first_nft,
+            asked_after_commit: None,
             recorder,
             last_check: now,
             last_full_check: now,
@@ -175,10 +178,21 @@ impl Source {
         let mut families: Vec<Family> = live.probes.keys().copied().collect();
         families.sort();
         for family in families {
-            let names = live.table_names.entry(family).or_default();
-            for table in Xtables::new(family).existing_tables_through(names) {
+            // Tables are only ever added (a legacy table cannot be unregistered while its
+            // namespace lives), and an event of one not known yet forces a full check
+            // ([`super::Resolver::resolve`]): so the names are read at full checks only, and the
+            // checks between look at the tables known.
+            let names = if full {
+                Xtables::new(family).existing_tables_through(live.table_names.entry(family).or_default())
+            } else {
+                let mut known: Vec<String> =
+                    tables.keys().filter(|(f, _)| *f == family).map(|(_, t)| t.clone()).collect();
+                known.sort();
+                known
+            };
+            for table in names {
                 let known = tables.get(&(family, table.clone())).map(|t| &t.state);
-                let probe = &live.probes[&family];
+                let Some(probe) = live.probes.get_mut(&family) else { continue };
                 seen.push(TableSeen { family, seen: read_table(probe, family, &table, full, known)?, table });
             }
         }
@@ -186,8 +200,16 @@ impl Source {
             .iter()
             .any(|t| matches!(t.seen, Seen::Changed { .. }) && tables.contains_key(&(t.family, t.table.clone())));
         tables_read(changed);
+        // The generation changes with commits, which the trace socket announces: asked at
+        // checks after one was, and at full checks (for announcements lost with an overrun).
+        // Between them it is asked where an event needs it ([`Self::check_nft`]).
         let nft = match (nft, &mut live.generation) {
-            (Some(nft), Some(generation)) if live.first_nft.is_none() => read_nft(generation, nft)?,
+            (Some(nft), Some(generation))
+                if live.first_nft.is_none() && (full || nft.commits.newest() != live.asked_after_commit) =>
+            {
+                live.asked_after_commit = nft.commits.newest();
+                read_nft(generation, nft)?
+            }
             _ => None,
         };
         live.record(Check { cause, full, tables: seen, nft })
@@ -250,7 +272,7 @@ impl Live {
 /// rules read; under constant churn, after a few tries, the last read is taken: the rules are
 /// the blob's read after it, and the text shows only where it matches them.
 fn read_table(
-    probe: &TableProbe,
+    probe: &mut TableProbe,
     family: Family,
     table: &str,
     full: bool,
@@ -263,11 +285,12 @@ fn read_table(
             return Ok(Seen::SameInfo);
         }
     }
-    let current = probe.state(table).ok();
-    if current.is_some() && current.as_ref() == known {
+    if let Some(known) = known
+        && probe.holds(table, known).unwrap_or(false)
+    {
         return Ok(Seen::SameBlob);
     }
-    let mut before = current;
+    let mut before = probe.state(table).ok();
     let mut attempts = 0;
     loop {
         let saved = Xtables::new(family).save(table).map_err(|source| ResolveError::Save {
