@@ -19,7 +19,7 @@ use crate::{
     decode::Family,
     filter::CompiledFilter,
     instrument::{Marker, Prefilter, TracePlan, XtBpfProgram},
-    nftables,
+    netfilter::nf_tables::NfTablesSocket,
     xtables::Xtables,
 };
 
@@ -181,7 +181,10 @@ pub(super) fn foreign_marker(backends: &Backends) -> bool {
         xtables.existing_tables().iter().any(|t| t == "raw")
             && xtables.save("raw").is_ok_and(|rules| rules.lines().any(|l| l.split(' ').any(|w| w == "TRACE")))
     });
-    legacy_trace || (backends.nft() && nftables::run(&["list", "ruleset"]).is_ok_and(|r| r.contains("nftrace set 1")))
+    // Over netlink: listing a large rule set with `nft` takes hundreds of milliseconds.
+    legacy_trace
+        || (backends.nft()
+            && NfTablesSocket::open().and_then(|mut s| s.any_rule_marks_for_tracing()).is_ok_and(|marks| marks))
 }
 
 /// Selections longer than xt_bpf's 64 inline instructions: iptrace's eBPF interpreter, pinned
