@@ -196,8 +196,8 @@ fn the_socket_filter_is_ready_when_tracing_starts() {
     assert!(in_userspace * 100 <= in_kernel + in_userspace, "at least 99 % dropped in the kernel: {}", out.stderr);
 }
 
-/// Someone else's TRACE rule that comes after iptrace started: the filter, verified since the
-/// start, is attached at the first message iptrace's marking did not select, in time to drop
+/// Someone else's TRACE rule that comes after iptrace started: the filter, verified from the
+/// ready line on, is attached at the first message iptrace's marking did not select, in time to drop
 /// nearly all of a flood in the kernel; what was queued before it is selected in userspace.
 #[test]
 fn the_socket_filter_is_attached_at_once_when_someone_starts_tracing() {

@@ -131,15 +131,18 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
     // The marking rules select in the kernel already, so every message is normally wanted and a
     // socket filter would only cost the forwarding CPU (it runs in the sender's context, about
     // 1 % of it when tracing one flow on a busy router). Only messages of packets marked by
-    // someone else (another TRACE or nftrace rule) need dropping. The filter is verified from
-    // the start, in the background, and attached before tracing starts when such a rule is
-    // there already, else by the reader at the first message the marking rules did not select.
+    // someone else (another TRACE or nftrace rule) need dropping. When such a rule is there
+    // already, the filter is verified at once, in the background, and attached before tracing
+    // starts. Otherwise the reader attaches it at the first message the marking rules did not
+    // select, and it is verified once the drop program is: the two verifiers at once would
+    // slow the drop program's, which the ready line waits for.
     let socket_filter = match &filter {
-        Some(f) if options.socket_filter => Some(SocketFilter::spawn(&socket, f, options.ebpf_log)?),
+        Some(f) if options.socket_filter => Some(SocketFilter::new(&socket, f, options.ebpf_log)?),
         _ => None,
     };
     // Looked for before iptrace's own marking rules exist: every marker found is someone else's.
     let foreign_marker = socket_filter.is_some() && foreign_marker(&backends);
+    let early_loader = socket_filter.as_ref().filter(|_| foreign_marker).map(SocketFilter::verify).transpose()?;
     let prefilter = choose_prefilter(options, &backends, filter.as_ref(), index)?;
     let ready = ready_line(options, &backends, filter.as_ref(), netns.label.as_deref(), several);
     let userspace_filter = filter.map(UserspaceFilter::new);
@@ -166,18 +169,12 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
     let progress = Arc::new(ReadProgress::new());
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<(), RunError>>();
 
-    // Otherwise the loader is not waited for, not even at exit: a short run need not wait for
-    // the verifier.
-    let socket_filter = match socket_filter {
-        Some((filter, loader)) if foreign_marker => {
-            log::info!("another rule marks packets for tracing: attaching the eBPF socket filter before tracing");
-            filter.want();
-            // If the program was still being verified, the loader attaches it when done.
-            let _ = loader.join();
-            Some(filter)
-        }
-        other => other.map(|(filter, _)| filter),
-    };
+    if let (Some(filter), Some(loader)) = (&socket_filter, early_loader) {
+        log::info!("another rule marks packets for tracing: attaching the eBPF socket filter before tracing");
+        filter.want();
+        // If the program was still being verified, the loader attaches it when done.
+        let _ = loader.join();
+    }
     let reader = {
         let (stop, stats, progress) = (stop.clone(), stats.clone(), progress.clone());
         let socket_filter = socket_filter.clone();
@@ -190,6 +187,13 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
             .map_err(|e| RunError::Thread("reader", e))?
     };
     let drops = drops.and_then(|loading| loading.join().ok().flatten());
+    // This loader is not waited for, not even at exit: a short run need not wait for the
+    // verifier. Without it the reader goes on selecting in userspace.
+    if let Some(filter) = socket_filter.as_ref().filter(|_| !foreign_marker)
+        && let Err(e) = filter.verify()
+    {
+        crate::note!("iptrace: no eBPF socket filter: {}", crate::WithCauses(&e));
+    }
     let processor = {
         let stats = stats.clone();
         let (count, linger) = (options.count, options.linger);
