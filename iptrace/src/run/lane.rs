@@ -102,6 +102,11 @@ impl Lane {
 /// instruments it, and starts its threads (which stay in it).
 pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
     let LaneSetup { index, netns, options, filter, to, record_file, several, observed } = setup;
+    // Loading the drop program (the kernel's BTF read, the verifier) takes longest of all: in
+    // the background from the start, while the rest is checked and set up, and waited for
+    // before tracing starts (the ready line), so that a drop of a packet traced from then on
+    // always has its program running. It changes nothing that outlives the process.
+    let drops = options.drops.then(|| start_drops(filter.as_ref(), &options.families)).transpose()?;
     let (backends, out_ifindex) = check_host(options)?;
     // Under the namespace's lock: no other start can look for live runs, or remove dead ones'
     // leftovers, at the same time.
@@ -114,10 +119,6 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
     }
     let owner = instrumentation.owner();
     lock_active().push(Active { lane: index, netns: netns.clone(), instrumentation });
-    // Loading the drop program (the kernel's BTF read, the verifier) takes a while: in the
-    // background while the rest is set up, and waited for before tracing starts (the ready
-    // line), so that a drop of a packet traced from then on always has its program running.
-    let drops = options.drops.then(|| start_drops(filter.as_ref(), &options.families)).transpose()?;
     let socket = TraceSocket::open(&backends.legacy, resolve::CHECK_INTERVAL)?;
     // The generation read after joining the change notifications: events before the first
     // commit announced on the socket ran against it.
