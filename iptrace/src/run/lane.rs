@@ -158,7 +158,11 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
             Recorder::start(file, &recording_header(options, &backends, generation, out_ifindex, clock.1), clock.0)
         })
         .transpose()?;
-    let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft(), marker, recorder.clone())?;
+    // The first nf_tables listing (hundreds of milliseconds of `nft` CPU for a large rule set)
+    // starts once the drop program is verified, not competing with its verifier.
+    let (drops_verified, nft_read_after) = mpsc::channel::<()>();
+    let nft = backends.nft();
+    let resolver = Resolver::new(&options.families, &backends.legacy, nft, nft_read_after, marker, recorder.clone())?;
     let out_ifindex = out_ifindex.map(|i| Arc::new(AtomicU32::new(i)));
     let loggers = backends.legacy.clone();
     let healer = Healer::start(Watched { owner, plan, loggers, out_ifindex: out_ifindex.clone() })?;
@@ -188,6 +192,7 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
             .map_err(|e| RunError::Thread("reader", e))?
     };
     let drops = drops.and_then(|loading| loading.join().ok().flatten());
+    drop(drops_verified);
     // This loader is not waited for, not even at exit: a short run need not wait for the
     // verifier. Without it the reader goes on selecting in userspace.
     if let Some(filter) = socket_filter.as_ref().filter(|_| !foreign_marker)
