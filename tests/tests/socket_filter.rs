@@ -196,8 +196,8 @@ fn the_socket_filter_is_ready_when_tracing_starts() {
     assert!(in_userspace * 100 <= in_kernel + in_userspace, "at least 99 % dropped in the kernel: {}", out.stderr);
 }
 
-/// Someone else's TRACE rule that comes after iptrace started: the filter, verified since the
-/// start, is attached at the first message iptrace's marking did not select, in time to drop
+/// Someone else's TRACE rule that comes after iptrace started: the filter, verified from the
+/// ready line on, is attached at the first message iptrace's marking did not select, in time to drop
 /// nearly all of a flood in the kernel; what was queued before it is selected in userspace.
 #[test]
 fn the_socket_filter_is_attached_at_once_when_someone_starts_tracing() {
@@ -313,4 +313,42 @@ fn only_selected_nftables_trace_events_reach_userspace() {
     let passed = stat(&stderr, "selection (eBPF)", " passed");
     assert!(stat(&stderr, "selection (eBPF)", " dropped") >= 10_000, "{stderr}");
     assert_eq!(stat(&stderr, "stats: ", " datagrams,"), passed + userspace_seen(&stderr), "{stderr}");
+}
+
+/// Whether iptrace found, before tracing, that another rule marks packets for tracing (read
+/// from the kernel's rule dump), and so attached the eBPF filter before its ready line.
+fn foreign_marking_found(lab: &Lab) -> bool {
+    let ns = lab.ns(Role::Router);
+    let tracer = Tracer::start(&["--netns", &ns, "-v", "-4", "udp port 9999"]);
+    let ready = tracer.ready().to_owned();
+    let out = tracer.stop(libc::SIGTERM);
+    assert!(out.status.success(), "{out:?}");
+    let found = ready.contains("another rule marks packets for tracing");
+    assert_eq!(found, ready.contains("eBPF socket filter attached"), "{ready}");
+    found
+}
+
+/// Someone else's nf_tables marking: `meta nftrace set 0` marks nothing, iptables-nft's TRACE
+/// and `meta nftrace set 1` do.
+#[test]
+fn nftrace_markings_of_others_are_found_before_tracing() {
+    if !require_root("nftrace_markings_of_others_are_found_before_tracing") {
+        return;
+    }
+    let lab = lab("sockfltmarks");
+    lab.exec(
+        Role::Router,
+        &["nft", "-f", "-"],
+        // (nft 1.0.6 does not parse `set 0;` before a `}` on one line.)
+        "table inet someone {\n chain c {\n  type filter hook prerouting priority -400;\n  meta nftrace set 0\n }\n}\n",
+    )
+    .unwrap();
+    assert!(!foreign_marking_found(&lab));
+    lab.exec(Role::Router, &["iptables-nft", "-t", "raw", "-A", "PREROUTING", "-p", "udp", "-j", "TRACE"], "").unwrap();
+    assert!(foreign_marking_found(&lab));
+    lab.exec(Role::Router, &["iptables-nft", "-t", "raw", "-F", "PREROUTING"], "").unwrap();
+    assert!(!foreign_marking_found(&lab));
+    lab.exec(Role::Router, &["nft", "add", "rule", "inet", "someone", "c", "udp dport 53 meta nftrace set 1"], "")
+        .unwrap();
+    assert!(foreign_marking_found(&lab));
 }

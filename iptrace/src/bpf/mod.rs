@@ -137,7 +137,7 @@ impl TraceSocketFilter {
     fn load_with_logger(program: Option<&[CbpfInsn]>, logger: Option<&'static dyn log::Log>) -> Result<Self, BpfError> {
         let program = program.map(non_empty).transpose()?.unwrap_or_default();
         let level = if logger.is_some() { aya_log::Level::Debug as u8 } else { 0 };
-        let mut ebpf = load_object(program, level, Vec::new())?;
+        let mut ebpf = load_object(program, level, Vec::new(), &[])?;
         load_socket_filter(&mut ebpf, TRACE_FILTER_PROGRAM)?;
         let counters = ebpf
             .take_map(COUNTERS_MAP)
@@ -185,7 +185,7 @@ impl TraceSocketFilter {
 /// for the rule that names the path; whoever put the rule in place removes the pin after the
 /// rule (the instrument stage, which recorded the path before pinning).
 pub fn pin_xt_prefilter(program: &[CbpfInsn], path: &Path) -> Result<(), BpfError> {
-    let mut ebpf = load_object(non_empty(program)?, 0, Vec::new())?;
+    let mut ebpf = load_object(non_empty(program)?, 0, Vec::new(), &[])?;
     load_socket_filter(&mut ebpf, XT_PREFILTER_PROGRAM)?
         .pin(path)
         .map_err(|source| BpfError::Pin { path: path.to_owned(), source })
@@ -224,11 +224,13 @@ fn mount_bpffs() -> io::Result<()> {
 
 /// Parses the embedded object with `program` in its `.rodata` globals (empty = match
 /// everything), the aya-log level (0 = off) and the `globals` of one program set, and creates
-/// its maps. No program is loaded yet.
+/// its maps, those named in `unused_maps` (which the program set does not use) with one entry.
+/// No program is loaded yet.
 pub(crate) fn load_object(
     program: &[CbpfInsn],
     log_level: u8,
     globals: Vec<(&'static str, GlobalData<'_>)>,
+    unused_maps: &[&'static str],
 ) -> Result<Ebpf, BpfError> {
     let len = u32::try_from(program.len())
         .ok()
@@ -244,6 +246,10 @@ pub(crate) fn load_object(
             .override_global(aya_log::LEVEL, &log_level, true);
         for (name, value) in globals {
             loader.override_global(name, value, true);
+        }
+        // An LRU hash map's entries are all allocated when it is made: milliseconds for 65,536.
+        for name in unused_maps {
+            loader.map_max_entries(name, 1);
         }
         loader.load(EBPF_OBJECT)
     })

@@ -345,7 +345,7 @@ fn load_filter(expression: &str) -> (CompiledFilter, TraceSocketFilter) {
 }
 
 fn load_prefilter(program: &[CbpfInsn]) -> Ebpf {
-    let mut ebpf = load_object(program, 0, Vec::new()).unwrap();
+    let mut ebpf = load_object(program, 0, Vec::new(), &[]).unwrap();
     load_socket_filter(&mut ebpf, XT_PREFILTER_PROGRAM).unwrap();
     ebpf
 }

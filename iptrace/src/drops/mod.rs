@@ -27,7 +27,7 @@ use iptrace_common::{
         DROP_EVENTS_MAP, DROP_PROGRAM, DROP_TRACEPOINT, DropRecord, KERNEL_LAYOUT_GLOBAL, KernelLayout,
         TRACED_NETNS_GLOBAL,
     },
-    filter::CbpfInsn,
+    filter::{CbpfInsn, PACKET_VERDICTS_MAP, TRACE_ID_VERDICTS_MAP},
 };
 
 pub use self::btf::Btf;
@@ -230,6 +230,8 @@ impl DropTracer {
             selection,
             0,
             vec![(KERNEL_LAYOUT_GLOBAL, (&layout).into()), (TRACED_NETNS_GLOBAL, (&netns).into())],
+            // The trace socket filter's.
+            &[PACKET_VERDICTS_MAP, TRACE_ID_VERDICTS_MAP],
         )
         .map_err(DropError::Load)?;
         let program: &mut RawTracePoint = ebpf

@@ -1,23 +1,23 @@
 //! nf_tables over nfnetlink, for what must be cheap, must work without `nft`, or cannot be
 //! written in its language: the rule-set generation, the list of tables, the base chains with
-//! their hooks and priorities, rule counts, and a rule with an xtables match (nft_compat), which
-//! only iptables-nft adds.
+//! their hooks and priorities, rule counts, whether any rule marks packets for tracing, and a
+//! rule with an xtables match (nft_compat), which only iptables-nft adds.
 
 use std::{io, time::Duration};
 
 use iptrace_common::uapi::{
     NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFT_JUMP, NFT_MSG_GETCHAIN, NFT_MSG_GETGEN,
-    NFT_MSG_GETRULE, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE,
-    NFT_REG_VERDICT, NFTA_DATA_VERDICT, NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_GEN_ID, NFTA_IMMEDIATE_DATA,
-    NFTA_IMMEDIATE_DREG, NFTA_LIST_ELEM, NFTA_MATCH_INFO, NFTA_MATCH_NAME, NFTA_MATCH_REV, NFTA_RULE_CHAIN,
-    NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_TABLE_NAME, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE, NLM_F_ACK,
-    NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    NFT_MSG_GETRULE, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFT_REG_4,
+    NFT_REG_VERDICT, NFT_REG32_00, NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_GEN_ID,
+    NFTA_IMMEDIATE_DATA, NFTA_IMMEDIATE_DREG, NFTA_LIST_ELEM, NFTA_MATCH_INFO, NFTA_MATCH_NAME, NFTA_MATCH_REV,
+    NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_TABLE_NAME, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE,
+    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
 };
 
 use super::{
     netlink::{
-        Attributes, NetlinkMessage, NetlinkMessages, attribute, c_string, nested_attribute, nfnetlink_request,
-        subsystem_message,
+        Attributes, NetlinkMessage, NetlinkMessages, WireError, attribute, c_string, nested_attribute,
+        nfnetlink_request, subsystem_message,
     },
     socket::{NetfilterSocket, Received},
 };
@@ -31,6 +31,9 @@ pub struct NfTablesSocket {
     socket: NetfilterSocket,
     sequence: u32,
 }
+
+/// `NFPROTO_UNSPEC`: a request for the objects of every family.
+const ALL_FAMILIES: u8 = 0;
 
 /// Generous: the kernel answers these queries at once.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -113,10 +116,13 @@ impl NfTablesSocket {
     }
 
     /// How many rules `family`'s `table` holds, in all its chains (`NFT_MSG_GETRULE` dump); 0
-    /// when the table does not exist.
+    /// when the table does not exist. The kernel dumps that table's rules only (design.md §12),
+    /// not a large rule set's thousands.
     pub fn rule_count(&mut self, family: NftFamily, table: &str) -> Result<usize, NftError> {
         let mut count = 0;
-        self.query(NFT_MSG_GETRULE, NLM_F_REQUEST | NLM_F_DUMP, "GETRULE", |kind, rule_family, attrs| {
+        let filter = attribute(NFTA_RULE_TABLE as u16, &c_string(table));
+        let (flags, nfproto) = (NLM_F_REQUEST | NLM_F_DUMP, family.to_nfproto());
+        self.query_for(NFT_MSG_GETRULE, flags, "GETRULE", nfproto, &filter, |kind, rule_family, attrs| {
             if kind == NFT_MSG_NEWRULE && NftFamily::from_nfproto(rule_family) == family {
                 for a in attrs {
                     let a = a?;
@@ -128,6 +134,25 @@ impl NfTablesSocket {
             Ok(())
         })?;
         Ok(count)
+    }
+
+    /// Whether any rule, of any family and table, marks packets for tracing: a `meta nftrace set`
+    /// of a value other than 0 (what iptables-nft's TRACE is too), or xtables' TRACE target run
+    /// by nft_compat (`NFT_MSG_GETRULE` dump). The dump is read to its end either way.
+    pub fn any_rule_marks_for_tracing(&mut self) -> Result<bool, NftError> {
+        let mut found = false;
+        self.query(NFT_MSG_GETRULE, NLM_F_REQUEST | NLM_F_DUMP, "GETRULE", |kind, _, attrs| {
+            if kind == NFT_MSG_NEWRULE && !found {
+                for a in attrs {
+                    let a = a?;
+                    if u32::from(a.kind) == NFTA_RULE_EXPRESSIONS && marks_for_tracing(a.value)? {
+                        found = true;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(found)
     }
 
     /// Appends a rule made of `expressions` to `chain` of `family`'s `table`, in a transaction of
@@ -164,11 +189,26 @@ impl NfTablesSocket {
         message: u32,
         flags: u32,
         request: &'static str,
+        each: impl FnMut(u32, u8, Attributes<'_>) -> Result<(), DecodeError>,
+    ) -> Result<(), NftError> {
+        self.query_for(message, flags, request, ALL_FAMILIES, &[], each)
+    }
+
+    /// Sends one request for `family` (an `NFPROTO_*`; [`ALL_FAMILIES`]) with attributes `body`
+    /// and hands each reply message's type, family and attributes to `each`, until the
+    /// acknowledgement, the dump's end, or a single reply.
+    fn query_for(
+        &mut self,
+        message: u32,
+        flags: u32,
+        request: &'static str,
+        family: u8,
+        body: &[u8],
         mut each: impl FnMut(u32, u8, Attributes<'_>) -> Result<(), DecodeError>,
     ) -> Result<(), NftError> {
         self.sequence = self.sequence.wrapping_add(1);
         let sequence = self.sequence;
-        let msg = nfnetlink_request(message_type(message), flags as u16, sequence, 0, 0, &[]);
+        let msg = nfnetlink_request(message_type(message), flags as u16, sequence, family, 0, body);
         self.socket.send(&msg).map_err(|source| NftError::Netlink { request, source })?;
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         self.receive(request, |m| {
@@ -236,6 +276,92 @@ pub struct BaseChain {
     /// The hook's number in its family (`NF_INET_*`, `NF_NETDEV_*`, `NF_ARP_*`).
     pub hook: u32,
     pub priority: i32,
+}
+
+/// `enum nft_meta_attributes`, `NFT_META_NFTRACE` of `enum nft_meta_keys`
+/// (`linux/netfilter/nf_tables.h`) and `NFTA_TARGET_NAME` (`nf_tables_compat.h`), which the
+/// generated uapi leaves out.
+const NFTA_META_KEY: u16 = 2;
+const NFTA_META_SREG: u16 = 3;
+const NFT_META_NFTRACE: u32 = 12;
+const NFTA_TARGET_NAME: u16 = 1;
+
+/// Whether a rule's expressions (`NFTA_RULE_EXPRESSIONS`) mark the packets it reaches for
+/// tracing: `meta set nftrace` of a register an earlier `immediate` of the rule loaded with a
+/// value other than 0 (the kernel sets `skb->nf_trace` to whether the register's first byte is
+/// set, `nft_meta_set_eval()`), or of a register loaded otherwise (a map: it may be 1), or the
+/// xtables TRACE target.
+fn marks_for_tracing(expressions: &[u8]) -> Result<bool, WireError> {
+    // What each `immediate` loaded: its first 32-bit register and its bytes.
+    let mut loaded: Vec<(u32, &[u8])> = Vec::new();
+    for element in Attributes::new(expressions) {
+        let (mut name, mut data) = (&[][..], &[][..]);
+        for a in Attributes::new(element?.value) {
+            let a = a?;
+            match u32::from(a.kind) {
+                NFTA_EXPR_NAME => name = a.c_str(),
+                NFTA_EXPR_DATA => data = a.value,
+                _ => {}
+            }
+        }
+        match name {
+            b"immediate" => {
+                let (mut register, mut value) = (None, &[][..]);
+                for a in Attributes::new(data) {
+                    let a = a?;
+                    match u32::from(a.kind) {
+                        NFTA_IMMEDIATE_DREG => register = Some(register32(a.be_u32()?)),
+                        NFTA_IMMEDIATE_DATA => {
+                            for d in Attributes::new(a.value) {
+                                let d = d?;
+                                if u32::from(d.kind) == NFTA_DATA_VALUE {
+                                    value = d.value;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                loaded.extend(register.map(|r| (r, value)));
+            }
+            b"meta" => {
+                let (mut key, mut source) = (None, None);
+                for a in Attributes::new(data) {
+                    let a = a?;
+                    match a.kind {
+                        NFTA_META_KEY => key = Some(a.be_u32()?),
+                        NFTA_META_SREG => source = Some(register32(a.be_u32()?)),
+                        _ => {}
+                    }
+                }
+                let Some(source) = source.filter(|_| key == Some(NFT_META_NFTRACE)) else { continue };
+                // The last load that covers the register's first byte.
+                let first_byte = loaded.iter().rev().find_map(|&(start, bytes)| {
+                    let offset = source.checked_sub(start)? as usize * 4;
+                    bytes.get(offset).copied()
+                });
+                if first_byte != Some(0) {
+                    return Ok(true);
+                }
+            }
+            b"target" => {
+                for a in Attributes::new(data) {
+                    let a = a?;
+                    if a.kind == NFTA_TARGET_NAME && a.c_str() == b"TRACE" {
+                        return Ok(true);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(false)
+}
+
+/// The kernel's index of 32-bit register `register` as a rule names it: `NFT_REG_1` to
+/// `NFT_REG_4` are 16 bytes each (four 32-bit ones), `NFT_REG32_00` on are 4 (`nft_parse_register()`).
+fn register32(register: u32) -> u32 {
+    if register <= NFT_REG_4 { register * 4 } else { register.wrapping_sub(NFT_REG32_00) + 4 }
 }
 
 /// Whether a request's reply is complete.
@@ -333,6 +459,66 @@ mod tests {
 
     fn attributes(body: &[u8]) -> Vec<Attribute<'_>> {
         Attributes::new(body).collect::<Result<_, _>>().unwrap()
+    }
+
+    /// One expression (`NFTA_LIST_ELEM`) named `name` with the attributes `data`.
+    fn expression(name: &str, data: &[Vec<u8>]) -> Vec<u8> {
+        let body = [
+            attribute(NFTA_EXPR_NAME as u16, &c_string(name)),
+            nested_attribute(NFTA_EXPR_DATA as u16, &data.concat()),
+        ];
+        nested_attribute(NFTA_LIST_ELEM as u16, &body.concat())
+    }
+
+    /// `[ immediate reg REGISTER VALUE ]`.
+    fn immediate(register: u32, value: &[u8]) -> Vec<u8> {
+        let data = attribute(NFTA_DATA_VALUE as u16, value);
+        expression(
+            "immediate",
+            &[
+                attribute(NFTA_IMMEDIATE_DREG as u16, &register.to_be_bytes()),
+                nested_attribute(NFTA_IMMEDIATE_DATA as u16, &data),
+            ],
+        )
+    }
+
+    /// `[ meta set KEY with reg REGISTER ]`.
+    fn meta_set(key: u32, register: u32) -> Vec<u8> {
+        let key = attribute(NFTA_META_KEY, &key.to_be_bytes());
+        expression("meta", &[key, attribute(NFTA_META_SREG, &register.to_be_bytes())])
+    }
+
+    const NFT_META_MARK: u32 = 3;
+
+    #[test]
+    fn a_rule_marks_for_tracing_when_it_sets_nftrace_to_anything_but_0() {
+        let marks = |expressions: &[Vec<u8>]| marks_for_tracing(&expressions.concat()).unwrap();
+        // `meta nftrace set 1` and `set 0`, as `nft --debug=netlink` shows them.
+        assert!(marks(&[immediate(1, &1u32.to_ne_bytes()), meta_set(NFT_META_NFTRACE, 1)]));
+        assert!(!marks(&[immediate(1, &0u32.to_ne_bytes()), meta_set(NFT_META_NFTRACE, 1)]));
+        // iptables-nft's `-p udp -j TRACE`: a match, then the immediate in a 32-bit register.
+        let l4proto =
+            expression("meta", &[attribute(NFTA_META_KEY, &16u32.to_be_bytes()), attribute(1, &1u32.to_be_bytes())]);
+        assert!(marks(&[l4proto.clone(), immediate(9, &1u32.to_ne_bytes()), meta_set(NFT_META_NFTRACE, 9)]));
+        // NFT_REG32_01 is the second 32-bit word of NFT_REG_1; a later load to it decides.
+        let two_words = [0u8, 0, 0, 0, 1, 0, 0, 0];
+        assert!(marks(&[immediate(1, &two_words), meta_set(NFT_META_NFTRACE, 9)]));
+        assert!(!marks(&[immediate(1, &two_words), meta_set(NFT_META_NFTRACE, 8)]));
+        assert!(!marks(&[immediate(1, &1u32.to_ne_bytes()), immediate(8, &[0; 4]), meta_set(NFT_META_NFTRACE, 1)]));
+        // A value loaded otherwise (a map lookup) may be 1.
+        assert!(marks(&[l4proto, meta_set(NFT_META_NFTRACE, 1)]));
+        // Another key, and a load of nftrace, mark nothing.
+        assert!(!marks(&[immediate(1, &1u32.to_ne_bytes()), meta_set(NFT_META_MARK, 1)]));
+        let load = expression(
+            "meta",
+            &[attribute(NFTA_META_KEY, &NFT_META_NFTRACE.to_be_bytes()), attribute(1, &1u32.to_be_bytes())],
+        );
+        assert!(!marks(&[load]));
+        // xtables' TRACE target through nft_compat.
+        let target = |name: &str| expression("target", &[attribute(NFTA_TARGET_NAME, &c_string(name))]);
+        assert!(marks(&[target("TRACE")]));
+        assert!(!marks(&[target("MARK")]));
+        assert!(!marks(&[]));
     }
 
     #[test]

@@ -27,7 +27,7 @@ mod source;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io,
-    sync::Arc,
+    sync::{Arc, mpsc},
     time::Duration,
 };
 
@@ -411,12 +411,14 @@ pub struct Resolver {
 
 impl Resolver {
     /// Reads every existing legacy table of `legacy_families`, and with `nft`, the nf_tables rule
-    /// set (iptables-nft tables of `families` in iptables syntax). `marker` marks each check of
-    /// the legacy tables in the trace socket's stream; `recorder` records each check (`--record`).
+    /// set (iptables-nft tables of `families` in iptables syntax), in the background once
+    /// `nft_read_after` is closed. `marker` marks each check of the legacy tables in the trace
+    /// socket's stream; `recorder` records each check (`--record`).
     pub fn new(
         families: &[Family],
         legacy_families: &[Family],
         nft: bool,
+        nft_read_after: mpsc::Receiver<()>,
         marker: Option<StreamMarker>,
         recorder: Option<Recorder>,
     ) -> Result<Self, ResolveError> {
@@ -428,7 +430,7 @@ impl Resolver {
         let generation = nft.then(Generation::open).transpose()?;
         // Listing a large nf_tables rule set takes long: read in the background, and waited for
         // where it is first needed, so that tracing starts at once (design.md "Generations").
-        let first_nft = nft.then(|| source::start_first_nft(families.to_vec())).transpose()?;
+        let first_nft = nft.then(|| source::start_first_nft(families.to_vec(), nft_read_after)).transpose()?;
         let source = Source::live(probes, generation, first_nft, recorder);
         let mut this = Self { source, marker, first_nft_pending: nft, ..Self::empty(families, nft) };
         this.check_all(true, Cause::Forced)?;

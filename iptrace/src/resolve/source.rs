@@ -6,7 +6,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError, mpsc},
     thread::JoinHandle,
     time::Instant,
 };
@@ -245,16 +245,21 @@ impl Source {
     }
 }
 
-/// Starts reading the first snapshot of the nf_tables rule set in a thread, which takes the
-/// calling thread's network namespace with it: a large rule set takes `nft` a few hundred
-/// milliseconds to list, and tracing need not wait for it (design.md "Generations").
+/// Starts a thread that reads the first snapshot of the nf_tables rule set, in the calling
+/// thread's network namespace, once `after` is closed (or sent to): a large rule set takes
+/// `nft` a few hundred milliseconds of CPU to list, and tracing need not wait for it
+/// (design.md "Generations").
 pub(super) fn start_first_nft(
     families: Vec<Family>,
+    after: mpsc::Receiver<()>,
 ) -> Result<JoinHandle<Result<NftRead, ResolveError>>, ResolveError> {
     let mut generation = Generation::open()?;
     std::thread::Builder::new()
         .name("iptrace-nft-read".into())
-        .spawn(move || read_nft_unless(&mut generation, &families, |_| false))
+        .spawn(move || {
+            let _ = after.recv();
+            read_nft_unless(&mut generation, &families, |_| false)
+        })
         .map_err(ResolveError::Thread)
 }
 

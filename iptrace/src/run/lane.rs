@@ -102,6 +102,11 @@ impl Lane {
 /// instruments it, and starts its threads (which stay in it).
 pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
     let LaneSetup { index, netns, options, filter, to, record_file, several, observed } = setup;
+    // Loading the drop program (the kernel's BTF read, the verifier) takes longest of all: in
+    // the background from the start, while the rest is checked and set up, and waited for
+    // before tracing starts (the ready line), so that a drop of a packet traced from then on
+    // always has its program running. It changes nothing that outlives the process.
+    let drops = options.drops.then(|| start_drops(filter.as_ref(), &options.families)).transpose()?;
     let (backends, out_ifindex) = check_host(options)?;
     // Under the namespace's lock: no other start can look for live runs, or remove dead ones'
     // leftovers, at the same time.
@@ -114,10 +119,6 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
     }
     let owner = instrumentation.owner();
     lock_active().push(Active { lane: index, netns: netns.clone(), instrumentation });
-    // Loading the drop program (the kernel's BTF read, the verifier) takes a while: in the
-    // background while the rest is set up, and waited for before tracing starts (the ready
-    // line), so that a drop of a packet traced from then on always has its program running.
-    let drops = options.drops.then(|| start_drops(filter.as_ref(), &options.families)).transpose()?;
     let socket = TraceSocket::open(&backends.legacy, resolve::CHECK_INTERVAL)?;
     // The generation read after joining the change notifications: events before the first
     // commit announced on the socket ran against it.
@@ -131,15 +132,18 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
     // The marking rules select in the kernel already, so every message is normally wanted and a
     // socket filter would only cost the forwarding CPU (it runs in the sender's context, about
     // 1 % of it when tracing one flow on a busy router). Only messages of packets marked by
-    // someone else (another TRACE or nftrace rule) need dropping. The filter is verified from
-    // the start, in the background, and attached before tracing starts when such a rule is
-    // there already, else by the reader at the first message the marking rules did not select.
+    // someone else (another TRACE or nftrace rule) need dropping. When such a rule is there
+    // already, the filter is verified at once, in the background, and attached before tracing
+    // starts. Otherwise the reader attaches it at the first message the marking rules did not
+    // select, and it is verified once the drop program is: the two verifiers at once would
+    // slow the drop program's, which the ready line waits for.
     let socket_filter = match &filter {
-        Some(f) if options.socket_filter => Some(SocketFilter::spawn(&socket, f, options.ebpf_log)?),
+        Some(f) if options.socket_filter => Some(SocketFilter::new(&socket, f, options.ebpf_log)?),
         _ => None,
     };
     // Looked for before iptrace's own marking rules exist: every marker found is someone else's.
     let foreign_marker = socket_filter.is_some() && foreign_marker(&backends);
+    let early_loader = socket_filter.as_ref().filter(|_| foreign_marker).map(SocketFilter::verify).transpose()?;
     let prefilter = choose_prefilter(options, &backends, filter.as_ref(), index)?;
     let ready = ready_line(options, &backends, filter.as_ref(), netns.label.as_deref(), several);
     let userspace_filter = filter.map(UserspaceFilter::new);
@@ -154,7 +158,11 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
             Recorder::start(file, &recording_header(options, &backends, generation, out_ifindex, clock.1), clock.0)
         })
         .transpose()?;
-    let resolver = Resolver::new(&options.families, &backends.legacy, backends.nft(), marker, recorder.clone())?;
+    // The first nf_tables listing (hundreds of milliseconds of `nft` CPU for a large rule set)
+    // starts once the drop program is verified, not competing with its verifier.
+    let (drops_verified, nft_read_after) = mpsc::channel::<()>();
+    let nft = backends.nft();
+    let resolver = Resolver::new(&options.families, &backends.legacy, nft, nft_read_after, marker, recorder.clone())?;
     let out_ifindex = out_ifindex.map(|i| Arc::new(AtomicU32::new(i)));
     let loggers = backends.legacy.clone();
     let healer = Healer::start(Watched { owner, plan, loggers, out_ifindex: out_ifindex.clone() })?;
@@ -166,18 +174,12 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
     let progress = Arc::new(ReadProgress::new());
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<(), RunError>>();
 
-    // Otherwise the loader is not waited for, not even at exit: a short run need not wait for
-    // the verifier.
-    let socket_filter = match socket_filter {
-        Some((filter, loader)) if foreign_marker => {
-            log::info!("another rule marks packets for tracing: attaching the eBPF socket filter before tracing");
-            filter.want();
-            // If the program was still being verified, the loader attaches it when done.
-            let _ = loader.join();
-            Some(filter)
-        }
-        other => other.map(|(filter, _)| filter),
-    };
+    if let (Some(filter), Some(loader)) = (&socket_filter, early_loader) {
+        log::info!("another rule marks packets for tracing: attaching the eBPF socket filter before tracing");
+        filter.want();
+        // If the program was still being verified, the loader attaches it when done.
+        let _ = loader.join();
+    }
     let reader = {
         let (stop, stats, progress) = (stop.clone(), stats.clone(), progress.clone());
         let socket_filter = socket_filter.clone();
@@ -190,6 +192,14 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
             .map_err(|e| RunError::Thread("reader", e))?
     };
     let drops = drops.and_then(|loading| loading.join().ok().flatten());
+    drop(drops_verified);
+    // This loader is not waited for, not even at exit: a short run need not wait for the
+    // verifier. Without it the reader goes on selecting in userspace.
+    if let Some(filter) = socket_filter.as_ref().filter(|_| !foreign_marker)
+        && let Err(e) = filter.verify()
+    {
+        crate::note!("iptrace: no eBPF socket filter: {}", crate::WithCauses(&e));
+    }
     let processor = {
         let stats = stats.clone();
         let (count, linger) = (options.count, options.linger);

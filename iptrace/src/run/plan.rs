@@ -17,9 +17,9 @@ use crate::{
     bpf::{self, BpfError, TraceSocketFilter},
     capture::TraceSocket,
     decode::Family,
-    filter::CompiledFilter,
+    filter::{CbpfInsn, CompiledFilter},
     instrument::{Marker, Prefilter, TracePlan, XtBpfProgram},
-    nftables,
+    netfilter::nf_tables::NfTablesSocket,
     xtables::Xtables,
 };
 
@@ -64,13 +64,16 @@ pub(super) fn trace_plan(options: &Options, backends: &Backends, prefilter: Pref
     }
 }
 
-/// The eBPF socket filter: verified in the background from the start and kept ready, attached
-/// to the trace socket when first wanted. Attaching is one `setsockopt`, made by whoever wants
-/// it (the reader, within microseconds of the first unwanted message), or by the loader as soon
-/// as the program is verified if it was wanted before.
+/// The eBPF socket filter: verified in the background ([`SocketFilter::verify`]) and kept
+/// ready, attached to the trace socket when first wanted. Attaching is one `setsockopt`, made by
+/// whoever wants it (the reader, within microseconds of the first unwanted message), or by the
+/// loader as soon as the program is verified if it was wanted before.
 pub(super) struct SocketFilter {
     /// A duplicate of the trace socket's descriptor: `SO_ATTACH_BPF` on it attaches to the socket.
     socket: OwnedFd,
+    /// The selection's program, and whether its log records are forwarded (`-vv`).
+    program: Vec<CbpfInsn>,
+    log: bool,
     state: Mutex<SocketFilterState>,
     /// Attached: the kernel selects what is queued from now on.
     attached: AtomicBool,
@@ -78,41 +81,39 @@ pub(super) struct SocketFilter {
 
 #[derive(Default)]
 struct SocketFilterState {
-    /// The verifier's outcome; `None` while it runs.
+    /// The verifier's outcome; `None` while it runs (or before it started).
     loaded: Option<Result<TraceSocketFilter, BpfError>>,
     wanted: bool,
 }
 
 impl SocketFilter {
-    /// Starts verifying `trace_filter` with `filter`'s program on a thread.
-    pub(super) fn spawn(
-        socket: &TraceSocket,
-        filter: &CompiledFilter,
-        log: bool,
-    ) -> Result<(Arc<Self>, thread::JoinHandle<()>), RunError> {
+    /// The filter of `socket` with `filter`'s program, not verified yet.
+    pub(super) fn new(socket: &TraceSocket, filter: &CompiledFilter, log: bool) -> Result<Arc<Self>, RunError> {
         let socket = socket.fd().try_clone_to_owned().map_err(|e| RunError::Thread("socket filter", e))?;
-        let this = Arc::new(Self {
+        Ok(Arc::new(Self {
             socket,
+            program: filter.instructions().to_vec(),
+            log,
             state: Mutex::new(SocketFilterState::default()),
             attached: AtomicBool::new(false),
-        });
-        let program = filter.instructions().to_vec();
-        let loader = {
-            let this = this.clone();
-            thread::Builder::new()
-                .name("iptrace-bpf".into())
-                .spawn(move || {
-                    let loaded = TraceSocketFilter::load(Some(&program), log);
-                    log::info!("eBPF socket filter verified: {}", if loaded.is_ok() { "ready" } else { "refused" });
-                    let mut state = this.lock();
-                    state.loaded = Some(loaded);
-                    if state.wanted {
-                        this.attach(&mut state);
-                    }
-                })
-                .map_err(|e| RunError::Thread("socket filter", e))?
-        };
-        Ok((this, loader))
+        }))
+    }
+
+    /// Starts verifying the program on a thread, which attaches it when done if it was wanted.
+    pub(super) fn verify(self: &Arc<Self>) -> Result<thread::JoinHandle<()>, RunError> {
+        let this = self.clone();
+        thread::Builder::new()
+            .name("iptrace-bpf".into())
+            .spawn(move || {
+                let loaded = TraceSocketFilter::load(Some(&this.program), this.log);
+                log::info!("eBPF socket filter verified: {}", if loaded.is_ok() { "ready" } else { "refused" });
+                let mut state = this.lock();
+                state.loaded = Some(loaded);
+                if state.wanted {
+                    this.attach(&mut state);
+                }
+            })
+            .map_err(|e| RunError::Thread("socket filter", e))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SocketFilterState> {
@@ -181,7 +182,10 @@ pub(super) fn foreign_marker(backends: &Backends) -> bool {
         xtables.existing_tables().iter().any(|t| t == "raw")
             && xtables.save("raw").is_ok_and(|rules| rules.lines().any(|l| l.split(' ').any(|w| w == "TRACE")))
     });
-    legacy_trace || (backends.nft() && nftables::run(&["list", "ruleset"]).is_ok_and(|r| r.contains("nftrace set 1")))
+    // Over netlink: listing a large rule set with `nft` takes hundreds of milliseconds.
+    legacy_trace
+        || (backends.nft()
+            && NfTablesSocket::open().and_then(|mut s| s.any_rule_marks_for_tracing()).is_ok_and(|marks| marks))
 }
 
 /// Selections longer than xt_bpf's 64 inline instructions: iptrace's eBPF interpreter, pinned
