@@ -32,6 +32,7 @@ use crate::{
     instrument::{Damage, InstrumentError, Marking, MarkingWatch, Owner, TracePlan, WatchError, family_name, nf_log},
     netns,
     procfile::ProcFile,
+    xtables::Xtables,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +131,22 @@ struct Watcher {
     logger_files: Vec<(Family, Option<ProcFile>)>,
     repairs: u64,
     recent: VecDeque<Instant>,
+    untraced_legacy: Vec<UntracedLegacy>,
 }
+
+/// A family traced without its legacy tables (none existed when the backend was chosen, or
+/// `--backend nft`): tables created later are named once, since nothing of theirs is shown.
+struct UntracedLegacy {
+    xtables: Xtables,
+    names: Option<ProcFile>,
+    /// The tables seen so far, the start's included.
+    seen: Vec<String>,
+    next_look: Instant,
+}
+
+/// How often the untraced families' legacy table names are read: a table created by another
+/// tool is named within this.
+const UNTRACED_LOOK: Duration = Duration::from_secs(1);
 
 struct InterfaceWatch {
     name: String,
@@ -157,7 +173,18 @@ impl Watcher {
             interfaces.push(InterfaceWatch { name: name.clone(), index, shared });
         }
         let logger_files = watched.loggers.iter().map(|&family| (family, None)).collect();
-        Ok(Self { watched, markings, interfaces, logger_files, repairs: 0, recent: VecDeque::new() })
+        let untraced_legacy = plan
+            .families
+            .iter()
+            .filter(|family| !watched.loggers.contains(family))
+            .map(|&family| {
+                let xtables = Xtables::new(family);
+                let mut names = None;
+                let seen = xtables.existing_tables_through(&mut names);
+                UntracedLegacy { xtables, names, seen, next_look: Instant::now() + UNTRACED_LOOK }
+            })
+            .collect();
+        Ok(Self { watched, markings, interfaces, logger_files, repairs: 0, recent: VecDeque::new(), untraced_legacy })
     }
 
     fn run(&mut self, stop: &AtomicBool) -> Result<(), HealError> {
@@ -169,6 +196,7 @@ impl Watcher {
             self.check_markings()?;
             self.check_loggers()?;
             self.check_interfaces();
+            self.check_untraced_legacy();
         }
         Ok(())
     }
@@ -247,6 +275,29 @@ impl Watcher {
             let what = if recreated { "was recreated" } else { "appeared" };
             crate::note!("iptrace: interface {} {what}; tracing follows it", interface.name);
             self.repairs += 1;
+        }
+    }
+
+    /// Names the legacy tables created since the start in a family traced without them.
+    fn check_untraced_legacy(&mut self) {
+        let now = Instant::now();
+        for untraced in &mut self.untraced_legacy {
+            if now < untraced.next_look {
+                continue;
+            }
+            untraced.next_look = now + UNTRACED_LOOK;
+            let tables = untraced.xtables.existing_tables_through(&mut untraced.names);
+            let new: Vec<String> = tables.into_iter().filter(|t| !untraced.seen.contains(t)).collect();
+            if new.is_empty() {
+                continue;
+            }
+            crate::note!(
+                "iptrace: warning: {} table(s) {} appeared after the start and are not traced; restart iptrace to \
+                 trace them",
+                untraced.xtables.binary(),
+                new.join(", ")
+            );
+            untraced.seen.extend(new);
         }
     }
 

@@ -464,3 +464,37 @@ fn instrumentation_undone_again_and_again_ends_the_run() {
     load_sample_nft_rules(&lab).expect("loading the sample nft rule set");
     assert_eq!(firewall_state(&lab, Role::Router), before);
 }
+
+/// A host with no legacy tables at the start is traced through nf_tables only, and legacy tables
+/// another tool creates later are not traced (their TRACE messages need the logger binding made
+/// at the start): each is named once, when it appears.
+#[test]
+fn legacy_tables_created_while_tracing_are_named() {
+    if !require_root("legacy_tables_created_while_tracing_are_named") {
+        return;
+    }
+    let (lab, _) = nft_router("heallatelegacy");
+    let ns = lab.ns(Role::Router);
+    let tracer = Tracer::start(&["--netns", &ns, SELECTION]);
+    run_in(&lab, &["iptables-legacy", "-A", "INPUT", "-m", "comment", "--comment", "late", "-j", "ACCEPT"]);
+    run_in(&lab, &["ip6tables-legacy", "-t", "mangle", "-A", "PREROUTING", "-j", "ACCEPT"]);
+    thread::sleep(Duration::from_millis(1500));
+    // A rule in a table already named: nothing new to say.
+    run_in(&lab, &["iptables-legacy", "-A", "INPUT", "-j", "ACCEPT"]);
+    thread::sleep(Duration::from_millis(1200));
+    let tables = lab.exec(Role::Router, &["cat", "/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"], "");
+    let out = tracer.stop(libc::SIGINT);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&tables.unwrap().stdout), "filter\nmangle\n");
+    assert_eq!(
+        warnings(&out.stderr),
+        [
+            "iptrace: warning: iptables-legacy table(s) filter appeared after the start and are not traced; restart \
+             iptrace to trace them",
+            "iptrace: warning: ip6tables-legacy table(s) mangle appeared after the start and are not traced; restart \
+             iptrace to trace them",
+        ],
+        "{}",
+        out.stderr
+    );
+}
