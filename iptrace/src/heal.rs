@@ -28,8 +28,12 @@ use std::{
 };
 
 use crate::{
+    bpf::{self, BpfError},
     decode::Family,
-    instrument::{Damage, InstrumentError, Marking, MarkingWatch, Owner, TracePlan, WatchError, family_name, nf_log},
+    instrument::{
+        Damage, InstrumentError, Marking, MarkingWatch, Owner, Prefilter, TracePlan, WatchError, XtBpfProgram,
+        family_name, nf_log,
+    },
     netns,
     procfile::ProcFile,
     xtables::Xtables,
@@ -47,6 +51,12 @@ pub enum HealError {
     },
     #[error("{event}: iptrace's instrumentation was undone {MAX_REPAIRS} times within a second; giving up")]
     Undone { event: String },
+    #[error("{event}, and it could not be pinned again")]
+    Repin {
+        event: String,
+        #[source]
+        source: Box<BpfError>,
+    },
 }
 
 /// How often the raw tables, the logger bindings and the interfaces are looked at (nf_tables
@@ -193,6 +203,7 @@ impl Watcher {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
+            self.check_pin()?;
             self.check_markings()?;
             self.check_loggers()?;
             self.check_interfaces();
@@ -276,6 +287,26 @@ impl Watcher {
             crate::note!("iptrace: interface {} {what}; tracing follows it", interface.name);
             self.repairs += 1;
         }
+    }
+
+    /// Pins the prefilter again when someone removed its pin: while a legacy rule names a pin
+    /// that is gone, the kernel refuses every change to its raw table, for every tool (design.md
+    /// §7), and a re-install of iptrace's rules could not name it either.
+    fn check_pin(&mut self) -> Result<(), HealError> {
+        let Prefilter::XtBpf(XtBpfProgram::Pinned { path, program }) = &self.watched.plan.prefilter else {
+            return Ok(());
+        };
+        if path.exists() {
+            return Ok(());
+        }
+        let event = format!("the pinned prefilter {} was removed", path.display());
+        let (path, program) = (path.clone(), program.clone());
+        self.count_repair(&event)?;
+        bpf::ensure_bpffs()
+            .and_then(|()| bpf::pin_xt_prefilter(&program, &path))
+            .map_err(|source| HealError::Repin { event: event.clone(), source: Box::new(source) })?;
+        crate::note!("iptrace: {event}; pinned again");
+        Ok(())
     }
 
     /// Names the legacy tables created since the start in a family traced without them.

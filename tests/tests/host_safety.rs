@@ -630,12 +630,12 @@ fn pins_of(pid: i32) -> Vec<PathBuf> {
 }
 
 /// Someone removed the pinned prefilter that a run's rules name. The kernel then refuses every
-/// change to the raw table, the rules' own deletion included (design.md §7); iptrace pins a
-/// stand-in to delete them, at the end of the run and in `--cleanup` after a SIGKILL, and the
-/// table takes changes again.
+/// change to the raw table, for every tool, the rules' own deletion included (design.md §7): a
+/// running iptrace pins its program again, and `--cleanup` after a SIGKILL pins a stand-in to
+/// delete the dead run's rules; either way the table takes changes again and nothing is left.
 #[test]
-fn rules_whose_pin_was_removed_are_deleted_all_the_same() {
-    if !require_root("rules_whose_pin_was_removed_are_deleted_all_the_same") {
+fn a_removed_pin_is_put_back_or_stood_in_for() {
+    if !require_root("a_removed_pin_is_put_back_or_stood_in_for") {
         return;
     }
     let _shared = shared_namespaces();
@@ -674,33 +674,46 @@ fn rules_whose_pin_was_removed_are_deleted_all_the_same() {
         "-j",
         "ACCEPT",
     ];
-    for signal in [libc::SIGTERM, libc::SIGKILL] {
-        let tracer = Tracer::start(&["--netns", &router, "--backend", "legacy", "-4", &ports]);
-        let pid = tracer.pid();
-        let pins = pins_of(pid);
-        assert_eq!(pins.len(), 1, "the run's pin");
-        fs::remove_file(&pins[0]).unwrap();
-        // The oracle that the pin matters: the kernel now refuses any change to the raw table.
-        assert!(!in_router_netns(&lab, &probe).status.success(), "raw changed although a rule's pin is gone");
-        let out = tracer.stop(signal);
-        if signal == libc::SIGTERM {
-            assert!(out.status.success(), "{out:?}");
-            assert!(!out.stderr.contains("cleanup"), "{}", out.stderr);
-        } else {
-            let (status, stdout, stderr) = run_iptrace(&["--cleanup", "--netns", &router]);
-            assert!(status.success(), "{stderr}");
-            assert!(
-                stdout.starts_with(
-                    "iptrace: removed 2 TRACE rule(s) in the iptables-legacy raw table left by a dead iptrace\n"
-                ),
-                "{stdout}"
-            );
-        }
-        assert_eq!(raw_chain(&lab, "PREROUTING"), pre_before, "after {signal}");
-        assert_eq!(raw_chain(&lab, "OUTPUT"), out_before, "after {signal}");
-        assert_eq!(pins_of(pid), Vec::<PathBuf>::new(), "the stand-in is gone after {signal}");
-        let probed = in_router_netns(&lab, &probe);
-        assert!(probed.status.success(), "raw takes changes again: {probed:?}");
-        assert!(in_router_netns(&lab, &unprobe).status.success());
+    // A running iptrace: the pin comes back, and the table takes changes meanwhile.
+    let tracer = Tracer::start(&["--netns", &router, "--backend", "legacy", "-4", &ports]);
+    let pins = pins_of(tracer.pid());
+    assert_eq!(pins.len(), 1, "the run's pin");
+    fs::remove_file(&pins[0]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pins[0].exists() {
+        assert!(Instant::now() < deadline, "the pin was not put back");
+        thread::sleep(Duration::from_millis(20));
     }
+    let probed = in_router_netns(&lab, &probe);
+    assert!(probed.status.success(), "raw takes changes with the pin back: {probed:?}");
+    assert!(in_router_netns(&lab, &unprobe).status.success());
+    let out = tracer.stop(libc::SIGTERM);
+    assert!(out.status.success(), "{out:?}");
+    let repinned = format!("iptrace: the pinned prefilter {} was removed; pinned again\n", pins[0].display());
+    assert!(out.stderr.contains(&repinned), "{}", out.stderr);
+    assert!(!out.stderr.contains("cleanup"), "{}", out.stderr);
+    assert_eq!(raw_chain(&lab, "PREROUTING"), pre_before);
+    assert_eq!(raw_chain(&lab, "OUTPUT"), out_before);
+    assert!(!pins[0].exists(), "the pin is gone after the run");
+
+    // A dead run's rules, whose pin is removed after the SIGKILL.
+    let tracer = Tracer::start(&["--netns", &router, "--backend", "legacy", "-4", &ports]);
+    let pins = pins_of(tracer.pid());
+    tracer.stop(libc::SIGKILL);
+    fs::remove_file(&pins[0]).unwrap();
+    // The oracle that the pin matters: the kernel now refuses any change to the raw table.
+    assert!(!in_router_netns(&lab, &probe).status.success(), "raw changed although a rule's pin is gone");
+    let (status, stdout, stderr) = run_iptrace(&["--cleanup", "--netns", &router]);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout
+            .starts_with("iptrace: removed 2 TRACE rule(s) in the iptables-legacy raw table left by a dead iptrace\n"),
+        "{stdout}"
+    );
+    assert_eq!(raw_chain(&lab, "PREROUTING"), pre_before);
+    assert_eq!(raw_chain(&lab, "OUTPUT"), out_before);
+    assert!(!pins[0].exists(), "the stand-in is gone");
+    let probed = in_router_netns(&lab, &probe);
+    assert!(probed.status.success(), "raw takes changes again: {probed:?}");
+    assert!(in_router_netns(&lab, &unprobe).status.success());
 }

@@ -129,7 +129,7 @@ pub(super) fn rule_spec(owner: Owner, plan: &TracePlan, family: Family, chain: &
         Prefilter::XtBpf(XtBpfProgram::Bytecode(insns)) => {
             push(&["-m", "bpf", "--bytecode", &bytecode_argument(insns)])
         }
-        Prefilter::XtBpf(XtBpfProgram::Pinned(path)) => {
+        Prefilter::XtBpf(XtBpfProgram::Pinned { path, .. }) => {
             push(&["-m", "bpf", "--object-pinned", &path.to_string_lossy()])
         }
         Prefilter::Native(selection) => {

@@ -195,7 +195,7 @@ impl fmt::Display for Prefilter {
         match self {
             Self::None => f.write_str("no prefilter (every packet is marked)"),
             Self::XtBpf(XtBpfProgram::Bytecode(insns)) => write!(f, "xt_bpf, {} inline instructions", insns.len()),
-            Self::XtBpf(XtBpfProgram::Pinned(path)) => write!(f, "xt_bpf, pinned program {}", path.display()),
+            Self::XtBpf(XtBpfProgram::Pinned { path, .. }) => write!(f, "xt_bpf, pinned program {}", path.display()),
             Self::Native(_) => f.write_str("the kernel's native matches"),
         }
     }
@@ -206,9 +206,9 @@ impl fmt::Display for Prefilter {
 pub enum XtBpfProgram {
     /// Inline classic BPF (`--bytecode`, `XT_BPF_MODE_BYTECODE`), at most 64 instructions.
     Bytecode(Vec<CbpfInsn>),
-    /// iptrace's eBPF interpreter running the selection, pinned at this path
-    /// (`--object-pinned`, `XT_BPF_MODE_PATH_PINNED`).
-    Pinned(PathBuf),
+    /// iptrace's eBPF interpreter running `program`, pinned at `path` (`--object-pinned`,
+    /// `XT_BPF_MODE_PATH_PINNED`); the program is kept to pin it again if the pin is removed.
+    Pinned { path: PathBuf, program: Vec<CbpfInsn> },
 }
 
 /// What to install.

@@ -434,7 +434,7 @@ fn xt_bpf_info(program: &XtBpfProgram) -> Result<Vec<u8>, InstrumentError> {
             }
             (XT_BPF_MODE_BYTECODE, insns.len())
         }
-        XtBpfProgram::Pinned(path) => {
+        XtBpfProgram::Pinned { path, .. } => {
             let bytes = path.as_os_str().as_encoded_bytes();
             // The kernel wants the path NUL-terminated within the field.
             if bytes.len() >= XT_BPF_PATH_MAX || bytes.contains(&0) {

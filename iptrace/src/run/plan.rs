@@ -204,7 +204,7 @@ fn pin_prefilter(filter: &CompiledFilter, lane: usize) -> Result<Prefilter, RunE
     instrumentation.record_pin(path.clone())?;
     drop(active);
     bpf::pin_xt_prefilter(filter.instructions(), &path)?;
-    Ok(Prefilter::XtBpf(XtBpfProgram::Pinned(path)))
+    Ok(Prefilter::XtBpf(XtBpfProgram::Pinned { path, program: filter.instructions().to_vec() }))
 }
 
 /// What the run traces, said when it starts: in namespace `netns` (`--netns` as given), or, for

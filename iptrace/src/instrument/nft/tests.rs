@@ -111,7 +111,11 @@ fn xt_bpf_info_carries_bytecode_or_a_path() {
     assert_eq!(&info[16..18], &6u16.to_ne_bytes());
     assert!(info[24..].iter().all(|&b| b == 0));
 
-    let info = xt_bpf_info(&XtBpfProgram::Pinned(PathBuf::from("/sys/fs/bpf/iptrace/prefilter-1-2"))).unwrap();
+    let info = xt_bpf_info(&XtBpfProgram::Pinned {
+        path: PathBuf::from("/sys/fs/bpf/iptrace/prefilter-1-2"),
+        program: Vec::new(),
+    })
+    .unwrap();
     assert_eq!(info.len(), 528);
     assert_eq!(u16::from_ne_bytes([info[0], info[1]]), 1, "XT_BPF_MODE_PATH_PINNED");
     assert_eq!(u16::from_ne_bytes([info[2], info[3]]), 0);
@@ -120,7 +124,7 @@ fn xt_bpf_info_carries_bytecode_or_a_path() {
 
     let long = XtBpfProgram::Bytecode(vec![CbpfInsn::default(); 65]);
     assert!(matches!(xt_bpf_info(&long), Err(InstrumentError::XtBpfInfo(_))));
-    let long = XtBpfProgram::Pinned(PathBuf::from("/".repeat(512)));
+    let long = XtBpfProgram::Pinned { path: PathBuf::from("/".repeat(512)), program: Vec::new() };
     assert!(matches!(xt_bpf_info(&long), Err(InstrumentError::XtBpfInfo(_))));
 }
 
