@@ -125,7 +125,8 @@ pub fn merge(rounds: &[Round]) -> ScenarioResult {
             slices
                 .iter()
                 .filter_map(|s| {
-                    let forwarded = s.fixed.forwarded + s.saturated.forwarded;
+                    // The kernel's count of traced packets spans the program phase too.
+                    let forwarded = s.fixed.forwarded + s.saturated.forwarded + s.programs.map_or(0, |p| p.forwarded);
                     let share = s.traced_packets_kernel? as f64 / (forwarded > 0).then_some(forwarded)? as f64;
                     Some(share * s.fixed.pps()?)
                 })
