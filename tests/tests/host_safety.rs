@@ -41,24 +41,16 @@ fn raw_chain(lab: &Lab, chain: &str) -> Vec<String> {
 
 /// A user's rule, told apart by its comment.
 fn user_rule(lab: &Lab, position: &str, chain: &str, comment: &str) {
-    exec(
-        lab,
-        &[
-            "iptables-legacy",
-            "-w",
-            "-t",
-            "raw",
-            "-I",
-            chain,
-            position,
-            "-m",
-            "comment",
-            "--comment",
-            comment,
-            "-j",
-            "ACCEPT",
-        ],
-    );
+    let rule = raw_accept(&["-I", chain, position], comment);
+    exec(lab, &rule.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// `iptables-legacy -w -t raw <change> -m comment --comment <comment> -j ACCEPT`.
+fn raw_accept(change: &[&str], comment: &str) -> Vec<String> {
+    let mut rule: Vec<String> = ["iptables-legacy", "-w", "-t", "raw"].map(String::from).to_vec();
+    rule.extend(change.iter().map(|w| (*w).to_owned()));
+    rule.extend(["-m", "comment", "--comment", comment, "-j", "ACCEPT"].map(String::from));
+    rule
 }
 
 /// Another tool churning raw PREROUTING and OUTPUT: it inserts a rule of its own at the top and
@@ -613,7 +605,7 @@ fn of_two_simultaneous_starts_exactly_one_runs() {
 
 /// Runs `command` in the router's netns only, as the writer does: iptables resolves pinned
 /// paths in the caller's mount namespace, and bpffs is not mounted in that of `ip netns exec`.
-fn in_router_netns(lab: &Lab, command: &[&str]) -> std::process::Output {
+fn in_router_netns(lab: &Lab, command: &[String]) -> std::process::Output {
     Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", lab.ns(Role::Router)))
         .args(command)
@@ -646,34 +638,8 @@ fn a_removed_pin_is_put_back_or_stood_in_for() {
     let out_before = raw_chain(&lab, "OUTPUT");
     // More than xt_bpf's 64 inline instructions: the rules name a pinned program.
     let ports = (6000..6040).map(|p| format!("udp port {p}")).collect::<Vec<_>>().join(" or ");
-    let probe = [
-        "iptables-legacy",
-        "-w",
-        "-t",
-        "raw",
-        "-I",
-        "PREROUTING",
-        "-m",
-        "comment",
-        "--comment",
-        "probe",
-        "-j",
-        "ACCEPT",
-    ];
-    let unprobe = [
-        "iptables-legacy",
-        "-w",
-        "-t",
-        "raw",
-        "-D",
-        "PREROUTING",
-        "-m",
-        "comment",
-        "--comment",
-        "probe",
-        "-j",
-        "ACCEPT",
-    ];
+    let probe = raw_accept(&["-I", "PREROUTING"], "probe");
+    let unprobe = raw_accept(&["-D", "PREROUTING"], "probe");
     // A running iptrace: the pin comes back, and the table takes changes meanwhile.
     let tracer = Tracer::start(&["--netns", &router, "--backend", "legacy", "-4", &ports]);
     let pins = pins_of(tracer.pid());

@@ -274,7 +274,7 @@ impl StandInPins {
 /// The pinned program a saved rule names (`-m bpf --object-pinned PATH`).
 fn pinned_path(line: &str) -> Option<PathBuf> {
     let tokens = xtables::tokenize(line);
-    tokens.windows(2).find(|w| w[0] == "--object-pinned").map(|w| PathBuf::from(&w[1]))
+    option_value(&tokens, "--object-pinned").map(PathBuf::from)
 }
 
 /// How `owner`'s TRACE rule of one chain was found out of place.
@@ -323,7 +323,12 @@ fn deletion_args(rule: &TaggedRule) -> Vec<String> {
 
 /// The owner tag in a rule's `-m comment --comment` argument.
 pub(crate) fn owner_of(rule: &[String]) -> Option<Owner> {
-    rule.windows(2).find(|w| w[0] == "--comment").and_then(|w| Owner::from_tag(&w[1]))
+    option_value(rule, "--comment").and_then(Owner::from_tag)
+}
+
+/// The word after the first `option` in a tokenized rule.
+fn option_value<'a>(rule: &'a [String], option: &str) -> Option<&'a str> {
+    rule.windows(2).find(|w| w[0] == option).map(|w| w[1].as_str())
 }
 
 #[cfg(test)]
