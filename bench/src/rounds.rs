@@ -78,12 +78,15 @@ pub struct ScenarioResult {
     pub msgs_to_userspace_per_match: Option<f64>,
     pub ready_ms: Option<f64>,
     pub exit_ms: Option<f64>,
-    /// Each of iptrace's eBPF programs that ran: its own run time per forwarded packet in ns,
-    /// and its runs per forwarded packet (medians over the slices' program phases).
+    /// Each of iptrace's eBPF programs that ran: its run time per forwarded packet in ns as the
+    /// kernel counts it, its runs per forwarded packet, and its own time per forwarded packet,
+    /// without what counting adds to each run (medians over the slices' program phases).
     #[serde(default)]
     pub ebpf_ns_per_packet: BTreeMap<String, f64>,
     #[serde(default)]
     pub ebpf_runs_per_packet: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub ebpf_own_ns_per_packet: BTreeMap<String, f64>,
     /// The per-cycle costs behind `cost_pct`, in measuring order.
     pub cost_samples_pct: Vec<f64>,
     pub rounds: usize,
@@ -143,6 +146,7 @@ pub fn merge(rounds: &[Round]) -> ScenarioResult {
         exit_ms: median(slices.iter().filter_map(|s| s.exit_ms).collect()),
         ebpf_ns_per_packet: per_program(&slices, |r| r.ns),
         ebpf_runs_per_packet: per_program(&slices, |r| r.runs),
+        ebpf_own_ns_per_packet: own_per_program(&slices),
         cost_samples_pct: costs,
         rounds: rounds.len(),
         notes,
@@ -159,6 +163,21 @@ fn per_program(slices: &[&Slice], figure: fn(&ProgramRuns) -> u64) -> BTreeMap<S
         .filter(|(i, _)| phases.iter().any(|p| p.runs[*i].runs > 0))
         .filter_map(|(i, name)| {
             let values: Vec<f64> = phases.iter().map(|p| figure(&p.runs[i]) as f64 / p.forwarded as f64).collect();
+            Some(((*name).to_owned(), Spread::of(&values)?.median))
+        })
+        .collect()
+}
+
+/// Each eBPF program's own nanoseconds per forwarded packet ([`crate::slice::ProgramPhase::own_ns_per_packet`])
+/// over the slices' program phases: the median, for the programs that ran at all.
+fn own_per_program(slices: &[&Slice]) -> BTreeMap<String, f64> {
+    let phases: Vec<_> = slices.iter().filter_map(|s| s.programs).filter(|p| p.forwarded > 0).collect();
+    IPTRACE_PROGRAMS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| phases.iter().any(|p| p.runs[*i].runs > 0))
+        .filter_map(|(i, name)| {
+            let values: Vec<f64> = phases.iter().filter_map(|p| p.own_ns_per_packet(i)).collect();
             Some(((*name).to_owned(), Spread::of(&values)?.median))
         })
         .collect()

@@ -70,6 +70,18 @@ pub struct Slice {
 pub struct ProgramPhase {
     pub forwarded: u64,
     pub runs: [kernel::ProgramRuns; kernel::IPTRACE_PROGRAMS.len()],
+    /// [`kernel::ClockReference`]'s: what counting adds to each run.
+    pub clock: kernel::ProgramRuns,
+}
+
+impl ProgramPhase {
+    /// Program `i`'s own nanoseconds per forwarded packet: its counted time less what counting
+    /// added to each of its runs. `None` when the clock reference did not run.
+    pub fn own_ns_per_packet(&self, i: usize) -> Option<f64> {
+        let clock_ns_per_run = (self.clock.runs > 0).then(|| self.clock.ns as f64 / self.clock.runs as f64)?;
+        let run = self.runs[i];
+        Some((run.ns as f64 - run.runs as f64 * clock_ns_per_run) / self.forwarded as f64)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -206,16 +218,18 @@ impl Bench {
 
     /// One more fixed-load phase, with the kernel counting the eBPF programs' runs.
     fn measure_programs(&self) -> Result<ProgramPhase, ScenarioError> {
+        let _clock = kernel::ClockReference::attach()?;
         let _counting = kernel::RunTimeStatistics::enable()?;
-        let before = kernel::iptrace_program_runs();
+        let before = kernel::program_runs();
         let phase = self.phase(self.fixed)?;
-        let after = kernel::iptrace_program_runs();
+        let after = kernel::program_runs();
         let mut runs = after;
         for (run, earlier) in runs.iter_mut().zip(before) {
             run.runs = run.runs.saturating_sub(earlier.runs);
             run.ns = run.ns.saturating_sub(earlier.ns);
         }
-        Ok(ProgramPhase { forwarded: phase.forwarded, runs })
+        let [iptrace @ .., clock] = runs;
+        Ok(ProgramPhase { forwarded: phase.forwarded, runs: iptrace, clock })
     }
 
     fn drain(scenario: &Scenario) -> Duration {

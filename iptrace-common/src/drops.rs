@@ -1,4 +1,4 @@
-//! The drop-reason program (`skb:kfree_skb` raw tracepoint): the kernel layout it is handed at
+//! The drop-reason program (`tp_btf` on `skb:kfree_skb`): the kernel layout it is handed at
 //! load time, and the record it writes to its ring buffer for each selected drop.
 
 /// Bytes of the packet copied from its network header on: an IPv4 header with options (60)
@@ -6,9 +6,9 @@
 /// that an index masked with `DROP_HEADER_MAX - 1` is in bounds for the verifier.
 pub const DROP_HEADER_MAX: usize = 128;
 
-/// Offsets (bytes) of the kernel fields the program reads with `bpf_probe_read_kernel`, taken
-/// from the running kernel's BTF by userspace (design.md §8): the program has no CO-RE
-/// relocations, so one build works on every kernel layout.
+/// Offsets (bytes) of the kernel fields the program loads, taken from the running kernel's BTF
+/// by userspace (design.md §8): the program has no CO-RE relocations, so one build works on
+/// every kernel layout.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelLayout {
@@ -67,7 +67,7 @@ pub struct DropRecord {
 // SAFETY: plain old data, `repr(C)`, no padding (3 × 8 + 4 × 4 + 128 bytes).
 unsafe impl aya::Pod for DropRecord {}
 
-/// The raw tracepoint program on `skb:kfree_skb`.
+/// The BTF-enabled raw tracepoint program on `skb:kfree_skb`.
 pub const DROP_PROGRAM: &str = "drop_reasons";
 /// The tracepoint it attaches to.
 pub const DROP_TRACEPOINT: &str = "kfree_skb";

@@ -1,20 +1,22 @@
-//! `drop_reasons`, a raw tracepoint program on `skb:kfree_skb` (design.md §8): for each packet
-//! the kernel frees as dropped (`reason > SKB_CONSUMED`) in the traced namespace, it copies the
-//! first bytes from the network header on, runs the selection on them, and writes a
-//! [`DropRecord`] to [`DROP_EVENTS`] when selected.
+//! `drop_reasons`, a BTF-enabled raw tracepoint program (`tp_btf`) on `skb:kfree_skb`
+//! (design.md §8): for each packet the kernel frees as dropped (`reason > SKB_CONSUMED`) in the
+//! traced namespace, it copies the first bytes from the network header on, runs the selection on
+//! them, and writes a [`DropRecord`] to [`DROP_EVENTS`] when selected.
 //!
 //! kfree_skb fires for every dropped packet on the host, so the cheap tests come first: the
-//! reason (an argument), then the namespace (three kernel reads), and only then the copy and
-//! the interpreter. Kernel structures are read with `bpf_probe_read_kernel` at the offsets
-//! userspace found in the running kernel's BTF ([`KernelLayout`]): no CO-RE relocations.
+//! reason (an argument), then the namespace (three loads), and only then the copy and the
+//! interpreter. The arguments are typed pointers, so kernel structures are read with plain loads
+//! (`BPF_PROBE_MEM`: a fault reads 0) at the offsets userspace found in the running kernel's BTF
+//! ([`KernelLayout`]), no CO-RE relocations: the layout is a frozen read-only global, which the
+//! verifier reads as constants and checks each load against the BTF type it lands in.
 
 use core::ptr;
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
-    macros::{map, raw_tracepoint},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
+    macros::{btf_tracepoint, map},
     maps::{PerCpuArray, RingBuf},
-    programs::RawTracePointContext,
+    programs::BtfTracePointContext,
 };
 use iptrace_common::{
     cbpf::Outcome,
@@ -54,25 +56,17 @@ static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
 #[map]
 static DROP_SCRATCH: PerCpuArray<DropRecord> = PerCpuArray::with_max_entries(1, 0);
 
-/// The last `struct net` this CPU saw a drop in that is not the traced namespace's, so that the
-/// next drop there is skipped without reading its cookie (a third kernel read; the benchmark's
-/// program phase counts 290 ns per drop with it). Safe across namespaces that come and go: the
-/// traced namespace's `struct net` stays allocated while iptrace holds the namespace, so an
-/// address once seen for another namespace is never the traced one's during the run.
-#[map]
-static UNTRACED_NET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
 /// `sk_buff.network_header` when no network header was set (`skb_reset_network_header` never ran).
 const NO_HEADER: u16 = 0xffff;
 
-/// Raw tracepoint arguments of `kfree_skb` (`TP_PROTO` in `include/trace/events/skb.h`, Linux
-/// 6.12+: skb, location, reason, rx_sk).
+/// Arguments of `kfree_skb` (`TP_PROTO` in `include/trace/events/skb.h`, Linux 6.12+: skb,
+/// location, reason, rx_sk).
 const ARG_SKB: usize = 0;
 const ARG_LOCATION: usize = 1;
 const ARG_REASON: usize = 2;
 
-#[raw_tracepoint(tracepoint = "kfree_skb")]
-pub fn drop_reasons(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn drop_reasons(ctx: BtfTracePointContext) -> i32 {
     let _ = report(&ctx);
     0
 }
@@ -89,14 +83,16 @@ fn traced_netns() -> u64 {
     unsafe { ptr::read_volatile(&raw const TRACED_NETNS) }
 }
 
-/// Reads a `T` at `offset` bytes into the kernel object at `base`.
+/// Loads the `T` at `offset` bytes into the kernel object at `base`, a BTF-typed pointer (an
+/// argument, or a pointer loaded through one). The verifier checks that a `T` is there in the
+/// kernel's type and makes the load fault-safe (`BPF_PROBE_MEM`): a bad address reads 0.
 #[inline(always)]
-fn read<T>(base: *const u8, offset: u32) -> Option<T> {
-    // SAFETY: bpf_probe_read_kernel faults safely on any address.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()).ok() }
+fn load<T: Copy>(base: *const u8, offset: u32) -> T {
+    // SAFETY: see above; the kernel turns a faulting load into 0.
+    unsafe { ptr::read(base.wrapping_add(offset as usize).cast::<T>()) }
 }
 
-fn report(ctx: &RawTracePointContext) -> Option<()> {
+fn report(ctx: &BtfTracePointContext) -> Option<()> {
     let reason: u64 = ctx.arg(ARG_REASON);
     let reason = u32::try_from(reason).ok()?;
     if reason <= SKB_CONSUMED {
@@ -104,37 +100,31 @@ fn report(ctx: &RawTracePointContext) -> Option<()> {
     }
     let layout = layout();
     let skb: *const u8 = ctx.arg(ARG_SKB);
-    let dev: *const u8 = read(skb, layout.skb_dev)?;
+    let dev: *const u8 = load(skb, layout.skb_dev);
     // A packet without a device (dropped in a socket's queue) belongs to its socket's namespace.
-    let (net, ifindex): (*const u8, i32) = if dev.is_null() {
-        let sk: *const u8 = read(skb, layout.skb_sk)?;
+    let net: *const u8 = if dev.is_null() {
+        let sk: *const u8 = load(skb, layout.skb_sk);
         if sk.is_null() {
             return None;
         }
-        (read(sk, layout.sk_net)?, 0)
+        load(sk, layout.sk_net)
     } else {
-        (read(dev, layout.dev_net)?, read(dev, layout.dev_ifindex)?)
+        load(dev, layout.dev_net)
     };
     if net.is_null() {
         return None;
     }
-    let untraced = UNTRACED_NET.get_ptr_mut(0)?;
-    // SAFETY: this CPU's slot; a raw tracepoint program does not run nested on one CPU.
-    if unsafe { *untraced } == net as u64 {
-        return None;
-    }
-    let netns_cookie: u64 = read(net, layout.net_cookie)?;
+    let netns_cookie: u64 = load(net, layout.net_cookie);
     if netns_cookie != traced_netns() {
-        // SAFETY: as above.
-        unsafe { *untraced = net as u64 };
         return None;
     }
+    let ifindex: i32 = if dev.is_null() { 0 } else { load(dev, layout.dev_ifindex) };
 
-    let head: *const u8 = read(skb, layout.skb_head)?;
-    let data: *const u8 = read(skb, layout.skb_data)?;
-    let len: u32 = read(skb, layout.skb_len)?;
-    let data_len: u32 = read(skb, layout.skb_data_len)?;
-    let network_header: u16 = read(skb, layout.skb_network_header)?;
+    let head: *const u8 = load(skb, layout.skb_head);
+    let data: *const u8 = load(skb, layout.skb_data);
+    let len: u32 = load(skb, layout.skb_len);
+    let data_len: u32 = load(skb, layout.skb_data_len);
+    let network_header: u16 = load(skb, layout.skb_network_header);
     if network_header == NO_HEADER {
         return None;
     }
@@ -163,7 +153,7 @@ fn report(ctx: &RawTracePointContext) -> Option<()> {
     let stored = unsafe { ptr::read_volatile(&raw const record.header_len) };
     let size = ((stored.wrapping_sub(1)) as usize & HEADER_INDEX_MASK) + 1;
     let header = record.header.get_mut(..size)?;
-    // SAFETY: as for `read`.
+    // SAFETY: bpf_probe_read_kernel faults safely on any address.
     unsafe { bpf_probe_read_kernel_buf(network, header) }.ok()?;
     if !matches!(record.header[0] >> 4, 4 | 6) {
         return None;

@@ -1,4 +1,4 @@
-//! Drop reasons from the `skb:kfree_skb` raw tracepoint program, in the lab's router: each kind
+//! Drop reasons from the `skb:kfree_skb` tracepoint program, in the lab's router: each kind
 //! of drop the kernel makes of a forwarded or delivered packet is reported once, with the
 //! kernel's own reason and the packet as it was then (after DNAT), and only for selected
 //! packets in the traced namespace. The router's

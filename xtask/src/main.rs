@@ -213,6 +213,7 @@ fn smoke_problems(report: &serde_json::Value) -> Vec<String> {
         if ["legacy_iptrace_one_flow", "nft_iptrace_one_flow", "mixed_iptrace_one_flow"].contains(scenario) {
             want("cost_vs_floor_pct", finite(&floor));
             want("ebpf_ns_per_packet", finite(&s["ebpf_ns_per_packet"]["drop_reasons"]));
+            want("ebpf_own_ns_per_packet", finite(&s["ebpf_own_ns_per_packet"]["drop_reasons"]));
         }
     }
     if !finite(&report["drop_reasons_cost_pct"]["median"]) {

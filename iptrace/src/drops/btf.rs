@@ -219,11 +219,18 @@ impl<'a> Btf<'a> {
         Ok(ty.members().map(|m| (m.value, self.string(m.name).to_owned())).collect())
     }
 
+    /// The id of the kernel's `btf_trace_<name>` typedef: what a BTF-enabled raw tracepoint
+    /// program names as its attach point (`attach_btf_id`).
+    pub fn tracepoint_type(&self, name: &str) -> Result<u32, DropError> {
+        self.named(KIND_TYPEDEF, &format!("btf_trace_{name}"))
+            .ok_or_else(|| DropError::BtfField { name: format!("btf_trace_{name}") })
+    }
+
     /// Parameter names and their type names of the raw tracepoint `name`: the prototype of the
     /// kernel's `btf_trace_<name>` typedef, without its first (`void *__data`) parameter.
     pub fn tracepoint_params(&self, name: &str) -> Result<Vec<(String, String)>, DropError> {
         let missing = || DropError::BtfField { name: format!("btf_trace_{name}") };
-        let typedef = self.named(KIND_TYPEDEF, &format!("btf_trace_{name}")).ok_or_else(missing)?;
+        let typedef = self.tracepoint_type(name)?;
         let (_, pointer) = self.resolve(typedef).ok_or_else(missing)?;
         let (_, proto) = self.resolve(pointer.size_or_type).ok_or_else(missing)?;
         if proto.kind != KIND_FUNC_PROTO {
@@ -246,6 +253,34 @@ impl<'a> Btf<'a> {
             _ => name.to_owned(),
         }
     }
+}
+
+/// A BTF blob in which the typedef `btf_trace_<name>` has the id `type_id`, for aya's
+/// `BtfTracePoint::load`. aya looks the attach point up by name in BTF it has parsed, and parsing
+/// the kernel's whole BTF with aya costs about 18 MB and tens of milliseconds
+/// (`bpf::without_kernel_btf`) when [`Btf::tracepoint_type`] has already found the id. Ids are
+/// positions, so `type_id - 1` fillers (pointers to void, 12 bytes each) come first.
+pub fn attach_point_blob(name: &str, type_id: u32) -> Vec<u8> {
+    const HEADER_LEN: u32 = 24;
+    const TYPE_LEN: u32 = 12;
+    let strings = [&[0][..], format!("btf_trace_{name}").as_bytes(), &[0]].concat();
+    let type_len = type_id * TYPE_LEN;
+    let mut blob = Vec::with_capacity((HEADER_LEN + type_len) as usize + strings.len());
+    blob.extend(BTF_MAGIC.to_le_bytes());
+    blob.extend([1, 0]); // version 1, no flags
+    for field in [HEADER_LEN, 0, type_len, type_len, strings.len() as u32] {
+        blob.extend(field.to_le_bytes());
+    }
+    for _ in 1..type_id {
+        for field in [0, KIND_PTR << 24, 0] {
+            blob.extend(u32::to_le_bytes(field));
+        }
+    }
+    for field in [1, KIND_TYPEDEF << 24, 0] {
+        blob.extend(u32::to_le_bytes(field));
+    }
+    blob.extend(strings);
+    blob
 }
 
 /// Where a member is: bytes from the start of the outer struct, and its size (0 when not a

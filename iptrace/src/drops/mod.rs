@@ -1,5 +1,5 @@
 //! Drop reasons: why the kernel freed a selected packet that netfilter let through (or dropped),
-//! from the `drop_reasons` raw tracepoint program on `skb:kfree_skb` (design.md §8).
+//! from the `drop_reasons` program on the `skb:kfree_skb` tracepoint (design.md §8).
 //!
 //! Userspace reads the running kernel's BTF for the offsets the program reads the `sk_buff` at
 //! ([`KernelLayout`]) and for the names of `enum skb_drop_reason`, loads the program with the
@@ -20,7 +20,7 @@ use std::{collections::HashMap, io, os::fd::AsFd, time::Duration};
 use aya::{
     Ebpf,
     maps::{MapData, MapError, RingBuf},
-    programs::{ProgramError, RawTracePoint},
+    programs::{BtfTracePoint, ProgramError},
 };
 use iptrace_common::{
     drops::{
@@ -58,7 +58,9 @@ pub enum DropError {
     Load(#[source] BpfError),
     #[error("the kernel rejected the drop program (BPF_PROG_LOAD)")]
     Verify(#[source] ProgramError),
-    #[error("could not attach the drop program to the {DROP_TRACEPOINT} raw tracepoint")]
+    #[error("could not name the {DROP_TRACEPOINT} tracepoint to aya")]
+    AttachPoint(#[source] aya::BtfError),
+    #[error("could not attach the drop program to the {DROP_TRACEPOINT} tracepoint")]
     Attach(#[source] ProgramError),
     #[error("eBPF map '{DROP_EVENTS_MAP}'")]
     Map(#[source] MapError),
@@ -69,6 +71,8 @@ pub enum DropError {
 #[derive(Clone, Debug)]
 pub struct KernelFacts {
     pub layout: KernelLayout,
+    /// The id of `btf_trace_kfree_skb`, the program's attach point.
+    pub tracepoint_type: u32,
     /// `enum skb_drop_reason` names by value, without `SKB_DROP_REASON_`.
     pub reasons: HashMap<u32, String>,
 }
@@ -82,6 +86,7 @@ impl KernelFacts {
 
     pub fn from_btf(btf: &Btf) -> Result<Self, DropError> {
         check_tracepoint(btf)?;
+        let tracepoint_type = btf.tracepoint_type(DROP_TRACEPOINT)?;
         let field = |name: &'static str, outer: &str, path: &[&str], size: u32| {
             let field = btf.member(outer, path)?;
             if field.size == size {
@@ -111,7 +116,7 @@ impl KernelFacts {
                 Some((value, name.strip_prefix(REASON_PREFIX).unwrap_or(&name).to_owned()))
             })
             .collect();
-        Ok(Self { layout, reasons })
+        Ok(Self { layout, tracepoint_type, reasons })
     }
 
     /// The name of `reason`, or its number for a value the enum does not name (a subsystem's
@@ -121,7 +126,7 @@ impl KernelFacts {
     }
 }
 
-/// The program reads the skb, the location and the reason as raw tracepoint arguments 0, 1
+/// The program reads the skb, the location and the reason as tracepoint arguments 0, 1
 /// and 2: refuse a kernel whose prototype differs rather than misread it.
 fn check_tracepoint(btf: &Btf) -> Result<(), DropError> {
     let params = btf.tracepoint_params(DROP_TRACEPOINT)?;
@@ -234,13 +239,18 @@ impl DropTracer {
             &[PACKET_VERDICTS_MAP, TRACE_ID_VERDICTS_MAP],
         )
         .map_err(DropError::Load)?;
-        let program: &mut RawTracePoint = ebpf
+        let attach_point = aya::Btf::parse(
+            &btf::attach_point_blob(DROP_TRACEPOINT, facts.tracepoint_type),
+            aya::Endianness::default(),
+        )
+        .map_err(DropError::AttachPoint)?;
+        let program: &mut BtfTracePoint = ebpf
             .program_mut(DROP_PROGRAM)
             .ok_or(DropError::Load(BpfError::MissingProgram { name: DROP_PROGRAM, source: None }))?
             .try_into()
             .map_err(|source| DropError::Load(BpfError::MissingProgram { name: DROP_PROGRAM, source: Some(source) }))?;
-        bpf::with_signals_blocked(|| program.load()).map_err(DropError::Verify)?;
-        program.attach(DROP_TRACEPOINT).map_err(DropError::Attach)?;
+        bpf::with_signals_blocked(|| program.load(DROP_TRACEPOINT, &attach_point)).map_err(DropError::Verify)?;
+        program.attach().map_err(DropError::Attach)?;
         let events = ebpf
             .take_map(DROP_EVENTS_MAP)
             .ok_or(DropError::Load(BpfError::MissingMap { name: DROP_EVENTS_MAP }))?

@@ -22,6 +22,21 @@ fn kfree_skb_takes_skb_location_reason() {
 }
 
 #[test]
+fn the_attach_point_blob_names_the_kernels_typedef_id() {
+    let facts = facts();
+    let blob = btf::attach_point_blob(DROP_TRACEPOINT, facts.tracepoint_type);
+    // aya, which loads the program, finds the typedef at the kernel's id.
+    let aya_btf = aya::Btf::parse(&blob, aya::Endianness::default()).unwrap();
+    let found = aya_btf.id_by_type_name_kind("btf_trace_kfree_skb", aya_obj::btf::BtfKind::Typedef).unwrap();
+    assert_eq!(found, facts.tracepoint_type);
+    // And the id is that of the kernel's typedef, whose prototype the program reads.
+    let bytes = std::fs::read(KERNEL_BTF).unwrap();
+    let kernel = Btf::parse(&bytes).unwrap();
+    assert_eq!(Btf::parse(&blob).unwrap().tracepoint_type(DROP_TRACEPOINT).unwrap(), found);
+    assert_eq!(kernel.tracepoint_type(DROP_TRACEPOINT).unwrap(), found);
+}
+
+#[test]
 fn layout_and_reasons_come_from_btf() {
     let facts = facts();
     let layout = facts.layout;
