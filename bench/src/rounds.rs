@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     kernel::{IPTRACE_PROGRAMS, ProgramRuns},
     scenario::{Scenario, ScenarioError, Tool},
-    slice::{Bench, Slice},
+    slice::{Bench, ProgramPhase, Slice},
     spread::Spread,
 };
 
@@ -144,43 +144,33 @@ pub fn merge(rounds: &[Round]) -> ScenarioResult {
         msgs_to_userspace_per_match: sum(|s| s.messages).zip(nonzero).map(|(m, t)| m as f64 / t as f64),
         ready_ms: median(slices.iter().filter_map(|s| s.ready_ms).collect()),
         exit_ms: median(slices.iter().filter_map(|s| s.exit_ms).collect()),
-        ebpf_ns_per_packet: per_program(&slices, |r| r.ns),
-        ebpf_runs_per_packet: per_program(&slices, |r| r.runs),
-        ebpf_own_ns_per_packet: own_per_program(&slices),
+        ebpf_ns_per_packet: per_program(&slices, per_packet(|r| r.ns)),
+        ebpf_runs_per_packet: per_program(&slices, per_packet(|r| r.runs)),
+        ebpf_own_ns_per_packet: per_program(&slices, ProgramPhase::own_ns_per_packet),
         cost_samples_pct: costs,
         rounds: rounds.len(),
         notes,
     }
 }
 
-/// `figure` of each eBPF program per forwarded packet of the slices' program phases: the
-/// median, for the programs that ran at all.
-fn per_program(slices: &[&Slice], figure: fn(&ProgramRuns) -> u64) -> BTreeMap<String, f64> {
+/// `figure` of each eBPF program (by index) in each of the slices' program phases: the median,
+/// for the programs that ran at all.
+fn per_program(slices: &[&Slice], figure: impl Fn(&ProgramPhase, usize) -> Option<f64>) -> BTreeMap<String, f64> {
     let phases: Vec<_> = slices.iter().filter_map(|s| s.programs).filter(|p| p.forwarded > 0).collect();
     IPTRACE_PROGRAMS
         .iter()
         .enumerate()
         .filter(|(i, _)| phases.iter().any(|p| p.runs[*i].runs > 0))
         .filter_map(|(i, name)| {
-            let values: Vec<f64> = phases.iter().map(|p| figure(&p.runs[i]) as f64 / p.forwarded as f64).collect();
+            let values: Vec<f64> = phases.iter().filter_map(|p| figure(p, i)).collect();
             Some(((*name).to_owned(), Spread::of(&values)?.median))
         })
         .collect()
 }
 
-/// Each eBPF program's own nanoseconds per forwarded packet ([`crate::slice::ProgramPhase::own_ns_per_packet`])
-/// over the slices' program phases: the median, for the programs that ran at all.
-fn own_per_program(slices: &[&Slice]) -> BTreeMap<String, f64> {
-    let phases: Vec<_> = slices.iter().filter_map(|s| s.programs).filter(|p| p.forwarded > 0).collect();
-    IPTRACE_PROGRAMS
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| phases.iter().any(|p| p.runs[*i].runs > 0))
-        .filter_map(|(i, name)| {
-            let values: Vec<f64> = phases.iter().filter_map(|p| p.own_ns_per_packet(i)).collect();
-            Some(((*name).to_owned(), Spread::of(&values)?.median))
-        })
-        .collect()
+/// `figure` of a program's runs per forwarded packet of a phase.
+fn per_packet(figure: fn(&ProgramRuns) -> u64) -> impl Fn(&ProgramPhase, usize) -> Option<f64> {
+    move |phase, i| Some(figure(&phase.runs[i]) as f64 / phase.forwarded as f64)
 }
 
 /// Measures `scenarios` (all of `bench`'s lab) together for `cycles` cycles, each slice between
