@@ -5,7 +5,7 @@
 //! (a [`ReportSink`]: the text renderer today) is the caller's.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, VecDeque, hash_map::Entry},
     ffi::CStr,
     io,
     ops::ControlFlow,
@@ -97,12 +97,51 @@ pub struct Pipeline<'a, N> {
     drops_alone: bool,
     /// Drops read from the kernel by an instant, each waiting, as a packet's block does, until
     /// the reader has read on for `linger` past it ([`Pipeline::flush_idle`]).
-    drops: Vec<(DropEvent, Instant)>,
+    drops: WaitingDrops,
     /// The packets shown last (family and NAT-invariant key): a drop read after its packet's
     /// block was shown (the processing fell behind) is not a packet of its own.
     shown: VecDeque<(Family, u64)>,
     /// The kernel has lost trace events in this run.
     events_lost: bool,
+}
+
+/// Drops waiting to end their packets, in the order they were read (so by read time), with
+/// their packets' keys counted: whether an idle packet has a drop to wait for is one look-up,
+/// not a scan, and a flood of drops costs no more per drop than one.
+#[derive(Debug, Default)]
+struct WaitingDrops {
+    queue: VecDeque<(DropEvent, Instant)>,
+    /// Family and NAT-invariant key of the queued drops, and how many have each. All are of the
+    /// traced namespace ([`Pipeline::dropped`] keeps no other).
+    keys: HashMap<(Family, u64), usize>,
+}
+
+impl WaitingDrops {
+    fn push(&mut self, drop: DropEvent, read_at: Instant) {
+        *self.keys.entry(drop.key()).or_default() += 1;
+        self.queue.push_back((drop, read_at));
+    }
+
+    /// The oldest drop, if `due` at its read time.
+    fn pop_if(&mut self, due: impl Fn(Instant) -> bool) -> Option<(DropEvent, Instant)> {
+        if !self.queue.front().is_some_and(|(_, at)| due(*at)) {
+            return None;
+        }
+        let (drop, read_at) = self.queue.pop_front()?;
+        if let Entry::Occupied(mut count) = self.keys.entry(drop.key()) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
+        }
+        Some((drop, read_at))
+    }
+
+    /// Whether a queued drop is of the packet with `events` ([`DropEvent::joins`], whose
+    /// namespace test every queued drop passes).
+    fn awaits(&self, events: &[TraceEvent]) -> bool {
+        events.first().is_some_and(|e| self.keys.contains_key(&(e.family, e.packet.identity())))
+    }
 }
 
 /// How many shown packets [`Pipeline`] remembers for late drops.
@@ -122,7 +161,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             clock: (Instant::now(), SystemTime::now()),
             drops_netns: None,
             drops_alone: false,
-            drops: Vec::new(),
+            drops: WaitingDrops::default(),
             shown: VecDeque::new(),
             events_lost: false,
         }
@@ -157,7 +196,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
     /// own.
     pub fn dropped(&mut self, drop: DropEvent, read_at: Instant) {
         if self.drops_netns == Some(drop.netns) {
-            self.drops.push((drop, read_at));
+            self.drops.push(drop, read_at);
         }
     }
 
@@ -241,9 +280,8 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         if self.end_dropped(Some(read_up_to), sink)?.is_break() {
             return Ok(ControlFlow::Break(()));
         }
-        let (drops, netns) = (&self.drops, self.drops_netns.unwrap_or_default());
-        let traces =
-            self.correlator.flush_idle_keeping(read_up_to, |events| drops.iter().any(|(d, _)| d.joins(events, netns)));
+        let drops = &self.drops;
+        let traces = self.correlator.flush_idle_keeping(read_up_to, |events| drops.awaits(events));
         self.emit_all(traces, sink)
     }
 
@@ -267,17 +305,15 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
     ) -> Result<ControlFlow<()>, PipelineError> {
         let Some(netns) = self.drops_netns else { return Ok(ControlFlow::Continue(())) };
         let linger = self.correlator.linger();
-        let due = |read_at: &Instant| read_up_to.is_none_or(|up_to| *read_at + linger <= up_to);
-        let (ready, waiting) = std::mem::take(&mut self.drops).into_iter().partition(|(_, at)| due(at));
-        self.drops = waiting;
-        for (drop, read_at) in ready {
+        let due = |read_at: Instant| read_up_to.is_none_or(|up_to| read_at + linger <= up_to);
+        while let Some((drop, read_at)) = self.drops.pop_if(due) {
             let ended = self.correlator.close_ended(
                 drop.family(),
                 drop.packet.identity(),
                 (drop.packet.src, drop.packet.dst),
                 |events| drop.joins(events, netns),
             );
-            let key = (drop.family(), drop.packet.identity());
+            let key = drop.key();
             // A netfilter DROP is the verdict of a traced step; any other drop of a packet whose
             // block is already out came too late to end it.
             let late = drop.reason == "NETFILTER_DROP" || self.shown.contains(&key);
@@ -345,5 +381,46 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             Some(report) => sink.report(report).map_err(PipelineError::Output),
             None => Ok(ControlFlow::Continue(())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::WaitingDrops;
+    use crate::{
+        decode::{Hook, Table, TraceKind},
+        testing::{kernel_dropped, legacy_event, udp_v4_to},
+    };
+
+    #[test]
+    fn waiting_drops_leave_in_read_order_and_are_awaited_until_the_last_of_a_packet() {
+        let (a, b) = (
+            udp_v4_to([10, 5, 1, 7], 40000, [10, 0, 0, 1], 53, 1, 64),
+            udp_v4_to([10, 5, 1, 7], 40000, [10, 0, 0, 1], 53, 2, 64),
+        );
+        let events_of = |packet: &[u8]| {
+            vec![legacy_event(packet, Hook::PreRouting, Table::Raw, "PREROUTING", TraceKind::Policy, 1)]
+        };
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut drops = WaitingDrops::default();
+        drops.push(kernel_dropped(&a, 7, "NO_SOCKET"), at(0));
+        drops.push(kernel_dropped(&b, 7, "NO_SOCKET"), at(5));
+        drops.push(kernel_dropped(&a, 7, "NO_SOCKET"), at(10));
+        assert!(drops.awaits(&events_of(&a)) && drops.awaits(&events_of(&b)));
+        assert!(!drops.awaits(&[]));
+
+        let due_by = |ms| move |read_at: Instant| read_at <= at(ms);
+        assert_eq!(drops.pop_if(due_by(4)).map(|(d, t)| (d.packet.id, t)), Some((1, at(0))));
+        // The next is not due yet, and the one after it waits behind it.
+        assert!(drops.pop_if(due_by(4)).is_none());
+        assert!(drops.awaits(&events_of(&a)), "a's second drop still waits");
+        assert_eq!(drops.pop_if(due_by(20)).map(|(_, t)| t), Some(at(5)));
+        assert!(!drops.awaits(&events_of(&b)));
+        assert_eq!(drops.pop_if(due_by(20)).map(|(_, t)| t), Some(at(10)));
+        assert!(!drops.awaits(&events_of(&a)));
+        assert!(drops.pop_if(|_| true).is_none());
     }
 }

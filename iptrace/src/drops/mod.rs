@@ -203,14 +203,16 @@ impl DropEvent {
         Family::of(self.packet.src)
     }
 
+    /// The packet's family and NAT-invariant key ([`PacketHeader::identity`], as the correlator
+    /// joins events).
+    pub fn key(&self) -> (Family, u64) {
+        (self.family(), self.packet.identity())
+    }
+
     /// Whether this drop is the end of the packet with `events`, traced in namespace `netns`:
-    /// same namespace, family and NAT-invariant packet key as its events
-    /// ([`PacketHeader::identity`], as the correlator joins events).
+    /// same namespace and [`key`](Self::key) as its events.
     pub fn joins(&self, events: &[TraceEvent], netns: u64) -> bool {
-        self.netns == netns
-            && events
-                .first()
-                .is_some_and(|e| e.family == self.family() && e.packet.identity() == self.packet.identity())
+        self.netns == netns && events.first().is_some_and(|e| (e.family, e.packet.identity()) == self.key())
     }
 }
 
