@@ -7,8 +7,8 @@
 //! - `xt_prefilter`, pinned for iptables' `-m bpf --object-pinned` when the selection is longer
 //!   than xt_bpf's 64 inline instructions;
 //!
-//! and `drop_reasons`, a BTF-enabled raw tracepoint on `skb:kfree_skb` that reports the selected packets the
-//! kernel drops, with the reason (`drops`).
+//! and `drop_reasons`, a BTF-enabled raw tracepoint on `skb:kfree_skb` that reports the selected
+//! packets the kernel drops, with the reason (`drops`).
 #![no_std]
 #![no_main]
 
