@@ -120,7 +120,7 @@ impl ClockReference {
             ..ProgLoadAttr::default()
         };
         let program = bpf(BPF_PROG_LOAD, &load).map_err(|e| unreadable(format!("BPF_PROG_LOAD: {e}")))?;
-        let open = RawTracepointOpenAttr { name: 0, prog_fd: program.as_raw_fd() as u32 };
+        let open = RawTracepointOpenAttr { name: 0, prog_fd: program.as_raw_fd() as u32, padding: 0 };
         let link =
             bpf(BPF_RAW_TRACEPOINT_OPEN, &open).map_err(|e| unreadable(format!("BPF_RAW_TRACEPOINT_OPEN: {e}")))?;
         Ok(Self { _program: program, _link: link })
@@ -158,11 +158,13 @@ struct ProgLoadAttr {
     attach_btf_id: u32,
 }
 
-/// `union bpf_attr` for `BPF_RAW_TRACEPOINT_OPEN`: no name for a BTF-enabled program.
+/// `union bpf_attr` for `BPF_RAW_TRACEPOINT_OPEN`: no name for a BTF-enabled program. The
+/// padding is a field so that every byte handed to the kernel is set.
 #[repr(C)]
 struct RawTracepointOpenAttr {
     name: u64,
     prog_fd: u32,
+    padding: u32,
 }
 
 /// The `bpf(2)` command `cmd` that returns a new descriptor.
