@@ -32,10 +32,12 @@
 //! [`PacketHeader::identity`]: crate::decode::PacketHeader::identity
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     net::IpAddr,
     time::{Duration, Instant},
 };
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use crate::{
     decode::{Family, Hook, NftTraceType, Origin, Table, TraceEvent, TraceId, TraceKind},
@@ -52,11 +54,15 @@ pub struct PacketTrace {
     pub incomplete: bool,
 }
 
-/// Open packets kept at most; past that the oldest is closed before its linger ends, so that a
-/// busy router with a broad selection cannot grow memory without bound. It is complete by then:
-/// a packet's events are generated back to back on one CPU, so by the time 2048 newer packets
-/// have started, no event of the oldest is still to come.
+/// Open packets kept at most, and events in them; past either the oldest packet is closed before
+/// its linger ends, so that a busy router with a broad selection cannot grow memory without
+/// bound. It is complete by then: a packet's events are generated back to back on one CPU, so by
+/// the time 2048 newer packets have started, or 16,384 newer events (hundreds of packets) have
+/// been read, no event of the oldest is still to come. While iptrace is behind, the reader never
+/// finds the socket's queue empty, no packet's linger ends, and these bound what is open: 16,384
+/// events are about 6 MiB.
 const MAX_OPEN: usize = 2048;
+const MAX_OPEN_EVENTS: usize = 16_384;
 
 #[derive(Debug)]
 struct OpenPacket {
@@ -88,6 +94,8 @@ pub struct Correlator {
     /// search; entries of packets closed since are skipped, and compacted away now and then.
     creation: VecDeque<(u64, (Family, u64))>,
     open_count: usize,
+    /// Events in the open packets.
+    open_events: usize,
     next_serial: u64,
     /// Packets still to be opened after a loss that may have lost their first events.
     after_loss: usize,
@@ -174,6 +182,7 @@ impl Correlator {
             trace_ids: HashMap::new(),
             creation: VecDeque::new(),
             open_count: 0,
+            open_events: 0,
             next_serial: 0,
             after_loss: 0,
         }
@@ -232,7 +241,8 @@ impl Correlator {
             }
             p.last_seen = now;
             p.events.push(event);
-            return None;
+            self.open_events += 1;
+            return (self.open_events > MAX_OPEN_EVENTS).then(|| self.close_oldest()).flatten();
         }
         let incomplete = self.after_loss > 0 && !can_open_packet(&event);
         self.after_loss = self.after_loss.saturating_sub(1);
@@ -250,7 +260,8 @@ impl Correlator {
         self.creation.push_back((self.next_serial, key));
         self.next_serial += 1;
         self.open_count += 1;
-        (self.open_count > MAX_OPEN).then(|| self.close_oldest()).flatten()
+        self.open_events += 1;
+        (self.open_count > MAX_OPEN || self.open_events > MAX_OPEN_EVENTS).then(|| self.close_oldest()).flatten()
     }
 
     /// Closes every packet quiet for `linger` at `now`, oldest first.
@@ -260,9 +271,42 @@ impl Correlator {
 
     /// [`Correlator::flush_idle`], but keeps open the packets whose events `keep` accepts (those
     /// a drop still waiting may end, design.md §8).
+    ///
+    /// Only a packet that began `linger` before `now` can have been quiet that long, and those
+    /// are at the front of the creation order (a packet opens with its first event, in the order
+    /// events are read): this looks at them, not at every open packet, which at a high traced
+    /// rate are thousands, at every batch.
     pub fn flush_idle_keeping(&mut self, now: Instant, keep: impl Fn(&[TraceEvent]) -> bool) -> Vec<PacketTrace> {
-        let linger = self.linger;
-        self.close_where(|p| now.saturating_duration_since(p.last_seen) >= linger && !keep(&p.events))
+        let Some(quiet_since) = now.checked_sub(self.linger) else { return Vec::new() };
+        let mut closed = Vec::new();
+        let mut i = 0;
+        while let Some(&(serial, key)) = self.creation.get(i) {
+            let packets = self.open.get_mut(&key);
+            if let Some((packets, index)) =
+                packets.and_then(|ps| ps.iter().position(|p| p.serial == serial).map(|index| (ps, index)))
+            {
+                let packet = &packets[index];
+                if packet.first_seen > quiet_since {
+                    break;
+                }
+                if packet.last_seen > quiet_since || keep(&packet.events) {
+                    i += 1;
+                    continue;
+                }
+                closed.push(packets.swap_remove(index));
+                if packets.is_empty() {
+                    self.open.remove(&key);
+                }
+            }
+            // Closed now or before: an entry at the front goes, one behind a packet kept open
+            // waits for the next compaction.
+            if i == 0 {
+                self.creation.pop_front();
+            } else {
+                i += 1;
+            }
+        }
+        self.closed(closed)
     }
 
     /// How long a packet waits for more events before it is closed.
@@ -289,9 +333,7 @@ impl Correlator {
         if packets.is_empty() {
             self.open.remove(&key);
         }
-        self.open_count -= 1;
-        self.forget_trace_id(&packet);
-        Some(packet.closed())
+        Some(self.closed_one(packet))
     }
 
     /// Closes every open packet (at exit).
@@ -316,17 +358,28 @@ impl Correlator {
             }
             !packets.is_empty()
         });
-        self.open_count -= closed.len();
-        for packet in &closed {
-            self.forget_trace_id(packet);
-        }
+        closed.sort_by_key(|p| p.serial);
+        self.closed(closed)
+    }
+
+    /// Accounts for packets just taken out of `open`, in the order given, and compacts the
+    /// creation order.
+    fn closed(&mut self, closed: Vec<OpenPacket>) -> Vec<PacketTrace> {
+        let traces = closed.into_iter().map(|p| self.closed_one(p)).collect();
         if self.creation.len() > 2 * self.open_count + 64 {
             let open = &self.open;
             self.creation
                 .retain(|(serial, key)| open.get(key).is_some_and(|ps| ps.iter().any(|p| p.serial == *serial)));
         }
-        closed.sort_by_key(|p| p.serial);
-        closed.into_iter().map(OpenPacket::closed).collect()
+        traces
+    }
+
+    /// Accounts for a packet just taken out of `open`.
+    fn closed_one(&mut self, packet: OpenPacket) -> PacketTrace {
+        self.open_count -= 1;
+        self.open_events -= packet.events.len();
+        self.forget_trace_id(&packet);
+        packet.closed()
     }
 
     fn close_oldest(&mut self) -> Option<PacketTrace> {
@@ -337,9 +390,7 @@ impl Correlator {
             if packets.is_empty() {
                 self.open.remove(&key);
             }
-            self.open_count -= 1;
-            self.forget_trace_id(&packet);
-            return Some(packet.closed());
+            return Some(self.closed_one(packet));
         }
         None
     }

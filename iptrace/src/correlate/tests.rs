@@ -127,6 +127,59 @@ fn the_oldest_packet_is_closed_when_too_many_are_open() {
 }
 
 #[test]
+fn the_oldest_packet_is_closed_when_too_many_events_are_open() {
+    let now = Instant::now();
+    let mut c = Correlator::new(Duration::from_secs(60));
+    let packet = |n: u8| {
+        let mut p = udp_v4([10, 5, 1, 7], 40000, 64);
+        p[4..6].copy_from_slice(&[0, n]);
+        p
+    };
+    let rule = |n: u8, number: usize| {
+        legacy_event(&packet(n), Hook::PreRouting, Table::Raw, "C", TraceKind::Rule, u32::try_from(number).unwrap())
+    };
+    let per_packet = MAX_OPEN_EVENTS / 8;
+    for n in 0..8 {
+        for number in 1..=per_packet {
+            assert!(c.push(rule(n, number), now).is_none());
+        }
+    }
+    assert_eq!(c.open_packets(), 8);
+    // One more event, of a packet that is not the oldest: the oldest goes, whole.
+    let closed = c.push(rule(3, per_packet + 1), now).unwrap();
+    assert_eq!((closed.events[0].packet.id, closed.events.len()), (0, per_packet));
+    let left = c.flush_all();
+    assert_eq!(left.iter().map(|p| p.events.len()).sum::<usize>(), 7 * per_packet + 1);
+}
+
+#[test]
+fn idle_packets_close_in_creation_order_past_one_kept_open_or_still_busy() {
+    let start = Instant::now();
+    let linger = Duration::from_millis(10);
+    let mut c = Correlator::new(linger);
+    let at = |ms: u64| start + Duration::from_millis(ms);
+    let packet = |n: u8| {
+        let mut p = udp_v4([10, 5, 1, 7], 40000, 64);
+        p[4..6].copy_from_slice(&[0, n]);
+        p
+    };
+    // Packet 0 awaits a drop (kept), packet 1 is still busy at 8 ms, packets 2 and 3 went
+    // quiet, packet 4 began too late to be quiet at 15 ms.
+    c.push(event(&packet(0), Hook::PreRouting, Table::Raw), at(0));
+    c.push(event(&packet(1), Hook::PreRouting, Table::Raw), at(1));
+    c.push(event(&packet(2), Hook::PreRouting, Table::Raw), at(2));
+    c.push(event(&packet(3), Hook::PreRouting, Table::Raw), at(3));
+    c.push(event(&packet(1), Hook::Forward, Table::Filter), at(8));
+    c.push(event(&packet(4), Hook::PreRouting, Table::Raw), at(9));
+    let kept = |events: &[TraceEvent]| events[0].packet.id == 0;
+    let ids = |traces: Vec<PacketTrace>| traces.iter().map(|p| p.events[0].packet.id).collect::<Vec<_>>();
+    assert_eq!(ids(c.flush_idle_keeping(at(15), kept)), [2, 3]);
+    assert_eq!(ids(c.flush_idle_keeping(at(19), kept)), [1, 4]);
+    assert_eq!(ids(c.flush_idle_keeping(at(60), |_| false)), [0]);
+    assert_eq!(c.open_packets(), 0);
+}
+
+#[test]
 fn packets_around_a_loss_are_incomplete() {
     let now = Instant::now();
     let mut c = Correlator::new(Duration::from_millis(10));
