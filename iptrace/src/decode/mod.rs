@@ -15,7 +15,9 @@ pub mod origin;
 pub mod packet;
 pub mod prefix;
 
-use std::{collections::HashMap, fmt, sync::Arc};
+use std::{fmt, sync::Arc};
+
+use foldhash::HashMap;
 
 use iptrace_common::uapi::{NFT_TRACETYPE_POLICY, NFT_TRACETYPE_RETURN, NFT_TRACETYPE_RULE, NLMSG_DONE, NLMSG_ERROR};
 
@@ -255,10 +257,11 @@ struct HookHeaders {
 
 /// Trace ids whose headers are kept; the oldest half is forgotten when it fills. An id's events
 /// are next to each other in the stream (one hook's, then the next hook's of the same packet, in
-/// one pass through the stack), so this is far more than a packet needs: a second of traffic at
-/// the benchmark's 13,000 traced packets a second. Each costs about 120 bytes of table: 1 << 16
-/// took 16 MB, the largest share of iptrace's memory when tracing everything.
-const MAX_HOOK_HEADERS: usize = 1 << 14;
+/// one pass through the stack, microseconds apart), so this is far more than a packet needs: an
+/// id is kept for at least 2,048 newer base-chain passes, about 15 ms at the benchmark's 13,000
+/// traced packets a second. The table costs about 250 bytes an id: 1 << 16 took 16 MB, the
+/// largest share of iptrace's memory when tracing everything.
+const MAX_HOOK_HEADERS: usize = 1 << 12;
 
 /// Turns datagrams into events, interning names across calls, and remembering each nf_tables
 /// trace id's headers.
