@@ -66,28 +66,34 @@ impl NetfilterSocket {
 
     /// Receives one datagram into `buf`, waiting up to the receive timeout.
     pub fn receive(&self, buf: &mut [u8]) -> io::Result<Received> {
-        self.receive_with(buf, Msg::empty())
+        self.receive_with(buf, 0)
     }
 
     /// Like [`receive`](Self::receive), but returns [`Received::Idle`] at once when nothing is
     /// queued (MSG_DONTWAIT): for draining what is queued without waiting.
     pub fn receive_queued(&self, buf: &mut [u8]) -> io::Result<Received> {
-        self.receive_with(buf, Msg::DONTWAIT)
+        self.receive_with(buf, libc::MSG_DONTWAIT)
     }
 
     /// [`Received::Idle`] means the queue was empty: a wait a signal interrupted (EINTR, which
     /// with a receive timeout set the kernel does not restart, also not after SIGSTOP and
     /// SIGCONT) is made again, so that it cannot pass for one.
-    fn receive_with(&self, buf: &mut [u8], flags: Msg) -> io::Result<Received> {
+    ///
+    /// `recv`, not `recvfrom`: the sender (the kernel) is known, and its address would be one
+    /// more copy to userspace per message.
+    fn receive_with(&self, buf: &mut [u8], flags: libc::c_int) -> io::Result<Received> {
         loop {
-            return match self.socket.recv(&mut *buf, flags) {
-                Ok((n, _)) => Ok(Received::Datagram(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EAGAIN) => {
-                    Ok(Received::Idle)
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Received::Overrun),
-                Err(e) => Err(e),
+            // SAFETY: `buf` is writable for its whole length.
+            let n = unsafe { libc::recv(self.socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+            if let Ok(n) = usize::try_from(n) {
+                return Ok(Received::Datagram(n));
+            }
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(Received::Idle),
+                Some(libc::EINTR) => continue,
+                Some(libc::ENOBUFS) => Ok(Received::Overrun),
+                _ => Err(e),
             };
         }
     }

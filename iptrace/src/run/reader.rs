@@ -109,7 +109,14 @@ impl LossTracker {
         self.gap_here(socket)
     }
 
-    /// With the queue empty (and at the end): whatever was lost and not yet placed is here.
+    /// With the queue empty: whatever was lost since the last overrun is here. Without one
+    /// nothing was lost (each loss is reported at the next receive), and looking is a system
+    /// call, once per wake-up of a reader tracing a trickle.
+    fn queue_emptied(&mut self, socket: &TraceSocket) -> Option<u64> {
+        self.congested.is_some().then(|| self.gap_here(socket)).flatten()
+    }
+
+    /// At the end, and where a gap is found: whatever was lost and not yet placed is here.
     fn gap_here(&mut self, socket: &TraceSocket) -> Option<u64> {
         self.congested = None;
         let drops = socket.queue_state().ok()?.drops;
@@ -244,7 +251,7 @@ pub(super) fn read_datagrams(
                 false
             }
             Ok(Received::Idle) => {
-                lost(&mut batch, loss.gap_here(socket));
+                lost(&mut batch, loss.queue_emptied(socket));
                 selecting.queue_emptied(attached);
                 true
             }
