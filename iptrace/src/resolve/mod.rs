@@ -314,7 +314,7 @@ impl NftRules {
     /// Keeps the snapshot a check read, if it read one.
     fn apply(&mut self, read: Option<(u32, nft::NftListings)>) -> Result<(), ResolveError> {
         if let Some((generation, listings)) = read {
-            self.snapshots.insert(generation, Arc::new(Ruleset::from_read(&listings)?));
+            self.snapshots.insert(generation, Arc::new(Ruleset::from_read(listings)?));
         }
         Ok(())
     }

@@ -15,7 +15,9 @@
 //!
 //! Long because native and iptables-nft rules are told apart and rendered from the one listing here.
 
-use std::{borrow::Cow, collections::HashMap, sync::Arc};
+use std::{borrow::Cow, sync::Arc};
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use serde::{
     Deserialize, Deserializer, Serialize,
@@ -68,7 +70,8 @@ struct ChainRules {
 /// The whole nf_tables rule set at one generation.
 #[derive(Debug, Default)]
 pub(super) struct Ruleset {
-    chains: HashMap<(NftFamily, String, String), ChainRules>,
+    /// By family, table and chain: looked up by the names an event carries, without copying them.
+    chains: HashMap<NftFamily, HashMap<String, HashMap<String, ChainRules>>>,
     /// Tables iptables-nft manages: their rules are shown in iptables syntax.
     xtables: Vec<(NftFamily, String)>,
 }
@@ -83,8 +86,10 @@ pub(super) enum Found {
 
 /// `nft -j list ruleset`: a list of single-key objects, of which tables, chains and rules
 /// matter here (sets, maps, objects and metainfo are skipped). Parsed into these types, borrowing
-/// the listing's strings and keeping of each statement only its name and the few fields looked at
-/// (a 5,000-rule listing parsed into `serde_json::Value` trees took tens of megabytes).
+/// the listing's strings, and of each rule's statements keeping only what is looked at, gathered
+/// as they are read (a 5,000-rule listing parsed into `serde_json::Value` trees took tens of
+/// megabytes; 10,000 rules' statements kept one by one, and the list of objects as large as the
+/// largest of them, still took 10 MB at the peak of a start).
 #[derive(Deserialize)]
 struct JsonListing<'a> {
     #[serde(borrow)]
@@ -95,11 +100,11 @@ struct JsonListing<'a> {
 #[serde(default)]
 struct JsonObject<'a> {
     #[serde(borrow)]
-    table: Option<JsonTable<'a>>,
+    table: Option<Box<JsonTable<'a>>>,
     #[serde(borrow)]
-    chain: Option<JsonChain<'a>>,
+    chain: Option<Box<JsonChain<'a>>>,
     #[serde(borrow)]
-    rule: Option<JsonRule<'a>>,
+    rule: Option<Box<JsonRule<'a>>>,
 }
 
 #[derive(Deserialize)]
@@ -139,8 +144,73 @@ struct JsonRule<'a> {
     #[serde(borrow)]
     comment: Option<Cow<'a, str>>,
     /// Statements: each an object whose one key names it (`match`, `counter`, `accept`, `xt`, ...).
-    #[serde(default, borrow)]
-    expr: Vec<Named<'a>>,
+    #[serde(default)]
+    expr: Statements,
+}
+
+/// What is looked at of a rule's statements, gathered as they are read.
+#[derive(Clone, Copy)]
+struct Statements {
+    count: usize,
+    /// An `xt` statement: an iptables match or target kept as such (nft_compat).
+    xt: bool,
+    counter: bool,
+    /// Every statement is of a kind iptables-nft writes natively (see [`JsonRule::xtables_shaped`]).
+    only_native_iptables: bool,
+    /// What the first statement that adds to the verdict adds.
+    action: Action,
+}
+
+impl Default for Statements {
+    fn default() -> Self {
+        Self { count: 0, xt: false, counter: false, only_native_iptables: true, action: Action::Plain }
+    }
+}
+
+impl Statements {
+    fn add(&mut self, name: &str, value: &Statement<'_>) {
+        self.count += 1;
+        self.xt |= name == "xt";
+        self.counter |= name == "counter";
+        self.only_native_iptables &= match name {
+            "match" | "counter" | "accept" | "drop" | "return" | "jump" | "goto" => true,
+            "limit" => !value.rate_unit && !value.inv,
+            "log" => value.group,
+            _ => false,
+        };
+        if self.action == Action::Plain {
+            self.action = match name {
+                "reject" => Action::Reject,
+                "snat" | "dnat" | "masquerade" | "redirect" => Action::Nat,
+                "xt" if value.kind.as_deref() == Some("target") => match value.name.as_deref() {
+                    Some("REJECT") => Action::Reject,
+                    Some(target) if NAT_TARGETS.contains(&target) => Action::Nat,
+                    _ => Action::Plain,
+                },
+                _ => Action::Plain,
+            };
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Statements {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Gather;
+        impl<'de> Visitor<'de> for Gather {
+            type Value = Statements;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of statements")
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Statements, S::Error> {
+                let mut this = Statements::default();
+                while let Some(Named(name, value)) = seq.next_element::<Named<'de>>()? {
+                    this.add(&name, &value);
+                }
+                Ok(this)
+            }
+        }
+        deserializer.deserialize_seq(Gather)
+    }
 }
 
 /// A statement: a single-key object, its key the statement's name (a map per statement would
@@ -259,46 +329,15 @@ impl<'de: 'a, 'a> Deserialize<'de> for Statement<'a> {
 }
 
 impl JsonRule<'_> {
-    fn statements(&self) -> impl Iterator<Item = (&str, &Statement<'_>)> {
-        self.expr.iter().map(|Named(name, value)| (&**name, value))
-    }
-
-    fn has_xt(&self) -> bool {
-        self.statements().any(|(name, _)| name == "xt")
-    }
-
     fn action(&self) -> Action {
-        for (name, value) in self.statements() {
-            match name {
-                "reject" => return Action::Reject,
-                "snat" | "dnat" | "masquerade" | "redirect" => return Action::Nat,
-                // An iptables target kept as such (nft_compat).
-                "xt" if value.kind.as_deref() == Some("target") => match value.name.as_deref() {
-                    Some("REJECT") => return Action::Reject,
-                    Some(target) if NAT_TARGETS.contains(&target) => return Action::Nat,
-                    _ => {}
-                },
-                _ => {}
-            }
-        }
-        Action::Plain
+        self.expr.action
     }
 
     /// Whether iptables-nft could have written this rule: an xtables expression, or only what
     /// iptables-nft writes natively (payload/meta matches, a counter on every rule, the standard
     /// verdicts, packet-rate limits, NFLOG) and no nft comment (iptables' comments are an xt match).
     fn xtables_shaped(&self) -> bool {
-        if self.has_xt() {
-            return true;
-        }
-        self.comment.is_none()
-            && self.statements().any(|(name, _)| name == "counter")
-            && self.statements().all(|(name, value)| match name {
-                "match" | "counter" | "accept" | "drop" | "return" | "jump" | "goto" => true,
-                "limit" => !value.rate_unit && !value.inv,
-                "log" => value.group,
-                _ => false,
-            })
+        self.expr.xt || self.comment.is_none() && self.expr.counter && self.expr.only_native_iptables
     }
 }
 
@@ -330,7 +369,7 @@ fn managed_by_iptables_nft(family: NftFamily, table: &str, chains: &[&JsonChain]
     if !matches!(family, NftFamily::Ip | NftFamily::Ip6) {
         return false;
     }
-    if rules.iter().any(|r| r.has_xt()) {
+    if rules.iter().any(|r| r.expr.xt) {
         return true;
     }
     let builtin = builtin_chains(table);
@@ -352,19 +391,19 @@ impl Ruleset {
         let parsed: JsonListing = serde_json::from_str(json)?;
         let mut this = Self::default();
         let mut texts = RuleTexts { listing, at: 0 };
-        for table in parsed.nftables.iter().filter_map(|o| o.table.as_ref()) {
+        for table in parsed.nftables.iter().filter_map(|o| o.table.as_deref()) {
             let Some(family) = NftFamily::from_name(&table.family) else { continue };
             let in_table = |f: &str, t: &str| f == table.family && t == table.name;
             let chains: Vec<&JsonChain> = parsed
                 .nftables
                 .iter()
-                .filter_map(|o| o.chain.as_ref())
+                .filter_map(|o| o.chain.as_deref())
                 .filter(|c| in_table(&c.family, &c.table))
                 .collect();
             let rules: Vec<&JsonRule> = parsed
                 .nftables
                 .iter()
-                .filter_map(|o| o.rule.as_ref())
+                .filter_map(|o| o.rule.as_deref())
                 .filter(|r| in_table(&r.family, &r.table))
                 .collect();
             let mut by_chain: HashMap<&str, Vec<&JsonRule>> = HashMap::new();
@@ -387,7 +426,8 @@ impl Ruleset {
                 let hook = chain.hook.as_deref().and_then(nft_hook).filter(|_| inet_hooks);
                 let hook = hook.map(|h| (h, chain.kind.as_deref() == Some("filter")));
                 let rules = ChainRules { base: chain.hook.is_some(), hook, rules: rules.collect(), xtables: None };
-                this.chains.insert((family, table.name.to_string(), chain.name.to_string()), rules);
+                let tables = this.chains.entry(family).or_default();
+                tables.entry(table.name.to_string()).or_default().insert(chain.name.to_string(), rules);
             }
         }
         Ok(this)
@@ -402,7 +442,8 @@ impl Ruleset {
             }
             let names: Vec<String> = table.chains.iter().map(|c| c.name.clone()).collect();
             for chain in &table.chains {
-                let Some(rules) = self.chains.get_mut(&(family, table.name.clone(), chain.name.clone())) else {
+                let chains = self.chains.get_mut(&family).and_then(|tables| tables.get_mut(&table.name));
+                let Some(rules) = chains.and_then(|chains| chains.get_mut(&chain.name)) else {
                     continue;
                 };
                 if rules.rules.len() == chain.rules.len() {
@@ -418,17 +459,21 @@ impl Ruleset {
         self.xtables.iter().any(|(f, t)| *f == family && t == table)
     }
 
+    fn chain(&self, family: NftFamily, table: &str, chain: &str) -> Option<&ChainRules> {
+        self.chains.get(&family)?.get(table)?.get(chain)
+    }
+
     pub(super) fn is_base_chain(&self, family: NftFamily, table: &str, chain: &str) -> bool {
-        self.chains.get(&(family, table.to_owned(), chain.to_owned())).is_some_and(|c| c.base)
+        self.chain(family, table, chain).is_some_and(|c| c.base)
     }
 
     /// The hook of a base chain, and whether it is of type filter.
     pub(super) fn base_chain_hook(&self, family: NftFamily, table: &str, chain: &str) -> Option<(Hook, bool)> {
-        self.chains.get(&(family, table.to_owned(), chain.to_owned())).and_then(|c| c.hook)
+        self.chain(family, table, chain).and_then(|c| c.hook)
     }
 
     pub(super) fn find(&self, family: NftFamily, table: &str, chain: &str, handle: u64) -> Found {
-        let Some(c) = self.chains.get(&(family, table.to_owned(), chain.to_owned())) else { return Found::Missing };
+        let Some(c) = self.chain(family, table, chain) else { return Found::Missing };
         let Some(index) = c.rules.iter().position(|r| r.handle == handle) else { return Found::Missing };
         let rule = &c.rules[index];
         match &c.xtables {
@@ -483,7 +528,7 @@ impl RuleTexts<'_> {
             None => format!(" # handle {}\n", rule.handle),
         };
         let Some(i) = self.listing[self.at..].find(&end) else {
-            return format!("(not in nft's listing: {} statements)", rule.expr.len());
+            return format!("(not in nft's listing: {} statements)", rule.expr.count);
         };
         let body = &self.listing[self.at..self.at + i];
         self.at += i + end.len();
@@ -529,10 +574,13 @@ pub(super) fn read(families: &[Family]) -> Result<NftListings, ResolveError> {
 }
 
 impl Ruleset {
-    /// The snapshot `listings` show.
-    pub(super) fn from_read(listings: &NftListings) -> Result<Self, ResolveError> {
-        let mut ruleset = Ruleset::from_listings(&listings.json, &listings.listing).map_err(ResolveError::NftJson)?;
-        for (family, saved) in &listings.xtables {
+    /// The snapshot `listings` show. The nft listings go once read, before the iptables-nft ones
+    /// are parsed: a large rule set's are megabytes.
+    pub(super) fn from_read(listings: NftListings) -> Result<Self, ResolveError> {
+        let NftListings { json, listing, xtables } = listings;
+        let mut ruleset = Ruleset::from_listings(&json, &listing).map_err(ResolveError::NftJson)?;
+        drop((json, listing));
+        for (family, saved) in &xtables {
             let nft_family = if *family == Family::Ipv4 { NftFamily::Ip } else { NftFamily::Ip6 };
             ruleset.add_xtables(nft_family, saved);
         }
