@@ -5,13 +5,15 @@
 //! (a [`ReportSink`]: the text renderer today) is the caller's.
 
 use std::{
-    collections::{HashMap, VecDeque, hash_map::Entry},
+    collections::{VecDeque, hash_map::Entry},
     ffi::CStr,
     io,
     ops::ControlFlow,
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant, SystemTime},
 };
+
+use foldhash::HashMap;
 
 use crate::{
     correlate::{Correlator, PacketTrace},
