@@ -251,6 +251,9 @@ pub struct TraceMessages {
     pub messages: u64,
     /// ENOBUFS seen: the listener itself lost messages (then `messages` is a lower bound).
     pub overruns: u64,
+    /// The CPU time of a floor's reader (the trace socket read by a thread that only counts),
+    /// seconds: what taking the kernel's messages costs, before any work on them.
+    pub reader_cpu_seconds: Option<f64>,
 }
 
 /// Which trace messages a [`TraceListener`] counts.
@@ -379,6 +382,7 @@ fn count_messages(socket: &NetfilterSocket, stop: &AtomicBool) -> io::Result<Tra
 fn count_trace_socket_messages(socket: &TraceSocket, stop: &AtomicBool) -> io::Result<TraceMessages> {
     let mut counts = TraceMessages::default();
     let mut buf = vec![0u8; 1 << 17];
+    let cpu_at_start = crate::traffic::thread_cpu_ns()?;
     // As above: after the stop, until the queue is empty.
     loop {
         match socket.receive(&mut buf).map_err(io::Error::other)? {
@@ -387,7 +391,11 @@ fn count_trace_socket_messages(socket: &TraceSocket, stop: &AtomicBool) -> io::R
                     messages_of_type(&buf[..n], NFULNL_PACKET_TYPE) + messages_of_type(&buf[..n], NFT_TRACE_TYPE)
             }
             Received::Overrun => counts.overruns += 1,
-            Received::Idle if stop.load(Ordering::Relaxed) => return Ok(counts),
+            Received::Idle if stop.load(Ordering::Relaxed) => {
+                let cpu_ns = crate::traffic::thread_cpu_ns()? - cpu_at_start;
+                counts.reader_cpu_seconds = Some(cpu_ns as f64 / 1e9);
+                return Ok(counts);
+            }
             Received::Idle => {}
         }
     }

@@ -275,6 +275,7 @@ impl Bench {
         slice.traced_packets_kernel = Some(traced);
         slice.lost_events = Some(read.overruns);
         slice.messages = Some(read.messages);
+        slice.tracer_cpu_seconds = read.reader_cpu_seconds;
         if let Some(listener) = listener {
             note_listener(&mut slice, listener.finish()?);
         }

@@ -104,7 +104,7 @@ pub fn send(plan: &TrafficPlan) -> io::Result<TrafficReport> {
 /// The calling thread's CPU time in nanoseconds. The scheduler keeps it to the nanosecond, and on
 /// a kernel without `CONFIG_IRQ_TIME_ACCOUNTING` it includes the softirqs run in the thread's
 /// context (design.md §15).
-fn thread_cpu_ns() -> io::Result<u64> {
+pub(crate) fn thread_cpu_ns() -> io::Result<u64> {
     // SAFETY: all-zero is a valid timespec.
     let mut t: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: t is a valid out-pointer.
