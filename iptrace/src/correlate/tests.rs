@@ -16,6 +16,13 @@ fn nft_event(packet: &[u8], id: u8) -> TraceEvent {
     TraceEvent { origin, ..event(packet, Hook::PreRouting, Table::Raw) }
 }
 
+/// One UDP packet of a flow, told from the others by its IP ID.
+fn numbered(id: usize) -> Vec<u8> {
+    let mut p = udp_v4([10, 5, 1, 7], 40000, 64);
+    p[4..6].copy_from_slice(&u16::try_from(id).unwrap().to_be_bytes());
+    p
+}
+
 #[test]
 fn the_marking_rule_starts_a_new_packet_under_a_reused_id() {
     let now = Instant::now();
@@ -108,11 +115,7 @@ fn interleaved_packets_and_nat_are_grouped() {
 fn the_oldest_packet_is_closed_when_too_many_are_open() {
     let now = Instant::now();
     let mut c = Correlator::new(Duration::from_secs(60));
-    let packet = |n: usize| {
-        let mut p = udp_v4([10, 5, 1, 7], 40000, 64);
-        p[4..6].copy_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
-        p
-    };
+    let packet = numbered;
     for n in 0..MAX_OPEN {
         assert!(c.push(event(&packet(n), Hook::PreRouting, Table::Raw), now).is_none());
     }
@@ -130,13 +133,8 @@ fn the_oldest_packet_is_closed_when_too_many_are_open() {
 fn the_oldest_packet_is_closed_when_too_many_events_are_open() {
     let now = Instant::now();
     let mut c = Correlator::new(Duration::from_secs(60));
-    let packet = |n: u8| {
-        let mut p = udp_v4([10, 5, 1, 7], 40000, 64);
-        p[4..6].copy_from_slice(&[0, n]);
-        p
-    };
-    let rule = |n: u8, number: usize| {
-        legacy_event(&packet(n), Hook::PreRouting, Table::Raw, "C", TraceKind::Rule, u32::try_from(number).unwrap())
+    let rule = |n: usize, number: usize| {
+        legacy_event(&numbered(n), Hook::PreRouting, Table::Raw, "C", TraceKind::Rule, u32::try_from(number).unwrap())
     };
     let per_packet = MAX_OPEN_EVENTS / 8;
     for n in 0..8 {
@@ -158,11 +156,7 @@ fn idle_packets_close_in_creation_order_past_one_kept_open_or_still_busy() {
     let linger = Duration::from_millis(10);
     let mut c = Correlator::new(linger);
     let at = |ms: u64| start + Duration::from_millis(ms);
-    let packet = |n: u8| {
-        let mut p = udp_v4([10, 5, 1, 7], 40000, 64);
-        p[4..6].copy_from_slice(&[0, n]);
-        p
-    };
+    let packet = numbered;
     // Packet 0 awaits a drop (kept), packet 1 is still busy at 8 ms, packets 2 and 3 went
     // quiet, packet 4 began too late to be quiet at 15 ms.
     c.push(event(&packet(0), Hook::PreRouting, Table::Raw), at(0));
@@ -183,11 +177,7 @@ fn idle_packets_close_in_creation_order_past_one_kept_open_or_still_busy() {
 fn packets_around_a_loss_are_incomplete() {
     let now = Instant::now();
     let mut c = Correlator::new(Duration::from_millis(10));
-    let packet = |id: u8| {
-        let mut p = udp_v4([10, 5, 1, 7], 40000, 64);
-        p[4..6].copy_from_slice(&[id, 0]);
-        p
-    };
+    let packet = numbered;
     c.push(event(&packet(1), Hook::PreRouting, Table::Raw), now);
     let done = c.flush_all();
     assert!(!done[0].incomplete);
@@ -200,7 +190,7 @@ fn packets_around_a_loss_are_incomplete() {
     c.push(event(&packet(4), Hook::Forward, Table::Filter), now);
     let done = c.flush_all();
     let marks: Vec<_> = done.iter().map(|p| (p.events[0].packet.id, p.events.len(), p.incomplete)).collect();
-    assert_eq!(marks, [(0x0200, 2, true), (0x0300, 1, false), (0x0400, 1, true)]);
+    assert_eq!(marks, [(2, 2, true), (3, 1, false), (4, 1, true)]);
 }
 
 #[test]
