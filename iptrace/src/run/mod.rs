@@ -250,6 +250,7 @@ fn process(
         stats.messages.store(c.messages, Ordering::Relaxed);
         stats.events.store(c.events, Ordering::Relaxed);
         stats.malformed.store(c.malformed, Ordering::Relaxed);
+        stats.skipped.store(c.orphans, Ordering::Relaxed);
         match output.idle(now) {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
             other => other.map_err(RunError::Output)?,

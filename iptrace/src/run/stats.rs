@@ -17,6 +17,10 @@ pub struct Stats {
     pub messages: AtomicU64,
     pub events: AtomicU64,
     pub malformed: AtomicU64,
+    /// nf_tables trace events not shown: their trace id's first event of the hook, which carries
+    /// the packet's headers, was not seen (the packet entered the hook before iptrace listened,
+    /// or that event was lost).
+    pub skipped: AtomicU64,
     pub packets_shown: AtomicU64,
     /// Datagrams the userspace selection ran on, kept and discarded (before the eBPF filter
     /// was attached, or without it).
@@ -44,6 +48,7 @@ impl Stats {
             (&self.messages, &lane.messages),
             (&self.events, &lane.events),
             (&self.malformed, &lane.malformed),
+            (&self.skipped, &lane.skipped),
             (&self.packets_shown, &lane.packets_shown),
             (&self.userspace_seen, &lane.userspace_seen),
             (&self.userspace_passed, &lane.userspace_passed),
@@ -67,6 +72,7 @@ impl Stats {
                 "messages": g(&self.messages),
                 "events": g(&self.events),
                 "malformed": g(&self.malformed),
+                "skipped": g(&self.skipped),
                 "packets_shown": g(&self.packets_shown),
                 "overruns": g(&self.overruns),
                 "lost": g(&self.lost),
@@ -87,11 +93,12 @@ impl Stats {
     pub fn report(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut report = format!(
-            "iptrace: stats: {} datagrams, {} messages, {} trace events decoded, {} malformed, {} packets shown, {} receive-buffer overruns, {} trace events lost, {} blocks incomplete, {} trace events unread at exit",
+            "iptrace: stats: {} datagrams, {} messages, {} trace events decoded, {} malformed, {} skipped (their packet's headers not seen), {} packets shown, {} receive-buffer overruns, {} trace events lost, {} blocks incomplete, {} trace events unread at exit",
             g(&self.datagrams),
             g(&self.messages),
             g(&self.events),
             g(&self.malformed),
+            g(&self.skipped),
             g(&self.packets_shown),
             g(&self.overruns),
             g(&self.lost),
