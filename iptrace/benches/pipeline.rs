@@ -21,6 +21,7 @@ use std::{
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use iptrace::{
     capture::recording,
+    correlate::Correlator,
     decode::{Decoder, Family, TraceEvent},
     model::{InterfaceNames, PacketReport},
     pipeline::{Input, Pipeline},
@@ -43,6 +44,23 @@ fn decode_all(datagrams: &[&[u8]], mut decoder: Decoder) -> Vec<TraceEvent> {
         decoder.decode_datagram(d, &mut events).expect("the corpus decodes");
     }
     events
+}
+
+/// Every datagram decoded and its events grouped into packets, as the pipeline does before
+/// resolving (idle packets closed after each datagram); returns the packets.
+fn correlate_all(datagrams: &[&[u8]]) -> usize {
+    let (mut decoder, mut correlator) = (Decoder::new(), Correlator::new(LINGER));
+    let mut events = Vec::new();
+    let start = Instant::now();
+    let mut packets = 0;
+    for d in datagrams {
+        decoder.decode_datagram(d, &mut events).expect("the corpus decodes");
+        for event in events.drain(..) {
+            packets += usize::from(correlator.push(event, start).is_some());
+        }
+        packets += correlator.flush_idle(start).len();
+    }
+    packets + correlator.flush_all().len()
 }
 
 /// The lab router's interfaces, without asking the kernel.
@@ -90,6 +108,7 @@ fn pipeline(c: &mut Criterion) {
     g.throughput(Throughput::Elements(events.len() as u64));
     g.bench_function("decode", |b| b.iter(|| decode_all(black_box(&datagrams), Decoder::new())));
     g.bench_function("decode keeping packet bytes", |b| b.iter(|| decode_all(black_box(&datagrams), with_bytes())));
+    g.bench_function("decode+correlate", |b| b.iter(|| correlate_all(black_box(&datagrams))));
     g.bench_function("resolve", |b| {
         b.iter(|| events.iter().cloned().filter_map(|e| resolver.resolve(black_box(e))).count())
     });
