@@ -182,6 +182,7 @@ impl Statements {
             self.action = match name {
                 "reject" => Action::Reject,
                 "snat" | "dnat" | "masquerade" | "redirect" => Action::Nat,
+                // An iptables target kept as such (nft_compat).
                 "xt" if value.kind.as_deref() == Some("target") => match value.name.as_deref() {
                     Some("REJECT") => Action::Reject,
                     Some(target) if NAT_TARGETS.contains(&target) => Action::Nat,
