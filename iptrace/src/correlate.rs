@@ -211,7 +211,7 @@ impl Correlator {
         let known = trace_id.filter(|_| !starts_packet).and_then(|id| self.trace_ids.get(&id));
         let key = match known {
             Some(&key) => key,
-            None => (event.family, event.packet.identity()),
+            None => event.key(),
         };
         let candidates = self.open.entry(key).or_default();
         let index = match (trace_id, rank) {
@@ -314,17 +314,15 @@ impl Correlator {
         self.linger
     }
 
-    /// Closes the open packet a drop ended (design.md §8), of those whose first event has
-    /// `family` and `identity`: one whose events `ended` accepts, of those the one whose last
+    /// Closes the open packet a drop ended (design.md §8), of those whose first event has `key`
+    /// ([`TraceEvent::key`]): one whose events `ended` accepts, of those the one whose last
     /// event shows `addresses` (lookalike packets differ only in them), else the newest.
     pub fn close_ended(
         &mut self,
-        family: Family,
-        identity: u64,
+        key: (Family, u64),
         addresses: (IpAddr, IpAddr),
         ended: impl Fn(&[TraceEvent]) -> bool,
     ) -> Option<PacketTrace> {
-        let key = (family, identity);
         let packets = self.open.get_mut(&key)?;
         let shows = |p: &OpenPacket| p.events.last().is_some_and(|l| (l.packet.src, l.packet.dst) == addresses);
         let (index, _) =

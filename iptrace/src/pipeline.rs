@@ -142,7 +142,7 @@ impl WaitingDrops {
     /// Whether a queued drop is of the packet with `events` ([`DropEvent::joins`], whose
     /// namespace test every queued drop passes).
     fn awaits(&self, events: &[TraceEvent]) -> bool {
-        events.first().is_some_and(|e| self.keys.contains_key(&(e.family, e.packet.identity())))
+        events.first().is_some_and(|e| self.keys.contains_key(&e.key()))
     }
 }
 
@@ -309,13 +309,10 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         let linger = self.correlator.linger();
         let due = |read_at: Instant| read_up_to.is_none_or(|up_to| read_at + linger <= up_to);
         while let Some((drop, read_at)) = self.drops.pop_if(due) {
-            let ended = self.correlator.close_ended(
-                drop.family(),
-                drop.packet.identity(),
-                (drop.packet.src, drop.packet.dst),
-                |events| drop.joins(events, netns),
-            );
             let key = drop.key();
+            let ended = self
+                .correlator
+                .close_ended(key, (drop.packet.src, drop.packet.dst), |events| drop.joins(events, netns));
             // A netfilter DROP is the verdict of a traced step; any other drop of a packet whose
             // block is already out came too late to end it.
             let late = drop.reason == "NETFILTER_DROP" || self.shown.contains(&key);
@@ -360,7 +357,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             if self.shown.len() == SHOWN_REMEMBERED {
                 self.shown.pop_front();
             }
-            self.shown.push_back((first.family, first.packet.identity()));
+            self.shown.push_back(first.key());
         }
         let out_ifindex = self.out_ifindex.map(|o| o.load(Ordering::Relaxed));
         if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {

@@ -207,6 +207,14 @@ pub struct TraceEvent {
     pub after_check: Option<u64>,
 }
 
+impl TraceEvent {
+    /// The packet's family and NAT-invariant key ([`PacketHeader::identity`]): what joins a
+    /// packet's events, and a drop to them.
+    pub fn key(&self) -> (Family, u64) {
+        (self.family, self.packet.identity())
+    }
+}
+
 /// A rule an nf_tables commit added or deleted.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct NftRuleKey {

@@ -203,8 +203,7 @@ impl DropEvent {
         Family::of(self.packet.src)
     }
 
-    /// The packet's family and NAT-invariant key ([`PacketHeader::identity`], as the correlator
-    /// joins events).
+    /// The packet's family and NAT-invariant key, as [`TraceEvent::key`] is its events'.
     pub fn key(&self) -> (Family, u64) {
         (self.family(), self.packet.identity())
     }
@@ -212,7 +211,7 @@ impl DropEvent {
     /// Whether this drop is the end of the packet with `events`, traced in namespace `netns`:
     /// same namespace and [`key`](Self::key) as its events.
     pub fn joins(&self, events: &[TraceEvent], netns: u64) -> bool {
-        self.netns == netns && events.first().is_some_and(|e| (e.family, e.packet.identity()) == self.key())
+        self.netns == netns && events.first().is_some_and(|e| e.key() == self.key())
     }
 }
 

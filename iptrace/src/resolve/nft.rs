@@ -149,7 +149,6 @@ struct JsonRule<'a> {
 }
 
 /// What is looked at of a rule's statements, gathered as they are read.
-#[derive(Clone, Copy)]
 struct Statements {
     count: usize,
     /// An `xt` statement: an iptables match or target kept as such (nft_compat).
