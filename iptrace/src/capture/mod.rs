@@ -26,7 +26,7 @@ use iptrace_common::uapi::{
 };
 
 pub use self::{owner::GroupOwner, userspace_filter::UserspaceFilter};
-pub use crate::netfilter::Received;
+pub use crate::netfilter::{DatagramSlots, Received};
 use crate::{
     decode::Family,
     netfilter::{
@@ -173,6 +173,18 @@ impl TraceSocket {
     /// queued (MSG_DONTWAIT): for draining what is queued without waiting.
     pub fn receive_queued(&self, buf: &mut [u8]) -> Result<Received, CaptureError> {
         self.socket.receive_queued(buf).map_err(CaptureError::Receive)
+    }
+
+    /// Like [`receive`](Self::receive), into the first of `slots`; [`Received::Datagram`] counts
+    /// datagrams (one).
+    pub fn receive_into(&self, slots: &mut DatagramSlots) -> Result<Received, CaptureError> {
+        self.socket.receive_into(slots).map_err(CaptureError::Receive)
+    }
+
+    /// Takes up to `max` queued datagrams into `slots` with one system call, without waiting
+    /// ([`NetfilterSocket::receive_queued_into`]); [`Received::Datagram`] counts them.
+    pub fn receive_queued_into(&self, slots: &mut DatagramSlots, max: usize) -> Result<Received, CaptureError> {
+        self.socket.receive_queued_into(slots, max).map_err(CaptureError::Receive)
     }
 
     /// Waits at most `timeout` for a datagram to be queued (or an error to be reported); a

@@ -14,4 +14,4 @@ pub mod nf_tables;
 pub mod nflog;
 mod socket;
 
-pub use self::socket::{NetfilterSocket, Received};
+pub use self::socket::{DatagramSlots, NetfilterSocket, Received};

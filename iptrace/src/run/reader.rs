@@ -13,7 +13,10 @@ use std::{
 use bytes::{Bytes, BytesMut};
 
 use super::{Stats, plan::SocketFilter};
-use crate::capture::{Received, TraceSocket, UserspaceFilter};
+use crate::capture::{DatagramSlots, Received, TraceSocket, UserspaceFilter};
+
+/// Datagrams taken from the socket with one system call, at most.
+const SLOTS: usize = 16;
 
 /// Batches of datagrams queued between the reader and the processing thread.
 pub(super) const DATAGRAM_BATCHES_QUEUED: usize = 16;
@@ -173,9 +176,12 @@ impl Selecting {
 /// (idle-packet flush, rule-set check, output flush) is then paid once per burst instead of once
 /// per datagram, which at high rates decides whether it keeps up. On stop it drains what the
 /// kernel has already queued (for at most `DRAIN_LIMIT`) so that those packets are still shown.
-/// Each datagram lands in one scratch buffer, zeroed once, and is copied into the shared chunk:
-/// a copy of its few hundred bytes, where zeroing a fresh 128 KiB per receive cost more than
-/// all else. Each is stamped when it is taken: the time its packet is shown with.
+/// What is queued is taken [`SLOTS`] datagrams at a time, one `recvmmsg()` each (one system call
+/// per datagram was most of the reader's time when it fell behind), into slots zeroed once, and
+/// copied into the shared chunk: a copy of a few hundred bytes each, where zeroing a fresh
+/// 128 KiB per receive cost more than all else. Each is stamped when it is taken: the time its
+/// packet is shown with. While a loss is still to be placed ([`LossTracker`]) they are taken one
+/// at a time, so that the queue can be looked at after each.
 /// When it had to wait for a datagram (a trickle: one traced flow), it keeps the batch for
 /// `GATHER`, taking what else comes meanwhile as it comes, before handing it on: the processing
 /// thread then wakes once for the bursts of a few packets of a trickle (one flow among many: a
@@ -200,7 +206,7 @@ pub(super) fn read_datagrams(
     const DRAIN_LIMIT: Duration = Duration::from_secs(1);
     const GATHER: Duration = Duration::from_millis(10);
     let mut chunk = BytesMut::with_capacity(CHUNK);
-    let mut scratch = vec![0u8; MAX_DATAGRAM];
+    let mut slots = DatagramSlots::new(SLOTS, MAX_DATAGRAM);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut drain_deadline: Option<Instant> = None;
     // While a trickle's batch is kept: until when.
@@ -222,27 +228,30 @@ pub(super) fn read_datagrams(
         let mut woke = false;
         let attached = selecting.attached();
         let looked_at = progress.now();
-        let received = match socket.receive_queued(&mut scratch) {
+        let room = if loss.congested.is_some() { 1 } else { MAX_BATCH.saturating_sub(batch.len()) };
+        let received = match socket.receive_queued_into(&mut slots, room) {
             Ok(Received::Idle) if batch.is_empty() && drain_deadline.is_none() => {
                 // Empty, and everything read before is handed on.
                 progress.queue_emptied(looked_at);
                 woke = true;
-                socket.receive(&mut scratch)
+                socket.receive_into(&mut slots)
             }
             other => other,
         };
         let queue_empty = match received {
-            Ok(Received::Datagram(n)) => {
-                stats.datagrams.fetch_add(1, Ordering::Relaxed);
-                let datagram = &scratch[..n];
-                if selecting.keep(datagram, stats) {
-                    if chunk.capacity() < n {
-                        chunk = BytesMut::with_capacity(CHUNK.max(n));
+            Ok(Received::Datagram(count)) => {
+                let taken_at = Instant::now();
+                stats.datagrams.fetch_add(count as u64, Ordering::Relaxed);
+                for datagram in slots.datagrams() {
+                    if selecting.keep(datagram, stats) {
+                        if chunk.capacity() < datagram.len() {
+                            chunk = BytesMut::with_capacity(CHUNK.max(datagram.len()));
+                        }
+                        chunk.extend_from_slice(datagram);
+                        batch.push(Delivery::Datagram(chunk.split().freeze(), taken_at));
                     }
-                    chunk.extend_from_slice(datagram);
-                    batch.push(Delivery::Datagram(chunk.split().freeze(), Instant::now()));
+                    lost(&mut batch, loss.after_datagram(socket));
                 }
-                lost(&mut batch, loss.after_datagram(socket));
                 false
             }
             Ok(Received::Overrun) => {
@@ -273,7 +282,7 @@ pub(super) fn read_datagrams(
             continue;
         }
         if !batch.is_empty()
-            && (queue_empty || batch.len() == MAX_BATCH)
+            && (queue_empty || batch.len() >= MAX_BATCH)
             && tx.send(std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH))).is_err()
         {
             return;
@@ -294,7 +303,9 @@ pub(super) fn read_datagrams(
     }
     // What the drain did not get to is counted, not shown (for as long again at most).
     let deadline = Instant::now() + DRAIN_LIMIT;
-    while Instant::now() < deadline && matches!(socket.receive_queued(&mut scratch), Ok(Received::Datagram(_))) {
-        stats.unread.fetch_add(1, Ordering::Relaxed);
+    while Instant::now() < deadline
+        && let Ok(Received::Datagram(count)) = socket.receive_queued_into(&mut slots, SLOTS)
+    {
+        stats.unread.fetch_add(count as u64, Ordering::Relaxed);
     }
 }
