@@ -100,9 +100,9 @@ pub struct Pipeline<'a, N> {
     /// Drops read from the kernel by an instant, each waiting, as a packet's block does, until
     /// the reader has read on for `linger` past it ([`Pipeline::flush_idle`]).
     drops: WaitingDrops,
-    /// The packets shown last (family and NAT-invariant key): a drop read after its packet's
-    /// block was shown (the processing fell behind) is not a packet of its own.
-    shown: VecDeque<(Family, u64)>,
+    /// The packets shown last: a drop read after its packet's block was shown (the processing
+    /// fell behind) is not a packet of its own.
+    shown: RecentlyShown,
     /// The kernel has lost trace events in this run.
     events_lost: bool,
 }
@@ -113,14 +113,57 @@ pub struct Pipeline<'a, N> {
 #[derive(Debug, Default)]
 struct WaitingDrops {
     queue: VecDeque<(DropEvent, Instant)>,
-    /// Family and NAT-invariant key of the queued drops, and how many have each. All are of the
-    /// traced namespace ([`Pipeline::dropped`] keeps no other).
-    keys: HashMap<(Family, u64), usize>,
+    /// The queued drops' keys. All are of the traced namespace ([`Pipeline::dropped`] keeps no
+    /// other).
+    keys: KeyCounts,
+}
+
+/// Packet keys (family and NAT-invariant key), each with how many times it is held: the
+/// look-ups of a queue of packets, without scanning it.
+#[derive(Debug, Default)]
+struct KeyCounts(HashMap<(Family, u64), usize>);
+
+impl KeyCounts {
+    fn add(&mut self, key: (Family, u64)) {
+        *self.0.entry(key).or_default() += 1;
+    }
+
+    fn remove(&mut self, key: (Family, u64)) {
+        if let Entry::Occupied(mut count) = self.0.entry(key) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
+        }
+    }
+
+    fn contains(&self, key: &(Family, u64)) -> bool {
+        self.0.contains_key(key)
+    }
+}
+
+/// The keys of the last [`SHOWN_REMEMBERED`] packets shown, oldest first.
+#[derive(Debug, Default)]
+struct RecentlyShown {
+    order: VecDeque<(Family, u64)>,
+    keys: KeyCounts,
+}
+
+impl RecentlyShown {
+    fn push(&mut self, key: (Family, u64)) {
+        if self.order.len() == SHOWN_REMEMBERED
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.keys.remove(oldest);
+        }
+        self.order.push_back(key);
+        self.keys.add(key);
+    }
 }
 
 impl WaitingDrops {
     fn push(&mut self, drop: DropEvent, read_at: Instant) {
-        *self.keys.entry(drop.key()).or_default() += 1;
+        self.keys.add(drop.key());
         self.queue.push_back((drop, read_at));
     }
 
@@ -130,19 +173,14 @@ impl WaitingDrops {
             return None;
         }
         let (drop, read_at) = self.queue.pop_front()?;
-        if let Entry::Occupied(mut count) = self.keys.entry(drop.key()) {
-            *count.get_mut() -= 1;
-            if *count.get() == 0 {
-                count.remove();
-            }
-        }
+        self.keys.remove(drop.key());
         Some((drop, read_at))
     }
 
     /// Whether a queued drop is of the packet with `events` ([`DropEvent::joins`], whose
     /// namespace test every queued drop passes).
     fn awaits(&self, events: &[TraceEvent]) -> bool {
-        events.first().is_some_and(|e| self.keys.contains_key(&e.key()))
+        events.first().is_some_and(|e| self.keys.contains(&e.key()))
     }
 }
 
@@ -164,7 +202,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             drops_netns: None,
             drops_alone: false,
             drops: WaitingDrops::default(),
-            shown: VecDeque::new(),
+            shown: RecentlyShown::default(),
             events_lost: false,
         }
     }
@@ -315,10 +353,10 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
                 .close_ended(key, (drop.packet.src, drop.packet.dst), |events| drop.joins(events, netns));
             // A netfilter DROP is the verdict of a traced step; any other drop of a packet whose
             // block is already out came too late to end it.
-            let late = drop.reason == "NETFILTER_DROP" || self.shown.contains(&key);
+            let late = || drop.reason == "NETFILTER_DROP" || self.shown.keys.contains(&key);
             let trace = match ended {
                 Some(trace) => trace,
-                None if self.drops_alone && !late => {
+                None if self.drops_alone && !late() => {
                     PacketTrace { events: Vec::new(), first_seen: read_at, incomplete: false }
                 }
                 None => continue,
@@ -354,10 +392,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         if self.drops_netns.is_some()
             && let Some(first) = trace.events.first()
         {
-            if self.shown.len() == SHOWN_REMEMBERED {
-                self.shown.pop_front();
-            }
-            self.shown.push_back(first.key());
+            self.shown.push(first.key());
         }
         let out_ifindex = self.out_ifindex.map(|o| o.load(Ordering::Relaxed));
         if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
@@ -387,9 +422,9 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::WaitingDrops;
+    use super::{RecentlyShown, SHOWN_REMEMBERED, WaitingDrops};
     use crate::{
-        decode::{Hook, Table, TraceKind},
+        decode::{Family, Hook, Table, TraceKind},
         testing::{kernel_dropped, legacy_event, udp_v4_to},
     };
 
@@ -421,5 +456,29 @@ mod tests {
         assert_eq!(drops.pop_if(due_by(20)).map(|(_, t)| t), Some(at(10)));
         assert!(!drops.awaits(&events_of(&a)));
         assert!(drops.pop_if(|_| true).is_none());
+    }
+
+    #[test]
+    fn the_packets_shown_last_are_remembered_each_until_its_last_showing_is_forgotten() {
+        let key = |n: usize| (Family::Ipv4, n as u64);
+        let mut shown = RecentlyShown::default();
+        shown.push(key(0));
+        shown.push(key(1));
+        // Key 0 again (another packet of the same key): remembered until both are forgotten.
+        shown.push(key(0));
+        for n in 3..SHOWN_REMEMBERED {
+            shown.push(key(n));
+        }
+        assert!(shown.keys.contains(&key(0)) && shown.keys.contains(&key(1)));
+        assert_eq!(shown.order.len(), SHOWN_REMEMBERED);
+
+        shown.push(key(SHOWN_REMEMBERED));
+        assert!(shown.keys.contains(&key(0)), "its second showing is still remembered");
+        shown.push(key(SHOWN_REMEMBERED + 1));
+        assert!(!shown.keys.contains(&key(1)));
+        shown.push(key(SHOWN_REMEMBERED + 2));
+        assert!(!shown.keys.contains(&key(0)));
+        assert!(shown.keys.contains(&key(SHOWN_REMEMBERED + 2)));
+        assert_eq!(shown.order.len(), SHOWN_REMEMBERED);
     }
 }

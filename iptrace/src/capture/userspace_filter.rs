@@ -9,10 +9,9 @@
 //! whether the selection can be decided on them at all: one that reads past them (payload
 //! bytes, `len`) keeps the event, as in the kernel, so that a selected packet is never hidden.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    hash::Hash,
-};
+use std::{collections::VecDeque, hash::Hash};
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use iptrace_common::{
     cbpf::{self, Outcome},
