@@ -28,24 +28,49 @@ pub enum Received {
 /// ([`NetfilterSocket::receive_queued_into`]).
 ///
 /// Each slot holds the largest datagram; the buffer is zeroed once, as one allocation the kernel
-/// maps on demand, so only the pages datagrams were written to count in memory.
+/// maps on demand, so only the pages datagrams were written to count in memory. The message
+/// headers pointing at the slots are made once too. (They hold pointers: not `Send`, made by the
+/// thread that receives.)
 pub struct DatagramSlots {
-    buffer: Vec<u8>,
+    buffer: Box<[u8]>,
     slot_len: usize,
-    /// The length of the datagram in each slot, for the `filled` first slots.
-    lens: Vec<usize>,
+    /// One per slot, pointing at it: only read by the kernel, through `headers`, and kept here
+    /// for them (a boxed slice's elements never move).
+    _iovecs: Box<[libc::iovec]>,
+    /// One per slot, pointing at its iovec; the kernel writes each datagram's length in them.
+    headers: Box<[libc::mmsghdr]>,
+    /// How many slots the last receive filled.
     filled: usize,
 }
 
 impl DatagramSlots {
     /// `slots` slots of `slot_len` bytes.
     pub fn new(slots: usize, slot_len: usize) -> Self {
-        Self { buffer: vec![0; slots * slot_len], slot_len, lens: vec![0; slots], filled: 0 }
+        let mut buffer = vec![0u8; slots.max(1) * slot_len].into_boxed_slice();
+        let mut iovecs: Box<[libc::iovec]> = buffer
+            .chunks_mut(slot_len)
+            .map(|slot| libc::iovec { iov_base: slot.as_mut_ptr().cast(), iov_len: slot.len() })
+            .collect();
+        let headers = iovecs
+            .iter_mut()
+            .map(|iovec| {
+                // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
+                let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                header.msg_hdr.msg_iov = iovec;
+                header.msg_hdr.msg_iovlen = 1;
+                header
+            })
+            .collect();
+        Self { buffer, slot_len, _iovecs: iovecs, headers, filled: 0 }
     }
 
     /// The datagrams the last receive took, in the order they were queued.
     pub fn datagrams(&self) -> impl Iterator<Item = &[u8]> {
-        self.buffer.chunks(self.slot_len).zip(&self.lens).take(self.filled).map(|(slot, &len)| &slot[..len])
+        self.buffer
+            .chunks(self.slot_len)
+            .zip(&self.headers)
+            .take(self.filled)
+            .map(|(slot, header)| &slot[..header.msg_len as usize])
     }
 }
 
@@ -106,7 +131,7 @@ impl NetfilterSocket {
         slots.filled = 0;
         let received = self.receive(&mut slots.buffer[..slots.slot_len])?;
         if let Received::Datagram(len) = received {
-            slots.lens[0] = len;
+            slots.headers[0].msg_len = libc::c_uint::try_from(len).unwrap_or(libc::c_uint::MAX);
             slots.filled = 1;
             return Ok(Received::Datagram(1));
         }
@@ -120,42 +145,22 @@ impl NetfilterSocket {
     /// found after the first datagram is kept by the kernel for the next call (`sk_err`), so it
     /// is still reported after the datagrams queued before it.
     pub fn receive_queued_into(&self, slots: &mut DatagramSlots, max: usize) -> io::Result<Received> {
-        let count = max.clamp(1, slots.lens.len());
-        let slot_len = slots.slot_len;
-        let mut iovecs: Vec<libc::iovec> = slots
-            .buffer
-            .chunks_mut(slot_len)
-            .take(count)
-            .map(|slot| libc::iovec { iov_base: slot.as_mut_ptr().cast(), iov_len: slot.len() })
-            .collect();
-        let mut headers: Vec<libc::mmsghdr> = iovecs
-            .iter_mut()
-            .map(|iovec| {
-                // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
-                let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                header.msg_hdr.msg_iov = iovec;
-                header.msg_hdr.msg_iovlen = 1;
-                header
-            })
-            .collect();
+        let count = max.clamp(1, slots.headers.len());
         slots.filled = 0;
         loop {
-            let vlen = libc::c_uint::try_from(headers.len()).unwrap_or(1);
-            // SAFETY: each header points at one iovec over its own slot of `slots.buffer`, all
-            // live and writable for the call; no address or control buffers are passed.
+            // SAFETY: each of the first `count` headers points at its iovec, over its own slot of
+            // `slots.buffer`, all live and writable for the call (`slots` is borrowed mutably);
+            // no address or control buffers are passed.
             let n = unsafe {
                 libc::recvmmsg(
                     self.socket.as_raw_fd(),
-                    headers.as_mut_ptr(),
-                    vlen,
+                    slots.headers.as_mut_ptr(),
+                    libc::c_uint::try_from(count).unwrap_or(1),
                     libc::MSG_DONTWAIT,
                     std::ptr::null_mut(),
                 )
             };
             if let Ok(n) = usize::try_from(n) {
-                for (len, header) in slots.lens.iter_mut().zip(&headers[..n]) {
-                    *len = header.msg_len as usize;
-                }
                 slots.filled = n;
                 return Ok(Received::Datagram(n));
             }
