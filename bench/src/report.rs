@@ -182,7 +182,7 @@ impl Report {
         }
         t.push_str(
             "\n| scenario | fwd ns / packet | cost % [95 % CI] | vs floor, points [95 % CI] | saturated vs untraced | \
-             traced pps | traced (kernel) | complete | lost (admitted) | CPU s / 1k traced | peak RSS MB | msgs / match | \
+             traced pps | traced (kernel) | complete | lost (admitted) | CPU s / 1k traced [95 % CI] | peak RSS MB | msgs / match | \
              ready ms | exit ms |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
         );
         for scenario in Scenario::ALL.iter().filter(|s| !s.key.starts_with("scale_")) {
@@ -199,7 +199,7 @@ impl Report {
                 count(r.traced_packets_kernel),
                 percent(r.complete_ratio),
                 count(r.lost_events),
-                number(r.cpu_s_per_1k_traced, 3),
+                spread(r.cpu_s_per_1k_traced_spread.as_ref(), 3),
                 number(r.peak_rss_mb, 1),
                 number(r.msgs_to_userspace_per_match, 2),
                 number(r.ready_ms, 0),
@@ -346,19 +346,19 @@ impl Report {
             measured: worst_complete.map_or("—".into(), |(k, c)| format!("{:.2} % ({k})", c * 100.0)),
             pass: (!all.is_empty()).then(|| all.iter().all(|(_, r)| r.reported_complete >= r.traced_packets_kernel)),
         });
-        targets.push(worst_at_most(
-            "tracing everything: ≤ 0.02 CPU-s / 1,000 traced packets (worst format)",
+        targets.push(every_interval_at_most(
+            "tracing everything: ≤ 0.02 CPU-s / 1,000 traced packets (worst format, per slice)",
             &all,
             0.02,
-            |r| r.cpu_s_per_1k_traced,
+            |r| r.cpu_s_per_1k_traced_spread.as_ref(),
             "s",
         ));
         let one_flow = rows(&["legacy_iptrace_one_flow", "nft_iptrace_one_flow", "mixed_iptrace_one_flow"]);
-        targets.push(worst_at_most(
-            "tracing one flow: ≤ 0.1 CPU-s / 1,000 traced packets (worst engine)",
+        targets.push(every_interval_at_most(
+            "tracing one flow: ≤ 0.1 CPU-s / 1,000 traced packets (worst engine, per slice)",
             &one_flow,
             0.1,
-            |r| r.cpu_s_per_1k_traced,
+            |r| r.cpu_s_per_1k_traced_spread.as_ref(),
             "s",
         ));
         targets.push(worst_at_most(
@@ -419,6 +419,29 @@ fn worst_at_most(
         what: what.to_owned(),
         measured: worst.map_or("—".into(), |(k, v)| format!("{v:.3} {unit} ({k})")),
         pass: worst.map(|(_, v)| v <= limit),
+    }
+}
+
+/// Met when every row's interval is at or below `limit`, missed when one lies above it
+/// ([`Spread::at_most`]); the row shown is the one with the highest median.
+fn every_interval_at_most(
+    what: &str,
+    rows: &[(String, &ScenarioResult)],
+    limit: f64,
+    figure: fn(&ScenarioResult) -> Option<&Spread>,
+    unit: &str,
+) -> Target {
+    let spreads: Vec<(&String, &Spread)> = rows.iter().filter_map(|(k, r)| Some((k, figure(r)?))).collect();
+    let worst = spreads.iter().max_by(|a, b| a.1.median.total_cmp(&b.1.median));
+    let verdicts: Vec<Option<bool>> = spreads.iter().map(|(_, s)| s.at_most(limit)).collect();
+    Target {
+        what: what.to_owned(),
+        measured: worst.map_or("—".into(), |(k, s)| format!("{} {unit} ({k})", s.display(3))),
+        pass: if verdicts.contains(&Some(false)) {
+            Some(false)
+        } else {
+            (!verdicts.is_empty() && verdicts.iter().all(|v| *v == Some(true))).then_some(true)
+        },
     }
 }
 

@@ -73,7 +73,12 @@ pub struct ScenarioResult {
     pub reported_complete: Option<u64>,
     pub complete_ratio: Option<f64>,
     pub lost_events: Option<u64>,
+    /// The tracer's CPU time over all rounds per 1,000 packets the kernel traced in them.
     pub cpu_s_per_1k_traced: Option<f64>,
+    /// The same per slice: median and interval over the rounds, which the CPU targets are judged
+    /// by (from one run to the next the pooled figure moves by more than the changes measured).
+    #[serde(default)]
+    pub cpu_s_per_1k_traced_spread: Option<Spread>,
     pub peak_rss_mb: Option<f64>,
     pub msgs_to_userspace_per_match: Option<f64>,
     pub ready_ms: Option<f64>,
@@ -94,7 +99,7 @@ pub struct ScenarioResult {
 }
 
 /// Rates and per-packet figures are medians, counts are sums, CPU per traced packet is over all
-/// rounds' traced packets, peak RSS is the highest, start and exit times are medians.
+/// rounds' traced packets (and per round, with its spread), peak RSS is the highest, start and exit times are medians.
 pub fn merge(rounds: &[Round]) -> ScenarioResult {
     let slices: Vec<&Slice> = rounds.iter().map(|r| &r.slice).collect();
     let median = |values: Vec<f64>| Spread::of(&values).map(|s| s.median);
@@ -140,6 +145,15 @@ pub fn merge(rounds: &[Round]) -> ScenarioResult {
         complete_ratio: complete.zip(nonzero).map(|(c, t)| c as f64 / t as f64),
         lost_events: sum(|s| s.lost_events),
         cpu_s_per_1k_traced: tracer_cpu.zip(nonzero).map(|(cpu, t)| cpu * 1000.0 / t as f64),
+        cpu_s_per_1k_traced_spread: Spread::of(
+            &slices
+                .iter()
+                .filter_map(|s| {
+                    let traced = s.traced_packets_kernel.filter(|&t| t > 0)?;
+                    Some(s.tracer_cpu_seconds? * 1000.0 / traced as f64)
+                })
+                .collect::<Vec<_>>(),
+        ),
         peak_rss_mb: slices.iter().filter_map(|s| s.peak_rss_mb).reduce(f64::max),
         msgs_to_userspace_per_match: sum(|s| s.messages).zip(nonzero).map(|(m, t)| m as f64 / t as f64),
         ready_ms: median(slices.iter().filter_map(|s| s.ready_ms).collect()),

@@ -58,11 +58,13 @@ impl Spread {
 
     /// Whether the interval lies wholly at or below `limit` (`Some(true)`), wholly above
     /// (`Some(false)`), or straddles it or is missing (`None`): a target counts as met only when
-    /// the interval says so.
+    /// the interval says so. Without an interval (fewer than 6 samples) it is never met, and
+    /// missed when every sample is above the limit.
     pub fn at_most(&self, limit: f64) -> Option<bool> {
         match (self.low, self.high) {
             (_, Some(high)) if high <= limit => Some(true),
             (Some(low), _) if low > limit => Some(false),
+            (None, None) if self.min > limit => Some(false),
             _ => None,
         }
     }
@@ -118,6 +120,8 @@ mod tests {
         assert_eq!(s.at_most(0.4), None);
         assert_eq!(s.at_most(0.05), Some(false));
         assert_eq!(Spread::of(&[0.1, 0.2]).unwrap().at_most(1.0), None);
+        assert_eq!(Spread::of(&[0.1, 0.2]).unwrap().at_most(0.15), None);
+        assert_eq!(Spread::of(&[0.1, 0.2]).unwrap().at_most(0.05), Some(false), "every sample above");
         assert_eq!(Spread::of(&[]), None);
     }
 }

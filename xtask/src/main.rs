@@ -200,6 +200,7 @@ fn smoke_problems(report: &serde_json::Value) -> Vec<String> {
         want("msgs_to_userspace_per_match", positive(&s["msgs_to_userspace_per_match"]));
         // The floors' too: what their counting reader cost.
         want("cpu_s_per_1k_traced", finite(&s["cpu_s_per_1k_traced"]));
+        want("cpu_s_per_1k_traced_spread", finite(&s["cpu_s_per_1k_traced_spread"]["median"]));
         if scenario.contains("_floor_") {
             continue;
         }
