@@ -169,12 +169,6 @@ impl TraceSocket {
         self.socket.receive(buf).map_err(CaptureError::Receive)
     }
 
-    /// Like [`receive`](Self::receive), but returns [`Received::Idle`] at once when nothing is
-    /// queued (MSG_DONTWAIT): for draining what is queued without waiting.
-    pub fn receive_queued(&self, buf: &mut [u8]) -> Result<Received, CaptureError> {
-        self.socket.receive_queued(buf).map_err(CaptureError::Receive)
-    }
-
     /// Like [`receive`](Self::receive), into the first of `slots`; [`Received::Datagram`] counts
     /// datagrams (one).
     pub fn receive_into(&self, slots: &mut DatagramSlots) -> Result<Received, CaptureError> {
@@ -189,7 +183,7 @@ impl TraceSocket {
 
     /// Waits at most `timeout` for a datagram to be queued (or an error to be reported); a
     /// signal ends the wait early. What is there is then taken with
-    /// [`receive_queued`](Self::receive_queued).
+    /// [`receive_queued_into`](Self::receive_queued_into).
     pub fn wait_for_datagram(&self, timeout: Duration) {
         let mut poll = libc::pollfd { fd: self.socket.fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let millis = libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
