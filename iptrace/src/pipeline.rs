@@ -420,12 +420,19 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
+    use std::{
+        cell::Cell,
+        io,
+        ops::ControlFlow,
+        time::{Duration, Instant},
+    };
 
-    use super::{RecentlyShown, SHOWN_REMEMBERED, WaitingDrops};
+    use super::{Input, Pipeline, RecentlyShown, SHOWN_REMEMBERED, WaitingDrops};
     use crate::{
-        decode::{Family, Hook, Table, TraceKind},
-        testing::{kernel_dropped, legacy_event, udp_v4_to},
+        decode::{Decoder, Family, Hook, Table, TraceKind, nftrace},
+        model::PacketReport,
+        resolve::Resolver,
+        testing::{Names, kernel_dropped, legacy_event, udp_v4_to},
     };
 
     #[test]
@@ -480,5 +487,41 @@ mod tests {
         assert!(!shown.keys.contains(&key(0)));
         assert!(shown.keys.contains(&key(SHOWN_REMEMBERED + 2)));
         assert_eq!(shown.order.len(), SHOWN_REMEMBERED);
+    }
+
+    #[test]
+    fn a_drop_read_after_its_packets_block_was_shown_is_not_a_block_of_its_own() {
+        const NETNS: u64 = 7;
+        let datagrams = nftrace::tests::captured();
+        let start = Instant::now();
+        let mut pipeline = Pipeline::new(Decoder::new(), Resolver::from_saved(&[]), Duration::from_millis(1), Names)
+            .ending_with_drops_in(NETNS, true);
+        let reports = Cell::new(0);
+        let mut sink = |_: PacketReport| -> io::Result<ControlFlow<()>> {
+            reports.set(reports.get() + 1);
+            Ok(ControlFlow::Continue(()))
+        };
+        let inputs = datagrams.iter().map(|d| Input::Datagram { bytes: d, read_at: start });
+        assert!(pipeline.feed(inputs, &mut sink).unwrap().is_continue());
+        assert!(pipeline.flush_all(&mut sink).unwrap().is_continue());
+        let mut events = Vec::new();
+        let mut decoder = Decoder::new();
+        for d in &datagrams {
+            decoder.decode_datagram(d, &mut events).unwrap();
+        }
+        let shown = events.first().expect("the capture has events").packet.clone();
+        let never_shown = udp_v4_to([10, 9, 9, 9], 1, [10, 9, 9, 8], 2, 3, 64);
+        let before = reports.get();
+
+        // Its packet's block is out: the drop came too late to end it, and is not shown alone.
+        let late = crate::drops::DropEvent { packet: shown, ..kernel_dropped(&never_shown, NETNS, "NO_SOCKET") };
+        pipeline.dropped(late, start);
+        assert!(pipeline.flush_all(&mut sink).unwrap().is_continue());
+        assert_eq!(reports.get(), before, "a late drop made a block of its own");
+
+        // A drop of a packet never shown is one.
+        pipeline.dropped(kernel_dropped(&never_shown, NETNS, "NO_SOCKET"), start);
+        assert!(pipeline.flush_all(&mut sink).unwrap().is_continue());
+        assert_eq!(reports.get(), before + 1);
     }
 }
