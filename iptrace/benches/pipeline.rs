@@ -1,6 +1,6 @@
 //! The processing stages on a recorded corpus of real messages, in trace events per second:
 //! decode (also keeping packet bytes, as `-w` has it), resolve, the whole [`Pipeline`] from
-//! datagrams to reports, and rendering reports as text and as pcap-ng.
+//! datagrams to reports, and rendering reports as text, as JSON and as pcap-ng.
 //!
 //! `corpus/nflog-datagrams.bin` holds nfnetlink_log datagrams as iptrace received them from the
 //! benchmark lab's router (kube-proxy/Docker rule set, UDP flows and TCP SYNs, every packet
@@ -25,7 +25,7 @@ use iptrace::{
     decode::{Decoder, Family, TraceEvent},
     model::{InterfaceNames, PacketReport},
     pipeline::{Input, Pipeline},
-    render::{pcapng::PcapngWriter, render_packet},
+    render::{json, pcapng::PcapngWriter, render_packet},
     resolve::Resolver,
 };
 
@@ -125,6 +125,15 @@ fn pipeline(c: &mut Criterion) {
             out.clear();
             for report in &reports {
                 render_packet(black_box(report), &mut out).expect("writing to memory");
+            }
+        })
+    });
+    g.bench_function("json", |b| {
+        let mut out = Vec::with_capacity(1 << 20);
+        b.iter(|| {
+            out.clear();
+            for report in &reports {
+                json::write_packet(black_box(report), None, &mut out).expect("writing to memory");
             }
         })
     });

@@ -252,8 +252,48 @@ fn lost_and_dates() {
     let mut out = Vec::new();
     write_lost(104_233, &mut out).unwrap();
     assert_eq!(out, b"{\"schema\":1,\"lost\":104233}\n");
-    let at = |secs, nanos| rfc3339(UNIX_EPOCH + std::time::Duration::new(secs, nanos));
+    let at = |secs, nanos| Rfc3339(UNIX_EPOCH + std::time::Duration::new(secs, nanos)).to_string();
     assert_eq!(at(951_782_400, 1), "2000-02-29T00:00:00.000000001Z");
     assert_eq!(at(4_107_542_399, 999_999_999), "2100-02-28T23:59:59.999999999Z");
     assert_eq!(at(1_795_924_355, 0), "2026-11-29T03:52:35.000000000Z");
+}
+
+/// What the line's escaping must give, character by character.
+fn escaped_one_by_one(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\x08' => out.push_str("\\b"),
+            '\x0c' => out.push_str("\\f"),
+            c if needs_escape(c) => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[test]
+fn every_character_is_escaped_as_one_at_a_time_would_escape_it() {
+    let escaped = |text: &str| {
+        let mut line = Line::new(0);
+        line.string_contents(text);
+        String::from_utf8(line.bytes).unwrap()
+    };
+    // Each ASCII byte and a few others at every place of an eight-byte word, and past it.
+    let others = ['é', '\u{85}', '\u{202e}', '\u{fffd}', '🚀'];
+    for c in (0..128u8).map(char::from).chain(others) {
+        for at in 0..19 {
+            let mut text: String = "abcdefghijklmnopqrs".into();
+            text.replace_range(at..=at, c.encode_utf8(&mut [0; 4]));
+            let json = escaped(&text);
+            assert_eq!(json, escaped_one_by_one(&text), "{c:?} at {at}");
+            assert_eq!(serde_json::from_str::<String>(&format!("\"{json}\"")).unwrap(), text);
+        }
+    }
+    assert_eq!(escaped("café 🚀"), "café 🚀", "printable non-ASCII stays as it is");
 }
