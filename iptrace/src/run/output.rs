@@ -26,7 +26,9 @@ use crate::{
 
 /// Where and how the processing thread (or a replay) writes.
 pub struct Destination {
-    pub(super) out: Box<dyn Write + Send>,
+    /// The text or JSON; `None` where `-w -` took standard output for the pcap-ng, so that
+    /// nothing is formatted to be thrown away.
+    pub(super) out: TextOutput,
     pub(super) format: Format,
     /// The traced namespace's label (`--netns` as given), for the JSON records.
     pub(super) netns: Option<String>,
@@ -42,18 +44,21 @@ pub struct Destination {
 /// `-w`'s writer, buffered.
 pub(super) type PcapngOutput = PcapngWriter<io::BufWriter<Box<dyn Write + Send>>>;
 
+/// The text or JSON output; `None` where `-w -` took standard output ([`Destination::out`]).
+pub(super) type TextOutput = Option<Box<dyn Write + Send>>;
+
 /// Where `-w` writes, created now (its section header written), and what is left for the text or
 /// JSON: `out`, or nothing where `-w -` took it.
 pub(super) fn open_pcapng(
     target: Option<&PcapngTarget>,
     out: Box<dyn Write + Send>,
-) -> Result<(Box<dyn Write + Send>, Option<PcapngOutput>), RunError> {
-    let (out, pcapng): (Box<dyn Write + Send>, Option<Box<dyn Write + Send>>) = match target {
-        None => (out, None),
-        Some(PcapngTarget::Stdout) => (Box::new(io::sink()), Some(out)),
+) -> Result<(TextOutput, Option<PcapngOutput>), RunError> {
+    let (out, pcapng): (_, Option<Box<dyn Write + Send>>) = match target {
+        None => (Some(out), None),
+        Some(PcapngTarget::Stdout) => (None, Some(out)),
         Some(PcapngTarget::File(path)) => {
             let file = fs::File::create(path).map_err(|e| RunError::OutputFile(path.clone(), e))?;
-            (out, Some(Box::new(file)))
+            (Some(out), Some(Box::new(file)))
         }
     };
     let pcapng = pcapng
@@ -76,7 +81,8 @@ pub(super) trait RunSink: ReportSink {
 /// The processing thread's output: each report in the chosen format (and as pcap-ng with `-w`),
 /// counted.
 pub(super) struct Output<'a> {
-    out: io::BufWriter<Box<dyn Write + Send>>,
+    /// The text or JSON, if any ([`Destination::out`]).
+    out: Option<io::BufWriter<Box<dyn Write + Send>>>,
     pcapng: Option<PcapngOutput>,
     format: Format,
     /// `--netns` as given, for the JSON records.
@@ -95,11 +101,12 @@ pub(super) struct Output<'a> {
 
 impl ReportSink for Output<'_> {
     fn report(&mut self, report: PacketReport) -> io::Result<ControlFlow<()>> {
-        match self.format {
-            Format::Text => self.renderer.render(&report, &mut self.out)?,
+        match (&mut self.out, self.format) {
+            (None, _) => {}
+            (Some(out), Format::Text) => self.renderer.render(&report, out)?,
             // Flushed with the batch ([`RunSink::idle`]), within a millisecond or so: a flush
             // (a write) per line cost more than its rendering when tracing everything.
-            Format::Json => render::json::write_packet(&report, self.netns.as_deref(), &mut self.out)?,
+            (Some(out), Format::Json) => render::json::write_packet(&report, self.netns.as_deref(), out)?,
         }
         if let Some(pcapng) = &mut self.pcapng {
             pcapng.write(&report)?;
@@ -121,9 +128,9 @@ impl ReportSink for Output<'_> {
     }
 
     fn lost(&mut self, messages: u64) {
-        if self.format == Format::Json {
+        if let Some(out) = self.out.as_mut().filter(|_| self.format == Format::Json) {
             // Where in the stream it happened; written as the next report's write would be.
-            let _ = render::json::write_lost(messages, &mut self.out).and_then(|()| self.out.flush());
+            let _ = render::json::write_lost(messages, out).and_then(|()| out.flush());
         }
         self.loss_report.add(messages, Instant::now());
     }
@@ -132,7 +139,7 @@ impl ReportSink for Output<'_> {
 impl<'a> Output<'a> {
     pub(super) fn new(destination: Destination, stats: &'a Stats, count: Option<u64>) -> Self {
         Self {
-            out: io::BufWriter::with_capacity(1 << 16, destination.out),
+            out: destination.out.map(|out| io::BufWriter::with_capacity(1 << 16, out)),
             pcapng: destination.pcapng,
             format: destination.format,
             netns: destination.netns,
@@ -149,16 +156,16 @@ impl<'a> Output<'a> {
 
     /// Flushes the text or JSON and the pcap-ng, also when one fails.
     fn flush(&mut self) -> io::Result<()> {
-        let out = self.out.flush();
+        let out = self.out.as_mut().map_or(Ok(()), Write::flush);
         let pcapng = self.pcapng.as_mut().map_or(Ok(()), PcapngWriter::flush);
         out.and(pcapng)
     }
 
     /// The `--summary` table, if asked for.
     fn write_summary(&mut self) -> io::Result<()> {
-        match &self.summary {
-            Some(summary) => summary.write(&mut self.out),
-            None => Ok(()),
+        match (&self.summary, &mut self.out) {
+            (Some(summary), Some(out)) => summary.write(out),
+            _ => Ok(()),
         }
     }
 }

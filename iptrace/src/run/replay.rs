@@ -15,7 +15,7 @@ pub fn replay(path: &Path, options: &Options, out: Box<dyn Write + Send>) -> Res
     let recording = Recording::read(path)?;
     let stats = Stats::default();
     let destination = Destination {
-        out,
+        out: Some(out),
         format: options.format,
         // The command line takes no namespace with --replay.
         netns: None,
