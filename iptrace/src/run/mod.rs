@@ -46,6 +46,7 @@ use crate::{
     filter::{FilterError, Selection},
     heal::HealError,
     instrument::{InstrumentError, Limit, TraceChain},
+    model::InterfaceNames,
     netns::{NetnsError, Targets},
     pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError},
     recording::{Recorder, RecordingError, RecordingNames},
@@ -214,6 +215,7 @@ fn process(
         match received {
             Ok(batch) => {
                 if feed(&mut pipeline, output, batch, now)? {
+                    publish_counts(&pipeline, stats);
                     return output.finish();
                 }
             }
@@ -243,14 +245,10 @@ fn process(
             }
             Err(mpsc::TryRecvError::Disconnected) => break,
         };
+        publish_counts(&pipeline, stats);
         if done {
             return output.finish();
         }
-        let c = pipeline.counts();
-        stats.messages.store(c.messages, Ordering::Relaxed);
-        stats.events.store(c.events, Ordering::Relaxed);
-        stats.malformed.store(c.malformed, Ordering::Relaxed);
-        stats.skipped.store(c.orphans, Ordering::Relaxed);
         match output.idle(now) {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
             other => other.map_err(RunError::Output)?,
@@ -259,7 +257,18 @@ fn process(
     // Everything is shown or the count reached: either way this is the end.
     record(recorder, Recorder::flush_all)?;
     let _ = pipeline.flush_all(output)?;
+    publish_counts(&pipeline, stats);
     output.finish()
+}
+
+/// The decoder's counts so far, for `--stats`: after each batch, and at every end, so that the
+/// last batch counts too.
+fn publish_counts<N: InterfaceNames>(pipeline: &Pipeline<'_, N>, stats: &Stats) {
+    let c = pipeline.counts();
+    stats.messages.store(c.messages, Ordering::Relaxed);
+    stats.events.store(c.events, Ordering::Relaxed);
+    stats.malformed.store(c.malformed, Ordering::Relaxed);
+    stats.skipped.store(c.orphans, Ordering::Relaxed);
 }
 
 /// Writes a record of the next pipeline call with `--record`.
@@ -275,3 +284,6 @@ impl From<PipelineError> for RunError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
