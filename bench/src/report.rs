@@ -500,3 +500,33 @@ pub fn update_markdown(path: &Path, generated: &str) -> io::Result<()> {
     };
     fs::write(path, updated)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &str, cpu: &[f64]) -> (String, ScenarioResult) {
+        (key.to_owned(), ScenarioResult { cpu_s_per_1k_traced_spread: Spread::of(cpu), ..Default::default() })
+    }
+
+    fn judged(rows: &[(String, ScenarioResult)]) -> Target {
+        let rows: Vec<(String, &ScenarioResult)> = rows.iter().map(|(k, r)| (k.clone(), r)).collect();
+        every_interval_at_most("cpu", &rows, 0.1, |r| r.cpu_s_per_1k_traced_spread.as_ref(), "s")
+    }
+
+    #[test]
+    fn every_row_decides_an_interval_target() {
+        let under = [0.05, 0.06, 0.07, 0.08, 0.09, 0.05, 0.06];
+        let straddling = [0.05, 0.08, 0.09, 0.11, 0.12, 0.13, 0.2];
+        let over = [0.2, 0.3, 0.3, 0.3, 0.4, 0.4, 0.5];
+        assert_eq!(judged(&[row("a", &under), row("b", &under)]).pass, Some(true));
+        assert_eq!(judged(&[row("a", &under), row("b", &straddling)]).pass, None, "one row undecided");
+        assert_eq!(judged(&[row("a", &straddling), row("b", &over)]).pass, Some(false), "one row above decides");
+        assert_eq!(judged(&[row("a", &[0.01, 0.02])]).pass, None, "no interval: never met");
+        assert_eq!(judged(&[]).pass, None);
+        assert_eq!(judged(&[row("a", &[])]).measured, "—");
+        // The row shown is the one with the highest median, with its interval.
+        let shown = judged(&[row("low", &under), row("high", &over), row("mid", &straddling)]);
+        assert_eq!(shown.measured, "0.300 [0.200, 0.500] s (high)");
+    }
+}
