@@ -34,6 +34,10 @@ pub struct KernelLayout {
     pub sk_net: u32,
     /// `net.net_cookie` (`u64`), the value `SO_NETNS_COOKIE` returns.
     pub net_cookie: u32,
+    /// The byte of `sk_buff` that holds the `nf_trace` bit (a bitfield, `__u8 nf_trace:1`).
+    pub skb_nf_trace_byte: u32,
+    /// The bit of that byte (0 is the lowest).
+    pub skb_nf_trace_bit: u32,
 }
 
 #[cfg(feature = "user")]
@@ -59,12 +63,17 @@ pub struct DropRecord {
     /// Bytes of [`Self::header`] that hold packet data: the packet's linear bytes from the
     /// network header, at most [`DROP_HEADER_MAX`].
     pub header_len: u32,
+    /// 1 when the packet was marked for tracing (`skb->nf_trace`: a TRACE rule or
+    /// `meta nftrace set 1` ran on it), else 0.
+    pub nf_trace: u32,
+    /// Explicit padding to a multiple of 8 bytes: a `Pod` has no implicit padding.
+    pub padding: u32,
     /// The packet's first bytes from the network header (raw IP, as an nflog payload).
     pub header: [u8; DROP_HEADER_MAX],
 }
 
 #[cfg(feature = "user")]
-// SAFETY: plain old data, `repr(C)`, no padding (3 × 8 + 4 × 4 + 128 bytes).
+// SAFETY: plain old data, `repr(C)`, no implicit padding (3 × 8 + 6 × 4 + 128 bytes).
 unsafe impl aya::Pod for DropRecord {}
 
 /// The BTF-enabled raw tracepoint program on `skb:kfree_skb`.

@@ -40,6 +40,8 @@ static KERNEL_LAYOUT: KernelLayout = KernelLayout {
     dev_net: 0,
     sk_net: 0,
     net_cookie: 0,
+    skb_nf_trace_byte: 0,
+    skb_nf_trace_bit: 0,
 };
 
 /// The traced namespace's cookie (`TRACED_NETNS_GLOBAL`); cookies start at 1, so the
@@ -167,6 +169,10 @@ fn report(ctx: &BtfTracePointContext) -> Option<()> {
     record.location = ctx.arg(ARG_LOCATION);
     record.reason = reason;
     record.ifindex = ifindex as u32;
+    // Whether a marking traced it: a netfilter drop of a packet no marking reached (a chain that
+    // runs before it) has no traced step to show it.
+    let flags: u8 = load(skb, layout.skb_nf_trace_byte);
+    record.nf_trace = u32::from(flags >> (layout.skb_nf_trace_bit & 7) & 1);
     DROP_EVENTS.output::<DropRecord>(&*record, 0).ok()
 }
 

@@ -40,7 +40,7 @@ use std::{
 use foldhash::{HashMap, HashMapExt as _};
 
 use crate::{
-    decode::{Family, Hook, NftTraceType, Origin, Table, TraceEvent, TraceId, TraceKind},
+    decode::{Family, Hook, NftFamily, NftTraceType, NftVerdict, Origin, Table, TraceEvent, TraceId, TraceKind},
     instrument::Owner,
 };
 
@@ -171,6 +171,23 @@ fn nat_possible(last: &TraceEvent, hook: Hook, table: &Table) -> bool {
         .any(|(at, priority)| from_rank < (at.stage(), priority) && (at.stage(), priority) < to_rank)
 }
 
+/// Where an own marking event `event` marks, in the order a packet meets iptrace's markings:
+/// netdev ingress, bridge prerouting, then the inet and arp hooks; `None` for other events.
+fn marking_layer(event: &TraceEvent) -> Option<u8> {
+    let Origin::Nft { family, .. } = &event.origin else { return None };
+    is_own_marking(event).then_some(match family {
+        NftFamily::Netdev => 0,
+        NftFamily::Bridge => 1,
+        _ => 2,
+    })
+}
+
+/// The index of the newest of `packets` with trace id `id`: a repeated id belongs to the newest
+/// packet that has it.
+fn newest_with(packets: &[OpenPacket], id: TraceId) -> Option<usize> {
+    packets.iter().enumerate().filter(|(_, p)| p.trace_id == Some(id)).max_by_key(|(_, p)| p.serial).map(|(i, _)| i)
+}
+
 /// The lowest rank: a packet that has no legacy event yet accepts any.
 const NO_RANK: (u8, i32) = (0, i32::MIN);
 
@@ -207,7 +224,7 @@ impl Correlator {
             Origin::Xtables { hook, table, .. } => (Some((hook.stage(), table.priority(*hook))), None),
             Origin::Nft { trace_id, .. } => (None, Some(*trace_id)),
         };
-        let starts_packet = is_own_marking(&event);
+        let starts_packet = is_own_marking(&event) && !trace_id.is_some_and(|id| self.marked_earlier(&event, id));
         let known = trace_id.filter(|_| !starts_packet).and_then(|id| self.trace_ids.get(&id));
         let key = match known {
             Some(&key) => key,
@@ -216,7 +233,7 @@ impl Correlator {
         let candidates = self.open.entry(key).or_default();
         let index = match (trace_id, rank) {
             (Some(_), _) if starts_packet => None,
-            (Some(id), _) => candidates.iter().position(|p| p.trace_id == Some(id)).or_else(|| {
+            (Some(id), _) => newest_with(candidates, id).or_else(|| {
                 let untagged = candidates.iter().enumerate().filter(|(_, p)| p.trace_id.is_none());
                 untagged.max_by_key(|(_, p)| p.last_seen).map(|(i, _)| i)
             }),
@@ -262,6 +279,26 @@ impl Correlator {
         self.open_count += 1;
         self.open_events += 1;
         (self.open_count > MAX_OPEN || self.open_events > MAX_OPEN_EVENTS).then(|| self.close_oldest()).flatten()
+    }
+
+    /// Whether iptrace's own marking event `event`, of trace id `id`, is of a packet one of its
+    /// markings at an earlier hook traced already (netdev ingress, then bridge prerouting, then
+    /// the inet and arp hooks): such a packet passes iptrace's later marking chains traced, so
+    /// their rules (the jump to the marking chain, the marking rule) report events of it too,
+    /// which continue it rather than start another (design.md §13). The packet is the newest
+    /// open one with the id, begun by an earlier marking and not ended by a drop: a packet that
+    /// arrives in an skb that packet left starts with its own first marking.
+    fn marked_earlier(&self, event: &TraceEvent, id: TraceId) -> bool {
+        let Some(layer) = marking_layer(event) else { return false };
+        let Some(packets) = self.trace_ids.get(&id).and_then(|key| self.open.get(key)) else { return false };
+        newest_with(packets, id).is_some_and(|i| {
+            let events = &packets[i].events;
+            let ended = |e: &TraceEvent| {
+                matches!(&e.origin, Origin::Nft { verdict: NftVerdict::Drop | NftVerdict::Stolen, .. })
+            };
+            events.first().and_then(marking_layer).is_some_and(|first| first < layer)
+                && events.last().is_some_and(|last| !ended(last))
+        })
     }
 
     /// Closes every packet quiet for `linger` at `now`, oldest first.

@@ -351,9 +351,10 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             let ended = self
                 .correlator
                 .close_ended(key, (drop.packet.src, drop.packet.dst), |events| drop.joins(events, netns));
-            // A netfilter DROP is the verdict of a traced step; any other drop of a packet whose
-            // block is already out came too late to end it.
-            let late = || drop.reason == "NETFILTER_DROP" || self.shown.keys.contains(&key);
+            // A netfilter DROP of a packet a marking traced is the verdict of a traced step; any
+            // other drop of a packet whose block is already out came too late to end it. A
+            // packet a chain before the marking dropped was never traced: its drop is its block.
+            let late = || drop.reason == "NETFILTER_DROP" && drop.traced || self.shown.keys.contains(&key);
             let trace = match ended {
                 Some(trace) => trace,
                 None if self.drops_alone && !late() => {
@@ -523,5 +524,16 @@ mod tests {
         pipeline.dropped(kernel_dropped(&never_shown, NETNS, "NO_SOCKET"), start);
         assert!(pipeline.flush_all(&mut sink).unwrap().is_continue());
         assert_eq!(reports.get(), before + 1);
+
+        // A netfilter DROP is the verdict of a traced step where a marking traced the packet;
+        // where none did (a chain before the marking dropped it), it is the packet's block.
+        let other = udp_v4_to([10, 9, 9, 9], 1, [10, 9, 9, 8], 2, 4, 64);
+        pipeline.dropped(kernel_dropped(&other, NETNS, "NETFILTER_DROP"), start);
+        assert!(pipeline.flush_all(&mut sink).unwrap().is_continue());
+        assert_eq!(reports.get(), before + 1, "a traced packet's netfilter DROP made a block of its own");
+        let untraced = crate::drops::DropEvent { traced: false, ..kernel_dropped(&other, NETNS, "NETFILTER_DROP") };
+        pipeline.dropped(untraced, start);
+        assert!(pipeline.flush_all(&mut sink).unwrap().is_continue());
+        assert_eq!(reports.get(), before + 2);
     }
 }

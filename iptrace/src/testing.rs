@@ -142,6 +142,7 @@ pub(crate) fn kernel_dropped(packet: &[u8], netns: u64, reason: &str) -> DropEve
         ifindex: Some(2),
         location: 0,
         packet: PacketHeader::parse(packet).unwrap(),
+        traced: true,
     }
 }
 

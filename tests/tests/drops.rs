@@ -19,7 +19,7 @@ use iptrace::{
     netns::interface_index,
 };
 use iptrace_tests::{
-    Lab, Role, Tracer, blocks, iptrace_bin, lab,
+    Block, Lab, Role, Tracer, blocks, iptrace_bin, lab,
     oracle::{NftMonitor, compare_nft},
     require_root, wait_until_read,
 };
@@ -593,4 +593,64 @@ fn a_drop_read_before_its_events_ends_their_block() {
     assert_eq!(compare_nft(&all, &oracle), "");
     let counters = ["Tcp OutRsts", "Udp NoPorts"];
     assert_eq!(changed(&before, &snmp(&lab, Role::Router), &counters), ["Tcp OutRsts +1", "Udp NoPorts +1"]);
+}
+
+/// A netdev ingress chain on the client's port in front of an ip table that drops UDP to 9031,
+/// and a netdev chain that runs before iptrace's marking (-500) and drops UDP to 9032.
+const NETDEV_RULES: &str = "table netdev xnd_ing {
+ chain early { type filter hook ingress device \"vif0\" priority -500; policy accept; udp dport 9032 counter drop; }
+ chain late { type filter hook ingress device \"vif0\" priority 0; policy accept; }
+}
+table ip xnd_fw {
+ chain prerouting { type filter hook prerouting priority 0; policy accept; udp dport 9031 drop; }
+}
+";
+
+/// Where netdev ingress chains hook the client's port, iptrace marks there too, and the packet
+/// then passes its inet marking traced: still one packet, one block, ended by the rule's DROP
+/// (not a second block claiming that no table saw it). A packet a chain before the marking
+/// drops was never traced: its drop is a block of its own. `nft monitor trace` is the oracle for
+/// the steps, the early chain's counter for the untraced drop.
+#[test]
+fn netdev_chains_before_and_after_the_marking() {
+    if !require_root("netdev_chains_before_and_after_the_marking") {
+        return;
+    }
+    let lab = lab("xnd-netdev");
+    lab.exec(Role::Router, &["nft", "-f", "-"], NETDEV_RULES).unwrap();
+    let listing = lab.exec(Role::Router, &["nft", "-a", "list", "chain", "ip", "xnd_fw", "prerouting"], "").unwrap();
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    let drop_handle = listing.lines().find(|l| l.contains("dport 9031")).and_then(|l| l.rsplit(' ').next()).unwrap();
+    let monitor = NftMonitor::start(&lab, Role::Router, &[]);
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "udp and src host 10.5.1.7"]);
+    send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9031", None);
+    send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9032", None);
+    wait_until_read(&lab, Role::Router);
+    let out = tracer.stop(libc::SIGINT);
+    let oracle = monitor.finish();
+    assert!(out.status.success(), "{out:?}");
+    let all = blocks(&out.stdout);
+    let port = |block: &Block| block.packet.split_whitespace().find(|w| w.starts_with("DPT=")).unwrap_or("").to_owned();
+    let mut shown: Vec<String> = all.iter().map(|b| format!("{}\n{}", port(b), b.body())).collect();
+    shown.sort();
+    let expected = [
+        format!(
+            "DPT=9031
+        nft netdev xnd_ing late
+                policy accept
+        nft ip xnd_fw prerouting (handle {drop_handle})
+                udp dport 9031 drop
+                => drop
+        verdict: DROP at nft ip xnd_fw prerouting (handle {drop_handle})"
+        ),
+        "DPT=9032
+        verdict: dropped: NETFILTER_DROP (no table of the rule set saw it)"
+            .to_owned(),
+    ];
+    assert_eq!(shown.join("\n\n"), expected.join("\n\n"), "{}", out.stdout);
+    let traced: Vec<Block> = all.iter().filter(|b| port(b) == "DPT=9031").cloned().collect();
+    assert_eq!(compare_nft(&traced, &oracle), "");
+    let early = lab.exec(Role::Router, &["nft", "list", "chain", "netdev", "xnd_ing", "early"], "").unwrap();
+    let early = String::from_utf8(early.stdout).unwrap();
+    assert!(early.contains("counter packets 1 "), "the early chain did not drop it once:\n{early}");
 }

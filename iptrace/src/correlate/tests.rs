@@ -46,6 +46,76 @@ fn the_marking_rule_starts_a_new_packet_under_a_reused_id() {
     assert_ne!(done[0].events[1].packet.identity(), done[1].events[1].packet.identity());
 }
 
+/// An event of nf_tables table `table` in `family`, chain `chain`, under trace id 1.
+fn nft_at(
+    packet: &[u8],
+    family: NftFamily,
+    table: &str,
+    chain: &str,
+    handle: Option<u64>,
+    verdict: NftVerdict,
+) -> TraceEvent {
+    let mut e = nft_event(packet, 1);
+    e.origin = nft_origin(family, table, chain, handle, false, verdict);
+    if let Origin::Nft { trace_id, .. } = &mut e.origin {
+        *trace_id = TraceId([1, 0, 0, 1]);
+    }
+    e
+}
+
+#[test]
+fn a_packet_marked_at_netdev_ingress_stays_one_packet_through_the_inet_marking() {
+    let now = Instant::now();
+    let mut c = Correlator::new(Duration::from_secs(1));
+    let a = udp_v4([10, 5, 1, 7], 40000, 64);
+    let mut b = a.clone();
+    b[5] = 0x99;
+    let own = "iptrace_1_2";
+    // As the kernel reports them (captured on 6.18): marked at ingress, the packet passes
+    // iptrace's inet chain traced, so its jump to the marking chain and the marking rule report
+    // events too.
+    let marked_at_ingress = |p: &[u8], verdict: NftVerdict| {
+        vec![
+            nft_at(p, NftFamily::Netdev, own, "ingress_vif0", Some(3), NftVerdict::Continue),
+            nft_at(p, NftFamily::Netdev, "nd", "c", None, NftVerdict::Accept),
+            nft_at(p, NftFamily::Inet, own, "prerouting", Some(7), NftVerdict::Jump("mark_prerouting".into())),
+            nft_at(p, NftFamily::Inet, own, "mark_prerouting", Some(3), NftVerdict::Continue),
+            nft_at(p, NftFamily::Ip, "t", "c", Some(2), verdict),
+        ]
+    };
+    for e in marked_at_ingress(&a, NftVerdict::Drop) {
+        c.push(e, now);
+    }
+    // Another packet in the skb the dropped one left, arriving on a port without a netdev
+    // marking: the inet marking starts it.
+    c.push(nft_at(&a, NftFamily::Inet, own, "mark_prerouting", Some(3), NftVerdict::Continue), now);
+    c.push(nft_at(&a, NftFamily::Ip, "t", "c", None, NftVerdict::Accept), now);
+    // And one marked at ingress again: its ingress marking starts it, whatever is open.
+    for e in marked_at_ingress(&b, NftVerdict::Accept) {
+        c.push(e, now);
+    }
+    let done = c.flush_all();
+    let chains = |p: &PacketTrace| {
+        p.events
+            .iter()
+            .map(|e| match &e.origin {
+                Origin::Nft { chain, .. } => chain.to_string(),
+                Origin::Xtables { .. } => String::new(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        done.iter().map(chains).collect::<Vec<_>>(),
+        [
+            "ingress_vif0 c prerouting mark_prerouting c",
+            "mark_prerouting c",
+            "ingress_vif0 c prerouting mark_prerouting c",
+        ]
+    );
+    assert_eq!(done[2].events[0].packet.identity(), done[2].events[4].packet.identity());
+}
+
 #[test]
 fn nft_events_join_by_trace_id_and_legacy_events_by_identity() {
     let now = Instant::now();

@@ -30,6 +30,8 @@ struct Member {
     type_id: u32,
     /// Bit offset for members (bitfield size masked off), the value for enums.
     value: u64,
+    /// A bitfield member's size in bits (`kind_flag` structs); 0 for anything else.
+    bitfield_bits: u32,
 }
 
 /// One type record, read from the blob when looked at.
@@ -61,12 +63,18 @@ impl Type<'_> {
             Some(match self.kind {
                 KIND_STRUCT | KIND_UNION => {
                     let bits = word(2)?;
-                    let bits = if self.kind_flag { bits & 0x00ff_ffff } else { bits };
-                    Member { name: first, type_id: second, value: u64::from(bits) }
+                    let (offset, bitfield_bits) =
+                        if self.kind_flag { (bits & 0x00ff_ffff, bits >> 24) } else { (bits, 0) };
+                    Member { name: first, type_id: second, value: u64::from(offset), bitfield_bits }
                 }
-                KIND_ENUM => Member { name: first, type_id: 0, value: u64::from(second) },
-                KIND_ENUM64 => Member { name: first, type_id: 0, value: u64::from(word(2)?) << 32 | u64::from(second) },
-                _ => Member { name: first, type_id: second, value: 0 },
+                KIND_ENUM => Member { name: first, type_id: 0, value: u64::from(second), bitfield_bits: 0 },
+                KIND_ENUM64 => Member {
+                    name: first,
+                    type_id: 0,
+                    value: u64::from(word(2)?) << 32 | u64::from(second),
+                    bitfield_bits: 0,
+                },
+                _ => Member { name: first, type_id: second, value: 0, bitfield_bits: 0 },
             })
         })
     }
@@ -174,9 +182,9 @@ impl<'a> Btf<'a> {
         let mut id = self.named(KIND_STRUCT, name).ok_or_else(missing)?;
         let mut bits = 0;
         for part in path {
-            let (offset, member_type) = self.find_member(id, part).ok_or_else(missing)?;
+            let (member, offset) = self.find_member(id, part).ok_or_else(missing)?;
             bits += offset;
-            id = member_type;
+            id = member.type_id;
         }
         if bits % 8 != 0 {
             return Err(missing());
@@ -190,9 +198,22 @@ impl<'a> Btf<'a> {
         Ok(Field { offset: u32::try_from(bits / 8).map_err(|_| missing())?, size })
     }
 
-    /// Bit offset and type of the member `name` of the struct or union `id`, looking into its
-    /// anonymous members.
-    fn find_member(&self, id: u32, name: &str) -> Option<(u64, u32)> {
+    /// The byte and the bit in it (0 the lowest) of the one-bit bitfield `member` of
+    /// `struct name` (anonymous structs and unions between are looked into).
+    pub fn flag(&self, name: &str, member: &str) -> Result<(u32, u32), DropError> {
+        let missing = || DropError::BtfField { name: format!("{name}.{member} (a one-bit field)") };
+        let id = self.named(KIND_STRUCT, name).ok_or_else(missing)?;
+        match self.find_member(id, member) {
+            Some((found, bits)) if found.bitfield_bits == 1 => {
+                Ok((u32::try_from(bits / 8).map_err(|_| missing())?, (bits % 8) as u32))
+            }
+            _ => Err(missing()),
+        }
+    }
+
+    /// The member `name` of the struct or union `id`, looking into its anonymous members, and
+    /// its bit offset from the start of `id`.
+    fn find_member(&self, id: u32, name: &str) -> Option<(Member, u64)> {
         let (_, ty) = self.resolve(id)?;
         if !matches!(ty.kind, KIND_STRUCT | KIND_UNION) {
             return None;
@@ -200,9 +221,9 @@ impl<'a> Btf<'a> {
         ty.members().find_map(|member| {
             let member_name = self.string(member.name);
             if member_name == name {
-                Some((member.value, member.type_id))
+                Some((member, member.value))
             } else if member_name.is_empty() {
-                self.find_member(member.type_id, name).map(|(offset, id)| (member.value + offset, id))
+                self.find_member(member.type_id, name).map(|(found, offset)| (found, member.value + offset))
             } else {
                 None
             }

@@ -95,6 +95,7 @@ impl KernelFacts {
                 Err(DropError::FieldSize { name, size: field.size, expected: size })
             }
         };
+        let nf_trace = btf.flag("sk_buff", "nf_trace")?;
         let layout = KernelLayout {
             skb_head: field("sk_buff.head", "sk_buff", &["head"], 8)?,
             skb_data: field("sk_buff.data", "sk_buff", &["data"], 8)?,
@@ -107,6 +108,8 @@ impl KernelFacts {
             dev_net: field("net_device.nd_net.net", "net_device", &["nd_net", "net"], 8)?,
             sk_net: field("sock.__sk_common.skc_net.net", "sock", &["__sk_common", "skc_net", "net"], 8)?,
             net_cookie: field("net.net_cookie", "net", &["net_cookie"], 8)?,
+            skb_nf_trace_byte: nf_trace.0,
+            skb_nf_trace_bit: nf_trace.1,
         };
         let reasons = btf
             .enum_values("skb_drop_reason")?
@@ -175,6 +178,15 @@ pub struct DropEvent {
     pub location: u64,
     /// The packet as it was when dropped: after any NAT, with its TTL as then.
     pub packet: PacketHeader,
+    /// A marking had traced it (`skb->nf_trace`): a netfilter drop then is the verdict of a
+    /// traced step. Recordings made before this was kept replay as they showed then, as if
+    /// every drop's packet had been traced.
+    #[serde(default = "traced_before_it_was_recorded")]
+    pub traced: bool,
+}
+
+fn traced_before_it_was_recorded() -> bool {
+    true
 }
 
 impl DropEvent {
@@ -196,6 +208,7 @@ impl DropEvent {
             ifindex: (record.ifindex != 0).then_some(record.ifindex),
             location: record.location,
             packet: PacketHeader::parse(header).ok()?,
+            traced: record.nf_trace != 0,
         })
     }
 

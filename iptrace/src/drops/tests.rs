@@ -44,6 +44,10 @@ fn layout_and_reasons_come_from_btf() {
     let skb = [layout.skb_head, layout.skb_data, layout.skb_len, layout.skb_data_len, layout.skb_network_header];
     assert!(skb.iter().all(|&o| o > 0 && o < 256), "{layout:?}");
     assert!(layout.net_cookie > 0, "{layout:?}");
+    assert!(
+        layout.skb_nf_trace_byte > 0 && layout.skb_nf_trace_byte < 256 && layout.skb_nf_trace_bit < 8,
+        "{layout:?}"
+    );
     assert_eq!(facts.reasons.get(&1).map(String::as_str), Some("SKB_CONSUMED"));
     assert_eq!(facts.reasons.get(&2).map(String::as_str), Some("NOT_SPECIFIED"));
     for name in ["NO_SOCKET", "NETFILTER_DROP", "IP_RPFILTER", "IP_INNOROUTES", "IP_OUTNOROUTES"] {
@@ -70,6 +74,8 @@ fn records_decode_to_events() {
         ifindex: 3,
         packet_len: 32,
         header_len: 32,
+        nf_trace: 1,
+        padding: 0,
         header: [0; iptrace_common::drops::DROP_HEADER_MAX],
     };
     record.header[..32].copy_from_slice(&packet);
@@ -81,6 +87,7 @@ fn records_decode_to_events() {
     assert_eq!((event.netns, event.ifindex), (4096, Some(3)));
     assert_eq!(event.packet, PacketHeader::parse(&packet).unwrap());
     assert_eq!(event.family(), Family::Ipv4);
+    assert!(event.traced);
     assert!(DropEvent::decode(&bytes[..bytes.len() - 1], &facts).is_none());
     record.header[0] = 0x00;
     // SAFETY: as above.

@@ -355,6 +355,12 @@ impl NativeSelection {
         self.nft_match_in(NftFamily::Inet)
     }
 
+    /// The one family the selected packets can be of, where the selection names one (by an
+    /// address, or `ip` / `ip6`).
+    pub fn only_family(&self) -> Option<Family> {
+        self.source.or(self.destination).map(|net| net.family()).or(self.family)
+    }
+
     /// [`Self::nft_match`] for a marking rule in a table of `family`. The address, protocol and
     /// port matches read the network and transport headers wherever the table is: in the bridge
     /// and netdev families nf_tables finds them behind the Ethernet header itself (it sets the

@@ -221,7 +221,10 @@ fn link_layer_script(
     chains: &[BaseChain],
 ) -> Option<String> {
     let v4 = plan.families.contains(&Family::Ipv4);
-    let ip_protocols: Vec<&str> = plan.families.iter().map(|&f| if f == Family::Ipv4 { "ip" } else { "ip6" }).collect();
+    let ip_protocols = |only: Option<Family>| -> Vec<&str> {
+        let families = plan.families.iter().filter(|&&f| only.is_none_or(|o| o == f));
+        families.map(|&f| if f == Family::Ipv4 { "ip" } else { "ip6" }).collect()
+    };
     let protocol = |names: &[&str]| match names {
         [one] => format!("meta protocol {one}"),
         many => format!("meta protocol {{ {} }}", many.join(", ")),
@@ -232,11 +235,13 @@ fn link_layer_script(
         (NftFamily::Arp, Prefilter::Native(selection)) => selection.arp_match().into_iter().collect(),
         (NftFamily::Arp, _) => vec![String::new()],
         (_, Prefilter::Native(selection)) => {
-            let ip = selection.nft_match_in(family).map(|m| {
+            // An address match's protocol dependency conflicts with a set of both protocols.
+            let protocols = ip_protocols(selection.only_family());
+            let ip = selection.nft_match_in(family).filter(|_| !protocols.is_empty()).map(|m| {
                 if m.contains("meta protocol") {
                     m
                 } else {
-                    format!("{} {m}", protocol(&ip_protocols)).trim_end().to_owned()
+                    format!("{} {m}", protocol(&protocols)).trim_end().to_owned()
                 }
             });
             let arp =
@@ -244,7 +249,7 @@ fn link_layer_script(
             ip.into_iter().chain(arp).collect()
         }
         (_, Prefilter::XtBpf(_) | Prefilter::None) => {
-            let mut all = ip_protocols.clone();
+            let mut all = ip_protocols(None);
             if v4 {
                 all.push("arp");
             }

@@ -232,6 +232,19 @@ add rule bridge iptrace_42_7 prerouting meta protocol arp arp saddr ip 10.9.0.1 
         ),
         "{bridge}"
     );
+    // Both families traced: the address's protocol alone (nft refuses `meta protocol { ip, ip6 }`
+    // before `ip saddr`), and a protocol match on both.
+    let both = TracePlan { families: vec![Family::Ipv4, Family::Ipv6], ..plan.clone() };
+    let netdev = link_layer_script(owner, &both, NftFamily::Netdev, &devices[..1], &[]).unwrap();
+    assert!(
+        netdev.contains(
+            "add rule netdev iptrace_42_7 ingress_vif0 meta protocol ip ip saddr 10.9.0.1 counter meta nftrace set 1\n"
+        ),
+        "{netdev}"
+    );
+    let udp = TracePlan { prefilter: native("udp"), ..both.clone() };
+    let netdev = link_layer_script(owner, &udp, NftFamily::Netdev, &devices[..1], &[]).unwrap();
+    assert!(netdev.contains("ingress_vif0 meta protocol { ip, ip6 } meta l4proto udp counter"), "{netdev}");
     // TCP never matches ARP; IPv6 alone has no ARP; --chain OUTPUT leaves bridge and netdev none.
     assert_eq!(
         link_layer_script(owner, &TracePlan { prefilter: native("tcp"), ..plan.clone() }, NftFamily::Arp, &[], &[]),
