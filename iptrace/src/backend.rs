@@ -120,15 +120,15 @@ fn nft_tables(families: &[Family]) -> Result<Vec<String>, NftError> {
     })?;
     Ok(tables
         .iter()
-        .filter(|(family, name)| {
-            Owner::from_table_name(name).is_none()
-                && match family {
+        .filter(|table| {
+            Owner::from_table_name(&table.name).is_none()
+                && match table.family {
                     NftFamily::Inet => true,
                     NftFamily::Ip => families.contains(&Family::Ipv4),
                     NftFamily::Ip6 => families.contains(&Family::Ipv6),
                     _ => false,
                 }
         })
-        .map(|(family, name)| format!("{family} {name}"))
+        .map(|table| format!("{} {}", table.family, table.name))
         .collect())
 }

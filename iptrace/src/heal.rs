@@ -31,8 +31,7 @@ use crate::{
     bpf::{self, BpfError},
     decode::Family,
     instrument::{
-        Damage, InstrumentError, Marking, MarkingWatch, Owner, Prefilter, TracePlan, WatchError, XtBpfProgram,
-        family_name, nf_log,
+        Damage, InstrumentError, Marking, MarkingWatch, Owner, Prefilter, TracePlan, WatchError, XtBpfProgram, nf_log,
     },
     netns,
     procfile::ProcFile,
@@ -256,13 +255,13 @@ impl Watcher {
             let (family, file) = &mut self.logger_files[i];
             let family = *family;
             let bound = nf_log::bound_logger_through(family, file).map_err(|source| HealError::Reinstall {
-                event: format!("the nf_log binding for {} cannot be read", family_name(family)),
+                event: format!("the nf_log binding for {} cannot be read", family),
                 source,
             })?;
             if bound == nf_log::NFNETLINK_LOG {
                 continue;
             }
-            let event = format!("nf_log binding for {} was changed to {bound}", family_name(family));
+            let event = format!("nf_log binding for {} was changed to {bound}", family);
             self.count_repair(&event)?;
             nf_log::bind_logger(family, nf_log::NFNETLINK_LOG)
                 .map_err(|source| HealError::Reinstall { event: event.clone(), source })?;

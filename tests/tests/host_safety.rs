@@ -257,6 +257,64 @@ fn cleanup_removes_two_dead_runs_rules_and_only_theirs() {
     assert!(!written.contains("LOST") && !written.contains("FAILED"), "{written}");
 }
 
+/// Only what carries iptrace's tag *and* is what iptrace makes is its: a user's raw rule of
+/// another target with a tag-like comment, and a user's table named like iptrace's but without
+/// its tag as comment, survive `--cleanup`; a dead run's table (name and tag) does not.
+#[test]
+fn cleanup_leaves_lookalikes_of_iptraces_objects_alone() {
+    if !require_root("cleanup_leaves_lookalikes_of_iptraces_objects_alone") {
+        return;
+    }
+    let _shared = shared_namespaces();
+    let lab = lab("lookalike");
+    let router = lab.ns(Role::Router);
+    // Owners whose pid cannot run: each looks like a dead run's.
+    let user_rules = [
+        [
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "22",
+            "-m",
+            "comment",
+            "--comment",
+            "iptrace:999999991:1",
+            "-j",
+            "ACCEPT",
+        ],
+        [
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "25",
+            "-m",
+            "comment",
+            "--comment",
+            "iptrace:999999992:1",
+            "-j",
+            "NOTRACK",
+        ],
+    ];
+    for rule in &user_rules {
+        let mut command = vec!["iptables-legacy", "-w", "-t", "raw"];
+        command.extend_from_slice(rule);
+        exec(&lab, &command);
+    }
+    exec(&lab, &["nft", "add", "table", "inet", "iptrace_999999993_1"]);
+    exec(&lab, &["nft", "add", "chain", "inet", "iptrace_999999993_1", "users"]);
+    let before = firewall_state(&lab, Role::Router);
+    exec(&lab, &["nft", "add", "table", "inet", "iptrace_999999994_1", "{ comment \"iptrace:999999994:1\"; }"]);
+
+    let (status, stdout, stderr) = run_iptrace(&["--cleanup", "--netns", &router]);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout, "iptrace: removed nf_tables table inet iptrace_999999994_1 left by a dead iptrace\n");
+    assert_eq!(firewall_state(&lab, Role::Router), before);
+}
+
 /// Everything a run could change on a host whose tables are all legacy ones: which tables exist,
 /// every front end's saved rules, the nf_tables rule set and the logger bindings.
 fn host_state(lab: &Lab) -> String {

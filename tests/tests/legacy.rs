@@ -213,6 +213,12 @@ fn limit_traces_only_a_few_of_a_burst() {
     let (lab, _servers) = router("limit");
     let tracer =
         Tracer::start(&["--netns", &lab.ns(Role::Router), "--limit", "1/s", "--limit-burst", "1", "udp port 5353"]);
+    // The start says that packets are left out.
+    assert!(
+        tracer.ready().contains("at most 1/sec after a burst of 1 (--limit: the others are not traced)"),
+        "{}",
+        tracer.ready()
+    );
     for _ in 0..50 {
         lab.udp(Role::Client, SocketAddr::new(addr::CLIENT, 0), server(5353), b"burst").unwrap();
     }

@@ -63,6 +63,16 @@ pub enum Family {
     Ipv6,
 }
 
+/// How messages name a family: `IPv4`, `IPv6`.
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+        })
+    }
+}
+
 impl Family {
     /// The family of an address.
     pub fn of(addr: std::net::IpAddr) -> Self {

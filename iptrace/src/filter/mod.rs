@@ -41,8 +41,7 @@ pub enum FilterError {
     )]
     TooLong { expression: String, len: usize },
     #[error(
-        "filter expression '{expression}' can never match an {} packet: change it, or trace {}",
-        if *family == Family::Ipv4 { "IPv4" } else { "IPv6" },
+        "filter expression '{expression}' can never match an {family} packet: change it, or trace {}",
         if *family == Family::Ipv4 { "IPv6 with -6" } else { "IPv4 with -4" }
     )]
     NeverMatches { expression: String, family: Family },

@@ -9,7 +9,7 @@ use std::{os::fd::RawFd, path::PathBuf};
 
 use super::{
     Damage, InstrumentError, Marking, MarkingWatch, Prefilter, TraceChain, TracePlan, WatchError, XtBpfProgram,
-    family_name, owner::Owner,
+    owner::Owner,
 };
 use crate::{
     bpf,
@@ -68,7 +68,7 @@ impl MarkingWatch for RawWatch {
             return Ok(None);
         }
         self.info = info;
-        let family = family_name(self.family);
+        let family = self.family;
         let RawTableCheck { displaced, flushed } = displaced_rules(self.owner, &self.plan, self.family)
             .map_err(|e| WatchError::Read { event: format!("the {family} raw table changed"), source: Box::new(e) })?;
         if displaced.is_empty() {
@@ -188,7 +188,8 @@ fn tagged_rules(family: Family) -> Result<Vec<TaggedRule>, InstrumentError> {
     Ok(tagged_lines(&saved))
 }
 
-/// The iptrace rules of TRACE_CHAINS in `iptables-save -t raw` output.
+/// The iptrace rules of TRACE_CHAINS in `iptables-save -t raw` output: TRACE rules with an
+/// owner tag. A rule of another target is the user's, whatever its comment says.
 fn tagged_lines(saved: &str) -> Vec<TaggedRule> {
     saved
         .lines()
@@ -196,7 +197,7 @@ fn tagged_lines(saved: &str) -> Vec<TaggedRule> {
         .filter_map(|line| {
             let tokens = xtables::tokenize(line);
             let chain = tokens.get(1)?;
-            if !TRACE_CHAINS.contains(&chain.as_str()) {
+            if !TRACE_CHAINS.contains(&chain.as_str()) || option_value(&tokens, "-j") != Some("TRACE") {
                 return None;
             }
             Some(TaggedRule { owner: owner_of(&tokens[2..])?, line: line.to_owned() })
@@ -375,6 +376,8 @@ mod tests {
 :OUTPUT ACCEPT [0:0]
 -A PREROUTING -p udp -m udp --dport 53 -m comment --comment "iptrace:7:9" -j TRACE
 -A PREROUTING -m comment --comment "iptrace-like but a user's" -j ACCEPT
+-A PREROUTING -p tcp -m tcp --dport 22 -m comment --comment "iptrace:4244:1" -j ACCEPT
+-A PREROUTING -p tcp -m tcp --dport 25 -m comment --comment "iptrace:4247:1" -j CT --notrack
 -A PREROUTING -m bpf --bytecode "1,6 0 0 65535" -m comment --comment "iptrace:8:1" -j TRACE
 -A OUTPUT -m comment --comment "iptrace:7:9" -j TRACE
 COMMIT

@@ -34,26 +34,26 @@ use crate::{
 pub enum InstrumentError {
     #[error("another iptrace ({owner}) is already tracing in this network namespace")]
     AlreadyRunning { owner: Owner },
-    #[error("cannot insert the {family:?} TRACE rule in raw {chain}")]
+    #[error("cannot insert the {family} TRACE rule in raw {chain}")]
     InsertRule {
         family: Family,
         chain: &'static str,
         #[source]
         source: XtablesError,
     },
-    #[error("cannot delete the {family:?} TRACE rules")]
+    #[error("cannot delete the {family} TRACE rules")]
     DeleteRules {
         family: Family,
         #[source]
         source: XtablesError,
     },
-    #[error("cannot list the {family:?} raw table")]
+    #[error("cannot list the {family} raw table")]
     ListRules {
         family: Family,
         #[source]
         source: XtablesError,
     },
-    #[error("cannot read or set the {family:?} logger binding (/proc/sys/net/netfilter/nf_log)")]
+    #[error("cannot read or set the {family} logger binding (/proc/sys/net/netfilter/nf_log)")]
     NfLog {
         family: Family,
         #[source]
@@ -302,14 +302,6 @@ pub enum WatchError {
     },
 }
 
-/// How messages name a family.
-pub(crate) fn family_name(family: Family) -> &'static str {
-    match family {
-        Family::Ipv4 => "IPv4",
-        Family::Ipv6 => "IPv6",
-    }
-}
-
 /// What one run changed in its network namespace; undone by [`Instrumentation::teardown`].
 #[derive(Debug)]
 pub struct Instrumentation {
@@ -483,7 +475,7 @@ fn remove_stale(netns: u64) -> Result<Vec<String>, InstrumentError> {
             removed.push(format!("pinned prefilter {} of {owner}", pin.display()));
         }
         for (family, logger) in &restored {
-            removed.push(format!("{family:?} logger binding of {owner} (restored to {logger})"));
+            removed.push(format!("{family} logger binding of {owner} (restored to {logger})"));
         }
         RunState::remove(netns, owner);
     }

@@ -50,7 +50,7 @@ use crate::{
     netfilter::{
         NetfilterSocket, Received,
         netlink::{NetlinkMessage, NetlinkMessages},
-        nf_tables::{BaseChain, NFTA_CHAIN_HOOK, NfTablesSocket, RuleExpression},
+        nf_tables::{BaseChain, ListedTable, NFTA_CHAIN_HOOK, NfTablesSocket, RuleExpression},
     },
     nftables,
 };
@@ -87,8 +87,8 @@ impl Marking for NftTable {
         let families = tables()
             .map_err(|e| WatchError::Read { event: "listing iptrace's tables".into(), source: Box::new(e) })?
             .into_iter()
-            .filter(|(_, name)| *name == table)
-            .map(|(family, _)| family)
+            .filter(|t| t.name == table)
+            .map(|t| t.family)
             .collect();
         Ok(Box::new(NftWatch::open(table, families)?))
     }
@@ -366,7 +366,7 @@ pub(super) fn hooked_devices(listing: &str) -> Vec<String> {
 fn create(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
     let table = owner.table_name();
     let existing = tables()?;
-    if existing.iter().any(|(f, t)| *f == NftFamily::Inet && *t == table) {
+    if existing.iter().any(|t| t.family == NftFamily::Inet && t.name == table) {
         return Err(InstrumentError::TableExists { table });
     }
     // Listed before the table exists: every chain that decides where iptrace marks is another's.
@@ -384,7 +384,7 @@ fn create(owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
         add_xt_bpf_rules(&table, plan, program)?;
     }
     for family in LINK_LAYER_FAMILIES {
-        if !existing.iter().any(|(f, t)| *f == family && Owner::from_table_name(t).is_none()) {
+        if !existing.iter().any(|t| t.family == family && own_table(t).is_none()) {
             continue;
         }
         let devices = if family == NftFamily::Netdev { ingress_devices(plan)? } else { Vec::new() };
@@ -468,17 +468,24 @@ fn delete(family: NftFamily, owner: Owner) -> Result<(), InstrumentError> {
     })
 }
 
-/// The iptrace tables in this netns, by family and owner. Empty when the kernel has no nf_tables.
+/// The iptrace tables in this netns, by family and owner: named after an owner and carrying its
+/// tag as their comment (a user's table of that name alone is not iptrace's). Empty when the
+/// kernel has no nf_tables.
 fn tagged_tables() -> Result<Vec<(NftFamily, Owner)>, InstrumentError> {
-    Ok(tables()?.iter().filter_map(|(f, t)| Owner::from_table_name(t).map(|o| (*f, o))).collect())
+    Ok(tables()?.iter().filter_map(|t| own_table(t).map(|owner| (t.family, owner))).collect())
+}
+
+/// The owner of `table` if it is iptrace's.
+fn own_table(table: &ListedTable) -> Option<Owner> {
+    Owner::from_table_name(&table.name).filter(|owner| table.comment.as_deref() == Some(owner.tag().as_str()))
 }
 
 /// The tables of the families iptrace's tables may be in (inet, bridge, netdev, arp), or none
 /// when the kernel has no nf_tables.
-fn tables() -> Result<Vec<(NftFamily, String)>, InstrumentError> {
+fn tables() -> Result<Vec<ListedTable>, InstrumentError> {
     let Ok(mut socket) = NfTablesSocket::open() else { return Ok(Vec::new()) };
     let all = socket.tables().map_err(|source| InstrumentError::Nft { what: "list", table: String::new(), source })?;
-    Ok(all.into_iter().filter(|(f, _)| *f == NftFamily::Inet || LINK_LAYER_FAMILIES.contains(f)).collect())
+    Ok(all.into_iter().filter(|t| t.family == NftFamily::Inet || LINK_LAYER_FAMILIES.contains(&t.family)).collect())
 }
 
 /// iptrace's table, watched through the nf_tables notification group (`NFNLGRP_NFTABLES`, on a

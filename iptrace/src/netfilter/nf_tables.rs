@@ -10,8 +10,8 @@ use iptrace_common::uapi::{
     NFT_MSG_GETRULE, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFT_REG_4,
     NFT_REG_VERDICT, NFT_REG32_00, NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_GEN_ID,
     NFTA_IMMEDIATE_DATA, NFTA_IMMEDIATE_DREG, NFTA_LIST_ELEM, NFTA_MATCH_INFO, NFTA_MATCH_NAME, NFTA_MATCH_REV,
-    NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_TABLE_NAME, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE,
-    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_TABLE_NAME, NFTA_TABLE_USERDATA, NFTA_VERDICT_CHAIN,
+    NFTA_VERDICT_CODE, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
 };
 
 use super::{
@@ -65,17 +65,22 @@ impl NfTablesSocket {
     }
 
     /// Every table of every family (`NFT_MSG_GETTABLE` dump).
-    pub fn tables(&mut self) -> Result<Vec<(NftFamily, String)>, NftError> {
+    pub fn tables(&mut self) -> Result<Vec<ListedTable>, NftError> {
         let mut tables = Vec::new();
         self.query(NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_DUMP, "GETTABLE", |kind, family, attrs| {
-            if kind == NFT_MSG_NEWTABLE {
-                for a in attrs {
-                    let a = a?;
-                    if u32::from(a.kind) == NFTA_TABLE_NAME {
-                        tables.push((NftFamily::from_nfproto(family), String::from_utf8_lossy(a.c_str()).into_owned()));
-                    }
+            if kind != NFT_MSG_NEWTABLE {
+                return Ok(());
+            }
+            let mut table = ListedTable { family: NftFamily::from_nfproto(family), name: String::new(), comment: None };
+            for a in attrs {
+                let a = a?;
+                match u32::from(a.kind) {
+                    NFTA_TABLE_NAME => table.name = String::from_utf8_lossy(a.c_str()).into_owned(),
+                    NFTA_TABLE_USERDATA => table.comment = table_comment(a.value),
+                    _ => {}
                 }
             }
+            tables.push(table);
             Ok(())
         })?;
         Ok(tables)
@@ -452,6 +457,30 @@ pub const fn message_type(message: u32) -> u16 {
     subsystem_message(NFNL_SUBSYS_NFTABLES, message)
 }
 
+/// A table as `NFT_MSG_GETTABLE` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedTable {
+    pub family: NftFamily,
+    pub name: String,
+    /// Its comment (`comment "..."` in nft), if it has one.
+    pub comment: Option<String>,
+}
+
+/// The comment in a table's `NFTA_TABLE_USERDATA`: libnftnl's records of a type byte, a length
+/// byte and the value, the comment being type 0 (`NFTNL_UDATA_TABLE_COMMENT`), NUL-terminated.
+fn table_comment(mut userdata: &[u8]) -> Option<String> {
+    const NFTNL_UDATA_TABLE_COMMENT: u8 = 0;
+    while let [kind, len, rest @ ..] = userdata {
+        let value = rest.get(..usize::from(*len))?;
+        if *kind == NFTNL_UDATA_TABLE_COMMENT {
+            let text = value.split(|b| *b == 0).next().unwrap_or_default();
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+        userdata = &rest[usize::from(*len)..];
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,6 +488,20 @@ mod tests {
 
     fn attributes(body: &[u8]) -> Vec<Attribute<'_>> {
         Attributes::new(body).collect::<Result<_, _>>().unwrap()
+    }
+
+    #[test]
+    fn a_tables_comment_is_read_from_its_user_data() {
+        // NFTA_TABLE_USERDATA of `add table inet t { comment "iptrace:4243:1"; }` (nft 1.0.6).
+        let mut userdata = vec![0, 15];
+        userdata.extend_from_slice(b"iptrace:4243:1\0");
+        assert_eq!(table_comment(&userdata).as_deref(), Some("iptrace:4243:1"));
+        // Another record first, then the comment; a record cut short; none.
+        let mut two = vec![1, 2, 0xaa, 0xbb];
+        two.extend_from_slice(&userdata);
+        assert_eq!(table_comment(&two).as_deref(), Some("iptrace:4243:1"));
+        assert_eq!(table_comment(&userdata[..10]), None);
+        assert_eq!(table_comment(&[]), None);
     }
 
     /// One expression (`NFTA_LIST_ELEM`) named `name` with the attributes `data`.

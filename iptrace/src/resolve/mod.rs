@@ -51,13 +51,13 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("cannot open a raw socket to read the {family:?} tables")]
+    #[error("cannot open a raw socket to read the {family} tables")]
     Probe {
         family: Family,
         #[source]
         source: io::Error,
     },
-    #[error("cannot read the {family:?} {table} table")]
+    #[error("cannot read the {family} {table} table")]
     Save {
         family: Family,
         table: String,

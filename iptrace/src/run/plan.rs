@@ -216,16 +216,13 @@ pub(super) fn ready_line(
     netns: Option<&str>,
     several: bool,
 ) -> String {
-    let families: Vec<&str> = options
-        .families
-        .iter()
-        .map(|f| match f {
-            Family::Ipv4 => "IPv4",
-            Family::Ipv6 => "IPv6",
-        })
-        .collect();
+    let families: Vec<String> = options.families.iter().map(Family::to_string).collect();
     let what = filter.map_or_else(|| "every packet".to_owned(), |f| format!("'{}'", f.expression()));
-    let how = format!("{what} ({}; {})", families.join(", "), backends.describe());
+    // A limit leaves packets out without a word per packet: the start says so once.
+    let limited = options.limit.as_ref().map_or_else(String::new, |l| {
+        format!(", at most {l} after a burst of {} (--limit: the others are not traced)", l.burst)
+    });
+    let how = format!("{what} ({}; {}){limited}", families.join(", "), backends.describe());
     match netns {
         // The run's own line says when all are ready.
         Some(netns) if several => format!("netns {netns}: ready to trace {how}"),
