@@ -112,7 +112,7 @@ pub fn detect(choice: BackendChoice, families: &[Family]) -> Result<Backends, Ba
 
 /// The nf_tables tables that see packets of `families` (`inet filter`, ...; iptrace's own left
 /// aside); an error when the kernel has no nf_tables.
-fn nft_tables(families: &[Family]) -> Result<Vec<String>, NftError> {
+pub(crate) fn nft_tables(families: &[Family]) -> Result<Vec<String>, NftError> {
     let mut socket = NfTablesSocket::open()?;
     let tables = socket.tables().map_err(|e| match e {
         NftError::Netlink { source, .. } => NftError::Unavailable(source),

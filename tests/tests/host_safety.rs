@@ -457,6 +457,30 @@ fn backend_legacy_on_an_nf_tables_host_is_refused() {
     assert_eq!(host_state(&lab), before);
 }
 
+/// `--backend legacy` on a host with tables of both engines traces the legacy ones, and says at
+/// the start which nf_tables tables it leaves out (a packet they drop would otherwise read as
+/// accepted by netfilter and dropped after it).
+#[test]
+fn backend_legacy_on_a_mixed_host_names_the_tables_it_leaves_out() {
+    if !require_root("backend_legacy_on_a_mixed_host_names_the_tables_it_leaves_out") {
+        return;
+    }
+    let _shared = shared_namespaces();
+    let lab = lab("legmixed");
+    load_sample_rules(&lab).unwrap();
+    load_sample_nft_rules(&lab).unwrap();
+    let (status, _, stderr) =
+        run_iptrace(&["--netns", &lab.ns(Role::Router), "--backend", "legacy", "--duration", "1", "icmp"]);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "iptrace: warning: --backend legacy traces the iptables-legacy tables only; the nf_tables tables \
+             inet router are not traced, and a packet they drop shows as dropped after netfilter (use --backend auto)\n"
+        ),
+        "{stderr}"
+    );
+}
+
 /// A network namespace created and deleted by this test (`ip netns`).
 struct Namespace(String);
 

@@ -27,6 +27,17 @@ pub(super) fn compile_filter(options: &Options) -> Result<Option<CompiledFilter>
 /// `-o` interface (the `-i` interface is only looked up); in the traced netns.
 pub(super) fn check_host(options: &Options) -> Result<(Backends, Option<u32>), RunError> {
     let backends = backend::detect(options.backend, &options.families)?;
+    if !backends.nft_tables
+        && let Ok(untraced) = backend::nft_tables(&options.families)
+        && !untraced.is_empty()
+    {
+        // Their DROPs would read as "ACCEPT by netfilter, then dropped: NETFILTER_DROP".
+        crate::note!(
+            "iptrace: warning: --backend legacy traces the iptables-legacy tables only; the nf_tables tables {} \
+             are not traced, and a packet they drop shows as dropped after netfilter (use --backend auto)",
+            untraced.join(", ")
+        );
+    }
     // Legacy tables are read with iptables-legacy-save whichever way packets are marked.
     for &family in &backends.legacy {
         Xtables::new(family).check_installed()?;
