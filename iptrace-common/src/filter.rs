@@ -108,8 +108,8 @@ pub const COUNTER_DROPPED: u32 = 2;
 /// Number of entries in [`COUNTERS_MAP`].
 pub const COUNTER_COUNT: u32 = 3;
 
-/// LRU hash map from a [`packet_key`] to the verdict at that packet's first event
-/// (`u8`: 1 wanted, 0 not wanted).
+/// LRU hash map from a [`packet_key`] to the verdict at that packet's first event, an nflog one
+/// or an nftables trace id's first with headers (`u8`: 1 wanted, 0 not wanted).
 pub const PACKET_VERDICTS_MAP: &str = "PACKET_VERDICTS";
 /// Capacity of [`PACKET_VERDICTS_MAP`]: a packet's events arrive within microseconds, so this
 /// only has to outlive the packets in flight, not connections.

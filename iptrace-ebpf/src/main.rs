@@ -18,6 +18,7 @@ mod drops;
 mod nflog;
 mod nftrace;
 mod packet;
+mod packet_verdicts;
 
 use aya_ebpf::{
     macros::{map, socket_filter},

@@ -1,19 +1,15 @@
 //! Verdicts for nfnetlink_log packet messages (design.md §4): the selection runs on the
-//! `NFULA_PAYLOAD`, and a packet's first event decides for all its events.
+//! `NFULA_PAYLOAD`, and a packet's first event decides for all its events (`packet_verdicts`).
 
-use aya_ebpf::{bindings::__sk_buff, macros::map, maps::LruHashMap};
-use iptrace_common::filter::{PACKET_VERDICTS_MAX_ENTRIES, packet_key};
+use aya_ebpf::bindings::__sk_buff;
+use iptrace_common::filter::packet_key;
 
 use crate::{
     cbpf,
     datagram::{NFGENMSG_LEN, NLMSG_HDRLEN, attribute_at},
     packet::{Packet, SkbPacket},
+    packet_verdicts,
 };
-
-/// Verdict at a packet's first event, by [`packet_key`], so that its later events keep that
-/// verdict even after NAT rewrote what the filter looks at (`PACKET_VERDICTS_MAP`).
-#[map]
-static PACKET_VERDICTS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(PACKET_VERDICTS_MAX_ENTRIES, 0);
 
 /// `NFULA_PAYLOAD`: the packet from its network header on.
 const NFULA_PAYLOAD: u16 = 9;
@@ -21,26 +17,17 @@ const NFULA_PAYLOAD: u16 = 9;
 const MAX_ATTRIBUTES: u32 = 32;
 
 /// Verdict for the nflog packet message of `message_len` bytes at `offset`: the verdict recorded
-/// for its packet key if there is one, else the program's, which is then recorded. A message
-/// without a payload (`NFULNL_COPY_META`) cannot be judged and is wanted.
+/// for its packet key (by an nflog or an nf_tables event) if there is one, else the program's,
+/// which is then recorded. A message without a payload (`NFULNL_COPY_META`) cannot be judged and
+/// is wanted.
 #[inline(always)]
 pub fn packet_message_wanted(skb: *mut __sk_buff, offset: u32, message_len: u32) -> bool {
     let Some(packet) = find_payload(skb, offset, message_len) else {
         return true;
     };
-    let key = packet_key(&packet);
-    if let Some(verdict) = key.and_then(|key| PACKET_VERDICTS.get_ptr(key)) {
-        // SAFETY: a map value pointer from a successful lookup, read once.
-        return unsafe { *verdict } != 0;
-    }
     // The payload is the whole packet (iptrace asks for COPY_PACKET), so a load past its end
     // rejects, as in cBPF.
-    let wanted = cbpf::run(skb, &packet).accepts();
-    if let Some(key) = key {
-        // Failure (out of memory) only costs continuity for this packet.
-        let _ = PACKET_VERDICTS.insert(key, u8::from(wanted), 0);
-    }
-    wanted
+    packet_verdicts::first_event_decides(packet_key(&packet), || cbpf::run(skb, &packet).accepts())
 }
 
 /// The `NFULA_PAYLOAD` of the message at `offset`, if it has one within its bounds.

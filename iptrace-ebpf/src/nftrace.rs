@@ -3,7 +3,9 @@
 //! Only the first event of a hook invocation carries the packet's headers (at most 40 bytes of
 //! network header and 20 of transport header). The selection runs on them laid end to end in a
 //! per-CPU scratch buffer, and the verdict is recorded under the event's trace id, which stays
-//! the same for the skb across hooks; the events without headers take their id's verdict.
+//! the same for the skb across hooks; the events without headers take their id's verdict. It is
+//! recorded under the packet's key too (`packet_verdicts`), for the legacy tables' events of the
+//! packet, which carry no trace id and may show it rewritten by an nf_tables NAT.
 //!
 //! A selection that needs more than those bytes (payload, IP options past 40 bytes, IPv6
 //! extension headers, `len`) cannot be decided in the kernel: such events are kept
@@ -23,7 +25,7 @@ use iptrace_common::{
     cbpf::Outcome,
     filter::{
         ARP_IPV4_LEN, MAX_TRACE_ATTRIBUTES, TRACE_ID_VERDICTS_MAX_ENTRIES, TRACE_NETWORK_HEADER_MAX,
-        TRACE_TRANSPORT_HEADER_MAX, arp_as_ipv4, transport_follows_network,
+        TRACE_TRANSPORT_HEADER_MAX, arp_as_ipv4, packet_key, transport_follows_network,
     },
     uapi,
 };
@@ -32,6 +34,7 @@ use crate::{
     cbpf,
     datagram::{Malformed, NFGENMSG_LEN, NLMSG_HDRLEN, attribute_at},
     packet::{Packet, TRACE_HEADERS, TRACE_HEADERS_INDEX_MASK, TRACE_HEADERS_LEN, TraceHeaderPacket},
+    packet_verdicts,
 };
 
 /// Verdict by trace id (`NFTA_TRACE_ID`, 4 opaque bytes), from the first event of that id
@@ -44,9 +47,9 @@ const NFTA_TRACE_NETWORK_HEADER: u16 = uapi::NFTA_TRACE_NETWORK_HEADER as u16;
 const NFTA_TRACE_TRANSPORT_HEADER: u16 = uapi::NFTA_TRACE_TRANSPORT_HEADER as u16;
 
 /// Verdict for the trace message of `message_len` bytes at `offset`: its id's recorded verdict
-/// if there is one; else, if it carries headers, the selection's on them (recorded for its id);
-/// else wanted: an id never seen had its first event before the filter was attached, and a
-/// malformed message is userspace's to report.
+/// if there is one; else, if it carries headers, the selection's on them (recorded for its id
+/// and its packet's key); else wanted: an id never seen had its first event before the filter
+/// was attached, and a malformed message is userspace's to report.
 #[inline(always)]
 pub fn trace_message_wanted(skb: *mut __sk_buff, offset: u32, message_len: u32) -> bool {
     iptrace_trace_message_wanted(skb, offset, message_len) != 0
@@ -67,19 +70,34 @@ pub extern "C" fn iptrace_trace_message_wanted(skb: *mut __sk_buff, offset: u32,
     if event.network_len == NOT_FOUND {
         return 1;
     }
-    let Some(packet) = rebuild_headers(skb, &event) else {
+    let Some(headers) = rebuild_headers(skb, &event) else {
         return 1;
     };
-    let packet = arp_judged_as_ipv4(event.network_len).unwrap_or(packet);
-    let wanted = match cbpf::run(skb, &packet) {
-        Outcome::BeyondCapture => true,
-        outcome => outcome.accepts(),
-    };
+    // Keyed before `headers_wanted` rewrites an ARP packet's headers as an IPv4 header: ARP has no
+    // key (its first byte is no IP version), and the made-up header must not record one.
+    let key = packet_key(&headers);
+    let wanted = headers_wanted(skb, event.network_len, Packet::TraceHeaders(headers));
     if let Some(id) = event.id() {
         // Failure (out of memory) only costs continuity for this packet.
         let _ = TRACE_ID_VERDICTS.insert(id, u8::from(wanted), 0);
     }
+    // Recorded, not looked up: an entry there could be a legacy event's of this packet, but far
+    // more likely it is an older packet's with the same key, which must not decide for this one.
+    if let Some(key) = key {
+        packet_verdicts::record(key, wanted);
+    }
     u32::from(wanted)
+}
+
+/// The selection's verdict on the rebuilt headers `packet` (an ARP packet's by its addresses);
+/// wanted when it reads past them.
+#[inline(always)]
+fn headers_wanted(skb: *mut __sk_buff, network_len: u32, packet: Packet) -> bool {
+    let packet = arp_judged_as_ipv4(network_len).unwrap_or(packet);
+    match cbpf::run(skb, &packet) {
+        Outcome::BeyondCapture => true,
+        outcome => outcome.accepts(),
+    }
 }
 
 /// `network_len` or `transport_len` of a [`TraceEvent`] without that header.
@@ -179,7 +197,7 @@ unsafe extern "C" fn visit_attribute(_index: u32, event: *mut c_void) -> i64 {
 /// the packet, into `TRACE_HEADERS`; the packet they form. `None` if the scratch buffer is
 /// missing or a read fails.
 #[inline(always)]
-fn rebuild_headers(skb: *mut __sk_buff, event: &TraceEvent) -> Option<Packet> {
+fn rebuild_headers(skb: *mut __sk_buff, event: &TraceEvent) -> Option<TraceHeaderPacket> {
     let headers = TRACE_HEADERS.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch buffer; socket filters do not nest on one CPU.
     let headers = unsafe { &mut *headers };
@@ -193,7 +211,7 @@ fn rebuild_headers(skb: *mut __sk_buff, event: &TraceEvent) -> Option<Packet> {
     } else {
         0
     };
-    Some(Packet::TraceHeaders(TraceHeaderPacket::new(network_len + transport_len)))
+    Some(TraceHeaderPacket::new(network_len + transport_len))
 }
 
 /// Where the rebuilt headers are an ARP packet's (`network_len` bytes of network header, no

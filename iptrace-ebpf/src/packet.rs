@@ -80,6 +80,12 @@ impl TraceHeaderPacket {
         }
         Some(bytes)
     }
+
+    /// Unknown: the headers are a prefix.
+    #[inline(always)]
+    fn known_len(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// The packet the interpreter runs on.
@@ -149,3 +155,6 @@ macro_rules! packet_bytes_from_copies {
 pub(crate) use packet_bytes_from_copies;
 
 packet_bytes_from_copies!(Packet);
+// For the packet key of an nftables trace event's headers, read without the enum: through a
+// `Packet` whose variant it cannot tell, the verifier would also follow the skb reads.
+packet_bytes_from_copies!(TraceHeaderPacket);

@@ -2,15 +2,16 @@
 //! traces every packet, only the selected packets' messages reach iptrace (the eBPF filter,
 //! attached before tracing starts, drops the rest before they are queued, also in a flood that
 //! starts with the ready line), without one the filter is never attached, NAT does not cut a
-//! selected packet's trace short, the
+//! selected packet's trace short (also where an nf_tables NAT comes before legacy tables), the
 //! userspace fallback gives the same result, and selections too long for xt_bpf are prefiltered
 //! by iptrace's pinned eBPF program.
 
 use std::{net::SocketAddr, thread, time::Duration};
 
+use iptrace_lab::demo::SAMPLE_DOCKER_RULES;
 use iptrace_tests::{
-    Block, Lab, Role, Tracer, addr, blocks, firewall_state, lab, load_sample_rules, require_root, run_iptrace,
-    wait_until_read,
+    Block, Lab, Role, Tracer, addr, blocks, blocks_with, firewall_state, lab, load_sample_rules, require_root,
+    run_iptrace, wait_until_read,
 };
 
 /// Someone else's `-j TRACE` on every packet.
@@ -351,4 +352,68 @@ fn nftrace_markings_of_others_are_found_before_tracing() {
     lab.exec(Role::Router, &["nft", "add", "rule", "inet", "someone", "c", "udp dport 53 meta nftrace set 1"], "")
         .unwrap();
     assert!(foreign_marking_found(&lab));
+}
+
+/// Packets the legacy FORWARD policy dropped, by its own counter.
+fn legacy_forward_policy_drops(lab: &Lab) -> u64 {
+    let out = lab.exec(Role::Router, &["iptables-legacy", "-L", "FORWARD", "-v", "-x", "-n"], "").unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split("policy DROP ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap()
+}
+
+/// A host with both engines: Docker-style iptables-nft rules publish port 8080 of the router
+/// (nat PREROUTING DNAT to the server's port 80), and a legacy filter table drops what it
+/// forwards but UDP. The selection names the published port, which the DNAT rewrites before the
+/// legacy tables see the packet, and their events carry no trace id: the packet's first event, an
+/// nf_tables one, still decides for them, in the eBPF filter and in the userspace fallback. The
+/// oracle is the legacy policy's own counter: every SYN it dropped is a block with that verdict.
+#[test]
+fn a_legacy_drop_after_an_nftables_dnat_is_shown() {
+    if !require_root("a_legacy_drop_after_an_nftables_dnat_is_shown") {
+        return;
+    }
+    let lab = Lab::router_lab(&format!("h1-{}", std::process::id() % 100_000)).expect("building the lab");
+    lab.exec(Role::Router, &["iptables-nft-restore"], SAMPLE_DOCKER_RULES).unwrap();
+    for rule in [&["-P", "FORWARD", "DROP"][..], &["-A", "FORWARD", "-p", "udp", "-j", "ACCEPT"]] {
+        let out = lab.exec(Role::Router, &[&["iptables-legacy"][..], rule].concat(), "").unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Someone else traces every packet, so that the eBPF filter is attached before tracing and
+    // there are unselected events to drop; after iptrace's marking (-350), whose event is still
+    // the packet's first.
+    lab.exec(
+        Role::Router,
+        &["nft", "-f", "-"],
+        "table inet someone {\n chain trace_all {\n  type filter hook prerouting priority -300;\n  meta nftrace set 1\n }\n}\n",
+    )
+    .unwrap();
+    let ns = lab.ns(Role::Router);
+    let published = SocketAddr::new(addr::ROUTER_CLIENT_SIDE, 8080);
+    for (extra, selection) in [(None, "selection (eBPF)"), (Some("--no-socket-filter"), "selection (userspace)")] {
+        let before = legacy_forward_policy_drops(&lab);
+        let mut args = vec!["--netns", &ns, "-4", "--stats", "-v"];
+        args.extend(extra);
+        args.push("tcp dst port 8080");
+        let tracer = Tracer::start(&args);
+        if extra.is_none() {
+            assert!(tracer.ready().contains("eBPF socket filter attached"), "{}", tracer.ready());
+        }
+        let client = SocketAddr::new(addr::CLIENT, 0);
+        lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected", 100).unwrap();
+        assert!(!lab.tcp(Role::Client, addr::CLIENT, published, b"GET /").unwrap(), "connected through a DROP policy");
+        wait_until_read(&lab, Role::Router);
+        let out = tracer.stop(libc::SIGTERM);
+        assert!(out.status.success(), "{out:?}");
+        let dropped = legacy_forward_policy_drops(&lab) - before;
+        let all = blocks(&out.stdout);
+        assert!(dropped >= 1, "the legacy policy dropped nothing");
+        assert_eq!(all.len() as u64, dropped, "{extra:?}: a block per SYN dropped:\n{}", out.stdout);
+        assert_eq!(blocks_with(&all, &["DST=10.5.1.1", "DPT=8080", " SYN"]).len(), all.len(), "{}", out.stdout);
+        for b in &all {
+            assert!(b.body().contains("~ DST 10.5.1.1 -> 172.16.2.2, DPT 8080 -> 80"), "{}", b.body());
+            assert!(b.body().contains("\n        filter FORWARD\n                DROP\n"), "{extra:?}:\n{}", b.body());
+            assert_eq!(b.verdict(), "verdict: DROP by filter FORWARD policy", "{extra:?}");
+        }
+        assert!(stat(&out.stderr, selection, " dropped") >= 100, "{}", out.stderr);
+    }
 }

@@ -109,7 +109,8 @@ pub struct FilterCounters {
 ///
 /// It keeps a datagram when any message in it is wanted:
 /// - an nflog packet message whose payload the selection accepts, or whose packet (by
-///   `iptrace_common::filter::packet_key`) was accepted at its first event;
+///   `iptrace_common::filter::packet_key`) was accepted at its first event, an nflog one or an
+///   nftables trace id's first with headers (whose verdict is recorded under the key too);
 /// - an nftables trace message (`NFT_MSG_TRACE`) whose trace id was accepted at its first event
 ///   with headers, or, for an id not seen yet, whose network and transport headers (laid end to
 ///   end: the packet's first 40 to 60 bytes) the selection accepts or cannot decide on because

@@ -38,10 +38,13 @@ use crate::{
 /// Keeps a datagram when any message in it is wanted, as `trace_filter` does: an nflog packet
 /// message's first event decides for all its events (NAT may rewrite it into or out of the
 /// selection later), an nftables trace id's first event with headers decides for all its
-/// events, and messages of other types (acks, errors) are wanted. `NLMSG_DONE` is framing.
+/// events and for the packet's later nflog events, and messages of other types (acks, errors)
+/// are wanted. `NLMSG_DONE` is framing.
 pub struct UserspaceFilter {
     filter: CompiledFilter,
-    /// By [`packet_key`], for nflog packet messages.
+    /// By [`packet_key`], for nflog packet messages; a trace id's first event with headers
+    /// records its verdict here too, since nflog messages carry no trace id and a legacy event
+    /// after an nf_tables DNAT shows the rewritten packet.
     packet_verdicts: RecentVerdicts<u64>,
     /// By `NFTA_TRACE_ID`, for nftables trace messages.
     trace_id_verdicts: RecentVerdicts<[u8; 4]>,
@@ -86,35 +89,40 @@ impl UserspaceFilter {
             Ok(packet) if !packet.payload.is_empty() => packet.payload,
             _ => return true,
         };
-        let Some(key) = packet_key(payload) else { return self.filter.matches(payload) };
-        if let Some(verdict) = self.packet_verdicts.get(&key) {
-            return verdict;
-        }
-        let verdict = self.filter.matches(payload);
-        self.packet_verdicts.insert(key, verdict);
-        verdict
+        self.packet_verdicts.first_event_decides(packet_key(payload), || self.filter.matches(payload))
     }
 
-    /// The trace id's recorded verdict; else, with headers, the selection's on them (recorded),
-    /// kept when it needs more than the headers; else (an id never seen, a malformed message)
-    /// wanted.
+    /// The trace id's recorded verdict; else, with headers, the selection's on them (recorded for
+    /// the id and the packet's key), kept when it needs more than the headers; else (an id never
+    /// seen, a malformed message) wanted.
     fn trace_message_wanted(&mut self, message: &NetlinkMessage<'_>) -> bool {
         let Ok(event) = TraceEventHeaders::parse(message) else { return true };
         if let Some(verdict) = event.id.and_then(|id| self.trace_id_verdicts.get(&id)) {
             return verdict;
         }
         let Some(headers) = event.packet_prefix() else { return true };
-        // An ARP packet is judged by its addresses (design.md §13), as in the kernel.
-        let arp = headers.first_chunk().filter(|_| headers.len() == ARP_IPV4_LEN).and_then(arp_as_ipv4);
-        let headers = arp.map_or(headers, |ip| ip.to_vec());
-        let wanted = match cbpf::run(self.filter.instructions(), &PacketPrefix(&headers)) {
-            Outcome::BeyondCapture => true,
-            Outcome::Returned(_) | Outcome::Rejected => self.filter.matches(&headers),
-        };
+        // Keyed before `headers_wanted` rewrites an ARP packet's headers, as in the kernel.
+        let key = packet_key(headers.as_slice());
+        let wanted = headers_wanted(&self.filter, headers);
         if let Some(id) = event.id {
             self.trace_id_verdicts.insert(id, wanted);
         }
+        // Recorded, not looked up, as in the kernel (`iptrace_trace_message_wanted`).
+        if let Some(key) = key {
+            self.packet_verdicts.insert(key, wanted);
+        }
         wanted
+    }
+}
+
+/// The selection's verdict on an nftables trace event's `headers` (an ARP packet's by its
+/// addresses, design.md §13, as in the kernel); wanted when it needs more than the headers.
+fn headers_wanted(filter: &CompiledFilter, headers: Vec<u8>) -> bool {
+    let arp = headers.first_chunk().filter(|_| headers.len() == ARP_IPV4_LEN).and_then(arp_as_ipv4);
+    let headers = arp.map_or(headers, |ip| ip.to_vec());
+    match cbpf::run(filter.instructions(), &PacketPrefix(&headers)) {
+        Outcome::BeyondCapture => true,
+        Outcome::Returned(_) | Outcome::Rejected => filter.matches(&headers),
     }
 }
 
@@ -184,7 +192,26 @@ impl<K: Copy + Eq + Hash> RecentVerdicts<K> {
         self.verdicts.get(key).copied()
     }
 
+    /// The verdict recorded for `key`, else `judge()`'s, recorded for it (`packet_verdicts` in
+    /// `iptrace-ebpf`). Without a key, `judge()`'s every time.
+    fn first_event_decides(&mut self, key: Option<K>, judge: impl FnOnce() -> bool) -> bool {
+        if let Some(verdict) = key.and_then(|key| self.get(&key)) {
+            return verdict;
+        }
+        let verdict = judge();
+        if let Some(key) = key {
+            self.insert(key, verdict);
+        }
+        verdict
+    }
+
+    /// A key recorded again keeps its place in the order: it is forgotten as early as before,
+    /// which only its packet's events, microseconds later, must outlive.
     fn insert(&mut self, key: K, verdict: bool) {
+        if let Some(recorded) = self.verdicts.get_mut(&key) {
+            *recorded = verdict;
+            return;
+        }
         let full = self.order.len() >= self.capacity;
         if let Some(oldest) = full.then(|| self.order.pop_front()).flatten() {
             self.verdicts.remove(&oldest);
@@ -199,7 +226,7 @@ mod tests {
     use super::*;
     use crate::{
         netfilter::netlink::{attribute, nfnetlink_request},
-        testing::udp_v4,
+        testing::{udp_v4, udp_v4_to},
     };
 
     /// One message of `message_type` with an nfgenmsg for IPv4 and `attributes`.
@@ -246,6 +273,52 @@ mod tests {
         assert!(f.keep(&nft_trace_datagram([3; 4], None)), "unknown id");
         // At a later hook (headers again, rewritten by SNAT), the id still decides.
         assert!(f.keep(&nft_trace_datagram([1; 4], Some(&other))));
+    }
+
+    /// A Docker-style published UDP port, 10.1.0.1:5353 -> 10.2.0.2:53, before and after the
+    /// DNAT: the IP ID names the packet.
+    fn published(id: u16) -> Vec<u8> {
+        udp_v4_to([10, 1, 0, 2], 40000, [10, 1, 0, 1], 5353, id, 64)
+    }
+
+    fn forwarded(id: u16) -> Vec<u8> {
+        udp_v4_to([10, 1, 0, 2], 40000, [10, 2, 0, 2], 53, id, 63)
+    }
+
+    #[test]
+    fn legacy_events_follow_an_nft_first_event_across_its_dnat() {
+        let mut f = UserspaceFilter::new(CompiledFilter::compile("udp dst port 5353").unwrap());
+        assert_eq!(packet_key(published(1).as_slice()), packet_key(forwarded(1).as_slice()));
+        // Selected at its nf_tables marking, rewritten by an nf_tables DNAT: its legacy events
+        // carry no trace id and show only the rewritten packet, yet they are its events.
+        assert!(f.keep(&nft_trace_datagram([1; 4], Some(&published(1)))));
+        assert!(f.keep(&nflog_datagram(&forwarded(1))), "legacy event after the DNAT");
+        // Not selected at first, then rewritten into the selection: stays out.
+        assert!(!f.keep(&nft_trace_datagram([2; 4], Some(&forwarded(2)))));
+        assert!(!f.keep(&nflog_datagram(&published(2))), "legacy event rewritten into the selection");
+        // Another packet to the rewritten address was never selected.
+        assert!(!f.keep(&nflog_datagram(&forwarded(3))));
+    }
+
+    #[test]
+    fn a_new_trace_id_is_judged_on_its_headers_and_decides_for_the_key() {
+        let mut f = UserspaceFilter::new(CompiledFilter::compile("udp dst port 5353").unwrap());
+        // An older packet with the same key was not selected: it does not decide for this one,
+        // which in turn decides for its own legacy events.
+        assert!(!f.keep(&nflog_datagram(&forwarded(1))));
+        assert!(f.keep(&nft_trace_datagram([1; 4], Some(&published(1)))));
+        assert!(f.keep(&nflog_datagram(&forwarded(1))));
+    }
+
+    #[test]
+    fn recent_verdicts_forget_the_oldest_key_and_take_a_new_verdict_in_place() {
+        let mut verdicts = RecentVerdicts::new(2);
+        verdicts.insert(1_u64, false);
+        verdicts.insert(2, true);
+        verdicts.insert(1, true);
+        assert_eq!((verdicts.get(&1), verdicts.order.len()), (Some(true), 2));
+        verdicts.insert(3, false);
+        assert_eq!([1, 2, 3].map(|key| verdicts.get(&key)), [None, Some(true), Some(false)]);
     }
 
     #[test]

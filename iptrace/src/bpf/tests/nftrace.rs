@@ -345,6 +345,47 @@ fn selections_past_the_copied_headers_keep_nft_events() {
     assert!(!filter.keeps(&nft_trace_message(&packet, trace_id(12), TraceEvent::FirstRule)));
 }
 
+/// A host with both engines: an nf_tables DNAT (a Docker-style published port) rewrites the
+/// packet before the legacy tables see it, and their events carry no trace id. The nf_tables
+/// first event decides for them through the packet key, in the kernel and in userspace alike.
+#[test]
+fn legacy_events_follow_an_nft_first_event_across_its_dnat() {
+    if !is_root() {
+        return;
+    }
+    let expression = "tcp dst port 8080";
+    let (compiled, mut filter) = load_filter(expression);
+    let mut userspace = UserspaceFilter::new(CompiledFilter::compile(expression).unwrap());
+    // 10.1.0.1:8080 -> 10.2.0.2:80; the IP ID and sequence number name the packet.
+    let published = |n: u16| {
+        let seq = 0x1000_0000 + u32::from(n);
+        Ipv4::new(v4("10.1.0.2"), v4("10.1.0.1"), TCP, n).packet(&tcp(40000, 8080, seq, 0, TCP_SYN, &[]))
+    };
+    let forwarded = |n: u16| {
+        let mut after = Ipv4::new(v4("10.1.0.2"), v4("10.2.0.2"), TCP, n);
+        after.ttl = 63;
+        let mut segment = tcp(40000, 80, 0x1000_0000 + u32::from(n), 0, TCP_SYN, &[]);
+        segment[16..18].copy_from_slice(&[0x77, 0x77]);
+        after.packet(&segment)
+    };
+    assert!(compiled.matches(&published(1)) && !compiled.matches(&forwarded(1)), "test packets");
+    assert_eq!(packet_key(published(1).as_slice()), packet_key(forwarded(1).as_slice()));
+    let mut check = |datagram: &[u8], expected: bool, what: &str| {
+        assert_eq!((filter.keeps(datagram), userspace.keep(datagram)), (expected, expected), "{what}");
+    };
+    // Selected at the marking, then its legacy events after the DNAT.
+    check(&nft_trace_message(&published(1), trace_id(1), TraceEvent::FirstRule), true, "marking");
+    check(&nflog_message(&forwarded(1)), true, "legacy event after the nf_tables DNAT");
+    check(&nflog_message(&forwarded(1)), true, "its next legacy event");
+    // Not selected at the marking, rewritten into the selection: stays out.
+    check(&nft_trace_message(&forwarded(2), trace_id(2), TraceEvent::FirstRule), false, "unselected marking");
+    check(&nflog_message(&published(2)), false, "legacy event rewritten into the selection");
+    // A new trace id is judged on its own headers, whatever an older packet with its key left.
+    check(&nflog_message(&forwarded(3)), false, "an older packet with the same key");
+    check(&nft_trace_message(&published(3), trace_id(3), TraceEvent::FirstRule), true, "a new trace id");
+    check(&nflog_message(&forwarded(3)), true, "legacy event of the new trace id's packet");
+}
+
 /// The eBPF filter and the userspace fallback over one corpus of nflog and nftables trace
 /// datagrams, in the same order: the same keep or drop every time.
 #[test]
