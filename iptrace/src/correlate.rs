@@ -281,24 +281,25 @@ impl Correlator {
         (self.open_count > MAX_OPEN || self.open_events > MAX_OPEN_EVENTS).then(|| self.close_oldest()).flatten()
     }
 
-    /// Whether iptrace's own marking event `event`, of trace id `id`, is of a packet one of its
-    /// markings at an earlier hook traced already (netdev ingress, then bridge prerouting, then
-    /// the inet and arp hooks): such a packet passes iptrace's later marking chains traced, so
-    /// their rules (the jump to the marking chain, the marking rule) report events of it too,
-    /// which continue it rather than start another (design.md §13). The packet is the newest
-    /// open one with the id, begun by an earlier marking and not ended by a drop: a packet that
-    /// arrives in an skb that packet left starts with its own first marking.
+    /// Whether iptrace's own marking event `event`, of trace id `id`, is of a packet traced
+    /// already when it reached this marking: by iptrace's marking at an earlier hook (netdev
+    /// ingress, then bridge prerouting, then the inet and arp hooks) or by another rule (a
+    /// `meta nftrace set 1` before -350). Such a packet passes iptrace's marking chains traced,
+    /// so their rules (the jump to the marking chain, the marking rule) report events of it,
+    /// which continue it rather than start another (design.md §13). The packet is the newest open
+    /// one with the id, not ended by a drop, that has not passed a marking of this hook or a
+    /// later one, or whose last event is the jump into this marking chain. A packet in an skb an
+    /// earlier one left has passed that one's marking: its own marking starts it.
     fn marked_earlier(&self, event: &TraceEvent, id: TraceId) -> bool {
         let Some(layer) = marking_layer(event) else { return false };
         let Some(packets) = self.trace_ids.get(&id).and_then(|key| self.open.get(key)) else { return false };
-        newest_with(packets, id).is_some_and(|i| {
-            let events = &packets[i].events;
-            let ended = |e: &TraceEvent| {
-                matches!(&e.origin, Origin::Nft { verdict: NftVerdict::Drop | NftVerdict::Stolen, .. })
-            };
-            events.first().and_then(marking_layer).is_some_and(|first| first < layer)
-                && events.last().is_some_and(|last| !ended(last))
-        })
+        let Some(events) = newest_with(packets, id).map(|i| &packets[i].events) else { return false };
+        let Some(last) = events.last() else { return false };
+        let ended = matches!(&last.origin, Origin::Nft { verdict: NftVerdict::Drop | NftVerdict::Stolen, .. });
+        let jumped_to_marking = marking_layer(last) == Some(layer)
+            && matches!(&last.origin, Origin::Nft { verdict: NftVerdict::Jump(_) | NftVerdict::Goto(_), .. });
+        let marked_here = events.iter().filter_map(marking_layer).any(|l| l >= layer);
+        !ended && (jumped_to_marking || !marked_here)
     }
 
     /// Closes every packet quiet for `linger` at `now`, oldest first.

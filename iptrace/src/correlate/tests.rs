@@ -114,6 +114,15 @@ fn a_packet_marked_at_netdev_ingress_stays_one_packet_through_the_inet_marking()
         ]
     );
     assert_eq!(done[2].events[0].packet.identity(), done[2].events[4].packet.identity());
+
+    // Traced by someone's rule before -350: iptrace's marking events continue the packet.
+    let mut c = Correlator::new(Duration::from_secs(1));
+    c.push(nft_at(&a, NftFamily::Inet, "someone", "trace_all", Some(4), NftVerdict::Continue), now);
+    c.push(nft_at(&a, NftFamily::Inet, own, "prerouting", Some(7), NftVerdict::Jump("mark_prerouting".into())), now);
+    c.push(nft_at(&a, NftFamily::Inet, own, "mark_prerouting", Some(3), NftVerdict::Continue), now);
+    c.push(nft_at(&a, NftFamily::Inet, "someone", "forward", None, NftVerdict::Accept), now);
+    let done = c.flush_all();
+    assert_eq!(done.iter().map(chains).collect::<Vec<_>>(), ["trace_all prerouting mark_prerouting forward"]);
 }
 
 #[test]
