@@ -52,12 +52,26 @@ pub(super) fn kernel_drop(
     let device = drop.ifindex.map(|index| Interface { index, name: names.name(index) });
     let kept = KernelDrop { reason: drop.reason.clone(), device, packet: drop.packet.clone() };
     let reason = drop.reason.clone();
+    let settled = settled_by_the_drop(drop, steps);
     let fate = match netfilter {
         Fate::Decided { by: Decision::Dropped, .. } | Fate::Incomplete => netfilter,
+        _ if let Some(verdict) = settled => Fate::Decided { step: steps.len() - 1, verdict, by: Decision::Dropped },
         _ if steps.is_empty() => Fate::DroppedOutsideNetfilter { reason },
         after => Fate::DroppedAfterNetfilter { reason, after: Box::new(after) },
     };
     (kept, fate)
+}
+
+/// The dropping verdict of the packet's last step, a legacy rule the rule set changed under
+/// while the packet passed it, one of whose versions drops, when the kernel dropped the traced
+/// packet in netfilter (`NETFILTER_DROP`): the version that drops was in force, since the trace
+/// ends there. Else `None`.
+fn settled_by_the_drop(drop: &DropEvent, steps: &[StepReport]) -> Option<Verdict> {
+    if drop.reason != "NETFILTER_DROP" || !drop.traced {
+        return None;
+    }
+    let Position::RuleSetChanged { was, is, .. } = &steps.last()?.position else { return None };
+    [was, is].into_iter().flatten().map(|p| p.verdict()).find(Verdict::drops)
 }
 
 /// The packet's fate: the first drop, else (where the fate is decided at all) the last

@@ -75,7 +75,22 @@ fn a_kernel_drop_is_the_fate_once() {
     );
     // A rule's DROP is the fate; the kernel's NETFILTER_DROP for it is not a second one.
     let by_rule = Fate::Decided { step: 1, verdict: Verdict::Drop, by: Decision::Dropped };
-    assert_eq!(dropped(&[nat, drop], "NETFILTER_DROP").fate, by_rule);
+    assert_eq!(dropped(&[nat.clone(), drop], "NETFILTER_DROP").fate, by_rule);
+    // The rule set changed under the last step, one version a DROP: the kernel's netfilter drop
+    // of the traced packet says that version was in force.
+    let changing = |was: Position, is: Position| {
+        let changed = Position::RuleSetChanged { kernel_number: 4, was: Some(Box::new(was)), is: Some(Box::new(is)) };
+        step(Hook::Forward, Table::Filter, "FORWARD", &p, 0, changed)
+    };
+    let flipped = changing(rule(4, "-p udp -j DROP"), rule(4, "-p udp -j ACCEPT"));
+    assert_eq!(dropped(&[nat.clone(), flipped.clone()], "NETFILTER_DROP").fate, by_rule);
+    // Not for another reason, nor where neither version drops, nor for an untraced packet.
+    assert!(matches!(dropped(&[nat.clone(), flipped.clone()], "NO_SOCKET").fate, Fate::DroppedAfterNetfilter { .. }));
+    let logged = changing(rule(4, "-j LOG"), rule(4, "-p udp -j ACCEPT"));
+    assert!(matches!(dropped(&[nat.clone(), logged], "NETFILTER_DROP").fate, Fate::DroppedAfterNetfilter { .. }));
+    let untraced = crate::drops::DropEvent { traced: false, ..kernel_dropped(&p, 1, "NETFILTER_DROP") };
+    let report = PacketReport::dropped(vec![nat.clone(), flipped], true, SystemTime::UNIX_EPOCH, &untraced, &mut Names);
+    assert!(matches!(report.fate, Fate::DroppedAfterNetfilter { .. }), "{:?}", report.fate);
     // Only the marking, or nothing: a block of its own.
     for steps in [vec![marked(&p)], vec![]] {
         let report = dropped(&steps, "IP_RPFILTER");
