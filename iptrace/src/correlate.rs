@@ -50,6 +50,8 @@ pub struct PacketTrace {
     pub events: Vec<TraceEvent>,
     /// When its first event was received.
     pub first_seen: Instant,
+    /// Its place in the order packets opened (with their first events, in the order read).
+    pub serial: u64,
     /// Events of this packet may have been lost (see [`Correlator::events_lost`]).
     pub incomplete: bool,
 }
@@ -80,7 +82,12 @@ struct OpenPacket {
 
 impl OpenPacket {
     fn closed(self) -> PacketTrace {
-        PacketTrace { events: self.events, first_seen: self.first_seen, incomplete: self.incomplete }
+        PacketTrace {
+            events: self.events,
+            first_seen: self.first_seen,
+            serial: self.serial,
+            incomplete: self.incomplete,
+        }
     }
 }
 
@@ -345,6 +352,23 @@ impl Correlator {
             }
         }
         self.closed(closed)
+    }
+
+    /// The oldest open packet's first read time and serial: no packet opened before it is still
+    /// open. Entries of packets closed since are dropped from the front of the creation order.
+    pub fn oldest_open(&mut self) -> Option<(Instant, u64)> {
+        while let Some(&(serial, key)) = self.creation.front() {
+            if let Some(packet) = self.open.get(&key).and_then(|ps| ps.iter().find(|p| p.serial == serial)) {
+                return Some((packet.first_seen, packet.serial));
+            }
+            self.creation.pop_front();
+        }
+        None
+    }
+
+    /// The serial the next packet opened gets.
+    pub fn next_serial(&self) -> u64 {
+        self.next_serial
     }
 
     /// How long a packet waits for more events before it is closed.

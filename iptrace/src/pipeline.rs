@@ -5,7 +5,7 @@
 //! (a [`ReportSink`]: the text renderer today) is the caller's.
 
 use std::{
-    collections::{VecDeque, hash_map::Entry},
+    collections::{BTreeMap, VecDeque, hash_map::Entry},
     ffi::CStr,
     io,
     ops::ControlFlow,
@@ -105,6 +105,11 @@ pub struct Pipeline<'a, N> {
     shown: RecentlyShown,
     /// The kernel has lost trace events in this run.
     events_lost: bool,
+    /// Reports finished but not handed on, by their packets' (first read time, serial): each
+    /// waits for the packets that began before it, so that blocks come out in the order their
+    /// packets arrived (a rejected request before the reset its rejection sent, which closes
+    /// first while the request waits for its drop) and `-c N` shows the first N.
+    finished: BTreeMap<(Instant, u64), PacketReport>,
 }
 
 /// Drops waiting to end their packets, in the order they were read (so by read time), with
@@ -204,6 +209,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             drops: WaitingDrops::default(),
             shown: RecentlyShown::default(),
             events_lost: false,
+            finished: BTreeMap::new(),
         }
     }
 
@@ -273,9 +279,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
                     for commit in self.decoder.commits.drain(..) {
                         self.resolver.nft_committed(commit);
                     }
-                    if self.push_events(epoch, read_at, sink)?.is_break() {
-                        return Ok(ControlFlow::Break(()));
-                    }
+                    self.push_events(epoch, read_at);
                 }
                 Input::Lost(n) => {
                     // The rule-set changes announced in the gap are unknown too.
@@ -286,27 +290,19 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
                 }
             }
         }
-        Ok(ControlFlow::Continue(()))
+        self.release(false, sink)
     }
 
     /// Correlates the events of one datagram, read at `read_at`.
-    fn push_events(
-        &mut self,
-        epoch: u64,
-        read_at: Instant,
-        sink: &mut impl ReportSink,
-    ) -> Result<ControlFlow<()>, PipelineError> {
+    fn push_events(&mut self, epoch: u64, read_at: Instant) {
         let mut events = std::mem::take(&mut self.events);
         for mut e in events.drain(..) {
             e.epoch = epoch;
-            if let Some(early) = self.correlator.push(e, read_at)
-                && self.emit(early, None, sink)?.is_break()
-            {
-                return Ok(ControlFlow::Break(()));
+            if let Some(early) = self.correlator.push(e, read_at) {
+                self.finish(early, None);
             }
         }
         self.events = events;
-        Ok(ControlFlow::Continue(()))
     }
 
     /// Reports the packets dropped `linger` before `read_up_to`, then those quiet for `linger`
@@ -317,33 +313,46 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         read_up_to: Instant,
         sink: &mut impl ReportSink,
     ) -> Result<ControlFlow<()>, PipelineError> {
-        if self.end_dropped(Some(read_up_to), sink)?.is_break() {
-            return Ok(ControlFlow::Break(()));
-        }
+        self.end_dropped(Some(read_up_to));
         let drops = &self.drops;
-        let traces = self.correlator.flush_idle_keeping(read_up_to, |events| drops.awaits(events));
-        self.emit_all(traces, sink)
+        for trace in self.correlator.flush_idle_keeping(read_up_to, |events| drops.awaits(events)) {
+            self.finish(trace, None);
+        }
+        self.release(false, sink)
     }
 
     /// Reports every packet still open.
     pub fn flush_all(&mut self, sink: &mut impl ReportSink) -> Result<ControlFlow<()>, PipelineError> {
-        if self.end_dropped(None, sink)?.is_break() {
-            return Ok(ControlFlow::Break(()));
+        self.end_dropped(None);
+        for trace in self.correlator.flush_all() {
+            self.finish(trace, None);
         }
-        let traces = self.correlator.flush_all();
-        self.emit_all(traces, sink)
+        self.release(true, sink)
+    }
+
+    /// Hands on the finished reports no open packet began before (`all`: every one), in the
+    /// order their packets arrived. A drop still waiting may become a block of its own dated
+    /// when it was read: reports of packets that began then or after wait for it too.
+    fn release(&mut self, all: bool, sink: &mut impl ReportSink) -> Result<ControlFlow<()>, PipelineError> {
+        let waiting_drop = self.drops.queue.front().map(|&(_, read_at)| (read_at, 0));
+        let before = if all { None } else { self.correlator.oldest_open().into_iter().chain(waiting_drop).min() };
+        while let Some(entry) = self.finished.first_entry() {
+            if before.is_some_and(|before| *entry.key() >= before) {
+                break;
+            }
+            if sink.report(entry.remove()).map_err(PipelineError::Output)?.is_break() {
+                return Ok(ControlFlow::Break(()));
+            }
+        }
+        Ok(ControlFlow::Continue(()))
     }
 
     /// Closes the packets of the drops read `linger` before `read_up_to` (`None`: all), each
     /// ended by its drop: the newest open packet the drop joins ([`DropEvent::joins`]), else a
     /// block of its own. The wait: a drop is read by another way than its packet's events, and
     /// the reader may be late to hand on what the kernel queued before it (design.md §8).
-    fn end_dropped(
-        &mut self,
-        read_up_to: Option<Instant>,
-        sink: &mut impl ReportSink,
-    ) -> Result<ControlFlow<()>, PipelineError> {
-        let Some(netns) = self.drops_netns else { return Ok(ControlFlow::Continue(())) };
+    fn end_dropped(&mut self, read_up_to: Option<Instant>) {
+        let Some(netns) = self.drops_netns else { return };
         let linger = self.correlator.linger();
         let due = |read_at: Instant| read_up_to.is_none_or(|up_to| read_at + linger <= up_to);
         while let Some((drop, read_at)) = self.drops.pop_if(due) {
@@ -357,39 +366,21 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             let late = || drop.reason == "NETFILTER_DROP" && drop.traced || self.shown.keys.contains(&key);
             let trace = match ended {
                 Some(trace) => trace,
-                None if self.drops_alone && !late() => {
-                    PacketTrace { events: Vec::new(), first_seen: read_at, incomplete: false }
-                }
+                None if self.drops_alone && !late() => PacketTrace {
+                    events: Vec::new(),
+                    first_seen: read_at,
+                    serial: self.correlator.next_serial(),
+                    incomplete: false,
+                },
                 None => continue,
             };
-            if self.emit(trace, Some(&drop), sink)?.is_break() {
-                return Ok(ControlFlow::Break(()));
-            }
+            self.finish(trace, Some(&drop));
         }
-        Ok(ControlFlow::Continue(()))
     }
 
-    fn emit_all(
-        &mut self,
-        traces: Vec<PacketTrace>,
-        sink: &mut impl ReportSink,
-    ) -> Result<ControlFlow<()>, PipelineError> {
-        for trace in traces {
-            if self.emit(trace, None, sink)?.is_break() {
-                return Ok(ControlFlow::Break(()));
-            }
-        }
-        Ok(ControlFlow::Continue(()))
-    }
-
-    /// Resolves one packet, ended by `drop` if the kernel dropped it, and hands its report to
-    /// `sink`.
-    fn emit(
-        &mut self,
-        trace: PacketTrace,
-        drop: Option<&DropEvent>,
-        sink: &mut impl ReportSink,
-    ) -> Result<ControlFlow<()>, PipelineError> {
+    /// Resolves one packet, ended by `drop` if the kernel dropped it, and keeps its report until
+    /// [`Self::release`] hands it on.
+    fn finish(&mut self, trace: PacketTrace, drop: Option<&DropEvent>) {
         if self.drops_netns.is_some()
             && let Some(first) = trace.events.first()
         {
@@ -397,9 +388,10 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         }
         let out_ifindex = self.out_ifindex.map(|o| o.load(Ordering::Relaxed));
         if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
-            return Ok(ControlFlow::Continue(()));
+            return;
         }
         let received = self.wall_time(trace.first_seen);
+        let order = (trace.first_seen, trace.serial);
         // Sized up front: a step is large, and growing the vector step by step copied them.
         let mut steps = Vec::with_capacity(trace.events.len());
         steps.extend(trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)));
@@ -412,9 +404,8 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             Some(drop) => Some(PacketReport::dropped(steps, complete, received, drop, &mut self.names)),
             None => PacketReport::new(steps, complete, received, &mut self.names),
         };
-        match report {
-            Some(report) => sink.report(report).map_err(PipelineError::Output),
-            None => Ok(ControlFlow::Continue(())),
+        if let Some(report) = report {
+            self.finished.insert(order, report);
         }
     }
 }
@@ -488,6 +479,37 @@ mod tests {
         assert!(!shown.keys.contains(&key(0)));
         assert!(shown.keys.contains(&key(SHOWN_REMEMBERED + 2)));
         assert_eq!(shown.order.len(), SHOWN_REMEMBERED);
+    }
+
+    #[test]
+    fn blocks_come_out_in_the_order_their_packets_arrived() {
+        const NETNS: u64 = 7;
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut pipeline = Pipeline::new(Decoder::new(), Resolver::from_saved(&[]), Duration::from_millis(10), Names)
+            .ending_with_drops_in(NETNS, true);
+        let shown = std::cell::RefCell::new(Vec::new());
+        let mut sink = |r: PacketReport| -> io::Result<ControlFlow<()>> {
+            shown.borrow_mut().push(r.arrived.header.id);
+            Ok(ControlFlow::Continue(()))
+        };
+        // A request a rule rejects, then the reset the rejection sent: the request's block waits
+        // for the kernel's drop, the reset's closes first.
+        let (request, reset) = (
+            udp_v4_to([10, 5, 1, 7], 40000, [10, 5, 1, 1], 23, 1, 64),
+            udp_v4_to([10, 5, 1, 1], 23, [10, 5, 1, 7], 40000, 2, 64),
+        );
+        let raw = |p: &[u8], hook| legacy_event(p, hook, Table::Raw, "PREROUTING", TraceKind::Policy, 1);
+        pipeline.events.push(raw(&request, Hook::PreRouting));
+        pipeline.push_events(0, at(0));
+        pipeline.events.push(raw(&reset, Hook::LocalOut));
+        pipeline.push_events(0, at(1));
+        pipeline.dropped(kernel_dropped(&request, NETNS, "NO_SOCKET"), at(5));
+        // The reset is quiet, the request waits for its drop: nothing comes out yet.
+        assert!(pipeline.flush_idle(at(12), &mut sink).unwrap().is_continue());
+        assert!(shown.borrow().is_empty(), "{:?}", shown.borrow());
+        assert!(pipeline.flush_idle(at(20), &mut sink).unwrap().is_continue());
+        assert_eq!(*shown.borrow(), [1, 2]);
     }
 
     #[test]

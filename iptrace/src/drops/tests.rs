@@ -105,6 +105,7 @@ fn trace_of(packet: &[u8]) -> PacketTrace {
     PacketTrace {
         events: vec![TraceEvent { in_ifindex: Some(3), ..event }],
         first_seen: std::time::Instant::now(),
+        serial: 0,
         incomplete: false,
     }
 }
