@@ -105,11 +105,33 @@ pub struct Pipeline<'a, N> {
     shown: RecentlyShown,
     /// The kernel has lost trace events in this run.
     events_lost: bool,
-    /// Reports finished but not handed on, by their packets' (first read time, serial): each
+    /// Reports finished but not handed on, and losses, in stream order ([`StreamOrder`]): each
     /// waits for the packets that began before it, so that blocks come out in the order their
     /// packets arrived (a rejected request before the reset its rejection sent, which closes
     /// first while the request waits for its drop) and `-c N` shows the first N.
-    finished: BTreeMap<(Instant, u64), PacketReport>,
+    finished: BTreeMap<StreamOrder, Finished>,
+    /// Entries put in `finished` so far: the last part of their keys, which makes each unique.
+    finished_count: u64,
+    /// When the last datagram was read: where in the stream a loss is placed.
+    last_read: Option<Instant>,
+}
+
+/// Where something is in the stream: the read time of a packet's first event and its serial
+/// (the order packets opened); a loss comes before the packet opened next. Last, a count that
+/// tells apart what would otherwise tie (a drop's own block takes the next packet's serial).
+type StreamOrder = (Instant, u64, Sequence, u64);
+
+/// At one read time and serial, a loss before the packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Sequence {
+    Lost,
+    Packet,
+}
+
+/// What waits in [`Pipeline`]'s stream order to be handed on.
+enum Finished {
+    Report(Box<PacketReport>),
+    Lost(u64),
 }
 
 /// Drops waiting to end their packets, in the order they were read (so by read time), with
@@ -210,6 +232,8 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             shown: RecentlyShown::default(),
             events_lost: false,
             finished: BTreeMap::new(),
+            finished_count: 0,
+            last_read: None,
         }
     }
 
@@ -280,13 +304,15 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
                         self.resolver.nft_committed(commit);
                     }
                     self.push_events(epoch, read_at);
+                    self.last_read = Some(read_at);
                 }
                 Input::Lost(n) => {
                     // The rule-set changes announced in the gap are unknown too.
                     self.decoder.messages_lost();
                     self.correlator.events_lost();
                     self.events_lost = true;
-                    sink.lost(n);
+                    let at = self.last_read.unwrap_or_else(Instant::now);
+                    self.keep_finished((at, self.correlator.next_serial(), Sequence::Lost), Finished::Lost(n));
                 }
             }
         }
@@ -334,14 +360,20 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
     /// order their packets arrived. A drop still waiting may become a block of its own dated
     /// when it was read: reports of packets that began then or after wait for it too.
     fn release(&mut self, all: bool, sink: &mut impl ReportSink) -> Result<ControlFlow<()>, PipelineError> {
-        let waiting_drop = self.drops.queue.front().map(|&(_, read_at)| (read_at, 0));
-        let before = if all { None } else { self.correlator.oldest_open().into_iter().chain(waiting_drop).min() };
+        let open = self.correlator.oldest_open().map(|(at, serial)| (at, serial, Sequence::Lost, 0));
+        let waiting_drop = self.drops.queue.front().map(|&(_, read_at)| (read_at, 0, Sequence::Lost, 0));
+        let before = if all { None } else { open.into_iter().chain(waiting_drop).min() };
         while let Some(entry) = self.finished.first_entry() {
             if before.is_some_and(|before| *entry.key() >= before) {
                 break;
             }
-            if sink.report(entry.remove()).map_err(PipelineError::Output)?.is_break() {
-                return Ok(ControlFlow::Break(()));
+            match entry.remove() {
+                Finished::Lost(n) => sink.lost(n),
+                Finished::Report(report) => {
+                    if sink.report(*report).map_err(PipelineError::Output)?.is_break() {
+                        return Ok(ControlFlow::Break(()));
+                    }
+                }
             }
         }
         Ok(ControlFlow::Continue(()))
@@ -391,7 +423,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             return;
         }
         let received = self.wall_time(trace.first_seen);
-        let order = (trace.first_seen, trace.serial);
+        let order = (trace.first_seen, trace.serial, Sequence::Packet);
         // Sized up front: a step is large, and growing the vector step by step copied them.
         let mut steps = Vec::with_capacity(trace.events.len());
         steps.extend(trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)));
@@ -405,8 +437,14 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             None => PacketReport::new(steps, complete, received, &mut self.names),
         };
         if let Some(report) = report {
-            self.finished.insert(order, report);
+            self.keep_finished(order, Finished::Report(Box::new(report)));
         }
+    }
+
+    /// Keeps `finished` at `(at, serial, sequence)` in the stream until [`Self::release`].
+    fn keep_finished(&mut self, (at, serial, sequence): (Instant, u64, Sequence), finished: Finished) {
+        self.finished_count += 1;
+        self.finished.insert((at, serial, sequence, self.finished_count), finished);
     }
 }
 
@@ -481,6 +519,21 @@ mod tests {
         assert_eq!(shown.order.len(), SHOWN_REMEMBERED);
     }
 
+    /// What a sink was handed, in order: each report's IP ID, and each loss.
+    #[derive(Default)]
+    struct Handed(Vec<String>);
+
+    impl super::ReportSink for Handed {
+        fn report(&mut self, report: PacketReport) -> io::Result<ControlFlow<()>> {
+            self.0.push(format!("packet {}", report.arrived.header.id));
+            Ok(ControlFlow::Continue(()))
+        }
+
+        fn lost(&mut self, messages: u64) {
+            self.0.push(format!("lost {messages}"));
+        }
+    }
+
     #[test]
     fn blocks_come_out_in_the_order_their_packets_arrived() {
         const NETNS: u64 = 7;
@@ -488,28 +541,31 @@ mod tests {
         let at = |ms| start + Duration::from_millis(ms);
         let mut pipeline = Pipeline::new(Decoder::new(), Resolver::from_saved(&[]), Duration::from_millis(10), Names)
             .ending_with_drops_in(NETNS, true);
-        let shown = std::cell::RefCell::new(Vec::new());
-        let mut sink = |r: PacketReport| -> io::Result<ControlFlow<()>> {
-            shown.borrow_mut().push(r.arrived.header.id);
-            Ok(ControlFlow::Continue(()))
-        };
+        let mut sink = Handed::default();
         // A request a rule rejects, then the reset the rejection sent: the request's block waits
         // for the kernel's drop, the reset's closes first.
-        let (request, reset) = (
+        let (request, reset, later) = (
             udp_v4_to([10, 5, 1, 7], 40000, [10, 5, 1, 1], 23, 1, 64),
             udp_v4_to([10, 5, 1, 1], 23, [10, 5, 1, 7], 40000, 2, 64),
+            udp_v4_to([10, 5, 1, 7], 40001, [10, 5, 1, 1], 23, 3, 64),
         );
         let raw = |p: &[u8], hook| legacy_event(p, hook, Table::Raw, "PREROUTING", TraceKind::Policy, 1);
         pipeline.events.push(raw(&request, Hook::PreRouting));
         pipeline.push_events(0, at(0));
         pipeline.events.push(raw(&reset, Hook::LocalOut));
         pipeline.push_events(0, at(1));
+        pipeline.last_read = Some(at(1));
+        // Events lost after both, then a packet after the loss.
+        assert!(pipeline.feed([Input::Lost(5)], &mut sink).unwrap().is_continue());
+        pipeline.events.push(raw(&later, Hook::PreRouting));
+        pipeline.push_events(0, at(2));
         pipeline.dropped(kernel_dropped(&request, NETNS, "NO_SOCKET"), at(5));
-        // The reset is quiet, the request waits for its drop: nothing comes out yet.
-        assert!(pipeline.flush_idle(at(12), &mut sink).unwrap().is_continue());
-        assert!(shown.borrow().is_empty(), "{:?}", shown.borrow());
+        // The reset and the later packet are quiet, the request waits for its drop: nothing
+        // comes out yet.
+        assert!(pipeline.flush_idle(at(13), &mut sink).unwrap().is_continue());
+        assert!(sink.0.is_empty(), "{:?}", sink.0);
         assert!(pipeline.flush_idle(at(20), &mut sink).unwrap().is_continue());
-        assert_eq!(*shown.borrow(), [1, 2]);
+        assert_eq!(sink.0, ["packet 1", "packet 2", "lost 5", "packet 3"]);
     }
 
     #[test]
