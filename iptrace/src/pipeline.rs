@@ -112,13 +112,15 @@ pub struct Pipeline<'a, N> {
     finished: BTreeMap<StreamOrder, Finished>,
     /// Entries put in `finished` so far: the last part of their keys, which makes each unique.
     finished_count: u64,
-    /// When the last datagram was read: where in the stream a loss is placed.
+    /// When the last datagram was read: where in the stream a loss is placed when no packet is
+    /// open.
     last_read: Option<Instant>,
 }
 
 /// Where something is in the stream: the read time of a packet's first event and its serial
-/// (the order packets opened); a loss comes before the packet opened next. Last, a count that
-/// tells apart what would otherwise tie (a drop's own block takes the next packet's serial).
+/// (the order packets opened); a loss comes before the oldest packet open when it happened (or
+/// the next to open). Last, a count that tells apart what would otherwise tie (a drop's own
+/// block takes the next packet's serial).
 type StreamOrder = (Instant, u64, Sequence, u64);
 
 /// At one read time and serial, a loss before the packet.
@@ -311,8 +313,11 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
                     self.decoder.messages_lost();
                     self.correlator.events_lost();
                     self.events_lost = true;
-                    let at = self.last_read.unwrap_or_else(Instant::now);
-                    self.keep_finished((at, self.correlator.next_serial(), Sequence::Lost), Finished::Lost(n));
+                    // Before the packets open now, which may have lost events, after those closed.
+                    let (at, serial) = self.correlator.oldest_open().unwrap_or_else(|| {
+                        (self.last_read.unwrap_or_else(Instant::now), self.correlator.next_serial())
+                    });
+                    self.keep_finished((at, serial, Sequence::Lost), Finished::Lost(n));
                 }
             }
         }
@@ -555,7 +560,7 @@ mod tests {
         pipeline.events.push(raw(&reset, Hook::LocalOut));
         pipeline.push_events(0, at(1));
         pipeline.last_read = Some(at(1));
-        // Events lost after both, then a packet after the loss.
+        // Events lost while both are open (they come after the loss, marked), then a packet.
         assert!(pipeline.feed([Input::Lost(5)], &mut sink).unwrap().is_continue());
         pipeline.events.push(raw(&later, Hook::PreRouting));
         pipeline.push_events(0, at(2));
@@ -565,7 +570,7 @@ mod tests {
         assert!(pipeline.flush_idle(at(13), &mut sink).unwrap().is_continue());
         assert!(sink.0.is_empty(), "{:?}", sink.0);
         assert!(pipeline.flush_idle(at(20), &mut sink).unwrap().is_continue());
-        assert_eq!(sink.0, ["packet 1", "packet 2", "lost 5", "packet 3"]);
+        assert_eq!(sink.0, ["lost 5", "packet 1", "packet 2", "packet 3"]);
     }
 
     #[test]
