@@ -76,7 +76,8 @@ pub struct Cli {
     /// Only packets that leave through this interface
     ///
     /// A forwarded packet's outgoing interface is known only after routing, so it is traced from
-    /// the start and kept if it leaves there.
+    /// the start and kept if routing sends it there: also when a rule at FORWARD or POSTROUTING
+    /// then drops it.
     #[arg(short = 'o', long = "out-interface", value_name = "NAME", help_heading = "Selection")]
     pub out_interface: Option<String>,
 
@@ -197,7 +198,7 @@ pub struct Cli {
     /// Show the trace recorded with `--record FILE` again, as it was shown then; needs no root
     /// and reads nothing of this host.
     #[arg(long, value_name = "FILE", help_heading = "Other actions",
-          conflicts_with_all = ["cleanup", "demo", "expression", "bpf", "record", "netns", "pid", "container", "all_netns"])]
+          conflicts_with_all = ["cleanup", "demo", "expression", "bpf", "record", "netns", "pid", "container", "all_netns", "stats"])]
     pub replay: Option<PathBuf>,
 
     /// Print the completion script for this shell and exit (the Debian package installs bash's,

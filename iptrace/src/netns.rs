@@ -36,8 +36,10 @@ pub enum NetnsError {
     },
     #[error("--container {name}: no container runtime found (docker, podman, nerdctl or crictl)")]
     NoRuntime { name: String },
-    #[error("--container {name}: {runtime} knows no running container of that name or id ({said})")]
-    UnknownContainer { name: String, runtime: &'static str, said: String },
+    /// The runtime named no process: no such running container, or the runtime itself failed
+    /// (its daemon down); what it said tells which.
+    #[error("--container {name}: {runtime} gave no process id for a running container of that name or id ({said})")]
+    NoContainerPid { name: String, runtime: &'static str, said: String },
     #[error("cannot list the network namespaces (/proc, /run/netns)")]
     List(#[source] io::Error),
 }
@@ -297,7 +299,7 @@ fn container_pid(name: &str) -> Result<u32, NetnsError> {
             Err(CommandError::Failed { stderr, .. }) => stderr,
             Err(e) => e.to_string(),
         };
-        return Err(NetnsError::UnknownContainer { name: name.to_owned(), runtime, said });
+        return Err(NetnsError::NoContainerPid { name: name.to_owned(), runtime, said });
     }
     Err(NetnsError::NoRuntime { name: name.to_owned() })
 }

@@ -352,7 +352,7 @@ fn container_asks_the_runtime_for_the_containers_process() {
         (
             Some(2),
             "",
-            "iptrace: --container nope: docker knows no running container of that name or id (Error: No such object: nope)\n"
+            "iptrace: --container nope: docker gave no process id for a running container of that name or id (Error: No such object: nope)\n"
         )
     );
     let out = Command::new(iptrace_tests::iptrace_bin())

@@ -94,6 +94,20 @@ fn a_replay_shows_what_the_live_run_showed_with_rules_changed_in_between() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout, live.stdout);
     assert_eq!(stderr, "");
+    // With --summary, the blocks and then the summary; as JSON, in the recorded namespace;
+    // --stats, which counts what the live socket received, is refused.
+    let (code, stdout, stderr) = run_iptrace(&["--replay", file_arg, "--summary"]);
+    assert_eq!(code.code(), Some(0), "{stderr}");
+    let summary = stdout.strip_prefix(live.stdout.as_str()).unwrap_or_else(|| panic!("{stdout}"));
+    let shown = all.len();
+    assert!(summary.starts_with(&format!("summary: {shown} packets; rules hit, most first:\n")), "{summary}");
+    let (code, stdout, stderr) = run_iptrace(&["--replay", file_arg, "--json"]);
+    assert_eq!(code.code(), Some(0), "{stderr}");
+    let records: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), shown, "{stdout}");
+    assert!(records.iter().all(|r| r["netns"] == lab.ns(Role::Router).as_str()), "{stdout}");
+    let (code, stdout, stderr) = run_iptrace(&["--replay", file_arg, "--stats"]);
+    assert_eq!((code.code(), stdout.as_str(), stderr.lines().count()), (Some(2), "", 1), "{stderr}");
 
     // The same file cut short anywhere: one line, exit 2, nothing shown.
     let bytes = fs::read(&file).unwrap();

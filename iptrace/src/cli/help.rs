@@ -33,7 +33,9 @@ const DETAILS: &[&str] = &[
      legacy), it inserts one TRACE rule at the top of raw PREROUTING and raw OUTPUT \
      (iptables-legacy and ip6tables-legacy) and binds nfnetlink_log as the logger. All of it is \
      removed on exit, Ctrl-C, SIGTERM and every other signal that ends iptrace, or a crash; after a \
-     SIGKILL, the next run or `iptrace --cleanup` does.",
+     SIGKILL, the next run or `iptrace --cleanup` does. One thing stays: a TRACE rule in a family \
+     without a raw table creates that table, which the kernel cannot unregister (it is left \
+     empty).",
     "iptrace needs root (CAP_NET_ADMIN). Selections are checked first, also without root: bad \
      input is one line on stderr and exit code 2, with nothing changed.",
 ];

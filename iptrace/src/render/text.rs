@@ -215,10 +215,15 @@ fn step_lines(step: &StepReport, paint: Paint, text: &mut String) {
             let _ = writeln!(text, "{DETAIL}=> {}", paint.verdict(&verdict, Printable(Action(rule))));
         }
         Position::RuleSetChanged { kernel_number, was, is } => {
-            let number = match is.as_deref() {
-                Some(Position::Rule { number, .. }) => *number,
-                _ => *kernel_number,
-            };
+            // The rule's number as `iptables -L --line-numbers` shows it (without iptrace's own
+            // rules): the newer version's, else the older's, else the kernel's position.
+            let number = [is.as_deref(), was.as_deref()]
+                .into_iter()
+                .find_map(|p| match p {
+                    Some(Position::Rule { number, .. }) => Some(*number),
+                    _ => None,
+                })
+                .unwrap_or(*kernel_number);
             let _ = writeln!(
                 text,
                 "{STEP}{place} (kernel rule {kernel_number})\n{DETAIL}(rule set changed at this moment: #{number} was {} / is {})",

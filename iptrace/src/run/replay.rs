@@ -1,7 +1,11 @@
 //! `--replay FILE`: a run recorded with `--record FILE` shown again, offline: no root, nothing
 //! of this host read (its interfaces, its rule sets), nothing instrumented.
 
-use std::{io::Write, path::Path};
+use std::{
+    io::Write,
+    path::Path,
+    sync::{Arc, atomic::AtomicBool},
+};
 
 use super::{
     Destination, Options, RunError, Stats,
@@ -17,10 +21,11 @@ pub fn replay(path: &Path, options: &Options, out: Box<dyn Write + Send>) -> Res
     let destination = Destination {
         out: Some(out),
         format: options.format,
-        // The command line takes no namespace with --replay.
-        netns: None,
+        // The command line takes no namespace with --replay: the recorded run's.
+        netns: recording.header.options.netns.clone(),
         style: options.text,
-        summary: None,
+        // No SIGUSR1 for the summary so far: a replay ends by itself.
+        summary: options.summary.then(|| Arc::new(AtomicBool::new(false))),
         // A recording's decoder keeps no packet bytes (the command line refuses -w with it).
         pcapng: None,
         reports: None,

@@ -195,3 +195,18 @@ IN=veth2 OUT= SRC=10.5.1.7 DST=172.16.2.2 LEN=32 TOS=0x00 PREC=0x00 TTL=64 ID=46
     );
     assert_eq!(last_line(&[steps[4].clone(), nat_chain]), "verdict: ACCEPT by nft ip t fwd policy");
 }
+
+/// A user's rule displaced by iptrace's own while the packet passed: numbered as `iptables -L
+/// --line-numbers` shows it (the user's #1), not by its kernel position (2).
+#[test]
+fn a_changed_rule_is_numbered_as_the_user_numbers_it() {
+    let a = udp_v4([10, 5, 1, 7], 40000, 64);
+    let displaced = Position::RuleSetChanged { kernel_number: 2, was: Some(Box::new(rule(1, "-p udp"))), is: None };
+    let block = render(&[step(Hook::PreRouting, Table::Raw, "PREROUTING", &a, 0, displaced)]);
+    assert!(
+        block.contains(
+            "(rule set changed at this moment: #1 was -p udp => (no target: continue) / is iptrace's own rule)"
+        ),
+        "{block}"
+    );
+}
