@@ -416,10 +416,15 @@ impl Decoder {
         let mark_after = msg.mark.unwrap_or(0);
         if let Some(network) = msg.network_header {
             // The network header (the whole IP header) and the first bytes of the transport
-            // header: together the start of the packet, as xt_bpf and nflog would show it.
-            let mut start = Vec::with_capacity(network.len() + msg.transport_header.map_or(0, <[u8]>::len));
+            // header: together the start of the packet, as xt_bpf and nflog would show it. The
+            // kernel cuts the network header at 40 bytes: where that cut IPv4 options or IPv6
+            // extension headers, the transport header does not follow it (§5.7), and the packet
+            // is the network header alone (read after it, the transport header would be taken
+            // for the rest of the extension headers).
+            let transport = msg.transport_header.filter(|_| follows_network_header(network)).unwrap_or_default();
+            let mut start = Vec::with_capacity(network.len() + transport.len());
             start.extend_from_slice(network);
-            start.extend_from_slice(msg.transport_header.unwrap_or_default());
+            start.extend_from_slice(transport);
             let packet = match (link_layer, network.first().map(|b| b >> 4)) {
                 (false, _) | (true, Some(4 | 6)) if table_family != NftFamily::Arp => PacketHeader::parse(&start),
                 _ => PacketHeader::parse_arp(network),
@@ -433,14 +438,7 @@ impl Decoder {
                 }
                 Err(e) => return Err(e),
             };
-            let bytes = self.keep_bytes.then(|| {
-                // The kernel cuts the network header at 40 bytes: where that cut IPv4 options or
-                // IPv6 extension headers, the transport header does not follow it (§5.7).
-                if !follows_network_header(network) {
-                    start.truncate(network.len());
-                }
-                PacketBytes::new(start, &packet)
-            });
+            let bytes = self.keep_bytes.then(|| PacketBytes::new(start, &packet));
             // A later hook of the same packet keeps its mark; a reused id starts afresh, assuming
             // the first rule that saw the packet (iptrace's own) left the mark alone.
             let mark = self

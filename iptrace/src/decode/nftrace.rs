@@ -199,6 +199,39 @@ pub(crate) mod tests {
         nfnetlink_request(NFT_TRACE_TYPE, 0, 0, family, 0, &attributes)
     }
 
+    /// An IPv6 packet behind a hop-by-hop header: the kernel cuts its network header at the
+    /// 40-byte IPv6 header and gives the UDP header from the transport offset (design.md §5.7).
+    /// The transport header is not read as the rest of the extension header: neither its first
+    /// byte as the protocol nor its bytes as ports.
+    #[test]
+    fn a_transport_header_behind_cut_extension_headers_is_not_misread() {
+        use crate::{
+            decode::Decoder,
+            netfilter::netlink::{attribute, nfnetlink_request},
+        };
+        const IPV6: u8 = 10;
+        let mut network = vec![0x60, 0, 0, 0, 0, 24, 0, 64];
+        network.extend_from_slice(&[0xfd; 32]);
+        let udp = [0xa0, 0x28, 0x23, 0x28, 0, 16, 0, 0, b'h', b'b', b'h', b'-', b't', b'e', b's', b't'];
+        let attributes = [
+            attribute(NFTA_TRACE_TABLE as u16, b"t\0"),
+            attribute(NFTA_TRACE_CHAIN as u16, b"c\0"),
+            attribute(NFTA_TRACE_TYPE as u16, &3u32.to_be_bytes()),
+            attribute(NFTA_TRACE_ID as u16, &1u32.to_be_bytes()),
+            attribute(NFTA_TRACE_NFPROTO as u16, &u32::from(IPV6).to_be_bytes()),
+            attribute(NFTA_TRACE_NETWORK_HEADER as u16, &network),
+            attribute(NFTA_TRACE_TRANSPORT_HEADER as u16, &udp),
+        ]
+        .concat();
+        let datagram = nfnetlink_request(NFT_TRACE_TYPE, 0, 0, 1, 0, &attributes);
+        let mut events = Vec::new();
+        Decoder::new().decode_datagram(&datagram, &mut events).unwrap();
+        let packet = &events[0].packet;
+        // What the IPv6 header says (hop-by-hop next), not 0xa0 from the source port.
+        assert_eq!((packet.protocol, packet.transport.ports()), (0, None), "{packet:?}");
+        assert_eq!(packet.length, 64);
+    }
+
     #[test]
     fn bridge_netdev_and_arp_events_take_their_family_from_the_packet() {
         use crate::decode::{Decoder, Family, NftFamily, Origin, packet::Transport};
