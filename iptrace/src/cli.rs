@@ -196,9 +196,13 @@ pub struct Cli {
     pub demo: bool,
 
     /// Show the trace recorded with `--record FILE` again, as it was shown then; needs no root
-    /// and reads nothing of this host.
+    /// and reads nothing of this host. The output options apply (--json, --summary, -c, -q, -t,
+    /// --color); what chose and shaped the trace was the recorded run's.
     #[arg(long, value_name = "FILE", help_heading = "Other actions",
-          conflicts_with_all = ["cleanup", "demo", "expression", "bpf", "record", "netns", "pid", "container", "all_netns", "stats"])]
+          conflicts_with_all = ["cleanup", "demo", "expression", "bpf", "record", "netns", "pid", "container", "all_netns",
+                                "stats", "source", "destination", "protocol", "sport", "dport", "in_interface",
+                                "out_interface", "ipv4", "ipv6", "chain", "backend", "limit", "limit_burst",
+                                "no_socket_filter", "group_timeout", "duration", "no_drops"])]
     pub replay: Option<PathBuf>,
 
     /// Print the completion script for this shell and exit (the Debian package installs bash's,

@@ -30,7 +30,9 @@ pub fn replay(path: &Path, options: &Options, out: Box<dyn Write + Send>) -> Res
         pcapng: None,
         reports: None,
     };
-    let mut output = Output::new(destination, &stats, recording.header.count);
+    // The recorded run's count, or a smaller one asked for now.
+    let count = options.count.into_iter().chain(recording.header.count).min();
+    let mut output = Output::new(destination, &stats, count);
     recording.replay(&mut output)?;
     output.finish()
 }
