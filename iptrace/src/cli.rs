@@ -41,7 +41,10 @@ pub struct Cli {
     ///
     /// `host`, `net` and `port` match both directions, so replies are traced too. libpcap compiles
     /// it for raw IP, so one expression serves IPv4 and IPv6. Several words are joined into one
-    /// expression, so quotes are optional. The options below narrow the selection further.
+    /// expression, so quotes are optional. The options below narrow the selection further. As in
+    /// tcpdump, `udp`, `tcp`, `port` and -p, --sport, --dport look past one IPv6 fragment header
+    /// but no other extension header: an IPv6 packet with a hop-by-hop header before its UDP
+    /// header is not `udp` (`ip6 protochain 17` is).
     #[arg(value_name = "EXPRESSION")]
     pub expression: Vec<String>,
 
