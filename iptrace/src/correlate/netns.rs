@@ -235,6 +235,10 @@ fn joined(mut first: PacketReport, next: PacketReport) -> PacketReport {
     first.steps.extend(next.steps);
     first.fate = match (first.fate, next.fate) {
         (Fate::Incomplete, _) | (_, Fate::Incomplete) => Fate::Incomplete,
+        // No table of the next namespace saw it, the first's did: dropped after those.
+        (before, Fate::DroppedOutsideNetfilter { reason }) if offset > 0 => {
+            Fate::DroppedAfterNetfilter { reason, after: Box::new(before) }
+        }
         (_, fate) => shifted(fate, offset),
     };
     first.drop = next.drop;

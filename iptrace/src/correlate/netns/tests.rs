@@ -62,6 +62,30 @@ fn a_pass_through_the_host_and_its_arrival_in_the_container_are_one_packet_in_pa
     assert!(joiner.flush_all().is_empty());
 }
 
+/// Forwarded by the host, dropped in the container before any table of it saw the packet (no
+/// socket): dropped after the host's netfilter decision, not "no table of the rule set saw it".
+#[test]
+fn a_drop_in_the_next_namespace_comes_after_the_first_ones_verdict() {
+    let (t, now) = (SystemTime::now(), Instant::now());
+    let mut joiner = NetnsJoiner::new(HOLD);
+    let host = host_pass(t);
+    let forwarded = packet([172, 17, 0, 2], 63);
+    let dropped = PacketReport::dropped(
+        Vec::new(),
+        true,
+        t + Duration::from_millis(1),
+        &crate::testing::kernel_dropped(&forwarded, 9, "NO_SOCKET"),
+        &mut crate::testing::Names,
+    );
+    assert_eq!(dropped.fate, Fate::DroppedOutsideNetfilter { reason: "NO_SOCKET".into() });
+    let accepted = host.fate.clone();
+    joiner.add(0, host, now);
+    joiner.add(1, dropped, now);
+    let joined = joiner.due(now + HOLD);
+    assert_eq!(chains(&joined), [["PREROUTING", "FORWARD", "POSTROUTING"]]);
+    assert_eq!(joined[0].fate, Fate::DroppedAfterNetfilter { reason: "NO_SOCKET".into(), after: Box::new(accepted) });
+}
+
 #[test]
 fn passes_that_do_not_continue_each_other_stay_apart() {
     let (t, now) = (SystemTime::now(), Instant::now());
