@@ -14,10 +14,12 @@
 //! - both have the same family and identity, and `b` was first seen within the hold of `a`;
 //! - `a` ended where a packet leaves (its last hook FORWARD, OUTPUT or POSTROUTING), not dropped;
 //! - `b` arrived through an interface, with `a`'s destination address and port after every
-//!   change `a` showed (its DNAT), and `a`'s TTL or one less. Its source may differ: source NAT
-//!   runs at POSTROUTING after the chains there (`nf_nat_inet_fn()` mangles the packet once they
-//!   set up the binding, and conntrack alone rewrites a connection's later packets), so no step
-//!   of `a` shows it.
+//!   change `a` showed (its DNAT), and `a`'s TTL, or one less where `a` arrived through an
+//!   interface (a packet `a`'s host sent leaves with the TTL it was sent with, so a pass one hop
+//!   further on, in a chain of namespaces, is not taken for its successor). Its source may
+//!   differ: source NAT runs at POSTROUTING after the chains there (`nf_nat_inet_fn()` mangles
+//!   the packet once they set up the binding, and conntrack alone rewrites a connection's later
+//!   packets), so no step of `a` shows it.
 //!
 //! Where a pass has more than one such successor, or predecessor, nothing is joined there: the
 //! blocks stay apart rather than be joined by a guess.
@@ -203,6 +205,10 @@ fn leads_to(a: &PacketReport, b: &PacketReport, hold: Duration) -> bool {
     let (dst, dport) = leaving_to(a);
     let arrived = &b.arrived.header;
     let ttl = a.arrived.header.ttl;
+    // A packet `a`'s host sent leaves with the TTL it was sent with; one it forwarded, one less
+    // (or the same, bridged).
+    let sent_by_a = a.arrived.in_interface.is_none();
+    let ttl_fits = arrived.ttl == ttl || !sent_by_a && arrived.ttl.checked_add(1) == Some(ttl);
     close_in_time
         && left
         && !dropped
@@ -210,7 +216,7 @@ fn leads_to(a: &PacketReport, b: &PacketReport, hold: Duration) -> bool {
         && a.arrived.header.identity() == arrived.identity()
         && b.arrived.in_interface.is_some()
         && (dst, dport) == (arrived.dst, arrived.transport.ports().map(|(_, d)| d))
-        && (arrived.ttl == ttl || arrived.ttl.checked_add(1) == Some(ttl))
+        && ttl_fits
 }
 
 /// The destination address and port a pass's packet left with: as it arrived, after every

@@ -86,6 +86,27 @@ fn a_drop_in_the_next_namespace_comes_after_the_first_ones_verdict() {
     assert_eq!(joined[0].fate, Fate::DroppedAfterNetfilter { reason: "NO_SOCKET".into(), after: Box::new(accepted) });
 }
 
+/// A packet the host sent leaves with the TTL it was sent with: the pass of a namespace one hop
+/// further on (one less) is not its successor, the next namespace's (the same) is.
+#[test]
+fn a_sent_packet_leads_only_to_a_pass_with_its_ttl() {
+    let (t, now) = (SystemTime::now(), Instant::now());
+    let sent = || {
+        let p = packet([172, 17, 0, 2], 64);
+        let steps =
+            vec![marked(&p), step(Hook::LocalOut, Table::Filter, "OUTPUT", &p, 0, Position::Policy(Verdict::Accept))];
+        let mut report = report_at(&steps, t);
+        report.arrived.in_interface = None;
+        report
+    };
+    for (ttl, blocks) in [(63, 2), (64, 1)] {
+        let mut joiner = NetnsJoiner::new(HOLD);
+        joiner.add(0, sent(), now);
+        joiner.add(1, container_pass(t + Duration::from_millis(1), [172, 17, 0, 2], ttl), now);
+        assert_eq!(joiner.due(now + HOLD).len(), blocks, "TTL {ttl}");
+    }
+}
+
 #[test]
 fn passes_that_do_not_continue_each_other_stay_apart() {
     let (t, now) = (SystemTime::now(), Instant::now());
