@@ -118,17 +118,11 @@ pub struct Pipeline<'a, N> {
 }
 
 /// Where something is in the stream: the read time of a packet's first event and its serial
-/// (the order packets opened); a loss comes before the oldest packet open when it happened (or
-/// the next to open). Last, a count that tells apart what would otherwise tie (a drop's own
-/// block takes the next packet's serial).
-type StreamOrder = (Instant, u64, Sequence, u64);
-
-/// At one read time and serial, a loss before the packet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Sequence {
-    Lost,
-    Packet,
-}
+/// (the order packets opened); a loss takes those of the oldest packet open when it happened (or
+/// of the next to open). Last, the order they were kept in, which tells apart what would
+/// otherwise tie: a loss is kept before the report of the packet it was placed at, which is
+/// still open then, and a drop's own block takes the next packet's serial.
+type StreamOrder = (Instant, u64, u64);
 
 /// What waits in [`Pipeline`]'s stream order to be handed on.
 enum Finished {
@@ -317,7 +311,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
                     let (at, serial) = self.correlator.oldest_open().unwrap_or_else(|| {
                         (self.last_read.unwrap_or_else(Instant::now), self.correlator.next_serial())
                     });
-                    self.keep_finished((at, serial, Sequence::Lost), Finished::Lost(n));
+                    self.keep_finished((at, serial), Finished::Lost(n));
                 }
             }
         }
@@ -365,8 +359,8 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
     /// order their packets arrived. A drop still waiting may become a block of its own dated
     /// when it was read: reports of packets that began then or after wait for it too.
     fn release(&mut self, all: bool, sink: &mut impl ReportSink) -> Result<ControlFlow<()>, PipelineError> {
-        let open = self.correlator.oldest_open().map(|(at, serial)| (at, serial, Sequence::Lost, 0));
-        let waiting_drop = self.drops.queue.front().map(|&(_, read_at)| (read_at, 0, Sequence::Lost, 0));
+        let open = self.correlator.oldest_open().map(|(at, serial)| (at, serial, 0));
+        let waiting_drop = self.drops.queue.front().map(|&(_, read_at)| (read_at, 0, 0));
         let before = if all { None } else { open.into_iter().chain(waiting_drop).min() };
         while let Some(entry) = self.finished.first_entry() {
             if before.is_some_and(|before| *entry.key() >= before) {
@@ -400,7 +394,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             // A netfilter DROP of a packet a marking traced is the verdict of a traced step; any
             // other drop of a packet whose block is already out came too late to end it. A
             // packet a chain before the marking dropped was never traced: its drop is its block.
-            let late = || drop.reason == "NETFILTER_DROP" && drop.traced || self.shown.keys.contains(&key);
+            let late = || drop.ends_a_traced_step() || self.shown.keys.contains(&key);
             let trace = match ended {
                 Some(trace) => trace,
                 None if self.drops_alone && !late() => PacketTrace {
@@ -428,7 +422,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             return;
         }
         let received = self.wall_time(trace.first_seen);
-        let order = (trace.first_seen, trace.serial, Sequence::Packet);
+        let order = (trace.first_seen, trace.serial);
         // Sized up front: a step is large, and growing the vector step by step copied them.
         let mut steps = Vec::with_capacity(trace.events.len());
         steps.extend(trace.events.into_iter().filter_map(|e| self.resolver.resolve(e)));
@@ -447,9 +441,9 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
     }
 
     /// Keeps `finished` at `(at, serial, sequence)` in the stream until [`Self::release`].
-    fn keep_finished(&mut self, (at, serial, sequence): (Instant, u64, Sequence), finished: Finished) {
+    fn keep_finished(&mut self, (at, serial): (Instant, u64), finished: Finished) {
         self.finished_count += 1;
-        self.finished.insert((at, serial, sequence, self.finished_count), finished);
+        self.finished.insert((at, serial, self.finished_count), finished);
     }
 }
 

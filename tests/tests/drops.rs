@@ -37,6 +37,15 @@ fn send(lab: &Lab, role: Role, src: &str, dst: &str, ttl: Option<u32>) {
     .unwrap();
 }
 
+/// The handle of the router's rule in `chain` (family, table, chain) whose text has `needle`, as
+/// `nft -a list chain` shows it.
+fn rule_handle(lab: &Lab, chain: [&str; 3], needle: &str) -> String {
+    let out = lab.exec(Role::Router, &[&["nft", "-a", "list", "chain"][..], &chain].concat(), "").unwrap();
+    let listing = String::from_utf8(out.stdout).unwrap();
+    let line = listing.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle} in {listing}"));
+    line.rsplit(' ').next().unwrap_or_default().to_owned()
+}
+
 /// The SNMP counters of a role's namespace, as `Udp NoPorts`, `IpExt InNoRoutes`, `Udp6
 /// NoPorts`: `/proc/net/snmp` and `/proc/net/netstat` (pairs of header and value lines) and
 /// `/proc/net/snmp6` (a name and a value a line).
@@ -279,14 +288,7 @@ fn blocks_end_with_the_kernel_drop() {
     .unwrap();
     lab.exec(Role::Client, &["ip", "addr", "add", "10.9.9.9/32", "dev", "eth0"], "").unwrap();
     lab.exec(Role::Router, &["nft", "-f", "-"], ROUTER_RULES).unwrap();
-    let handle = |chain: &str| {
-        let out = lab.exec(Role::Router, &["nft", "-a", "list", "chain", "inet", "xdj_fw", chain], "").unwrap();
-        let text = String::from_utf8(out.stdout).unwrap();
-        let line = text.lines().find(|l| l.contains("dport 9005")).map(str::to_owned);
-        line.and_then(|l| l.rsplit(' ').next().map(str::to_owned)).unwrap_or_default()
-    };
-
-    let drop = handle("forward");
+    let drop = rule_handle(&lab, ["inet", "xdj_fw", "forward"], "dport 9005");
 
     let (with_drops, counters) = traced_drops(&lab, &[]);
     // Each drop once, at the end of its packet's block; the netfilter DROP (the kernel's
@@ -531,9 +533,7 @@ fn a_drop_read_before_its_events_ends_their_block() {
     }
     let lab = lab("xdl-late");
     lab.exec(Role::Router, &["nft", "-f", "-"], &large_input_rules()).unwrap();
-    let listing = lab.exec(Role::Router, &["nft", "-a", "list", "chain", "inet", "xdl_big", "input"], "").unwrap();
-    let listing = String::from_utf8(listing.stdout).unwrap();
-    let drop_handle = listing.lines().find(|l| l.contains("dport 9999")).and_then(|l| l.rsplit(' ').next()).unwrap();
+    let drop_handle = rule_handle(&lab, ["inet", "xdl_big", "input"], "dport 9999");
     let monitor = NftMonitor::start(&lab, Role::Router, &[]);
     // A block waits 5 s for late events; the reader is held up for less.
     let ns = lab.ns(Role::Router);
@@ -618,9 +618,7 @@ fn netdev_chains_before_and_after_the_marking() {
     }
     let lab = lab("xnd-netdev");
     lab.exec(Role::Router, &["nft", "-f", "-"], NETDEV_RULES).unwrap();
-    let listing = lab.exec(Role::Router, &["nft", "-a", "list", "chain", "ip", "xnd_fw", "prerouting"], "").unwrap();
-    let listing = String::from_utf8(listing.stdout).unwrap();
-    let drop_handle = listing.lines().find(|l| l.contains("dport 9031")).and_then(|l| l.rsplit(' ').next()).unwrap();
+    let drop_handle = rule_handle(&lab, ["ip", "xnd_fw", "prerouting"], "dport 9031");
     let monitor = NftMonitor::start(&lab, Role::Router, &[]);
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "udp and src host 10.5.1.7"]);
     send(&lab, Role::Client, "10.5.1.7:0", "172.16.2.2:9031", None);

@@ -221,6 +221,12 @@ impl DropEvent {
         (self.family(), self.packet.identity())
     }
 
+    /// A netfilter drop (`NETFILTER_DROP`) of a packet a marking traced: the verdict of the
+    /// traced step that ran last, which shows it already.
+    pub fn ends_a_traced_step(&self) -> bool {
+        self.reason == "NETFILTER_DROP" && self.traced
+    }
+
     /// Whether this drop is the end of the packet with `events`, traced in namespace `netns`:
     /// same namespace and [`key`](Self::key) as its events.
     pub fn joins(&self, events: &[TraceEvent], netns: u64) -> bool {

@@ -67,7 +67,7 @@ pub(super) fn kernel_drop(
 /// packet in netfilter (`NETFILTER_DROP`): the version that drops was in force, since the trace
 /// ends there. Else `None`.
 fn settled_by_the_drop(drop: &DropEvent, steps: &[StepReport]) -> Option<Verdict> {
-    if drop.reason != "NETFILTER_DROP" || !drop.traced {
+    if !drop.ends_a_traced_step() {
         return None;
     }
     let Position::RuleSetChanged { was, is, .. } = &steps.last()?.position else { return None };
