@@ -3,8 +3,9 @@
 //! prove nothing was left behind. Every test builds its own [`Lab`] namespaces, removed on drop.
 
 use std::{
+    fs,
     io::{BufRead, BufReader, Read},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::mpsc,
     thread,
@@ -43,6 +44,44 @@ pub fn iptrace_bin() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/iptrace");
     assert!(path.is_file(), "{} is missing: run `cargo build -p iptrace` (cargo xtask test does)", path.display());
     path
+}
+
+/// A directory of the test's own under the temporary directory, removed with everything in it
+/// when dropped, also when the test fails: the files a test gives iptrace (rules, recordings,
+/// outputs) are left behind by no run. `cargo xtask test` points `TMPDIR` at a directory it checks
+/// is empty afterwards.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// `iptrace-<name>-<pid>`, empty.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("iptrace-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("creating the test's scratch directory");
+        Self(dir)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
+    /// The path of `name` in it (not created).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Writes `text` to `name` in it and returns its path.
+    pub fn file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        fs::write(&path, text).expect("writing a scratch file");
+        path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A lab with a name unique to this test and process.

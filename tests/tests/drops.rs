@@ -19,7 +19,7 @@ use iptrace::{
     netns::interface_index,
 };
 use iptrace_tests::{
-    Block, Lab, Role, Tracer, blocks, iptrace_bin, lab,
+    Block, Lab, Role, ScratchDir, Tracer, blocks, iptrace_bin, lab,
     oracle::{NftMonitor, compare_nft},
     require_root, wait_until_read,
 };
@@ -234,7 +234,8 @@ table ip xdj_nat {
 /// counters that changed meanwhile.
 fn traced_drops(lab: &Lab, extra: &[&str]) -> (Vec<String>, Vec<String>) {
     let ns = lab.ns(Role::Router);
-    let recording = std::env::temp_dir().join(format!("{ns}.iptrace"));
+    let scratch = ScratchDir::new(&ns);
+    let recording = scratch.path("drops.iptrace");
     let recording = recording.to_str().unwrap();
     let mut args = vec!["--netns", &ns, "--record", recording];
     args.extend_from_slice(extra);
@@ -259,7 +260,6 @@ fn traced_drops(lab: &Lab, extra: &[&str]) -> (Vec<String>, Vec<String>) {
     let after = snmp(lab, Role::Router);
     // The recording replays the drops too: the same blocks, byte for byte.
     let replay = std::process::Command::new(iptrace_bin()).args(["--replay", recording]).output().unwrap();
-    std::fs::remove_file(recording).unwrap();
     assert!(replay.status.success(), "{replay:?}");
     assert_eq!(String::from_utf8_lossy(&replay.stdout), out.stdout);
     let mut shown: Vec<String> = blocks(&out.stdout)

@@ -11,14 +11,14 @@ use std::{
     time::Duration,
 };
 
-use iptrace_tests::{Block, Role, Tracer, blocks, lab, require_root, run_iptrace};
+use iptrace_tests::{Block, Role, ScratchDir, Tracer, blocks, lab, require_root, run_iptrace};
 
 /// Throwaway namespaces (`ip netns add`) and processes, removed on drop.
 #[derive(Default)]
 struct Scratch {
     namespaces: Vec<String>,
     children: Vec<Child>,
-    dirs: Vec<PathBuf>,
+    dirs: Vec<ScratchDir>,
 }
 
 impl Scratch {
@@ -55,11 +55,10 @@ impl Scratch {
     }
 
     fn dir(&mut self, name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("mn{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        self.dirs.push(dir.clone());
-        dir
+        let dir = ScratchDir::new(&format!("multi-netns-{name}"));
+        let path = dir.dir().to_owned();
+        self.dirs.push(dir);
+        path
     }
 }
 
@@ -71,9 +70,6 @@ impl Drop for Scratch {
         }
         for ns in &self.namespaces {
             remove_netns(ns);
-        }
-        for dir in &self.dirs {
-            let _ = fs::remove_dir_all(dir);
         }
     }
 }
@@ -420,7 +416,7 @@ fn all_netns_traces_every_named_namespace_and_every_process_namespace() {
          ip link set lo up
          ip netns add a && ip netns add b && ip -n a link set lo up
          echo '{LOOPBACK_RULES}' | ip netns exec a nft -f -
-         err=$(mktemp)
+         err=$(mktemp); trap 'rm -f \"$err\"' EXIT
          ({bin} --all-netns -4 --no-drops -c 1 'udp port 9' 2>$err; echo \"exit $?\" >>$err) &
          for i in $(seq 200); do grep -q 'Ctrl-C to stop' $err && break; sleep 0.1; done
          ip netns exec a bash -c 'echo x > /dev/udp/127.0.0.1/9'

@@ -15,7 +15,7 @@ use std::{
 };
 
 use iptrace_tests::{
-    Block, Finished, Lab, Role, Tracer, addr, blocks, firewall_state, iptrace_bin, lab, load_sample_nft_rules,
+    Block, Finished, Lab, Role, ScratchDir, Tracer, addr, blocks, firewall_state, iptrace_bin, lab, load_sample_nft_rules,
     load_sample_rules, require_root, run_iptrace,
 };
 use pcap_file::{
@@ -44,22 +44,20 @@ const NFT_PING_COMMENT: &str = "nft inet router mark_in handle 9 continue; nft i
     nft inet router trusted_client handle 14 accept; nft inet router masquerade_out handle 18 accept; \
     verdict: ACCEPT at nft inet router trusted_client (handle 14)";
 
-/// A file under the temporary directory, removed on drop.
-struct TempFile(PathBuf);
+/// A pcap-ng file in a scratch directory of the test's own (removed with it).
+struct TempFile {
+    file: PathBuf,
+    _dir: ScratchDir,
+}
 
 impl TempFile {
     fn new(test: &str) -> Self {
-        Self(std::env::temp_dir().join(format!("iptrace-{test}-{}.pcapng", std::process::id())))
+        let dir = ScratchDir::new(test);
+        Self { file: dir.path("trace.pcapng"), _dir: dir }
     }
 
     fn path(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 temporary path")
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        self.file.to_str().expect("a UTF-8 temporary path")
     }
 }
 
@@ -241,8 +239,8 @@ fn legacy_packets_are_written_whole_with_their_rule_path() {
     assert!(packets.iter().all(|p| p.len == p.cap_len), "nflog gives whole packets: {packets:#?}");
     assert!(packets.iter().all(|p| p.cap_len > COOKED_HEADER));
 
-    let written = read_pcapng(&file.0);
-    let mut wire_reader = PcapReader::new(std::fs::File::open(&wire.0).unwrap()).unwrap();
+    let written = read_pcapng(&file.file);
+    let mut wire_reader = PcapReader::new(std::fs::File::open(&wire.file).unwrap()).unwrap();
     let on_wire = wire_reader.next_packet().expect("the ping on vif0").unwrap();
     // Ethernet header off: the IP packet as it arrived, an echo request.
     let sent = &on_wire.data[14..];
@@ -281,7 +279,7 @@ fn nft_packets_are_written_as_their_headers_with_their_original_length() {
     // The cooked header, 20 bytes of IPv4 header and 20 of the 24-byte ICMP message, of 44.
     assert_eq!((ping.interface.as_str(), ping.cap_len, ping.len), ("vif0", COOKED_HEADER + 40, COOKED_HEADER + 44));
 
-    let written = read_pcapng(&file.0);
+    let written = read_pcapng(&file.file);
     assert_eq!(written.len(), text.len());
     for packet in &written {
         let headers = packet.data.len() - COOKED_HEADER;

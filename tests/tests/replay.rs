@@ -17,7 +17,7 @@ use std::{
 };
 
 use iptrace_tests::{
-    Role, SAMPLE_GUARD_RULES, Tracer, addr, blocks, blocks_with, iptrace_bin, lab, load_sample_rules, require_root,
+    Role, SAMPLE_GUARD_RULES, ScratchDir, Tracer, addr, blocks, blocks_with, iptrace_bin, lab, load_sample_rules, require_root,
     run_iptrace,
 };
 
@@ -36,10 +36,6 @@ fn replay_isolated(file: &Path) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
 }
 
-fn temp_file(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("xrp-{}-{name}", std::process::id()))
-}
-
 #[test]
 fn a_replay_shows_what_the_live_run_showed_with_rules_changed_in_between() {
     if !require_root("a_replay_shows_what_the_live_run_showed_with_rules_changed_in_between") {
@@ -48,7 +44,8 @@ fn a_replay_shows_what_the_live_run_showed_with_rules_changed_in_between() {
     let lab = lab("replay");
     load_sample_rules(&lab).unwrap();
     lab.exec(Role::Router, &["nft", "-f", "-"], SAMPLE_GUARD_RULES).unwrap();
-    let file = temp_file("live.iptrace");
+    let scratch = ScratchDir::new("replay");
+    let file = scratch.path("live.iptrace");
     let file_arg = file.to_str().unwrap();
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "--record", file_arg, "icmp"]);
     assert!(tracer.ready().contains("nftables and iptables-legacy"), "{}", tracer.ready());
@@ -116,15 +113,13 @@ fn a_replay_shows_what_the_live_run_showed_with_rules_changed_in_between() {
 
     // The same file cut short anywhere: one line, exit 2, nothing shown.
     let bytes = fs::read(&file).unwrap();
-    let cut = temp_file("cut.iptrace");
+    let cut = scratch.path("cut.iptrace");
     for len in [0, 10, 30, bytes.len() / 3, bytes.len() / 2, bytes.len() - 1] {
         fs::write(&cut, &bytes[..len]).unwrap();
         let (code, stdout, stderr) = replay_isolated(&cut);
         assert_eq!((code, stdout.as_str(), stderr.lines().count()), (2, "", 1), "cut at {len}: {stderr}");
         assert!(stderr.contains("cut short") || stderr.contains("not an iptrace recording"), "{stderr}");
     }
-    let _ = fs::remove_file(&cut);
-    let _ = fs::remove_file(&file);
 }
 
 /// Under churn (a legacy rule and an nf_tables rule inserted and deleted every 100 ms while
@@ -139,7 +134,8 @@ fn a_replay_under_rule_churn_is_byte_identical() {
     let lab = Arc::new(lab("replaychurn"));
     lab.exec(Role::Router, &["iptables-legacy", "-A", "FORWARD", "-p", "udp", "-j", "ACCEPT"], "").unwrap();
     lab.exec(Role::Router, &["nft", "-f", "-"], SAMPLE_GUARD_RULES).unwrap();
-    let file = temp_file("churn.iptrace");
+    let scratch = ScratchDir::new("replay-churn");
+    let file = scratch.path("churn.iptrace");
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "--record", file.to_str().unwrap(), "udp"]);
     let sending = Arc::new(AtomicBool::new(true));
     let sender = {
@@ -177,12 +173,12 @@ fn a_replay_under_rule_churn_is_byte_identical() {
     let (code, stdout, stderr) = replay_isolated(&file);
     assert_eq!((code, stderr.as_str()), (0, ""));
     assert!(stdout == live.stdout, "the replay differs from the live run");
-    let _ = fs::remove_file(&file);
 }
 
 #[test]
 fn recordings_that_cannot_be_replayed_are_one_line_and_exit_2() {
-    let file = temp_file("bad.iptrace");
+    let scratch = ScratchDir::new("replay-bad");
+    let file = scratch.path("bad.iptrace");
     let cases: [(&[u8], &str); 3] = [
         (b"not a recording at all\n", "is not an iptrace recording"),
         (
@@ -199,5 +195,4 @@ fn recordings_that_cannot_be_replayed_are_one_line_and_exit_2() {
     }
     let (status, _, stderr) = run_iptrace(&["--replay", "/nonexistent/xrp.iptrace"]);
     assert_eq!((status.code(), stderr.lines().count()), (Some(2), 1), "{stderr}");
-    let _ = fs::remove_file(&file);
 }

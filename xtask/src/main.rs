@@ -67,7 +67,7 @@ fn main() -> Result<()> {
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--exclude", "iptrace-ebpf", "--no-fail-fast"]);
             cmd.args(&args);
-            run(&mut cmd)?;
+            run_leaving_nothing_behind(&mut cmd)?;
             if args.is_empty() {
                 bench_smoke_check()?;
                 // After the benchmark's release build, which it reuses: only packaging is left.
@@ -264,6 +264,29 @@ fn build_ebpf() -> Result<()> {
     run(&mut cmd)?;
     let object = workspace_root().join("target/bpfel-unknown-none/release/iptrace");
     println!("xtask: eBPF object at {}", object.display());
+    Ok(())
+}
+
+/// Runs the tests with `TMPDIR` a directory of their own, and fails when they left anything in
+/// it: every test removes what it creates, also when it fails (`iptrace_tests::ScratchDir`), and
+/// so does iptrace. The compiler's own temporary files are gone by the time the tests end.
+fn run_leaving_nothing_behind(cmd: &mut Command) -> Result<()> {
+    let tmp = std::env::temp_dir().join(format!("iptrace-xtask-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    // Searchable by everyone: a test runs iptrace as an ordinary user on files of its own here.
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let tested = run(cmd.env("TMPDIR", &tmp));
+    let mut left: Vec<String> = std::fs::read_dir(&tmp)
+        .with_context(|| format!("cannot list {}", tmp.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    let _ = std::fs::remove_dir_all(&tmp);
+    tested?;
+    left.sort();
+    if !left.is_empty() {
+        bail!("the tests left {} file(s) behind in their TMPDIR: {}", left.len(), left.join(", "));
+    }
     Ok(())
 }
 
