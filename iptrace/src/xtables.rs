@@ -60,6 +60,21 @@ impl Xtables {
         command::run(self.binary(), &args, None).map(drop)
     }
 
+    /// Applies `script` (iptables-save syntax) without flushing what it does not name, each
+    /// table's changes in one commit, under the xtables lock.
+    pub fn restore_noflush(self, script: &str) -> Result<(), XtablesError> {
+        command::run(self.restore_binary(), &["-w", "--noflush"], Some(script)).map(drop)
+    }
+
+    fn restore_binary(self) -> &'static str {
+        match (self.family, self.nft) {
+            (Family::Ipv4, false) => "iptables-legacy-restore",
+            (Family::Ipv6, false) => "ip6tables-legacy-restore",
+            (Family::Ipv4, true) => "iptables-nft-restore",
+            (Family::Ipv6, true) => "ip6tables-nft-restore",
+        }
+    }
+
     /// `iptables-legacy-save -t <table>` for a table that exists (asking for one that does not
     /// would create it).
     pub fn save(self, table: &str) -> Result<String, XtablesError> {

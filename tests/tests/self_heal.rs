@@ -7,7 +7,7 @@
 //! run before is named in one warning, checked against `nft monitor trace`.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     thread,
     time::Duration,
 };
@@ -203,6 +203,65 @@ fn accept_above_the_trace_rule_is_healed() {
     let out = lab.exec(Role::Router, &["iptables-legacy", "-t", "raw", "-S", "PREROUTING"], "").unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().nth(1), Some("-A PREROUTING -j ACCEPT"));
     run_in(&lab, &["iptables-legacy", "-t", "raw", "-D", "PREROUTING", "-j", "ACCEPT"]);
+    assert_eq!(firewall_state(&lab, Role::Router), before);
+}
+
+/// Moving the TRACE rule back to the top is one change of the raw table: a datagram every half
+/// millisecond, each from a port of its own, while another tool inserts a rule above iptrace's
+/// six times (one that matches none of them), is traced whole, every datagram once. Deleting the
+/// rule, then inserting it again, with two commands, lost the datagrams of the gap.
+#[test]
+fn moving_the_trace_rule_back_loses_no_packet() {
+    if !require_root("moving_the_trace_rule_back_loses_no_packet") {
+        return;
+    }
+    const SENT: u16 = 1500;
+    const MOVES: usize = 6;
+    let (lab, before) = legacy_router("healmove");
+    let ns = lab.ns(Role::Router);
+    let tracer = Tracer::start(&["--netns", &ns, "--stats", "--backend", "legacy", SELECTION]);
+    let churn = |i: usize, op: &str| {
+        let comment = format!("churn-{i}");
+        let mut command = vec!["iptables-legacy", "-t", "raw", op, "PREROUTING"];
+        if op == "-I" {
+            command.push("1");
+        }
+        command.extend(["-s", "192.0.2.99", "-m", "comment", "--comment", &comment, "-j", "ACCEPT"]);
+        run_in(&lab, &command);
+    };
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            lab.in_ns(Role::Client, || {
+                for port in BEFORE..BEFORE + SENT {
+                    let socket = UdpSocket::bind(SocketAddr::new(addr::CLIENT, port)).expect("binding");
+                    socket.send_to(b"moved", to_server()).expect("sending");
+                    thread::sleep(Duration::from_micros(500));
+                }
+            })
+            .expect("entering the client's namespace");
+        });
+        for i in 0..MOVES {
+            thread::sleep(Duration::from_millis(150));
+            churn(i, "-I");
+        }
+    });
+    thread::sleep(Duration::from_millis(300));
+    let out = tracer.stop(libc::SIGINT);
+    assert!(out.status.success(), "{out:?}");
+    let moved = "iptrace: a rule was inserted above iptrace's TRACE rule in IPv4 raw PREROUTING; iptrace's rule \
+                 moved back to the top\n";
+    assert_eq!(out.stderr.matches(moved).count(), MOVES, "{}", out.stderr);
+    let all = blocks(&out.stdout);
+    // A packet no rule traced still has a block, its drop's, without the tables it passed.
+    let traced = |port: u16| {
+        let spt = format!("SPT={port} DPT=5555");
+        blocks_with(&all, &[&spt]).iter().filter(|b| b.steps.iter().any(|s| s.trim() == "filter FORWARD")).count()
+    };
+    let missing: Vec<u16> = (BEFORE..BEFORE + SENT).filter(|&port| traced(port) != 1).collect();
+    assert!(missing.is_empty(), "{} of {SENT} datagrams not traced once: {missing:?}\n{}", missing.len(), out.stderr);
+    for i in 0..MOVES {
+        churn(i, "-D");
+    }
     assert_eq!(firewall_state(&lab, Role::Router), before);
 }
 

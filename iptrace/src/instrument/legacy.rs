@@ -38,6 +38,20 @@ impl Marking for TraceRules {
         Ok((n > 0).then(|| format!("{n} TRACE rule(s) in the {binary} raw table")).into_iter().collect())
     }
 
+    /// Moves iptrace's rules back to the top, or puts them back, in one change of the raw table
+    /// ([`move_to_top`]), so that no selected packet passes while they are out. Deleting, then
+    /// inserting with two commands, left a gap of milliseconds per repair, its packets untraced
+    /// and uncounted. Rules naming a pinned program cannot be deleted in that change (see
+    /// [`delete_rules`]): those are deleted, then inserted, as is done when the change fails.
+    fn reinstall(&self, owner: Owner, plan: &TracePlan) -> Result<(), InstrumentError> {
+        let pinned = matches!(plan.prefilter, Prefilter::XtBpf(XtBpfProgram::Pinned { .. }));
+        if pinned || move_to_top(owner, plan, self.0).is_err() {
+            self.delete(&|o| o == owner)?;
+            return self.install(owner, plan);
+        }
+        Ok(())
+    }
+
     fn watch(&self, owner: Owner, plan: &TracePlan) -> Result<Box<dyn MarkingWatch>, WatchError> {
         let probe = TableProbe::open(self.0).map_err(WatchError::Open)?;
         Ok(Box::new(RawWatch { family: self.0, owner, plan: plan.clone(), probe, info: None }))
@@ -47,7 +61,7 @@ impl Marking for TraceRules {
 /// The family's raw table, as last seen: `IPT_SO_GET_INFO` (the probe the resolver uses) tells
 /// cheaply that it changed; then its rules are read, and iptrace's rule must still be the first
 /// of its chain. A rule inserted above it is answered by moving iptrace's rule back to the top
-/// (deleted, then inserted first again). iptrace's own re-install changes the table too, and the
+/// ([`move_to_top`]). iptrace's own re-install changes the table too, and the
 /// next look finds it in order.
 struct RawWatch {
     family: Family,
@@ -168,6 +182,26 @@ fn insert(owner: Owner, plan: &TracePlan, family: Family) -> Result<(), Instrume
         xt.run(&args).map_err(|source| InstrumentError::InsertRule { family, chain, source })?;
     }
     Ok(())
+}
+
+/// Deletes `owner`'s rules and inserts them first again in one commit of the raw table
+/// (`iptables-legacy-restore -w --noflush`: one table replace under the xtables lock), each deleted
+/// by the spec `iptables-legacy-save` lists for it, as [`delete_rules`] does. Within one replace
+/// the hashlimit of `--limit` is found by name and keeps its state.
+fn move_to_top(owner: Owner, plan: &TracePlan, family: Family) -> Result<(), InstrumentError> {
+    let own: Vec<TaggedRule> = tagged_rules(family)?.into_iter().filter(|r| r.owner == owner).collect();
+    let mut script = String::from("*raw\n");
+    for chain in TRACE_CHAINS {
+        for rule in own.iter().filter(|r| xtables::tokenize(&r.line).get(1).is_some_and(|c| c == chain)) {
+            script.push_str(&format!("-D {}\n", &rule.line["-A ".len()..]));
+        }
+        if let Some(spec) = rule_spec(owner, plan, family, chain) {
+            let words: Vec<String> = spec.iter().map(|w| xtables::quote(w)).collect();
+            script.push_str(&format!("-I {chain} 1 {}\n", words.join(" ")));
+        }
+    }
+    script.push_str("COMMIT\n");
+    Xtables::new(family).restore_noflush(&script).map_err(|source| InstrumentError::MoveRules { family, source })
 }
 
 /// An iptrace rule as `iptables-legacy-save` lists it.

@@ -47,6 +47,12 @@ pub enum InstrumentError {
         #[source]
         source: XtablesError,
     },
+    #[error("cannot move the {family} TRACE rules back to the top of raw")]
+    MoveRules {
+        family: Family,
+        #[source]
+        source: XtablesError,
+    },
     #[error("cannot list the {family} raw table")]
     ListRules {
         family: Family,
