@@ -189,10 +189,16 @@ fn insert(owner: Owner, plan: &TracePlan, family: Family) -> Result<(), Instrume
 /// by the spec `iptables-legacy-save` lists for it, as [`delete_rules`] does. Within one replace
 /// the hashlimit of `--limit` is found by name and keeps its state.
 fn move_to_top(owner: Owner, plan: &TracePlan, family: Family) -> Result<(), InstrumentError> {
-    let own: Vec<TaggedRule> = tagged_rules(family)?.into_iter().filter(|r| r.owner == owner).collect();
+    let script = move_script(&tagged_rules(family)?, owner, plan, family);
+    Xtables::new(family).restore_noflush(&script).map_err(|source| InstrumentError::MoveRules { family, source })
+}
+
+/// The restore script of [`move_to_top`], given the iptrace rules of the raw table.
+fn move_script(tagged: &[TaggedRule], owner: Owner, plan: &TracePlan, family: Family) -> String {
     let mut script = String::from("*raw\n");
     for chain in TRACE_CHAINS {
-        for rule in own.iter().filter(|r| xtables::tokenize(&r.line).get(1).is_some_and(|c| c == chain)) {
+        let own = tagged.iter().filter(|r| r.owner == owner);
+        for rule in own.filter(|r| xtables::tokenize(&r.line).get(1).is_some_and(|c| c == chain)) {
             script.push_str(&format!("-D {}\n", &rule.line["-A ".len()..]));
         }
         if let Some(spec) = rule_spec(owner, plan, family, chain) {
@@ -201,7 +207,7 @@ fn move_to_top(owner: Owner, plan: &TracePlan, family: Family) -> Result<(), Ins
         }
     }
     script.push_str("COMMIT\n");
-    Xtables::new(family).restore_noflush(&script).map_err(|source| InstrumentError::MoveRules { family, source })
+    script
 }
 
 /// An iptrace rule as `iptables-legacy-save` lists it.
@@ -400,6 +406,38 @@ mod tests {
         assert_eq!(rule_spec(owner, &only_prerouting, Family::Ipv4, "OUTPUT"), None);
         let plan = TracePlan { in_interface: Some("eth0".into()), ..plan };
         assert_eq!(rule_spec(owner, &plan, Family::Ipv4, "OUTPUT"), None);
+    }
+
+    #[test]
+    fn moving_to_the_top_deletes_the_saved_rules_and_inserts_first_in_one_commit() {
+        // Run 8's rules, OUTPUT's moved below a user rule; run 7's are another run's.
+        let saved = r#"*raw
+-A PREROUTING -m bpf --bytecode "1,6 0 0 65535" -m comment --comment "iptrace:8:1" -j TRACE
+-A PREROUTING -m comment --comment "iptrace:7:9" -j TRACE
+-A OUTPUT -s 192.0.2.9/32 -j ACCEPT
+-A OUTPUT -m bpf --bytecode "1,6 0 0 65535" -m comment --comment "iptrace:8:1" -j TRACE
+COMMIT
+"#;
+        let plan = TracePlan {
+            families: vec![Family::Ipv4],
+            marker: crate::instrument::Marker::TraceRules,
+            prefilter: Prefilter::XtBpf(XtBpfProgram::Bytecode(vec![CbpfInsn { code: 6, jt: 0, jf: 0, k: 65535 }])),
+            in_interface: None,
+            out_interface: None,
+            limit: None,
+            chain: None,
+        };
+        let script = move_script(&tagged_lines(saved), Owner { pid: 8, start: 1 }, &plan, Family::Ipv4);
+        assert_eq!(
+            script,
+            r#"*raw
+-D PREROUTING -m bpf --bytecode "1,6 0 0 65535" -m comment --comment "iptrace:8:1" -j TRACE
+-I PREROUTING 1 -m bpf --bytecode "1,6 0 0 65535" -m comment --comment iptrace:8:1 -j TRACE
+-D OUTPUT -m bpf --bytecode "1,6 0 0 65535" -m comment --comment "iptrace:8:1" -j TRACE
+-I OUTPUT 1 -m bpf --bytecode "1,6 0 0 65535" -m comment --comment iptrace:8:1 -j TRACE
+COMMIT
+"#
+        );
     }
 
     #[test]
