@@ -237,9 +237,22 @@ impl CompiledFilter {
         &self.insns
     }
 
-    /// Whether xt_bpf can carry the program inline (`-m bpf --bytecode`).
+    /// Whether xt_bpf can carry the program inline (`-m bpf --bytecode`): at most 64
+    /// instructions, each jump forward and inside the program, as `bpf_check_classic()` demands.
+    /// libpcap's `protochain` loops with a backward `ja` (k = -15), which its own interpreter and
+    /// iptrace's eBPF one run, but which the kernel refuses inline (EINVAL).
     pub fn fits_xt_bpf(&self) -> bool {
-        self.insns.len() <= XT_BPF_MAX_NUM_INSTR
+        use iptrace_common::filter::op;
+        let len = self.insns.len();
+        len <= XT_BPF_MAX_NUM_INSTR
+            && self.insns.iter().enumerate().all(|(pc, insn)| {
+                let left = len - pc - 1;
+                match (insn.code & op::CLASS_MASK, insn.code & op::OP_MASK) {
+                    (op::JMP, op::JA) => (insn.k as usize) < left,
+                    (op::JMP, _) => usize::from(insn.jt) < left && usize::from(insn.jf) < left,
+                    _ => true,
+                }
+            })
     }
 
     /// libpcap's verdict for a raw IP packet (`bpf_filter`, which `pcap_offline_filter` runs):

@@ -217,6 +217,20 @@ fn an_expression_too_complex_to_compile_is_refused() {
     }
 }
 
+/// `ip6 protochain 17` is 30-odd instructions with a loop: only the eBPF interpreter runs it.
+#[test]
+fn backward_jumps_do_not_fit_xt_bpf() {
+    let f = CompiledFilter::compile("ip6 protochain 17").unwrap();
+    assert!(f.instructions().len() <= 64, "{} insns", f.instructions().len());
+    assert!(!f.fits_xt_bpf());
+    // An IPv6 packet with a hop-by-hop header before UDP: the loop walks past it.
+    let mut v6 = vec![0x60, 0, 0, 0, 0, 16, 0, 64];
+    v6.extend_from_slice(&[0xfd; 32]);
+    v6.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+    v6.extend_from_slice(&[0x03, 0xe8, 0, 53, 0, 8, 0, 0]);
+    assert!(f.matches(&v6));
+}
+
 #[test]
 fn long_expressions_exceed_xt_bpf() {
     let ports: Vec<String> = (1000..1040).map(|p| format!("port {p}")).collect();
