@@ -255,8 +255,15 @@ pub struct DecodeCounts {
     /// nf_tables trace events without headers whose trace id had none before (the packet
     /// entered the hook before iptrace listened).
     pub orphans: u64,
+    /// IPv6 fragments after the first of their datagram, traced by nf_tables, whose trace holds
+    /// no addresses (§5.7): not shown, each counted once.
+    pub unaddressed_fragments: u64,
     pub malformed: u64,
 }
+
+/// Trace ids of unaddressed fragments remembered, so that each is counted once (their events
+/// are next to each other, as [`MAX_HOOK_HEADERS`] says).
+const UNADDRESSED_IDS: usize = 64;
 
 /// What the first event of an nf_tables hook invocation told about the packet, for the events
 /// after it, which carry only the trace id (design.md §5.2).
@@ -288,6 +295,8 @@ pub struct Decoder {
     names: HashMap<Box<str>, Arc<str>>,
     tables: HashMap<Box<str>, Table>,
     hook_headers: HashMap<TraceId, HookHeaders>,
+    /// The newest trace ids of unaddressed fragments.
+    unaddressed: std::collections::VecDeque<TraceId>,
     next_serial: u64,
     /// The nf_tables generation in force for the events decoded now.
     generation: Option<u32>,
@@ -425,8 +434,20 @@ impl Decoder {
             let mut start = Vec::with_capacity(network.len() + transport.len());
             start.extend_from_slice(network);
             start.extend_from_slice(transport);
+            // An IPv4 header cut short has its transport header at the header's length: read with
+            // zeros for the options cut off (never written out), its ports are the packet's, as
+            // in the events of legacy tables, which carry the whole packet.
+            let parsed = match (ipv4_header_cut(network), msg.transport_header) {
+                (Some(header_length), Some(transport)) => {
+                    let mut padded = network.to_vec();
+                    padded.resize(header_length, 0);
+                    padded.extend_from_slice(transport);
+                    std::borrow::Cow::Owned(padded)
+                }
+                _ => std::borrow::Cow::Borrowed(&start[..]),
+            };
             let packet = match (link_layer, network.first().map(|b| b >> 4)) {
-                (false, _) | (true, Some(4 | 6)) if table_family != NftFamily::Arp => PacketHeader::parse(&start),
+                (false, _) | (true, Some(4 | 6)) if table_family != NftFamily::Arp => PacketHeader::parse(&parsed),
                 _ => PacketHeader::parse_arp(network),
             };
             let packet = match packet {
@@ -464,6 +485,20 @@ impl Decoder {
             self.remember(trace_id, headers);
         }
         let Some(stored) = self.hook_headers.get_mut(&trace_id) else {
+            if self.unaddressed.contains(&trace_id) {
+                return Ok(None);
+            }
+            if msg.network_header.is_none() && ip_family == Some(Family::Ipv6) && is_ipv6_header(msg.transport_header)
+            {
+                // A later fragment of an IPv6 datagram: nf_tables puts its transport header at the
+                // network header (§5.7), and the event holds 20 bytes of it, no destination.
+                self.counts.unaddressed_fragments += 1;
+                if self.unaddressed.len() == UNADDRESSED_IDS {
+                    self.unaddressed.pop_front();
+                }
+                self.unaddressed.push_back(trace_id);
+                return Ok(None);
+            }
             self.counts.orphans += 1;
             return Ok(None);
         };
@@ -553,6 +588,17 @@ impl Decoder {
         self.names.insert(name.into(), c.clone());
         c
     }
+}
+
+/// The header length of an IPv4 network header the kernel cut at 40 bytes (options past them).
+fn ipv4_header_cut(network: &[u8]) -> Option<usize> {
+    let header_length = usize::from(network.first().filter(|b| *b >> 4 == 4)? & 0x0f) * 4;
+    (header_length > network.len()).then_some(header_length)
+}
+
+/// Whether a trace event's bytes start with an IPv6 header.
+fn is_ipv6_header(bytes: Option<&[u8]>) -> bool {
+    bytes.and_then(|b| b.first()).is_some_and(|b| b >> 4 == 6)
 }
 
 /// Whether an nf_tables trace event's transport header follows its network header: the network

@@ -269,6 +269,7 @@ fn publish_counts<N: InterfaceNames>(pipeline: &Pipeline<'_, N>, stats: &Stats) 
     stats.events.store(c.events, Ordering::Relaxed);
     stats.malformed.store(c.malformed, Ordering::Relaxed);
     stats.skipped.store(c.orphans, Ordering::Relaxed);
+    stats.unaddressed_fragments.store(c.unaddressed_fragments, Ordering::Relaxed);
 }
 
 /// Writes a record of the next pipeline call with `--record`.

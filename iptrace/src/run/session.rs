@@ -192,6 +192,14 @@ fn trace_namespaces(
     if lost > 0 {
         crate::note!("iptrace: {} trace events lost in total (receive buffer full)", with_thousands(lost));
     }
+    let fragments = stats.unaddressed_fragments.load(Ordering::Relaxed);
+    if fragments > 0 {
+        let (what, verb) = if fragments == 1 { ("fragment", "was") } else { ("fragments", "were") };
+        crate::note!(
+            "iptrace: {} IPv6 {what} after the first of a datagram {verb} traced and not shown: nf_tables' trace of such a fragment holds no addresses (design.md §5.7)",
+            with_thousands(fragments)
+        );
+    }
     let unread = stats.unread.load(Ordering::Relaxed);
     if unread > 0 {
         crate::note!("iptrace: {} trace events were still queued at exit and are not shown", with_thousands(unread));

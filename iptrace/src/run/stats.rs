@@ -21,6 +21,9 @@ pub struct Stats {
     /// the packet's headers, was not seen (the packet entered the hook before iptrace listened,
     /// or that event was lost).
     pub skipped: AtomicU64,
+    /// IPv6 fragments after the first of their datagram that nf_tables traced without their
+    /// addresses: not shown (design.md §5.7).
+    pub unaddressed_fragments: AtomicU64,
     pub packets_shown: AtomicU64,
     /// Datagrams the userspace selection ran on, kept and discarded (before the eBPF filter
     /// was attached, or without it).
@@ -49,6 +52,7 @@ impl Stats {
             (&self.events, &lane.events),
             (&self.malformed, &lane.malformed),
             (&self.skipped, &lane.skipped),
+            (&self.unaddressed_fragments, &lane.unaddressed_fragments),
             (&self.packets_shown, &lane.packets_shown),
             (&self.userspace_seen, &lane.userspace_seen),
             (&self.userspace_passed, &lane.userspace_passed),
@@ -73,6 +77,7 @@ impl Stats {
                 "events": g(&self.events),
                 "malformed": g(&self.malformed),
                 "skipped": g(&self.skipped),
+                "unaddressed_fragments": g(&self.unaddressed_fragments),
                 "packets_shown": g(&self.packets_shown),
                 "overruns": g(&self.overruns),
                 "lost": g(&self.lost),
@@ -93,12 +98,13 @@ impl Stats {
     pub fn report(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut report = format!(
-            "iptrace: stats: {} datagrams, {} messages, {} trace events decoded, {} malformed, {} skipped (their packet's headers not seen), {} packets shown, {} receive-buffer overruns, {} trace events lost, {} blocks incomplete, {} trace events unread at exit",
+            "iptrace: stats: {} datagrams, {} messages, {} trace events decoded, {} malformed, {} skipped (their packet's headers not seen), {} IPv6 later fragments without addresses, {} packets shown, {} receive-buffer overruns, {} trace events lost, {} blocks incomplete, {} trace events unread at exit",
             g(&self.datagrams),
             g(&self.messages),
             g(&self.events),
             g(&self.malformed),
             g(&self.skipped),
+            g(&self.unaddressed_fragments),
             g(&self.packets_shown),
             g(&self.overruns),
             g(&self.lost),
