@@ -39,12 +39,15 @@ pub struct Cli {
     /// Which packets to trace: a pcap-filter expression, as for tcpdump ('host 10.0.0.5 and tcp
     /// port 22'). Default: every packet
     ///
-    /// `host`, `net` and `port` match both directions, so replies are traced too. libpcap compiles
-    /// it for raw IP, so one expression serves IPv4 and IPv6. Several words are joined into one
+    /// `host`, `net` and `port` match both directions, so replies are traced too: as packets
+    /// arrive, before NAT, so on a NAT router name both addresses of a translated connection
+    /// ('host 192.168.1.10 or host 203.0.113.1'). libpcap compiles it for raw IP, so one
+    /// expression serves IPv4 and IPv6, and `len`, `less` and `greater` count from the IP header
+    /// (tcpdump on Ethernet counts its 14 bytes too). Several words are joined into one
     /// expression, so quotes are optional. The options below narrow the selection further. As in
-    /// tcpdump, `udp`, `tcp`, `port` and -p, --sport, --dport look past one IPv6 fragment header
-    /// but no other extension header: an IPv6 packet with a hop-by-hop header before its UDP
-    /// header is not `udp` (`ip6 protochain 17` is).
+    /// tcpdump, `udp`, `tcp` and -p look past one IPv6 fragment header, ports (`port`, --sport,
+    /// --dport) do not, and none looks past another extension header: an IPv6 packet with a
+    /// hop-by-hop header before its UDP header is not `udp` (`ip6 protochain 17` is).
     #[arg(value_name = "EXPRESSION")]
     pub expression: Vec<String>,
 

@@ -31,7 +31,8 @@ fn three_hundred_ports() -> String {
 
 const TOO_COMPLEX: &str = "iptrace: filter expression 'port 1000 or port 1001 or port 1002 or port 1003 o ... \
     rt 1298 or port 1299' (3896 characters) is too complex: libpcap could not compile it within 1 s and 256 MiB; \
-    for many ports use a range ('portrange 1000-2000', --dport 1000:2000)";
+    for many ports use a range ('portrange 1000-2000', --dport 1000:2000), \
+    for many addresses a network ('net 10.1.0.0/16')";
 
 const NEEDS_ROOT: &str = "iptrace: needs root (CAP_NET_ADMIN) to change netfilter rules and read their trace messages";
 

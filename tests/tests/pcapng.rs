@@ -15,8 +15,8 @@ use std::{
 };
 
 use iptrace_tests::{
-    Block, Finished, Lab, Role, ScratchDir, Tracer, addr, blocks, firewall_state, iptrace_bin, lab, load_sample_nft_rules,
-    load_sample_rules, require_root, run_iptrace,
+    Block, Finished, Lab, Role, ScratchDir, Tracer, addr, blocks, firewall_state, iptrace_bin, lab,
+    load_sample_nft_rules, load_sample_rules, require_root, run_iptrace,
 };
 use pcap_file::{
     DataLink,

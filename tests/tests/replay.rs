@@ -17,8 +17,8 @@ use std::{
 };
 
 use iptrace_tests::{
-    Role, SAMPLE_GUARD_RULES, ScratchDir, Tracer, addr, blocks, blocks_with, iptrace_bin, lab, load_sample_rules, require_root,
-    run_iptrace,
+    Role, SAMPLE_GUARD_RULES, ScratchDir, Tracer, addr, blocks, blocks_with, iptrace_bin, lab, load_sample_rules,
+    require_root, run_iptrace,
 };
 
 /// `iptrace --replay FILE` in a network namespace of its own, where there are no tables,

@@ -488,8 +488,7 @@ impl Decoder {
             if self.unaddressed.contains(&trace_id) {
                 return Ok(None);
             }
-            if msg.network_header.is_none() && ip_family == Some(Family::Ipv6) && is_ipv6_header(msg.transport_header)
-            {
+            if msg.network_header.is_none() && ip_family == Some(Family::Ipv6) && is_ipv6_header(msg.transport_header) {
                 // A later fragment of an IPv6 datagram: nf_tables puts its transport header at the
                 // network header (§5.7), and the event holds 20 bytes of it, no destination.
                 self.counts.unaddressed_fragments += 1;

@@ -47,11 +47,18 @@ pub enum FilterError {
     NeverMatches { expression: String, family: Family },
     #[error(
         "filter expression {} is too complex: libpcap could not compile it within {COMPILE_CPU_SECONDS} s and {} MiB; \
-         for many ports use a range ('portrange 1000-2000', --dport 1000:2000)",
+         for many ports use a range ('portrange 1000-2000', --dport 1000:2000), \
+         for many addresses a network ('net 10.1.0.0/16')",
         abbreviated(expression),
         COMPILE_MEMORY >> 20
     )]
     TooComplex { expression: String },
+    #[error(
+        "filter expression {} reads what the kernel knows of a packet besides its bytes (inbound, outbound), \
+         which iptrace cannot read back from a trace event; select the interface with -i or -o",
+        abbreviated(expression)
+    )]
+    Ancillary { expression: String },
     #[error("libpcap could not open a raw-IP handle")]
     Pcap(#[source] pcap::Error),
     #[error("cannot compile the filter in a child process")]
@@ -61,7 +68,7 @@ pub enum FilterError {
 }
 
 /// `expression` quoted, its middle left out when it is long (the huge ones are the too complex).
-fn abbreviated(expression: &str) -> String {
+pub(crate) fn abbreviated(expression: &str) -> String {
     let chars: Vec<char> = expression.chars().collect();
     if chars.len() <= 80 {
         return format!("'{expression}'");
@@ -226,6 +233,18 @@ impl CompiledFilter {
         if insns.len() > MAX_CBPF_INSNS {
             return Err(FilterError::TooLong { expression: expression.to_owned(), len: insns.len() });
         }
+        // Loads at negative offsets (`SKF_AD_OFF`, -0x1000: the packet type for `inbound`) read
+        // the skb, not the packet: xt_bpf answers them, but the socket filter and the drop
+        // program see only a packet's bytes, and would decide otherwise.
+        let ancillary = |insn: &CbpfInsn| {
+            use iptrace_common::filter::op;
+            matches!(insn.code & op::CLASS_MASK, op::LD | op::LDX)
+                && matches!(insn.code & op::MODE_MASK, op::ABS | op::IND)
+                && (insn.k as i32) < 0
+        };
+        if insns.iter().any(ancillary) {
+            return Err(FilterError::Ancillary { expression: expression.to_owned() });
+        }
         Ok(Self { expression: expression.to_owned(), insns })
     }
 
@@ -274,12 +293,20 @@ impl CompiledFilter {
 /// libpcap's program for `expression`.
 fn compile_insns(expression: &str) -> Result<Vec<CbpfInsn>, FilterError> {
     let capture = Capture::dead(DLT_RAW).map_err(FilterError::Pcap)?;
-    let program = capture.compile(expression, true).map_err(|e| FilterError::Syntax {
-        expression: expression.to_owned(),
-        message: match e {
+    let program = capture.compile(expression, true).map_err(|e| {
+        let mut message = match e {
             pcap::Error::PcapError(msg) => msg,
             other => other.to_string(),
-        },
+        };
+        // libpcap's words for a link-layer test on raw IP read as if the host's link were odd.
+        let link_layer = ["supported only on", "not supported on", "for Raw IP"].iter().any(|m| message.contains(m))
+            || (message.contains("rejects all packets") && expression.split_whitespace().any(|w| w.ends_with("arp")));
+        if link_layer {
+            message.push_str(
+                " (iptrace selects on IP packets, from their IP header: ether, arp and vlan tests do not apply)",
+            );
+        }
+        FilterError::Syntax { expression: expression.to_owned(), message }
     })?;
     Ok(program
         .get_instructions()

@@ -212,8 +212,20 @@ fn an_expression_too_complex_to_compile_is_refused() {
         assert!(message.starts_with("filter expression 'port 1000 or port 1001 or port 1002 or port 1003 o ... "));
         assert!(message.ends_with(
             "is too complex: libpcap could not compile it within 1 s and 256 MiB; \
-                 for many ports use a range ('portrange 1000-2000', --dport 1000:2000)"
+                 for many ports use a range ('portrange 1000-2000', --dport 1000:2000), \
+                 for many addresses a network ('net 10.1.0.0/16')"
         ));
+    }
+}
+
+/// What libpcap compiles to a load of the skb's packet type is refused: only xt_bpf could
+/// answer it, the socket filter and the drop program not.
+#[test]
+fn inbound_and_outbound_are_refused() {
+    for expression in ["inbound", "udp and outbound", "not inbound or port 53"] {
+        let e = CompiledFilter::compile(expression).unwrap_err();
+        assert!(matches!(e, FilterError::Ancillary { .. }), "{expression}: {e}");
+        assert!(e.to_string().contains("select the interface with -i or -o"), "{e}");
     }
 }
 

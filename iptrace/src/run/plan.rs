@@ -217,7 +217,7 @@ pub(super) fn ready_line(
     several: bool,
 ) -> String {
     let families: Vec<String> = options.families.iter().map(Family::to_string).collect();
-    let what = filter.map_or_else(|| "every packet".to_owned(), |f| format!("'{}'", f.expression()));
+    let what = filter.map_or_else(|| "every packet".to_owned(), |f| crate::filter::abbreviated(f.expression()));
     // A limit leaves packets out without a word per packet: the start says so once.
     let limited = options.limit.as_ref().map_or_else(String::new, |l| {
         format!(", at most {l} after a burst of {} (--limit: the others are not traced)", l.burst)
