@@ -117,11 +117,13 @@ fn last_seen_undecided(steps: &[StepReport]) -> Option<Fate> {
     (!decided).then(|| Fate::LastSeen { last: steps.len() - 1, base, hook: point.hook })
 }
 
-/// Whether a step is the filter table's (or for native nf_tables, a non-NAT chain's) decision,
-/// which is the packet's fate when nothing dropped it.
+/// Whether a step is the filter table's (or for native nf_tables, a filter chain's) decision,
+/// which is the packet's fate when nothing dropped it. A nat or route chain's verdict filters
+/// nothing: a nat chain's policy accept only ends its NAT lookup. A chain jumped to has no hook
+/// of its own and counts unless it did NAT.
 fn decides_filtering(step: &StepReport, verdict: &Verdict) -> bool {
     match step.place.engine {
         Engine::Legacy | Engine::XtablesNft => &*step.place.table == "filter",
-        Engine::Nft => *verdict != Verdict::Nat,
+        Engine::Nft => *verdict != Verdict::Nat && step.hook.is_none_or(|point| point.filter),
     }
 }

@@ -1,7 +1,7 @@
 use super::*;
 use crate::{
     decode::Table,
-    testing::{Names, kernel_dropped, marked, report_at, rule, step, udp_v4},
+    testing::{Names, kernel_dropped, marked, nft_step, report_at, rule, step, udp_v4},
 };
 
 fn report(steps: &[Step]) -> PacketReport {
@@ -33,6 +33,27 @@ fn the_first_drop_decides_then_the_filter_table_then_the_last_verdict() {
     assert_eq!(decided(&[marked(&p), log]), Fate::NoneSeen);
     // Accepted at PREROUTING, where routing comes after: no fate claimed.
     assert_eq!(decided(&[raw]), Fate::LastSeen { last: 0, base: 0, hook: Hook::PreRouting });
+}
+
+/// A native filter chain's policy, then a nat chain's (no rule of it matched): the filter
+/// chain's policy decided, not the nat chain's, which only ended its NAT lookup.
+#[test]
+fn a_nat_chains_policy_decides_nothing() {
+    use crate::decode::{NftFamily, NftVerdict};
+    let p = udp_v4([10, 61, 2, 1], 39988, 64);
+    let native = |hook, filter, chain, verdict: NftVerdict| {
+        let mut s = step(hook, Table::Other("t".into()), chain, &p, 0, Position::Policy(Verdict::Accept));
+        s.hook = Some(HookPoint { hook, filter });
+        nft_step(s, NftFamily::Inet, "t", chain, None, verdict, Engine::Nft)
+    };
+    let out = native(Hook::LocalOut, true, "out", NftVerdict::Accept);
+    let post = native(Hook::PostRouting, false, "post", NftVerdict::Accept);
+    assert_eq!(
+        report(&[out, post.clone()]).fate,
+        Fate::Decided { step: 0, verdict: Verdict::Accept, by: Decision::Filtered }
+    );
+    // Nothing but NAT chains: the last verdict, said as such.
+    assert_eq!(report(&[post]).fate, Fate::Decided { step: 0, verdict: Verdict::Accept, by: Decision::LastVerdict });
 }
 
 #[test]
