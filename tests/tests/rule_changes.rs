@@ -117,6 +117,55 @@ fn nft_commit_bursts_never_show_another_generations_text() {
     );
 }
 
+/// Reloads as fw4 makes them: the table flushed and its rule added again in one commit, so
+/// each version's rule has a handle of its own (handles are never reused within a table). A
+/// packet that ran within a check of a reload ran against the version before or after it; the
+/// one whose handle the kernel reported is the one that has it, so its text is known: every step
+/// shows it, and it is the version whose mark the packet got.
+#[test]
+fn reloads_that_renumber_handles_keep_every_steps_text() {
+    if !require_root("reloads_that_renumber_handles_keep_every_steps_text") {
+        return;
+    }
+    let reload = |v: u32| {
+        format!(
+            "flush table ip versions\nadd rule ip versions pass icmp type echo-request meta mark set {v:#x} comment \"v{v}\"\n"
+        )
+    };
+    let lab = lab("nftreload");
+    lab.exec(Role::Router, &["nft", "-f", "-"], &format!("add table ip versions\n{}", nft_version(1))).unwrap();
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "icmp"]);
+    let lab = Arc::new(lab);
+    let sending = Arc::new(AtomicBool::new(true));
+    let pinger = {
+        let (lab, sending) = (lab.clone(), sending.clone());
+        thread::spawn(move || {
+            let mut seq = 1u16;
+            while sending.load(Ordering::Relaxed) {
+                lab.ping(Role::Client, addr::CLIENT, addr::SERVER, seq).unwrap();
+                seq = seq.wrapping_add(1);
+                thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    for version in 2..=16 {
+        thread::sleep(Duration::from_millis(100));
+        lab.exec(Role::Router, &["nft", "-f", "-"], &reload(version)).unwrap();
+    }
+    thread::sleep(Duration::from_millis(100));
+    sending.store(false, Ordering::Relaxed);
+    pinger.join().unwrap();
+    settle();
+    let out = tracer.stop(libc::SIGTERM);
+    let (mut right, mut changed, mut wrong) = (0, 0, 0);
+    for block in blocks(&out.stdout).iter().filter(|b| b.packet.contains("TYPE=8")) {
+        let (r, c, w) = judge_nft_block(block);
+        (right, changed, wrong) = (right + r, changed + c, wrong + w);
+    }
+    assert!(right > 200, "too few packets traced: {right}\n{}", out.stdout);
+    assert_eq!((changed, wrong), (0, 0), "{right} right");
+}
+
 /// Packets (in the FORWARD chain's rule `number`) counted by the kernel: the oracle for which
 /// rule a packet met.
 fn forward_counter(lab: &Lab, number: usize) -> u64 {

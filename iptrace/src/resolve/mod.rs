@@ -663,6 +663,25 @@ impl Resolver {
 }
 
 impl NftRules {
+    /// Of an event that ran against `generation` or the next, which changed `key`: the
+    /// snapshot that shows the rule where only one of the two has it (a handle names one rule of
+    /// its table for the table's life: the rule a reload deleted ran before it, the rule it
+    /// added after), or where both show it alike. `None` where they differ, or either was not
+    /// read.
+    fn either_generation(&self, key: &NftRuleKey, generation: u32) -> Option<Arc<Ruleset>> {
+        let found = |g: u32| {
+            let snapshot = self.commits.serving(&self.snapshots, key, g)?;
+            Some((snapshot.find(key.family, &key.table, &key.chain, key.handle), snapshot))
+        };
+        let ((this, this_snapshot), (next, next_snapshot)) = (found(generation)?, found(generation.wrapping_add(1))?);
+        match (this == Found::Missing, next == Found::Missing) {
+            (false, true) => Some(this_snapshot),
+            (true, false) => Some(next_snapshot),
+            (false, false) if this == next => Some(this_snapshot),
+            _ => None,
+        }
+    }
+
     /// A rule as it was at `generation`, with the snapshot that showed it. A rule no snapshot
     /// shows as it was then (it changed before it could be read, or the generation is unknown)
     /// is said to be so, never shown in another version's text.
@@ -675,11 +694,27 @@ impl NftRules {
         kernel: &NftVerdict,
     ) -> (Position, Option<Arc<Ruleset>>) {
         let whole_chain = self.nearest(generation).is_some_and(|s| s.is_xtables(key.family, &key.table));
-        if generation.is_some_and(|g| self.commits.maybe_next_generation(key, whole_chain, g, epoch)) {
-            let verdict = nft::step_verdict(kernel, &Found::Missing);
-            return (Position::NftRuleUnread { handle: key.handle, verdict }, self.nearest(generation));
-        }
-        let mut snapshot = generation.and_then(|g| self.commits.serving(&self.snapshots, key, g));
+        let mut snapshot = match generation {
+            Some(g) if self.commits.maybe_next_generation(key, whole_chain, g, epoch) => {
+                let mut either = self.either_generation(key, g);
+                // The next generation not read yet: read it now (it is announced already).
+                if either.is_none()
+                    && self.snapshots.from(g.wrapping_add(1)).next().is_none()
+                    && source.check_nft(self).and_then(|check| self.apply(check.nft)).is_ok()
+                {
+                    either = self.either_generation(key, g);
+                }
+                match either {
+                    Some(snapshot) => Some(snapshot),
+                    None => {
+                        let verdict = nft::step_verdict(kernel, &Found::Missing);
+                        return (Position::NftRuleUnread { handle: key.handle, verdict }, self.nearest(generation));
+                    }
+                }
+            }
+            Some(g) => self.commits.serving(&self.snapshots, key, g),
+            None => None,
+        };
         // Without a snapshot from that generation on, a fresh one may serve; with one, a fresher
         // one would not (the commits in between are the same or more).
         if snapshot.is_none()

@@ -98,3 +98,41 @@ fn maps_numbers_with_the_policy_and_return_quirk() {
     assert_eq!(s.position("INPUT", TraceKind::Rule, 9), Some(Position::Unknown { kernel_number: 9 }));
     assert_eq!(s.position("INPUT", TraceKind::Rule, 4), Some(Position::Unknown { kernel_number: 4 }));
 }
+
+/// A reload within a check of an event: the event ran against generation 10 or 11, and 11
+/// changed the rule's chain. A handle names one rule for its table's life, so where only one of
+/// the two generations has it, the event ran there, and where both show it alike, it does not
+/// matter which: the rule's text is known. Only where they differ, or one was not read, is it
+/// unknown.
+#[test]
+fn of_two_possible_generations_the_one_with_the_handle_serves() {
+    let native = Arc::new(
+        Ruleset::from_listings(
+            include_str!("../../tests/data/nft/native.json"),
+            include_str!("../../tests/data/nft/native.txt"),
+        )
+        .unwrap(),
+    );
+    let empty = Arc::new(Ruleset::default());
+    let key = NftRuleKey { family: NftFamily::Inet, table: "t".into(), chain: "forward_c".into(), handle: 5 };
+    let rules = |this: &Arc<Ruleset>, next: Option<&Arc<Ruleset>>| {
+        let mut snapshots = History::new(SNAPSHOTS_KEPT);
+        snapshots.insert(10, this.clone());
+        if let Some(next) = next {
+            snapshots.insert(11, next.clone());
+        }
+        let mut commits = NftCommits::default();
+        commits.committed(NftCommit { generation: 11, rules: Some(vec![key.clone()]) }, 4);
+        NftRules { families: vec![Family::Ipv4], snapshots, commits }
+    };
+    let served = |this, next| rules(this, next).either_generation(&key, 10);
+    // Deleted by the reload: it ran before.
+    assert!(served(&native, Some(&empty)).is_some_and(|s| Arc::ptr_eq(&s, &native)));
+    // Added by it: it ran after.
+    assert!(served(&empty, Some(&native)).is_some_and(|s| Arc::ptr_eq(&s, &native)));
+    // The same rule in both.
+    assert!(served(&native, Some(&native)).is_some());
+    // Neither shows it, or the next generation was not read.
+    assert!(served(&empty, Some(&empty)).is_none());
+    assert!(served(&native, None).is_none());
+}
