@@ -69,7 +69,7 @@ fn bad_input_is_one_clear_line_exit_2_with_and_without_root() {
         ),
         (
             vec!["-4", "-s", "fd00::1"],
-            "iptrace: filter expression 'src net fd00::1' can never match an IPv4 packet: change it, or trace IPv6 \
+            "iptrace: filter expression 'src host fd00::1' can never match an IPv4 packet: change it, or trace IPv6 \
              with -6",
         ),
         (

@@ -101,11 +101,12 @@ impl Selection {
         if let Some(expr) = self.user_expression() {
             parts.push(format!("({expr})"));
         }
+        let kind = |net: &Net| if net.is_host() { "host" } else { "net" };
         if let Some(net) = options.source {
-            parts.push(format!("src net {net}"));
+            parts.push(format!("src {} {net}", kind(&net)));
         }
         if let Some(net) = options.destination {
-            parts.push(format!("dst net {net}"));
+            parts.push(format!("dst {} {net}", kind(&net)));
         }
         if let Some(protocol) = options.protocol {
             parts.push(protocol.pcap());

@@ -55,7 +55,7 @@ impl Net {
         Family::of(self.addr)
     }
 
-    fn is_host(&self) -> bool {
+    pub(super) fn is_host(&self) -> bool {
         self.len == if self.addr.is_ipv4() { 32 } else { 128 }
     }
 }
