@@ -28,6 +28,23 @@ fn nft_version(v: u32) -> String {
     )
 }
 
+/// Pings the server from the client every `pause` until the flag is cleared; the thread returns
+/// the next sequence number.
+fn pinging(lab: &Arc<Lab>, pause: Duration) -> (Arc<AtomicBool>, thread::JoinHandle<u16>) {
+    let sending = Arc::new(AtomicBool::new(true));
+    let (lab, flag) = (lab.clone(), sending.clone());
+    let pinger = thread::spawn(move || {
+        let mut seq = 1u16;
+        while flag.load(Ordering::Relaxed) {
+            lab.ping(Role::Client, addr::CLIENT, addr::SERVER, seq).unwrap();
+            seq = seq.wrapping_add(1);
+            thread::sleep(pause);
+        }
+        seq
+    });
+    (sending, pinger)
+}
+
 /// What the steps of one block said about the marking rule: (right, said it changed, wrong).
 fn judge_nft_block(block: &Block) -> (usize, usize, usize) {
     let body = block.body();
@@ -63,19 +80,7 @@ fn nft_commit_bursts_never_show_another_generations_text() {
     lab.exec(Role::Router, &["nft", "-f", "-"], &format!("add table ip versions\n{}", nft_version(1))).unwrap();
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "icmp"]);
     let lab = Arc::new(lab);
-    let sending = Arc::new(AtomicBool::new(true));
-    let pinger = {
-        let (lab, sending) = (lab.clone(), sending.clone());
-        thread::spawn(move || {
-            let mut seq = 1u16;
-            while sending.load(Ordering::Relaxed) {
-                lab.ping(Role::Client, addr::CLIENT, addr::SERVER, seq).unwrap();
-                seq = seq.wrapping_add(1);
-                thread::sleep(Duration::from_millis(1));
-            }
-            seq
-        })
-    };
+    let (sending, pinger) = pinging(&lab, Duration::from_millis(1));
     let mut version = 1;
     let mut fastest = Duration::MAX;
     for _ in 0..4 {
@@ -136,18 +141,7 @@ fn reloads_that_renumber_handles_keep_every_steps_text() {
     lab.exec(Role::Router, &["nft", "-f", "-"], &format!("add table ip versions\n{}", nft_version(1))).unwrap();
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "icmp"]);
     let lab = Arc::new(lab);
-    let sending = Arc::new(AtomicBool::new(true));
-    let pinger = {
-        let (lab, sending) = (lab.clone(), sending.clone());
-        thread::spawn(move || {
-            let mut seq = 1u16;
-            while sending.load(Ordering::Relaxed) {
-                lab.ping(Role::Client, addr::CLIENT, addr::SERVER, seq).unwrap();
-                seq = seq.wrapping_add(1);
-                thread::sleep(Duration::from_millis(2));
-            }
-        })
-    };
+    let (sending, pinger) = pinging(&lab, Duration::from_millis(2));
     for version in 2..=16 {
         thread::sleep(Duration::from_millis(100));
         lab.exec(Role::Router, &["nft", "-f", "-"], &reload(version)).unwrap();

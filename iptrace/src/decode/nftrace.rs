@@ -180,61 +180,16 @@ pub(crate) mod tests {
         assert_eq!(parse(&all[14]).verdict, Some(RawVerdict { code: -4, chain: Some(b"sink") }));
     }
 
-    /// A trace event of a table of `family` (nfgenmsg and `NFTA_TRACE_NFPROTO`, as the kernel
-    /// sends both for bridge, netdev and arp tables, design.md §13), a hook's first one with
-    /// `network` as its network header when given.
-    fn link_layer_event(family: u8, id: u32, network: Option<&[u8]>) -> Vec<u8> {
-        use crate::netfilter::netlink::{attribute, nfnetlink_request};
-        let mut attributes = [
-            attribute(NFTA_TRACE_TABLE as u16, b"t\0"),
-            attribute(NFTA_TRACE_CHAIN as u16, b"c\0"),
-            attribute(NFTA_TRACE_TYPE as u16, &3u32.to_be_bytes()),
-            attribute(NFTA_TRACE_ID as u16, &id.to_be_bytes()),
-            attribute(NFTA_TRACE_NFPROTO as u16, &u32::from(family).to_be_bytes()),
-        ]
-        .concat();
-        if let Some(network) = network {
-            attributes.extend(attribute(NFTA_TRACE_NETWORK_HEADER as u16, network));
-        }
-        nfnetlink_request(NFT_TRACE_TYPE, 0, 0, family, 0, &attributes)
-    }
-
-    /// An IPv6 packet behind a hop-by-hop header: the kernel cuts its network header at the
-    /// 40-byte IPv6 header and gives the UDP header from the transport offset (design.md §5.7).
-    /// The transport header is not read as the rest of the extension header: neither its first
-    /// byte as the protocol nor its bytes as ports.
-    #[test]
-    fn a_transport_header_behind_cut_extension_headers_is_not_misread() {
-        use crate::{
-            decode::Decoder,
-            netfilter::netlink::{attribute, nfnetlink_request},
-        };
-        const IPV6: u8 = 10;
-        let mut network = vec![0x60, 0, 0, 0, 0, 24, 0, 64];
-        network.extend_from_slice(&[0xfd; 32]);
-        let udp = [0xa0, 0x28, 0x23, 0x28, 0, 16, 0, 0, b'h', b'b', b'h', b'-', b't', b'e', b's', b't'];
-        let attributes = [
-            attribute(NFTA_TRACE_TABLE as u16, b"t\0"),
-            attribute(NFTA_TRACE_CHAIN as u16, b"c\0"),
-            attribute(NFTA_TRACE_TYPE as u16, &3u32.to_be_bytes()),
-            attribute(NFTA_TRACE_ID as u16, &1u32.to_be_bytes()),
-            attribute(NFTA_TRACE_NFPROTO as u16, &u32::from(IPV6).to_be_bytes()),
-            attribute(NFTA_TRACE_NETWORK_HEADER as u16, &network),
-            attribute(NFTA_TRACE_TRANSPORT_HEADER as u16, &udp),
-        ]
-        .concat();
-        let datagram = nfnetlink_request(NFT_TRACE_TYPE, 0, 0, 1, 0, &attributes);
-        let mut events = Vec::new();
-        Decoder::new().decode_datagram(&datagram, &mut events).unwrap();
-        let packet = &events[0].packet;
-        // What the IPv6 header says (hop-by-hop next), not 0xa0 from the source port.
-        assert_eq!((packet.protocol, packet.transport.ports()), (0, None), "{packet:?}");
-        assert_eq!(packet.length, 64);
-    }
-
-    /// A trace event of an inet table for an IP packet of `nfproto` (2 or 10), with the headers
-    /// given, as the kernel fills them (`nf_trace_fill_pkt_info()`).
-    fn ip_event(nfproto: u8, id: u32, network: Option<&[u8]>, transport: Option<&[u8]>) -> Vec<u8> {
+    /// A trace event of a table of `table_family` (nfgenmsg) for a packet of `nfproto`
+    /// (`NFTA_TRACE_NFPROTO`), with the headers given, as the kernel fills them
+    /// (`nf_trace_fill_pkt_info()`): a hook's first event has them.
+    fn trace_event(
+        table_family: u8,
+        nfproto: u8,
+        id: u32,
+        network: Option<&[u8]>,
+        transport: Option<&[u8]>,
+    ) -> Vec<u8> {
         use crate::netfilter::netlink::{attribute, nfnetlink_request};
         let mut attributes = [
             attribute(NFTA_TRACE_TABLE as u16, b"t\0"),
@@ -247,7 +202,37 @@ pub(crate) mod tests {
         for (kind, bytes) in [(NFTA_TRACE_NETWORK_HEADER, network), (NFTA_TRACE_TRANSPORT_HEADER, transport)] {
             attributes.extend(bytes.map(|b| attribute(kind as u16, b)).unwrap_or_default());
         }
-        nfnetlink_request(NFT_TRACE_TYPE, 0, 0, 1, 0, &attributes)
+        nfnetlink_request(NFT_TRACE_TYPE, 0, 0, table_family, 0, &attributes)
+    }
+
+    /// An event of a bridge, netdev or arp table, which reports its own family as NFPROTO too
+    /// (design.md §13).
+    fn link_layer_event(family: u8, id: u32, network: Option<&[u8]>) -> Vec<u8> {
+        trace_event(family, family, id, network, None)
+    }
+
+    /// An event of an inet table for an IP packet of `nfproto` (2 or 10).
+    fn ip_event(nfproto: u8, id: u32, network: Option<&[u8]>, transport: Option<&[u8]>) -> Vec<u8> {
+        trace_event(1, nfproto, id, network, transport)
+    }
+
+    /// An IPv6 packet behind a hop-by-hop header: the kernel cuts its network header at the
+    /// 40-byte IPv6 header and gives the UDP header from the transport offset (design.md §5.7).
+    /// The transport header is not read as the rest of the extension header: neither its first
+    /// byte as the protocol nor its bytes as ports.
+    #[test]
+    fn a_transport_header_behind_cut_extension_headers_is_not_misread() {
+        use crate::decode::Decoder;
+        let mut network = vec![0x60, 0, 0, 0, 0, 24, 0, 64];
+        network.extend_from_slice(&[0xfd; 32]);
+        let udp = [0xa0, 0x28, 0x23, 0x28, 0, 16, 0, 0, b'h', b'b', b'h', b'-', b't', b'e', b's', b't'];
+        let datagram = ip_event(10, 1, Some(&network), Some(&udp));
+        let mut events = Vec::new();
+        Decoder::new().decode_datagram(&datagram, &mut events).unwrap();
+        let packet = &events[0].packet;
+        // What the IPv6 header says (hop-by-hop next), not 0xa0 from the source port.
+        assert_eq!((packet.protocol, packet.transport.ports()), (0, None), "{packet:?}");
+        assert_eq!(packet.length, 64);
     }
 
     /// A UDP packet with 40 bytes of IPv4 options (`ping -R` has 39): the kernel cuts its
