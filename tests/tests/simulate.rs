@@ -506,6 +506,71 @@ fn rules_files_of_unstated_family_are_refused_where_they_collide_and_can_be_stat
     assert!(real_tcp(&lab, addr::CLIENT6, SocketAddr::new(router6, 22)), "IPv6 ssh accepted");
 }
 
+/// `dnat:X` and `snat:X` mean "translated to X": a connection NAT left alone meets neither, also
+/// where X is the address it had anyway, as for the router's own connection that masquerade
+/// gives the address it has (its conntrack reply tuple is then the original one reversed, as
+/// the real router's entries for the same connections are).
+#[test]
+fn nat_expectations_are_not_met_where_nothing_was_translated() {
+    if !require_root("nat_expectations_are_not_met_where_nothing_was_translated") {
+        return;
+    }
+    let scratch = ScratchDir::new("simulate-untranslated");
+    let rules = scratch.file("router.rules", LEGACY_SAVE);
+    let mut args = vec!["--rules", rules.to_str().unwrap(), "-q"];
+    args.extend(ROUTER_ADDRESSES);
+    args.extend([
+        "tcp 10.5.1.7:40001 > 172.16.2.2:80 syn in vif0 out vif2",
+        "local tcp 172.16.2.1:40004 > 172.16.2.2:80 out vif2",
+        "tcp 10.5.1.7:40003 > 10.5.1.1:8080 syn in vif0 out vif2",
+        "--expect=dnat:172.16.2.2:80",
+        "--expect=snat:172.16.2.1",
+        "--expect=dnat:172.16.2.2:80",
+    ]);
+    let (code, stdout, stderr) = simulate(&args);
+    assert_eq!(
+        stderr,
+        "iptrace: tcp 10.5.1.7:40001 > 172.16.2.2:80 syn in vif0 out vif2: expected dnat:172.16.2.2:80, got accept \
+         at filter FORWARD #2 /* web */ -i vif0 -o vif2 -p tcp --dport 80 => ACCEPT, destination not translated\n\
+         iptrace: local tcp 172.16.2.1:40004 > 172.16.2.2:80 out vif2: expected snat:172.16.2.1, got accept at \
+         filter OUTPUT policy ACCEPT, source not translated\n\
+         iptrace: tcp 10.5.1.7:40003 > 10.5.1.1:8080 syn in vif0 out vif2: dnat:172.16.2.2:80 as expected\n",
+        "{stdout}"
+    );
+    assert_eq!(code, Some(1));
+
+    // An address of the other family can never be met: bad input.
+    let (code, stdout, stderr) = simulate(&[
+        "--rules",
+        rules.to_str().unwrap(),
+        "--expect=dnat:fd00:16:2::2",
+        "tcp 10.5.1.7:40003 > 10.5.1.1:8080 syn in vif0 out vif2",
+    ]);
+    assert_eq!(
+        (code, stdout.as_str(), stderr.as_str()),
+        (Some(2), "", "iptrace: bad --expect 'dnat:fd00:16:2::2': an IPv6 address for an IPv4 packet\n")
+    );
+
+    let lab = lab("simuntranslated");
+    lab.exec(Role::Router, &["iptables-legacy-restore"], LEGACY_SAVE).expect("loading the rules in the lab");
+    let _servers = lab.tcp_echo_servers(Role::Server, &[80]).expect("echo servers");
+    assert!(real_tcp(&lab, addr::CLIENT, SocketAddr::new(addr::SERVER, 80)), "HTTP through");
+    let own = lab.tcp(Role::Router, addr::ROUTER_SERVER_SIDE, SocketAddr::new(addr::SERVER, 80), b"oracle");
+    assert!(own.expect("the router's own connection"), "the router's own HTTP");
+    let conntrack = router_conntrack(&lab);
+    // The reply comes from the original destination (no DNAT) and goes to the original source
+    // (no SNAT).
+    assert!(
+        conntrack.lines().any(|l| l.contains("dst=172.16.2.2 sport=") && l.contains("dport=80 src=172.16.2.2 dst=")),
+        "HTTP not DNATed: {conntrack}"
+    );
+    assert!(
+        conntrack.lines().any(|l| l.contains("src=172.16.2.1 dst=172.16.2.2 sport=")
+            && l.contains("src=172.16.2.2 dst=172.16.2.1 sport=80")),
+        "the router's own connection not SNATed: {conntrack}"
+    );
+}
+
 #[test]
 fn an_unmet_expectation_exits_1_and_says_expected_and_got() {
     if !require_root("an_unmet_expectation_exits_1_and_says_expected_and_got") {

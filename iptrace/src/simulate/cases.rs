@@ -52,7 +52,9 @@ fn parse(text: &str) -> Result<Vec<Case>, String> {
             return Err(format!("two cases are named '{name}'"));
         }
         let packet = PacketSpec::parse(&entry.packet).map_err(|e| format!("case '{name}': {e}"))?;
-        let expect = Expectation::parse(&entry.expect).map_err(|e| format!("case '{name}': {e}"))?;
+        let expect = Expectation::parse(&entry.expect)
+            .and_then(|e| e.check_fits(&packet).map(|()| e))
+            .map_err(|e| format!("case '{name}': {e}"))?;
         cases.push(Case { name: Some(name), packet, expect: Some(expect), rule: entry.rule, flow: entry.flow });
     }
     Ok(cases)

@@ -76,7 +76,8 @@ pub struct SimulateCli {
     pub route: Vec<String>,
 
     /// What each packet should meet, in order (one for all where given once): accept, drop,
-    /// reject, dnat:ADDR[:PORT], snat:ADDR. Sets the exit code.
+    /// reject, dnat:ADDR[:PORT] (its destination translated to it), snat:ADDR (its source).
+    /// Sets the exit code.
     #[arg(long, value_name = "FATE", help_heading = "Checks")]
     pub expect: Vec<String>,
 
@@ -141,13 +142,11 @@ impl SimulateCli {
                 if self.flow {
                     super::check_flow(&packet)?;
                 }
-                Ok(Case {
-                    name: None,
-                    packet,
-                    expect: expectations.get(i).or(expectations.first()).cloned(),
-                    rule: None,
-                    flow: self.flow,
-                })
+                let expect = expectations.get(i).or(expectations.first()).cloned();
+                if let Some(expect) = &expect {
+                    expect.check_fits(&packet).map_err(SimulateError::Usage)?;
+                }
+                Ok(Case { name: None, packet, expect, rule: None, flow: self.flow })
             })
             .collect()
     }
