@@ -615,6 +615,10 @@ fn bad_input_is_one_line_exit_2_and_changes_nothing() {
             "iptrace: bad --expect 'allow': expected accept, drop, reject, dnat:ADDR[:PORT] or snat:ADDR\n",
         ),
         (
+            vec!["--rules", rules, "--route", "garbage route", "tcp 10.0.0.2:1 > 10.0.0.1:22 in eth0"],
+            "iptrace: bad --route 'garbage route': Error: any valid prefix is expected rather than \"garbage\".\n",
+        ),
+        (
             vec!["--rules6", rules, "tcp 10.0.0.2:1 > 10.0.0.1:22 in eth0"],
             &format!("iptrace: {rules} is given as IPv6 rules but is no iptables-save file (no *table line)\n"),
         ),

@@ -11,7 +11,7 @@ use super::{
     scratch::{self, Scratch},
     spec::{self, PacketSpec},
 };
-use crate::netns;
+use crate::{command::CommandError, netns};
 
 /// The address a simulated host's `out` interface gets when nothing else gives it one (NAT's
 /// masquerade needs one), and the gateway it routes through: from the benchmarking range (RFC
@@ -211,7 +211,12 @@ pub(super) fn set_up(
     for route in &host.routes {
         let mut args = vec!["route", "add"];
         args.extend(route.split_whitespace());
-        scratch.ip(&args)?;
+        scratch.ip(&args).map_err(|e| match e {
+            SimulateError::Setup(CommandError::Failed { stderr, .. }) => {
+                SimulateError::Route { route: route.clone(), reason: stderr }
+            }
+            other => other,
+        })?;
     }
     scratch.in_host(|| host.rule_sets.iter().try_for_each(RuleSet::load))?;
     if let (Some(in_interface), mark @ 1..) = (&packet.in_interface, packet.mark) {

@@ -56,6 +56,9 @@ pub enum SimulateError {
     Scratch(#[source] io::Error),
     #[error("cannot set up the scratch network namespace")]
     Setup(#[source] CommandError),
+    /// `ip route add` refused a `--route` (what it said): bad input.
+    #[error("bad --route '{route}': {reason}")]
+    Route { route: String, reason: String },
     #[error("cannot load {origin}")]
     Load {
         origin: String,
@@ -88,6 +91,7 @@ impl SimulateError {
             | SimulateError::NotPermitted
             | SimulateError::NoUserNamespace(_)
             | SimulateError::Load { .. }
+            | SimulateError::Route { .. }
             | SimulateError::Snapshot { .. } => 2,
             SimulateError::Run(e) => u8::try_from(e.exit_code()).unwrap_or(1),
             _ => 1,
