@@ -571,6 +571,37 @@ fn nat_expectations_are_not_met_where_nothing_was_translated() {
     );
 }
 
+/// `mark N` is set by simulate's own netdev chain before iptrace's marking: no warning about it
+/// (it would read as a problem of the user's rules), and the mark is there for the rules.
+#[test]
+fn a_marked_packet_brings_no_warning_about_simulates_own_chain() {
+    if !require_root("a_marked_packet_brings_no_warning_about_simulates_own_chain") {
+        return;
+    }
+    let scratch = ScratchDir::new("simulate-mark");
+    let rules = scratch.file(
+        "mark.nft",
+        "table inet fw {\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy drop;\n\
+         \t\tmeta mark 0x2a accept\n\t}\n}\n",
+    );
+    let (code, stdout, stderr) = simulate(&[
+        "--rules",
+        rules.to_str().unwrap(),
+        "tcp 10.5.1.7:40001 > 172.16.2.2:80 syn in vif0 out vif2 mark 0x2a",
+        "tcp 10.5.1.7:40002 > 172.16.2.2:80 syn in vif0 out vif2",
+        "--expect=accept",
+        "--expect=drop",
+    ]);
+    assert_eq!(
+        stderr,
+        "iptrace: tcp 10.5.1.7:40001 > 172.16.2.2:80 syn in vif0 out vif2 mark 0x2a: accept as expected\n\
+         iptrace: tcp 10.5.1.7:40002 > 172.16.2.2:80 syn in vif0 out vif2: drop as expected\n",
+        "{stdout}"
+    );
+    assert_eq!(code, Some(0), "{stdout}");
+    assert_eq!(blocks(&stdout)[0].verdict(), "verdict: ACCEPT at nft inet fw forward (handle 2)", "{stdout}");
+}
+
 #[test]
 fn an_unmet_expectation_exits_1_and_says_expected_and_got() {
     if !require_root("an_unmet_expectation_exits_1_and_says_expected_and_got") {
