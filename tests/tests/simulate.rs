@@ -834,6 +834,93 @@ fn a_flow_exercises_the_established_rule_both_ways() {
     assert!(packets[0] >= 2, "{listing}");
 }
 
+/// A forward chain that lets new connections out and forgets their replies.
+const NO_ESTABLISHED: &str = "\
+table inet f {
+	chain forward {
+		type filter hook forward priority filter; policy drop;
+		iifname \"vif0\" oifname \"vif2\" ct state new accept
+	}
+}
+";
+
+const FLOW_CASES: &str = r#"
+[[case]]
+name = "web connection"
+packet = "tcp 10.5.1.7:40001 > 172.16.2.2:80 syn in vif0 out vif2"
+expect = "accept"
+flow = true
+
+[[case]]
+name = "nothing in from the server side"
+packet = "tcp 172.16.2.2:40002 > 10.5.1.7:80 syn in vif2 out vif0"
+expect = "drop"
+flow = true
+"#;
+
+/// With `--flow`, `accept` is the whole connection's: a SYN let out whose SYN-ACK is dropped
+/// fails and says so (a real connection through such a router never completes); `drop` stays
+/// the first packet's. In a cases file's JSON, every packet of the flow is there.
+#[test]
+fn a_flow_whose_reply_is_dropped_does_not_meet_accept() {
+    if !require_root("a_flow_whose_reply_is_dropped_does_not_meet_accept") {
+        return;
+    }
+    let scratch = ScratchDir::new("simulate-flow-dropped");
+    let rules = scratch.file("noest.nft", NO_ESTABLISHED);
+    let rules = rules.to_str().unwrap();
+    let packet = "tcp 10.5.1.7:40001 > 172.16.2.2:80 syn in vif0 out vif2";
+    let (code, stdout, stderr) = simulate(&["--rules", rules, "--flow", packet, "--expect=accept"]);
+    assert_eq!(
+        (code, stderr.as_str()),
+        (
+            Some(1),
+            format!("iptrace: {packet}: expected accept, but the reply got drop at nft inet f forward policy drop\n")
+                .as_str()
+        ),
+        "{stdout}"
+    );
+    let shown = blocks(&stdout);
+    let verdicts: Vec<&str> = shown.iter().map(|b| b.verdict()).collect();
+    assert_eq!(
+        verdicts,
+        [
+            "verdict: ACCEPT at nft inet f forward (handle 2)",
+            "verdict: DROP by nft inet f forward policy",
+            "verdict: DROP by nft inet f forward policy"
+        ],
+        "{stdout}"
+    );
+
+    let cases = scratch.file("cases.toml", FLOW_CASES);
+    let (code, stdout, _) = simulate(&["--rules", rules, "--cases", cases.to_str().unwrap(), "-q", "--json"]);
+    assert_eq!(code, Some(1), "{stdout}");
+    let records: Vec<serde_json::Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(records.len(), 3, "{stdout}");
+    assert_eq!(records[0]["failure"], "expected accept, but the reply got drop at nft inet f forward policy drop");
+    assert_eq!(records[0]["trace"]["fate"]["verdict"], "accept", "{stdout}");
+    let flow = records[0]["flow"].as_array().expect("the flow's later packets");
+    let later: Vec<(&serde_json::Value, &serde_json::Value)> =
+        flow.iter().map(|t| (&t["packet"]["src"], &t["fate"]["verdict"])).collect();
+    assert_eq!(
+        later,
+        [
+            (&serde_json::json!("172.16.2.2"), &serde_json::json!("drop")),
+            (&serde_json::json!("10.5.1.7"), &serde_json::json!("drop"))
+        ],
+        "{stdout}"
+    );
+    assert_eq!(records[1]["passed"], true, "{stdout}");
+    assert_eq!(records[2], serde_json::json!({"passed": 1, "failed": 1}));
+
+    // The oracle: no connection through a real router with these rules.
+    let lab = lab("simflowdropped");
+    lab.exec(Role::Router, &["nft", "-f", "-"], NO_ESTABLISHED).expect("loading the rules in the lab");
+    let _servers = lab.tcp_echo_servers(Role::Server, &[80]).expect("echo servers");
+    assert!(!real_tcp(&lab, addr::CLIENT, SocketAddr::new(addr::SERVER, 80)), "the replies are dropped");
+}
+
 /// Ctrl-C stops the whole run, not just the packet being traced: exit 1 (not every packet was
 /// simulated), one line, and the scratch namespaces gone with the process.
 #[test]

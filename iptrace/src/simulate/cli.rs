@@ -89,7 +89,8 @@ pub struct SimulateCli {
 
     /// Simulate each packet's connection: after it, its reply (as NAT sends it back, arriving on
     /// `out`) and, for TCP, the handshake's third packet, so that established rules are
-    /// exercised. For forwarded packets (in and out); --expect applies to the first.
+    /// exercised. For forwarded packets (in and out). --expect accept, dnat: and snat: then need
+    /// every packet of it accepted; drop and reject are the first packet's.
     #[arg(long, help_heading = "Checks")]
     pub flow: bool,
 
