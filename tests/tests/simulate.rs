@@ -635,6 +635,22 @@ fn bad_input_is_one_line_exit_2_and_changes_nothing() {
     let rules = scratch.file("fw.nft", NFT_FILE);
     let rules = rules.to_str().unwrap();
     let broken = scratch.file("broken.nft", "table inet x { chain y { nonsense; } }\n");
+    // What the tools say, each in one line and in the user's terms.
+    let target = scratch.file("target.rules", "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPTX\nCOMMIT\n");
+    let target = target.to_str().unwrap();
+    let interface = scratch.file(
+        "iif.nft",
+        "table inet f {\n\tchain input {\n\t\ttype filter hook input priority 0;\n\t\tiif \"mgmt\" accept\n\t}\n}\n",
+    );
+    let interface = interface.to_str().unwrap();
+    let toml = scratch.file("syntax.toml", "[[case]]\nname = \"x\"\n[[case]\n");
+    let toml = toml.to_str().unwrap();
+    let local_flow = scratch.file(
+        "flow.toml",
+        "[[case]]\nname = \"out\"\npacket = \"local tcp > 10.0.0.9:443 out wan\"\nexpect = \"accept\"\nflow = true\n",
+    );
+    let local_flow = local_flow.to_str().unwrap();
+    let packet = "tcp 10.0.0.2:1 > 10.0.0.1:22 in eth0";
     for (args, expected) in [
         (
             vec!["--rules", rules, "tcp 10.0.0.2:1 > 10.0.0.1 in eth0"],
@@ -656,6 +672,32 @@ fn bad_input_is_one_line_exit_2_and_changes_nothing() {
         (
             vec!["--from-netns", "sm-no-such-netns", "tcp 10.0.0.2:1 > 10.0.0.1:22 in eth0"],
             "iptrace: unknown network namespace 'sm-no-such-netns' (not in /run/netns; see `ip netns list`)\n",
+        ),
+        (
+            vec!["--rules4", target, packet],
+            &format!(
+                "iptrace: cannot load {target}: iptables-legacy-restore failed: line 3: Couldn't load target \
+                 `ACCEPTX':No such file or directory\n"
+            ),
+        ),
+        (
+            vec!["--rules", interface, packet],
+            &format!(
+                "iptrace: cannot load {interface}: nft -f - failed: {interface}:4:7-12: Error: Interface does not exist \
+                 in `iif \"mgmt\" accept`; the simulated host has the interfaces its packets and --addr name: --addr \
+                 mgmt=ADDRESS/LEN adds it\n"
+            ),
+        ),
+        (
+            vec!["--rules", rules, "--cases", toml],
+            &format!("iptrace: bad cases file {toml}: line 3, column 7: invalid table header; expected `.`, `]]`\n"),
+        ),
+        (
+            vec!["--rules", rules, "--cases", local_flow],
+            &format!(
+                "iptrace: bad cases file {local_flow}: case 'out': flow = true simulates forwarded connections: 'local \
+                 tcp > 10.0.0.9:443 out wan' needs 'in IFACE' and 'out IFACE'\n"
+            ),
         ),
     ] {
         let (code, stdout, stderr) = simulate(&args);

@@ -102,14 +102,7 @@ impl SimulateCli {
     /// The cases to run, checked (nothing read or changed yet).
     pub fn cases(&self) -> Result<Vec<Case>, SimulateError> {
         if let Some(path) = &self.cases {
-            let mut cases = super::cases::read(path)?;
-            for case in &mut cases {
-                case.flow |= self.flow;
-                if case.flow {
-                    super::check_flow(&case.packet)?;
-                }
-            }
-            return Ok(cases);
+            return super::cases::read(path, self.flow);
         }
         let texts: Vec<String> = if self.packets.iter().any(|p| p.split_whitespace().count() > 1) {
             self.packets.clone()
@@ -141,7 +134,7 @@ impl SimulateCli {
             .map(|(i, text)| {
                 let packet = PacketSpec::parse(text)?;
                 if self.flow {
-                    super::check_flow(&packet)?;
+                    super::check_flow(&packet, "--flow").map_err(SimulateError::Usage)?;
                 }
                 let expect = expectations.get(i).or(expectations.first()).cloned();
                 if let Some(expect) = &expect {

@@ -111,13 +111,12 @@ pub struct Case {
     pub flow: bool,
 }
 
-/// Whether `--flow` can simulate `packet`'s connection: a forwarded one, whose reply comes in
-/// on its `out` interface.
-pub fn check_flow(packet: &PacketSpec) -> Result<(), SimulateError> {
+/// Whether a flow can be simulated for `packet`'s connection: a forwarded one, whose reply
+/// comes in on its `out` interface. Where not, why, naming what asked for it (`--flow`, `flow =
+/// true`).
+pub fn check_flow(packet: &PacketSpec, asked_by: &str) -> Result<(), String> {
     if packet.local || packet.out_interface.is_none() {
-        return Err(SimulateError::Usage(format!(
-            "--flow simulates forwarded connections: '{packet}' needs 'in IFACE' and 'out IFACE'"
-        )));
+        return Err(format!("{asked_by} simulates forwarded connections: '{packet}' needs 'in IFACE' and 'out IFACE'"));
     }
     Ok(())
 }

@@ -7,7 +7,10 @@ use std::path::Path;
 use clap::ValueEnum;
 
 use super::SimulateError;
-use crate::{command, decode::Family};
+use crate::{
+    command::{self, CommandError},
+    decode::Family,
+};
 
 /// Which iptables loads an iptables-save file: `--iptables`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -79,10 +82,43 @@ impl RuleSet {
                 ("ip6tables-nft-restore", &[])
             }
         };
-        command::run(program, args, Some(&self.text))
-            .map(drop)
-            .map_err(|source| SimulateError::Load { origin: self.origin.clone(), source })
+        command::run(program, args, Some(&self.text)).map(drop).map_err(|source| {
+            let source = match source {
+                CommandError::Failed { command, stderr } if self.format == RuleFormat::Nft => {
+                    CommandError::Failed { command, stderr: nft_error(&self.origin, &self.text, &stderr) }
+                }
+                other => other,
+            };
+            SimulateError::Load { origin: self.origin.clone(), source }
+        })
     }
+}
+
+/// nft's first error about `text` (`/dev/stdin:4:9-14: Error: Interface does not exist`) in the
+/// user's terms: at `origin`, with the statement it is about; an interface the simulated host
+/// lacks is named, with the option that makes it.
+fn nft_error(origin: &str, text: &str, said: &str) -> String {
+    let Some(rest) = said.strip_prefix("/dev/stdin:") else { return said.to_owned() };
+    let located = format!("{origin}:{rest}");
+    let mut place = rest.split(':');
+    let Some(statement) =
+        place.next().and_then(|n| n.parse::<usize>().ok()?.checked_sub(1)).and_then(|i| text.lines().nth(i))
+    else {
+        return located;
+    };
+    let mut error = format!("{located} in `{}`", statement.trim());
+    // Columns are 1-based byte offsets, both included: `9-14` is `"mgmt"`.
+    let named = place.next().and_then(|columns| {
+        let (first, last) = columns.split_once('-').unwrap_or((columns, columns));
+        statement.get(first.parse::<usize>().ok()?.checked_sub(1)?..last.parse().ok()?)
+    });
+    if let Some(interface) = named.filter(|_| rest.contains("Interface does not exist")) {
+        let interface = interface.trim_matches('"');
+        error.push_str(&format!(
+            "; the simulated host has the interfaces its packets and --addr name: --addr {interface}=ADDRESS/LEN adds it"
+        ));
+    }
+    error
 }
 
 /// Refuses rule sets of which two load the same iptables table (of one family and engine): one
@@ -279,6 +315,27 @@ mod tests {
 
     fn rule_set(origin: &str, text: &str) -> RuleSet {
         RuleSet { origin: origin.to_owned(), format: detect(text, None, None), text: text.to_owned() }
+    }
+
+    /// nft 1.0.6's errors, as `nft -f -` prints their first line.
+    #[test]
+    fn nft_errors_name_the_file_and_the_statement() {
+        let iif = "table inet f {\n  chain input {\n    type filter hook input priority 0; policy drop;\n    iif \"mgmt\" tcp dport 22 accept\n  }\n}\n";
+        assert_eq!(
+            nft_error("iif.nft", iif, "/dev/stdin:4:9-14: Error: Interface does not exist"),
+            "iif.nft:4:9-14: Error: Interface does not exist in `iif \"mgmt\" tcp dport 22 accept`; the simulated host \
+             has the interfaces its packets and --addr name: --addr mgmt=ADDRESS/LEN adds it"
+        );
+        let flowtable = "table inet fw4\nflush table inet fw4\n\ntable inet fw4 {\n\tflowtable ft {\n";
+        assert_eq!(
+            nft_error(
+                "fw4.nft",
+                flowtable,
+                "/dev/stdin:5:12-13: Error: Could not process rule: No such file or directory"
+            ),
+            "fw4.nft:5:12-13: Error: Could not process rule: No such file or directory in `flowtable ft {`"
+        );
+        assert_eq!(nft_error("x.nft", "", "Error: syntax error"), "Error: syntax error");
     }
 
     #[test]
