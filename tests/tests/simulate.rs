@@ -963,6 +963,61 @@ fn a_flow_whose_reply_is_dropped_does_not_meet_accept() {
     assert!(!real_tcp(&lab, addr::CLIENT, SocketAddr::new(addr::SERVER, 80)), "the replies are dropped");
 }
 
+/// An IPv6 input chain that forgets neighbour discovery: the most common IPv6 firewall mistake.
+const NO_NEIGHBOUR_DISCOVERY: &str = "\
+table inet f {
+	chain input {
+		type filter hook input priority filter; policy drop;
+		ct state established,related accept
+		tcp dport 22 accept
+	}
+}
+";
+
+/// What README and --help say: neighbours are fixed in the simulation, so a connection that a
+/// real host loses for want of neighbour discovery is accepted there, and the neighbour
+/// solicitation simulated as a packet of its own shows the drop. The lab router agrees with the
+/// simulation while its neighbour is permanent, and fails once it has to be discovered.
+#[test]
+fn neighbour_discovery_is_not_simulated_as_documented() {
+    if !require_root("neighbour_discovery_is_not_simulated_as_documented") {
+        return;
+    }
+    let scratch = ScratchDir::new("simulate-nd");
+    let rules = scratch.file("nd.nft", NO_NEIGHBOUR_DISCOVERY);
+    let (code, stdout, stderr) = simulate(&[
+        "--rules",
+        rules.to_str().unwrap(),
+        "--addr=vif0=fd00:5:1::1/64",
+        "tcp [fd00:5:1::7]:40001 > [fd00:5:1::1]:22 syn in vif0",
+        "icmp6 fd00:5:1::7 > fd00:5:1::1 type 135 in vif0 ttl 255",
+        "--expect=accept",
+        "--expect=drop",
+    ]);
+    assert_eq!(
+        (code, stderr.as_str()),
+        (
+            Some(0),
+            "iptrace: tcp [fd00:5:1::7]:40001 > [fd00:5:1::1]:22 syn in vif0: accept as expected\n\
+             iptrace: icmp6 fd00:5:1::7 > fd00:5:1::1 type 135 in vif0 ttl 255: drop as expected\n"
+        ),
+        "{stdout}"
+    );
+    let (_, help, _) = run_iptrace(&["simulate", "--help"]);
+    assert!(help.contains("Not simulated: neighbour discovery."), "{help}");
+
+    let lab = lab("simnd");
+    lab.exec(Role::Router, &["nft", "-f", "-"], NO_NEIGHBOUR_DISCOVERY).expect("loading the rules in the lab");
+    let _ssh = lab.tcp_echo_servers(Role::Router, &[22]).expect("router's ssh");
+    let router6: std::net::IpAddr = "fd00:5:1::1".parse().unwrap();
+    assert!(real_tcp(&lab, addr::CLIENT6, SocketAddr::new(router6, 22)), "with a permanent neighbour, as simulated");
+    lab.exec(Role::Router, &["ip", "neigh", "del", "fd00:5:1::7", "dev", "vif0"], "").expect("the neighbour removed");
+    assert!(
+        !real_tcp(&lab, addr::CLIENT6, SocketAddr::new(router6, 22)),
+        "the client's neighbour advertisement is dropped: the router cannot answer"
+    );
+}
+
 /// Ctrl-C stops the whole run, not just the packet being traced: exit 1 (not every packet was
 /// simulated), one line, and the scratch namespaces gone with the process.
 #[test]

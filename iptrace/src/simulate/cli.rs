@@ -26,6 +26,11 @@ loaded there, each interface is a veth with its far end in a second scratch name
 arrives on `in` from there, and `out` is where its destination is routed. Nothing else is changed. Without root, it runs in a user namespace of its own (no kernel \
 drop reasons there; --from-netns needs root).
 
+Not simulated: neighbour discovery. Neighbours are fixed, so no ARP or IPv6 neighbour \
+solicitation is sent: rules that drop them (an IPv6 input policy of drop without ICMPv6 \
+nd-neighbor-solicit and nd-neighbor-advert accepted, an arp table) break a real host but not \
+the simulation. Check them as packets of their own: icmp6 SRC > ADDR type 135 in IFACE ttl 255.
+
 Exit codes: 0 every --expect and case met, 1 one was not, 2 bad input or a rule set that does not load.";
 
 #[derive(Debug, Parser)]
