@@ -238,7 +238,8 @@ pub struct OutputStyle {
     pub json: bool,
 
     /// The packet line's time, as tcpdump's: by default the wall-clock time with microseconds;
-    /// -t none, -tt seconds since the epoch, -ttt the time since the previous packet.
+    /// -t leaves it out, -tt gives seconds since the epoch, -ttt the time since the previous
+    /// packet.
     #[arg(short = 't', action = ArgAction::Count, help_heading = "Output")]
     pub timestamps: u8,
 

@@ -40,9 +40,10 @@ pub fn run<S: AsRef<str>>(program: &'static str, args: &[S], stdin: Option<&str>
     }
     let out = child.wait_with_output().map_err(|source| CommandError::Spawn { program, source })?;
     if !out.status.success() {
-        let words: Vec<String> = args.iter().map(|a| crate::xtables::quote(a.as_ref())).collect();
+        let words: Vec<String> =
+            std::iter::once(program.to_owned()).chain(args.iter().map(|a| crate::xtables::quote(a.as_ref()))).collect();
         return Err(CommandError::Failed {
-            command: format!("{program} {}", words.join(" ")),
+            command: words.join(" "),
             stderr: summary(program, &String::from_utf8_lossy(&out.stderr)),
         });
     }
@@ -64,11 +65,27 @@ fn package(program: &str) -> &'static str {
 }
 
 /// What a failed command said: nft explains an error over several lines (the statement, a
-/// caret), of which the first says it; the xtables tools say it all.
+/// caret), of which the first says it; ip(6)tables-restore says it after its name and version,
+/// then where (`Error occurred at line: 3`) and advice (`Try ...`), for which the line is
+/// kept (`line 3: ...`); the other xtables tools say it all.
 fn summary(program: &str, stderr: &str) -> String {
-    let text =
-        if program == "nft" { stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or_default() } else { stderr };
-    text.trim().to_owned()
+    let lines = || stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+    if program == "nft" {
+        return lines().next().unwrap_or_default().to_owned();
+    }
+    if !program.ends_with("-restore") {
+        return stderr.trim().to_owned();
+    }
+    let at = lines().find_map(|l| l.strip_prefix("Error occurred at line: "));
+    let said: Vec<&str> = lines()
+        .filter(|l| !l.starts_with("Error occurred at line: ") && !l.starts_with("Try `"))
+        // `iptables-restore v1.8.9 (legacy): Couldn't load target ...`
+        .map(|l| if l.starts_with("ip") { l.split_once(": ").map_or(l, |(_, said)| said) } else { l })
+        .collect();
+    match at {
+        Some(line) => format!("line {line}: {}", said.join("; ")),
+        None => said.join("; "),
+    }
 }
 
 #[cfg(test)]
@@ -86,5 +103,16 @@ mod tests {
         let missing = run("iptables-none-such", &["-L"], None).unwrap_err();
         assert_eq!(missing.to_string(), "iptables-none-such is not installed (apt-get install iptables)");
         assert_eq!(summary("nft", "\nError: no such table\nadd rule x\n    ^^^\n"), "Error: no such table");
+        // iptables-legacy-restore 1.8.9's own words.
+        let restore = "iptables-restore v1.8.9 (legacy): Couldn't load target `ACCEPTX':No such file or directory\n\n\
+                       Error occurred at line: 3\nTry `iptables-restore -h' or 'iptables-restore --help' for more information.\n";
+        assert_eq!(
+            summary("iptables-legacy-restore", restore),
+            "line 3: Couldn't load target `ACCEPTX':No such file or directory"
+        );
+        assert_eq!(
+            summary("ip6tables-nft-restore", "ip6tables-nft-restore: COMMIT expected at line 4\n"),
+            "COMMIT expected at line 4"
+        );
     }
 }

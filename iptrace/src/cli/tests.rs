@@ -6,6 +6,20 @@ fn parse(args: &[&str]) -> Cli {
     Cli::try_parse_from(normalize_args(args.iter().map(OsString::from))).unwrap()
 }
 
+/// `-t none` in the help read as an option and its value: `iptrace simulate -t none` took `none`
+/// for a packet. The help says what -t does in words no one types.
+#[test]
+fn the_help_of_t_reads_as_no_time() {
+    for help in [
+        Cli::command().render_long_help().to_string(),
+        crate::simulate::cli::SimulateCli::command().render_long_help().to_string(),
+    ] {
+        let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(!flat.contains("-t none"), "{help}");
+        assert!(flat.contains("-t leaves it out, -tt gives seconds since the epoch"), "{help}");
+    }
+}
+
 #[test]
 fn the_command_line_is_consistent() {
     Cli::command().debug_assert();

@@ -8,6 +8,10 @@ use std::{fmt, fs};
 const TAG_PREFIX: &str = "iptrace:";
 const TABLE_PREFIX: &str = "iptrace_";
 
+/// The netdev table in which `iptrace simulate` sets an arriving packet's `mark N`, in its
+/// scratch namespace only: iptrace's own, though no run owns it by name.
+pub const SIMULATE_MARK_TABLE: &str = "iptrace_simulate_mark";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Owner {
     pub pid: u32,

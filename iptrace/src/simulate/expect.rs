@@ -5,7 +5,9 @@
 
 use std::{fmt, net::IpAddr};
 
+use super::spec::PacketSpec;
 use crate::{
+    decode::Family,
     model::{Fate, PacketReport, Verdict},
     render::{fate_name, step_summary},
 };
@@ -39,6 +41,17 @@ impl Expectation {
             Some(("snat", target)) => Expectation::Snat(target.trim_matches(['[', ']']).parse().map_err(|_| bad())?),
             Some(_) => return Err(bad()),
         })
+    }
+}
+
+impl Expectation {
+    /// Whether it can be met by `packet`: a NAT expectation's address is of its family.
+    pub fn check_fits(&self, packet: &PacketSpec) -> Result<(), String> {
+        let (Expectation::Dnat(address, _) | Expectation::Snat(address)) = self else { return Ok(()) };
+        if Family::of(*address) == packet.family() {
+            return Ok(());
+        }
+        Err(format!("bad --expect '{self}': an {} address for an {} packet", Family::of(*address), packet.family()))
     }
 }
 
@@ -83,6 +96,9 @@ pub struct NatBinding {
     pub dport: Option<u16>,
     pub src: IpAddr,
     pub sport: Option<u16>,
+    /// The destination was translated (the entry's `IPS_DST_NAT`), the source (`IPS_SRC_NAT`).
+    pub dnat: bool,
+    pub snat: bool,
 }
 
 impl Outcome {
@@ -124,9 +140,10 @@ impl Outcome {
             Expectation::Drop => self.verdict == "drop" || (self.kernel_drop.is_some() && !accepted),
             Expectation::Reject => self.verdict == "reject",
             Expectation::Dnat(address, port) => {
-                accepted && self.nat.is_some_and(|n| n.dst == *address && port.is_none_or(|p| n.dport == Some(p)))
+                accepted
+                    && self.nat.is_some_and(|n| n.dnat && n.dst == *address && port.is_none_or(|p| n.dport == Some(p)))
             }
-            Expectation::Snat(address) => accepted && self.nat.is_some_and(|n| n.src == *address),
+            Expectation::Snat(address) => accepted && self.nat.is_some_and(|n| n.snat && n.src == *address),
         };
         if met { Ok(()) } else { Err(self.got(expected)) }
     }
@@ -134,6 +151,8 @@ impl Outcome {
     /// The outcome in the terms of `expected`.
     fn got(&self, expected: &Expectation) -> String {
         let nat = match (expected, self.nat) {
+            (Expectation::Dnat(..), Some(n)) if !n.dnat => ", destination not translated".to_owned(),
+            (Expectation::Snat(_), Some(n)) if !n.snat => ", source not translated".to_owned(),
             (Expectation::Dnat(..), Some(n)) => {
                 let port = n.dport.map(|p| format!(" port {p}")).unwrap_or_default();
                 format!(", destination {}{port}", n.dst)
@@ -183,11 +202,18 @@ pub fn nat_binding(
         if !original {
             return None;
         }
+        let (reply_src, reply_dst) = (*srcs.get(1)?, *dsts.get(1)?);
+        let (reply_sport, reply_dport) = (sports.get(1).copied(), dports.get(1).copied());
+        // The listing has no status bits; nf_nat_setup_info() sets IPS_DST_NAT / IPS_SRC_NAT
+        // exactly where the manip changed the tuple, so the reply tuple against the original
+        // says the same (a DNAT to the address a packet already had sets neither).
         Some(NatBinding {
-            dst: *srcs.get(1)?,
-            dport: sports.get(1).copied(),
-            src: *dsts.get(1)?,
-            sport: dports.get(1).copied(),
+            dst: reply_src,
+            dport: reply_sport,
+            src: reply_dst,
+            sport: reply_dport,
+            dnat: reply_src != dst || reply_sport != dports.first().copied(),
+            snat: reply_dst != src || reply_dport != sports.first().copied(),
         })
     })
 }
@@ -218,6 +244,47 @@ mod tests {
             "bad --expect 'allow': expected accept, drop, reject, dnat:ADDR[:PORT] or snat:ADDR"
         );
         assert!(Expectation::parse("dnat:host:80").is_err());
+        let v4 = PacketSpec::parse("tcp 10.0.0.2:1 > 10.0.0.1:22 in eth0").unwrap();
+        assert_eq!(
+            Expectation::parse("dnat:2001:db8::1").unwrap().check_fits(&v4),
+            Err("bad --expect 'dnat:2001:db8::1': an IPv6 address for an IPv4 packet".into())
+        );
+        assert_eq!(Expectation::parse("snat:10.0.0.9").unwrap().check_fits(&v4), Ok(()));
+        assert_eq!(Expectation::Drop.check_fits(&v4), Ok(()));
+    }
+
+    /// A connection nothing translated meets no NAT expectation, also where the expected
+    /// address is the one the packet had anyway.
+    #[test]
+    fn nat_expectations_need_the_translation() {
+        let untranslated = NatBinding {
+            dst: "198.51.100.80".parse().unwrap(),
+            dport: Some(443),
+            src: "192.168.10.50".parse().unwrap(),
+            sport: Some(40000),
+            dnat: false,
+            snat: false,
+        };
+        let outcome = Outcome {
+            verdict: "accept".into(),
+            kernel_drop: None,
+            decided_by: Some("nft inet f forward (handle 3)".into()),
+            nat: Some(untranslated),
+        };
+        assert_eq!(
+            outcome.check(&Expectation::parse("dnat:198.51.100.80:443").unwrap()),
+            Err("accept at nft inet f forward (handle 3), destination not translated".into())
+        );
+        assert_eq!(
+            outcome.check(&Expectation::parse("snat:192.168.10.50").unwrap()),
+            Err("accept at nft inet f forward (handle 3), source not translated".into())
+        );
+        let masqueraded = Outcome {
+            nat: Some(NatBinding { src: "203.0.113.1".parse().unwrap(), snat: true, ..untranslated }),
+            ..outcome
+        };
+        assert_eq!(masqueraded.check(&Expectation::parse("snat:203.0.113.1").unwrap()), Ok(()));
+        assert!(masqueraded.check(&Expectation::parse("dnat:198.51.100.80").unwrap()).is_err());
     }
 
     #[test]
@@ -236,10 +303,15 @@ ipv6     10 icmpv6   58 29 src=2001:0db8:0000:0000:0000:0000:0000:0001 dst=2001:
                 dport: Some(8080),
                 src: "203.0.113.7".parse().unwrap(),
                 sport: Some(5555),
+                dnat: true,
+                snat: false,
             })
         );
         let icmp = nat_binding(table, 58, "2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap(), None);
-        assert_eq!(icmp.map(|n| n.src), Some("2001:db8::9".parse().unwrap()));
+        assert_eq!(icmp.map(|n| (n.src, n.dnat, n.snat)), Some(("2001:db8::9".parse().unwrap(), false, true)));
+        // Not translated: the reply tuple is the original one reversed.
+        let udp = nat_binding(table, 17, "10.9.0.2".parse().unwrap(), "10.9.0.1".parse().unwrap(), Some((5, 6)));
+        assert_eq!(udp.map(|n| (n.dnat, n.snat)), Some((false, false)));
         assert_eq!(
             nat_binding(table, 6, "203.0.113.7".parse().unwrap(), "198.51.100.1".parse().unwrap(), Some((1, 80))),
             None

@@ -11,7 +11,7 @@ use super::{
     scratch::{self, Scratch},
     spec::{self, PacketSpec},
 };
-use crate::netns;
+use crate::{command::CommandError, instrument::owner::SIMULATE_MARK_TABLE, netns};
 
 /// The address a simulated host's `out` interface gets when nothing else gives it one (NAT's
 /// masquerade needs one), and the gateway it routes through: from the benchmarking range (RFC
@@ -118,9 +118,6 @@ impl Injector {
     }
 }
 
-/// The table that sets a `mark N` on a packet arriving on its `in` interface.
-const MARK_TABLE: &str = "iptrace_simulate_mark";
-
 fn wire_mac() -> String {
     scratch::WIRE_MAC.map(|b| format!("{b:02x}")).join(":")
 }
@@ -211,7 +208,12 @@ pub(super) fn set_up(
     for route in &host.routes {
         let mut args = vec!["route", "add"];
         args.extend(route.split_whitespace());
-        scratch.ip(&args)?;
+        scratch.ip(&args).map_err(|e| match e {
+            SimulateError::Setup(CommandError::Failed { stderr, .. }) => {
+                SimulateError::Route { route: route.clone(), reason: stderr }
+            }
+            other => other,
+        })?;
     }
     scratch.in_host(|| host.rule_sets.iter().try_for_each(RuleSet::load))?;
     if let (Some(in_interface), mark @ 1..) = (&packet.in_interface, packet.mark) {
@@ -219,7 +221,7 @@ pub(super) fn set_up(
         // ingress chain sets it, before any hook iptrace traces; loaded after the rule sets,
         // whose `flush ruleset` would remove it.
         let chain = format!(
-            "table netdev {MARK_TABLE} {{ chain ingress {{ type filter hook ingress device \"{in_interface}\" priority -500; meta mark set {mark}; }}; }}"
+            "table netdev {SIMULATE_MARK_TABLE} {{ chain ingress {{ type filter hook ingress device \"{in_interface}\" priority -500; meta mark set {mark}; }}; }}"
         );
         scratch.in_host(|| {
             crate::nftables::apply(&chain).map_err(|e| SimulateError::Usage(format!("cannot set the mark: {e}")))

@@ -17,6 +17,7 @@ pub mod spec;
 use std::{
     cell::RefCell,
     io::{self, Write},
+    net::IpAddr,
     rc::Rc,
     sync::mpsc,
     sync::{Arc, Mutex},
@@ -56,6 +57,9 @@ pub enum SimulateError {
     Scratch(#[source] io::Error),
     #[error("cannot set up the scratch network namespace")]
     Setup(#[source] CommandError),
+    /// `ip route add` refused a `--route` (what it said): bad input.
+    #[error("bad --route '{route}': {reason}")]
+    Route { route: String, reason: String },
     #[error("cannot load {origin}")]
     Load {
         origin: String,
@@ -88,6 +92,7 @@ impl SimulateError {
             | SimulateError::NotPermitted
             | SimulateError::NoUserNamespace(_)
             | SimulateError::Load { .. }
+            | SimulateError::Route { .. }
             | SimulateError::Snapshot { .. } => 2,
             SimulateError::Run(e) => u8::try_from(e.exit_code()).unwrap_or(1),
             _ => 1,
@@ -106,13 +111,12 @@ pub struct Case {
     pub flow: bool,
 }
 
-/// Whether `--flow` can simulate `packet`'s connection: a forwarded one, whose reply comes in
-/// on its `out` interface.
-pub fn check_flow(packet: &PacketSpec) -> Result<(), SimulateError> {
+/// Whether a flow can be simulated for `packet`'s connection: a forwarded one, whose reply
+/// comes in on its `out` interface. Where not, why, naming what asked for it (`--flow`, `flow =
+/// true`).
+pub fn check_flow(packet: &PacketSpec, asked_by: &str) -> Result<(), String> {
     if packet.local || packet.out_interface.is_none() {
-        return Err(SimulateError::Usage(format!(
-            "--flow simulates forwarded connections: '{packet}' needs 'in IFACE' and 'out IFACE'"
-        )));
+        return Err(format!("{asked_by} simulates forwarded connections: '{packet}' needs 'in IFACE' and 'out IFACE'"));
     }
     Ok(())
 }
@@ -138,9 +142,14 @@ pub struct Style {
 const PACKET_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a flow's blocks may take to come after its last packet was sent.
 const FLOW_DEADLINE: Duration = Duration::from_secs(1);
-/// Simulates `case` on a fresh scratch host set up as `host` says: its block on `out`, and
-/// what became of it.
-pub fn simulate(case: &Case, host: &Host, style: &Style, out: Box<dyn Write + Send>) -> Result<Outcome, SimulateError> {
+/// Simulates `case` on a fresh scratch host set up as `host` says: its blocks on `out`, and
+/// what became of its packets.
+pub fn simulate(
+    case: &Case,
+    host: &Host,
+    style: &Style,
+    out: Box<dyn Write + Send>,
+) -> Result<Simulated, SimulateError> {
     let packet = &case.packet;
     let mut scratch = Scratch::new()?;
     let injector = set_up(&mut scratch, packet, host, case.flow)?;
@@ -164,8 +173,28 @@ pub fn simulate(case: &Case, host: &Host, style: &Style, out: Box<dyn Write + Se
     }
     // The packet's own block: with --flow, the first one from its source to its destination.
     let src = injector_source(packet, host);
-    let report = reports_rx.try_iter().find(|r| r.arrived.header.src == src && r.arrived.header.dst == packet.dst);
-    Ok(Outcome::new(report.as_ref(), nat))
+    let reports: Vec<PacketReport> = reports_rx.try_iter().collect();
+    let from_to =
+        |from: IpAddr, to: IpAddr| move |r: &&PacketReport| r.arrived.header.src == from && r.arrived.header.dst == to;
+    let mut forward = reports.iter().filter(from_to(src, packet.dst));
+    let outcome = Outcome::new(forward.next(), nat);
+    let mut later = Vec::new();
+    if case.flow {
+        // Sent only where the first packet left a connection; without one, none is looked for.
+        let reply = nat.and_then(|n| reports.iter().find(from_to(n.dst, n.src)));
+        later.push(("the reply", Outcome::new(reply, None)));
+        if let spec::TransportSpec::Tcp { .. } = packet.transport {
+            later.push(("the third packet (ACK)", Outcome::new(forward.next(), None)));
+        }
+    }
+    Ok(Simulated { packet: outcome, later })
+}
+
+/// What became of a case's packet and, with `--flow`, of its connection's later packets (the
+/// reply, then for TCP the handshake's third), each named for messages.
+pub struct Simulated {
+    pub packet: Outcome,
+    pub later: Vec<(&'static str, Outcome)>,
 }
 
 /// How results are reported: after `--expect`, a line on stderr per packet; of a `--cases`
@@ -185,8 +214,8 @@ pub fn run_cases(cases: &[Case], host: &Host, style: &Style, reporting: Reportin
         // A case's JSON object holds its packet's, so that one goes to a buffer first.
         let buffer = SharedBuffer::default();
         let out: Box<dyn Write + Send> = if json_cases { Box::new(buffer.clone()) } else { Box::new(io::stdout()) };
-        let outcome = simulate(case, host, style, out)?;
-        let verdict = check(case, &outcome);
+        let simulated = simulate(case, host, style, out)?;
+        let verdict = check(case, &simulated);
         failed += usize::from(verdict.is_err());
         let what = case.name.clone().unwrap_or_else(|| case.packet.to_string());
         let expected = case.expect.as_ref().map(ToString::to_string);
@@ -198,8 +227,10 @@ pub fn run_cases(cases: &[Case], host: &Host, style: &Style, reporting: Reportin
             },
             Reporting::Cases if json_cases => {
                 let text = buffer.0.lock().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-                let trace = text.lines().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
-                let record = serde_json::json!({
+                // One object per block, in the flow's order: the packet's, then its connection's.
+                let mut traces = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+                let trace = traces.next();
+                let mut record = serde_json::json!({
                     "case": what,
                     "packet": case.packet.to_string(),
                     "expect": expected,
@@ -208,6 +239,9 @@ pub fn run_cases(cases: &[Case], host: &Host, style: &Style, reporting: Reportin
                     "failure": verdict.as_ref().err(),
                     "trace": trace,
                 });
+                if case.flow {
+                    record["flow"] = serde_json::Value::Array(traces.collect());
+                }
                 write_line(&record.to_string());
             }
             Reporting::Cases => match &verdict {
@@ -231,10 +265,20 @@ pub fn run_cases(cases: &[Case], host: &Host, style: &Style, reporting: Reportin
     Ok(failed)
 }
 
-/// Whether `case` met its expectation and rule; where not, `expected X, got Y`.
-fn check(case: &Case, outcome: &Outcome) -> Result<(), String> {
+/// Whether `case` met its expectation and rule; where not, `expected X, got Y`. With `--flow`,
+/// accept and NAT expectations are of the whole connection: its later packets must be accepted
+/// too (drop and reject are the first packet's: there is no connection after it).
+fn check(case: &Case, simulated: &Simulated) -> Result<(), String> {
+    let outcome = &simulated.packet;
     if let Some(expected) = &case.expect {
         outcome.check(expected).map_err(|got| format!("expected {expected}, got {got}"))?;
+        if !matches!(expected, Expectation::Drop | Expectation::Reject) {
+            for (which, later) in &simulated.later {
+                later
+                    .check(&Expectation::Accept)
+                    .map_err(|got| format!("expected {expected}, but {which} got {got}"))?;
+            }
+        }
     }
     match &case.rule {
         Some(rule) if !outcome.decided_by(rule) => {
@@ -318,6 +362,34 @@ mod tests {
     use super::*;
     use crate::filter::CompiledFilter;
     use craft::{TcpNumbers, ip_packet};
+
+    /// With `--flow`, accept (and NAT) is the whole connection's; drop is the first packet's.
+    #[test]
+    fn a_flow_meets_accept_only_where_every_packet_was_accepted() {
+        let packet = PacketSpec::parse("tcp 10.0.0.2:1 > 10.1.0.2:80 in lan out wan").unwrap();
+        let case = |expect| Case { name: None, packet: packet.clone(), expect: Some(expect), rule: None, flow: true };
+        let outcome = |verdict: &str| Outcome {
+            verdict: verdict.into(),
+            kernel_drop: None,
+            decided_by: Some(format!("nft inet f forward policy {verdict}")),
+            nat: None,
+        };
+        let replies_dropped = Simulated {
+            packet: outcome("accept"),
+            later: vec![("the reply", outcome("drop")), ("the third packet (ACK)", outcome("drop"))],
+        };
+        assert_eq!(
+            check(&case(Expectation::Accept), &replies_dropped),
+            Err("expected accept, but the reply got drop at nft inet f forward policy drop".into())
+        );
+        let all_accepted = Simulated {
+            packet: outcome("accept"),
+            later: vec![("the reply", outcome("accept")), ("the third packet (ACK)", outcome("accept"))],
+        };
+        assert_eq!(check(&case(Expectation::Accept), &all_accepted), Ok(()));
+        let first_dropped = Simulated { packet: outcome("drop"), later: vec![("the reply", Outcome::new(None, None))] };
+        assert_eq!(check(&case(Expectation::Drop), &first_dropped), Ok(()));
+    }
 
     /// The selection takes the simulated packet and not the host's answer to it: a reset from a
     /// port nobody listens on can end its block first, and the trace stops after one block.

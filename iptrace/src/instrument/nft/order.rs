@@ -6,6 +6,7 @@
 use super::Owner;
 use crate::{
     decode::NftFamily,
+    instrument::owner::SIMULATE_MARK_TABLE,
     netfilter::nf_tables::{BaseChain, NfTablesSocket},
     nftables::NftError,
 };
@@ -63,9 +64,11 @@ fn hook_name(chain: &BaseChain) -> Option<&'static str> {
     names.get(usize::try_from(chain.hook).ok()?).copied()
 }
 
-/// Whether `chain` is another program's: not in a table of any iptrace run.
+/// Whether `chain` is another program's: not in a table of any iptrace run, nor in simulate's
+/// mark table (which runs before the marking on purpose: the mark is the packet's own).
 pub(super) fn foreign(chain: &BaseChain) -> bool {
     Owner::from_table_name(&chain.table).is_none()
+        && !(chain.family == NftFamily::Netdev && chain.table == SIMULATE_MARK_TABLE)
 }
 
 /// Whether `chain` runs no later than `marking`, iptrace's chain: at the same place, at a
@@ -135,6 +138,9 @@ mod tests {
         assert_eq!(marking_priority(Bridge, "prerouting", &early), -350);
         assert_eq!(marking_priority(Netdev, "ingress", &[chain(Inet, "t", INGRESS, -398)]), -399);
         assert_eq!(marking_priority(Netdev, "ingress", &[chain(Netdev, "t", 0, -360)]), -361);
+        // simulate's mark table is iptrace's own.
+        assert!(!foreign(&chain(Netdev, SIMULATE_MARK_TABLE, 0, -500)));
+        assert!(foreign(&chain(Netdev, "t", 0, -500)));
         let marking = chain(Inet, "iptrace_1_2", PREROUTING, -381);
         let before: Vec<i32> = early.iter().filter(|c| runs_before(c, &marking)).map(|c| c.priority).collect();
         assert_eq!(before, [-399, -450]);
