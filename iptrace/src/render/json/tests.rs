@@ -76,8 +76,9 @@ fn every_kind_of_step() {
         NftVerdict::Continue,
         Engine::Nft,
     );
+    // The policy of a chain of type filter (a nat chain's would decide nothing).
     let policy = nft(
-        step(Hook::Forward, Table::Raw, "fwd", &dnatted, 5, Position::Policy(Verdict::Accept)),
+        step(Hook::Forward, Table::Filter, "fwd", &dnatted, 5, Position::Policy(Verdict::Accept)),
         "t",
         "fwd",
         NftVerdict::Accept,
