@@ -527,31 +527,10 @@ fn a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode() {
     let killed = Tracer::start(&["--netns", &first.0, "--backend", "legacy", "-4", "icmp"]);
     let killed_pid = killed.pid();
     killed.stop(libc::SIGKILL);
-    // Its state file, and the lock file that names it (both stay after a SIGKILL).
-    let state_files = || -> Vec<PathBuf> {
-        fs::read_dir("/run/iptrace")
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.to_string_lossy().contains(&format!(".{killed_pid}.")))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    assert_eq!(state_files().len(), 1, "the killed run's state file");
-    let lock_files = || -> Vec<PathBuf> {
-        fs::read_dir("/run/iptrace")
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| {
-                        p.extension().is_some_and(|x| x == "lock")
-                            && fs::read_to_string(p).is_ok_and(|t| t.starts_with(&format!("iptrace:{killed_pid}:")))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    // Its state file, and the lock file that names it (both stay after a SIGKILL), removed at
+    // the end also when the test fails.
+    let files = KilledRunFiles(killed_pid);
+    assert_eq!(files.state().len(), 1, "the killed run's state file");
     let inode = first.inode();
     drop(first);
 
@@ -581,8 +560,38 @@ fn a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode() {
     assert!(status.success(), "{stderr}");
     assert_eq!(stdout, "iptrace: nothing to clean up\n");
     assert_eq!(second.exec(&["cat", "/proc/sys/net/netfilter/nf_log/2"]).trim(), "nfnetlink_log");
-    for file in [state_files(), lock_files()].concat() {
-        fs::remove_file(file).unwrap();
+    drop(files);
+}
+
+/// The files in /run/iptrace of a run killed by a test: removed on drop.
+struct KilledRunFiles(i32);
+
+impl KilledRunFiles {
+    fn in_run_dir(keep: impl Fn(&PathBuf) -> bool) -> Vec<PathBuf> {
+        fs::read_dir("/run/iptrace")
+            .map(|d| d.flatten().map(|e| e.path()).filter(|p| keep(p)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Its state file.
+    fn state(&self) -> Vec<PathBuf> {
+        Self::in_run_dir(|p| p.to_string_lossy().contains(&format!(".{}.", self.0)))
+    }
+
+    /// The lock file that names it.
+    fn locks(&self) -> Vec<PathBuf> {
+        Self::in_run_dir(|p| {
+            p.extension().is_some_and(|x| x == "lock")
+                && fs::read_to_string(p).is_ok_and(|t| t.starts_with(&format!("iptrace:{}:", self.0)))
+        })
+    }
+}
+
+impl Drop for KilledRunFiles {
+    fn drop(&mut self) {
+        for file in [self.state(), self.locks()].concat() {
+            let _ = fs::remove_file(file);
+        }
     }
 }
 
