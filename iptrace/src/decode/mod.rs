@@ -15,7 +15,7 @@ pub mod origin;
 pub mod packet;
 pub mod prefix;
 
-use std::{fmt, sync::Arc};
+use std::{borrow::Cow, collections::VecDeque, fmt, sync::Arc};
 
 use foldhash::HashMap;
 
@@ -296,7 +296,7 @@ pub struct Decoder {
     tables: HashMap<Box<str>, Table>,
     hook_headers: HashMap<TraceId, HookHeaders>,
     /// The newest trace ids of unaddressed fragments.
-    unaddressed: std::collections::VecDeque<TraceId>,
+    unaddressed: VecDeque<TraceId>,
     next_serial: u64,
     /// The nf_tables generation in force for the events decoded now.
     generation: Option<u32>,
@@ -442,9 +442,9 @@ impl Decoder {
                     let mut padded = network.to_vec();
                     padded.resize(header_length, 0);
                     padded.extend_from_slice(transport);
-                    std::borrow::Cow::Owned(padded)
+                    Cow::Owned(padded)
                 }
-                _ => std::borrow::Cow::Borrowed(&start[..]),
+                _ => Cow::Borrowed(&start[..]),
             };
             let packet = match (link_layer, network.first().map(|b| b >> 4)) {
                 (false, _) | (true, Some(4 | 6)) if table_family != NftFamily::Arp => PacketHeader::parse(&parsed),

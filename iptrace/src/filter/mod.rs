@@ -17,7 +17,7 @@ mod native;
 use std::fmt;
 
 pub use iptrace_common::filter::CbpfInsn;
-use iptrace_common::filter::{MAX_CBPF_INSNS, XT_BPF_MAX_NUM_INSTR};
+use iptrace_common::filter::{MAX_CBPF_INSNS, XT_BPF_MAX_NUM_INSTR, op};
 use pcap::{Capture, Linktype};
 
 pub use self::native::NativeSelection;
@@ -238,7 +238,6 @@ impl CompiledFilter {
         // the skb, not the packet: xt_bpf answers them, but the socket filter and the drop
         // program see only a packet's bytes, and would decide otherwise.
         let ancillary = |insn: &CbpfInsn| {
-            use iptrace_common::filter::op;
             matches!(insn.code & op::CLASS_MASK, op::LD | op::LDX)
                 && matches!(insn.code & op::MODE_MASK, op::ABS | op::IND)
                 && (insn.k as i32) < 0
@@ -262,7 +261,6 @@ impl CompiledFilter {
     /// libpcap's `protochain` loops with a backward `ja` (k = -15), which its own interpreter and
     /// iptrace's eBPF one run, but which the kernel refuses inline (EINVAL).
     pub fn fits_xt_bpf(&self) -> bool {
-        use iptrace_common::filter::op;
         let len = self.insns.len();
         len <= XT_BPF_MAX_NUM_INSTR
             && self.insns.iter().enumerate().all(|(pc, insn)| {
