@@ -22,13 +22,18 @@ impl Monitor {
     }
 
     /// Stops it and returns the traces it printed.
-    fn stop(mut self) -> Vec<KernelTrace> {
+    fn stop(self) -> Vec<KernelTrace> {
+        KernelTrace::parse(&self.stop_printing())
+    }
+
+    /// Stops it and returns what it printed.
+    fn stop_printing(mut self) -> String {
         self.kill();
         let mut out = String::new();
         if let Some(mut stdout) = self.child.stdout.take() {
             stdout.read_to_string(&mut out).expect("reading nft monitor trace");
         }
-        KernelTrace::parse(&out)
+        out
     }
 
     fn kill(&mut self) {
@@ -426,4 +431,53 @@ fn iptables_nft_comment_with_a_newline() {
     let oracle = KernelTrace::find(&kernel, &["ip saddr 10.5.1.7", "echo-request", "icmp sequence 2"], &stdout);
     let handles = rule_handles(&lab, "FORWARD");
     assert_eq!(iptrace_steps(ping, &[("FORWARD", 2, handles[1])]), oracle.steps);
+}
+
+/// A raw-priority chain at the marking's hook, to show that the chains after the marking run.
+const RAW_PRIORITY_CHAIN: &str = "table inet early {
+	chain pre {
+		type filter hook prerouting priority raw; policy accept;
+		counter
+	}
+}
+";
+
+/// iptrace's marking rule ends its chain with `accept`, which ends only that chain: the kernel
+/// reports one event of iptrace's table for a forwarded packet (the marking rule), not also the
+/// chain's policy (and with an xt_bpf prefilter, the marking chain's return), and the chains
+/// after it at the same hook still see the packet, as `nft monitor trace` and iptrace both show.
+#[test]
+fn the_marking_reports_one_event_and_the_chains_after_it_run() {
+    if !require_root("the_marking_reports_one_event_and_the_chains_after_it_run") {
+        return;
+    }
+    let lab = lab("nfts-mark");
+    load(&lab, RAW_PRIORITY_CHAIN);
+    // A selection nft expresses itself, then one only the pcap compiler does (xt_bpf).
+    for (filter, seq) in [("icmp and src host 10.5.1.7", 1), ("icmp[icmptype] = icmp-echo", 2)] {
+        let monitor = Monitor::start(&lab, Role::Router);
+        let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), filter]);
+        lab.ping(Role::Client, addr::CLIENT, addr::SERVER, seq).unwrap();
+        settle();
+        let out = tracer.stop(libc::SIGINT);
+        assert!(out.status.success(), "{out:?}");
+        let printed = monitor.stop_printing();
+        let own_events: Vec<&str> =
+            printed.lines().filter(|l| l.contains(" iptrace_") && !l.contains(" packet: ")).collect();
+        assert_eq!(own_events.len(), 1, "{filter}: iptrace's table reported:\n{printed}");
+        assert!(own_events[0].contains("(verdict accept)"), "{filter}: {}", own_events[0]);
+        let all = blocks(&out.stdout);
+        let seq = format!("SEQ={seq}");
+        let ping = only(&all, &["SRC=10.5.1.7 DST=172.16.2.2", "TYPE=8", &seq], &out.stdout);
+        assert!(
+            ping.body().contains("nft inet early pre (handle 2)\n                counter"),
+            "{filter}:\n{}",
+            out.stdout
+        );
+        assert!(
+            ping.body().ends_with("last seen: nft inet early pre (policy accept); no later netfilter hook saw it"),
+            "{filter}:\n{}",
+            out.stdout
+        );
+    }
 }

@@ -4,7 +4,11 @@
 //! iptrace's nf_tables table: `inet iptrace_<pid>_<start>` with a prerouting and an output base
 //! chain at priority -350, before every standard table (raw is -300, design.md §9), or just
 //! before another chain hooked there earlier ([`order`]), each with one rule that sets
-//! `meta nftrace set 1` for the selected packets.
+//! `meta nftrace set 1` for the selected packets and accepts them. Accepting in a base chain
+//! only ends that chain, as its policy would (the hook's later chains and tables still run,
+//! `nf_hook_slow()`); ending it with the marking rule spares each traced packet the trace events
+//! of the rest of iptrace's chain, which no one reads: its policy, and with xt_bpf the marking
+//! chain's return (design.md §9).
 //!
 //! The bit it sets is honoured by nf_tables chains and by legacy ip_tables alike (§5.2), so the
 //! table is the single place packets are marked on a host with both engines. Its `meta nftrace
@@ -159,7 +163,7 @@ fn script(owner: Owner, plan: &TracePlan, chains: &[BaseChain]) -> String {
             words.push(format!("limit name \"{LIMIT_NAME}\""));
         }
         // The counter tells how many packets were marked (the benchmark and the tests read it).
-        words.push("counter meta nftrace set 1".to_owned());
+        words.push("counter meta nftrace set 1 accept".to_owned());
         let rule_chain = match plan.prefilter {
             Prefilter::XtBpf(_) => {
                 let marking = marking_chain(chain);
@@ -303,7 +307,7 @@ fn link_layer_script(
             if plan.limit.is_some() {
                 words.push(format!("limit name \"{LIMIT_NAME}\""));
             }
-            words.push("counter meta nftrace set 1".to_owned());
+            words.push("counter meta nftrace set 1 accept".to_owned());
             script.push_str(&format!("add rule {family} {table} {chain} {}\n", words.join(" ")));
         }
     }

@@ -78,8 +78,9 @@ pub enum ResolveError {
 
 /// How often, at most, the kernel tables are checked for rules added or removed (a cheap
 /// `IPT_SO_GET_INFO` per known table, and the nf_tables generation after an announced commit).
-/// The processing thread wakes this often while nothing arrives, and no more often: on this VM
-/// each wake-up costs more than the check it makes.
+/// The processing thread wakes a little less often while nothing arrives (`run::WAKE_INTERVAL`),
+/// and a trickle's batches come this far apart: on this VM each wake-up costs more than the
+/// check it makes.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(20);
 /// How often, at most, every legacy table blob is read and compared, which also sees a rule
 /// replaced by one of the same size (nothing cheaper does: design.md §12); the table names and

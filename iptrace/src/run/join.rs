@@ -103,8 +103,8 @@ pub(super) fn start_joining(
 ) -> Result<Joining, RunError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let (stats, count) = (stats.clone(), options.count);
-    // Longer than a lane takes to close a packet (its linger, and the 10 ms it polls at) and
-    // hand it over, also on a loaded machine.
+    // Longer than a lane takes to close a packet (its linger, and the 20 ms its reader keeps a
+    // trickle's batch, `reader::GATHER`) and hand it over, also on a loaded machine.
     let hold = options.linger * 2 + Duration::from_millis(100);
     let thread = thread::Builder::new()
         .name("iptrace-join".into())

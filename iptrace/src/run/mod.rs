@@ -51,7 +51,7 @@ use crate::{
     pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError},
     recording::{Recorder, RecordingError, RecordingNames},
     render::{Format, TextStyle, pcapng::PcapngTarget},
-    resolve::{CHECK_INTERVAL, ResolveError, Resolver},
+    resolve::{ResolveError, Resolver},
     xtables::XtablesError,
 };
 
@@ -172,6 +172,12 @@ pub struct Options {
     pub record: Option<PathBuf>,
 }
 
+/// How long the processing thread waits for a batch before it checks the rule sets, closes idle
+/// packets and reads drops anyway: a little longer than the reader keeps a trickle's batch
+/// ([`reader::GATHER`]), so that a trickle wakes it once per batch and not once more between
+/// two. While nothing arrives, the checks are this far apart.
+const WAKE_INTERVAL: Duration = reader::GATHER.saturating_add(Duration::from_millis(5));
+
 /// Drives the [`Pipeline`] until the reader stops or `sink` wants no more, dating reports by
 /// `clock` (this read time is this wall-clock time).
 #[allow(clippy::too_many_arguments)]
@@ -210,7 +216,7 @@ fn process(
     loop {
         // Woken by a batch, else when the next rule-set check is due (which also closes idle
         // packets and reads drops).
-        let received = rx.recv_timeout(CHECK_INTERVAL);
+        let received = rx.recv_timeout(WAKE_INTERVAL);
         let now = Instant::now();
         match received {
             Ok(batch) => {

@@ -97,6 +97,8 @@ pub(super) struct Output<'a> {
     count: Option<u64>,
     loss_report: LossReport,
     reports: Option<mpsc::Sender<PacketReport>>,
+    /// When the output was last flushed while waiting ([`RunSink::idle`]).
+    flushed_at: Instant,
 }
 
 impl ReportSink for Output<'_> {
@@ -151,6 +153,7 @@ impl<'a> Output<'a> {
             count,
             loss_report: LossReport::default(),
             reports: destination.reports,
+            flushed_at: Instant::now(),
         }
     }
 
@@ -175,7 +178,12 @@ impl RunSink for Output<'_> {
         self.loss_report.print_pending(now);
         if self.summary_wanted.as_ref().is_some_and(|w| w.swap(false, Ordering::Relaxed)) {
             self.write_summary()?;
+            return self.flush();
         }
+        if now.saturating_duration_since(self.flushed_at) < FLUSH_INTERVAL {
+            return Ok(());
+        }
+        self.flushed_at = now;
         self.flush()
     }
 
@@ -187,6 +195,12 @@ impl RunSink for Output<'_> {
         }
     }
 }
+
+/// How often, at most, the output is flushed while reports keep coming: a flush is a write
+/// system call, and one per wake-up of the processing thread (a hundred a second tracing one
+/// flow) was a twentieth of its time. A block then shows at most this much later; the buffer
+/// is written whenever it fills, and at the end.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Says on stderr that trace events were lost: at once, then at most once a second.
 #[derive(Debug, Default)]

@@ -18,6 +18,11 @@ use crate::capture::{DatagramSlots, Received, TraceSocket, UserspaceFilter};
 /// Datagrams taken from the socket with one system call, at most.
 const SLOTS: usize = 16;
 
+/// How long the reader keeps a trickle's batch before handing it on ([`read_datagrams`]): as
+/// long as the rule-set checks are apart, so that each wake-up of the processing thread that a
+/// trickle causes finds a check due.
+pub(super) const GATHER: Duration = crate::resolve::CHECK_INTERVAL;
+
 /// Batches of datagrams queued between the reader and the processing thread.
 pub(super) const DATAGRAM_BATCHES_QUEUED: usize = 16;
 
@@ -186,7 +191,7 @@ impl Selecting {
 /// `GATHER`, taking what else comes meanwhile as it comes, before handing it on: the processing
 /// thread then wakes once for the bursts of a few packets of a trickle (one flow among many: a
 /// few hundred packets a second) instead of once per packet, which cost more here than the
-/// messages' processing; 10 ms is small beside the linger a block waits for anyway. At full rate
+/// messages' processing; 20 ms is small beside the linger a block waits for anyway. At full rate
 /// the queue is never empty and nothing is kept. The reader itself still takes each datagram
 /// when it comes, so that its time stamp is right.
 /// Unselected datagrams are dropped here until the eBPF filter drops them in the kernel
@@ -202,9 +207,8 @@ pub(super) fn read_datagrams(
     // Small enough that the few chunks batches in flight keep alive stay a few MiB.
     const CHUNK: usize = 1 << 18;
     const MAX_DATAGRAM: usize = 1 << 17;
-    const MAX_BATCH: usize = 256;
+    const MAX_BATCH: usize = 1024;
     const DRAIN_LIMIT: Duration = Duration::from_secs(1);
-    const GATHER: Duration = Duration::from_millis(10);
     let mut chunk = BytesMut::with_capacity(CHUNK);
     let mut slots = DatagramSlots::new(SLOTS, MAX_DATAGRAM);
     let mut batch = Vec::with_capacity(MAX_BATCH);

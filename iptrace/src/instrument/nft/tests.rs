@@ -30,9 +30,9 @@ fn the_script_marks_selected_packets_at_minus_350() {
             "create table inet iptrace_42_7 { comment \"iptrace:42:7\"; }
 add limit inet iptrace_42_7 trace_rate { rate 5/minute burst 2 packets; }
 add chain inet iptrace_42_7 prerouting { type filter hook prerouting priority -350; policy accept; }
-add rule inet iptrace_42_7 prerouting meta nfproto ipv4 meta l4proto tcp limit name \"trace_rate\" counter meta nftrace set 1
+add rule inet iptrace_42_7 prerouting meta nfproto ipv4 meta l4proto tcp limit name \"trace_rate\" counter meta nftrace set 1 accept
 add chain inet iptrace_42_7 output { type filter hook output priority -350; policy accept; }
-add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"eth1\" limit name \"trace_rate\" counter meta nftrace set 1
+add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"eth1\" limit name \"trace_rate\" counter meta nftrace set 1 accept
 "
         );
     let plan = TracePlan {
@@ -44,18 +44,21 @@ add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"e
     };
     let text = script(owner, &plan, &[]);
     assert!(
-        text.contains("add rule inet iptrace_42_7 prerouting iifname \"eth0\" counter meta nftrace set 1\n"),
+        text.contains("add rule inet iptrace_42_7 prerouting iifname \"eth0\" counter meta nftrace set 1 accept\n"),
         "{text}"
     );
     assert!(!text.contains("add rule inet iptrace_42_7 output"), "{text}");
     // --chain: the marking rule at that hook only.
     let plan = TracePlan { in_interface: None, chain: Some(TraceChain::Output), ..plan };
     let text = script(owner, &plan, &[]);
-    assert!(text.contains("add rule inet iptrace_42_7 output oifname \"eth1\" counter meta nftrace set 1\n"), "{text}");
+    assert!(
+        text.contains("add rule inet iptrace_42_7 output oifname \"eth1\" counter meta nftrace set 1 accept\n"),
+        "{text}"
+    );
     assert!(!text.contains("add rule inet iptrace_42_7 prerouting"), "{text}");
     let plan = TracePlan { chain: Some(TraceChain::Prerouting), ..plan };
     let text = script(owner, &plan, &[]);
-    assert!(text.contains("add rule inet iptrace_42_7 prerouting counter meta nftrace set 1\n"), "{text}");
+    assert!(text.contains("add rule inet iptrace_42_7 prerouting counter meta nftrace set 1 accept\n"), "{text}");
     assert!(!text.contains("add rule inet iptrace_42_7 output"), "{text}");
 }
 
@@ -76,10 +79,10 @@ fn with_xt_bpf_the_marking_rules_move_to_regular_chains() {
         "create table inet iptrace_42_7 { comment \"iptrace:42:7\"; }
 add chain inet iptrace_42_7 prerouting { type filter hook prerouting priority -350; policy accept; }
 add chain inet iptrace_42_7 mark_prerouting
-add rule inet iptrace_42_7 mark_prerouting meta nfproto ipv6 counter meta nftrace set 1
+add rule inet iptrace_42_7 mark_prerouting meta nfproto ipv6 counter meta nftrace set 1 accept
 add chain inet iptrace_42_7 output { type filter hook output priority -350; policy accept; }
 add chain inet iptrace_42_7 mark_output
-add rule inet iptrace_42_7 mark_output meta nfproto ipv6 counter meta nftrace set 1
+add rule inet iptrace_42_7 mark_output meta nfproto ipv6 counter meta nftrace set 1 accept
 "
     );
 }
@@ -195,16 +198,16 @@ fn bridge_netdev_and_arp_tables_mark_at_their_first_hooks() {
         link_layer_script(owner, &plan, NftFamily::Bridge, &[], &[]).unwrap(),
         "create table bridge iptrace_42_7 { comment \"iptrace:42:7\"; }
 add chain bridge iptrace_42_7 prerouting { type filter hook prerouting priority -350; policy accept; }
-add rule bridge iptrace_42_7 prerouting meta protocol { ip, arp } counter meta nftrace set 1
+add rule bridge iptrace_42_7 prerouting meta protocol { ip, arp } counter meta nftrace set 1 accept
 "
     );
     assert_eq!(
         link_layer_script(owner, &plan, NftFamily::Netdev, &devices, &[]).unwrap(),
         "create table netdev iptrace_42_7 { comment \"iptrace:42:7\"; }
 add chain netdev iptrace_42_7 ingress_vif0 { type filter hook ingress device \"vif0\" priority -350; policy accept; }
-add rule netdev iptrace_42_7 ingress_vif0 meta protocol { ip, arp } counter meta nftrace set 1
+add rule netdev iptrace_42_7 ingress_vif0 meta protocol { ip, arp } counter meta nftrace set 1 accept
 add chain netdev iptrace_42_7 ingress_eth0_1_1 { type filter hook ingress device \"eth0.1\" priority -350; policy accept; }
-add rule netdev iptrace_42_7 ingress_eth0_1_1 meta protocol { ip, arp } counter meta nftrace set 1
+add rule netdev iptrace_42_7 ingress_eth0_1_1 meta protocol { ip, arp } counter meta nftrace set 1 accept
 "
     );
     // A native selection by address: the same matches on IP frames, ARP by its addresses.
@@ -218,16 +221,16 @@ add rule netdev iptrace_42_7 ingress_eth0_1_1 meta protocol { ip, arp } counter 
         link_layer_script(owner, &plan, NftFamily::Arp, &[], &[]).unwrap(),
         "create table arp iptrace_42_7 { comment \"iptrace:42:7\"; }
 add chain arp iptrace_42_7 input { type filter hook input priority -350; policy accept; }
-add rule arp iptrace_42_7 input arp saddr ip 10.9.0.1 counter meta nftrace set 1
+add rule arp iptrace_42_7 input arp saddr ip 10.9.0.1 counter meta nftrace set 1 accept
 add chain arp iptrace_42_7 output { type filter hook output priority -350; policy accept; }
-add rule arp iptrace_42_7 output arp saddr ip 10.9.0.1 oifname \"br0\" counter meta nftrace set 1
+add rule arp iptrace_42_7 output arp saddr ip 10.9.0.1 oifname \"br0\" counter meta nftrace set 1 accept
 "
     );
     let bridge = link_layer_script(owner, &plan, NftFamily::Bridge, &[], &[]).unwrap();
     assert!(
         bridge.ends_with(
-            "add rule bridge iptrace_42_7 prerouting meta protocol ip ip saddr 10.9.0.1 counter meta nftrace set 1
-add rule bridge iptrace_42_7 prerouting meta protocol arp arp saddr ip 10.9.0.1 counter meta nftrace set 1
+            "add rule bridge iptrace_42_7 prerouting meta protocol ip ip saddr 10.9.0.1 counter meta nftrace set 1 accept
+add rule bridge iptrace_42_7 prerouting meta protocol arp arp saddr ip 10.9.0.1 counter meta nftrace set 1 accept
 "
         ),
         "{bridge}"
@@ -238,7 +241,7 @@ add rule bridge iptrace_42_7 prerouting meta protocol arp arp saddr ip 10.9.0.1 
     let netdev = link_layer_script(owner, &both, NftFamily::Netdev, &devices[..1], &[]).unwrap();
     assert!(
         netdev.contains(
-            "add rule netdev iptrace_42_7 ingress_vif0 meta protocol ip ip saddr 10.9.0.1 counter meta nftrace set 1\n"
+            "add rule netdev iptrace_42_7 ingress_vif0 meta protocol ip ip saddr 10.9.0.1 counter meta nftrace set 1 accept\n"
         ),
         "{netdev}"
     );
@@ -264,7 +267,10 @@ add rule bridge iptrace_42_7 prerouting meta protocol arp arp saddr ip 10.9.0.1 
         ..plan
     };
     let bridge = link_layer_script(owner, &xt, NftFamily::Bridge, &[], &[]).unwrap();
-    assert!(bridge.ends_with("prerouting meta protocol { ip, ip6, arp } counter meta nftrace set 1\n"), "{bridge}");
+    assert!(
+        bridge.ends_with("prerouting meta protocol { ip, ip6, arp } counter meta nftrace set 1 accept\n"),
+        "{bridge}"
+    );
 }
 
 #[test]
