@@ -300,7 +300,7 @@ fn native_reject_is_a_reject() {
             syn.body(),
             "        nft inet t input (handle 2)
                 tcp dport 9 reject
-                => drop
+                => reject
         verdict: REJECT at nft inet t input (handle 2)"
         );
     }

@@ -250,11 +250,14 @@ fn step_lines(step: &StepReport, paint: Paint, text: &mut String) {
             );
         }
         Position::NftRule { handle, text: rule, .. } => {
+            // The kernel reports a reject as the drop it ends with (`nft_reject` sends the error,
+            // then `NF_DROP`); the rule's statement tells which it was.
+            let action = if verdict == Verdict::Reject { "reject".to_owned() } else { kernel_verdict(step) };
             let _ = writeln!(
                 text,
                 "{STEP}{place} (handle {handle})\n{DETAIL}{}\n{DETAIL}=> {}",
                 Printable(rule),
-                paint.verdict(&verdict, &kernel_verdict(step))
+                paint.verdict(&verdict, &action)
             );
         }
         // The packet line shows it.
