@@ -135,6 +135,8 @@ pub struct KernelDrop {
     pub device: Option<Interface>,
     /// After any NAT, with its TTL as then.
     pub packet: PacketHeader,
+    /// For a drop without a reason (`NOT_SPECIFIED`), the kernel function it happened in.
+    pub function: Option<String>,
 }
 
 /// The packet as it arrived: at iptrace's own nf_tables marking rule (before every other

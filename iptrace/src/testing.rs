@@ -141,6 +141,7 @@ pub(crate) fn kernel_dropped(packet: &[u8], netns: u64, reason: &str) -> DropEve
         reason: reason.into(),
         ifindex: Some(2),
         location: 0,
+        function: None,
         packet: PacketHeader::parse(packet).unwrap(),
         traced: true,
     }

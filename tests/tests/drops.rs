@@ -434,6 +434,46 @@ fn a_family_left_out_has_no_drop_blocks() {
     assert_eq!(shown, ["IPv6: verdict: dropped: NO_SOCKET (no table of the rule set saw it)"], "{}", out.stdout);
 }
 
+/// A drop without a reason (`NOT_SPECIFIED`: a plain `kfree_skb()`) is shown with the kernel
+/// function it happened in. A datagram to the all-hosts group on a port nobody listens on is
+/// freed by UDP's multicast delivery (`__udp4_lib_mcast_deliver()`), which counts it in `Udp
+/// IgnoredMulti`: that counter is the oracle of where it went, and the function named must be
+/// UDP's receive path, as `/proc/kallsyms` lists it.
+#[test]
+fn a_drop_without_a_reason_names_its_function() {
+    if !require_root("a_drop_without_a_reason_names_its_function") {
+        return;
+    }
+    let lab = lab("xdj-unspec");
+    let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), "-4", "udp port 9033"]);
+    let before = snmp(&lab, Role::Router);
+    send(&lab, Role::Client, "10.5.1.7:0", "224.0.0.1:9033", None);
+    wait_until_read(&lab, Role::Router);
+    let out = tracer.stop(libc::SIGINT);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        changed(&before, &snmp(&lab, Role::Router), &["Udp IgnoredMulti", "Udp NoPorts"]),
+        ["Udp IgnoredMulti +1"]
+    );
+    let shown: Vec<String> = blocks(&out.stdout)
+        .iter()
+        .filter(|b| b.packet.contains("DST=224.0.0.1"))
+        .map(|b| b.verdict().to_owned())
+        .collect();
+    let [verdict] = &shown[..] else { panic!("one block for the datagram:\n{}", out.stdout) };
+    let function = verdict
+        .strip_prefix("verdict: dropped: NOT_SPECIFIED in ")
+        .and_then(|rest| rest.strip_suffix(" (no table of the rule set saw it)"))
+        .unwrap_or_else(|| panic!("{verdict}"));
+    assert!(function.contains("udp"), "{verdict}");
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap();
+    let is_function = |line: &str| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        matches!(fields[..], [_, "t" | "T", name, ..] if name == function)
+    };
+    assert!(kallsyms.lines().any(is_function), "{function} is no kernel function");
+}
+
 /// An input chain shaped like the benchmark's large rule set (`nft_with_set` in
 /// bench/src/ruleset.rs): a block list of 10,000 addresses, a rule that drops UDP to port 9999,
 /// and 5,000 service rules that match nothing here; the policy accepts.

@@ -21,11 +21,6 @@ impl Monitor {
         Self { child }
     }
 
-    /// Stops it and returns the traces it printed.
-    fn stop(self) -> Vec<KernelTrace> {
-        KernelTrace::parse(&self.stop_printing())
-    }
-
     /// Stops it and returns what it printed.
     fn stop_printing(mut self) -> String {
         self.kill();
@@ -167,13 +162,19 @@ fn load_json(lab: &Lab, script: &str) {
 
 /// Traces `filter` in the router while `traffic` runs, with `nft monitor trace` beside it.
 fn trace(lab: &Lab, filter: &str, traffic: impl FnOnce()) -> (Vec<Block>, String, Vec<KernelTrace>) {
+    let (all, stdout, printed) = trace_printing(lab, filter, traffic);
+    (all, stdout, KernelTrace::parse(&printed))
+}
+
+/// [`trace`], with what `nft monitor trace` printed as it printed it.
+fn trace_printing(lab: &Lab, filter: &str, traffic: impl FnOnce()) -> (Vec<Block>, String, String) {
     let monitor = Monitor::start(lab, Role::Router);
     let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), filter]);
     traffic();
     settle();
     let out = tracer.stop(libc::SIGINT);
     assert!(out.status.success(), "{out:?}");
-    (blocks(&out.stdout), out.stdout, monitor.stop())
+    (blocks(&out.stdout), out.stdout, monitor.stop_printing())
 }
 
 /// The one block whose packet line has all of `needles`.
@@ -455,29 +456,18 @@ fn the_marking_reports_one_event_and_the_chains_after_it_run() {
     load(&lab, RAW_PRIORITY_CHAIN);
     // A selection nft expresses itself, then one only the pcap compiler does (xt_bpf).
     for (filter, seq) in [("icmp and src host 10.5.1.7", 1), ("icmp[icmptype] = icmp-echo", 2)] {
-        let monitor = Monitor::start(&lab, Role::Router);
-        let tracer = Tracer::start(&["--netns", &lab.ns(Role::Router), filter]);
-        lab.ping(Role::Client, addr::CLIENT, addr::SERVER, seq).unwrap();
-        settle();
-        let out = tracer.stop(libc::SIGINT);
-        assert!(out.status.success(), "{out:?}");
-        let printed = monitor.stop_printing();
+        let (all, stdout, printed) =
+            trace_printing(&lab, filter, || lab.ping(Role::Client, addr::CLIENT, addr::SERVER, seq).unwrap());
         let own_events: Vec<&str> =
             printed.lines().filter(|l| l.contains(" iptrace_") && !l.contains(" packet: ")).collect();
         assert_eq!(own_events.len(), 1, "{filter}: iptrace's table reported:\n{printed}");
         assert!(own_events[0].contains("(verdict accept)"), "{filter}: {}", own_events[0]);
-        let all = blocks(&out.stdout);
         let seq = format!("SEQ={seq}");
-        let ping = only(&all, &["SRC=10.5.1.7 DST=172.16.2.2", "TYPE=8", &seq], &out.stdout);
-        assert!(
-            ping.body().contains("nft inet early pre (handle 2)\n                counter"),
-            "{filter}:\n{}",
-            out.stdout
-        );
+        let ping = only(&all, &["SRC=10.5.1.7 DST=172.16.2.2", "TYPE=8", &seq], &stdout);
+        assert!(ping.body().contains("nft inet early pre (handle 2)\n                counter"), "{filter}:\n{stdout}");
         assert!(
             ping.body().ends_with("last seen: nft inet early pre (policy accept); no later netfilter hook saw it"),
-            "{filter}:\n{}",
-            out.stdout
+            "{filter}:\n{stdout}"
         );
     }
 }

@@ -12,6 +12,7 @@
 //! packets, so userspace sees only what it reports.
 
 mod btf;
+mod kallsyms;
 #[cfg(test)]
 mod tests;
 
@@ -31,6 +32,7 @@ use iptrace_common::{
 };
 
 pub use self::btf::Btf;
+use self::kallsyms::KernelSymbols;
 use crate::{
     bpf::{self, BpfError},
     decode::{Family, PacketHeader, TraceEvent},
@@ -41,6 +43,9 @@ pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Prefix of every `enum skb_drop_reason` name, left out of the names iptrace shows.
 const REASON_PREFIX: &str = "SKB_DROP_REASON_";
+
+/// The reason of a plain `kfree_skb()`, which gives none.
+const UNSPECIFIED_REASON: &str = "NOT_SPECIFIED";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DropError {
@@ -176,6 +181,10 @@ pub struct DropEvent {
     pub ifindex: Option<u32>,
     /// The kernel code address that dropped it (`location`; `/proc/kallsyms` names it).
     pub location: u64,
+    /// For a drop without a reason (`NOT_SPECIFIED`), the kernel function it happened in, which
+    /// says what the reason does not. Recordings made before this was kept have none.
+    #[serde(default)]
+    pub function: Option<String>,
     /// The packet as it was when dropped: after any NAT, with its TTL as then.
     pub packet: PacketHeader,
     /// A marking had traced it (`skb->nf_trace`): a netfilter drop then is the verdict of a
@@ -207,6 +216,7 @@ impl DropEvent {
             reason: facts.reason_name(record.reason),
             ifindex: (record.ifindex != 0).then_some(record.ifindex),
             location: record.location,
+            function: None,
             packet: PacketHeader::parse(header).ok()?,
             traced: record.nf_trace != 0,
         })
@@ -241,6 +251,7 @@ pub struct DropTracer {
     facts: KernelFacts,
     /// The families reported: `-4`/`-6` are no part of the selection's program.
     families: Vec<Family>,
+    symbols: KernelSymbols,
     /// Owns the program and its attachment.
     _ebpf: Ebpf,
 }
@@ -276,7 +287,13 @@ impl DropTracer {
             .ok_or(DropError::Load(BpfError::MissingMap { name: DROP_EVENTS_MAP }))?
             .try_into()
             .map_err(DropError::Map)?;
-        Ok(Self { events, facts, families: vec![Family::Ipv4, Family::Ipv6], _ebpf: ebpf })
+        Ok(Self {
+            events,
+            facts,
+            families: vec![Family::Ipv4, Family::Ipv6],
+            symbols: KernelSymbols::default(),
+            _ebpf: ebpf,
+        })
     }
 
     /// Reports only the drops of packets of `families`.
@@ -284,11 +301,16 @@ impl DropTracer {
         Self { families: families.to_vec(), ..self }
     }
 
-    /// The drops reported since the last call, oldest first.
+    /// The drops reported since the last call, oldest first. Those without a reason are named
+    /// by the function they happened in (read from `/proc/kallsyms` the first time each place
+    /// drops: they are rare, and the other reasons say more than a function would).
     pub fn read(&mut self) -> Vec<DropEvent> {
         let mut drops = Vec::new();
         while let Some(record) = self.events.next() {
             drops.extend(DropEvent::decode(&record, &self.facts).filter(|d| self.families.contains(&d.family())));
+        }
+        for drop in drops.iter_mut().filter(|d| d.reason == UNSPECIFIED_REASON) {
+            drop.function = self.symbols.function(drop.location);
         }
         drops
     }

@@ -50,7 +50,12 @@ pub(super) fn kernel_drop(
     names: &mut impl InterfaceNames,
 ) -> (KernelDrop, Fate) {
     let device = drop.ifindex.map(|index| Interface { index, name: names.name(index) });
-    let kept = KernelDrop { reason: drop.reason.clone(), device, packet: drop.packet.clone() };
+    let kept = KernelDrop {
+        reason: drop.reason.clone(),
+        device,
+        packet: drop.packet.clone(),
+        function: drop.function.clone(),
+    };
     let reason = drop.reason.clone();
     let settled = settled_by_the_drop(drop, steps);
     let fate = match netfilter {

@@ -85,7 +85,7 @@ fn a_kernel_drop_is_the_fate_once() {
     let device = Some(Interface { index: 2, name: "veth2".into() });
     assert_eq!(
         report.drop,
-        Some(KernelDrop { reason: "NO_SOCKET".into(), device, packet: report.arrived.header.clone() })
+        Some(KernelDrop { reason: "NO_SOCKET".into(), device, packet: report.arrived.header.clone(), function: None })
     );
     // No route after PREROUTING: the drop after where it was last seen.
     let last_seen = Fate::LastSeen { last: 0, base: 0, hook: Hook::PreRouting };

@@ -50,7 +50,13 @@ pub fn write_packet(report: &PacketReport, netns: Option<&str>, out: &mut impl W
             .field("conntrack", &report.conntrack.as_ref().map(Ct))
             .key("steps")
             .array(report.steps.iter().map(|s| step(s, netns)))
-            .field("fate", &fate(&report.fate));
+            .field(
+                "fate",
+                &FateRecord {
+                    function: report.drop.as_ref().and_then(|d| d.function.as_deref()),
+                    ..fate(&report.fate)
+                },
+            );
     });
     line.end(out)
 }
@@ -561,6 +567,8 @@ struct FateRecord<'a> {
     hook: Option<&'static str>,
     /// `dropped` only: the kernel's drop reason.
     reason: Option<&'a str>,
+    /// `dropped` without a reason (`NOT_SPECIFIED`) only: the kernel function it happened in.
+    function: Option<&'a str>,
 }
 
 impl ToJson for FateRecord<'_> {
@@ -574,6 +582,9 @@ impl ToJson for FateRecord<'_> {
                 .field("hook", &self.hook);
             if let Some(reason) = self.reason {
                 l.field("reason", reason);
+            }
+            if let Some(function) = self.function {
+                l.field("function", function);
             }
         });
     }
@@ -724,7 +735,16 @@ fn change(change: &Change) -> ChangeRecord {
 }
 
 fn fate(of: &Fate) -> FateRecord<'_> {
-    let none = |how| FateRecord { how, verdict: None, by: None, step: None, base_step: None, hook: None, reason: None };
+    let none = |how| FateRecord {
+        how,
+        verdict: None,
+        by: None,
+        step: None,
+        base_step: None,
+        hook: None,
+        reason: None,
+        function: None,
+    };
     match of {
         Fate::Decided { step, verdict, by } => FateRecord {
             verdict: Some(verdict_name(verdict)),

@@ -410,7 +410,7 @@ fn fate(report: &PacketReport, paint: Paint) -> String {
         Fate::Incomplete => "(incomplete: events lost)".to_owned(),
         Fate::NoneSeen => "verdict: none seen (no table ended its traversal in a traced step)".to_owned(),
         Fate::DroppedAfterNetfilter { reason, after } => {
-            let reason = Printable(reason);
+            let reason = drop_reason(report, reason);
             match &**after {
                 Fate::Decided { step, verdict, .. } => format!(
                     "verdict: ACCEPT by netfilter, then dropped: {reason} (after {})",
@@ -424,8 +424,17 @@ fn fate(report: &PacketReport, paint: Paint) -> String {
             }
         }
         Fate::DroppedOutsideNetfilter { reason } => {
-            format!("verdict: dropped: {} (no table of the rule set saw it)", Printable(reason))
+            format!("verdict: dropped: {} (no table of the rule set saw it)", drop_reason(report, reason))
         }
+    }
+}
+
+/// A drop's reason as the fate line shows it: `NO_SOCKET`; a drop without one with the kernel
+/// function it happened in, `NOT_SPECIFIED in tcp_v4_rcv`. Escaped.
+fn drop_reason(report: &PacketReport, reason: &str) -> String {
+    match report.drop.as_ref().and_then(|d| d.function.as_deref()) {
+        Some(function) => format!("{} in {}", Printable(reason), Printable(function)),
+        None => Printable(reason).to_string(),
     }
 }
 

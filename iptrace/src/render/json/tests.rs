@@ -7,7 +7,7 @@ use crate::{
     decode::{NftFamily, NftVerdict, Origin, Table},
     model::{Hook, HookPoint},
     resolve::Step,
-    testing::{Names, marked, nft_step, rule, step, udp_v4},
+    testing::{Names, kernel_dropped, marked, nft_step, rule, step, udp_v4},
     xtables::tokenize,
 };
 
@@ -216,6 +216,23 @@ fn every_fate() {
     assert_eq!(fate(&[log], true)["how"], "none");
     let snat = step(Hook::PostRouting, Table::Nat, "POSTROUTING", &a, 0, rule(2, "-j SNAT --to-source 1.2.3.4"));
     assert_eq!(fate(&[snat], true)["by"], "last_verdict");
+    // The kernel's drop: its reason, and where it gave none, the function it happened in.
+    let accept = step(Hook::LocalIn, Table::Filter, "INPUT", &a, 0, rule(3, "-p udp -j ACCEPT"));
+    let dropped = |drop: &crate::drops::DropEvent| {
+        let report = PacketReport::dropped(vec![accept.clone()], true, UNIX_EPOCH, drop, &mut Names);
+        let mut out = Vec::new();
+        write_packet(&report, None, &mut out).unwrap();
+        serde_json::from_slice::<Json>(&out).unwrap()["fate"].clone()
+    };
+    assert_eq!(
+        dropped(&kernel_dropped(&a, 1, "NO_SOCKET")),
+        json!({"how": "dropped", "verdict": "accept", "by": "filtered", "step": 0, "base_step": null, "hook": null,
+               "reason": "NO_SOCKET"})
+    );
+    let unspecified =
+        crate::drops::DropEvent { function: Some("tcp_v4_rcv".into()), ..kernel_dropped(&a, 1, "NOT_SPECIFIED") };
+    assert_eq!(dropped(&unspecified)["function"], "tcp_v4_rcv");
+    assert_eq!(dropped(&unspecified)["reason"], "NOT_SPECIFIED");
 }
 
 #[test]

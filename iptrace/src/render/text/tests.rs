@@ -281,13 +281,27 @@ fn a_kernel_drop_ends_the_block_once() {
         "verdict: ACCEPT by netfilter, then dropped: IP_INNOROUTES (after nat PREROUTING DNAT to 172.20.0.2:6443)"
     );
     assert_eq!(
-        ending(&[nat.clone(), accept], "NO_SOCKET"),
+        ending(&[nat.clone(), accept.clone()], "NO_SOCKET"),
         "verdict: ACCEPT by netfilter, then dropped: NO_SOCKET (after ACCEPT at filter INPUT #3)"
     );
-    assert_eq!(ending(&[nat, drop], "NETFILTER_DROP"), "verdict: DROP at filter FORWARD #4");
+    assert_eq!(ending(&[nat.clone(), drop], "NETFILTER_DROP"), "verdict: DROP at filter FORWARD #4");
     assert_eq!(
         ending(&[marked(&syn)], "IP_RPFILTER"),
         "verdict: dropped: IP_RPFILTER (no table of the rule set saw it)"
+    );
+    // A drop without a reason says where it happened.
+    let unspecified =
+        crate::drops::DropEvent { function: Some("tcp_v4_rcv".into()), ..kernel_dropped(&syn, 1, "NOT_SPECIFIED") };
+    let report = PacketReport::dropped(
+        vec![nat.clone(), accept.clone()],
+        true,
+        SystemTime::UNIX_EPOCH,
+        &unspecified,
+        &mut Names,
+    );
+    assert_eq!(
+        fate(&report, Paint(false)),
+        "verdict: ACCEPT by netfilter, then dropped: NOT_SPECIFIED in tcp_v4_rcv (after ACCEPT at filter INPUT #3)"
     );
     let mut block = Vec::new();
     let alone = PacketReport::dropped(
