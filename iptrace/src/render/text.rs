@@ -430,7 +430,7 @@ fn fate(report: &PacketReport, paint: Paint) -> String {
 }
 
 /// A drop's reason as the fate line shows it: `NO_SOCKET`; a drop without one with the kernel
-/// function it happened in, `NOT_SPECIFIED in tcp_v4_rcv`. Escaped.
+/// function it happened in, `NOT_SPECIFIED in __udp4_lib_rcv`. Escaped.
 fn drop_reason(report: &PacketReport, reason: &str) -> String {
     match report.drop.as_ref().and_then(|d| d.function.as_deref()) {
         Some(function) => format!("{} in {}", Printable(reason), Printable(function)),
