@@ -359,8 +359,9 @@ pub fn iptrace_nft_steps(block: &Block) -> Vec<String> {
             Engine::Legacy => {}
             Engine::Nft => {
                 if let Some(verdict) = last.strip_prefix("=> ") {
-                    // A reject is shown as what the rule does, the kernel reports its drop.
-                    let verdict = if verdict == "reject" { "drop" } else { verdict };
+                    // A rule's reject is shown as what it does; the kernel reports its drop.
+                    let rejects = details.first().is_some_and(|rule| rule.contains("reject"));
+                    let verdict = if verdict == "reject" && rejects { "drop" } else { verdict };
                     out.push(format!("{header} => {verdict}"));
                 } else if last.starts_with("policy ") {
                     out.push(format!("{header} {last}"));
