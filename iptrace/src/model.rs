@@ -291,7 +291,7 @@ impl PacketReport {
                         Family::Ipv4 => NftFamily::Ip,
                         Family::Ipv6 => NftFamily::Ip6,
                     };
-                    (Place { engine, family, table: table.name().into(), chain }, None)
+                    (Place { engine, family, table: table.shared_name(), chain }, None)
                 }
                 Origin::Nft { family, table, chain, verdict, ct, .. } => {
                     conntrack = conntrack.or(ct);

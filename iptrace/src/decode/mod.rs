@@ -15,7 +15,7 @@ pub mod origin;
 pub mod packet;
 pub mod prefix;
 
-use std::{borrow::Cow, collections::VecDeque, fmt, sync::Arc};
+use std::{borrow::Cow, collections::VecDeque, fmt, sync::{Arc, LazyLock}};
 
 use foldhash::HashMap;
 
@@ -153,6 +153,21 @@ impl Table {
             "filter" => Table::Filter,
             "security" => Table::Security,
             other => Table::Other(other.into()),
+        }
+    }
+
+    /// [`Self::name`] as shared text: a report's place holds it, and a legacy step would
+    /// otherwise allocate it anew.
+    pub fn shared_name(&self) -> Arc<str> {
+        static BUILT_IN: LazyLock<[Arc<str>; 5]> =
+            LazyLock::new(|| ["raw", "mangle", "nat", "filter", "security"].map(Arc::from));
+        match self {
+            Table::Raw => BUILT_IN[0].clone(),
+            Table::Mangle => BUILT_IN[1].clone(),
+            Table::Nat => BUILT_IN[2].clone(),
+            Table::Filter => BUILT_IN[3].clone(),
+            Table::Security => BUILT_IN[4].clone(),
+            Table::Other(name) => name.clone(),
         }
     }
 

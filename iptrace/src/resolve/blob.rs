@@ -355,8 +355,8 @@ fn rule(entry: &Entry<'_>, heads: &HashMap<usize, String>) -> BlobRule {
         Some(-4) => ("QUEUE".to_owned(), Verdict::Queue),
         Some(XT_RETURN) => ("RETURN".to_owned(), Verdict::Return),
         Some(to) => match usize::try_from(to).ok().and_then(|to| heads.get(&to)) {
-            Some(chain) if entry.head.goto => (chain.clone(), Verdict::Goto(chain.clone())),
-            Some(chain) => (chain.clone(), Verdict::Jump(chain.clone())),
+            Some(chain) if entry.head.goto => (chain.clone(), Verdict::Goto(chain.as_str().into())),
+            Some(chain) => (chain.clone(), Verdict::Jump(chain.as_str().into())),
             // The next entry: no target.
             None => (String::new(), Verdict::Continue),
         },

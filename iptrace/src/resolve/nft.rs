@@ -623,8 +623,8 @@ pub(super) fn step_verdict(kernel: &NftVerdict, found: &Found) -> Verdict {
         NftVerdict::Queue => Verdict::Queue,
         NftVerdict::Stolen => Verdict::Stolen,
         NftVerdict::Return => Verdict::Return,
-        NftVerdict::Jump(c) => Verdict::Jump(c.to_string()),
-        NftVerdict::Goto(c) => Verdict::Goto(c.to_string()),
+        NftVerdict::Jump(c) => Verdict::Jump(c.clone()),
+        NftVerdict::Goto(c) => Verdict::Goto(c.clone()),
         NftVerdict::Continue | NftVerdict::Break | NftVerdict::Repeat | NftVerdict::Stop | NftVerdict::Other(_) => {
             Verdict::Continue
         }

@@ -1,5 +1,7 @@
 //! A rule as iptables-save writes it, split into what it matches, its comment and its target.
 
+use std::sync::Arc;
+
 use crate::xtables;
 
 /// What a target does to the traversal.
@@ -10,9 +12,9 @@ pub enum Verdict {
     Reject,
     Return,
     /// `-j CHAIN`: continue in a user chain, then come back.
-    Jump(String),
+    Jump(Arc<str>),
     /// `-g CHAIN`: continue in a user chain and do not come back.
-    Goto(String),
+    Goto(Arc<str>),
     /// A NAT target: the binding is set up and the NAT chain ends (accepts).
     Nat,
     /// Queued to userspace (QUEUE, NFQUEUE).
@@ -105,8 +107,8 @@ impl Rule {
         }
         let verdict = match target.as_str() {
             "" => Verdict::Continue,
-            t if goto => Verdict::Goto(t.to_owned()),
-            t if is_chain(t) => Verdict::Jump(t.to_owned()),
+            t if goto => Verdict::Goto(t.into()),
+            t if is_chain(t) => Verdict::Jump(t.into()),
             t => Verdict::of_target(t),
         };
         Self {
