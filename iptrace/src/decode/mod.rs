@@ -15,7 +15,12 @@ pub mod origin;
 pub mod packet;
 pub mod prefix;
 
-use std::{borrow::Cow, collections::VecDeque, fmt, sync::{Arc, LazyLock}};
+use std::{
+    borrow::Cow,
+    collections::VecDeque,
+    fmt,
+    sync::{Arc, LazyLock},
+};
 
 use foldhash::HashMap;
 
@@ -307,7 +312,7 @@ const MAX_HOOK_HEADERS: usize = 1 << 12;
 /// trace id's headers.
 #[derive(Debug, Default)]
 pub struct Decoder {
-    names: HashMap<Box<str>, Arc<str>>,
+    names: HashMap<Box<[u8]>, Arc<str>>,
     tables: HashMap<Box<str>, Table>,
     hook_headers: HashMap<TraceId, HookHeaders>,
     /// The newest trace ids of unaddressed fragments.
@@ -404,7 +409,7 @@ impl Decoder {
             origin: Origin::Xtables {
                 hook,
                 table: self.table(prefix.table),
-                chain: self.intern(prefix.chain),
+                chain: self.intern(prefix.chain.as_bytes()),
                 kind: prefix.kind,
                 number: prefix.number,
             },
@@ -521,15 +526,15 @@ impl Decoder {
         let family = ip_family.unwrap_or(Family::of(headers.packet.src));
         let verdict = match (trace_type, msg.policy, msg.verdict) {
             (NftTraceType::Policy, Some(policy), _) => NftVerdict::from_code(policy.cast_signed(), None),
-            (_, _, Some(v)) => NftVerdict::from_code(v.code, v.chain.map(|c| self.intern(&String::from_utf8_lossy(c)))),
+            (_, _, Some(v)) => NftVerdict::from_code(v.code, v.chain.map(|c| self.intern(c))),
             _ => NftVerdict::Continue,
         };
         Ok(Some(TraceEvent {
             family,
             origin: Origin::Nft {
                 family: table_family,
-                table: self.intern(&String::from_utf8_lossy(msg.table)),
-                chain: self.intern(&String::from_utf8_lossy(msg.chain)),
+                table: self.intern(msg.table),
+                chain: self.intern(msg.chain),
                 handle: msg.rule_handle,
                 trace_type,
                 verdict,
@@ -562,8 +567,8 @@ impl Decoder {
             NftChange::Rule { family, table, chain, handle } => {
                 let key = NftRuleKey {
                     family: NftFamily::from_nfproto(family),
-                    table: self.intern(&String::from_utf8_lossy(table)),
-                    chain: self.intern(&String::from_utf8_lossy(chain)),
+                    table: self.intern(table),
+                    chain: self.intern(chain),
                     handle,
                 };
                 self.pending_rules.push(key);
@@ -594,11 +599,13 @@ impl Decoder {
         t
     }
 
-    fn intern(&mut self, name: &str) -> Arc<str> {
+    /// The shared text of a table or chain name, looked up by its bytes: a name seen before
+    /// (nearly every one) is neither checked for UTF-8 nor copied again.
+    fn intern(&mut self, name: &[u8]) -> Arc<str> {
         if let Some(c) = self.names.get(name) {
             return c.clone();
         }
-        let c: Arc<str> = name.into();
+        let c: Arc<str> = String::from_utf8_lossy(name).into();
         self.names.insert(name.into(), c.clone());
         c
     }

@@ -206,11 +206,15 @@ fn step_lines(step: &StepReport, paint: Paint, text: &mut String) {
         Position::Rule { number, rule } | Position::XtablesNftRule { number, rule, .. } => {
             let _ = write!(text, "{STEP}{place} (#{number})");
             if let Some(comment) = &rule.comment {
-                let _ = write!(text, " /* {} */", Printable(comment));
+                text.push_str(" /* ");
+                let _ = write_printable(text, comment);
+                text.push_str(" */");
             }
             text.push('\n');
             if !rule.matches.is_empty() {
-                let _ = writeln!(text, "{DETAIL}{}", Printable(&rule.matches));
+                text.push_str(DETAIL);
+                let _ = write_printable(text, &rule.matches);
+                text.push('\n');
             }
             let _ = writeln!(text, "{DETAIL}=> {}", paint.verdict(&verdict, Printable(Action(rule))));
         }
@@ -359,12 +363,17 @@ impl fmt::Display for Place<'_> {
             write!(f, "[{}] ", Printable(netns))?;
         }
         let p = &self.0.place;
-        let (table, chain) = (Printable(&p.table), Printable(&p.chain));
         match p.engine {
-            Engine::Legacy => write!(f, "{table} {chain}"),
-            Engine::XtablesNft => write!(f, "{} {table} {chain}", xtables_nft(p.family)),
-            Engine::Nft => write!(f, "nft {} {table} {chain}", Printable(p.family)),
+            Engine::Legacy => {}
+            Engine::XtablesNft => {
+                f.write_str(xtables_nft(p.family))?;
+                f.write_char(' ')?;
+            }
+            Engine::Nft => write!(f, "nft {} ", Printable(p.family))?,
         }
+        write_printable(f, &p.table)?;
+        f.write_char(' ')?;
+        write_printable(f, &p.chain)
     }
 }
 
@@ -654,8 +663,7 @@ impl<T: fmt::Display> fmt::Display for Printable<T> {
         struct Escaping<'a, 'b>(&'a mut fmt::Formatter<'b>);
         impl fmt::Write for Escaping<'_, '_> {
             fn write_str(&mut self, s: &str) -> fmt::Result {
-                // Nearly all text is printable ASCII, which needs no escape.
-                if s.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+                if is_plain(s) {
                     return self.0.write_str(s);
                 }
                 let mut rest = s;
@@ -676,6 +684,17 @@ impl<T: fmt::Display> fmt::Display for Printable<T> {
         }
         write!(Escaping(f), "{}", self.0)
     }
+}
+
+/// `s` as [`Printable`] shows it; plain text goes straight to `out`, without the formatting
+/// machinery that is most of a block's cost when tracing everything.
+fn write_printable(out: &mut impl fmt::Write, s: &str) -> fmt::Result {
+    if is_plain(s) { out.write_str(s) } else { write!(out, "{}", Printable(s)) }
+}
+
+/// Whether `s` is printable ASCII, as nearly all text is: it needs no escape.
+fn is_plain(s: &str) -> bool {
+    s.bytes().all(|b| (b' '..=b'~').contains(&b))
 }
 
 pub(super) fn needs_escape(c: char) -> bool {
