@@ -686,8 +686,8 @@ impl<T: fmt::Display> fmt::Display for Printable<T> {
     }
 }
 
-/// `s` as [`Printable`] shows it; plain text goes straight to `out`, without the formatting
-/// machinery that is most of a block's cost when tracing everything.
+/// `s` as [`Printable`] shows it. Plain text, nearly all of it, goes straight to `out`: through
+/// the formatting machinery, as `Printable` takes it, a name cost several times its copy.
 fn write_printable(out: &mut impl fmt::Write, s: &str) -> fmt::Result {
     if is_plain(s) { out.write_str(s) } else { write!(out, "{}", Printable(s)) }
 }
