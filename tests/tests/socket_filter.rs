@@ -198,8 +198,11 @@ fn the_socket_filter_is_ready_when_tracing_starts() {
 }
 
 /// Someone else's TRACE rule that comes after iptrace started: the filter, verified from the
-/// ready line on, is attached at the first message iptrace's marking did not select, in time to drop
-/// nearly all of a flood in the kernel; what was queued before it is selected in userspace.
+/// ready line on, is attached at the first message iptrace's marking did not select. One
+/// unselected packet is sent alone, so nothing but its messages can bring the attach about, and
+/// only they (queued before it) are selected in userspace; the kernel drops the whole flood that
+/// follows. Flooding from the start instead made the share selected in userspace depend on how
+/// soon the reader ran, behind the other tests' floods.
 #[test]
 fn the_socket_filter_is_attached_at_once_when_someone_starts_tracing() {
     if !require_root("the_socket_filter_is_attached_at_once_when_someone_starts_tracing") {
@@ -213,6 +216,8 @@ fn the_socket_filter_is_attached_at_once_when_someone_starts_tracing() {
     }
     lab.exec(Role::Router, FOREIGN_TRACE, "").unwrap();
     let client = SocketAddr::new(addr::CLIENT, 0);
+    lab.udp(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected").unwrap();
+    tracer.wait_for_stderr("eBPF socket filter attached");
     lab.udp_burst(Role::Client, client, SocketAddr::new(addr::SERVER, 5000), b"not selected", 10_000).unwrap();
     for _ in 0..10 {
         lab.udp(Role::Client, client, SocketAddr::new(addr::SERVER, 9999), b"selected").unwrap();
@@ -224,7 +229,8 @@ fn the_socket_filter_is_attached_at_once_when_someone_starts_tracing() {
     let in_kernel = stat(&out.stderr, "selection (eBPF)", " dropped");
     let in_userspace = stat(&out.stderr, "selection (userspace)", " dropped");
     assert!(in_kernel >= 10_000, "{}", out.stderr);
-    assert!(in_userspace * 100 <= in_kernel + in_userspace, "at least 99 % dropped in the kernel: {}", out.stderr);
+    // The lone packet's messages: a dozen in this lab; a flood's worth would be thousands.
+    assert!((1..=50).contains(&in_userspace), "only the first packet's messages selected in userspace: {}", out.stderr);
 }
 
 #[test]
