@@ -216,7 +216,7 @@ fn step_lines(step: &StepReport, paint: Paint, text: &mut String) {
                 let _ = write_printable(text, &rule.matches);
                 text.push('\n');
             }
-            let _ = writeln!(text, "{DETAIL}=> {}", paint.verdict(&verdict, Printable(Action(rule))));
+            let _ = writeln!(text, "{DETAIL}=> {}", paint.verdict(&verdict, Action(rule)));
         }
         Position::RuleSetChanged { kernel_number, was, is } => {
             // The rule's number as `iptables -L --line-numbers` shows it (without iptrace's own
@@ -285,7 +285,7 @@ pub(crate) fn step_summary(step: &StepReport) -> String {
             let comment = rule.comment.as_deref().map(|c| format!(" {}", shown_comment(c))).unwrap_or_default();
             let matches =
                 if rule.matches.is_empty() { String::new() } else { format!(" {}", Printable(&rule.matches)) };
-            format!("{place} #{number}{comment}{matches} => {}", Printable(action(rule)))
+            format!("{place} #{number}{comment}{matches} => {}", action(rule))
         }
         Position::NftRule { handle, text, .. } => {
             format!("{place} (handle {handle}) {} => {}", Printable(text), kernel_verdict(step))
@@ -311,7 +311,7 @@ fn shown_comment(comment: &str) -> String {
     format!("/* {} */", Printable(comment))
 }
 
-/// What a legacy rule does: its target and options, or the chain it continues in.
+/// What a legacy rule does: its target and options, or the chain it continues in; escaped.
 fn action(rule: &Rule) -> String {
     Action(rule).to_string()
 }
@@ -323,11 +323,23 @@ impl fmt::Display for Action<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let rule = self.0;
         match &rule.verdict {
-            Verdict::Jump(chain) => write!(f, "jump {chain}"),
-            Verdict::Goto(chain) => write!(f, "goto {chain}"),
+            Verdict::Jump(chain) => {
+                f.write_str("jump ")?;
+                write_printable(f, chain)
+            }
+            Verdict::Goto(chain) => {
+                f.write_str("goto ")?;
+                write_printable(f, chain)
+            }
             _ if rule.target.is_empty() => f.write_str("(no target: continue)"),
-            _ if rule.target_options.is_empty() => f.write_str(&rule.target),
-            _ => write!(f, "{} {}", rule.target, rule.target_options),
+            _ => {
+                write_printable(f, &rule.target)?;
+                if rule.target_options.is_empty() {
+                    return Ok(());
+                }
+                f.write_char(' ')?;
+                write_printable(f, &rule.target_options)
+            }
         }
     }
 }
@@ -339,7 +351,7 @@ fn changed_rule(position: Option<&Position>) -> String {
             let comment = rule.comment.as_deref().map(|c| format!("{} ", shown_comment(c))).unwrap_or_default();
             let matches =
                 if rule.matches.is_empty() { String::new() } else { format!("{} ", Printable(&rule.matches)) };
-            format!("{comment}{matches}=> {}", Printable(action(rule)))
+            format!("{comment}{matches}=> {}", action(rule))
         }
         Some(Position::Policy(v)) => format!("the policy {}", verdict_name(v)),
         Some(Position::ChainEnd) => "the end of the chain".to_owned(),

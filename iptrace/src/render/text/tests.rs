@@ -225,15 +225,18 @@ fn printable_escapes_what_a_terminal_would_act_on() {
     assert_eq!(Printable("plain -p udp /* ok */").to_string(), "plain -p udp /* ok */");
 }
 
-/// Names and matches take the short path when they are plain: those that are not are escaped on
-/// it as everywhere else.
+/// Names, matches and targets take the short path when they are plain: those that are not are
+/// escaped on it as everywhere else.
 #[test]
 fn places_and_matches_from_the_kernel_are_escaped() {
     let a = udp_v4([10, 5, 1, 7], 40000, 64);
-    let steps =
-        [step(Hook::Forward, Table::Other("t\x1bx".into()), "c\u{202e}h", &a, 0, rule(1, "-i e\x07th0 -j ACCEPT"))];
+    let steps = [
+        step(Hook::Forward, Table::Other("t\x1bx".into()), "c\u{202e}h", &a, 0, rule(1, "-i e\x07th0 -j ACCEPT")),
+        step(Hook::Forward, Table::Filter, "FORWARD", &a, 0, rule(2, "-j LOG --log-prefix p\x1bq")),
+    ];
     let out = render_steps(&steps, true);
     assert!(out.contains("\n        t\\x1bx c\\u{202e}h (#1)\n                -i e\\ath0\n"), "{out:?}");
+    assert!(out.contains("\n                => LOG --log-prefix p\\x1bq\n"), "{out:?}");
     assert!(!out.contains(['\x1b', '\x07', '\u{202e}']), "{out:?}");
 }
 
