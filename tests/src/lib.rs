@@ -197,9 +197,21 @@ impl Tracer {
 }
 
 /// A test that panics while iptrace runs must not leave it running (a lab's namespace lives on
-/// while a process is in it).
+/// while a process is in it), nor what it changed: it is asked to stop first, so that it undoes
+/// its changes and removes its state file in `/run/iptrace`, which a SIGKILL would leave behind
+/// for a namespace about to go; killed only if it has not stopped within `STOP_GRACE`.
 impl Drop for Tracer {
     fn drop(&mut self) {
+        const STOP_GRACE: Duration = Duration::from_secs(5);
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_GRACE;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();

@@ -269,25 +269,46 @@ fn build_ebpf() -> Result<()> {
 
 /// Runs the tests with `TMPDIR` a directory of their own, and fails when they left anything in
 /// it: every test removes what it creates, also when it fails (`iptrace_tests::ScratchDir`), and
-/// so does iptrace. The compiler's own temporary files are gone by the time the tests end.
+/// so does iptrace. The compiler's own temporary files are gone by the time the tests end. It
+/// also fails when a run of iptrace left its state in `/run/iptrace` (a run killed before it
+/// could undo its changes, in a namespace that is gone since).
 fn run_leaving_nothing_behind(cmd: &mut Command) -> Result<()> {
+    const STATE_DIR: &str = "/run/iptrace";
     let tmp = std::env::temp_dir().join(format!("iptrace-xtask-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     // Searchable by everyone: a test runs iptrace as an ordinary user on files of its own here.
     std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let states_before = file_names(Path::new(STATE_DIR));
     let tested = run(cmd.env("TMPDIR", &tmp));
-    let mut left: Vec<String> = std::fs::read_dir(&tmp)
-        .with_context(|| format!("cannot list {}", tmp.display()))?
-        .filter_map(|entry| entry.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .collect();
+    let left = file_names(&tmp);
     let _ = std::fs::remove_dir_all(&tmp);
+    let states_left: Vec<String> =
+        file_names(Path::new(STATE_DIR)).into_iter().filter(|name| !states_before.contains(name)).collect();
+    if !states_left.is_empty() {
+        let left_states =
+            format!("the tests left {} file(s) behind in {STATE_DIR}: {}", states_left.len(), states_left.join(", "));
+        return Err(match tested {
+            Err(failed) => failed.context(left_states),
+            Ok(()) => anyhow::anyhow!(left_states),
+        });
+    }
     tested?;
-    left.sort();
     if !left.is_empty() {
         bail!("the tests left {} file(s) behind in their TMPDIR: {}", left.len(), left.join(", "));
     }
     Ok(())
+}
+
+/// The names in `dir`, sorted; none if it cannot be listed (`/run/iptrace` before any run).
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    names
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
