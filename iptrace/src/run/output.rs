@@ -106,8 +106,8 @@ impl ReportSink for Output<'_> {
         match (&mut self.out, self.format) {
             (None, _) => {}
             (Some(out), Format::Text) => self.renderer.render(&report, out)?,
-            // Flushed with the batch ([`RunSink::idle`]), within a millisecond or so: a flush
-            // (a write) per line cost more than its rendering when tracing everything.
+            // Flushed when idle ([`RunSink::idle`], at most every `FLUSH_INTERVAL`): a flush (a
+            // write) per line cost more than its rendering when tracing everything.
             (Some(out), Format::Json) => render::json::write_packet(&report, self.netns.as_deref(), out)?,
         }
         if let Some(pcapng) = &mut self.pcapng {
@@ -178,9 +178,7 @@ impl RunSink for Output<'_> {
         self.loss_report.print_pending(now);
         if self.summary_wanted.as_ref().is_some_and(|w| w.swap(false, Ordering::Relaxed)) {
             self.write_summary()?;
-            return self.flush();
-        }
-        if now.saturating_duration_since(self.flushed_at) < FLUSH_INTERVAL {
+        } else if now.saturating_duration_since(self.flushed_at) < FLUSH_INTERVAL {
             return Ok(());
         }
         self.flushed_at = now;
@@ -198,8 +196,8 @@ impl RunSink for Output<'_> {
 
 /// How often, at most, the output is flushed while reports keep coming: a flush is a write
 /// system call, and one per wake-up of the processing thread (a hundred a second tracing one
-/// flow) was a twentieth of its time. A block then shows at most this much later; the buffer
-/// is written whenever it fills, and at the end.
+/// flow) was a twentieth of its time. A block then shows up to this much later (and a wake-up);
+/// the buffer is written whenever it fills, and at the end.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Says on stderr that trace events were lost: at once, then at most once a second.
