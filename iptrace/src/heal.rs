@@ -21,7 +21,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -34,6 +34,7 @@ use crate::{
         Damage, InstrumentError, Marking, MarkingWatch, Owner, Prefilter, TracePlan, WatchError, XtBpfProgram, nf_log,
     },
     netns,
+    pipeline::OutInterface,
     procfile::ProcFile,
     xtables::Xtables,
 };
@@ -72,8 +73,8 @@ pub struct Watched {
     pub plan: TracePlan,
     /// Families whose logger iptrace bound to nfnetlink_log.
     pub loggers: Vec<Family>,
-    /// The `-o` interface's index, as the processing thread compares it with the packets'.
-    pub out_ifindex: Option<Arc<AtomicU32>>,
+    /// The `-o` interface's indexes, as the processing thread compares them with the packets'.
+    pub out_interface: Option<Arc<OutInterface>>,
 }
 
 /// The watcher thread; [`Healer::stop`] ends it, as does dropping it (on an early error), so that
@@ -160,8 +161,8 @@ const UNTRACED_LOOK: Duration = Duration::from_secs(1);
 struct InterfaceWatch {
     name: String,
     index: Option<u32>,
-    /// Where the processing thread reads the `-o` interface's index.
-    shared: Option<Arc<AtomicU32>>,
+    /// Where the processing thread reads the `-o` interface's indexes.
+    shared: Option<Arc<OutInterface>>,
 }
 
 impl Watcher {
@@ -177,8 +178,8 @@ impl Watcher {
             interfaces.push(InterfaceWatch { name: name.clone(), index: netns::interface_index(name), shared: None });
         }
         if let Some(name) = &plan.out_interface {
-            let shared = watched.out_ifindex.clone();
-            let index = shared.as_ref().map(|s| s.load(Ordering::Relaxed)).or_else(|| netns::interface_index(name));
+            let shared = watched.out_interface.clone();
+            let index = shared.as_ref().map(|s| s.index()).or_else(|| netns::interface_index(name));
             interfaces.push(InterfaceWatch { name: name.clone(), index, shared });
         }
         let logger_files = watched.loggers.iter().map(|&family| (family, None)).collect();
@@ -279,7 +280,7 @@ impl Watcher {
             let recreated = interface.index.is_some();
             interface.index = Some(index);
             if let Some(shared) = &interface.shared {
-                shared.store(index, Ordering::Relaxed);
+                shared.recreated(index);
             }
             // An interface missing at start has nothing to follow; one seen before was recreated.
             let what = if recreated { "was recreated" } else { "appeared" };

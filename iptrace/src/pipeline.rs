@@ -9,7 +9,7 @@ use std::{
     ffi::CStr,
     io,
     ops::ControlFlow,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -22,6 +22,43 @@ use crate::{
     model::{InterfaceNames, PacketReport},
     resolve::{ResolveError, Resolver, Step},
 };
+
+/// The indexes the `-o` interface has had during the run. A recreated interface has a new index,
+/// and a packet that left through the one before may be processed after the change: it still
+/// left through the interface the user named. Keeping the old indexes selects no other
+/// interface's packets: a namespace hands out indexes cyclically (`dev_index_reserve`, Linux
+/// 6.6; an increasing counter before), so an index freed now is not soon given again.
+#[derive(Debug)]
+pub struct OutInterface {
+    indexes: Mutex<Vec<u32>>,
+}
+
+impl OutInterface {
+    pub fn new(index: u32) -> Self {
+        Self { indexes: Mutex::new(vec![index]) }
+    }
+
+    /// The index the interface has now.
+    pub fn index(&self) -> u32 {
+        *self.lock().last().expect("created with an index")
+    }
+
+    /// Adds the index of the interface recreated under the same name.
+    pub fn recreated(&self, index: u32) {
+        self.lock().push(index);
+    }
+
+    /// Whether any of `indexes` was the interface's at some time during the run.
+    pub fn has_had_any(&self, mut indexes: impl Iterator<Item = u32>) -> bool {
+        let had = self.lock();
+        indexes.any(|index| had.contains(&index))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        // A panic elsewhere cannot leave the list half-written: it is only pushed to.
+        self.indexes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -88,8 +125,8 @@ pub struct Pipeline<'a, N> {
     names: N,
     /// Scratch for one batch's events.
     events: Vec<TraceEvent>,
-    /// The current index of the `-o` interface (it follows a recreation).
-    out_ifindex: Option<&'a AtomicU32>,
+    /// The `-o` interface's indexes (it follows a recreation).
+    out_interface: Option<&'a OutInterface>,
     /// A monotonic read time and the wall-clock time at it: reports' times count from there.
     clock: (Instant, SystemTime),
     /// The cookie of the namespace whose drops end its packets' blocks, if drops are reported.
@@ -220,7 +257,7 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
             resolver,
             names,
             events: Vec::new(),
-            out_ifindex: None,
+            out_interface: None,
             clock: (Instant::now(), SystemTime::now()),
             drops_netns: None,
             drops_alone: false,
@@ -266,9 +303,9 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         }
     }
 
-    /// Reports only packets that left through the interface whose index `ifindex` holds.
-    pub fn leaving_through(self, ifindex: &'a AtomicU32) -> Self {
-        Self { out_ifindex: Some(ifindex), ..self }
+    /// Reports only packets that left through `interface`.
+    pub fn leaving_through(self, interface: &'a OutInterface) -> Self {
+        Self { out_interface: Some(interface), ..self }
     }
 
     /// What the decoder counted so far.
@@ -417,8 +454,9 @@ impl<'a, N: InterfaceNames> Pipeline<'a, N> {
         {
             self.shown.push(first.key());
         }
-        let out_ifindex = self.out_ifindex.map(|o| o.load(Ordering::Relaxed));
-        if out_ifindex.is_some_and(|o| !trace.events.iter().any(|e| e.out_ifindex == Some(o))) {
+        if let Some(out) = self.out_interface
+            && !out.has_had_any(trace.events.iter().filter_map(|e| e.out_ifindex))
+        {
             return;
         }
         let received = self.wall_time(trace.first_seen);

@@ -16,7 +16,7 @@ use std::{
     io::{self, BufWriter, Write},
     ops::ControlFlow,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError, atomic::AtomicU32},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -26,7 +26,7 @@ use crate::{
     decode::{Decoder, Family},
     drops::DropEvent,
     model::InterfaceNames,
-    pipeline::{Input, Pipeline, PipelineError, ReportSink},
+    pipeline::{Input, OutInterface, Pipeline, PipelineError, ReportSink},
     resolve::{Check, RecordedChecks, ResolveError, Resolver},
 };
 
@@ -376,10 +376,10 @@ impl Recording {
         if let Some(generation) = header.start_generation {
             decoder.start_at_generation(generation);
         }
-        let out_ifindex = header.out_ifindex.map(AtomicU32::new);
+        let out_interface = header.out_ifindex.map(OutInterface::new);
         let mut pipeline = Pipeline::new(decoder, resolver, header.linger, names);
-        if let Some(ifindex) = &out_ifindex {
-            pipeline = pipeline.leaving_through(ifindex);
+        if let Some(interface) = &out_interface {
+            pipeline = pipeline.leaving_through(interface);
         }
         let start = Instant::now();
         // The run dated its packets from the recording's start.

@@ -14,7 +14,7 @@ use iptrace::{
     capture::recording,
     decode::{Decoder, Family, Hook, Origin, Table, TraceEvent, TraceKind},
     model::{Decision, Fate, InterfaceNames, PacketReport, Position, Verdict},
-    pipeline::{Input, Pipeline},
+    pipeline::{Input, OutInterface, Pipeline},
     render::{
         json,
         pcapng::{PcapngWriter, comment},
@@ -312,4 +312,30 @@ fn a_packet_cut_by_a_loss_placed_early_is_incomplete() {
     for (a, b) in before.iter().zip(&unaccounted) {
         assert_eq!(a.fate, b.fate);
     }
+}
+
+/// `-o` selects by interface index. The events of a packet that left through an interface may be
+/// processed after the interface was recreated with a new index: the packet is still reported
+/// (a live run once lost the last packet before a recreation so), and a recreation does not
+/// select packets that left through any other interface.
+#[test]
+fn out_interface_selection_keeps_the_index_before_a_recreation() {
+    let reports = |interface: &OutInterface| {
+        let resolver = Resolver::from_saved(&[(Family::Ipv4, RULES), (Family::Ipv6, RULES6)]);
+        let mut pipeline =
+            Pipeline::new(Decoder::new(), resolver, Duration::from_millis(10), names()).leaving_through(interface);
+        let read_at = Instant::now();
+        let inputs = datagrams().map(|bytes| Input::Datagram { bytes, read_at });
+        let mut reports = Vec::new();
+        assert!(pipeline.feed(inputs, &mut collect(&mut reports)).unwrap().is_continue());
+        assert!(pipeline.flush_all(&mut collect(&mut reports)).unwrap().is_continue());
+        reports.len()
+    };
+    // vif2 is index 3 in the recording (router-links.txt); 9 is no interface of it.
+    let vif2 = OutInterface::new(3);
+    let through_vif2 = reports(&vif2);
+    assert!(through_vif2 > 0 && through_vif2 < reports_from(Decoder::new()).len(), "{through_vif2}");
+    vif2.recreated(9);
+    assert_eq!(reports(&vif2), through_vif2);
+    assert_eq!(reports(&OutInterface::new(9)), 0);
 }

@@ -7,7 +7,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
         mpsc,
     },
     task::{Context, Poll},
@@ -36,6 +36,7 @@ use crate::{
     heal::{Healer, Watched},
     instrument::{self, Instrumentation},
     netns::Netns,
+    pipeline::OutInterface,
     recording::{Header, RecordedOptions, Recorder, RecordingError},
     resolve::{self, Resolver},
 };
@@ -163,9 +164,9 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
     let (drops_verified, nft_read_after) = mpsc::channel::<()>();
     let nft = backends.nft();
     let resolver = Resolver::new(&options.families, &backends.legacy, nft, nft_read_after, marker, recorder.clone())?;
-    let out_ifindex = out_ifindex.map(|i| Arc::new(AtomicU32::new(i)));
+    let out_interface = out_ifindex.map(|i| Arc::new(OutInterface::new(i)));
     let loggers = backends.legacy.clone();
-    let healer = Healer::start(Watched { owner, plan, loggers, out_ifindex: out_ifindex.clone() })?;
+    let healer = Healer::start(Watched { owner, plan, loggers, out_interface: out_interface.clone() })?;
 
     let stop = Arc::new(AtomicBool::new(false));
     // A short queue: a backlog waits in the kernel's receive buffer (large; counted as overruns
@@ -218,17 +219,17 @@ pub(super) fn start_lane(setup: LaneSetup<'_>) -> Result<Lane, RunError> {
                     decoder.keep_packet_bytes();
                 }
                 let (rx, progress, recording) = (datagrams_rx, &progress, recorder.as_ref());
-                let out_ifindex = out_ifindex.as_deref();
+                let out_interface = out_interface.as_deref();
                 let result = match to {
                     LaneTo::Output(destination) => {
                         let mut output = Output::new(*destination, &stats, count);
                         #[rustfmt::skip]
-                        let result = process(rx, progress, decoder, resolver, &mut output, clock, &stats, linger, out_ifindex, recording, drops, drops_alone);
+                        let result = process(rx, progress, decoder, resolver, &mut output, clock, &stats, linger, out_interface, recording, drops, drops_alone);
                         result
                     }
                     LaneTo::Join(mut sink) => {
                         #[rustfmt::skip]
-                        let result = process(rx, progress, decoder, resolver, &mut sink, clock, &stats, linger, out_ifindex, recording, drops, drops_alone);
+                        let result = process(rx, progress, decoder, resolver, &mut sink, clock, &stats, linger, out_interface, recording, drops, drops_alone);
                         result
                     }
                 };

@@ -21,10 +21,7 @@ mod stats;
 use std::{
     io,
     path::PathBuf,
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        mpsc,
-    },
+    sync::{atomic::Ordering, mpsc},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -48,7 +45,7 @@ use crate::{
     instrument::{InstrumentError, Limit, TraceChain},
     model::InterfaceNames,
     netns::{NetnsError, Targets},
-    pipeline::{Input, KernelInterfaceNames, Pipeline, PipelineError},
+    pipeline::{Input, KernelInterfaceNames, OutInterface, Pipeline, PipelineError},
     recording::{Recorder, RecordingError, RecordingNames},
     render::{Format, TextStyle, pcapng::PcapngTarget},
     resolve::{ResolveError, Resolver},
@@ -190,15 +187,15 @@ fn process(
     clock: (Instant, SystemTime),
     stats: &Stats,
     linger: Duration,
-    out_ifindex: Option<&AtomicU32>,
+    out_interface: Option<&OutInterface>,
     recorder: Option<&Recorder>,
     mut drops: Option<(DropTracer, u64)>,
     drops_alone: bool,
 ) -> Result<(), RunError> {
     let names = RecordingNames::new(KernelInterfaceNames::default(), recorder.cloned());
     let mut pipeline = Pipeline::new(decoder, resolver, linger, names);
-    if let Some(ifindex) = out_ifindex {
-        pipeline = pipeline.leaving_through(ifindex);
+    if let Some(interface) = out_interface {
+        pipeline = pipeline.leaving_through(interface);
     }
     if let Some((_, netns)) = drops {
         record(recorder, |r| r.drops_from(netns, drops_alone))?;
