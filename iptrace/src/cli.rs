@@ -114,7 +114,8 @@ pub struct Cli {
     pub backend: BackendChoice,
 
     /// Rate-limit traced packets in the kernel: N/second, N/minute, N/hour or N/day (10/s, 5/min);
-    /// bare, 1/second. Use it on busy hosts.
+    /// bare, 1/second. Use it on busy hosts. At exit, iptrace says how many selected packets the
+    /// limit left untraced (not with --backend legacy, whose TRACE rules cannot count them).
     #[arg(long, value_name = "RATE", num_args = 0..=1, default_missing_value = "1/second", help_heading = "Tracing")]
     pub limit: Option<String>,
 

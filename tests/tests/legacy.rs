@@ -205,27 +205,53 @@ fn unselected_packets_send_no_messages() {
     assert!(out.stderr.contains(" messages, 0 trace events decoded,"), "{}", out.stderr);
 }
 
+/// `--limit` traces a few of a burst and says how many it left untraced: with iptrace's nf_tables
+/// marking, every one of the burst is either shown or counted, whether the selection runs as an
+/// nft match or as xt_bpf; the legacy TRACE rules' hashlimit counts nothing, and nothing is said.
 #[test]
-fn limit_traces_only_a_few_of_a_burst() {
-    if !require_root("limit_traces_only_a_few_of_a_burst") {
+fn limit_traces_only_a_few_of_a_burst_and_counts_the_others() {
+    if !require_root("limit_traces_only_a_few_of_a_burst_and_counts_the_others") {
         return;
     }
+    const BURST: usize = 50;
     let (lab, _servers) = router("limit");
-    let tracer =
-        Tracer::start(&["--netns", &lab.ns(Role::Router), "--limit", "1/s", "--limit-burst", "1", "udp port 5353"]);
-    // The start says that packets are left out.
-    assert!(
-        tracer.ready().contains("at most 1/sec after a burst of 1 (--limit: the others are not traced)"),
-        "{}",
-        tracer.ready()
-    );
-    for _ in 0..50 {
-        lab.udp(Role::Client, SocketAddr::new(addr::CLIENT, 0), server(5353), b"burst").unwrap();
+    let ns = lab.ns(Role::Router);
+    // `udp dst port` is an nft match; pcap's `port` (either) runs as xt_bpf.
+    for (backend, selection, counted) in
+        [("auto", "udp dst port 5353", true), ("auto", "udp port 5353", true), ("legacy", "udp port 5353", false)]
+    {
+        let args = ["--netns", &ns, "--backend", backend, "--limit", "1/s", "--limit-burst", "1", "--stats", selection];
+        let tracer = Tracer::start(&args);
+        // The start says that packets are left out.
+        assert!(
+            tracer.ready().contains("at most 1/sec after a burst of 1 (--limit: the others are not traced)"),
+            "{}",
+            tracer.ready()
+        );
+        for _ in 0..BURST {
+            lab.udp(Role::Client, SocketAddr::new(addr::CLIENT, 0), server(5353), b"burst").unwrap();
+        }
+        settle();
+        let out = tracer.stop(libc::SIGTERM);
+        assert!(out.status.success(), "{out:?}");
+        let traced = blocks(&out.stdout).len();
+        assert!((1..=3).contains(&traced), "{backend} {selection}: {traced} of {BURST} traced:\n{}", out.stdout);
+        let untraced = out.stderr.lines().find_map(|l| {
+            l.strip_prefix("iptrace: ")?.strip_suffix(" selected packets were over --limit and not traced")
+        });
+        let stats = out.stderr.lines().find(|l| l.ends_with(" selected packets over --limit, not traced"));
+        if counted {
+            let untraced: usize =
+                untraced.unwrap_or_else(|| panic!("{selection}: no count in\n{}", out.stderr)).parse().unwrap();
+            assert_eq!(traced + untraced, BURST, "{selection}: {}", out.stderr);
+            assert_eq!(
+                stats,
+                Some(format!("iptrace: stats: {untraced} selected packets over --limit, not traced").as_str())
+            );
+        } else {
+            assert_eq!((untraced, stats), (None, None), "{}", out.stderr);
+        }
     }
-    settle();
-    let out = tracer.stop(libc::SIGTERM);
-    let traced = blocks(&out.stdout).len();
-    assert!((1..=3).contains(&traced), "{traced} of 50 traced:\n{}", out.stdout);
 }
 
 #[test]

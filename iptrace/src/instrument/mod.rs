@@ -360,6 +360,12 @@ impl Instrumentation {
         self.state.write(self.netns, self.owner)
     }
 
+    /// The selected packets `--limit` left untraced so far, where iptrace's nf_tables marking
+    /// counts them; `None` where nothing does (the legacy TRACE rules' hashlimit match).
+    pub fn over_limit(&self) -> Result<Option<u64>, InstrumentError> {
+        nft::over_limit(self.owner)
+    }
+
     /// Undoes everything, in the order the kernel needs: rules first (a pinned program must stay
     /// resolvable while a rule names it, design.md §7), then the pin, then the loggers.
     /// What to remove is found by the owner's tag, so it does not matter how far [`install`]

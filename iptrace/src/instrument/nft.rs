@@ -159,9 +159,7 @@ fn script(owner: Owner, plan: &TracePlan, chains: &[BaseChain]) -> String {
             "prerouting" => plan.in_interface.as_ref().map(|i| format!("iifname \"{i}\"")),
             _ => plan.out_interface.as_ref().map(|o| format!("oifname \"{o}\"")),
         });
-        if plan.limit.is_some() {
-            words.push(format!("limit name \"{LIMIT_NAME}\""));
-        }
+        words.extend(limit_words(plan));
         // The counter tells how many packets were marked (the benchmark and the tests read it).
         words.push("counter meta nftrace set 1 accept".to_owned());
         let rule_chain = match plan.prefilter {
@@ -187,6 +185,32 @@ fn limit_line(family: impl std::fmt::Display, table: &str, limit: &Limit) -> Str
         _ => "second",
     };
     format!("add limit {family} {table} {LIMIT_NAME} {{ rate {}/{per} burst {} packets; }}\n", limit.count, limit.burst)
+}
+
+/// With `--limit`, what a marking rule says after its selection: a counter of the packets it
+/// selected, then the shared limit. The rule's last counter counts those it marked; the
+/// difference is what the limit left untraced ([`over_limit`]).
+fn limit_words(plan: &TracePlan) -> Option<String> {
+    plan.limit.as_ref().map(|_| format!("counter limit name \"{LIMIT_NAME}\""))
+}
+
+/// The selected packets `--limit` left untraced in `owner`'s tables, all families: each marking
+/// rule with a limit counts before and after it ([`limit_words`]). `None` when no rule of
+/// them has a limit. A packet that passes two of iptrace's marking chains (a netdev ingress,
+/// then the inet prerouting) is counted at each.
+pub(super) fn over_limit(owner: Owner) -> Result<Option<u64>, InstrumentError> {
+    let table = owner.table_name();
+    let error = |source| InstrumentError::Nft { what: "read the counters of", table: table.clone(), source };
+    let mut socket = NfTablesSocket::open().map_err(error)?;
+    let mut over = None;
+    for (family, _) in tagged_tables()?.into_iter().filter(|&(_, o)| o == owner) {
+        for counts in socket.rule_counters(family, &table).map_err(error)? {
+            if let [selected, .., marked] = counts[..] {
+                *over.get_or_insert(0) += selected.saturating_sub(marked);
+            }
+        }
+    }
+    Ok(over)
 }
 
 /// The base chains, each named after its hook.
@@ -304,9 +328,7 @@ fn link_layer_script(
         for selector in &selectors {
             let mut words: Vec<String> = [selector.clone()].into_iter().filter(|s| !s.is_empty()).collect();
             words.extend(interface.clone());
-            if plan.limit.is_some() {
-                words.push(format!("limit name \"{LIMIT_NAME}\""));
-            }
+            words.extend(limit_words(plan));
             words.push("counter meta nftrace set 1 accept".to_owned());
             script.push_str(&format!("add rule {family} {table} {chain} {}\n", words.join(" ")));
         }

@@ -1,7 +1,7 @@
 //! nf_tables over nfnetlink, for what must be cheap, must work without `nft`, or cannot be
 //! written in its language: the rule-set generation, the list of tables, the base chains with
-//! their hooks and priorities, rule counts, whether any rule marks packets for tracing, and a
-//! rule with an xtables match (nft_compat), which only iptables-nft adds.
+//! their hooks and priorities, rule counts and counters, whether any rule marks packets for
+//! tracing, and a rule with an xtables match (nft_compat), which only iptables-nft adds.
 
 use std::{io, time::Duration};
 
@@ -139,6 +139,34 @@ impl NfTablesSocket {
             Ok(())
         })?;
         Ok(count)
+    }
+
+    /// The packet counts of each rule's `counter` expressions, in order, for every rule of
+    /// `family`'s `table` (`NFT_MSG_GETRULE` dump of that table only); none when the table does
+    /// not exist.
+    pub fn rule_counters(&mut self, family: NftFamily, table: &str) -> Result<Vec<Vec<u64>>, NftError> {
+        let mut rules = Vec::new();
+        let filter = attribute(NFTA_RULE_TABLE as u16, &c_string(table));
+        let (flags, nfproto) = (NLM_F_REQUEST | NLM_F_DUMP, family.to_nfproto());
+        self.query_for(NFT_MSG_GETRULE, flags, "GETRULE", nfproto, &filter, |kind, rule_family, attrs| {
+            if kind != NFT_MSG_NEWRULE || NftFamily::from_nfproto(rule_family) != family {
+                return Ok(());
+            }
+            let (mut in_table, mut counts) = (false, Vec::new());
+            for a in attrs {
+                let a = a?;
+                match u32::from(a.kind) {
+                    NFTA_RULE_TABLE => in_table = a.c_str() == table.as_bytes(),
+                    NFTA_RULE_EXPRESSIONS => counts = counted_packets(a.value)?,
+                    _ => {}
+                }
+            }
+            if in_table {
+                rules.push(counts);
+            }
+            Ok(())
+        })?;
+        Ok(rules)
     }
 
     /// Whether any rule, of any family and table, marks packets for tracing: a `meta nftrace set`
@@ -290,6 +318,8 @@ const NFTA_META_KEY: u16 = 2;
 const NFTA_META_SREG: u16 = 3;
 const NFT_META_NFTRACE: u32 = 12;
 const NFTA_TARGET_NAME: u16 = 1;
+/// `NFTA_COUNTER_PACKETS` of `enum nft_counter_attributes`, which the generated uapi leaves out.
+const NFTA_COUNTER_PACKETS: u16 = 2;
 
 /// Whether a rule's expressions (`NFTA_RULE_EXPRESSIONS`) mark the packets it reaches for
 /// tracing: `meta set nftrace` of a register an earlier `immediate` of the rule loaded with a
@@ -299,16 +329,8 @@ const NFTA_TARGET_NAME: u16 = 1;
 fn marks_for_tracing(expressions: &[u8]) -> Result<bool, WireError> {
     // What each `immediate` loaded: its first 32-bit register and its bytes.
     let mut loaded: Vec<(u32, &[u8])> = Vec::new();
-    for element in Attributes::new(expressions) {
-        let (mut name, mut data) = (&[][..], &[][..]);
-        for a in Attributes::new(element?.value) {
-            let a = a?;
-            match u32::from(a.kind) {
-                NFTA_EXPR_NAME => name = a.c_str(),
-                NFTA_EXPR_DATA => data = a.value,
-                _ => {}
-            }
-        }
+    for expression in rule_expressions(expressions) {
+        let (name, data) = expression?;
         match name {
             b"immediate" => {
                 let (mut register, mut value) = (None, &[][..]);
@@ -361,6 +383,39 @@ fn marks_for_tracing(expressions: &[u8]) -> Result<bool, WireError> {
         }
     }
     Ok(false)
+}
+
+/// The packet counts of a rule's `counter` expressions (`NFTA_RULE_EXPRESSIONS`), in order.
+fn counted_packets(expressions: &[u8]) -> Result<Vec<u64>, WireError> {
+    let mut counts = Vec::new();
+    for expression in rule_expressions(expressions) {
+        let (name, data) = expression?;
+        if name == b"counter" {
+            for a in Attributes::new(data) {
+                let a = a?;
+                if a.kind == NFTA_COUNTER_PACKETS {
+                    counts.push(a.be_u64()?);
+                }
+            }
+        }
+    }
+    Ok(counts)
+}
+
+/// Each expression of a rule's `NFTA_RULE_EXPRESSIONS`: its name and its data.
+fn rule_expressions(expressions: &[u8]) -> impl Iterator<Item = Result<(&[u8], &[u8]), WireError>> {
+    Attributes::new(expressions).map(|element| {
+        let (mut name, mut data) = (&[][..], &[][..]);
+        for a in Attributes::new(element?.value) {
+            let a = a?;
+            match u32::from(a.kind) {
+                NFTA_EXPR_NAME => name = a.c_str(),
+                NFTA_EXPR_DATA => data = a.value,
+                _ => {}
+            }
+        }
+        Ok((name, data))
+    })
 }
 
 /// The kernel's index of 32-bit register `register` as a rule names it: `NFT_REG_1` to

@@ -30,6 +30,20 @@ pub(super) fn lock_active() -> std::sync::MutexGuard<'static, Vec<Active>> {
     ACTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The selected packets `--limit` left untraced in the namespaces of lanes `lanes` selects,
+/// read from iptrace's marking rules, inside each; `None` where nothing counts them. Read before
+/// teardown removes the rules.
+pub(super) fn over_limit(lanes: impl Fn(usize) -> bool) -> Result<Option<u64>, RunError> {
+    let active = lock_active();
+    let mut over = None;
+    for a in active.iter().filter(|a| lanes(a.lane)) {
+        if let Some(n) = a.netns.run_in(|| a.instrumentation.over_limit())?? {
+            *over.get_or_insert(0) += n;
+        }
+    }
+    Ok(over)
+}
+
 /// Undoes what the run changed in one namespace, inside it.
 fn teardown(mut active: Active) -> Vec<RunError> {
     let Active { netns, instrumentation, .. } = &mut active;

@@ -17,7 +17,7 @@ use std::{
 
 use super::{
     Destination, Options, RunError,
-    active::{teardown_active, teardown_lane},
+    active::{over_limit, teardown_active, teardown_lane},
     join::{LaneOutput, LaneSink, start_joining},
     lane::{Lane, LaneSetup, LaneTo, start_lane},
     output::{PcapngOutput, TextOutput, open_pcapng, with_thousands},
@@ -163,7 +163,8 @@ fn trace_namespaces(
             filter.flush_log();
         }
     };
-    let ended = wait_for_lanes(&mut lanes, joining_done.as_mut(), &stats);
+    let limited = options.limit.is_some();
+    let ended = wait_for_lanes(&mut lanes, joining_done.as_mut(), &stats, limited);
     let result = runtime.block_on(signals.wait_for_end(
         options.duration,
         ended,
@@ -188,6 +189,17 @@ fn trace_namespaces(
         });
         let _ = stats.ebpf.set(sum);
     }
+    if limited {
+        count_over_limit(&stats, |_| true);
+        if let Some(over) = stats.over_limit().filter(|&n| n > 0) {
+            // A repair re-creates the marking rules, and their counters start again from 0.
+            let at_least = if stats.repairs.load(Ordering::Relaxed) > 0 { "at least " } else { "" };
+            crate::note!(
+                "iptrace: {at_least}{} selected packets were over --limit and not traced",
+                with_thousands(over)
+            );
+        }
+    }
     let lost = stats.lost.load(Ordering::Relaxed);
     if lost > 0 {
         crate::note!("iptrace: {} trace events lost in total (receive buffer full)", with_thousands(lost));
@@ -207,6 +219,15 @@ fn trace_namespaces(
     result.map(|()| stats)
 }
 
+/// Adds the packets `--limit` left untraced in the lanes `lanes` selects to `stats`; says so
+/// when they cannot be read.
+fn count_over_limit(stats: &Stats, lanes: impl Fn(usize) -> bool) {
+    match over_limit(lanes) {
+        Ok(count) => stats.add_over_limit(count),
+        Err(e) => crate::note!("iptrace: the packets over --limit could not be counted: {}", crate::WithCauses(&e)),
+    }
+}
+
 /// Resolves when the run must end: the output is done (count reached, or an error), a lane's
 /// processing thread ended or its instrumentation could not be kept in place, or every traced
 /// namespace went away (a normal end). A namespace that goes away is said once on stderr, its lane stopped and
@@ -215,6 +236,7 @@ async fn wait_for_lanes(
     lanes: &mut Vec<Lane>,
     mut joining: Option<&mut tokio::sync::oneshot::Receiver<Result<(), RunError>>>,
     stats: &Stats,
+    limited: bool,
 ) -> Result<(), RunError> {
     let mut ticks = tokio::time::interval(Duration::from_millis(100));
     loop {
@@ -245,6 +267,9 @@ async fn wait_for_lanes(
         let (lane_index, netns) = (lane.index, lane.netns.clone());
         let (lane_stats, _) = lane.stop();
         stats.add(&lane_stats);
+        if limited {
+            count_over_limit(stats, |l| l == lane_index);
+        }
         for e in teardown_lane(lane_index) {
             crate::note!("iptrace: cleanup: {}", crate::WithCauses(&e));
         }

@@ -1,6 +1,9 @@
 //! The counters of one run, which `--stats` prints at exit.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    Mutex, PoisonError,
+    atomic::{AtomicU64, Ordering},
+};
 
 /// Counters of one run, printed by `--stats`.
 #[derive(Debug, Default)]
@@ -36,6 +39,9 @@ pub struct Stats {
     pub repairs: AtomicU64,
     /// The stop signal that ended the run, if one did (`iptrace simulate` then stops too).
     pub stop_signal: std::sync::OnceLock<i32>,
+    /// Selected packets `--limit` left untraced, as iptrace's nf_tables marking rules counted
+    /// them (read before each namespace's teardown); `None` where nothing counts them.
+    pub over_limit: Mutex<Option<u64>>,
 }
 
 impl Stats {
@@ -64,6 +70,17 @@ impl Stats {
         }
     }
 
+    /// Adds a namespace's count of packets over `--limit`, if it has one.
+    pub(super) fn add_over_limit(&self, count: Option<u64>) {
+        if let Some(count) = count {
+            *self.over_limit.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(0) += count;
+        }
+    }
+
+    pub fn over_limit(&self) -> Option<u64> {
+        *self.over_limit.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The counters as one JSON object (`--stats --json`; docs/json.md).
     pub fn json(&self) -> String {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -84,6 +101,7 @@ impl Stats {
                 "incomplete": g(&self.incomplete),
                 "unread": g(&self.unread),
                 "repairs": g(&self.repairs),
+                "over_limit": self.over_limit(),
                 "selection_ebpf": ebpf,
                 "selection_userspace": {
                     "seen": g(&self.userspace_seen),
@@ -122,6 +140,9 @@ impl Stats {
                 "\niptrace: stats: {} repairs of iptrace's instrumentation after changes by others",
                 g(&self.repairs)
             ));
+        }
+        if let Some(over) = self.over_limit() {
+            report.push_str(&format!("\niptrace: stats: {over} selected packets over --limit, not traced"));
         }
         if g(&self.userspace_seen) > 0 {
             report.push_str(&format!(

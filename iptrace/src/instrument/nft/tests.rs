@@ -30,9 +30,9 @@ fn the_script_marks_selected_packets_at_minus_350() {
             "create table inet iptrace_42_7 { comment \"iptrace:42:7\"; }
 add limit inet iptrace_42_7 trace_rate { rate 5/minute burst 2 packets; }
 add chain inet iptrace_42_7 prerouting { type filter hook prerouting priority -350; policy accept; }
-add rule inet iptrace_42_7 prerouting meta nfproto ipv4 meta l4proto tcp limit name \"trace_rate\" counter meta nftrace set 1 accept
+add rule inet iptrace_42_7 prerouting meta nfproto ipv4 meta l4proto tcp counter limit name \"trace_rate\" counter meta nftrace set 1 accept
 add chain inet iptrace_42_7 output { type filter hook output priority -350; policy accept; }
-add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"eth1\" limit name \"trace_rate\" counter meta nftrace set 1 accept
+add rule inet iptrace_42_7 output meta nfproto ipv4 meta l4proto tcp oifname \"eth1\" counter limit name \"trace_rate\" counter meta nftrace set 1 accept
 "
         );
     let plan = TracePlan {
