@@ -198,6 +198,55 @@ fn a_packet_through_a_docker_host_into_its_container_is_one_block() {
     assert_eq!(block.body(), expected.replace("[H]", &format!("[{host}]")).replace("[C]", &format!("[{ctr}]")));
 }
 
+/// Source NAT into the next traced namespace: the router masquerades what it forwards to the
+/// server after its POSTROUTING chain ran, so no step of its pass shows the new source; the
+/// joined block shows it just before the server's first step. Checked against the source the
+/// datagram arrived with.
+#[test]
+fn source_nat_into_the_next_namespace_is_shown_at_the_boundary() {
+    if !require_root("source_nat_into_the_next_namespace_is_shown_at_the_boundary") {
+        return;
+    }
+    let lab = lab("mnsnat");
+    let masquerade = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                      :POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -o vif2 -j MASQUERADE\nCOMMIT\n";
+    lab.exec(Role::Router, &["iptables-legacy-restore"], masquerade).unwrap();
+    lab.exec(Role::Server, &["nft", "-f", "-"], CONTAINER).unwrap();
+    let (router, server) = (lab.ns(Role::Router), lab.ns(Role::Server));
+    let receiver = lab
+        .in_ns(Role::Server, || {
+            let socket = UdpSocket::bind("172.16.2.2:80")?;
+            socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok::<_, std::io::Error>(socket)
+        })
+        .unwrap()
+        .unwrap();
+    let tracer = Tracer::start(&["--netns", &router, "--netns", &server, "-4", "--no-drops", "udp"]);
+    let src: SocketAddr = "10.5.1.7:40003".parse().unwrap();
+    lab.udp(Role::Client, src, "172.16.2.2:80".parse().unwrap(), b"masqueraded").unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = receiver.recv_from(&mut buf).expect("the datagram arrives at the server");
+    assert_eq!(&buf[..n], b"masqueraded");
+    assert_eq!(from.ip().to_string(), "172.16.2.1", "the router's address on the server's side");
+    std::thread::sleep(Duration::from_millis(800));
+    let out = tracer.stop(libc::SIGINT);
+    assert!(out.status.success(), "{out:?}");
+
+    let all = blocks(&out.stdout);
+    assert_eq!(all.len(), 1, "one block for the packet through both namespaces:\n{}", out.stdout);
+    let block = &all[0];
+    assert!(block.packet.starts_with("IN=vif0 OUT= SRC=10.5.1.7 DST=172.16.2.2 "), "{block:?}");
+    let mut changed = "        ~ SRC 10.5.1.7 -> 172.16.2.1".to_owned();
+    if from.port() != src.port() {
+        changed.push_str(&format!(", SPT {} -> {}", src.port(), from.port()));
+    }
+    let at_server = block.steps.iter().position(|l| l.starts_with(&format!("        [{server}] "))).unwrap();
+    assert_eq!(block.steps[at_server - 1], changed, "{}", out.stdout);
+    assert_eq!(block.steps.iter().filter(|l| l.contains("~ SRC")).count(), 1, "{}", out.stdout);
+    let masqueraded = block.steps.iter().position(|l| l.contains("=> MASQUERADE")).expect("the router's rule");
+    assert!(masqueraded < at_server - 1, "{}", out.stdout);
+}
+
 /// (b) Two routers in a chain, one with iptables-legacy rules, one with native nftables: a ping
 /// through both is one block (the legacy router's steps, then the nft router's), and so is its
 /// reply (the other way round).

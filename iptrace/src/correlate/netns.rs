@@ -19,12 +19,12 @@
 //!   further on, in a chain of namespaces, is not taken for its successor). Its source may
 //!   differ: source NAT runs at POSTROUTING after the chains there (`nf_nat_inet_fn()` mangles
 //!   the packet once they set up the binding, and conntrack alone rewrites a connection's later
-//!   packets), so no step of `a` shows it.
+//!   packets), so no step of `a` shows it. The joined report shows it before `b`'s first step,
+//!   where it is first seen.
 //!
 //! Where a pass has more than one such successor, or predecessor, nothing is joined there: the
 //! blocks stay apart rather than be joined by a guess.
 //!
-//! [`PacketHeader::identity`]: crate::decode::PacketHeader::identity
 
 use std::{
     collections::BTreeMap,
@@ -32,7 +32,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::model::{Change, Fate, Hook, PacketReport};
+use crate::{
+    decode::PacketHeader,
+    model::{Change, Fate, Hook, PacketReport},
+};
 
 /// Reports of several namespaces waiting for the passes of their packets through the others.
 #[derive(Debug)]
@@ -195,14 +198,14 @@ fn leads_to(a: &PacketReport, b: &PacketReport, hold: Duration) -> bool {
         Ok(after) => after <= hold,
         Err(before) => before.duration() <= hold,
     };
-    let left = a
+    let leaves = a
         .steps
         .iter()
         .rev()
         .find_map(|s| s.hook)
         .is_some_and(|h| matches!(h.hook, Hook::Forward | Hook::LocalOut | Hook::PostRouting));
     let dropped = a.drop.is_some() || matches!(&a.fate, Fate::Decided { verdict, .. } if verdict.drops());
-    let (dst, dport) = leaving_to(a);
+    let left = left_as(a);
     let arrived = &b.arrived.header;
     let ttl = a.arrived.header.ttl;
     // A packet `a`'s host sent leaves with the TTL it was sent with; one it forwarded, one less
@@ -210,34 +213,69 @@ fn leads_to(a: &PacketReport, b: &PacketReport, hold: Duration) -> bool {
     let sent_by_a = a.arrived.in_interface.is_none();
     let ttl_fits = arrived.ttl == ttl || !sent_by_a && arrived.ttl.checked_add(1) == Some(ttl);
     close_in_time
-        && left
+        && leaves
         && !dropped
         && a.family == b.family
         && a.arrived.header.identity() == arrived.identity()
         && b.arrived.in_interface.is_some()
-        && (dst, dport) == (arrived.dst, arrived.transport.ports().map(|(_, d)| d))
+        && (left.dst, left.ports.map(|(_, d)| d)) == (arrived.dst, arrived.transport.ports().map(|(_, d)| d))
         && ttl_fits
 }
 
-/// The destination address and port a pass's packet left with: as it arrived, after every
-/// change shown.
-fn leaving_to(report: &PacketReport) -> (IpAddr, Option<u16>) {
+/// The addresses and ports a pass's packet left with.
+struct LeftAs {
+    src: IpAddr,
+    dst: IpAddr,
+    /// Source and destination port, where the packet has them.
+    ports: Option<(u16, u16)>,
+}
+
+/// A pass's packet as it left: as it arrived, after every change its steps show.
+fn left_as(report: &PacketReport) -> LeftAs {
     let header = &report.arrived.header;
-    let (mut dst, mut dport) = (header.dst, header.transport.ports().map(|(_, d)| d));
+    let mut left = LeftAs { src: header.src, dst: header.dst, ports: header.transport.ports() };
     for change in report.steps.iter().flat_map(|s| s.changed_before.iter().chain(&s.changed_by)) {
-        match *change {
-            Change::Destination { to, .. } => dst = to,
-            Change::DestinationPort { to, .. } => dport = Some(to),
+        match (*change, left.ports.as_mut()) {
+            (Change::Source { to, .. }, _) => left.src = to,
+            (Change::Destination { to, .. }, _) => left.dst = to,
+            (Change::SourcePort { to, .. }, Some((sport, _))) => *sport = to,
+            (Change::DestinationPort { to, .. }, Some((_, dport))) => *dport = to,
             _ => {}
         }
     }
-    (dst, dport)
+    left
+}
+
+/// What changed in a packet between the pass `from` and the next namespace's arrival
+/// (`arrived`): its source and source port only, since a pass continues another only with the
+/// destination it left with ([`leads_to`]). Source NAT at POSTROUTING changes the packet after
+/// the chains there ran (`nf_nat_inet_fn()`), and conntrack rewrites a connection's later
+/// packets without any chain, so no step of `from` shows it; the next namespace's first step
+/// does. The mark is not compared: crossing into another namespace clears it
+/// (`skb_scrub_packet()`).
+fn changed_between(from: &PacketReport, arrived: &PacketHeader) -> Vec<Change> {
+    let left = left_as(from);
+    let mut changes = Vec::new();
+    if left.src != arrived.src {
+        changes.push(Change::Source { from: left.src, to: arrived.src });
+    }
+    if let (Some((from, _)), Some((to, _))) = (left.ports, arrived.transport.ports())
+        && from != to
+    {
+        changes.push(Change::SourcePort { from, to });
+    }
+    changes
 }
 
 /// `first`, continued by `next`: its steps after `first`'s, its fate (and kernel drop) the
 /// packet's, unless `first`'s events were lost; its time (as its packet line) `first`'s.
-fn joined(mut first: PacketReport, next: PacketReport) -> PacketReport {
+fn joined(mut first: PacketReport, mut next: PacketReport) -> PacketReport {
     let offset = first.steps.len();
+    if let Some(arrival) = next.steps.first_mut() {
+        let mut changes = changed_between(&first, &next.arrived.header);
+        changes.append(&mut arrival.changed_before);
+        arrival.changed_before = changes;
+    }
     first.steps.extend(next.steps);
     first.fate = match (first.fate, next.fate) {
         (Fate::Incomplete, _) | (_, Fate::Incomplete) => Fate::Incomplete,

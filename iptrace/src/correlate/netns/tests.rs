@@ -62,6 +62,30 @@ fn a_pass_through_the_host_and_its_arrival_in_the_container_are_one_packet_in_pa
     assert!(joiner.flush_all().is_empty());
 }
 
+/// Masqueraded by the host at POSTROUTING, after its chains: no step of the host's pass shows the
+/// new source, and the joined block shows it before the container's first step.
+#[test]
+fn source_nat_at_the_boundary_is_shown_where_the_next_namespace_sees_it() {
+    let (t, now) = (SystemTime::now(), Instant::now());
+    let mut host = host_pass(t);
+    host.steps[2].position = rule(1, "-o veth0 -j MASQUERADE");
+    let arrived = udp_v4_to([172, 17, 0, 1], 61000, [172, 17, 0, 2], 53, 0x1234, 63);
+    let steps = vec![marked(&arrived), step(Hook::LocalIn, Table::Filter, "INPUT", &arrived, 0, rule(1, "-j ACCEPT"))];
+    let mut joiner = NetnsJoiner::new(HOLD);
+    joiner.add(0, host, now);
+    joiner.add(1, report_at(&steps, t + Duration::from_millis(1)), now);
+    let joined = joiner.due(now + HOLD);
+    assert_eq!(chains(&joined), [["PREROUTING", "FORWARD", "POSTROUTING", "INPUT"]]);
+    assert_eq!(
+        joined[0].steps[3].changed_before,
+        [
+            Change::Source { from: IpAddr::from([10, 5, 1, 7]), to: IpAddr::from([172, 17, 0, 1]) },
+            Change::SourcePort { from: 40000, to: 61000 }
+        ]
+    );
+    assert!(joined[0].steps[..3].iter().all(|s| s.changed_before.iter().all(|c| !matches!(c, Change::Source { .. }))));
+}
+
 /// Forwarded by the host, dropped in the container before any table of it saw the packet (no
 /// socket): dropped after the host's netfilter decision, not "no table of the rule set saw it".
 #[test]
