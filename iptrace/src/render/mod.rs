@@ -7,7 +7,7 @@ pub mod pcapng;
 pub mod text;
 
 pub use text::{Printable, TextRenderer, TextStyle, Timestamps, render_packet};
-pub(crate) use text::{fate_name, step_summary};
+pub(crate) use text::{fate_name, place, step_summary};
 
 /// How traced packets are written on stdout.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -362,7 +362,7 @@ fn changed_rule(position: Option<&Position>) -> String {
 
 /// Where a step happened: `filter FORWARD`, `nft inet fw forward`, `iptables-nft filter FORWARD`;
 /// the names escaped. With several namespaces traced, the step's comes first: `[web] filter INPUT`.
-pub(super) fn place(step: &StepReport) -> String {
+pub(crate) fn place(step: &StepReport) -> String {
     Place(step).to_string()
 }
 

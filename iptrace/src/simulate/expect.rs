@@ -5,11 +5,11 @@
 
 use std::{fmt, net::IpAddr};
 
-use super::spec::PacketSpec;
+use super::{rules::RandomRule, spec::PacketSpec};
 use crate::{
-    decode::Family,
-    model::{Fate, PacketReport, Verdict},
-    render::{fate_name, step_summary},
+    decode::{Family, NftFamily},
+    model::{Engine, Fate, PacketReport, Position, Verdict},
+    render::{fate_name, place, step_summary},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,6 +172,37 @@ impl Outcome {
     pub fn decided_by(&self, rule: &str) -> bool {
         self.decided_by.as_deref().is_some_and(|s| s.contains(rule))
     }
+}
+
+/// The rule that made `report`'s path a matter of chance, as its `--summary` place names it, if
+/// one did: an nft rule with `numgen random` the packet passed (kube-proxy's nftables mode), or
+/// an iptables rule of `random` that matches at random (`-m statistic --mode random`) in a chain
+/// the packet passed, at or before the step there: it was evaluated whether it matched or not.
+/// Such a packet may take another path on another run, and a case's result with it.
+pub fn chosen_by_chance(report: &PacketReport, random: &[RandomRule]) -> Option<String> {
+    report.steps.iter().find_map(|step| {
+        let up_to = match &step.position {
+            Position::NftRule { text, .. } => return text.contains("numgen random").then(|| step_summary(step)),
+            _ if step.place.engine == Engine::Nft => return None,
+            Position::Rule { number, .. } | Position::XtablesNftRule { number, .. } => Some(*number),
+            Position::Policy(_) | Position::ChainEnd => None,
+            _ => return None,
+        };
+        let family = match step.place.family {
+            NftFamily::Ip => Family::Ipv4,
+            NftFamily::Ip6 => Family::Ipv6,
+            _ => return None,
+        };
+        random
+            .iter()
+            .find(|r| {
+                r.family == family
+                    && *r.table == *step.place.table
+                    && *r.chain == *step.place.chain
+                    && up_to.is_none_or(|n| r.number <= n)
+            })
+            .map(|r| format!("{} #{}", place(step), r.number))
+    })
 }
 
 /// The conntrack entry of the connection whose original direction is `src` to `dst` (ports

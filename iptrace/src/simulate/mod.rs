@@ -32,10 +32,10 @@ use crate::{
     render::{Format, TextStyle},
     run::{self, Observer, Options, RunError},
 };
-use expect::{Expectation, Outcome};
+use expect::{Expectation, Outcome, chosen_by_chance};
 pub use host::snapshot_netns;
 use host::{injector_source, read_nat, set_up};
-use rules::RuleSet;
+use rules::{RandomRule, RuleSet};
 use scratch::Scratch;
 use spec::PacketSpec;
 
@@ -187,7 +187,9 @@ pub fn simulate(
             later.push(("the third packet (ACK)", Outcome::new(forward.next(), None)));
         }
     }
-    Ok(Simulated { packet: outcome, later })
+    let random: Vec<RandomRule> = host.rule_sets.iter().flat_map(RuleSet::random_rules).collect();
+    let by_chance = reports.iter().find_map(|r| chosen_by_chance(r, &random));
+    Ok(Simulated { packet: outcome, later, by_chance })
 }
 
 /// What became of a case's packet and, with `--flow`, of its connection's later packets (the
@@ -195,6 +197,8 @@ pub fn simulate(
 pub struct Simulated {
     pub packet: Outcome,
     pub later: Vec<(&'static str, Outcome)>,
+    /// The rule that chose its path at random, if one did ([`chosen_by_chance`]).
+    pub by_chance: Option<String>,
 }
 
 /// How results are reported: after `--expect`, a line on stderr per packet; of a `--cases`
@@ -219,6 +223,11 @@ pub fn run_cases(cases: &[Case], host: &Host, style: &Style, reporting: Reportin
         failed += usize::from(verdict.is_err());
         let what = case.name.clone().unwrap_or_else(|| case.packet.to_string());
         let expected = case.expect.as_ref().map(ToString::to_string);
+        if let Some(rule) = &simulated.by_chance {
+            crate::note!(
+                "iptrace: note: {what}: {rule} decides at random, so another run may take another path and get another result"
+            );
+        }
         match reporting {
             Reporting::Expectations => match (&expected, &verdict) {
                 (Some(expected), Ok(())) => crate::note!("iptrace: {what}: {expected} as expected"),
@@ -237,6 +246,7 @@ pub fn run_cases(cases: &[Case], host: &Host, style: &Style, reporting: Reportin
                     "rule": case.rule,
                     "passed": verdict.is_ok(),
                     "failure": verdict.as_ref().err(),
+                    "by_chance": simulated.by_chance,
                     "trace": trace,
                 });
                 if case.flow {
@@ -377,6 +387,7 @@ mod tests {
         let replies_dropped = Simulated {
             packet: outcome("accept"),
             later: vec![("the reply", outcome("drop")), ("the third packet (ACK)", outcome("drop"))],
+            by_chance: None,
         };
         assert_eq!(
             check(&case(Expectation::Accept), &replies_dropped),
@@ -385,9 +396,14 @@ mod tests {
         let all_accepted = Simulated {
             packet: outcome("accept"),
             later: vec![("the reply", outcome("accept")), ("the third packet (ACK)", outcome("accept"))],
+            by_chance: None,
         };
         assert_eq!(check(&case(Expectation::Accept), &all_accepted), Ok(()));
-        let first_dropped = Simulated { packet: outcome("drop"), later: vec![("the reply", Outcome::new(None, None))] };
+        let first_dropped = Simulated {
+            packet: outcome("drop"),
+            later: vec![("the reply", Outcome::new(None, None))],
+            by_chance: None,
+        };
         assert_eq!(check(&case(Expectation::Drop), &first_dropped), Ok(()));
     }
 

@@ -2,7 +2,7 @@
 //! `nft -f` file told apart by its content, or a snapshot of a live namespace (`--from-netns`),
 //! read with the save and list commands only (design.md §14).
 
-use std::path::Path;
+use std::{collections::HashMap, path::Path};
 
 use clap::ValueEnum;
 
@@ -25,6 +25,17 @@ pub enum RuleFormat {
     Iptables { family: Family, engine: IptablesEngine },
     /// A file for `nft -f`.
     Nft,
+}
+
+/// An iptables rule that matches at random (`-m statistic --mode random`; kube-proxy's iptables
+/// mode spreads a service's connections over its endpoints so), by family, table, chain and
+/// number (as `iptables -L --line-numbers` counts).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RandomRule {
+    pub family: Family,
+    pub table: String,
+    pub chain: String,
+    pub number: u32,
 }
 
 /// One rule set to load: where it came from (for messages), its format and text.
@@ -65,6 +76,31 @@ impl RuleSet {
             }
             RuleFormat::Nft => Vec::new(),
         }
+    }
+
+    /// Its iptables rules that match at random. None in an `nft -f` file: nft's `numgen random`
+    /// decides inside a rule that the trace shows.
+    pub fn random_rules(&self) -> Vec<RandomRule> {
+        let RuleFormat::Iptables { family, .. } = self.format else { return Vec::new() };
+        let mut numbers: HashMap<(&str, &str), u32> = HashMap::new();
+        let (mut table, mut random) = ("", Vec::new());
+        for line in self.text.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('*') {
+                table = name.trim();
+                continue;
+            }
+            let Some(rule) = line.strip_prefix("-A ") else { continue };
+            let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
+            let number = numbers.entry((table, chain)).or_default();
+            *number += 1;
+            // Split as iptables-save quotes: a comment is one word.
+            let words = crate::xtables::tokenize(spec);
+            if words.windows(2).any(|w| w == ["-m", "statistic"]) && words.windows(2).any(|w| w == ["--mode", "random"])
+            {
+                random.push(RandomRule { family, table: table.to_owned(), chain: chain.to_owned(), number: *number });
+            }
+        }
+        random
     }
 
     /// Loads it into the calling thread's namespace.
@@ -336,6 +372,26 @@ mod tests {
             "fw4.nft:5:12-13: Error: Could not process rule: No such file or directory in `flowtable ft {`"
         );
         assert_eq!(nft_error("x.nft", "", "Error: syntax error"), "Error: syntax error");
+    }
+
+    /// Rules are numbered per table and chain, as `iptables -L --line-numbers` counts them; only
+    /// `statistic` in random mode matches at random (`nth` is the same on every run of a fresh
+    /// host), and words in a comment are no match.
+    #[test]
+    fn random_rules_are_found_by_table_chain_and_number() {
+        let save = "*filter\n:SVC - [0:0]\n-A SVC -j ACCEPT\n-A SVC -m statistic --mode random --probability 0.5 -j DROP\nCOMMIT\n\
+                    *nat\n:SVC - [0:0]\n-A SVC -m comment --comment \"a -m statistic --mode random b\" -j RETURN\n\
+                    -A SVC -m statistic --mode nth --every 2 --packet 0 -j RETURN\n\
+                    -A SVC -m statistic --mode random --probability 0.33 -j RETURN\nCOMMIT\n";
+        let random = |text: &str| rule_set("rules.v4", text).random_rules();
+        let rule = |table: &str, number| RandomRule {
+            family: Family::Ipv4,
+            table: table.to_owned(),
+            chain: "SVC".to_owned(),
+            number,
+        };
+        assert_eq!(random(save), [rule("filter", 2), rule("nat", 3)]);
+        assert_eq!(random("table ip t {\n chain c {\n numgen random mod 2 vmap { 0 : accept, 1 : drop }\n }\n}\n"), []);
     }
 
     #[test]
