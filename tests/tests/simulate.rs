@@ -1152,3 +1152,51 @@ fn a_path_chosen_at_random_is_said() {
         );
     }
 }
+
+/// OpenWrt's fw4 with flow offloading on: a flowtable and a `flow add` rule. Where the kernel
+/// refuses the flowtable, the error says why: no flowtables in this kernel, or, where it has
+/// them, a device the simulated host lacks. The oracle is the kernel itself: a flowtable on a
+/// device that exists, made in a throwaway namespace of the lab.
+#[test]
+fn a_refused_flowtable_says_why() {
+    if !require_root("a_refused_flowtable_says_why") {
+        return;
+    }
+    const FW4_OFFLOAD: &str = "table inet fw4 {
+\tflowtable ft {
+\t\thook ingress priority filter;
+\t\tdevices = { \"br-lan\", \"wan\" };
+\t}
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy drop;
+\t\tmeta l4proto { tcp, udp } flow add @ft
+\t\tct state established,related accept
+\t\tiifname \"br-lan\" accept
+\t}
+}
+";
+    let lab = lab("simft");
+    let probe =
+        "table inet probe {\n flowtable ft {\n  hook ingress priority filter;\n  devices = { \"vif0\" };\n }\n}\n";
+    let kernel_has_flowtables = lab.exec(Role::Router, &["nft", "-f", "-"], probe).is_ok();
+    let scratch = ScratchDir::new("simulate-flowtable");
+    let rules = scratch.file("fw4.nft", FW4_OFFLOAD);
+    let before = host_state();
+    let (code, stdout, stderr) =
+        simulate(&["--rules", rules.to_str().unwrap(), "tcp 192.168.1.10:40000 > 203.0.113.5:443 in br-lan out eth9"]);
+    assert_eq!(host_state(), before);
+    if kernel_has_flowtables {
+        // "wan" is no interface of the simulated host.
+        assert_eq!(code, Some(2), "{stdout}{stderr}");
+        assert!(
+            stderr.ends_with(
+                "; a flowtable's devices must be on the simulated host: --addr IFACE=ADDRESS/LEN adds one\n"
+            ),
+            "{stderr}"
+        );
+    } else {
+        assert_eq!(code, Some(2), "{stdout}{stderr}");
+        assert!(stderr.contains("in `flowtable ft {`; this kernel has no nf_tables flowtables"), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+}

@@ -120,9 +120,10 @@ impl RuleSet {
         };
         command::run(program, args, Some(&self.text)).map(drop).map_err(|source| {
             let source = match source {
-                CommandError::Failed { command, stderr } if self.format == RuleFormat::Nft => {
-                    CommandError::Failed { command, stderr: nft_error(&self.origin, &self.text, &stderr) }
-                }
+                CommandError::Failed { command, stderr } if self.format == RuleFormat::Nft => CommandError::Failed {
+                    command,
+                    stderr: nft_error(&self.origin, &self.text, &stderr, kernel_has_flowtables),
+                },
                 other => other,
             };
             SimulateError::Load { origin: self.origin.clone(), source }
@@ -132,8 +133,9 @@ impl RuleSet {
 
 /// nft's first error about `text` (`/dev/stdin:4:9-14: Error: Interface does not exist`) in the
 /// user's terms: at `origin`, with the statement it is about; an interface the simulated host
-/// lacks is named, with the option that makes it.
-fn nft_error(origin: &str, text: &str, said: &str) -> String {
+/// lacks is named, with the option that makes it, and so is the cause of a flowtable the kernel
+/// refused (`flowtables` tells whether it has them).
+fn nft_error(origin: &str, text: &str, said: &str, flowtables: impl FnOnce() -> bool) -> String {
     let Some(rest) = said.strip_prefix("/dev/stdin:") else { return said.to_owned() };
     let located = format!("{origin}:{rest}");
     let mut place = rest.split(':');
@@ -153,8 +155,29 @@ fn nft_error(origin: &str, text: &str, said: &str) -> String {
         error.push_str(&format!(
             "; the simulated host has the interfaces its packets and --addr name: --addr {interface}=ADDRESS/LEN adds it"
         ));
+    } else if statement.trim_start().starts_with("flowtable") && rest.contains("No such file or directory") {
+        // The kernel says ENOENT both without flowtables and for a device it does not have.
+        error.push_str(if flowtables() {
+            "; a flowtable's devices must be on the simulated host: --addr IFACE=ADDRESS/LEN adds one"
+        } else {
+            "; this kernel has no nf_tables flowtables (CONFIG_NF_FLOW_TABLE_INET): simulate a copy without the \
+             flowtable and its `flow add` statements (a flowtable only speeds up connections already accepted)"
+        });
     }
     error
+}
+
+/// Whether the kernel can make an inet flowtable: the flowtable code built in or loaded
+/// (`nf_flow_table_init` in /proc/kallsyms), or a module it loads on demand (`nf-flowtable-1`,
+/// NFPROTO_INET, in modules.alias; `nft_flowtable_type_get()` requests it).
+fn kernel_has_flowtables() -> bool {
+    let symbols = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+    if symbols.lines().any(|l| l.split_whitespace().nth(2) == Some("nf_flow_table_init")) {
+        return true;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let aliases = std::fs::read_to_string(format!("/lib/modules/{}/modules.alias", release.trim())).unwrap_or_default();
+    aliases.lines().any(|l| l.split_whitespace().nth(1) == Some("nf-flowtable-1"))
 }
 
 /// Refuses rule sets of which two load the same iptables table (of one family and engine): one
@@ -358,20 +381,26 @@ mod tests {
     fn nft_errors_name_the_file_and_the_statement() {
         let iif = "table inet f {\n  chain input {\n    type filter hook input priority 0; policy drop;\n    iif \"mgmt\" tcp dport 22 accept\n  }\n}\n";
         assert_eq!(
-            nft_error("iif.nft", iif, "/dev/stdin:4:9-14: Error: Interface does not exist"),
+            nft_error("iif.nft", iif, "/dev/stdin:4:9-14: Error: Interface does not exist", || unreachable!()),
             "iif.nft:4:9-14: Error: Interface does not exist in `iif \"mgmt\" tcp dport 22 accept`; the simulated host \
              has the interfaces its packets and --addr name: --addr mgmt=ADDRESS/LEN adds it"
         );
         let flowtable = "table inet fw4\nflush table inet fw4\n\ntable inet fw4 {\n\tflowtable ft {\n";
+        let refused = "/dev/stdin:5:12-13: Error: Could not process rule: No such file or directory";
+        let said = "fw4.nft:5:12-13: Error: Could not process rule: No such file or directory in `flowtable ft {`";
         assert_eq!(
-            nft_error(
-                "fw4.nft",
-                flowtable,
-                "/dev/stdin:5:12-13: Error: Could not process rule: No such file or directory"
-            ),
-            "fw4.nft:5:12-13: Error: Could not process rule: No such file or directory in `flowtable ft {`"
+            nft_error("fw4.nft", flowtable, refused, || false),
+            format!(
+                "{said}; this kernel has no nf_tables flowtables (CONFIG_NF_FLOW_TABLE_INET): simulate a copy \
+                 without the flowtable and its `flow add` statements (a flowtable only speeds up connections \
+                 already accepted)"
+            )
         );
-        assert_eq!(nft_error("x.nft", "", "Error: syntax error"), "Error: syntax error");
+        assert_eq!(
+            nft_error("fw4.nft", flowtable, refused, || true),
+            format!("{said}; a flowtable's devices must be on the simulated host: --addr IFACE=ADDRESS/LEN adds one")
+        );
+        assert_eq!(nft_error("x.nft", "", "Error: syntax error", || unreachable!()), "Error: syntax error");
     }
 
     /// Rules are numbered per table and chain, as `iptables -L --line-numbers` counts them; only
