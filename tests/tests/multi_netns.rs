@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use iptrace_tests::{Block, Role, ScratchDir, Tracer, blocks, lab, require_root, run_iptrace};
+use iptrace_tests::{Block, Lab, Role, ScratchDir, Tracer, blocks, lab, require_root, run_iptrace};
 
 /// Throwaway namespaces (`ip netns add`) and processes, removed on drop.
 #[derive(Default)]
@@ -123,6 +123,17 @@ const CONTAINER: &str = "table inet ctr {
 }
 ";
 
+/// A UDP socket of the server's on 172.16.2.2:80, waiting at most 5 s for a datagram.
+fn server_socket(lab: &Lab) -> UdpSocket {
+    lab.in_ns(Role::Server, || {
+        let socket = UdpSocket::bind("172.16.2.2:80")?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok::<_, std::io::Error>(socket)
+    })
+    .unwrap()
+    .unwrap()
+}
+
 /// The step lines of a block that name a place (`[ns] table CHAIN ...`), without rule details.
 fn places(block: &Block) -> Vec<String> {
     block.steps.iter().filter(|l| l.starts_with("        [")).map(|l| l.trim().to_owned()).collect()
@@ -140,14 +151,7 @@ fn a_packet_through_a_docker_host_into_its_container_is_one_block() {
     lab.exec(Role::Router, &["iptables-nft-restore"], DOCKER_HOST).unwrap();
     lab.exec(Role::Server, &["nft", "-f", "-"], CONTAINER).unwrap();
     let (host, ctr) = (lab.ns(Role::Router), lab.ns(Role::Server));
-    let receiver = lab
-        .in_ns(Role::Server, || {
-            let socket = UdpSocket::bind("172.16.2.2:80")?;
-            socket.set_read_timeout(Some(Duration::from_secs(5)))?;
-            Ok::<_, std::io::Error>(socket)
-        })
-        .unwrap()
-        .unwrap();
+    let receiver = server_socket(&lab);
     let tracer = Tracer::start(&["--netns", &host, "--netns", &ctr, "-4", "--no-drops", "udp"]);
     assert!(tracer.ready().contains(&format!("2 network namespaces to trace: {host}, {ctr}")), "{}", tracer.ready());
     let src: SocketAddr = "10.5.1.7:40001".parse().unwrap();
@@ -213,14 +217,7 @@ fn source_nat_into_the_next_namespace_is_shown_at_the_boundary() {
     lab.exec(Role::Router, &["iptables-legacy-restore"], masquerade).unwrap();
     lab.exec(Role::Server, &["nft", "-f", "-"], CONTAINER).unwrap();
     let (router, server) = (lab.ns(Role::Router), lab.ns(Role::Server));
-    let receiver = lab
-        .in_ns(Role::Server, || {
-            let socket = UdpSocket::bind("172.16.2.2:80")?;
-            socket.set_read_timeout(Some(Duration::from_secs(5)))?;
-            Ok::<_, std::io::Error>(socket)
-        })
-        .unwrap()
-        .unwrap();
+    let receiver = server_socket(&lab);
     let tracer = Tracer::start(&["--netns", &router, "--netns", &server, "-4", "--no-drops", "udp"]);
     let src: SocketAddr = "10.5.1.7:40003".parse().unwrap();
     lab.udp(Role::Client, src, "172.16.2.2:80".parse().unwrap(), b"masqueraded").unwrap();
