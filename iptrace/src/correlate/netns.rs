@@ -24,7 +24,6 @@
 //!
 //! Where a pass has more than one such successor, or predecessor, nothing is joined there: the
 //! blocks stay apart rather than be joined by a guess.
-//!
 
 use std::{
     collections::BTreeMap,
