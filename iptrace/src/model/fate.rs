@@ -21,6 +21,8 @@ pub enum Fate {
     /// Netfilter let the packet through, then the kernel dropped it ([`PacketReport::drop`]):
     /// `after` is the fate its steps alone show ([`Fate::Decided`] by an accepting verdict,
     /// [`Fate::LastSeen`] or [`Fate::NoneSeen`]).
+    ///
+    /// [`PacketReport::drop`]: crate::model::PacketReport::drop
     DroppedAfterNetfilter { reason: String, after: Box<Fate> },
     /// The kernel dropped the packet before any table of the rule set saw it (before
     /// PREROUTING, or at a hook no table is at).

@@ -1,6 +1,8 @@
 //! Render: the output formats of a [`PacketReport`], each a formatter and nothing more (what the
 //! fate is, the model decided): [`text`] blocks for people, [`json`] lines for tools, [`pcapng`]
 //! packets for Wireshark (`-w`).
+//!
+//! [`PacketReport`]: crate::model::PacketReport
 
 pub mod json;
 pub mod pcapng;

@@ -25,13 +25,13 @@ use crate::{
     netfilter::layout::{Ipv4Entry, Ipv6Entry, MatchHeader, TargetHeader, View as _},
 };
 
-/// `struct ipt_getinfo`: name[32], valid_hooks, hook_entry[5], underflow[5], num_entries, size.
+/// `struct ipt_getinfo`: `name[32]`, `valid_hooks`, `hook_entry[5]`, `underflow[5]`, `num_entries`, `size`.
 const GETINFO_LEN: usize = size_of::<ipt_getinfo>();
 const GETINFO_VALID_HOOKS: usize = offset_of!(ipt_getinfo, valid_hooks);
 const GETINFO_HOOK_ENTRY: usize = offset_of!(ipt_getinfo, hook_entry);
 const GETINFO_UNDERFLOW: usize = offset_of!(ipt_getinfo, underflow);
 const GETINFO_SIZE: usize = offset_of!(ipt_getinfo, size);
-/// `struct ipt_get_entries`: name[32], size, then the 8-byte aligned entries.
+/// `struct ipt_get_entries`: `name[32]`, `size`, then the 8-byte aligned entries.
 const GET_ENTRIES_HEADER: usize = size_of::<ipt_get_entries>();
 const GET_ENTRIES_SIZE: usize = offset_of!(ipt_get_entries, size);
 /// The table name both requests start with (`XT_TABLE_MAXNAMELEN`).

@@ -59,7 +59,7 @@ pub(super) struct LaneSetup<'a> {
     pub(super) record_file: Option<File>,
     /// One of several namespaces: its ready line is one of several.
     pub(super) several: bool,
-    /// An [`Observer`] is told that tracing started instead of the ready line.
+    /// An [`Observer`](super::Observer) is told that tracing started instead of the ready line.
     pub(super) observed: bool,
 }
 

@@ -37,7 +37,7 @@ pub struct Destination {
     pub(super) summary: Option<std::sync::Arc<AtomicBool>>,
     /// `-w`: the packets as pcap-ng.
     pub(super) pcapng: Option<PcapngOutput>,
-    /// An in-process caller's copy of each report shown ([`Observer`]).
+    /// An in-process caller's copy of each report shown ([`Observer`](super::Observer)).
     pub(super) reports: Option<mpsc::Sender<PacketReport>>,
 }
 
@@ -69,7 +69,7 @@ pub(super) fn open_pcapng(
 }
 
 /// Where the processing thread hands its reports: the output (one namespace traced), or the
-/// joining of several namespaces' passes ([`LaneSink`]).
+/// joining of several namespaces' passes ([`LaneSink`](super::join::LaneSink)).
 pub(super) trait RunSink: ReportSink {
     /// While the processing thread waits: what is pending on stderr, the summary asked for, the
     /// output flushed.
