@@ -522,7 +522,36 @@ fn a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode() {
     }
     let _alone = exclusive_namespaces();
     let prefix = format!("it{}-reuse", std::process::id() % 100_000);
-    let first = Namespace::add(format!("{prefix}-a"));
+    // The kernel may take long to free the inode, or give it to another namespace (of any kind:
+    // one `ip netns exec` elsewhere makes a mount namespace): each try starts over with a new
+    // dead run, and only running out of tries fails.
+    let mut waited = Vec::new();
+    for attempt in 0..REUSE_TRIES {
+        let (files, inode) = killed_run_in_deleted_namespace(&format!("{prefix}-{attempt}"));
+        let Some((second, held)) = namespace_with_inode(&format!("{prefix}-{attempt}b"), inode) else {
+            waited.push(inode);
+            continue;
+        };
+        second.exec(&["sh", "-c", "echo nfnetlink_log > /proc/sys/net/netfilter/nf_log/2"]);
+        let (status, stdout, stderr) = run_iptrace(&["--cleanup", "--netns", &second.0]);
+        assert!(status.success(), "{stderr}");
+        assert_eq!(stdout, "iptrace: nothing to clean up\n");
+        assert_eq!(second.exec(&["cat", "/proc/sys/net/netfilter/nf_log/2"]).trim(), "nfnetlink_log");
+        drop((files, held));
+        return;
+    }
+    panic!("no new namespace got the inode of a deleted one within {REUSE_WAIT:?}, {REUSE_TRIES} times: {waited:?}");
+}
+
+/// How many times [`a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode`] starts
+/// over, and how long each try waits for the kernel to give the inode again.
+const REUSE_TRIES: usize = 4;
+const REUSE_WAIT: Duration = Duration::from_secs(30);
+
+/// A run of iptrace killed in a new namespace `name`, which is then deleted: its state and lock
+/// files (removed when the guard drops), and the namespace's inode.
+fn killed_run_in_deleted_namespace(name: &str) -> (KilledRunFiles, u64) {
+    let first = Namespace::add(name.to_owned());
     first.exec(&["iptables-legacy", "-A", "INPUT", "-j", "ACCEPT"]);
     let killed = Tracer::start(&["--netns", &first.0, "--backend", "legacy", "-4", "icmp"]);
     let killed_pid = killed.pid();
@@ -531,36 +560,35 @@ fn a_dead_runs_state_is_never_applied_to_a_namespace_reusing_its_inode() {
     // the end also when the test fails.
     let files = KilledRunFiles(killed_pid);
     assert_eq!(files.state().len(), 1, "the killed run's state file");
-    let inode = first.inode();
-    drop(first);
+    (files, first.inode())
+}
 
-    // The kernel frees a namespace's inode when its cleanup work has run (`cleanup_net()`, on one
-    // ordered workqueue behind every namespace deleted before it), and hands out the lowest free
-    // one. Namespaces deleted earlier (other tests' labs) are freed meanwhile too, so lower inodes
-    // may come free: a candidate that takes one is kept until the end, so that the next candidate
-    // cannot take the same one again. A candidate above the inode is removed at once: namespaces
-    // kept by the hundred slow the kernel's cleanup down, which on a loaded machine kept the
-    // inode from coming free for minutes.
-    let deadline = Instant::now() + Duration::from_secs(120);
+/// A new namespace that got `inode`, within [`REUSE_WAIT`], and the namespaces that took lower
+/// ones meanwhile (to be dropped after it), or `None`.
+///
+/// The kernel frees a namespace's inode when its cleanup work has run (`cleanup_net()`, on one
+/// ordered workqueue behind every namespace deleted before it), and hands out the lowest free
+/// one. Namespaces deleted earlier (other tests' labs) are freed meanwhile too, so lower inodes
+/// may come free: a candidate that takes one is kept, so that the next candidate cannot take the
+/// same one again. A candidate above the inode is removed at once: namespaces kept by the hundred
+/// slow the kernel's cleanup down, which on a loaded machine kept the inode from coming free for
+/// minutes.
+fn namespace_with_inode(prefix: &str, inode: u64) -> Option<(Namespace, Vec<Namespace>)> {
+    let deadline = Instant::now() + REUSE_WAIT;
     let mut held = Vec::new();
-    let mut attempts = 0;
-    let second = loop {
-        let candidate = Namespace::add(format!("{prefix}-b{attempts}"));
-        attempts += 1;
+    for attempt in 0.. {
+        let candidate = Namespace::add(format!("{prefix}{attempt}"));
         match candidate.inode().cmp(&inode) {
-            std::cmp::Ordering::Equal => break candidate,
+            std::cmp::Ordering::Equal => return Some((candidate, held)),
             std::cmp::Ordering::Less => held.push(candidate),
             std::cmp::Ordering::Greater => drop(candidate),
         }
-        assert!(Instant::now() < deadline, "no new namespace got inode {inode} in {attempts} attempts");
+        if Instant::now() >= deadline {
+            break;
+        }
         thread::sleep(Duration::from_millis(250));
-    };
-    second.exec(&["sh", "-c", "echo nfnetlink_log > /proc/sys/net/netfilter/nf_log/2"]);
-    let (status, stdout, stderr) = run_iptrace(&["--cleanup", "--netns", &second.0]);
-    assert!(status.success(), "{stderr}");
-    assert_eq!(stdout, "iptrace: nothing to clean up\n");
-    assert_eq!(second.exec(&["cat", "/proc/sys/net/netfilter/nf_log/2"]).trim(), "nfnetlink_log");
-    drop(files);
+    }
+    None
 }
 
 /// The files in /run/iptrace of a run killed by a test: removed on drop.
