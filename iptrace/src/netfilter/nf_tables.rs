@@ -124,21 +124,7 @@ impl NfTablesSocket {
     /// when the table does not exist. The kernel dumps that table's rules only (design.md §12),
     /// not a large rule set's thousands.
     pub fn rule_count(&mut self, family: NftFamily, table: &str) -> Result<usize, NftError> {
-        let mut count = 0;
-        let filter = attribute(NFTA_RULE_TABLE as u16, &c_string(table));
-        let (flags, nfproto) = (NLM_F_REQUEST | NLM_F_DUMP, family.to_nfproto());
-        self.query_for(NFT_MSG_GETRULE, flags, "GETRULE", nfproto, &filter, |kind, rule_family, attrs| {
-            if kind == NFT_MSG_NEWRULE && NftFamily::from_nfproto(rule_family) == family {
-                for a in attrs {
-                    let a = a?;
-                    if u32::from(a.kind) == NFTA_RULE_TABLE && a.c_str() == table.as_bytes() {
-                        count += 1;
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        Ok(count)
+        Ok(self.rule_counters(family, table)?.len())
     }
 
     /// The packet counts of each rule's `counter` expressions, in order, for every rule of
